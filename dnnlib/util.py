@@ -1,0 +1,348 @@
+"""General utilities: EasyDict, class construction by name, URL/file opening with a download cache.
+
+The names follow EDM's `dnnlib.util` so that EDM-format pickles that reference `dnnlib.EasyDict` resolve.
+"""
+
+import contextlib
+import hashlib
+import importlib
+import io
+import os
+import re
+import shutil
+import sys
+import tempfile
+import time
+import urllib.parse
+import urllib.request
+import uuid
+from typing import Any
+
+
+class EasyDict(dict):
+    """A dict whose items are also attributes: `d.key` is `d['key']`."""
+
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return self[name]
+        except KeyError:
+            raise AttributeError(name) from None
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        self[name] = value
+
+    def __delattr__(self, name: str) -> None:
+        del self[name]
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Logging: tee stdout/stderr to a file (train.py's log.txt).
+
+
+class Logger:
+    """Copies everything written to stdout/stderr into a file, while still printing it."""
+
+    def __init__(self, file_name: str | None = None, file_mode: str = "a", should_flush: bool = True):
+        self.file = open(file_name, file_mode) if file_name is not None else None
+        self.should_flush = should_flush
+        self.stdout = sys.stdout
+        self.stderr = sys.stderr
+        sys.stdout = self
+        sys.stderr = self
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *args):
+        self.close()
+
+    def write(self, text: str) -> None:
+        if not text:
+            return
+        if self.file is not None:
+            self.file.write(text)
+        self.stdout.write(text)
+        if self.should_flush:
+            self.flush()
+
+    def flush(self) -> None:
+        if self.file is not None:
+            self.file.flush()
+        self.stdout.flush()
+
+    def isatty(self) -> bool:
+        return self.stdout.isatty()
+
+    def close(self) -> None:
+        self.flush()
+        if sys.stdout is self:
+            sys.stdout = self.stdout
+        if sys.stderr is self:
+            sys.stderr = self.stderr
+        if self.file is not None:
+            self.file.close()
+            self.file = None
+
+
+def format_time(seconds: float) -> str:
+    """'1d 02h 03m', '2h 03m 04s', '3m 04s' or '4s'."""
+    s = int(round(seconds))
+    if s < 60:
+        return f"{s}s"
+    if s < 3600:
+        return f"{s // 60}m {s % 60:02d}s"
+    if s < 86400:
+        return f"{s // 3600}h {(s // 60) % 60:02d}m {s % 60:02d}s"
+    return f"{s // 86400}d {(s // 3600) % 24:02d}h {(s // 60) % 60:02d}m"
+
+
+def parse_bool(value: str | bool) -> bool:
+    """Replacement for distutils.util.strtobool, which is gone in Python 3.12."""
+    if isinstance(value, bool):
+        return value
+    v = str(value).strip().lower()
+    if v in ("1", "true", "yes", "y", "on", "t"):
+        return True
+    if v in ("0", "false", "no", "n", "off", "f"):
+        return False
+    raise ValueError(f"expected a boolean (true/false, yes/no, 1/0), got {value!r}")
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Construction by name: config dicts name classes as 'package.module.Class' strings (as in EDM's train.py).
+
+
+def get_obj_by_name(name: str) -> Any:
+    """Resolve 'package.module.attr' to the object, importing the longest importable module prefix."""
+    parts = name.split(".")
+    for i in range(len(parts) - 1, 0, -1):
+        module_name = ".".join(parts[:i])
+        try:
+            obj = importlib.import_module(module_name)
+        except ModuleNotFoundError as err:
+            # Only swallow the error when it is the module we tried, not something it imports.
+            if err.name is not None and not module_name.startswith(err.name):
+                raise
+            continue
+        try:
+            for attr in parts[i:]:
+                obj = getattr(obj, attr)
+            return obj
+        except AttributeError:
+            continue
+    raise ImportError(f"cannot resolve object name {name!r}")
+
+
+def call_func_by_name(*args, func_name: str, **kwargs) -> Any:
+    func = get_obj_by_name(func_name)
+    if not callable(func):
+        raise TypeError(f"{func_name!r} is not callable")
+    return func(*args, **kwargs)
+
+
+def construct_class_by_name(*args, class_name: str, **kwargs) -> Any:
+    """construct_class_by_name(class_name='training.networks.SongUNet', **kwargs) -> instance."""
+    return call_func_by_name(*args, func_name=class_name, **kwargs)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Opening files and URLs with a download cache.
+
+_cache_dir_override: str | None = None
+
+
+def set_cache_dir(path: str | None) -> None:
+    global _cache_dir_override
+    _cache_dir_override = path
+
+
+def make_cache_dir_path(*paths: str) -> str:
+    """The download cache: set_cache_dir(), else $DNNLIB_CACHE_DIR, else ~/.cache/dnnlib (as EDM)."""
+    if _cache_dir_override is not None:
+        return os.path.join(_cache_dir_override, *paths)
+    if "DNNLIB_CACHE_DIR" in os.environ:
+        return os.path.join(os.environ["DNNLIB_CACHE_DIR"], *paths)
+    home = os.environ.get("HOME") or os.environ.get("USERPROFILE") or tempfile.gettempdir()
+    return os.path.join(home, ".cache", "dnnlib", *paths)
+
+
+def is_url(obj: Any, allow_file_urls: bool = False) -> bool:
+    """True for http(s):// strings (and file:// ones when allowed)."""
+    if not isinstance(obj, str):
+        return False
+    return bool(re.match(r"^https?://[^/]+", obj)) or (allow_file_urls and obj.startswith("file://"))
+
+
+def _file_url_to_path(url: str) -> str:
+    parsed = urllib.parse.urlparse(url)
+    path = urllib.request.url2pathname(parsed.path)
+    if parsed.netloc and parsed.netloc != "localhost":
+        path = f"//{parsed.netloc}{path}"
+    return path
+
+
+def _hash_file(path: str, algorithm: str) -> str:
+    h = hashlib.new(algorithm)
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _check_hash(data_or_path: bytes | str, expected: str | None, what: str) -> None:
+    """`expected` is 'sha256:<hex>', 'md5:<hex>', or bare hex (length decides: 32 md5, 64 sha256)."""
+    if expected is None:
+        return
+    algorithm, _, digest = expected.rpartition(":")
+    if not algorithm:
+        algorithm = {32: "md5", 40: "sha1", 64: "sha256"}.get(len(digest))
+        if algorithm is None:
+            raise ValueError(f"cannot tell the hash algorithm of checksum {expected!r}; write it as 'sha256:<hex>'")
+    if isinstance(data_or_path, bytes):
+        actual = hashlib.new(algorithm, data_or_path).hexdigest()
+    else:
+        actual = _hash_file(data_or_path, algorithm)
+    if actual.lower() != digest.lower():
+        raise OSError(f"checksum mismatch for {what}: expected {algorithm}:{digest}, got {algorithm}:{actual}")
+
+
+def _cache_file_name(url: str) -> str:
+    url_md5 = hashlib.md5(url.encode("utf-8")).hexdigest()
+    safe_name = re.sub(r"[^0-9a-zA-Z._-]+", "_", os.path.basename(urllib.parse.urlparse(url).path) or "download")
+    return f"{url_md5}_{safe_name}"
+
+
+def open_url(url: str, cache_dir: str | None = None, num_attempts: int = 3, verbose: bool = True,
+             return_filename: bool = False, cache: bool = True, checksum: str | None = None,
+             timeout: float = 60.0) -> Any:
+    """Open a local path, a file:// URL or an http(s) URL; return a binary file object (or a path).
+
+    Downloads are cached under `cache_dir` (default: make_cache_dir_path('downloads')) keyed by the URL's md5,
+    written to a temporary name and renamed, so an interrupted download never looks complete. When `checksum`
+    is given ('sha256:<hex>' or 'md5:<hex>'), the local file, cached file or download is verified against it.
+    Offline, the error names the URL and tells how to pass a local copy instead.
+    """
+    if not isinstance(url, str) or not url:
+        raise ValueError(f"open_url expects a path or URL string, got {url!r}")
+    if num_attempts < 1:
+        raise ValueError("num_attempts must be at least 1")
+
+    # Local paths.
+    if not re.match(r"^[a-zA-Z][a-zA-Z0-9+.-]*://", url):
+        if not os.path.isfile(url):
+            raise FileNotFoundError(f"no such file: {url}")
+        _check_hash(url, checksum, url)
+        return url if return_filename else open(url, "rb")
+
+    # file:// URLs: read the file in place; cache a copy when asked so later runs work if it moves.
+    if url.startswith("file://"):
+        path = _file_url_to_path(url)
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"no such file: {path} (from {url})")
+        _check_hash(path, checksum, url)
+        if not cache:
+            return path if return_filename else open(path, "rb")
+        cached = _copy_into_cache(url, path, cache_dir)
+        return cached if return_filename else open(cached, "rb")
+
+    scheme = urllib.parse.urlparse(url).scheme
+    if scheme not in ("http", "https"):
+        raise ValueError(f"unsupported URL scheme {scheme!r} in {url}; use a local path, file:// or http(s)://")
+
+    if cache_dir is None:
+        cache_dir = make_cache_dir_path("downloads")
+    cache_path = os.path.join(cache_dir, _cache_file_name(url))
+    if cache and os.path.isfile(cache_path):
+        _check_hash(cache_path, checksum, f"{url} (cached at {cache_path})")
+        return cache_path if return_filename else open(cache_path, "rb")
+
+    data = _download(url, num_attempts=num_attempts, verbose=verbose, timeout=timeout)
+    _check_hash(data, checksum, url)
+    if cache:
+        _atomic_write_bytes(cache_path, data)
+        if return_filename:
+            return cache_path
+    elif return_filename:
+        raise ValueError("return_filename=True needs cache=True for a remote URL")
+    return io.BytesIO(data)
+
+
+def _copy_into_cache(url: str, path: str, cache_dir: str | None) -> str:
+    if cache_dir is None:
+        cache_dir = make_cache_dir_path("downloads")
+    cache_path = os.path.join(cache_dir, _cache_file_name(url))
+    if not os.path.isfile(cache_path) or os.path.getmtime(cache_path) < os.path.getmtime(path):
+        os.makedirs(cache_dir, exist_ok=True)
+        tmp = f"{cache_path}.tmp-{uuid.uuid4().hex}"
+        try:
+            shutil.copyfile(path, tmp)
+            os.replace(tmp, cache_path)
+        finally:
+            if os.path.exists(tmp):
+                os.remove(tmp)
+    return cache_path
+
+
+def _atomic_write_bytes(path: str, data: bytes) -> None:
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    tmp = f"{path}.tmp-{uuid.uuid4().hex}"
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def _download(url: str, num_attempts: int, verbose: bool, timeout: float) -> bytes:
+    import requests  # Imported here so that local-only use does not need it.
+
+    last_error: Exception | None = None
+    for attempt in range(num_attempts):
+        try:
+            if verbose:
+                print(f"Downloading {url} ...", end="", flush=True, file=sys.stderr)
+            with requests.Session() as session:
+                with session.get(url, timeout=timeout) as res:
+                    res.raise_for_status()
+                    if len(res.content) == 0:
+                        raise OSError("no data received")
+                    if verbose:
+                        print(" done", file=sys.stderr)
+                    return res.content
+        except requests.HTTPError as err:
+            if verbose:
+                print(" failed", file=sys.stderr)
+            # 4xx will not get better by retrying.
+            if err.response is not None and 400 <= err.response.status_code < 500:
+                raise OSError(f"could not download {url}: HTTP {err.response.status_code}") from err
+            last_error = err
+        except (OSError, requests.RequestException) as err:
+            if verbose:
+                print(" failed", file=sys.stderr)
+            last_error = err
+        if attempt + 1 < num_attempts:
+            time.sleep(min(2.0 ** attempt, 5.0))
+    raise OSError(
+        f"could not download {url} after {num_attempts} attempt(s): {last_error}. "
+        f"If this machine is offline, download the file elsewhere and pass its local path (or file:// URL) "
+        f"instead of the URL, or place it in the cache directory {make_cache_dir_path('downloads')} "
+        f"(set $DNNLIB_CACHE_DIR to move it)."
+    ) from last_error
+
+
+@contextlib.contextmanager
+def atomic_output(path: str, mode: str = "wb"):
+    """Write to a temporary file beside `path` and rename it into place on success; remove it on failure."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    tmp = f"{path}.tmp-{uuid.uuid4().hex}"
+    try:
+        with open(tmp, mode) as f:
+            yield f
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)

@@ -1,0 +1,170 @@
+"""dnnlib.util (open_url, EasyDict, construct_class_by_name) and single-process training_stats."""
+
+import hashlib
+import json
+import os
+
+import pytest
+import torch
+
+from dnnlib import util
+from torch_utils import distributed, misc, training_stats
+
+
+def test_easydict_attribute_access():
+    d = util.EasyDict(a=1)
+    d.b = 2
+    assert d == {"a": 1, "b": 2}
+    assert d.a == 1 and d["b"] == 2
+    del d.a
+    assert "a" not in d
+    with pytest.raises(AttributeError):
+        _ = d.missing
+
+
+def test_construct_class_by_name():
+    obj = util.construct_class_by_name(class_name="collections.OrderedDict", a=1)
+    assert type(obj).__name__ == "OrderedDict" and obj["a"] == 1
+    sampler = util.construct_class_by_name(class_name="torch.nn.Linear", in_features=3, out_features=2)
+    assert tuple(sampler.weight.shape) == (2, 3)
+    with pytest.raises(ImportError, match="no_such_module_xyz"):
+        util.construct_class_by_name(class_name="no_such_module_xyz.Thing")
+
+
+def test_open_url_reads_local_file(tmp_path):
+    path = tmp_path / "weights.bin"
+    path.write_bytes(b"abc123")
+    with util.open_url(str(path)) as f:
+        assert f.read() == b"abc123"
+    assert util.open_url(str(path), return_filename=True) == str(path)
+    with pytest.raises(FileNotFoundError, match="nope.bin"):
+        util.open_url(str(tmp_path / "nope.bin"))
+
+
+def test_open_url_caches_file_url(tmp_path):
+    src = tmp_path / "detector.pkl"
+    src.write_bytes(b"detector-bytes")
+    cache_dir = tmp_path / "cache"
+    url = src.as_uri()
+    assert url.startswith("file://")
+    cached = util.open_url(url, cache_dir=str(cache_dir), return_filename=True)
+    assert os.path.dirname(cached) == str(cache_dir)
+    assert open(cached, "rb").read() == b"detector-bytes"
+    # The cached copy stays usable after the original moves away.
+    src.unlink()
+    assert util._cache_file_name(url) in os.listdir(cache_dir)
+    with open(cached, "rb") as f:
+        assert f.read() == b"detector-bytes"
+
+
+def test_open_url_checksum(tmp_path):
+    path = tmp_path / "w.bin"
+    path.write_bytes(b"payload")
+    good = "sha256:" + hashlib.sha256(b"payload").hexdigest()
+    assert util.open_url(str(path), checksum=good, return_filename=True) == str(path)
+    assert util.open_url(str(path), checksum=hashlib.md5(b"payload").hexdigest(), return_filename=True)
+    with pytest.raises(IOError, match="checksum mismatch"):
+        util.open_url(str(path), checksum="sha256:" + "0" * 64)
+
+
+def test_open_url_offline_error_names_url(tmp_path, monkeypatch):
+    import requests
+
+    def refuse(*args, **kwargs):
+        raise requests.ConnectionError("network is unreachable")
+
+    monkeypatch.setattr(requests.Session, "get", refuse)
+    url = "https://example.invalid/metrics/inception-2015-12-05.pkl"
+    with pytest.raises(IOError) as info:
+        util.open_url(url, cache_dir=str(tmp_path), num_attempts=1, verbose=False)
+    message = str(info.value)
+    assert url in message
+    assert "local path" in message
+    assert not os.listdir(tmp_path)  # Nothing half-written in the cache.
+
+
+def test_open_url_serves_from_cache_without_network(tmp_path, monkeypatch):
+    import requests
+
+    url = "https://example.invalid/file.npz"
+    cache_path = tmp_path / util._cache_file_name(url)
+    cache_path.write_bytes(b"cached")
+    monkeypatch.setattr(requests.Session, "get", lambda *a, **k: (_ for _ in ()).throw(AssertionError("no network")))
+    with util.open_url(url, cache_dir=str(tmp_path)) as f:
+        assert f.read() == b"cached"
+
+
+def test_cache_dir_env_override(tmp_path, monkeypatch):
+    monkeypatch.setenv("DNNLIB_CACHE_DIR", str(tmp_path / "c"))
+    assert util.make_cache_dir_path("downloads") == str(tmp_path / "c" / "downloads")
+
+
+def test_atomic_output_leaves_nothing_on_error(tmp_path):
+    target = tmp_path / "out.bin"
+    with pytest.raises(RuntimeError):
+        with util.atomic_output(str(target)) as f:
+            f.write(b"partial")
+            raise RuntimeError("boom")
+    assert os.listdir(tmp_path) == []
+    with util.atomic_output(str(target)) as f:
+        f.write(b"whole")
+    assert target.read_bytes() == b"whole"
+
+
+def test_parse_bool_and_format_time():
+    assert util.parse_bool("yes") is True and util.parse_bool("0") is False
+    with pytest.raises(ValueError, match="maybe"):
+        util.parse_bool("maybe")
+    assert util.format_time(59) == "59s"
+    assert util.format_time(3 * 3600 + 4 * 60 + 5) == "3h 04m 05s"
+
+
+def test_distributed_single_process_defaults():
+    distributed.init()
+    assert distributed.get_rank() == 0 and distributed.get_world_size() == 1
+    t = torch.tensor([1.0, 2.0])
+    assert torch.equal(distributed.all_reduce_sum_(t), torch.tensor([1.0, 2.0]))
+    assert distributed.broadcast_object({"a": 1}) == {"a": 1}
+
+
+def test_training_stats_moments_single_process(tmp_path):
+    training_stats.reset()
+    collector = training_stats.Collector(regex="Loss/.*")
+    values = torch.tensor([[1.0, 2.0], [3.0, 6.0]])
+    training_stats.report("Loss/loss", values)
+    training_stats.report("Loss/loss", 4.0)
+    training_stats.report("Other/x", 1.0)
+    collector.update()
+    expected = torch.tensor([1.0, 2.0, 3.0, 6.0, 4.0], dtype=torch.float64)
+    assert collector.num("Loss/loss") == 5
+    assert collector.mean("Loss/loss") == pytest.approx(expected.mean().item())
+    assert collector.std("Loss/loss") == pytest.approx(expected.std(unbiased=False).item())
+    assert collector.names() == ["Loss/loss"]
+    path = tmp_path / "stats.jsonl"
+    with open(path, "w") as f:
+        training_stats.write_jsonl_line(f, collector)
+    line = json.loads(path.read_text())
+    assert line["Loss/loss"]["num"] == 5 and "timestamp" in line
+    # The next interval starts from zero; keep_previous reports the old value when nothing new arrived.
+    training_stats.report("Loss/loss", 10.0)
+    collector.update()
+    assert collector.num("Loss/loss") == 1 and collector.mean("Loss/loss") == 10.0
+    assert training_stats.cumulative("Loss/loss")["num"] == 6
+    collector.close()
+
+
+def test_stacked_random_generator_is_per_seed():
+    a = misc.StackedRandomGenerator("cpu", [5, 7]).randn([2, 3, 4, 4])
+    b = misc.StackedRandomGenerator("cpu", [7]).randn([1, 3, 4, 4])
+    assert torch.equal(a[1], b[0])
+    ref = torch.randn([3, 4, 4], generator=torch.Generator().manual_seed(5))
+    assert torch.equal(a[0], ref)
+    with pytest.raises(ValueError, match="number of seeds"):
+        misc.StackedRandomGenerator("cpu", [1]).randn([2, 3])
+
+
+def test_nan_to_num_grads():
+    p = torch.nn.Parameter(torch.zeros(3))
+    p.grad = torch.tensor([float("nan"), float("inf"), -float("inf")])
+    misc.nan_to_num_grads_([p])
+    assert torch.equal(p.grad, torch.tensor([0.0, 1e5, -1e5]))

@@ -1,0 +1,123 @@
+"""torch.distributed under torchrun: NCCL on CUDA, gloo otherwise; a plain single process when not launched by torchrun.
+
+Usage: call `init()` once at the start of a CLI, then `get_rank()`, `get_world_size()`, `print0()`, `barrier()`,
+`device()` anywhere. Nothing here is home-made distribution: it is torch.distributed configured from torchrun's
+environment variables (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR, MASTER_PORT).
+"""
+
+import datetime
+import os
+import sys
+
+import torch
+import torch.distributed as dist
+
+_device: torch.device | None = None
+
+
+def launched_by_torchrun() -> bool:
+    return "RANK" in os.environ and "WORLD_SIZE" in os.environ
+
+
+def init(backend: str | None = None, device: str | torch.device | None = None, timeout_s: float = 1800) -> None:
+    """Initialise the process group from torchrun's environment (no-op when single-process or already done).
+
+    backend: None picks 'nccl' when CUDA is available and 'gloo' otherwise.
+    device: None picks cuda:LOCAL_RANK when CUDA is available, else cpu.
+    """
+    global _device
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    if device is None:
+        device = torch.device("cuda", local_rank) if torch.cuda.is_available() else torch.device("cpu")
+    _device = torch.device(device)
+    if _device.type == "cuda":
+        torch.cuda.set_device(_device)
+    if not launched_by_torchrun() or int(os.environ["WORLD_SIZE"]) == 1 or dist.is_initialized():
+        return
+    if backend is None:
+        backend = "nccl" if _device.type == "cuda" else "gloo"
+    kwargs = dict(backend=backend, timeout=datetime.timedelta(seconds=timeout_s))
+    if backend == "nccl":
+        kwargs["device_id"] = _device
+    dist.init_process_group(**kwargs)
+
+
+def is_distributed() -> bool:
+    return dist.is_available() and dist.is_initialized()
+
+
+def get_rank() -> int:
+    return dist.get_rank() if is_distributed() else 0
+
+
+def get_world_size() -> int:
+    return dist.get_world_size() if is_distributed() else 1
+
+
+def get_local_rank() -> int:
+    return int(os.environ.get("LOCAL_RANK", "0"))
+
+
+def device() -> torch.device:
+    """The device chosen by init() (cpu when init() has not run and CUDA is absent)."""
+    if _device is not None:
+        return _device
+    return torch.device("cuda", get_local_rank()) if torch.cuda.is_available() else torch.device("cpu")
+
+
+def barrier() -> None:
+    if is_distributed():
+        if dist.get_backend() == "nccl":
+            dist.barrier(device_ids=[torch.cuda.current_device()])
+        else:
+            dist.barrier()
+
+
+def print0(*args, **kwargs) -> None:
+    """print() on rank 0 only."""
+    if get_rank() == 0:
+        print(*args, **kwargs)
+
+
+def all_reduce_sum_(tensor: torch.Tensor) -> torch.Tensor:
+    """In-place sum across ranks (identity when single-process). Gloo needs CPU tensors, NCCL CUDA ones."""
+    if is_distributed():
+        dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
+    return tensor
+
+
+def broadcast_object(obj, src: int = 0):
+    """Send a picklable object from `src` to every rank."""
+    if not is_distributed():
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=src)
+    return box[0]
+
+
+def shutdown() -> None:
+    if is_distributed():
+        dist.destroy_process_group()
+
+
+def should_stop() -> bool:
+    """Hook for cluster schedulers (EDM has the same); always False here."""
+    return False
+
+
+def update_progress(cur: int, total: int) -> None:
+    """Hook for cluster schedulers (EDM has the same); does nothing here."""
+    del cur, total
+
+
+def excepthook_abort_all_ranks() -> None:
+    """Make an uncaught exception on one rank end the job instead of leaving the others hanging in a collective."""
+    previous = sys.excepthook
+
+    def hook(exc_type, exc, tb):
+        previous(exc_type, exc, tb)
+        sys.stderr.flush()
+        if is_distributed() and get_world_size() > 1:
+            os._exit(1)
+
+    sys.excepthook = hook

@@ -1,0 +1,171 @@
+"""Scalar statistics reported on every rank, reduced across ranks, written as stats.jsonl lines.
+
+`report(name, value)` may be called from anywhere (losses, the loop) with a Python number or a tensor of any
+shape; every element counts as one observation. It only accumulates [count, sum, sum of squares] in float64 on
+the value's device: no host-device sync. `Collector.update()` (once per tick) moves the accumulators to the
+reduction device, all-reduces them across ranks and exposes num/mean/std per name, as EDM does.
+
+Names must be reported in the same set on every rank before `update()`: ranks exchange the list of names first,
+so a name reported on only some ranks still reduces correctly (with zero counts elsewhere).
+"""
+
+import json
+import re
+import threading
+import time
+
+import torch
+
+from . import distributed
+
+_lock = threading.Lock()
+_accumulators: dict[str, torch.Tensor] = {}  # name -> float64 [3] tensor: count, sum, sum of squares
+_counters: dict[str, torch.Tensor] = {}  # cumulative totals, on CPU
+_collectors: list["Collector"] = []
+
+
+def report(name: str, value) -> object:
+    """Accumulate the elements of `value` under `name`; returns `value` unchanged so it can be used inline."""
+    if isinstance(value, torch.Tensor):
+        elems = value.detach().flatten().to(torch.float64)
+    else:
+        elems = torch.as_tensor(value, dtype=torch.float64).flatten()
+    if elems.numel() == 0:
+        return value
+    moments = torch.stack([torch.ones_like(elems).sum(), elems.sum(), elems.square().sum()])
+    with _lock:
+        acc = _accumulators.get(name)
+        if acc is None:
+            _accumulators[name] = moments
+        elif acc.device == moments.device:
+            acc.add_(moments)
+        else:
+            _accumulators[name] = acc.to(moments.device) + moments
+    return value
+
+
+def report0(name: str, value) -> object:
+    """report() on rank 0 only; other ranks register the name with no observations."""
+    if distributed.get_rank() == 0:
+        return report(name, value)
+    with _lock:
+        _accumulators.setdefault(name, torch.zeros(3, dtype=torch.float64))
+    return value
+
+
+def _reduction_device() -> torch.device:
+    # NCCL reduces CUDA tensors; gloo and the single process use the CPU.
+    if distributed.is_distributed() and torch.distributed.get_backend() == "nccl":
+        return distributed.device()
+    return torch.device("cpu")
+
+
+def _flush_accumulators() -> None:
+    """Move this rank's accumulators into the cumulative counters, summed over ranks."""
+    with _lock:
+        local = dict(_accumulators)
+        _accumulators.clear()
+    names = sorted(local)
+    if distributed.get_world_size() > 1:
+        gathered = [None] * distributed.get_world_size()
+        torch.distributed.all_gather_object(gathered, names)
+        names = sorted(set().union(*gathered))
+    if not names:
+        return
+    dev = _reduction_device()
+    stacked = torch.stack([local[n].to(dev) if n in local else torch.zeros(3, dtype=torch.float64, device=dev)
+                           for n in names])
+    distributed.all_reduce_sum_(stacked)
+    stacked = stacked.cpu()
+    for name, moments in zip(names, stacked):
+        if name not in _counters:
+            _counters[name] = torch.zeros(3, dtype=torch.float64)
+        _counters[name] += moments
+        for c in _collectors:
+            c._pending.setdefault(name, torch.zeros(3, dtype=torch.float64)).add_(moments)
+
+
+class Collector:
+    """Collects the statistics reported since the previous `update()`, across all ranks.
+
+    regex: only names matching it are kept. keep_previous: report the last values for names with no new data.
+    """
+
+    def __init__(self, regex: str = ".*", keep_previous: bool = True):
+        self._regex = re.compile(regex)
+        self._keep_previous = keep_previous
+        self._pending: dict[str, torch.Tensor] = {}
+        self._moments: dict[str, torch.Tensor] = {}
+        _collectors.append(self)
+
+    def names(self) -> list[str]:
+        return sorted(self._moments)
+
+    def update(self) -> None:
+        """Collective: every rank must call it at the same point."""
+        _flush_accumulators()
+        new = {n: m for n, m in self._pending.items() if self._regex.fullmatch(n)}
+        self._pending = {}
+        if not self._keep_previous:
+            self._moments = {}
+        for name, m in new.items():
+            if m[0] > 0 or name not in self._moments:
+                self._moments[name] = m.clone()
+
+    def num(self, name: str) -> float:
+        m = self._moments.get(name)
+        return float(m[0]) if m is not None else 0.0
+
+    def mean(self, name: str) -> float:
+        m = self._moments.get(name)
+        if m is None or m[0] == 0:
+            return float("nan")
+        return float(m[1] / m[0])
+
+    def std(self, name: str) -> float:
+        m = self._moments.get(name)
+        if m is None or m[0] == 0:
+            return float("nan")
+        mean = m[1] / m[0]
+        return float(torch.sqrt(torch.clamp(m[2] / m[0] - mean.square(), min=0)))
+
+    def as_dict(self) -> dict:
+        """{name: {num, mean, std}} as in EDM's stats.jsonl."""
+        return {n: dict(num=self.num(n), mean=self.mean(n), std=self.std(n)) for n in self.names()}
+
+    def __getitem__(self, name: str) -> float:
+        return self.mean(name)
+
+    def close(self) -> None:
+        if self in _collectors:
+            _collectors.remove(self)
+
+
+def cumulative(name: str) -> dict:
+    """All observations of `name` since the process started, reduced across ranks at each update()."""
+    m = _counters.get(name)
+    if m is None or m[0] == 0:
+        return dict(num=0.0, mean=float("nan"), std=float("nan"))
+    mean = m[1] / m[0]
+    return dict(num=float(m[0]), mean=float(mean), std=float(torch.sqrt(torch.clamp(m[2] / m[0] - mean**2, min=0))))
+
+
+def write_jsonl_line(file, collector: Collector) -> None:
+    """Append one stats.jsonl line: {name: {num, mean, std}, ..., "timestamp": t}."""
+    line = collector.as_dict()
+    line["timestamp"] = time.time()
+    file.write(json.dumps(line) + "\n")
+    file.flush()
+
+
+def reset() -> None:
+    """Forget everything (tests)."""
+    with _lock:
+        _accumulators.clear()
+    _counters.clear()
+    for c in list(_collectors):
+        c._pending = {}
+        c._moments = {}
+
+
+default_collector = Collector()
