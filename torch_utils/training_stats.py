@@ -112,9 +112,9 @@ class Collector:
             if m[0] > 0 or name not in self._moments:
                 self._moments[name] = m.clone()
 
-    def num(self, name: str) -> float:
+    def num(self, name: str) -> int:
         m = self._moments.get(name)
-        return float(m[0]) if m is not None else 0.0
+        return int(m[0]) if m is not None else 0
 
     def mean(self, name: str) -> float:
         m = self._moments.get(name)
@@ -145,9 +145,9 @@ def cumulative(name: str) -> dict:
     """All observations of `name` since the process started, reduced across ranks at each update()."""
     m = _counters.get(name)
     if m is None or m[0] == 0:
-        return dict(num=0.0, mean=float("nan"), std=float("nan"))
+        return dict(num=0, mean=float("nan"), std=float("nan"))
     mean = m[1] / m[0]
-    return dict(num=float(m[0]), mean=float(mean), std=float(torch.sqrt(torch.clamp(m[2] / m[0] - mean**2, min=0))))
+    return dict(num=int(m[0]), mean=float(mean), std=float(torch.sqrt(torch.clamp(m[2] / m[0] - mean**2, min=0))))
 
 
 def write_jsonl_line(file, collector: Collector) -> None:

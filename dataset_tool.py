@@ -1,0 +1,65 @@
+"""Convert image collections into EDM's dataset format: uncompressed PNGs plus dataset.json, in a zip or a folder."""
+
+import click
+
+from training.dataset_tool_lib import DatasetToolError, convert_dataset, parse_resolution
+
+
+def _resolution_option(ctx, param, value):
+    if value is None:
+        return None
+    try:
+        return parse_resolution(value)
+    except DatasetToolError:
+        raise click.BadParameter(f"expected WxH or W,H (e.g. 32x32), got {value!r}") from None
+
+
+@click.command()
+@click.option("--source", help="Input: folder, zip, CIFAR-10 tarball, MNIST idx file or 'digits'", metavar="PATH",
+              type=str, required=True)
+@click.option("--dest", help="Output: a .zip file, or a new or empty folder", metavar="PATH", type=str, required=True)
+@click.option("--max-images", help="Convert at most this many images (the first ones)", metavar="INT",
+              type=click.IntRange(min=1))
+@click.option("--transform", help="Crop/resize mode (needs --resolution)", type=click.Choice(["center-crop",
+              "center-crop-wide"]))
+@click.option("--resolution", help="Output size, e.g. 32x32 (also 32,32)", metavar="WxH", type=str,
+              callback=_resolution_option)
+def main(source, dest, max_images, transform, resolution):
+    """Convert an image dataset into a zip or folder usable by train.py and fid.py (EDM's format).
+
+    \b
+    --source cifar-10-python.tar.gz      CIFAR-10 (the 50,000 training images, labels 0-9)
+    --source train-images-idx3-ubyte.gz  MNIST / Fashion-MNIST (gz or not; labels from the matching
+                                         train-labels-idx1-ubyte[.gz]); 28x28 is zero-padded to 32x32 as
+                                         in EDM, and --resolution then resizes the padded image
+    --source path/                       all images under path/, recursively; labels from path/dataset.json,
+                                         else from the names of class sub-folders (sorted)
+    --source dataset.zip                 all images in the zip; labels from its dataset.json
+    --source digits                      scikit-learn's 1,797 8x8 handwritten digits (offline, labels 0-9),
+                                         resized to 32x32 unless --resolution says otherwise (use ./digits for
+                                         a folder of that name)
+
+    \b
+    --dest /path/to/dataset.zip          an uncompressed (ZIP_STORED) zip
+    --dest /path/to/folder               a folder that must not exist yet or be empty
+
+    Images are written as uncompressed PNGs named {idx//1000:05d}/img{idx:08d}.png, with idx the position in
+    the source, and labels go to dataset.json: {"labels": [["00000/img00000000.png", 6], ...]}, or
+    {"labels": null} when some image has no label.
+
+    Output images must be square, have a power-of-two side and 1 or 3 channels, identical for all images.
+    Without --transform, --resolution resizes (Lanczos). --transform=center-crop crops to the short side;
+    --transform=center-crop-wide keeps a central WxH band and letterboxes it into WxW (e.g. 512x384).
+
+    The output is written under a temporary name and renamed when complete: after an error nothing is
+    left at --dest.
+    """
+    try:
+        num_images = convert_dataset(source, dest, max_images=max_images, transform=transform, resolution=resolution)
+    except DatasetToolError as exc:
+        raise click.ClickException(str(exc)) from None
+    click.echo(f"Wrote {num_images} images to {dest}")
+
+
+if __name__ == "__main__":
+    main()

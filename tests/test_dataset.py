@@ -1,0 +1,276 @@
+"""ImageFolderDataset (EDM's reader) and InfiniteSampler (EDM's windowed reshuffle, exact continuation)."""
+
+import io
+import itertools
+import json
+import os
+import pickle
+import zipfile
+
+import numpy as np
+import PIL.Image
+import pytest
+import torch
+
+from training.dataset import DatasetError, ImageFolderDataset, InfiniteSampler
+
+
+def _images(n, shape=(8, 8, 3), seed=0):
+    return np.random.default_rng(seed).integers(0, 256, size=(n, *shape), dtype=np.uint8)
+
+
+def _png_bytes(array):
+    buf = io.BytesIO()
+    PIL.Image.fromarray(array).save(buf, format="png")
+    return buf.getvalue()
+
+
+def _make_zip(path, images, labels=None):
+    """EDM layout written directly with PIL/zipfile (independent of dataset_tool)."""
+    names = [f"{i // 1000:05d}/img{i:08d}.png" for i in range(len(images))]
+    with zipfile.ZipFile(path, "w") as z:
+        for name, img in zip(names, images):
+            z.writestr(name, _png_bytes(img))
+        if labels is not None:
+            z.writestr("dataset.json", json.dumps({"labels": [[n, lab] for n, lab in zip(names, labels)]}))
+    return str(path)
+
+
+def _make_folder(path, images, labels=None):
+    os.makedirs(path, exist_ok=True)
+    names = [f"img{i:03d}.png" for i in range(len(images))]
+    for name, img in zip(names, images):
+        PIL.Image.fromarray(img).save(os.path.join(path, name))
+    if labels is not None:
+        with open(os.path.join(path, "dataset.json"), "w") as f:
+            json.dump({"labels": [[n, lab] for n, lab in zip(names, labels)]}, f)
+    return str(path)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# ImageFolderDataset.
+
+
+@pytest.mark.parametrize("kind", ["zip", "folder"])
+def test_reads_pixels_and_onehot_labels(tmp_path, kind):
+    images, labels = _images(5), [3, 0, 1, 3, 2]
+    path = (_make_zip(tmp_path / "d.zip", images, labels) if kind == "zip"
+            else _make_folder(tmp_path / "d", images, labels))
+    ds = ImageFolderDataset(path, use_labels=True)
+    assert len(ds) == 5 and ds.image_shape == [3, 8, 8] and ds.resolution == 8 and ds.num_channels == 3
+    assert ds.name == "d" and ds.label_shape == [4] and ds.label_dim == 4
+    assert ds.has_labels and ds.has_onehot_labels
+    for i in range(5):
+        image, label = ds[i]
+        assert image.dtype == np.uint8 and label.dtype == np.float32
+        np.testing.assert_array_equal(image, images[i].transpose(2, 0, 1))
+        np.testing.assert_array_equal(label, np.eye(4, dtype=np.float32)[labels[i]])
+    details = ds.get_details(3)
+    assert details.raw_idx == 3 and details.xflip is False and int(details.raw_label) == 3
+
+    plain = ImageFolderDataset(path)  # use_labels=False: label dimension 0
+    assert plain[0][1].shape == (0,) and plain.label_dim == 0 and not plain.has_labels
+
+
+def test_float_vector_labels_and_grayscale(tmp_path):
+    images = _images(3, shape=(4, 4))
+    vectors = [[0.5, -1.0], [2.0, 0.0], [0.25, 0.75]]
+    ds = ImageFolderDataset(_make_zip(tmp_path / "g.zip", images, vectors), use_labels=True, name="custom")
+    assert ds.image_shape == [1, 4, 4] and ds.name == "custom"
+    assert ds.label_shape == [2] and not ds.has_onehot_labels
+    np.testing.assert_array_equal(ds[2][0][0], images[2])
+    np.testing.assert_array_equal(ds[1][1], np.array([2.0, 0.0], np.float32))
+
+
+def test_max_size_is_a_seeded_sorted_subset(tmp_path):
+    images = _images(20)
+    path = _make_zip(tmp_path / "d.zip", images, list(range(20)))
+    ds = ImageFolderDataset(path, max_size=6, random_seed=123, use_labels=True)
+    expected = np.sort(np.random.RandomState(123).permutation(20)[:6])
+    assert len(ds) == 6
+    assert [ds.get_details(i).raw_idx for i in range(6)] == expected.tolist()
+    for i, raw in enumerate(expected):
+        np.testing.assert_array_equal(ds[i][0], images[raw].transpose(2, 0, 1))
+        assert ds[i][1].argmax() == raw
+    other = ImageFolderDataset(path, max_size=6, random_seed=124)
+    assert [other.get_details(i).raw_idx for i in range(6)] != expected.tolist()
+    assert len(ImageFolderDataset(path, max_size=50)) == 20  # larger than the data: no subset
+
+
+def test_xflip_doubles_with_mirrored_second_half(tmp_path):
+    images = _images(4)
+    ds = ImageFolderDataset(_make_zip(tmp_path / "d.zip", images, [0, 1, 2, 3]), xflip=True, use_labels=True)
+    assert len(ds) == 8
+    for i in range(4):
+        np.testing.assert_array_equal(ds[i][0], images[i].transpose(2, 0, 1))
+        np.testing.assert_array_equal(ds[4 + i][0], images[i][:, ::-1].transpose(2, 0, 1))
+        assert ds[4 + i][1].argmax() == i and ds.get_details(4 + i).xflip
+    # max_size applies before x-flip.
+    assert len(ImageFolderDataset(str(tmp_path / "d.zip"), xflip=True, max_size=3)) == 6
+
+
+def test_cache_keeps_decoded_images(tmp_path):
+    images = _images(2)
+    folder = _make_folder(tmp_path / "d", images)
+    cached = ImageFolderDataset(folder, cache=True)
+    uncached = ImageFolderDataset(folder, cache=False)
+    cached[1], uncached[1]
+    PIL.Image.fromarray(np.zeros_like(images[1])).save(os.path.join(folder, "img001.png"))  # change it on disk
+    np.testing.assert_array_equal(cached[1][0], images[1].transpose(2, 0, 1))  # served from RAM
+    assert uncached[1][0].max() == 0  # re-read from disk
+    cached[1][0][:] = 0  # callers get copies: the cache is not corrupted
+    np.testing.assert_array_equal(cached[1][0], images[1].transpose(2, 0, 1))
+    assert pickle.loads(pickle.dumps(cached))._cached_images == {}  # workers fill their own cache
+
+
+def test_pickles_into_dataloader_workers(tmp_path):
+    images = _images(6)
+    ds = ImageFolderDataset(_make_zip(tmp_path / "d.zip", images, [0, 1, 0, 1, 0, 1]), use_labels=True)
+    ds[0]  # the zip is open in this process
+    clone = pickle.loads(pickle.dumps(ds))
+    np.testing.assert_array_equal(clone[5][0], images[5].transpose(2, 0, 1))
+    loader = torch.utils.data.DataLoader(ds, batch_size=2, num_workers=2, shuffle=False)
+    batches = list(loader)
+    got = torch.cat([b[0] for b in batches]).numpy()
+    np.testing.assert_array_equal(got, images.transpose(0, 3, 1, 2))
+    assert torch.cat([b[1] for b in batches]).argmax(1).tolist() == [0, 1, 0, 1, 0, 1]
+
+
+def test_errors_name_the_file(tmp_path):
+    with pytest.raises(DatasetError, match=r"nope\.zip: dataset path does not exist"):
+        ImageFolderDataset(str(tmp_path / "nope.zip"))
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(DatasetError, match=r"empty: no image files found"):
+        ImageFolderDataset(str(tmp_path / "empty"))
+    (tmp_path / "notzip.zip").write_bytes(b"garbage")
+    with pytest.raises(DatasetError, match=r"notzip\.zip: cannot open ZIP file"):
+        ImageFolderDataset(str(tmp_path / "notzip.zip"))
+
+    path = _make_zip(tmp_path / "d.zip", _images(2))
+    with pytest.raises(DatasetError, match=r"d\.zip: images are 8x8, but resolution=16 was requested"):
+        ImageFolderDataset(path, resolution=16)
+    assert ImageFolderDataset(path, resolution=8).resolution == 8
+
+
+def test_dataset_json_must_match_the_images(tmp_path):
+    folder = _make_folder(tmp_path / "d", _images(2), labels=[0, 1])
+    with open(os.path.join(folder, "dataset.json"), "w") as f:
+        json.dump({"labels": [["img000.png", 0], ["img001.png", 1], ["gone.png", 1]]}, f)
+    with pytest.raises(DatasetError, match=r"dataset\.json: names 1 file\(s\) that are not images .*'gone\.png'"):
+        ImageFolderDataset(folder, use_labels=True)
+    with open(os.path.join(folder, "dataset.json"), "w") as f:
+        json.dump({"labels": [["img000.png", 0]]}, f)
+    with pytest.raises(DatasetError, match=r"dataset\.json: has no label for 1 image\(s\), e.g. 'img001\.png'"):
+        ImageFolderDataset(folder, use_labels=True)
+    assert len(ImageFolderDataset(folder, use_labels=False)) == 2  # labels not requested: not read
+    with open(os.path.join(folder, "dataset.json"), "w") as f:
+        json.dump({"labels": None}, f)
+    assert ImageFolderDataset(folder, use_labels=True).label_dim == 0
+
+
+def test_bad_images_fail_on_access_naming_the_file(tmp_path):
+    folder = _make_folder(tmp_path / "d", _images(3))
+    PIL.Image.fromarray(np.zeros((16, 16, 3), np.uint8)).save(os.path.join(folder, "img001.png"))
+    PIL.Image.fromarray(np.zeros((8, 8), np.uint8)).save(os.path.join(folder, "img002.png"))
+    ds = ImageFolderDataset(folder)
+    with pytest.raises(DatasetError, match=r"img001\.png: image is 16x16 with 3 channel\(s\), but the dataset's "
+                                           r"images are 8x8 with 3"):
+        ds[1]
+    with pytest.raises(DatasetError, match=r"img002\.png: image is 8x8 with 1 channel\(s\)"):
+        ds[2]
+    with open(os.path.join(folder, "img002.png"), "wb") as f:
+        f.write(b"\x89PNG\r\n\x1a\nbroken")
+    with pytest.raises(DatasetError, match=r"img002\.png: cannot decode image"):
+        ds[2]
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# InfiniteSampler.
+
+
+def _reference_stream(size, rank, num_replicas, seed, window_size, count):
+    """EDM's algorithm written out step by step: one random draw per global index, numpy scalars."""
+    order = np.arange(size)
+    rnd = np.random.RandomState(seed)
+    rnd.shuffle(order)
+    window = int(np.rint(size * window_size))
+    out, idx = [], 0
+    while len(out) < count:
+        i = idx % size
+        if idx % num_replicas == rank:
+            out.append(int(order[i]))
+        if window >= 2:
+            j = (i - rnd.randint(window)) % size
+            order[i], order[j] = order[j], order[i]
+        idx += 1
+    return out
+
+
+def _take(sampler, count):
+    return list(itertools.islice(iter(sampler), count))
+
+
+@pytest.mark.parametrize("size,num_replicas,window_size", [(10, 1, 0.5), (7, 2, 0.5), (13, 3, 0.3), (5, 2, 0.0),
+                                                           (50, 4, 1.0)])
+def test_sampler_matches_edm_algorithm(size, num_replicas, window_size):
+    for rank in range(num_replicas):
+        got = _take(InfiniteSampler(range(size), rank, num_replicas, seed=3, window_size=window_size), 150)
+        assert got == _reference_stream(size, rank, num_replicas, 3, window_size, 150)
+        assert all(isinstance(x, int) for x in got)
+
+
+def test_sampler_chunked_draws_cross_chunk_boundaries(monkeypatch):
+    monkeypatch.setattr(InfiniteSampler, "_CHUNK", 7)  # many numpy calls must give the same stream as one
+    assert _take(InfiniteSampler(range(11), 1, 2, seed=5), 60) == _reference_stream(11, 1, 2, 5, 0.5, 60)
+
+
+@pytest.mark.parametrize("start_idx", [0, 1, 9, 10, 11, 37])
+def test_sampler_start_idx_continues_exactly(start_idx, monkeypatch):
+    monkeypatch.setattr(InfiniteSampler, "_CHUNK", 16)
+    for rank in range(3):
+        full = _take(InfiniteSampler(range(10), rank, 3, seed=7), start_idx + 40)
+        resumed = _take(InfiniteSampler(range(10), rank, 3, seed=7, start_idx=start_idx), 40)
+        assert resumed == full[start_idx:]
+
+
+def test_sampler_ranks_partition_one_global_stream():
+    """Rank r takes global draws r, r + world, ...; without the window the first pass is the seeded permutation.
+
+    With the window (EDM's default) the first pass is not a permutation: early swaps wrap around to slots near the
+    end that are not visited yet, so some images come twice before others come once (EDM behaves the same).
+    """
+    size, world = 23, 3
+    shares = [len(range(r, size, world)) for r in range(world)]
+    streams = [_take(InfiniteSampler(range(size), r, world, seed=1, window_size=0), 100) for r in range(world)]
+    first = [s[:n] for s, n in zip(streams, shares)]
+    assert sorted(sum(first, [])) == list(range(size))
+    perm = np.arange(size)
+    np.random.RandomState(1).shuffle(perm)
+    assert first[1] == perm[1::world].tolist()
+
+    streams = [_take(InfiniteSampler(range(size), r, world, seed=1), 100) for r in range(world)]
+    single = _take(InfiniteSampler(range(size), 0, 1, seed=1), world * 100)
+    for r in range(world):
+        assert streams[r] == single[r::world][:100]
+    assert len(set(single[:size])) < size  # the wrap-around described above
+
+
+def test_sampler_without_shuffle_and_errors():
+    assert _take(InfiniteSampler(range(4), 1, 2, shuffle=False), 5) == [1, 3, 1, 3, 1]
+    assert _take(InfiniteSampler(range(4), 0, 1, shuffle=False, start_idx=3), 3) == [3, 0, 1]
+    with pytest.raises(ValueError, match="dataset is empty"):
+        InfiniteSampler([])
+    with pytest.raises(ValueError, match="rank=2, num_replicas=2"):
+        InfiniteSampler(range(3), rank=2, num_replicas=2)
+    with pytest.raises(ValueError, match="window_size must be in"):
+        InfiniteSampler(range(3), window_size=1.5)
+
+
+def test_sampler_drives_a_dataloader(tmp_path):
+    images = _images(5)
+    ds = ImageFolderDataset(_make_zip(tmp_path / "d.zip", images))
+    sampler = InfiniteSampler(ds, seed=2)
+    loader = iter(torch.utils.data.DataLoader(ds, sampler=sampler, batch_size=4))
+    batch = torch.cat([next(loader)[0] for _ in range(3)]).numpy()
+    expected = _reference_stream(5, 0, 1, 2, 0.5, 12)
+    np.testing.assert_array_equal(batch, images[expected].transpose(0, 3, 1, 2))

@@ -1,0 +1,350 @@
+"""dataset_tool.py: every source converts to a zip/folder that ImageFolderDataset reads back exactly; bad input fails
+with one clear line and leaves nothing at --dest."""
+
+import gzip
+import io
+import json
+import os
+import pickle
+import re
+import tarfile
+import zipfile
+
+import numpy as np
+import PIL.Image
+import pytest
+from click.testing import CliRunner
+
+import dataset_tool
+from training.dataset import ImageFolderDataset
+from training.dataset_tool_lib import DatasetToolError, convert_dataset, parse_resolution
+
+
+def _convert(source, dest, **kwargs):
+    return convert_dataset(str(source), str(dest), progress=False, **kwargs)
+
+
+def _run_cli(*args):
+    return CliRunner().invoke(dataset_tool.main, [str(a) for a in args])
+
+
+def _read_back(path):
+    """All images (N, C, H, W) and integer labels (argmax of one-hot, or None) through the reader."""
+    ds = ImageFolderDataset(str(path), use_labels=True)
+    images = np.stack([ds[i][0] for i in range(len(ds))])
+    labels = np.array([ds.get_label(i).argmax() for i in range(len(ds))]) if ds.has_labels else None
+    return images, labels, ds
+
+
+def _write_png(path, array):
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    PIL.Image.fromarray(array).save(path)
+
+
+def _listing(directory):
+    return sorted(os.listdir(directory))
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Sources.
+
+
+def _make_cifar_tarball(path, per_batch=3, seed=0):
+    rng = np.random.default_rng(seed)
+    all_data, all_labels = [], []
+    with tarfile.open(path, "w:gz") as tar:
+        for batch_idx in range(1, 6):
+            data = rng.integers(0, 256, size=(per_batch, 3072), dtype=np.uint8)
+            labels = rng.integers(0, 10, size=per_batch).tolist()
+            payload = pickle.dumps({b"batch_label": b"training batch", b"labels": labels, b"data": data,
+                                    b"filenames": [b"x.png"] * per_batch}, protocol=2)
+            info = tarfile.TarInfo(f"cifar-10-batches-py/data_batch_{batch_idx}")
+            info.size = len(payload)
+            tar.addfile(info, io.BytesIO(payload))
+            all_data.append(data)
+            all_labels += labels
+        # A test batch that must be ignored.
+        payload = pickle.dumps({b"labels": [0], b"data": np.zeros((1, 3072), np.uint8)}, protocol=2)
+        info = tarfile.TarInfo("cifar-10-batches-py/test_batch")
+        info.size = len(payload)
+        tar.addfile(info, io.BytesIO(payload))
+    return np.concatenate(all_data).reshape(-1, 3, 32, 32), np.array(all_labels)
+
+
+def test_cifar10_tarball_roundtrip(tmp_path):
+    expected_images, expected_labels = _make_cifar_tarball(tmp_path / "cifar-10-python.tar.gz")
+    result = _run_cli("--source", tmp_path / "cifar-10-python.tar.gz", "--dest", tmp_path / "cifar.zip")
+    assert result.exit_code == 0, result.output
+    assert "Wrote 15 images" in result.output
+
+    images, labels, ds = _read_back(tmp_path / "cifar.zip")
+    assert images.shape == (15, 3, 32, 32) and images.dtype == np.uint8
+    np.testing.assert_array_equal(images, expected_images)
+    np.testing.assert_array_equal(labels, expected_labels)
+    assert ds.label_dim == expected_labels.max() + 1
+
+    with zipfile.ZipFile(tmp_path / "cifar.zip") as z:
+        assert {info.compress_type for info in z.infolist()} == {zipfile.ZIP_STORED}
+        assert sorted(z.namelist()) == sorted([f"00000/img{i:08d}.png" for i in range(15)] + ["dataset.json"])
+        meta = json.loads(z.read("dataset.json"))
+    assert meta["labels"][4] == ["00000/img00000004.png", int(expected_labels[4])]
+
+
+def test_cifar10_rejects_code_in_pickle(tmp_path):
+    payload = pickle.dumps({b"data": os.system})  # a reference to a callable that is not numpy
+    path = tmp_path / "cifar-10-python.tar.gz"
+    with tarfile.open(path, "w:gz") as tar:
+        info = tarfile.TarInfo("cifar-10-batches-py/data_batch_1")
+        info.size = len(payload)
+        tar.addfile(info, io.BytesIO(payload))
+    with pytest.raises(DatasetToolError, match=r"data_batch_1: expected a pickled dict.*refusing to load"):
+        _convert(path, tmp_path / "out.zip")
+    assert not (tmp_path / "out.zip").exists()
+
+
+def _write_idx(path, array, compress):
+    header = bytes([0, 0, 0x08, array.ndim]) + np.array(array.shape, dtype=">u4").tobytes()
+    raw = header + array.astype(np.uint8).tobytes()
+    with (gzip.open(path, "wb") if compress else open(path, "wb")) as f:
+        f.write(raw)
+
+
+@pytest.mark.parametrize("compress", [True, False])
+def test_mnist_idx_roundtrip(tmp_path, compress):
+    rng = np.random.default_rng(1)
+    images = rng.integers(0, 256, size=(7, 28, 28), dtype=np.uint8)
+    labels = rng.integers(0, 10, size=7)
+    suffix = ".gz" if compress else ""
+    _write_idx(tmp_path / f"train-images-idx3-ubyte{suffix}", images, compress)
+    _write_idx(tmp_path / f"train-labels-idx1-ubyte{suffix}", labels, compress)
+
+    n = _convert(tmp_path / f"train-images-idx3-ubyte{suffix}", tmp_path / "mnist.zip")
+    assert n == 7
+    out_images, out_labels, ds = _read_back(tmp_path / "mnist.zip")
+    assert out_images.shape == (7, 1, 32, 32)
+    padded = np.zeros((7, 32, 32), np.uint8)
+    padded[:, 2:30, 2:30] = images  # EDM's zero padding 28 -> 32
+    np.testing.assert_array_equal(out_images[:, 0], padded)
+    np.testing.assert_array_equal(out_labels, labels)
+
+
+def test_mnist_max_images_and_missing_labels_file(tmp_path):
+    images = np.arange(5 * 28 * 28).reshape(5, 28, 28) % 256
+    _write_idx(tmp_path / "t10k-images-idx3-ubyte", images, compress=False)
+    with pytest.raises(DatasetToolError, match=r"t10k-labels-idx1-ubyte is missing"):
+        _convert(tmp_path / "t10k-images-idx3-ubyte", tmp_path / "out.zip")
+    assert not (tmp_path / "out.zip").exists()
+
+    _write_idx(tmp_path / "t10k-labels-idx1-ubyte.gz", np.array([3, 1, 4, 1, 5]), compress=True)
+    assert _convert(tmp_path / "t10k-images-idx3-ubyte", tmp_path / "out.zip", max_images=2) == 2
+    out_images, out_labels, _ = _read_back(tmp_path / "out.zip")
+    np.testing.assert_array_equal(out_labels, [3, 1])
+    np.testing.assert_array_equal(out_images[1, 0, 2:30, 2:30], images[1])
+
+
+def test_mnist_bad_header(tmp_path):
+    (tmp_path / "train-images-idx3-ubyte").write_bytes(b"\x00\x00\x08\x01" + b"\x00" * 8)
+    _write_idx(tmp_path / "train-labels-idx1-ubyte", np.zeros(1), compress=False)
+    with pytest.raises(DatasetToolError, match=r"train-images-idx3-ubyte: expected an idx file .* 3 dimension"):
+        _convert(tmp_path / "train-images-idx3-ubyte", tmp_path / "out.zip")
+
+
+def test_image_folder_class_subfolders(tmp_path):
+    rng = np.random.default_rng(2)
+    src = tmp_path / "src"
+    expected = {}
+    for cls in ["dog", "cat"]:
+        for i in range(2):
+            img = rng.integers(0, 256, size=(8, 8, 3), dtype=np.uint8)
+            _write_png(str(src / cls / f"{i}.png"), img)
+            expected[f"{cls}/{i}.png"] = img
+    (src / "notes.txt").write_text("not an image")
+
+    n = _convert(src, tmp_path / "out")  # folder destination
+    assert n == 4
+    assert _listing(tmp_path / "out") == ["00000", "dataset.json"]
+    images, labels, _ = _read_back(tmp_path / "out")
+    order = ["cat/0.png", "cat/1.png", "dog/0.png", "dog/1.png"]  # sorted paths; classes by sorted folder name
+    np.testing.assert_array_equal(images, np.stack([expected[k].transpose(2, 0, 1) for k in order]))
+    np.testing.assert_array_equal(labels, [0, 0, 1, 1])
+
+
+def test_image_folder_without_classes_has_null_labels(tmp_path):
+    _write_png(str(tmp_path / "src" / "a.png"), np.full((4, 4), 7, np.uint8))
+    _write_png(str(tmp_path / "src" / "b.png"), np.full((4, 4), 9, np.uint8))
+    _convert(tmp_path / "src", tmp_path / "out.zip")
+    with zipfile.ZipFile(tmp_path / "out.zip") as z:
+        assert json.loads(z.read("dataset.json")) == {"labels": None}
+        img = np.asarray(PIL.Image.open(io.BytesIO(z.read("00000/img00000001.png"))))
+    assert img.shape == (4, 4) and img[0, 0] == 9  # grayscale stays one channel (mode L)
+
+
+def test_zip_source_with_labels(tmp_path):
+    rng = np.random.default_rng(3)
+    imgs = {name: rng.integers(0, 256, size=(4, 4, 3), dtype=np.uint8) for name in ["b/x.png", "a/y.png", "c.png"]}
+    with zipfile.ZipFile(tmp_path / "src.zip", "w") as z:
+        for name, img in imgs.items():
+            buf = io.BytesIO()
+            PIL.Image.fromarray(img).save(buf, format="png")
+            z.writestr(name, buf.getvalue())
+        z.writestr("dataset.json", json.dumps({"labels": [["b/x.png", 2], ["a/y.png", 0], ["c.png", 5]]}))
+    _convert(tmp_path / "src.zip", tmp_path / "out.zip")
+    images, labels, ds = _read_back(tmp_path / "out.zip")
+    order = ["a/y.png", "b/x.png", "c.png"]
+    np.testing.assert_array_equal(images, np.stack([imgs[k].transpose(2, 0, 1) for k in order]))
+    np.testing.assert_array_equal(labels, [0, 2, 5])
+    assert ds.label_dim == 6
+
+
+def _lanczos_resize_uint8(image, size):
+    """Independent separable Lanczos-3 resize (Pillow's convention: horizontal pass first, each pass rounded)."""
+    def lanczos(x):
+        return np.where(np.abs(x) < 3, np.sinc(x) * np.sinc(x / 3), 0.0)
+
+    def weights(n_in, n_out):
+        scale = n_in / n_out
+        support = 3 * max(scale, 1.0)
+        matrix = np.zeros((n_out, n_in))
+        for x in range(n_out):
+            center = (x + 0.5) * scale
+            lo, hi = max(int(center - support + 0.5), 0), min(int(center + support + 0.5), n_in)
+            w = lanczos((np.arange(lo, hi) - center + 0.5) / max(scale, 1.0))
+            matrix[x, lo:hi] = w / w.sum()
+        return matrix
+
+    def quantize(a):
+        return np.clip(np.floor(a + 0.5), 0, 255)
+
+    horizontal = quantize(image.astype(np.float64) @ weights(image.shape[1], size).T)
+    return quantize(weights(image.shape[0], size) @ horizontal)
+
+
+def test_digits_offline(tmp_path):
+    from sklearn.datasets import load_digits
+
+    digits = load_digits()
+    assert _convert("digits", tmp_path / "digits.zip") == 1797
+    ds = ImageFolderDataset(str(tmp_path / "digits.zip"), use_labels=True)
+    assert len(ds) == 1797 and ds.image_shape == [1, 32, 32] and ds.label_dim == 10
+    np.testing.assert_array_equal([ds.get_label(i).argmax() for i in range(len(ds))], digits.target)
+    for idx in [0, 1000, 1796]:
+        image, label = ds[idx]
+        assert label.argmax() == digits.target[idx]
+        scaled = np.floor(digits.images[idx] * 255 / 16 + 0.5)  # 0..16 -> 0..255
+        reference = _lanczos_resize_uint8(scaled, 32)
+        np.testing.assert_array_equal(image[0], reference)  # exact on Pillow 13 (checked on every 50th image)
+        assert image.max() > 200 and image.min() == 0  # a real digit, not a blank image
+
+    # At the native 8x8 no resampling happens: exact values.
+    _convert("digits", tmp_path / "digits8", resolution=(8, 8), max_images=5)
+    ds8 = ImageFolderDataset(str(tmp_path / "digits8"))
+    np.testing.assert_array_equal(ds8[3][0][0], np.floor(digits.images[3] * 255 / 16 + 0.5))
+
+
+def test_transforms_center_crop(tmp_path):
+    rng = np.random.default_rng(4)
+    img = rng.integers(0, 256, size=(8, 16, 3), dtype=np.uint8)  # H=8, W=16
+    _write_png(str(tmp_path / "src" / "a.png"), img)
+    _convert(tmp_path / "src", tmp_path / "crop.zip", transform="center-crop", resolution=(8, 8))
+    np.testing.assert_array_equal(ImageFolderDataset(str(tmp_path / "crop.zip"))[0][0], img[:, 4:12].transpose(2, 0, 1))
+
+    _convert(tmp_path / "src", tmp_path / "wide.zip", transform="center-crop-wide", resolution=(16, 8))
+    out = ImageFolderDataset(str(tmp_path / "wide.zip"))[0][0]
+    assert out.shape == (3, 16, 16)
+    np.testing.assert_array_equal(out[:, 4:12], img.transpose(2, 0, 1))  # letterboxed
+    assert out[:, :4].max() == 0 and out[:, 12:].max() == 0
+
+
+def test_parse_resolution():
+    assert parse_resolution("64x32") == (64, 32) and parse_resolution("16,16") == (16, 16)
+    with pytest.raises(DatasetToolError, match="--resolution: expected WxH"):
+        parse_resolution("64")
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Bad input: one clear line naming the file, exit code != 0, no traceback, nothing at --dest.
+
+
+def _folder(tmp_path, images):
+    src = tmp_path / "src"
+    for name, array in images.items():
+        _write_png(str(src / name), array)
+    return src
+
+
+def _bad_sources(tmp_path):
+    gray8, gray16, rgb8 = np.zeros((8, 8), np.uint8), np.zeros((16, 16), np.uint8), np.zeros((8, 8, 3), np.uint8)
+    cases = {}
+    src = _folder(tmp_path / "corrupt", {"a.png": gray8, "b.png": gray8})
+    (src / "b.png").write_bytes(b"\x89PNG\r\n\x1a\n this is not really a png")
+    cases["corrupt"] = (src, [], r"b\.png: cannot decode image")
+    cases["sizes"] = (_folder(tmp_path / "sizes", {"a.png": gray8, "b.png": gray8, "c.png": gray16}), [],
+                      r"c\.png: image is 16x16 with 1 channel\(s\), but the first image is 8x8")
+    cases["channels"] = (_folder(tmp_path / "channels", {"a.png": gray8, "b.png": rgb8}), [],
+                         r"b\.png: image is 8x8 with 3 channel\(s\), but the first image is 8x8 with 1 channel")
+    cases["pow2"] = (_folder(tmp_path / "pow2", {"a.png": np.zeros((12, 12), np.uint8)}), [],
+                     r"a\.png: output side must be a power of two, got 12x12")
+    cases["pow2-option"] = (_folder(tmp_path / "pow2o", {"a.png": gray8}), ["--resolution", "48x48"],
+                            r"--resolution=48x48: output images must be square with a power-of-two side")
+    cases["square"] = (_folder(tmp_path / "square", {"a.png": np.zeros((8, 16), np.uint8)}), [],
+                       r"a\.png: output images must be square, got 16x8")
+    cases["missing"] = (tmp_path / "nothing-here", [], r"nothing-here: source file or folder does not exist")
+    src = _folder(tmp_path / "json", {"a.png": gray8})
+    (src / "dataset.json").write_text(json.dumps({"labels": [["a.png", 0], ["gone.png", 1]]}))
+    cases["json-missing-file"] = (src, [], r"dataset\.json: names 1 file\(s\) that are not images .*'gone\.png'")
+    return cases
+
+
+BAD_CASES = ["corrupt", "sizes", "channels", "pow2", "pow2-option", "square", "missing", "json-missing-file"]
+
+
+@pytest.mark.parametrize("case", BAD_CASES)
+@pytest.mark.parametrize("dest_kind", ["zip", "folder"])
+def test_bad_input_clear_error_and_no_output(tmp_path, case, dest_kind):
+    source, extra, message = _bad_sources(tmp_path)[case]
+    out_dir = tmp_path / "out"
+    out_dir.mkdir()
+    dest = out_dir / ("data.zip" if dest_kind == "zip" else "data")
+    result = _run_cli("--source", source, "--dest", dest, *extra)
+    assert result.exit_code != 0
+    assert result.exception is None or isinstance(result.exception, SystemExit)
+    assert "Traceback" not in result.output
+    error_lines = [line for line in result.output.splitlines() if line.startswith("Error:")]
+    assert len(error_lines) == 1, result.output
+    assert re.search(message, error_lines[0]), error_lines[0]
+    assert _listing(out_dir) == []  # neither the destination nor a temporary file/folder
+
+
+def test_failure_leaves_existing_empty_dest_folder_empty(tmp_path):
+    source, _, _ = _bad_sources(tmp_path)["sizes"]
+    dest = tmp_path / "out" / "data"
+    dest.mkdir(parents=True)
+    with pytest.raises(DatasetToolError, match="all images must match"):
+        _convert(source, dest)
+    assert _listing(tmp_path / "out") == ["data"] and _listing(dest) == []
+
+    # The same empty folder is then accepted as a destination and filled.
+    good = _folder(tmp_path / "good", {"a.png": np.full((4, 4), 3, np.uint8)})
+    assert _convert(good, dest) == 1
+    assert _listing(dest) == ["00000", "dataset.json"] and _listing(tmp_path / "out") == ["data"]
+
+
+def test_existing_destination_is_an_error(tmp_path):
+    good = _folder(tmp_path / "good", {"a.png": np.full((4, 4), 3, np.uint8)})
+    (tmp_path / "full").mkdir()
+    (tmp_path / "full" / "keep.txt").write_text("mine")
+    result = _run_cli("--source", good, "--dest", tmp_path / "full")
+    assert result.exit_code != 0 and "full: destination folder is not empty" in result.output
+    assert _listing(tmp_path / "full") == ["keep.txt"] and (tmp_path / "full" / "keep.txt").read_text() == "mine"
+
+    (tmp_path / "old.zip").write_bytes(b"old contents")
+    result = _run_cli("--source", good, "--dest", tmp_path / "old.zip")
+    assert result.exit_code != 0 and "old.zip: destination already exists" in result.output
+    assert (tmp_path / "old.zip").read_bytes() == b"old contents"
+
+
+def test_center_crop_needs_resolution(tmp_path):
+    good = _folder(tmp_path / "good", {"a.png": np.zeros((4, 4), np.uint8)})
+    result = _run_cli("--source", good, "--dest", tmp_path / "o.zip", "--transform", "center-crop")
+    assert result.exit_code != 0 and "--transform=center-crop needs --resolution=WxH" in result.output
+    assert not (tmp_path / "o.zip").exists()

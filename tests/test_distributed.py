@@ -1,0 +1,85 @@
+"""Two CPU ranks under torchrun (gloo) through torch_utils.distributed.init(): sampler shards and stats reduction."""
+
+import itertools
+import json
+import os
+import socket
+import subprocess
+import sys
+
+import numpy as np
+import PIL.Image
+import pytest
+
+from training.dataset import InfiniteSampler
+from training.dataset_tool_lib import convert_dataset
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.distributed
+def test_two_ranks_sampler_and_training_stats(tmp_path):
+    # An 11-image labelled dataset (odd, so the ranks get 6 and 5 of the first pass).
+    src = tmp_path / "src"
+    labels = [3, 1, 4, 1, 5, 9, 2, 6, 5, 3, 5]
+    for i, label in enumerate(labels):
+        (src / f"c{label}").mkdir(parents=True, exist_ok=True)
+        PIL.Image.fromarray(np.full((4, 4), i, np.uint8)).save(src / f"c{label}" / f"{i:02d}.png")
+    convert_dataset(str(src), str(tmp_path / "d.zip"), progress=False)
+    # Class index = sorted sub-folder name; dataset order = sorted path.
+    order = sorted(range(11), key=lambda i: (f"c{labels[i]}", f"{i:02d}.png"))
+    class_of = {f"c{c}": k for k, c in enumerate(sorted(set(labels)))}
+    dataset_labels = [class_of[f"c{labels[i]}"] for i in order]
+
+    num_draws = 30
+    out = tmp_path / "out"
+    out.mkdir()
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=ROOT)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port", str(_free_port()),
+           os.path.join(ROOT, "tests", "dist_worker.py"), "--data", str(tmp_path / "d.zip"), "--out", str(out),
+           "--num-draws", str(num_draws)]
+    proc = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True, timeout=180)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    ranks = [json.loads((out / f"rank{r}.json").read_text()) for r in range(2)]
+    assert [(r["rank"], r["world"], r["backend"], r["device"]) for r in ranks] == [(0, 2, "gloo", "cpu"),
+                                                                                  (1, 2, "gloo", "cpu")]
+
+    # Without the window, the first len(dataset) draws are disjoint shards covering the dataset.
+    first0, first1 = ranks[0]["draws_no_window"][:6], ranks[1]["draws_no_window"][:5]
+    assert not set(first0) & set(first1) and sorted(first0 + first1) == list(range(11))
+    perm = np.arange(11)
+    np.random.RandomState(11).shuffle(perm)
+    assert first0 == perm[0::2].tolist() and first1 == perm[1::2].tolist()
+
+    # With EDM's window, the ranks split one global stream: rank r has global draws r, r + 2, ...
+    single = list(itertools.islice(iter(InfiniteSampler(range(11), seed=11)), 2 * num_draws))
+    assert ranks[0]["draws"] == single[0::2] and ranks[1]["draws"] == single[1::2]
+    for r in ranks:
+        assert r["labels_of_draws"] == [dataset_labels[i] for i in r["draws"]]
+
+    # training_stats: identical on both ranks, equal to numpy over all ranks' values.
+    values = np.array([1.0, 2.0, 4.0, 6.0])
+    for r in ranks:
+        s1 = r["stats_round1"]
+        assert s1["Loss/value"]["num"] == 4
+        assert s1["Loss/value"]["mean"] == pytest.approx(values.mean(), abs=1e-12)
+        assert s1["Loss/value"]["std"] == pytest.approx(values.std(), abs=1e-12)
+        assert s1["Progress/tick"] == {"num": 1, "mean": 5.0, "std": 0.0}  # report0: rank 0's value only
+        assert s1["Only/rank1"] == {"num": 1, "mean": 3.0, "std": 0.0}
+        s2 = r["stats_round2"]
+        assert s2["Loss/value"]["num"] == 2 and s2["Loss/value"]["mean"] == pytest.approx(15.0)
+        assert s2["Loss/value"]["std"] == pytest.approx(5.0)
+        assert s2["Progress/tick"] == s1["Progress/tick"]  # nothing new: the previous value is kept
+        everything = np.concatenate([values, [10.0, 20.0]])
+        assert r["cumulative_loss"]["num"] == 6
+        assert r["cumulative_loss"]["mean"] == pytest.approx(everything.mean())
+        assert r["cumulative_loss"]["std"] == pytest.approx(everything.std())
+        assert r["broadcast"] == {"from": 0} and r["all_reduce"] == [3.0]
+    assert ranks[0]["stats_round1"] == ranks[1]["stats_round1"]
+    assert ranks[0]["stats_round2"] == ranks[1]["stats_round2"]

@@ -1,0 +1,552 @@
+"""Conversion of image collections into EDM's dataset format (the logic behind dataset_tool.py).
+
+Output: `{idx//1000:05d}/img{idx:08d}.png` (uncompressed PNG, idx = position in the source) plus `dataset.json`
+= {"labels": [[file name, label], ...]} or {"labels": null}, in a folder or an uncompressed (ZIP_STORED) zip.
+Sources: the CIFAR-10 python tarball, MNIST/Fashion-MNIST idx files, an image folder, a zip of images, and the
+built-in offline `digits` (scikit-learn's 8x8 handwritten digits). Every failure raises DatasetToolError with one
+line naming the file and what was expected; nothing is left at the destination when a conversion fails.
+"""
+
+import functools
+import gzip
+import importlib
+import io
+import json
+import os
+import pickle
+import re
+import shutil
+import tarfile
+import uuid
+import zipfile
+import zlib
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+
+import numpy as np
+import PIL.Image
+from tqdm import tqdm
+
+from training.dataset import DatasetError, decode_image
+
+DIGITS_SOURCE = "digits"
+DIGITS_DEFAULT_RESOLUTION = (32, 32)
+
+
+class DatasetToolError(Exception):
+    """A conversion that cannot proceed; the message is one line naming the file and what was expected."""
+
+
+@dataclass
+class SourceImage:
+    image: np.ndarray  # uint8, HW (grayscale) or HWC
+    label: object  # int class index, list of floats, or None
+    name: str  # where the image came from, for error messages
+
+
+@dataclass
+class Source:
+    num_images: int  # how many images `images` yields (after --max-images)
+    images: Iterator[SourceImage]
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Small helpers.
+
+
+def parse_resolution(text: str) -> tuple[int, int]:
+    """'WxH' or 'W,H' -> (W, H)."""
+    m = re.fullmatch(r"\s*(\d+)\s*[x,]\s*(\d+)\s*", text)
+    if not m:
+        raise DatasetToolError(f"--resolution: expected WxH or W,H (e.g. 32x32), got {text!r}")
+    return int(m.group(1)), int(m.group(2))
+
+
+def _limit(count: int, max_images: int | None) -> int:
+    return count if max_images is None else min(count, max_images)
+
+
+def _is_image_name(name: str) -> bool:
+    PIL.Image.init()
+    return os.path.splitext(name)[1].lower() in PIL.Image.EXTENSION
+
+
+def _decode(data: bytes, name: str) -> np.ndarray:
+    try:
+        image = decode_image(data, name)
+    except DatasetError as exc:
+        raise DatasetToolError(str(exc)) from None
+    return image[:, :, 0] if image.shape[2] == 1 else image
+
+
+def _read_labels_json(data: bytes, where: str) -> dict:
+    """The {file name: label} map of a dataset.json (empty when its labels are null)."""
+    try:
+        labels = json.loads(data)["labels"]
+        if labels is None:
+            return {}
+        return {str(fname).replace("\\", "/"): label for fname, label in labels}
+    except (ValueError, KeyError, TypeError) as exc:
+        raise DatasetToolError(f'{where}: expected JSON {{"labels": [[file name, label], ...] or null}} '
+                               f"({type(exc).__name__}: {exc})") from None
+
+
+def _check_labels_cover(labels: dict, image_names: list[str], where: str) -> None:
+    """dataset.json must name only existing images and give every image a label."""
+    image_set = set(image_names)
+    unknown = sorted(name for name in labels if name not in image_set)
+    if unknown:
+        raise DatasetToolError(f"{where}: names {len(unknown)} file(s) that are not images of the source, "
+                               f"e.g. {unknown[0]!r}")
+    unlabelled = [name for name in image_names if name not in labels]
+    if unlabelled:
+        raise DatasetToolError(f"{where}: has no label for {len(unlabelled)} image(s), e.g. {unlabelled[0]!r}")
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Sources.
+
+
+def open_image_folder(source_dir: str, max_images: int | None = None) -> Source:
+    """Images found recursively (PIL extensions), ordered by path components as EDM does (Path sort).
+
+    Labels: the folder's dataset.json; without one (or with null labels), class index = position of the top-level
+    sub-folder name in sorted order, when there is more than one top-level name (files at the root count as '').
+    """
+    rel_names = []
+    for root, _dirs, files in os.walk(source_dir):
+        for fname in files:
+            path = os.path.join(root, fname)
+            if _is_image_name(fname) and os.path.isfile(path):
+                rel_names.append(os.path.relpath(path, source_dir).replace("\\", "/"))
+    rel_names.sort(key=lambda name: name.split("/"))
+    if not rel_names:
+        raise DatasetToolError(f"{source_dir}: no image files found (looked recursively for {_image_ext_hint()})")
+
+    labels = {}
+    meta_path = os.path.join(source_dir, "dataset.json")
+    if os.path.isfile(meta_path):
+        with open(meta_path, "rb") as f:
+            labels = _read_labels_json(f.read(), meta_path)
+        if labels:
+            _check_labels_cover(labels, rel_names, meta_path)
+    if not labels:
+        top_names = {name: name.split("/")[0] if "/" in name else "" for name in rel_names}
+        class_index = {top: idx for idx, top in enumerate(sorted(set(top_names.values())))}
+        if len(class_index) > 1:
+            labels = {name: class_index[top] for name, top in top_names.items()}
+
+    num = _limit(len(rel_names), max_images)
+
+    def iterate():
+        for name in rel_names[:num]:
+            path = os.path.join(source_dir, name)
+            try:
+                with open(path, "rb") as f:
+                    data = f.read()
+            except OSError as exc:
+                raise DatasetToolError(f"{path}: cannot read file ({exc})") from None
+            yield SourceImage(_decode(data, path), labels.get(name), path)
+
+    return Source(num, iterate())
+
+
+def open_image_zip(source_zip: str, max_images: int | None = None) -> Source:
+    """Images in a zip (sorted names) with labels from its root dataset.json, if any."""
+    try:
+        with zipfile.ZipFile(source_zip) as z:
+            all_names = z.namelist()
+            image_names = sorted(n for n in all_names if _is_image_name(n) and not n.endswith("/"))
+            labels = {}
+            if "dataset.json" in all_names:
+                labels = _read_labels_json(z.read("dataset.json"), f"{source_zip}:dataset.json")
+    except (zipfile.BadZipFile, OSError) as exc:
+        raise DatasetToolError(f"{source_zip}: cannot read as a zip file ({exc})") from None
+    if not image_names:
+        raise DatasetToolError(f"{source_zip}: no image files found in the zip (expected {_image_ext_hint()})")
+    if labels:
+        _check_labels_cover(labels, image_names, f"{source_zip}:dataset.json")
+    num = _limit(len(image_names), max_images)
+
+    def iterate():
+        with zipfile.ZipFile(source_zip) as z:
+            for name in image_names[:num]:
+                where = f"{source_zip}:{name}"
+                try:
+                    data = z.read(name)
+                except (zipfile.BadZipFile, OSError) as exc:
+                    raise DatasetToolError(f"{where}: cannot read file ({exc})") from None
+                yield SourceImage(_decode(data, where), labels.get(name), where)
+
+    return Source(num, iterate())
+
+
+class _NumpyOnlyUnpickler(pickle.Unpickler):
+    """Unpickles plain data and numpy arrays only: a downloaded CIFAR batch must not be able to run code."""
+
+    _ALLOWED = {
+        ("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
+        ("numpy.core.multiarray", "scalar"), ("numpy._core.multiarray", "scalar"),
+        ("numpy.core.numeric", "_frombuffer"), ("numpy._core.numeric", "_frombuffer"),
+        ("numpy", "ndarray"), ("numpy", "dtype"), ("_codecs", "encode"),
+    }
+
+    def find_class(self, module, name):
+        if (module, name) not in self._ALLOWED:
+            raise pickle.UnpicklingError(f"refusing to load {module}.{name} (only numpy arrays are expected)")
+        if module.startswith("numpy.core") and hasattr(np, "_core"):
+            module = "numpy._core" + module[len("numpy.core"):]  # numpy 2 renamed it; avoid the deprecation shim
+        return getattr(importlib.import_module(module), name)
+
+
+def _batch_field(batch: dict, key: str):
+    for k in (key, key.encode()):
+        if k in batch:
+            return batch[k]
+    raise KeyError(key)
+
+
+def open_cifar10(tarball: str, max_images: int | None = None) -> Source:
+    """The five training batches of the CIFAR-10 python tarball: 50,000 RGB 32x32 images, labels 0-9."""
+    images, labels = [], []
+    try:
+        with tarfile.open(tarball, "r:*") as tar:
+            for batch_idx in range(1, 6):
+                member = f"cifar-10-batches-py/data_batch_{batch_idx}"
+                where = f"{tarball}:{member}"
+                try:
+                    file = tar.extractfile(member)
+                except KeyError:
+                    raise DatasetToolError(f"{tarball}: expected member {member} (the CIFAR-10 python version, "
+                                           f"cifar-10-python.tar.gz)") from None
+                try:
+                    batch = _NumpyOnlyUnpickler(file, encoding="latin1").load()
+                    data = np.asarray(_batch_field(batch, "data"))
+                    batch_labels = np.asarray(_batch_field(batch, "labels"))
+                except Exception as exc:  # a corrupt pickle can fail in many ways; all mean "not a CIFAR batch"
+                    raise DatasetToolError(f"{where}: expected a pickled dict with 'data' (uint8 N x 3072) and "
+                                           f"'labels' ({type(exc).__name__}: {exc})") from None
+                if data.dtype != np.uint8 or data.ndim != 2 or data.shape[1] != 3072 or \
+                        batch_labels.shape != (data.shape[0],) or batch_labels.dtype.kind not in "iu":
+                    raise DatasetToolError(f"{where}: expected 'data' uint8 N x 3072 and N integer 'labels', got "
+                                           f"{data.dtype} {list(data.shape)} and {batch_labels.dtype} "
+                                           f"{list(batch_labels.shape)}")
+                images.append(data.reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1))  # NCHW -> NHWC
+                labels.append(batch_labels.astype(np.int64))
+    except (tarfile.TarError, OSError, EOFError, zlib.error) as exc:
+        raise DatasetToolError(f"{tarball}: cannot read as a tar archive ({exc})") from None
+    images = np.concatenate(images)
+    labels = np.concatenate(labels)
+    if labels.min() < 0 or labels.max() > 9:
+        raise DatasetToolError(f"{tarball}: CIFAR-10 labels must be in 0..9, found {labels.min()}..{labels.max()}")
+    return _array_source(images, labels, max_images, f"{tarball}:image")
+
+
+_MNIST_IMAGES_RE = re.compile(r"^(.*)images([.-])idx3-ubyte(\.gz)?$")
+
+
+def _read_idx(path: str, expected_ndim: int) -> np.ndarray:
+    """An idx file (the MNIST format; gzip-compressed or not) of unsigned bytes with `expected_ndim` dimensions."""
+    try:
+        with open(path, "rb") as f:
+            raw = f.read()
+        if raw[:2] == b"\x1f\x8b":
+            raw = gzip.decompress(raw)
+    except (OSError, EOFError, zlib.error) as exc:
+        raise DatasetToolError(f"{path}: cannot read idx file ({exc})") from None
+    if len(raw) < 4 or raw[:2] != b"\x00\x00" or raw[2] != 0x08 or raw[3] != expected_ndim:
+        raise DatasetToolError(f"{path}: expected an idx file of unsigned bytes with {expected_ndim} dimension(s) "
+                               f"(magic 0x0000080{expected_ndim}), got header {raw[:4].hex()}")
+    header = 4 + 4 * expected_ndim
+    shape = [int(d) for d in np.frombuffer(raw[4:header], dtype=">u4")] if len(raw) >= header else []
+    if len(shape) != expected_ndim or len(raw) - header != int(np.prod(shape)):
+        raise DatasetToolError(f"{path}: idx file is truncated or has extra bytes (header says {shape}, "
+                               f"{len(raw) - header} data bytes)")
+    return np.frombuffer(raw, dtype=np.uint8, offset=header).reshape(shape)
+
+
+def mnist_labels_path(images_path: str) -> str | None:
+    """The labels file matching an images file (train-images-idx3-ubyte[.gz] -> train-labels-idx1-ubyte[.gz])."""
+    directory, base = os.path.split(images_path)
+    m = _MNIST_IMAGES_RE.match(base)
+    if not m:
+        return None
+    stem = f"{m.group(1)}labels{m.group(2)}idx1-ubyte"
+    candidates = [stem + (m.group(3) or ""), stem + ".gz", stem]
+    for candidate in candidates:
+        if os.path.isfile(os.path.join(directory, candidate)):
+            return os.path.join(directory, candidate)
+    return os.path.join(directory, candidates[0])
+
+
+def open_mnist(images_path: str, max_images: int | None = None) -> Source:
+    """MNIST / Fashion-MNIST idx files: 28x28 grayscale zero-padded to 32x32 as EDM does, labels from the labels file.
+
+    The padding is always applied to 28x28 images; --resolution then resizes the padded 32x32 image (EDM order).
+    """
+    labels_path = mnist_labels_path(images_path)
+    if labels_path is None or not os.path.isfile(labels_path):
+        raise DatasetToolError(f"{images_path}: the matching labels file {labels_path} is missing "
+                               f"(expected *-labels-idx1-ubyte[.gz] beside *-images-idx3-ubyte[.gz])")
+    images = _read_idx(images_path, 3)
+    labels = _read_idx(labels_path, 1).astype(np.int64)
+    if labels.shape[0] != images.shape[0]:
+        raise DatasetToolError(f"{labels_path}: has {labels.shape[0]} labels but {images_path} has "
+                               f"{images.shape[0]} images")
+    if images.shape[1:] == (28, 28):
+        images = np.pad(images, [(0, 0), (2, 2), (2, 2)], mode="constant", constant_values=0)
+    return _array_source(images, labels, max_images, f"{images_path}:image")
+
+
+def load_digits_uint8() -> tuple[np.ndarray, np.ndarray]:
+    """scikit-learn's bundled digits (1,797 8x8 images, values 0..16) as uint8 0..255 (v * 255 / 16, rounded
+    half up) and int64 labels 0..9."""
+    try:
+        from sklearn.datasets import load_digits
+    except ImportError as exc:
+        raise DatasetToolError("--source digits: needs scikit-learn (pip install scikit-learn)") from exc
+    digits = load_digits()
+    images = np.floor(digits.images * (255 / 16) + 0.5).clip(0, 255).astype(np.uint8)
+    return images, digits.target.astype(np.int64)
+
+
+def open_digits(max_images: int | None = None) -> Source:
+    images, labels = load_digits_uint8()
+    return _array_source(images, labels, max_images, "digits:image")
+
+
+def _array_source(images: np.ndarray, labels: np.ndarray, max_images: int | None, prefix: str) -> Source:
+    if len(images) == 0:
+        raise DatasetToolError(f"{prefix.rsplit(':', 1)[0]}: contains no images")
+    num = _limit(len(images), max_images)
+
+    def iterate():
+        for idx in range(num):
+            yield SourceImage(images[idx], int(labels[idx]), f"{prefix} {idx}")
+
+    return Source(num, iterate())
+
+
+def _image_ext_hint() -> str:
+    return "files with an image extension such as .png or .jpg"
+
+
+def open_source(source: str, max_images: int | None = None) -> Source:
+    """Pick the reader from the --source value (see the module docstring)."""
+    if source == DIGITS_SOURCE:
+        return open_digits(max_images)
+    if os.path.isdir(source):
+        if source.rstrip("/\\").endswith("_lmdb"):
+            raise DatasetToolError(f"{source}: LSUN lmdb folders are not supported; export the images to a folder")
+        return open_image_folder(source, max_images)
+    if os.path.isfile(source):
+        base = os.path.basename(source).lower()
+        if _MNIST_IMAGES_RE.match(os.path.basename(source)):
+            return open_mnist(source, max_images)
+        if base.endswith((".tar.gz", ".tgz", ".tar")):
+            return open_cifar10(source, max_images)
+        if base.endswith(".zip"):
+            return open_image_zip(source, max_images)
+        raise DatasetToolError(f"{source}: unknown source type; expected a folder, a .zip, cifar-10-python.tar.gz, "
+                               f"*-images-idx3-ubyte[.gz] or '{DIGITS_SOURCE}'")
+    raise DatasetToolError(f"{source}: source file or folder does not exist")
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Transforms (as EDM's dataset_tool).
+
+
+def _as_rgb(image: np.ndarray) -> np.ndarray:
+    return np.repeat(image[:, :, np.newaxis], 3, axis=2) if image.ndim == 2 else image
+
+
+def _scale(width: int | None, height: int | None, image: np.ndarray) -> np.ndarray:
+    h, w = image.shape[:2]
+    width = w if width is None else width
+    height = h if height is None else height
+    if (width, height) == (w, h):
+        return image
+    return np.asarray(PIL.Image.fromarray(image).resize((width, height), PIL.Image.Resampling.LANCZOS))
+
+
+def _center_crop(width: int, height: int, image: np.ndarray) -> np.ndarray:
+    crop = min(image.shape[:2])
+    top, left = (image.shape[0] - crop) // 2, (image.shape[1] - crop) // 2
+    image = _as_rgb(image[top:top + crop, left:left + crop])
+    return np.asarray(PIL.Image.fromarray(image, "RGB").resize((width, height), PIL.Image.Resampling.LANCZOS))
+
+
+def _center_crop_wide(width: int, height: int, image: np.ndarray) -> np.ndarray | None:
+    rows = int(np.round(width * image.shape[0] / image.shape[1]))
+    if image.shape[1] < width or rows < height:
+        return None  # EDM skips images that are too small
+    image = _as_rgb(image[(image.shape[0] - rows) // 2:(image.shape[0] + rows) // 2])
+    image = np.asarray(PIL.Image.fromarray(image, "RGB").resize((width, height), PIL.Image.Resampling.LANCZOS))
+    canvas = np.zeros([width, width, 3], dtype=np.uint8)
+    canvas[(width - height) // 2:(width + height) // 2, :] = image
+    return canvas
+
+
+def make_transform(transform: str | None, width: int | None, height: int | None) \
+        -> Callable[[np.ndarray], np.ndarray | None]:
+    """None: LANCZOS resize to WxH when given. 'center-crop': square crop, RGB, resize. 'center-crop-wide': central
+    band of aspect W:H resized to WxH and letterboxed into WxW (returns None for images too small: skipped)."""
+    if transform is None:
+        return functools.partial(_scale, width, height)
+    if transform not in ("center-crop", "center-crop-wide"):
+        raise DatasetToolError(f"--transform: expected center-crop or center-crop-wide, got {transform!r}")
+    if width is None or height is None:
+        raise DatasetToolError(f"--transform={transform} needs --resolution=WxH")
+    return functools.partial(_center_crop if transform == "center-crop" else _center_crop_wide, width, height)
+
+
+def _is_power_of_two(n: int) -> bool:
+    return n > 0 and (n & (n - 1)) == 0
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Destinations: written under a temporary name, renamed into place only when everything succeeded.
+
+
+def _check_dest(dest: str) -> None:
+    if dest == "":
+        raise DatasetToolError("--dest: must not be empty")
+    if dest.lower().endswith(".zip"):
+        if os.path.exists(dest):
+            raise DatasetToolError(f"{dest}: destination already exists; remove it or choose another --dest")
+    elif os.path.exists(dest):
+        if not os.path.isdir(dest):
+            raise DatasetToolError(f"{dest}: destination exists and is not a folder")
+        if os.listdir(dest):
+            raise DatasetToolError(f"{dest}: destination folder is not empty; remove it or choose another --dest")
+
+
+class _ZipDest:
+    def __init__(self, dest: str):
+        self._dest = dest
+        os.makedirs(os.path.dirname(os.path.abspath(dest)), exist_ok=True)
+        self._tmp = f"{dest}.tmp-{uuid.uuid4().hex}"
+        self._file = open(self._tmp, "wb")
+        self._zip = zipfile.ZipFile(self._file, mode="w", compression=zipfile.ZIP_STORED)
+
+    def write(self, fname: str, data: bytes) -> None:
+        self._zip.writestr(fname, data)
+
+    def finish(self, ok: bool) -> None:
+        try:
+            self._zip.close()
+            self._file.flush()
+            os.fsync(self._file.fileno())
+            self._file.close()
+            if ok:
+                os.replace(self._tmp, self._dest)
+        finally:
+            self._file.close()
+            if os.path.exists(self._tmp):
+                os.remove(self._tmp)
+
+
+class _FolderDest:
+    def __init__(self, dest: str):
+        self._dest = os.path.normpath(dest)
+        parent = os.path.dirname(os.path.abspath(self._dest))
+        os.makedirs(parent, exist_ok=True)
+        self._tmp = os.path.join(parent, f".{os.path.basename(self._dest)}.tmp-{uuid.uuid4().hex}")
+        os.mkdir(self._tmp)  # os.mkdir honours the umask (tempfile.mkdtemp would make it private)
+
+    def write(self, fname: str, data: bytes) -> None:
+        path = os.path.join(self._tmp, fname)
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        with open(path, "wb") as f:
+            f.write(data)
+
+    def finish(self, ok: bool) -> None:
+        if not ok:
+            shutil.rmtree(self._tmp, ignore_errors=True)
+            return
+        try:
+            if os.path.isdir(self._dest) and not os.listdir(self._dest):
+                try:
+                    os.replace(self._tmp, self._dest)  # POSIX replaces an empty folder atomically
+                    return
+                except OSError:
+                    os.rmdir(self._dest)
+            os.rename(self._tmp, self._dest)
+        except OSError as exc:
+            shutil.rmtree(self._tmp, ignore_errors=True)
+            raise DatasetToolError(f"{self._dest}: cannot move the finished dataset into place ({exc})") from None
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# The conversion.
+
+
+def archive_name(idx: int) -> str:
+    return f"{idx // 1000:05d}/img{idx:08d}.png"
+
+
+def encode_png(image: np.ndarray) -> bytes:
+    """Uncompressed PNG (compress_level=0), mode L for HW arrays and RGB for HWx3 ones."""
+    buf = io.BytesIO()
+    PIL.Image.fromarray(image, "L" if image.ndim == 2 else "RGB").save(buf, format="png", compress_level=0,
+                                                                       optimize=False)
+    return buf.getvalue()
+
+
+def convert_dataset(source: str, dest: str, max_images: int | None = None, transform: str | None = None,
+                    resolution: tuple[int, int] | None = None, progress: bool = True) -> int:
+    """Convert `source` into an EDM dataset at `dest` (.zip -> ZIP_STORED zip, else a new or empty folder).
+
+    Returns the number of images written. Output checks as EDM: square, power-of-two side, 1 or 3 channels,
+    identical for all images. Raises DatasetToolError; on any failure nothing is left at `dest`.
+    """
+    if max_images is not None and max_images < 1:
+        raise DatasetToolError(f"--max-images: must be >= 1, got {max_images}")
+    if resolution is None and source == DIGITS_SOURCE:
+        resolution = DIGITS_DEFAULT_RESOLUTION
+    width, height = resolution if resolution is not None else (None, None)
+    if resolution is not None and transform != "center-crop-wide":
+        if width != height or not _is_power_of_two(width):
+            raise DatasetToolError(f"--resolution={width}x{height}: output images must be square with a "
+                                   f"power-of-two side (e.g. 32x32)")
+    transform_image = make_transform(transform, width, height)
+    _check_dest(dest)
+    src = open_source(source, max_images)
+
+    writer = _ZipDest(dest) if dest.lower().endswith(".zip") else _FolderDest(dest)
+    ok = False
+    try:
+        attrs = None
+        labels = []
+        for idx, item in enumerate(tqdm(src.images, total=src.num_images, disable=not progress, unit="img")):
+            fname = archive_name(idx)
+            image = transform_image(item.image)
+            if image is None:
+                continue
+            cur = dict(width=image.shape[1], height=image.shape[0], channels=image.shape[2] if image.ndim == 3 else 1)
+            if attrs is None:
+                attrs = cur
+                if cur["width"] != cur["height"]:
+                    raise DatasetToolError(f"{item.name}: output images must be square, got "
+                                           f"{cur['width']}x{cur['height']} (use --resolution or --transform)")
+                if cur["channels"] not in (1, 3):
+                    raise DatasetToolError(f"{item.name}: images must be RGB or grayscale (1 or 3 channels), got "
+                                           f"{cur['channels']} channels")
+                if not _is_power_of_two(cur["width"]):
+                    raise DatasetToolError(f"{item.name}: output side must be a power of two, got "
+                                           f"{cur['width']}x{cur['height']} (use --resolution)")
+            elif cur != attrs:
+                raise DatasetToolError(
+                    f"{item.name}: image is {cur['width']}x{cur['height']} with {cur['channels']} channel(s), but "
+                    f"the first image is {attrs['width']}x{attrs['height']} with {attrs['channels']} channel(s); "
+                    f"all images must match (use --resolution to resize)")
+            writer.write(fname, encode_png(image))
+            labels.append([fname, item.label] if item.label is not None else None)
+        if attrs is None:
+            raise DatasetToolError(f"{source}: no images were written (all were skipped by --transform={transform})")
+        metadata = {"labels": labels if all(x is not None for x in labels) else None}
+        writer.write("dataset.json", json.dumps(metadata).encode("utf8"))
+        ok = True
+    finally:
+        writer.finish(ok)
+    return len(labels)
