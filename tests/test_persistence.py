@@ -1,0 +1,523 @@
+"""EDM network-pickle format v6: our writer, the safe importer, EDM-style loaders (issue 3)."""
+
+import functools
+import glob
+import http.server
+import inspect
+import io
+import os
+import pickle
+import pickletools
+import subprocess
+import sys
+import threading
+
+import numpy as np
+import pytest
+import torch
+
+import dnnlib
+from torch_utils import persistence
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import edm_format_fixture as fixture  # noqa: E402
+import persistence_tiny_classes as tiny  # noqa: E402
+
+TINY_SRC_PATH = tiny.__file__
+
+
+def tiny_net(seed=0, **kwargs):
+    torch.manual_seed(seed)
+    return tiny.TinyNet(4, **kwargs)
+
+
+def numpy_strings(data: bytes) -> list:
+    """String arguments of a pickle's opcodes that name numpy modules (what numpy scalar/array globals need)."""
+    return [arg for _, arg, _ in pickletools.genops(data)
+            if isinstance(arg, str) and (arg == "numpy" or arg.startswith(("numpy.", "numpy._core")))]
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Writer.
+
+
+def test_decorator_records_init_args_and_reduces_to_edm_v6_meta():
+    net = tiny_net(hidden=6, scale=0.25)
+    assert net.init_args == (4,)
+    assert net.init_kwargs == dict(hidden=6, scale=0.25)
+    assert isinstance(net.init_kwargs, dnnlib.EasyDict)
+    net.init_kwargs["hidden"] = 99  # A copy: the recorded kwargs are untouched.
+    assert net._init_kwargs == dict(hidden=6, scale=0.25)
+    assert inspect.signature(tiny.TinyNet).parameters.keys() == {"in_features", "hidden", "scale", "out_gain"}
+
+    func, args, state = net.__reduce__()[:3]
+    assert func is persistence._reconstruct_persistent_obj and state is None
+    meta = args[0]
+    assert set(meta) == {"type", "version", "module_src", "class_name", "state"}
+    assert (meta["type"], meta["version"], meta["class_name"]) == ("class", 6, "TinyNet")
+    with open(TINY_SRC_PATH) as f:
+        assert meta["module_src"] == f.read()
+    assert meta["state"]["_init_kwargs"] == dict(hidden=6, scale=0.25)
+    assert set(meta["state"]["_modules"]) == {"layers"} and set(meta["state"]["_buffers"]) == {"offset"}
+
+    assert persistence.is_persistent(net) and persistence.is_persistent(tiny.TinyNet)
+    assert not persistence.is_persistent(torch.nn.Linear(1, 1)) and not persistence.is_persistent(tiny.PlainThing)
+    assert persistence.persistent_class(tiny.TinyNet) is tiny.TinyNet
+
+
+def test_plain_pickle_of_ours_reuses_the_loaded_module():
+    # EDM's path (plain pickle -> _reconstruct_persistent_obj) finds the identical source already imported: same
+    # class objects, nothing executed.
+    net = tiny_net()
+    x = torch.randn(3, 4)
+    loaded = pickle.loads(pickle.dumps(net))
+    assert type(loaded) is tiny.TinyNet and type(loaded.layers["fc0"]) is tiny.TinyLayer
+    assert torch.equal(loaded(x), net(x))
+    assert loaded.init_kwargs == net.init_kwargs
+
+
+@persistence.persistent_class
+class SubNet(tiny.TinyNet):
+    """A persistent subclass of a persistent class."""
+
+
+def test_subclass_of_persistent_class_pickles_under_its_own_name():
+    sub = SubNet(4, hidden=3)
+    meta = sub.__reduce__()[1][0]
+    assert meta["class_name"] == "SubNet" and "class SubNet(tiny.TinyNet)" in meta["module_src"]
+    assert sub.init_args == (4,) and sub.init_kwargs == dict(hidden=3)
+    assert type(pickle.loads(pickle.dumps(sub))) is SubNet
+
+
+class PlainSubNet(tiny.TinyNet):
+    """An undecorated subclass: pickles as its persistent base, as in EDM."""
+
+
+def test_undecorated_subclass_pickles_as_its_persistent_base():
+    meta = PlainSubNet(4).__reduce__()[1][0]
+    assert meta["class_name"] == "TinyNet" and "class TinyNet(" in meta["module_src"]
+
+
+def test_local_class_is_refused_at_pickling_time():
+    local_class = persistence.persistent_class(type("LocalNet", (torch.nn.Module,), {}))
+    with pytest.raises(pickle.PicklingError, match="must be defined at the top level"):
+        pickle.dumps(local_class())
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Safe importer on EDM-format pickles.
+
+
+def test_edm_format_pickle_imports_without_executing_embedded_source(tmp_path):
+    marker = tmp_path / "executed.txt"
+    with open(TINY_SRC_PATH) as f:
+        poisoned = fixture.poisoned_source(f.read(), marker)
+    net = tiny_net(hidden=5).eval()
+    loss = tiny.TinyLoss(P_mean=-1.0)
+    data = fixture.edm_style_dumps(dict(ema=net, loss_fn=loss, augment_pipe=None,
+                                        dataset_kwargs=dnnlib.EasyDict(path="x.zip", resolution=8)),
+                                   module_src_for=lambda obj: poisoned)
+
+    loaded = persistence.load_network_pickle(io.BytesIO(data), extra_classes=tiny.TINY_CLASSES)
+    assert not marker.exists()
+    x = torch.randn(3, 4)
+    assert type(loaded["ema"]) is tiny.TinyNet
+    assert torch.equal(loaded["ema"](x), net(x))
+    assert loaded["ema"].init_kwargs == dict(hidden=5)
+    assert not loaded["ema"].training  # The pickled mode is kept.
+    assert type(loaded["loss_fn"]) is tiny.TinyLoss and loaded["loss_fn"].P_mean == -1.0
+    assert loaded["augment_pipe"] is None and loaded["dataset_kwargs"] == dict(path="x.zip", resolution=8)
+    assert isinstance(loaded["dataset_kwargs"], dnnlib.EasyDict)
+
+    # Control: EDM's own path does execute that source, so the poison is live.
+    with pytest.raises(RuntimeError, match="embedded module source was executed"):
+        pickle.loads(data)
+    assert marker.read_text() == "executed"
+
+
+def test_edm_style_exec_loader_and_safe_importer_agree():
+    # The same pickle read by an EDM-style loader (source executed into a fresh module) and by ours.
+    with open(TINY_SRC_PATH) as f:
+        src = f.read()
+    net = tiny_net(seed=3)
+    data = fixture.edm_style_dumps(net, module_src_for=lambda obj: src)
+    executed = fixture.edm_style_loads(data)
+    imported = persistence.load_network_pickle(io.BytesIO(data), extra_classes=tiny.TINY_CLASSES)
+    assert type(executed).__module__.startswith("_edm_exec_")
+    assert list(imported) == ["ema"]  # A bare module comes back as {'ema': module}.
+    x = torch.randn(2, 4)
+    assert torch.equal(imported["ema"](x), executed(x))
+    assert torch.equal(imported["ema"](x), net(x))
+
+
+@pytest.mark.parametrize("protocol", range(pickle.HIGHEST_PROTOCOL + 1))
+def test_every_pickle_protocol_imports(protocol):
+    # Protocols 0-1 go through copyreg._reconstructor and _codecs.encode, 2 writes Python 2 module names.
+    net = tiny_net(seed=5, scale=np.float32(0.5))
+    data = pickle.dumps(dict(ema=net, dataset_kwargs=dnnlib.EasyDict(a=1), extra={1, 2}), protocol=protocol)
+    loaded = persistence.load_network_pickle(io.BytesIO(data), extra_classes=tiny.TINY_CLASSES)
+    x = torch.randn(2, 4)
+    assert torch.equal(loaded["ema"](x), net(x))
+    assert isinstance(loaded["dataset_kwargs"], dnnlib.EasyDict) and loaded["dataset_kwargs"] == dict(a=1)
+    assert loaded["extra"] == {1, 2}
+
+
+def test_missing_init_kwargs_cannot_be_rebuilt():
+    def drop_kwargs(obj, state):
+        return dict(state, _init_kwargs=None)
+
+    data = fixture.edm_style_dumps(dict(loss_fn=tiny.TinyLoss()), lambda obj: "pass", state_hook=drop_kwargs)
+    with pytest.raises(persistence.NetworkPickleError, match="TinyLoss does not record its constructor arguments"):
+        persistence.load_network_pickle(io.BytesIO(data), extra_classes=tiny.TINY_CLASSES)
+
+
+def test_safe_loader_rejects_os_system(tmp_path):
+    marker = tmp_path / "pwned"
+    payload = f"cos\nsystem\n(Vtouch {marker}\ntR.".encode()  # Protocol 0: os.system('touch ...').
+    with pytest.raises(pickle.UnpicklingError, match=r"refusing to load the global 'os\.system'.*may be unsafe"):
+        persistence.load_network_pickle(io.BytesIO(payload))
+
+    class Evil:
+        def __reduce__(self):
+            return os.system, (f"touch {marker}",)
+
+    data = pickle.dumps(dict(ema=Evil()))
+    with pytest.raises(pickle.UnpicklingError, match=rf"'{os.system.__module__}\.system'"):
+        persistence.load_network_pickle(io.BytesIO(data))
+    assert not marker.exists()
+
+
+def test_safe_loader_rejects_unsafe_global_inside_persistent_state(tmp_path):
+    def add_eval(obj, state):
+        return dict(state, hook=eval) if isinstance(obj, tiny.TinyNet) else state
+
+    with open(TINY_SRC_PATH) as f:
+        src = f.read()
+    data = fixture.edm_style_dumps(dict(ema=tiny_net()), lambda obj: src, state_hook=add_eval)
+    path = tmp_path / "evil.pkl"
+    path.write_bytes(data)
+    with pytest.raises(persistence.NetworkPickleError, match=rf"{path}: refusing to load the global 'builtins\.eval'"):
+        persistence.load_network_pickle(str(path), extra_classes=tiny.TINY_CLASSES)
+
+
+def test_unknown_class_name_is_named_with_the_known_classes():
+    data = fixture.edm_style_dumps(dict(loss_fn=tiny.TinyLoss()), lambda obj: "raise RuntimeError('executed')")
+    with pytest.raises(persistence.NetworkPickleError,
+                       match=r"class 'TinyLoss', which has no counterpart here\. Known classes: .*EDMPrecond"):
+        persistence.load_network_pickle(io.BytesIO(data))
+
+
+def test_other_format_version_is_refused():
+    data = fixture.edm_style_dumps(tiny.TinyLoss(), lambda obj: "pass", version=5)
+    with pytest.raises(persistence.NetworkPickleError, match="format version 5; only EDM's version 6"):
+        persistence.load_network_pickle(io.BytesIO(data), extra_classes=tiny.TINY_CLASSES)
+
+
+def test_tensor_name_and_shape_mismatches_are_listed():
+    def corrupt(obj, state):
+        if isinstance(obj, tiny.TinyNet):
+            buffers = dict(state["_buffers"])
+            buffers["extra"] = buffers.pop("offset")
+            state = dict(state, _buffers=buffers)
+        if isinstance(obj, tiny.TinyLayer) and obj.weight.shape[0] == 4:
+            state = dict(state, _parameters=dict(state["_parameters"], bias=torch.zeros(7)))
+        return state
+
+    with open(TINY_SRC_PATH) as f:
+        src = f.read()
+    data = fixture.edm_style_dumps(dict(ema=tiny_net()), lambda obj: src, state_hook=corrupt)
+    with pytest.raises(persistence.NetworkPickleError) as info:
+        persistence.load_network_pickle(io.BytesIO(data), extra_classes=tiny.TINY_CLASSES)
+    message = str(info.value)
+    assert "missing from the pickle: offset" in message
+    assert "unexpected in the pickle: extra" in message
+    assert "layers.fc1.bias (7,) vs (4,)" in message
+
+
+def test_zip_archive_is_pointed_to_load_edm_training_state(tmp_path):
+    path = tmp_path / "training-state-000000.pt"
+    torch.save(dict(a=torch.zeros(1)), path)
+    with pytest.raises(persistence.NetworkPickleError, match="load_edm_training_state"):
+        persistence.load_network_pickle(str(path))
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# save_network_pickle.
+
+
+def test_save_then_load_round_trip(tmp_path):
+    net = tiny_net(seed=1, hidden=7, scale=0.75)
+    loss = tiny.TinyLoss(P_mean=-0.4, P_std=1.0)
+    dataset_kwargs = dnnlib.EasyDict(class_name="training.dataset.ImageFolderDataset", path="d.zip", max_size=10)
+    path = tmp_path / "network-snapshot-000000.pkl"
+    persistence.save_network_pickle(path, dict(ema=net, loss_fn=loss, augment_pipe=None,
+                                               dataset_kwargs=dataset_kwargs))
+    assert os.listdir(tmp_path) == [path.name]  # No temporary file left behind.
+    assert net.training and all(p.requires_grad for p in net.parameters())  # The live net is untouched.
+
+    loaded = persistence.load_network_pickle(str(path), extra_classes=tiny.TINY_CLASSES)
+    assert list(loaded) == ["ema", "loss_fn", "augment_pipe", "dataset_kwargs"]
+    ema = loaded["ema"]
+    x = torch.randn(5, 4)
+    assert torch.equal(ema(x), net(x))
+    assert ema.init_args == net.init_args and ema.init_kwargs == net.init_kwargs
+    assert not ema.training and not any(p.requires_grad for p in ema.parameters())
+    assert loaded["loss_fn"].init_kwargs == loss.init_kwargs and loaded["loss_fn"].P_std == 1.0
+    assert loaded["dataset_kwargs"] == dataset_kwargs and loaded["augment_pipe"] is None
+
+
+def test_save_writes_python_floats_not_numpy_scalars(tmp_path):
+    net = tiny_net(scale=np.float64(0.5), out_gain=np.float32(0.25))
+    raw = pickle.dumps(net)
+    assert numpy_strings(raw)  # Control: numpy scalars do reach a plain pickle.
+
+    path = tmp_path / "snapshot.pkl"
+    persistence.save_network_pickle(path, dict(ema=net, dataset_kwargs=dnnlib.EasyDict(max_size=np.int64(3))))
+    data = path.read_bytes()
+    assert numpy_strings(data) == []
+    loaded = pickle.loads(data)
+    assert type(loaded["ema"].scale) is float and type(loaded["ema"].layers["fc1"].gain) is float
+    assert type(loaded["ema"].init_kwargs["out_gain"]) is float and loaded["ema"].init_kwargs["out_gain"] == 0.25
+    assert type(loaded["dataset_kwargs"]["max_size"]) is int
+
+
+def test_save_refuses_what_the_safe_loader_cannot_read(tmp_path):
+    path = tmp_path / "snapshot.pkl"
+    with pytest.raises(ValueError, match="'ema': Linear is not a persistent class"):
+        persistence.save_network_pickle(path, dict(ema=torch.nn.Linear(2, 2)))
+    with pytest.raises(ValueError, match=r"persistence_tiny_classes\.PlainThing, which load_network_pickle refuses"):
+        persistence.save_network_pickle(path, dict(ema=tiny_net(), extra=tiny.PlainThing()))
+    assert os.listdir(tmp_path) == []
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# EDM training states and URLs.
+
+
+def test_load_edm_training_state(tmp_path):
+    net = tiny_net(seed=2, scale=np.float64(0.5))  # torch.save's protocol 2 writes numpy scalars via _codecs.encode.
+    optimizer = torch.optim.Adam(net.parameters(), lr=1e-3)
+    net(torch.randn(3, 4)).square().sum().backward()
+    optimizer.step()
+    path = tmp_path / "training-state-000001.pt"
+    torch.save(dict(net=net, optimizer_state=optimizer.state_dict()), path)  # What EDM's training loop writes.
+
+    with pytest.raises(pickle.UnpicklingError):
+        torch.load(path, weights_only=True)
+
+    state = persistence.load_edm_training_state(path, extra_classes=tiny.TINY_CLASSES)
+    loaded = state["net"]
+    assert type(loaded) is tiny.TinyNet and loaded.training
+    assert loaded.init_kwargs == dict(scale=0.5) and type(loaded.init_kwargs["scale"]) is np.float64
+    assert all(p.requires_grad for p in loaded.parameters())
+    for (name, a), (_, b) in zip(loaded.state_dict().items(), net.state_dict().items()):
+        assert torch.equal(a, b), name
+    for index, entry in optimizer.state_dict()["state"].items():
+        assert torch.equal(state["optimizer_state"]["state"][index]["exp_avg_sq"], entry["exp_avg_sq"])
+    resumed = torch.optim.Adam(loaded.parameters(), lr=1e-3)
+    resumed.load_state_dict(state["optimizer_state"])  # Resumable.
+
+
+def test_load_from_file_and_http_urls_with_cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("NO_PROXY", "127.0.0.1,localhost")
+    monkeypatch.setenv("no_proxy", "127.0.0.1,localhost")
+    net = tiny_net(seed=4)
+    serve_dir = tmp_path / "serve"
+    serve_dir.mkdir()
+    persistence.save_network_pickle(serve_dir / "net.pkl", dict(ema=net))
+    x = torch.randn(2, 4)
+
+    loaded = persistence.load_network_pickle(f"file://{serve_dir / 'net.pkl'}", extra_classes=tiny.TINY_CLASSES)
+    assert torch.equal(loaded["ema"](x), net(x))
+
+    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(serve_dir))
+    handler.log_message = lambda *args: None
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    url = f"http://127.0.0.1:{server.server_address[1]}/net.pkl"
+    try:
+        loaded = persistence.load_network_pickle(url, extra_classes=tiny.TINY_CLASSES)
+    finally:
+        server.shutdown()
+        server.server_close()
+    assert torch.equal(loaded["ema"](x), net(x))
+    assert glob.glob(os.path.join(os.environ["DNNLIB_CACHE_DIR"], "downloads", "*net.pkl"))
+    loaded = persistence.load_network_pickle(url, extra_classes=tiny.TINY_CLASSES)  # Server gone: from the cache.
+    assert torch.equal(loaded["ema"](x), net(x))
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# The real classes (tiny configurations).
+
+SONG_KWARGS = dict(model_type="SongUNet", model_channels=16, channel_mult=[1, 2], num_blocks=1, attn_resolutions=[4],
+                   dropout=0.13)
+
+
+def real_classes():
+    return pytest.importorskip("training.preconditioning"), pytest.importorskip("training.networks")
+
+
+def make_denoiser(kind: str):
+    preconditioning, _ = real_classes()
+    torch.manual_seed(0)
+    if kind == "edm-ddpmpp":
+        net = preconditioning.EDMPrecond(img_resolution=8, img_channels=3, label_dim=0, augment_dim=9, **SONG_KWARGS)
+    elif kind == "vp-ncsnpp-cond":
+        net = preconditioning.VPPrecond(img_resolution=8, img_channels=3, label_dim=4,
+                                        **dict(SONG_KWARGS, embedding_type="fourier", encoder_type="residual",
+                                               channel_mult_noise=2, resample_filter=[1, 3, 3, 1]))
+    elif kind == "iddpm-adm":
+        net = preconditioning.iDDPMPrecond(img_resolution=8, img_channels=3, label_dim=0, model_type="DhariwalUNet",
+                                           model_channels=16, channel_mult=[1, 2], num_blocks=1, attn_resolutions=[4])
+    else:
+        raise ValueError(kind)
+    return fixture.randomize_(net).eval()
+
+
+def denoiser_inputs(net, seed=1):
+    generator = torch.Generator().manual_seed(seed)
+    x = torch.randn(2, 3, 8, 8, generator=generator)
+    sigma = torch.tensor([0.5, 2.0])
+    labels = torch.eye(net.label_dim)[:2] if net.label_dim else None
+    return x, sigma, labels
+
+
+@pytest.mark.parametrize("kind", ["edm-ddpmpp", "vp-ncsnpp-cond", "iddpm-adm"])
+def test_edm_format_pickle_of_real_networks_imports_identically(tmp_path, kind):
+    net = make_denoiser(kind)
+    marker = tmp_path / "executed.txt"
+
+    def poisoned_module_source(obj):
+        return fixture.poisoned_source(inspect.getsource(sys.modules[type(obj).__module__]), marker)
+
+    data = fixture.edm_style_dumps(dict(ema=net), poisoned_module_source)
+    loaded = persistence.load_network_pickle(io.BytesIO(data))["ema"]
+    assert not marker.exists()
+    assert type(loaded) is type(net) and loaded.init_kwargs == net.init_kwargs
+    x, sigma, labels = denoiser_inputs(net)
+    with torch.no_grad():
+        assert torch.equal(loaded(x, sigma, labels), net(x, sigma, labels))
+    assert loaded.state_dict().keys() == net.state_dict().keys()
+
+
+def make_snapshot_parts():
+    preconditioning, _ = real_classes()
+    augment = pytest.importorskip("training.augment")
+    denoising = pytest.importorskip("losses.denoising")
+    ema = make_denoiser("edm-ddpmpp")
+    augment_pipe = augment.AugmentPipe(p=0.12, xflip=1e8, yflip=1, scale=1, rotate_frac=1, aniso=1, translate_frac=1)
+    loss_fn = denoising.EDMLoss(P_mean=-1.2, P_std=1.2, sigma_data=0.5)
+    dataset_kwargs = dnnlib.EasyDict(class_name="training.dataset.ImageFolderDataset", path="cifar10.zip",
+                                     use_labels=False, xflip=False, cache=True, resolution=8, max_size=100)
+    return dict(ema=ema, loss_fn=loss_fn, augment_pipe=augment_pipe, dataset_kwargs=dataset_kwargs)
+
+
+def test_our_snapshot_loads_in_an_edm_environment(tmp_path):
+    parts = make_snapshot_parts()
+    path = tmp_path / "network-snapshot-000000.pkl"
+    persistence.save_network_pickle(path, parts)
+    assert numpy_strings(path.read_bytes()) == []
+
+    ema = parts["ema"]
+    x, sigma, labels = denoiser_inputs(ema)
+    images = torch.rand(2, 3, 8, 8, generator=torch.Generator().manual_seed(5)) * 2 - 1
+    torch.save(dict(x=x, sigma=sigma, labels=labels, images=images), tmp_path / "inputs.pt")
+    env = fixture.make_edm_environment(str(tmp_path / "edm_env"))
+    result = subprocess.run([sys.executable, "-I", os.path.join(env, "load_like_edm.py"), env, str(path),
+                             str(tmp_path / "inputs.pt"), str(tmp_path / "report.pt")],
+                            cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = torch.load(tmp_path / "report.pt", weights_only=True)
+
+    # The embedded source ran (classes come from exec'd modules) and needed nothing but EDM's packages.
+    assert report["ema_module"].startswith("_imported_module_") and report["project_modules"] == []
+    assert report["loss_module"].startswith("_imported_module_") and report["loss_class"] == "EDMLoss"
+    with torch.no_grad():
+        assert torch.equal(report["denoised"], ema(x, sigma, labels))
+    assert report["ema_training"] is False and report["img_resolution"] == 8
+    assert report["loss_kwargs"] == dict(P_mean=-1.2, P_std=1.2, sigma_data=0.5)
+    assert report["dataset_kwargs"] == parts["dataset_kwargs"]
+    torch.manual_seed(123)
+    augmented, augment_labels = parts["augment_pipe"](images)
+    assert torch.equal(report["augmented"], augmented) and torch.equal(report["augment_labels"], augment_labels)
+
+
+def test_real_snapshot_round_trip(tmp_path):
+    parts = make_snapshot_parts()
+    path = tmp_path / "network-snapshot-000000.pkl"
+    persistence.save_network_pickle(path, parts)
+    loaded = persistence.load_network_pickle(str(path))
+    for key in ("ema", "loss_fn", "augment_pipe"):
+        assert type(loaded[key]) is type(parts[key])
+        assert loaded[key].init_kwargs == parts[key].init_kwargs
+    ema = loaded["ema"]
+    x, sigma, labels = denoiser_inputs(ema)
+    with torch.no_grad():
+        assert torch.equal(ema(x, sigma, labels), parts["ema"](x, sigma, labels))
+    assert not ema.training and not any(p.requires_grad for p in ema.parameters())
+    assert loaded["dataset_kwargs"] == parts["dataset_kwargs"]
+
+
+def test_edm_training_state_of_real_network(tmp_path):
+    net = make_denoiser("edm-ddpmpp").train()
+    optimizer = torch.optim.Adam(net.parameters(), lr=1e-3)
+    path = tmp_path / "training-state-000000.pt"
+    torch.save(dict(net=net, optimizer_state=optimizer.state_dict()), path)
+    with pytest.raises(pickle.UnpicklingError):
+        torch.load(path, weights_only=True)
+    loaded = persistence.load_edm_training_state(path)["net"]
+    assert type(loaded) is type(net) and loaded.training
+    x, sigma, labels = denoiser_inputs(net)
+    net.eval()
+    loaded.eval()
+    with torch.no_grad():
+        assert torch.equal(loaded(x, sigma, labels), net(x, sigma, labels))
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Opt-in: against EDM's own code. EDM_REPO=<an NVlabs/edm checkout> (its code is CC BY-NC-SA and is never part of
+# this repository); runs EDM in a subprocess to write its pickles, imports them, and lets EDM load ours.
+
+
+@pytest.mark.skipif(not os.environ.get("EDM_REPO"), reason="set EDM_REPO to an NVlabs/edm checkout")
+def test_against_edm_checkout(tmp_path):
+    edm_repo = os.environ["EDM_REPO"]
+    script = tmp_path / "make_edm_pickles.py"
+    script.write_text(fixture.EDM_MAKE_SCRIPT)
+    result = subprocess.run([sys.executable, "-I", "-W", "ignore", str(script), edm_repo, str(tmp_path)],
+                            cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    io_data = torch.load(tmp_path / "edm-io.pt", weights_only=True)
+    x, sigma, labels = io_data["x"], io_data["sigma"], io_data["labels"]
+
+    # EDM's pickles -> our classes. Tolerance: fp32 rounding of a different (not bit-identical) implementation.
+    for kind, expected in io_data["outputs"].items():
+        net = persistence.load_network_pickle(tmp_path / f"edm-{kind}.pkl")["ema"]
+        with torch.no_grad():
+            torch.testing.assert_close(net(x, sigma, labels if net.label_dim else None), expected,
+                                       rtol=1e-5, atol=1e-5, msg=kind)
+    snapshot = persistence.load_network_pickle(tmp_path / "edm-snapshot.pkl")
+    assert snapshot["loss_fn"].init_kwargs == {} and snapshot["augment_pipe"].init_kwargs["xflip"] == 1e8
+    torch.manual_seed(123)
+    augmented, augment_labels = snapshot["augment_pipe"](io_data["images"])
+    assert torch.equal(augment_labels, io_data["augment_labels"])
+    torch.testing.assert_close(augmented, io_data["augmented"], rtol=1e-5, atol=1e-5)
+    state = persistence.load_edm_training_state(tmp_path / "edm-training-state.pt")
+    assert state["net"].training and set(state["optimizer_state"]) == {"state", "param_groups"}
+
+    # Ours -> EDM's plain pickle.load with EDM's persistence (embedded source executed there).
+    ours = tmp_path / "ours.pkl"
+    persistence.save_network_pickle(ours, snapshot)
+    torch.save(dict(x=x, sigma=sigma, labels=None, images=io_data["images"]), tmp_path / "inputs.pt")
+    load_script = tmp_path / "load_like_edm.py"
+    load_script.write_text(fixture.EDM_LOAD_SCRIPT)
+    result = subprocess.run([sys.executable, "-I", "-W", "ignore", str(load_script), edm_repo, str(ours),
+                             str(tmp_path / "inputs.pt"), str(tmp_path / "report.pt")],
+                            cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = torch.load(tmp_path / "report.pt", weights_only=True)
+    assert report["ema_module"].startswith("_imported_module_")
+    with torch.no_grad():
+        assert torch.equal(report["denoised"], snapshot["ema"](x, sigma))
+    assert torch.equal(report["augment_labels"], augment_labels) and torch.equal(report["augmented"], augmented)

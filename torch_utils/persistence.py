@@ -1,0 +1,757 @@
+"""EDM's network-pickle format (version 6): writing it, and importing it without running embedded code.
+
+Format. An instance of a class decorated with `persistent_class` pickles as a call
+`torch_utils.persistence._reconstruct_persistent_obj(meta)` with
+meta = dict(type='class', version=6, module_src=<full source of the class's module>, class_name=<name>,
+state=<the instance's __dict__>). Nested persistent modules are pickled the same way inside `state`. This is the
+interface EDM, STF, AOT and GDD releases use, and EDM's own `generate.py` can read what we write.
+
+Two ways to read such a pickle:
+- `load_network_pickle` / `load_edm_training_state` (what this project uses): a restricted unpickler that accepts
+  only tensors, numbers, containers and a whitelist of harmless globals. A persistent object becomes a
+  `PickledObject` (class name + pickled state, no code); the outermost one is then rebuilt from OUR class of the
+  same name (`PERSISTENT_CLASSES`) with its recorded constructor arguments, and its parameters and buffers are
+  copied in by name. The embedded source is never executed.
+- Plain `pickle.load`, which calls `_reconstruct_persistent_obj` below: EDM's behaviour, kept so that our pickles
+  also load with plain pickle. When the embedded source is not one of the modules already imported here, it is
+  EXECUTED. Use it on trusted files only.
+"""
+
+import codecs
+import collections
+import contextlib
+import copy
+import importlib
+import inspect
+import io
+import os
+import pickle
+import pickletools
+import sys
+import types
+import uuid
+import warnings
+from typing import Any
+
+import numpy as np
+import torch
+
+import dnnlib
+from dnnlib.util import EasyDict
+
+_version = 6  # EDM's internal format version; pickles with another version are refused.
+_decorators: set = set()  # Every class produced by persistent_class.
+_import_hooks: list = []  # hook(meta) -> meta, applied to every persistent object being loaded (both paths).
+_module_to_src_dict: dict = {}  # module -> source text
+_src_to_module_dict: dict = {}  # source text -> module (our imported modules and, on the exec path, new ones)
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Writing: the decorator.
+
+
+def persistent_class(orig_class):
+    """Class decorator: instances pickle in EDM's format v6, with the source of the defining module embedded.
+
+    The constructor's arguments are recorded (deep-copied) as `_init_args` / `_init_kwargs` and exposed as
+    `init_args` / `init_kwargs`, unless the instance sets `self._record_init_args = False` in its constructor.
+    Classes used inside a persistent class that must survive pickling must be decorated too, and every decorated
+    class must be defined at the top level of its module (the embedded source is looked up by class name).
+    """
+    if not isinstance(orig_class, type):
+        raise TypeError(f"persistent_class expects a class, got {orig_class!r}")
+    if is_persistent(orig_class):
+        return orig_class
+    # Capture the source at import time, so that a file edited during a long run cannot end up in a snapshot.
+    module_src = _module_to_src(sys.modules.get(orig_class.__module__))
+
+    class Decorator(orig_class):
+        _orig_module_src = module_src
+        _orig_class_name = orig_class.__name__
+
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            record_init_args = getattr(self, "_record_init_args", True)
+            self._init_args = copy.deepcopy(args) if record_init_args else None
+            self._init_kwargs = copy.deepcopy(kwargs) if record_init_args else None
+
+        @property
+        def init_args(self):
+            if self._init_args is None:
+                raise RuntimeError(f"{type(self).__name__} was built with _record_init_args=False")
+            return copy.deepcopy(self._init_args)
+
+        @property
+        def init_kwargs(self):
+            if self._init_kwargs is None:
+                raise RuntimeError(f"{type(self).__name__} was built with _record_init_args=False")
+            return EasyDict(copy.deepcopy(self._init_kwargs))
+
+        def __reduce__(self):
+            fields = list(super().__reduce__())
+            fields += [None] * max(3 - len(fields), 0)
+            # A persistent base class has already produced the meta; keep it (it named the same class).
+            if fields[0] is not _reconstruct_persistent_obj:
+                # The most derived persistent class (an undecorated subclass pickles as its persistent base).
+                cls = next(c for c in type(self).__mro__ if c in _decorators)
+                _check_reducible(cls)
+                meta = dict(type="class", version=_version, module_src=cls._orig_module_src,
+                            class_name=cls._orig_class_name, state=fields[2])
+                fields[0] = _reconstruct_persistent_obj
+                fields[1] = (meta,)
+                fields[2] = None
+            return tuple(fields)
+
+    Decorator.__name__ = orig_class.__name__
+    Decorator.__qualname__ = orig_class.__qualname__
+    Decorator.__module__ = orig_class.__module__
+    Decorator.__doc__ = orig_class.__doc__
+    # Let inspect.signature(cls) show the real constructor parameters.
+    Decorator.__init__.__wrapped__ = orig_class.__init__
+    Decorator.__init__.__doc__ = orig_class.__init__.__doc__
+    _decorators.add(Decorator)
+    return Decorator
+
+
+def is_persistent(obj) -> bool:
+    """True for a class made by `persistent_class` and for its instances."""
+    try:
+        if obj in _decorators:
+            return True
+    except TypeError:  # Unhashable objects.
+        pass
+    return type(obj) in _decorators
+
+
+def import_hook(hook):
+    """Register `hook(meta) -> meta`, called on the meta (an EasyDict: type, version, module_src, class_name, state)
+    of every persistent object being loaded, on both the safe path and the plain-pickle path. Usable as a decorator."""
+    if not callable(hook):
+        raise TypeError(f"import_hook expects a callable, got {hook!r}")
+    _import_hooks.append(hook)
+    return hook
+
+
+def _check_reducible(cls) -> None:
+    name = cls._orig_class_name
+    if cls._orig_module_src is None:
+        raise pickle.PicklingError(
+            f"cannot pickle {name}: the source of its module {cls.__module__!r} is not available "
+            f"(persistent classes must be defined in a .py file)")
+    module = sys.modules.get(cls.__module__)
+    if module is None or not isinstance(getattr(module, name, None), type):
+        raise pickle.PicklingError(
+            f"cannot pickle {name}: persistent classes must be defined at the top level of their module "
+            f"({cls.__module__!r} has no attribute {name!r}), because loaders look the class up by name")
+
+
+def _module_to_src(module) -> str | None:
+    """The module's full source text (cached), or None when it cannot be found."""
+    if module is None:
+        return None
+    src = _module_to_src_dict.get(module)
+    if src is None:
+        try:
+            src = inspect.getsource(module)
+        except (OSError, TypeError):
+            return None
+        _module_to_src_dict[module] = src
+        _src_to_module_dict.setdefault(src, module)
+    return src
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Reading, EDM's way (plain pickle). Runs embedded code unless the source is one of our loaded modules.
+
+
+def _apply_import_hooks(meta) -> EasyDict:
+    meta = EasyDict(meta)
+    meta.state = EasyDict(meta.get("state") or {})
+    for hook in _import_hooks:
+        meta = hook(meta)
+        if meta is None:
+            raise RuntimeError(f"import hook {hook!r} returned None instead of the meta")
+    return meta
+
+
+def _reconstruct_persistent_obj(meta):
+    """Called by plain `pickle` for every persistent object (EDM's unpickling entry point, same name and behaviour).
+
+    SECURITY: when `meta['module_src']` is not the source of a module already imported in this process, the source
+    is EXECUTED in a new module `_imported_module_<uuid>`, as EDM does. Only unpickle trusted files this way; this
+    project's loaders (`load_network_pickle`, `load_edm_training_state`) never come here.
+    """
+    meta = _apply_import_hooks(meta)
+    if meta.get("version") != _version:
+        raise pickle.UnpicklingError(f"persistent object has format version {meta.get('version')!r}, "
+                                     f"expected {_version}")
+    if meta.get("type") != "class":
+        raise pickle.UnpicklingError(f"persistent object has type {meta.get('type')!r}, expected 'class'")
+    module = _src_to_module(meta.module_src)
+    orig_class = module.__dict__[meta.class_name]
+    decorator_class = persistent_class(orig_class)
+    obj = decorator_class.__new__(decorator_class)
+    setstate = getattr(obj, "__setstate__", None)
+    if callable(setstate):
+        setstate(dict(meta.state))
+    else:
+        obj.__dict__.update(meta.state)
+    return obj
+
+
+def _src_to_module(src: str):
+    """The module whose source is `src`: one already imported, else a new module made by EXECUTING `src`."""
+    module = _src_to_module_dict.get(src)
+    if module is None:
+        module_name = "_imported_module_" + uuid.uuid4().hex
+        module = types.ModuleType(module_name)
+        sys.modules[module_name] = module
+        # Registered before exec, so that persistent_class inside the source finds its own source text.
+        _module_to_src_dict[module] = src
+        _src_to_module_dict[src] = module
+        try:
+            exec(src, module.__dict__)  # noqa: S102 -- EDM's documented behaviour for trusted pickles.
+        except BaseException:
+            del sys.modules[module_name], _module_to_src_dict[module], _src_to_module_dict[src]
+            raise
+    return module
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Reading, safely: the class registry.
+
+# EDM class name -> our class (or its dotted name, imported on first use). A plain dict: add entries to import
+# pickles from other code bases that use other names. Layer classes are listed because nested persistent objects
+# are checked against the modules our rebuilt network contains at the same place. (EDM's AttentionOp is an
+# autograd Function, never an instance in a pickle, so it needs no entry.)
+PERSISTENT_CLASSES: dict[str, Any] = {
+    # Layers (EDM training/networks.py).
+    "Linear": "training.networks.Linear",
+    "Conv2d": "training.networks.Conv2d",
+    "GroupNorm": "training.networks.GroupNorm",
+    "UNetBlock": "training.networks.UNetBlock",
+    "PositionalEmbedding": "training.networks.PositionalEmbedding",
+    "FourierEmbedding": "training.networks.FourierEmbedding",
+    # Backbones.
+    "SongUNet": "training.networks.SongUNet",
+    "DhariwalUNet": "training.networks.DhariwalUNet",
+    # Preconditioners (EDM keeps them in training/networks.py; we keep them in training/preconditioning.py).
+    "VPPrecond": "training.preconditioning.VPPrecond",
+    "VEPrecond": "training.preconditioning.VEPrecond",
+    "iDDPMPrecond": "training.preconditioning.iDDPMPrecond",
+    "EDMPrecond": "training.preconditioning.EDMPrecond",
+    # Augmentation and losses.
+    "AugmentPipe": "training.augment.AugmentPipe",
+    "EDMLoss": "losses.denoising.EDMLoss",
+    "VPLoss": "losses.denoising.VPLoss",
+    "VELoss": "losses.denoising.VELoss",
+}
+
+
+class NetworkPickleError(pickle.UnpicklingError):
+    """A network pickle could not be imported safely (unsafe global, unknown class, tensors that do not match)."""
+
+
+def _resolve_class(class_name: str, classes: dict, source: str) -> type:
+    entry = classes.get(class_name)
+    if entry is None:
+        raise NetworkPickleError(
+            f"{source}: the pickle holds a persistent object of class {class_name!r}, which has no counterpart "
+            f"here. Known classes: {', '.join(sorted(classes))}. Add it to "
+            f"torch_utils.persistence.PERSISTENT_CLASSES (or pass extra_classes) if it is ours under another name.")
+    if isinstance(entry, str):
+        try:
+            entry = dnnlib.util.get_obj_by_name(entry)
+        except ImportError as err:
+            raise NetworkPickleError(f"{source}: class {class_name!r} maps to {classes[class_name]!r}, "
+                                     f"which cannot be imported: {err}") from err
+    if not isinstance(entry, type):
+        raise NetworkPickleError(f"{source}: class {class_name!r} maps to {entry!r}, which is not a class")
+    return entry
+
+
+class PickledObject:
+    """What the safe importer makes of a persistent object: EDM class name and pickled state; no code is run."""
+
+    def __init__(self, class_name: str, state: dict, module_src: str | None = None):
+        self.class_name = class_name
+        self.state = state
+        self.module_src = module_src
+
+    def __repr__(self) -> str:
+        return f"PickledObject({self.class_name!r})"
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Reading, safely: the restricted unpickler.
+
+
+def _safe_codecs_encode(obj, encoding="utf-8", errors="strict"):
+    # Pickle protocols < 3 store bytes as _codecs.encode(text, 'latin1'); nothing else is needed.
+    if encoding not in ("latin1", "latin-1"):
+        raise pickle.UnpicklingError(f"refusing _codecs.encode with encoding {encoding!r} (only latin1 is expected)")
+    return codecs.encode(obj, "latin1", errors)
+
+
+def _safe_reconstructor(cls, base, state):
+    """copyreg._reconstructor (protocols 0 and 1) for classes that already passed find_class."""
+    if not (isinstance(cls, type) and isinstance(base, type) and issubclass(cls, base)):
+        raise pickle.UnpicklingError(f"malformed copyreg._reconstructor call ({cls!r}, {base!r})")
+    if base is object:
+        return object.__new__(cls)
+    obj = base.__new__(cls, state)
+    if base.__init__ != object.__init__:
+        base.__init__(obj, state)
+    return obj
+
+
+def _safe_load_from_bytes(data: bytes):
+    """torch.storage._load_from_bytes without its unrestricted torch.load: each tensor storage of a plain pickle."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*TypedStorage is deprecated.*")
+        return torch.load(io.BytesIO(data), map_location="cpu", weights_only=False, pickle_module=safe_pickle)
+
+
+def _numpy_multiarray():
+    try:
+        return importlib.import_module("numpy._core.multiarray")  # numpy >= 2 (and the 1.26 alias).
+    except ImportError:
+        return importlib.import_module("numpy.core.multiarray")
+
+
+def _numpy_frombuffer():
+    try:
+        return importlib.import_module("numpy._core.numeric")._frombuffer
+    except (ImportError, AttributeError):
+        return importlib.import_module("numpy.core.numeric")._frombuffer
+
+
+def _build_safe_globals() -> dict:
+    multiarray = _numpy_multiarray()
+    frombuffer = _numpy_frombuffer()
+    table = {
+        ("collections", "OrderedDict"): collections.OrderedDict,
+        ("copyreg", "_reconstructor"): _safe_reconstructor,
+        ("_codecs", "encode"): _safe_codecs_encode,
+        ("dnnlib", "EasyDict"): EasyDict,
+        ("dnnlib.util", "EasyDict"): EasyDict,
+        ("torch", "Tensor"): torch.Tensor,
+        ("torch", "Size"): torch.Size,
+        ("torch", "device"): torch.device,
+        ("torch.nn.parameter", "Parameter"): torch.nn.Parameter,
+        ("torch.storage", "_load_from_bytes"): _safe_load_from_bytes,
+        ("torch._tensor", "_rebuild_from_type"): torch._tensor._rebuild_from_type,
+        ("torch._tensor", "_rebuild_from_type_v2"): torch._tensor._rebuild_from_type_v2,
+    }
+    for name in ("_rebuild_tensor", "_rebuild_tensor_v2", "_rebuild_tensor_v3", "_rebuild_parameter",
+                 "_rebuild_parameter_with_state"):
+        if hasattr(torch._utils, name):
+            table[("torch._utils", name)] = getattr(torch._utils, name)
+    for name in ("set", "frozenset", "slice", "complex", "bytearray", "bytes", "object", "dict", "list", "tuple",
+                 "int", "float", "str", "bool", "range"):
+        table[("builtins", name)] = getattr(__import__("builtins"), name)
+    for module_name in ("numpy.core.multiarray", "numpy._core.multiarray"):
+        table[(module_name, "_reconstruct")] = multiarray._reconstruct
+        table[(module_name, "scalar")] = multiarray.scalar
+    for module_name in ("numpy.core.numeric", "numpy._core.numeric"):
+        table[(module_name, "_frombuffer")] = frombuffer
+    table[("numpy", "dtype")] = np.dtype
+    table[("numpy", "ndarray")] = np.ndarray
+    return table
+
+
+_SAFE_GLOBALS: dict | None = None
+_PY2_MODULE_NAMES = {"__builtin__": "builtins", "copy_reg": "copyreg"}  # What protocol-2 pickles (torch.save) write.
+_RECONSTRUCT = ("torch_utils.persistence", "_reconstruct_persistent_obj")
+
+
+def _resolve_safe_global(module: str, name: str):
+    """The object a safe pickle may reference as `module.name`, or None when it is not allowed."""
+    global _SAFE_GLOBALS
+    if _SAFE_GLOBALS is None:
+        _SAFE_GLOBALS = _build_safe_globals()
+    module = _PY2_MODULE_NAMES.get(module, module)
+    obj = _SAFE_GLOBALS.get((module, name))
+    if obj is not None:
+        return obj
+    if module == "torch" and isinstance(getattr(torch, name, None), (torch.dtype, torch.memory_format, torch.layout)):
+        return getattr(torch, name)
+    # Plain torch containers and layers (ModuleDict, ModuleList, Sequential, SiLU...): constructing them runs no
+    # user code, and their state is only read for tensors.
+    if module.startswith("torch.nn.modules.") and name.isidentifier() and not name.startswith("_"):
+        try:
+            obj = getattr(importlib.import_module(module), name, None)
+        except ImportError:
+            return None
+        if isinstance(obj, type) and issubclass(obj, torch.nn.Module):
+            return obj
+    return None
+
+
+class SafeUnpickler(pickle.Unpickler):
+    """Unpickler that accepts only whitelisted globals and turns persistent objects into `PickledObject`s.
+
+    `class_registry` (EDM class name -> class) decides which persistent class names are accepted; `source` names
+    the file in error messages.
+    """
+
+    class_registry: dict | None = None
+    source: str = "<pickle>"
+
+    def find_class(self, module, name):
+        if (module, name) == _RECONSTRUCT:
+            return self._reconstruct_pickled_object
+        obj = _resolve_safe_global(module, name)
+        if obj is None:
+            raise NetworkPickleError(
+                f"{self.source}: refusing to load the global '{module}.{name}': a safe network pickle holds only "
+                f"tensors, numbers, containers and known persistent classes, and this reference could run "
+                f"arbitrary code. The file may be unsafe (or it is not a network pickle).")
+        return obj
+
+    def _reconstruct_pickled_object(self, meta):
+        if not isinstance(meta, dict):
+            raise NetworkPickleError(f"{self.source}: malformed persistent object (meta is {type(meta).__name__})")
+        meta = _apply_import_hooks(meta)
+        class_name = meta.get("class_name")
+        if meta.get("version") != _version:
+            raise NetworkPickleError(f"{self.source}: persistent object {class_name!r} has format version "
+                                     f"{meta.get('version')!r}; only EDM's version {_version} is supported")
+        if meta.get("type") != "class" or not isinstance(class_name, str):
+            raise NetworkPickleError(f"{self.source}: malformed persistent object (type {meta.get('type')!r}, "
+                                     f"class_name {class_name!r})")
+        classes = self.class_registry if self.class_registry is not None else PERSISTENT_CLASSES
+        if class_name not in classes:
+            _resolve_class(class_name, classes, self.source)  # Raises the error naming the known classes.
+        return PickledObject(class_name, dict(meta.state), meta.get("module_src"))
+
+
+def _make_safe_pickle_module(class_registry: dict | None = None, source: str = "<pickle>") -> types.ModuleType:
+    """A module object usable as torch.load's `pickle_module`: Unpickler, load, loads, UnpicklingError."""
+    module = types.ModuleType("torch_utils.persistence.safe_pickle")
+    unpickler = type("SafeUnpickler", (SafeUnpickler,), dict(class_registry=class_registry, source=source))
+
+    def load(file, **kwargs):
+        return unpickler(file, **kwargs).load()
+
+    def loads(data, **kwargs):
+        return unpickler(io.BytesIO(data), **kwargs).load()
+
+    module.Unpickler = unpickler
+    module.load = load
+    module.loads = loads
+    module.UnpicklingError = pickle.UnpicklingError
+    return module
+
+
+# torch.load(..., weights_only=False, pickle_module=safe_pickle) reads torch.save files holding persistent objects
+# through the whitelist (persistent objects stay `PickledObject`s; `import_pickled_objects` rebuilds them).
+safe_pickle = _make_safe_pickle_module()
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Reading, safely: rebuilding our objects from PickledObjects.
+
+
+def _pickled_module_tree(root, source: str):
+    """Walk a pickled module tree: {dotted path: node}, {dotted name: tensor} for parameters and buffers."""
+    nodes, params, buffers = {}, {}, {}
+    stack = [("", root)]
+    while stack:
+        path, node = stack.pop()
+        if isinstance(node, PickledObject):
+            state = node.state
+        elif isinstance(node, torch.nn.Module):
+            state = node.__dict__
+        else:
+            raise NetworkPickleError(f"{source}: submodule {path!r} is a {type(node).__name__}, not a module")
+        nodes[path] = node
+        prefix = f"{path}." if path else ""
+        for key, out in (("_parameters", params), ("_buffers", buffers)):
+            for name, tensor in (state.get(key) or {}).items():
+                if tensor is None:
+                    continue
+                if not isinstance(tensor, torch.Tensor):
+                    raise NetworkPickleError(f"{source}: {key[1:-1]} {prefix}{name} is a {type(tensor).__name__}")
+                out[prefix + name] = tensor
+        for name, child in (state.get("_modules") or {}).items():
+            if child is not None:
+                stack.append((prefix + name, child))
+    return nodes, params, buffers
+
+
+def _format_names(names) -> str:
+    names = sorted(names)
+    shown = ", ".join(names[:20])
+    return shown + (f", ... ({len(names) - 20} more)" if len(names) > 20 else "")
+
+
+@torch.no_grad()
+def _copy_pickled_state(module: torch.nn.Module, pickled: PickledObject, classes: dict, source: str) -> None:
+    """Copy every parameter and buffer of the pickled tree into `module` by dotted name (all must match)."""
+    nodes, params, buffers = _pickled_module_tree(pickled, source)
+    ours = dict(module.named_parameters(remove_duplicate=False))
+    ours.update(module.named_buffers(remove_duplicate=False))
+    theirs = {**params, **buffers}
+    missing, unexpected = ours.keys() - theirs.keys(), theirs.keys() - ours.keys()
+    mismatched = [f"{name} {tuple(theirs[name].shape)} vs {tuple(ours[name].shape)}"
+                  for name in sorted(ours.keys() & theirs.keys()) if theirs[name].shape != ours[name].shape]
+    if missing or unexpected or mismatched:
+        lines = [f"{source}: the tensors of the pickled {pickled.class_name} do not match ours, built from its "
+                 f"init kwargs"]
+        if missing:
+            lines.append(f"  missing from the pickle: {_format_names(missing)}")
+        if unexpected:
+            lines.append(f"  unexpected in the pickle: {_format_names(unexpected)}")
+        if mismatched:
+            lines.append(f"  shapes (pickle vs ours): {_format_names(mismatched)}")
+        raise NetworkPickleError("\n".join(lines))
+
+    # Modes follow the pickle (EDM snapshots are in eval mode); modules the pickle lacks follow its root.
+    root_training = pickled.state.get("training")
+    if isinstance(root_training, bool):
+        module.train(root_training)
+    # Nested persistent objects must be the same layer classes as ours at the same place.
+    for path, submodule in module.named_modules(remove_duplicate=False):
+        node = nodes.get(path)
+        if node is None:
+            continue
+        if isinstance(node, PickledObject) and path:
+            expected = _resolve_class(node.class_name, classes, source)
+            if not isinstance(submodule, expected):
+                raise NetworkPickleError(f"{source}: submodule {path!r} is a {node.class_name} in the pickle but a "
+                                         f"{type(submodule).__name__} in ours")
+        training = (node.state if isinstance(node, PickledObject) else node.__dict__).get("training")
+        if isinstance(training, bool):
+            submodule.training = training
+
+    for name, tensor in ours.items():
+        tensor.copy_(theirs[name])
+    for name, param in module.named_parameters(remove_duplicate=False):
+        param.requires_grad_(bool(theirs[name].requires_grad))
+
+
+def _rebuild(pickled: PickledObject, classes: dict, source: str, memo: dict):
+    """Our object for a pickled persistent one: constructed from its init args/kwargs, tensors copied in."""
+    cls = _resolve_class(pickled.class_name, classes, source)
+    init_args = pickled.state.get("_init_args")
+    init_kwargs = pickled.state.get("_init_kwargs")
+    if init_args is None or init_kwargs is None:
+        raise NetworkPickleError(f"{source}: the pickled {pickled.class_name} does not record its constructor "
+                                 f"arguments (_init_args/_init_kwargs), so it cannot be rebuilt without running "
+                                 f"its embedded code")
+    init_args = _import_objects(init_args, classes, source, memo)
+    init_kwargs = _import_objects(init_kwargs, classes, source, memo)
+    try:
+        with torch.device("cpu"):
+            obj = cls(*init_args, **dict(init_kwargs))
+    except Exception as err:
+        raise NetworkPickleError(f"{source}: cannot build {cls.__module__}.{cls.__qualname__} from the pickled "
+                                 f"init kwargs {dict(init_kwargs)!r}: {type(err).__name__}: {err}") from err
+    if isinstance(obj, torch.nn.Module):
+        _copy_pickled_state(obj, pickled, classes, source)
+    else:
+        # Plain persistent objects (losses) are their constructor arguments; tensors or persistent objects stored
+        # as attributes are state the constructor cannot know, so they are restored.
+        for name, value in pickled.state.items():
+            if name not in ("_init_args", "_init_kwargs") and isinstance(value, (torch.Tensor, PickledObject)):
+                setattr(obj, name, _import_objects(value, classes, source, memo))
+    return obj
+
+
+def _import_objects(obj, classes: dict, source: str, memo: dict):
+    """Replace every PickledObject in containers (and plain torch modules) by our rebuilt object."""
+    key = id(obj)
+    if key in memo:
+        return memo[key][1]
+    if isinstance(obj, PickledObject):
+        result = _rebuild(obj, classes, source, memo)
+    elif isinstance(obj, dict):
+        for k, v in obj.items():
+            obj[k] = _import_objects(v, classes, source, memo)
+        result = obj
+    elif isinstance(obj, list):
+        obj[:] = [_import_objects(v, classes, source, memo) for v in obj]
+        result = obj
+    elif type(obj) is tuple:
+        result = tuple(_import_objects(v, classes, source, memo) for v in obj)
+    elif isinstance(obj, torch.nn.Module) and not isinstance(obj, torch.Tensor):
+        for name, child in obj._modules.items():
+            obj._modules[name] = _import_objects(child, classes, source, memo)
+        result = obj
+    else:
+        return obj
+    memo[key] = (obj, result)  # Keep obj alive so that its id is not reused during the walk.
+    return result
+
+
+def import_pickled_objects(data, extra_classes: dict | None = None, source: str = "<pickle>"):
+    """Rebuild every `PickledObject` in `data` (as left by `safe_pickle`) as our class of the same EDM name."""
+    classes = {**PERSISTENT_CLASSES, **(extra_classes or {})}
+    return _import_objects(data, classes, source, {})
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Public API.
+
+
+@contextlib.contextmanager
+def _open_input(f_or_path_or_url):
+    if isinstance(f_or_path_or_url, (str, os.PathLike)):
+        name = os.fspath(f_or_path_or_url)
+        with dnnlib.util.open_url(name) as f:
+            yield f, name
+    elif hasattr(f_or_path_or_url, "read"):
+        yield f_or_path_or_url, getattr(f_or_path_or_url, "name", "<file object>")
+    else:
+        raise TypeError(f"expected a path, URL or binary file object, got {type(f_or_path_or_url).__name__}")
+
+
+def load_network_pickle(f_or_path_or_url, extra_classes: dict | None = None) -> dict:
+    """Import a network pickle (EDM's, ours, STF/AOT/GDD releases) without executing anything it embeds.
+
+    Accepts a local path, a file:// or http(s) URL (downloaded once into the dnnlib cache) or a binary file object.
+    Returns the pickled dict ({'ema': ..., 'loss_fn': ..., 'augment_pipe': ..., 'dataset_kwargs': ...}) with every
+    persistent object rebuilt as our class of the same name (`PERSISTENT_CLASSES`, plus `extra_classes`), on the
+    CPU, its tensors copied from the file. A pickle holding a bare persistent object is returned as {'ema': obj}.
+    Raises NetworkPickleError for unsafe globals, unknown classes or tensors that do not match.
+    """
+    classes = {**PERSISTENT_CLASSES, **(extra_classes or {})}
+    with _open_input(f_or_path_or_url) as (f, source):
+        if getattr(f, "seekable", lambda: False)():
+            head = f.read(4)
+            f.seek(-len(head), io.SEEK_CUR)
+            if head == b"PK\x03\x04":
+                raise NetworkPickleError(f"{source}: this is a torch.save zip archive, not a network pickle; "
+                                         f"read EDM training states with load_edm_training_state()")
+        module = _make_safe_pickle_module(classes, source)
+        try:
+            data = module.load(f)
+        except NetworkPickleError:
+            raise
+        except (pickle.UnpicklingError, EOFError, ValueError, TypeError, AttributeError, RuntimeError) as err:
+            raise NetworkPickleError(f"{source}: not a readable network pickle: {type(err).__name__}: {err}") from err
+    data = _import_objects(data, classes, source, {})
+    if isinstance(data, dict):
+        return data
+    if is_persistent(data):
+        return {"ema": data}
+    raise NetworkPickleError(f"{source}: expected a dict of networks (ema, loss_fn, ...) or a persistent module at "
+                             f"the top level of the pickle, got {type(data).__name__}")
+
+
+def load_edm_training_state(path, extra_classes: dict | None = None) -> dict:
+    """Read a `training-state-*.pt` written by EDM (torch.save of dict(net=<persistent module>, optimizer_state=...)),
+    which torch.load(weights_only=True) refuses, through the same whitelist; the net is rebuilt as our class."""
+    path = os.fspath(path)
+    classes = {**PERSISTENT_CLASSES, **(extra_classes or {})}
+    module = _make_safe_pickle_module(classes, path)
+    try:
+        data = torch.load(path, map_location="cpu", weights_only=False, pickle_module=module)
+    except NetworkPickleError:
+        raise
+    except (pickle.UnpicklingError, EOFError, RuntimeError) as err:
+        raise NetworkPickleError(f"{path}: not a readable training state: {type(err).__name__}: {err}") from err
+    data = _import_objects(data, classes, path, {})
+    if not isinstance(data, dict):
+        raise NetworkPickleError(f"{path}: expected a dict (net, optimizer_state) at the top level, "
+                                 f"got {type(data).__name__}")
+    return data
+
+
+def _unwrap(module):
+    """The plain module inside DistributedDataParallel / torch.compile wrappers."""
+    while True:
+        if isinstance(module, torch.nn.parallel.DistributedDataParallel):
+            module = module.module
+        elif hasattr(module, "_orig_mod") and isinstance(module._orig_mod, torch.nn.Module):
+            module = module._orig_mod
+        else:
+            return module
+
+
+def _to_python_scalars(obj, memo: set) -> Any:
+    """numpy scalars -> Python numbers, stray tensors -> CPU, inside containers, persistent objects and modules.
+
+    numpy 2 pickles numpy scalars as numpy._core.multiarray.scalar, which numpy < 1.26.1 (EDM's environment)
+    cannot load; Python floats load everywhere.
+    """
+    if isinstance(obj, np.generic):
+        return obj.item()
+    if isinstance(obj, torch.Tensor):
+        return obj if obj.device.type == "cpu" else obj.cpu()
+    if id(obj) in memo:
+        return obj
+    memo.add(id(obj))
+    if isinstance(obj, dict):
+        for k, v in obj.items():
+            obj[k] = _to_python_scalars(v, memo)
+    elif isinstance(obj, list):
+        obj[:] = [_to_python_scalars(v, memo) for v in obj]
+    elif type(obj) is tuple:
+        return tuple(_to_python_scalars(v, memo) for v in obj)
+    elif isinstance(obj, torch.nn.Module) or is_persistent(obj):
+        for k, v in vars(obj).items():
+            if k not in ("_parameters", "_buffers"):
+                vars(obj)[k] = _to_python_scalars(v, memo)
+    return obj
+
+
+def _pickle_globals(file) -> set[tuple[str, str]]:
+    """Every (module, name) global a pickle references, read from its opcodes (nothing is loaded)."""
+    found, recent, memo = set(), [], {}
+    for opcode, arg, _ in pickletools.genops(file):
+        name = opcode.name
+        if name in ("SHORT_BINUNICODE", "BINUNICODE", "BINUNICODE8", "UNICODE", "SHORT_BINSTRING", "BINSTRING",
+                    "STRING"):
+            recent.append(arg)
+        elif name in ("BINGET", "LONG_BINGET", "GET"):
+            recent.append(memo.get(arg))
+        elif name == "MEMOIZE":
+            memo[len(memo)] = recent[-1] if recent else None
+        elif name in ("BINPUT", "LONG_BINPUT", "PUT"):
+            memo[arg] = recent[-1] if recent else None
+        elif name == "STACK_GLOBAL":
+            if len(recent) >= 2:
+                found.add((recent[-2], recent[-1]))
+            recent = []
+        elif name in ("GLOBAL", "INST"):
+            module, _, attr = arg.partition(" ")
+            found.add((module, attr))
+            recent = []
+        else:
+            recent = []
+    return found
+
+
+def save_network_pickle(path, data: dict) -> None:
+    """Write `data` (e.g. dict(ema=..., loss_fn=..., augment_pipe=..., dataset_kwargs=...)) as an EDM network pickle.
+
+    Modules are deep-copied to the CPU in eval mode without gradients, numpy scalars become Python numbers, and the
+    file is written atomically. EDM's generate.py can load it, and so can `load_network_pickle`: a value that would
+    reference a global outside the safe whitelist (e.g. a non-persistent class) is refused with ValueError.
+    """
+    if not isinstance(data, dict):
+        raise TypeError(f"save_network_pickle expects a dict of networks, got {type(data).__name__}")
+    snapshot = {}
+    for key, value in data.items():
+        value = _unwrap(value)
+        if isinstance(value, torch.nn.Module):
+            if not is_persistent(value):
+                raise ValueError(f"cannot save {key!r}: {type(value).__name__} is not a persistent class "
+                                 f"(decorate it with torch_utils.persistence.persistent_class)")
+            value = copy.deepcopy(value).eval().requires_grad_(False).cpu()
+        else:
+            value = copy.deepcopy(value)
+        snapshot[key] = value
+    snapshot = _to_python_scalars(snapshot, set())
+    path = os.fspath(path)
+    with dnnlib.util.atomic_output(path, "wb") as f:
+        pickle.dump(snapshot, f, protocol=4)
+        f.flush()
+        with open(f.name, "rb") as written:
+            unsafe = sorted(g for g in _pickle_globals(written)
+                            if g != _RECONSTRUCT and _resolve_safe_global(*g) is None)
+        if unsafe:
+            names = ", ".join(f"{m}.{n}" for m, n in unsafe)
+            raise ValueError(f"cannot save {path}: the pickle would reference {names}, which load_network_pickle "
+                             f"refuses; store only persistent classes, tensors, numbers and containers")
