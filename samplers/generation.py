@@ -1,0 +1,262 @@
+"""Seeds -> images: the library behind generate.py (PNG files) and metrics' in-memory sampling.
+
+Behaviour matches NVlabs/edm's generate.py: one random generator per seed (an image depends only on its seed, not on
+batch size or rank count), latents then labels drawn from it, seeds split across ranks as EDM does, output
+(x * 127.5 + 128).clip(0, 255).to(uint8), PNGs named {seed:06d}.png (with subdirs {seed - seed % 1000:06d}).
+`generate_images` is the single sampling path; `write_images` writes its batches as PNG files and resumes an
+interrupted run by skipping seeds whose PNG exists before sampling.
+"""
+
+import dataclasses
+import io
+import math
+import os
+import re
+
+import numpy as np
+import PIL.Image
+import torch
+
+from samplers import DEFAULT_END, SCHEDULES, SigmaGrid, count_nfe, get_solver, make_grid, sample, solver_options
+from samplers.schedules import LD3_SOLVERS
+from torch_utils import distributed as dist
+from torch_utils.misc import StackedRandomGenerator
+
+
+def parse_int_list(s) -> list[int]:
+    """'1,2,5-10' -> [1, 2, 5, 6, 7, 8, 9, 10] (EDM's seed syntax)."""
+    if isinstance(s, (list, tuple)):
+        return [int(v) for v in s]
+    values = []
+    for part in str(s).split(","):
+        part = part.strip()
+        match = re.fullmatch(r"(\d+)-(\d+)", part)
+        if match:
+            values.extend(range(int(match.group(1)), int(match.group(2)) + 1))
+        elif re.fullmatch(r"\d+", part):
+            values.append(int(part))
+        else:
+            raise ValueError(f"cannot parse {part!r} in {s!r}: expected a comma-separated list of N or N-M")
+    return values
+
+
+def rank_batches(seeds, max_batch_size: int, rank: int | None = None, world_size: int | None = None) -> list[list[int]]:
+    """This rank's batches, exactly as EDM's generate.py: ceil(len(seeds) / (batch * world)) * world near-equal
+    chunks (tensor_split), rank r takes chunks r, r + world, ...; some may be empty."""
+    rank = dist.get_rank() if rank is None else rank
+    world_size = dist.get_world_size() if world_size is None else world_size
+    seeds = [int(s) for s in seeds]
+    if max_batch_size < 1:
+        raise ValueError(f"batch size must be >= 1, got {max_batch_size}")
+    if not seeds:
+        return []
+    num_batches = ((len(seeds) - 1) // (max_batch_size * world_size) + 1) * world_size
+    chunks = torch.as_tensor(seeds, dtype=torch.int64).tensor_split(num_batches)
+    return [chunk.tolist() for chunk in chunks[rank::world_size]]
+
+
+@dataclasses.dataclass
+class SamplerConfig:
+    """Everything that decides how a seed becomes an image, besides the network."""
+
+    solver: str | None = None  # None: 'heun', or the solver a schedule file was learned for
+    schedule: str = "edm"  # a SCHEDULES name or a schedule file (.json, LD3 .pt)
+    num_steps: int | None = None  # None: 18, or the schedule file's
+    sigma_min: float | None = None  # None: the schedule's default (EDM: 0.002)
+    sigma_max: float | None = None  # None: the schedule's default (EDM: 80)
+    end: str | None = None  # 'zero' | 'sigma_min'; None: the solver's convention (DEFAULT_END) or the file's
+    denoise_to_zero: bool = False
+    solver_kwargs: dict = dataclasses.field(default_factory=dict)
+    schedule_kwargs: dict = dataclasses.field(default_factory=dict)
+
+
+def build_grid(net, config: SamplerConfig, device=None) -> tuple[SigmaGrid, str, dict]:
+    """The solver grid for `net` (EDM's clamp to the net's sigma range and round_sigma), plus the solver name and
+    options to use. A schedule file brings its own grid end, and (if it names one) its solver and options."""
+    from_file = config.schedule not in SCHEDULES
+    solver = config.solver or "heun"
+    if from_file:
+        grid = make_grid(config.schedule, config.num_steps, device=device, **config.schedule_kwargs)
+        if config.end is not None and config.end != grid.end:
+            raise ValueError(f"schedule file {config.schedule!r} ends at {grid.end!r}, which conflicts with "
+                             f"end={config.end!r}")
+        if grid.solver is not None:
+            if config.solver is not None and config.solver != grid.solver:
+                raise ValueError(f"schedule file {config.schedule!r} was learned for solver {grid.solver!r}, not "
+                                 f"{config.solver!r}; learned grids are solver-specific")
+            solver = grid.solver
+        get_solver(solver)
+        defaults = grid.solver_kwargs
+        if grid.solver is None and str(config.schedule).endswith(".pt"):  # LD3's vector: its configs' options
+            defaults = {ours: options for ours, options in LD3_SOLVERS.values()}.get(solver, {})
+        return grid, solver, {**defaults, **config.solver_kwargs}
+    get_solver(solver)
+    grid = make_grid(config.schedule, config.num_steps, config.sigma_min, config.sigma_max,
+                     end=config.end or DEFAULT_END[solver], sigma_range=(float(net.sigma_min), float(net.sigma_max)),
+                     round_sigma=net.round_sigma, device=device, **config.schedule_kwargs)
+    return grid, solver, dict(config.solver_kwargs)
+
+
+def describe(net, config: SamplerConfig) -> str:
+    """One line naming the conventions that change results: solver, options, grid, end, NFE per image."""
+    grid, solver, solver_kwargs = build_grid(net, config)
+    nfe = count_nfe(solver, grid.num_steps, grid.end, config.denoise_to_zero)
+    options = ", ".join(f"{k}={v}" for k, v in sorted(solver_kwargs.items()))
+    levels = grid.sigmas.tolist()
+    positive = [s for s in levels if s > 0]
+    text = (f"solver={solver}({options}) schedule={grid.schedule} steps={grid.num_steps} end={grid.end} "
+            f"sigma={positive[0]:.4g}..{positive[-1]:.4g}{' then 0' if grid.end == 'zero' else ''}")
+    if config.denoise_to_zero and grid.end == "sigma_min":
+        text += " +denoise_to_zero"
+    if grid.eval_sigmas is not None:
+        text += " (decoupled evaluation grid)"
+    return f"{text}; {nfe} NFE per image"
+
+
+def _class_labels(net, rnd: StackedRandomGenerator, batch_size: int, class_idx, device):
+    """EDM: one-hot of a randint(label_dim) drawn from the per-seed generators after the latents; --class overrides
+    (the draw still happens, so later draws such as churn noise stay aligned with EDM's)."""
+    label_dim = int(getattr(net, "label_dim", 0) or 0)
+    if class_idx is not None and label_dim == 0:
+        raise ValueError(f"a class ({class_idx}) was requested but the network is unconditional (label_dim = 0)")
+    if class_idx is not None and not 0 <= class_idx < label_dim:
+        raise ValueError(f"class {class_idx} is out of range for a network with label_dim = {label_dim}")
+    if label_dim == 0:
+        return None
+    labels = torch.eye(label_dim, device=device)[rnd.randint(label_dim, size=[batch_size])]
+    if class_idx is not None:
+        labels[:, :] = 0
+        labels[:, class_idx] = 1
+    return labels
+
+
+def to_uint8(images: torch.Tensor) -> torch.Tensor:
+    """EDM's conversion: (x * 127.5 + 128).clip(0, 255) truncated to uint8 (round-half-up of 127.5 (x + 1))."""
+    return (images * 127.5 + 128).clip(0, 255).to(torch.uint8)
+
+
+@torch.no_grad()
+def sample_seeds(net, seeds, config: SamplerConfig, *, grid_info=None, class_idx=None, device=None) -> torch.Tensor:
+    """Sample one batch: float64 images (NCHW) for `seeds`, each from its own generator."""
+    device = torch.device(device) if device is not None else dist.device()
+    grid, solver, solver_kwargs = grid_info if grid_info is not None else build_grid(net, config, device)
+    rnd = StackedRandomGenerator(device, seeds)
+    latents = rnd.randn([len(seeds), net.img_channels, net.img_resolution, net.img_resolution])
+    class_labels = _class_labels(net, rnd, len(seeds), class_idx, device)
+    return sample(net, latents, grid, solver=solver, class_labels=class_labels, randn_like=rnd.randn_like,
+                  round_sigma=net.round_sigma, denoise_to_zero=config.denoise_to_zero, **solver_kwargs)
+
+
+def generate_images(net, seeds, *, batch_size: int = 64, solver: str | None = None, schedule: str = "edm",
+                    num_steps: int | None = None, sigma_min: float | None = None, sigma_max: float | None = None,
+                    end: str | None = None, denoise_to_zero: bool = False, class_idx: int | None = None,
+                    solver_kwargs: dict | None = None, schedule_kwargs: dict | None = None, device=None,
+                    rank: int | None = None, world_size: int | None = None, skip_seeds=None, progress: bool = False):
+    """Yield (batch_seeds, images) for this rank's share of `seeds`: images are uint8 NCHW on `device`.
+
+    batch_size is the maximum per rank (EDM's --batch). The seeds are split over ranks exactly as EDM's
+    generate.py (see rank_batches); with torchrun every rank calls this with the same arguments. skip_seeds: seeds
+    left out before sampling (a resumed run); batches are otherwise unchanged, so the images are unchanged too.
+    solver None means 'heun', or the solver a schedule file was learned for. The defaults reproduce EDM's
+    generate.py: Heun, rho = 7, 18 steps, sigma 0.002 ... 80 clamped to the net's range, round_sigma, appended 0.
+    Performs no collective operations (ranks may skip different amounts of work).
+    """
+    config = SamplerConfig(solver=solver, schedule=schedule, num_steps=num_steps, sigma_min=sigma_min,
+                           sigma_max=sigma_max, end=end, denoise_to_zero=denoise_to_zero,
+                           solver_kwargs=dict(solver_kwargs or {}), schedule_kwargs=dict(schedule_kwargs or {}))
+    device = torch.device(device) if device is not None else dist.device()
+    grid_info = build_grid(net, config, device)
+    _check_solver_kwargs(grid_info[1], grid_info[2])
+    skip = set(int(s) for s in skip_seeds) if skip_seeds is not None else set()
+    batches = rank_batches(seeds, batch_size, rank, world_size)
+    show = progress and (dist.get_rank() if rank is None else rank) == 0
+    if show:
+        import tqdm
+        batches = tqdm.tqdm(batches, unit="batch")
+    for batch_seeds in batches:
+        batch_seeds = [s for s in batch_seeds if s not in skip]
+        if not batch_seeds:
+            continue
+        images = sample_seeds(net, batch_seeds, config, grid_info=grid_info, class_idx=class_idx, device=device)
+        yield batch_seeds, to_uint8(images)
+
+
+def _check_solver_kwargs(solver: str, solver_kwargs: dict) -> None:
+    accepted = solver_options(solver)
+    unknown = sorted(set(solver_kwargs) - set(accepted))
+    if unknown:
+        raise ValueError(f"solver {solver!r} does not take option(s) {unknown}; it accepts {accepted}")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# PNG output.
+
+
+def image_path(outdir: str, seed: int, subdirs: bool = False) -> str:
+    image_dir = os.path.join(outdir, f"{seed - seed % 1000:06d}") if subdirs else outdir
+    return os.path.join(image_dir, f"{seed:06d}.png")
+
+
+def image_to_pil(image_hwc: np.ndarray) -> PIL.Image.Image:
+    if image_hwc.shape[2] == 1:
+        return PIL.Image.fromarray(image_hwc[:, :, 0], "L")
+    return PIL.Image.fromarray(image_hwc, "RGB")
+
+
+def save_png_atomic(image: PIL.Image.Image, path: str) -> None:
+    """Encode in memory, write to a temporary name in the same folder, then rename: a killed run never leaves a
+    truncated {seed}.png. No fsync: a lost image is regenerated by the next run, and 50k fsyncs cost minutes."""
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    directory, name = os.path.split(path)
+    tmp = os.path.join(directory, f".{name}.tmp-{os.getpid()}")
+    try:
+        with open(tmp, "wb") as f:
+            f.write(buffer.getvalue())
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def write_images(net, seeds, outdir: str, *, subdirs: bool = False, batch_size: int = 64, progress: bool = True,
+                 rank: int | None = None, world_size: int | None = None, **sampling_kwargs) -> dict:
+    """Generate the PNGs for `seeds` into `outdir` (this rank's share), skipping seeds whose PNG already exists.
+
+    sampling_kwargs go to generate_images (solver, schedule, num_steps, class_idx, device, ...). Returns counts
+    {'written': n, 'skipped': m} for this rank.
+    """
+    seeds = parse_int_list(seeds)
+    existing = {s for s in seeds if os.path.isfile(image_path(outdir, s, subdirs))}
+    mine = {s for batch in rank_batches(seeds, batch_size, rank, world_size) for s in batch}
+    written = 0
+    for batch_seeds, images in generate_images(net, seeds, batch_size=batch_size, skip_seeds=existing,
+                                               progress=progress, rank=rank, world_size=world_size,
+                                               **sampling_kwargs):
+        images_np = images.permute(0, 2, 3, 1).cpu().numpy()
+        for seed, image_np in zip(batch_seeds, images_np):
+            path = image_path(outdir, seed, subdirs)
+            os.makedirs(os.path.dirname(path), exist_ok=True)
+            save_png_atomic(image_to_pil(image_np), path)
+            written += 1
+    return {"written": written, "skipped": len(mine & existing)}
+
+
+def save_image_grid(outdir: str, seeds, grid_path: str, *, subdirs: bool = False, columns: int | None = None) -> tuple:
+    """Tile the PNGs of `seeds` (row-major, in seed order) into one PNG; returns (rows, columns)."""
+    seeds = parse_int_list(seeds)
+    if not seeds:
+        raise ValueError("save_image_grid: no seeds")
+    images = [np.asarray(PIL.Image.open(image_path(outdir, s, subdirs))) for s in seeds]
+    images = [im[:, :, None] if im.ndim == 2 else im for im in images]
+    height, width, channels = images[0].shape
+    columns = columns or math.ceil(math.sqrt(len(images)))
+    rows = math.ceil(len(images) / columns)
+    canvas = np.zeros((rows * height, columns * width, channels), dtype=np.uint8)
+    for index, image in enumerate(images):
+        row, col = divmod(index, columns)
+        canvas[row * height:(row + 1) * height, col * width:(col + 1) * width] = image
+    directory = os.path.dirname(os.path.abspath(grid_path))
+    os.makedirs(directory, exist_ok=True)
+    save_png_atomic(image_to_pil(canvas), grid_path)
+    return rows, columns

@@ -1,0 +1,320 @@
+"""Seeds -> images (samplers/generation.py) and the generate.py CLI: EDM parity, seeding, sharding, resume, PNGs."""
+
+import hashlib
+import math
+import os
+import socket
+import subprocess
+import sys
+
+import numpy as np
+import PIL.Image
+import pytest
+import torch
+from click.testing import CliRunner
+
+import generate
+from samplers import make_grid
+from samplers.generation import (
+    SamplerConfig,
+    generate_images,
+    image_path,
+    parse_int_list,
+    rank_batches,
+    sample_seeds,
+    save_image_grid,
+    write_images,
+)
+from torch_utils import persistence
+from training.preconditioning import EDMPrecond
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def tiny_net(label_dim=0, channels=3, **kwargs):
+    """An 8x8 EDMPrecond(SongUNet) with random (not near-zero) weights, so the network shapes the images."""
+    net = EDMPrecond(img_resolution=8, img_channels=channels, label_dim=label_dim, model_type="SongUNet",
+                     model_channels=8, channel_mult=[1], num_blocks=1, attn_resolutions=[], dropout=0, **kwargs)
+    generator = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for p in net.parameters():
+            p.copy_(torch.randn(p.shape, generator=generator) * 0.3)
+    return net.eval().requires_grad_(False)
+
+
+class Recorder(torch.nn.Module):
+    """Wraps a network and records its calls (batch size, class labels)."""
+
+    def __init__(self, net, fail_after=None):
+        super().__init__()
+        self.net, self.fail_after, self.calls = net, fail_after, []
+        for name in ("img_resolution", "img_channels", "label_dim", "sigma_min", "sigma_max"):
+            setattr(self, name, getattr(net, name))
+
+    def round_sigma(self, sigma):
+        return self.net.round_sigma(sigma)
+
+    def forward(self, x, sigma, class_labels=None):
+        if self.fail_after is not None and len(self.calls) >= self.fail_after:
+            raise KeyboardInterrupt("simulated interruption")
+        self.calls.append((x.shape[0], None if class_labels is None else class_labels.clone()))
+        return self.net(x, sigma, class_labels)
+
+
+def collect(net, seeds, **kwargs):
+    kwargs.setdefault("device", "cpu")
+    out = {}
+    for batch_seeds, images in generate_images(net, seeds, **kwargs):
+        assert images.dtype == torch.uint8 and images.shape[1:] == (net.img_channels, 8, 8)
+        out.update(zip(batch_seeds, images))
+    return out
+
+
+def test_parse_int_list():
+    assert parse_int_list("1,2,5-10") == [1, 2, 5, 6, 7, 8, 9, 10]
+    assert parse_int_list("0-3") == [0, 1, 2, 3]
+    with pytest.raises(ValueError, match="cannot parse 'x'"):
+        parse_int_list("1,x")
+
+
+@pytest.mark.parametrize(("num_seeds", "batch", "world"),
+                         [(10, 4, 1), (10, 4, 2), (7, 64, 3), (1000, 64, 8), (3, 2, 4)])
+def test_rank_batches_follow_edm(num_seeds, batch, world):
+    seeds = list(range(100, 100 + num_seeds))
+    num_batches = math.ceil(num_seeds / (batch * world)) * world
+    chunks = np.array_split(np.array(seeds), num_batches)  # same split as torch.tensor_split
+    per_rank = [rank_batches(seeds, batch, rank, world) for rank in range(world)]
+    for rank in range(world):
+        assert per_rank[rank] == [c.tolist() for c in chunks[rank::world]]
+        assert len(per_rank[rank]) == num_batches // world and all(len(b) <= batch for b in per_rank[rank])
+    assert sorted(s for batches in per_rank for b in batches for s in b) == seeds
+
+
+@pytest.mark.parametrize("label_dim", [0, 3])
+def test_images_depend_only_on_seed(label_dim):
+    net = tiny_net(label_dim)
+    kwargs = dict(solver="dpmpp_3m", num_steps=5)
+    one = collect(net, [5, 3, 8, 0], batch_size=1, **kwargs)
+    four = collect(net, [0, 8, 3, 5], batch_size=4, **kwargs)
+    shard = collect(net, [5, 3, 8, 0], batch_size=1, rank=1, world_size=2, **kwargs)
+    assert sorted(one) == [0, 3, 5, 8] and len(shard) == 2
+    for seed in one:
+        assert torch.equal(one[seed], four[seed])
+    for seed in shard:
+        assert torch.equal(shard[seed], one[seed])
+    assert not torch.equal(one[0], one[3])
+
+
+def edm_reference(net, seeds, num_steps=18, sigma_min=0.002, sigma_max=80, rho=7, S_churn=0, S_min=0,
+                  S_max=float("inf"), S_noise=1, class_idx=None):
+    """EDM's generate.py for one batch written out independently: per-seed generators (latent, then label),
+    Algorithm 2 on the rho grid clamped to the net's range, round_sigma, t_N = 0, EDM's uint8 conversion."""
+    gens = [torch.Generator().manual_seed(s % (1 << 32)) for s in seeds]
+    shape = [net.img_channels, net.img_resolution, net.img_resolution]
+    latents = torch.stack([torch.randn(shape, generator=g) for g in gens])
+    labels = None
+    if net.label_dim:
+        labels = torch.eye(net.label_dim)[torch.stack([torch.randint(net.label_dim, size=[], generator=g)
+                                                       for g in gens])]
+        if class_idx is not None:
+            labels = torch.zeros_like(labels)
+            labels[:, class_idx] = 1
+    sigma_min, sigma_max = max(sigma_min, net.sigma_min), min(sigma_max, net.sigma_max)
+    i = torch.arange(num_steps, dtype=torch.float64)
+    t = (sigma_max ** (1 / rho) + i / (num_steps - 1) * (sigma_min ** (1 / rho) - sigma_max ** (1 / rho))) ** rho
+    t = torch.cat([net.round_sigma(t), torch.zeros(1, dtype=torch.float64)])
+    x = latents.to(torch.float64) * t[0]
+    for n in range(num_steps):
+        gamma = min(S_churn / num_steps, math.sqrt(2) - 1) if S_min <= t[n] <= S_max else 0
+        t_hat = net.round_sigma(t[n] + gamma * t[n])
+        noise = torch.stack([torch.randn(shape, dtype=torch.float64, generator=g) for g in gens])
+        x_hat = x + (t_hat**2 - t[n] ** 2).sqrt() * S_noise * noise
+        d = (x_hat - net(x_hat, t_hat, labels).to(torch.float64)) / t_hat
+        x = x_hat + (t[n + 1] - t_hat) * d
+        if n < num_steps - 1:
+            d2 = (x - net(x, t[n + 1], labels).to(torch.float64)) / t[n + 1]
+            x = x_hat + (t[n + 1] - t_hat) * (0.5 * d + 0.5 * d2)
+    return x, (x * 127.5 + 128).clip(0, 255).to(torch.uint8)
+
+
+@pytest.mark.parametrize(("options", "class_idx"), [
+    ({}, None),
+    ({"num_steps": 6, "S_churn": 40, "S_min": 0.05, "S_max": 50, "S_noise": 1.003}, 2),
+])
+def test_default_path_equals_edm(options, class_idx):
+    net = tiny_net(label_dim=3, sigma_min=0.01, sigma_max=50.0)  # a range that EDM's clamp must respect
+    seeds = [4, 17, 2]
+    reference_x, reference_images = edm_reference(net, seeds, class_idx=class_idx, **options)
+    solver_kwargs = {k: v for k, v in options.items() if k.startswith("S_")}
+    config = SamplerConfig(num_steps=options.get("num_steps"), solver_kwargs=solver_kwargs)
+    x = sample_seeds(net, seeds, config, class_idx=class_idx, device="cpu")
+    assert torch.equal(x, reference_x)  # bit-identical float64
+    images = collect(net, seeds, batch_size=2, class_idx=class_idx, num_steps=options.get("num_steps"),
+                     solver_kwargs=solver_kwargs)
+    for index, seed in enumerate(seeds):
+        assert torch.equal(images[seed], reference_images[index])
+
+
+def test_class_labels():
+    recorder = Recorder(tiny_net(label_dim=4))
+    seeds = [0, 1, 2, 3, 4, 5]
+    collect(recorder, seeds, batch_size=6, num_steps=2, solver="euler")
+    drawn = []
+    for seed in seeds:  # the label is drawn after the latent, from the same per-seed generator
+        g = torch.Generator().manual_seed(seed)
+        torch.randn([3, 8, 8], generator=g)
+        drawn.append(int(torch.randint(4, size=[], generator=g)))
+    labels = recorder.calls[0][1]
+    assert torch.equal(labels, torch.eye(4)[drawn])
+    recorder.calls.clear()
+    collect(recorder, seeds, batch_size=6, num_steps=2, solver="euler", class_idx=3)
+    assert torch.equal(recorder.calls[0][1], torch.eye(4)[[3] * 6])
+    with pytest.raises(ValueError, match="network is unconditional"):
+        collect(tiny_net(), seeds, class_idx=1)
+    with pytest.raises(ValueError, match="out of range"):
+        collect(recorder, seeds, class_idx=4)
+
+
+def digest(path):
+    return hashlib.sha256(open(path, "rb").read()).hexdigest()
+
+
+def test_interrupted_run_resumes(tmp_path):
+    seeds = list(range(10))
+    kwargs = dict(batch_size=3, num_steps=3, solver="heun", device="cpu", progress=False)
+    clean = str(tmp_path / "clean")
+    assert write_images(tiny_net(), seeds, clean, **kwargs) == {"written": 10, "skipped": 0}
+
+    out = str(tmp_path / "out")
+    with pytest.raises(KeyboardInterrupt):  # killed during the third batch (5 NFE per batch)
+        write_images(Recorder(tiny_net(), fail_after=12), seeds, out, **kwargs)
+    done = sorted(os.listdir(out))
+    assert done == [f"{s:06d}.png" for s in range(6)]  # finished batches only, no temporary files left
+    before = {name: (os.stat(os.path.join(out, name)).st_ino, os.stat(os.path.join(out, name)).st_mtime_ns)
+              for name in done}
+    os.remove(os.path.join(out, "000004.png"))  # a hole in the middle is filled too
+
+    recorder = Recorder(tiny_net())
+    assert write_images(recorder, seeds, out, **kwargs) == {"written": 5, "skipped": 5}
+    assert sum(batch for batch, _ in recorder.calls) == 5 * 5  # only the 5 missing seeds were sampled
+    for name, stat in before.items():
+        if name != "000004.png":
+            assert (os.stat(os.path.join(out, name)).st_ino, os.stat(os.path.join(out, name)).st_mtime_ns) == stat
+    assert sorted(os.listdir(out)) == sorted(os.listdir(clean))
+    for name in os.listdir(clean):
+        assert digest(os.path.join(out, name)) == digest(os.path.join(clean, name))
+    recorder.calls.clear()
+    assert write_images(recorder, seeds, out, **kwargs) == {"written": 0, "skipped": 10} and not recorder.calls
+
+
+def test_png_files(tmp_path):
+    gray = tiny_net(channels=1)
+    seeds = [999, 1000, 2500]
+    write_images(gray, seeds, str(tmp_path), subdirs=True, batch_size=4, num_steps=2, solver="euler", device="cpu",
+                 progress=False)
+    expected = ["000000/000999.png", "001000/001000.png", "002000/002500.png"]
+    assert [os.path.relpath(image_path(str(tmp_path), s, True), tmp_path) for s in seeds] == expected
+    images = collect(gray, seeds, batch_size=4, num_steps=2, solver="euler")
+    for seed, rel in zip(seeds, expected):
+        png = PIL.Image.open(tmp_path / rel)
+        assert png.mode == "L" and png.size == (8, 8)
+        assert np.array_equal(np.asarray(png), images[seed][0].numpy())
+    rows, columns = save_image_grid(str(tmp_path), seeds, str(tmp_path / "grid.png"), subdirs=True)
+    grid = np.asarray(PIL.Image.open(tmp_path / "grid.png"))
+    assert (rows, columns) == (2, 2) and grid.shape == (16, 16)
+    assert np.array_equal(grid[8:, :8], images[2500][0].numpy()) and not grid[8:, 8:].any()
+
+
+@pytest.fixture(scope="module")
+def network_pickle(tmp_path_factory):
+    path = str(tmp_path_factory.mktemp("net") / "network-snapshot-000000.pkl")
+    persistence.save_network_pickle(path, dict(ema=tiny_net()))
+    return path
+
+
+def test_cli_writes_edm_images(network_pickle, tmp_path):
+    outdir = str(tmp_path / "out")
+    result = CliRunner().invoke(generate.main, ["--network", network_pickle, "--outdir", outdir, "--seeds", "0-4",
+                                                "--batch", "3", "--device", "cpu", "--grid", str(tmp_path / "g.png")])
+    assert result.exit_code == 0, result.output
+    assert "solver=heun" in result.output and "end=zero" in result.output and "35 NFE per image" in result.output
+    assert sorted(os.listdir(outdir)) == [f"{s:06d}.png" for s in range(5)]
+    net = persistence.load_network_pickle(network_pickle)["ema"]
+    _, reference = edm_reference(net, [0, 1, 2, 3, 4])
+    for seed in range(5):
+        png = np.asarray(PIL.Image.open(os.path.join(outdir, f"{seed:06d}.png")))
+        assert png.shape == (8, 8, 3) and np.array_equal(png, reference[seed].permute(1, 2, 0).numpy())
+    assert PIL.Image.open(tmp_path / "g.png").size == (24, 16)
+
+    result = CliRunner().invoke(generate.main, ["--network", network_pickle, "--outdir", outdir, "--seeds", "0-5",
+                                                "--device", "cpu", "--solver", "unipc", "--steps", "4", "--order",
+                                                "2", "--variant", "bh2"])
+    assert result.exit_code == 0, result.output
+    assert "solver=unipc(order=2, variant=bh2)" in result.output and "end=sigma_min" in result.output
+    assert "4 NFE per image" in result.output and "Wrote 1 images, skipped 5" in result.output
+
+
+@pytest.mark.parametrize(("args", "message"), [
+    (["--class", "1"], "unconditional"),
+    (["--order", "2"], "--order does not apply to solver 'heun'"),
+    (["--solver", "unipc", "--variant", "taylor"], "--variant for solver 'unipc' must be one of bh1, bh2"),
+    (["--schedule", "logsnr", "--rho", "3"], "--rho applies to schedules edm and vp_time_uniform"),
+    (["--schedule", "nonexistent"], "neither a schedule name"),
+    (["--seeds", "1-x"], "cannot parse"),
+    (["--solver", "euler", "--S_churn", "10"], "--S_churn does not apply to solver 'euler'"),
+])
+def test_cli_errors(network_pickle, tmp_path, args, message):
+    result = CliRunner().invoke(generate.main, ["--network", network_pickle, "--outdir", str(tmp_path), "--device",
+                                                "cpu", *args])
+    assert result.exit_code != 0 and message in result.output, result.output
+
+
+def test_cli_schedule_file(network_pickle, tmp_path):
+    from samplers import save_schedule_file
+    path = str(tmp_path / "ld3.json")
+    save_schedule_file(path, make_grid("logsnr", 4, 0.002, 80, end="sigma_min").sigmas, solver="ipndm", nfe=4,
+                       solver_kwargs={"max_order": 3})
+    result = CliRunner().invoke(generate.main, ["--network", network_pickle, "--outdir", str(tmp_path / "a"),
+                                                "--seeds", "0-1", "--device", "cpu", "--schedule", path])
+    assert result.exit_code == 0, result.output
+    assert "solver=ipndm(max_order=3)" in result.output and "4 NFE per image" in result.output
+    result = CliRunner().invoke(generate.main, ["--network", network_pickle, "--outdir", str(tmp_path / "b"),
+                                                "--device", "cpu", "--schedule", path, "--solver", "euler"])
+    assert result.exit_code != 0 and "learned for solver 'ipndm'" in result.output
+    # LD3's own .pt vector records no solver: --solver is required, and LD3's options are the defaults.
+    sigmas = make_grid("logsnr", 4, 0.002, 80, end="sigma_min").sigmas
+    torch.save({"best_t_steps": torch.cat([sigmas, sigmas])}, tmp_path / "best_v2.pt")
+    args = ["--network", network_pickle, "--outdir", str(tmp_path / "c"), "--seeds", "0", "--device", "cpu",
+            "--schedule", str(tmp_path / "best_v2.pt")]
+    result = CliRunner().invoke(generate.main, args)
+    assert result.exit_code != 0 and "pass --solver" in result.output
+    result = CliRunner().invoke(generate.main, [*args, "--solver", "ipndm"])
+    assert result.exit_code == 0 and "solver=ipndm(max_order=3)" in result.output, result.output
+    assert "(decoupled evaluation grid)" in result.output and os.path.isfile(tmp_path / "c" / "000000.png")
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.slow
+@pytest.mark.distributed
+def test_two_ranks_match_one(network_pickle, tmp_path):
+    seeds = "0-6"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": ROOT}
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port",
+               str(free_port()), os.path.join(ROOT, "generate.py"), "--network", network_pickle, "--outdir",
+               str(tmp_path / "two"), "--seeds", seeds, "--batch", "2", "--device", "cpu", "--solver", "dpmpp_2m",
+               "--steps", "5"]
+    result = subprocess.run(command, env=env, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "on 2 rank(s)" in result.stdout and "Wrote 7 images" in result.stdout
+    net = persistence.load_network_pickle(network_pickle)["ema"]
+    write_images(net, seeds, str(tmp_path / "one"), batch_size=5, solver="dpmpp_2m", num_steps=5, device="cpu",
+                 progress=False)
+    names = sorted(os.listdir(tmp_path / "one"))
+    assert names == sorted(os.listdir(tmp_path / "two")) and len(names) == 7
+    for name in names:
+        assert digest(tmp_path / "one" / name) == digest(tmp_path / "two" / name)

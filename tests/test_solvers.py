@@ -1,0 +1,247 @@
+"""ODE solvers: NFE, convergence order against a closed-form solution, equivalences, EDM's Heun, options."""
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from samplers import SOLVERS, count_nfe, make_grid, sample
+from samplers.dpm_solver import step_orders
+
+# Data N(mu, diag(ell)): D(x; sigma) = mu + ell / (ell + sigma^2) (x - mu), and the probability-flow ODE has the
+# exact solution x(sigma) = mu + (x(sigma_0) - mu) sqrt((ell + sigma^2) / (ell + sigma_0^2)).
+DIM = 16
+ELL = torch.logspace(-2, 0, DIM, dtype=torch.float64)
+MU = torch.linspace(-0.5, 0.5, DIM, dtype=torch.float64)
+
+
+def make_denoiser(ell=ELL, mu=MU, calls=None):
+    def denoiser(x, sigma, class_labels=None):
+        if calls is not None:
+            calls.append(sigma)
+        s2 = torch.as_tensor(sigma, dtype=torch.float64) ** 2
+        return (mu + ell / (ell + s2) * (x - mu)).to(torch.float32 if calls is not None else torch.float64)
+    return denoiser
+
+
+def exact(latents, sigma_0, sigma_end, ell=ELL, mu=MU):
+    x0 = latents * sigma_0
+    return mu + (x0 - mu) * torch.sqrt((ell + sigma_end**2) / (ell + sigma_0**2))
+
+
+LATENTS = torch.randn(32, DIM, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+
+
+def global_error(solver, num_steps, schedule="edm", sigma_min=0.002, sigma_max=80.0, ell=ELL, **kwargs):
+    grid = make_grid(schedule, num_steps, sigma_min, sigma_max, end="sigma_min")
+    out = sample(make_denoiser(ell), LATENTS, grid, solver=solver, **kwargs)
+    return (out - exact(LATENTS, sigma_max, sigma_min, ell)).pow(2).mean().sqrt().item()
+
+
+def fitted_order(solver, steps, **kwargs):
+    errors = [global_error(solver, n, **kwargs) for n in steps]
+    return -np.polyfit(np.log(steps), np.log(errors), 1)[0]
+
+
+ALL_CONFIGS = [("euler", {}), ("heun", {}), ("dpmpp_2m", {}), ("dpmpp_3m", {}), ("unipc", {"order": 1}),
+               ("unipc", {"order": 2}), ("unipc", {"order": 3, "variant": "bh2"}), ("ipndm", {"max_order": 3}),
+               ("ipndm", {"max_order": 4})]
+
+
+@pytest.mark.parametrize(("solver", "kwargs"), ALL_CONFIGS)
+@pytest.mark.parametrize("end", ["zero", "sigma_min"])
+def test_nfe(solver, kwargs, end):
+    calls = []
+    grid = make_grid("edm", 18, end=end)
+    out = sample(make_denoiser(calls=calls), LATENTS[:2], grid, solver=solver, **kwargs)
+    expected = {"heun": 35 if end == "zero" else 36}.get(solver, 18)  # EDM: 18 steps -> 35 NFE
+    assert len(calls) == expected == count_nfe(solver, 18, end)
+    assert out.dtype == torch.float64  # float32 denoiser output is promoted, as EDM
+    # The denoiser always receives the level as a 0-dim float64 tensor (no host scalars, no per-step syncs).
+    assert all(isinstance(s, torch.Tensor) and s.ndim == 0 and s.dtype == torch.float64 for s in calls)
+    calls.clear()
+    sample(make_denoiser(calls=calls), LATENTS[:2], grid, solver=solver, denoise_to_zero=True, **kwargs)
+    assert len(calls) == count_nfe(solver, 18, end, denoise_to_zero=True) == expected + (end == "sigma_min")
+
+
+# Global-error orders, edm(rho=7) grid 80 -> 0.002, no final denoise.
+@pytest.mark.parametrize(("solver", "kwargs", "order", "steps"), [
+    ("euler", {}, 1, [32, 64, 128, 256]),
+    ("heun", {}, 2, [32, 64, 128, 256]),
+    ("dpmpp_2m", {}, 2, [32, 64, 128, 256]),
+    ("dpmpp_3m", {"exact_third_order": True}, 3, [32, 64, 128, 256]),
+    ("unipc", {"order": 1}, 2, [32, 64, 128, 256]),
+    ("unipc", {"order": 2}, 3, [32, 64, 128, 256]),
+    ("unipc", {"order": 3, "lower_order_final": False}, 4, [32, 64, 128, 256]),
+    ("unipc", {"order": 3, "variant": "bh2", "lower_order_final": False}, 4, [32, 64, 128, 256]),
+])
+def test_convergence_order(solver, kwargs, order, steps):
+    assert fitted_order(solver, steps, **kwargs) == pytest.approx(order, abs=0.25)
+
+
+def test_dpmpp_3m_reference_update_is_second_order():
+    """The reference codes' 3M update weights its second difference by half the third-order value (see dpmpp_3m):
+    globally second order, with a smaller constant than 2M; exact_third_order restores order 3."""
+    steps = [64, 128, 256]
+    assert fitted_order("dpmpp_3m", steps, schedule="logsnr") == pytest.approx(2, abs=0.2)
+    assert global_error("dpmpp_3m", 256) < 0.5 * global_error("dpmpp_2m", 256)
+    assert fitted_order("dpmpp_3m", steps, exact_third_order=True) == pytest.approx(3, abs=0.2)
+
+
+def test_ipndm_order():
+    """iPNDM's fixed Adams-Bashforth weights are exact on a uniform grid: order q there (pre-asymptotically; the
+    Euler warm-up step caps the asymptotic order at 2). On a non-uniform grid such as edm(7) it is second order."""
+    easy = dict(schedule="sigma_uniform", sigma_min=1.0, sigma_max=10.0, ell=torch.linspace(1, 4, DIM,
+                                                                                             dtype=torch.float64))
+    assert fitted_order("ipndm", [10, 20, 40, 80], max_order=2, **easy) == pytest.approx(2, abs=0.25)
+    assert fitted_order("ipndm", [20, 40, 80, 160], max_order=3, **easy) == pytest.approx(3, abs=0.3)
+    assert fitted_order("ipndm", [10, 20, 40, 80], max_order=4, **easy) > 3.2
+    assert fitted_order("ipndm", [64, 128, 256], max_order=4) == pytest.approx(2, abs=0.2)
+
+
+@pytest.mark.parametrize(("solver", "kwargs", "steps", "tolerance"), [
+    ("heun", {}, 4096, 1e-6),
+    ("dpmpp_2m", {}, 4096, 1e-6),
+    ("dpmpp_3m", {}, 2048, 1e-6),
+    ("dpmpp_3m", {"exact_third_order": True}, 512, 1e-6),
+    ("unipc", {"order": 3}, 512, 1e-6),
+    ("ipndm", {"max_order": 4}, 2048, 1e-6),
+    ("euler", {}, 16384, 1e-4),  # first order: 1e-6 would take ~10^6 steps
+])
+def test_matches_exact_solution(solver, kwargs, steps, tolerance):
+    assert global_error(solver, steps, **kwargs) < tolerance
+
+
+def edm_algorithm_2(denoiser, latents, sigmas, randn_like, S_churn, S_min, S_max, S_noise):
+    """EDM's stochastic sampler as written in the paper (Algorithm 2), straightforwardly, for comparison."""
+    num_steps = len(sigmas) - 1
+    x = latents.to(torch.float64) * sigmas[0]
+    for i in range(num_steps):
+        t_cur, t_next = sigmas[i], sigmas[i + 1]
+        gamma = min(S_churn / num_steps, math.sqrt(2) - 1) if S_min <= t_cur <= S_max else 0
+        t_hat = t_cur + gamma * t_cur
+        x_hat = x + (t_hat**2 - t_cur**2).sqrt() * S_noise * randn_like(x)
+        d_cur = (x_hat - denoiser(x_hat, t_hat).to(torch.float64)) / t_hat
+        x = x_hat + (t_next - t_hat) * d_cur
+        if i < num_steps - 1:
+            d_prime = (x - denoiser(x, t_next).to(torch.float64)) / t_next
+            x = x_hat + (t_next - t_hat) * (0.5 * d_cur + 0.5 * d_prime)
+    return x
+
+
+@pytest.mark.parametrize("churn", [dict(S_churn=0, S_min=0, S_max=math.inf, S_noise=1),
+                                   dict(S_churn=40, S_min=0.05, S_max=50, S_noise=1.003)])
+def test_heun_equals_edm_algorithm_2(churn):
+    grid = make_grid("edm", 12, end="zero")
+    denoiser = make_denoiser(calls=[])  # float32 output, as a network
+    noise = [torch.Generator().manual_seed(7), torch.Generator().manual_seed(7)]
+    ours = sample(denoiser, LATENTS, grid, solver="heun",
+                  randn_like=lambda x: torch.randn(x.shape, dtype=x.dtype, generator=noise[0]), **churn)
+    ref = edm_algorithm_2(denoiser, LATENTS, grid.sigmas,
+                          lambda x: torch.randn(x.shape, dtype=x.dtype, generator=noise[1]), **churn)
+    assert torch.equal(ours, ref)
+    if churn["S_churn"]:  # churn changes the result, and the noise stream was consumed once per step
+        assert not torch.equal(ours, sample(denoiser, LATENTS, grid, solver="heun"))
+        assert torch.equal(noise[0].get_state(), noise[1].get_state())
+
+
+def test_churn_draws_every_step_like_edm():
+    draws = []
+
+    def randn_like(x):
+        draws.append(1)
+        return torch.zeros_like(x)
+
+    grid = make_grid("edm", 8, end="zero")
+    sample(make_denoiser(), LATENTS, grid, solver="heun", randn_like=randn_like, S_churn=10, S_min=1, S_max=10)
+    assert len(draws) == 8  # also outside [S_min, S_max], to keep the per-seed stream aligned with EDM's
+    draws.clear()
+    sample(make_denoiser(), LATENTS, grid, solver="heun", randn_like=randn_like)
+    assert not draws
+
+
+def test_first_order_equivalences():
+    grid = make_grid("logsnr", 9, 0.002, 80, end="sigma_min")
+    denoiser = make_denoiser()
+    euler = sample(denoiser, LATENTS, grid, solver="euler")
+    for solver, kwargs in [("unipc", dict(order=1, corrector=False)), ("ipndm", dict(max_order=1))]:
+        torch.testing.assert_close(sample(denoiser, LATENTS, grid, solver=solver, **kwargs), euler, rtol=1e-12,
+                                   atol=1e-12)
+    # UniP-2 with B(h) = expm1(-h) is DPM-Solver++(2M) (lower-order final for both).
+    torch.testing.assert_close(sample(denoiser, LATENTS, grid, solver="unipc", order=2, variant="bh2",
+                                      corrector=False),
+                               sample(denoiser, LATENTS, grid, solver="dpmpp_2m"), rtol=1e-12, atol=1e-12)
+    # The corrector changes the result (and is what raises the order).
+    assert not torch.allclose(sample(denoiser, LATENTS, grid, solver="unipc", order=2), euler, atol=1e-6)
+
+
+@pytest.mark.parametrize(("solver", "kwargs"), [("dpmpp_2m", {}), ("dpmpp_3m", {}), ("unipc", {}), ("ipndm", {}),
+                                                ("euler", {})])
+def test_final_step_to_zero_denoises(solver, kwargs):
+    """With EDM's appended zero the last step returns D at the last positive level (up to rounding for Euler)."""
+    calls, outputs = [], []
+    base = make_denoiser()
+
+    def denoiser(x, sigma, class_labels=None):
+        calls.append((x.clone(), sigma))
+        outputs.append(base(x, sigma))
+        return outputs[-1]
+
+    out = sample(denoiser, LATENTS, make_grid("edm", 7, end="zero"), solver=solver, **kwargs)
+    assert float(calls[-1][1]) == pytest.approx(0.002)
+    torch.testing.assert_close(out, outputs[-1], rtol=0, atol=1e-12)
+
+
+def test_step_orders():
+    levels = make_grid("edm", 6, end="sigma_min").sigmas.tolist()
+    assert step_orders(levels, 3, True) == [1, 2, 3, 3, 2, 1]
+    assert step_orders(levels, 3, False) == [1, 2, 3, 3, 3, 3]
+    assert step_orders(levels, 3, 10) == [1, 2, 3, 3, 2, 1]  # DPM-Solver's rule: only below 10 steps
+    assert step_orders(make_grid("edm", 12, end="sigma_min").sigmas.tolist(), 2, 10) == [1] + [2] * 11
+    zero = make_grid("edm", 6, end="zero").sigmas.tolist()
+    assert step_orders(zero, 3, True) == [1, 2, 3, 2, 1, 1]  # relative to the steps ending above 0
+
+
+@pytest.mark.parametrize("solver", sorted(SOLVERS))
+def test_decoupled_evaluation_grid(solver):
+    """LD3: D is evaluated at eval_sigmas; the solver's coefficients still use sigmas."""
+    grid = make_grid("logsnr", 6, 0.002, 80, end="sigma_min")
+    eval_sigmas = grid.sigmas.clone()
+    eval_sigmas[1:-1] *= 1.1
+    calls = []
+    sample(make_denoiser(calls=calls), LATENTS, grid, solver=solver)
+    plain = [float(s) for s in calls]
+    calls.clear()
+    grid.eval_sigmas = eval_sigmas
+    out = sample(make_denoiser(calls=calls), LATENTS, grid, solver=solver)
+    assert len(calls) == len(plain)
+    index = [int(np.argmin(np.abs(grid.sigmas.numpy() - p))) for p in plain]  # the grid level of each call
+    np.testing.assert_allclose([float(s) for s in calls], eval_sigmas.numpy()[index], rtol=1e-15)
+    assert sum(0 < i < 6 for i in index) >= 4
+    grid.eval_sigmas = grid.sigmas.clone()  # an identical evaluation grid changes nothing
+    torch.testing.assert_close(sample(make_denoiser(), LATENTS, grid, solver=solver),
+                               sample(make_denoiser(), LATENTS, make_grid("logsnr", 6, 0.002, 80, end="sigma_min"),
+                                      solver=solver), rtol=0, atol=0)
+    assert torch.isfinite(out).all()
+
+
+@pytest.mark.parametrize(("solver", "kwargs", "message"), [
+    ("unipc", {"order": 3, "varaint": "bh2"}, r"does not take option\(s\) \['varaint'\]"),
+    ("unipc", {"variant": "bh3"}, "variant must be 'bh1' or 'bh2'"),
+    ("dpmpp_2m", {"variant": "midpoint"}, "variant must be 'dpmsolver' or 'taylor'"),
+    ("ipndm", {"max_order": 5}, "max_order must be 1, 2, 3 or 4"),
+    ("heun", {"order": 2}, r"does not take option\(s\) \['order'\]"),
+    ("rk4", {}, "unknown solver 'rk4'"),
+    ("dpmpp_3m", {"lower_order_final": "yes"}, "lower_order_final must be"),
+])
+def test_solver_errors(solver, kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        sample(make_denoiser(), LATENTS, make_grid("edm", 5, end="sigma_min"), solver=solver, **kwargs)
+
+
+def test_heun_decoupled_grid_with_churn_is_refused():
+    grid = make_grid("edm", 5, end="sigma_min")
+    grid.eval_sigmas = grid.sigmas.clone()
+    with pytest.raises(ValueError, match="cannot be combined with S_churn"):
+        sample(make_denoiser(), LATENTS, grid, solver="heun", S_churn=10)
