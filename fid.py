@@ -1,0 +1,224 @@
+"""Compute FID (as EDM's fid.py), Inception Score and precision/recall; build reference statistics.
+
+A thin CLI over `metrics`: parsing and error reporting only.
+"""
+
+import copy
+import json
+import os
+import pickle
+
+import click
+import torch
+from click.core import ParameterSource
+
+import generate
+import metrics
+from metrics import detectors as detectors_lib
+from metrics import evaluate
+from samplers.generation import describe, parse_int_list
+from torch_utils import distributed
+
+
+def _seed_list(ctx, param, value):
+    if value is None:
+        return None
+    try:
+        seeds = parse_int_list(value)
+    except ValueError as err:
+        raise click.BadParameter(str(err)) from None
+    if not seeds:
+        raise click.BadParameter("no seeds given")
+    return seeds
+
+
+def _detector_overrides(values) -> dict[str, str]:
+    try:
+        return detectors_lib.parse_detector_overrides(values)
+    except ValueError as err:
+        raise click.BadParameter(str(err), param_hint="--detector") from err
+
+
+def _init_distributed(device: str | None) -> None:
+    """torchrun's process group (gloo on CPU); '--device cuda' means each rank's own GPU, as in generate.py."""
+    if device is not None and torch.device(device).type == "cuda" and torch.device(device).index is None:
+        device = torch.device("cuda", distributed.get_local_rank())
+    distributed.init(device=device)
+    distributed.excepthook_abort_all_ranks()
+
+
+def _run(func, *args, **kwargs):
+    """Turn the library's input errors into one clear CLI error line."""
+    try:
+        return func(*args, **kwargs)
+    except (metrics.MetricsError, metrics.ReferenceStatsError, metrics.DetectorUnavailableError, OSError,
+            pickle.UnpicklingError, ValueError) as err:
+        raise click.ClickException(str(err)) from err
+
+
+# generate.py's sampler options, reused so that `calc --network` samples exactly what generate.py would write.
+SAMPLER_OPTIONS = ["class_idx", "num_steps", "sigma_min", "sigma_max", "rho", "S_churn", "S_min", "S_max", "S_noise",
+                   "solver", "schedule", "end", "denoise_to_zero", "order", "variant", "lower_order_final",
+                   "exact_third_order"]
+
+
+def network_source_from_cli(network_pkl, seeds, batch_size, class_idx, num_steps, sigma_min, sigma_max, rho, solver,
+                            schedule, end, denoise_to_zero, **solver_cli):
+    """Load the network and build the in-memory image source with generate.py's option semantics."""
+    if schedule not in generate.SCHEDULES and not os.path.isfile(schedule):
+        raise click.BadParameter(f"{schedule!r} is neither a schedule name nor an existing schedule file",
+                                 param_hint="--schedule")
+    solver = generate.resolve_solver(solver, schedule)
+    config = generate.build_sampler_config(solver, schedule, num_steps, sigma_min, sigma_max, rho, end,
+                                           denoise_to_zero, **solver_cli)
+    net = _run(generate.load_network, network_pkl, distributed.device())
+    try:
+        summary = describe(net, config)
+    except ValueError as err:
+        raise click.UsageError(str(err)) from None
+    distributed.print0(f"Sampler: {summary}")
+    sampler_kwargs = dict(class_idx=class_idx, solver=config.solver, schedule=config.schedule,
+                          num_steps=config.num_steps, sigma_min=config.sigma_min, sigma_max=config.sigma_max,
+                          end=config.end, denoise_to_zero=config.denoise_to_zero, solver_kwargs=config.solver_kwargs,
+                          schedule_kwargs=config.schedule_kwargs)
+    return _run(metrics.network_source, net, seeds, batch_size=batch_size, network_description=network_pkl,
+                sampler_description=summary, **sampler_kwargs)
+
+
+@click.group()
+def main():
+    """Calculate FID, Inception Score and precision/recall; compute reference statistics.
+
+    Examples:
+
+    \b
+    # FID of 50,000 PNGs written by generate.py (a folder or a ZIP)
+    torchrun --standalone --nproc_per_node=1 fid.py calc --images=fid-tmp \\
+        --ref=https://nvlabs-fi-cdn.nvidia.com/edm/fid-refs/cifar10-32x32.npz
+
+    \b
+    # FID, IS and precision/recall of a network, sampled in memory (no PNGs); results also as JSON
+    torchrun --standalone --nproc_per_node=8 fid.py calc --network=network-snapshot.pkl --seeds=0-49999 \\
+        --ref=fid-refs/my-dataset.npz --metrics=fid,is,pr --out=metrics.json
+
+    \b
+    # Reference statistics of a dataset (all images, no flips); add pr to store VGG16 features too
+    torchrun --standalone --nproc_per_node=1 fid.py ref --data=datasets/my-dataset.zip \\
+        --dest=fid-refs/my-dataset.npz --metrics=fid,pr
+
+    Detectors are downloaded from their canonical URLs into the cache ($DNNLIB_CACHE_DIR, default
+    ~/.cache/dnnlib). Offline, pass local copies: --detector inception=PATH --detector vgg16=PATH.
+    """
+
+
+_common_options = [
+    click.option("--metrics", "metric_list", help="Metrics to compute: fid, is, pr", metavar="LIST", type=str,
+                 default="fid", show_default=True),
+    click.option("--batch", "batch_size", help="Maximum batch size per rank", metavar="INT",
+                 type=click.IntRange(min=1), default=64, show_default=True),
+    click.option("--workers", "num_workers", help="Data loader worker processes per rank", metavar="INT",
+                 type=click.IntRange(min=0), default=3, show_default=True),
+    click.option("--detector", "detector_values", help="Detector file or URL instead of the canonical one "
+                 "(repeatable): inception=PATH, vgg16=PATH", metavar="NAME=PATH", multiple=True),
+    click.option("--device", help="Device (default: cuda:LOCAL_RANK if available, else cpu)", metavar="STR",
+                 type=str, default=None),
+]
+
+
+def common_options(func):
+    for option in reversed(_common_options):
+        func = option(func)
+    return func
+
+
+@main.command()
+@click.option("--images", "image_path", help="Images to evaluate (folder or ZIP)", metavar="PATH|ZIP", type=str)
+@click.option("--network", "network_pkl", help="Network pickle to sample in memory instead", metavar="PKL|URL",
+              type=str)
+@click.option("--ref", "ref_path", help="Reference statistics (EDM .npz; needed for fid, pr)", metavar="NPZ|URL",
+              type=str)
+@click.option("--num", "num_expected", help="Number of images (--images: random subset if more, error if fewer; "
+              "--network without --seeds: seeds 0..num-1)  [default: 50000]", metavar="INT",
+              type=click.IntRange(min=2), default=None)
+@click.option("--seed", help="Random seed for selecting the images", metavar="INT", type=int, default=0,
+              show_default=True)
+@click.option("--seeds", help="--network: seeds to sample (e.g. 0-49999)", metavar="LIST", type=str,
+              default=None, callback=_seed_list)
+@click.option("--out", "out_path", help="Write the results as JSON to this file", metavar="JSON", type=str)
+@common_options
+def calc(image_path, network_pkl, ref_path, num_expected, seed, seeds, out_path, metric_list, batch_size, num_workers,
+         detector_values, device, **sampler_cli):
+    """Calculate metrics for a folder/ZIP of images or for a network sampled in memory.
+
+    With --network, the sampler options are generate.py's and mean the same: the images are bit-identical to the
+    PNGs `generate.py --seeds ...` would write with those options.
+    """
+    metric_names = _run(metrics.parse_metrics, metric_list)
+    detector_paths = _detector_overrides(detector_values)
+    if (image_path is None) == (network_pkl is None):
+        raise click.UsageError("give exactly one of --images and --network")
+    if ref_path is None and ("fid" in metric_names or "pr" in metric_names):
+        raise click.UsageError("--ref is required for fid and pr")
+    ctx = click.get_current_context()
+    given = [param.opts[0] for param in ctx.command.params if param.name in ["seeds", *sampler_cli]
+             and ctx.get_parameter_source(param.name) == ParameterSource.COMMANDLINE]
+    if image_path is not None and given:
+        raise click.UsageError(f"{', '.join(given)}: sampling options apply to --network only")
+    _init_distributed(device)
+
+    if image_path is not None:
+        num = 50000 if num_expected is None else num_expected
+        distributed.print0(f'Loading images from "{image_path}"...')
+        source = _run(metrics.dataset_source, image_path, num=num, seed=seed, batch_size=batch_size,
+                      num_workers=num_workers)
+    else:
+        if seeds is None:
+            seeds = list(range(50000 if num_expected is None else num_expected))
+        elif num_expected is not None and num_expected != len(seeds):
+            raise click.UsageError(f"--num={num_expected} disagrees with --seeds ({len(seeds)} seeds)")
+        source = network_source_from_cli(network_pkl, seeds, batch_size, **sampler_cli)
+
+    record = _run(metrics.calc_metrics, source, ref_path, metric_names, detector_paths=detector_paths)
+    if distributed.get_rank() == 0:
+        for line in evaluate.format_results(record):
+            print(line)
+        if out_path:
+            evaluate.write_json(record, out_path)
+            print(f'Results written to "{out_path}"')
+    distributed.barrier()
+
+
+def _sampler_options() -> list[click.Parameter]:
+    options = []
+    for param in generate.main.params:
+        if param.name in SAMPLER_OPTIONS:
+            option = copy.copy(param)
+            option.help = f"--network: {param.help}"
+            options.append(option)
+    return options
+
+
+calc.params.extend(_sampler_options())
+
+
+@main.command()
+@click.option("--data", "dataset_path", help="Path to the dataset", metavar="PATH|ZIP", type=str, required=True)
+@click.option("--dest", "dest_path", help="Destination .npz file", metavar="NPZ", type=str, required=True)
+@click.option("--max-real", "pr_max_real", help="pr: VGG16 features of at most this many images (file order)",
+              metavar="INT", type=click.IntRange(min=1), default=200000, show_default=True)
+@common_options
+def ref(dataset_path, dest_path, pr_max_real, metric_list, batch_size, num_workers, detector_values, device):
+    """Calculate dataset reference statistics needed by 'calc' (all images, no flips)."""
+    metric_names = _run(metrics.parse_metrics, metric_list)
+    detector_paths = _detector_overrides(detector_values)
+    _init_distributed(device)
+    distributed.print0(f'Loading images from "{dataset_path}"...')
+    source = _run(metrics.dataset_source, dataset_path, num=None, batch_size=batch_size, num_workers=num_workers)
+    summary = _run(metrics.compute_reference, source, dest_path, metric_names, detector_paths=detector_paths,
+                   pr_max_real=pr_max_real)
+    distributed.print0(json.dumps(dict(dest=summary["dest"], num_images=summary["num_images"])))
+    distributed.print0("Done.")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,288 @@
+"""Feature detectors for the metrics: NVIDIA's Inception-v3 (FID, IS) and VGG16 (precision/recall).
+
+Each detector is fetched from its canonical URL through `dnnlib.util.open_url` (download cache, optional sha256),
+or read from a local path / URL given by the user (`--detector inception=PATH`). Two file formats are accepted,
+told apart by their first bytes, not by their names:
+
+- TorchScript archives (a zip; StyleGAN2-ADA's `.pt`): `torch.jit.load`, which runs no Python code.
+- Pickles (StyleGAN3/EDM's `.pkl`): `pickle.load`, exactly as EDM's fid.py. These pickles embed the detector's
+  Python source (torch_utils.persistence format) and unpickling executes it: load only files you trust (the
+  canonical URL, or a copy of it).
+
+Calling convention (both formats): uint8 NCHW images with 3 channels and any H×W in; the detector resizes and
+normalises internally. Inception: `net(x, return_features=True)` -> float32 [N, 2048] pool3 features;
+`net(x, no_output_bias=True)` -> softmax probabilities [N, 1008] without the output bias (for IS).
+VGG16: `net(x, return_features=True)` -> float32 [N, 4096].
+
+`StandinInception` / `StandinVGG16` are small deterministic TorchScript modules with the same call signatures,
+for tests and benchmarks only: they give no meaningful metric values.
+"""
+
+import dataclasses
+import hashlib
+import pickle
+
+import torch
+import torch.nn.functional as F
+
+from dnnlib import util
+from torch_utils import distributed
+
+
+@dataclasses.dataclass(frozen=True)
+class DetectorSpec:
+    url: str  # canonical URL (what EDM / StyleGAN3 download)
+    alternate_urls: tuple[str, ...]  # the same network in StyleGAN2-ADA's TorchScript format
+    # sha256 of the file at `url`. Not pinned yet (None): it could not be taken offline. The hash of the file actually
+    # used is always reported with the results.
+    sha256: str | None
+    feature_kwargs: dict
+    probability_kwargs: dict | None  # None: the detector has no classification head we use
+
+
+_NGC = "https://api.ngc.nvidia.com/v2/models/nvidia/research/stylegan3/versions/1/files/metrics"
+_ADA = "https://nvlabs-fi-cdn.nvidia.com/stylegan2-ada-pytorch/pretrained/metrics"
+
+DETECTORS: dict[str, DetectorSpec] = {
+    "inception": DetectorSpec(
+        url=f"{_NGC}/inception-2015-12-05.pkl",
+        alternate_urls=(f"{_ADA}/inception-2015-12-05.pt",),
+        sha256=None,
+        feature_kwargs=dict(return_features=True),
+        # Salimans et al.'s IS multiplies pool3 by the softmax weights without the bias; StyleGAN2-ADA matches it.
+        probability_kwargs=dict(no_output_bias=True),
+    ),
+    "vgg16": DetectorSpec(
+        url=f"{_NGC}/vgg16.pkl",
+        alternate_urls=(f"{_ADA}/vgg16.pt",),
+        sha256=None,
+        feature_kwargs=dict(return_features=True),
+        probability_kwargs=None,
+    ),
+}
+
+
+class DetectorUnavailableError(RuntimeError):
+    """A detector that cannot be fetched, read or called."""
+
+
+class Detector:
+    """A loaded detector module plus where it came from (for result provenance)."""
+
+    def __init__(self, name: str, module: torch.nn.Module, source: str, sha256: str, spec: DetectorSpec):
+        self.name = name
+        self.module = module
+        self.source = source
+        self.sha256 = sha256
+        self.spec = spec
+        self.feature_dim: int | None = None
+        self.num_classes: int | None = None
+
+    @torch.no_grad()
+    def features(self, images: torch.Tensor) -> torch.Tensor:
+        """uint8 [N, 3, H, W] -> features [N, D]."""
+        return self.module(images, **self.spec.feature_kwargs)
+
+    @torch.no_grad()
+    def probabilities(self, images: torch.Tensor) -> torch.Tensor:
+        """uint8 [N, 3, H, W] -> class probabilities [N, C] (Inception without output bias)."""
+        if self.spec.probability_kwargs is None:
+            raise DetectorUnavailableError(f"detector {self.name!r} has no classification head")
+        return self.module(images, **self.spec.probability_kwargs)
+
+    def describe(self) -> dict:
+        return dict(source=self.source, sha256=self.sha256, feature_dim=self.feature_dim)
+
+
+_loaded: dict[tuple, Detector] = {}
+
+
+def _offline_hint(name: str, spec: DetectorSpec) -> str:
+    alternates = "".join(f" or {url}" for url in spec.alternate_urls)
+    return (f"If this machine is offline, download {spec.url}{alternates} elsewhere and pass "
+            f"--detector {name}=PATH (library: detector_paths={{'{name}': PATH}}), or put the file in the download "
+            f"cache {util.make_cache_dir_path('downloads')} (set $DNNLIB_CACHE_DIR to move it).")
+
+
+def _read_module(path: str, device: torch.device) -> torch.nn.Module:
+    with open(path, "rb") as f:
+        magic = f.read(4)
+        f.seek(0)
+        if magic == b"PK\x03\x04":
+            module = torch.jit.load(f, map_location=device)
+        elif magic[:1] == b"\x80":
+            module = pickle.load(f)  # embedded source runs here, as in EDM: trusted files only (see module doc)
+        else:
+            raise DetectorUnavailableError(f"{path} is neither a TorchScript archive nor a pickle")
+    if not isinstance(module, torch.nn.Module):
+        raise DetectorUnavailableError(f"{path} holds a {type(module).__name__}, not a torch module")
+    module = module.eval().to(device)
+    for param in module.parameters():  # ScriptModules have no requires_grad_()
+        param.requires_grad_(False)
+    return module
+
+
+def _probe(detector: Detector, device: torch.device) -> None:
+    """Call the detector once on a blank image: checks the call signature early and learns the output sizes."""
+    blank = torch.zeros([1, 3, 32, 32], dtype=torch.uint8, device=device)
+    try:
+        features = detector.features(blank)
+        if features.ndim != 2 or features.shape[0] != 1:
+            raise ValueError(f"features of shape {list(features.shape)}; expected [1, D]")
+        detector.feature_dim = int(features.shape[1])
+        if detector.spec.probability_kwargs is not None:
+            probs = detector.probabilities(blank)
+            if probs.ndim != 2 or probs.shape[0] != 1:
+                raise ValueError(f"probabilities of shape {list(probs.shape)}; expected [1, C]")
+            if abs(float(probs.double().sum()) - 1) > 1e-3:  # logits instead of softmax would give a wrong IS
+                raise ValueError(f"{detector.spec.probability_kwargs} output does not sum to 1 "
+                                 f"(sum {float(probs.double().sum()):.4g}): expected softmax probabilities")
+            detector.num_classes = int(probs.shape[1])
+    except Exception as err:  # a detector of the wrong kind fails in many ways; name the file and the convention
+        raise DetectorUnavailableError(
+            f"detector {detector.name!r} from {detector.source} does not follow the expected calling convention "
+            f"(uint8 NCHW in; {detector.spec.feature_kwargs} -> [N, D]): {err}") from err
+
+
+def load_detector(name: str, path: str | None = None, device: torch.device | str | None = None,
+                  verbose: bool = True) -> Detector:
+    """Load detector `name` ('inception' or 'vgg16') from `path` (local file or URL) or its canonical URL.
+
+    Rank 0 loads (downloads) first while the other ranks wait, so a download happens once. Results are cached
+    per (source, device) within the process.
+    """
+    if name not in DETECTORS:
+        raise ValueError(f"unknown detector {name!r}; known: {', '.join(DETECTORS)}")
+    spec = DETECTORS[name]
+    device = torch.device(device) if device is not None else distributed.device()
+    source = path if path is not None else spec.url
+    key = (name, source, str(device))
+    if key in _loaded:
+        return _loaded[key]
+
+    rank = distributed.get_rank()
+    if rank != 0:
+        distributed.barrier()  # rank 0 goes first
+    try:
+        checksum = f"sha256:{spec.sha256}" if (path is None and spec.sha256) else None
+        try:
+            local_path = util.open_url(source, return_filename=True, checksum=checksum, verbose=verbose and rank == 0)
+        except FileNotFoundError as err:
+            raise DetectorUnavailableError(f"{name} detector: {err}") from err
+        except (OSError, ValueError) as err:
+            raise DetectorUnavailableError(f"could not fetch the {name} detector from {source}: {err}. "
+                                           f"{_offline_hint(name, spec)}") from err
+        try:
+            module = _read_module(local_path, device)
+        except DetectorUnavailableError:
+            raise
+        except Exception as err:
+            raise DetectorUnavailableError(f"could not load the {name} detector from {source}: {err}") from err
+        detector = Detector(name, module, source, _sha256(local_path), spec)
+        _probe(detector, device)
+    finally:
+        if rank == 0:
+            distributed.barrier()  # the others follow
+    _loaded[key] = detector
+    return detector
+
+
+def _sha256(path: str) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def parse_detector_overrides(values) -> dict[str, str]:
+    """['inception=PATH', 'vgg16=URL'] -> {'inception': PATH, 'vgg16': URL}, with a clear error otherwise."""
+    overrides = {}
+    for value in values or ():
+        name, sep, path = str(value).partition("=")
+        if not sep or name not in DETECTORS or not path:
+            raise ValueError(f"--detector expects NAME=PATH with NAME one of {', '.join(DETECTORS)}; got {value!r}")
+        overrides[name] = path
+    return overrides
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Stand-in detectors (tests and benchmarks). Same call signatures as NVIDIA's, random but seeded weights.
+
+
+class _Trunk(torch.nn.Module):
+    """Bilinear resize to `resolution`, (x - 128) / 128, 3x3 conv + ReLU stages, 1x1 conv to `feature_dim`, mean."""
+
+    def __init__(self, resolution: int, channels: tuple[int, ...], strides: tuple[int, ...], feature_dim: int):
+        super().__init__()
+        layers = []
+        in_channels = 3
+        for out_channels, stride in zip(channels, strides):
+            layers += [torch.nn.Conv2d(in_channels, out_channels, 3, stride=stride, padding=1), torch.nn.ReLU()]
+            in_channels = out_channels
+        layers += [torch.nn.Conv2d(in_channels, feature_dim, 1)]
+        self.layers = torch.nn.Sequential(*layers)
+        self.resolution = resolution
+
+    def forward(self, img: torch.Tensor) -> torch.Tensor:
+        x = img.to(torch.float32)
+        if x.shape[2] != self.resolution or x.shape[3] != self.resolution:
+            x = F.interpolate(x, size=(self.resolution, self.resolution), mode="bilinear", align_corners=False)
+        x = (x - 128) / 128
+        return self.layers(x).mean(dim=[2, 3])
+
+
+def _seeded_init_(module: torch.nn.Module, seed: int) -> None:
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for param in module.parameters():
+            fan_in = param[0].numel() if param.ndim > 1 else 1
+            param.copy_(torch.randn(param.shape, generator=generator) * (2 / fan_in) ** 0.5)
+
+
+class StandinInception(torch.nn.Module):
+    """Inception's call signature on a small random network (not a metric: for tests and benchmarks)."""
+
+    def __init__(self, feature_dim: int = 16, num_classes: int = 10, resolution: int = 16,
+                 channels: tuple[int, ...] = (8,), strides: tuple[int, ...] = (2,), seed: int = 0):
+        super().__init__()
+        self.trunk = _Trunk(resolution, tuple(channels), tuple(strides), feature_dim)
+        self.output = torch.nn.Linear(feature_dim, num_classes)
+        _seeded_init_(self, seed)
+
+    def forward(self, img: torch.Tensor, return_features: bool = False, use_fp16: bool = False,
+                no_output_bias: bool = False) -> torch.Tensor:
+        features = self.trunk(img)
+        if return_features:
+            return features
+        logits = features @ self.output.weight.t()
+        if not no_output_bias:
+            logits = logits + self.output.bias
+        return torch.softmax(logits, dim=1)
+
+
+class StandinVGG16(torch.nn.Module):
+    """VGG16's call signature on a small random network (not a metric: for tests and benchmarks)."""
+
+    def __init__(self, feature_dim: int = 16, resolution: int = 16, channels: tuple[int, ...] = (8,),
+                 strides: tuple[int, ...] = (2,), seed: int = 1):
+        super().__init__()
+        self.trunk = _Trunk(resolution, tuple(channels), tuple(strides), feature_dim)
+        _seeded_init_(self, seed)
+
+    def forward(self, img: torch.Tensor, resize_images: bool = True, return_features: bool = False,
+                return_lpips: bool = False) -> torch.Tensor:
+        return self.trunk(img)
+
+
+# Roughly Inception-v3's cost (~6-7 GFLOPs per 299x299 image), for throughput and memory benchmarks.
+INCEPTION_SIZED = dict(feature_dim=2048, num_classes=1008, resolution=299, channels=(32, 64, 192, 384, 768),
+                       strides=(2, 1, 2, 2, 2))
+
+
+def save_standin(module: torch.nn.Module, path: str) -> str:
+    """Script `module` and save it as a TorchScript archive at `path` (atomically): usable as --detector NAME=PATH."""
+    scripted = torch.jit.script(module.eval())
+    with util.atomic_output(path, "wb") as f:
+        torch.jit.save(scripted, f)
+    return path

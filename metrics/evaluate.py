@@ -1,0 +1,402 @@
+"""One pass over images (a folder/ZIP, or a network sampled in memory) computing every requested metric.
+
+Metrics (names as in `--metrics`):
+  fid  Fréchet Inception Distance against reference `mu`/`sigma` (EDM's fid.py, float64 sums, unbiased covariance)
+  is   Inception Score, 10 ordered splits, Inception head without output bias (StyleGAN2-ADA is50k)
+  pr   precision/recall with VGG16 features, k = 3 (StyleGAN2-ADA pr50k3); the real features come from the
+       reference file (`fid.py ref --metrics fid,pr` stores them as `vgg16_features`)
+
+Sharding follows EDM: the N image indices are split into ceil(N / (batch·world))·world near-equal chunks and rank r
+takes chunks r, r + world, ...; generated images are indexed by the position of their seed. Every accumulator is
+keyed by that global index, so results do not depend on the number of ranks. Memory is constant in N for FID and
+IS; precision/recall keep the float16 VGG16 features they need.
+"""
+
+import dataclasses
+import json
+import time
+from collections.abc import Callable, Iterator, Sequence
+
+import numpy as np
+import torch
+import tqdm
+
+from torch_utils import distributed
+
+from . import detectors as detectors_lib
+from .frechet import FeatureMoments, ReferenceStatsError, file_sha256, frechet_distance, load_reference, save_reference
+from .inception_score import InceptionScoreAccumulator
+from .precision_recall import precision_recall
+
+METRICS: dict[str, dict] = {
+    "fid": dict(detector="inception", label="fid{n}", description="Frechet Inception Distance (EDM)"),
+    "is": dict(detector="inception", label="is{n}", description="Inception Score (StyleGAN2-ADA, 10 splits)"),
+    "pr": dict(detector="vgg16", label="pr{n}_3", description="precision/recall (StyleGAN2-ADA, VGG16, k=3)"),
+}
+PR_REFERENCE_KEY = "vgg16_features"
+
+
+class MetricsError(ValueError):
+    """Bad input to the metrics pipeline (too few images, unknown metric, incompatible reference, ...)."""
+
+
+def parse_metrics(value: str | Sequence[str]) -> list[str]:
+    """'fid,is,pr' -> ['fid', 'is', 'pr'] (order kept, duplicates dropped), with a clear error for unknown names."""
+    names = value.split(",") if isinstance(value, str) else list(value)
+    names = [name.strip().lower() for name in names if name.strip()]
+    unknown = [name for name in names if name not in METRICS]
+    if unknown or not names:
+        raise MetricsError(f"--metrics: unknown metric(s) {', '.join(unknown) or '(none given)'}; "
+                           f"choose from {', '.join(METRICS)}")
+    return list(dict.fromkeys(names))
+
+
+def metric_label(metric: str, num_images: int) -> str:
+    """fid50k, is50k, pr50k3 for 50,000 images (StyleGAN's names); fid1234, pr1234_3 otherwise."""
+    n = f"{num_images // 1000}k" if num_images % 1000 == 0 else str(num_images)
+    label = METRICS[metric]["label"].format(n=n)
+    return label.replace("k_3", "k3")
+
+
+def rank_batches(num_items: int, max_batch_size: int, rank: int | None = None,
+                 world_size: int | None = None) -> list[torch.Tensor]:
+    """EDM's split: ceil(N / (batch·world))·world near-equal chunks of 0..N-1; rank r takes r, r + world, ..."""
+    rank = distributed.get_rank() if rank is None else rank
+    world_size = distributed.get_world_size() if world_size is None else world_size
+    num_batches = ((num_items - 1) // (max_batch_size * world_size) + 1) * world_size
+    return list(torch.arange(num_items).tensor_split(num_batches)[rank::world_size])
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Image sources: each yields (global indices [B] int64 on CPU, uint8 images [B, C, H, W] on the device).
+
+
+@dataclasses.dataclass
+class ImageSource:
+    num_images: int
+    batches: Callable[[torch.device], Iterator[tuple[torch.Tensor, torch.Tensor]]]
+    num_rank_batches: int  # for the progress bar
+    description: dict
+
+
+def dataset_source(path: str, num: int | None = None, seed: int = 0, batch_size: int = 64, num_workers: int = 3,
+                   prefetch_factor: int = 2) -> ImageSource:
+    """Images of a folder or ZIP (sorted names, recursive). With `num`: a random subset of exactly `num` images
+    chosen by RandomState(seed) and kept in file order (EDM's max_size/random_seed), error if there are fewer."""
+    from training.dataset import ImageFolderDataset
+
+    dataset = ImageFolderDataset(path=path, max_size=num, random_seed=seed)
+    if num is not None and len(dataset) < num:
+        raise MetricsError(f"found {len(dataset)} images in {path}, but expected at least {num} (--num)")
+    if len(dataset) < 2:
+        raise MetricsError(f"found {len(dataset)} image(s) in {path}, but need at least 2 to compute statistics")
+    batches = [b.tolist() for b in rank_batches(len(dataset), batch_size) if len(b) > 0]
+
+    def iterate(device: torch.device):
+        loader_kwargs = {}
+        if num_workers > 0:
+            loader_kwargs = dict(num_workers=num_workers, prefetch_factor=prefetch_factor, persistent_workers=False)
+            if device.type == "cuda":
+                loader_kwargs["multiprocessing_context"] = "spawn"  # as EDM: no forked children of a CUDA process
+        loader = torch.utils.data.DataLoader(dataset, batch_sampler=batches, pin_memory=(device.type == "cuda"),
+                                             **loader_kwargs)
+        for indices, (images, _labels) in zip(batches, loader):
+            yield torch.as_tensor(indices, dtype=torch.int64), images.to(device, non_blocking=True)
+
+    description = dict(images=str(path), num=len(dataset), seed=seed if num is not None else None)
+    return ImageSource(len(dataset), iterate, len(batches), description)
+
+
+def network_source(net, seeds: Sequence[int], batch_size: int = 64, network_description: str | None = None,
+                   sampler_description: str | None = None, **sampler_kwargs) -> ImageSource:
+    """Images sampled in memory from `net` (a loaded network) for `seeds`; nothing is written to disk.
+
+    Uses samplers.generation.generate_images, which splits the seeds over ranks exactly as generate.py does and
+    yields the same uint8 pixels that generate.py writes as PNGs. Image i is the one for seeds[i].
+    """
+    from samplers.generation import generate_images
+
+    seeds = [int(s) for s in seeds]
+    if len(seeds) < 2:
+        raise MetricsError(f"need at least 2 seeds to compute statistics, got {len(seeds)}")
+    # generate_images splits the seeds with EDM's rule, so splitting their positions the same way gives each
+    # yielded batch its global indices (also right for repeated seeds); the seeds are checked against them.
+    position_batches = [b for b in rank_batches(len(seeds), batch_size) if len(b) > 0]
+
+    def iterate(device: torch.device):
+        batches = generate_images(net, seeds, batch_size=batch_size, device=device, **sampler_kwargs)
+        for positions, (batch_seeds, images) in zip(position_batches, batches, strict=True):
+            if [seeds[p] for p in positions.tolist()] != [int(s) for s in batch_seeds]:
+                raise RuntimeError("generate_images split the seeds differently from metrics.evaluate.rank_batches")
+            yield positions, images.to(device)
+
+    description = dict(network=network_description, seeds=format_int_list(seeds), num=len(seeds),
+                       sampler=sampler_description, sampler_options=_jsonable(sampler_kwargs))
+    return ImageSource(len(seeds), iterate, len(position_batches), description)
+
+
+def _jsonable(value):
+    if isinstance(value, dict):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    return value if isinstance(value, (str, int, float, bool, type(None))) else str(value)
+
+
+def format_int_list(values: Sequence[int]) -> str:
+    """[0, 1, 2, 5, 7, 8] -> '0-2,5,7-8' (the inverse of generate.py's --seeds parsing)."""
+    parts, start, prev = [], None, None
+    for value in values:
+        if start is not None and value == prev + 1:
+            prev = value
+            continue
+        if start is not None:
+            parts.append(f"{start}-{prev}" if prev != start else f"{start}")
+        start = prev = value
+    if start is not None:
+        parts.append(f"{start}-{prev}" if prev != start else f"{start}")
+    return ",".join(parts)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# The single pass.
+
+
+class FeaturePass:
+    """Accumulates, batch by batch, what each requested metric needs from uint8 images and their global indices."""
+
+    def __init__(self, metrics: Sequence[str], detectors: dict[str, detectors_lib.Detector], num_images: int,
+                 is_splits: int = 10, pr_max_items: int | None = None):
+        self.metrics = list(metrics)
+        self.detectors = detectors
+        self.num_images = num_images
+        self.moments = FeatureMoments() if "fid" in self.metrics else None
+        self.inception_score = InceptionScoreAccumulator(num_images, is_splits) if "is" in self.metrics else None
+        self.pr_max_items = pr_max_items
+        self._pr_indices: list[torch.Tensor] = []
+        self._pr_features: list[torch.Tensor] = []
+
+    @torch.no_grad()
+    def update(self, indices: torch.Tensor, images: torch.Tensor) -> None:
+        if images.shape[1] == 1:
+            images = images.repeat([1, 3, 1, 1])  # grayscale -> RGB, as EDM
+        if self.moments is not None:
+            self.moments.update(self.detectors["inception"].features(images))
+        if self.inception_score is not None:
+            probs = self.detectors["inception"].probabilities(images)
+            self.inception_score.update(probs, indices.to(probs.device, non_blocking=True))
+        if "pr" in self.metrics:
+            if self.pr_max_items is not None and bool((indices >= self.pr_max_items).any()):
+                keep = torch.nonzero(indices < self.pr_max_items).flatten()  # host-side: no device sync
+                indices, images = indices[keep], images[keep.to(images.device)]
+            if len(indices) > 0:
+                # float16 as StyleGAN2-ADA: the features P/R keep are the one thing that grows with N.
+                features = self.detectors["vgg16"].features(images).to(torch.float16)
+                self._pr_indices.append(indices.to(features.device))
+                self._pr_features.append(features)
+
+    def finalize(self, device: torch.device) -> dict:
+        """Reduce across ranks (every rank must call it). Returns mu/sigma, IS scores, gathered P/R features."""
+        out = {}
+        if self.moments is not None:
+            self.moments.reduce_(self.detectors["inception"].feature_dim, device)
+            out["mu"], out["sigma"] = self.moments.mean_cov()
+        if self.inception_score is not None:
+            self.inception_score.reduce_(self.detectors["inception"].num_classes, device)
+            out["is_mean"], out["is_std"], out["is_scores"] = self.inception_score.compute()
+        if "pr" in self.metrics:
+            dim = self.detectors["vgg16"].feature_dim
+            indices = torch.cat(self._pr_indices) if self._pr_indices else torch.zeros([0], dtype=torch.int64,
+                                                                                          device=device)
+            features = torch.cat(self._pr_features) if self._pr_features else torch.zeros(
+                [0, dim], dtype=torch.float16, device=device)
+            indices, features = _all_gather_rows(indices.to(device), features.to(device))
+            out["pr_features"] = features[torch.argsort(indices)]
+        return out
+
+
+def _all_gather_rows(indices: torch.Tensor, features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Concatenate every rank's rows (padded to a common length for all_gather)."""
+    if not distributed.is_distributed():
+        return indices, features
+    import torch.distributed as dist
+
+    world_size = distributed.get_world_size()
+    counts = [torch.zeros([1], dtype=torch.int64, device=indices.device) for _ in range(world_size)]
+    dist.all_gather(counts, torch.tensor([len(indices)], dtype=torch.int64, device=indices.device))
+    counts = [int(c.item()) for c in counts]
+    max_count = max(counts)
+    # Gloo has no float16 collectives: gather float32 (exact for float16 values) and cast back.
+    wire_dtype = torch.float32 if dist.get_backend() == "gloo" else features.dtype
+    padded_features = torch.zeros([max_count, features.shape[1]], dtype=wire_dtype, device=features.device)
+    padded_features[:len(features)] = features
+    padded_indices = torch.zeros([max_count], dtype=torch.int64, device=indices.device)
+    padded_indices[:len(indices)] = indices
+    gathered_features = [torch.empty_like(padded_features) for _ in range(world_size)]
+    gathered_indices = [torch.empty_like(padded_indices) for _ in range(world_size)]
+    dist.all_gather(gathered_features, padded_features)
+    dist.all_gather(gathered_indices, padded_indices)
+    features = torch.cat([f[:n] for f, n in zip(gathered_features, counts)]).to(features.dtype)
+    indices = torch.cat([i[:n] for i, n in zip(gathered_indices, counts)])
+    return indices, features
+
+
+def run_pass(source: ImageSource, metrics: Sequence[str], detectors: dict, device: torch.device,
+             is_splits: int = 10, pr_max_items: int | None = None, progress: bool = True) -> dict:
+    """Feed every image of `source` (this rank's share) to the accumulators; return the reduced statistics."""
+    feature_pass = FeaturePass(metrics, detectors, source.num_images, is_splits=is_splits, pr_max_items=pr_max_items)
+    bar = tqdm.tqdm(total=source.num_rank_batches, unit="batch", disable=(not progress or distributed.get_rank() != 0))
+    with bar:
+        for indices, images in source.batches(device):
+            if images.dtype != torch.uint8:
+                raise MetricsError(f"images must be uint8, got {images.dtype}")
+            feature_pass.update(indices, images)
+            bar.update(1)
+    return feature_pass.finalize(device)
+
+
+def load_detectors(metrics: Sequence[str], detector_paths: dict[str, str] | None, device: torch.device,
+                   verbose: bool = True) -> dict[str, detectors_lib.Detector]:
+    detector_paths = detector_paths or {}
+    unknown = sorted(set(detector_paths) - set(detectors_lib.DETECTORS))
+    if unknown:
+        raise MetricsError(f"--detector: unknown detector(s) {', '.join(unknown)}; "
+                           f"known: {', '.join(detectors_lib.DETECTORS)}")
+    needed = list(dict.fromkeys(METRICS[m]["detector"] for m in metrics))
+    loaded = {}
+    for name in needed:
+        source = detector_paths.get(name, detectors_lib.DETECTORS[name].url)
+        distributed.print0(f'Loading {name} detector from "{source}"...')
+        loaded[name] = detectors_lib.load_detector(name, detector_paths.get(name), device=device, verbose=verbose)
+    return loaded
+
+
+def _load_reference_all_ranks(ref_path: str, verbose: bool) -> dict:
+    """Rank 0 reads (and downloads) first; the others then read the cached copy."""
+    if distributed.get_rank() != 0:
+        distributed.barrier()
+    try:
+        ref = load_reference(ref_path, verbose=verbose and distributed.get_rank() == 0)
+    finally:
+        if distributed.get_rank() == 0:
+            distributed.barrier()
+    return ref
+
+
+def calc_metrics(source: ImageSource, ref_path: str | None, metrics: Sequence[str] = ("fid",),
+                 detector_paths: dict[str, str] | None = None, device: torch.device | None = None,
+                 is_splits: int = 10, pr_nhood_size: int = 3, pr_row_batch_size: int = 10000,
+                 pr_col_batch_size: int = 10000, progress: bool = True, verbose: bool = True) -> dict:
+    """Compute `metrics` for the images of `source`; every rank calls it and every rank gets the same result dict.
+
+    The result has `results` (fid, is_mean, is_std, precision, recall as requested), `labels` (fid50k, ...),
+    `num_images`, `source`, `reference` (path, sha256) and `detectors` (source, sha256) for provenance.
+    """
+    metrics = parse_metrics(metrics)
+    device = torch.device(device) if device is not None else distributed.device()
+    started = time.time()
+
+    ref = None
+    if "fid" in metrics or "pr" in metrics:
+        if ref_path is None:
+            raise MetricsError(f"--ref is required for {', '.join(m for m in metrics if m in ('fid', 'pr'))}")
+        distributed.print0(f'Loading reference statistics from "{ref_path}"...')
+        ref = _load_reference_all_ranks(ref_path, verbose)
+        if "pr" in metrics and PR_REFERENCE_KEY not in ref:
+            raise ReferenceStatsError(
+                f"reference statistics {ref_path!r} hold no VGG16 features for precision/recall (key "
+                f"'{PR_REFERENCE_KEY}'); build them with `fid.py ref --data DATASET --dest REF.npz --metrics fid,pr`")
+
+    detectors = load_detectors(metrics, detector_paths, device, verbose=verbose)
+    if ref is not None and "fid" in metrics and ref["mu"].shape[0] != detectors["inception"].feature_dim:
+        raise ReferenceStatsError(
+            f"reference statistics {ref_path!r} have {ref['mu'].shape[0]}-d features, but the inception detector "
+            f"({detectors['inception'].source}) gives {detectors['inception'].feature_dim}-d features")
+    if ref is not None and "pr" in metrics and ref[PR_REFERENCE_KEY].shape[1:] != (detectors["vgg16"].feature_dim,):
+        raise ReferenceStatsError(
+            f"reference VGG16 features in {ref_path!r} have shape {list(ref[PR_REFERENCE_KEY].shape)}, but the vgg16 "
+            f"detector ({detectors['vgg16'].source}) gives {detectors['vgg16'].feature_dim}-d features")
+
+    distributed.print0(f"Computing {', '.join(metrics)} for {source.num_images} images...")
+    stats = run_pass(source, metrics, detectors, device, is_splits=is_splits, progress=progress)
+
+    results: dict[str, float] = {}
+    if "pr" in metrics:
+        real_features = torch.as_tensor(ref[PR_REFERENCE_KEY]).to(device)
+        results["precision"], results["recall"] = precision_recall(
+            real_features, stats["pr_features"], nhood_size=pr_nhood_size, row_batch_size=pr_row_batch_size,
+            col_batch_size=pr_col_batch_size)
+    if "is" in metrics:
+        results["is_mean"], results["is_std"] = stats["is_mean"], stats["is_std"]
+    if "fid" in metrics:
+        fid = frechet_distance(stats["mu"], stats["sigma"], ref["mu"], ref["sigma"]) \
+            if distributed.get_rank() == 0 else None
+        results["fid"] = distributed.broadcast_object(fid)
+    ordered = {key: results[key] for key in ("fid", "is_mean", "is_std", "precision", "recall") if key in results}
+
+    record = dict(
+        results=ordered,
+        labels={m: metric_label(m, source.num_images) for m in metrics},
+        num_images=source.num_images,
+        source=source.description,
+        reference=None if ref is None else dict(
+            path=ref_path, sha256=file_sha256(ref_path) if distributed.get_rank() == 0 else None,
+            num_real_pr=int(ref[PR_REFERENCE_KEY].shape[0]) if "pr" in metrics else None),
+        detectors={name: det.describe() for name, det in detectors.items()},
+        options=dict(is_splits=is_splits if "is" in metrics else None,
+                     pr_nhood_size=pr_nhood_size if "pr" in metrics else None),
+        is_scores=stats.get("is_scores"),
+        world_size=distributed.get_world_size(),
+        seconds=round(time.time() - started, 3),
+        timestamp=time.time(),
+    )
+    return distributed.broadcast_object(record)
+
+
+def compute_reference(source: ImageSource, dest: str, metrics: Sequence[str] = ("fid",),
+                      detector_paths: dict[str, str] | None = None, device: torch.device | None = None,
+                      pr_max_real: int = 200000, progress: bool = True, verbose: bool = True) -> dict:
+    """Reference statistics of a dataset (all images, no flips) written to `dest` as EDM's .npz by rank 0.
+
+    'fid' is always included (mu, sigma); 'pr' adds `vgg16_features` (float16) of the first `pr_max_real` images
+    in file order (StyleGAN2-ADA's pr50k3_full: max_real 200k). Returns a small summary dict.
+    """
+    metrics = parse_metrics(metrics)
+    if "is" in metrics:
+        raise MetricsError("--metrics for ref: 'is' needs no reference statistics; use fid and/or pr")
+    if "fid" not in metrics:
+        metrics = ["fid", *metrics]
+    device = torch.device(device) if device is not None else distributed.device()
+    detectors = load_detectors(metrics, detector_paths, device, verbose=verbose)
+    distributed.print0(f"Computing reference statistics ({', '.join(metrics)}) for {source.num_images} images...")
+    stats = run_pass(source, metrics, detectors, device, pr_max_items=pr_max_real, progress=progress)
+    extra = dict(num_images=np.int64(source.num_images))
+    if "pr" in metrics:
+        extra[PR_REFERENCE_KEY] = stats["pr_features"].cpu().numpy()
+    if distributed.get_rank() == 0:
+        distributed.print0(f'Saving reference statistics to "{dest}"...')
+        save_reference(dest, stats["mu"], stats["sigma"], **extra)
+    distributed.barrier()
+    return dict(dest=dest, num_images=source.num_images, metrics=metrics,
+                detectors={name: det.describe() for name, det in detectors.items()})
+
+
+def write_json(record: dict, path: str) -> None:
+    """Write a result record as JSON, atomically."""
+    from dnnlib import util
+
+    with util.atomic_output(path, "w") as f:
+        json.dump(record, f, indent=2)
+        f.write("\n")
+
+
+def format_results(record: dict) -> list[str]:
+    """Human-readable lines: 'fid50k 2.04321', 'is50k 9.81 ± 0.11', 'pr50k3 precision 0.71 recall 0.59'."""
+    results, labels, lines = record["results"], record["labels"], []
+    if "fid" in results:
+        lines.append(f"{labels['fid']} {results['fid']:g}")
+    if "is_mean" in results:
+        lines.append(f"{labels['is']} {results['is_mean']:g} +- {results['is_std']:g}")
+    if "precision" in results:
+        lines.append(f"{labels['pr']} precision {results['precision']:g} recall {results['recall']:g}")
+    return lines

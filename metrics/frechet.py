@@ -1,0 +1,181 @@
+"""Fréchet distance between Gaussian fits of detector features (FID), computed exactly as EDM's fid.py.
+
+Statistics: float64 running sums Σf and Σffᵀ on each rank, summed across ranks, then μ = Σf/N and the unbiased
+covariance Σ = (Σffᵀ − N·μμᵀ)/(N − 1). Distance: ‖μ − μ_ref‖² + Tr(Σ + Σ_ref − 2·sqrtm(Σ·Σ_ref)), real part.
+Reference statistics are EDM's `.npz` (keys `mu`, `sigma`); EDM2's pickled {'fid': {mu, sigma}} also loads.
+"""
+
+import hashlib
+import io
+import os
+import pickle
+
+import numpy as np
+import scipy.linalg
+import torch
+
+from dnnlib import util
+from torch_utils import distributed
+
+
+class FeatureMoments:
+    """Running float64 Σf and Σffᵀ of feature vectors on the features' device (EDM's accumulation)."""
+
+    def __init__(self):
+        self.feature_sum: torch.Tensor | None = None  # [D] float64
+        self.outer_sum: torch.Tensor | None = None  # [D, D] float64
+        self.num_local = 0  # rows seen on this rank (a host int: batch sizes are known without a device sync)
+        self.num_total: int | None = None  # set by reduce_()
+
+    @torch.no_grad()
+    def update(self, features: torch.Tensor) -> None:
+        if features.ndim != 2:
+            raise ValueError(f"features must be [N, D], got shape {list(features.shape)}")
+        features = features.to(torch.float64)
+        if self.feature_sum is None:
+            dim = features.shape[1]
+            self.feature_sum = torch.zeros([dim], dtype=torch.float64, device=features.device)
+            self.outer_sum = torch.zeros([dim, dim], dtype=torch.float64, device=features.device)
+        elif features.shape[1] != self.feature_sum.shape[0]:
+            raise ValueError(f"feature dimension changed from {self.feature_sum.shape[0]} to {features.shape[1]}")
+        self.feature_sum += features.sum(0)
+        self.outer_sum += features.T @ features
+        self.num_local += features.shape[0]
+
+    @torch.no_grad()
+    def reduce_(self, feature_dim: int, device: torch.device) -> None:
+        """Sum across ranks (every rank calls it; a rank that saw no images contributes zeros of `feature_dim`)."""
+        if self.feature_sum is None:
+            self.feature_sum = torch.zeros([feature_dim], dtype=torch.float64, device=device)
+            self.outer_sum = torch.zeros([feature_dim, feature_dim], dtype=torch.float64, device=device)
+        count = torch.tensor([self.num_local], dtype=torch.float64, device=self.feature_sum.device)
+        distributed.all_reduce_sum_(self.feature_sum)
+        distributed.all_reduce_sum_(self.outer_sum)
+        distributed.all_reduce_sum_(count)
+        self.num_total = int(count.item())
+
+    def mean_cov(self) -> tuple[np.ndarray, np.ndarray]:
+        """(mu float64[D], sigma float64[D, D]) after reduce_(), with EDM's exact sequence of operations."""
+        if self.num_total is None:
+            raise RuntimeError("call reduce_() before mean_cov()")
+        num = self.num_total
+        if num < 2:
+            raise ValueError(f"need at least 2 images for a covariance, got {num}")
+        mu = self.feature_sum.clone()
+        sigma = self.outer_sum.clone()
+        mu /= num
+        sigma -= mu.ger(mu) * num
+        sigma /= num - 1
+        return mu.cpu().numpy(), sigma.cpu().numpy()
+
+
+def frechet_distance(mu: np.ndarray, sigma: np.ndarray, mu_ref: np.ndarray, sigma_ref: np.ndarray) -> float:
+    """FID = ‖μ − μ_ref‖² + Tr(Σ + Σ_ref − 2·sqrtm(Σ·Σ_ref)), real part.
+
+    Identical to EDM's `calculate_fid_from_inception_stats`: `scipy.linalg.sqrtm(A)` returns the same matrix as
+    EDM's `sqrtm(A, disp=False)[0]` (the `disp` argument is deprecated in SciPy 1.17 and gone in 1.18).
+    """
+    mu, mu_ref = np.asarray(mu, dtype=np.float64), np.asarray(mu_ref, dtype=np.float64)
+    sigma, sigma_ref = np.asarray(sigma, dtype=np.float64), np.asarray(sigma_ref, dtype=np.float64)
+    if mu.shape != mu_ref.shape or sigma.shape != sigma_ref.shape:
+        raise ValueError(f"statistics do not match: mu {mu.shape} vs reference {mu_ref.shape}, "
+                         f"sigma {sigma.shape} vs reference {sigma_ref.shape} (different feature detectors?)")
+    m = np.square(mu - mu_ref).sum()
+    s = scipy.linalg.sqrtm(np.dot(sigma, sigma_ref))
+    fid = m + np.trace(sigma + sigma_ref - s * 2)
+    return float(np.real(fid))
+
+
+def frechet_distance_eigvals(mu, sigma, mu_ref, sigma_ref) -> float:
+    """The same distance through Tr sqrtm(Σ·Σ_ref) = Σ √λ_i(Σ·Σ_ref); an independent check, not EDM's route."""
+    mu, mu_ref = np.asarray(mu, dtype=np.float64), np.asarray(mu_ref, dtype=np.float64)
+    sigma, sigma_ref = np.asarray(sigma, dtype=np.float64), np.asarray(sigma_ref, dtype=np.float64)
+    eigvals = np.linalg.eigvals(sigma @ sigma_ref).astype(np.complex128)
+    trace_sqrt = np.sqrt(eigvals).sum().real
+    return float(np.square(mu - mu_ref).sum() + np.trace(sigma) + np.trace(sigma_ref) - 2 * trace_sqrt)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Reference statistics files.
+
+
+class ReferenceStatsError(ValueError):
+    """A reference-statistics file that is missing, unreadable or lacks what a metric needs."""
+
+
+def save_reference(path: str, mu: np.ndarray, sigma: np.ndarray, **extra: np.ndarray) -> None:
+    """np.savez(path, mu=..., sigma=..., **extra), uncompressed as EDM, written atomically.
+
+    EDM's fid.py reads only `mu` and `sigma`; extra arrays (e.g. `vgg16_features` for precision/recall,
+    `num_images`) ride along without breaking it.
+    """
+    arrays = dict(mu=np.asarray(mu, dtype=np.float64), sigma=np.asarray(sigma, dtype=np.float64))
+    arrays.update({key: np.asarray(value) for key, value in extra.items()})
+    with util.atomic_output(path, "wb") as f:
+        np.savez(f, **arrays)
+
+
+class _NumpyOnlyUnpickler(pickle.Unpickler):
+    """Unpickles EDM2's reference pickles (dicts of numpy arrays) without running arbitrary code."""
+
+    _allowed = {
+        ("numpy", "ndarray"), ("numpy", "dtype"), ("numpy.core.multiarray", "_reconstruct"),
+        ("numpy._core.multiarray", "_reconstruct"), ("numpy.core.multiarray", "scalar"),
+        ("numpy._core.multiarray", "scalar"), ("builtins", "dict"), ("collections", "OrderedDict"),
+    }
+
+    def find_class(self, module, name):
+        if (module, name) in self._allowed:
+            return super().find_class(module, name)
+        raise pickle.UnpicklingError(f"reference pickle refers to {module}.{name}, which is not a numpy array type")
+
+
+def load_reference(path_or_url: str, verbose: bool = True) -> dict[str, np.ndarray]:
+    """Load reference statistics: EDM's `.npz` (mu, sigma, ...) or EDM2's `.pkl` ({'fid': {mu, sigma}, ...}).
+
+    Returns a dict of numpy arrays with at least `mu` and `sigma`. Raises ReferenceStatsError naming the file.
+    """
+    try:
+        with util.open_url(path_or_url, verbose=verbose) as f:
+            data = f.read()
+    except (OSError, ValueError) as err:
+        raise ReferenceStatsError(f"cannot open reference statistics {path_or_url!r}: {err}") from err
+    try:
+        if data[:4] == b"PK\x03\x04":  # .npz is a zip archive
+            with np.load(io.BytesIO(data), allow_pickle=False) as npz:
+                ref = {key: npz[key] for key in npz.files}
+        elif data[:1] == b"\x80":  # a pickle (EDM2's reference format)
+            obj = _NumpyOnlyUnpickler(io.BytesIO(data)).load()
+            if not isinstance(obj, dict):
+                raise ValueError(f"expected a dict, got {type(obj).__name__}")
+            ref = dict(obj.get("fid", obj))
+            if "num_images" in obj:
+                ref["num_images"] = np.asarray(obj["num_images"])
+        else:
+            raise ValueError("neither an .npz archive nor a pickle")
+    except (ValueError, OSError, pickle.UnpicklingError, EOFError) as err:
+        raise ReferenceStatsError(f"cannot read reference statistics {path_or_url!r}: {err}") from err
+    missing = [key for key in ("mu", "sigma") if key not in ref]
+    if missing:
+        raise ReferenceStatsError(f"reference statistics {path_or_url!r} lack {', '.join(missing)} "
+                                  f"(found: {', '.join(sorted(ref)) or 'nothing'})")
+    mu, sigma = np.asarray(ref["mu"]), np.asarray(ref["sigma"])
+    if mu.ndim != 1 or sigma.shape != (mu.shape[0], mu.shape[0]):
+        raise ReferenceStatsError(f"reference statistics {path_or_url!r}: expected mu [D] and sigma [D, D], "
+                                  f"got {list(mu.shape)} and {list(sigma.shape)}")
+    return ref
+
+
+def file_sha256(path_or_url: str) -> str | None:
+    """sha256 of a local file or cached download (for provenance in result files); None if not local."""
+    try:
+        path = util.open_url(path_or_url, return_filename=True, verbose=False)
+    except (OSError, ValueError):
+        return None
+    if not os.path.isfile(path):
+        return None
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()

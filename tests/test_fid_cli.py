@@ -1,0 +1,295 @@
+"""fid.py end to end with tiny stand-in detectors: ref + calc on folders and ZIPs, 1 vs 2 ranks, errors."""
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import zipfile
+
+import numpy as np
+import PIL.Image
+import pytest
+import torch
+from click.testing import CliRunner
+
+import fid
+from metrics import detectors as detectors_lib
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _images(rng, num, size=12):
+    levels = rng.integers(20, 236, (num, 3, 1, 1))
+    return np.clip(levels + rng.integers(-20, 21, (num, 3, size, size)), 0, 255).astype(np.uint8)
+
+
+def _write_folder(folder, images):
+    os.makedirs(folder, exist_ok=True)
+    for i, image in enumerate(images):
+        PIL.Image.fromarray(image.transpose(1, 2, 0)).save(os.path.join(folder, f"{i:06d}.png"))
+
+
+def _zip_folder(folder, zip_path):
+    with zipfile.ZipFile(zip_path, "w", compression=zipfile.ZIP_STORED) as zf:
+        for name in sorted(os.listdir(folder)):
+            zf.write(os.path.join(folder, name), arcname=name)
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory):
+    """Real (40) and generated (36) images as folders and ZIPs, plus stand-in detectors saved as --detector files."""
+    root = tmp_path_factory.mktemp("fid_cli")
+    rng = np.random.default_rng(0)
+    real, gen = _images(rng, 40), _images(rng, 36)
+    gen[:, 0] = np.clip(gen[:, 0].astype(int) + 40, 0, 255)  # a shifted distribution: FID clearly above zero
+    _write_folder(root / "real", real)
+    _write_folder(root / "gen", gen)
+    _zip_folder(root / "gen", root / "gen.zip")
+    detectors_lib.save_standin(detectors_lib.StandinInception(), str(root / "inception.pt"))
+    detectors_lib.save_standin(detectors_lib.StandinVGG16(), str(root / "vgg16.pt"))
+    return dict(root=root, real=real, gen=gen)
+
+
+@pytest.fixture(scope="module")
+def network_pkl(workdir):
+    """A tiny random EDM network (8x8 SongUNet) saved in EDM's pickle format."""
+    from torch_utils import persistence
+    from training.preconditioning import EDMPrecond
+
+    torch.manual_seed(0)
+    net = EDMPrecond(img_resolution=8, img_channels=3, label_dim=0, model_type="SongUNet", model_channels=8,
+                     channel_mult=[1], num_blocks=1, attn_resolutions=[])
+    path = workdir["root"] / "tiny-network.pkl"
+    persistence.save_network_pickle(str(path), dict(ema=net))
+    return path
+
+
+def _detector_args(root):
+    return ["--detector", f"inception={root / 'inception.pt'}", "--detector", f"vgg16={root / 'vgg16.pt'}"]
+
+
+def _invoke(args):
+    result = CliRunner().invoke(fid.main, [str(a) for a in args])
+    return result
+
+
+@pytest.fixture(scope="module")
+def single_rank(workdir):
+    """fid.py ref (fid,pr) + calc (fid,is,pr) in this process, on a folder and on the same images zipped."""
+    root = workdir["root"]
+    result = _invoke(["ref", "--data", root / "real", "--dest", root / "ref1.npz", "--metrics", "fid,pr",
+                      "--batch", 8, "--workers", 0, *_detector_args(root)])
+    assert result.exit_code == 0, result.output
+    outputs = {}
+    for name, path in [("folder", root / "gen"), ("zip", root / "gen.zip")]:
+        out = root / f"calc1-{name}.json"
+        result = _invoke(["calc", "--images", path, "--ref", root / "ref1.npz", "--num", 30, "--seed", 3,
+                          "--metrics", "fid,is,pr", "--batch", 8, "--workers", 0, "--out", out,
+                          *_detector_args(root)])
+        assert result.exit_code == 0, result.output
+        outputs[name] = dict(record=json.loads(out.read_text()), stdout=result.output)
+    return outputs
+
+
+def _subset(num_total, num, seed):
+    chosen = np.arange(num_total)
+    np.random.RandomState(seed).shuffle(chosen)
+    return np.sort(chosen[:num])
+
+
+def _fid_eigh(mu1, s1, mu2, s2):
+    w, v = np.linalg.eigh(s1)
+    root = (v * np.sqrt(np.clip(w, 0, None))) @ v.T
+    inner = np.clip(np.linalg.eigvalsh(root @ s2 @ root), 0, None)
+    return np.sum((mu1 - mu2) ** 2) + np.trace(s1) + np.trace(s2) - 2 * np.sum(np.sqrt(inner))
+
+
+def test_ref_and_calc_match_an_independent_computation(workdir, single_rank):
+    root = workdir["root"]
+    inception, vgg = detectors_lib.StandinInception(), detectors_lib.StandinVGG16()
+    real = torch.as_tensor(workdir["real"])
+    gen = torch.as_tensor(workdir["gen"][_subset(36, 30, 3)])  # --num 30 --seed 3: EDM's random subset
+    with torch.no_grad():
+        f_real = inception(real, return_features=True).double().numpy()
+        f_gen = inception(gen, return_features=True).double().numpy()
+        probs = inception(gen, no_output_bias=True).double().numpy()
+        v_real = vgg(real, return_features=True).to(torch.float16)
+        v_gen = vgg(gen, return_features=True).to(torch.float16)
+
+    with np.load(root / "ref1.npz") as ref:
+        np.testing.assert_allclose(ref["mu"], f_real.mean(0), rtol=1e-6, atol=1e-9)
+        np.testing.assert_allclose(ref["sigma"], np.cov(f_real, rowvar=False), rtol=0,
+                                   atol=1e-5 * np.abs(np.cov(f_real, rowvar=False)).max())
+        torch.testing.assert_close(torch.as_tensor(ref["vgg16_features"]), v_real, rtol=1e-3, atol=1e-3)
+        assert int(ref["num_images"]) == 40
+
+    record = single_rank["folder"]["record"]
+    expected_fid = _fid_eigh(f_gen.mean(0), np.cov(f_gen, rowvar=False), f_real.mean(0), np.cov(f_real, rowvar=False))
+    assert record["results"]["fid"] == pytest.approx(expected_fid, rel=1e-4)
+    assert record["results"]["fid"] > 1e-3
+    scores = []
+    for i in range(10):
+        part = probs[i * 30 // 10:(i + 1) * 30 // 10]
+        scores.append(np.exp(np.mean(np.sum(part * (np.log(part) - np.log(part.mean(0))), axis=1))))
+    assert record["results"]["is_mean"] == pytest.approx(np.mean(scores), rel=1e-5)
+    assert record["is_scores"] == pytest.approx(scores, rel=1e-5)
+    # Precision/recall by brute force (full distance matrices, k = 3); float16 rounding may flip a borderline point.
+    def covered(probes, manifold):
+        dist_mm = torch.cdist(manifold.double(), manifold.double())
+        radii = dist_mm.kthvalue(4, dim=1).values
+        return (torch.cdist(probes.double(), manifold.double()) <= radii).any(1).double().mean().item()
+
+    assert record["results"]["precision"] == pytest.approx(covered(v_gen, v_real), abs=1.01 / 30)
+    assert record["results"]["recall"] == pytest.approx(covered(v_real, v_gen), abs=1.01 / 40)
+    assert 0.0 < record["results"]["precision"] < 1.0 and 0.0 < record["results"]["recall"] < 1.0
+    assert record["labels"] == {"fid": "fid30", "is": "is30", "pr": "pr30_3"}
+    assert record["num_images"] == 30 and record["source"]["seed"] == 3
+    assert record["detectors"]["inception"]["source"].endswith("inception.pt")
+    assert f"fid30 {record['results']['fid']:g}" in single_rank["folder"]["stdout"]
+
+
+def test_folder_and_zip_give_identical_results(single_rank):
+    folder, zipped = single_rank["folder"]["record"], single_rank["zip"]["record"]
+    assert folder["results"] == zipped["results"]
+    assert folder["is_scores"] == zipped["is_scores"]
+
+
+def _free_port():
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+NETWORK_ARGS = ["--seeds", "5-28", "--steps", "2", "--batch", "8", "--metrics", "fid,is,pr", "--workers", "0"]
+
+
+@pytest.fixture(scope="module")
+def network_single_rank(workdir, network_pkl, single_rank):
+    """fid.py calc --network in this process (needs ref1.npz from single_rank)."""
+    root = workdir["root"]
+    result = _invoke(["calc", "--network", network_pkl, "--ref", root / "ref1.npz", *NETWORK_ARGS,
+                      "--out", root / "net-memory.json", *_detector_args(root)])
+    assert result.exit_code == 0, result.output
+    return json.loads((root / "net-memory.json").read_text())
+
+
+def test_network_mode_equals_writing_pngs_and_reading_them_back(workdir, network_pkl, network_single_rank):
+    import generate
+
+    root = workdir["root"]
+    result = CliRunner().invoke(generate.main, ["--network", str(network_pkl), "--outdir", str(root / "net-pngs"),
+                                                "--seeds", "5-28", "--steps", "2", "--batch", "8", "--device", "cpu"])
+    assert result.exit_code == 0, result.output
+    assert len(os.listdir(root / "net-pngs")) == 24
+    result = _invoke(["calc", "--images", root / "net-pngs", "--ref", root / "ref1.npz", "--num", 24, "--batch", 8,
+                      "--metrics", "fid,is,pr", "--workers", 0, "--out", root / "net-pngs.json", *_detector_args(root)])
+    assert result.exit_code == 0, result.output
+    from_pngs, in_memory = json.loads((root / "net-pngs.json").read_text()), network_single_rank
+    assert in_memory["results"] == from_pngs["results"]  # same uint8 pixels, same batches: identical numbers
+    assert in_memory["is_scores"] == from_pngs["is_scores"]
+    assert in_memory["results"]["fid"] > 0 and in_memory["source"]["seeds"] == "5-28"
+    assert "heun" in in_memory["source"]["sampler"] and in_memory["num_images"] == 24
+
+
+def test_sampling_options_need_network_mode(workdir):
+    root = workdir["root"]
+    result = _invoke(["calc", "--images", root / "gen", "--ref", root / "ref1.npz", "--steps", 4])
+    assert result.exit_code != 0 and "--steps: sampling options apply to --network only" in result.output
+
+
+@pytest.mark.distributed
+def test_two_gloo_ranks_match_one_rank(workdir, single_rank, network_pkl, network_single_rank):
+    root = workdir["root"]
+    commands = [
+        ["ref", "--data", str(root / "real"), "--dest", str(root / "ref2.npz"), "--metrics", "fid,pr", "--batch", "8",
+         "--workers", "0", *_detector_args(root)],
+        ["calc", "--images", str(root / "gen"), "--ref", str(root / "ref2.npz"), "--num", "30", "--seed", "3",
+         "--metrics", "fid,is,pr", "--batch", "8", "--workers", "0", "--out", str(root / "calc2.json"),
+         *_detector_args(root)],
+        ["calc", "--network", str(network_pkl), "--ref", str(root / "ref1.npz"), *NETWORK_ARGS,
+         "--out", str(root / "net-memory2.json"), *_detector_args(root)],
+    ]
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=ROOT)
+    proc = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port", str(_free_port()),
+         os.path.join(ROOT, "tests", "metrics_torchrun_worker.py"), json.dumps(commands)],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+
+    with np.load(root / "ref1.npz") as one, np.load(root / "ref2.npz") as two:
+        np.testing.assert_allclose(two["mu"], one["mu"], rtol=1e-6, atol=1e-12)
+        np.testing.assert_allclose(two["sigma"], one["sigma"], rtol=0, atol=1e-6 * np.abs(one["sigma"]).max())
+        np.testing.assert_allclose(two["vgg16_features"], one["vgg16_features"], rtol=1e-3)  # same order as 1 rank
+    one, two = single_rank["folder"]["record"], json.loads((root / "calc2.json").read_text())
+    assert two["world_size"] == 2
+    assert two["results"]["fid"] == pytest.approx(one["results"]["fid"], rel=1e-5)
+    assert two["results"]["is_mean"] == pytest.approx(one["results"]["is_mean"], rel=1e-6)
+    assert two["is_scores"] == pytest.approx(one["is_scores"], rel=1e-6)
+    assert two["results"]["precision"] == one["results"]["precision"]
+    assert two["results"]["recall"] == one["results"]["recall"]
+    # --network on 2 ranks: each rank samples its share of the seeds; the numbers match 1 rank.
+    net_one, net_two = network_single_rank, json.loads((root / "net-memory2.json").read_text())
+    assert net_two["world_size"] == 2 and net_two["num_images"] == 24
+    assert net_two["results"]["fid"] == pytest.approx(net_one["results"]["fid"], rel=1e-5)
+    assert net_two["is_scores"] == pytest.approx(net_one["is_scores"], rel=1e-6)
+    assert net_two["results"]["precision"] == net_one["results"]["precision"]
+    assert net_two["results"]["recall"] == net_one["results"]["recall"]
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Errors: one clear line each.
+
+
+def test_fewer_images_than_num_is_a_clear_error(workdir, single_rank):
+    root = workdir["root"]
+    result = _invoke(["calc", "--images", root / "gen", "--ref", root / "ref1.npz", "--num", 50, "--workers", 0,
+                      *_detector_args(root)])
+    assert result.exit_code != 0
+    assert f"found 36 images in {root / 'gen'}, but expected at least 50 (--num)" in result.output
+
+
+def test_missing_ref_is_a_clear_error(workdir):
+    root = workdir["root"]
+    result = _invoke(["calc", "--images", root / "gen", "--ref", root / "nope.npz", "--num", 30, "--workers", 0,
+                      *_detector_args(root)])
+    assert result.exit_code != 0
+    assert "cannot open reference statistics" in result.output and "nope.npz" in result.output
+
+
+def test_ref_without_pr_features_is_a_clear_error(workdir, tmp_path):
+    root = workdir["root"]
+    np.savez(tmp_path / "edm.npz", mu=np.zeros(16), sigma=np.eye(16))
+    result = _invoke(["calc", "--images", root / "gen", "--ref", tmp_path / "edm.npz", "--num", 30, "--workers", 0,
+                      "--metrics", "fid,pr", *_detector_args(root)])
+    assert result.exit_code != 0
+    assert "hold no VGG16 features" in result.output and "--metrics fid,pr" in result.output
+
+
+def test_unfetchable_detector_is_a_clear_error(workdir, monkeypatch):
+    root = workdir["root"]
+    result = _invoke(["calc", "--images", root / "gen", "--ref", root / "ref1.npz", "--num", 30, "--workers", 0,
+                      "--detector", f"inception={root / 'missing-inception.pkl'}"])
+    assert result.exit_code != 0
+    assert "inception detector" in result.output and "missing-inception.pkl" in result.output
+
+    from dnnlib import util
+
+    monkeypatch.setattr(util.time, "sleep", lambda s: None)
+    result = _invoke(["calc", "--images", root / "gen", "--ref", root / "ref1.npz", "--num", 30, "--workers", 0,
+                      "--detector", "inception=http://127.0.0.1:9/inception-2015-12-05.pkl"])
+    assert result.exit_code != 0
+    assert "could not fetch the inception detector" in result.output
+    assert "--detector inception=PATH" in result.output
+
+
+def test_bad_options_are_clear_errors(workdir):
+    root = workdir["root"]
+    result = _invoke(["calc", "--images", root / "gen", "--ref", root / "ref1.npz", "--metrics", "fid,kid"])
+    assert result.exit_code != 0 and "unknown metric(s) kid" in result.output
+    result = _invoke(["calc", "--images", root / "gen", "--ref", root / "ref1.npz", "--detector", "inception.pt"])
+    assert result.exit_code != 0 and "NAME=PATH" in result.output
+    result = _invoke(["calc", "--ref", root / "ref1.npz"])
+    assert result.exit_code != 0 and "exactly one of --images and --network" in result.output
+    result = _invoke(["calc", "--images", root / "nowhere", "--ref", root / "ref1.npz", *_detector_args(root)])
+    assert result.exit_code != 0 and "nowhere: dataset path does not exist" in result.output

@@ -1,0 +1,454 @@
+"""Metric math (FID, IS, precision/recall), reference files, detectors and the single feature pass."""
+
+import os
+import pickle
+import zipfile
+
+import numpy as np
+import PIL.Image
+import pytest
+import scipy.linalg
+import torch
+
+from dnnlib import util
+from metrics import detectors as detectors_lib
+from metrics import evaluate, frechet, inception_score, precision_recall
+
+# ---------------------------------------------------------------------------------------------------------------------
+# FID
+
+
+def _random_features(rng, num, dim, scale, shift):
+    mixing = rng.standard_normal((dim, dim)) * scale / np.sqrt(dim)
+    return rng.standard_normal((num, dim)) @ mixing + shift
+
+
+def _moments_of(features, batch_size):
+    moments = frechet.FeatureMoments()
+    for start in range(0, len(features), batch_size):
+        moments.update(torch.as_tensor(features[start:start + batch_size], dtype=torch.float32))
+    moments.reduce_(features.shape[1], torch.device("cpu"))
+    return moments.mean_cov()
+
+
+def _fid_by_symmetric_eigh(mu1, s1, mu2, s2):
+    """Independent route: Tr sqrtm(S1 S2) = Tr sqrtm(S1^½ S2 S1^½), the latter symmetric PSD."""
+    w, v = np.linalg.eigh(s1)
+    root = (v * np.sqrt(np.clip(w, 0, None))) @ v.T
+    inner = np.linalg.eigvalsh(root @ s2 @ root)
+    return np.sum((mu1 - mu2) ** 2) + np.trace(s1) + np.trace(s2) - 2 * np.sum(np.sqrt(np.clip(inner, 0, None)))
+
+
+def test_moments_equal_numpy_mean_and_unbiased_cov():
+    rng = np.random.default_rng(0)
+    features = _random_features(rng, 300, 24, 2.0, 0.5).astype(np.float32)
+    mu, sigma = _moments_of(features, batch_size=37)
+    ref = features.astype(np.float64)
+    np.testing.assert_allclose(mu, ref.mean(0), rtol=0, atol=1e-12)
+    np.testing.assert_allclose(sigma, np.cov(ref, rowvar=False, ddof=1), rtol=1e-9, atol=1e-11)
+    assert mu.dtype == np.float64 and sigma.dtype == np.float64
+
+
+def test_fid_matches_eigenvalue_computation():
+    rng = np.random.default_rng(1)
+    for trial in range(3):
+        dim = 16 + 16 * trial
+        mu1, s1 = _moments_of(_random_features(rng, 400, dim, 1.0, 0.0).astype(np.float32), 64)
+        mu2, s2 = _moments_of(_random_features(rng, 350, dim, 1.7, 0.3).astype(np.float32), 50)
+        fid = frechet.frechet_distance(mu1, s1, mu2, s2)
+        expected = _fid_by_symmetric_eigh(mu1, s1, mu2, s2)
+        assert fid > 0.1
+        assert abs(fid - expected) <= 1e-6 * expected
+        assert abs(frechet.frechet_distance_eigvals(mu1, s1, mu2, s2) - expected) <= 1e-6 * expected
+
+
+def test_fid_closed_form_for_diagonal_covariances():
+    a, b = np.array([1.0, 4.0, 0.25]), np.array([9.0, 1.0, 0.25])
+    mu1, mu2 = np.array([0.0, 1.0, 2.0]), np.array([1.0, 1.0, 0.0])
+    expected = 1 + 0 + 4 + (1 - 3) ** 2 + (2 - 1) ** 2 + 0
+    assert frechet.frechet_distance(mu1, np.diag(a), mu2, np.diag(b)) == pytest.approx(expected, rel=1e-12)
+
+
+def test_fid_is_zero_for_identical_statistics():
+    rng = np.random.default_rng(2)
+    mu, sigma = _moments_of(_random_features(rng, 200, 32, 1.0, 1.0).astype(np.float32), 64)
+    assert abs(frechet.frechet_distance(mu, sigma, mu, sigma)) < 1e-9
+
+
+def test_fid_identical_to_edm_sqrtm_disp_false():
+    """EDM calls sqrtm(..., disp=False)[0]; where SciPy still accepts `disp`, our call must give the same bits."""
+    rng = np.random.default_rng(3)
+    mu1, s1 = _moments_of(_random_features(rng, 200, 20, 1.0, 0.0).astype(np.float32), 64)
+    mu2, s2 = _moments_of(_random_features(rng, 200, 20, 1.3, 0.2).astype(np.float32), 64)
+    try:
+        with pytest.warns(DeprecationWarning):
+            s_edm, _ = scipy.linalg.sqrtm(s1 @ s2, disp=False)
+    except TypeError:
+        pytest.skip("this SciPy no longer accepts disp=")
+    fid_edm = float(np.real(np.square(mu1 - mu2).sum() + np.trace(s1 + s2 - s_edm * 2)))
+    assert frechet.frechet_distance(mu1, s1, mu2, s2) == fid_edm
+
+
+def test_fid_shape_mismatch_is_a_clear_error():
+    with pytest.raises(ValueError, match="different feature detectors"):
+        frechet.frechet_distance(np.zeros(4), np.eye(4), np.zeros(3), np.eye(3))
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Reference files
+
+
+def test_reference_npz_round_trip(tmp_path):
+    rng = np.random.default_rng(4)
+    mu, sigma = rng.standard_normal(8), rng.standard_normal((8, 8))
+    features = rng.standard_normal((5, 6)).astype(np.float16)
+    path = str(tmp_path / "refs" / "ref.npz")
+    frechet.save_reference(path, mu, sigma, vgg16_features=features, num_images=np.int64(5))
+    assert os.listdir(tmp_path / "refs") == ["ref.npz"]  # no temporary left behind
+    with np.load(path) as npz:  # EDM reads it exactly like this
+        assert set(npz.files) == {"mu", "sigma", "vgg16_features", "num_images"}
+        assert npz["mu"].dtype == np.float64 and npz["sigma"].shape == (8, 8)
+    ref = frechet.load_reference(path)
+    np.testing.assert_array_equal(ref["mu"], mu)
+    np.testing.assert_array_equal(ref["sigma"], sigma)
+    np.testing.assert_array_equal(ref["vgg16_features"], features)
+    assert ref["vgg16_features"].dtype == np.float16 and int(ref["num_images"]) == 5
+
+
+def test_reference_edm2_pickle_loads_and_rejects_code(tmp_path):
+    mu, sigma = np.arange(3.0), np.eye(3)
+    good = tmp_path / "ref.pkl"
+    good.write_bytes(pickle.dumps(dict(num_images=7, fid=dict(mu=mu, sigma=sigma))))
+    ref = frechet.load_reference(str(good))
+    np.testing.assert_array_equal(ref["mu"], mu)
+    assert int(ref["num_images"]) == 7
+
+    class Evil:
+        def __reduce__(self):
+            return (os.system, ("echo pwned",))
+
+    bad = tmp_path / "bad.pkl"
+    bad.write_bytes(pickle.dumps(dict(fid=dict(mu=Evil(), sigma=sigma))))
+    with pytest.raises(frechet.ReferenceStatsError, match="not a numpy array type"):
+        frechet.load_reference(str(bad))
+
+
+def test_reference_errors_name_the_file(tmp_path):
+    with pytest.raises(frechet.ReferenceStatsError, match="cannot open reference statistics.*missing.npz"):
+        frechet.load_reference(str(tmp_path / "missing.npz"))
+    partial = tmp_path / "partial.npz"
+    np.savez(partial, mu=np.zeros(3))
+    with pytest.raises(frechet.ReferenceStatsError, match="lack sigma"):
+        frechet.load_reference(str(partial))
+    junk = tmp_path / "junk.npz"
+    junk.write_text("not an archive")
+    with pytest.raises(frechet.ReferenceStatsError, match="neither an .npz archive nor a pickle"):
+        frechet.load_reference(str(junk))
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Inception Score
+
+
+def _direct_is(probs, num_splits):
+    """exp(E_x KL(p(y|x) || p(y))) per split, straight from the definition."""
+    scores = []
+    n = len(probs)
+    for i in range(num_splits):
+        part = probs[i * n // num_splits:(i + 1) * n // num_splits]
+        marginal = part.mean(0)
+        kl = [np.sum(p * (np.log(p) - np.log(marginal))) for p in part]
+        scores.append(np.exp(np.mean(kl)))
+    return np.array(scores)
+
+
+def test_inception_score_streaming_equals_direct_per_split():
+    rng = np.random.default_rng(5)
+    logits = rng.standard_normal((103, 12)) * 2
+    probs = np.exp(logits) / np.exp(logits).sum(1, keepdims=True)
+    expected = _direct_is(probs, 10)
+    acc = inception_score.InceptionScoreAccumulator(len(probs), num_splits=10)
+    order = rng.permutation(len(probs))  # ranks deliver images in any order; the global index decides the split
+    for chunk in np.array_split(order, 7):
+        acc.update(torch.as_tensor(probs[chunk], dtype=torch.float32), torch.as_tensor(chunk))
+    acc.reduce_(12, torch.device("cpu"))
+    mean, std, scores = acc.compute()
+    np.testing.assert_allclose(scores, expected, rtol=1e-6)
+    assert mean == pytest.approx(expected.mean(), rel=1e-6)
+    assert std == pytest.approx(expected.std(), rel=1e-4)  # population std (numpy default), as StyleGAN2-ADA
+    lib_mean, lib_std = inception_score.inception_score(probs, 10)
+    assert lib_mean == pytest.approx(expected.mean(), rel=1e-12) and lib_std == pytest.approx(expected.std())
+
+
+def test_inception_score_hand_made_tables():
+    uniform = np.full((20, 5), 0.2)
+    acc = inception_score.InceptionScoreAccumulator(20, num_splits=2)
+    acc.update(torch.as_tensor(uniform), torch.arange(20))
+    acc.reduce_(5, torch.device("cpu"))
+    assert acc.compute()[0] == pytest.approx(1.0, abs=1e-12)
+    # One-hot, all classes distinct within a split -> IS = number of classes in the split (underflowed zeros are fine).
+    one_hot = np.tile(np.eye(4), (2, 1))
+    acc = inception_score.InceptionScoreAccumulator(8, num_splits=2)
+    acc.update(torch.as_tensor(one_hot), torch.arange(8))
+    acc.reduce_(4, torch.device("cpu"))
+    mean, std, scores = acc.compute()
+    assert scores == pytest.approx([4.0, 4.0]) and std == pytest.approx(0.0, abs=1e-12)
+
+
+def test_inception_score_needs_one_image_per_split():
+    with pytest.raises(ValueError, match="at least 10 images"):
+        inception_score.InceptionScoreAccumulator(9, num_splits=10)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Precision / recall
+
+
+def _line_features(values, dim=4):
+    features = torch.zeros([len(values), dim])
+    features[:, 0] = torch.tensor(values, dtype=torch.float32)
+    return features
+
+
+def test_precision_recall_identical_and_far_apart_sets():
+    rng = torch.Generator().manual_seed(0)
+    real = torch.randn([60, 8], generator=rng)
+    assert precision_recall.precision_recall(real, real.clone()) == (1.0, 1.0)
+    assert precision_recall.precision_recall(real, real + 100.0) == (0.0, 0.0)
+
+
+def test_precision_recall_hand_computed_case():
+    # k = 1: a point's radius is the distance to its nearest other point.
+    # real {0, 1, 2, 10}: radii 1, 1, 1, 8.  gen {0.5, 2.5, 5, 20}: radii 2, 2, 2.5, 15.
+    # precision: 0.5 (yes), 2.5 (yes), 5 (|5-10| = 5 <= 8 yes), 20 (|20-10| = 10 > 8 no) -> 3/4.
+    # recall: 0, 1, 2 are within 2 of 0.5 or 2.5; 10 is within 15 of 20 -> 4/4.
+    real, gen = _line_features([0, 1, 2, 10]), _line_features([0.5, 2.5, 5, 20])
+    assert precision_recall.precision_recall(real, gen, nhood_size=1) == (0.75, 1.0)
+    # k = 2: real radii 2, 1, 2, 9; gen radii 4.5, 2.5, 4.5, 17.5 -> precision 3/4 (20 is 10 > 9 from 10),
+    # recall 4/4 (10 is 5 > 4.5 from 5, but 10 <= 17.5 from 20).
+    assert precision_recall.precision_recall(real, gen, nhood_size=2) == (0.75, 1.0)
+
+
+def _brute_force_pr(real, gen, k):
+    real, gen = real.to(torch.float16).double(), gen.to(torch.float16).double()
+
+    def radii(points):
+        return torch.cdist(points, points).kthvalue(k + 1, dim=1).values
+
+    def covered(probes, manifold):
+        return (torch.cdist(probes, manifold) <= radii(manifold)[None, :]).any(1).double().mean().item()
+
+    return covered(gen, real), covered(real, gen)
+
+
+def test_precision_recall_blocked_equals_brute_force():
+    rng = torch.Generator().manual_seed(1)
+    real = torch.randn([97, 6], generator=rng)
+    gen = torch.randn([83, 6], generator=rng) * 1.4 + 0.3
+    blocked = precision_recall.precision_recall(real, gen, nhood_size=3, row_batch_size=10, col_batch_size=7,
+                                                dtype=torch.float32)
+    expected = _brute_force_pr(real.to(torch.float16).float(), gen.to(torch.float16).float(), 3)
+    assert blocked == pytest.approx(expected, abs=1e-12)
+    assert 0.2 < blocked[0] < 1.0 and 0.2 < blocked[1] < 1.0
+    default = precision_recall.precision_recall(real, gen, row_batch_size=10, col_batch_size=7)  # float16 as StyleGAN
+    assert default == pytest.approx(expected, abs=2.5 / 83)  # float16 rounding may flip a borderline point
+
+
+def test_precision_recall_needs_k_plus_one_points():
+    with pytest.raises(ValueError, match="at least 4 points"):
+        precision_recall.precision_recall(torch.randn(3, 4), torch.randn(10, 4))
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Detectors
+
+
+@pytest.fixture
+def standin_paths(tmp_path):
+    inception = detectors_lib.save_standin(detectors_lib.StandinInception(), str(tmp_path / "inception.pt"))
+    vgg = detectors_lib.save_standin(detectors_lib.StandinVGG16(), str(tmp_path / "vgg16.pt"))
+    detectors_lib._loaded.clear()
+    return dict(inception=inception, vgg16=vgg)
+
+
+def test_standin_detector_loads_and_follows_the_calling_convention(standin_paths):
+    det = detectors_lib.load_detector("inception", standin_paths["inception"], device="cpu")
+    images = torch.randint(0, 256, [5, 3, 20, 24], dtype=torch.uint8)
+    features = det.features(images)
+    probs = det.probabilities(images)
+    assert features.shape == (5, 16) and det.feature_dim == 16 and det.num_classes == 10
+    torch.testing.assert_close(probs.sum(1), torch.ones(5))
+    with_bias = det.module(images)
+    assert not torch.allclose(with_bias, probs)  # no_output_bias really drops the bias
+    reference = detectors_lib.StandinInception()
+    torch.testing.assert_close(features, reference(images, return_features=True))  # seeded: same weights
+    assert det.sha256 == util._hash_file(standin_paths["inception"], "sha256")
+
+
+def test_pickled_detector_format_loads(tmp_path):
+    path = tmp_path / "vgg16.pkl"
+    with open(path, "wb") as f:
+        pickle.dump(detectors_lib.StandinVGG16(feature_dim=7), f)
+    detectors_lib._loaded.clear()
+    det = detectors_lib.load_detector("vgg16", str(path), device="cpu")
+    assert det.feature_dim == 7
+    assert det.features(torch.zeros([2, 3, 8, 8], dtype=torch.uint8)).shape == (2, 7)
+
+
+def test_canonical_detector_is_read_from_the_download_cache(standin_paths, monkeypatch):
+    url = detectors_lib.DETECTORS["vgg16"].url
+    cache_path = os.path.join(util.make_cache_dir_path("downloads"), util._cache_file_name(url))
+    os.makedirs(os.path.dirname(cache_path))
+    with open(standin_paths["vgg16"], "rb") as src, open(cache_path, "wb") as dst:
+        dst.write(src.read())
+    monkeypatch.setattr(util, "_download", lambda *a, **k: pytest.fail("must not download a cached detector"))
+    det = detectors_lib.load_detector("vgg16", device="cpu")
+    assert det.source == url and det.feature_dim == 16
+
+
+def test_unfetchable_detector_is_a_clear_error(monkeypatch, tmp_path):
+    detectors_lib._loaded.clear()
+    monkeypatch.setattr(util.time, "sleep", lambda s: None)
+    spec = detectors_lib.DETECTORS["inception"]
+    monkeypatch.setitem(detectors_lib.DETECTORS, "inception",
+                        detectors_lib.DetectorSpec("http://127.0.0.1:9/inception-2015-12-05.pkl", spec.alternate_urls,
+                                                   None, spec.feature_kwargs, spec.probability_kwargs))
+    with pytest.raises(detectors_lib.DetectorUnavailableError) as info:
+        detectors_lib.load_detector("inception", device="cpu")
+    message = str(info.value)
+    assert "could not fetch the inception detector from http://127.0.0.1:9/" in message
+    assert "--detector inception=PATH" in message and "inception-2015-12-05.pt" in message
+    with pytest.raises(detectors_lib.DetectorUnavailableError, match="no such file"):
+        detectors_lib.load_detector("inception", str(tmp_path / "nope.pt"), device="cpu")
+    junk = tmp_path / "junk.pt"
+    junk.write_text("hello")
+    with pytest.raises(detectors_lib.DetectorUnavailableError, match="neither a TorchScript archive nor a pickle"):
+        detectors_lib.load_detector("inception", str(junk), device="cpu")
+
+
+def test_detector_with_wrong_signature_is_rejected(tmp_path):
+    class NoKwargs(torch.nn.Module):
+        def forward(self, img: torch.Tensor) -> torch.Tensor:
+            return img.float().mean([2, 3])
+
+    path = detectors_lib.save_standin(NoKwargs(), str(tmp_path / "bad.pt"))
+    detectors_lib._loaded.clear()
+    with pytest.raises(detectors_lib.DetectorUnavailableError, match="calling convention"):
+        detectors_lib.load_detector("inception", path, device="cpu")
+
+
+def test_detector_returning_logits_is_rejected(tmp_path):
+    class Logits(torch.nn.Module):
+        def forward(self, img: torch.Tensor, return_features: bool = False, use_fp16: bool = False,
+                    no_output_bias: bool = False) -> torch.Tensor:
+            return img.float().mean([2, 3]) + 5.0
+
+    path = detectors_lib.save_standin(Logits(), str(tmp_path / "logits.pt"))
+    detectors_lib._loaded.clear()
+    with pytest.raises(detectors_lib.DetectorUnavailableError, match="expected softmax probabilities"):
+        detectors_lib.load_detector("inception", path, device="cpu")
+
+
+def test_parse_detector_overrides():
+    assert detectors_lib.parse_detector_overrides(["inception=a.pt", "vgg16=https://x/y.pkl"]) == {
+        "inception": "a.pt", "vgg16": "https://x/y.pkl"}
+    with pytest.raises(ValueError, match="NAME=PATH"):
+        detectors_lib.parse_detector_overrides(["a.pt"])
+    with pytest.raises(ValueError, match="NAME=PATH"):
+        detectors_lib.parse_detector_overrides(["resnet=a.pt"])
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Sharding and the single pass
+
+
+def test_rank_batches_follow_edm_split():
+    for num, batch, world in [(10, 3, 1), (10, 3, 2), (5, 4, 3), (64, 8, 4)]:
+        per_rank = [evaluate.rank_batches(num, batch, rank, world) for rank in range(world)]
+        expected = torch.arange(num).tensor_split(((num - 1) // (batch * world) + 1) * world)
+        assert all(len(b) == len(per_rank[0]) for b in per_rank)  # every rank runs the same number of iterations
+        for rank in range(world):
+            for got, want in zip(per_rank[rank], expected[rank::world]):
+                assert torch.equal(got, want) and len(got) <= batch
+        assert sorted(torch.cat([b for bs in per_rank for b in bs]).tolist()) == list(range(num))
+
+
+def test_parse_metrics_and_labels():
+    assert evaluate.parse_metrics("FID, is,pr,fid") == ["fid", "is", "pr"]
+    with pytest.raises(evaluate.MetricsError, match="unknown metric.*kid"):
+        evaluate.parse_metrics("fid,kid")
+    assert [evaluate.metric_label(m, 50000) for m in ("fid", "is", "pr")] == ["fid50k", "is50k", "pr50k3"]
+    assert evaluate.metric_label("pr", 1234) == "pr1234_3"
+    assert evaluate.format_int_list([0, 1, 2, 5, 7, 8]) == "0-2,5,7-8"
+
+
+def _structured_images(rng, num, channels=3, size=12):
+    """Noise around a per-image colour: features then vary between images far more than within (like photos)."""
+    levels = rng.integers(20, 236, (num, channels, 1, 1))
+    return np.clip(levels + rng.integers(-20, 21, (num, channels, size, size)), 0, 255).astype(np.uint8)
+
+
+def _write_images(folder, images):
+    os.makedirs(folder, exist_ok=True)
+    for i, image in enumerate(images):
+        PIL.Image.fromarray(image.transpose(1, 2, 0).squeeze(2) if image.shape[0] == 1 else
+                            image.transpose(1, 2, 0)).save(os.path.join(folder, f"{i:06d}.png"))
+
+
+def test_dataset_pass_matches_direct_computation_folder_zip_and_subset(tmp_path, standin_paths):
+    rng = np.random.default_rng(6)
+    images = _structured_images(rng, 30)
+    _write_images(tmp_path / "imgs", images)
+    with zipfile.ZipFile(tmp_path / "imgs.zip", "w", compression=zipfile.ZIP_STORED) as zf:
+        for name in sorted(os.listdir(tmp_path / "imgs")):
+            zf.write(tmp_path / "imgs" / name, arcname=name)
+    detectors = evaluate.load_detectors(["fid", "is", "pr"], standin_paths, torch.device("cpu"))
+    net = detectors_lib.StandinInception()
+    vgg = detectors_lib.StandinVGG16()
+
+    # Exactly EDM's subset rule: RandomState(seed) shuffle of 0..N-1, first `num`, sorted.
+    chosen = np.arange(30)
+    np.random.RandomState(7).shuffle(chosen)
+    chosen = np.sort(chosen[:20])
+    subset = torch.as_tensor(images[chosen])
+    with torch.no_grad():
+        features = net(subset, return_features=True).double().numpy()
+        probs = net(subset, no_output_bias=True).double().numpy()
+        vgg_features = vgg(subset, return_features=True).to(torch.float16)
+
+    for path in [tmp_path / "imgs", tmp_path / "imgs.zip"]:
+        source = evaluate.dataset_source(str(path), num=20, seed=7, batch_size=6, num_workers=0)
+        stats = evaluate.run_pass(source, ["fid", "is", "pr"], detectors, torch.device("cpu"), progress=False)
+        np.testing.assert_allclose(stats["mu"], features.mean(0), rtol=1e-6)
+        expected_sigma = np.cov(features, rowvar=False)
+        np.testing.assert_allclose(stats["sigma"], expected_sigma, rtol=0, atol=1e-5 * np.abs(expected_sigma).max())
+        np.testing.assert_allclose(stats["is_scores"], _direct_is(probs, 10), rtol=1e-5)
+        torch.testing.assert_close(stats["pr_features"], vgg_features, rtol=1e-3, atol=1e-3)
+
+
+def test_pr_features_are_limited_to_the_first_max_items(standin_paths):
+    detectors = evaluate.load_detectors(["pr"], standin_paths, torch.device("cpu"))
+    images = torch.randint(0, 256, [10, 3, 8, 8], dtype=torch.uint8)
+    feature_pass = evaluate.FeaturePass(["pr"], detectors, 10, pr_max_items=4)
+    for chunk in [torch.tensor([5, 1, 7]), torch.tensor([3, 0, 9, 2]), torch.tensor([4, 6, 8])]:
+        feature_pass.update(chunk, images[chunk])
+    features = feature_pass.finalize(torch.device("cpu"))["pr_features"]
+    expected = detectors["vgg16"].features(images[:4]).to(torch.float16)  # indices 0..3, in index order
+    assert features.dtype == torch.float16
+    torch.testing.assert_close(features, expected, rtol=1e-3, atol=1e-3)
+
+
+def test_too_few_images_is_a_clear_error(tmp_path):
+    _write_images(tmp_path / "few", np.zeros((3, 3, 8, 8), dtype=np.uint8))
+    with pytest.raises(evaluate.MetricsError, match=r"found 3 images in .*few, but expected at least 5 \(--num\)"):
+        evaluate.dataset_source(str(tmp_path / "few"), num=5, num_workers=0)
+
+
+def test_grayscale_images_are_repeated_to_rgb(standin_paths):
+    detectors = evaluate.load_detectors(["fid"], standin_paths, torch.device("cpu"))
+    gray = torch.randint(0, 256, [6, 1, 10, 10], dtype=torch.uint8)
+    fp_gray = evaluate.FeaturePass(["fid"], detectors, 6)
+    fp_gray.update(torch.arange(6), gray)
+    fp_rgb = evaluate.FeaturePass(["fid"], detectors, 6)
+    fp_rgb.update(torch.arange(6), gray.repeat(1, 3, 1, 1))
+    assert torch.equal(fp_gray.moments.feature_sum, fp_rgb.moments.feature_sum)
