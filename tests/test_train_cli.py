@@ -1,0 +1,149 @@
+"""train.py end to end on a tiny dataset: artefacts, run-dir naming, resume, dry run, option errors."""
+
+import fractions
+import json
+import os
+
+import pytest
+import torch
+from click.testing import CliRunner
+from train_worker import random_images, write_zip_dataset
+
+import train
+from torch_utils import persistence
+
+TINY_NET = ['--cbase', '8', '--cres', '1,2', '--blocks', '1', '--attn', '4', '--workers', '0', '--device', 'cpu']
+
+
+@pytest.fixture(scope='module')
+def datasets(tmp_path_factory):
+    root = tmp_path_factory.mktemp('data')
+    images = random_images(64)
+    return dict(uncond=write_zip_dataset(str(root / 'tiny.zip'), images),
+                cond=write_zip_dataset(str(root / 'tinylab.zip'), images, labels=[i % 3 for i in range(64)]))
+
+
+def _invoke(args):
+    result = CliRunner().invoke(train.main, [str(a) for a in args], catch_exceptions=False)
+    return result
+
+
+def _printed_options(output: str) -> dict:
+    start = output.index('Training options:') + len('Training options:')
+    return json.loads(output[start:output.index('\n\n', start + 2)])
+
+
+def test_train_end_to_end_and_resume(datasets, tmp_path):
+    outdir = tmp_path / 'runs'
+    args = ['--outdir', outdir, '--data', datasets['cond'], '--cond', '1', '--batch', 64, '--duration', 0.001,
+            '--tick', 1, '--snap', 1, '--dump', 1, '--seed', 3, '--dropout', 0, *TINY_NET]
+    result = _invoke(args)
+    assert result.exit_code == 0, result.output
+    run_dir = outdir / '00000-tinylab-cond-ddpmpp-edm-gpus1-batch64-fp32'
+    assert sorted(os.listdir(outdir)) == [run_dir.name]
+    assert sorted(os.listdir(run_dir)) == ['log.txt', 'network-snapshot-000000.pkl', 'network-snapshot-000001.pkl',
+                                           'stats.jsonl', 'training-state-000001.pt', 'training_options.json']
+
+    options = json.load(open(run_dir / 'training_options.json'))
+    assert options['run_dir'] == str(run_dir) and options['seed'] == 3 and options['total_kimg'] == 1
+    assert options['dataset_kwargs'] == dict(class_name='training.dataset.ImageFolderDataset',
+                                             path=datasets['cond'], use_labels=True, xflip=False, cache=True,
+                                             resolution=8, max_size=64)
+    assert options['network_kwargs']['class_name'] == 'training.preconditioning.EDMPrecond'
+    assert (options['network_kwargs']['model_channels'], options['network_kwargs']['channel_mult']) == (8, [1, 2])
+    assert options['network_kwargs']['augment_dim'] == 9 and options['augment_kwargs']['p'] == 0.12
+    assert options['loss_kwargs'] == {'class_name': 'losses.denoising.EDMLoss'}
+    assert options['optimizer_kwargs'] == dict(class_name='torch.optim.Adam', lr=0.001, betas=[0.9, 0.999], eps=1e-8)
+    assert (options['ema_halflife_kimg'], options['lr_rampup_kimg'], options['kimg_per_tick']) == (500, 10000, 1)
+
+    log = open(run_dir / 'log.txt').read()
+    assert 'tick 0 ' in log and 'tick 1 ' in log and 'Exiting...' in log
+    lines = [json.loads(line) for line in open(run_dir / 'stats.jsonl')]
+    assert len(lines) == 2
+    assert {'Loss/loss', 'Progress/tick', 'Progress/kimg', 'Timing/total_sec', 'Timing/sec_per_tick',
+            'Timing/sec_per_kimg', 'Timing/maintenance_sec', 'Resources/cpu_mem_gb', 'Resources/peak_gpu_mem_gb',
+            'Resources/peak_gpu_mem_reserved_gb', 'timestamp'} == set(lines[-1])
+    assert lines[-1]['Progress/kimg']['mean'] == 1.024 and lines[-1]['Loss/loss']['num'] == 15 * 64 * 64
+
+    snapshot = persistence.load_network_pickle(str(run_dir / 'network-snapshot-000001.pkl'))
+    assert set(snapshot) == {'ema', 'loss_fn', 'augment_pipe', 'dataset_kwargs'}
+    assert (snapshot['ema'].label_dim, snapshot['ema'].img_resolution) == (3, 8)
+    state = torch.load(run_dir / 'training-state-000001.pt', weights_only=True)
+    assert state['cur_nimg'] == 1024 and state['seed'] == 3
+    for name, tensor in snapshot['ema'].state_dict().items():
+        assert torch.equal(tensor, state['ema'][name])
+
+    # Resume our training state: a new run dir, the saved seed, and training continues to 2 kimg.
+    result = _invoke(['--outdir', outdir, '--data', datasets['cond'], '--cond', '1', '--batch', 64, '--duration',
+                      0.002, '--tick', 1, '--snap', 1, '--dump', 1, '--dropout', 0, *TINY_NET,
+                      '--resume', run_dir / 'training-state-000001.pt'])
+    assert result.exit_code == 0, result.output
+    resumed_dir = outdir / '00001-tinylab-cond-ddpmpp-edm-gpus1-batch64-fp32'
+    options = json.load(open(resumed_dir / 'training_options.json'))
+    assert options['seed'] == 3 and options['resume_state_dump'] == str(run_dir / 'training-state-000001.pt')
+    state = torch.load(resumed_dir / 'training-state-000002.pt', weights_only=True)
+    assert state['cur_nimg'] == 2048 and state['cur_iter'] == 32
+
+
+def test_dry_run_writes_nothing_and_options_follow_precond(datasets, tmp_path):
+    outdir = tmp_path / 'runs'
+    result = _invoke(['--outdir', outdir, '--data', datasets['uncond'], '--precond', 've', '--loss-opt',
+                      'sigma_max=80', '--batch', 16, '--precision', 'bf16', '--desc', 'hello', '-n', *TINY_NET])
+    assert result.exit_code == 0, result.output
+    assert 'Dry run; exiting.' in result.output and not os.path.exists(outdir)
+    options = _printed_options(result.output)
+    assert options['network_kwargs']['class_name'] == 'training.preconditioning.VEPrecond'
+    assert options['loss_kwargs'] == {'class_name': 'losses.denoising.VELoss', 'sigma_max': 80}
+    assert options['run_dir'] == str(outdir / '00000-tiny-uncond-ddpmpp-ve-gpus1-batch16-bf16-hello')
+    assert options['precision'] == 'bf16' and isinstance(options['seed'], int)  # random seed drawn
+
+    # --loss overrides the precond's default loss; arch presets as EDM's.
+    result = _invoke(['--outdir', outdir, '--data', datasets['uncond'], '--precond', 'vp', '--loss', 'edm',
+                      '--arch', 'ncsnpp', '-n', '--device', 'cpu'])
+    options = _printed_options(result.output)
+    assert options['network_kwargs']['class_name'] == 'training.preconditioning.VPPrecond'
+    assert options['loss_kwargs'] == {'class_name': 'losses.denoising.EDMLoss'}
+    assert options['network_kwargs']['embedding_type'] == 'fourier'
+    assert options['network_kwargs']['resample_filter'] == [1, 3, 3, 1]
+    assert options['network_kwargs']['model_channels'] == 128 and options['total_kimg'] == 200000
+    assert options['network_kwargs']['dropout'] == 0.13 and options['batch_size'] == 512
+
+
+@pytest.mark.parametrize('extra, message', [
+    (['--batch', 12, '--batch-gpu', 5],
+     'Invalid value for --batch-gpu: the per-process batch 12 (--batch 12 / 1 processes) is not a multiple of 5'),
+    (['--loss-opt', 'foo=1'], "Invalid value for --loss-opt: loss 'edm' has no option 'foo'"),
+    (['--loss-opt', 'P_mean=x'], "cannot read 'x' as float"),
+    (['--cond', '1'], '--cond=True requires labels specified in dataset.json'),
+    (['--transfer', 'a.pkl', '--resume', 'b.pt'], '--transfer and --resume cannot be specified at the same time'),
+    (['--resume', 'nope.pt'], "Invalid value for --resume: 'nope.pt' is not a training-state-NNNNNN.pt file"),
+    (['--fp16', '1', '--precision', 'bf16'], 'use either --fp16'),
+    (['--precond', 'foo'], "Invalid value for '--precond'"),
+    (['--loss', 'ddpm'], "Invalid value for '--loss'"),
+    (['--batch', 0], "Invalid value for '--batch'"),
+    (['--cres', '1,x'], "Invalid value for '--cres'"),
+])
+def test_bad_options(datasets, tmp_path, extra, message):
+    result = _invoke(['--outdir', tmp_path / 'runs', '--data', datasets['uncond'], '-n', *extra])
+    assert result.exit_code != 0
+    assert message in result.output, result.output
+    assert not os.path.exists(tmp_path / 'runs')
+
+
+def test_missing_dataset_and_edm_state_without_snapshot(datasets, tmp_path):
+    result = _invoke(['--outdir', tmp_path / 'runs', '--data', tmp_path / 'missing.zip', '-n'])
+    assert result.exit_code != 0 and 'Error: --data:' in result.output and 'missing.zip' in result.output
+
+    # A state that weights_only refuses is taken for EDM's, which needs its network-snapshot beside it.
+    edm_state = tmp_path / 'old' / 'training-state-000005.pt'
+    os.makedirs(edm_state.parent)
+    torch.save(dict(net=fractions.Fraction(1, 3), optimizer_state={}), edm_state)
+    result = _invoke(['--outdir', tmp_path / 'runs', '--data', datasets['uncond'], '-n', '--resume', edm_state])
+    assert result.exit_code != 0
+    assert 'an EDM training state needs' in result.output and 'network-snapshot-000005.pkl' in result.output
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason='checks the CPU-only error')
+def test_cuda_device_on_cpu_machine(datasets, tmp_path):
+    result = _invoke(['--outdir', tmp_path / 'runs', '--data', datasets['uncond'], '-n', '--device', 'cuda'])
+    assert result.exit_code != 0 and 'CUDA is not available on this machine' in result.output

@@ -1,0 +1,367 @@
+"""Training loop: EDM formulas, equality with an independent EDM step, phases, exact resume, rank invariance,
+snapshots and stats, and learning on digits."""
+
+import copy
+import glob
+import json
+import os
+import socket
+import subprocess
+import sys
+import warnings
+
+import numpy as np
+import pytest
+import torch
+from train_worker import ROOT, digits_images, loop_kwargs, random_images, write_zip_dataset
+
+import dnnlib
+from losses import Batch
+from torch_utils import persistence
+from training import training_loop as tl
+from training.dataset import ImageFolderDataset, InfiniteSampler
+
+EDM_STAT_NAMES = {'Loss/loss', 'Progress/tick', 'Progress/kimg', 'Timing/total_sec', 'Timing/sec_per_tick',
+                  'Timing/sec_per_kimg', 'Timing/maintenance_sec', 'Resources/cpu_mem_gb',
+                  'Resources/peak_gpu_mem_gb', 'Resources/peak_gpu_mem_reserved_gb'}
+
+
+@pytest.fixture(scope='module')
+def tiny_zip(tmp_path_factory):
+    return write_zip_dataset(str(tmp_path_factory.mktemp('data') / 'tiny.zip'), random_images(64))
+
+
+def _final_state(run_dir):
+    paths = sorted(glob.glob(os.path.join(run_dir, 'training-state-*.pt')))
+    assert paths, f'no training state in {run_dir}'
+    return torch.load(paths[-1], map_location='cpu', weights_only=True)
+
+
+def _assert_tree_equal(a, b, path='state'):
+    """torch.equal on every tensor of two nested containers, == on everything else."""
+    if isinstance(a, torch.Tensor):
+        assert isinstance(b, torch.Tensor) and torch.equal(a, b), path
+    elif isinstance(a, dict):
+        assert set(a) == set(b), path
+        for k in a:
+            _assert_tree_equal(a[k], b[k], f'{path}.{k}')
+    elif isinstance(a, (list, tuple)):
+        assert len(a) == len(b), path
+        for i, (x, y) in enumerate(zip(a, b)):
+            _assert_tree_equal(x, y, f'{path}[{i}]')
+    else:
+        assert a == b, path
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Formulas.
+
+def test_learning_rate_ramp():
+    assert tl.learning_rate_ramp(0, 10000) == 0  # the first step trains at lr 0
+    assert tl.learning_rate_ramp(5_000_000, 10000) == 0.5
+    assert tl.learning_rate_ramp(30_000_000, 10000) == 1
+    assert tl.learning_rate_ramp(8, 0) == 1 and tl.learning_rate_ramp(0, 0) == 0
+
+
+def test_ema_beta():
+    assert tl.ema_beta(0, 512, 500, 0.05) == 0  # the first step copies the net
+    assert tl.ema_beta(1_000_000, 512, 500, 0.05) == pytest.approx(0.5 ** (512 / 50_000), rel=1e-15)
+    assert tl.ema_beta(100_000_000, 512, 500, 0.05) == pytest.approx(0.5 ** (512 / 500_000), rel=1e-15)
+    assert tl.ema_beta(0, 512, 500, None) == pytest.approx(0.5 ** (512 / 500_000), rel=1e-15)  # --transfer
+
+
+def test_update_ema_lerps_parameters_and_copies_buffers():
+    torch.manual_seed(0)
+    net, ema = torch.nn.BatchNorm1d(3), torch.nn.BatchNorm1d(3)
+    for module in (net, ema):
+        torch.nn.init.normal_(module.weight)
+        torch.nn.init.normal_(module.bias)
+    net.running_mean.fill_(2.0)
+    old = [p.clone() for p in ema.parameters()]
+    tl.update_ema(ema, net, 0.75)
+    for p_ema, p_old, p_net in zip(ema.parameters(), old, net.parameters()):
+        torch.testing.assert_close(p_ema, p_net + 0.75 * (p_old - p_net), rtol=0, atol=1e-6)
+    assert torch.equal(ema.running_mean, net.running_mean)
+    tl.update_ema(ema, net, 0.0)
+    assert all(torch.equal(a, b) for a, b in zip(ema.parameters(), net.parameters()))
+
+
+def test_split_batch():
+    assert tl.split_batch(512, 8, None) == (64, 64, 1)
+    assert tl.split_batch(512, 8, 16) == (64, 16, 4)
+    assert tl.split_batch(512, 8, 100) == (64, 64, 1)
+    with pytest.raises(ValueError, match='batch size 10 must be a positive multiple of the number of ranks'):
+        tl.split_batch(10, 4, None)
+    with pytest.raises(ValueError, match='per-rank batch 8 .* is not a multiple of batch_gpu 3'):
+        tl.split_batch(8, 1, 3)
+
+
+def test_autocast_context_is_a_no_op_for_fp32():
+    import contextlib
+    assert isinstance(tl.autocast_context(torch.device('cpu'), 'fp32'), contextlib.nullcontext)
+    assert isinstance(tl.autocast_context(torch.device('cpu'), 'bf16'), torch.autocast)
+    with pytest.raises(ValueError, match="precision 'fp8'"):
+        tl.autocast_context(torch.device('cpu'), 'fp8')
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# The loop against an independent EDM step.
+
+def _edm_reference_run(kwargs, num_steps):
+    """EDM's training_loop, written out for one process: same seeding and construction order, EDM's step and EMA."""
+    seed, batch_size = kwargs['seed'], kwargs['batch_size']
+    np.random.seed(seed % (1 << 31))
+    torch.manual_seed(np.random.randint(1 << 31))
+    dataset = dnnlib.util.construct_class_by_name(**kwargs['dataset_kwargs'])
+    sampler = InfiniteSampler(dataset=dataset, rank=0, num_replicas=1, seed=seed)
+    batch_gpu = kwargs['batch_gpu']
+    iterator = iter(torch.utils.data.DataLoader(dataset=dataset, sampler=sampler, batch_size=batch_gpu))
+    net = dnnlib.util.construct_class_by_name(**kwargs['network_kwargs'], img_resolution=dataset.resolution,
+                                              img_channels=dataset.num_channels, label_dim=dataset.label_dim)
+    net.train().requires_grad_(True)
+    loss_fn = dnnlib.util.construct_class_by_name(**kwargs['loss_kwargs'])
+    augment_pipe = dnnlib.util.construct_class_by_name(**kwargs['augment_kwargs'])
+    optimizer = dnnlib.util.construct_class_by_name(params=net.parameters(), **kwargs['optimizer_kwargs'])
+    ema = copy.deepcopy(net).eval().requires_grad_(False)
+    cur_nimg = 0
+    for _ in range(num_steps):
+        optimizer.zero_grad(set_to_none=True)
+        for _ in range(batch_size // batch_gpu):
+            images, labels = next(iterator)
+            images = images.to(torch.float32) / 127.5 - 1
+            loss = loss_fn(net, Batch(images, labels), augment_pipe=augment_pipe)
+            loss.sum().mul(kwargs['loss_scaling'] / batch_size).backward()
+        for g in optimizer.param_groups:
+            g['lr'] = kwargs['optimizer_kwargs']['lr'] * min(cur_nimg / max(kwargs['lr_rampup_kimg'] * 1000, 1e-8), 1)
+        for param in net.parameters():
+            if param.grad is not None:
+                torch.nan_to_num(param.grad, nan=0, posinf=1e5, neginf=-1e5, out=param.grad)
+        optimizer.step()
+        halflife = min(kwargs['ema_halflife_kimg'] * 1000, cur_nimg * 0.05)
+        beta = 0.5 ** (batch_size / max(halflife, 1e-8))
+        for p_ema, p_net in zip(ema.parameters(), net.parameters()):
+            p_ema.copy_(p_net.detach().lerp(p_ema, beta))
+        cur_nimg += batch_size
+    return net, ema, optimizer
+
+
+def _augmented_kwargs(run_dir, data, **overrides):
+    """Augmentation, dropout, 2 accumulation rounds, loss scaling and an lr ramp: every random stream in use."""
+    kwargs = dict(
+        rng='rank', batch_gpu=4, loss_scaling=2.0, lr_rampup_kimg=0.016,
+        network_kwargs=dict(loop_kwargs('', '')['network_kwargs'], dropout=0.2, augment_dim=9),
+        augment_kwargs=dict(class_name='training.augment.AugmentPipe', p=0.5, xflip=1e8, yflip=1, scale=1,
+                            rotate_frac=1, aniso=1, translate_frac=1))
+    kwargs.update(overrides)
+    return loop_kwargs(run_dir, data, **kwargs)
+
+
+def test_loop_equals_independent_edm_step_in_fp32(tiny_zip, tmp_path):
+    """precision='fp32' without compile, rng='rank': bit-identical to EDM's step (augmentation, dropout,
+    2 accumulation rounds, loss scaling, lr ramp, EMA), so the fp32 autocast path is a true no-op."""
+    kwargs = _augmented_kwargs(str(tmp_path), tiny_zip, precision='fp32', compile=False, snapshot_ticks=1)
+    tl.training_loop(**kwargs)
+    state = _final_state(str(tmp_path))
+    net, ema, optimizer = _edm_reference_run(kwargs, num_steps=3)
+    assert state['cur_nimg'] == 24 and state['cur_iter'] == 3
+    _assert_tree_equal(state['networks']['net'], net.state_dict())
+    _assert_tree_equal(state['ema'], ema.state_dict())
+    key = 'model.enc.8x8_conv.weight'
+    assert not torch.equal(state['ema'][key], state['networks']['net'][key])  # EMA is not a copy of the net
+    ours = state['optimizers']['main']
+    for idx, moments in optimizer.state_dict()['state'].items():
+        _assert_tree_equal(ours['state'][idx], moments, f'adam[{idx}]')
+
+    # Snapshots: EDM's dict; the last one holds the final EMA; stats.jsonl has EDM's names.
+    snapshots = sorted(os.path.basename(p) for p in glob.glob(str(tmp_path / 'network-snapshot-*.pkl')))
+    assert snapshots == ['network-snapshot-000000.pkl']  # ticks 0 and 1 both at kimg 0: the last write wins
+    data = persistence.load_network_pickle(str(tmp_path / snapshots[-1]))
+    assert set(data) == {'ema', 'loss_fn', 'augment_pipe', 'dataset_kwargs'}
+    _assert_tree_equal(data['ema'].state_dict(), state['ema'])
+    assert data['dataset_kwargs']['path'] == tiny_zip and data['augment_pipe'].p == 0.5
+    lines = [json.loads(line) for line in open(tmp_path / 'stats.jsonl')]
+    assert len(lines) == 2 and EDM_STAT_NAMES | {'timestamp'} == set(lines[0])
+    assert lines[0]['Loss/loss']['num'] == 8 * 64  # tick 0 = the first step, per-element
+    assert lines[1]['Loss/loss']['num'] == 2 * 8 * 64 and lines[1]['Progress/kimg']['mean'] == 0.024
+
+
+@pytest.mark.parametrize('precision', ['bf16', 'fp16'])
+def test_mixed_precision_runs_and_stays_close_to_fp32(tiny_zip, tmp_path, precision):
+    results = {}
+    for p in ('fp32', precision):
+        run_dir = str(tmp_path / p)
+        os.makedirs(run_dir)
+        tl.training_loop(**loop_kwargs(run_dir, tiny_zip, precision=p))
+        state = _final_state(run_dir)
+        results[p] = torch.cat([v.flatten() for v in state['networks']['net'].values() if v.is_floating_point()])
+        if p == 'fp16':
+            assert set(state['grad_scalers']) == {'main'} and state['grad_scalers']['main']['scale'] > 0
+    assert bool(torch.isfinite(results[precision]).all())
+    assert not torch.equal(results[precision], results['fp32'])  # autocast did run in lower precision
+    assert (results[precision] - results['fp32']).abs().max() < 0.01
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Phases, resume, rank layout.
+
+def test_phases_with_extra_network_and_interval(tiny_zip, tmp_path):
+    tl.training_loop(**loop_kwargs(str(tmp_path), tiny_zip, loss_kwargs=dict(class_name='train_worker.TwoPhaseLoss')))
+    state = _final_state(str(tmp_path))
+    assert set(state['networks']) == {'net', 'aux'} and set(state['optimizers']) == {'main', 'aux'}
+    # 3 iterations: the lazy phase (interval 2, offset 1) ran once, at iteration 1: w = 0 + 0.25 * 2.
+    assert state['networks']['aux']['weight'].item() == 0.5
+    assert int(state['optimizers']['main']['state'][0]['step']) == 3
+    lines = [json.loads(line) for line in open(tmp_path / 'stats.jsonl')]
+    assert 'Loss/aux' not in lines[0] and lines[1]['Loss/aux']['num'] == 8  # reported at iteration 1 only
+
+
+def test_loss_data_requirements_are_refused_by_name(tiny_zip, tmp_path, monkeypatch):
+    from losses.denoising import EDMLoss
+    monkeypatch.setattr(EDMLoss, 'data_requirements', lambda self: {'references': 1024})
+    with pytest.raises(NotImplementedError, match='requires references from the data'):
+        tl.training_loop(**loop_kwargs(str(tmp_path), tiny_zip))
+
+
+@pytest.mark.slow
+def test_exact_resume_matches_a_straight_run(tiny_zip, tmp_path):
+    """2 kimg straight == 1 kimg, then resume to 2 kimg: weights, EMA, Adam state, RNG and data position."""
+    common = dict(batch_size=64, batch_gpu=32, kimg_per_tick=1, state_dump_ticks=1, rng='image')
+    straight, first, resumed = (str(tmp_path / name) for name in ('straight', 'first', 'resumed'))
+    for d in (straight, first, resumed):
+        os.makedirs(d)
+    kwargs = _augmented_kwargs(straight, tiny_zip, **common)
+    tl.training_loop(**dict(kwargs, run_dir=straight, total_kimg=2))
+    tl.training_loop(**dict(kwargs, run_dir=first, total_kimg=1))
+    first_state_path = os.path.join(first, 'training-state-000001.pt')
+    with warnings.catch_warnings():
+        warnings.simplefilter('error')  # same options: no 'not exact' warning
+        tl.training_loop(**dict(kwargs, run_dir=resumed, total_kimg=2, resume_state_dump=first_state_path))
+
+    a = torch.load(os.path.join(straight, 'training-state-000002.pt'), weights_only=True)
+    b = torch.load(os.path.join(resumed, 'training-state-000002.pt'), weights_only=True)
+    assert a['cur_nimg'] == b['cur_nimg'] == 2048 and a['data_position'] == b['data_position'] == 2048
+    for key in ('networks', 'ema', 'optimizers', 'rng', 'cur_iter'):
+        _assert_tree_equal(a[key], b[key], key)
+    assert not torch.equal(a['networks']['net']['model.enc.8x8_conv.weight'],
+                           torch.load(first_state_path, weights_only=True)['networks']['net']
+                           ['model.enc.8x8_conv.weight'])
+
+
+def _free_port():
+    with socket.socket() as s:
+        s.bind(('127.0.0.1', 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.slow
+@pytest.mark.distributed
+def test_two_ranks_equal_one_rank(tiny_zip, tmp_path):
+    """2 ranks x batch 4 == 1 rank x batch 8 == 1 rank x 2 rounds of 4 after 3 steps (rng='image')."""
+    runs = {'ranks2': dict(batch_gpu=None), 'rank1': dict(batch_gpu=None), 'rank1_rounds2': dict(batch_gpu=4)}
+    for name, overrides in runs.items():
+        os.makedirs(tmp_path / name)
+        config = loop_kwargs(str(tmp_path / name), tiny_zip, **overrides)
+        if name == 'ranks2':
+            config_path = tmp_path / 'config.json'
+            config_path.write_text(json.dumps(config))
+            cmd = [sys.executable, '-m', 'torch.distributed.run', '--nproc_per_node=2', '--master_port',
+                   str(_free_port()), os.path.join(ROOT, 'tests', 'train_worker.py'), str(config_path)]
+            env = dict(os.environ, OMP_NUM_THREADS='1')
+            result = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+            assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+        else:
+            tl.training_loop(**config)
+    states = {name: _final_state(str(tmp_path / name)) for name in runs}
+    assert states['ranks2']['world_size'] == 2 and len(states['ranks2']['rng']) == 2
+    assert states['ranks2']['data_position'] == states['rank1']['data_position'] == 24
+    reference = states['rank1']
+    for name in ('ranks2', 'rank1_rounds2'):
+        for key in ('networks', 'ema'):
+            tensors = states[name][key]['net'] if key == 'networks' else states[name][key]
+            ref = reference[key]['net'] if key == 'networks' else reference[key]
+            for k, v in tensors.items():
+                torch.testing.assert_close(v, ref[k], rtol=0, atol=1e-5, msg=f'{name} {key} {k}')
+    # Not vacuous: training moved the weights far more than the tolerance from their initialisation, which with
+    # rng='image' comes from the seed alone (so the runs above also started from the same weights).
+    torch.manual_seed(123)
+    initial = dnnlib.util.construct_class_by_name(**loop_kwargs('', '')['network_kwargs'], img_resolution=8,
+                                                  img_channels=1, label_dim=0).state_dict()
+    assert max((reference['networks']['net'][k] - v).abs().max() for k, v in initial.items()) > 1e-3
+
+
+def test_rng_rank_mode_depends_on_layout(tiny_zip, tmp_path):
+    """Control for the test above: with EDM's per-rank stream, batch_gpu changes which noise an image gets."""
+    results = []
+    for batch_gpu in (None, 4):
+        run_dir = tmp_path / f'bg{batch_gpu}'
+        os.makedirs(run_dir)
+        tl.training_loop(**loop_kwargs(str(run_dir), tiny_zip, rng='rank', batch_gpu=batch_gpu))
+        results.append(_final_state(str(run_dir))['networks']['net']['model.enc.8x8_conv.weight'])
+    assert (results[0] - results[1]).abs().max() > 1e-4
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Transfer and EDM-format resume.
+
+def test_transfer_and_edm_training_state(tiny_zip, tmp_path):
+    base = str(tmp_path / 'base')
+    os.makedirs(base)
+    tl.training_loop(**loop_kwargs(base, tiny_zip, snapshot_ticks=1))
+    snapshot = os.path.join(base, 'network-snapshot-000000.pkl')
+    ema = persistence.load_network_pickle(snapshot)['ema']
+
+    # --transfer: net and EMA start from the snapshot's EMA (2 steps at lr 0, so they stay there; EDM writes no
+    # training state at tick 0).
+    frozen = dict(total_kimg=0.016, optimizer_kwargs=dict(class_name='torch.optim.Adam', lr=0.0))
+    transfer = str(tmp_path / 'transfer')
+    os.makedirs(transfer)
+    tl.training_loop(**loop_kwargs(transfer, tiny_zip, resume_pkl=snapshot, ema_rampup_ratio=None, **frozen))
+    state = _final_state(transfer)
+    _assert_tree_equal(state['networks']['net'], ema.state_dict())
+    _assert_tree_equal(state['ema'], ema.state_dict())
+
+    # EDM's training-state: a torch.save of the pickled net + optimizer state, which weights_only refuses.
+    net = copy.deepcopy(ema).train().requires_grad_(True)
+    with torch.no_grad():
+        for p in net.parameters():
+            p.add_(0.01)
+    optimizer = torch.optim.Adam(net.parameters(), lr=1e-3)
+    net(torch.zeros(2, 1, 8, 8), torch.ones(2)).square().sum().backward()
+    optimizer.step()
+    edm_state = str(tmp_path / 'edm' / 'training-state-000000.pt')
+    os.makedirs(os.path.dirname(edm_state))
+    torch.save(dict(net=net, optimizer_state=optimizer.state_dict()), edm_state)
+    assert tl.load_training_state(edm_state) is None
+    resumed = str(tmp_path / 'resumed')
+    os.makedirs(resumed)
+    with pytest.warns(UserWarning, match='is an EDM training state'):
+        tl.training_loop(**loop_kwargs(resumed, tiny_zip, resume_pkl=snapshot, resume_state_dump=edm_state,
+                                       resume_kimg=0, **frozen))
+    state = _final_state(resumed)
+    _assert_tree_equal(state['networks']['net'], {k: v.detach() for k, v in net.state_dict().items()})
+    assert int(state['optimizers']['main']['state'][0]['step']) == 3  # EDM's Adam state was loaded, then stepped
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+
+@pytest.mark.slow
+def test_tiny_net_learns_digits(tmp_path):
+    images, labels = digits_images()
+    data = write_zip_dataset(str(tmp_path / 'digits.zip'), images, labels)
+    run_dir = str(tmp_path / 'run')
+    os.makedirs(run_dir)
+    adam = dict(class_name='torch.optim.Adam', lr=1e-2, betas=[0.9, 0.999], eps=1e-8)
+    tl.training_loop(**loop_kwargs(run_dir, data, batch_size=64, total_kimg=4, kimg_per_tick=0.5, lr_rampup_kimg=0.5,
+                                   optimizer_kwargs=adam, seed=0, state_dump_ticks=None))
+    lines = [json.loads(line) for line in open(os.path.join(run_dir, 'stats.jsonl'))]
+    # Tick 0 is the first step alone (untrained net); tick 1 is the first full tick (500 images).
+    untrained, first, last = (lines[i]['Loss/loss']['mean'] for i in (0, 1, -1))
+    print(f'digits: mean Loss/loss tick 0 {untrained:.4f}, tick 1 {first:.4f}, last tick {last:.4f} '
+          f'({len(lines)} ticks)')
+    assert len(lines) == 9 and last < 0.75 * first and last < 0.75 * untrained
+
+
+def test_loop_dataset_has_expected_layout(tiny_zip):
+    # Guards the assumptions above: 64 grayscale 8x8 images, unlabelled.
+    dataset = ImageFolderDataset(tiny_zip)
+    assert (len(dataset), dataset.num_channels, dataset.resolution, dataset.label_dim) == (64, 1, 8, 0)

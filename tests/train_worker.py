@@ -1,0 +1,136 @@
+"""Helpers for the training tests, and a worker that runs the training loop under torchrun.
+
+    python -m torch.distributed.run --nproc_per_node=2 tests/train_worker.py CONFIG.json
+
+runs training_loop(**json.load(CONFIG.json)) on CPU processes (gloo).
+"""
+
+import io
+import json
+import os
+import sys
+import zipfile
+
+import numpy as np
+from PIL import Image
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def write_zip_dataset(path: str, images: np.ndarray, labels=None) -> str:
+    """EDM's dataset format: uncompressed PNGs {idx//1000:05d}/img{idx:08d}.png + dataset.json; images uint8 NHW[C]."""
+    with zipfile.ZipFile(path, 'w', compression=zipfile.ZIP_STORED) as zf:
+        names = []
+        for idx, image in enumerate(images):
+            name = f'{idx // 1000:05d}/img{idx:08d}.png'
+            buf = io.BytesIO()
+            Image.fromarray(image).save(buf, format='png', compress_level=0)
+            zf.writestr(name, buf.getvalue())
+            names.append(name)
+        meta = {'labels': None if labels is None else [[n, int(c)] for n, c in zip(names, labels)]}
+        zf.writestr('dataset.json', json.dumps(meta))
+    return path
+
+
+def digits_images() -> tuple[np.ndarray, np.ndarray]:
+    """scikit-learn's 1,797 8x8 digits as uint8 (0..16 -> 0..255) and their labels."""
+    from sklearn.datasets import load_digits
+    digits = load_digits()
+    images = np.rint(digits.images * (255 / 16)).clip(0, 255).astype(np.uint8)
+    return images, digits.target.astype(np.int64)
+
+
+def random_images(num: int, resolution: int = 8, seed: int = 0) -> np.ndarray:
+    """Smooth-ish random grayscale images (uint8), so that denoising has something to learn."""
+    rnd = np.random.RandomState(seed)
+    base = rnd.rand(num, 1, 1) * 255
+    grad = np.linspace(-60, 60, resolution)[None, None, :] * rnd.choice([-1, 1], size=(num, 1, 1))
+    noise = rnd.randn(num, resolution, resolution) * 20
+    return np.clip(base + grad + noise, 0, 255).astype(np.uint8)
+
+
+def tiny_network_kwargs(precond: str = 'edm', dropout: float = 0.0, augment_dim: int = 0) -> dict:
+    """A ~50k-parameter DDPM++ (SongUNet) for 8x8 images."""
+    classes = dict(vp='VPPrecond', ve='VEPrecond', edm='EDMPrecond')
+    kwargs = dict(class_name=f'training.preconditioning.{classes[precond]}', model_type='SongUNet',
+                  embedding_type='positional', encoder_type='standard', decoder_type='standard',
+                  channel_mult_noise=1, resample_filter=[1, 1], model_channels=8, channel_mult=[1, 2],
+                  num_blocks=1, attn_resolutions=[4], dropout=dropout, use_fp16=False)
+    if augment_dim:
+        kwargs['augment_dim'] = augment_dim
+    return kwargs
+
+
+def loop_kwargs(run_dir: str, data: str, **overrides) -> dict:
+    """training_loop kwargs for a tiny CPU run; EDM's defaults except where a short run needs otherwise."""
+    kwargs = dict(
+        run_dir=run_dir,
+        dataset_kwargs=dict(class_name='training.dataset.ImageFolderDataset', path=data, use_labels=False,
+                            xflip=False, cache=True),
+        data_loader_kwargs=dict(num_workers=0),
+        network_kwargs=tiny_network_kwargs(),
+        loss_kwargs=dict(class_name='losses.denoising.EDMLoss'),
+        optimizer_kwargs=dict(class_name='torch.optim.Adam', lr=1e-3, betas=[0.9, 0.999], eps=1e-8),
+        augment_kwargs=None,
+        seed=123, batch_size=8, total_kimg=0.024, ema_halflife_kimg=0.5, lr_rampup_kimg=0,
+        kimg_per_tick=1, snapshot_ticks=None, state_dump_ticks=1, cudnn_benchmark=False, device='cpu',
+        progress=False,
+    )
+    kwargs.update(overrides)
+    return kwargs
+
+
+def main(config_path: str) -> None:
+    if ROOT not in sys.path:
+        sys.path.insert(0, ROOT)
+    import torch
+
+    from torch_utils import distributed as dist
+    from training.training_loop import training_loop
+
+    torch.set_num_threads(1)
+    with open(config_path) as f:
+        config = json.load(f)
+    dist.init(device='cpu')
+    try:
+        training_loop(**config)
+    finally:
+        dist.shutdown()
+
+
+if __name__ == '__main__':
+    main(sys.argv[1])
+
+
+class TwoPhaseLoss:
+    """Stand-in multi-phase loss (GDD-like shape): EDM's loss on 'net' every iteration, plus an extra network
+    'aux' (one scalar) trained by a lazy phase at iterations 1, 3, 5, ...
+    (SGD lr 0.25 on (w - 1)^2: w goes 0 -> 0.5 -> 0.75)."""
+
+    def __init__(self):
+        from losses.denoising import EDMLoss
+        self.edm = EDMLoss()
+
+    def data_requirements(self):
+        return {}
+
+    def extra_networks(self, net):
+        import torch
+        aux = torch.nn.Linear(1, 1, bias=False)
+        torch.nn.init.zeros_(aux.weight)
+        return dict(aux=aux)
+
+    def phases(self, networks, optimizer_kwargs):
+        import torch
+
+        from losses import Phase, default_phases
+        main = default_phases(self.edm, networks, optimizer_kwargs)[0]
+
+        def aux_loss(nets, batch, augment_pipe):
+            assert not any(p.requires_grad for p in nets['net'].parameters())
+            ones = torch.ones(batch.images.shape[0], 1, device=batch.images.device)
+            return (nets['aux'](ones) - 1) ** 2
+
+        aux_opt = torch.optim.SGD(networks["aux"].parameters(), lr=0.25)
+        return [main, Phase(name='aux', network='aux', optimizer=aux_opt, loss_fn=aux_loss, interval=2, offset=1,
+                            stat_name='Loss/aux')]
