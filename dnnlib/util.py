@@ -212,6 +212,14 @@ def _cache_file_name(url: str) -> str:
     return f"{url_md5}_{safe_name}"
 
 
+def cached_path(url: str, cache_dir: str | None = None) -> str | None:
+    """Where open_url() caches `url`, if that file exists (None otherwise). Never touches the network."""
+    if cache_dir is None:
+        cache_dir = make_cache_dir_path("downloads")
+    path = os.path.join(cache_dir, _cache_file_name(url))
+    return path if os.path.isfile(path) else None
+
+
 def open_url(url: str, cache_dir: str | None = None, num_attempts: int = 3, verbose: bool = True,
              return_filename: bool = False, cache: bool = True, checksum: str | None = None,
              timeout: float = 60.0) -> Any:

@@ -2,13 +2,18 @@ import os
 import sys
 
 import pytest
-import torch
+
+# One intra-op thread for this process and every CLI subprocess the tests start: the tests share 2 CPU cores with each
+# other and with torchrun children, and oversubscribed OpenMP threads spin-wait (tiny convolutions became ~100x slower).
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+os.environ.setdefault("MKL_NUM_THREADS", "1")
+
+import torch  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
-# Tests share 2 CPU cores with each other and with torchrun children: one intra-op thread keeps timings stable.
 torch.set_num_threads(1)
 
 

@@ -1,0 +1,205 @@
+"""The quick start: the whole pipeline on the built-in `digits` data set, offline, on CPU.
+
+    dataset_tool.py (digits -> zip)  ->  train.py (small DDPM++, EDM loss)  ->  generate.py (Heun, 18 steps, grid)
+    ->  evaluation (metrics.json): a Frechet distance in the feature space of a small digit classifier, with the same
+        distance between two disjoint halves of the real data as its floor; and FID when the Inception detector is
+        available (cached, or given with --inception).
+
+Every step calls the project's own command-line tools, as a user would, and is skipped when its output already exists,
+so running it again finishes an interrupted run (training resumes from its last state). Everything lands in --outdir.
+"""
+
+import glob
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import time
+
+import click
+import numpy as np
+import torch
+
+ROOT = os.path.dirname(os.path.abspath(__file__))
+
+
+def _run(step: str, args: list[str]) -> None:
+    """Run one of the project's CLIs in a subprocess, streaming its output; stop with its error on failure."""
+    cmd = [sys.executable, *args]
+    print(f"\n[quickstart] {step}: {' '.join(args)}", flush=True)
+    result = subprocess.run(cmd, cwd=ROOT)
+    if result.returncode != 0:
+        raise click.ClickException(f"step '{step}' failed (exit code {result.returncode}): {' '.join(cmd)}")
+
+
+def _atomic_json(path: str, data: dict) -> None:
+    tmp = f"{path}.tmp-{os.getpid()}"
+    with open(tmp, "w") as f:
+        json.dump(data, f, indent=2)
+        f.write("\n")
+    os.replace(tmp, path)
+
+
+def _latest(pattern: str) -> str | None:
+    files = sorted(glob.glob(pattern), key=lambda p: int(re.findall(r"(\d+)\.\w+$", p)[0]))
+    return files[-1] if files else None
+
+
+def _load_images(path: str) -> np.ndarray:
+    """All images of a dataset zip or folder as uint8 [N, C, H, W]."""
+    from training.dataset import ImageFolderDataset
+
+    dataset = ImageFolderDataset(path)
+    return np.stack([dataset[i][0] for i in range(len(dataset))])
+
+
+def _frechet(feats_a: np.ndarray, feats_b: np.ndarray) -> float:
+    from metrics.frechet import frechet_distance
+
+    def stats(f):
+        return f.mean(axis=0), np.cov(f, rowvar=False)
+
+    return float(frechet_distance(*stats(feats_a), *stats(feats_b)))
+
+
+def evaluate(dataset_zip: str, samples_dir: str, classifier_path: str, seed: int, inception: str | None,
+             outdir: str) -> dict:
+    """The metrics JSON: classifier Frechet distance of the samples, the real-data floor, and FID when possible."""
+    from metrics import digits_classifier as dc
+    from metrics.detectors import DETECTORS
+
+    model, info = dc.load_classifier(classifier_path)
+    real = _load_images(dataset_zip)
+    fake = _load_images(samples_dir)
+    # Two disjoint halves of the real data; the samples are compared with the first half, at the same size, so the
+    # floor and the sample distance share their finite-sample bias.
+    order = np.random.RandomState(seed).permutation(len(real))
+    half_a, half_b = real[order[: len(real) // 2]], real[order[len(real) // 2:]]
+    num = min(len(fake), len(half_a), len(half_b))
+    feats = {name: dc.extract_features(model, images[:num]) for name, images in
+             [("real_a", half_a), ("real_b", half_b), ("samples", fake)]}
+    with torch.no_grad():
+        predicted = model(torch.as_tensor(fake[:num])).argmax(1).numpy()
+    result = dict(
+        classifier_frechet_distance=_frechet(feats["samples"], feats["real_a"]),
+        classifier_frechet_distance_floor=_frechet(feats["real_b"], feats["real_a"]),
+        classifier_frechet_note=("NOT FID: Frechet distance in the 64-d penultimate features of the project's digit "
+                                 "classifier (metrics/digits_classifier.py); the floor is the same distance between "
+                                 "two disjoint halves of the real digits."),
+        num_images=int(num),
+        classifier=dict(path=os.path.relpath(classifier_path, outdir), **info),
+        sample_class_histogram=np.bincount(predicted, minlength=10).tolist(),
+    )
+
+    # Standard FID, only when the Inception detector is at hand (no download attempt from the quick start).
+    from dnnlib import util
+
+    detector = inception
+    if detector is None:
+        spec = DETECTORS["inception"]
+        detector = next((p for p in map(util.cached_path, (spec.url, *spec.alternate_urls)) if p), None)
+    if detector is None:
+        result["fid"] = None
+        result["fid_note"] = ("Inception detector not available offline; pass --inception PATH (inception-2015-12-05"
+                              ".pkl) or place it in the dnnlib download cache to also report FID.")
+    else:
+        ref = os.path.join(outdir, "fid-ref.npz")
+        fid_json = os.path.join(outdir, "fid.json")
+        _run("FID reference", ["fid.py", "ref", "--data", dataset_zip, "--dest", ref, "--workers", "0",
+                               "--detector", f"inception={detector}"])
+        _run("FID", ["fid.py", "calc", "--images", samples_dir, "--ref", ref, "--num", str(len(fake)),
+                     "--workers", "0", "--detector", f"inception={detector}", "--out", fid_json])
+        with open(fid_json) as f:
+            record = json.load(f)
+        result["fid"] = float(record["results"]["fid"])
+        result["fid_note"] = f"FID with the standard Inception detector over {len(fake)} samples vs all real digits."
+    return result
+
+
+@click.command(context_settings=dict(show_default=True))
+@click.option("--outdir", default="quickstart-out", type=click.Path(file_okay=False), help="Everything goes here")
+@click.option("--resolution", default=16, type=click.IntRange(min=8), help="Image resolution (power of two)")
+@click.option("--kimg", default=60.0, type=click.FloatRange(min=0, min_open=True), help="Training length (kimg)")
+@click.option("--batch", default=64, type=click.IntRange(min=1), help="Training batch size")
+@click.option("--cbase", default=32, type=click.IntRange(min=4), help="Network channel base")
+@click.option("--cres", default="1,2,2", help="Channel multipliers per resolution")
+@click.option("--blocks", default=1, type=click.IntRange(min=1), help="Residual blocks per resolution")
+@click.option("--lr", default=2e-3, type=click.FloatRange(min=0, min_open=True), help="Learning rate")
+@click.option("--samples", default=898, type=click.IntRange(min=2), help="Number of images to generate")
+@click.option("--steps", default=18, type=click.IntRange(min=2), help="Heun sampling steps (NFE = 2*steps - 1)")
+@click.option("--classifier-epochs", default=30, type=click.IntRange(min=1), help="Digit classifier training epochs")
+@click.option("--inception", default=None, type=click.Path(dir_okay=False), help="Inception detector for FID")
+@click.option("--seed", default=0, type=int, help="Seed for training, sampling and splits")
+@click.option("--device", default=None, help="cpu or cuda (default: cuda if available)")
+def main(outdir, resolution, kimg, batch, cbase, cres, blocks, lr, samples, steps, classifier_epochs, inception,
+         seed, device):
+    """Build `digits`, train a small DDPM++ with the EDM loss, sample, and evaluate; print where the results are."""
+    start = time.time()
+    os.makedirs(outdir, exist_ok=True)
+    outdir = os.path.abspath(outdir)
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    dataset_zip = os.path.join(outdir, f"digits-{resolution}x{resolution}.zip")
+    run_dir = os.path.join(outdir, "training-run")
+    samples_dir = os.path.join(outdir, "samples")
+    grid_png = os.path.join(outdir, "samples-grid.png")
+    classifier_path = os.path.join(outdir, "digits_classifier.pt")
+    metrics_json = os.path.join(outdir, "metrics.json")
+
+    # 1. Dataset.
+    if not os.path.isfile(dataset_zip):
+        _run("dataset", ["dataset_tool.py", "--source", "digits", "--dest", dataset_zip,
+                         "--resolution", f"{resolution}x{resolution}"])
+    else:
+        print(f"[quickstart] dataset: {dataset_zip} exists, skipping")
+
+    # 2. Training (resumes from the last state when a previous run was interrupted).
+    done_marker = os.path.join(run_dir, "DONE")
+    if not os.path.isfile(done_marker):
+        train_args = ["train.py", "--outdir", run_dir, "--nosubdir", "--data", dataset_zip, "--cond", "0",
+                      "--arch", "ddpmpp", "--precond", "edm", "--loss", "edm", "--batch", str(batch),
+                      "--cbase", str(cbase), "--cres", cres, "--blocks", str(blocks), "--attn", str(resolution // 2),
+                      "--duration", str(kimg / 1000), "--lr", str(lr), "--lr-rampup", "1", "--ema", "0.005",
+                      "--dropout", "0", "--augment", "0", "--tick", "5", "--snap", "4", "--dump", "4",
+                      "--seed", str(seed), "--workers", "0", "--device", device]
+        state = _latest(os.path.join(run_dir, "training-state-*.pt"))
+        if state is not None:
+            train_args += ["--resume", state]
+        elif os.path.isdir(run_dir):
+            shutil.rmtree(run_dir)  # An attempt that died before its first state: start over.
+        _run("training", train_args)
+        open(done_marker, "w").close()
+    else:
+        print(f"[quickstart] training: {run_dir} is complete, skipping")
+    snapshot = _latest(os.path.join(run_dir, "network-snapshot-*.pkl"))
+    if snapshot is None:
+        raise click.ClickException(f"no network snapshot in {run_dir}")
+
+    # 3. Sampling (generate.py skips images that already exist).
+    _run("sampling", ["generate.py", "--network", snapshot, "--outdir", samples_dir, "--seeds", f"0-{samples - 1}",
+                      "--steps", str(steps), "--batch", "256", "--grid", grid_png, "--device", device])
+
+    # 4. Evaluation.
+    if not os.path.isfile(classifier_path):
+        _run("digit classifier", ["-m", "metrics.digits_classifier", "--out", classifier_path,
+                                  "--epochs", str(classifier_epochs), "--seed", "0"])
+    print("\n[quickstart] evaluation", flush=True)
+    result = evaluate(dataset_zip, samples_dir, classifier_path, seed, inception, outdir)
+    result.update(snapshot=os.path.relpath(snapshot, outdir), sampler=dict(solver="heun", steps=steps,
+                  nfe=2 * steps - 1), training_kimg=kimg, total_seconds=round(time.time() - start, 1))
+    _atomic_json(metrics_json, result)
+
+    print(f"\n[quickstart] done in {result['total_seconds']:.0f} s. Results in {outdir}:")
+    print(f"  dataset           {os.path.basename(dataset_zip)}")
+    print(f"  training run      training-run/ (snapshot {os.path.basename(snapshot)}, stats.jsonl, log.txt)")
+    print(f"  samples           samples/ ({samples} PNGs) and samples-grid.png")
+    print("  metrics           metrics.json")
+    print(f"  classifier Frechet distance (not FID): samples {result['classifier_frechet_distance']:.3f}, "
+          f"real-data floor {result['classifier_frechet_distance_floor']:.3f}")
+    fid = result["fid"]
+    print(f"  FID: {fid:.3f}" if isinstance(fid, float) else f"  FID: not computed ({result['fid_note']})")
+
+
+if __name__ == "__main__":
+    main()
