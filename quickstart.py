@@ -121,7 +121,7 @@ def evaluate(dataset_zip: str, samples_dir: str, classifier_path: str, seed: int
 @click.command(context_settings=dict(show_default=True))
 @click.option("--outdir", default="quickstart-out", type=click.Path(file_okay=False), help="Everything goes here")
 @click.option("--resolution", default=16, type=click.IntRange(min=8), help="Image resolution (power of two)")
-@click.option("--kimg", default=60.0, type=click.FloatRange(min=0, min_open=True), help="Training length (kimg)")
+@click.option("--kimg", default=40.0, type=click.FloatRange(min=0, min_open=True), help="Training length (kimg)")
 @click.option("--batch", default=64, type=click.IntRange(min=1), help="Training batch size")
 @click.option("--cbase", default=32, type=click.IntRange(min=4), help="Network channel base")
 @click.option("--cres", default="1,2,2", help="Channel multipliers per resolution")
