@@ -10,12 +10,22 @@ Examples:
   # A tiny network on CPU (network size: --cbase, --cres, and the hidden --blocks / --attn):
   python train.py --outdir=runs --data=digits.zip --batch=32 --cbase=16 --cres=1,2 --blocks=1 --attn=4 \\
       --duration=0.01 --tick=1 --lr-rampup=1 --device=cpu
+\b
+  # CIFAR-10 uncond NCSN++ with STF targets (Newbeeer/stf: 1024 references per GPU), 8 GPUs:
+  torchrun --standalone --nproc_per_node=8 train.py --outdir=training-runs \\
+      --data=datasets/cifar10-32x32.zip --cond=0 --arch=ncsnpp --stf=1 --stf-refs=1024
+\b
+  # CIFAR-10 uncond NCSN++ with AOT pairing (large-scale-kim/EDM-AOT: batch 256 on 4 GPUs, pool 512 per GPU):
+  torchrun --standalone --nproc_per_node=4 train.py --outdir=training-runs \\
+      --data=datasets/cifar10-32x32.zip --cond=0 --arch=ncsnpp --batch=256 --aot=512
 
 Additions to EDM's options: --loss (registry name; default follows --precond) and --loss-opt KEY=VALUE for its
-constructor options, --precision fp32|bf16|fp16 (torch.autocast; fp16 adds a GradScaler), --compile,
---device, --rng image|rank, --lr-rampup; hidden: --blocks (num_blocks) and --attn (attn_resolutions) for tiny
-networks. --workers accepts 0 (load in the main process). --resume takes EDM's training states (approximate
-resume through the safe pickle importer) and ours (exact resume; its seed is reused unless --seed is given).
+constructor options, the plug-ins --stf/--stf-refs/--stf-mask-classes (STF targets) and --aot (AOT noise pairing),
+which compose with each other and with the edm, vp and ve losses, --precision fp32|bf16|fp16 (torch.autocast;
+fp16 adds a GradScaler), --compile, --device, --rng image|rank, --lr-rampup; hidden: --blocks (num_blocks) and
+--attn (attn_resolutions) for tiny networks. --workers accepts 0 (load in the main process). --resume takes EDM's
+training states (approximate resume through the safe pickle importer) and ours (exact resume; its seed is reused
+unless --seed is given).
 """
 
 import json
@@ -29,6 +39,8 @@ import torch
 
 import dnnlib
 import losses
+from losses.aot import aot_loss_kwargs
+from losses.stf import stf_loss_kwargs
 from torch_utils import distributed as dist
 from training import training_loop
 
@@ -110,6 +122,14 @@ def build_config(opts: dnnlib.EasyDict, world_size: int) -> tuple[dnnlib.EasyDic
         c.loss_kwargs = losses.loss_kwargs(loss_name, losses.parse_loss_options(loss_name, opts.loss_opt))
     except ValueError as err:
         raise click.BadParameter(str(err), param_hint='--loss-opt') from err
+    if not opts.stf and (opts.stf_refs is not None or opts.stf_mask_classes is not None):
+        raise click.UsageError('--stf-refs and --stf-mask-classes need --stf=1')
+    stf_refs = opts.stf_refs if opts.stf_refs is not None else 1024
+    if opts.stf:
+        c.loss_kwargs = stf_loss_kwargs(c.loss_kwargs, num_refs=stf_refs,
+                                        mask_classes=opts.stf_mask_classes is not False)
+    if opts.aot is not None:
+        c.loss_kwargs = aot_loss_kwargs(c.loss_kwargs, pool_size=opts.aot)
     if opts.cbase is not None:
         c.network_kwargs.model_channels = opts.cbase
     if opts.cres is not None:
@@ -132,6 +152,15 @@ def build_config(opts: dnnlib.EasyDict, world_size: int) -> tuple[dnnlib.EasyDic
         raise click.BadParameter(f'the per-process batch {opts.batch // world_size} (--batch {opts.batch} / '
                                  f'{world_size} processes) is not a multiple of {opts.batch_gpu}',
                                  param_hint='--batch-gpu')
+    batch_per_gpu = opts.batch // world_size
+    if opts.aot is not None and opts.aot % batch_per_gpu != 0:
+        raise click.BadParameter(f'the pool of {opts.aot} images per GPU must be a multiple of the per-GPU batch per '
+                                 f'step, {batch_per_gpu} (--batch {opts.batch} / {world_size} processes)',
+                                 param_hint='--aot')
+    micro_batch = min(opts.batch_gpu or batch_per_gpu, batch_per_gpu)
+    if opts.stf and stf_refs < micro_batch:
+        raise click.BadParameter(f'the reference set of {stf_refs} images per GPU must hold the per-GPU micro-batch '
+                                 f'of {micro_batch} images', param_hint='--stf-refs')
 
     # Training options.
     c.total_kimg = max(int(opts.duration * 1000), 1)
@@ -176,6 +205,10 @@ def build_config(opts: dnnlib.EasyDict, world_size: int) -> tuple[dnnlib.EasyDic
     dtype_str = 'fp16' if (opts.fp16 or opts.precision == 'fp16') else opts.precision
     desc = (f'{dataset_name:s}-{cond_str:s}-{opts.arch:s}-{opts.precond:s}-gpus{world_size:d}-'
             f'batch{c.batch_size:d}-{dtype_str:s}')
+    if opts.stf:
+        desc += f'-stf{stf_refs}'
+    if opts.aot is not None:
+        desc += f'-aot{opts.aot}'
     if opts.desc is not None:
         desc += f'-{opts.desc}'
     return c, desc
@@ -195,6 +228,15 @@ def build_config(opts: dnnlib.EasyDict, world_size: int) -> tuple[dnnlib.EasyDic
               type=click.Choice(list(losses.LOSSES)))
 @click.option('--loss-opt', help=f'Loss option KEY=VALUE, repeatable ({losses.describe_losses()})', metavar='KEY=VALUE',
               multiple=True)
+# Plug-ins (compose with each other and with --loss edm|vp|ve).
+@click.option('--stf', help='Stable Target Field targets (Xu et al. 2023)', metavar='BOOL', type=bool, default=False,
+              show_default=True)
+@click.option('--stf-refs', help='STF reference set per GPU, incl. its micro-batch  [default: 1024]', metavar='INT',
+              type=click.IntRange(min=1))
+@click.option('--stf-mask-classes', help='STF with --cond: only references of the sample\'s class; 0 = mix classes '
+              'like the reference code (Newbeeer/stf)  [default: 1]', metavar='BOOL', type=bool)
+@click.option('--aot', help='AOT noise-image pairing (Kim et al. 2024) over pools of this many images per GPU',
+              metavar='INT', type=click.IntRange(min=1))
 # Hyperparameters.
 @click.option('--duration', help='Training duration', metavar='MIMG', type=click.FloatRange(min=0, min_open=True),
               default=200, show_default=True)

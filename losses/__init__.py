@@ -8,9 +8,19 @@ A loss is a class registered by name in `LOSSES`. The loop builds it from `loss_
 The loop reduces it as EDM does: loss.sum() * loss_scaling / batch_gpu_total, then DDP averages over ranks.
 
 Optional hooks a loss may define (the loop uses defaults otherwise):
-- `data_requirements() -> dict`: what it needs beyond images and labels, e.g. {'references': 1024} (STF) or
-  {'pool': 512} (AOT). The loop provides it through `Batch`; the loss never touches the data loader. The
-  denoising losses need nothing ({}); the loop refuses requirements it cannot provide, naming them.
+- `data_requirements() -> dict`: what it needs beyond images and labels; the loop provides it through `Batch`
+  and the loss never touches the data loader. The denoising losses need nothing ({}); the loop refuses
+  requirements it cannot provide, naming them. It provides:
+  - {'references': R} (STF): every iteration, R more raw images and labels per rank from an independent shuffled
+    stream over the training set (its own seed and position, kept in training states), in `Batch.references` /
+    `Batch.reference_labels`, shared by all accumulation rounds and phases of the iteration.
+  - {'pool': N} (AOT): the rank's training images come in pools of N consecutive images of its data stream. The
+    loop calls `prepare_pool(Batch(images, labels), augment_pipe) -> Batch` once per pool, under a torch RNG
+    seeded by (seed, rank, pool index) so that a resume inside a pool rebuilds it exactly, and hands out its rows
+    (images, labels, noise, augment_labels) in order, batch_gpu per round. N must be a multiple of the per-rank
+    batch per iteration.
+  Reference sets and pools are per rank (as in the STF and AOT reference code), so with them the trajectory depends
+  on the number of ranks even with rng='image'.
 - `extra_networks(net) -> dict[str, Module]`: networks the loss trains besides the denoiser (GDD: a
   discriminator). The loop moves them to the device, wraps them in DDP and saves them in training states.
 - `phases(networks, optimizer_kwargs) -> list[Phase]`: the optimisation steps of one iteration. The default is one
@@ -46,6 +56,7 @@ class Batch:
     references: reference images for STF-style targets; None when not requested.
     augment_labels: set when the loop already augmented `images` (AOT pairs augmented images); None otherwise.
     random: per-image random draws (`PerImageRandom`); None = the loss uses the global torch RNG (EDM).
+    reference_labels: labels of `references` (STF's class masking); None when not requested.
     """
 
     images: torch.Tensor
@@ -54,6 +65,7 @@ class Batch:
     references: torch.Tensor | None = None
     augment_labels: torch.Tensor | None = None
     random: 'PerImageRandom | None' = None
+    reference_labels: torch.Tensor | None = None
 
 
 class PerImageRandom:

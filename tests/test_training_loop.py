@@ -217,8 +217,8 @@ def test_phases_with_extra_network_and_interval(tiny_zip, tmp_path):
 
 def test_loss_data_requirements_are_refused_by_name(tiny_zip, tmp_path, monkeypatch):
     from losses.denoising import EDMLoss
-    monkeypatch.setattr(EDMLoss, 'data_requirements', lambda self: {'references': 1024})
-    with pytest.raises(NotImplementedError, match='requires references from the data'):
+    monkeypatch.setattr(EDMLoss, 'data_requirements', lambda self: {'teacher_samples': 1024})
+    with pytest.raises(NotImplementedError, match='requires teacher_samples from the data'):
         tl.training_loop(**loop_kwargs(str(tmp_path), tiny_zip))
 
 

@@ -244,6 +244,9 @@ PERSISTENT_CLASSES: dict[str, Any] = {
     "EDMLoss": "losses.denoising.EDMLoss",
     "VPLoss": "losses.denoising.VPLoss",
     "VELoss": "losses.denoising.VELoss",
+    # Plug-in loss wrappers (ours; no counterpart in the reference repositories).
+    "STFLoss": "losses.stf.STFLoss",
+    "AOTLoss": "losses.aot.AOTLoss",
 }
 
 

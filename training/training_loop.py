@@ -4,7 +4,8 @@ run as a list of phases, with exact resume from self-contained training states.
 One iteration = for each phase due at this iteration: zero grads, accumulate gradients over the rounds of the
 per-rank batch (DDP syncs on the last round only), ramp the learning rate, scrub non-finite gradients, step.
 Then the EMA of `net` is updated and cur_nimg advances by the global batch. EDM is the one-phase case (see
-losses/__init__.py for the loss/phase contract); nothing method-specific lives here.
+losses/__init__.py for the loss/phase contract); nothing method-specific lives here. What a loss asks of the data
+(`data_requirements()`: a reference stream, pools prepared once and consumed in order) is provided generically.
 
 Randomness (rng='image', the default): the initial weights depend only on the seed, and each image's sigma and
 noise only on the seed and the image's position in the global data stream (losses.PerImageRandom), so without
@@ -20,6 +21,7 @@ writes, so a resume needs the same world size to be bit-exact (otherwise it warn
 
 import contextlib
 import copy
+import dataclasses
 import json
 import os
 import pickle
@@ -48,6 +50,11 @@ _TRAJECTORY_OPTIONS = ('dataset_kwargs', 'network_kwargs', 'loss_kwargs', 'optim
                        'loss_scaling', 'precision', 'rng')
 
 PRECISIONS = ('fp32', 'bf16', 'fp16')
+
+# What a loss may ask of the data through data_requirements() (see losses/__init__.py), and the Batch fields that
+# hold one value per training image (a pool is handed out by slicing these).
+DATA_REQUIREMENTS = ('references', 'pool')
+_ROW_FIELDS = ('images', 'labels', 'noise', 'augment_labels')
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -89,6 +96,68 @@ def split_batch(batch_size: int, world_size: int, batch_gpu: int | None) -> tupl
         raise ValueError(f'per-rank batch {batch_gpu_total} (batch size {batch_size} / {world_size} ranks) is not a '
                          f'multiple of batch_gpu {batch_gpu}')
     return batch_gpu_total, batch_gpu, batch_gpu_total // batch_gpu
+
+
+def check_data_requirements(loss_fn, batch_gpu_total: int) -> dict:
+    """The loss's data_requirements() ({} when it has none), validated: known names, positive integer sizes, and a
+    pool that divides into per-rank iterations of batch_gpu_total images."""
+    name = type(loss_fn).__name__
+    requirements = dict(loss_fn.data_requirements()) if hasattr(loss_fn, 'data_requirements') else {}
+    unsupported = sorted(set(requirements) - set(DATA_REQUIREMENTS))
+    if unsupported:
+        raise NotImplementedError(f'loss {name} requires {", ".join(unsupported)} from the data, which this training '
+                                  f'loop does not provide (it provides: {", ".join(DATA_REQUIREMENTS)})')
+    for key, value in requirements.items():
+        if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
+            raise ValueError(f'loss {name}: data requirement {key!r} must be a positive integer, got {value!r}')
+        requirements[key] = int(value)
+    pool_size = requirements.get('pool')
+    if pool_size is not None:
+        if pool_size % batch_gpu_total != 0:
+            raise ValueError(f'loss {name}: its pool of {pool_size} images per rank is not a multiple of the per-rank '
+                             f'batch per iteration, {batch_gpu_total} (batch size / number of ranks)')
+        if not hasattr(loss_fn, 'prepare_pool'):
+            raise TypeError(f'loss {name} asks for a pool but has no prepare_pool(batch, augment_pipe) method')
+    return requirements
+
+
+def _stream_seed(*keys) -> int:
+    """A 63-bit seed that depends only on the integer keys (e.g. seed, rank, pool index)."""
+    words = np.random.SeedSequence([int(k) % (1 << 64) for k in keys]).generate_state(2, np.uint32)
+    return (int(words[0]) | (int(words[1]) << 32)) & ((1 << 63) - 1)
+
+
+def _reference_stream_seed(seed: int) -> int:
+    """Seed of the InfiniteSampler of the reference stream (RandomState takes 32 bits); distinct from `seed`."""
+    return _stream_seed(seed, 0x5EF) & 0xFFFFFFFF
+
+
+def _pool_seed(seed: int, rank: int, pool_idx: int) -> int:
+    """Seed of the torch RNG while a pool is prepared: a resumed run rebuilds the same pool."""
+    return _stream_seed(seed, 0xA07, rank, pool_idx)
+
+
+def _batch_rows(batch: Batch, rows: slice) -> Batch:
+    """The rows `rows` of every per-image field of `batch`."""
+    return dataclasses.replace(batch, **{name: getattr(batch, name)[rows] for name in _ROW_FIELDS
+                                         if getattr(batch, name) is not None})
+
+
+def _load_pool(loss_fn, dataset_iterator, pool_size, batch_gpu, device, augment_pipe, seed) -> Batch:
+    """Read `pool_size` images (the next pool_size / batch_gpu loader batches) and let the loss prepare them, with
+    the torch RNG seeded by `seed` and the surrounding random streams left untouched."""
+    parts = [next(dataset_iterator) for _ in range(pool_size // batch_gpu)]
+    images = torch.cat([images for images, _ in parts]).to(device).to(torch.float32) / 127.5 - 1
+    labels = torch.cat([labels for _, labels in parts]).to(device)
+    with torch.random.fork_rng(devices=[device] if device.type == 'cuda' else []), torch.no_grad():
+        torch.manual_seed(seed)
+        pool = loss_fn.prepare_pool(Batch(images=images, labels=labels), augment_pipe)
+    for name in _ROW_FIELDS:
+        value = getattr(pool, name)
+        if value is not None and value.shape[0] != pool_size:
+            raise ValueError(f'loss {type(loss_fn).__name__}: prepare_pool returned {value.shape[0]} rows of '
+                             f'{name!r}, expected {pool_size}')
+    return pool
 
 
 def autocast_context(device: torch.device, precision: str):
@@ -150,6 +219,7 @@ def save_training_state(path: str, state: dict) -> None:
     data_position (global draws consumed from the InfiniteSampler stream: rank r resumes at data_position / world);
     networks {name: state_dict} ('net' and any extra networks of the loss); ema (state_dict of the EMA of 'net');
     optimizers / grad_scalers {phase name: state_dict}; rng [per rank: torch, numpy, python (, cuda)];
+    reference_position (global draws consumed from the reference stream, when the loss asks for references);
     options (JSON of the trajectory options, used to warn when a resume changes them).
     """
     with dnnlib.util.atomic_output(path, 'wb') as f:
@@ -284,6 +354,7 @@ def training_loop(
         warnings.warn(f'data position {data_position} is not a multiple of {world_size} ranks; rounding down',
                       stacklevel=2)
     start_idx = data_position // world_size
+    reference_start = int(state.get('reference_position', 0)) // world_size if state is not None else 0
 
     # Data.
     dist.print0('Loading dataset...')
@@ -305,10 +376,7 @@ def training_loop(
 
         dist.print0('Setting up optimizer...')
         loss_fn = dnnlib.util.construct_class_by_name(**loss_kwargs)
-        requirements = loss_fn.data_requirements() if hasattr(loss_fn, 'data_requirements') else {}
-        if requirements:
-            raise NotImplementedError(f'loss {type(loss_fn).__name__} requires {", ".join(sorted(requirements))} '
-                                      f'from the data, which this training loop does not provide yet')
+        requirements = check_data_requirements(loss_fn, batch_gpu_total)
         augment_pipe = dnnlib.util.construct_class_by_name(**augment_kwargs) if augment_kwargs is not None else None
         networks = dict(net=net)
         if hasattr(loss_fn, 'extra_networks'):
@@ -350,6 +418,25 @@ def training_loop(
     multi_phase = len(phases) > 1
     ema = copy.deepcopy(net).eval().requires_grad_(False)
     scalers = {phase.name: torch.amp.GradScaler(device.type) for phase in phases} if precision == 'fp16' else {}
+
+    # What the loss asks of the data (built before the resume, which restores the RNG states last).
+    num_references = requirements.get('references', 0)
+    pool_size = requirements.get('pool')
+    reference_iterator = None
+    if num_references:
+        # An independent shuffled stream over the training set, so that pools and resumes never interleave with it.
+        reference_sampler = InfiniteSampler(dataset=dataset_obj, rank=rank, num_replicas=world_size,
+                                            seed=_reference_stream_seed(seed), start_idx=reference_start)
+        reference_iterator = iter(torch.utils.data.DataLoader(dataset=dataset_obj, sampler=reference_sampler,
+                                                              batch_size=num_references, **data_loader_kwargs))
+    pool, pool_offset, pool_skip = None, 0, 0
+    if pool_size is not None and start_idx % pool_size != 0:
+        # Resuming inside a pool: read that pool again from its first image and skip the rows already trained on.
+        pool_skip = start_idx % pool_size
+        dataset_sampler = InfiniteSampler(dataset=dataset_obj, rank=rank, num_replicas=world_size, seed=seed,
+                                          start_idx=start_idx - pool_skip)
+        dataset_iterator = iter(torch.utils.data.DataLoader(dataset=dataset_obj, sampler=dataset_sampler,
+                                                            batch_size=batch_gpu, **data_loader_kwargs))
 
     # Resume.
     cur_nimg = int(resume_kimg * 1000)
@@ -408,11 +495,28 @@ def training_loop(
     stats_jsonl = None
     progress_bar = _progress_bar(total=int(total_nimg), initial=min(cur_nimg, int(total_nimg)), enabled=progress)
     data_consumed = start_idx  # per rank
+    references_consumed = reference_start  # per rank
     while True:
-        rounds = []
-        for _ in range(num_accumulation_rounds):
-            images, labels = next(dataset_iterator)
-            rounds.append((images.to(device).to(torch.float32) / 127.5 - 1, labels.to(device)))
+        if pool_size is None:
+            rounds = []
+            for _ in range(num_accumulation_rounds):
+                images, labels = next(dataset_iterator)
+                rounds.append(Batch(images=images.to(device).to(torch.float32) / 127.5 - 1, labels=labels.to(device)))
+        else:
+            if pool is None or pool_offset == pool_size:
+                pool = _load_pool(loss_fn, dataset_iterator, pool_size, batch_gpu, device, augment_pipe,
+                                  _pool_seed(seed, rank, data_consumed // pool_size))
+                pool_offset, pool_skip = pool_skip, 0
+            rounds = [_batch_rows(pool, slice(pool_offset + k * batch_gpu, pool_offset + (k + 1) * batch_gpu))
+                      for k in range(num_accumulation_rounds)]
+            pool_offset += batch_gpu_total
+        if reference_iterator is not None:
+            reference_images, reference_labels = next(reference_iterator)
+            reference_images = reference_images.to(device).to(torch.float32) / 127.5 - 1
+            reference_labels = reference_labels.to(device)
+            rounds = [dataclasses.replace(b, references=reference_images, reference_labels=reference_labels)
+                      for b in rounds]
+            references_consumed += num_references
         data_consumed += batch_gpu_total
 
         for phase_idx, phase in enumerate(phases):
@@ -425,12 +529,12 @@ def training_loop(
                         p.requires_grad_(id(p) in params)
             phase.optimizer.zero_grad(set_to_none=True)
             scaler = scalers.get(phase.name)
-            for round_idx, (images, labels) in enumerate(rounds):
+            for round_idx, round_batch in enumerate(rounds):
                 batch_random = None
                 if rng == 'image':
                     batch_random = PerImageRandom.for_round(seed, cur_nimg, batch_size, world_size, rank, batch_gpu,
                                                             round_idx, device, stream=phase_idx)
-                batch = Batch(images=images, labels=labels, random=batch_random)
+                batch = dataclasses.replace(round_batch, random=batch_random)
                 with misc.ddp_sync(ddp_modules[phase.network], sync=(round_idx == num_accumulation_rounds - 1)):
                     with autocast_context(device, precision):
                         loss = phase.loss_fn(phase_networks[phase.name], batch, augment_pipe)
@@ -507,6 +611,7 @@ def training_loop(
                     cur_nimg=cur_nimg, cur_tick=cur_tick + 1, cur_iter=cur_iter,
                     seed=seed, world_size=world_size, batch_size=batch_size,
                     data_position=data_consumed * world_size,
+                    reference_position=references_consumed * world_size,
                     networks={name: module.state_dict() for name, module in networks.items()},
                     ema=ema.state_dict(),
                     optimizers={phase.name: phase.optimizer.state_dict() for phase in phases},

@@ -1,0 +1,245 @@
+"""AOT (losses/aot.py): exact assignment against brute force, lower paired distance than the identity pairing on
+every pool, class-wise pairing, each image and noise used once per pool in the loop, composition with STF/VP/VE,
+exact resume inside a pool, and train.py --aot."""
+
+import itertools
+import json
+import os
+import socket
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from click.testing import CliRunner
+from test_stf import TINY_NET, RecordingNet, ShiftAugment, assert_exact_resume
+from train_worker import ROOT, digits_images, loop_kwargs, random_images, write_zip_dataset
+
+import train
+from losses import Batch
+from losses.aot import AOTLoss, aot_loss_kwargs, assign_noise, pairwise_distances
+from losses.stf import STFLoss, stf_loss_kwargs, stf_targets
+from torch_utils import persistence
+from training import training_loop as tl
+from training.dataset import ImageFolderDataset, InfiniteSampler
+
+EDM = dict(class_name='losses.denoising.EDMLoss')
+
+
+def _cost(images, noise, perm):
+    return float(torch.linalg.vector_norm((images - noise[perm]).flatten(1), dim=1).sum())
+
+
+def test_pairwise_distances_match_explicit_differences():
+    gen = torch.Generator().manual_seed(0)
+    images, noise = torch.rand([5, 3, 4, 4], generator=gen) * 2 - 1, torch.randn([7, 3, 4, 4], generator=gen)
+    expected = torch.linalg.vector_norm(images.double().flatten(1)[:, None] - noise.double().flatten(1)[None], dim=2)
+    torch.testing.assert_close(pairwise_distances(images, noise), expected, rtol=1e-12, atol=1e-12)
+
+
+def test_assignment_is_optimal_by_brute_force_and_classwise_with_labels():
+    gen = torch.Generator().manual_seed(1)
+    for _ in range(4):
+        images, noise = torch.rand([6, 2, 2, 3], generator=gen) * 2 - 1, torch.randn([6, 2, 2, 3], generator=gen)
+        perm = assign_noise(images, noise)
+        assert sorted(perm.tolist()) == list(range(6))
+        best = min(_cost(images, noise, torch.tensor(p)) for p in itertools.permutations(range(6)))
+        assert _cost(images, noise, perm) == pytest.approx(best, rel=1e-12)
+
+        classes = torch.tensor([0, 1, 0, 2, 1, 0])
+        perm = assign_noise(images, noise, torch.eye(3)[classes])
+        assert sorted(perm.tolist()) == list(range(6)) and torch.equal(classes[perm], classes)  # never across classes
+        feasible = [p for p in itertools.permutations(range(6)) if torch.equal(classes[list(p)], classes)]
+        best = min(_cost(images, noise, torch.tensor(p)) for p in feasible)
+        assert _cost(images, noise, perm) == pytest.approx(best, rel=1e-12)
+    # Labels of dimension 0 (unconditional datasets) mean one global assignment.
+    torch.testing.assert_close(assign_noise(images, noise, torch.zeros(6, 0)), assign_noise(images, noise))
+    with pytest.raises(ValueError, match='one noise per image'):
+        assign_noise(images, noise[:5])
+
+
+def test_paired_distance_is_lower_than_identity_on_every_pool():
+    images, labels = digits_images()
+    data = torch.tensor(images, dtype=torch.float32)[:, None] / 127.5 - 1
+    gen = torch.Generator().manual_seed(2)
+    gains = []
+    for pool_idx in range(8):
+        idx = torch.randperm(len(data), generator=gen)[:128]
+        pool_images, pool_labels = data[idx], torch.eye(10)[torch.from_numpy(labels)[idx]]
+        noise = torch.randn(pool_images.shape, generator=gen)
+        for conditional in (False, True):
+            perm = assign_noise(pool_images, noise, pool_labels if conditional else None)
+            paired = pairwise_distances(pool_images, noise[perm]).diagonal().mean()
+            identity = pairwise_distances(pool_images, noise).diagonal().mean()
+            assert paired < identity, (pool_idx, conditional)
+            gains.append(float(1 - paired / identity))
+            if conditional:
+                assert torch.equal(pool_labels[perm], pool_labels)
+    print(f'AOT on 8x8 digits, pools of 128: mean paired distance {100 * np.mean(gains[0::2]):.1f} % (uncond), '
+          f'{100 * np.mean(gains[1::2]):.1f} % (class-wise) below random pairing')
+    assert min(gains[0::2]) > 0.02  # D = 64: a few percent, as expected (losses.md 2.9)
+
+
+def test_prepare_pool_augments_once_and_permutes_the_drawn_noise():
+    gen = torch.Generator().manual_seed(3)
+    images = torch.rand([12, 1, 4, 4], generator=gen) * 2 - 1
+    labels = torch.eye(3)[torch.arange(12) % 3]
+    loss_fn, pipe = AOTLoss(pool_size=12), ShiftAugment()
+    assert loss_fn.data_requirements() == {'pool': 12}
+    torch.manual_seed(7)
+    pool = loss_fn.prepare_pool(Batch(images=images, labels=labels), augment_pipe=pipe)
+    torch.manual_seed(7)
+    drawn = torch.randn_like(images)
+    assert pipe.rows == [12] and torch.equal(pool.images, images + 0.5) and pool.augment_labels.shape == (12, 9)
+    assert pool.labels is labels and pool.references is None
+    match = (pool.noise.flatten(1)[:, None] == drawn.flatten(1)[None]).all(-1)  # [pool row, drawn row]
+    assert match.sum(1).tolist() == [1] * 12 and match.sum(0).tolist() == [1] * 12  # each noise exactly once
+    perm = match.float().argmax(1)
+    assert torch.equal(perm % 3, torch.arange(12) % 3)  # within classes
+    assert torch.equal(perm, assign_noise(images + 0.5, drawn, labels))
+    # Without augmentation the images pass through, with no augment labels.
+    plain = loss_fn.prepare_pool(Batch(images=images, labels=labels))
+    assert plain.images is images and plain.augment_labels is None
+
+
+def test_aot_loss_uses_the_paired_noise_and_composes_with_stf_vp_ve():
+    gen = torch.Generator().manual_seed(4)
+    images, noise = torch.rand([4, 2, 4, 4], generator=gen) * 2 - 1, torch.randn([4, 2, 4, 4], generator=gen)
+    labels = torch.eye(2)[[0, 1, 0, 1]]
+    for base in ('losses.denoising.EDMLoss', 'losses.denoising.VPLoss', 'losses.denoising.VELoss'):
+        net = RecordingNet()
+        loss = AOTLoss(dict(class_name=base), pool_size=8)(net, Batch(images=images, labels=labels, noise=noise,
+                                                                      augment_labels=torch.ones(4, 9)))
+        torch.testing.assert_close(net.x, images + net.sigma * noise, rtol=0, atol=1e-6)
+        assert torch.equal(net.augment_labels, torch.ones(4, 9))  # the pool's augmentation, not a new one
+        assert loss.shape == images.shape
+    # AOT over STF: paired noise in x, STF target over own rows + references.
+    references = torch.rand([4, 2, 4, 4], generator=gen) * 2 - 1
+    loss_fn = AOTLoss(stf_loss_kwargs(EDM, num_refs=8), pool_size=8)
+    assert loss_fn.data_requirements() == {'references': 8, 'pool': 8}
+    net = RecordingNet()
+    loss = loss_fn(net, Batch(images=images, labels=labels, noise=noise, references=references,
+                              reference_labels=torch.eye(2)[[1, 1, 0, 0]]))
+    torch.testing.assert_close(net.x, images + net.sigma * noise, rtol=0, atol=1e-6)
+    target = stf_targets(net.x, net.sigma, torch.cat([images, references]), torch.tensor([0, 1, 0, 1]),
+                         torch.tensor([0, 1, 0, 1, 1, 1, 0, 0]))
+    weight = (net.sigma ** 2 + 0.25) / (net.sigma * 0.5) ** 2
+    torch.testing.assert_close(loss, weight * target ** 2, rtol=1e-6, atol=0)
+    assert isinstance(loss_fn.base, STFLoss)
+    with pytest.raises(ValueError, match='AOTLoss needs the paired noise'):
+        loss_fn(net, Batch(images=images, labels=labels))
+    with pytest.raises(ValueError, match='pool_size'):
+        AOTLoss(pool_size=0)
+    with pytest.raises(ValueError, match='AOT is already applied'):
+        aot_loss_kwargs(aot_loss_kwargs(EDM))
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# In the training loop.
+
+@pytest.fixture(scope='module')
+def labelled_zip(tmp_path_factory):
+    root = tmp_path_factory.mktemp('data')
+    return write_zip_dataset(str(root / 'tinylab.zip'), random_images(64), labels=[i % 3 for i in range(64)])
+
+
+def test_loop_consumes_each_pool_in_order_each_image_and_noise_once(labelled_zip, tmp_path, monkeypatch):
+    seen = []
+    original = AOTLoss.__call__
+
+    def recording_call(self, net, batch, augment_pipe=None):
+        seen.append((batch.images.clone(), batch.noise.clone(), batch.labels.clone()))
+        return original(self, net, batch, augment_pipe)
+
+    monkeypatch.setattr(AOTLoss, '__call__', recording_call)
+    tl.training_loop(**loop_kwargs(
+        str(tmp_path), labelled_zip, batch_gpu=4, total_kimg=0.032, loss_kwargs=aot_loss_kwargs(EDM, pool_size=16),
+        dataset_kwargs=dict(class_name='training.dataset.ImageFolderDataset', path=labelled_zip, use_labels=True,
+                            xflip=False, cache=True)))
+    assert len(seen) == 8  # 4 iterations x 2 rounds = 2 pools of 16
+    dataset = ImageFolderDataset(labelled_zip, use_labels=True)
+    stream = iter(InfiniteSampler(dataset, seed=123))
+    for pool_idx in range(2):
+        rows = seen[4 * pool_idx: 4 * pool_idx + 4]
+        images, noise, labels = (torch.cat([r[k] for r in rows]) for k in range(3))
+        indices = [next(stream) for _ in range(16)]  # the pool is the next 16 images of the rank's stream, in order
+        expected = torch.stack([torch.from_numpy(dataset[i][0]) for i in indices]).float() / 127.5 - 1
+        torch.testing.assert_close(images, expected, rtol=0, atol=0)
+        assert labels.argmax(1).tolist() == [i % 3 for i in indices]
+        assert len({tuple(n.flatten().tolist()) for n in noise}) == 16  # 16 distinct noises: each used once
+        # The handed-out pairing is the optimal class-wise assignment (the identity is optimal for it).
+        assert torch.equal(assign_noise(images, noise, labels), torch.arange(16))
+        distances = pairwise_distances(images, noise)
+        assert distances.diagonal().mean() < distances.mean()
+    assert not torch.equal(seen[0][1], seen[4][1])  # fresh noise every pool
+
+
+def test_pool_that_does_not_divide_into_steps_is_refused(labelled_zip, tmp_path):
+    with pytest.raises(ValueError, match=r'pool of 12 images per rank is not a multiple of the per-rank batch per '
+                                         r'iteration, 8 \(batch size / number of ranks\)'):
+        tl.training_loop(**loop_kwargs(str(tmp_path), labelled_zip, loss_kwargs=aot_loss_kwargs(EDM, pool_size=12)))
+    result = CliRunner().invoke(train.main, [str(a) for a in ['--outdir', tmp_path / 'runs', '--data', labelled_zip,
+                                                              '--batch', 16, '--aot', 24, '-n']])
+    assert result.exit_code != 0
+    assert ('Invalid value for --aot: the pool of 24 images per GPU must be a multiple of the per-GPU batch per step, '
+            '16 (--batch 16 / 1 processes)') in result.output, result.output
+
+
+@pytest.mark.parametrize('plugins', ['aot', 'aot+stf'])
+def test_exact_resume_inside_a_pool(labelled_zip, tmp_path, plugins):
+    """Pools of 16 = 2 iterations of 8: the resume at 24 images starts in the middle of the second pool."""
+    config = stf_loss_kwargs(EDM, num_refs=12) if plugins == 'aot+stf' else EDM
+    state = assert_exact_resume(tmp_path, labelled_zip, aot_loss_kwargs(config, pool_size=16))
+    assert state['reference_position'] == (5 * 12 if plugins == 'aot+stf' else 0)
+
+
+def test_train_cli_with_aot_and_with_aot_plus_stf(labelled_zip, tmp_path):
+    outdir = tmp_path / 'runs'
+    common = ['--outdir', outdir, '--data', labelled_zip, '--cond', 1, '--loss', 'edm', '--batch', 32, '--duration',
+              0.001, '--tick', 1, '--snap', 1, '--dump', 1, '--seed', 1, '--dropout', 0, *TINY_NET]
+    for extra, name in [(['--aot', 64], '00000-tinylab-cond-ddpmpp-edm-gpus1-batch32-fp32-aot64'),
+                        (['--aot', 64, '--stf', 1, '--stf-refs', 40],
+                         '00001-tinylab-cond-ddpmpp-edm-gpus1-batch32-fp32-stf40-aot64')]:
+        result = CliRunner().invoke(train.main, [str(a) for a in common + extra], catch_exceptions=False)
+        assert result.exit_code == 0, result.output
+        run_dir = outdir / name
+        assert {'network-snapshot-000000.pkl', 'network-snapshot-000001.pkl', 'training-state-000001.pt'} <= set(
+            os.listdir(run_dir))
+        options = json.load(open(run_dir / 'training_options.json'))
+        snapshot = persistence.load_network_pickle(str(run_dir / 'network-snapshot-000001.pkl'))
+        assert type(snapshot['loss_fn']).__name__ == 'AOTLoss' and snapshot['loss_fn'].pool_size == 64
+        if '--stf' in extra:
+            assert options['loss_kwargs'] == dict(class_name='losses.aot.AOTLoss', pool_size=64, base_kwargs=dict(
+                class_name='losses.stf.STFLoss', num_refs=40, mask_classes=True, base_kwargs=EDM))
+            assert type(snapshot['loss_fn'].base).__name__ == 'STFLoss'
+        else:
+            assert options['loss_kwargs'] == dict(class_name='losses.aot.AOTLoss', pool_size=64, base_kwargs=EDM)
+        state = torch.load(run_dir / 'training-state-000001.pt', weights_only=True)
+        assert state['cur_nimg'] == 1024 and state['data_position'] == 1024
+        lines = [json.loads(line) for line in open(run_dir / 'stats.jsonl')]
+        assert all(np.isfinite(line['Loss/loss']['mean']) for line in lines)
+
+
+@pytest.mark.slow
+@pytest.mark.distributed
+def test_two_ranks_with_aot_and_stf(labelled_zip, tmp_path):
+    """torchrun, 2 CPU ranks: per-rank pools (4 images per rank and iteration, pools of 8) and reference streams."""
+    config = loop_kwargs(str(tmp_path), labelled_zip, batch_size=8, total_kimg=0.032,
+                         loss_kwargs=aot_loss_kwargs(stf_loss_kwargs(EDM, num_refs=12), pool_size=8),
+                         dataset_kwargs=dict(class_name='training.dataset.ImageFolderDataset', path=labelled_zip,
+                                             use_labels=True, xflip=False, cache=True))
+    config_path = tmp_path / 'config.json'
+    config_path.write_text(json.dumps(config))
+    with socket.socket() as s:
+        s.bind(('127.0.0.1', 0))
+        port = s.getsockname()[1]
+    cmd = [sys.executable, '-m', 'torch.distributed.run', '--nproc_per_node=2', '--master_port', str(port),
+           os.path.join(ROOT, 'tests', 'train_worker.py'), str(config_path)]
+    result = subprocess.run(cmd, cwd=ROOT, env=dict(os.environ, OMP_NUM_THREADS='1'), capture_output=True, text=True,
+                            timeout=300)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    state = torch.load(tmp_path / 'training-state-000000.pt', weights_only=True)
+    assert state['world_size'] == 2 and len(state['rng']) == 2 and state['cur_iter'] == 4
+    assert state['data_position'] == 32 and state['reference_position'] == 2 * 4 * 12
+    assert all(torch.isfinite(v).all() for v in state['networks']['net'].values())
