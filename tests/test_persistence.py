@@ -521,3 +521,18 @@ def test_against_edm_checkout(tmp_path):
     with torch.no_grad():
         assert torch.equal(report["denoised"], snapshot["ema"](x, sigma))
     assert torch.equal(report["augment_labels"], augment_labels) and torch.equal(report["augmented"], augmented)
+
+
+def test_fork_loss_with_extra_constructor_argument_is_rebuilt_with_a_warning():
+    """AOT's released pickles carry EDMLoss(batch=...): the loss is rebuilt without it, networks stay strict."""
+    denoising = pytest.importorskip("losses.denoising")
+    pickled = persistence.PickledObject("EDMLoss", {"_init_args": (), "_init_kwargs": {"P_mean": -1.0, "batch": 64}})
+    with pytest.warns(UserWarning, match=r"ignoring constructor arguments \['batch'\] of EDMLoss"):
+        data = persistence.import_pickled_objects({"loss_fn": pickled})
+    loss = data["loss_fn"]
+    assert isinstance(loss, denoising.EDMLoss)
+    assert loss.P_mean == -1.0 and loss.P_std == 1.2
+    strict = persistence.PickledObject("EDMPrecond", {"_init_args": (), "_init_kwargs": dict(
+        img_resolution=8, img_channels=1, model_type="SongUNet", not_an_option=1)})
+    with pytest.raises(persistence.NetworkPickleError, match="not_an_option"):
+        persistence.import_pickled_objects({"ema": strict})

@@ -543,10 +543,20 @@ def _rebuild(pickled: PickledObject, classes: dict, source: str, memo: dict):
                                  f"arguments (_init_args/_init_kwargs), so it cannot be rebuilt without running "
                                  f"its embedded code")
     init_args = _import_objects(init_args, classes, source, memo)
-    init_kwargs = _import_objects(init_kwargs, classes, source, memo)
+    init_kwargs = dict(_import_objects(init_kwargs, classes, source, memo))
+    if not issubclass(cls, torch.nn.Module):
+        # Forks add options to their losses (AOT's EDMLoss takes `batch`); a loss is only carried along in a
+        # snapshot, so drop what ours does not take rather than refuse the whole file. Networks stay strict.
+        params = inspect.signature(cls.__init__).parameters
+        if not any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
+            unknown = sorted(set(init_kwargs) - set(params))
+            if unknown:
+                warnings.warn(f"{source}: ignoring constructor arguments {unknown} of {pickled.class_name}, which "
+                              f"our {cls.__qualname__} does not take", stacklevel=2)
+                init_kwargs = {k: v for k, v in init_kwargs.items() if k not in unknown}
     try:
         with torch.device("cpu"):
-            obj = cls(*init_args, **dict(init_kwargs))
+            obj = cls(*init_args, **init_kwargs)
     except Exception as err:
         raise NetworkPickleError(f"{source}: cannot build {cls.__module__}.{cls.__qualname__} from the pickled "
                                  f"init kwargs {dict(init_kwargs)!r}: {type(err).__name__}: {err}") from err
