@@ -12,6 +12,7 @@ import io
 import math
 import os
 import re
+import warnings
 
 import numpy as np
 import PIL.Image
@@ -89,6 +90,13 @@ def build_grid(net, config: SamplerConfig, device=None) -> tuple[SigmaGrid, str,
         defaults = grid.solver_kwargs
         if grid.solver is None and str(config.schedule).endswith(".pt"):  # LD3's vector: its configs' options
             defaults = {ours: options for ours, options in LD3_SOLVERS.values()}.get(solver, {})
+        overridden = sorted(k for k, v in config.solver_kwargs.items() if k in defaults and defaults[k] != v)
+        if overridden:
+            # A learned grid fits the options it was learned with; say so instead of silently changing them.
+            warnings.warn(f"schedule file {config.schedule!r} was learned with "
+                          f"{', '.join(f'{k}={defaults[k]!r}' for k in overridden)}; overriding with "
+                          f"{', '.join(f'{k}={config.solver_kwargs[k]!r}' for k in overridden)} may not fit the "
+                          f"learned grid", stacklevel=2)
         return grid, solver, {**defaults, **config.solver_kwargs}
     get_solver(solver)
     grid = make_grid(config.schedule, config.num_steps, config.sigma_min, config.sigma_max,

@@ -6,6 +6,7 @@ import os
 import socket
 import subprocess
 import sys
+import types
 
 import numpy as np
 import PIL.Image
@@ -318,3 +319,18 @@ def test_two_ranks_match_one(network_pickle, tmp_path):
     assert names == sorted(os.listdir(tmp_path / "two")) and len(names) == 7
     for name in names:
         assert digest(tmp_path / "one" / name) == digest(tmp_path / "two" / name)
+
+
+def test_schedule_file_options_overridden_with_a_warning(tmp_path):
+    from samplers import save_schedule_file
+    from samplers.generation import SamplerConfig, build_grid
+
+    path = str(tmp_path / "learned.json")
+    save_schedule_file(path, make_grid("logsnr", 4, 0.002, 80, end="sigma_min").sigmas, solver="ipndm", nfe=4,
+                       solver_kwargs={"max_order": 3})
+    net = types.SimpleNamespace(sigma_min=0.0, sigma_max=float("inf"), round_sigma=lambda s: s)
+    _, solver, kwargs = build_grid(net, SamplerConfig(schedule=path))
+    assert solver == "ipndm" and kwargs == {"max_order": 3}
+    with pytest.warns(UserWarning, match=r"learned with max_order=3; overriding with max_order=4"):
+        _, _, kwargs = build_grid(net, SamplerConfig(schedule=path, solver_kwargs={"max_order": 4}))
+    assert kwargs == {"max_order": 4}
