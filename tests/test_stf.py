@@ -12,7 +12,7 @@ import warnings
 import pytest
 import torch
 from click.testing import CliRunner
-from train_worker import ROOT, digits_images, loop_kwargs, random_images, write_zip_dataset
+from train_worker import ROOT, assert_tree_equal, digits_images, loop_kwargs, random_images, write_zip_dataset
 
 import train
 from losses import Batch
@@ -327,26 +327,11 @@ def assert_exact_resume(tmp_path, data, loss_kwargs):
     assert a['cur_nimg'] == b['cur_nimg'] == 40 and a['data_position'] == b['data_position'] == 40
     assert a['reference_position'] == b['reference_position']
     for key in ('networks', 'ema', 'optimizers', 'rng', 'cur_iter'):
-        _assert_tree_equal(a[key], b[key], key)
+        assert_tree_equal(a[key], b[key], key)
     first = torch.load(first_state, weights_only=True)
     assert not torch.equal(first['networks']['net']['model.enc.8x8_conv.weight'],
                            a['networks']['net']['model.enc.8x8_conv.weight'])
     return a
-
-
-def _assert_tree_equal(a, b, path='state'):
-    if isinstance(a, torch.Tensor):
-        assert isinstance(b, torch.Tensor) and torch.equal(a, b), path
-    elif isinstance(a, dict):
-        assert set(a) == set(b), path
-        for k in a:
-            _assert_tree_equal(a[k], b[k], f'{path}.{k}')
-    elif isinstance(a, (list, tuple)):
-        assert len(a) == len(b), path
-        for i, (x, y) in enumerate(zip(a, b)):
-            _assert_tree_equal(x, y, f'{path}[{i}]')
-    else:
-        assert a == b, path
 
 
 def test_exact_resume_with_stf(labelled_zip, tmp_path):

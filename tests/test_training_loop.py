@@ -13,7 +13,7 @@ import warnings
 import numpy as np
 import pytest
 import torch
-from train_worker import ROOT, digits_images, loop_kwargs, random_images, write_zip_dataset
+from train_worker import ROOT, assert_tree_equal, digits_images, loop_kwargs, random_images, write_zip_dataset
 
 import dnnlib
 from losses import Batch
@@ -35,22 +35,6 @@ def _final_state(run_dir):
     paths = sorted(glob.glob(os.path.join(run_dir, 'training-state-*.pt')))
     assert paths, f'no training state in {run_dir}'
     return torch.load(paths[-1], map_location='cpu', weights_only=True)
-
-
-def _assert_tree_equal(a, b, path='state'):
-    """torch.equal on every tensor of two nested containers, == on everything else."""
-    if isinstance(a, torch.Tensor):
-        assert isinstance(b, torch.Tensor) and torch.equal(a, b), path
-    elif isinstance(a, dict):
-        assert set(a) == set(b), path
-        for k in a:
-            _assert_tree_equal(a[k], b[k], f'{path}.{k}')
-    elif isinstance(a, (list, tuple)):
-        assert len(a) == len(b), path
-        for i, (x, y) in enumerate(zip(a, b)):
-            _assert_tree_equal(x, y, f'{path}[{i}]')
-    else:
-        assert a == b, path
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -164,20 +148,20 @@ def test_loop_equals_independent_edm_step_in_fp32(tiny_zip, tmp_path):
     state = _final_state(str(tmp_path))
     net, ema, optimizer = _edm_reference_run(kwargs, num_steps=3)
     assert state['cur_nimg'] == 24 and state['cur_iter'] == 3
-    _assert_tree_equal(state['networks']['net'], net.state_dict())
-    _assert_tree_equal(state['ema'], ema.state_dict())
+    assert_tree_equal(state['networks']['net'], net.state_dict())
+    assert_tree_equal(state['ema'], ema.state_dict())
     key = 'model.enc.8x8_conv.weight'
     assert not torch.equal(state['ema'][key], state['networks']['net'][key])  # EMA is not a copy of the net
     ours = state['optimizers']['main']
     for idx, moments in optimizer.state_dict()['state'].items():
-        _assert_tree_equal(ours['state'][idx], moments, f'adam[{idx}]')
+        assert_tree_equal(ours['state'][idx], moments, f'adam[{idx}]')
 
     # Snapshots: EDM's dict; the last one holds the final EMA; stats.jsonl has EDM's names.
     snapshots = sorted(os.path.basename(p) for p in glob.glob(str(tmp_path / 'network-snapshot-*.pkl')))
     assert snapshots == ['network-snapshot-000000.pkl']  # ticks 0 and 1 both at kimg 0: the last write wins
     data = persistence.load_network_pickle(str(tmp_path / snapshots[-1]))
     assert set(data) == {'ema', 'loss_fn', 'augment_pipe', 'dataset_kwargs'}
-    _assert_tree_equal(data['ema'].state_dict(), state['ema'])
+    assert_tree_equal(data['ema'].state_dict(), state['ema'])
     assert data['dataset_kwargs']['path'] == tiny_zip and data['augment_pipe'].p == 0.5
     lines = [json.loads(line) for line in open(tmp_path / 'stats.jsonl')]
     assert len(lines) == 2 and EDM_STAT_NAMES | {'timestamp'} == set(lines[0])
@@ -241,7 +225,7 @@ def test_exact_resume_matches_a_straight_run(tiny_zip, tmp_path):
     b = torch.load(os.path.join(resumed, 'training-state-000002.pt'), weights_only=True)
     assert a['cur_nimg'] == b['cur_nimg'] == 2048 and a['data_position'] == b['data_position'] == 2048
     for key in ('networks', 'ema', 'optimizers', 'rng', 'cur_iter'):
-        _assert_tree_equal(a[key], b[key], key)
+        assert_tree_equal(a[key], b[key], key)
     assert not torch.equal(a['networks']['net']['model.enc.8x8_conv.weight'],
                            torch.load(first_state_path, weights_only=True)['networks']['net']
                            ['model.enc.8x8_conv.weight'])
@@ -317,8 +301,8 @@ def test_transfer_and_edm_training_state(tiny_zip, tmp_path):
     os.makedirs(transfer)
     tl.training_loop(**loop_kwargs(transfer, tiny_zip, resume_pkl=snapshot, ema_rampup_ratio=None, **frozen))
     state = _final_state(transfer)
-    _assert_tree_equal(state['networks']['net'], ema.state_dict())
-    _assert_tree_equal(state['ema'], ema.state_dict())
+    assert_tree_equal(state['networks']['net'], ema.state_dict())
+    assert_tree_equal(state['ema'], ema.state_dict())
 
     # EDM's training-state: a torch.save of the pickled net + optimizer state, which weights_only refuses.
     net = copy.deepcopy(ema).train().requires_grad_(True)
@@ -338,7 +322,7 @@ def test_transfer_and_edm_training_state(tiny_zip, tmp_path):
         tl.training_loop(**loop_kwargs(resumed, tiny_zip, resume_pkl=snapshot, resume_state_dump=edm_state,
                                        resume_kimg=0, **frozen))
     state = _final_state(resumed)
-    _assert_tree_equal(state['networks']['net'], {k: v.detach() for k, v in net.state_dict().items()})
+    assert_tree_equal(state['networks']['net'], {k: v.detach() for k, v in net.state_dict().items()})
     assert int(state['optimizers']['main']['state'][0]['step']) == 3  # EDM's Adam state was loaded, then stepped
 
 

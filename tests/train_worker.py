@@ -17,6 +17,24 @@ from PIL import Image
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
+def assert_tree_equal(a, b, path='state'):
+    """torch.equal on every tensor of two nested containers, == on everything else."""
+    import torch
+
+    if isinstance(a, torch.Tensor):
+        assert isinstance(b, torch.Tensor) and torch.equal(a, b), path
+    elif isinstance(a, dict):
+        assert set(a) == set(b), path
+        for k in a:
+            assert_tree_equal(a[k], b[k], f'{path}.{k}')
+    elif isinstance(a, (list, tuple)):
+        assert len(a) == len(b), path
+        for i, (x, y) in enumerate(zip(a, b)):
+            assert_tree_equal(x, y, f'{path}[{i}]')
+    else:
+        assert a == b, path
+
+
 def write_zip_dataset(path: str, images: np.ndarray, labels=None) -> str:
     """EDM's dataset format: uncompressed PNGs {idx//1000:05d}/img{idx:08d}.png + dataset.json; images uint8 NHW[C]."""
     with zipfile.ZipFile(path, 'w', compression=zipfile.ZIP_STORED) as zf:
