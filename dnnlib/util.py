@@ -10,6 +10,7 @@ import io
 import os
 import re
 import shutil
+import socket
 import sys
 import tempfile
 import time
@@ -280,27 +281,14 @@ def _copy_into_cache(url: str, path: str, cache_dir: str | None) -> str:
         cache_dir = make_cache_dir_path("downloads")
     cache_path = os.path.join(cache_dir, _cache_file_name(url))
     if not os.path.isfile(cache_path) or os.path.getmtime(cache_path) < os.path.getmtime(path):
-        os.makedirs(cache_dir, exist_ok=True)
-        tmp = f"{cache_path}.tmp-{uuid.uuid4().hex}"
-        try:
-            shutil.copyfile(path, tmp)
-            os.replace(tmp, cache_path)
-        finally:
-            if os.path.exists(tmp):
-                os.remove(tmp)
+        with atomic_output(cache_path, "wb") as f, open(path, "rb") as src:
+            shutil.copyfileobj(src, f)
     return cache_path
 
 
 def _atomic_write_bytes(path: str, data: bytes) -> None:
-    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    tmp = f"{path}.tmp-{uuid.uuid4().hex}"
-    try:
-        with open(tmp, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+    with atomic_output(path, "wb") as f:
+        f.write(data)
 
 
 def _download(url: str, num_attempts: int, verbose: bool, timeout: float) -> bytes:
@@ -340,17 +328,139 @@ def _download(url: str, num_attempts: int, verbose: bool, timeout: float) -> byt
     ) from last_error
 
 
+# ---------------------------------------------------------------------------------------------------------------------
+# Output files: temporary names that identify their writer, removal of stale ones, and up-front writability checks.
+#
+# Every atomic write goes to '<name>.tmp-<host>-<pid>-<random>' beside its target and is renamed into place when
+# complete. A writer killed with SIGKILL leaves its temporary file behind; the next run of the same command removes
+# the ones whose process is gone (remove_stale_temp_files). Files of live processes (other ranks, other runs) and of
+# other hosts (a shared file system: their processes cannot be checked from here) are never touched.
+
+_TEMP_NAME_RE = re.compile(r"\.tmp-(?P<host>[A-Za-z0-9_.]+)-(?P<pid>[0-9]+)-[0-9a-f]{8}$")
+
+
+def _host_tag() -> str:
+    """This host's name with everything but letters, digits, '_' and '.' replaced (so that '-' separates fields)."""
+    return re.sub(r"[^A-Za-z0-9_.]", "_", socket.gethostname())[:64] or "localhost"
+
+
+def temp_path(path: str, hidden: bool = False) -> str:
+    """A temporary name beside `path` naming this process: '<path>.tmp-<host>-<pid>-<8 hex>'.
+
+    hidden=True prefixes the file name with '.', so that listings of the folder (e.g. `ls`) skip it.
+    """
+    directory, name = os.path.split(path)
+    name = f"{'.' if hidden else ''}{name}.tmp-{_host_tag()}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    return os.path.join(directory, name)
+
+
+def process_is_alive(pid: int) -> bool:
+    """Whether process `pid` exists on this host. In doubt (no permission to ask, Windows): True."""
+    if os.name == "nt":
+        return True  # os.kill(pid, 0) would terminate the process on Windows
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:
+        return True
+    return True
+
+
+def is_stale_temp_name(name: str) -> bool:
+    """True for a temp_path() name written by a process of this host that no longer runs."""
+    match = _TEMP_NAME_RE.search(name)
+    return match is not None and match.group("host") == _host_tag() and not process_is_alive(int(match.group("pid")))
+
+
+def remove_stale_temp_files(directory: str, prefix: str = "") -> list[str]:
+    """Remove the temporary files and folders of dead writers (see is_stale_temp_name) directly in `directory`.
+
+    prefix: only names that start with it (e.g. 'out.json.tmp-'). Returns the removed paths. A missing folder, an
+    entry removed meanwhile by another process, or one that cannot be removed is left as it is without error.
+    """
+    try:
+        entries = [entry for entry in os.scandir(directory) if entry.name.startswith(prefix) and ".tmp-" in entry.name]
+    except OSError:
+        return []
+    removed = []
+    for entry in entries:
+        if not is_stale_temp_name(entry.name):
+            continue
+        try:
+            if entry.is_dir(follow_symlinks=False):
+                shutil.rmtree(entry.path)
+            else:
+                os.remove(entry.path)
+            removed.append(entry.path)
+        except OSError:
+            pass
+    return removed
+
+
+class OutputPathError(OSError):
+    """An output that cannot be written; str() is one line naming the option or file and why."""
+
+
+def check_output_path(path: str, option: str, is_dir: bool = False) -> None:
+    """Fail early, before any work, when `path` cannot be written; the error names `option` (e.g. '--outdir').
+
+    is_dir=False: `path` is a file to create or replace; is_dir=True: a folder to create or write into. Missing
+    folders on the way are fine when the nearest existing one is a writable folder (they are created later by the
+    writer; nothing is created here). Checks that the kinds match (a folder is not a file name and vice versa), that
+    a file can be created there (a probe file, removed at once) and that the disk is not full.
+    Raises OutputPathError.
+    """
+    if not isinstance(path, str) or path == "":
+        raise OutputPathError(f"{option}: expected a {'folder' if is_dir else 'file'} path, got {path!r}")
+    target = os.path.abspath(path)
+    if os.path.isdir(target) and not is_dir:
+        raise OutputPathError(f"{option}: {path} is a folder; expected a file name")
+    if os.path.exists(target) and not os.path.isdir(target) and is_dir:
+        raise OutputPathError(f"{option}: {path} exists and is not a folder")
+    directory = target if is_dir else os.path.dirname(target)
+    while not os.path.exists(directory):
+        directory = os.path.dirname(directory)
+    if not os.path.isdir(directory):
+        raise OutputPathError(f"{option}: cannot create {path}: {directory} is a file, not a folder")
+    probe = temp_path(os.path.join(directory, "write-test"), hidden=True)
+    try:
+        os.close(os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
+        os.remove(probe)
+    except OSError as err:
+        raise OutputPathError(f"{option}: cannot write to {directory} ({err.strerror or err})") from err
+    if shutil.disk_usage(directory).free == 0:
+        raise OutputPathError(f"{option}: cannot write to {directory} (no space left on device)")
+
+
 @contextlib.contextmanager
 def atomic_output(path: str, mode: str = "wb"):
-    """Write to a temporary file beside `path` and rename it into place on success; remove it on failure."""
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = f"{path}.tmp-{uuid.uuid4().hex}"
+    """Write to a temporary file beside `path` and rename it into place on success; remove it on failure.
+
+    The temporary name identifies this process (temp_path); stale temporary files of dead writers of the same
+    `path` are removed first. An OSError while creating, writing or renaming becomes an OutputPathError naming
+    `path` (e.g. 'cannot write out.json: No space left on device').
+    """
+    directory = os.path.dirname(os.path.abspath(path))
+    try:
+        os.makedirs(directory, exist_ok=True)
+    except OSError as err:
+        raise OutputPathError(f"cannot write {path}: cannot create folder {directory} ({err.strerror or err})") \
+            from err
+    remove_stale_temp_files(directory, prefix=os.path.basename(path) + ".tmp-")
+    tmp = temp_path(path)
     try:
         with open(tmp, mode) as f:
             yield f
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
+    except OSError as err:
+        if isinstance(err, OutputPathError) or err.filename not in (None, tmp):
+            raise  # not an error of writing this file (e.g. reading another one inside the block)
+        raise OutputPathError(f"cannot write {path} ({err.strerror or err})") from err
     finally:
-        if os.path.exists(tmp):
+        try:
             os.remove(tmp)
+        except OSError:
+            pass  # renamed into place, or never created

