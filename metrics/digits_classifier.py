@@ -16,6 +16,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from torch_utils import persistence
+
 CLASSIFIER_RESOLUTION = 16
 FEATURE_DIM = 64
 
@@ -117,7 +119,7 @@ def save_classifier(model: DigitsClassifier, info: dict, path: str) -> None:
 
 
 def load_classifier(path: str) -> tuple[DigitsClassifier, dict]:
-    data = torch.load(path, map_location="cpu", weights_only=True)
+    data = persistence.safe_torch_load(path)
     model = DigitsClassifier()
     model.load_state_dict(data["state_dict"])
     return model.eval().requires_grad_(False), json.loads(data["info"])

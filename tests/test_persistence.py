@@ -1,5 +1,6 @@
 """EDM network-pickle format v6: our writer, the safe importer, EDM-style loaders (issue 3)."""
 
+import collections
 import functools
 import glob
 import http.server
@@ -21,6 +22,7 @@ from torch_utils import persistence
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import edm_format_fixture as fixture  # noqa: E402
+import hostile_payloads as hostile  # noqa: E402
 import persistence_tiny_classes as tiny  # noqa: E402
 
 TINY_SRC_PATH = tiny.__file__
@@ -536,3 +538,100 @@ def test_fork_loss_with_extra_constructor_argument_is_rebuilt_with_a_warning():
         img_resolution=8, img_channels=1, model_type="SongUNet", not_an_option=1)})
     with pytest.raises(persistence.NetworkPickleError, match="not_an_option"):
         persistence.import_pickled_objects({"ema": strict})
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Hostile files (issue 16): nested archives whose loaders run code.
+
+
+def _one_line(err) -> str:
+    message = str(err.value)
+    assert "\n" not in message, message
+    return message
+
+
+def test_the_torchscript_payload_really_runs_when_loaded_unsafely(tmp_path):
+    # Proof that the payload is live, so that the refusals below mean something.
+    marker = tmp_path / "executed-by-jit-load"
+    archive = hostile.torchscript_archive(marker)
+    assert not marker.exists()
+    with pytest.warns(UserWarning, match="TorchScript"):
+        torch.load(io.BytesIO(archive), weights_only=False)
+    assert marker.read_bytes() == b"X" * 8
+
+
+def test_network_pickle_with_a_torchscript_storage_is_refused(tmp_path):
+    marker = tmp_path / "pwned"
+    path = tmp_path / "network-snapshot.pkl"
+    path.write_bytes(hostile.network_pickle_with_storage(hostile.torchscript_archive(marker)))
+    with pytest.raises(persistence.NetworkPickleError) as err:
+        persistence.load_network_pickle(str(path))
+    assert _one_line(err).startswith(f"{path}: ") and "TorchScript" in str(err.value)
+    assert not marker.exists()
+
+
+@pytest.mark.parametrize("kind", ["zip", "tar", "junk"])
+def test_storage_bytes_in_any_other_format_are_refused(kind):
+    data = {"zip": lambda: (lambda b: (torch.save(torch.zeros(2).untyped_storage(), b), b.getvalue())[1])(io.BytesIO()),
+            "tar": hostile.tar_archive, "junk": lambda: b"\x80\x04K\x01." + os.urandom(64)}[kind]()
+    with pytest.raises(persistence.NetworkPickleError, match="tensor storage|not a torch file") as err:
+        persistence.load_network_pickle(io.BytesIO(hostile.network_pickle_with_storage(data)))
+    _one_line(err)
+
+
+def test_real_storages_still_load_through_the_checked_path():
+    # Every plain-pickled tensor goes through _load_from_bytes; the check must not refuse the legacy stream.
+    tensors = dict(a=torch.arange(6, dtype=torch.float32).reshape(2, 3), b=torch.tensor([1, 2], dtype=torch.int64),
+                   c=torch.nn.Parameter(torch.ones(3, dtype=torch.float16)))
+    for protocol in (2, 4, 5):
+        loaded = persistence.load_network_pickle(io.BytesIO(pickle.dumps(tensors, protocol=protocol)))
+        for name, tensor in tensors.items():
+            assert loaded[name].dtype == tensor.dtype and torch.equal(loaded[name], tensor.detach()), name
+
+
+def test_training_states_carrying_the_payload_are_refused(tmp_path):
+    from training import training_loop
+
+    marker = tmp_path / "pwned"
+    archive = hostile.torchscript_archive(marker)
+    nested = tmp_path / "training-state-000001.pt"
+    nested.write_bytes(hostile.training_state_with_storage(archive))
+    whole = tmp_path / "training-state-000002.pt"
+    whole.write_bytes(archive)  # The training state file is itself a TorchScript archive.
+    for path in (nested, whole):
+        with pytest.raises(persistence.NetworkPickleError) as err:
+            persistence.load_edm_training_state(path)
+        assert _one_line(err).startswith(f"{path}: ")
+    assert training_loop.load_training_state(str(nested)) is None  # Not ours; the EDM path then refuses it.
+    with pytest.raises(persistence.UnsafeTorchFileError, match="TorchScript"):
+        training_loop.load_training_state(str(whole))
+    with pytest.raises(persistence.UnsafeTorchFileError, match="TorchScript"):
+        persistence.safe_torch_load(whole)
+    assert not marker.exists()
+
+
+def test_tensor_with_pickled_backward_hooks_is_refused():
+    class HookedTensor:
+        def __reduce__(self):
+            hooks = collections.OrderedDict(evil=str)  # Whitelisted itself; only its use as a hook is refused.
+            return torch._utils._rebuild_tensor_v2, (torch.zeros(2)._typed_storage(), 0, (2,), (1,), False, hooks)
+
+    with pytest.raises(persistence.NetworkPickleError, match="backward hooks"):
+        persistence.load_network_pickle(io.BytesIO(pickle.dumps({"ema": HookedTensor()}, protocol=2)))
+
+
+def test_object_arrays_from_raw_bytes_are_refused():
+    class ObjectArray:
+        def __reduce__(self):
+            return persistence._numpy_frombuffer(), (b"\0" * 8, np.dtype("O"), (1,), "C")
+
+    with pytest.raises(persistence.NetworkPickleError, match="Python objects"):
+        persistence.load_network_pickle(io.BytesIO(pickle.dumps({"ema": ObjectArray()}, protocol=5)))
+
+
+def test_only_listed_torch_nn_classes_are_accepted():
+    assert persistence._resolve_safe_global("torch.nn.modules.container", "ModuleDict") is torch.nn.ModuleDict
+    assert persistence._resolve_safe_global("torch.nn.modules.linear", "Linear") is torch.nn.Linear
+    assert persistence._resolve_safe_global("torch.nn.modules.rnn", "LSTM") is None
+    assert persistence._resolve_safe_global("torch.nn.modules.module", "register_module_forward_hook") is None
+    assert persistence._resolve_safe_global("torch.nn.modules.linear", "Conv2d") is None  # Wrong module.

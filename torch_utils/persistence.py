@@ -12,6 +12,19 @@ Two ways to read such a pickle:
   `PickledObject` (class name + pickled state, no code); the outermost one is then rebuilt from OUR class of the
   same name (`PERSISTENT_CLASSES`) with its recorded constructor arguments, and its parameters and buffers are
   copied in by name. The embedded source is never executed.
+  The whitelist (`_build_safe_globals`, `_resolve_safe_global`), and why each entry runs no code of the file's:
+  containers and scalars (builtins set/frozenset/slice/complex/bytearray/bytes/object/dict/list/tuple/int/float/
+  str/bool/range, collections.OrderedDict, EasyDict, torch.Size/device/dtype/layout/memory_format, numpy dtype,
+  ndarray and scalar) only build values; copyreg._reconstructor is replaced by a version that only calls
+  __new__/__init__ of classes that passed the whitelist; _codecs.encode is limited to latin1 (how protocols < 3
+  store bytes); torch._utils' tensor and parameter rebuilders build tensors from storages and refuse pickled
+  backward hooks; torch._tensor._rebuild_from_type(_v2) only call callables that passed the whitelist themselves;
+  numpy's _frombuffer refuses object dtypes (bytes read as pointers); a short list of plain torch.nn layers and
+  containers is rebuilt without calling their constructors. The one entry that deserialises nested bytes,
+  torch.storage._load_from_bytes, is replaced by `_safe_load_from_bytes`, which accepts only the legacy stream that
+  Storage.__reduce__ writes and reads it through this same whitelist: torch.load would otherwise hand a TorchScript
+  archive inside the bytes to torch.jit.load, whose compiled __setstate__ methods run (`check_torch_file`). The
+  same check guards every torch.load of a training state.
 - Plain `pickle.load`, which calls `_reconstruct_persistent_obj` below: EDM's behaviour, kept so that our pickles
   also load with plain pickle. When the embedded source is not one of the modules already imported here, it is
   EXECUTED. Use it on trusted files only.
@@ -28,9 +41,11 @@ import os
 import pickle
 import pickletools
 import sys
+import tarfile
 import types
 import uuid
 import warnings
+import zipfile
 from typing import Any
 
 import numpy as np
@@ -307,11 +322,131 @@ def _safe_reconstructor(cls, base, state):
     return obj
 
 
+class UnsafeTorchFileError(pickle.UnpicklingError):
+    """A torch file in a format whose loader can run code (TorchScript archive, legacy tar archive)."""
+
+
+_TORCH_LEGACY_MAGIC = 0x1950A86A20F9469CFC6C  # First pickle of torch's legacy (non-zip, non-tar) format.
+
+
+def _is_tar_archive(f) -> bool:
+    """What torch.load's legacy loader tests first: whether the file opens as a tar archive (then it extracts it)."""
+    position = f.tell()
+    try:
+        with tarfile.open(fileobj=f, mode="r:"):
+            return True
+    except (tarfile.TarError, EOFError, ValueError, OSError):
+        return False
+    finally:
+        f.seek(position)
+
+
+def check_torch_file(f, source: str = "<torch file>") -> str:
+    """Refuse the torch.load formats whose loaders run code, before torch.load sees the file; return the format.
+
+    torch.load hands a zip holding TorchScript to torch.jit.load, which runs the archive's compiled `__setstate__`
+    methods (arbitrary TorchScript: file writes through torch.from_file, for one), whatever `pickle_module` or, on
+    torch < 2.6, `weights_only` say; and it extracts legacy tar archives into a temporary folder. Neither is a format
+    this project writes or needs. Returns 'zip' (a torch.save archive: one data.pkl and tensor records, no TorchScript
+    code or constants) or 'legacy' (the pre-1.6 stream: a pickled magic number first). `f` must be seekable; its
+    position is restored.
+    """
+    position = f.tell()
+    head = f.read(4)
+    f.seek(position)
+    if head.startswith(b"PK"):
+        try:
+            with zipfile.ZipFile(f) as archive:
+                names = archive.namelist()
+        except (zipfile.BadZipFile, ValueError, OSError, EOFError) as err:
+            raise UnsafeTorchFileError(f"{source}: not a readable torch file (broken zip archive: {err})") from err
+        finally:
+            f.seek(position)
+        # TorchScript archives hold <prefix>/code/... and <prefix>/constants.pkl (torch's own test is the latter).
+        scripted = [n for n in names if n.endswith("constants.pkl") or "/code/" in n or n.endswith(".py")]
+        if scripted or sum(n.endswith("/data.pkl") for n in names) != 1:
+            raise UnsafeTorchFileError(
+                f"{source}: refusing a TorchScript archive (or an archive that is not a plain torch.save file): "
+                f"loading it would run the code it carries")
+        return "zip"
+    if _is_tar_archive(f):
+        raise UnsafeTorchFileError(f"{source}: refusing a legacy tar-format torch file: loading it extracts an "
+                                   f"archive; re-save it with a current torch.save")
+    try:
+        magic = safe_pickle.load(f)
+    except Exception as err:  # noqa: BLE001 -- any failure means: not this format.
+        magic = err
+    finally:
+        f.seek(position)
+    if not isinstance(magic, int) or isinstance(magic, bool) or magic != _TORCH_LEGACY_MAGIC:
+        raise pickle.UnpicklingError(f"{source}: not a torch file (neither a torch.save zip archive nor the legacy "
+                                     f"format)")
+    return "legacy"
+
+
+def safe_torch_load(path_or_file, source: str | None = None):
+    """torch.load(weights_only=True) after `check_torch_file`: plain tensors, numbers, strings and containers only.
+
+    weights_only alone is not enough on every torch this project supports (before torch 2.6 it still dispatched
+    TorchScript archives to torch.jit.load), so the format is checked here first.
+    """
+    with _open_seekable(path_or_file) as (f, name):
+        check_torch_file(f, source or name)
+        return torch.load(f, map_location="cpu", weights_only=True)
+
+
+@contextlib.contextmanager
+def _open_seekable(path_or_file):
+    if isinstance(path_or_file, (str, os.PathLike)):
+        with open(path_or_file, "rb") as f:
+            yield f, os.fspath(path_or_file)
+    elif getattr(path_or_file, "seekable", lambda: False)():
+        yield path_or_file, getattr(path_or_file, "name", "<file object>")
+    else:
+        data = path_or_file.read()
+        yield io.BytesIO(data), getattr(path_or_file, "name", "<file object>")
+
+
 def _safe_load_from_bytes(data: bytes):
-    """torch.storage._load_from_bytes without its unrestricted torch.load: each tensor storage of a plain pickle."""
+    """torch.storage._load_from_bytes, restricted: one tensor storage in torch's legacy stream format, read through
+    the whitelist. This is how every tensor of a plain-pickled network is stored (Storage.__reduce__), and the one
+    whitelisted entry that deserialises nested bytes, so it is the one that must refuse every other format."""
+    if not isinstance(data, (bytes, bytearray)):
+        raise pickle.UnpicklingError(f"tensor storage data must be bytes, got {type(data).__name__}")
+    f = io.BytesIO(data)
+    if check_torch_file(f, "a tensor storage in the pickle") != "legacy":
+        raise UnsafeTorchFileError("a tensor storage in the pickle is a torch.save zip archive, not the legacy "
+                                   "stream that Storage.__reduce__ writes")
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*TypedStorage is deprecated.*")
-        return torch.load(io.BytesIO(data), map_location="cpu", weights_only=False, pickle_module=safe_pickle)
+        storage = torch.load(f, map_location="cpu", weights_only=False, pickle_module=safe_pickle)
+    if not isinstance(storage, (torch.UntypedStorage, torch.TypedStorage)):
+        raise pickle.UnpicklingError(f"a tensor storage in the pickle holds a {type(storage).__name__}, "
+                                     f"not a storage")
+    return storage
+
+
+def _no_hooks(rebuild):
+    """A tensor rebuild function that refuses pickled backward hooks (callables that would run during backward)."""
+    def rebuild_without_hooks(*args):
+        hooks = args[_HOOKS_ARG[rebuild.__name__]] if len(args) > _HOOKS_ARG[rebuild.__name__] else None
+        if hooks:
+            raise pickle.UnpicklingError(f"refusing a tensor with pickled backward hooks ({rebuild.__name__})")
+        return rebuild(*args)
+    rebuild_without_hooks.__name__ = rebuild.__name__
+    return rebuild_without_hooks
+
+
+# Position of `backward_hooks` in torch._utils' rebuild functions.
+_HOOKS_ARG = {"_rebuild_tensor_v2": 5, "_rebuild_tensor_v3": 5, "_rebuild_parameter": 2,
+              "_rebuild_parameter_with_state": 2}
+
+
+def _safe_frombuffer(buf, dtype, shape, order):
+    """numpy's _frombuffer (protocol-5 arrays) for plain dtypes only: object fields would read pointers from bytes."""
+    if np.dtype(dtype).hasobject:
+        raise pickle.UnpicklingError("refusing a numpy array of Python objects stored as raw bytes")
+    return _numpy_frombuffer()(buf, dtype, shape, order)
 
 
 def _numpy_multiarray():
@@ -330,7 +465,6 @@ def _numpy_frombuffer():
 
 def _build_safe_globals() -> dict:
     multiarray = _numpy_multiarray()
-    frombuffer = _numpy_frombuffer()
     table = {
         ("collections", "OrderedDict"): collections.OrderedDict,
         ("copyreg", "_reconstructor"): _safe_reconstructor,
@@ -345,10 +479,11 @@ def _build_safe_globals() -> dict:
         ("torch._tensor", "_rebuild_from_type"): torch._tensor._rebuild_from_type,
         ("torch._tensor", "_rebuild_from_type_v2"): torch._tensor._rebuild_from_type_v2,
     }
-    for name in ("_rebuild_tensor", "_rebuild_tensor_v2", "_rebuild_tensor_v3", "_rebuild_parameter",
-                 "_rebuild_parameter_with_state"):
+    if hasattr(torch._utils, "_rebuild_tensor"):
+        table[("torch._utils", "_rebuild_tensor")] = torch._utils._rebuild_tensor
+    for name in _HOOKS_ARG:
         if hasattr(torch._utils, name):
-            table[("torch._utils", name)] = getattr(torch._utils, name)
+            table[("torch._utils", name)] = _no_hooks(getattr(torch._utils, name))
     for name in ("set", "frozenset", "slice", "complex", "bytearray", "bytes", "object", "dict", "list", "tuple",
                  "int", "float", "str", "bool", "range"):
         table[("builtins", name)] = getattr(__import__("builtins"), name)
@@ -356,7 +491,7 @@ def _build_safe_globals() -> dict:
         table[(module_name, "_reconstruct")] = multiarray._reconstruct
         table[(module_name, "scalar")] = multiarray.scalar
     for module_name in ("numpy.core.numeric", "numpy._core.numeric"):
-        table[(module_name, "_frombuffer")] = frombuffer
+        table[(module_name, "_frombuffer")] = _safe_frombuffer
     table[("numpy", "dtype")] = np.dtype
     table[("numpy", "ndarray")] = np.ndarray
     return table
@@ -364,6 +499,8 @@ def _build_safe_globals() -> dict:
 
 _SAFE_GLOBALS: dict | None = None
 _PY2_MODULE_NAMES = {"__builtin__": "builtins", "copy_reg": "copyreg"}  # What protocol-2 pickles (torch.save) write.
+_PY2_NAMES = {("__builtin__", "unicode"): ("builtins", "str"), ("__builtin__", "long"): ("builtins", "int"),
+              ("__builtin__", "xrange"): ("builtins", "range")}  # Python's own fix_imports renames, protocols < 3.
 _RECONSTRUCT = ("torch_utils.persistence", "_reconstruct_persistent_obj")
 
 
@@ -372,22 +509,27 @@ def _resolve_safe_global(module: str, name: str):
     global _SAFE_GLOBALS
     if _SAFE_GLOBALS is None:
         _SAFE_GLOBALS = _build_safe_globals()
+    module, name = _PY2_NAMES.get((module, name), (module, name))
     module = _PY2_MODULE_NAMES.get(module, module)
     obj = _SAFE_GLOBALS.get((module, name))
     if obj is not None:
         return obj
     if module == "torch" and isinstance(getattr(torch, name, None), (torch.dtype, torch.memory_format, torch.layout)):
         return getattr(torch, name)
-    # Plain torch containers and layers (ModuleDict, ModuleList, Sequential, SiLU...): constructing them runs no
-    # user code, and their state is only read for tensors.
-    if module.startswith("torch.nn.modules.") and name.isidentifier() and not name.startswith("_"):
-        try:
-            obj = getattr(importlib.import_module(module), name, None)
-        except ImportError:
-            return None
-        if isinstance(obj, type) and issubclass(obj, torch.nn.Module):
+    # Plain torch containers and layers: rebuilding them (NEWOBJ + Module.__setstate__) runs no user code, and
+    # their state is only read for tensors. An explicit list, not "anything under torch.nn.modules".
+    if module.startswith("torch.nn.modules.") and name in _TORCH_NN_CLASSES:
+        obj = getattr(torch.nn, name, None)
+        if isinstance(obj, type) and issubclass(obj, torch.nn.Module) and obj.__module__ == module:
             return obj
     return None
+
+
+_TORCH_NN_CLASSES = frozenset({
+    "Module", "ModuleDict", "ModuleList", "Sequential", "ParameterDict", "ParameterList", "Identity", "Flatten",
+    "SiLU", "ReLU", "LeakyReLU", "GELU", "Sigmoid", "Tanh", "Softmax", "Dropout", "Linear", "Conv2d",
+    "ConvTranspose2d", "GroupNorm", "LayerNorm", "BatchNorm2d", "Embedding", "AvgPool2d", "MaxPool2d", "Upsample",
+})
 
 
 class SafeUnpickler(pickle.Unpickler):
@@ -641,6 +783,8 @@ def load_network_pickle(f_or_path_or_url, extra_classes: dict | None = None) -> 
             data = module.load(f)
         except NetworkPickleError:
             raise
+        except UnsafeTorchFileError as err:
+            raise NetworkPickleError(f"{source}: {err}") from err
         except (pickle.UnpicklingError, EOFError, ValueError, TypeError, AttributeError, RuntimeError) as err:
             raise NetworkPickleError(f"{source}: not a readable network pickle: {type(err).__name__}: {err}") from err
     data = _import_objects(data, classes, source, {})
@@ -659,10 +803,15 @@ def load_edm_training_state(path, extra_classes: dict | None = None) -> dict:
     classes = {**PERSISTENT_CLASSES, **(extra_classes or {})}
     module = _make_safe_pickle_module(classes, path)
     try:
-        data = torch.load(path, map_location="cpu", weights_only=False, pickle_module=module)
+        with open(path, "rb") as f:
+            check_torch_file(f, path)
+            data = torch.load(f, map_location="cpu", weights_only=False, pickle_module=module)
     except NetworkPickleError:
         raise
-    except (pickle.UnpicklingError, EOFError, RuntimeError) as err:
+    except UnsafeTorchFileError as err:
+        message = str(err)
+        raise NetworkPickleError(message if message.startswith(path) else f"{path}: {message}") from err
+    except (pickle.UnpicklingError, EOFError, RuntimeError, ValueError, TypeError, AttributeError) as err:
         raise NetworkPickleError(f"{path}: not a readable training state: {type(err).__name__}: {err}") from err
     data = _import_objects(data, classes, path, {})
     if not isinstance(data, dict):

@@ -228,10 +228,12 @@ def save_training_state(path: str, state: dict) -> None:
 
 def load_training_state(path: str) -> dict | None:
     """Our training state as a dict, or None when `path` is an EDM training state (a pickled network)."""
-    try:
-        state = torch.load(path, map_location='cpu', weights_only=True)
-    except pickle.UnpicklingError:
-        return None
+    with open(path, 'rb') as f:
+        persistence.check_torch_file(f, path)  # Refuses TorchScript archives before torch.load sees them.
+        try:
+            state = torch.load(f, map_location='cpu', weights_only=True)
+        except pickle.UnpicklingError:
+            return None
     if not isinstance(state, dict) or state.get('format') != STATE_FORMAT:
         return None
     if state.get('version') != STATE_VERSION:
