@@ -14,6 +14,7 @@ from click.core import ParameterSource
 
 import generate
 import metrics
+from dnnlib import util
 from metrics import detectors as detectors_lib
 from metrics import evaluate
 from samplers.generation import describe, parse_int_list
@@ -164,6 +165,8 @@ def calc(image_path, network_pkl, ref_path, num_expected, seed, seeds, out_path,
              and ctx.get_parameter_source(param.name) == ParameterSource.COMMANDLINE]
     if image_path is not None and given:
         raise click.UsageError(f"{', '.join(given)}: sampling options apply to --network only")
+    if out_path:
+        _run(util.check_output_path, out_path, "--out")  # before the image pass, not after it
     _init_distributed(device)
 
     if image_path is not None:
@@ -183,7 +186,7 @@ def calc(image_path, network_pkl, ref_path, num_expected, seed, seeds, out_path,
         for line in evaluate.format_results(record):
             print(line)
         if out_path:
-            evaluate.write_json(record, out_path)
+            _run(evaluate.write_json, record, out_path)
             print(f'Results written to "{out_path}"')
     distributed.barrier()
 
@@ -211,6 +214,7 @@ def ref(dataset_path, dest_path, pr_max_real, metric_list, batch_size, num_worke
     """Calculate dataset reference statistics needed by 'calc' (all images, no flips)."""
     metric_names = _run(metrics.parse_metrics, metric_list)
     detector_paths = _detector_overrides(detector_values)
+    _run(util.check_output_path, dest_path, "--dest")  # before the image pass, not after it
     _init_distributed(device)
     distributed.print0(f'Loading images from "{dataset_path}"...')
     source = _run(metrics.dataset_source, dataset_path, num=None, batch_size=batch_size, num_workers=num_workers)

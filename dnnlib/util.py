@@ -213,11 +213,17 @@ def _cache_file_name(url: str) -> str:
     return f"{url_md5}_{safe_name}"
 
 
-def cached_path(url: str, cache_dir: str | None = None) -> str | None:
-    """Where open_url() caches `url`, if that file exists (None otherwise). Never touches the network."""
+def url_cache_path(url: str, cache_dir: str | None = None) -> str:
+    """The file in which open_url() caches `url` (whether or not it exists): '<cache>/<md5 of url>_<file name>'.
+    Placing a copy of the file there makes open_url(url) work offline."""
     if cache_dir is None:
         cache_dir = make_cache_dir_path("downloads")
-    path = os.path.join(cache_dir, _cache_file_name(url))
+    return os.path.join(cache_dir, _cache_file_name(url))
+
+
+def cached_path(url: str, cache_dir: str | None = None) -> str | None:
+    """Where open_url() caches `url`, if that file exists (None otherwise). Never touches the network."""
+    path = url_cache_path(url, cache_dir)
     return path if os.path.isfile(path) else None
 
 

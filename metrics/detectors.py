@@ -97,11 +97,14 @@ class Detector:
 _loaded: dict[tuple, Detector] = {}
 
 
-def _offline_hint(name: str, spec: DetectorSpec) -> str:
-    alternates = "".join(f" or {url}" for url in spec.alternate_urls)
-    return (f"If this machine is offline, download {spec.url}{alternates} elsewhere and pass "
-            f"--detector {name}=PATH (library: detector_paths={{'{name}': PATH}}), or put the file in the download "
-            f"cache {util.make_cache_dir_path('downloads')} (set $DNNLIB_CACHE_DIR to move it).")
+def _offline_hint(name: str, spec: DetectorSpec, source: str) -> str:
+    """How to run offline: a local copy via --detector, or the exact file that open_url looks for in its cache."""
+    url = source if util.is_url(source) else spec.url
+    alternates = "".join(f" or {alt}" for alt in spec.alternate_urls) if url == spec.url else ""
+    return (f"If this machine is offline, download {url}{alternates} elsewhere and pass "
+            f"--detector {name}=PATH (library: detector_paths={{'{name}': PATH}}), or save {url} as "
+            f"{util.url_cache_path(url)} (the file the download cache looks for; set $DNNLIB_CACHE_DIR to move the "
+            f"cache).")
 
 
 def _read_module(path: str, device: torch.device) -> torch.nn.Module:
@@ -171,7 +174,7 @@ def load_detector(name: str, path: str | None = None, device: torch.device | str
             raise DetectorUnavailableError(f"{name} detector: {err}") from err
         except (OSError, ValueError) as err:
             raise DetectorUnavailableError(f"could not fetch the {name} detector from {source}: {err}. "
-                                           f"{_offline_hint(name, spec)}") from err
+                                           f"{_offline_hint(name, spec, source)}") from err
         try:
             module = _read_module(local_path, device)
         except DetectorUnavailableError:

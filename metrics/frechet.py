@@ -9,6 +9,8 @@ import hashlib
 import io
 import os
 import pickle
+import zipfile
+import zlib
 
 import numpy as np
 import scipy.linalg
@@ -141,7 +143,7 @@ def load_reference(path_or_url: str, verbose: bool = True) -> dict[str, np.ndarr
     except (OSError, ValueError) as err:
         raise ReferenceStatsError(f"cannot open reference statistics {path_or_url!r}: {err}") from err
     try:
-        if data[:4] == b"PK\x03\x04":  # .npz is a zip archive
+        if data[:4] == b"PK\x03\x04":  # .npz is a zip archive (truncated or damaged: BadZipFile, zlib.error, ...)
             with np.load(io.BytesIO(data), allow_pickle=False) as npz:
                 ref = {key: npz[key] for key in npz.files}
         elif data[:1] == b"\x80":  # a pickle (EDM2's reference format)
@@ -153,17 +155,37 @@ def load_reference(path_or_url: str, verbose: bool = True) -> dict[str, np.ndarr
                 ref["num_images"] = np.asarray(obj["num_images"])
         else:
             raise ValueError("neither an .npz archive nor a pickle")
-    except (ValueError, OSError, pickle.UnpicklingError, EOFError) as err:
-        raise ReferenceStatsError(f"cannot read reference statistics {path_or_url!r}: {err}") from err
+    except (ValueError, OSError, pickle.UnpicklingError, EOFError, zipfile.BadZipFile, zlib.error, KeyError,
+            AttributeError, TypeError, IndexError) as err:  # the ways a truncated or bit-flipped file fails
+        raise ReferenceStatsError(f"cannot read reference statistics {path_or_url!r} (truncated or damaged file?): "
+                                  f"{type(err).__name__}: {err}") from err
+    validate_reference(ref, path_or_url)
+    return ref
+
+
+def validate_reference(ref: dict, where: str) -> None:
+    """Reference statistics must hold finite mu [D] and sigma [D, D], and, when present, finite vgg16_features
+    [N, D']: checked when loaded, so that a bad file fails before the image pass, not after it."""
     missing = [key for key in ("mu", "sigma") if key not in ref]
     if missing:
-        raise ReferenceStatsError(f"reference statistics {path_or_url!r} lack {', '.join(missing)} "
+        raise ReferenceStatsError(f"reference statistics {where!r} lack {', '.join(missing)} "
                                   f"(found: {', '.join(sorted(ref)) or 'nothing'})")
-    mu, sigma = np.asarray(ref["mu"]), np.asarray(ref["sigma"])
+    arrays = {key: np.asarray(ref[key]) for key in ("mu", "sigma", "vgg16_features") if key in ref}
+    mu, sigma = arrays["mu"], arrays["sigma"]
     if mu.ndim != 1 or sigma.shape != (mu.shape[0], mu.shape[0]):
-        raise ReferenceStatsError(f"reference statistics {path_or_url!r}: expected mu [D] and sigma [D, D], "
+        raise ReferenceStatsError(f"reference statistics {where!r}: expected mu [D] and sigma [D, D], "
                                   f"got {list(mu.shape)} and {list(sigma.shape)}")
-    return ref
+    if "vgg16_features" in arrays and arrays["vgg16_features"].ndim != 2:
+        raise ReferenceStatsError(f"reference statistics {where!r}: expected vgg16_features [N, D], got "
+                                  f"{list(arrays['vgg16_features'].shape)}")
+    for key, array in arrays.items():
+        if array.dtype.kind not in "fiu":
+            raise ReferenceStatsError(f"reference statistics {where!r}: {key} has dtype {array.dtype}, expected "
+                                      f"floating-point numbers")
+        if not np.isfinite(array).all():
+            count = int(np.size(array) - np.isfinite(array).sum())
+            raise ReferenceStatsError(f"reference statistics {where!r}: {key} has {count} non-finite value(s) "
+                                      f"(NaN or inf); rebuild the file with `fid.py ref`")
 
 
 def file_sha256(path_or_url: str) -> str | None:

@@ -146,6 +146,40 @@ def test_reference_errors_name_the_file(tmp_path):
         frechet.load_reference(str(junk))
 
 
+def _npz_bytes(**arrays):
+    import io
+
+    buffer = io.BytesIO()
+    np.savez(buffer, **arrays)
+    return buffer.getvalue()
+
+
+def test_damaged_or_non_finite_references_fail_when_loaded(tmp_path):
+    """Checked before any image is processed: truncated, bit-flipped, NaN/inf, non-numeric."""
+    good = _npz_bytes(mu=np.arange(4.0), sigma=np.eye(4), vgg16_features=np.ones((3, 2), np.float16))
+    cases = {
+        "truncated": (good[: len(good) // 2], r"truncated\.npz' \(truncated or damaged file\?\): BadZipFile"),
+        "empty": (b"", r"empty\.npz'.*neither an \.npz archive nor a pickle"),
+        "mu-nan": (_npz_bytes(mu=np.array([0, np.nan, 0, 0]), sigma=np.eye(4)),
+                   r"mu-nan\.npz': mu has 1 non-finite value\(s\) \(NaN or inf\)"),
+        "sigma-inf": (_npz_bytes(mu=np.zeros(4), sigma=np.diag([1, np.inf, 1, -np.inf])),
+                      r"sigma-inf\.npz': sigma has 2 non-finite value\(s\)"),
+        "vgg-nan": (_npz_bytes(mu=np.zeros(2), sigma=np.eye(2), vgg16_features=np.full((2, 3), np.nan, np.float16)),
+                    r"vgg-nan\.npz': vgg16_features has 6 non-finite"),
+        "text": (_npz_bytes(mu=np.array(["a", "b"]), sigma=np.eye(2)), r"text\.npz': mu has dtype <U1"),
+    }
+    flipped = bytearray(good)
+    flipped[bytes(good).index(np.eye(4).tobytes()) + 8 * 5 + 7] ^= 0x40  # one bit of sigma[1, 1]
+    cases["bit-flipped"] = (bytes(flipped), r"bit-flipped\.npz' \(truncated or damaged file\?\): BadZipFile: Bad CRC")
+    for name, (data, message) in cases.items():
+        path = tmp_path / f"{name}.npz"
+        path.write_bytes(data)
+        with pytest.raises(frechet.ReferenceStatsError, match=message):
+            frechet.load_reference(str(path))
+    (tmp_path / "good.npz").write_bytes(good)
+    assert frechet.load_reference(str(tmp_path / "good.npz"))["mu"].tolist() == [0, 1, 2, 3]
+
+
 # ---------------------------------------------------------------------------------------------------------------------
 # Inception Score
 
@@ -318,6 +352,13 @@ def test_unfetchable_detector_is_a_clear_error(monkeypatch, tmp_path):
     message = str(info.value)
     assert "could not fetch the inception detector from http://127.0.0.1:9/" in message
     assert "--detector inception=PATH" in message and "inception-2015-12-05.pt" in message
+    # The hint names the exact file the cache looks for; placing a copy there works offline.
+    cache_file = util.url_cache_path("http://127.0.0.1:9/inception-2015-12-05.pkl")
+    assert cache_file.endswith("_inception-2015-12-05.pkl") and "\n" not in message
+    assert f"save http://127.0.0.1:9/inception-2015-12-05.pkl as {cache_file} " in message
+    detectors_lib.save_standin(detectors_lib.StandinInception(), cache_file)
+    assert detectors_lib.load_detector("inception", device="cpu").feature_dim == 16
+    detectors_lib._loaded.clear()
     with pytest.raises(detectors_lib.DetectorUnavailableError, match="no such file"):
         detectors_lib.load_detector("inception", str(tmp_path / "nope.pt"), device="cpu")
     junk = tmp_path / "junk.pt"
