@@ -1,0 +1,58 @@
+"""Files written by the code at commit 86eed3c (before the process/registry rework) keep working.
+
+tests/fixtures/main-86eed3c/ holds a snapshot and a training state of a tiny conditional DDPM++ trained with
+STF + AOT (so the snapshot pickles STFLoss/AOTLoss objects, as snapshots of that time did), the images that
+commit's generate.py made from the snapshot, and the EMA after that commit resumed the state to 2 kimg. The commands
+are in expected.json. Pixels may differ by one level and sums by float noise across torch builds; on the build the
+fixture was made with they are equal.
+"""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import PIL.Image
+import pytest
+import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+FIXTURE = os.path.join(ROOT, "tests", "fixtures", "main-86eed3c")
+EXPECTED = json.load(open(os.path.join(FIXTURE, "expected.json")))
+
+
+def _run(*args, cwd=ROOT):
+    result = subprocess.run([sys.executable, *map(str, args)], cwd=cwd, capture_output=True, text=True)
+    assert result.returncode == 0, result.stdout + result.stderr
+    return result
+
+
+@pytest.mark.parametrize("key, extra", [("heun_steps4", []),
+                                        ("dpmpp_2m_steps4_class3", ["--solver=dpmpp_2m", "--class=3"])])
+def test_old_snapshot_samples_the_same_images(tmp_path, key, extra):
+    _run("generate.py", f"--network={FIXTURE}/network-snapshot-000001.pkl", f"--outdir={tmp_path}", "--seeds=0-3",
+         "--steps=4", "--device=cpu", *extra)
+    for name, pixels in EXPECTED[key].items():
+        ours = np.asarray(PIL.Image.open(tmp_path / name)).astype(np.int64)
+        assert np.abs(ours - np.asarray(pixels)).max() <= 1, name
+
+
+def test_old_training_state_resumes_to_the_same_weights(tmp_path):
+    _run("dataset_tool.py", "--source=digits", f"--dest={tmp_path}/digits8.zip", "--resolution=8x8",
+         "--max-images=256")
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    shutil.copy(os.path.join(FIXTURE, "training-state-000001.pt"), run_dir)
+    _run("train.py", f"--outdir={run_dir}", "--nosubdir", f"--data={tmp_path}/digits8.zip", "--cond=1", "--batch=16",
+         "--cbase=8", "--cres=1,1", "--blocks=1", "--attn=4", "--duration=0.002", "--lr=0.002", "--lr-rampup=0",
+         "--ema=0.001", "--augment=0.12", "--dropout=0.1", "--tick=1", "--snap=1", "--dump=1", "--workers=0",
+         "--device=cpu", "--stf=1", "--stf-refs=32", "--aot=32", f"--resume={run_dir}/training-state-000001.pt")
+    state = torch.load(run_dir / "training-state-000002.pt", weights_only=True)
+    expected = EXPECTED["resumed_to_2kimg"]
+    assert int(state["cur_nimg"]) == expected["cur_nimg"]
+    for name, total in expected["ema_sums"].items():
+        tensor = state["ema"][name].double()
+        assert tensor.sum().item() == pytest.approx(total, rel=1e-5, abs=1e-6), name
+        assert tensor.abs().sum().item() == pytest.approx(expected["ema_abs_sums"][name], rel=1e-5, abs=1e-6), name
