@@ -348,3 +348,123 @@ def test_center_crop_needs_resolution(tmp_path):
     result = _run_cli("--source", good, "--dest", tmp_path / "o.zip", "--transform", "center-crop")
     assert result.exit_code != 0 and "--transform=center-crop needs --resolution=WxH" in result.output
     assert not (tmp_path / "o.zip").exists()
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Labels from dataset.json: non-negative integers below MAX_LABEL_DIM, one per file.
+
+
+BAD_LABELS = {
+    "string": ("cat", r"label of 'b\.png' is \"cat\"; expected a class index, an integer in 0\.\.65535"),
+    "fraction": (2.7, r"label of 'b\.png' is 2\.7; expected a class index"),
+    "negative": (-3, r"label of 'b\.png' is -3; expected a class index"),
+    "vector-nan": ([float("nan"), 1.0], r"label of 'b\.png' is \[NaN, 1\.0\]; expected a class index"),
+    "huge": (1e9, r"label of 'b\.png' is 1000000000\.0; expected a class index, an integer in 0\.\.65535"),
+    "bool": (True, r"label of 'b\.png' is true; expected a class index"),
+    "null": (None, r"label of 'b\.png' is null; expected a class index"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_LABELS))
+@pytest.mark.parametrize("source_kind", ["folder", "zip"])
+def test_bad_labels_are_rejected(tmp_path, case, source_kind):
+    label, message = BAD_LABELS[case]
+    src = _folder(tmp_path, {"a.png": np.zeros((4, 4), np.uint8), "b.png": np.ones((4, 4), np.uint8)})
+    (src / "dataset.json").write_text(json.dumps({"labels": [["a.png", 0], ["b.png", label]]}))
+    if source_kind == "zip":
+        with zipfile.ZipFile(tmp_path / "src.zip", "w") as z:
+            for name in ("a.png", "b.png", "dataset.json"):
+                z.write(src / name, arcname=name)
+        src = tmp_path / "src.zip"
+    (tmp_path / "out").mkdir()
+    result = _run_cli("--source", src, "--dest", tmp_path / "out" / "d.zip")
+    assert result.exit_code != 0 and "Wrote" not in result.output
+    error_lines = [line for line in result.output.splitlines() if line.startswith("Error:")]
+    assert len(error_lines) == 1 and re.search(r"dataset\.json: " + message, error_lines[0]), result.output
+    assert _listing(tmp_path / "out") == []
+
+
+def test_file_listed_twice_is_rejected(tmp_path):
+    src = _folder(tmp_path, {"a.png": np.zeros((4, 4), np.uint8), "b.png": np.ones((4, 4), np.uint8)})
+    (src / "dataset.json").write_text(json.dumps({"labels": [["a.png", 0], ["b.png", 1], ["a.png", 0]]}))
+    with pytest.raises(DatasetToolError, match=r"dataset\.json: lists 'a\.png' more than once"):
+        _convert(src, tmp_path / "d.zip")
+    assert not (tmp_path / "d.zip").exists()
+
+
+def test_integral_float_labels_and_the_largest_label_are_accepted(tmp_path):
+    src = _folder(tmp_path, {"a.png": np.zeros((4, 4), np.uint8), "b.png": np.ones((4, 4), np.uint8)})
+    (src / "dataset.json").write_text(json.dumps({"labels": [["a.png", 2.0], ["b.png", 65535]]}))
+    assert _convert(src, tmp_path / "d.zip") == 2
+    with zipfile.ZipFile(tmp_path / "d.zip") as z:
+        assert json.loads(z.read("dataset.json"))["labels"] == [["00000/img00000000.png", 2],
+                                                                ["00000/img00000001.png", 65535]]
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Unwritable or full --dest: one line naming --dest, no temporary zip or folder left behind.
+
+
+def test_full_disk_leaves_no_temporary_output(tmp_path, monkeypatch):
+    """The disk fills while writing; closing the zip fails too (as in the original bug): nothing is left."""
+    import errno
+
+    src = _folder(tmp_path, {f"{i}.png": np.full((4, 4), i, np.uint8) for i in range(5)})
+    (tmp_path / "out").mkdir()
+    real_writestr = zipfile.ZipFile.writestr
+    real_write_end = zipfile.ZipFile._write_end_record
+
+    def full(self, name, data, *args, **kwargs):
+        if name.endswith("img00000003.png"):
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_writestr(self, name, data, *args, **kwargs)
+
+    def full_end(self):
+        real_write_end(self)
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(zipfile.ZipFile, "writestr", full)
+    monkeypatch.setattr(zipfile.ZipFile, "_write_end_record", full_end)
+    result = _run_cli("--source", src, "--dest", tmp_path / "out" / "d.zip")
+    assert result.exit_code != 0 and (result.exception is None or isinstance(result.exception, SystemExit))
+    assert re.search(r"^Error: --dest .*d\.zip: cannot write the dataset \(No space left on device\)$",
+                     result.output, re.M), result.output
+    assert _listing(tmp_path / "out") == []
+
+    real_open = open
+
+    def full_open(path, mode="r", *args, **kwargs):  # folder destination: a file write fails
+        if "img00000002.png" in str(path) and "w" in mode:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_open(path, mode, *args, **kwargs)
+
+    monkeypatch.setattr("builtins.open", full_open)
+    result = _run_cli("--source", src, "--dest", tmp_path / "out" / "d")
+    assert result.exit_code != 0 and "Error: --dest " in result.output and "No space left" in result.output
+    assert _listing(tmp_path / "out") == []
+
+
+def test_stale_temporary_outputs_of_dead_runs_are_removed(tmp_path):
+    import subprocess
+    import sys
+
+    from dnnlib import util
+
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
+                          text=True).stdout.strip()
+    out = tmp_path / "out"
+    out.mkdir()
+    host = util._host_tag()
+    stale_zip = out / f"d.zip.tmp-{host}-{dead}-0123abcd"
+    stale_dir = out / f".d.tmp-{host}-{dead}-0123abcd"
+    live_zip = out / f"d.zip.tmp-{host}-{os.getpid()}-0123abcd"  # another run still writing: kept
+    other_host = out / f"d.zip.tmp-elsewhere-{dead}-0123abcd"  # its process cannot be checked from here: kept
+    unrelated = out / f"other.zip.tmp-{host}-{dead}-0123abcd"  # another output's: not this command's business
+    for path in (stale_zip, live_zip, other_host, unrelated):
+        path.write_bytes(b"partial")
+    (stale_dir / "00000").mkdir(parents=True)
+    (stale_dir / "00000" / "img00000000.png").write_bytes(b"partial")
+    src = _folder(tmp_path, {"a.png": np.zeros((4, 4), np.uint8)})
+    assert _run_cli("--source", src, "--dest", out / "d.zip").exit_code == 0
+    assert _run_cli("--source", src, "--dest", out / "d").exit_code == 0
+    assert _listing(out) == sorted(["d", "d.zip", live_zip.name, other_host.name, unrelated.name])

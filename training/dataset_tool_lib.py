@@ -17,7 +17,6 @@ import pickle
 import re
 import shutil
 import tarfile
-import uuid
 import zipfile
 import zlib
 from collections.abc import Callable, Iterator
@@ -27,7 +26,8 @@ import numpy as np
 import PIL.Image
 from tqdm import tqdm
 
-from training.dataset import DatasetError, decode_image
+from dnnlib import util
+from training.dataset import MAX_LABEL_DIM, DatasetError, decode_image
 
 DIGITS_SOURCE = "digits"
 DIGITS_DEFAULT_RESOLUTION = (32, 32)
@@ -79,16 +79,31 @@ def _decode(data: bytes, name: str) -> np.ndarray:
     return image[:, :, 0] if image.shape[2] == 1 else image
 
 
+def _class_label(label, fname: str, where: str) -> int:
+    """A dataset.json label as a class index: a non-negative integer below MAX_LABEL_DIM (2.0 counts as 2)."""
+    value = int(label) if isinstance(label, float) and label.is_integer() else label
+    if not isinstance(value, int) or isinstance(value, bool) or not 0 <= value < MAX_LABEL_DIM:
+        raise DatasetToolError(f"{where}: label of {fname!r} is {json.dumps(label)}; expected a class index, an "
+                               f"integer in 0..{MAX_LABEL_DIM - 1}")
+    return value
+
+
 def _read_labels_json(data: bytes, where: str) -> dict:
-    """The {file name: label} map of a dataset.json (empty when its labels are null)."""
+    """The {file name: class index} map of a dataset.json (empty when its labels are null), each file listed once."""
     try:
         labels = json.loads(data)["labels"]
         if labels is None:
             return {}
-        return {str(fname).replace("\\", "/"): label for fname, label in labels}
+        pairs = [(str(fname).replace("\\", "/"), label) for fname, label in labels]
     except (ValueError, KeyError, TypeError) as exc:
         raise DatasetToolError(f'{where}: expected JSON {{"labels": [[file name, label], ...] or null}} '
                                f"({type(exc).__name__}: {exc})") from None
+    result = {}
+    for fname, label in pairs:
+        if fname in result:
+            raise DatasetToolError(f"{where}: lists {fname!r} more than once (expected one label per file)")
+        result[fname] = _class_label(label, fname, where)
+    return result
 
 
 def _check_labels_cover(labels: dict, image_names: list[str], where: str) -> None:
@@ -419,46 +434,87 @@ def _check_dest(dest: str) -> None:
             raise DatasetToolError(f"{dest}: destination exists and is not a folder")
         if os.listdir(dest):
             raise DatasetToolError(f"{dest}: destination folder is not empty; remove it or choose another --dest")
+    try:
+        util.check_output_path(dest, "--dest", is_dir=not dest.lower().endswith(".zip"))
+    except util.OutputPathError as exc:
+        raise DatasetToolError(str(exc)) from None
+
+
+def _write_error(dest: str, exc: OSError) -> DatasetToolError:
+    return DatasetToolError(f"--dest {dest}: cannot write the dataset ({exc.strerror or exc})")
+
+
+def remove_stale_temp_outputs(dest: str) -> list[str]:
+    """Remove the temporary zip / folder that a killed earlier conversion to `dest` left beside it (see
+    dnnlib.util.remove_stale_temp_files: only those of processes of this host that no longer run)."""
+    parent, name = os.path.split(os.path.abspath(os.path.normpath(dest)))
+    return (util.remove_stale_temp_files(parent, prefix=f"{name}.tmp-")
+            + util.remove_stale_temp_files(parent, prefix=f".{name}.tmp-"))
 
 
 class _ZipDest:
     def __init__(self, dest: str):
         self._dest = dest
-        os.makedirs(os.path.dirname(os.path.abspath(dest)), exist_ok=True)
-        self._tmp = f"{dest}.tmp-{uuid.uuid4().hex}"
-        self._file = open(self._tmp, "wb")
-        self._zip = zipfile.ZipFile(self._file, mode="w", compression=zipfile.ZIP_STORED)
+        self._tmp = util.temp_path(dest)
+        self._file = self._zip = None
+        try:
+            os.makedirs(os.path.dirname(os.path.abspath(dest)), exist_ok=True)
+            self._file = open(self._tmp, "wb")
+            self._zip = zipfile.ZipFile(self._file, mode="w", compression=zipfile.ZIP_STORED)
+        except OSError as exc:
+            self.finish(ok=False)
+            raise _write_error(dest, exc) from None
 
     def write(self, fname: str, data: bytes) -> None:
-        self._zip.writestr(fname, data)
+        try:
+            self._zip.writestr(fname, data)
+        except OSError as exc:
+            raise _write_error(self._dest, exc) from None
 
     def finish(self, ok: bool) -> None:
+        """ok: complete the zip and rename it into place. Either way, no temporary file remains, even when closing
+        fails (e.g. a full disk)."""
         try:
-            self._zip.close()
-            self._file.flush()
-            os.fsync(self._file.fileno())
-            self._file.close()
             if ok:
+                self._zip.close()  # writes the central directory
+                self._file.flush()
+                os.fsync(self._file.fileno())
+                self._file.close()
                 os.replace(self._tmp, self._dest)
+        except OSError as exc:
+            raise _write_error(self._dest, exc) from None
         finally:
-            self._file.close()
-            if os.path.exists(self._tmp):
+            for close in (self._zip.close if self._zip else None, self._file.close if self._file else None):
+                try:
+                    if close is not None:
+                        close()
+                except (OSError, ValueError):
+                    pass  # already failing (e.g. the disk is full): the temporary file is removed regardless
+            try:
                 os.remove(self._tmp)
+            except OSError:
+                pass  # renamed into place, or never created
 
 
 class _FolderDest:
     def __init__(self, dest: str):
         self._dest = os.path.normpath(dest)
         parent = os.path.dirname(os.path.abspath(self._dest))
-        os.makedirs(parent, exist_ok=True)
-        self._tmp = os.path.join(parent, f".{os.path.basename(self._dest)}.tmp-{uuid.uuid4().hex}")
-        os.mkdir(self._tmp)  # os.mkdir honours the umask (tempfile.mkdtemp would make it private)
+        self._tmp = util.temp_path(os.path.join(parent, os.path.basename(self._dest)), hidden=True)
+        try:
+            os.makedirs(parent, exist_ok=True)
+            os.mkdir(self._tmp)  # os.mkdir honours the umask (tempfile.mkdtemp would make it private)
+        except OSError as exc:
+            raise _write_error(dest, exc) from None
 
     def write(self, fname: str, data: bytes) -> None:
         path = os.path.join(self._tmp, fname)
-        os.makedirs(os.path.dirname(path), exist_ok=True)
-        with open(path, "wb") as f:
-            f.write(data)
+        try:
+            os.makedirs(os.path.dirname(path), exist_ok=True)
+            with open(path, "wb") as f:
+                f.write(data)
+        except OSError as exc:
+            raise _write_error(self._dest, exc) from None
 
     def finish(self, ok: bool) -> None:
         if not ok:
@@ -510,6 +566,7 @@ def convert_dataset(source: str, dest: str, max_images: int | None = None, trans
             raise DatasetToolError(f"--resolution={width}x{height}: output images must be square with a "
                                    f"power-of-two side (e.g. 32x32)")
     transform_image = make_transform(transform, width, height)
+    remove_stale_temp_outputs(dest)
     _check_dest(dest)
     src = open_source(source, max_images)
 
