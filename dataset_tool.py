@@ -51,8 +51,10 @@ def main(source, dest, max_images, transform, resolution):
     Without --transform, --resolution resizes (Lanczos). --transform=center-crop crops to the short side;
     --transform=center-crop-wide keeps a central WxH band and letterboxes it into WxW (e.g. 512x384).
 
-    The output is written under a temporary name and renamed when complete: after an error nothing is
-    left at --dest.
+    Labels in a source's dataset.json must be class indices, integers in 0..65535, one per file.
+
+    The output is written under a temporary name and renamed when complete: after an error (a bad image or label,
+    a full disk) nothing is left at --dest, and the temporary output of a killed earlier run is removed.
     """
     try:
         num_images = convert_dataset(source, dest, max_images=max_images, transform=transform, resolution=resolution)

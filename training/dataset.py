@@ -215,6 +215,29 @@ def png_is_complete(head: bytes, tail: bytes) -> bool:
     return head[:8] == _PNG_SIGNATURE and head[12:16] == b"IHDR" and tail[-12:] == _PNG_IEND
 
 
+def read_head_and_tail(path: str) -> tuple[bytes, bytes]:
+    """The first 33 and the last 12 bytes of a file (less when it is shorter), with raw reads; raises OSError."""
+    fd = os.open(path, os.O_RDONLY | getattr(os, "O_BINARY", 0))
+    try:
+        head = os.read(fd, 33)
+        try:
+            os.lseek(fd, -12, os.SEEK_END)
+        except OSError:
+            return head, b""  # shorter than 12 bytes
+        return head, os.read(fd, 12)
+    finally:
+        os.close(fd)
+
+
+def png_file_is_complete(path: str) -> bool:
+    """Whether `path` is a PNG file with its header and IEND chunk (png_is_complete); False when missing or unreadable.
+    About 15 us per file: cheap enough to check 50,000 existing outputs before resuming."""
+    try:
+        return png_is_complete(*read_head_and_tail(path))
+    except OSError:
+        return False
+
+
 _VERIFIED: set = set()  # datasets that passed ImageFolderDataset.verify_images in this process
 
 
@@ -298,19 +321,10 @@ class ImageFolderDataset(Dataset):
         _VERIFIED.add(key)
 
     def _file_heads_and_tails(self, fnames):
-        """(name, first 33 bytes, last 12 bytes, None) of each file of a folder dataset; 5 system calls each."""
+        """(name, first 33 bytes, last 12 bytes, None) of each file of a folder dataset."""
         for fname in fnames:
             try:
-                fd = os.open(os.path.join(self._path, fname), os.O_RDONLY | getattr(os, "O_BINARY", 0))
-                try:
-                    head = os.read(fd, 33)
-                    try:
-                        os.lseek(fd, -12, os.SEEK_END)
-                        tail = os.read(fd, 12)
-                    except OSError:
-                        tail = b""  # shorter than 12 bytes
-                finally:
-                    os.close(fd)
+                head, tail = read_head_and_tail(os.path.join(self._path, fname))
             except OSError as exc:
                 raise DatasetError(f"{self._describe(fname)}: cannot read file ({exc})") from exc
             yield fname, head, tail, None
