@@ -64,6 +64,9 @@ CASES = {
     "dataset_tool-dest-full": Case("dataset_tool", "--source {images} --dest {out}/d.zip",
                                    r"^Error: --dest .*/d\.zip: cannot write the dataset \(File too large\)$",
                                    fsize_limit=64 * 1024),
+    "dataset_tool-dest-full-folder": Case("dataset_tool", "--source {images} --dest {out}/d",
+                                          r"^Error: --dest .*/d: cannot write the dataset \(File too large\)$",
+                                          fsize_limit=1000),
     # Datasets opened by train.py (point 3): checked when opened, before any training.
     "train-dataset-one-image-of-another-size": Case(
         "train", "--outdir {out} --data {odd_size} --device cpu --dry-run",
@@ -98,6 +101,8 @@ CASES = {
                          r"^Error: cannot write .*/out/r\.json \(File too large\)$", fsize_limit=256),
     "fid-ref-dest-read-only": Case("fid", f"ref --data {{gen}} --dest {{ro}}/r.npz {FID_ARGS}",
                                    r"^Error: --dest: cannot write to .*/ro \(", not_in_output="Computing"),
+    "fid-ref-dest-full": Case("fid", f"ref --data {{gen}} --dest {{out}}/r.npz {FID_ARGS}",
+                              r"^Error: cannot write .*/out/r\.npz \(File too large\)$", fsize_limit=256),
     "fid-images-bad-crc": Case("fid", f"calc --images {{bad_crc_zip}} --ref {{ref}} --num 4 {FID_ARGS}",
                                r"^Error: .*bad_crc\.zip:00000/img00000002\.png: damaged ZIP file",
                                not_in_output="Computing"),
