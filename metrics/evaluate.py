@@ -361,9 +361,12 @@ def compute_reference(source: ImageSource, dest: str, metrics: Sequence[str] = (
     'fid' is always included (mu, sigma); 'pr' adds `vgg16_features` (float16) of the first `pr_max_real` images
     in file order (StyleGAN2-ADA's pr50k3_full: max_real 200k). Returns a small summary dict.
     """
+    from dnnlib import util
+
     metrics = parse_metrics(metrics)
     if "is" in metrics:
         raise MetricsError("--metrics for ref: 'is' needs no reference statistics; use fid and/or pr")
+    util.check_output_path(dest, "dest")  # before the image pass, not after it
     if "fid" not in metrics:
         metrics = ["fid", *metrics]
     device = torch.device(device) if device is not None else distributed.device()

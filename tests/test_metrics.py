@@ -479,6 +479,16 @@ def test_pr_features_are_limited_to_the_first_max_items(standin_paths):
     torch.testing.assert_close(features, expected, rtol=1e-3, atol=1e-3)
 
 
+def test_compute_reference_checks_dest_before_the_pass(tmp_path):
+    def no_pass(device):
+        raise AssertionError("the image pass must not start")
+
+    source = evaluate.ImageSource(num_images=4, batches=no_pass, num_rank_batches=1, description={})
+    (tmp_path / "file.txt").write_text("x")
+    with pytest.raises(util.OutputPathError, match=r"^dest: cannot create .*file\.txt/ref\.npz: .*file\.txt is a file"):
+        evaluate.compute_reference(source, str(tmp_path / "file.txt" / "ref.npz"), detector_paths={})
+
+
 def test_too_few_images_is_a_clear_error(tmp_path):
     _write_images(tmp_path / "few", np.zeros((3, 3, 8, 8), dtype=np.uint8))
     with pytest.raises(evaluate.MetricsError, match=r"found 3 images in .*few, but expected at least 5 \(--num\)"):
