@@ -3,21 +3,20 @@
 A thin CLI over `metrics`: parsing and error reporting only.
 """
 
-import copy
+import dataclasses
 import json
-import os
 import pickle
 
 import click
 import torch
 from click.core import ParameterSource
 
-import generate
 import metrics
 from dnnlib import util
 from metrics import detectors as detectors_lib
 from metrics import evaluate
-from samplers.generation import describe, parse_int_list
+from samplers.cli_options import sampler_config, sampler_options
+from samplers.generation import describe, load_network, parse_int_list
 from torch_utils import distributed
 
 
@@ -57,33 +56,18 @@ def _run(func, *args, **kwargs):
         raise click.ClickException(str(err)) from err
 
 
-# generate.py's sampler options, reused so that `calc --network` samples exactly what generate.py would write.
-SAMPLER_OPTIONS = ["class_idx", "num_steps", "sigma_min", "sigma_max", "rho", "S_churn", "S_min", "S_max", "S_noise",
-                   "solver", "schedule", "end", "denoise_to_zero", "order", "variant", "lower_order_final",
-                   "exact_third_order"]
-
-
-def network_source_from_cli(network_pkl, seeds, batch_size, class_idx, num_steps, sigma_min, sigma_max, rho, solver,
-                            schedule, end, denoise_to_zero, **solver_cli):
-    """Load the network and build the in-memory image source with generate.py's option semantics."""
-    if schedule not in generate.SCHEDULES and not os.path.isfile(schedule):
-        raise click.BadParameter(f"{schedule!r} is neither a schedule name nor an existing schedule file",
-                                 param_hint="--schedule")
-    solver = generate.resolve_solver(solver, schedule)
-    config = generate.build_sampler_config(solver, schedule, num_steps, sigma_min, sigma_max, rho, end,
-                                           denoise_to_zero, **solver_cli)
-    net = _run(generate.load_network, network_pkl, distributed.device())
+def network_source_from_cli(network_pkl, seeds, batch_size, class_idx, **sampler_cli):
+    """Load the network and build the in-memory image source; the sampler flags are generate.py's
+    (samplers/cli_options.py), so `calc --network` samples exactly what generate.py would write."""
+    config = sampler_config(**sampler_cli)
+    net = _run(load_network, network_pkl, distributed.device())
     try:
         summary = describe(net, config)
     except ValueError as err:
         raise click.UsageError(str(err)) from None
     distributed.print0(f"Sampler: {summary}")
-    sampler_kwargs = dict(class_idx=class_idx, solver=config.solver, schedule=config.schedule,
-                          num_steps=config.num_steps, sigma_min=config.sigma_min, sigma_max=config.sigma_max,
-                          end=config.end, denoise_to_zero=config.denoise_to_zero, solver_kwargs=config.solver_kwargs,
-                          schedule_kwargs=config.schedule_kwargs)
     return _run(metrics.network_source, net, seeds, batch_size=batch_size, network_description=network_pkl,
-                sampler_description=summary, **sampler_kwargs)
+                sampler_description=summary, class_idx=class_idx, **dataclasses.asdict(config))
 
 
 @click.group()
@@ -147,6 +131,7 @@ def common_options(func):
               default=None, callback=_seed_list)
 @click.option("--out", "out_path", help="Write the results as JSON to this file", metavar="JSON", type=str)
 @common_options
+@sampler_options(help_prefix="--network: ")
 def calc(image_path, network_pkl, ref_path, num_expected, seed, seeds, out_path, metric_list, batch_size, num_workers,
          detector_values, device, **sampler_cli):
     """Calculate metrics for a folder/ZIP of images or for a network sampled in memory.
@@ -190,18 +175,6 @@ def calc(image_path, network_pkl, ref_path, num_expected, seed, seeds, out_path,
             print(f'Results written to "{out_path}"')
     distributed.barrier()
 
-
-def _sampler_options() -> list[click.Parameter]:
-    options = []
-    for param in generate.main.params:
-        if param.name in SAMPLER_OPTIONS:
-            option = copy.copy(param)
-            option.help = f"--network: {param.help}"
-            options.append(option)
-    return options
-
-
-calc.params.extend(_sampler_options())
 
 
 @main.command()

@@ -1,5 +1,5 @@
 """LD3 benchmark, run by hand (CPU is enough): held-out global error with and without a learned grid, per solver and
-NFE, on the closed-form Gaussian-mixture testbed of docs/samplers.md section 5 (d = 64, K = 16, power-law variances).
+NFE, on the closed-form Gaussian-mixture testbed of docs/solvers.md (d = 64, K = 16, power-law variances).
 
 Teacher: UniPC-3 with 200 logSNR steps (close to the exact ODE). LD3 trains on --train noises, selects on --valid
 noises (L2 loss, hard objective), and both grids are scored on --test held-out noises: RMS error per coordinate,
@@ -21,6 +21,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from samplers import ld3, make_grid, sample  # noqa: E402
+from samplers.gaussian_mixture import GaussianMixture  # noqa: E402
 
 SIGMA_MIN, SIGMA_MAX = 0.002, 80.0
 SOLVER_CONFIGS = {
@@ -34,31 +35,8 @@ SOLVER_CONFIGS = {
 }
 
 
-class GaussianMixture:
-    """sum_k N(mu_k, diag(var_k)) / K with its exact denoiser, differentiable in x and sigma."""
-
-    def __init__(self, dim=64, components=16, seed=0):
-        gen = torch.Generator().manual_seed(seed)
-        self.means = 0.4 * torch.randn(components, dim, generator=gen, dtype=torch.float64)
-        spectrum = 0.25 * torch.arange(1, dim + 1, dtype=torch.float64) ** -1.5
-        self.variances = torch.stack([spectrum[torch.randperm(dim, generator=gen)] for _ in range(components)])
-
-    def log_likelihoods(self, x, sigma):
-        var = self.variances + torch.as_tensor(sigma, dtype=torch.float64) ** 2
-        diff = x[:, None, :] - self.means
-        return -0.5 * ((diff**2 / var).sum(-1) + var.log().sum(-1)), diff, var
-
-    def __call__(self, x, sigma, class_labels=None):
-        log_p, diff, var = self.log_likelihoods(x, sigma)
-        responsibilities = torch.softmax(log_p, dim=1)
-        return (responsibilities[:, :, None] * (self.means + self.variances / var * diff)).sum(1)
-
-    def component(self, x):
-        return self.log_likelihoods(x, SIGMA_MIN)[0].argmax(1)
-
-
 def scores(gmm, outputs, targets, target_components) -> dict:
-    same = gmm.component(outputs) == target_components
+    same = gmm.component(outputs, SIGMA_MIN) == target_components
     err = (outputs - targets).square()
     return dict(rms=float(err.mean().sqrt()), switch_pct=100 * float(1 - same.double().mean()),
                 within_rms=float(err[same].mean().sqrt()) if same.any() else math.nan)
@@ -89,7 +67,7 @@ def main(solvers, nfes, num_train, num_valid, num_test, batch_size, lr_logits, i
     data = ld3.TeacherData(latents=latents[:split], images=images[:split],
                            info={"sigmas": teacher_grid.sigmas.tolist()})
     test_latents, test_images = latents[split:], images[split:]
-    test_components = gmm.component(test_images)
+    test_components = gmm.component(test_images, SIGMA_MIN)
     results = []
     print(f"{'solver':12s} {'NFE':>3s}  {'edm7 rms / switch % / within':>30s}  {'LD3 rms / switch % / within':>30s}"
           f"  {'ratio':>5s}  {'train s':>7s}")

@@ -1,8 +1,8 @@
 """Sampler benchmarks, run by hand (CPU is enough).
 
 accuracy: global error of every solver x schedule at NFE 4, 5, 6, 8, 10 on the closed-form Gaussian-mixture testbed
-of docs/samplers.md section 5 (d = 64, K = 16, power-law variances), against an RK4 reference in log sigma. All
-grids end at sigma_min = 0.002 without a final denoise; Heun runs N = NFE / 2 steps (even NFE only).
+of docs/solvers.md (d = 64, K = 16, power-law variances), against an RK4 reference in log sigma. All grids end at
+sigma_min = 0.002 without a final denoise; Heun runs N = NFE / 2 steps (even NFE only).
 overhead: wall time of a sampling run / time spent inside the network during it (and / (NFE x one standalone call)),
 with a small EDMPrecond(SongUNet) on CPU.
 
@@ -23,6 +23,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from samplers import count_nfe, make_grid, sample  # noqa: E402
+from samplers.gaussian_mixture import GaussianMixture  # noqa: E402
 
 SIGMA_MIN, SIGMA_MAX = 0.002, 80.0
 NFES = (4, 5, 6, 8, 10)
@@ -40,38 +41,12 @@ SOLVER_CONFIGS = {
 }
 
 
-class GaussianMixture:
-    """sum_k pi_k N(mu_k, diag(var_k)) with its exact denoiser D(x; sigma) = E[y | y + sigma n = x]."""
-
-    def __init__(self, dim=64, components=16, seed=0):
-        gen = torch.Generator().manual_seed(seed)
-        self.means = 0.4 * torch.randn(components, dim, generator=gen, dtype=torch.float64)
-        spectrum = 0.25 * torch.arange(1, dim + 1, dtype=torch.float64) ** -1.5
-        self.variances = torch.stack([spectrum[torch.randperm(dim, generator=gen)] for _ in range(components)])
-        self.log_weights = torch.full([components], -math.log(components), dtype=torch.float64)
-
-    def responsibilities(self, x, sigma):
-        var = self.variances + sigma**2  # [K, d]
-        diff = x[:, None, :] - self.means  # [B, K, d]
-        log_p = self.log_weights - 0.5 * ((diff**2 / var).sum(-1) + var.log().sum(-1))
-        return torch.softmax(log_p, dim=1), diff, var
-
-    def denoiser(self, x, sigma, class_labels=None):
-        sigma = float(sigma)
-        resp, diff, var = self.responsibilities(x, sigma)
-        posterior_means = self.means + self.variances / var * diff  # [B, K, d]
-        return (resp[:, :, None] * posterior_means).sum(1)
-
-    def component(self, x, sigma):
-        return self.responsibilities(x, sigma)[0].argmax(1)
-
-
 def rk4_reference(gmm, x, num_steps=600):
     """Classical RK4 in u = log sigma on dx/du = x - D(x; e^u), uniform in u from log sigma_max to log sigma_min."""
     u = torch.linspace(math.log(SIGMA_MAX), math.log(SIGMA_MIN), num_steps + 1, dtype=torch.float64).tolist()
 
     def f(x, u):
-        return x - gmm.denoiser(x, math.exp(u))
+        return x - gmm(x, math.exp(u))
 
     for u0, u1 in zip(u[:-1], u[1:]):
         h = u1 - u0
@@ -121,7 +96,7 @@ def accuracy(noises, reference_steps, json_path):
                 num_steps = nfe // 2 if solver == "heun" else nfe
                 grid = make_grid(schedule, num_steps, SIGMA_MIN, SIGMA_MAX, end="sigma_min")
                 assert count_nfe(solver, num_steps, "sigma_min") == nfe
-                out = sample(gmm.denoiser, latents, grid, solver=solver, **kwargs)
+                out = sample(gmm, latents, grid, solver=solver, **kwargs)
                 results[(label, schedule, nfe)] = errors(gmm, out, reference, reference_modes)
     print(f"all solvers: {time.perf_counter() - start:.1f} s\n")
 

@@ -3,24 +3,14 @@ dx/dsigma = (x - D(x; sigma)) / sigma.
 
 Solvers take the full grid `sigmas` (length N + 1, float64, decreasing); the last entry is 0 (EDM's convention:
 the last step denoises) or sigma_min (the output is returned at sigma_min). They work in float64 and cast the
-denoiser's output to float64, as EDM does. Coefficients come from a host copy of the grid, read once, so a step
-never waits on the device.
+denoiser's output to float64, as EDM does. Step sizes are tensor operations on the grid (see samplers.solver_grid).
 """
 
 import math
 
 import torch
 
-
-def _host_levels(sigmas: torch.Tensor, eval_sigmas: torch.Tensor | None):
-    """Host (Python float) copies of the grids: one device sync per sampling run."""
-    if sigmas.ndim != 1 or len(sigmas) < 2:
-        raise ValueError(f"sigmas must be a 1-D grid of length N + 1 >= 2, got shape {tuple(sigmas.shape)}")
-    levels = sigmas.tolist()
-    eval_levels = levels if eval_sigmas is None else eval_sigmas.tolist()
-    if len(eval_levels) != len(levels):
-        raise ValueError(f"eval_sigmas has {len(eval_levels)} entries, sigmas {len(levels)}")
-    return levels, eval_levels
+from samplers.solver_grid import read_grid
 
 
 def euler(denoiser, x: torch.Tensor, sigmas: torch.Tensor, class_labels=None, *,
@@ -30,18 +20,23 @@ def euler(denoiser, x: torch.Tensor, sigmas: torch.Tensor, class_labels=None, *,
     NFE = N. With a final sigma = 0 the last step lands on D itself. Conventional end: 'zero' (EDM's ablation
     sampler). eval_sigmas: LD3's decoupled evaluation levels (D and the slope use sigma', the step uses sigma).
     """
-    levels, eval_levels = _host_levels(sigmas, eval_sigmas)
-    eval_grid = sigmas if eval_sigmas is None else eval_sigmas
+    levels, eval_grid = read_grid(sigmas, eval_sigmas)
     for i in range(len(levels) - 1):
         denoised = denoiser(x, eval_grid[i], class_labels).to(torch.float64)
-        d = (x - denoised) / eval_levels[i]
-        x = x + (levels[i + 1] - levels[i]) * d
+        d = (x - denoised) / eval_grid[i]
+        x = x + (sigmas[i + 1] - sigmas[i]) * d
     return x
 
 
-def heun(denoiser, x: torch.Tensor, sigmas: torch.Tensor, class_labels=None, *, randn_like=None,
-         S_churn: float = 0.0, S_min: float = 0.0, S_max: float = math.inf, S_noise: float = 1.0,
-         round_sigma=None, eval_sigmas: torch.Tensor | None = None) -> torch.Tensor:
+def heun_nfe(num_steps: int, end: str) -> int:
+    """EDM's Heun: two calls per step, but none for the correction of a step that ends at sigma = 0 (18 steps with
+    EDM's appended zero -> 35 NFE)."""
+    return 2 * num_steps - 1 if end == "zero" else 2 * num_steps
+
+
+def heun(denoiser, x: torch.Tensor, sigmas: torch.Tensor, class_labels=None, *, S_churn: float = 0.0,
+         S_min: float = 0.0, S_max: float = math.inf, S_noise: float = 1.0, randn_like=None, round_sigma=None,
+         eval_sigmas: torch.Tensor | None = None) -> torch.Tensor:
     """EDM's stochastic Heun sampler (Algorithm 2; Algorithm 1 when S_churn = 0).
 
     Per step: churn gamma = min(S_churn / N, sqrt(2) - 1) when S_min <= sigma_i <= S_max, with N = len(sigmas) - 1
@@ -53,7 +48,7 @@ def heun(denoiser, x: torch.Tensor, sigmas: torch.Tensor, class_labels=None, *, 
     the churned level. With EDM's grid and options the operations are EDM's edm_sampler's, in the same order, on
     0-dim device tensors like EDM's, so the result is bit-identical to it.
     """
-    levels, eval_levels = _host_levels(sigmas, eval_sigmas)
+    levels, eval_grid = read_grid(sigmas, eval_sigmas)
     num_steps = len(levels) - 1
     churn = S_churn > 0
     if churn and eval_sigmas is not None:
@@ -62,23 +57,21 @@ def heun(denoiser, x: torch.Tensor, sigmas: torch.Tensor, class_labels=None, *, 
         randn_like = torch.randn_like
     if round_sigma is None:
         round_sigma = torch.as_tensor
-    eval_grid = sigmas if eval_sigmas is None else eval_sigmas
     for i in range(num_steps):
         t_cur, t_next = sigmas[i], sigmas[i + 1]
-        t_hat = t_cur
-        x_hat = x
+        t_hat, x_hat, t_eval = t_cur, x, eval_grid[i]
         if churn:
             gamma = min(S_churn / num_steps, math.sqrt(2) - 1) if S_min <= levels[i] <= S_max else 0
             noise = randn_like(x)  # drawn at every step, as EDM, to keep the per-seed stream aligned with EDM's
             if gamma > 0:
                 t_hat = torch.as_tensor(round_sigma(t_cur + gamma * t_cur))
                 x_hat = x + (t_hat**2 - t_cur**2).sqrt() * S_noise * noise
-        t_eval = t_hat if churn else eval_grid[i]
+            t_eval = t_hat
         denoised = denoiser(x_hat, t_eval, class_labels).to(torch.float64)
-        d_cur = (x_hat - denoised) / (t_hat if eval_sigmas is None else eval_levels[i])
+        d_cur = (x_hat - denoised) / t_eval
         x = x_hat + (t_next - t_hat) * d_cur
         if levels[i + 1] > 0:
             denoised = denoiser(x, eval_grid[i + 1], class_labels).to(torch.float64)
-            d_prime = (x - denoised) / (t_next if eval_sigmas is None else eval_levels[i + 1])
+            d_prime = (x - denoised) / eval_grid[i + 1]
             x = x_hat + (t_next - t_hat) * (0.5 * d_cur + 0.5 * d_prime)
     return x

@@ -13,14 +13,16 @@ import math
 import os
 import re
 import warnings
+from collections.abc import Callable
 
 import numpy as np
 import PIL.Image
 import torch
 
-from samplers import DEFAULT_END, SCHEDULES, SigmaGrid, count_nfe, get_solver, make_grid, sample, solver_options
-from samplers.schedules import LD3_SOLVERS
+from samplers import SCHEDULES, SigmaGrid, count_nfe, get_solver, make_grid, sample
+from samplers.schedules import learned_solver_options
 from torch_utils import distributed as dist
+from torch_utils import persistence
 from torch_utils.misc import StackedRandomGenerator
 
 
@@ -65,7 +67,7 @@ class SamplerConfig:
     num_steps: int | None = None  # None: 18, or the schedule file's
     sigma_min: float | None = None  # None: the schedule's default (EDM: 0.002)
     sigma_max: float | None = None  # None: the schedule's default (EDM: 80)
-    end: str | None = None  # 'zero' | 'sigma_min'; None: the solver's convention (DEFAULT_END) or the file's
+    end: str | None = None  # 'zero' | 'sigma_min'; None: the solver's convention (its default_end) or the file's
     denoise_to_zero: bool = False
     solver_kwargs: dict = dataclasses.field(default_factory=dict)
     schedule_kwargs: dict = dataclasses.field(default_factory=dict)
@@ -87,9 +89,7 @@ def build_grid(net, config: SamplerConfig, device=None) -> tuple[SigmaGrid, str,
                                  f"{config.solver!r}; learned grids are solver-specific")
             solver = grid.solver
         get_solver(solver)
-        defaults = grid.solver_kwargs
-        if grid.solver is None and str(config.schedule).endswith(".pt"):  # LD3's vector: its configs' options
-            defaults = {ours: options for ours, options in LD3_SOLVERS.values()}.get(solver, {})
+        defaults = learned_solver_options(grid, solver)
         overridden = sorted(k for k, v in config.solver_kwargs.items() if k in defaults and defaults[k] != v)
         if overridden:
             # A learned grid fits the options it was learned with; say so instead of silently changing them.
@@ -98,10 +98,10 @@ def build_grid(net, config: SamplerConfig, device=None) -> tuple[SigmaGrid, str,
                           f"{', '.join(f'{k}={config.solver_kwargs[k]!r}' for k in overridden)} may not fit the "
                           f"learned grid", stacklevel=2)
         return grid, solver, {**defaults, **config.solver_kwargs}
-    get_solver(solver)
     grid = make_grid(config.schedule, config.num_steps, config.sigma_min, config.sigma_max,
-                     end=config.end or DEFAULT_END[solver], sigma_range=(float(net.sigma_min), float(net.sigma_max)),
-                     round_sigma=net.round_sigma, device=device, **config.schedule_kwargs)
+                     end=config.end or get_solver(solver).default_end,
+                     sigma_range=(float(net.sigma_min), float(net.sigma_max)), round_sigma=net.round_sigma,
+                     device=device, **config.schedule_kwargs)
     return grid, solver, dict(config.solver_kwargs)
 
 
@@ -143,16 +143,35 @@ def to_uint8(images: torch.Tensor) -> torch.Tensor:
     return (images * 127.5 + 128).clip(0, 255).to(torch.uint8)
 
 
-@torch.no_grad()
-def sample_seeds(net, seeds, config: SamplerConfig, *, grid_info=None, class_idx=None, device=None) -> torch.Tensor:
-    """Sample one batch: float64 images (NCHW) for `seeds`, each from its own generator."""
+@dataclasses.dataclass
+class SeedInputs:
+    """What a batch draws from its per-seed generators, in EDM's order: the unit-variance latents, then the class
+    labels; randn_like continues the same streams (a stochastic solver's churn noise)."""
+
+    latents: torch.Tensor
+    class_labels: torch.Tensor | None
+    randn_like: Callable
+
+
+def seed_inputs(net, seeds, class_idx=None, device=None) -> SeedInputs:
     device = torch.device(device) if device is not None else dist.device()
-    grid, solver, solver_kwargs = grid_info if grid_info is not None else build_grid(net, config, device)
     rnd = StackedRandomGenerator(device, seeds)
     latents = rnd.randn([len(seeds), net.img_channels, net.img_resolution, net.img_resolution])
     class_labels = _class_labels(net, rnd, len(seeds), class_idx, device)
-    return sample(net, latents, grid, solver=solver, class_labels=class_labels, randn_like=rnd.randn_like,
-                  round_sigma=net.round_sigma, denoise_to_zero=config.denoise_to_zero, **solver_kwargs)
+    return SeedInputs(latents=latents, class_labels=class_labels, randn_like=rnd.randn_like)
+
+
+@torch.no_grad()
+def sample_seeds(net, seeds, config: SamplerConfig, *, grid_info=None, class_idx=None, device=None,
+                 inputs: SeedInputs | None = None) -> torch.Tensor:
+    """Sample one batch: float64 images (NCHW) for `seeds`, each from its own generator. inputs: the batch's
+    seed_inputs when the caller keeps them too (LD3's teacher data); drawn here otherwise."""
+    device = torch.device(device) if device is not None else dist.device()
+    grid, solver, solver_kwargs = grid_info if grid_info is not None else build_grid(net, config, device)
+    inputs = inputs if inputs is not None else seed_inputs(net, seeds, class_idx, device)
+    return sample(net, inputs.latents, grid, solver=solver, class_labels=inputs.class_labels,
+                  randn_like=inputs.randn_like, round_sigma=net.round_sigma, denoise_to_zero=config.denoise_to_zero,
+                  **solver_kwargs)
 
 
 def generate_images(net, seeds, *, batch_size: int = 64, solver: str | None = None, schedule: str = "edm",
@@ -174,7 +193,7 @@ def generate_images(net, seeds, *, batch_size: int = 64, solver: str | None = No
                            solver_kwargs=dict(solver_kwargs or {}), schedule_kwargs=dict(schedule_kwargs or {}))
     device = torch.device(device) if device is not None else dist.device()
     grid_info = build_grid(net, config, device)
-    _check_solver_kwargs(grid_info[1], grid_info[2])
+    get_solver(grid_info[1]).check_options(grid_info[2], grid_info[1])
     skip = set(int(s) for s in skip_seeds) if skip_seeds is not None else set()
     batches = rank_batches(seeds, batch_size, rank, world_size)
     show = progress and (dist.get_rank() if rank is None else rank) == 0
@@ -189,11 +208,16 @@ def generate_images(net, seeds, *, batch_size: int = 64, solver: str | None = No
         yield batch_seeds, to_uint8(images)
 
 
-def _check_solver_kwargs(solver: str, solver_kwargs: dict) -> None:
-    accepted = solver_options(solver)
-    unknown = sorted(set(solver_kwargs) - set(accepted))
-    if unknown:
-        raise ValueError(f"solver {solver!r} does not take option(s) {unknown}; it accepts {accepted}")
+def load_network(network: str, device) -> torch.nn.Module:
+    """The EMA network of a pickle, ready to sample. Rank 0 reads (and for a URL downloads into the cache) first, then
+    the other ranks, as EDM does."""
+    if dist.get_rank() != 0:
+        dist.barrier()
+    dist.print0(f'Loading network from "{network}"...')
+    net = persistence.load_network_pickle(network)["ema"]
+    if dist.get_rank() == 0:
+        dist.barrier()
+    return net.eval().requires_grad_(False).to(device)
 
 
 # ---------------------------------------------------------------------------------------------------------------

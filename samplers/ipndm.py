@@ -1,9 +1,9 @@
 """iPNDM (improved PNDM, Zhang & Chen 2022, as in diff-sampler and LD3): Adams-Bashforth on d = (x - D) / sigma in
-sigma with the fixed (uniform-step) coefficients and a lower-order warm start. See docs/samplers.md 2.5."""
+sigma with the fixed (uniform-step) coefficients and a lower-order warm start. See docs/solvers.md, "iPNDM"."""
 
 import torch
 
-from samplers.euler_heun import _host_levels
+from samplers.solver_grid import read_grid
 
 # Adams-Bashforth weights for orders 1..4, newest slope first.
 _AB_WEIGHTS = {
@@ -24,18 +24,17 @@ def ipndm(denoiser, x: torch.Tensor, sigmas: torch.Tensor, class_labels=None, *,
     """
     if max_order not in _AB_WEIGHTS:
         raise ValueError(f"iPNDM max_order must be 1, 2, 3 or 4, got {max_order}")
-    levels, eval_levels = _host_levels(sigmas, eval_sigmas)
-    eval_grid = sigmas if eval_sigmas is None else eval_sigmas
+    levels, eval_grid = read_grid(sigmas, eval_sigmas)
     slopes = []  # newest first
     for i in range(len(levels) - 1):
         denoised = denoiser(x, eval_grid[i], class_labels).to(torch.float64)
         if levels[i + 1] == 0:
             x = denoised
             continue
-        slopes = ([(x - denoised) / eval_levels[i]] + slopes)[:max_order]
+        slopes = ([(x - denoised) / eval_grid[i]] + slopes)[:max_order]
         weights = _AB_WEIGHTS[len(slopes)]
         slope = weights[0] * slopes[0]
         for w, d in zip(weights[1:], slopes[1:]):
             slope = slope + w * d
-        x = x + (levels[i + 1] - levels[i]) * slope
+        x = x + (sigmas[i + 1] - sigmas[i]) * slope
     return x

@@ -325,13 +325,15 @@ def load_schedule_file(path: str) -> SigmaGrid:
     return _check_schedule_doc(doc, path)
 
 
-# LD3 (vinhsuhi/LD3) solver names -> ours and the options its configs use (configs/cifar10.yml: order 3, bh1).
+# LD3 (vinhsuhi/LD3) solver names -> ours and the options its configs use (configs/cifar10.yml: order 3, bh1): a
+# translation table for LD3's own artefacts, not a solver registry (a new solver needs no line here).
 LD3_SOLVERS = {
     "euler": ("euler", {}),
     "ipndm": ("ipndm", {"max_order": 3}),
     "dpm_solver++": ("dpmpp_3m", {}),
     "uni_pc": ("unipc", {"order": 3, "variant": "bh1"}),
 }
+LD3_VECTOR_SOURCE = "LD3 .pt"
 
 
 def load_ld3_vector(path: str, solver: str | None = None, solver_kwargs: dict | None = None) -> SigmaGrid:
@@ -357,7 +359,16 @@ def load_ld3_vector(path: str, solver: str | None = None, solver_kwargs: dict | 
         solver, default_kwargs = LD3_SOLVERS[solver]
         solver_kwargs = {**default_kwargs, **(solver_kwargs or {})}
     return SigmaGrid(sigmas=sigmas, end="sigma_min", eval_sigmas=eval_sigmas, schedule=str(path), solver=solver,
-                     solver_kwargs=dict(solver_kwargs or {}), provenance={"source": "LD3 .pt", "path": str(path)})
+                     solver_kwargs=dict(solver_kwargs or {}),
+                     provenance={"source": LD3_VECTOR_SOURCE, "path": str(path)})
+
+
+def learned_solver_options(grid: SigmaGrid, solver: str) -> dict:
+    """The options of `solver` that a schedule file's grid was learned with: those the file records, or for LD3's
+    .pt vector, which records none, those of LD3's configs (LD3_SOLVERS)."""
+    if grid.solver is None and grid.provenance.get("source") == LD3_VECTOR_SOURCE:
+        return dict({ours: options for ours, options in LD3_SOLVERS.values()}.get(solver, {}))
+    return dict(grid.solver_kwargs)
 
 
 def import_ld3_schedule(pt_path: str, json_path: str, solver: str, *, solver_kwargs: dict | None = None,

@@ -1,5 +1,6 @@
-"""LD3 (samplers/ld3.py): grid parameterisation, differentiable solvers, teacher data, losses, training on the
-closed-form Gaussian-mixture testbed, and the gen-data -> train -> generate.py --schedule path on a tiny network."""
+"""LD3 (samplers/ld3/, ld3.py): grid parameterisation, differentiating through the registered solvers, teacher data,
+training on the closed-form Gaussian-mixture testbed, and the gen-data -> train -> generate.py --schedule path on a
+tiny network. LPIPS itself is tested in test_lpips.py."""
 
 import math
 import os
@@ -11,27 +12,11 @@ import torch
 from click.testing import CliRunner
 
 import generate
-from samplers import SOLVERS, ld3, load_schedule_file, make_grid, sample
+import ld3 as ld3_cli
+from samplers import ld3, load_schedule_file, make_grid, sample
+from samplers.gaussian_mixture import GaussianMixture
 from torch_utils import persistence
 from training.preconditioning import EDMPrecond
-
-
-class GaussianMixture:
-    """docs/samplers.md 5.2: d = 64, K = 16, means 0.4 N(0, I), diagonal variances 0.25 j^-1.5 permuted per
-    component, equal weights; D(x; sigma) = E[y | x] in closed form, differentiable in x and sigma."""
-
-    def __init__(self, dim=64, components=16, seed=0):
-        gen = torch.Generator().manual_seed(seed)
-        self.means = 0.4 * torch.randn(components, dim, generator=gen, dtype=torch.float64)
-        spectrum = 0.25 * torch.arange(1, dim + 1, dtype=torch.float64) ** -1.5
-        self.variances = torch.stack([spectrum[torch.randperm(dim, generator=gen)] for _ in range(components)])
-
-    def __call__(self, x, sigma, class_labels=None):
-        var = self.variances + torch.as_tensor(sigma, dtype=torch.float64) ** 2  # [K, d]
-        diff = x[:, None, :] - self.means  # [B, K, d]
-        log_p = -0.5 * ((diff**2 / var).sum(-1) + var.log().sum(-1))
-        responsibilities = torch.softmax(log_p, dim=1)
-        return (responsibilities[:, :, None] * (self.means + self.variances / var * diff)).sum(1)
 
 
 def edm_levels(num_levels, sigma_min=0.002, sigma_max=80.0):
@@ -95,28 +80,7 @@ def test_steps_for_nfe():
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# Differentiable solvers.
-
-SOLVER_CASES = [("euler", {}), ("heun", {}), ("dpmpp_2m", {}), ("dpmpp_2m", {"variant": "taylor"}),
-                ("dpmpp_3m", {}), ("dpmpp_3m", {"exact_third_order": True, "lower_order_final": False}),
-                ("unipc", {}), ("unipc", {"variant": "bh2", "order": 2}), ("unipc", {"corrector": False}),
-                ("ipndm", {}), ("ipndm", {"max_order": 3})]
-
-
-@pytest.mark.parametrize("end", ["sigma_min", "zero"])
-@pytest.mark.parametrize(("solver", "options"), SOLVER_CASES)
-def test_student_solvers_equal_registry(solver, options, end):
-    gmm = GaussianMixture(dim=8, components=3)
-    x = torch.randn(5, 8, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
-    grid = make_grid("edm", 6, 0.002, 80.0, end=end)
-    eval_sigmas = grid.sigmas.clone()
-    eval_sigmas[1:-2] *= torch.linspace(0.9, 1.1, len(eval_sigmas) - 3, dtype=torch.float64)
-    for ev in (None, eval_sigmas):
-        grid.eval_sigmas = ev
-        expected = sample(gmm, x, grid, solver=solver, **options)
-        actual = ld3.student_sample(gmm, x, grid.sigmas, ev, solver=solver, **options)
-        assert torch.allclose(actual, expected, rtol=0, atol=1e-12), (actual - expected).abs().max()
-    assert set(ld3.STUDENT_SOLVERS) == set(SOLVERS)
+# Differentiating through the registered solvers.
 
 
 def test_gradients_match_finite_differences():
@@ -237,86 +201,6 @@ def test_config_errors(small_mixture):
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# LPIPS.
-
-
-def test_lpips_missing_weights_message(tmp_path, monkeypatch):
-    with pytest.raises(ld3.LPIPSUnavailableError, match="--lpips-vgg PATH --lpips-lin PATH"):
-        ld3.load_lpips(str(tmp_path / "missing-vgg.pth"), str(tmp_path / "missing-lin.pth"))
-
-    def offline(url, **kwargs):
-        raise OSError(f"could not download {url}: offline")
-
-    monkeypatch.setattr("dnnlib.util._download", offline)
-    with pytest.raises(ld3.LPIPSUnavailableError) as info:
-        ld3.make_loss("lpips")
-    assert ld3.LPIPS_VGG16_URL in str(info.value) and "--loss l2" in str(info.value)
-
-
-def fake_lpips_weights(tmp_path):
-    """Random weights in the layouts of torchvision's vgg16 state dict and lpips' v0.1 vgg.pth."""
-    gen = torch.Generator().manual_seed(0)
-    vgg = {}
-    for layer in ld3._VGG16_LAYERS:
-        if layer != "M":
-            index, c_in, c_out = layer
-            vgg[f"features.{index}.weight"] = torch.randn(c_out, c_in, 3, 3, generator=gen) * (2 / (9 * c_in)) ** 0.5
-            vgg[f"features.{index}.bias"] = torch.randn(c_out, generator=gen) * 0.01
-    lin = {f"lin{k}.model.1.weight": torch.rand(1, c, 1, 1, generator=gen)
-           for k, c in enumerate((64, 128, 256, 512, 512))}
-    torch.save(vgg, tmp_path / "vgg16.pth")
-    torch.save(lin, tmp_path / "lin.pth")
-    return vgg, lin, str(tmp_path / "vgg16.pth"), str(tmp_path / "lin.pth")
-
-
-def reference_lpips(vgg, lin, x, y):
-    """LPIPS written out directly from its definition, one image at a time."""
-    shift = torch.tensor([-0.030, -0.088, -0.188]).view(1, 3, 1, 1)
-    scale = torch.tensor([0.458, 0.448, 0.450]).view(1, 3, 1, 1)
-    taps = {3: 0, 8: 1, 15: 2, 22: 3, 29: 4}
-    values = []
-    for a, b in zip(x, y):
-        feats = []
-        for img in (a[None], b[None]):
-            h, out = (img - shift) / scale, []
-            for index in range(30):
-                if f"features.{index}.weight" in vgg:
-                    h = torch.nn.functional.conv2d(h, vgg[f"features.{index}.weight"], vgg[f"features.{index}.bias"],
-                                                   padding=1)
-                elif index in (4, 9, 16, 23):
-                    h = torch.nn.functional.max_pool2d(h, 2)
-                else:
-                    h = h.clamp_min(0)
-                if index in taps:
-                    out.append(h / (h.square().sum(1, keepdim=True).sqrt() + 1e-10))
-            feats.append(out)
-        values.append(sum(float(((fa - fb) ** 2 * lin[f"lin{k}.model.1.weight"]).sum(1).mean())
-                          for k, (fa, fb) in enumerate(zip(*feats))))
-    return torch.tensor(values)
-
-
-def test_lpips_with_local_weights(tmp_path):
-    vgg, lin, vgg_path, lin_path = fake_lpips_weights(tmp_path)
-    lpips = ld3.make_loss("lpips", lpips_vgg=vgg_path, lpips_lin=lin_path)
-    gen = torch.Generator().manual_seed(3)
-    x = torch.rand(3, 3, 16, 16, generator=gen) * 2 - 1
-    y = (x + 0.3 * torch.randn(3, 3, 16, 16, generator=gen)).clamp(-1, 1)
-    distance = lpips(x, y)
-    assert distance.shape == (3,) and torch.allclose(distance, reference_lpips(vgg, lin, x, y), rtol=1e-4)
-    assert torch.allclose(lpips(x, x), torch.zeros(3), atol=1e-7)
-    x64 = x.double().requires_grad_(True)
-    lpips(x64, y).sum().backward()
-    assert torch.isfinite(x64.grad).all() and x64.grad.abs().sum() > 0
-    with pytest.raises(ValueError, match="--lpips-resize"):
-        lpips(x[:, :1, :8, :8], y[:, :1, :8, :8])
-    resized = ld3.load_lpips(vgg_path, lin_path, resize=16)
-    grey = x[:, :1, ::2, ::2]
-    expected = reference_lpips(vgg, lin, *(torch.nn.functional.interpolate(
-        t.repeat(1, 3, 1, 1), size=(16, 16), mode="bilinear", align_corners=False) for t in (grey, grey.flip(0))))
-    assert torch.allclose(resized(grey, grey.flip(0)), expected, rtol=1e-4)
-
-
-# ---------------------------------------------------------------------------------------------------------------
 # Teacher data and the command line, on a tiny network.
 
 
@@ -374,14 +258,14 @@ def read_pngs(outdir, seeds):
 def test_cli_gen_data_train_generate(network_pickle, tmp_path):
     runner = CliRunner()
     teacher = str(tmp_path / "teacher.pt")
-    result = runner.invoke(ld3.cli, ["gen-data", "--network", network_pickle, "--out", teacher, "--seeds", "0-23",
+    result = runner.invoke(ld3_cli.cli, ["gen-data", "--network", network_pickle, "--out", teacher, "--seeds", "0-23",
                                      "--batch", "24", "--device", "cpu"])
     assert result.exit_code == 0, result.output
     assert "solver=unipc(" in result.output and "20 NFE per image" in result.output
     schedule = str(tmp_path / "dpmpp2m-nfe4.json")
     args = ["train", "--data", teacher, "--out", schedule, "--solver", "dpmpp_2m", "--nfe", "4", "--loss", "l2",
             "--num-train", "16", "--num-valid", "8", "--rounds-v1", "1", "--rounds-v2", "2", "--device", "cpu"]
-    result = runner.invoke(ld3.cli, args)
+    result = runner.invoke(ld3_cli.cli, args)
     assert result.exit_code == 0, result.output
     log = open(str(tmp_path / "dpmpp2m-nfe4.log.txt")).read()
     assert "LD3 round 3/3 (v2)" in log and "Training time:" in log
@@ -410,19 +294,19 @@ def test_cli_gen_data_train_generate(network_pickle, tmp_path):
 def test_cli_errors(network_pickle, tmp_path):
     runner = CliRunner()
     teacher = str(tmp_path / "teacher.pt")
-    result = runner.invoke(ld3.cli, ["gen-data", "--network", network_pickle, "--out", teacher, "--seeds", "0-3",
+    result = runner.invoke(ld3_cli.cli, ["gen-data", "--network", network_pickle, "--out", teacher, "--seeds", "0-3",
                                      "--steps", "4", "--device", "cpu"])
     assert result.exit_code == 0, result.output
     base = ["train", "--data", teacher, "--out", str(tmp_path / "s.json"), "--device", "cpu", "--num-train", "2",
             "--num-valid", "2"]
-    result = runner.invoke(ld3.cli, [*base, "--solver", "heun", "--nfe", "6"])
+    result = runner.invoke(ld3_cli.cli, [*base, "--solver", "heun", "--nfe", "6"])
     assert result.exit_code != 0 and "cannot spend exactly 6 NFE" in result.output
-    result = runner.invoke(ld3.cli, [*base, "--solver", "ipndm", "--nfe", "4", "--num-train", "3"])
+    result = runner.invoke(ld3_cli.cli, [*base, "--solver", "ipndm", "--nfe", "4", "--num-train", "3"])
     assert result.exit_code != 0 and "fewer than num_train" in result.output
-    result = runner.invoke(ld3.cli, [*base, "--solver", "ipndm", "--nfe", "4", "--order", "2", "--lpips-vgg",
+    result = runner.invoke(ld3_cli.cli, [*base, "--solver", "ipndm", "--nfe", "4", "--order", "2", "--lpips-vgg",
                                      str(tmp_path / "none.pth")])
     assert result.exit_code != 0 and "could not fetch the LPIPS VGG16 weights" in result.output
     assert not os.path.exists(tmp_path / "s.json")
-    result = runner.invoke(ld3.cli, ["train", "--data", str(tmp_path / "missing.pt"), "--out", "x.json",
+    result = runner.invoke(ld3_cli.cli, ["train", "--data", str(tmp_path / "missing.pt"), "--out", "x.json",
                                      "--solver", "euler", "--nfe", "4"])
     assert result.exit_code != 0 and "teacher data file not found" in result.output

@@ -1,13 +1,21 @@
-"""ODE solvers: NFE, convergence order against a closed-form solution, equivalences, EDM's Heun, options."""
+"""ODE solvers: NFE, convergence order against a closed-form solution, equivalences, EDM's Heun, options; and adding a
+solver by one registration, usable from generate.py and LD3."""
 
 import math
 
 import numpy as np
+import PIL.Image
 import pytest
 import torch
+from click.testing import CliRunner
 
-from samplers import SOLVERS, count_nfe, make_grid, sample
+import generate
+from samplers import SOLVERS, SolverEntry, count_nfe, ld3, load_schedule_file, make_grid, sample, solver_options
 from samplers.dpm_solver import step_orders
+from samplers.gaussian_mixture import GaussianMixture
+from samplers.solver_grid import read_grid
+from torch_utils import persistence
+from training.preconditioning import EDMPrecond
 
 # Data N(mu, diag(ell)): D(x; sigma) = mu + ell / (ell + sigma^2) (x - mu), and the probability-flow ODE has the
 # exact solution x(sigma) = mu + (x(sigma_0) - mu) sqrt((ell + sigma^2) / (ell + sigma_0^2)).
@@ -245,3 +253,96 @@ def test_heun_decoupled_grid_with_churn_is_refused():
     grid.eval_sigmas = grid.sigmas.clone()
     with pytest.raises(ValueError, match="cannot be combined with S_churn"):
         sample(make_denoiser(), LATENTS, grid, solver="heun", S_churn=10)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Adding a solver (docs/solvers.md, "Adding a solver"): a function and one registry line, nothing else. The example
+# is DPM-Solver++(2S), a singlestep second-order solver not in the registry: two calls per step, an option r.
+
+
+def dpmpp_2s(denoiser, x, sigmas, class_labels=None, *, r: float = 0.5, eval_sigmas=None):
+    """DPM-Solver++(2S): from sigma_i, an intermediate point at lambda_i + r h (lambda = -log sigma), then the step
+    with the blend (1 - 1/(2r)) D_i + 1/(2r) D_mid. NFE: 2 per step, 1 for a step to sigma = 0 (x <- D_i)."""
+    levels, eval_grid = read_grid(sigmas, eval_sigmas)
+    for i in range(len(levels) - 1):
+        denoised = denoiser(x, eval_grid[i], class_labels).to(torch.float64)
+        if levels[i + 1] == 0:
+            x = denoised
+            continue
+        h = sigmas[i].log() - sigmas[i + 1].log()
+        sigma_mid = sigmas[i] * torch.exp(-r * h)
+        x_mid = (sigma_mid / sigmas[i]) * x - torch.expm1(-r * h) * denoised
+        denoised_mid = denoiser(x_mid, sigma_mid, class_labels).to(torch.float64)
+        blend = (1 - 1 / (2 * r)) * denoised + 1 / (2 * r) * denoised_mid
+        x = (sigmas[i + 1] / sigmas[i]) * x - torch.expm1(-h) * blend
+    return x
+
+
+def dpmpp_2s_nfe(num_steps, end):
+    return 2 * num_steps - (end == "zero")
+
+
+@pytest.fixture
+def toy_solver(monkeypatch):
+    monkeypatch.setitem(SOLVERS, "dpmpp_2s", SolverEntry(dpmpp_2s, default_end="sigma_min", nfe=dpmpp_2s_nfe))
+    return "dpmpp_2s"
+
+
+def test_added_solver_samples_with_its_order_and_nfe(toy_solver):
+    assert fitted_order(toy_solver, [32, 64, 128, 256]) == pytest.approx(2, abs=0.25)
+    assert fitted_order(toy_solver, [32, 64, 128, 256], r=1.0) == pytest.approx(2, abs=0.25)  # any r in (0, 1]
+    for end in ("zero", "sigma_min"):
+        calls = []
+        sample(make_denoiser(calls=calls), LATENTS[:2], make_grid("edm", 6, end=end), solver=toy_solver)
+        assert len(calls) == count_nfe(toy_solver, 6, end) == {"zero": 11, "sigma_min": 12}[end]
+    assert solver_options(toy_solver) == ["r"]
+    with pytest.raises(ValueError, match=r"does not take option\(s\) \['order'\]"):
+        sample(make_denoiser(), LATENTS, make_grid("edm", 5, end="sigma_min"), solver=toy_solver, order=2)
+
+
+def test_added_solver_through_generate_cli(toy_solver, tmp_path):
+    """generate.py takes the new solver and its option by name, typed from its signature, and writes what the function
+    computes on generate.py's grid from the per-seed latents."""
+    net = EDMPrecond(img_resolution=8, img_channels=1, label_dim=0, model_type="SongUNet", model_channels=8,
+                     channel_mult=[1], num_blocks=1, attn_resolutions=[]).eval().requires_grad_(False)
+    network = str(tmp_path / "network-snapshot-000000.pkl")
+    persistence.save_network_pickle(network, dict(ema=net))
+    args = ["--network", network, "--outdir", str(tmp_path / "out"), "--seeds", "3,7", "--device", "cpu",
+            "--solver", toy_solver, "--steps", "3", "--solver-opt", "r=0.4"]
+    result = CliRunner().invoke(generate.main, args)
+    assert result.exit_code == 0, result.output
+    assert "solver=dpmpp_2s(r=0.4)" in result.output and "end=sigma_min" in result.output
+    assert "6 NFE per image" in result.output
+    grid = make_grid("edm", 3, end="sigma_min", sigma_range=(net.sigma_min, net.sigma_max),
+                     round_sigma=net.round_sigma)
+    for seed in (3, 7):
+        latent = torch.randn([1, 1, 8, 8], generator=torch.Generator().manual_seed(seed))
+        x = dpmpp_2s(net, latent.to(torch.float64) * grid.sigmas[0], grid.sigmas, r=0.4)
+        expected = (x * 127.5 + 128).clip(0, 255).to(torch.uint8)[0, 0].numpy()
+        assert np.array_equal(np.asarray(PIL.Image.open(tmp_path / "out" / f"{seed:06d}.png")), expected)
+    for bad, message in ((["--solver-opt", "r=half"], "--solver-opt r=half: expected a number"),
+                         (["--solver-opt", "order=2"], "'order' is not an option of solver 'dpmpp_2s'"),
+                         (["--order", "2"], "--order does not apply to solver 'dpmpp_2s'")):
+        result = CliRunner().invoke(generate.main, [*args, *bad])
+        assert result.exit_code != 0 and message in result.output, result.output
+
+
+def test_added_solver_learns_a_grid_with_ld3(toy_solver, tmp_path):
+    """LD3 differentiates through the new solver as registered; the learned schedule file samples with it."""
+    gmm = GaussianMixture()
+    latents = torch.randn(48, 64, generator=torch.Generator().manual_seed(5), dtype=torch.float64)
+    teacher_grid = make_grid("logsnr", 40, 0.002, 80.0, end="sigma_min")
+    images = ld3.teacher_samples(gmm, latents, teacher_grid, solver="unipc")
+    data = ld3.TeacherData(latents=latents[:32], images=images[:32], info={"sigmas": teacher_grid.sigmas.tolist()})
+    config = ld3.LD3Config(solver=toy_solver, nfe=6, solver_kwargs={"r": 0.5}, loss="l2", num_train=16,
+                           num_valid=16, batch_size=4, rounds_v1=1, rounds_v2=1, lr_logits=0.03, init="edm",
+                           prior_bound=0.0)
+    result = ld3.train_ld3(gmm, data, config)
+    assert result.best_valid_loss < 0.8 * result.init_valid_loss
+    path = str(tmp_path / "dpmpp2s-nfe6.json")
+    result.save(path)
+    loaded = load_schedule_file(path)
+    assert loaded.solver == toy_solver and loaded.num_steps == 3 and loaded.solver_kwargs == {"r": 0.5}
+    held_out = sample(gmm, latents[32:], loaded, solver=toy_solver, r=0.5)
+    baseline = sample(gmm, latents[32:], make_grid("edm", 3, 0.002, 80.0, end="sigma_min"), solver=toy_solver)
+    assert (held_out - images[32:]).square().mean() < (baseline - images[32:]).square().mean()

@@ -1,0 +1,198 @@
+"""The sampler's command-line options, shared by generate.py, fid.py (calc --network) and ld3.py, and their
+conversion to a SamplerConfig.
+
+A solver's options come from its registry entry: `--solver-opt NAME=VALUE` sets any option of the chosen solver,
+typed from the solver's signature (repeatable; several pairs may be joined by commas). The older flags (--order,
+--variant, --lower-order-final, --exact-third-order, --S_churn, --S_min, --S_max, --S_noise) stay as aliases: each
+sets the option of its name, or the solver's alias of it (--order is iPNDM's max_order).
+"""
+
+import inspect
+import os
+import re
+
+import click
+
+from samplers import END_CONVENTIONS, SCHEDULES, SOLVERS, get_solver, make_grid
+from samplers.generation import SamplerConfig
+
+# --lower-order-final's words -> the solvers' lower_order_final (original DPM-Solver: only below 10 steps).
+LOWER_ORDER_FINAL = {"always": True, "never": False, "below10": 10}
+
+
+def _flag(option: str) -> str:
+    """The older flag that sets `option`: EDM's spelling for the S_ options, hyphens otherwise."""
+    return "--" + (option if option.startswith("S_") else option.replace("_", "-"))
+
+
+def _join(names) -> str:
+    names = list(names)
+    return names[0] if len(names) == 1 else f"{', '.join(names[:-1])} and {names[-1]}"
+
+
+def _check_solver(ctx, param, value):
+    if value is not None and value not in SOLVERS:
+        raise click.BadParameter(f"unknown solver {value!r}: expected one of {', '.join(sorted(SOLVERS))}")
+    return value
+
+
+def _lower_order_final(ctx, param, value):
+    return None if value is None else LOWER_ORDER_FINAL[value]
+
+
+def _apply(options, fn):
+    for option in reversed(options):
+        fn = option(fn)
+    return fn
+
+
+# The older per-option flags, by the name of the option each sets (see solver_option_flags).
+OPTION_FLAGS = ("order", "variant", "lower_order_final", "exact_third_order", "S_churn", "S_min", "S_max", "S_noise")
+
+
+def solver_option_flags(help_prefix: str = ""):
+    """Decorator: --solver-opt and the older per-option flags (OPTION_FLAGS)."""
+    def option(*names, help, **kwargs):
+        return click.option(*names, help=help_prefix + help, default=None, show_default=False, **kwargs)
+
+    options = [
+        click.option("--solver-opt", "solver_opt", multiple=True, metavar="NAME=VALUE[,...]",
+                     help=help_prefix + "A solver option, typed from the solver's signature (repeatable), e.g. "
+                     "order=3,variant=bh2; the flags below are aliases"),
+        option("--order", help="UniPC order / iPNDM max order  [default: 3 / 4]", metavar="INT",
+               type=click.IntRange(min=1)),
+        option("--variant", help="UniPC: bh1|bh2  [default: bh1]; DPM-Solver++: dpmsolver|taylor  [default: "
+               "dpmsolver]", metavar="NAME", type=str),
+        option("--lower-order-final", "lower_order_final", help="Lower-order final steps (DPM-Solver++, UniPC): "
+               "always, never, or only below 10 steps (original DPM-Solver)  [default: always]",
+               type=click.Choice(list(LOWER_ORDER_FINAL)), callback=_lower_order_final),
+        option("--exact-third-order/--reference-third-order", "exact_third_order",
+               help="DPM-Solver++(3M): truly third-order step instead of the reference codes' update  "
+               "[default: reference]"),
+        option("--S_churn", "S_churn", help="Stochasticity strength (heun)  [default: 0]", metavar="FLOAT",
+               type=click.FloatRange(min=0)),
+        option("--S_min", "S_min", help="Stoch. min noise level (heun)  [default: 0]", metavar="FLOAT",
+               type=click.FloatRange(min=0)),
+        option("--S_max", "S_max", help="Stoch. max noise level (heun)  [default: inf]", metavar="FLOAT",
+               type=click.FloatRange(min=0)),
+        option("--S_noise", "S_noise", help="Stoch. noise inflation (heun)  [default: 1]", metavar="FLOAT",
+               type=float),
+    ]
+    return lambda fn: _apply(options, fn)
+
+
+def solver_option(help_prefix: str = "", default: str | None = None, required: bool = False):
+    """Decorator: --solver, checked against the registry when the command runs (so a solver registered after import
+    is accepted too)."""
+    default_text = f"  [default: {default}]" if default else "  [default: heun, or the schedule file's]"
+    return click.option("--solver", help=f"{help_prefix}ODE solver: {', '.join(SOLVERS)}"
+                        f"{'' if required else default_text}", metavar="NAME", default=default, required=required,
+                        show_default=False, callback=_check_solver)
+
+
+def end_option(help_prefix: str = ""):
+    zero = "/".join(name for name, entry in SOLVERS.items() if entry.default_end == "zero")
+    return click.option("--end", help=help_prefix + "Grid end: append sigma=0 and denoise, or stop at sigma_min  "
+                        f"[default: the solver's convention: zero for {zero}, sigma_min otherwise]",
+                        type=click.Choice(list(END_CONVENTIONS)), default=None, show_default=False)
+
+
+def sampler_options(help_prefix: str = "", solver_default: str | None = None, steps_default: int | None = None):
+    """Decorator: every flag that decides how a seed becomes an image (besides the network and --device)."""
+    steps_text = f"  [default: {steps_default}]" if steps_default else "  [default: 18, or the schedule file's]"
+    options = [
+        click.option("--class", "class_idx", help=help_prefix + "Class label  [default: random]", metavar="INT",
+                     type=click.IntRange(min=0), default=None, show_default=False),
+        click.option("--steps", "num_steps", help=help_prefix + "Number of sampling steps" + steps_text,
+                     metavar="INT", type=click.IntRange(min=1), default=steps_default, show_default=False),
+        click.option("--sigma_min", help=help_prefix + "Lowest noise level  [default: varies]", metavar="FLOAT",
+                     type=click.FloatRange(min=0, min_open=True)),
+        click.option("--sigma_max", help=help_prefix + "Highest noise level  [default: varies]", metavar="FLOAT",
+                     type=click.FloatRange(min=0, min_open=True)),
+        click.option("--rho", help=help_prefix + "Time step exponent (schedules edm, vp_time_uniform)  [default: 7 "
+                     "for edm]", metavar="FLOAT", type=click.FloatRange(min=0, min_open=True), default=None,
+                     show_default=False),
+        solver_option(help_prefix, default=solver_default),
+        click.option("--schedule", help=help_prefix + f"Noise-level grid: {', '.join(SCHEDULES)}, or a schedule file "
+                     "(.json, LD3 .pt)", metavar="NAME|PATH", type=str, default="edm", show_default=True),
+        end_option(help_prefix),
+        click.option("--denoise-to-zero", "denoise_to_zero", help=help_prefix + "After a grid ending at sigma_min, "
+                     "output D(x; sigma_min) (+1 NFE)", is_flag=True),
+        solver_option_flags(help_prefix),
+    ]
+    return lambda fn: _apply(options, fn)
+
+
+def resolve_solver(solver: str | None, schedule: str) -> str:
+    """--solver, else the solver a schedule file was learned for, else EDM's heun."""
+    if solver is not None:
+        return solver
+    if schedule in SCHEDULES:
+        return "heun"
+    try:
+        file_solver = make_grid(schedule, None).solver
+    except (ValueError, FileNotFoundError) as e:
+        raise click.BadParameter(str(e), param_hint="--schedule") from None
+    if file_solver is None:
+        raise click.UsageError(f"{schedule!r} does not record the solver it was learned for (LD3 .pt); pass --solver")
+    return file_solver
+
+
+def solver_kwargs_from_cli(solver: str, solver_opt=(), **option_flags) -> dict:
+    """The keyword options for `solver` from --solver-opt NAME=VALUE texts and the older flags (None: not given). An
+    option given for a solver that does not take it is an error, never silently ignored."""
+    entry = get_solver(solver)
+    kwargs, given_by = {}, {}
+
+    def set_option(option, value, flag):
+        if option in given_by:
+            raise click.UsageError(f"{flag} and {given_by[option]} both set {solver}'s option {option!r}")
+        kwargs[option], given_by[option] = value, flag
+
+    for text in solver_opt:
+        for pair in re.split(r"[,\s]+", text.strip()):
+            name, sep, value = pair.partition("=")
+            option = entry.option_name(name)
+            if not sep or option is None:
+                why = f"expects NAME=VALUE, got {pair!r}" if not sep else f"{name!r} is not an option of solver " \
+                    f"{solver!r}"
+                raise click.UsageError(f"--solver-opt {why}; {solver}'s options: {', '.join(entry.options())}")
+            try:
+                set_option(option, entry.parse_option(option, value), f"--solver-opt {name}")
+            except ValueError as err:
+                raise click.UsageError(f"--solver-opt {pair}: {err}") from None
+    for name, value in option_flags.items():
+        if value is None:
+            continue
+        option = entry.option_name(name)
+        if option is None:
+            takers = [other for other, e in SOLVERS.items() if e.option_name(name) is not None]
+            raise click.UsageError(f"{_flag(name)} does not apply to solver {solver!r} (only to {', '.join(takers)})")
+        choices = entry.choices(option)
+        if choices is not None and value not in choices:
+            raise click.UsageError(f"{_flag(name)} for solver {solver!r} must be one of "
+                                   f"{', '.join(str(c) for c in choices)}")
+        set_option(option, value, _flag(name))
+    return kwargs
+
+
+def sampler_config(solver, schedule, num_steps, sigma_min, sigma_max, rho, end, denoise_to_zero=False,
+                   solver_opt=(), **option_flags) -> SamplerConfig:
+    """Map the sampler flags to a SamplerConfig, with the errors a user can act on."""
+    from_file = schedule not in SCHEDULES
+    if from_file and not os.path.isfile(schedule):
+        raise click.BadParameter(f"{schedule!r} is neither a schedule name ({', '.join(SCHEDULES)}) nor an existing "
+                                 f"schedule file", param_hint="--schedule")
+    if from_file and any(v is not None for v in (sigma_min, sigma_max, rho)):
+        raise click.UsageError("--sigma_min, --sigma_max and --rho do not apply to a schedule file (it holds its grid)")
+    solver = resolve_solver(solver, schedule)
+    solver_kwargs = solver_kwargs_from_cli(solver, solver_opt, **option_flags)
+    schedule_kwargs = {}
+    if rho is not None:
+        takers = [name for name, fn in SCHEDULES.items() if "rho" in inspect.signature(fn).parameters]
+        if schedule not in takers:
+            raise click.UsageError(f"--rho applies to schedules {_join(takers)}, not {schedule!r}")
+        schedule_kwargs["rho"] = rho
+    return SamplerConfig(solver=solver, schedule=schedule, num_steps=num_steps, sigma_min=sigma_min,
+                         sigma_max=sigma_max, end=end, denoise_to_zero=denoise_to_zero, solver_kwargs=solver_kwargs,
+                         schedule_kwargs=schedule_kwargs)

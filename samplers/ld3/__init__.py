@@ -1,0 +1,56 @@
+"""LD3: learning the time discretisation of a sampler from a few teacher samples.
+
+Tong, Hoang, Liu, Van den Broeck, Niepert, "Learning to Discretize Denoising Diffusion ODEs" (ICLR 2025,
+arXiv 2405.15506); reference code vinhsuhi/LD3. See docs/solvers.md, "LD3". The command line is ld3.py (also
+`python -m samplers.ld3`).
+
+1. Teacher data (teacher.py, `generate_teacher`): unit-variance noises drawn per seed exactly as generate.py draws
+   them, the teacher's samples by generate.py's own per-batch path (default UniPC-3 bh1, 20 NFE on EDM's rho = 7
+   grid, as LD3's CIFAR-10 recipe) and the class labels.
+2. Student grid (grid.py, `GridParameterization`): sigma_k = exp(u_k) with u = log sigma running from log sigma_max
+   to log sigma_min by a softmax-cumsum of one logit per step (LD3's `time_mode: lambda`), so the grid is strictly
+   decreasing and hits both ends by construction. A second vector moves the interior levels at which the denoiser
+   is evaluated (LD3's decoupled evaluation grid, used by the solvers as `eval_sigmas`).
+3. Objective and optimisation (optimize.py, `train_ld3`): a distance (DISTANCES: LPIPS, L2 or L1) between the
+   student's sample and the teacher's, where the student may start from any noise within a ball of radius
+   r = 0.001 C H W / NFE^2 (unit-noise scale) around the teacher's (LD3's soft objective; r = 0 is the hard one);
+   RMSprop on the logits, SGD on the evaluation offsets and the noises, 2 + 5 rounds, model selection on a validation
+   split after every step, patience with learning-rate decay. The best grid is written as a schedule file
+   (samplers.save_schedule_file) that generate.py --schedule uses with the same solver.
+
+Differences from the reference code, on purpose:
+- The student is the registered solver itself, differentiated through (its coefficients are tensor operations):
+  every solver and option of generate.py works, and NFE is counted honestly.
+- The evaluation offsets are clipped to a fraction `eval_window` (< 0.5) of each level's neighbouring gaps in
+  log sigma, so the evaluation grid stays strictly decreasing; LD3 clips to 0.5 x the smallest gap between raw
+  logits, which keeps the offsets inert until the logits separate.
+- Each step keeps at least `MIN_STEP_FRACTION` of the log-sigma range, so extreme logits (a softmax that
+  underflows) still give a strictly decreasing grid.
+"""
+
+from samplers.ld3.grid import MIN_STEP_FRACTION, GridParameterization, steps_for_nfe
+from samplers.ld3.optimize import (
+    DISTANCES,
+    LD3Config,
+    LD3Result,
+    l1_distance,
+    l2_distance,
+    make_distance,
+    student_sample,
+    train_ld3,
+)
+from samplers.ld3.teacher import (
+    TEACHER_FILE_FORMAT,
+    TEACHER_FILE_VERSION,
+    TeacherData,
+    generate_teacher,
+    load_teacher_data,
+    save_teacher_data,
+    teacher_samples,
+)
+
+__all__ = [
+    "DISTANCES", "MIN_STEP_FRACTION", "TEACHER_FILE_FORMAT", "TEACHER_FILE_VERSION", "GridParameterization",
+    "LD3Config", "LD3Result", "TeacherData", "generate_teacher", "l1_distance", "l2_distance", "load_teacher_data",
+    "make_distance", "save_teacher_data", "steps_for_nfe", "student_sample", "teacher_samples", "train_ld3",
+]

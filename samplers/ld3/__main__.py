@@ -1,0 +1,10 @@
+"""`python -m samplers.ld3 ...`: an alias of the command line `python ld3.py ...` beside generate.py."""
+
+import os
+import sys
+
+if __name__ == "__main__":
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
+    import ld3
+
+    ld3.cli()
