@@ -15,21 +15,9 @@ import metrics
 from dnnlib import util
 from metrics import detectors as detectors_lib
 from metrics import evaluate
-from samplers.cli_options import sampler_config, sampler_options
-from samplers.generation import describe, load_network, parse_int_list
+from samplers.cli_options import sampler_config, sampler_options, seed_list
+from samplers.generation import describe, load_network
 from torch_utils import distributed
-
-
-def _seed_list(ctx, param, value):
-    if value is None:
-        return None
-    try:
-        seeds = parse_int_list(value)
-    except ValueError as err:
-        raise click.BadParameter(str(err)) from None
-    if not seeds:
-        raise click.BadParameter("no seeds given")
-    return seeds
 
 
 def _detector_overrides(values) -> dict[str, str]:
@@ -128,7 +116,7 @@ def common_options(func):
 @click.option("--seed", help="Random seed for selecting the images", metavar="INT", type=int, default=0,
               show_default=True)
 @click.option("--seeds", help="--network: seeds to sample (e.g. 0-49999)", metavar="LIST", type=str,
-              default=None, callback=_seed_list)
+              default=None, callback=seed_list)
 @click.option("--out", "out_path", help="Write the results as JSON to this file", metavar="JSON", type=str)
 @common_options
 @sampler_options(help_prefix="--network: ")

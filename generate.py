@@ -9,26 +9,16 @@ import dataclasses
 import click
 import torch
 
-from samplers.cli_options import sampler_config, sampler_options
-from samplers.generation import describe, load_network, parse_int_list, save_image_grid, write_images
+from samplers.cli_options import sampler_config, sampler_options, seed_list
+from samplers.generation import describe, load_network, save_image_grid, write_images
 from torch_utils import distributed as dist
-
-
-def _seed_list(ctx, param, value):
-    try:
-        seeds = parse_int_list(value)
-    except ValueError as e:
-        raise click.BadParameter(str(e)) from None
-    if not seeds:
-        raise click.BadParameter("no seeds given")
-    return seeds
 
 
 @click.command(context_settings={"show_default": True})
 @click.option("--network", "network", help="Network pickle filename", metavar="PATH|URL", type=str, required=True)
 @click.option("--outdir", help="Where to save the output images", metavar="DIR", type=str, required=True)
 @click.option("--seeds", help="Random seeds (e.g. 1,2,5-10)", metavar="LIST", type=str, default="0-63",
-              callback=_seed_list)
+              callback=seed_list)
 @click.option("--subdirs", help="Create subdirectory for every 1000 seeds", is_flag=True)
 @click.option("--batch", "max_batch_size", help="Maximum batch size (per rank)", metavar="INT",
               type=click.IntRange(min=1), default=64)

@@ -16,11 +16,12 @@ from samplers.cli_options import (
     end_option,
     sampler_config,
     sampler_options,
+    seed_list,
     solver_kwargs_from_cli,
     solver_option,
     solver_option_flags,
 )
-from samplers.generation import describe, load_network, parse_int_list
+from samplers.generation import describe, load_network
 from samplers.ld3 import (
     DISTANCES,
     LD3Config,
@@ -60,19 +61,13 @@ def cli():
 @click.option("--network", "network", help="Network pickle filename", metavar="PATH|URL", required=True)
 @click.option("--out", "out", help="Teacher data file to write (.pt)", metavar="PATH", required=True)
 @click.option("--seeds", help="Random seeds (e.g. 0-99); noises and labels are drawn per seed as generate.py does",
-              metavar="LIST", default="0-99")
+              metavar="LIST", default="0-99", callback=seed_list)
 @click.option("--batch", "batch_size", help="Maximum batch size", metavar="INT", type=click.IntRange(min=1),
               default=64)
 @sampler_options(help_prefix="Teacher: ", solver_default="unipc", steps_default=20)
 @device_option
 def gen_data(network, out, seeds, batch_size, class_idx, device, **sampler_cli):
     """Sample teacher data: noises, teacher samples and labels, for `train`."""
-    try:
-        seeds = parse_int_list(seeds)
-    except ValueError as err:
-        raise click.BadParameter(str(err), param_hint="--seeds") from None
-    if not seeds:
-        raise click.BadParameter("no seeds given", param_hint="--seeds")
     config = sampler_config(**sampler_cli)
     device = _device(device)
     net = load_network(network, device)
@@ -172,7 +167,7 @@ def train(data_path, out, network, solver, nfe, end, device, log_path, solver_op
             f"{data_path}")
         try:
             result = train_ld3(net, data, config, device=device, progress=True, log=log)
-        except LPIPSUnavailableError as err:
+        except (LPIPSUnavailableError, ValueError) as err:  # ValueError: e.g. a solver option that draws noise
             raise click.ClickException(str(err)) from None
         result.provenance.update(network=str(network), teacher_data=os.path.abspath(data_path))
         result.save(out)

@@ -14,7 +14,7 @@ import re
 import click
 
 from samplers import END_CONVENTIONS, SCHEDULES, SOLVERS, get_solver, make_grid
-from samplers.generation import SamplerConfig
+from samplers.generation import SamplerConfig, parse_int_list
 
 # --lower-order-final's words -> the solvers' lower_order_final (original DPM-Solver: only below 10 steps).
 LOWER_ORDER_FINAL = {"always": True, "never": False, "below10": 10}
@@ -28,6 +28,19 @@ def _flag(option: str) -> str:
 def _join(names) -> str:
     names = list(names)
     return names[0] if len(names) == 1 else f"{', '.join(names[:-1])} and {names[-1]}"
+
+
+def seed_list(ctx, param, value):
+    """click callback: EDM's seed syntax ('1,2,5-10') -> a non-empty list of ints; None (not given) stays None."""
+    if value is None:
+        return None
+    try:
+        seeds = parse_int_list(value)
+    except ValueError as err:
+        raise click.BadParameter(str(err)) from None
+    if not seeds:
+        raise click.BadParameter("no seeds given")
+    return seeds
 
 
 def _check_solver(ctx, param, value):

@@ -6,6 +6,7 @@ any option of any solver as text (`--solver-opt order=3,variant=bh2`) without a 
 """
 
 import dataclasses
+import functools
 import inspect
 import types
 import typing
@@ -40,17 +41,19 @@ class SolverEntry:
     nfe: Callable[[int, str], int] = one_call_per_step
     aliases: Mapping[str, str] = dataclasses.field(default_factory=dict)
 
-    def keyword_parameters(self) -> dict[str, inspect.Parameter]:
+    @functools.cached_property
+    def _keyword_parameters(self) -> dict[str, inspect.Parameter]:
+        # Read once per entry: samplers.sample consults it on every call.
         signature = inspect.signature(self.function, eval_str=True)
         return {p.name: p for p in signature.parameters.values() if p.kind == inspect.Parameter.KEYWORD_ONLY}
 
     def options(self) -> dict[str, inspect.Parameter]:
         """The options a user may set, by name, in the signature's order."""
-        return {name: p for name, p in self.keyword_parameters().items() if name not in SAMPLE_INPUTS}
+        return {name: p for name, p in self._keyword_parameters.items() if name not in SAMPLE_INPUTS}
 
     def takes_input(self, name: str) -> bool:
         """Whether the solver declares the sample input `name` (one of SAMPLE_INPUTS)."""
-        return name in self.keyword_parameters()
+        return name in self._keyword_parameters
 
     def option_name(self, name: str) -> str | None:
         """The option that `name` sets for this solver (the option itself or through an alias), or None."""

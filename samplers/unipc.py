@@ -25,7 +25,8 @@ def _unipc_coefficients(hh: torch.Tensor, rks: list[torch.Tensor], variant: str)
         rhs.append(h_phi_k * factorial / b_h)
         factorial *= j + 1
         h_phi_k = h_phi_k / hh - 1 / factorial
-    vandermonde = torch.stack([torch.stack([rk**j for rk in rks]) for j in range(len(rks))])
+    powers = torch.arange(len(rks), dtype=hh.dtype, device=hh.device)
+    vandermonde = torch.stack(rks)[None, :] ** powers[:, None]
     return b_h, torch.stack(rhs), vandermonde
 
 

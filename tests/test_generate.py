@@ -334,3 +334,66 @@ def test_schedule_file_options_overridden_with_a_warning(tmp_path):
     with pytest.warns(UserWarning, match=r"learned with max_order=3; overriding with max_order=4"):
         _, _, kwargs = build_grid(net, SamplerConfig(schedule=path, solver_kwargs={"max_order": 4}))
     assert kwargs == {"max_order": 4}
+
+
+def test_cli_solver_opt_and_the_old_flags_are_one_option(network_pickle, tmp_path):
+    """--solver-opt NAME=VALUE sets any option of the solver, typed from its signature; the old flags are its aliases
+    (--order is iPNDM's max_order) and write the same images."""
+    common = ["--network", network_pickle, "--seeds", "0-1", "--device", "cpu", "--steps", "4"]
+    cases = {
+        "flags": ["--solver", "unipc", "--order", "2", "--variant", "bh2", "--lower-order-final", "below10"],
+        "opts": ["--solver", "unipc", "--solver-opt", "order=2,variant=bh2", "--solver-opt", "lower_order_final=10"],
+        "default": ["--solver", "unipc"],
+        "ipndm-flag": ["--solver", "ipndm", "--order", "3"],
+        "ipndm-alias": ["--solver", "ipndm", "--solver-opt", "order=3"],
+        "ipndm-name": ["--solver", "ipndm", "--solver-opt", "max_order=3"],
+    }
+    digests = {}
+    for name, args in cases.items():
+        result = CliRunner().invoke(generate.main, [*common, "--outdir", str(tmp_path / name), *args])
+        assert result.exit_code == 0, result.output
+        digests[name] = [digest(tmp_path / name / f"{s:06d}.png") for s in (0, 1)]
+        if name in ("flags", "opts"):
+            assert "solver=unipc(lower_order_final=10, order=2, variant=bh2)" in result.output
+        if name.startswith("ipndm"):
+            assert "solver=ipndm(max_order=3)" in result.output
+    assert digests["flags"] == digests["opts"] != digests["default"]
+    assert digests["ipndm-flag"] == digests["ipndm-alias"] == digests["ipndm-name"]
+
+
+@pytest.mark.parametrize(("args", "message"), [
+    (["--solver", "unipc", "--solver-opt", "variant=bh3"], "--solver-opt variant=bh3: expected one of bh1, bh2"),
+    (["--solver", "unipc", "--solver-opt", "order=two"], "--solver-opt order=two: expected an integer"),
+    (["--solver", "unipc", "--solver-opt", "corrector=maybe"], "expected true or false"),
+    (["--solver", "unipc", "--order", "2", "--solver-opt", "order=3"], "both set unipc's option 'order'"),
+    (["--solver", "heun", "--solver-opt", "S_churn"], "--solver-opt expects NAME=VALUE"),
+    (["--solver", "heun", "--solver-opt", "rho=3"], "'rho' is not an option of solver 'heun'"),
+    (["--solver", "dpmpp_2m", "--variant", "bh2"], "--variant for solver 'dpmpp_2m' must be one of dpmsolver, taylor"),
+    (["--solver", "rk45"], "unknown solver 'rk45'"),
+])
+def test_cli_solver_option_errors(network_pickle, tmp_path, args, message):
+    result = CliRunner().invoke(generate.main, ["--network", network_pickle, "--outdir", str(tmp_path), "--device",
+                                                "cpu", *args])
+    assert result.exit_code != 0 and message in result.output, result.output
+    assert not os.path.exists(tmp_path / "000000.png")
+
+
+def test_library_does_not_import_the_clis():
+    """Layering: the command-line scripts at the top (generate.py, fid.py, ld3.py, train.py, ...) import the
+    packages, never the other way round. A package's __main__.py is itself a command line (python -m)."""
+    import ast
+
+    clis = {name[:-3] for name in os.listdir(ROOT) if name.endswith(".py")}
+    offenders = []
+    for package in ("dnnlib", "torch_utils", "training", "losses", "processes", "samplers", "metrics"):
+        for folder, _, files in os.walk(os.path.join(ROOT, package)):
+            for name in files:
+                if not name.endswith(".py") or name == "__main__.py":
+                    continue
+                path = os.path.join(folder, name)
+                for node in ast.walk(ast.parse(open(path).read(), path)):
+                    modules = [a.name for a in node.names] if isinstance(node, ast.Import) else \
+                        [node.module] if isinstance(node, ast.ImportFrom) and node.level == 0 and node.module else []
+                    offenders += [f"{os.path.relpath(path, ROOT)} imports {m}" for m in modules
+                                  if m.split(".")[0] in clis]
+    assert clis >= {"generate", "fid", "ld3", "train"} and not offenders, offenders

@@ -259,7 +259,7 @@ def test_cli_gen_data_train_generate(network_pickle, tmp_path):
     runner = CliRunner()
     teacher = str(tmp_path / "teacher.pt")
     result = runner.invoke(ld3_cli.cli, ["gen-data", "--network", network_pickle, "--out", teacher, "--seeds", "0-23",
-                                     "--batch", "24", "--device", "cpu"])
+                                         "--batch", "24", "--device", "cpu"])
     assert result.exit_code == 0, result.output
     assert "solver=unipc(" in result.output and "20 NFE per image" in result.output
     schedule = str(tmp_path / "dpmpp2m-nfe4.json")
@@ -295,7 +295,7 @@ def test_cli_errors(network_pickle, tmp_path):
     runner = CliRunner()
     teacher = str(tmp_path / "teacher.pt")
     result = runner.invoke(ld3_cli.cli, ["gen-data", "--network", network_pickle, "--out", teacher, "--seeds", "0-3",
-                                     "--steps", "4", "--device", "cpu"])
+                                         "--steps", "4", "--device", "cpu"])
     assert result.exit_code == 0, result.output
     base = ["train", "--data", teacher, "--out", str(tmp_path / "s.json"), "--device", "cpu", "--num-train", "2",
             "--num-valid", "2"]
@@ -310,3 +310,14 @@ def test_cli_errors(network_pickle, tmp_path):
     result = runner.invoke(ld3_cli.cli, ["train", "--data", str(tmp_path / "missing.pt"), "--out", "x.json",
                                      "--solver", "euler", "--nfe", "4"])
     assert result.exit_code != 0 and "teacher data file not found" in result.output
+
+
+def test_python_m_samplers_ld3_is_the_cli():
+    import subprocess
+    import sys
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    result = subprocess.run([sys.executable, "-m", "samplers.ld3", "train", "--help"], cwd=root, capture_output=True,
+                            text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert "Usage: python -m samplers.ld3 train" in result.stdout and "--solver-opt" in result.stdout

@@ -18,13 +18,13 @@ from samplers import (
 )
 from samplers.schedules import DEFAULT_SIGMA_RANGE, iddpm_sigma_table, load_ld3_vector
 
-# docs/samplers.md section 1, N = 10, sigma 80 -> 0.002 (4 significant digits).
+# docs/solvers.md, "Grid ends": N = 10, sigma 80 -> 0.002 (4 significant digits).
 REFERENCE_N10 = {
     "edm": [80, 45.31, 24.41, 12.38, 5.839, 2.515, 0.9654, 0.3183, 0.08509, 0.01672, 0.002],
     "logsnr": [80, 27.73, 9.609, 3.330, 1.154, 0.400, 0.1386, 0.04805, 0.01665, 0.005771, 0.002],
     "vp_time_uniform": [80, 34.80, 16.51, 8.514, 4.746, 2.824, 1.754, 1.099, 0.6502, 0.3047, 0.002],
 }
-# EDM's own 18-step CIFAR grid (edm.md section 6): 17 intervals, then the appended 0.
+# EDM's own 18-step CIFAR grid (docs/solvers.md, "Grid ends"): 17 intervals, then the appended 0.
 EDM_18 = [80, 57.586, 40.786, 28.375, 19.353, 12.910, 8.401, 5.315, 3.257, 1.923, 1.088, 0.585, 0.296, 0.140, 0.060,
           0.023, 0.0075, 0.002, 0]
 
@@ -42,7 +42,7 @@ def test_sigma_uniform_and_time_quadratic():
     quadratic = SCHEDULES["time_quadratic"](10, 0.002, 80).numpy()
     expected = (math.sqrt(80) + np.arange(11) / 10 * (math.sqrt(0.002) - math.sqrt(80))) ** 2
     np.testing.assert_allclose(quadratic, expected, rtol=1e-13)
-    assert quadratic[9] == pytest.approx(0.874, abs=5e-4)  # samplers.md: DPM-Solver's, not LD3's 0.802
+    assert quadratic[9] == pytest.approx(0.874, abs=5e-4)  # docs/solvers.md: DPM-Solver's, not LD3's 0.802
 
 
 def test_edm_18_step_grid_equals_edm_sampler():
