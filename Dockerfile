@@ -1,4 +1,6 @@
 # CUDA PyTorch base image; the project itself needs only the pure-Python packages below on top of it.
+# Its torch 2.5.1 (with torchvision 0.20.1, Python 3.11) is the project's torch floor, the oldest release the test suite
+# runs against (requirements.txt, constraints-oldest.txt); tests/test_versions.py keeps the two equal.
 FROM pytorch/pytorch:2.5.1-cuda12.4-cudnn9-runtime
 
 ENV PYTHONDONTWRITEBYTECODE=1 \

@@ -74,8 +74,12 @@ class FeatureMoments:
 def frechet_distance(mu: np.ndarray, sigma: np.ndarray, mu_ref: np.ndarray, sigma_ref: np.ndarray) -> float:
     """FID = ‖μ − μ_ref‖² + Tr(Σ + Σ_ref − 2·sqrtm(Σ·Σ_ref)), real part.
 
-    Identical to EDM's `calculate_fid_from_inception_stats`: `scipy.linalg.sqrtm(A)` returns the same matrix as
-    EDM's `sqrtm(A, disp=False)[0]` (the `disp` argument is deprecated in SciPy 1.17 and gone in 1.18).
+    Identical to EDM's `calculate_fid_from_inception_stats` on every SciPy. EDM calls `sqrtm(A, disp=False)[0]`;
+    `disp` only ever chose between printing a failure message and also returning an error estimate, and the matrix
+    is the one `sqrtm(A)` returns (SciPy <= 1.15: Python Schur method; 1.16 and 1.17: recursive Schur in C, `disp`
+    deprecated; 1.18: `disp` removed, so EDM's own call raises TypeError there). We call `sqrtm(A)`, which every
+    SciPy accepts without a DeprecationWarning. tests/test_metrics.py checks our float bit for bit against EDM's call
+    where SciPy accepts it, and against EDM's recorded value on every SciPy.
     """
     mu, mu_ref = np.asarray(mu, dtype=np.float64), np.asarray(mu_ref, dtype=np.float64)
     sigma, sigma_ref = np.asarray(sigma, dtype=np.float64), np.asarray(sigma_ref, dtype=np.float64)

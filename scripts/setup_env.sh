@@ -1,22 +1,35 @@
 #!/usr/bin/env bash
 # Create (or reuse) the project's virtual environment in .venv and install what the project needs.
 # Idempotent: a second run only checks that everything is installed. Source it: `. scripts/setup_env.sh`.
+# Optional settings: PYTHON (the interpreter to build the venv with), VENV (its folder), TORCH_SPEC (the torch build),
+# CONSTRAINTS (a pip constraints file, e.g. constraints-oldest.txt: the oldest supported release of everything).
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 PYTHON=${PYTHON:-python3}
 VENV=${VENV:-"$ROOT/.venv"}
-STAMP="$VENV/.installed-$(cat "$ROOT/requirements.txt" "$ROOT/requirements-dev.txt" | cksum | cut -d' ' -f1)"
+CONSTRAINTS=${CONSTRAINTS:+"$(realpath "$CONSTRAINTS")"}
+CONSTRAINT_ARGS=()
+if [ -n "$CONSTRAINTS" ]; then
+  CONSTRAINT_ARGS=(-c "$CONSTRAINTS")
+  # The constraints file pins torch and torchvision itself.
+  TORCH_SPEC=${TORCH_SPEC:-torch torchvision}
+fi
+STAMP="$VENV/.installed-$(cat "$ROOT/requirements.txt" "$ROOT/requirements-dev.txt" ${CONSTRAINTS:+"$CONSTRAINTS"} \
+  | cksum | cut -d' ' -f1)"
 
 if [ ! -x "$VENV/bin/python" ]; then
-  echo "[setup] creating virtual environment $VENV"
+  echo "[setup] creating virtual environment $VENV with $("$PYTHON" --version 2>&1)"
   "$PYTHON" -m venv "$VENV"
 fi
 . "$VENV/bin/activate"
 if [ ! -f "$STAMP" ]; then
   echo "[setup] installing requirements (first run only; torch is large)"
   # TORCH_SPEC lets a GPU machine pick its own build; the default pins the release CI and the docs were tested with.
-  python -m pip install --disable-pip-version-check ${PIP_QUIET:--q} ${TORCH_SPEC:-torch==2.14.1 torchvision==0.29.1}
-  python -m pip install --disable-pip-version-check ${PIP_QUIET:--q} -r "$ROOT/requirements-dev.txt"
+  python -m pip install --disable-pip-version-check ${PIP_QUIET:--q} ${CONSTRAINT_ARGS[@]+"${CONSTRAINT_ARGS[@]}"} \
+    ${TORCH_SPEC:-torch==2.14.1 torchvision==0.29.1}
+  python -m pip install --disable-pip-version-check ${PIP_QUIET:--q} ${CONSTRAINT_ARGS[@]+"${CONSTRAINT_ARGS[@]}"} \
+    -r "$ROOT/requirements-dev.txt"
   touch "$STAMP"
 fi
-python -c "import torch, numpy, scipy; print('[setup] torch', torch.__version__, '| numpy', numpy.__version__, '| scipy', scipy.__version__)"
+python -c "import sys, torch, numpy, scipy; print('[setup] python', sys.version.split()[0], '| torch', torch.__version__,
+'| numpy', numpy.__version__, '| scipy', scipy.__version__)"

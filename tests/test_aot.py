@@ -5,14 +5,13 @@ exact resume inside a pool, and train.py --aot."""
 import itertools
 import json
 import os
-import socket
 import subprocess
-import sys
 
 import numpy as np
 import pytest
 import torch
 from click.testing import CliRunner
+from launch import torchrun
 from test_stf import TINY_NET, RecordingNet, ShiftAugment, assert_exact_resume
 from train_worker import ROOT, digits_images, loop_kwargs, random_images, write_zip_dataset
 
@@ -231,11 +230,7 @@ def test_two_ranks_with_aot_and_stf(labelled_zip, tmp_path):
                                              use_labels=True, xflip=False, cache=True))
     config_path = tmp_path / 'config.json'
     config_path.write_text(json.dumps(config))
-    with socket.socket() as s:
-        s.bind(('127.0.0.1', 0))
-        port = s.getsockname()[1]
-    cmd = [sys.executable, '-m', 'torch.distributed.run', '--nproc_per_node=2', '--master_port', str(port),
-           os.path.join(ROOT, 'tests', 'train_worker.py'), str(config_path)]
+    cmd = torchrun(2, os.path.join(ROOT, 'tests', 'train_worker.py'), config_path)
     result = subprocess.run(cmd, cwd=ROOT, env=dict(os.environ, OMP_NUM_THREADS='1'), capture_output=True, text=True,
                             timeout=300)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]

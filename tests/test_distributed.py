@@ -3,24 +3,17 @@
 import itertools
 import json
 import os
-import socket
 import subprocess
-import sys
 
 import numpy as np
 import PIL.Image
 import pytest
+from launch import torchrun
 
 from training.dataset import InfiniteSampler
 from training.dataset_tool_lib import convert_dataset
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.mark.distributed
@@ -41,9 +34,8 @@ def test_two_ranks_sampler_and_training_stats(tmp_path):
     out = tmp_path / "out"
     out.mkdir()
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=ROOT)
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port", str(_free_port()),
-           os.path.join(ROOT, "tests", "dist_worker.py"), "--data", str(tmp_path / "d.zip"), "--out", str(out),
-           "--num-draws", str(num_draws)]
+    cmd = torchrun(2, os.path.join(ROOT, "tests", "dist_worker.py"), "--data", tmp_path / "d.zip", "--out", out,
+                   "--num-draws", num_draws)
     proc = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True, timeout=180)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     ranks = [json.loads((out / f"rank{r}.json").read_text()) for r in range(2)]

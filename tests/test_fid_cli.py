@@ -2,9 +2,7 @@
 
 import json
 import os
-import socket
 import subprocess
-import sys
 import zipfile
 
 import numpy as np
@@ -12,6 +10,7 @@ import PIL.Image
 import pytest
 import torch
 from click.testing import CliRunner
+from launch import torchrun
 
 import fid
 from metrics import detectors as detectors_lib
@@ -155,12 +154,6 @@ def test_folder_and_zip_give_identical_results(single_rank):
     assert folder["is_scores"] == zipped["is_scores"]
 
 
-def _free_port():
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 NETWORK_ARGS = ["--seeds", "5-28", "--steps", "2", "--batch", "8", "--metrics", "fid,is,pr", "--workers", "0"]
 
 
@@ -212,8 +205,7 @@ def test_two_gloo_ranks_match_one_rank(workdir, single_rank, network_pkl, networ
     ]
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=ROOT)
     proc = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port", str(_free_port()),
-         os.path.join(ROOT, "tests", "metrics_torchrun_worker.py"), json.dumps(commands)],
+        torchrun(2, os.path.join(ROOT, "tests", "metrics_torchrun_worker.py"), json.dumps(commands)),
         cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
 

@@ -3,9 +3,7 @@
 import hashlib
 import math
 import os
-import socket
 import subprocess
-import sys
 import types
 
 import numpy as np
@@ -13,6 +11,7 @@ import PIL.Image
 import pytest
 import torch
 from click.testing import CliRunner
+from launch import torchrun
 
 import generate
 from samplers import make_grid
@@ -294,21 +293,13 @@ def test_cli_schedule_file(network_pickle, tmp_path):
     assert "(decoupled evaluation grid)" in result.output and os.path.isfile(tmp_path / "c" / "000000.png")
 
 
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.mark.slow
 @pytest.mark.distributed
 def test_two_ranks_match_one(network_pickle, tmp_path):
     seeds = "0-6"
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": ROOT}
-    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port",
-               str(free_port()), os.path.join(ROOT, "generate.py"), "--network", network_pickle, "--outdir",
-               str(tmp_path / "two"), "--seeds", seeds, "--batch", "2", "--device", "cpu", "--solver", "dpmpp_2m",
-               "--steps", "5"]
+    command = torchrun(2, os.path.join(ROOT, "generate.py"), "--network", network_pickle, "--outdir", tmp_path / "two",
+                       "--seeds", seeds, "--batch", "2", "--device", "cpu", "--solver", "dpmpp_2m", "--steps", "5")
     result = subprocess.run(command, env=env, cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stdout + result.stderr
     assert "on 2 rank(s)" in result.stdout and "Wrote 7 images" in result.stdout

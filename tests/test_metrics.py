@@ -2,6 +2,7 @@
 
 import os
 import pickle
+import warnings
 import zipfile
 
 import numpy as np
@@ -75,18 +76,69 @@ def test_fid_is_zero_for_identical_statistics():
     assert abs(frechet.frechet_distance(mu, sigma, mu, sigma)) < 1e-9
 
 
-def test_fid_identical_to_edm_sqrtm_disp_false():
-    """EDM calls sqrtm(..., disp=False)[0]; where SciPy still accepts `disp`, our call must give the same bits."""
-    rng = np.random.default_rng(3)
-    mu1, s1 = _moments_of(_random_features(rng, 200, 20, 1.0, 0.0).astype(np.float32), 64)
-    mu2, s2 = _moments_of(_random_features(rng, 200, 20, 1.3, 0.2).astype(np.float32), 64)
+def _edm_fid(mu, sigma, mu_ref, sigma_ref):
+    """EDM's fid.py `calculate_fid_from_inception_stats`, line for line (a TypeError on SciPy >= 1.18: no disp)."""
+    m = np.square(mu - mu_ref).sum()
+    s, _ = scipy.linalg.sqrtm(np.dot(sigma, sigma_ref), disp=False)
+    fid = m + np.trace(sigma + sigma_ref - s * 2)
+    fid = float(np.real(fid))
+    return fid
+
+
+def _scipy_accepts_sqrtm_disp():
     try:
-        with pytest.warns(DeprecationWarning):
-            s_edm, _ = scipy.linalg.sqrtm(s1 @ s2, disp=False)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", DeprecationWarning)  # SciPy 1.16 and 1.17
+            scipy.linalg.sqrtm(np.eye(2), disp=False)
     except TypeError:
-        pytest.skip("this SciPy no longer accepts disp=")
-    fid_edm = float(np.real(np.square(mu1 - mu2).sum() + np.trace(s1 + s2 - s_edm * 2)))
-    assert frechet.frechet_distance(mu1, s1, mu2, s2) == fid_edm
+        return False
+    return True
+
+
+def test_fid_identical_to_edm_sqrtm_disp_false():
+    """Where SciPy still accepts EDM's `sqrtm(..., disp=False)` (<= 1.17), our FID is EDM's float, bit for bit: for a
+    well-conditioned pair of statistics and for a singular one (fewer images than feature dimensions)."""
+    if not _scipy_accepts_sqrtm_disp():
+        pytest.skip(f"SciPy {scipy.__version__} has no sqrtm(disp=), so EDM's own call cannot run here "
+                    "(test_fid_equals_edm_recorded_values covers this SciPy)")
+    rng = np.random.default_rng(3)
+    for num, dim in ((200, 20), (12, 20)):
+        mu1, s1 = _moments_of(_random_features(rng, num, dim, 1.0, 0.0).astype(np.float32), 64)
+        mu2, s2 = _moments_of(_random_features(rng, num, dim, 1.3, 0.2).astype(np.float32), 64)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", DeprecationWarning)
+            fid_edm = _edm_fid(mu1, s1, mu2, s2)
+        assert np.isfinite(fid_edm) and fid_edm > 1
+        assert frechet.frechet_distance(mu1, s1, mu2, s2) == fid_edm
+
+
+def _legacy_random_stats(seed, num, dim, scale, shift):
+    """(mu, sigma) of features from np.random.RandomState, whose stream NumPy keeps fixed across releases."""
+    rs = np.random.RandomState(seed)
+    mixing = rs.standard_normal((dim, dim)) * scale / np.sqrt(dim)
+    features = rs.standard_normal((num, dim)) @ mixing + shift
+    return features.mean(0), np.cov(features, rowvar=False)
+
+
+# EDM's calculate_fid_from_inception_stats (_edm_fid above) on _legacy_random_stats(10, num, dim, 1.0, 0.0) against
+# _legacy_random_stats(11, num, dim, 1.4, 0.25): the same float on SciPy 1.11.2 (NumPy 1.26.1), 1.15.3 and 1.16.0
+# (NumPy 2.2.6) and 1.17.1 (NumPy 2.4.6). Recorded so that SciPy >= 1.18, where EDM's call no longer runs, is held to
+# EDM's number as well.
+EDM_FID_RECORDED = {(400, 32): 31.00855766244179, (300, 48): 47.44460356237203}
+
+
+def test_fid_equals_edm_recorded_values():
+    for (num, dim), fid_edm in EDM_FID_RECORDED.items():
+        mu1, s1 = _legacy_random_stats(10, num, dim, 1.0, 0.0)
+        mu2, s2 = _legacy_random_stats(11, num, dim, 1.4, 0.25)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", DeprecationWarning)  # no deprecated SciPy argument on our path
+            fid = frechet.frechet_distance(mu1, s1, mu2, s2)
+        assert fid == pytest.approx(fid_edm, rel=1e-12, abs=0)
+        if _scipy_accepts_sqrtm_disp():  # and here EDM's own call gives it again
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", DeprecationWarning)
+                assert _edm_fid(mu1, s1, mu2, s2) == fid
 
 
 def test_fid_shape_mismatch_is_a_clear_error():

@@ -5,14 +5,13 @@ import copy
 import glob
 import json
 import os
-import socket
 import subprocess
-import sys
 import warnings
 
 import numpy as np
 import pytest
 import torch
+from launch import torchrun
 from train_worker import ROOT, assert_tree_equal, digits_images, loop_kwargs, random_images, write_zip_dataset
 
 import dnnlib
@@ -231,12 +230,6 @@ def test_exact_resume_matches_a_straight_run(tiny_zip, tmp_path):
                            ['model.enc.8x8_conv.weight'])
 
 
-def _free_port():
-    with socket.socket() as s:
-        s.bind(('127.0.0.1', 0))
-        return s.getsockname()[1]
-
-
 @pytest.mark.slow
 @pytest.mark.distributed
 def test_two_ranks_equal_one_rank(tiny_zip, tmp_path):
@@ -248,8 +241,7 @@ def test_two_ranks_equal_one_rank(tiny_zip, tmp_path):
         if name == 'ranks2':
             config_path = tmp_path / 'config.json'
             config_path.write_text(json.dumps(config))
-            cmd = [sys.executable, '-m', 'torch.distributed.run', '--nproc_per_node=2', '--master_port',
-                   str(_free_port()), os.path.join(ROOT, 'tests', 'train_worker.py'), str(config_path)]
+            cmd = torchrun(2, os.path.join(ROOT, 'tests', 'train_worker.py'), config_path)
             env = dict(os.environ, OMP_NUM_THREADS='1')
             result = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
             assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]

@@ -5,6 +5,7 @@ Usage: call `init()` once at the start of a CLI, then `get_rank()`, `get_world_s
 environment variables (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR, MASTER_PORT).
 """
 
+import atexit
 import datetime
 import os
 import sys
@@ -40,6 +41,17 @@ def init(backend: str | None = None, device: str | torch.device | None = None, t
     if backend == "nccl":
         kwargs["device_id"] = _device
     dist.init_process_group(**kwargs)
+    atexit.register(_destroy_at_exit)
+
+
+def _destroy_at_exit() -> None:
+    """Destroy the process group at a normal interpreter exit, while the interpreter is still whole (no-op after
+    shutdown()). Left to interpreter finalization, gloo's worker threads and the tensors they hold are torn down in no
+    fixed order, and now and then a rank aborts with "terminate called without an active exception" (SIGABRT) after all
+    its work is done, which torchrun reports as a failure. A rank that dies of an uncaught exception leaves through
+    excepthook_abort_all_ranks()'s os._exit, which runs no atexit handler."""
+    if is_distributed():
+        dist.destroy_process_group()
 
 
 def is_distributed() -> bool:

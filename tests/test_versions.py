@@ -1,0 +1,71 @@
+"""The supported versions are stated once and tested: requirements floors == constraints-oldest.txt pins (the oldest
+environment of the test matrix) == environment.yml floors, the Dockerfile's base torch is the torch floor, and the
+Python range agrees between pyproject.toml, environment.yml and the README."""
+
+import os
+import re
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _read(name):
+    with open(os.path.join(ROOT, name), encoding="utf-8") as f:
+        return f.read()
+
+
+def _version(text):
+    return tuple(int(part) for part in text.split("."))
+
+
+def _specs(name, operator):
+    """{package: version} from a requirements or constraints file's `package<operator>version` lines."""
+    specs = {}
+    for line in _read(name).splitlines():
+        line = line.split("#")[0].strip()
+        if not line or line.startswith("-r"):
+            continue
+        match = re.fullmatch(r"([A-Za-z0-9_.-]+)\s*" + re.escape(operator) + r"\s*([0-9.]+)", line)
+        assert match, f"{name}: expected 'package{operator}version', got {line!r}"
+        specs[match.group(1).lower()] = match.group(2)
+    return specs
+
+
+def _floors():
+    floors = _specs("requirements.txt", ">=")
+    floors.update(_specs("requirements-dev.txt", ">="))
+    return floors
+
+
+def test_oldest_constraints_pin_exactly_the_floors():
+    floors, pins = _floors(), _specs("constraints-oldest.txt", "==")
+    assert set(pins) == set(floors)
+    mismatched = {name: (floors[name], pins[name]) for name in floors if _version(floors[name]) != _version(pins[name])}
+    assert not mismatched, f"floor vs oldest tested pin: {mismatched}"
+
+
+def test_environment_yml_has_the_same_floors_and_python_range():
+    floors = _specs("requirements.txt", ">=")
+    conda_names = {"torch": "pytorch"}
+    text = _read("environment.yml")
+    for name, floor in floors.items():
+        match = re.search(rf"^\s*- {re.escape(conda_names.get(name, name))}>=([0-9.]+)\s*$", text, re.MULTILINE)
+        assert match, f"environment.yml lacks a floor for {name}"
+        assert _version(match.group(1)) == _version(floor), f"environment.yml: {name}>={match.group(1)}, not {floor}"
+    assert re.search(r"^\s*- python>=3\.10,<3\.13\s*$", text, re.MULTILINE)
+    assert 'requires-python = ">=3.10,<3.13"' in _read("pyproject.toml")
+    assert "Python 3.10-3.12" in _read("README.md")
+
+
+def test_dockerfile_base_image_is_the_torch_floor():
+    match = re.search(r"^FROM pytorch/pytorch:([0-9.]+)-", _read("Dockerfile"), re.MULTILINE)
+    assert match and match.group(1) == _floors()["torch"]
+
+
+def test_default_torch_and_the_readme_agree_with_the_floors():
+    floors = _floors()
+    match = re.search(r"torch==([0-9.]+) torchvision==([0-9.]+)", _read("scripts/setup_env.sh"))
+    assert match, "scripts/setup_env.sh: default TORCH_SPEC not found"
+    assert _version(match.group(1)) >= _version(floors["torch"])
+    assert _version(match.group(2)) >= _version(floors["torchvision"])
+    readme = _read("README.md")
+    assert f"torch {floors['torch']}" in readme and f"torch {match.group(1)}" in readme
