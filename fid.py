@@ -16,8 +16,8 @@ from dnnlib import util
 from metrics import detectors as detectors_lib
 from metrics import evaluate
 from samplers.cli_options import sampler_config, sampler_options, seed_list
-from samplers.generation import describe, load_network
 from torch_utils import distributed
+from training.snapshots import load_snapshot
 
 
 def _detector_overrides(values) -> dict[str, str]:
@@ -48,14 +48,15 @@ def network_source_from_cli(network_pkl, seeds, batch_size, class_idx, **sampler
     """Load the network and build the in-memory image source; the sampler flags are generate.py's
     (samplers/cli_options.py), so `calc --network` samples exactly what generate.py would write."""
     config = sampler_config(**sampler_cli)
-    net = _run(load_network, network_pkl, distributed.device())
+    snapshot = _run(load_snapshot, network_pkl, distributed.device())
+    net, sampling = snapshot.net, snapshot.process.sampling  # sampled the way its process was trained
     try:
-        summary = describe(net, config)
+        summary = sampling.describe(net, config)
     except ValueError as err:
         raise click.UsageError(str(err)) from None
     distributed.print0(f"Sampler: {summary}")
     return _run(metrics.network_source, net, seeds, batch_size=batch_size, network_description=network_pkl,
-                sampler_description=summary, class_idx=class_idx, **dataclasses.asdict(config))
+                sampler_description=summary, class_idx=class_idx, sampling=sampling, **dataclasses.asdict(config))
 
 
 @click.group()

@@ -10,8 +10,10 @@ import click
 import torch
 
 from samplers.cli_options import sampler_config, sampler_options, seed_list
-from samplers.generation import describe, load_network, save_image_grid, write_images
+from samplers.generation import save_image_grid, write_images
 from torch_utils import distributed as dist
+from torch_utils import persistence
+from training.snapshots import load_snapshot
 
 
 @click.command(context_settings={"show_default": True})
@@ -58,9 +60,13 @@ def main(network, outdir, seeds, subdirs, class_idx, max_batch_size, device, gri
     dist.init(device=device)
     config = sampler_config(**sampler_cli)
 
-    net = load_network(network, device)
     try:
-        summary = describe(net, config)
+        snapshot = load_snapshot(network, device)
+    except (persistence.NetworkPickleError, OSError) as err:
+        raise click.ClickException(str(err)) from None
+    net, sampling = snapshot.net, snapshot.process.sampling  # sampled the way its process was trained
+    try:
+        summary = sampling.describe(net, config)
     except ValueError as e:
         raise click.UsageError(str(e)) from None
     if class_idx is not None and not getattr(net, "label_dim", 0):
@@ -72,7 +78,7 @@ def main(network, outdir, seeds, subdirs, class_idx, max_batch_size, device, gri
     dist.print0(f"Sampler: {summary}")
     dist.print0(f'Generating {len(seeds)} images to "{outdir}" on {dist.get_world_size()} rank(s)...')
     counts = write_images(net, seeds, outdir, subdirs=subdirs, batch_size=max_batch_size, progress=True,
-                          device=device, class_idx=class_idx, **dataclasses.asdict(config))
+                          device=device, class_idx=class_idx, sampling=sampling, **dataclasses.asdict(config))
     totals = torch.tensor([counts["written"], counts["skipped"]], dtype=torch.int64,
                           device=device if dist.is_distributed() and device.type == "cuda" else "cpu")
     dist.all_reduce_sum_(totals)

@@ -21,7 +21,7 @@ from samplers.cli_options import (
     solver_option,
     solver_option_flags,
 )
-from samplers.generation import describe, load_network
+from samplers.generation import describe
 from samplers.ld3 import (
     DISTANCES,
     LD3Config,
@@ -31,6 +31,8 @@ from samplers.ld3 import (
     steps_for_nfe,
     train_ld3,
 )
+from torch_utils import persistence
+from training.snapshots import load_snapshot
 
 
 def _device(device):
@@ -55,6 +57,18 @@ def cli():
     # 3. Sample with it (the file brings its solver, options and grid)
     python generate.py --network=... --outdir=out --seeds=100-49999 --schedule=ipndm-nfe6.json
     """
+
+
+def load_network(network: str, device):
+    """The snapshot's network, when its process is sampled over a sigma grid (what LD3 learns)."""
+    try:
+        snapshot = load_snapshot(network, device)
+    except (persistence.NetworkPickleError, OSError) as err:
+        raise click.ClickException(str(err)) from None
+    if not getattr(snapshot.process.sampling, "learns_sigma_grids", False):
+        raise click.ClickException(f"{network} was trained with the process {snapshot.process.name!r}, which is not "
+                                   f"sampled over a sigma grid; LD3 learns sigma grids")
+    return snapshot.net
 
 
 @cli.command("gen-data", context_settings={"show_default": True})

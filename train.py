@@ -24,14 +24,21 @@ constructor options, the plug-ins --stf/--stf-refs/--stf-mask-classes (STF targe
 which compose with each other and with the edm, vp and ve losses, --precision fp32|bf16|fp16 (torch.autocast;
 fp16 adds a GradScaler), --compile, --device, --rng image|rank, --lr-rampup; hidden: --blocks (num_blocks) and
 --attn (attn_resolutions) for tiny networks. --workers accepts 0 (load in the main process). --resume takes EDM's
-training states (approximate resume through the safe pickle importer) and ours (exact resume; its seed is reused
-unless --seed is given).
+training states (approximate resume through the safe pickle importer) and ours (exact resume): a state file, a run
+directory (its newest valid state) or `auto` (the newest valid state under --outdir, else a fresh start). A state
+written by this version remembers the run's options, so `--resume=STATE` alone continues the run; options given
+with it override (the change is printed, with whether the continuation stays exact), and options that would
+change the network are refused. --max-nonfinite stops a diverged run.
 """
 
+import glob
 import json
+import math
 import os
+import pickle
 import re
 import secrets
+import traceback
 import warnings
 
 import click
@@ -39,21 +46,10 @@ import torch
 
 import dnnlib
 import losses
-from losses.aot import aot_loss_kwargs
-from losses.stf import stf_loss_kwargs
 from torch_utils import distributed as dist
-from training import training_loop
-
-ARCH_PRESETS = {
-    'ddpmpp': dict(model_type='SongUNet', embedding_type='positional', encoder_type='standard',
-                   decoder_type='standard', channel_mult_noise=1, resample_filter=[1, 1], model_channels=128,
-                   channel_mult=[2, 2, 2]),
-    'ncsnpp': dict(model_type='SongUNet', embedding_type='fourier', encoder_type='residual', decoder_type='standard',
-                   channel_mult_noise=2, resample_filter=[1, 3, 3, 1], model_channels=128, channel_mult=[2, 2, 2]),
-    'adm': dict(model_type='DhariwalUNet', model_channels=192, channel_mult=[1, 2, 3, 4]),
-}
-PRECOND_CLASSES = {'vp': 'training.preconditioning.VPPrecond', 've': 'training.preconditioning.VEPrecond',
-                   'edm': 'training.preconditioning.EDMPrecond'}
+from torch_utils import persistence
+from training import snapshots, training_loop
+from training.presets import ARCH_PRESETS, PRECOND_CLASSES
 
 
 def parse_int_list(s):
@@ -75,6 +71,38 @@ def parse_int_list(s):
     return ranges
 
 
+class FiniteFloat(click.FloatRange):
+    """click.FloatRange that also refuses nan and inf (FloatRange lets nan through: every comparison is False)."""
+
+    name = 'finite float'
+
+    def convert(self, value, param, ctx):
+        value = super().convert(value, param, ctx)
+        if not math.isfinite(value):
+            self.fail(f'{value} is not a finite number', param, ctx)
+        return value
+
+
+def _channel_list(ctx, param, value):
+    """--cres: a non-empty list of positive channel multipliers."""
+    if value is None:
+        return None
+    values = parse_int_list(value)
+    if not values or min(values) < 1:
+        raise click.BadParameter(f'expected a non-empty comma-separated list of positive integers, got {value!r}')
+    return values
+
+
+def _resolution_list(ctx, param, value):
+    """--attn: a (possibly empty) list of positive resolutions."""
+    if value is None:
+        return None
+    values = parse_int_list(value)
+    if any(v < 1 for v in values):
+        raise click.BadParameter(f'expected positive resolutions, got {value!r}')
+    return values
+
+
 def _run_dir(outdir: str, desc: str, nosubdir: bool) -> str:
     """EDM's naming: {id:05d}-{desc}, id = 1 + the largest numeric prefix among the directories in outdir."""
     if nosubdir:
@@ -86,6 +114,133 @@ def _run_dir(outdir: str, desc: str, nosubdir: bool) -> str:
             if match and os.path.isdir(os.path.join(outdir, name)):
                 prev_run_ids.append(int(match.group()))
     return os.path.join(outdir, f'{max(prev_run_ids, default=-1) + 1:05d}-{desc}')
+
+
+def _apply_loss_wrappers(opts: dnnlib.EasyDict, loss_kwargs: dict) -> tuple[dict, list[str]]:
+    """Wrap the loss config with every registered wrapper whose flag is on (losses.LOSS_WRAPPERS, inner first), with
+    the options its other flags set; returns the config and the run-directory tags."""
+    tags = []
+    for name, entry in losses.LOSS_WRAPPERS.items():
+        enable_value = opts[entry.enable.name]
+        enabled = bool(enable_value) if entry.enable.type is bool else enable_value is not None
+        given = {flag: opts[flag.name] for flag in entry.all_flags() if flag.option is not None
+                 and opts[flag.name] is not None}
+        if not enabled:
+            if any(opts[flag.name] is not None for flag in entry.flags):
+                needs = f'--{entry.enable.name}' + ('=1' if entry.enable.type is bool else ' N')
+                names = [_flag(f) for f in entry.flags]
+                raise click.UsageError(f"{' and '.join(names)} need{'s' if len(names) == 1 else ''} {needs}")
+            continue
+        # Every option explicit in the config (training_options.json), the flags' values over the defaults.
+        options = {k: v for k, v in losses.loss_options(name).items() if k != 'base_kwargs'}
+        options.update({flag.option: value for flag, value in given.items()})
+        try:
+            loss_kwargs = losses.wrap_loss_kwargs(name, loss_kwargs, options)
+        except ValueError as err:
+            raise _option_error(err) from None
+        tags.append(entry.tag.format(**options))
+    return loss_kwargs, tags
+
+
+def _option_error(err: Exception) -> click.ClickException:
+    """A library's ValueError as a click error; '--option: message' becomes 'Invalid value for --option: message'."""
+    match = re.match(r'(--[a-z0-9-]+): (.*)', str(err), re.S)
+    if match:
+        return click.BadParameter(match.group(2), param_hint=match.group(1))
+    return click.UsageError(str(err))
+
+
+def _flag(flag) -> str:
+    return '--' + flag.name.replace('_', '-')
+
+
+def _wrapper_options(func):
+    """The train.py flags of the registered loss wrappers (losses.LOSS_WRAPPERS), e.g. --stf, --stf-refs, --aot."""
+    for entry in reversed(list(losses.LOSS_WRAPPERS.values())):
+        for flag in reversed(entry.all_flags()):
+            param_type = click.IntRange(min=1) if flag.type is int else flag.type
+            default = False if flag is entry.enable and flag.type is bool else None
+            func = click.option(_flag(flag), flag.name, help=flag.help, metavar=flag.metavar, type=param_type,
+                                default=default, show_default=default is not None)(func)
+    return func
+
+
+def _read_resume_state(path: str) -> dict | None:
+    """Our training state at `path` (None: an EDM training state); one-line errors for anything else."""
+    if training_loop.parse_state_kimg(path) is None or not os.path.isfile(path):
+        raise click.BadParameter(f'{path!r} is not a training-state-NNNNNN.pt file from a previous run',
+                                 param_hint='--resume')
+    try:
+        return training_loop.load_training_state(path)
+    except (pickle.UnpicklingError, OSError, RuntimeError, ValueError, EOFError) as err:
+        raise click.BadParameter(f'{path}: not a readable training state ({err})', param_hint='--resume') from None
+
+
+def _state_is_readable(path: str) -> bool:
+    try:
+        return training_loop.load_training_state(path) is not None
+    except Exception:  # noqa: BLE001 -- any failure means: not a state to resume from.
+        return False
+
+
+def find_resume_state(resume: str, outdir: str | None) -> str | None:
+    """--resume=FILE, a run directory (its newest readable training state) or 'auto' (the newest readable state in
+    the run directories under --outdir, or --outdir itself; None when there is none). Unreadable states are skipped
+    with a warning."""
+    if resume == 'auto':
+        if outdir is None:
+            raise click.UsageError('--resume=auto needs --outdir (the folder of the runs to continue)')
+        candidates = glob.glob(os.path.join(outdir, 'training-state-*.pt'))
+        candidates += glob.glob(os.path.join(outdir, '*', 'training-state-*.pt'))
+    elif os.path.isdir(resume):
+        candidates = glob.glob(os.path.join(resume, 'training-state-*.pt'))
+        if not candidates:
+            raise click.BadParameter(f'{resume} holds no training-state-*.pt', param_hint='--resume')
+    else:
+        return resume
+    # Newest first: by the image count in the name, then by modification time (several runs under --outdir).
+    candidates.sort(key=lambda p: (training_loop.parse_state_kimg(p) or -1, os.path.getmtime(p)), reverse=True)
+    for path in candidates:
+        if _state_is_readable(path):
+            return path
+        warnings.warn(f'--resume: skipping {path}, which is not a readable training state', stacklevel=1)
+    if resume == 'auto':
+        return None
+    raise click.BadParameter(f'{resume} holds no readable training state', param_hint='--resume')
+
+
+# Options that shape the network: a resume may not change them (the weights would not fit).
+_NETWORK_OPTIONS = ('data', 'cond', 'arch', 'precond', 'cbase', 'cres', 'blocks', 'attn')
+# Options that do not change the trajectory: changing them on resume keeps the continuation exact.
+_EXACT_OPTIONS = ('outdir', 'desc', 'nosubdir', 'tick', 'snap', 'dump', 'duration', 'workers', 'bench', 'cache',
+                  'dry_run', 'resume', 'max_nonfinite', 'transfer')
+
+
+def apply_saved_options(opts: dnnlib.EasyDict, saved: dict, explicit: set, state_path: str) -> list[str]:
+    """Fill the options not given on the command line from a training state's saved ones; refuse changes to the
+    network in one line; return notes on the overrides (what changed and whether the continuation stays exact)."""
+    notes = []
+    for key, old in saved.items():
+        if key not in opts:
+            continue
+        if key not in explicit:
+            opts[key] = old
+            continue
+        new = opts[key]
+        if _options_equal(new, old):
+            continue
+        flag = '--' + key.replace('_', '-')
+        if key in _NETWORK_OPTIONS or (key == 'augment' and (new > 0) != (old > 0)):
+            raise click.BadParameter(f'{new!r} contradicts the training state {state_path}, which was trained with '
+                                     f'{old!r}: the network would not match (use --transfer to start a new run from '
+                                     f'its weights)', param_hint=flag)
+        exact = 'the continuation stays exact' if key in _EXACT_OPTIONS else 'the continuation is not exact'
+        notes.append(f'{flag}: {old!r} -> {new!r} ({exact})')
+    return notes
+
+
+def _options_equal(a, b) -> bool:
+    return json.dumps(a, sort_keys=True, default=str) == json.dumps(b, sort_keys=True, default=str)
 
 
 def build_config(opts: dnnlib.EasyDict, world_size: int) -> tuple[dnnlib.EasyDict, str]:
@@ -105,12 +260,13 @@ def build_config(opts: dnnlib.EasyDict, world_size: int) -> tuple[dnnlib.EasyDic
     # Validate the dataset and fill in its resolution and size, as EDM.
     try:
         dataset_obj = dnnlib.util.construct_class_by_name(**c.dataset_kwargs)
+        dataset_name = dataset_obj.name
+        c.dataset_kwargs.resolution = dataset_obj.resolution
+        c.dataset_kwargs.max_size = len(dataset_obj)
+        has_labels = dataset_obj.has_labels
     except (OSError, ValueError) as err:
         raise click.ClickException(f'--data: {err}') from err
-    dataset_name = dataset_obj.name
-    c.dataset_kwargs.resolution = dataset_obj.resolution
-    c.dataset_kwargs.max_size = len(dataset_obj)
-    if opts.cond and not dataset_obj.has_labels:
+    if opts.cond and not has_labels:
         raise click.ClickException('--cond=True requires labels specified in dataset.json')
     del dataset_obj
 
@@ -122,14 +278,7 @@ def build_config(opts: dnnlib.EasyDict, world_size: int) -> tuple[dnnlib.EasyDic
         c.loss_kwargs = losses.loss_kwargs(loss_name, losses.parse_loss_options(loss_name, opts.loss_opt))
     except ValueError as err:
         raise click.BadParameter(str(err), param_hint='--loss-opt') from err
-    if not opts.stf and (opts.stf_refs is not None or opts.stf_mask_classes is not None):
-        raise click.UsageError('--stf-refs and --stf-mask-classes need --stf=1')
-    stf_refs = opts.stf_refs if opts.stf_refs is not None else 1024
-    if opts.stf:
-        c.loss_kwargs = stf_loss_kwargs(c.loss_kwargs, num_refs=stf_refs,
-                                        mask_classes=opts.stf_mask_classes is not False)
-    if opts.aot is not None:
-        c.loss_kwargs = aot_loss_kwargs(c.loss_kwargs, pool_size=opts.aot)
+    c.loss_kwargs, wrapper_tags = _apply_loss_wrappers(opts, c.loss_kwargs)
     if opts.cbase is not None:
         c.network_kwargs.model_channels = opts.cbase
     if opts.cres is not None:
@@ -153,14 +302,14 @@ def build_config(opts: dnnlib.EasyDict, world_size: int) -> tuple[dnnlib.EasyDic
                                  f'{world_size} processes) is not a multiple of {opts.batch_gpu}',
                                  param_hint='--batch-gpu')
     batch_per_gpu = opts.batch // world_size
-    if opts.aot is not None and opts.aot % batch_per_gpu != 0:
-        raise click.BadParameter(f'the pool of {opts.aot} images per GPU must be a multiple of the per-GPU batch per '
-                                 f'step, {batch_per_gpu} (--batch {opts.batch} / {world_size} processes)',
-                                 param_hint='--aot')
     micro_batch = min(opts.batch_gpu or batch_per_gpu, batch_per_gpu)
-    if opts.stf and stf_refs < micro_batch:
-        raise click.BadParameter(f'the reference set of {stf_refs} images per GPU must hold the per-GPU micro-batch '
-                                 f'of {micro_batch} images', param_hint='--stf-refs')
+    try:  # What the loss needs of the batch layout and the dataset (e.g. AOT's pool, STF's reference set).
+        loss_fn = dnnlib.util.construct_class_by_name(**c.loss_kwargs)
+        for message in loss_fn.check_data(batch_gpu_total=batch_per_gpu, batch_gpu=micro_batch,
+                                          dataset_size=c.dataset_kwargs.max_size):
+            warnings.warn(message, stacklevel=1)
+    except ValueError as err:
+        raise _option_error(err) from None
 
     # Training options.
     c.total_kimg = max(int(opts.duration * 1000), 1)
@@ -177,38 +326,44 @@ def build_config(opts: dnnlib.EasyDict, world_size: int) -> tuple[dnnlib.EasyDic
     else:
         c.seed = dist.broadcast_object(secrets.randbelow(1 << 31) if dist.get_rank() == 0 else None)
 
-    # Transfer learning and resume.
+    # Transfer learning and resume (files checked here, before a run directory exists).
     if opts.transfer is not None:
         if opts.resume is not None:
             raise click.UsageError('--transfer and --resume cannot be specified at the same time')
+        try:
+            snapshots.load_snapshot(opts.transfer)
+        except (persistence.NetworkPickleError, OSError, ValueError) as err:
+            raise click.BadParameter(str(err), param_hint='--transfer') from None
         c.resume_pkl = opts.transfer
         c.ema_rampup_ratio = None
     elif opts.resume is not None:
-        kimg = training_loop.parse_state_kimg(opts.resume)
-        if kimg is None or not os.path.isfile(opts.resume):
-            raise click.BadParameter(f'{opts.resume!r} is not a training-state-NNNNNN.pt file from a previous run',
-                                     param_hint='--resume')
-        state = training_loop.load_training_state(opts.resume)
+        state = _read_resume_state(opts.resume)
         if state is not None:  # ours: exact resume
             if opts.seed is None:
                 c.seed = int(state['seed'])
             del state
         else:  # EDM's: weights from the matching snapshot, then the pickled net and optimizer state
+            kimg = training_loop.parse_state_kimg(opts.resume)
             c.resume_pkl = os.path.join(os.path.dirname(opts.resume), f'network-snapshot-{kimg:06d}.pkl')
             if not os.path.isfile(c.resume_pkl):
-                raise click.BadParameter(f'an EDM training state needs {c.resume_pkl} beside it', param_hint='--resume')
+                raise click.BadParameter(f'{opts.resume} is not one of our training states, and an EDM training '
+                                         f'state needs {c.resume_pkl} beside it', param_hint='--resume')
+            try:  # Both files are read again by the loop; checked here so that a bad one stops us in one line.
+                persistence.load_edm_training_state(opts.resume)
+                snapshots.read_snapshot(c.resume_pkl)
+            except (persistence.NetworkPickleError, OSError, ValueError) as err:
+                raise click.BadParameter(str(err), param_hint='--resume') from None
             c.resume_kimg = kimg
         c.resume_state_dump = opts.resume
+    c.max_nonfinite_steps = opts.max_nonfinite
 
     # Description string.
     cond_str = 'cond' if c.dataset_kwargs.use_labels else 'uncond'
     dtype_str = 'fp16' if (opts.fp16 or opts.precision == 'fp16') else opts.precision
     desc = (f'{dataset_name:s}-{cond_str:s}-{opts.arch:s}-{opts.precond:s}-gpus{world_size:d}-'
             f'batch{c.batch_size:d}-{dtype_str:s}')
-    if opts.stf:
-        desc += f'-stf{stf_refs}'
-    if opts.aot is not None:
-        desc += f'-aot{opts.aot}'
+    for tag in wrapper_tags:
+        desc += f'-{tag}'
     if opts.desc is not None:
         desc += f'-{opts.desc}'
     return c, desc
@@ -216,8 +371,9 @@ def build_config(opts: dnnlib.EasyDict, world_size: int) -> tuple[dnnlib.EasyDic
 
 @click.command(help=__doc__)
 # Main options.
-@click.option('--outdir', help='Where to save the results', metavar='DIR', type=str, required=True)
-@click.option('--data', help='Path to the dataset', metavar='ZIP|DIR', type=str, required=True)
+@click.option('--outdir', help='Where to save the results  [required unless --resume has them]', metavar='DIR',
+              type=str)
+@click.option('--data', help='Path to the dataset  [required unless --resume has them]', metavar='ZIP|DIR', type=str)
 @click.option('--cond', help='Train class-conditional model', metavar='BOOL', type=bool, default=False,
               show_default=True)
 @click.option('--arch', help='Network architecture', type=click.Choice(list(ARCH_PRESETS)), default='ddpmpp',
@@ -228,36 +384,30 @@ def build_config(opts: dnnlib.EasyDict, world_size: int) -> tuple[dnnlib.EasyDic
               type=click.Choice(list(losses.LOSSES)))
 @click.option('--loss-opt', help=f'Loss option KEY=VALUE, repeatable ({losses.describe_losses()})', metavar='KEY=VALUE',
               multiple=True)
-# Plug-ins (compose with each other and with --loss edm|vp|ve).
-@click.option('--stf', help='Stable Target Field targets (Xu et al. 2023)', metavar='BOOL', type=bool, default=False,
-              show_default=True)
-@click.option('--stf-refs', help='STF reference set per GPU, incl. its micro-batch  [default: 1024]', metavar='INT',
-              type=click.IntRange(min=1))
-@click.option('--stf-mask-classes', help='STF with --cond: only references of the sample\'s class; 0 = mix classes '
-              'like the reference code (Newbeeer/stf)  [default: 1]', metavar='BOOL', type=bool)
-@click.option('--aot', help='AOT noise-image pairing (Kim et al. 2024) over pools of this many images per GPU',
-              metavar='INT', type=click.IntRange(min=1))
+# Plug-ins (losses.LOSS_WRAPPERS; compose with each other and with --loss edm|vp|ve).
+@_wrapper_options
 # Hyperparameters.
-@click.option('--duration', help='Training duration', metavar='MIMG', type=click.FloatRange(min=0, min_open=True),
+@click.option('--duration', help='Training duration', metavar='MIMG', type=FiniteFloat(min=0, min_open=True),
               default=200, show_default=True)
 @click.option('--batch', help='Total batch size', metavar='INT', type=click.IntRange(min=1), default=512,
               show_default=True)
 @click.option('--batch-gpu', help='Limit batch size per GPU', metavar='INT', type=click.IntRange(min=1))
 @click.option('--cbase', help='Channel multiplier  [default: varies]', metavar='INT', type=click.IntRange(min=1))
-@click.option('--cres', help='Channels per resolution  [default: varies]', metavar='LIST', type=parse_int_list)
+@click.option('--cres', help='Channels per resolution  [default: varies]', metavar='LIST', type=str,
+              callback=_channel_list)
 @click.option('--blocks', help='Residual blocks per resolution (tiny nets)', metavar='INT', type=click.IntRange(min=1),
               hidden=True)
-@click.option('--attn', help='Resolutions with attention (tiny nets)', metavar='LIST', type=parse_int_list,
-              hidden=True)
-@click.option('--lr', help='Learning rate', metavar='FLOAT', type=click.FloatRange(min=0, min_open=True), default=10e-4,
+@click.option('--attn', help='Resolutions with attention (tiny nets)', metavar='LIST', type=str,
+              callback=_resolution_list, hidden=True)
+@click.option('--lr', help='Learning rate', metavar='FLOAT', type=FiniteFloat(min=0, min_open=True), default=10e-4,
               show_default=True)
-@click.option('--lr-rampup', help='Learning-rate ramp-up', metavar='KIMG', type=click.FloatRange(min=0), default=10000,
+@click.option('--lr-rampup', help='Learning-rate ramp-up', metavar='KIMG', type=FiniteFloat(min=0), default=10000,
               show_default=True)
-@click.option('--ema', help='EMA half-life', metavar='MIMG', type=click.FloatRange(min=0), default=0.5,
+@click.option('--ema', help='EMA half-life', metavar='MIMG', type=FiniteFloat(min=0), default=0.5,
               show_default=True)
-@click.option('--dropout', help='Dropout probability', metavar='FLOAT', type=click.FloatRange(min=0, max=1),
+@click.option('--dropout', help='Dropout probability', metavar='FLOAT', type=FiniteFloat(min=0, max=1),
               default=0.13, show_default=True)
-@click.option('--augment', help='Augment probability', metavar='FLOAT', type=click.FloatRange(min=0, max=1),
+@click.option('--augment', help='Augment probability', metavar='FLOAT', type=FiniteFloat(min=0, max=1),
               default=0.12, show_default=True)
 @click.option('--xflip', help='Enable dataset x-flips', metavar='BOOL', type=bool, default=False, show_default=True)
 # Performance-related.
@@ -267,7 +417,7 @@ def build_config(opts: dnnlib.EasyDict, world_size: int) -> tuple[dnnlib.EasyDic
               type=click.Choice(list(training_loop.PRECISIONS)), default='fp32', show_default=True)
 @click.option('--compile', help='torch.compile the network', metavar='BOOL', type=bool, default=False,
               show_default=True)
-@click.option('--ls', help='Loss scaling', metavar='FLOAT', type=click.FloatRange(min=0, min_open=True), default=1,
+@click.option('--ls', help='Loss scaling', metavar='FLOAT', type=FiniteFloat(min=0, min_open=True), default=1,
               show_default=True)
 @click.option('--bench', help='Enable cuDNN benchmarking', metavar='BOOL', type=bool, default=True, show_default=True)
 @click.option('--cache', help='Cache dataset in CPU memory', metavar='BOOL', type=bool, default=True, show_default=True)
@@ -285,12 +435,38 @@ def build_config(opts: dnnlib.EasyDict, world_size: int) -> tuple[dnnlib.EasyDic
               show_default=True)
 @click.option('--dump', help='How often to dump state', metavar='TICKS', type=click.IntRange(min=1), default=500,
               show_default=True)
-@click.option('--seed', help='Random seed  [default: random]', metavar='INT', type=int)
+@click.option('--seed', help='Random seed  [default: random]', metavar='INT', type=click.IntRange(0, 2**31 - 1))
 @click.option('--transfer', help='Transfer learning from network pickle', metavar='PKL|URL', type=str)
-@click.option('--resume', help='Resume from previous training state', metavar='PT', type=str)
+@click.option('--resume', help='Resume from a training state, a run directory (its newest state) or auto (the newest '
+              'under --outdir, else start anew)', metavar='PT|DIR|auto', type=str)
+@click.option('--max-nonfinite', help='Stop after this many consecutive steps with non-finite losses or gradients',
+              metavar='STEPS', type=click.IntRange(min=1), default=100, show_default=True)
 @click.option('-n', '--dry-run', help='Print training options and exit', is_flag=True)
 def main(**kwargs):
     opts = dnnlib.EasyDict(kwargs)
+    ctx = click.get_current_context()
+    explicit = {name for name in kwargs if ctx.get_parameter_source(name) in (
+        click.core.ParameterSource.COMMANDLINE, click.core.ParameterSource.ENVIRONMENT)}
+    resume_notes = []
+    if opts.transfer is not None and opts.resume is not None:
+        raise click.UsageError('--transfer and --resume cannot be specified at the same time')
+    if opts.resume is not None:
+        opts.resume = find_resume_state(opts.resume, opts.outdir)
+        if opts.resume is None:
+            print(f'--resume=auto: no training state under {opts.outdir}; starting a new run')
+        else:
+            state = _read_resume_state(opts.resume)
+            saved = json.loads(state['train_options']) if state is not None and 'train_options' in state else None
+            del state
+            if saved is not None:  # Resume from the state alone: its options, then the explicit overrides.
+                saved = {k: v for k, v in saved.items() if k not in ('resume', 'dry_run', 'device')}
+                if 'outdir' not in explicit:
+                    opts.outdir = saved.get('outdir')
+                resume_notes = apply_saved_options(opts, saved, explicit, opts.resume)
+    for name in ('outdir', 'data'):
+        if opts[name] is None:
+            raise click.UsageError(f"Missing option '--{name}'" + (' (the training state does not record it)'
+                                                                  if opts.resume else ''))
     if opts.device is None:
         opts.device = 'cuda' if torch.cuda.is_available() else 'cpu'
     elif opts.device == 'cuda' and not torch.cuda.is_available():
@@ -299,16 +475,21 @@ def main(**kwargs):
         raise click.UsageError('use either --fp16 (EDM: the network in fp16) or --precision (autocast), not both')
     if opts.device == 'cpu' and opts.fp16:
         warnings.warn('--fp16 has no effect on the CPU (the network runs in fp32)', stacklevel=1)
+    try:
+        dnnlib.util.check_output_path(opts.outdir, '--outdir', is_dir=True)
+    except dnnlib.util.OutputPathError as err:
+        raise click.ClickException(str(err)) from None
     dist.init(device=opts.device)
     dist.excepthook_abort_all_ranks()
     world_size = dist.get_world_size()
 
     c, desc = build_config(opts, world_size)
+    c.state_extras = dict(train_options=json.dumps({k: v for k, v in opts.items() if k != 'dry_run'}))
     c.run_dir = dist.broadcast_object(_run_dir(opts.outdir, desc, opts.nosubdir) if dist.get_rank() == 0 else None)
 
     dist.print0()
     dist.print0('Training options:')
-    dist.print0(json.dumps(c, indent=2))
+    dist.print0(json.dumps({k: v for k, v in c.items() if k != 'state_extras'}, indent=2))
     dist.print0()
     dist.print0(f'Output directory:        {c.run_dir}')
     dist.print0(f'Dataset path:            {c.dataset_kwargs.path}')
@@ -318,6 +499,10 @@ def main(**kwargs):
     dist.print0(f'Number of processes:     {world_size}')
     dist.print0(f'Batch size:              {c.batch_size}')
     dist.print0(f'Mixed-precision:         fp16 network {c.network_kwargs.use_fp16}, autocast {c.precision}')
+    if opts.resume is not None:
+        dist.print0(f'Resuming from:           {opts.resume}')
+        for note in resume_notes:
+            dist.print0(f'  changed {note}')
     dist.print0()
 
     if opts.dry_run:
@@ -329,11 +514,20 @@ def main(**kwargs):
     if dist.get_rank() == 0:
         os.makedirs(c.run_dir, exist_ok=True)
         with dnnlib.util.atomic_output(os.path.join(c.run_dir, 'training_options.json'), 'wt') as f:
-            json.dump(c, f, indent=2)
+            json.dump({k: v for k, v in c.items() if k != 'state_extras'}, f, indent=2)
         logger = dnnlib.util.Logger(file_name=os.path.join(c.run_dir, 'log.txt'), file_mode='a', should_flush=True)
     dist.barrier()
     try:
         training_loop.training_loop(**c)
+    except training_loop.NonFiniteTrainingError as err:
+        if logger is not None and logger.file is not None:
+            logger.file.write(f'Error: {err}\n')  # Into log.txt only: click prints it on the terminal.
+            logger.close()
+        raise click.ClickException(str(err)) from None
+    except BaseException:
+        if logger is not None:
+            traceback.print_exc()  # The fatal error belongs in log.txt too, before the logger closes.
+        raise
     finally:
         if logger is not None:
             logger.close()

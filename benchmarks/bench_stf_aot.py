@@ -33,10 +33,10 @@ import dnnlib  # noqa: E402
 from losses import Batch, EDMLoss  # noqa: E402
 from losses.aot import AOTLoss, assign_noise, pairwise_distances  # noqa: E402
 from losses.stf import STFLoss, stf_targets  # noqa: E402
-from train import ARCH_PRESETS  # noqa: E402
 from training import training_loop as tl  # noqa: E402
 from training.augment import AugmentPipe  # noqa: E402
 from training.dataset import ImageFolderDataset, InfiniteSampler  # noqa: E402
+from training.presets import ARCH_PRESETS  # noqa: E402
 
 EDM = dict(class_name='losses.denoising.EDMLoss')
 

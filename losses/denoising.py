@@ -3,32 +3,41 @@
 Each loss draws a noise level sigma per image, noises the (augmented) clean image y and returns the per-element
 loss weight(sigma) * (D(y + sigma * eps; sigma) - target)^2, image-shaped. The training loop reduces it.
 The three losses differ only in the sigma sampler and the weight; they share `DenoisingLoss`, whose hooks
-(`sample_sigma`, `weight`, `target`, `noise`) are what later plug-ins override: STF changes the target, AOT
-supplies paired noise through `batch.noise`.
+(`sample_sigma`, `weight`, `augment`, `noise`, `noisy_batch`) are what the wrappers build on: STF changes the
+target, AOT supplies paired noise through `batch.noise`.
 
-Randomness: `batch.random` (a per-image generator, see losses/__init__.py) if the loop gives one, else the global
+Randomness: `batch.random` (a per-image generator, see losses/base.py) if the loop gives one, else the global
 torch RNG in EDM's order (sigma draw, augmentation, noise draw).
 
-Persistence constraint: snapshots pickle the loss object with this module's source, and EDM's generate.py executes
-that source when unpickling, so this file imports only torch and torch_utils.persistence (numpy would be allowed).
+The process (how y and eps become the network input, and the default regression target) is EDM's scalar-sigma
+process, `loss.process`; the loop records it in snapshots. The classes stay persistent only so that snapshots
+written before snapshots stopped pickling losses (they now record `losses.loss_record`) still import.
 """
 
 import torch
 
+from processes import EDMProcess
 from torch_utils import persistence
 
 
 class DenoisingLoss:
-    """Shared base: loss = weight(sigma) * (D(y + n; sigma) - target)^2 per element, n = sigma * eps.
+    """Shared base: loss = weight(sigma) * (D(x; sigma) - target)^2 per element, x = process.corrupt(y, sigma, eps).
 
     Subclasses define `sample_sigma` and `weight`. The loss is called as `loss(net, batch, augment_pipe)`, where
     `batch` has `images` (float32 [N,C,H,W] in [-1,1]), `labels`, and optionally `noise` (unit Gaussian epsilon),
     `augment_labels` (images already augmented) and `random` (per-image generator).
     """
 
-    def data_requirements(self) -> dict:
-        """What the loss needs from the data besides images and labels (STF: references, AOT: a pool); none here."""
-        return {}
+    process = EDMProcess()
+
+    # What the loop asks every loss (wrappers override them; see losses/__init__.py).
+    def batch_source(self, data, inner):
+        """The source of this loss's batches, given the loop's default (EDM's stream): that default."""
+        return inner
+
+    def check_data(self, *, batch_gpu_total: int, batch_gpu: int, dataset_size: int) -> list[str]:
+        """Refuse (ValueError) a batch layout or dataset the loss cannot train with; return warnings. None here."""
+        return []
 
     # Randomness: per-image draws when the loop provides them, else the global torch RNG (EDM).
     @staticmethod
@@ -59,22 +68,23 @@ class DenoisingLoss:
             return augment_pipe(batch.images)
         return batch.images, None
 
-    def noise(self, batch, y, sigma) -> torch.Tensor:
-        """n = sigma * eps, eps from `batch.noise` when given (AOT's paired noise), else fresh N(0, I)."""
-        eps = batch.noise if getattr(batch, 'noise', None) is not None else self._randn(batch, y.shape, y.device)
-        return eps.to(y.dtype) * sigma
+    def noise(self, batch, y) -> torch.Tensor:
+        """Unit Gaussian eps: `batch.noise` when given (AOT's paired noise), else fresh N(0, I)."""
+        return batch.noise if getattr(batch, 'noise', None) is not None else self._randn(batch, y.shape, y.device)
 
-    def target(self, batch, y, x, sigma) -> torch.Tensor:
-        """What D regresses: the clean image (STF replaces it with a reference-weighted mean)."""
-        return y
-
-    def __call__(self, net, batch, augment_pipe=None) -> torch.Tensor:
+    def noisy_batch(self, batch, augment_pipe=None):
+        """(sigma, weight, y, augment_labels, x): the draws in EDM's order (sigma, augmentation, noise) and the
+        network input x = process.corrupt(y, sigma, eps). Wrappers that change only the target reuse it (STF)."""
         sigma = self.sample_sigma(batch, batch.images.shape[0], batch.images.device)
         weight = self.weight(sigma)
         y, augment_labels = self.augment(batch, augment_pipe)
-        x = y + self.noise(batch, y, sigma)
+        x = self.process.corrupt(y, sigma, self.noise(batch, y))
+        return sigma, weight, y, augment_labels, x
+
+    def __call__(self, net, batch, augment_pipe=None) -> torch.Tensor:
+        sigma, weight, y, augment_labels, x = self.noisy_batch(batch, augment_pipe)
         D_x = net(x, sigma, batch.labels, augment_labels=augment_labels)
-        return weight * ((D_x - self.target(batch, y, x, sigma)) ** 2)
+        return weight * ((D_x - self.process.target(y, x, sigma)) ** 2)
 
 
 @persistence.persistent_class

@@ -11,9 +11,9 @@ independent draws of the data, E[T | x] = E[y | x] = D*(x) for any R (T is a Rao
 minimiser is unchanged while the target variance drops, most at large sigma (down to tr Cov(data) / R).
 
 `STFLoss` wraps a denoising loss (EDM, VP or VE; anything with the `DenoisingLoss` hooks) and keeps its sigma
-sampler, weight, augmentation and noise (so AOT's paired noise composes). It declares {'references': R}: the
-training loop hands it R raw images per rank and iteration from an independent shuffled stream over the training
-set; the loss augments the R - b it uses like training images and prepends the micro-batch's own augmented rows.
+sampler, weight, augmentation and noise (so AOT's paired noise composes). Its batch source (`ReferenceSource`)
+adds R raw images per rank and iteration from an independent shuffled stream over the training set to every
+round; the loss augments the R - b it uses like training images and prepends the micro-batch's own augmented rows.
 
 Conditional training: with `mask_classes` (default) a sample's references are restricted to its own class
 (argmax of the one-hot label), so T estimates the class-conditional posterior mean the network is trained for. The
@@ -23,16 +23,20 @@ Numerics: the B x R logits use ||x - r||^2 = ||x||^2 - 2 x.r + ||r||^2, where th
 the softmax; they are computed in float64 with autocast off (a B x R x D tensor is never formed). float64 keeps the
 logits exact to ~1e-8 nats even at sigma = 0.002, where float32 expansion errors reach tens of nats.
 
-Persistence constraint: snapshots pickle the loss with this module's source, which EDM's generate.py executes when
-unpickling; so this file imports only torch, dnnlib and torch_utils (nothing from `losses`).
+The class stays persistent only so that snapshots written when losses were pickled still import.
 """
+
+import dataclasses
 
 import torch
 
 import dnnlib
+from losses.wrapper import LossWrapper
 from torch_utils import persistence
+from torch_utils.misc import stream_seed
 
-__all__ = ['class_indices', 'stf_logits', 'stf_weights', 'stf_targets', 'STFLoss', 'stf_loss_kwargs']
+__all__ = ['class_indices', 'stf_logits', 'stf_weights', 'stf_targets', 'STFLoss', 'ReferenceSource',
+           'reference_stream_seed', 'stf_loss_kwargs']
 
 
 def class_indices(labels: torch.Tensor | None) -> torch.Tensor | None:
@@ -75,8 +79,36 @@ def stf_targets(x, sigma, references, sample_classes=None, reference_classes=Non
     return targets.to(references.dtype).reshape(x.shape)
 
 
+def reference_stream_seed(seed: int) -> int:
+    """Seed of the reference stream's InfiniteSampler (RandomState takes 32 bits); distinct from the run's seed."""
+    return stream_seed(seed, 0x5EF) & 0xFFFFFFFF
+
+
+class ReferenceSource:
+    """STF's data: the inner source's rounds, each given the same R raw reference images (and labels) per rank and
+    iteration, read from an independent shuffled stream over the training set (InfiniteSampler seeded by
+    `reference_stream_seed`), so that pools and resumes never interleave with it. State: 'reference_position', the
+    global number of reference images consumed."""
+
+    def __init__(self, inner, data, num_refs: int):
+        self.inner, self.data, self.num_refs = inner, data, int(num_refs)
+        self.position = int(data.resume.get('reference_position', 0)) // data.world_size
+        self._iterator = data.stream(seed=reference_stream_seed(data.seed), start_idx=self.position,
+                                     batch_size=self.num_refs)
+
+    def next_rounds(self):
+        rounds = self.inner.next_rounds()
+        references = self.data.to_batch(*next(self._iterator))
+        self.position += self.num_refs
+        return [dataclasses.replace(batch, references=references.images, reference_labels=references.labels)
+                for batch in rounds]
+
+    def state_dict(self) -> dict:
+        return {**self.inner.state_dict(), 'reference_position': self.position * self.data.world_size}
+
+
 @persistence.persistent_class
-class STFLoss:
+class STFLoss(LossWrapper):
     """A denoising loss with STF targets over a reference set of `num_refs` images per rank (own rows included).
 
     base_kwargs: the wrapped loss, e.g. {'class_name': 'losses.denoising.EDMLoss', 'P_mean': -1.2} (default EDM).
@@ -86,28 +118,31 @@ class STFLoss:
     """
 
     def __init__(self, base_kwargs=None, num_refs=1024, mask_classes=True):
-        self.base_kwargs = dict(base_kwargs) if base_kwargs is not None else dict(
-            class_name='losses.denoising.EDMLoss')
+        super().__init__(base_kwargs)
         self.num_refs = int(num_refs)
         self.mask_classes = bool(mask_classes)
         if self.num_refs < 1:
             raise ValueError(f'STFLoss: num_refs (--stf-refs) must be >= 1, got {num_refs}')
-        self.base = dnnlib.util.construct_class_by_name(**self.base_kwargs)
-        missing = [hook for hook in ('sample_sigma', 'weight', 'augment', 'noise') if not hasattr(self.base, hook)]
+        missing = [hook for hook in ('noisy_batch',) if not hasattr(self.base, hook)]
         if missing:
             raise TypeError(f'STFLoss: the wrapped loss {type(self.base).__name__} lacks the denoising-loss hooks '
                             f'{", ".join(missing)} (expected a losses.denoising.DenoisingLoss)')
+        if isinstance(self.base, STFLoss):
+            raise ValueError('STF is already applied to this loss')
 
-    def data_requirements(self) -> dict:
-        requirements = dict(self.base.data_requirements()) if hasattr(self.base, 'data_requirements') else {}
-        if 'references' in requirements:
-            raise ValueError(f'STFLoss: the wrapped loss {type(self.base).__name__} already asks for references')
-        requirements['references'] = self.num_refs
-        return requirements
+    def batch_source(self, data, inner):
+        return ReferenceSource(self.base.batch_source(data, inner), data, self.num_refs)
 
-    def prepare_pool(self, batch, augment_pipe=None):
-        """Pass a pool through to the wrapped loss (STF itself needs none)."""
-        return self.base.prepare_pool(batch, augment_pipe)
+    def check_data(self, *, batch_gpu_total: int, batch_gpu: int, dataset_size: int) -> list[str]:
+        warnings = self.base.check_data(batch_gpu_total=batch_gpu_total, batch_gpu=batch_gpu,
+                                        dataset_size=dataset_size)
+        if self.num_refs < batch_gpu:
+            raise ValueError(f'--stf-refs: the reference set of {self.num_refs} images per GPU must hold the per-GPU '
+                             f'micro-batch of {batch_gpu} images')
+        if self.num_refs > dataset_size:
+            warnings = [*warnings, f'--stf-refs: a reference set of {self.num_refs} images per GPU is larger than the '
+                                   f'dataset ({dataset_size} images), so it holds repeated images']
+        return warnings
 
     def reference_set(self, batch, y, augment_pipe=None):
         """(references [R, ...], their classes or None): the own rows y, then R - b augmented provided images."""
@@ -122,8 +157,8 @@ class STFLoss:
             provided = getattr(batch, 'references', None)
             if provided is None or provided.shape[0] < num_extra:
                 have = 'none' if provided is None else f'{provided.shape[0]}'
-                raise ValueError(f'STFLoss needs {num_extra} reference images in batch.references, got {have}; the '
-                                 f'training loop provides them when data_requirements() asks for references')
+                raise ValueError(f'STFLoss needs {num_extra} reference images in batch.references, got {have}; its '
+                                 f'batch source (ReferenceSource) provides them')
             extra = provided[:num_extra]
             if augment_pipe is not None:
                 extra, _ = augment_pipe(extra)  # each reference gets its own augmentation, like a training image
@@ -140,12 +175,8 @@ class STFLoss:
         return references, classes
 
     def __call__(self, net, batch, augment_pipe=None):
-        # The wrapped loss's steps in its order (sigma, augmentation, noise), with the STF target in place of y.
-        base = self.base
-        sigma = base.sample_sigma(batch, batch.images.shape[0], batch.images.device)
-        weight = base.weight(sigma)
-        y, augment_labels = base.augment(batch, augment_pipe)
-        x = y + base.noise(batch, y, sigma)
+        # The wrapped loss's draws in its order (sigma, augmentation, noise), with the STF target in place of y.
+        sigma, weight, y, augment_labels, x = self.base.noisy_batch(batch, augment_pipe)
         references, reference_classes = self.reference_set(batch, y, augment_pipe)
         sample_classes = reference_classes[:y.shape[0]] if reference_classes is not None else None
         target = stf_targets(x.detach(), sigma, references.detach(), sample_classes, reference_classes)

@@ -130,8 +130,9 @@ def network_source(net, seeds: Sequence[int], batch_size: int = 64, network_desc
                 raise RuntimeError("generate_images split the seeds differently from metrics.evaluate.rank_batches")
             yield positions, images.to(device)
 
+    options = {k: v for k, v in sampler_kwargs.items() if k != 'sampling'}
     description = dict(network=network_description, seeds=format_int_list(seeds), num=len(seeds),
-                       sampler=sampler_description, sampler_options=_jsonable(sampler_kwargs))
+                       sampler=sampler_description, sampler_options=_jsonable(options))
     return ImageSource(len(seeds), iterate, len(position_batches), description)
 
 

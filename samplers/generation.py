@@ -22,7 +22,6 @@ import torch
 from samplers import SCHEDULES, SigmaGrid, count_nfe, get_solver, make_grid, sample
 from samplers.schedules import learned_solver_options
 from torch_utils import distributed as dist
-from torch_utils import persistence
 from torch_utils.misc import StackedRandomGenerator
 
 
@@ -121,6 +120,36 @@ def describe(net, config: SamplerConfig) -> str:
     return f"{text}; {nfe} NFE per image"
 
 
+class GridSampling:
+    """How EDM's scalar-sigma process is sampled: a solver of samplers.SOLVERS over a sigma grid, from the unit
+    latents times the first level. A forward process (processes/) hands generate.py its sampling object; a process
+    that samples otherwise brings its own class with the same three methods:
+
+        prepare(net, config, device) -> plan     once per run (the grid, the solver and its options)
+        describe(net, config) -> str             one line for logs and result files
+        sample(net, plan, inputs, config) -> x   one batch: float64 images from SeedInputs
+    """
+
+    learns_sigma_grids = True  # LD3 (samplers/ld3) applies: it learns the grid this sampling integrates over.
+
+    def prepare(self, net, config: SamplerConfig, device=None):
+        grid, solver, solver_kwargs = build_grid(net, config, device)
+        get_solver(solver).check_options(solver_kwargs, solver)
+        return grid, solver, solver_kwargs
+
+    def describe(self, net, config: SamplerConfig) -> str:
+        return describe(net, config)
+
+    def sample(self, net, plan, inputs: "SeedInputs", config: SamplerConfig) -> torch.Tensor:
+        grid, solver, solver_kwargs = plan
+        return sample(net, inputs.latents, grid, solver=solver, class_labels=inputs.class_labels,
+                      randn_like=inputs.randn_like, round_sigma=net.round_sigma,
+                      denoise_to_zero=config.denoise_to_zero, **solver_kwargs)
+
+
+GRID_SAMPLING = GridSampling()
+
+
 def _class_labels(net, rnd: StackedRandomGenerator, batch_size: int, class_idx, device):
     """EDM: one-hot of a randint(label_dim) drawn from the per-seed generators after the latents; --class overrides
     (the draw still happens, so later draws such as churn noise stay aligned with EDM's)."""
@@ -163,22 +192,23 @@ def seed_inputs(net, seeds, class_idx=None, device=None) -> SeedInputs:
 
 @torch.no_grad()
 def sample_seeds(net, seeds, config: SamplerConfig, *, grid_info=None, class_idx=None, device=None,
-                 inputs: SeedInputs | None = None) -> torch.Tensor:
+                 inputs: SeedInputs | None = None, sampling=None) -> torch.Tensor:
     """Sample one batch: float64 images (NCHW) for `seeds`, each from its own generator. inputs: the batch's
-    seed_inputs when the caller keeps them too (LD3's teacher data); drawn here otherwise."""
+    seed_inputs when the caller keeps them too (LD3's teacher data); drawn here otherwise. sampling: the
+    process's sampling object (default: EDM's GridSampling); grid_info: its prepared plan, when the caller has it."""
+    sampling = sampling if sampling is not None else GRID_SAMPLING
     device = torch.device(device) if device is not None else dist.device()
-    grid, solver, solver_kwargs = grid_info if grid_info is not None else build_grid(net, config, device)
+    plan = grid_info if grid_info is not None else sampling.prepare(net, config, device)
     inputs = inputs if inputs is not None else seed_inputs(net, seeds, class_idx, device)
-    return sample(net, inputs.latents, grid, solver=solver, class_labels=inputs.class_labels,
-                  randn_like=inputs.randn_like, round_sigma=net.round_sigma, denoise_to_zero=config.denoise_to_zero,
-                  **solver_kwargs)
+    return sampling.sample(net, plan, inputs, config)
 
 
 def generate_images(net, seeds, *, batch_size: int = 64, solver: str | None = None, schedule: str = "edm",
                     num_steps: int | None = None, sigma_min: float | None = None, sigma_max: float | None = None,
                     end: str | None = None, denoise_to_zero: bool = False, class_idx: int | None = None,
                     solver_kwargs: dict | None = None, schedule_kwargs: dict | None = None, device=None,
-                    rank: int | None = None, world_size: int | None = None, skip_seeds=None, progress: bool = False):
+                    rank: int | None = None, world_size: int | None = None, skip_seeds=None, progress: bool = False,
+                    sampling=None):
     """Yield (batch_seeds, images) for this rank's share of `seeds`: images are uint8 NCHW on `device`.
 
     batch_size is the maximum per rank (EDM's --batch). The seeds are split over ranks exactly as EDM's
@@ -186,14 +216,15 @@ def generate_images(net, seeds, *, batch_size: int = 64, solver: str | None = No
     left out before sampling (a resumed run); batches are otherwise unchanged, so the images are unchanged too.
     solver None means 'heun', or the solver a schedule file was learned for. The defaults reproduce EDM's
     generate.py: Heun, rho = 7, 18 steps, sigma 0.002 ... 80 clamped to the net's range, round_sigma, appended 0.
-    Performs no collective operations (ranks may skip different amounts of work).
+    Performs no collective operations (ranks may skip different amounts of work). sampling: how the snapshot's
+    process is sampled (`snapshot.process.sampling`); None is EDM's GridSampling.
     """
     config = SamplerConfig(solver=solver, schedule=schedule, num_steps=num_steps, sigma_min=sigma_min,
                            sigma_max=sigma_max, end=end, denoise_to_zero=denoise_to_zero,
                            solver_kwargs=dict(solver_kwargs or {}), schedule_kwargs=dict(schedule_kwargs or {}))
     device = torch.device(device) if device is not None else dist.device()
-    grid_info = build_grid(net, config, device)
-    get_solver(grid_info[1]).check_options(grid_info[2], grid_info[1])
+    sampling = sampling if sampling is not None else GRID_SAMPLING
+    plan = sampling.prepare(net, config, device)
     skip = set(int(s) for s in skip_seeds) if skip_seeds is not None else set()
     batches = rank_batches(seeds, batch_size, rank, world_size)
     show = progress and (dist.get_rank() if rank is None else rank) == 0
@@ -204,20 +235,9 @@ def generate_images(net, seeds, *, batch_size: int = 64, solver: str | None = No
         batch_seeds = [s for s in batch_seeds if s not in skip]
         if not batch_seeds:
             continue
-        images = sample_seeds(net, batch_seeds, config, grid_info=grid_info, class_idx=class_idx, device=device)
+        images = sample_seeds(net, batch_seeds, config, grid_info=plan, class_idx=class_idx, device=device,
+                              sampling=sampling)
         yield batch_seeds, to_uint8(images)
-
-
-def load_network(network: str, device) -> torch.nn.Module:
-    """The EMA network of a pickle, ready to sample. Rank 0 reads (and for a URL downloads into the cache) first, then
-    the other ranks, as EDM does."""
-    if dist.get_rank() != 0:
-        dist.barrier()
-    dist.print0(f'Loading network from "{network}"...')
-    net = persistence.load_network_pickle(network)["ema"]
-    if dist.get_rank() == 0:
-        dist.barrier()
-    return net.eval().requires_grad_(False).to(device)
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -206,7 +206,8 @@ with torch.no_grad():
 report = dict(denoised=denoised, ema_module=type(net).__module__, ema_training=net.training,
               img_resolution=net.img_resolution, sigma_min=float(net.sigma_min),
               dataset_kwargs=dict(data["dataset_kwargs"]),
-              project_modules=sorted(m for m in sys.modules if m.split(".")[0] in ("training", "losses")))
+              project_modules=sorted(m for m in sys.modules if m.split(".")[0] in ("training", "losses", "processes")),
+              loss_record=data.get("loss"), process_record=data.get("process"))
 if data.get("loss_fn") is not None:
     report.update(loss_class=type(data["loss_fn"]).__name__, loss_module=type(data["loss_fn"]).__module__,
                   loss_kwargs=dict(data["loss_fn"].init_kwargs))

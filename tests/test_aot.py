@@ -13,7 +13,7 @@ import torch
 from click.testing import CliRunner
 from launch import torchrun
 from test_stf import TINY_NET, RecordingNet, ShiftAugment, assert_exact_resume
-from train_worker import ROOT, digits_images, loop_kwargs, random_images, write_zip_dataset
+from train_worker import ROOT, digits_images, loop_kwargs, random_images, source_chain, write_zip_dataset
 
 import train
 from losses import Batch
@@ -85,7 +85,7 @@ def test_prepare_pool_augments_once_and_permutes_the_drawn_noise():
     images = torch.rand([12, 1, 4, 4], generator=gen) * 2 - 1
     labels = torch.eye(3)[torch.arange(12) % 3]
     loss_fn, pipe = AOTLoss(pool_size=12), ShiftAugment()
-    assert loss_fn.data_requirements() == {'pool': 12}
+    assert source_chain(loss_fn, batch_gpu=4, num_rounds=3) == [('PoolSource', 12), ('StreamSource', None)]
     torch.manual_seed(7)
     pool = loss_fn.prepare_pool(Batch(images=images, labels=labels), augment_pipe=pipe)
     torch.manual_seed(7)
@@ -116,7 +116,7 @@ def test_aot_loss_uses_the_paired_noise_and_composes_with_stf_vp_ve():
     # AOT over STF: paired noise in x, STF target over own rows + references.
     references = torch.rand([4, 2, 4, 4], generator=gen) * 2 - 1
     loss_fn = AOTLoss(stf_loss_kwargs(EDM, num_refs=8), pool_size=8)
-    assert loss_fn.data_requirements() == {'references': 8, 'pool': 8}
+    assert source_chain(loss_fn) == [('ReferenceSource', 8), ('PoolSource', 8), ('StreamSource', None)]
     net = RecordingNet()
     loss = loss_fn(net, Batch(images=images, labels=labels, noise=noise, references=references,
                               reference_labels=torch.eye(2)[[1, 1, 0, 0]]))
@@ -175,14 +175,14 @@ def test_loop_consumes_each_pool_in_order_each_image_and_noise_once(labelled_zip
 
 
 def test_pool_that_does_not_divide_into_steps_is_refused(labelled_zip, tmp_path):
-    with pytest.raises(ValueError, match=r'pool of 12 images per rank is not a multiple of the per-rank batch per '
-                                         r'iteration, 8 \(batch size / number of ranks\)'):
+    with pytest.raises(ValueError, match=r'pool of 12 images per GPU must be a multiple of the per-GPU batch per '
+                                         r'step, 8 \(batch size / number of processes\)'):
         tl.training_loop(**loop_kwargs(str(tmp_path), labelled_zip, loss_kwargs=aot_loss_kwargs(EDM, pool_size=12)))
     result = CliRunner().invoke(train.main, [str(a) for a in ['--outdir', tmp_path / 'runs', '--data', labelled_zip,
                                                               '--batch', 16, '--aot', 24, '-n']])
     assert result.exit_code != 0
     assert ('Invalid value for --aot: the pool of 24 images per GPU must be a multiple of the per-GPU batch per step, '
-            '16 (--batch 16 / 1 processes)') in result.output, result.output
+            '16 (batch size / number of processes)') in result.output, result.output
 
 
 @pytest.mark.parametrize('plugins', ['aot', 'aot+stf'])
@@ -190,7 +190,7 @@ def test_exact_resume_inside_a_pool(labelled_zip, tmp_path, plugins):
     """Pools of 16 = 2 iterations of 8: the resume at 24 images starts in the middle of the second pool."""
     config = stf_loss_kwargs(EDM, num_refs=12) if plugins == 'aot+stf' else EDM
     state = assert_exact_resume(tmp_path, labelled_zip, aot_loss_kwargs(config, pool_size=16))
-    assert state['reference_position'] == (5 * 12 if plugins == 'aot+stf' else 0)
+    assert state.get('reference_position', 0) == (5 * 12 if plugins == 'aot+stf' else 0)
 
 
 def test_train_cli_with_aot_and_with_aot_plus_stf(labelled_zip, tmp_path):
@@ -207,11 +207,11 @@ def test_train_cli_with_aot_and_with_aot_plus_stf(labelled_zip, tmp_path):
             os.listdir(run_dir))
         options = json.load(open(run_dir / 'training_options.json'))
         snapshot = persistence.load_network_pickle(str(run_dir / 'network-snapshot-000001.pkl'))
-        assert type(snapshot['loss_fn']).__name__ == 'AOTLoss' and snapshot['loss_fn'].pool_size == 64
+        assert snapshot['loss']['name'] == 'aot' and snapshot['loss']['options']['pool_size'] == 64
         if '--stf' in extra:
             assert options['loss_kwargs'] == dict(class_name='losses.aot.AOTLoss', pool_size=64, base_kwargs=dict(
                 class_name='losses.stf.STFLoss', num_refs=40, mask_classes=True, base_kwargs=EDM))
-            assert type(snapshot['loss_fn'].base).__name__ == 'STFLoss'
+            assert snapshot['loss']['options']['base']['name'] == 'stf'
         else:
             assert options['loss_kwargs'] == dict(class_name='losses.aot.AOTLoss', pool_size=64, base_kwargs=EDM)
         state = torch.load(run_dir / 'training-state-000001.pt', weights_only=True)

@@ -21,6 +21,7 @@ import zipfile
 import numpy as np
 import PIL.Image
 import pytest
+import torch
 from click.testing import CliRunner
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -74,14 +75,55 @@ CASES = {
         r"8x8"),
     "train-dataset-only-image-not-square": Case(
         "train", "--outdir {out} --data {only_not_square} --device cpu --dry-run",
-        r"^Error: --data: .*only_not_square.*not square", xfail="lead: train.py reads dataset_obj.resolution "
-        "outside its try/except (build_config)"),
+        r"^Error: --data: .*only_not_square.*not square"),
     "train-dataset-bad-crc": Case("train", "--outdir {out} --data {bad_crc_zip} --device cpu --dry-run",
                                   r"^Error: --data: .*bad_crc\.zip:00000/img00000002\.png: damaged ZIP file \(bad "
                                   r"CRC-32"),
     "train-label-1e9-cond": Case("train", "--outdir {out} --data {huge_label_zip} --cond 1 --device cpu --dry-run",
                                  r"^Error: --data: .*huge_label\.zip:dataset\.json: label of '00000/img00000001\.png' "
                                  r"is 1000000000; class labels must be integers in 0\.\.65535"),
+    # train.py options (point 3): every value checked before anything is created.
+    "train-duration-nan": Case("train", "--outdir {out} --data {good_zip} --duration nan --device cpu",
+                               r"^Error: Invalid value for '--duration'.*nan is not a finite number"),
+    "train-duration-inf": Case("train", "--outdir {out} --data {good_zip} --duration inf --device cpu",
+                               r"^Error: Invalid value for '--duration'.*inf is not a finite number"),
+    "train-lr-nan": Case("train", "--outdir {out} --data {good_zip} --lr nan --device cpu",
+                         r"^Error: Invalid value for '--lr'.*nan is not a finite number"),
+    "train-dropout-nan": Case("train", "--outdir {out} --data {good_zip} --dropout nan --device cpu",
+                              r"^Error: Invalid value for '--dropout'.*not a finite number"),
+    "train-cres-empty": Case("train", "--outdir {out} --data {good_zip} --cres= --device cpu",
+                             r"^Error: Invalid value for '--cres': expected a non-empty comma-separated list of "
+                             r"positive integers, got ''"),
+    "train-cres-zeros": Case("train", "--outdir {out} --data {good_zip} --cres 0,0 --device cpu",
+                             r"^Error: Invalid value for '--cres': .*positive integers, got '0,0'"),
+    "train-seed-negative": Case("train", "--outdir {out} --data {good_zip} --seed=-5 --device cpu",
+                                r"^Error: Invalid value for '--seed': -5 is not in the range 0<=x<=2147483647"),
+    "train-seed-too-large": Case("train", "--outdir {out} --data {good_zip} --seed 99999999999 --device cpu",
+                                 r"^Error: Invalid value for '--seed': 99999999999 is not in the range"),
+    "train-outdir-read-only": Case("train", "--outdir {ro}/runs --data {good_zip} --device cpu",
+                                   r"^Error: --outdir: cannot write to .*/ro \("),
+    "train-resume-empty": Case("train", "--outdir {out} --data {good_zip} --resume {state_empty} --device cpu",
+                               r"^Error: Invalid value for --resume: .*empty/training-state-000001\.pt: not a readable "
+                               r"training state"),
+    "train-resume-text": Case("train", "--outdir {out} --data {good_zip} --resume {state_text} --device cpu",
+                              r"^Error: Invalid value for --resume: .*text/training-state-000001\.pt: not a readable"),
+    "train-resume-random": Case("train", "--outdir {out} --data {good_zip} --resume {state_random} --device cpu",
+                                r"^Error: Invalid value for --resume: .*random/training-state-000001\.pt: not a "
+                                r"readable"),
+    "train-resume-truncated": Case("train", "--outdir {out} --data {good_zip} --resume {state_truncated} "
+                                   "--device cpu", r"^Error: Invalid value for --resume: .*truncated/training-state-"
+                                   r"000001\.pt: not a readable training state \(.*broken zip archive"),
+    "train-resume-torchscript": Case("train", "--outdir {out} --data {good_zip} --resume {state_torchscript} "
+                                     "--device cpu", r"^Error: Invalid value for --resume: .*refusing a TorchScript "
+                                     r"archive"),
+    "train-resume-hostile-edm-state": Case("train", "--outdir {out} --data {good_zip} --resume {state_hostile} "
+                                           "--device cpu", r"^Error: Invalid value for --resume: .*hostile/training-"
+                                           r"state-000001\.pt: a tensor storage in the pickle: refusing a TorchScript"),
+    "train-transfer-hostile": Case("train", "--outdir {out} --data {good_zip} --transfer {pickle_hostile} --device cpu",
+                                   r"^Error: Invalid value for --transfer: .*hostile\.pkl: a tensor storage in the "
+                                   r"pickle: refusing a TorchScript archive"),
+    "train-transfer-missing": Case("train", "--outdir {out} --data {good_zip} --transfer {out}/nope.pkl --device cpu",
+                                   r"^Error: Invalid value for --transfer: .*nope\.pkl"),
     # fid.py: references (validated before the image pass) and outputs (checked before computing).
     "fid-ref-truncated": Case("fid", f"calc --images {{gen}} --ref {{ref_truncated}} --num 20 {FID_ARGS}",
                               r"^Error: cannot read reference statistics '.*truncated\.npz' \(truncated or damaged "
@@ -202,6 +244,29 @@ def inputs(tmp_path_factory):
     fields["ref_nan"] = str(root / "nan.npz")
     np.savez(fields["ref_nan"], mu=np.zeros(16), sigma=sigma)
 
+    # Training states and pickles (train.py --resume / --transfer), hostile ones writing {marker} if loaded unsafely.
+    import hostile_payloads as hostile
+    fields["good_zip"] = good_zip
+    marker = root / "PWNED"
+    payload = hostile.torchscript_archive(marker)
+    for kind, data in [("empty", b""), ("text", b"this is not a training state\n"),
+                       ("random", rng.integers(0, 256, 4096, np.uint8).tobytes()), ("torchscript", payload),
+                       ("hostile", hostile.training_state_with_storage(payload))]:
+        os.makedirs(root / f"state_{kind}")
+        fields[f"state_{kind}"] = str(root / f"state_{kind}" / "training-state-000001.pt")
+        open(fields[f"state_{kind}"], "wb").write(data)
+        if kind == "hostile":  # An EDM training state needs its snapshot beside it; give it one.
+            open(root / f"state_{kind}" / "network-snapshot-000001.pkl", "wb").write(
+                hostile.network_pickle_with_storage(payload))
+    whole = io.BytesIO()
+    torch.save({"networks": {}, "format": "x"}, whole)
+    os.makedirs(root / "state_truncated")
+    fields["state_truncated"] = str(root / "state_truncated" / "training-state-000001.pt")
+    open(fields["state_truncated"], "wb").write(whole.getvalue()[: len(whole.getvalue()) // 2])
+    fields["pickle_hostile"] = str(root / "hostile.pkl")
+    open(fields["pickle_hostile"], "wb").write(hostile.network_pickle_with_storage(payload))
+    fields["marker"] = str(marker)
+
     fields["ro"] = _read_only_folder(root / "ro")
     yield fields
     if fields["ro"] is not None:
@@ -256,6 +321,7 @@ def test_bad_input_gives_one_error_line_and_leaves_nothing(case_id, inputs, tmp_
     assert re.search(case.message, error_lines[0]), f"{error_lines[0]!r} does not match {case.message!r}"
     assert not case.not_in_output or case.not_in_output not in output, output
     assert os.listdir(out) == [], "partial output left behind"
+    assert not os.path.exists(inputs["marker"]), "a hostile payload ran"
     if inputs["ro"] is not None:
         assert os.listdir(inputs["ro"]) == []
 

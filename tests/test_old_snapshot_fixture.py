@@ -56,3 +56,17 @@ def test_old_training_state_resumes_to_the_same_weights(tmp_path):
         tensor = state["ema"][name].double()
         assert tensor.sum().item() == pytest.approx(total, rel=1e-5, abs=1e-6), name
         assert tensor.abs().sum().item() == pytest.approx(expected["ema_abs_sums"][name], rel=1e-5, abs=1e-6), name
+
+
+def test_old_snapshot_imports_its_pickled_loss_safely():
+    # Snapshots of that time pickled the loss object; it imports as our classes of the same names, inert.
+    from torch_utils import persistence
+    from training import snapshots
+
+    data = persistence.load_network_pickle(os.path.join(FIXTURE, "network-snapshot-000001.pkl"))
+    loss = data["loss_fn"]
+    assert type(loss).__name__ == "AOTLoss" and loss.pool_size == 32
+    assert type(loss.base).__name__ == "STFLoss" and loss.base.num_refs == 32 and loss.base.mask_classes
+    assert type(loss.base.base).__name__ == "EDMLoss" and loss.base.base.P_mean == -1.2
+    snapshot = snapshots.read_snapshot(os.path.join(FIXTURE, "network-snapshot-000001.pkl"))
+    assert snapshot.process.name == "edm" and snapshot.net.label_dim == 10  # no record: EDM's process

@@ -18,6 +18,7 @@ import pytest
 import torch
 
 import dnnlib
+import training.snapshots  # noqa: F401 -- registers the project's persistent classes with persistence
 from torch_utils import persistence
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
@@ -406,13 +407,16 @@ def test_edm_format_pickle_of_real_networks_imports_identically(tmp_path, kind):
 def make_snapshot_parts():
     preconditioning, _ = real_classes()
     augment = pytest.importorskip("training.augment")
-    denoising = pytest.importorskip("losses.denoising")
+    losses = pytest.importorskip("losses")
+    processes = pytest.importorskip("processes")
     ema = make_denoiser("edm-ddpmpp")
     augment_pipe = augment.AugmentPipe(p=0.12, xflip=1e8, yflip=1, scale=1, rotate_frac=1, aniso=1, translate_frac=1)
-    loss_fn = denoising.EDMLoss(P_mean=-1.2, P_std=1.2, sigma_data=0.5)
+    loss_kwargs = dict(class_name="losses.denoising.EDMLoss", P_mean=-1.2, P_std=1.2, sigma_data=0.5)
     dataset_kwargs = dnnlib.EasyDict(class_name="training.dataset.ImageFolderDataset", path="cifar10.zip",
                                      use_labels=False, xflip=False, cache=True, resolution=8, max_size=100)
-    return dict(ema=ema, loss_fn=loss_fn, augment_pipe=augment_pipe, dataset_kwargs=dataset_kwargs)
+    # What training.snapshots.save_snapshot writes: the loss and the process as records, not objects.
+    return dict(ema=ema, process=processes.process_record(processes.EDMProcess()),
+                loss=losses.loss_record(loss_kwargs), augment_pipe=augment_pipe, dataset_kwargs=dataset_kwargs)
 
 
 def test_our_snapshot_loads_in_an_edm_environment(tmp_path):
@@ -434,11 +438,11 @@ def test_our_snapshot_loads_in_an_edm_environment(tmp_path):
 
     # The embedded source ran (classes come from exec'd modules) and needed nothing but EDM's packages.
     assert report["ema_module"].startswith("_imported_module_") and report["project_modules"] == []
-    assert report["loss_module"].startswith("_imported_module_") and report["loss_class"] == "EDMLoss"
+    assert report["loss_record"] == {"name": "edm", "options": dict(P_mean=-1.2, P_std=1.2, sigma_data=0.5)}
+    assert report["process_record"] == {"name": "edm", "options": {}}
     with torch.no_grad():
         assert torch.equal(report["denoised"], ema(x, sigma, labels))
     assert report["ema_training"] is False and report["img_resolution"] == 8
-    assert report["loss_kwargs"] == dict(P_mean=-1.2, P_std=1.2, sigma_data=0.5)
     assert report["dataset_kwargs"] == parts["dataset_kwargs"]
     torch.manual_seed(123)
     augmented, augment_labels = parts["augment_pipe"](images)
@@ -450,9 +454,10 @@ def test_real_snapshot_round_trip(tmp_path):
     path = tmp_path / "network-snapshot-000000.pkl"
     persistence.save_network_pickle(path, parts)
     loaded = persistence.load_network_pickle(str(path))
-    for key in ("ema", "loss_fn", "augment_pipe"):
+    for key in ("ema", "augment_pipe"):
         assert type(loaded[key]) is type(parts[key])
         assert loaded[key].init_kwargs == parts[key].init_kwargs
+    assert loaded["loss"] == parts["loss"] and loaded["process"] == parts["process"]
     ema = loaded["ema"]
     x, sigma, labels = denoiser_inputs(ema)
     with torch.no_grad():
@@ -508,9 +513,10 @@ def test_against_edm_checkout(tmp_path):
     state = persistence.load_edm_training_state(tmp_path / "edm-training-state.pt")
     assert state["net"].training and set(state["optimizer_state"]) == {"state", "param_groups"}
 
-    # Ours -> EDM's plain pickle.load with EDM's persistence (embedded source executed there).
+    # Ours -> EDM's plain pickle.load with EDM's persistence (embedded source executed there). Our snapshots
+    # record the loss as data (training.snapshots), so the imported EDMLoss object is not written back.
     ours = tmp_path / "ours.pkl"
-    persistence.save_network_pickle(ours, snapshot)
+    persistence.save_network_pickle(ours, {k: v for k, v in snapshot.items() if k != "loss_fn"})
     torch.save(dict(x=x, sigma=sigma, labels=None, images=io_data["images"]), tmp_path / "inputs.pt")
     load_script = tmp_path / "load_like_edm.py"
     load_script.write_text(fixture.EDM_LOAD_SCRIPT)

@@ -12,13 +12,21 @@ import warnings
 import pytest
 import torch
 from click.testing import CliRunner
-from train_worker import ROOT, assert_tree_equal, digits_images, loop_kwargs, random_images, write_zip_dataset
+from train_worker import (
+    ROOT,
+    assert_tree_equal,
+    digits_images,
+    loop_kwargs,
+    random_images,
+    source_chain,
+    write_zip_dataset,
+)
 
 import train
 from losses import Batch
 from losses.aot import aot_loss_kwargs
 from losses.denoising import EDMLoss
-from losses.stf import STFLoss, class_indices, stf_loss_kwargs, stf_targets, stf_weights
+from losses.stf import STFLoss, class_indices, reference_stream_seed, stf_loss_kwargs, stf_targets, stf_weights
 from torch_utils import persistence
 from training import training_loop as tl
 
@@ -176,7 +184,7 @@ def _stf_batch(num=4, num_refs=10, seed=0, classes=3):
 def test_stf_loss_regresses_the_target_over_own_rows_and_augmented_references():
     batch = _stf_batch()
     loss_fn, net, pipe = STFLoss(num_refs=9), RecordingNet(), ShiftAugment()
-    assert loss_fn.data_requirements() == {'references': 9}
+    assert source_chain(loss_fn) == [('ReferenceSource', 9), ('StreamSource', None)]
     loss = loss_fn(net, batch, augment_pipe=pipe)
     assert loss.shape == batch.images.shape and pipe.rows == [4, 5]  # own rows, then the 9 - 4 references used
     y = batch.images + 0.5
@@ -237,24 +245,25 @@ def test_stf_loss_errors(num_refs, batch_kwargs, message):
 
 
 def test_snapshot_with_stf_and_aot_loads_safely_and_with_plain_pickle_without_our_losses(tmp_path):
-    """The loss in a snapshot: our safe importer rebuilds it; plain pickle (EDM's generate.py) executes the embedded
-    sources, which must not import the `losses` package (absent in EDM's environment)."""
+    """A snapshot records the loss config as plain data (registered names and options), so our safe importer reads
+    it and plain pickle (EDM's generate.py) loads the snapshot without the `losses` package (absent in EDM's
+    environment); the record rebuilds the same config."""
+    import losses
+    from training import snapshots
     config = aot_loss_kwargs(stf_loss_kwargs(dict(class_name='losses.denoising.EDMLoss', P_mean=-1.0), 32, False), 64)
-    from losses.aot import AOTLoss
-    loss_fn = AOTLoss(**{k: v for k, v in config.items() if k != 'class_name'})
     path = str(tmp_path / 'snap.pkl')
-    persistence.save_network_pickle(path, dict(loss_fn=loss_fn, dataset_kwargs={}))
-    loaded = persistence.load_network_pickle(path)['loss_fn']
-    assert type(loaded).__name__ == 'AOTLoss' and loaded.pool_size == 64
-    assert type(loaded.base).__name__ == 'STFLoss' and (loaded.base.num_refs, loaded.base.mask_classes) == (32, False)
-    assert type(loaded.base.base).__name__ == 'EDMLoss' and loaded.base.base.P_mean == -1.0
-    code = ('import sys, pickle; sys.modules["losses"] = None\n'
-            f'obj = pickle.load(open({path!r}, "rb"))["loss_fn"]\n'
-            'print(type(obj).__name__, type(obj.base).__name__, type(obj.base.base).__name__, obj.base.base.P_mean,'
-            ' obj.base.num_refs)')
+    snapshots.save_snapshot(path, ema=None, loss_kwargs=config, process=EDMLoss().process)
+    loaded = persistence.load_network_pickle(path)
+    assert 'loss_fn' not in loaded
+    assert loaded['loss'] == {'name': 'aot', 'options': {'pool_size': 64, 'base': {'name': 'stf', 'options': {
+        'num_refs': 32, 'mask_classes': False, 'base': {'name': 'edm', 'options': {'P_mean': -1.0}}}}}}
+    assert losses.loss_kwargs_from_record(loaded['loss']) == config
+    code = ('import sys, pickle; sys.modules["losses"] = None; sys.modules["processes"] = None\n'
+            f'data = pickle.load(open({path!r}, "rb"))\n'
+            'print(data["loss"]["name"], data["loss"]["options"]["base"]["options"]["num_refs"], data["process"])')
     result = subprocess.run([sys.executable, '-c', code], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr[-2000:]
-    assert result.stdout.split() == ['AOTLoss', 'STFLoss', 'EDMLoss', '-1.0', '32']
+    assert result.stdout.split() == ['aot', '32', "{'name':", "'edm',", "'options':", '{}}']
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -285,7 +294,7 @@ def test_loop_hands_references_from_an_independent_stream(labelled_zip, tmp_path
     assert len(seen) == 6  # 3 iterations x 2 rounds
     from training.dataset import ImageFolderDataset, InfiniteSampler
     dataset = ImageFolderDataset(labelled_zip, use_labels=True)
-    sampler = iter(InfiniteSampler(dataset, seed=tl._reference_stream_seed(123)))
+    sampler = iter(InfiniteSampler(dataset, seed=reference_stream_seed(123)))
     for it in range(3):
         indices = [next(sampler) for _ in range(12)]
         expected = torch.stack([torch.from_numpy(dataset[i][0]) for i in indices]).float() / 127.5 - 1
@@ -325,7 +334,7 @@ def assert_exact_resume(tmp_path, data, loss_kwargs):
     a, b = (torch.load(os.path.join(runs[name], 'training-state-000000.pt'), weights_only=True)
             for name in ('straight', 'resumed'))
     assert a['cur_nimg'] == b['cur_nimg'] == 40 and a['data_position'] == b['data_position'] == 40
-    assert a['reference_position'] == b['reference_position']
+    assert a.get('reference_position') == b.get('reference_position')
     for key in ('networks', 'ema', 'optimizers', 'rng', 'cur_iter'):
         assert_tree_equal(a[key], b[key], key)
     first = torch.load(first_state, weights_only=True)
@@ -357,7 +366,7 @@ def test_train_cli_with_stf_writes_snapshots(labelled_zip, tmp_path):
     assert options['loss_kwargs'] == dict(class_name='losses.stf.STFLoss', num_refs=40, mask_classes=True,
                                           base_kwargs=dict(class_name='losses.denoising.EDMLoss'))
     snapshot = persistence.load_network_pickle(str(run_dir / 'network-snapshot-000001.pkl'))
-    assert type(snapshot['loss_fn']).__name__ == 'STFLoss' and snapshot['loss_fn'].num_refs == 40
+    assert snapshot['loss']['name'] == 'stf' and snapshot['loss']['options']['num_refs'] == 40
     state = torch.load(run_dir / 'training-state-000001.pt', weights_only=True)
     assert state['cur_nimg'] == 1024 and state['reference_position'] == 32 * 40
     lines = [json.loads(line) for line in open(run_dir / 'stats.jsonl')]

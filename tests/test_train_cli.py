@@ -62,11 +62,13 @@ def test_train_end_to_end_and_resume(datasets, tmp_path):
     assert len(lines) == 2
     assert {'Loss/loss', 'Progress/tick', 'Progress/kimg', 'Timing/total_sec', 'Timing/sec_per_tick',
             'Timing/sec_per_kimg', 'Timing/maintenance_sec', 'Resources/cpu_mem_gb', 'Resources/peak_gpu_mem_gb',
-            'Resources/peak_gpu_mem_reserved_gb', 'timestamp'} == set(lines[-1])
+            'Resources/peak_gpu_mem_reserved_gb', 'Loss/nonfinite', 'timestamp'} == set(lines[-1])
+    assert lines[-1]['Loss/nonfinite']['mean'] == 0 and lines[-1]['Loss/nonfinite']['num'] == 15  # steps, none bad
     assert lines[-1]['Progress/kimg']['mean'] == 1.024 and lines[-1]['Loss/loss']['num'] == 15 * 64 * 64
 
     snapshot = persistence.load_network_pickle(str(run_dir / 'network-snapshot-000001.pkl'))
-    assert set(snapshot) == {'ema', 'loss_fn', 'augment_pipe', 'dataset_kwargs'}
+    assert set(snapshot) == {'ema', 'loss', 'process', 'augment_pipe', 'dataset_kwargs'}
+    assert snapshot['loss'] == {'name': 'edm', 'options': {}} and snapshot['process'] == {'name': 'edm', 'options': {}}
     assert (snapshot['ema'].label_dim, snapshot['ema'].img_resolution) == (3, 8)
     state = torch.load(run_dir / 'training-state-000001.pt', weights_only=True)
     assert state['cur_nimg'] == 1024 and state['seed'] == 3

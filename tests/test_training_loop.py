@@ -159,11 +159,12 @@ def test_loop_equals_independent_edm_step_in_fp32(tiny_zip, tmp_path):
     snapshots = sorted(os.path.basename(p) for p in glob.glob(str(tmp_path / 'network-snapshot-*.pkl')))
     assert snapshots == ['network-snapshot-000000.pkl']  # ticks 0 and 1 both at kimg 0: the last write wins
     data = persistence.load_network_pickle(str(tmp_path / snapshots[-1]))
-    assert set(data) == {'ema', 'loss_fn', 'augment_pipe', 'dataset_kwargs'}
+    assert set(data) == {'ema', 'loss', 'process', 'augment_pipe', 'dataset_kwargs'}
+    assert data['process'] == {'name': 'edm', 'options': {}} and data['loss'] == {'name': 'edm', 'options': {}}
     assert_tree_equal(data['ema'].state_dict(), state['ema'])
     assert data['dataset_kwargs']['path'] == tiny_zip and data['augment_pipe'].p == 0.5
     lines = [json.loads(line) for line in open(tmp_path / 'stats.jsonl')]
-    assert len(lines) == 2 and EDM_STAT_NAMES | {'timestamp'} == set(lines[0])
+    assert len(lines) == 2 and EDM_STAT_NAMES | {'Loss/nonfinite', 'timestamp'} == set(lines[0])
     assert lines[0]['Loss/loss']['num'] == 8 * 64  # tick 0 = the first step, per-element
     assert lines[1]['Loss/loss']['num'] == 2 * 8 * 64 and lines[1]['Progress/kimg']['mean'] == 0.024
 
@@ -198,11 +199,30 @@ def test_phases_with_extra_network_and_interval(tiny_zip, tmp_path):
     assert 'Loss/aux' not in lines[0] and lines[1]['Loss/aux']['num'] == 8  # reported at iteration 1 only
 
 
-def test_loss_data_requirements_are_refused_by_name(tiny_zip, tmp_path, monkeypatch):
-    from losses.denoising import EDMLoss
-    monkeypatch.setattr(EDMLoss, 'data_requirements', lambda self: {'teacher_samples': 1024})
-    with pytest.raises(NotImplementedError, match='requires teacher_samples from the data'):
-        tl.training_loop(**loop_kwargs(str(tmp_path), tiny_zip))
+def test_phase_with_its_own_learning_rate_schedule(tiny_zip, tmp_path):
+    # The lazy aux phase with lr_schedule = 0.5: one SGD step at iteration 1 gives w = 0 + 0.25 * 0.5 * 2.
+    tl.training_loop(**loop_kwargs(str(tmp_path), tiny_zip, loss_kwargs=dict(class_name='train_worker.TwoPhaseLoss',
+                                                                         aux_lr_scale=0.5)))
+    state = _final_state(str(tmp_path))
+    assert state['networks']['aux']['weight'].item() == 0.25
+
+
+def test_loss_brings_its_own_batch_source_and_its_state_resumes(tiny_zip, tmp_path):
+    import train_worker
+    train_worker.OwnSourceLoss.built.clear()
+    first = str(tmp_path / 'first')
+    os.makedirs(first)
+    tl.training_loop(**loop_kwargs(first, tiny_zip, loss_kwargs=dict(class_name='train_worker.OwnSourceLoss'),
+                                   state_dump_ticks=1))
+    state = _final_state(first)
+    assert state['toy_position'] == 3 and state['data_position'] == 24  # 3 iterations of 8 images
+    assert train_worker.OwnSourceLoss.built[-1].seen == [0, 1, 2]
+    resumed = str(tmp_path / 'resumed')
+    os.makedirs(resumed)
+    tl.training_loop(**loop_kwargs(resumed, tiny_zip, loss_kwargs=dict(class_name='train_worker.OwnSourceLoss'),
+                                   total_kimg=0.048,
+                                   resume_state_dump=sorted(glob.glob(os.path.join(first, 'training-state-*.pt')))[-1]))
+    assert train_worker.OwnSourceLoss.built[-1].seen == [3, 4, 5]
 
 
 @pytest.mark.slow

@@ -125,12 +125,10 @@ class TwoPhaseLoss:
     'aux' (one scalar) trained by a lazy phase at iterations 1, 3, 5, ...
     (SGD lr 0.25 on (w - 1)^2: w goes 0 -> 0.5 -> 0.75)."""
 
-    def __init__(self):
+    def __init__(self, aux_lr_scale=None):
         from losses.denoising import EDMLoss
         self.edm = EDMLoss()
-
-    def data_requirements(self):
-        return {}
+        self.aux_lr_scale = aux_lr_scale
 
     def extra_networks(self, net):
         import torch
@@ -150,5 +148,75 @@ class TwoPhaseLoss:
             return (nets['aux'](ones) - 1) ** 2
 
         aux_opt = torch.optim.SGD(networks["aux"].parameters(), lr=0.25)
+        schedule = None if self.aux_lr_scale is None else (lambda cur_nimg: self.aux_lr_scale)
         return [main, Phase(name='aux', network='aux', optimizer=aux_opt, loss_fn=aux_loss, interval=2, offset=1,
-                            stat_name='Loss/aux')]
+                            stat_name='Loss/aux', lr_schedule=schedule)]
+
+
+class CountingSource:
+    """A batch source that wraps the loop's stream, marks every batch with its iteration number and keeps that
+    count as resumable state ('toy_position')."""
+
+    def __init__(self, inner, data):
+        self.inner = inner
+        self.count = int(data.resume.get('toy_position', 0))
+        self.seen = []
+
+    def next_rounds(self):
+        import dataclasses
+
+        import torch
+        rounds = self.inner.next_rounds()
+        self.seen.append(self.count)
+        self.count += 1
+        return [dataclasses.replace(b, noise=torch.full_like(b.images, 0.5)) for b in rounds]
+
+    def state_dict(self):
+        return {**self.inner.state_dict(), 'toy_position': self.count}
+
+
+class OwnSourceLoss:
+    """EDM's loss fed by its own batch source (constant noise 0.5 from CountingSource); records the sources built."""
+
+    built = []
+
+    def __init__(self):
+        from losses.denoising import EDMLoss
+        self.edm = EDMLoss()
+        self.process = self.edm.process
+
+    def batch_source(self, data, inner):
+        source = CountingSource(inner, data)
+        OwnSourceLoss.built.append(source)
+        return source
+
+    def check_data(self, **layout):
+        return []
+
+    def __call__(self, net, batch, augment_pipe=None):
+        assert bool((batch.noise == 0.5).all())
+        return self.edm(net, batch, augment_pipe)
+
+
+def source_chain(loss_fn, num_images: int = 32, batch_gpu: int = 4, num_rounds: int = 2) -> list:
+    """Build `loss_fn`'s batch source around EDM's stream over a tiny in-memory dataset and describe it from the
+    outside in: [(class name, its size: num_refs / pool_size / None)]."""
+    import torch
+
+    from training.batch_sources import DataContext, StreamSource
+
+    class Images(torch.utils.data.Dataset):
+        def __len__(self):
+            return num_images
+
+        def __getitem__(self, idx):
+            return torch.full((1, 4, 4), idx % 256, dtype=torch.uint8).numpy(), torch.eye(2)[idx % 2].numpy()
+
+    data = DataContext(dataset=Images(), rank=0, world_size=1, seed=0, batch_gpu=batch_gpu, num_rounds=num_rounds,
+                       device=torch.device('cpu'), loader_kwargs={})
+    source = loss_fn.batch_source(data, StreamSource(data))
+    chain = []
+    while source is not None:
+        chain.append((type(source).__name__, getattr(source, 'num_refs', getattr(source, 'pool_size', None))))
+        source = getattr(source, 'inner', None)
+    return chain

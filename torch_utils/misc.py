@@ -91,8 +91,32 @@ def ddp_sync(module: torch.nn.Module, sync: bool):
         yield
 
 
-def nan_to_num_grads_(parameters, posinf: float = 1e5, neginf: float = -1e5) -> None:
-    """Scrub non-finite gradients in place as EDM does: NaN -> 0, +inf -> 1e5, -inf -> -1e5."""
-    for p in parameters:
-        if p.grad is not None:
-            torch.nan_to_num(p.grad, nan=0.0, posinf=posinf, neginf=neginf, out=p.grad)
+def nan_to_num_grads_(parameters, posinf: float = 1e5, neginf: float = -1e5) -> torch.Tensor | None:
+    """Scrub non-finite gradients in place as EDM does: NaN -> 0, +inf -> 1e5, -inf -> -1e5.
+
+    Returns a 0-dim bool tensor on the gradients' device, True when some gradient held a non-finite value before the
+    scrub (None without gradients); computed from one fused norm per parameter, without a host sync. A finite
+    gradient whose norm overflows float32 (about 1e19 per element) also counts: the step has diverged either way.
+    """
+    grads = [p.grad for p in parameters if p.grad is not None]
+    if not grads:
+        return None
+    found = ~torch.isfinite(torch.stack(torch._foreach_norm(grads))).all()
+    for grad in grads:
+        torch.nan_to_num(grad, nan=0.0, posinf=posinf, neginf=neginf, out=grad)
+    return found
+
+
+def stream_seed(*keys) -> int:
+    """A 63-bit seed that depends only on the integer keys (e.g. the run's seed, a stream tag, rank, pool index)."""
+    words = np.random.SeedSequence([int(k) % (1 << 64) for k in keys]).generate_state(2, np.uint32)
+    return (int(words[0]) | (int(words[1]) << 32)) & ((1 << 63) - 1)
+
+
+@torch.no_grad()
+def count_nonfinite(module: torch.nn.Module) -> int:
+    """Number of NaN/inf values among the module's parameters and floating-point buffers (one host sync)."""
+    tensors = [t for t in (*module.parameters(), *module.buffers()) if t.is_floating_point()]
+    if not tensors:
+        return 0
+    return int(torch.stack([(~torch.isfinite(t)).sum() for t in tensors]).sum())

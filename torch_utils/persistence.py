@@ -234,35 +234,37 @@ def _src_to_module(src: str):
 # ---------------------------------------------------------------------------------------------------------------------
 # Reading, safely: the class registry.
 
-# EDM class name -> our class (or its dotted name, imported on first use). A plain dict: add entries to import
-# pickles from other code bases that use other names. Layer classes are listed because nested persistent objects
-# are checked against the modules our rebuilt network contains at the same place. (EDM's AttentionOp is an
-# autograd Function, never an instance in a pickle, so it needs no entry.)
-PERSISTENT_CLASSES: dict[str, Any] = {
-    # Layers (EDM training/networks.py).
-    "Linear": "training.networks.Linear",
-    "Conv2d": "training.networks.Conv2d",
-    "GroupNorm": "training.networks.GroupNorm",
-    "UNetBlock": "training.networks.UNetBlock",
-    "PositionalEmbedding": "training.networks.PositionalEmbedding",
-    "FourierEmbedding": "training.networks.FourierEmbedding",
-    # Backbones.
-    "SongUNet": "training.networks.SongUNet",
-    "DhariwalUNet": "training.networks.DhariwalUNet",
-    # Preconditioners (EDM keeps them in training/networks.py; we keep them in training/preconditioning.py).
-    "VPPrecond": "training.preconditioning.VPPrecond",
-    "VEPrecond": "training.preconditioning.VEPrecond",
-    "iDDPMPrecond": "training.preconditioning.iDDPMPrecond",
-    "EDMPrecond": "training.preconditioning.EDMPrecond",
-    # Augmentation and losses.
-    "AugmentPipe": "training.augment.AugmentPipe",
-    "EDMLoss": "losses.denoising.EDMLoss",
-    "VPLoss": "losses.denoising.VPLoss",
-    "VELoss": "losses.denoising.VELoss",
-    # Plug-in loss wrappers (ours; no counterpart in the reference repositories).
-    "STFLoss": "losses.stf.STFLoss",
-    "AOTLoss": "losses.aot.AOTLoss",
-}
+# EDM class name -> our class (or its dotted name, imported on first use). Filled by registrations
+# (`register_classes`, `register_module`) from the packages that define persistent classes: training/snapshots.py
+# registers the networks, preconditioners, augmentation and losses; a plug-in registers its own module. Add entries
+# (or pass extra_classes) to import pickles from other code bases that use other names. Layer classes are included
+# because nested persistent objects are checked against the modules our rebuilt network contains at the same place.
+PERSISTENT_CLASSES: dict[str, Any] = {}
+
+
+def register_classes(classes, replace: bool = False) -> None:
+    """Make persistent classes importable by `load_network_pickle` under their EDM class names.
+
+    `classes`: an iterable of persistent classes (registered under their own names) or a dict {pickled class name:
+    class or dotted name} (aliases for other code bases). A name taken by another class is an error unless `replace`.
+    """
+    items = classes.items() if isinstance(classes, dict) else ((cls._orig_class_name, cls) for cls in classes)
+    for name, cls in items:
+        if not isinstance(cls, str) and not is_persistent(cls):
+            raise TypeError(f"register_classes: {cls!r} is not a persistent class")
+        current = PERSISTENT_CLASSES.get(name)
+        if current is not None and current is not cls and not replace:
+            raise ValueError(f"register_classes: the name {name!r} is already registered for {current!r}")
+        PERSISTENT_CLASSES[name] = cls
+
+
+def register_module(module) -> list[str]:
+    """Register every persistent class defined at the top level of `module`; returns their names."""
+    classes = [obj for name, obj in vars(module).items()
+               if isinstance(obj, type) and is_persistent(obj) and obj.__module__ == module.__name__
+               and obj._orig_class_name == name]
+    register_classes(classes)
+    return [cls._orig_class_name for cls in classes]
 
 
 class NetworkPickleError(pickle.UnpicklingError):
@@ -274,8 +276,8 @@ def _resolve_class(class_name: str, classes: dict, source: str) -> type:
     if entry is None:
         raise NetworkPickleError(
             f"{source}: the pickle holds a persistent object of class {class_name!r}, which has no counterpart "
-            f"here. Known classes: {', '.join(sorted(classes))}. Add it to "
-            f"torch_utils.persistence.PERSISTENT_CLASSES (or pass extra_classes) if it is ours under another name.")
+            f"here. Known classes: {', '.join(sorted(classes))}. Register it (torch_utils.persistence."
+            f"register_classes, or pass extra_classes) if it is ours under another name.")
     if isinstance(entry, str):
         try:
             entry = dnnlib.util.get_obj_by_name(entry)

@@ -1,11 +1,12 @@
 """The training loop: EDM's behaviour (seeding, batch accounting, DDP, LR ramp, EMA, ticks, snapshots, stats),
 run as a list of phases, with exact resume from self-contained training states.
 
-One iteration = for each phase due at this iteration: zero grads, accumulate gradients over the rounds of the
-per-rank batch (DDP syncs on the last round only), ramp the learning rate, scrub non-finite gradients, step.
-Then the EMA of `net` is updated and cur_nimg advances by the global batch. EDM is the one-phase case (see
-losses/__init__.py for the loss/phase contract); nothing method-specific lives here. What a loss asks of the data
-(`data_requirements()`: a reference stream, pools prepared once and consumed in order) is provided generically.
+`training_loop` reads top to bottom as its steps: `_build` (seeding, data, networks, loss, phases, DDP, the batch
+source), `_resume`, then per iteration `_train_step` (for each phase due: zero grads, accumulate gradients over
+the rounds of the per-rank batch with DDP syncing on the last, set the phase's learning rate, scrub non-finite
+gradients, step; then the EMA of `net`) and, once per tick, `_report_tick`, `_write_snapshot` and
+`_write_training_state`. EDM is the one-phase case (see losses/__init__.py for the loss/phase contract). Nothing
+method-specific lives here: the data of an iteration comes from the loss's batch source (training/batch_sources.py).
 
 Randomness (rng='image', the default): the initial weights depend only on the seed, and each image's sigma and
 noise only on the seed and the image's position in the global data stream (losses.PerImageRandom), so without
@@ -36,10 +37,12 @@ import psutil
 import torch
 
 import dnnlib
-from losses import Batch, PerImageRandom, default_phases
+from losses import PerImageRandom, default_phases
+from processes import EDMProcess
 from torch_utils import distributed as dist
 from torch_utils import misc, persistence, training_stats
-from training.dataset import InfiniteSampler
+from training import snapshots
+from training.batch_sources import DataContext, StreamSource
 
 STATE_FORMAT = 'diffusion-toolkit/training-state'
 STATE_VERSION = 1
@@ -51,10 +54,16 @@ _TRAJECTORY_OPTIONS = ('dataset_kwargs', 'network_kwargs', 'loss_kwargs', 'optim
 
 PRECISIONS = ('fp32', 'bf16', 'fp16')
 
-# What a loss may ask of the data through data_requirements() (see losses/__init__.py), and the Batch fields that
-# hold one value per training image (a pool is handed out by slicing these).
-DATA_REQUIREMENTS = ('references', 'pool')
-_ROW_FIELDS = ('images', 'labels', 'noise', 'augment_labels')
+
+class NonFiniteTrainingError(RuntimeError):
+    """Training diverged: too many consecutive steps with non-finite losses or gradients, or non-finite weights
+    where a snapshot or training state was to be written. Nothing non-finite is written under a final name."""
+
+
+def all_finite(module: torch.nn.Module) -> bool:
+    """Whether every parameter and floating-point buffer of `module` is finite (one host sync)."""
+    return misc.count_nonfinite(module) == 0
+
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -96,68 +105,6 @@ def split_batch(batch_size: int, world_size: int, batch_gpu: int | None) -> tupl
         raise ValueError(f'per-rank batch {batch_gpu_total} (batch size {batch_size} / {world_size} ranks) is not a '
                          f'multiple of batch_gpu {batch_gpu}')
     return batch_gpu_total, batch_gpu, batch_gpu_total // batch_gpu
-
-
-def check_data_requirements(loss_fn, batch_gpu_total: int) -> dict:
-    """The loss's data_requirements() ({} when it has none), validated: known names, positive integer sizes, and a
-    pool that divides into per-rank iterations of batch_gpu_total images."""
-    name = type(loss_fn).__name__
-    requirements = dict(loss_fn.data_requirements()) if hasattr(loss_fn, 'data_requirements') else {}
-    unsupported = sorted(set(requirements) - set(DATA_REQUIREMENTS))
-    if unsupported:
-        raise NotImplementedError(f'loss {name} requires {", ".join(unsupported)} from the data, which this training '
-                                  f'loop does not provide (it provides: {", ".join(DATA_REQUIREMENTS)})')
-    for key, value in requirements.items():
-        if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
-            raise ValueError(f'loss {name}: data requirement {key!r} must be a positive integer, got {value!r}')
-        requirements[key] = int(value)
-    pool_size = requirements.get('pool')
-    if pool_size is not None:
-        if pool_size % batch_gpu_total != 0:
-            raise ValueError(f'loss {name}: its pool of {pool_size} images per rank is not a multiple of the per-rank '
-                             f'batch per iteration, {batch_gpu_total} (batch size / number of ranks)')
-        if not hasattr(loss_fn, 'prepare_pool'):
-            raise TypeError(f'loss {name} asks for a pool but has no prepare_pool(batch, augment_pipe) method')
-    return requirements
-
-
-def _stream_seed(*keys) -> int:
-    """A 63-bit seed that depends only on the integer keys (e.g. seed, rank, pool index)."""
-    words = np.random.SeedSequence([int(k) % (1 << 64) for k in keys]).generate_state(2, np.uint32)
-    return (int(words[0]) | (int(words[1]) << 32)) & ((1 << 63) - 1)
-
-
-def _reference_stream_seed(seed: int) -> int:
-    """Seed of the InfiniteSampler of the reference stream (RandomState takes 32 bits); distinct from `seed`."""
-    return _stream_seed(seed, 0x5EF) & 0xFFFFFFFF
-
-
-def _pool_seed(seed: int, rank: int, pool_idx: int) -> int:
-    """Seed of the torch RNG while a pool is prepared: a resumed run rebuilds the same pool."""
-    return _stream_seed(seed, 0xA07, rank, pool_idx)
-
-
-def _batch_rows(batch: Batch, rows: slice) -> Batch:
-    """The rows `rows` of every per-image field of `batch`."""
-    return dataclasses.replace(batch, **{name: getattr(batch, name)[rows] for name in _ROW_FIELDS
-                                         if getattr(batch, name) is not None})
-
-
-def _load_pool(loss_fn, dataset_iterator, pool_size, batch_gpu, device, augment_pipe, seed) -> Batch:
-    """Read `pool_size` images (the next pool_size / batch_gpu loader batches) and let the loss prepare them, with
-    the torch RNG seeded by `seed` and the surrounding random streams left untouched."""
-    parts = [next(dataset_iterator) for _ in range(pool_size // batch_gpu)]
-    images = torch.cat([images for images, _ in parts]).to(device).to(torch.float32) / 127.5 - 1
-    labels = torch.cat([labels for _, labels in parts]).to(device)
-    with torch.random.fork_rng(devices=[device] if device.type == 'cuda' else []), torch.no_grad():
-        torch.manual_seed(seed)
-        pool = loss_fn.prepare_pool(Batch(images=images, labels=labels), augment_pipe)
-    for name in _ROW_FIELDS:
-        value = getattr(pool, name)
-        if value is not None and value.shape[0] != pool_size:
-            raise ValueError(f'loss {type(loss_fn).__name__}: prepare_pool returned {value.shape[0]} rows of '
-                             f'{name!r}, expected {pool_size}')
-    return pool
 
 
 def autocast_context(device: torch.device, precision: str):
@@ -219,7 +166,7 @@ def save_training_state(path: str, state: dict) -> None:
     data_position (global draws consumed from the InfiniteSampler stream: rank r resumes at data_position / world);
     networks {name: state_dict} ('net' and any extra networks of the loss); ema (state_dict of the EMA of 'net');
     optimizers / grad_scalers {phase name: state_dict}; rng [per rank: torch, numpy, python (, cuda)];
-    reference_position (global draws consumed from the reference stream, when the loss asks for references);
+    the batch source's positions (data_position above; STF's source adds reference_position);
     options (JSON of the trajectory options, used to warn when a resume changes them).
     """
     with dnnlib.util.atomic_output(path, 'wb') as f:
@@ -278,53 +225,66 @@ def _progress_bar(total: int, initial: int, enabled: bool):
                      leave=False)
 
 
-def _save_snapshot(path: str, ema, loss_fn, augment_pipe, dataset_kwargs) -> None:
-    """EDM's snapshot dict; save_network_pickle copies modules to the CPU in eval mode and writes atomically."""
-    persistence.save_network_pickle(path, dict(ema=ema, loss_fn=loss_fn, augment_pipe=augment_pipe,
-                                               dataset_kwargs=dict(dataset_kwargs)))
 
 
-def training_loop(
-    run_dir='.',                # Output directory.
-    dataset_kwargs=None,          # Options of the training set.
-    data_loader_kwargs=None,      # Options of torch.utils.data.DataLoader.
-    network_kwargs=None,          # Options of the network (the preconditioned denoiser).
-    loss_kwargs=None,             # Options of the loss (class_name from losses/).
-    optimizer_kwargs=None,        # Options of the optimizer.
-    augment_kwargs=None,        # Options of the augmentation pipe, None = no augmentation.
-    seed=0,                     # Global random seed.
-    batch_size=512,             # Total batch size of one iteration, all ranks together.
-    batch_gpu=None,             # Limit of the batch per rank and accumulation round, None = no limit.
-    total_kimg=200000,          # Training duration in thousands of images (may be fractional).
-    ema_halflife_kimg=500,      # Half-life of the EMA of the weights.
-    ema_rampup_ratio=0.05,      # EMA ramp-up: half-life at most this fraction of cur_nimg; None = no ramp-up.
-    lr_rampup_kimg=10000,       # Learning-rate ramp-up duration.
-    loss_scaling=1,             # Loss scaling factor (EDM's --ls; never divided out).
-    kimg_per_tick=50,           # Interval of progress prints.
-    snapshot_ticks=50,          # How often to save network snapshots, None = never.
-    state_dump_ticks=500,       # How often to dump training states, None = never.
-    resume_pkl=None,            # Snapshot whose 'ema' initialises net and EMA (--transfer, EDM --resume).
-    resume_state_dump=None,     # Training state to resume from: ours (exact) or EDM's (approximate).
-    resume_kimg=0,              # cur_nimg / 1000 at the start (EDM resume; ours restores its own counter).
-    cudnn_benchmark=True,       # torch.backends.cudnn.benchmark.
-    device=None,                # Device; None = torch_utils.distributed.device().
-    precision='fp32',           # 'fp32', 'bf16' or 'fp16' through torch.autocast (fp32 master weights).
-    compile=False,              # torch.compile the networks' forward.
-    allow_tf32=False,           # TF32 matmul/convolutions on Ampere+ (EDM: off).
-    rng='image',                # 'image': per-image sigma/noise keyed by data position; 'rank': EDM's per-rank stream.
-    progress=True,              # tqdm progress bar on rank 0 when stderr is a terminal.
-):
-    start_time = time.time()
-    dataset_kwargs, data_loader_kwargs = dict(dataset_kwargs or {}), dict(data_loader_kwargs or {})
-    network_kwargs, loss_kwargs = dict(network_kwargs or {}), dict(loss_kwargs or {})
-    optimizer_kwargs = dict(optimizer_kwargs or {})
-    device = torch.device(device) if device is not None else dist.device()
+# ---------------------------------------------------------------------------------------------------------------------
+# The loop's steps.
+
+@dataclasses.dataclass
+class _Run:
+    """Everything the loop builds once and then steps."""
+
+    device: torch.device
+    rank: int
+    world_size: int
+    seed: int
+    rng: str
+    precision: str
+    batch_size: int
+    batch_gpu: int
+    batch_gpu_total: int
+    num_rounds: int
+    loss_scaling: float
+    lr_rampup_kimg: float
+    ema_halflife_kimg: float
+    ema_rampup_ratio: float | None
+    loss_kwargs: dict
+    dataset_kwargs: dict
+    net: torch.nn.Module
+    ema: torch.nn.Module
+    networks: dict           # name -> module ('net' is the denoiser; losses may add more)
+    loss_fn: object
+    augment_pipe: object
+    phases: list
+    phase_params: dict       # phase name -> the parameters its optimizer steps
+    phase_networks: dict     # phase name -> networks as its loss_fn sees them (its own DDP-wrapped, maybe compiled)
+    ddp_modules: dict        # network name -> DDP wrapper (gradient sync control) or the module itself
+    scalers: dict            # phase name -> GradScaler (fp16 only)
+    source: object           # the batch source (training/batch_sources.py)
+    max_nonfinite_steps: int = 100  # consecutive non-finite steps that stop the run
+    cur_nimg: int = 0
+    cur_tick: int = 0
+    cur_iter: int = 0
+    # Device-side counters (read on the host once per tick or per max_nonfinite_steps iterations, never per step).
+    tick_loss_sum: torch.Tensor | None = None      # sum of the first phase's per-element losses in this tick
+    tick_loss_num: int = 0                         # their number
+    tick_nonfinite: torch.Tensor | None = None     # steps of this tick with a non-finite loss or gradient
+    consecutive_nonfinite: torch.Tensor | None = None
+    max_consecutive_nonfinite: torch.Tensor | None = None
+
+    def reset_tick_counters(self) -> None:
+        zero = torch.zeros((), dtype=torch.float64, device=self.device)
+        self.tick_loss_sum, self.tick_loss_num, self.tick_nonfinite = zero.clone(), 0, zero.clone()
+        if self.consecutive_nonfinite is None:
+            self.consecutive_nonfinite = zero.clone()
+            self.max_consecutive_nonfinite = zero.clone()
+
+
+def _build(*, dataset_kwargs, data_loader_kwargs, network_kwargs, loss_kwargs, optimizer_kwargs, augment_kwargs,
+           seed, batch_size, batch_gpu, ema_halflife_kimg, ema_rampup_ratio, lr_rampup_kimg, loss_scaling,
+           cudnn_benchmark, device, precision, compile, allow_tf32, rng, resume_positions) -> _Run:
+    """Seeding, data, networks, loss, phases, DDP and the batch source, in EDM's order of random draws."""
     rank, world_size = dist.get_rank(), dist.get_world_size()
-    if rng not in ('image', 'rank'):
-        raise ValueError(f"rng={rng!r}; expected 'image' or 'rank'")
-    if precision not in PRECISIONS:
-        raise ValueError(f"precision={precision!r}; expected one of {', '.join(PRECISIONS)}")
-    training_stats.reset()
 
     # Seeding and backend flags, as EDM.
     np.random.seed((seed * world_size + rank) % (1 << 31))
@@ -333,38 +293,15 @@ def training_loop(
     torch.backends.cudnn.allow_tf32 = allow_tf32
     torch.backends.cuda.matmul.allow_tf32 = allow_tf32
     torch.backends.cuda.matmul.allow_fp16_reduced_precision_reduction = False
+    batch_gpu_total, batch_gpu, num_rounds = split_batch(batch_size, world_size, batch_gpu)
 
-    batch_gpu_total, batch_gpu, num_accumulation_rounds = split_batch(batch_size, world_size, batch_gpu)
-    options = dict(dataset_kwargs=dataset_kwargs, network_kwargs=network_kwargs, loss_kwargs=loss_kwargs,
-                   optimizer_kwargs=optimizer_kwargs, augment_kwargs=augment_kwargs, seed=seed, batch_size=batch_size,
-                   ema_halflife_kimg=ema_halflife_kimg, ema_rampup_ratio=ema_rampup_ratio,
-                   lr_rampup_kimg=lr_rampup_kimg, loss_scaling=loss_scaling, precision=precision, rng=rng)
-
-    # Our training state (exact resume) or EDM's (approximate)?
-    state = None
-    if resume_state_dump is not None:
-        state = load_training_state(resume_state_dump)
-        if state is not None:
-            saved = json.loads(state['options'])
-            changed = [k for k in _TRAJECTORY_OPTIONS
-                       if _options_json(saved.get(k)) != _options_json(options.get(k))]
-            if changed:
-                warnings.warn(f'resuming from {resume_state_dump} with different {", ".join(changed)}: the '
-                              f'continuation will not be exact', stacklevel=2)
-    data_position = int(state['data_position']) if state is not None else 0
-    if data_position % world_size != 0:
-        warnings.warn(f'data position {data_position} is not a multiple of {world_size} ranks; rounding down',
-                      stacklevel=2)
-    start_idx = data_position // world_size
-    reference_start = int(state.get('reference_position', 0)) // world_size if state is not None else 0
-
-    # Data.
+    # Data: EDM's stream of training images (its DataLoader iterator is created here, before the networks, as EDM).
     dist.print0('Loading dataset...')
     dataset_obj = dnnlib.util.construct_class_by_name(**dataset_kwargs)
-    dataset_sampler = InfiniteSampler(dataset=dataset_obj, rank=rank, num_replicas=world_size, seed=seed,
-                                      start_idx=start_idx)
-    dataset_iterator = iter(torch.utils.data.DataLoader(dataset=dataset_obj, sampler=dataset_sampler,
-                                                        batch_size=batch_gpu, **data_loader_kwargs))
+    data = DataContext(dataset=dataset_obj, rank=rank, world_size=world_size, seed=seed, batch_gpu=batch_gpu,
+                       num_rounds=num_rounds, device=device, loader_kwargs=data_loader_kwargs,
+                       resume=dict(resume_positions))
+    stream = StreamSource(data)
 
     # Networks, loss, phases.
     dist.print0('Constructing network...')
@@ -375,10 +312,12 @@ def training_loop(
     with _weight_init_rng(seed if rng == 'image' else None):
         net = dnnlib.util.construct_class_by_name(**network_kwargs, **interface_kwargs)
         net.train().requires_grad_(True).to(device)
-
         dist.print0('Setting up optimizer...')
         loss_fn = dnnlib.util.construct_class_by_name(**loss_kwargs)
-        requirements = check_data_requirements(loss_fn, batch_gpu_total)
+        if hasattr(loss_fn, 'check_data'):
+            for message in loss_fn.check_data(batch_gpu_total=batch_gpu_total, batch_gpu=batch_gpu,
+                                              dataset_size=len(dataset_obj)):
+                warnings.warn(message, stacklevel=2)
         augment_pipe = dnnlib.util.construct_class_by_name(**augment_kwargs) if augment_kwargs is not None else None
         networks = dict(net=net)
         if hasattr(loss_fn, 'extra_networks'):
@@ -406,8 +345,7 @@ def training_loop(
     if rank == 0:
         _print_module_summary(networks)
 
-    ddp_modules = {}    # DDP wrapper (or the module itself) per network: gradient sync control
-    train_modules = {}  # what a phase calls for its own network: DDP wrapper, maybe compiled
+    ddp_modules, train_modules = {}, {}
     for name, module in networks.items():
         wrapped = module
         if dist.is_distributed() and any(p.requires_grad for p in module.parameters()):
@@ -417,221 +355,341 @@ def training_loop(
         train_modules[name] = torch.compile(wrapped) if compile else wrapped
     phase_networks = {phase.name: {name: (train_modules[name] if name == phase.network else module)
                                    for name, module in networks.items()} for phase in phases}
-    multi_phase = len(phases) > 1
     ema = copy.deepcopy(net).eval().requires_grad_(False)
     scalers = {phase.name: torch.amp.GradScaler(device.type) for phase in phases} if precision == 'fp16' else {}
 
-    # What the loss asks of the data (built before the resume, which restores the RNG states last).
-    num_references = requirements.get('references', 0)
-    pool_size = requirements.get('pool')
-    reference_iterator = None
-    if num_references:
-        # An independent shuffled stream over the training set, so that pools and resumes never interleave with it.
-        reference_sampler = InfiniteSampler(dataset=dataset_obj, rank=rank, num_replicas=world_size,
-                                            seed=_reference_stream_seed(seed), start_idx=reference_start)
-        reference_iterator = iter(torch.utils.data.DataLoader(dataset=dataset_obj, sampler=reference_sampler,
-                                                              batch_size=num_references, **data_loader_kwargs))
-    pool, pool_offset, pool_skip = None, 0, 0
-    if pool_size is not None and start_idx % pool_size != 0:
-        # Resuming inside a pool: read that pool again from its first image and skip the rows already trained on.
-        pool_skip = start_idx % pool_size
-        dataset_sampler = InfiniteSampler(dataset=dataset_obj, rank=rank, num_replicas=world_size, seed=seed,
-                                          start_idx=start_idx - pool_skip)
-        dataset_iterator = iter(torch.utils.data.DataLoader(dataset=dataset_obj, sampler=dataset_sampler,
-                                                            batch_size=batch_gpu, **data_loader_kwargs))
+    # The loss's batch source, around EDM's stream (built before the resume, which restores the RNG states last).
+    data.augment_pipe = augment_pipe
+    source = loss_fn.batch_source(data, stream) if hasattr(loss_fn, 'batch_source') else stream
 
-    # Resume.
-    cur_nimg = int(resume_kimg * 1000)
-    cur_tick = 0
-    cur_iter = 0
+    return _Run(device=device, rank=rank, world_size=world_size, seed=seed, rng=rng, precision=precision,
+                batch_size=batch_size, batch_gpu=batch_gpu, batch_gpu_total=batch_gpu_total, num_rounds=num_rounds,
+                loss_scaling=loss_scaling, lr_rampup_kimg=lr_rampup_kimg, ema_halflife_kimg=ema_halflife_kimg,
+                ema_rampup_ratio=ema_rampup_ratio, loss_kwargs=loss_kwargs, dataset_kwargs=dataset_kwargs, net=net,
+                ema=ema, networks=networks, loss_fn=loss_fn, augment_pipe=augment_pipe, phases=phases,
+                phase_params=phase_params, phase_networks=phase_networks, ddp_modules=ddp_modules, scalers=scalers,
+                source=source)
+
+
+def _resume(run: _Run, *, state, resume_pkl, resume_state_dump, resume_kimg, optimizer_kwargs) -> None:
+    """Weights from a snapshot (--transfer), an EDM training state (approximate) or ours (exact: networks, EMA,
+    optimizers, scalers, counters and, last, the RNG states)."""
+    run.cur_nimg = int(resume_kimg * 1000)
     if resume_pkl is not None:
         dist.print0(f'Loading network weights from "{resume_pkl}"...')
-        if rank != 0:
-            dist.barrier()  # rank 0 downloads first
-        data = persistence.load_network_pickle(resume_pkl)
-        if rank == 0:
-            dist.barrier()
-        misc.copy_params_and_buffers(src_module=data['ema'], dst_module=net, require_all=False)
-        misc.copy_params_and_buffers(src_module=data['ema'], dst_module=ema, require_all=False)
-        del data
+        net = snapshots.load_snapshot(resume_pkl).net
+        misc.copy_params_and_buffers(src_module=net, dst_module=run.net, require_all=False)
+        misc.copy_params_and_buffers(src_module=net, dst_module=run.ema, require_all=False)
+        del net
     if resume_state_dump is not None and state is None:
         dist.print0(f'Loading EDM training state from "{resume_state_dump}"...')
         warnings.warn(f'{resume_state_dump} is an EDM training state: it has no EMA, RNG state or data position, '
                       f'so the data order and random streams restart (not an exact resume)', stacklevel=2)
         data = persistence.load_edm_training_state(resume_state_dump)
-        misc.copy_params_and_buffers(src_module=data['net'], dst_module=net, require_all=True)
-        phases[0].optimizer.load_state_dict(data['optimizer_state'])
-        for group in phases[0].optimizer.param_groups:
+        misc.copy_params_and_buffers(src_module=data['net'], dst_module=run.net, require_all=True)
+        optimizer = run.phases[0].optimizer
+        optimizer.load_state_dict(data['optimizer_state'])
+        for group in optimizer.param_groups:
             group.setdefault('base_lr', optimizer_kwargs.get('lr', group['lr']))
         del data
     if state is not None:
         dist.print0(f'Resuming exactly from "{resume_state_dump}"...')
-        for name, module in networks.items():
+        for name, module in run.networks.items():
             if name not in state['networks']:
                 raise ValueError(f'{resume_state_dump}: no weights for network {name!r}')
             module.load_state_dict(state['networks'][name])
-        ema.load_state_dict(state['ema'])
-        for phase in phases:
+        run.ema.load_state_dict(state['ema'])
+        for phase in run.phases:
             if phase.name not in state['optimizers']:
                 raise ValueError(f'{resume_state_dump}: no optimizer state for phase {phase.name!r}')
+            configured = [group['base_lr'] for group in phase.optimizer.param_groups]
             phase.optimizer.load_state_dict(state['optimizers'][phase.name])
-            if phase.name in scalers and phase.name in state.get('grad_scalers', {}):
-                scalers[phase.name].load_state_dict(state['grad_scalers'][phase.name])
-        cur_nimg, cur_tick, cur_iter = int(state['cur_nimg']), int(state['cur_tick']), int(state['cur_iter'])
-        # Last, after everything that draws random numbers while being built (networks, data loader).
-        if int(state['world_size']) == world_size:
-            _set_rng_state(state['rng'][rank], device)
+            # The learning rate is this run's (--lr on a resume takes effect); the moments are the state's.
+            for group, base_lr in zip(phase.optimizer.param_groups, configured):
+                group['base_lr'] = base_lr
+            if phase.name in run.scalers and phase.name in state.get('grad_scalers', {}):
+                run.scalers[phase.name].load_state_dict(state['grad_scalers'][phase.name])
+        run.cur_nimg, run.cur_tick = int(state['cur_nimg']), int(state['cur_tick'])
+        run.cur_iter = int(state['cur_iter'])
+        # Last, after everything that draws random numbers while being built (networks, data loaders).
+        if int(state['world_size']) == run.world_size:
+            _set_rng_state(state['rng'][run.rank], run.device)
         else:
             warnings.warn(f'{resume_state_dump} was written by {state["world_size"]} ranks, this run has '
-                          f'{world_size}: augmentation/dropout random streams restart', stacklevel=2)
-        del state
+                          f'{run.world_size}: augmentation/dropout random streams restart', stacklevel=2)
+
+
+def _train_step(run: _Run) -> None:
+    """One iteration: the source's rounds through every phase due, then the EMA; cur_nimg advances by the batch."""
+    rounds = run.source.next_rounds()
+    nonfinite = torch.zeros((), dtype=torch.bool, device=run.device)
+    for phase_idx, phase in enumerate(run.phases):
+        if not phase.runs_at(run.cur_iter):
+            continue
+        if len(run.phases) > 1:
+            params = {id(p) for p in run.phase_params[phase.name]}
+            for module in run.networks.values():
+                for p in module.parameters():
+                    p.requires_grad_(id(p) in params)
+        phase.optimizer.zero_grad(set_to_none=True)
+        scaler = run.scalers.get(phase.name)
+        for round_idx, round_batch in enumerate(rounds):
+            batch_random = None
+            if run.rng == 'image':
+                batch_random = PerImageRandom.for_round(run.seed, run.cur_nimg, run.batch_size, run.world_size,
+                                                        run.rank, run.batch_gpu, round_idx, run.device,
+                                                        stream=phase_idx)
+            batch = dataclasses.replace(round_batch, random=batch_random)
+            with misc.ddp_sync(run.ddp_modules[phase.network], sync=(round_idx == run.num_rounds - 1)):
+                with autocast_context(run.device, run.precision):
+                    loss = phase.loss_fn(run.phase_networks[phase.name], batch, run.augment_pipe)
+                training_stats.report(phase.stat_name, loss)
+                num_elements = loss.numel()
+                loss = loss.sum()
+                nonfinite |= ~torch.isfinite(loss)
+                if phase_idx == 0:
+                    run.tick_loss_sum += loss.detach()
+                    run.tick_loss_num += num_elements
+                loss = loss.mul(run.loss_scaling / run.batch_gpu_total)
+                (scaler.scale(loss) if scaler is not None else loss).backward()
+
+        lr_scale = (phase.lr_schedule(run.cur_nimg) if phase.lr_schedule is not None
+                    else learning_rate_ramp(run.cur_nimg, run.lr_rampup_kimg))
+        for group in phase.optimizer.param_groups:
+            group['lr'] = group['base_lr'] * lr_scale
+        if scaler is not None:
+            scaler.unscale_(phase.optimizer)
+        grads_nonfinite = misc.nan_to_num_grads_(run.phase_params[phase.name])
+        if grads_nonfinite is not None:
+            nonfinite |= grads_nonfinite
+        if scaler is not None:
+            scaler.step(phase.optimizer)
+            scaler.update()
+        else:
+            phase.optimizer.step()
+
+    # Non-finite steps: counted on the device (EDM only scrubs them), reported to stats.jsonl as Loss/nonfinite.
+    training_stats.report('Loss/nonfinite', nonfinite.to(torch.float32))
+    run.tick_nonfinite += nonfinite
+    run.consecutive_nonfinite = (run.consecutive_nonfinite + 1) * nonfinite
+    torch.maximum(run.max_consecutive_nonfinite, run.consecutive_nonfinite, out=run.max_consecutive_nonfinite)
+
+    update_ema(run.ema, run.net, ema_beta(run.cur_nimg, run.batch_size, run.ema_halflife_kimg, run.ema_rampup_ratio))
+    run.cur_nimg += run.batch_size
+    run.cur_iter += 1
+
+
+def _report_tick(run: _Run, *, start_time, tick_start_time, tick_start_nimg, maintenance_time, progress_bar) -> None:
+    """EDM's status line, also reported to training_stats under EDM's names."""
+    tick_end_time = time.time()
+    on_cuda = run.device.type == 'cuda'
+    peak_mem = torch.cuda.max_memory_allocated(run.device) / 2**30 if on_cuda else 0.0
+    peak_reserved = torch.cuda.max_memory_reserved(run.device) / 2**30 if on_cuda else 0.0
+    report0 = training_stats.report0
+    fields = []
+    fields += [f"tick {report0('Progress/tick', run.cur_tick):<5d}"]
+    fields += [f"kimg {report0('Progress/kimg', run.cur_nimg / 1e3):<9.1f}"]
+    fields += [f"time {dnnlib.util.format_time(report0('Timing/total_sec', tick_end_time - start_time)):<12s}"]
+    fields += [f"sec/tick {report0('Timing/sec_per_tick', tick_end_time - tick_start_time):<7.1f}"]
+    sec_per_kimg = (tick_end_time - tick_start_time) / max(run.cur_nimg - tick_start_nimg, 1) * 1e3
+    fields += [f"sec/kimg {report0('Timing/sec_per_kimg', sec_per_kimg):<7.2f}"]
+    loss_mean = float(run.tick_loss_sum) / max(run.tick_loss_num, 1)  # this rank's; stats.jsonl has all ranks'
+    num_nonfinite = int(run.tick_nonfinite)
+    fields += [f"loss {loss_mean:<8.4g}"]
+    if num_nonfinite:
+        fields += [f"nonfinite {num_nonfinite}"]
+    fields += [f"maintenance {report0('Timing/maintenance_sec', maintenance_time):<6.1f}"]
+    cpu_mem = psutil.Process(os.getpid()).memory_info().rss / 2**30
+    fields += [f"cpumem {report0('Resources/cpu_mem_gb', cpu_mem):<6.2f}"]
+    report0('Resources/peak_gpu_mem_gb', peak_mem)
+    report0('Resources/peak_gpu_mem_reserved_gb', peak_reserved)
+    if on_cuda:  # EDM's columns, shown where they mean something (stats.jsonl always has them)
+        fields += [f"gpumem {peak_mem:<6.2f}", f"reserved {peak_reserved:<6.2f}"]
+    if on_cuda:
+        torch.cuda.reset_peak_memory_stats(run.device)
+    if progress_bar is not None:
+        with progress_bar.external_write_mode():
+            dist.print0(' '.join(fields))
+    else:
+        dist.print0(' '.join(fields))
+    if num_nonfinite:
+        warnings.warn(f'{num_nonfinite} training step(s) of this tick had non-finite losses or gradients (scrubbed '
+                      f'as EDM does; the run stops after {run.max_nonfinite_steps} in a row)', stacklevel=2)
+
+
+def _check_nonfinite(run: _Run) -> None:
+    """Stop a diverged run: `max_nonfinite_steps` consecutive steps with non-finite losses or gradients."""
+    longest = int(run.max_consecutive_nonfinite)
+    if longest >= run.max_nonfinite_steps:
+        raise NonFiniteTrainingError(
+            f'training diverged: {longest} consecutive steps with non-finite losses or gradients (before kimg '
+            f'{run.cur_nimg / 1000:g}); stopping without writing non-finite snapshots. The last training state '
+            f'written is the last good one; lower --lr or check the loss options before resuming from it')
+
+
+def _write_snapshot(run: _Run, run_dir: str) -> None:
+    """network-snapshot-NNNNNN.pkl (rank 0): the EMA network with the records of its process and loss; refused
+    when the EMA holds non-finite weights."""
+    if not all_finite(run.ema):
+        raise NonFiniteTrainingError(f'training diverged: the EMA weights are not finite at kimg '
+                                     f'{run.cur_nimg / 1000:g}; no snapshot written. The last training state written '
+                                     f'is the last good one; lower --lr or check the loss options before resuming')
+    snapshots.save_snapshot(os.path.join(run_dir, f'network-snapshot-{run.cur_nimg // 1000:06d}.pkl'), ema=run.ema,
+                            loss_kwargs=run.loss_kwargs, process=getattr(run.loss_fn, 'process', EDMProcess()),
+                            augment_pipe=run.augment_pipe,
+                            dataset_kwargs=run.dataset_kwargs)
+
+
+def _write_training_state(run: _Run, run_dir: str, options: dict, extras: dict | None = None) -> None:
+    """training-state-NNNNNN.pt: RNG states gathered from every rank, written by rank 0."""
+    bad = [name for name, module in run.networks.items() if not all_finite(module)]
+    if bad or not all_finite(run.ema):
+        raise NonFiniteTrainingError(f'training diverged: non-finite weights in {", ".join(bad) or "the EMA"} at kimg '
+                                     f'{run.cur_nimg / 1000:g}; no training state written. The last one written is the '
+                                     f'last good one; lower --lr or check the loss options before resuming from it')
+    rng_states = [_get_rng_state(run.device)]
+    if dist.is_distributed():
+        rng_states = [None] * run.world_size
+        torch.distributed.all_gather_object(rng_states, _get_rng_state(run.device))
+    if run.rank != 0:
+        return
+    save_training_state(os.path.join(run_dir, f'training-state-{run.cur_nimg // 1000:06d}.pt'), dict(
+        format=STATE_FORMAT, version=STATE_VERSION,
+        cur_nimg=run.cur_nimg, cur_tick=run.cur_tick + 1, cur_iter=run.cur_iter,
+        seed=run.seed, world_size=run.world_size, batch_size=run.batch_size,
+        **run.source.state_dict(),
+        networks={name: module.state_dict() for name, module in run.networks.items()},
+        ema=run.ema.state_dict(),
+        optimizers={phase.name: phase.optimizer.state_dict() for phase in run.phases},
+        grad_scalers={name: scaler.state_dict() for name, scaler in run.scalers.items()},
+        rng=rng_states,
+        options=_options_json(options),
+        **(extras or {}),
+    ))
+
+
+_SOURCE_POSITIONS = ('data_position', 'reference_position')  # What training states of the first version stored.
+
+
+def training_loop(
+    run_dir='.',                # Output directory.
+    dataset_kwargs=None,          # Options of the training set.
+    data_loader_kwargs=None,      # Options of torch.utils.data.DataLoader.
+    network_kwargs=None,          # Options of the network (the preconditioned denoiser).
+    loss_kwargs=None,             # Options of the loss (class_name from losses/).
+    optimizer_kwargs=None,        # Options of the optimizer.
+    augment_kwargs=None,        # Options of the augmentation pipe, None = no augmentation.
+    seed=0,                     # Global random seed.
+    batch_size=512,             # Total batch size of one iteration, all ranks together.
+    batch_gpu=None,             # Limit of the batch per rank and accumulation round, None = no limit.
+    total_kimg=200000,          # Training duration in thousands of images (may be fractional).
+    ema_halflife_kimg=500,      # Half-life of the EMA of the weights.
+    ema_rampup_ratio=0.05,      # EMA ramp-up: half-life at most this fraction of cur_nimg; None = no ramp-up.
+    lr_rampup_kimg=10000,       # Learning-rate ramp-up duration (phases without their own lr_schedule).
+    loss_scaling=1,             # Loss scaling factor (EDM's --ls; never divided out).
+    kimg_per_tick=50,           # Interval of progress prints.
+    snapshot_ticks=50,          # How often to save network snapshots, None = never.
+    state_dump_ticks=500,       # How often to dump training states, None = never.
+    resume_pkl=None,            # Snapshot whose 'ema' initialises net and EMA (--transfer, EDM --resume).
+    resume_state_dump=None,     # Training state to resume from: ours (exact) or EDM's (approximate).
+    resume_kimg=0,              # cur_nimg / 1000 at the start (EDM resume; ours restores its own counter).
+    cudnn_benchmark=True,       # torch.backends.cudnn.benchmark.
+    device=None,                # Device; None = torch_utils.distributed.device().
+    precision='fp32',           # 'fp32', 'bf16' or 'fp16' through torch.autocast (fp32 master weights).
+    compile=False,              # torch.compile the networks' forward.
+    allow_tf32=False,           # TF32 matmul/convolutions on Ampere+ (EDM: off).
+    rng='image',                # 'image': per-image sigma/noise keyed by data position; 'rank': EDM's per-rank stream.
+    progress=True,              # tqdm progress bar on rank 0 when stderr is a terminal.
+    max_nonfinite_steps=100,    # Stop after this many consecutive steps with non-finite losses or gradients.
+    state_extras=None,          # {name: str}: stored verbatim in every training state (train.py: its options).
+):
+    start_time = time.time()
+    dataset_kwargs, data_loader_kwargs = dict(dataset_kwargs or {}), dict(data_loader_kwargs or {})
+    network_kwargs, loss_kwargs = dict(network_kwargs or {}), dict(loss_kwargs or {})
+    optimizer_kwargs = dict(optimizer_kwargs or {})
+    device = torch.device(device) if device is not None else dist.device()
+    if rng not in ('image', 'rank'):
+        raise ValueError(f"rng={rng!r}; expected 'image' or 'rank'")
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision={precision!r}; expected one of {', '.join(PRECISIONS)}")
+    training_stats.reset()
+    options = dict(dataset_kwargs=dataset_kwargs, network_kwargs=network_kwargs, loss_kwargs=loss_kwargs,
+                   optimizer_kwargs=optimizer_kwargs, augment_kwargs=augment_kwargs, seed=seed, batch_size=batch_size,
+                   ema_halflife_kimg=ema_halflife_kimg, ema_rampup_ratio=ema_rampup_ratio,
+                   lr_rampup_kimg=lr_rampup_kimg, loss_scaling=loss_scaling, precision=precision, rng=rng)
+
+    # Our training state (exact resume) or EDM's (approximate)?
+    state = None
+    if resume_state_dump is not None:
+        state = load_training_state(resume_state_dump)
+        if state is not None:
+            saved = json.loads(state['options'])
+            changed = [k for k in _TRAJECTORY_OPTIONS
+                       if _options_json(saved.get(k)) != _options_json(options.get(k))]
+            if changed:
+                warnings.warn(f'resuming from {resume_state_dump} with different {", ".join(changed)}: the '
+                              f'continuation will not be exact', stacklevel=2)
+    resume_positions = {k: v for k, v in (state or {}).items()
+                        if k in _SOURCE_POSITIONS or k.endswith('_position')}
+
+    run = _build(dataset_kwargs=dataset_kwargs, data_loader_kwargs=data_loader_kwargs, network_kwargs=network_kwargs,
+                 loss_kwargs=loss_kwargs, optimizer_kwargs=optimizer_kwargs, augment_kwargs=augment_kwargs, seed=seed,
+                 batch_size=batch_size, batch_gpu=batch_gpu, ema_halflife_kimg=ema_halflife_kimg,
+                 ema_rampup_ratio=ema_rampup_ratio, lr_rampup_kimg=lr_rampup_kimg, loss_scaling=loss_scaling,
+                 cudnn_benchmark=cudnn_benchmark, device=device, precision=precision, compile=compile,
+                 allow_tf32=allow_tf32, rng=rng, resume_positions=resume_positions)
+    _resume(run, state=state, resume_pkl=resume_pkl, resume_state_dump=resume_state_dump, resume_kimg=resume_kimg,
+            optimizer_kwargs=optimizer_kwargs)
+    del state
+    if max_nonfinite_steps < 1:
+        raise ValueError(f'max_nonfinite_steps must be >= 1, got {max_nonfinite_steps}')
+    run.max_nonfinite_steps = int(max_nonfinite_steps)
+    run.reset_tick_counters()
 
     # Train.
     total_nimg = round(total_kimg * 1000)  # fractional kimg (short test runs) without float surprises
     dist.print0(f'Training for {total_kimg} kimg...')
     dist.print0()
-    tick_start_nimg = cur_nimg
+    tick_start_nimg = run.cur_nimg
     tick_start_time = time.time()
     maintenance_time = tick_start_time - start_time
-    dist.update_progress(cur_nimg // 1000, total_kimg)
+    dist.update_progress(run.cur_nimg // 1000, total_kimg)
     stats_jsonl = None
-    progress_bar = _progress_bar(total=int(total_nimg), initial=min(cur_nimg, int(total_nimg)), enabled=progress)
-    data_consumed = start_idx  # per rank
-    references_consumed = reference_start  # per rank
+    progress_bar = _progress_bar(total=int(total_nimg), initial=min(run.cur_nimg, int(total_nimg)), enabled=progress)
     while True:
-        if pool_size is None:
-            rounds = []
-            for _ in range(num_accumulation_rounds):
-                images, labels = next(dataset_iterator)
-                rounds.append(Batch(images=images.to(device).to(torch.float32) / 127.5 - 1, labels=labels.to(device)))
-        else:
-            if pool is None or pool_offset == pool_size:
-                pool = _load_pool(loss_fn, dataset_iterator, pool_size, batch_gpu, device, augment_pipe,
-                                  _pool_seed(seed, rank, data_consumed // pool_size))
-                pool_offset, pool_skip = pool_skip, 0
-            rounds = [_batch_rows(pool, slice(pool_offset + k * batch_gpu, pool_offset + (k + 1) * batch_gpu))
-                      for k in range(num_accumulation_rounds)]
-            pool_offset += batch_gpu_total
-        if reference_iterator is not None:
-            reference_images, reference_labels = next(reference_iterator)
-            reference_images = reference_images.to(device).to(torch.float32) / 127.5 - 1
-            reference_labels = reference_labels.to(device)
-            rounds = [dataclasses.replace(b, references=reference_images, reference_labels=reference_labels)
-                      for b in rounds]
-            references_consumed += num_references
-        data_consumed += batch_gpu_total
-
-        for phase_idx, phase in enumerate(phases):
-            if not phase.runs_at(cur_iter):
-                continue
-            if multi_phase:
-                params = {id(p) for p in phase_params[phase.name]}
-                for module in networks.values():
-                    for p in module.parameters():
-                        p.requires_grad_(id(p) in params)
-            phase.optimizer.zero_grad(set_to_none=True)
-            scaler = scalers.get(phase.name)
-            for round_idx, round_batch in enumerate(rounds):
-                batch_random = None
-                if rng == 'image':
-                    batch_random = PerImageRandom.for_round(seed, cur_nimg, batch_size, world_size, rank, batch_gpu,
-                                                            round_idx, device, stream=phase_idx)
-                batch = dataclasses.replace(round_batch, random=batch_random)
-                with misc.ddp_sync(ddp_modules[phase.network], sync=(round_idx == num_accumulation_rounds - 1)):
-                    with autocast_context(device, precision):
-                        loss = phase.loss_fn(phase_networks[phase.name], batch, augment_pipe)
-                    training_stats.report(phase.stat_name, loss)
-                    loss = loss.sum().mul(loss_scaling / batch_gpu_total)
-                    (scaler.scale(loss) if scaler is not None else loss).backward()
-
-            lr_scale = learning_rate_ramp(cur_nimg, lr_rampup_kimg)
-            for group in phase.optimizer.param_groups:
-                group['lr'] = group['base_lr'] * lr_scale
-            if scaler is not None:
-                scaler.unscale_(phase.optimizer)
-            misc.nan_to_num_grads_(phase_params[phase.name])
-            if scaler is not None:
-                scaler.step(phase.optimizer)
-                scaler.update()
-            else:
-                phase.optimizer.step()
-
-        update_ema(ema, net, ema_beta(cur_nimg, batch_size, ema_halflife_kimg, ema_rampup_ratio))
-
-        cur_nimg += batch_size
-        cur_iter += 1
+        _train_step(run)
         if progress_bar is not None:
-            progress_bar.update(batch_size)
-        done = (cur_nimg >= total_nimg)
-        if (not done) and (cur_tick != 0) and (cur_nimg < tick_start_nimg + kimg_per_tick * 1000):
+            progress_bar.update(run.batch_size)
+        done = (run.cur_nimg >= total_nimg)
+        if (not done) and (run.cur_tick != 0) and (run.cur_nimg < tick_start_nimg + kimg_per_tick * 1000):
+            if run.cur_iter % run.max_nonfinite_steps == 0:
+                _check_nonfinite(run)
             continue
+        _check_nonfinite(run)
 
-        # Status line, also reported to training_stats (EDM's names).
         tick_end_time = time.time()
-        on_cuda = device.type == 'cuda'
-        peak_mem = torch.cuda.max_memory_allocated(device) / 2**30 if on_cuda else 0.0
-        peak_reserved = torch.cuda.max_memory_reserved(device) / 2**30 if on_cuda else 0.0
-        fields = []
-        fields += [f"tick {training_stats.report0('Progress/tick', cur_tick):<5d}"]
-        fields += [f"kimg {training_stats.report0('Progress/kimg', cur_nimg / 1e3):<9.1f}"]
-        fields += [f"time {dnnlib.util.format_time(training_stats.report0('Timing/total_sec', tick_end_time - start_time)):<12s}"]  # noqa: E501
-        fields += [f"sec/tick {training_stats.report0('Timing/sec_per_tick', tick_end_time - tick_start_time):<7.1f}"]
-        sec_per_kimg = (tick_end_time - tick_start_time) / max(cur_nimg - tick_start_nimg, 1) * 1e3
-        fields += [f"sec/kimg {training_stats.report0('Timing/sec_per_kimg', sec_per_kimg):<7.2f}"]
-        fields += [f"maintenance {training_stats.report0('Timing/maintenance_sec', maintenance_time):<6.1f}"]
-        cpu_mem = psutil.Process(os.getpid()).memory_info().rss / 2**30
-        fields += [f"cpumem {training_stats.report0('Resources/cpu_mem_gb', cpu_mem):<6.2f}"]
-        fields += [f"gpumem {training_stats.report0('Resources/peak_gpu_mem_gb', peak_mem):<6.2f}"]
-        fields += [f"reserved {training_stats.report0('Resources/peak_gpu_mem_reserved_gb', peak_reserved):<6.2f}"]
-        if on_cuda:
-            torch.cuda.reset_peak_memory_stats(device)
-        if progress_bar is not None:
-            with progress_bar.external_write_mode():
-                dist.print0(' '.join(fields))
-        else:
-            dist.print0(' '.join(fields))
-
+        _report_tick(run, start_time=start_time, tick_start_time=tick_start_time, tick_start_nimg=tick_start_nimg,
+                     maintenance_time=maintenance_time, progress_bar=progress_bar)
         if (not done) and dist.should_stop():
             done = True
             dist.print0()
             dist.print0('Aborting...')
-
-        # Network snapshot (rank 0).
-        if (snapshot_ticks is not None) and (done or cur_tick % snapshot_ticks == 0) and rank == 0:
-            _save_snapshot(os.path.join(run_dir, f'network-snapshot-{cur_nimg // 1000:06d}.pkl'), ema=ema,
-                           loss_fn=loss_fn, augment_pipe=augment_pipe, dataset_kwargs=dataset_kwargs)
-
-        # Training state (RNG states gathered from every rank, written by rank 0).
-        if (state_dump_ticks is not None) and (done or cur_tick % state_dump_ticks == 0) and cur_tick != 0:
-            rng_states = [_get_rng_state(device)]
-            if dist.is_distributed():
-                rng_states = [None] * world_size
-                torch.distributed.all_gather_object(rng_states, _get_rng_state(device))
-            if rank == 0:
-                save_training_state(os.path.join(run_dir, f'training-state-{cur_nimg // 1000:06d}.pt'), dict(
-                    format=STATE_FORMAT, version=STATE_VERSION,
-                    cur_nimg=cur_nimg, cur_tick=cur_tick + 1, cur_iter=cur_iter,
-                    seed=seed, world_size=world_size, batch_size=batch_size,
-                    data_position=data_consumed * world_size,
-                    reference_position=references_consumed * world_size,
-                    networks={name: module.state_dict() for name, module in networks.items()},
-                    ema=ema.state_dict(),
-                    optimizers={phase.name: phase.optimizer.state_dict() for phase in phases},
-                    grad_scalers={name: scaler.state_dict() for name, scaler in scalers.items()},
-                    rng=rng_states,
-                    options=_options_json(options),
-                ))
+        if (snapshot_ticks is not None) and (done or run.cur_tick % snapshot_ticks == 0) and run.rank == 0:
+            _write_snapshot(run, run_dir)
+        if (state_dump_ticks is not None) and (done or run.cur_tick % state_dump_ticks == 0) and run.cur_tick != 0:
+            _write_training_state(run, run_dir, options, state_extras)
 
         # Logs.
         training_stats.default_collector.update()
-        if rank == 0:
+        if run.rank == 0:
             if stats_jsonl is None:
                 stats_jsonl = open(os.path.join(run_dir, 'stats.jsonl'), 'a')
             training_stats.write_jsonl_line(stats_jsonl, training_stats.default_collector)
-        dist.update_progress(cur_nimg // 1000, total_kimg)
+        dist.update_progress(run.cur_nimg // 1000, total_kimg)
 
-        cur_tick += 1
-        tick_start_nimg = cur_nimg
+        run.cur_tick += 1
+        run.reset_tick_counters()
+        tick_start_nimg = run.cur_nimg
         tick_start_time = time.time()
         maintenance_time = tick_start_time - tick_end_time
         if done:

@@ -1,0 +1,38 @@
+"""LossWrapper: the shared base of the plug-ins that modify another loss (STF's targets, AOT's noise pairing).
+
+A wrapper holds its base loss (built from `base_kwargs`, EDM's loss by default) and passes through what it does
+not change: the process, the batch source and the data checks. Wrappers nest (AOT over STF over EDM) and are
+registered in losses.LOSS_WRAPPERS with the train.py flags that turn them on.
+"""
+
+import dnnlib
+
+DEFAULT_BASE = dict(class_name='losses.denoising.EDMLoss')
+
+
+class LossWrapper:
+    """A loss built around `self.base`; subclasses override __call__ and, when they need other data, batch_source."""
+
+    def __init__(self, base_kwargs=None):
+        self.base_kwargs = dict(base_kwargs) if base_kwargs is not None else dict(DEFAULT_BASE)
+        self.base = dnnlib.util.construct_class_by_name(**self.base_kwargs)
+
+    @property
+    def process(self):
+        return self.base.process
+
+    def batch_source(self, data, inner):
+        return self.base.batch_source(data, inner)
+
+    def check_data(self, *, batch_gpu_total: int, batch_gpu: int, dataset_size: int) -> list[str]:
+        return self.base.check_data(batch_gpu_total=batch_gpu_total, batch_gpu=batch_gpu, dataset_size=dataset_size)
+
+    def __call__(self, net, batch, augment_pipe=None):
+        return self.base(net, batch, augment_pipe=augment_pipe)
+
+    def innermost(self):
+        """The base loss at the bottom of a chain of wrappers."""
+        loss = self.base
+        while isinstance(loss, LossWrapper):
+            loss = loss.base
+        return loss

@@ -1,0 +1,79 @@
+"""Where a training iteration's data comes from: batch sources.
+
+The loop asks its source for the next iteration's rounds (`next_rounds() -> list[Batch]`, one Batch of batch_gpu
+images per accumulation round) and stores `state_dict()` in training states; that is all it knows about data.
+EDM's source is `StreamSource`: the rank's share of InfiniteSampler's stream. A loss that needs data shaped
+differently brings its own source by wrapping the one it is given (`loss.batch_source(data, inner)`): STF adds a
+reference set from an independent stream (losses/stf.py), AOT reads pools and pairs them with noise (losses/aot.py).
+
+A source is built once, after the networks and the loss and before the training state's RNG states are restored,
+and it resumes from `data.resume` (the positions a previous run's `state_dict()` saved): building one may create
+DataLoader iterators, which draw from the global torch RNG, exactly where the original loop did.
+"""
+
+import dataclasses
+import warnings
+
+import torch
+
+from losses.base import Batch
+from training.dataset import InfiniteSampler
+
+
+@dataclasses.dataclass
+class DataContext:
+    """What a batch source may use: the rank's view of the dataset and of the batch layout, and the resume point."""
+
+    dataset: torch.utils.data.Dataset
+    rank: int
+    world_size: int
+    seed: int
+    batch_gpu: int                 # images per accumulation round on this rank
+    num_rounds: int                # accumulation rounds per iteration
+    device: torch.device
+    loader_kwargs: dict            # DataLoader options (workers, pinning)
+    augment_pipe: object = None    # the run's augmentation pipe (None without augmentation)
+    resume: dict = dataclasses.field(default_factory=dict)  # saved state_dict() of the source, {} for a fresh run
+
+    @property
+    def batch_gpu_total(self) -> int:
+        """Images per rank and iteration."""
+        return self.batch_gpu * self.num_rounds
+
+    def stream(self, *, seed: int, start_idx: int, batch_size: int):
+        """A DataLoader iterator over the rank's share of an InfiniteSampler stream, from its start_idx-th draw."""
+        sampler = InfiniteSampler(dataset=self.dataset, rank=self.rank, num_replicas=self.world_size, seed=seed,
+                                  start_idx=start_idx)
+        return iter(torch.utils.data.DataLoader(dataset=self.dataset, sampler=sampler, batch_size=batch_size,
+                                                **self.loader_kwargs))
+
+    def to_batch(self, images: torch.Tensor, labels: torch.Tensor) -> Batch:
+        """uint8 images from the dataset -> a Batch on the device, images in [-1, 1] (EDM's / 127.5 - 1)."""
+        return Batch(images=images.to(self.device).to(torch.float32) / 127.5 - 1, labels=labels.to(self.device))
+
+
+class StreamSource:
+    """EDM's data: each round, the next batch_gpu images of the rank's stream (InfiniteSampler, seeded by the run's
+    seed). State: 'data_position', the global number of images consumed (rank r resumes at data_position / world)."""
+
+    def __init__(self, data: DataContext):
+        self.data = data
+        position = int(data.resume.get('data_position', 0))
+        if position % data.world_size != 0:
+            warnings.warn(f'data position {position} is not a multiple of {data.world_size} ranks; rounding down',
+                          stacklevel=2)
+        self.seek(position // data.world_size)
+
+    def seek(self, position: int) -> None:
+        """Restart the rank's stream at its `position`-th image (images already read are read again)."""
+        self.position = int(position)
+        self._iterator = self.data.stream(seed=self.data.seed, start_idx=self.position,
+                                          batch_size=self.data.batch_gpu)
+
+    def next_rounds(self) -> list[Batch]:
+        rounds = [self.data.to_batch(*next(self._iterator)) for _ in range(self.data.num_rounds)]
+        self.position += self.data.batch_gpu_total
+        return rounds
+
+    def state_dict(self) -> dict:
+        return {'data_position': self.position * self.data.world_size}

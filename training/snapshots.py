@@ -1,0 +1,86 @@
+"""Network snapshots (`network-snapshot-NNNNNN.pkl`, EDM's pickle format): what the training loop writes and what
+generate.py, fid.py and LD3 read.
+
+A snapshot is EDM's dict with our records beside it:
+    ema             the EMA network (a persistent module: EDM's generate.py loads it)
+    process         {'name', 'options'} of the forward process it was trained with (processes.process_record)
+    loss            {'name', 'options'} of the loss config (losses.loss_record); the loss object is not pickled
+    augment_pipe    the augmentation pipe (or None), as EDM
+    dataset_kwargs  as EDM
+EDM's own pickles (and its forks', and ours from before the records existed) have no `process`: they are read as
+EDM's process. They may hold a pickled `loss_fn`, which imports as our loss class of that name.
+
+Importing this module registers the persistent classes a snapshot may hold with torch_utils.persistence (the safe
+importer rebuilds them by name); a plug-in with persistent classes of its own registers its module the same way.
+"""
+
+import dataclasses
+
+import torch
+
+import losses
+import processes
+from losses import aot, denoising, stf
+from torch_utils import distributed as dist
+from torch_utils import misc, persistence
+from training import augment, networks, preconditioning
+
+for _module in (networks, preconditioning, augment, denoising, stf, aot):
+    persistence.register_module(_module)
+
+
+def save_snapshot(path: str, *, ema: torch.nn.Module, loss_kwargs: dict, process, augment_pipe=None,
+                  dataset_kwargs: dict | None = None) -> None:
+    """Write a snapshot atomically (persistence.save_network_pickle: CPU copies, eval mode, no gradients)."""
+    persistence.save_network_pickle(path, dict(ema=ema, process=processes.process_record(process),
+                                               loss=losses.loss_record(loss_kwargs), augment_pipe=augment_pipe,
+                                               dataset_kwargs=dict(dataset_kwargs or {})))
+
+
+@dataclasses.dataclass
+class Snapshot:
+    """A loaded snapshot: the EMA network, its process, and the whole imported dict (`data`)."""
+
+    net: torch.nn.Module
+    process: object
+    data: dict
+
+
+def read_snapshot(path_or_url: str) -> Snapshot:
+    """Import a snapshot without running anything it embeds; the network stays on the CPU."""
+    data = persistence.load_network_pickle(path_or_url)
+    if 'ema' not in data:
+        raise persistence.NetworkPickleError(f"{path_or_url}: no 'ema' network in the pickle "
+                                             f"(keys: {', '.join(map(str, data))})")
+    try:
+        process = processes.build_process(data.get('process'), source=str(path_or_url))
+    except ValueError as err:
+        raise persistence.NetworkPickleError(str(err)) from None
+    bad = misc.count_nonfinite(data['ema'])
+    if bad:  # A diverged run's weights: sampling it would give black images without a word.
+        total = sum(t.numel() for t in (*data['ema'].parameters(), *data['ema'].buffers()) if t.is_floating_point())
+        raise persistence.NetworkPickleError(f"{path_or_url}: the network has {bad:,} non-finite values (NaN or inf) "
+                                             f"among its {total:,} weights; it comes from a diverged run")
+    return Snapshot(net=data['ema'], process=process, data=data)
+
+
+def load_snapshot(path_or_url: str, device=None) -> Snapshot:
+    """`read_snapshot` on every rank, rank 0 first (it downloads a URL into the cache once), as EDM; the network is
+    moved to `device` in eval mode without gradients."""
+    if dist.get_rank() != 0:
+        dist.barrier()
+    dist.print0(f'Loading network from "{path_or_url}"...')
+    try:
+        snapshot = read_snapshot(path_or_url)
+    finally:
+        if dist.get_rank() == 0:
+            dist.barrier()
+    snapshot.net = snapshot.net.eval().requires_grad_(False)
+    if device is not None:
+        snapshot.net = snapshot.net.to(device)
+    return snapshot
+
+
+def load_network(path_or_url: str, device) -> torch.nn.Module:
+    """The EMA network of a snapshot on `device`, ready to sample (`load_snapshot(...).net`)."""
+    return load_snapshot(path_or_url, device).net
