@@ -22,6 +22,8 @@ import click
 import numpy as np
 import torch
 
+import dnnlib
+
 ROOT = os.path.dirname(os.path.abspath(__file__))
 
 
@@ -35,11 +37,9 @@ def _run(step: str, args: list[str]) -> None:
 
 
 def _atomic_json(path: str, data: dict) -> None:
-    tmp = f"{path}.tmp-{os.getpid()}"
-    with open(tmp, "w") as f:
+    with dnnlib.util.atomic_output(path, "w") as f:
         json.dump(data, f, indent=2)
         f.write("\n")
-    os.replace(tmp, path)
 
 
 def _latest(pattern: str) -> str | None:

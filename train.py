@@ -103,6 +103,16 @@ def _resolution_list(ctx, param, value):
     return values
 
 
+def _remove_stale_temp_files(outdir: str) -> None:
+    """Half-written snapshots and states of killed runs (their writers are dead) in --outdir and its run folders."""
+    if not os.path.isdir(outdir):
+        return
+    for directory in [outdir, *(os.path.join(outdir, name) for name in sorted(os.listdir(outdir)))]:
+        if os.path.isdir(directory):
+            for path in dnnlib.util.remove_stale_temp_files(directory):
+                print(f'Removed {path}, left by a run that was killed while writing it')
+
+
 def _run_dir(outdir: str, desc: str, nosubdir: bool) -> str:
     """EDM's naming: {id:05d}-{desc}, id = 1 + the largest numeric prefix among the directories in outdir."""
     if nosubdir:
@@ -482,6 +492,8 @@ def main(**kwargs):
     dist.init(device=opts.device)
     dist.excepthook_abort_all_ranks()
     world_size = dist.get_world_size()
+    if dist.get_rank() == 0:
+        _remove_stale_temp_files(opts.outdir)
 
     c, desc = build_config(opts, world_size)
     c.state_extras = dict(train_options=json.dumps({k: v for k, v in opts.items() if k != 'dry_run'}))

@@ -29,6 +29,7 @@ import torch
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
+import dnnlib  # noqa: E402
 from metrics import detectors as detectors_lib  # noqa: E402
 from metrics import evaluate  # noqa: E402
 
@@ -84,15 +85,13 @@ def _make_zip(path: str, num: int) -> None:
     if os.path.isfile(path):
         return
     rng = np.random.default_rng(0)
-    tmp = f"{path}.tmp"
-    with zipfile.ZipFile(tmp, "w", compression=zipfile.ZIP_STORED) as zf:
+    with dnnlib.util.atomic_output(path, "wb") as f, zipfile.ZipFile(f, "w", compression=zipfile.ZIP_STORED) as zf:
         for i in range(num):
             level = rng.integers(20, 236, (1, 1, 3))
             image = np.clip(level + rng.integers(-20, 21, (32, 32, 3)), 0, 255).astype(np.uint8)
             buf = io.BytesIO()
             PIL.Image.fromarray(image).save(buf, format="png", compress_level=0)
             zf.writestr(f"{i // 1000:05d}/img{i:08d}.png", buf.getvalue())
-    os.replace(tmp, path)
 
 
 @main.command()

@@ -16,6 +16,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+import dnnlib
 from torch_utils import persistence
 
 CLASSIFIER_RESOLUTION = 16
@@ -113,9 +114,8 @@ def train_classifier(seed: int = 0, epochs: int = 30, batch_size: int = 64, lr: 
 
 def save_classifier(model: DigitsClassifier, info: dict, path: str) -> None:
     """state_dict + training info in one torch file (loads with weights_only=True), written atomically."""
-    tmp = f"{path}.tmp-{os.getpid()}"
-    torch.save(dict(state_dict=model.state_dict(), info=json.dumps(info)), tmp)
-    os.replace(tmp, path)
+    with dnnlib.util.atomic_output(path, "wb") as f:
+        torch.save(dict(state_dict=model.state_dict(), info=json.dumps(info)), f)
 
 
 def load_classifier(path: str) -> tuple[DigitsClassifier, dict]:
