@@ -5,6 +5,7 @@ A thin CLI over `metrics`: parsing and error reporting only.
 
 import dataclasses
 import json
+import os
 import pickle
 
 import click
@@ -90,13 +91,20 @@ _common_options = [
                  default="fid", show_default=True),
     click.option("--batch", "batch_size", help="Maximum batch size per rank", metavar="INT",
                  type=click.IntRange(min=1), default=64, show_default=True),
-    click.option("--workers", "num_workers", help="Data loader worker processes per rank", metavar="INT",
-                 type=click.IntRange(min=0), default=3, show_default=True),
+    click.option("--workers", "num_workers", help="Data loader worker processes per rank  [default: 3, at most the "
+                 "CPUs - 1]", metavar="INT", type=click.IntRange(min=0), default=None),
     click.option("--detector", "detector_values", help="Detector file or URL instead of the canonical one "
                  "(repeatable): inception=PATH, vgg16=PATH", metavar="NAME=PATH", multiple=True),
     click.option("--device", help="Device (default: cuda:LOCAL_RANK if available, else cpu)", metavar="STR",
                  type=str, default=None),
 ]
+
+
+def default_workers(num_workers: int | None) -> int:
+    """--workers: 3 as before, but never more than the CPUs left beside the main process (PyTorch warns otherwise)."""
+    if num_workers is not None:
+        return num_workers
+    return min(3, max((os.cpu_count() or 1) - 1, 0))
 
 
 def common_options(func):
@@ -111,9 +119,10 @@ def common_options(func):
               type=str)
 @click.option("--ref", "ref_path", help="Reference statistics (EDM .npz; needed for fid, pr)", metavar="NPZ|URL",
               type=str)
-@click.option("--num", "num_expected", help="Number of images (--images: random subset if more, error if fewer; "
-              "--network without --seeds: seeds 0..num-1)  [default: 50000]", metavar="INT",
-              type=click.IntRange(min=2), default=None)
+@click.option("--num-images", "--num", "num_expected", help="Number of images (--images: random subset if more, error "
+              "if fewer; --network without --seeds: seeds 0..num-1); --num is an alias, which torchrun's own parser "
+              "would take for its --numa-binding  [default: 50000]", metavar="INT", type=click.IntRange(min=2),
+              default=None)
 @click.option("--seed", help="Random seed for selecting the images", metavar="INT", type=int, default=0,
               show_default=True)
 @click.option("--seeds", help="--network: seeds to sample (e.g. 0-49999)", metavar="LIST", type=str,
@@ -147,12 +156,12 @@ def calc(image_path, network_pkl, ref_path, num_expected, seed, seeds, out_path,
         num = 50000 if num_expected is None else num_expected
         distributed.print0(f'Loading images from "{image_path}"...')
         source = _run(metrics.dataset_source, image_path, num=num, seed=seed, batch_size=batch_size,
-                      num_workers=num_workers)
+                      num_workers=default_workers(num_workers))
     else:
         if seeds is None:
             seeds = list(range(50000 if num_expected is None else num_expected))
         elif num_expected is not None and num_expected != len(seeds):
-            raise click.UsageError(f"--num={num_expected} disagrees with --seeds ({len(seeds)} seeds)")
+            raise click.UsageError(f"--num-images={num_expected} disagrees with --seeds ({len(seeds)} seeds)")
         source = network_source_from_cli(network_pkl, seeds, batch_size, **sampler_cli)
 
     record = _run(metrics.calc_metrics, source, ref_path, metric_names, detector_paths=detector_paths)
@@ -179,7 +188,8 @@ def ref(dataset_path, dest_path, pr_max_real, metric_list, batch_size, num_worke
     _run(util.check_output_path, dest_path, "--dest")  # before the image pass, not after it
     _init_distributed(device)
     distributed.print0(f'Loading images from "{dataset_path}"...')
-    source = _run(metrics.dataset_source, dataset_path, num=None, batch_size=batch_size, num_workers=num_workers)
+    source = _run(metrics.dataset_source, dataset_path, num=None, batch_size=batch_size,
+                  num_workers=default_workers(num_workers))
     summary = _run(metrics.compute_reference, source, dest_path, metric_names, detector_paths=detector_paths,
                    pr_max_real=pr_max_real)
     distributed.print0(json.dumps(dict(dest=summary["dest"], num_images=summary["num_images"])))

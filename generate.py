@@ -9,8 +9,9 @@ import dataclasses
 import click
 import torch
 
+from dnnlib import util
 from samplers.cli_options import sampler_config, sampler_options, seed_list
-from samplers.generation import save_image_grid, write_images
+from samplers.generation import OutputFolderMismatch, claim_output_folder, save_image_grid, write_images
 from torch_utils import distributed as dist
 from torch_utils import persistence
 from training.snapshots import load_snapshot
@@ -29,7 +30,9 @@ from training.snapshots import load_snapshot
               show_default=False)
 @click.option("--grid", "grid_path", help="Also write all images of --seeds tiled into one PNG", metavar="PNG",
               type=str, default=None)
-def main(network, outdir, seeds, subdirs, class_idx, max_batch_size, device, grid_path, **sampler_cli):
+@click.option("--overwrite", help="Regenerate every image, also in a folder made by another network or sampler",
+              is_flag=True)
+def main(network, outdir, seeds, subdirs, class_idx, max_batch_size, device, grid_path, overwrite, **sampler_cli):
     """Generate random images using EDM's sampler or another solver and time discretisation.
 
     Examples:
@@ -54,7 +57,12 @@ def main(network, outdir, seeds, subdirs, class_idx, max_batch_size, device, gri
     """
     if device is None:
         device = "cuda" if torch.cuda.is_available() else "cpu"
-    device = torch.device(device)
+    try:
+        device = torch.device(device)
+    except RuntimeError as err:
+        raise click.BadParameter(str(err), param_hint="--device") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise click.BadParameter("CUDA is not available on this machine", param_hint="--device")
     if device.type == "cuda" and device.index is None:
         device = torch.device("cuda", dist.get_local_rank())
     dist.init(device=device)
@@ -76,9 +84,23 @@ def main(network, outdir, seeds, subdirs, class_idx, max_batch_size, device, gri
         raise click.BadParameter(f"{class_idx} is out of range for label_dim = {net.label_dim}", param_hint="--class")
 
     dist.print0(f"Sampler: {summary}")
+    # The folder records what made its images: a re-run with other settings must not pass old images off as new.
+    error = None
+    if dist.get_rank() == 0:
+        record = dict(network_sha256=util.file_sha256(network), process=snapshot.data.get("process"),
+                      sampler=summary, options=dataclasses.asdict(config), class_idx=class_idx, subdirs=subdirs)
+        try:
+            util.check_output_path(outdir, "--outdir", is_dir=True)
+            claim_output_folder(outdir, record, overwrite)
+        except (OutputFolderMismatch, util.OutputPathError) as err:
+            error = str(err)
+    error = dist.broadcast_object(error) if dist.is_distributed() else error
+    if error is not None:
+        raise click.ClickException(error)
     dist.print0(f'Generating {len(seeds)} images to "{outdir}" on {dist.get_world_size()} rank(s)...')
     counts = write_images(net, seeds, outdir, subdirs=subdirs, batch_size=max_batch_size, progress=True,
-                          device=device, class_idx=class_idx, sampling=sampling, **dataclasses.asdict(config))
+                          device=device, class_idx=class_idx, sampling=sampling, overwrite=overwrite,
+                          **dataclasses.asdict(config))
     totals = torch.tensor([counts["written"], counts["skipped"]], dtype=torch.int64,
                           device=device if dist.is_distributed() and device.type == "cuda" else "cpu")
     dist.all_reduce_sum_(totals)

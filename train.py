@@ -323,6 +323,12 @@ def build_config(opts: dnnlib.EasyDict, world_size: int) -> tuple[dnnlib.EasyDic
 
     # Training options.
     c.total_kimg = max(int(opts.duration * 1000), 1)
+    if opts.lr_rampup > c.total_kimg and opts.resume is None:
+        # EDM's ramp is sized for 200 Mimg runs; a short run under it trains at a fraction of --lr throughout.
+        warnings.warn(f'the learning-rate ramp-up (--lr-rampup={opts.lr_rampup:g} kimg) is longer than the run '
+                      f'({c.total_kimg} kimg): the learning rate never reaches --lr (at the end it is '
+                      f'{c.total_kimg / opts.lr_rampup:.2%} of it); for a short run use e.g. '
+                      f'--lr-rampup={max(c.total_kimg // 10, 1)}', stacklevel=1)
     c.ema_halflife_kimg = int(opts.ema * 1000)
     c.lr_rampup_kimg = opts.lr_rampup
     c.update(batch_size=opts.batch, batch_gpu=opts.batch_gpu)

@@ -470,3 +470,18 @@ def atomic_output(path: str, mode: str = "wb"):
             os.remove(tmp)
         except OSError:
             pass  # renamed into place, or never created
+
+
+def file_sha256(path_or_url: str) -> str | None:
+    """sha256 of a local file or of a URL's cached download (provenance in result files); None when not local."""
+    try:
+        path = open_url(path_or_url, return_filename=True, verbose=False)
+    except (OSError, ValueError):
+        return None
+    if not os.path.isfile(path):
+        return None
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()

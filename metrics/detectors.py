@@ -19,7 +19,6 @@ for tests and benchmarks only: they give no meaningful metric values.
 """
 
 import dataclasses
-import hashlib
 import pickle
 
 import torch
@@ -181,7 +180,7 @@ def load_detector(name: str, path: str | None = None, device: torch.device | str
             raise
         except Exception as err:
             raise DetectorUnavailableError(f"could not load the {name} detector from {source}: {err}") from err
-        detector = Detector(name, module, source, _sha256(local_path), spec)
+        detector = Detector(name, module, source, util.file_sha256(local_path), spec)
         _probe(detector, device)
     finally:
         if rank == 0:
@@ -190,12 +189,6 @@ def load_detector(name: str, path: str | None = None, device: torch.device | str
     return detector
 
 
-def _sha256(path: str) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def parse_detector_overrides(values) -> dict[str, str]:

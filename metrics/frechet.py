@@ -5,9 +5,7 @@ covariance Σ = (Σffᵀ − N·μμᵀ)/(N − 1). Distance: ‖μ − μ_ref�
 Reference statistics are EDM's `.npz` (keys `mu`, `sigma`); EDM2's pickled {'fid': {mu, sigma}} also loads.
 """
 
-import hashlib
 import io
-import os
 import pickle
 import zipfile
 import zlib
@@ -192,16 +190,4 @@ def validate_reference(ref: dict, where: str) -> None:
                                       f"(NaN or inf); rebuild the file with `fid.py ref`")
 
 
-def file_sha256(path_or_url: str) -> str | None:
-    """sha256 of a local file or cached download (for provenance in result files); None if not local."""
-    try:
-        path = util.open_url(path_or_url, return_filename=True, verbose=False)
-    except (OSError, ValueError):
-        return None
-    if not os.path.isfile(path):
-        return None
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
+file_sha256 = util.file_sha256  # kept here for callers of the metrics API

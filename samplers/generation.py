@@ -9,6 +9,7 @@ interrupted run by skipping seeds whose PNG exists before sampling.
 
 import dataclasses
 import io
+import json
 import math
 import os
 import re
@@ -277,15 +278,61 @@ def save_png_atomic(image: PIL.Image.Image, path: str) -> None:
             pass  # renamed into place, or never created
 
 
+OUTPUT_RECORD = "generation.json"  # beside the PNGs: what made them (see claim_output_folder)
+
+
+class OutputFolderMismatch(ValueError):
+    """An output folder holds images made by another network or with other sampler settings."""
+
+
+def claim_output_folder(outdir: str, record: dict, overwrite: bool = False) -> None:
+    """Make sure every PNG in `outdir` will come from `record` (network hash, process, sampler, options, class).
+
+    A folder whose record differs, or that holds PNGs but no record (made by an older version), is refused unless
+    `overwrite`, in which case the new record replaces it (and write_images(overwrite=True) regenerates every seed).
+    A re-run with the same record is a resume. Call on one rank; the record is written atomically before any PNG.
+    """
+    from dnnlib import util
+
+    path = os.path.join(outdir, OUTPUT_RECORD)
+    record = json.loads(json.dumps(record, sort_keys=True, default=str))
+    if os.path.isfile(path) and not overwrite:
+        try:
+            with open(path) as f:
+                existing = json.load(f)
+        except (OSError, ValueError) as err:
+            raise OutputFolderMismatch(f"{path}: unreadable record of the images in {outdir} ({err}); use "
+                                       f"--overwrite to regenerate them") from None
+        if existing != record:
+            changed = sorted(k for k in set(existing) | set(record) if existing.get(k) != record.get(k))
+            raise OutputFolderMismatch(
+                f"{outdir} holds images made with another {', '.join(changed)} (see {path}); use another --outdir, or "
+                f"--overwrite to regenerate them")
+    elif not os.path.isfile(path) and not overwrite and os.path.isdir(outdir) and _holds_pngs(outdir):
+        raise OutputFolderMismatch(f"{outdir} already holds PNGs without a record of what made them ({OUTPUT_RECORD});"
+                                   f" use another --outdir, or --overwrite to regenerate them")
+    os.makedirs(outdir, exist_ok=True)
+    with util.atomic_output(path, "w") as f:
+        json.dump(record, f, indent=2, sort_keys=True)
+
+
+def _holds_pngs(outdir: str) -> bool:
+    for entry in os.scandir(outdir):
+        if entry.name.endswith(".png") or (entry.is_dir() and re.fullmatch(r"\d{6}", entry.name)):
+            return True
+    return False
+
+
 def write_images(net, seeds, outdir: str, *, subdirs: bool = False, batch_size: int = 64, progress: bool = True,
-                 rank: int | None = None, world_size: int | None = None, **sampling_kwargs) -> dict:
+                 rank: int | None = None, world_size: int | None = None, overwrite: bool = False,
+                 **sampling_kwargs) -> dict:
     """Generate the PNGs for `seeds` into `outdir` (this rank's share), skipping seeds whose PNG already exists.
 
     An existing PNG counts only when complete (header and IEND chunk, training.dataset.png_file_is_complete: about
     15 us per file): an empty or truncated one is generated again. Temporary files that killed earlier runs left
     in the output folders are removed first (only those of processes that no longer run, never another rank's).
-    sampling_kwargs go to generate_images (solver, schedule, num_steps, class_idx, device, ...). Returns counts
-    {'written': n, 'skipped': m} for this rank.
+    overwrite: generate every seed, whatever exists. sampling_kwargs go to generate_images (solver, schedule,
+    num_steps, class_idx, device, sampling, ...). Returns counts {'written': n, 'skipped': m} for this rank.
     """
     from dnnlib import util
     from training.dataset import png_file_is_complete
@@ -294,7 +341,7 @@ def write_images(net, seeds, outdir: str, *, subdirs: bool = False, batch_size: 
     mine = {s for batch in rank_batches(seeds, batch_size, rank, world_size) for s in batch}
     for directory in sorted({os.path.dirname(image_path(outdir, s, subdirs)) for s in mine}):
         util.remove_stale_temp_files(directory)
-    existing = {s for s in mine if png_file_is_complete(image_path(outdir, s, subdirs))}
+    existing = set() if overwrite else {s for s in mine if png_file_is_complete(image_path(outdir, s, subdirs))}
     written = 0
     for batch_seeds, images in generate_images(net, seeds, batch_size=batch_size, skip_seeds=existing,
                                                progress=progress, rank=rank, world_size=world_size,

@@ -174,7 +174,7 @@ def test_network_mode_equals_writing_pngs_and_reading_them_back(workdir, network
     result = CliRunner().invoke(generate.main, ["--network", str(network_pkl), "--outdir", str(root / "net-pngs"),
                                                 "--seeds", "5-28", "--steps", "2", "--batch", "8", "--device", "cpu"])
     assert result.exit_code == 0, result.output
-    assert len(os.listdir(root / "net-pngs")) == 24
+    assert len([name for name in os.listdir(root / "net-pngs") if name.endswith(".png")]) == 24
     result = _invoke(["calc", "--images", root / "net-pngs", "--ref", root / "ref1.npz", "--num", 24, "--batch", 8,
                       "--metrics", "fid,is,pr", "--workers", 0, "--out", root / "net-pngs.json", *_detector_args(root)])
     assert result.exit_code == 0, result.output
@@ -285,3 +285,20 @@ def test_bad_options_are_clear_errors(workdir):
     assert result.exit_code != 0 and "exactly one of --images and --network" in result.output
     result = _invoke(["calc", "--images", root / "nowhere", "--ref", root / "ref1.npz", *_detector_args(root)])
     assert result.exit_code != 0 and "nowhere: dataset path does not exist" in result.output
+
+
+@pytest.mark.distributed
+def test_num_images_reaches_fid_py_under_torchrun(workdir, single_rank):
+    # torchrun's own parser takes --num for an abbreviation of its --numa-binding; --num-images passes through.
+    root = workdir["root"]
+    out = root / "calc-torchrun.json"
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=ROOT)
+    proc = subprocess.run(
+        torchrun(2, os.path.join(ROOT, "fid.py"), "calc", "--images", root / "gen", "--ref", root / "ref1.npz",
+                 "--num-images=30", "--seed", "3", "--metrics", "fid", "--batch", "8", "--workers", "0", "--out", out,
+                 *_detector_args(root)),
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    record, one = json.loads(out.read_text()), single_rank["folder"]["record"]
+    assert record["world_size"] == 2 and record["num_images"] == 30
+    assert record["results"]["fid"] == pytest.approx(one["results"]["fid"], rel=1e-5)

@@ -1,6 +1,7 @@
 """Seeds -> images (samplers/generation.py) and the generate.py CLI: EDM parity, seeding, sharding, resume, PNGs."""
 
 import hashlib
+import json
 import math
 import os
 import subprocess
@@ -238,7 +239,7 @@ def test_cli_writes_edm_images(network_pickle, tmp_path):
                                                 "--batch", "3", "--device", "cpu", "--grid", str(tmp_path / "g.png")])
     assert result.exit_code == 0, result.output
     assert "solver=heun" in result.output and "end=zero" in result.output and "35 NFE per image" in result.output
-    assert sorted(os.listdir(outdir)) == [f"{s:06d}.png" for s in range(5)]
+    assert sorted(os.listdir(outdir)) == [f"{s:06d}.png" for s in range(5)] + ["generation.json"]
     net = persistence.load_network_pickle(network_pickle)["ema"]
     _, reference = edm_reference(net, [0, 1, 2, 3, 4])
     for seed in range(5):
@@ -246,12 +247,36 @@ def test_cli_writes_edm_images(network_pickle, tmp_path):
         assert png.shape == (8, 8, 3) and np.array_equal(png, reference[seed].permute(1, 2, 0).numpy())
     assert PIL.Image.open(tmp_path / "g.png").size == (24, 16)
 
+    # The same settings again: a resume, only the new seed is sampled.
     result = CliRunner().invoke(generate.main, ["--network", network_pickle, "--outdir", outdir, "--seeds", "0-5",
-                                                "--device", "cpu", "--solver", "unipc", "--steps", "4", "--order",
-                                                "2", "--variant", "bh2"])
+                                                "--batch", "3", "--device", "cpu"])
+    assert result.exit_code == 0 and "Wrote 1 images, skipped 5" in result.output, result.output
+    # Another sampler into the same folder: refused in one line (the folder records what made its images) ...
+    unipc = ["--network", network_pickle, "--outdir", outdir, "--seeds", "0-5", "--device", "cpu", "--solver", "unipc",
+             "--steps", "4", "--order", "2", "--variant", "bh2"]
+    before = open(os.path.join(outdir, "000000.png"), "rb").read()
+    result = CliRunner().invoke(generate.main, unipc)
+    assert result.exit_code == 1, result.output
+    errors = [line for line in result.output.splitlines() if line.startswith("Error:")]
+    assert len(errors) == 1 and "holds images made with another options, sampler" in errors[0]
+    assert "use another --outdir, or --overwrite to regenerate them" in errors[0]
+    assert open(os.path.join(outdir, "000000.png"), "rb").read() == before
+    # ... or regenerated with --overwrite.
+    result = CliRunner().invoke(generate.main, [*unipc, "--overwrite"])
     assert result.exit_code == 0, result.output
     assert "solver=unipc(order=2, variant=bh2)" in result.output and "end=sigma_min" in result.output
-    assert "4 NFE per image" in result.output and "Wrote 1 images, skipped 5" in result.output
+    assert "4 NFE per image" in result.output and "Wrote 6 images, skipped 0" in result.output
+    assert open(os.path.join(outdir, "000000.png"), "rb").read() != before
+    record = json.load(open(os.path.join(outdir, "generation.json")))
+    assert record["options"]["solver"] == "unipc" and len(record["network_sha256"]) == 64
+    # Another network with the same sampler: refused too.
+    other = str(tmp_path / "other.pkl")
+    other_net = tiny_net()
+    with torch.no_grad():
+        next(other_net.parameters()).add_(1)
+    persistence.save_network_pickle(other, dict(ema=other_net))
+    result = CliRunner().invoke(generate.main, [*unipc[:1], other, *unipc[2:]])
+    assert result.exit_code == 1 and "holds images made with another network_sha256" in result.output
 
 
 @pytest.mark.parametrize(("args", "message"), [
@@ -307,7 +332,7 @@ def test_two_ranks_match_one(network_pickle, tmp_path):
     write_images(net, seeds, str(tmp_path / "one"), batch_size=5, solver="dpmpp_2m", num_steps=5, device="cpu",
                  progress=False)
     names = sorted(os.listdir(tmp_path / "one"))
-    assert names == sorted(os.listdir(tmp_path / "two")) and len(names) == 7
+    assert names == sorted(set(os.listdir(tmp_path / "two")) - {"generation.json"}) and len(names) == 7
     for name in names:
         assert digest(tmp_path / "one" / name) == digest(tmp_path / "two" / name)
 

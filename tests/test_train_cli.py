@@ -149,3 +149,14 @@ def test_missing_dataset_and_edm_state_without_snapshot(datasets, tmp_path):
 def test_cuda_device_on_cpu_machine(datasets, tmp_path):
     result = _invoke(['--outdir', tmp_path / 'runs', '--data', datasets['uncond'], '-n', '--device', 'cuda'])
     assert result.exit_code != 0 and 'CUDA is not available on this machine' in result.output
+
+
+def test_warns_when_the_learning_rate_ramp_outlasts_the_run(datasets, tmp_path):
+    args = ['--outdir', tmp_path / 'runs', '--data', datasets['uncond'], '--duration', 0.003, '-n', *TINY_NET]
+    with pytest.warns(UserWarning, match=r'learning-rate ramp-up \(--lr-rampup=10000 kimg\) is longer than the run '
+                                         r'\(3 kimg\).*at the end it is 0\.03% of it'):
+        assert _invoke(args).exit_code == 0
+    import warnings
+    with warnings.catch_warnings():
+        warnings.filterwarnings('error', message='.*learning-rate ramp-up.*')
+        assert _invoke([*args, '--lr-rampup', 1]).exit_code == 0  # a ramp that fits: no warning

@@ -353,6 +353,8 @@ def _build(*, dataset_kwargs, data_loader_kwargs, network_kwargs, loss_kwargs, o
                 module, device_ids=[device] if device.type == 'cuda' else None)
         ddp_modules[name] = wrapped
         train_modules[name] = torch.compile(wrapped) if compile else wrapped
+    if compile:
+        dist.print0('torch.compile: the first steps compile the networks (a minute or more); the status line follows')
     phase_networks = {phase.name: {name: (train_modules[name] if name == phase.network else module)
                                    for name, module in networks.items()} for phase in phases}
     ema = copy.deepcopy(net).eval().requires_grad_(False)
@@ -479,7 +481,8 @@ def _train_step(run: _Run) -> None:
     run.cur_iter += 1
 
 
-def _report_tick(run: _Run, *, start_time, tick_start_time, tick_start_nimg, maintenance_time, progress_bar) -> None:
+def _report_tick(run: _Run, *, start_time, tick_start_time, tick_start_nimg, maintenance_time, progress_bar,
+                 total_nimg) -> None:
     """EDM's status line, also reported to training_stats under EDM's names."""
     tick_end_time = time.time()
     on_cuda = run.device.type == 'cuda'
@@ -493,6 +496,8 @@ def _report_tick(run: _Run, *, start_time, tick_start_time, tick_start_nimg, mai
     fields += [f"sec/tick {report0('Timing/sec_per_tick', tick_end_time - tick_start_time):<7.1f}"]
     sec_per_kimg = (tick_end_time - tick_start_time) / max(run.cur_nimg - tick_start_nimg, 1) * 1e3
     fields += [f"sec/kimg {report0('Timing/sec_per_kimg', sec_per_kimg):<7.2f}"]
+    if run.cur_nimg < total_nimg and run.cur_tick > 0:  # tick 0 is one step, too short to extrapolate from
+        fields += [f"eta {dnnlib.util.format_time((total_nimg - run.cur_nimg) / 1000 * sec_per_kimg):<12s}"]
     loss_mean = float(run.tick_loss_sum) / max(run.tick_loss_num, 1)  # this rank's; stats.jsonl has all ranks'
     num_nonfinite = int(run.tick_nonfinite)
     fields += [f"loss {loss_mean:<8.4g}"]
@@ -669,7 +674,7 @@ def training_loop(
 
         tick_end_time = time.time()
         _report_tick(run, start_time=start_time, tick_start_time=tick_start_time, tick_start_nimg=tick_start_nimg,
-                     maintenance_time=maintenance_time, progress_bar=progress_bar)
+                     maintenance_time=maintenance_time, progress_bar=progress_bar, total_nimg=total_nimg)
         if (not done) and dist.should_stop():
             done = True
             dist.print0()
