@@ -19,12 +19,14 @@ Adding a process: a module here with its class, and one line in PROCESSES.
 """
 
 from processes.edm import EDMProcess
+from processes.one_step import OneStepProcess
 
 PROCESSES = {
     "edm": EDMProcess,
+    "one_step": OneStepProcess,
 }
 
-__all__ = ["PROCESSES", "EDMProcess", "build_process", "process_record"]
+__all__ = ["PROCESSES", "EDMProcess", "OneStepProcess", "build_process", "process_record"]
 
 
 def process_record(process) -> dict:

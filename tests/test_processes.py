@@ -108,5 +108,7 @@ def test_snapshot_of_an_unknown_process_is_refused_in_one_line(tmp_path, monkeyp
                                                 '--device', 'cpu'])
     assert result.exit_code == 1, result.output
     errors = [line for line in result.output.splitlines() if line.startswith('Error:')]
-    assert errors == [f"Error: {path}: trained with the process 'toy', which this version does not know (known: edm)"]
+    known = ', '.join(processes.PROCESSES)
+    assert errors == [f"Error: {path}: trained with the process 'toy', which this version does not know "
+                      f"(known: {known})"]
     assert not os.path.exists(tmp_path / 'out')

@@ -2,6 +2,7 @@
 
 VPPrecond, VEPrecond, iDDPMPrecond and EDMPrecond with EDM's constructor signatures, attributes and formulas
 (EDM paper, Table 1). The backbone F is stored as `self.model`, so state-dict keys read `model.enc...` as in EDM.
+EpsPrecond is not a denoiser: the epsilon predictor of processes other than x = y + sigma n (SPD, processes/spd.py).
 
 Persistence constraint: snapshots embed this file's source and EDM's own generate.py executes it when unpickling, so
 it imports only numpy, torch and `torch_utils.persistence`; `training.networks` is imported inside constructors
@@ -42,6 +43,8 @@ def _build_backbone(precond_name, model_type, **kwargs):
 class _Precond(torch.nn.Module):
     """Shared input handling and backbone call of the preconditioners (not persistent itself: no instances)."""
 
+    _half_dtype = torch.float16  # What use_fp16 runs the backbone in on CUDA (EDM: fp16; GDDPrecond: bf16).
+
     def _prepare(self, x, sigma, class_labels):
         x = x.to(torch.float32)
         sigma = torch.as_tensor(sigma, dtype=torch.float32, device=x.device).reshape(-1, 1, 1, 1)
@@ -61,7 +64,8 @@ class _Precond(torch.nn.Module):
             # Mixed precision via torch.autocast (our --precision): autocast picks the dtype of every op.
             return self.model(x_in, c_noise.flatten(), class_labels=class_labels, **model_kwargs)
         # EDM's use_fp16: the whole backbone in fp16 on CUDA (each layer casts its fp32 weights).
-        dtype = torch.float16 if (self.use_fp16 and not force_fp32 and x_in.device.type == 'cuda') else torch.float32
+        use_half = self.use_fp16 and not force_fp32 and x_in.device.type == 'cuda'
+        dtype = self._half_dtype if use_half else torch.float32
         F_x = self.model(x_in.to(dtype), c_noise.flatten(), class_labels=class_labels, **model_kwargs)
         if F_x.dtype != dtype:
             raise RuntimeError(f'{type(self).__name__}: backbone returned {F_x.dtype}, expected {dtype}')
@@ -258,3 +262,90 @@ class EDMPrecond(_Precond):
         c_noise = sigma.log() / 4
         F_x = self._run_model(c_in * x, c_noise, class_labels, force_fp32, augment_labels, model_kwargs)
         return c_skip * x + c_out * F_x.to(torch.float32)
+
+
+@persistence.persistent_class
+class GDDPrecond(_Precond):
+    """GDD's generator (Zheng & Yang 2024, "Diffusion Models Are Innate One-Step Generators"; Zyriix/GDD): EDM's
+    preconditioning with the skip and output scalings shifted by epsilon, c_skip = s_d^2/((sigma - eps)^2 + s_d^2),
+    c_out = (sigma - eps) s_d/sqrt(sigma^2 + s_d^2), so that D(x; eps) = x (the consistency-model boundary
+    condition); c_in and c_noise are EDM's. At sigma = 80 it differs from EDMPrecond by about 5e-5 relative, and
+    epsilon = 0 is EDMPrecond exactly. It takes EDMPrecond's weights (the same backbone under `model`).
+
+    As GDD's class (so that its released pickles behave the same here): use_fp16 runs the backbone in bfloat16 on
+    CUDA, and x keeps a float64 dtype, so a float64 input (GDD's one-step sampler) gives a float64 output; other
+    inputs are computed in float32. Pickles of this class that record no process are sampled in one step at
+    sigma = 80 (`pickled_process`), as GDD's generate.py does.
+    """
+
+    _half_dtype = torch.bfloat16
+    # The process of GDD's released pickles, which record none (training.snapshots.read_snapshot).
+    pickled_process = {'name': 'one_step', 'options': {'sigma': 80.0}}
+
+    def __init__(self,
+                 img_resolution,                # Image resolution.
+                 img_channels,                  # Number of colour channels.
+                 label_dim=0,                   # Number of class labels, 0 = unconditional.
+                 use_fp16=False,                # Run the backbone in bfloat16 on CUDA (GDD's --fp16)?
+                 sigma_min=0,                   # Minimum supported noise level.
+                 sigma_max=float('inf'),        # Maximum supported noise level.
+                 sigma_data=0.5,                # Expected standard deviation of the training data.
+                 model_type='DhariwalUNet',     # Class name of the backbone in training/networks.py.
+                 epsilon=2e-3,                  # The shift: D(x; epsilon) = x. GDD: 2e-3 (not a constructor option).
+                 **model_kwargs,                # Keyword arguments of the backbone.
+                 ):
+        super().__init__()
+        self.img_resolution = img_resolution
+        self.img_channels = img_channels
+        self.label_dim = label_dim
+        self.use_fp16 = use_fp16
+        self.sigma_min = sigma_min
+        self.sigma_max = sigma_max
+        self.sigma_data = sigma_data
+        self.epsilon = epsilon
+        self.model = _build_backbone('GDDPrecond', model_type, img_resolution=img_resolution,
+                                     in_channels=img_channels, out_channels=img_channels, label_dim=label_dim,
+                                     **model_kwargs)
+
+    def forward(self, x, sigma, class_labels=None, force_fp32=False, augment_labels=None, **model_kwargs):
+        x_dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
+        _, sigma, class_labels = self._prepare(x, sigma, class_labels)
+        x = x.to(x_dtype)
+        eps = self.epsilon
+        c_skip = self.sigma_data ** 2 / ((sigma - eps) ** 2 + self.sigma_data ** 2)
+        c_out = (sigma - eps) * self.sigma_data / (sigma ** 2 + self.sigma_data ** 2).sqrt()
+        c_in = 1 / (self.sigma_data ** 2 + sigma ** 2).sqrt()
+        c_noise = sigma.log() / 4
+        F_x = self._run_model(c_in * x, c_noise, class_labels, force_fp32, augment_labels, model_kwargs)
+        return c_skip * x + c_out * F_x.to(torch.float32)
+
+
+@persistence.persistent_class
+class EpsPrecond(_Precond):
+    """Epsilon prediction (DDPM, Ho et al. 2020, as guided-diffusion): eps_hat = F(x; c_noise) with c_in = 1, no skip,
+    the raw output, and c_noise the process's time label (SPD and its DDPM control: t * 1000 / T, guided-diffusion's
+    rescale_timesteps; processes/spd.py computes it). For processes that are not x = y + sigma n with white n, such
+    as SPD's per-frequency schedule: EDMPrecond's c_skip/c_out assume one sigma of white noise. Not a denoiser
+    D(x; sigma): the sigma-grid solvers do not apply (the process's own samplers do)."""
+
+    def __init__(self,
+                 img_resolution,                # Image resolution.
+                 img_channels,                  # Number of colour channels.
+                 label_dim=0,                   # Number of class labels, 0 = unconditional.
+                 use_fp16=False,                # Run the backbone in fp16 on CUDA (EDM's --fp16)?
+                 model_type='DhariwalUNet',     # Class name of the backbone in training/networks.py.
+                 **model_kwargs,                # Keyword arguments of the backbone.
+                 ):
+        super().__init__()
+        self.img_resolution = img_resolution
+        self.img_channels = img_channels
+        self.label_dim = label_dim
+        self.use_fp16 = use_fp16
+        self.model = _build_backbone('EpsPrecond', model_type, img_resolution=img_resolution,
+                                     in_channels=img_channels, out_channels=img_channels, label_dim=label_dim,
+                                     **model_kwargs)
+
+    def forward(self, x, noise_labels, class_labels=None, force_fp32=False, augment_labels=None, **model_kwargs):
+        x, c_noise, class_labels = self._prepare(x, noise_labels, class_labels)
+        F_x = self._run_model(x, c_noise, class_labels, force_fp32, augment_labels, model_kwargs)
+        return F_x.to(torch.float32)

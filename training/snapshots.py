@@ -8,7 +8,8 @@ A snapshot is EDM's dict with our records beside it:
     augment_pipe    the augmentation pipe (or None), as EDM
     dataset_kwargs  as EDM
 EDM's own pickles (and its forks', and ours from before the records existed) have no `process`: they are read as
-EDM's process. They may hold a pickled `loss_fn`, which imports as our loss class of that name.
+EDM's process, unless the network's class names another (`pickled_process`: GDD's GDDPrecond pickles are one-step
+generators). They may hold a pickled `loss_fn`, which imports as our loss class of that name.
 
 Importing this module registers the persistent classes a snapshot may hold with torch_utils.persistence (the safe
 importer rebuilds them by name); a plug-in with persistent classes of its own registers its module the same way.
@@ -52,8 +53,11 @@ def read_snapshot(path_or_url: str) -> Snapshot:
     if 'ema' not in data:
         raise persistence.NetworkPickleError(f"{path_or_url}: no 'ema' network in the pickle "
                                              f"(keys: {', '.join(map(str, data))})")
+    record = data.get('process')
+    if record is None:  # EDM's process, unless the network's class names the one its pickles use (GDDPrecond).
+        record = getattr(type(data['ema']), 'pickled_process', None)
     try:
-        process = processes.build_process(data.get('process'), source=str(path_or_url))
+        process = processes.build_process(record, source=str(path_or_url))
     except ValueError as err:
         raise persistence.NetworkPickleError(str(err)) from None
     bad = misc.count_nonfinite(data['ema'])

@@ -1,0 +1,44 @@
+"""One-step sampling: x = D(sigma z; sigma, c), one denoiser call per image (GDD's generators; any EDM denoiser).
+
+`OneStepSampling` is the sampling object of processes.OneStepProcess (see processes/__init__.py for the contract).
+Without sampler options (a default `SamplerConfig()`: no --solver, --steps, --schedule, ... on the command line) it
+calls the network once, exactly as GDD's generate.py (`one_step_sampler`): the per-seed unit latents in float64
+times sigma, the network forced to fp32 (force_fp32=True), the output in float64. With any sampler option the
+snapshot is sampled as any EDM denoiser, by a solver of samplers.SOLVERS over a sigma grid (GridSampling).
+"""
+
+import torch
+
+from samplers.generation import GRID_SAMPLING, SamplerConfig, SeedInputs
+
+
+class OneStepSampling:
+    """D(sigma z; sigma, c) when no sampler option is given; EDM's grid sampling otherwise."""
+
+    learns_sigma_grids = False  # LD3 learns a solver's grid; a one-step generator has none to learn.
+
+    def __init__(self, sigma: float):
+        self.sigma = float(sigma)
+
+    @staticmethod
+    def is_one_step(config: SamplerConfig) -> bool:
+        """True when the config asks for nothing but the defaults (the command line gave no sampler option)."""
+        return config == SamplerConfig()
+
+    def prepare(self, net, config: SamplerConfig, device=None):
+        if not self.is_one_step(config):
+            return "grid", GRID_SAMPLING.prepare(net, config, device)
+        return "one_step", torch.tensor(self.sigma, dtype=torch.float64, device=device)
+
+    def describe(self, net, config: SamplerConfig) -> str:
+        if not self.is_one_step(config):
+            return GRID_SAMPLING.describe(net, config)
+        return (f"one step: D({self.sigma:g} z; {self.sigma:g}) (float64 input, fp32 network); 1 NFE per image "
+                f"(any sampler option samples over a sigma grid instead)")
+
+    def sample(self, net, plan, inputs: SeedInputs, config: SamplerConfig) -> torch.Tensor:
+        kind, data = plan
+        if kind == "grid":
+            return GRID_SAMPLING.sample(net, data, inputs, config)
+        x = inputs.latents.to(torch.float64) * data
+        return net(x, data, inputs.class_labels, force_fp32=True).to(torch.float64)
