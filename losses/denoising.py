@@ -17,7 +17,17 @@ written before snapshots stopped pickling losses (they now record `losses.loss_r
 import torch
 
 from processes import EDMProcess
-from torch_utils import persistence
+from torch_utils import persistence, training_stats
+
+# Noise-level bins of the loss in stats.jsonl ('Loss/sigma<0.05', 'Loss/sigma0.05-0.2', ...): which noise levels a
+# run learns, or fails to, at a glance (EDM2 logs the same). Log-spaced over EDM's training range.
+SIGMA_BIN_EDGES = (0.05, 0.2, 0.5, 1, 2, 5, 20)
+
+
+def report_loss_by_sigma(loss: torch.Tensor, sigma: torch.Tensor) -> None:
+    """Each image's mean loss under the training_stats name of its noise level's bin (no host sync)."""
+    per_image = loss.detach().reshape(loss.shape[0], -1).mean(dim=1)
+    training_stats.report_binned('Loss/sigma', per_image, sigma.reshape(-1).expand(loss.shape[0]), SIGMA_BIN_EDGES)
 
 
 class DenoisingLoss:
@@ -84,7 +94,9 @@ class DenoisingLoss:
     def __call__(self, net, batch, augment_pipe=None) -> torch.Tensor:
         sigma, weight, y, augment_labels, x = self.noisy_batch(batch, augment_pipe)
         D_x = net(x, sigma, batch.labels, augment_labels=augment_labels)
-        return weight * ((D_x - self.process.target(y, x, sigma)) ** 2)
+        loss = weight * ((D_x - self.process.target(y, x, sigma)) ** 2)
+        report_loss_by_sigma(loss, sigma)
+        return loss
 
 
 @persistence.persistent_class

@@ -31,6 +31,7 @@ import dataclasses
 import torch
 
 import dnnlib
+from losses.denoising import report_loss_by_sigma
 from losses.wrapper import LossWrapper
 from torch_utils import persistence
 from torch_utils.misc import stream_seed
@@ -181,7 +182,9 @@ class STFLoss(LossWrapper):
         sample_classes = reference_classes[:y.shape[0]] if reference_classes is not None else None
         target = stf_targets(x.detach(), sigma, references.detach(), sample_classes, reference_classes)
         D_x = net(x, sigma, batch.labels, augment_labels=augment_labels)
-        return weight * ((D_x - target) ** 2)
+        loss = weight * ((D_x - target) ** 2)
+        report_loss_by_sigma(loss, sigma)
+        return loss
 
 
 def stf_loss_kwargs(base_kwargs: dict, num_refs: int = 1024, mask_classes: bool = True) -> dnnlib.EasyDict:

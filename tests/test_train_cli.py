@@ -10,7 +10,8 @@ from click.testing import CliRunner
 from train_worker import random_images, write_zip_dataset
 
 import train
-from torch_utils import persistence
+from losses.denoising import SIGMA_BIN_EDGES
+from torch_utils import persistence, training_stats
 
 TINY_NET = ['--cbase', '8', '--cres', '1,2', '--blocks', '1', '--attn', '4', '--workers', '0', '--device', 'cpu']
 
@@ -62,7 +63,8 @@ def test_train_end_to_end_and_resume(datasets, tmp_path):
     assert len(lines) == 2
     assert {'Loss/loss', 'Progress/tick', 'Progress/kimg', 'Timing/total_sec', 'Timing/sec_per_tick',
             'Timing/sec_per_kimg', 'Timing/maintenance_sec', 'Resources/cpu_mem_gb', 'Resources/peak_gpu_mem_gb',
-            'Resources/peak_gpu_mem_reserved_gb', 'Loss/nonfinite', 'timestamp'} == set(lines[-1])
+            'Resources/peak_gpu_mem_reserved_gb', 'Loss/nonfinite', 'timestamp',
+            *training_stats.bin_names('Loss/sigma', SIGMA_BIN_EDGES)} == set(lines[-1])
     assert lines[-1]['Loss/nonfinite']['mean'] == 0 and lines[-1]['Loss/nonfinite']['num'] == 15  # steps, none bad
     assert lines[-1]['Progress/kimg']['mean'] == 1.024 and lines[-1]['Loss/loss']['num'] == 15 * 64 * 64
 

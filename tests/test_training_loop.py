@@ -16,10 +16,12 @@ from train_worker import ROOT, assert_tree_equal, digits_images, loop_kwargs, ra
 
 import dnnlib
 from losses import Batch
-from torch_utils import persistence
+from losses.denoising import SIGMA_BIN_EDGES
+from torch_utils import persistence, training_stats
 from training import training_loop as tl
 from training.dataset import ImageFolderDataset, InfiniteSampler
 
+SIGMA_BINS = set(training_stats.bin_names('Loss/sigma', SIGMA_BIN_EDGES))
 EDM_STAT_NAMES = {'Loss/loss', 'Progress/tick', 'Progress/kimg', 'Timing/total_sec', 'Timing/sec_per_tick',
                   'Timing/sec_per_kimg', 'Timing/maintenance_sec', 'Resources/cpu_mem_gb',
                   'Resources/peak_gpu_mem_gb', 'Resources/peak_gpu_mem_reserved_gb'}
@@ -164,7 +166,7 @@ def test_loop_equals_independent_edm_step_in_fp32(tiny_zip, tmp_path):
     assert_tree_equal(data['ema'].state_dict(), state['ema'])
     assert data['dataset_kwargs']['path'] == tiny_zip and data['augment_pipe'].p == 0.5
     lines = [json.loads(line) for line in open(tmp_path / 'stats.jsonl')]
-    assert len(lines) == 2 and EDM_STAT_NAMES | {'Loss/nonfinite', 'timestamp'} == set(lines[0])
+    assert len(lines) == 2 and EDM_STAT_NAMES | {'Loss/nonfinite', 'timestamp'} | SIGMA_BINS == set(lines[0])
     assert lines[0]['Loss/loss']['num'] == 8 * 64  # tick 0 = the first step, per-element
     assert lines[1]['Loss/loss']['num'] == 2 * 8 * 64 and lines[1]['Progress/kimg']['mean'] == 0.024
 

@@ -153,6 +153,59 @@ def test_training_stats_moments_single_process(tmp_path):
     collector.close()
 
 
+def test_training_stats_binned_equals_per_bin_moments():
+    training_stats.reset()
+    collector = training_stats.Collector(regex="Loss/sigma.*")
+    gen = torch.Generator().manual_seed(0)
+    values, keys = torch.randn(200, generator=gen), torch.exp(torch.randn(200, generator=gen) * 2)
+    edges = (0.2, 1, 5)
+    training_stats.report_binned("Loss/sigma", values[:120], keys[:120], edges)
+    training_stats.report_binned("Loss/sigma", values[120:], keys[120:], edges)
+    collector.update()
+    names = training_stats.bin_names("Loss/sigma", edges)
+    assert names == ["Loss/sigma<0.2", "Loss/sigma0.2-1", "Loss/sigma1-5", "Loss/sigma>5"]
+    bounds = [0, 0.2, 1, 5, float("inf")]
+    for name, lo, hi in zip(names, bounds[:-1], bounds[1:]):
+        chosen = values[(keys >= lo) & (keys < hi)].double()  # an edge belongs to the bin above it
+        assert collector.num(name) == len(chosen) > 0
+        assert collector.mean(name) == pytest.approx(chosen.mean().item(), rel=1e-12)
+        assert collector.std(name) == pytest.approx(chosen.std(unbiased=False).item(), rel=1e-9)
+    before = {name: training_stats.cumulative(name)["num"] for name in names}
+    training_stats.report_binned("Loss/sigma", torch.tensor([1.0]), torch.tensor([1.0]), edges)  # on an edge
+    collector.update()
+    after = {name: training_stats.cumulative(name)["num"] for name in names}
+    assert [after[n] - before[n] for n in names] == [0, 0, 1, 0]
+    collector.close()
+
+
+def test_loss_reports_its_loss_by_noise_level():
+    from losses.denoising import SIGMA_BIN_EDGES, EDMLoss
+
+    class Identity(torch.nn.Module):
+        def forward(self, x, sigma, labels, augment_labels=None):
+            return torch.zeros_like(x)
+
+    training_stats.reset()
+    collector = training_stats.Collector(regex="Loss/.*")
+    from losses import Batch
+    torch.manual_seed(0)
+    images = torch.rand(64, 1, 4, 4) * 2 - 1
+    loss_fn = EDMLoss()
+    torch.manual_seed(1)
+    loss = loss_fn(Identity(), Batch(images=images, labels=torch.zeros(64, 0)))
+    torch.manual_seed(1)
+    sigma = loss_fn.sample_sigma(None, 64, "cpu").flatten()
+    collector.update()
+    per_image = loss.reshape(64, -1).mean(1).double()
+    names = training_stats.bin_names("Loss/sigma", SIGMA_BIN_EDGES)
+    bins = torch.bucketize(sigma.double(), torch.tensor(SIGMA_BIN_EDGES, dtype=torch.float64), right=True)
+    assert sum(collector.num(name) for name in names) == 64
+    for index, name in enumerate(names):
+        if (bins == index).any():
+            assert collector.mean(name) == pytest.approx(per_image[bins == index].mean().item(), rel=1e-9)
+    collector.close()
+
+
 def test_stacked_random_generator_is_per_seed():
     a = misc.StackedRandomGenerator("cpu", [5, 7]).randn([2, 3, 4, 4])
     b = misc.StackedRandomGenerator("cpu", [7]).randn([1, 3, 4, 4])

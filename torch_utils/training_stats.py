@@ -44,6 +44,35 @@ def report(name: str, value) -> object:
     return value
 
 
+def bin_names(prefix: str, edges) -> list[str]:
+    """The names report_binned uses for the len(edges) + 1 bins of `edges`: '<prefix><e0', '<prefix>e0-e1', ...,
+    '<prefix>>eN' (edges printed with %g)."""
+    edges = [float(e) for e in edges]
+    return ([f'{prefix}<{edges[0]:g}'] + [f'{prefix}{lo:g}-{hi:g}' for lo, hi in zip(edges[:-1], edges[1:])]
+            + [f'{prefix}>{edges[-1]:g}'])
+
+
+def report_binned(prefix: str, values: torch.Tensor, keys: torch.Tensor, edges) -> None:
+    """Accumulate each value under the name of the bin its key falls in (bins split at the increasing `edges`,
+    a value equal to an edge goes to the bin above it). Every bin is reported, empty ones with no observations, so
+    all ranks report the same names. No host sync: the bins are counted with one-hot sums on the values' device."""
+    values = values.detach().flatten().to(torch.float64)
+    keys = keys.detach().flatten().to(values.device, torch.float64)
+    boundaries = torch.as_tensor([float(e) for e in edges], dtype=torch.float64, device=values.device)
+    one_hot = torch.nn.functional.one_hot(torch.bucketize(keys, boundaries, right=True),
+                                          len(boundaries) + 1).to(torch.float64)  # [N, bins]
+    moments = torch.stack([one_hot.sum(0), values @ one_hot, values.square() @ one_hot], dim=1)  # [bins, 3]
+    with _lock:
+        for name, bin_moments in zip(bin_names(prefix, edges), moments):
+            acc = _accumulators.get(name)
+            if acc is None:
+                _accumulators[name] = bin_moments.clone()
+            elif acc.device == bin_moments.device:
+                acc.add_(bin_moments)
+            else:
+                _accumulators[name] = acc.to(bin_moments.device) + bin_moments
+
+
 def report0(name: str, value) -> object:
     """report() on rank 0 only; other ranks register the name with no observations."""
     if distributed.get_rank() == 0:
