@@ -13,9 +13,17 @@ rho 72 / 15 steps cond).
 consecutive images of the rank's data stream, calls `prepare_pool` once under a torch RNG seeded by (seed, rank,
 pool index), so that a resume in the middle of a pool rebuilds the same pool, and hands out the rows in order.
 
+Background assignment (on by default, `BACKGROUND_ASSIGNMENT`): when a pool is loaded, the source also prepares the
+next one (its images, augmentation, noise and cost matrix, on the device, under that pool's own seed) and solves its
+assignment in a worker thread while the current pool trains (scipy releases the GIL; on CUDA the cost matrix reaches
+the host by a non-blocking copy the worker waits for, so the training stream is never synchronised for it). The
+random draws, the cost matrix and the solver call are the synchronous ones, so the pairs, the trajectory and exact
+resume are unchanged (tests/test_aot.py); only the time at which the next pool's images are read moves forward.
+
 The class stays persistent only so that snapshots written when losses were pickled still import.
 """
 
+import concurrent.futures
 import dataclasses
 
 import numpy as np
@@ -27,10 +35,15 @@ from losses.wrapper import LossWrapper
 from torch_utils import persistence
 from torch_utils.misc import stream_seed
 
-__all__ = ['pairwise_distances', 'assign_noise', 'AOTLoss', 'PoolSource', 'pool_seed', 'aot_loss_kwargs']
+__all__ = ['pairwise_distances', 'assign_noise', 'start_assignment', 'PendingPool', 'AOTLoss', 'PoolSource',
+           'pool_seed', 'aot_loss_kwargs']
 
 # Batch fields that hold one value per training image: a pool is handed out by slicing these.
 _ROW_FIELDS = ('images', 'labels', 'noise', 'augment_labels')
+
+# Prepare the next pool and solve its assignment in a worker thread while the current pool trains (exact: same draws,
+# same cost matrix, same solver call). Tests switch it off to compare with the synchronous source.
+BACKGROUND_ASSIGNMENT = True
 
 
 @torch.no_grad()
@@ -53,24 +66,52 @@ def assign_noise(images: torch.Tensor, noise: torch.Tensor, labels: torch.Tensor
     With one-hot labels [N, L > 0] the assignment is solved within each class (argmax of the label); rows never pair
     across classes. One device-to-host copy of the N x N distance matrix per pool; scipy solves on the CPU.
     """
-    from scipy.optimize import linear_sum_assignment
+    return torch.from_numpy(start_assignment(images, noise, labels).result()).to(images.device)
 
-    num = images.shape[0]
+
+@torch.no_grad()
+def start_assignment(images: torch.Tensor, noise: torch.Tensor, labels: torch.Tensor | None = None,
+                     executor: concurrent.futures.Executor | None = None) -> concurrent.futures.Future:
+    """`assign_noise`'s permutation as a future of an int64 numpy array: the cost matrix is computed now (queued on the
+    device), the assignment is solved by `executor` (None: here, before returning). On CUDA the cost matrix and the
+    classes go to pinned host memory by a non-blocking copy that the solver waits for (a CUDA event), so the caller's
+    stream is not synchronised."""
     if noise.shape != images.shape:
         raise ValueError(f'assign_noise: noise {tuple(noise.shape)} must have the shape of the images '
                          f'{tuple(images.shape)} (one noise per image)')
-    cost = pairwise_distances(images, noise).cpu().numpy()
-    perm = np.empty(num, dtype=np.int64)
-    if labels is None or labels.ndim != 2 or labels.shape[1] == 0:
+    cost = pairwise_distances(images, noise)
+    classes = labels.argmax(dim=1) if labels is not None and labels.ndim == 2 and labels.shape[1] > 0 else None
+    ready = None
+    if cost.device.type == 'cuda':
+        cost, classes = (None if t is None else torch.empty(t.shape, dtype=t.dtype, pin_memory=True).copy_(
+            t, non_blocking=True) for t in (cost, classes))
+        ready = torch.cuda.Event()
+        ready.record()
+    if executor is None:
+        future = concurrent.futures.Future()
+        future.set_result(_solve_assignment(cost, classes, ready))
+        return future
+    return executor.submit(_solve_assignment, cost, classes, ready)
+
+
+def _solve_assignment(cost: torch.Tensor, classes: torch.Tensor | None, ready) -> np.ndarray:
+    """The optimal permutation for the cost matrix (host tensor), within classes when given."""
+    from scipy.optimize import linear_sum_assignment
+
+    if ready is not None:
+        ready.synchronize()  # the non-blocking copies have landed (waits without holding the GIL)
+    cost = cost.numpy()
+    perm = np.empty(cost.shape[0], dtype=np.int64)
+    if classes is None:
         rows, cols = linear_sum_assignment(cost)
         perm[rows] = cols
     else:
-        classes = labels.argmax(dim=1).cpu().numpy()
+        classes = classes.numpy()
         for cls in np.unique(classes):
             members = np.flatnonzero(classes == cls)
             rows, cols = linear_sum_assignment(cost[np.ix_(members, members)])
             perm[members[rows]] = members[cols]
-    return torch.from_numpy(perm).to(images.device)
+    return perm
 
 
 def pool_seed(seed: int, rank: int, pool_idx: int) -> int:
@@ -78,14 +119,46 @@ def pool_seed(seed: int, rank: int, pool_idx: int) -> int:
     return stream_seed(seed, 0xA07, rank, pool_idx)
 
 
+class PendingPool:
+    """A prepared pool whose noise pairing may still be being solved (`start_assignment`): `result()` waits for the
+    permutation and returns the pool with `noise` paired (row i belongs to images[i]), on the noise's device."""
+
+    def __init__(self, batch: Batch, noise: torch.Tensor, permutation: concurrent.futures.Future):
+        self.batch, self.noise, self.permutation = batch, noise, permutation
+
+    def result(self) -> Batch:
+        perm = torch.from_numpy(self.permutation.result())
+        if self.noise.device.type == 'cuda':
+            perm = perm.pin_memory().to(self.noise.device, non_blocking=True)  # no host sync
+        return dataclasses.replace(self.batch, noise=self.noise[perm.to(self.noise.device)])
+
+
+class _Prepared:
+    """A pool prepared synchronously, behind PendingPool's `result()`."""
+
+    def __init__(self, batch: Batch):
+        self.batch = batch
+
+    def result(self) -> Batch:
+        return self.batch
+
+
 class PoolSource:
     """AOT's data: the rank's images in pools of N consecutive images of the inner stream, each prepared once by
     `prepare_pool(Batch, augment_pipe)` and handed out in order, batch_gpu rows per round. State: 'data_position'
     counts the images handed out, so a resume inside a pool re-reads that pool from its start (the inner stream must
-    be seekable, as StreamSource is), rebuilds it under the same seed and skips the rows already trained on."""
+    be seekable, as StreamSource is), rebuilds it under the same seed and skips the rows already trained on.
 
-    def __init__(self, inner, data, pool_size: int, prepare_pool):
+    start_pool(Batch, augment_pipe, executor) -> PendingPool: the same preparation with the assignment solved by
+    `executor`. When given and `background` (default: BACKGROUND_ASSIGNMENT), loading a pool also starts the next one,
+    whose assignment is then solved in a worker thread while this one trains."""
+
+    def __init__(self, inner, data, pool_size: int, prepare_pool, start_pool=None, background: bool | None = None):
         self.inner, self.data, self.pool_size, self.prepare_pool = inner, data, int(pool_size), prepare_pool
+        background = BACKGROUND_ASSIGNMENT if background is None else background
+        self.start_pool = start_pool if background else None
+        self._executor = None
+        self._next = None  # the next pool, started when the current one was loaded
         start = inner.position
         self.skip = start % self.pool_size
         if self.skip:
@@ -93,18 +166,30 @@ class PoolSource:
         self.consumed = start
         self.pool, self.offset = None, 0
 
-    def _load_pool(self) -> Batch:
-        """The next pool_size images, prepared with the torch RNG seeded by (seed, rank, pool index); the
-        surrounding random streams are left untouched."""
+    def _start_pool(self):
+        """Read the next pool_size images and prepare them with the torch RNG seeded by (seed, rank, pool index);
+        the surrounding random streams are left untouched. Returns a PendingPool (or its synchronous stand-in)."""
         pool_idx = self.inner.position // self.pool_size
         num_iterations = self.pool_size // self.data.batch_gpu_total
         parts = [batch for _ in range(num_iterations) for batch in self.inner.next_rounds()]
-        images = torch.cat([batch.images for batch in parts])
-        labels = torch.cat([batch.labels for batch in parts])
+        batch = Batch(images=torch.cat([part.images for part in parts]),
+                      labels=torch.cat([part.labels for part in parts]))
         device = self.data.device
         with torch.random.fork_rng(devices=[device] if device.type == 'cuda' else []), torch.no_grad():
             torch.manual_seed(pool_seed(self.data.seed, self.data.rank, pool_idx))
-            pool = self.prepare_pool(Batch(images=images, labels=labels), self.data.augment_pipe)
+            if self.start_pool is None:
+                return _Prepared(self.prepare_pool(batch, self.data.augment_pipe))
+            if self._executor is None:
+                self._executor = concurrent.futures.ThreadPoolExecutor(max_workers=1,
+                                                                       thread_name_prefix='aot-assignment')
+            return self.start_pool(batch, self.data.augment_pipe, self._executor)
+
+    def _load_pool(self) -> Batch:
+        """The next pool, paired; in the background mode, the one after it is started here."""
+        pending, self._next = (self._next or self._start_pool()), None
+        if self.start_pool is not None:
+            self._next = self._start_pool()  # its assignment is solved while this pool trains
+        pool = pending.result()
         for name in _ROW_FIELDS:
             value = getattr(pool, name)
             if value is not None and value.shape[0] != self.pool_size:
@@ -148,7 +233,8 @@ class AOTLoss(LossWrapper):
 
     def batch_source(self, data, inner):
         # The pool replaces the plain stream underneath whatever the wrapped losses add on top (STF's references).
-        return self.base.batch_source(data, PoolSource(inner, data, self.pool_size, self.prepare_pool))
+        return self.base.batch_source(data, PoolSource(inner, data, self.pool_size, self.prepare_pool,
+                                                       start_pool=self.start_pool))
 
     def check_data(self, *, batch_gpu_total: int, batch_gpu: int, dataset_size: int) -> list[str]:
         warnings = self.base.check_data(batch_gpu_total=batch_gpu_total, batch_gpu=batch_gpu,
@@ -168,12 +254,18 @@ class AOTLoss(LossWrapper):
         Returns the batch with augmented `images`, their `augment_labels` (None without augmentation) and the
         paired `noise` (noise[i] belongs to images[i]), all with the pool's N rows.
         """
+        return self.start_pool(batch, augment_pipe).result()
+
+    @torch.no_grad()
+    def start_pool(self, batch, augment_pipe=None, executor=None) -> PendingPool:
+        """`prepare_pool` with the assignment solved by `executor` (None: now): the same random draws in the same
+        order (augmentation, then the noise), the same cost matrix and solver call, so the same pool."""
         images, augment_labels = batch.images, None
         if augment_pipe is not None:
             images, augment_labels = augment_pipe(images)
         noise = torch.randn_like(images)
-        perm = assign_noise(images, noise, batch.labels)
-        return dataclasses.replace(batch, images=images, augment_labels=augment_labels, noise=noise[perm])
+        return PendingPool(dataclasses.replace(batch, images=images, augment_labels=augment_labels), noise,
+                           start_assignment(images, noise, batch.labels, executor))
 
     def __call__(self, net, batch, augment_pipe=None):
         if getattr(batch, 'noise', None) is None:

@@ -1,19 +1,28 @@
 """AOT (losses/aot.py): exact assignment against brute force, lower paired distance than the identity pairing on
 every pool, class-wise pairing, each image and noise used once per pool in the loop, composition with STF/VP/VE,
-exact resume inside a pool, and train.py --aot."""
+exact resume inside a pool, the background assignment equal to the synchronous one, and train.py --aot."""
 
 import itertools
 import json
 import os
 import subprocess
+import warnings
 
 import numpy as np
 import pytest
 import torch
 from click.testing import CliRunner
 from launch import torchrun
-from test_stf import TINY_NET, RecordingNet, ShiftAugment, assert_exact_resume
-from train_worker import ROOT, digits_images, loop_kwargs, random_images, source_chain, write_zip_dataset
+from test_stf import TINY_NET, RecordingNet, ShiftAugment, _resume_kwargs, assert_exact_resume
+from train_worker import (
+    ROOT,
+    assert_tree_equal,
+    digits_images,
+    loop_kwargs,
+    random_images,
+    source_chain,
+    write_zip_dataset,
+)
 
 import train
 from losses import Batch
@@ -238,3 +247,76 @@ def test_two_ranks_with_aot_and_stf(labelled_zip, tmp_path):
     assert state['world_size'] == 2 and len(state['rng']) == 2 and state['cur_iter'] == 4
     assert state['data_position'] == 32 and state['reference_position'] == 2 * 4 * 12
     assert all(torch.isfinite(v).all() for v in state['networks']['net'].values())
+
+
+def test_background_assignment_gives_the_synchronous_pairs_trajectory_and_resume(labelled_zip, tmp_path,
+                                                                                 monkeypatch):
+    """The next pool's assignment solved in a worker thread (BACKGROUND_ASSIGNMENT, the default) against the
+    synchronous source: the same handed-out pairs, the same training state after 5 iterations (weights, EMA, Adam,
+    RNG, data position), and a resume whose first part ran with the other mode is exact."""
+    import threading
+
+    from losses import aot
+
+    solved_in, handed_out = [], []
+    solve, call = aot._solve_assignment, AOTLoss.__call__
+
+    def recording_solve(*args):
+        solved_in.append(threading.current_thread().name)
+        return solve(*args)
+
+    def recording_call(self, net, batch, augment_pipe=None):
+        handed_out.append(torch.cat([batch.images.flatten(1), batch.noise.flatten(1)], dim=1).clone())
+        return call(self, net, batch, augment_pipe)
+
+    monkeypatch.setattr(aot, '_solve_assignment', recording_solve)
+    monkeypatch.setattr(AOTLoss, '__call__', recording_call)
+    config = aot_loss_kwargs(EDM, pool_size=16)  # 2 iterations of 8 per pool: 5 iterations cross 3 pools
+    states, pairs, threads = {}, {}, {}
+    for mode, background in (('sync', False), ('background', True)):
+        monkeypatch.setattr(aot, 'BACKGROUND_ASSIGNMENT', background)
+        solved_in.clear()
+        handed_out.clear()
+        run_dir = tmp_path / mode
+        run_dir.mkdir()
+        tl.training_loop(**dict(_resume_kwargs(str(run_dir), labelled_zip, config), total_kimg=0.040))
+        states[mode] = torch.load(run_dir / 'training-state-000000.pt', weights_only=True)
+        pairs[mode], threads[mode] = torch.stack(handed_out), list(solved_in)
+    assert threads['sync'] == ['MainThread'] * 3
+    # The background source also started a 4th pool (after the 5th iteration's) and solved all in its worker.
+    assert len(threads['background']) == 4 and all(name.startswith('aot-assignment') for name in threads['background'])
+    assert torch.equal(pairs['sync'], pairs['background']) and len(pairs['sync']) == 10  # 5 iterations x 2 rounds
+    for key in ('networks', 'ema', 'optimizers', 'rng', 'cur_iter', 'data_position'):
+        assert_tree_equal(states['sync'][key], states['background'][key], key)
+
+    # A run that starts synchronously and resumes (inside a pool) in the background ends where both straight runs do.
+    first, resumed = tmp_path / 'first', tmp_path / 'resumed'
+    first.mkdir(), resumed.mkdir()
+    monkeypatch.setattr(aot, 'BACKGROUND_ASSIGNMENT', False)
+    tl.training_loop(**dict(_resume_kwargs(str(first), labelled_zip, config), total_kimg=0.024))
+    monkeypatch.setattr(aot, 'BACKGROUND_ASSIGNMENT', True)
+    with warnings.catch_warnings():
+        warnings.simplefilter('error')  # the mode is not a trajectory option: no 'not exact' warning
+        tl.training_loop(**dict(_resume_kwargs(str(resumed), labelled_zip, config), total_kimg=0.040,
+                                resume_state_dump=str(first / 'training-state-000000.pt')))
+    state = torch.load(resumed / 'training-state-000000.pt', weights_only=True)
+    for key in ('networks', 'ema', 'optimizers', 'rng', 'cur_iter', 'data_position'):
+        assert_tree_equal(states['sync'][key], state[key], key)
+
+
+def test_start_assignment_in_a_worker_equals_assign_noise():
+    """The future's permutation is assign_noise's, with and without classes; PendingPool pairs the noise with it."""
+    import concurrent.futures
+
+    from losses.aot import PendingPool, start_assignment
+
+    gen = torch.Generator().manual_seed(5)
+    images, noise = torch.rand([24, 1, 4, 4], generator=gen) * 2 - 1, torch.randn([24, 1, 4, 4], generator=gen)
+    labels = torch.eye(3)[torch.randint(0, 3, [24], generator=gen)]
+    with concurrent.futures.ThreadPoolExecutor(1) as executor:
+        for given in (None, labels):
+            future = start_assignment(images, noise, given, executor)
+            perm = assign_noise(images, noise, given)
+            assert torch.equal(torch.from_numpy(future.result()), perm)
+            pool = PendingPool(Batch(images=images, labels=labels), noise, future).result()
+            assert torch.equal(pool.noise, noise[perm]) and pool.images is images
