@@ -3,6 +3,12 @@
 Statistics: float64 running sums Σf and Σffᵀ on each rank, summed across ranks, then μ = Σf/N and the unbiased
 covariance Σ = (Σffᵀ − N·μμᵀ)/(N − 1). Distance: ‖μ − μ_ref‖² + Tr(Σ + Σ_ref − 2·sqrtm(Σ·Σ_ref)), real part.
 Reference statistics are EDM's `.npz` (keys `mu`, `sigma`); EDM2's pickled {'fid': {mu, sigma}} also loads.
+
+Speed on the CPU: EDM adds fᵀf of every batch (a float64 GEMM over the whole D x D sum per batch: 40.9 s for 50k x
+2048 on one thread). FeatureMoments gathers the float64 rows of ~64 MiB of batches and adds them with one symmetric
+rank-k update (BLAS dsyrk: the upper triangle only, half the multiply-adds, the sum read once per chunk), as np.cov's
+XXᵀ does; Σf stays EDM's per-batch sum. Only the order of the float64 additions of Σffᵀ changes, by a relative
+~1e-16 per entry (tests/test_metrics.py); on the GPU the per-batch GEMM is kept.
 """
 
 import io
@@ -19,32 +25,72 @@ from torch_utils import distributed
 
 
 class FeatureMoments:
-    """Running float64 Σf and Σffᵀ of feature vectors on the features' device (EDM's accumulation)."""
+    """Running float64 Σf and Σffᵀ of feature vectors on the features' device (EDM's accumulation; on the CPU, Σffᵀ by
+    chunked symmetric rank-k updates, see the module notes).
 
-    def __init__(self):
+    chunk_bytes: float64 rows gathered before a CPU update (the last chunk is added by reduce_()).
+    """
+
+    def __init__(self, chunk_bytes: int = 64 << 20):
         self.feature_sum: torch.Tensor | None = None  # [D] float64
-        self.outer_sum: torch.Tensor | None = None  # [D, D] float64
+        self.outer_sum: torch.Tensor | None = None  # [D, D] float64 (on the CPU: complete after reduce_())
         self.num_local = 0  # rows seen on this rank (a host int: batch sizes are known without a device sync)
         self.num_total: int | None = None  # set by reduce_()
+        self.chunk_bytes = int(chunk_bytes)
+        self._pending: list[torch.Tensor] = []  # CPU float64 rows not yet in the upper triangle
+        self._pending_rows = 0
+        self._upper: np.ndarray | None = None  # CPU: Fortran-ordered [D, D] whose upper triangle holds Σffᵀ
 
     @torch.no_grad()
     def update(self, features: torch.Tensor) -> None:
         if features.ndim != 2:
             raise ValueError(f"features must be [N, D], got shape {list(features.shape)}")
-        features = features.to(torch.float64)
+        given, features = features, features.to(torch.float64)
+        dim = features.shape[1]
         if self.feature_sum is None:
-            dim = features.shape[1]
             self.feature_sum = torch.zeros([dim], dtype=torch.float64, device=features.device)
-            self.outer_sum = torch.zeros([dim, dim], dtype=torch.float64, device=features.device)
-        elif features.shape[1] != self.feature_sum.shape[0]:
-            raise ValueError(f"feature dimension changed from {self.feature_sum.shape[0]} to {features.shape[1]}")
+            if features.device.type != "cpu":
+                self.outer_sum = torch.zeros([dim, dim], dtype=torch.float64, device=features.device)
+        elif dim != self.feature_sum.shape[0]:
+            raise ValueError(f"feature dimension changed from {self.feature_sum.shape[0]} to {dim}")
         self.feature_sum += features.sum(0)
-        self.outer_sum += features.T @ features
+        if features.device.type == "cpu":
+            self._pending.append(features.clone() if features is given else features)  # kept: not the caller's
+            self._pending_rows += features.shape[0]
+            if self._pending_rows * dim * 8 >= self.chunk_bytes:
+                self._add_pending()
+        else:
+            self.outer_sum += features.T @ features
         self.num_local += features.shape[0]
+
+    def _add_pending(self) -> None:
+        """Σffᵀ += FᵀF of the gathered CPU rows F [n, D], upper triangle only (one dsyrk call)."""
+        if not self._pending:
+            return
+        from scipy.linalg import blas
+
+        rows = torch.cat(self._pending).numpy()  # C-ordered [n, D]: its transpose is a Fortran-ordered [D, n]
+        self._pending, self._pending_rows = [], 0
+        if self._upper is None:
+            self._upper = np.zeros([rows.shape[1]] * 2, dtype=np.float64, order="F")
+        # C = A·Aᵀ + C with A = Fᵀ (no copy); overwrite_c updates the Fortran-ordered sum in place.
+        self._upper = blas.dsyrk(1.0, rows.T, beta=1.0, c=self._upper, trans=0, lower=0, overwrite_c=1)
+
+    def _complete_cpu_sum(self) -> None:
+        """outer_sum from the upper triangle (mirrored), after the last gathered rows."""
+        if self.feature_sum is None or self.feature_sum.device.type != "cpu":
+            return
+        self._add_pending()
+        dim = self.feature_sum.shape[0]
+        upper = self._upper if self._upper is not None else np.zeros([dim, dim], dtype=np.float64)
+        full = np.triu(upper) + np.triu(upper, 1).T
+        self.outer_sum = torch.from_numpy(full)
+        self._upper = None
 
     @torch.no_grad()
     def reduce_(self, feature_dim: int, device: torch.device) -> None:
         """Sum across ranks (every rank calls it; a rank that saw no images contributes zeros of `feature_dim`)."""
+        self._complete_cpu_sum()
         if self.feature_sum is None:
             self.feature_sum = torch.zeros([feature_dim], dtype=torch.float64, device=device)
             self.outer_sum = torch.zeros([feature_dim, feature_dim], dtype=torch.float64, device=device)
