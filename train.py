@@ -49,7 +49,7 @@ import losses
 from torch_utils import distributed as dist
 from torch_utils import persistence
 from training import snapshots, training_loop
-from training.presets import ARCH_PRESETS, PRECOND_CLASSES
+from training.presets import ARCH_PRESETS, PRECOND_CLASSES, TRAIN_PRESETS, preset_command
 
 
 def parse_int_list(s):
@@ -220,7 +220,7 @@ def find_resume_state(resume: str, outdir: str | None) -> str | None:
 
 
 # Options that shape the network: a resume may not change them (the weights would not fit).
-_NETWORK_OPTIONS = ('data', 'cond', 'arch', 'precond', 'cbase', 'cres', 'blocks', 'attn')
+_NETWORK_OPTIONS = ('data', 'cond', 'arch', 'precond', 'cbase', 'cres', 'blocks', 'attn', 'init')
 # Options that do not change the trajectory: changing them on resume keeps the continuation exact.
 _EXACT_OPTIONS = ('outdir', 'desc', 'nosubdir', 'tick', 'snap', 'dump', 'duration', 'workers', 'bench', 'cache',
                   'dry_run', 'resume', 'max_nonfinite', 'transfer')
@@ -253,6 +253,33 @@ def _options_equal(a, b) -> bool:
     return json.dumps(a, sort_keys=True, default=str) == json.dumps(b, sort_keys=True, default=str)
 
 
+def init_network_kwargs(path: str, interface: dict, precond: str | None) -> dnnlib.EasyDict:
+    """--init: the class and constructor options of a pickle's EMA network (EDM's, ours, forks'; imported without
+    running its code), checked against the dataset. `precond` swaps the preconditioning wrapper (PRECOND_CLASSES)
+    around the same backbone options; None keeps the pickle's class."""
+    try:
+        net = snapshots.read_snapshot(path).net
+    except (persistence.NetworkPickleError, OSError, ValueError) as err:
+        raise click.BadParameter(str(err), param_hint='--init') from None
+    if getattr(net, 'init_args', ()):
+        raise click.BadParameter(f'{path}: its network was built with positional arguments', param_hint='--init')
+    kwargs = dict(net.init_kwargs)
+    for key, value in interface.items():
+        theirs = kwargs.pop(key, getattr(net, key, None))
+        if int(theirs or 0) != value:
+            raise click.BadParameter(f'{path} has {key}={theirs}, but the dataset (--data, --cond) needs {value}',
+                                     param_hint='--init')
+    class_name = PRECOND_CLASSES[precond] if precond else f'{type(net).__module__}.{type(net).__qualname__}'
+    return dnnlib.EasyDict(class_name=class_name, **kwargs)
+
+
+def _arch_name(network_kwargs: dict) -> str:
+    """ddpmpp / ncsnpp / adm for the run directory's name, from backbone options."""
+    if network_kwargs.get('model_type') == 'DhariwalUNet':
+        return 'adm'
+    return 'ncsnpp' if network_kwargs.get('embedding_type') == 'fourier' else 'ddpmpp'
+
+
 def build_config(opts: dnnlib.EasyDict, world_size: int) -> tuple[dnnlib.EasyDict, str]:
     """Loop kwargs from the CLI options (EDM's train.py logic) and the run-dir description."""
     c = dnnlib.EasyDict()
@@ -274,16 +301,28 @@ def build_config(opts: dnnlib.EasyDict, world_size: int) -> tuple[dnnlib.EasyDic
         c.dataset_kwargs.resolution = dataset_obj.resolution
         c.dataset_kwargs.max_size = len(dataset_obj)
         has_labels = dataset_obj.has_labels
+        interface = dict(img_resolution=dataset_obj.resolution, img_channels=dataset_obj.num_channels,
+                         label_dim=dataset_obj.label_dim)
     except (OSError, ValueError) as err:
         raise click.ClickException(f'--data: {err}') from err
     if opts.cond and not has_labels:
         raise click.ClickException('--cond=True requires labels specified in dataset.json')
     del dataset_obj
 
-    # Network architecture, preconditioning and loss.
-    c.network_kwargs.update(ARCH_PRESETS[opts.arch])
-    c.network_kwargs.class_name = PRECOND_CLASSES[opts.precond]
-    loss_name = opts.loss if opts.loss is not None else losses.DEFAULT_LOSS_FOR_PRECOND[opts.precond]
+    # Network architecture, preconditioning and loss. --init: the pickle's network, with --precond's wrapper (or the
+    # loss's first declared one) when given.
+    loss_name = opts.loss if opts.loss is not None else losses.DEFAULT_LOSS_FOR_PRECOND[opts.precond or 'edm']
+    if opts.init is not None:
+        architecture = [f'--{k}' for k in ('cbase', 'cres', 'blocks', 'attn') if opts[k] is not None]
+        if architecture:
+            raise click.UsageError(f"{', '.join(architecture)}: --init takes the architecture from the pickle")
+        declared = getattr(losses.LOSSES.get(loss_name), 'preconditionings', (None,))
+        c.network_kwargs = init_network_kwargs(opts.init, interface, opts.precond or declared[0])
+        arch_name = _arch_name(c.network_kwargs)
+    else:
+        c.network_kwargs.update(ARCH_PRESETS[opts.arch])
+        c.network_kwargs.class_name = PRECOND_CLASSES[opts.precond or 'edm']
+        arch_name = opts.arch
     try:
         c.loss_kwargs = losses.loss_kwargs(loss_name, losses.parse_loss_options(loss_name, opts.loss_opt))
     except ValueError as err:
@@ -300,7 +339,8 @@ def build_config(opts: dnnlib.EasyDict, world_size: int) -> tuple[dnnlib.EasyDic
     if opts.augment:
         c.augment_kwargs = dnnlib.EasyDict(class_name='training.augment.AugmentPipe', p=opts.augment)
         c.augment_kwargs.update(xflip=1e8, yflip=1, scale=1, rotate_frac=1, aniso=1, translate_frac=1)
-        c.network_kwargs.augment_dim = 9
+        if opts.init is None:  # --init keeps the pickle's augment_dim (its architecture)
+            c.network_kwargs.augment_dim = 9
     c.network_kwargs.update(dropout=opts.dropout, use_fp16=opts.fp16)
 
     # Batch accounting, checked here so the error names the options.
@@ -343,6 +383,10 @@ def build_config(opts: dnnlib.EasyDict, world_size: int) -> tuple[dnnlib.EasyDic
         c.seed = dist.broadcast_object(secrets.randbelow(1 << 31) if dist.get_rank() == 0 else None)
 
     # Transfer learning and resume (files checked here, before a run directory exists).
+    if opts.init is not None and opts.transfer is not None:
+        raise click.UsageError('--init and --transfer cannot be specified at the same time')
+    if opts.init is not None and opts.resume is None:
+        c.resume_pkl = opts.init  # weights into the network and its EMA; the EMA ramp stays (unlike --transfer)
     if opts.transfer is not None:
         if opts.resume is not None:
             raise click.UsageError('--transfer and --resume cannot be specified at the same time')
@@ -376,7 +420,8 @@ def build_config(opts: dnnlib.EasyDict, world_size: int) -> tuple[dnnlib.EasyDic
     # Description string.
     cond_str = 'cond' if c.dataset_kwargs.use_labels else 'uncond'
     dtype_str = 'fp16' if (opts.fp16 or opts.precision == 'fp16') else opts.precision
-    desc = (f'{dataset_name:s}-{cond_str:s}-{opts.arch:s}-{opts.precond:s}-gpus{world_size:d}-'
+    precond_name = next((k for k, v in PRECOND_CLASSES.items() if v == c.network_kwargs.class_name), 'init')
+    desc = (f'{dataset_name:s}-{cond_str:s}-{arch_name:s}-{precond_name:s}-gpus{world_size:d}-'
             f'batch{c.batch_size:d}-{dtype_str:s}')
     for tag in wrapper_tags:
         desc += f'-{tag}'
@@ -385,7 +430,14 @@ def build_config(opts: dnnlib.EasyDict, world_size: int) -> tuple[dnnlib.EasyDic
     return c, desc
 
 
-@click.command(help=__doc__)
+def _presets_epilog() -> str:
+    lines = ['Published configurations (training.presets.TRAIN_PRESETS; give --data the dataset\'s path):']
+    for name in TRAIN_PRESETS:
+        lines += ['', f'\b\n  # {name}', f'  {preset_command(name)}']
+    return '\n'.join(lines)
+
+
+@click.command(help=__doc__, epilog=_presets_epilog())
 # Main options.
 @click.option('--outdir', help='Where to save the results  [required unless --resume has them]', metavar='DIR',
               type=str)
@@ -394,8 +446,8 @@ def build_config(opts: dnnlib.EasyDict, world_size: int) -> tuple[dnnlib.EasyDic
               show_default=True)
 @click.option('--arch', help='Network architecture', type=click.Choice(list(ARCH_PRESETS)), default='ddpmpp',
               show_default=True)
-@click.option('--precond', help='Preconditioning & default loss', type=click.Choice(list(PRECOND_CLASSES)),
-              default='edm', show_default=True)
+@click.option('--precond', help='Preconditioning & default loss  [default: edm; with --init the pickle\'s, or the '
+              'one the loss declares]', type=click.Choice(list(PRECOND_CLASSES)))
 @click.option('--loss', help='Loss (registry name)  [default: follows --precond]',
               type=click.Choice(list(losses.LOSSES)))
 @click.option('--loss-opt', help=f'Loss option KEY=VALUE, repeatable ({losses.describe_losses()})', metavar='KEY=VALUE',
@@ -453,6 +505,9 @@ def build_config(opts: dnnlib.EasyDict, world_size: int) -> tuple[dnnlib.EasyDic
               show_default=True)
 @click.option('--seed', help='Random seed  [default: random]', metavar='INT', type=click.IntRange(0, 2**31 - 1))
 @click.option('--transfer', help='Transfer learning from network pickle', metavar='PKL|URL', type=str)
+@click.option('--init', help="Start from a pickle's EMA network: its class, constructor options and weights (EDM's, "
+              "ours, forks'); --precond swaps its preconditioning; the EMA starts from it", metavar='PKL|URL',
+              type=str)
 @click.option('--resume', help='Resume from a training state, a run directory (its newest state) or auto (the newest '
               'under --outdir, else start anew)', metavar='PT|DIR|auto', type=str)
 @click.option('--max-nonfinite', help='Stop after this many consecutive steps with non-finite losses or gradients',
@@ -512,8 +567,8 @@ def main(**kwargs):
     dist.print0(f'Output directory:        {c.run_dir}')
     dist.print0(f'Dataset path:            {c.dataset_kwargs.path}')
     dist.print0(f'Class-conditional:       {c.dataset_kwargs.use_labels}')
-    dist.print0(f'Network architecture:    {opts.arch}')
-    dist.print0(f'Preconditioning & loss:  {opts.precond}, {c.loss_kwargs.class_name}')
+    dist.print0(f'Network architecture:    {opts.arch if opts.init is None else "from " + opts.init}')
+    dist.print0(f'Preconditioning & loss:  {c.network_kwargs.class_name}, {c.loss_kwargs.class_name}')
     dist.print0(f'Number of processes:     {world_size}')
     dist.print0(f'Batch size:              {c.batch_size}')
     dist.print0(f'Mixed-precision:         fp16 network {c.network_kwargs.use_fp16}, autocast {c.precision}')

@@ -38,13 +38,14 @@ from dnnlib.util import parse_bool
 from .aot import AOTLoss
 from .base import Batch, PerImageRandom, Phase, constant_lr, default_phases
 from .denoising import DenoisingLoss, EDMLoss, VELoss, VPLoss
+from .gdd import GDDLoss
 from .stf import STFLoss
 from .wrapper import LossWrapper
 
 __all__ = ['Batch', 'PerImageRandom', 'Phase', 'constant_lr', 'default_phases', 'LOSSES', 'LOSS_WRAPPERS',
            'DEFAULT_LOSS_FOR_PRECOND', 'DenoisingLoss', 'LossWrapper', 'EDMLoss', 'VPLoss', 'VELoss', 'STFLoss',
-           'AOTLoss', 'WrapperFlag', 'LossWrapperEntry', 'loss_options', 'parse_loss_options', 'loss_kwargs',
-           'wrap_loss_kwargs', 'loss_record', 'loss_kwargs_from_record', 'describe_losses']
+           'AOTLoss', 'GDDLoss', 'WrapperFlag', 'LossWrapperEntry', 'loss_options', 'parse_loss_options',
+           'loss_kwargs', 'wrap_loss_kwargs', 'loss_record', 'loss_kwargs_from_record', 'describe_losses']
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -54,6 +55,7 @@ LOSSES = {
     'edm': EDMLoss,
     'vp': VPLoss,
     've': VELoss,
+    'gdd': GDDLoss,
 }
 
 
@@ -100,7 +102,7 @@ LOSS_WRAPPERS = {
         tag='aot{pool_size}'),
 }
 
-DEFAULT_LOSS_FOR_PRECOND = {'vp': 'vp', 've': 've', 'edm': 'edm'}
+DEFAULT_LOSS_FOR_PRECOND = {'vp': 'vp', 've': 've', 'edm': 'edm', 'gdd': 'gdd'}
 
 
 def _loss_class(name: str, wrappers: bool = False):

@@ -73,6 +73,10 @@ def _parse_pairs(text: str, option: str) -> dict:
 class GDDLoss:
     """GDD's three phases over the generator `net` and a discriminator `D` (extra network); see the module doc."""
 
+    # The --precond values it trains, its default first: GDD's shifted EDM preconditioning, or EDM's (equivalent to
+    # about 5e-5 at sigma = 80). train.py --init swaps an EDM pickle's wrapper for the first unless --precond is given.
+    preconditionings = ('gdd', 'edm')
+
     def __init__(self,
                  sigma: float = 80.0,               # The generator's noise level: G(z) = D(sigma z; sigma).
                  loss_type: str = 'ns',             # 'ns' (non-saturating logistic) or 'hinge'.

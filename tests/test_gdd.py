@@ -593,3 +593,107 @@ def test_exact_resume_of_a_gdd_run(gdd_data, tmp_path):
     assert set(a['optimizers']) == {'G', 'D', 'R1'}
     for key in ('networks', 'ema', 'optimizers', 'rng', 'data_position'):
         assert_tree_equal(a[key], b[key], key)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# train.py --init (generic) and the presets.
+
+@pytest.fixture(scope='module')
+def edm_release(tmp_path_factory):
+    """A stand-in for EDM's released pickles (EDMPrecond, dropout 0.13, augment_dim 9), in EDM's format with embedded
+    source that would write a marker if --init ran it."""
+    root = tmp_path_factory.mktemp('edm_release')
+    torch.manual_seed(0)
+    net = EDMPrecond(img_resolution=8, img_channels=1, label_dim=0, model_type='SongUNet', model_channels=8,
+                     channel_mult=[1, 2], num_blocks=1, attn_resolutions=[4], dropout=0.13, augment_dim=9)
+    fixture.randomize_(net, 1).eval()
+    marker = root / 'executed.txt'
+
+    def poisoned_source(obj):
+        return fixture.poisoned_source(inspect.getsource(sys.modules[type(obj).__module__]), marker)
+
+    path = root / 'edm-tiny-uncond.pkl'
+    path.write_bytes(fixture.edm_style_dumps(dict(ema=net, augment_pipe=None, dataset_kwargs={}), poisoned_source))
+    data = write_zip_dataset(str(root / 'tiny.zip'), random_images(32))
+    return dict(path=str(path), net=net, marker=marker, data=data, root=root)
+
+
+def _train(args):
+    import train
+    return CliRunner().invoke(train.main, [str(a) for a in args], catch_exceptions=False)
+
+
+def _printed_options(output):
+    start = output.index('Training options:') + len('Training options:')
+    return json.loads(output[start:output.index('\n\n', start + 2)])
+
+
+def test_init_takes_the_pickles_network_and_the_losss_preconditioning(edm_release, tmp_path):
+    common = ['--outdir', tmp_path, '--data', edm_release['data'], '--init', edm_release['path'], '--dropout', 0,
+              '--augment', 0, '--device', 'cpu', '-n']
+    result = _train(['--loss', 'gdd', *common])
+    assert result.exit_code == 0, result.output
+    assert not edm_release['marker'].exists()
+    options = _printed_options(result.output)
+    expected = {k: v for k, v in edm_release['net'].init_kwargs.items() if k not in ('img_resolution', 'img_channels',
+                                                                                      'label_dim')}
+    expected.update(class_name='training.preconditioning.GDDPrecond', dropout=0, use_fp16=False)  # GDD's default
+    assert options['network_kwargs'] == expected and options['resume_pkl'] == edm_release['path']
+    assert 'ema_rampup_ratio' not in options  # the EMA ramp stays (the loop's 5%; --transfer turns it off)
+    assert options['run_dir'].endswith('-tiny-uncond-ddpmpp-gdd-gpus1-batch512-fp32')
+    assert options['loss_kwargs'] == {'class_name': 'losses.gdd.GDDLoss'}
+
+    result = _train(['--loss', 'gdd', '--precond', 'edm', *common])  # --precond keeps EDM's wrapper
+    assert _printed_options(result.output)['network_kwargs']['class_name'] == 'training.preconditioning.EDMPrecond'
+    result = _train(['--loss', 'edm', *common])  # a loss that declares nothing keeps the pickle's class
+    assert _printed_options(result.output)['network_kwargs']['class_name'] == 'training.preconditioning.EDMPrecond'
+
+    result = _train(['--loss', 'gdd', '--cbase', 16, *common])
+    assert result.exit_code != 0 and '--cbase: --init takes the architecture from the pickle' in result.output
+    cond = write_zip_dataset(str(tmp_path / 'cond.zip'), random_images(8), labels=[0, 1] * 4)
+    result = _train(['--loss', 'gdd', '--outdir', tmp_path, '--data', cond, '--cond', 1, '--init',
+                     edm_release['path'], '-n', '--device', 'cpu'])
+    assert result.exit_code != 0 and 'label_dim=0, but the dataset (--data, --cond) needs 2' in result.output
+    assert not edm_release['marker'].exists()
+
+
+@pytest.mark.slow
+def test_train_gdd_from_an_edm_pickle_end_to_end(edm_release, tmp_path):
+    """train.py --loss=gdd --init=PKL for 1 kimg, then the snapshot samples in one step by default."""
+    import generate
+
+    result = _train(['--outdir', tmp_path, '--data', edm_release['data'], '--init', edm_release['path'], '--loss',
+                     'gdd', '--loss-opt', 'discriminator=sn_cnn', '--loss-opt', 'disc_channels=8', '--loss-opt',
+                     'freeze=1', '--dropout', 0, '--augment', 0, '--batch', 32, '--duration', 0.001, '--tick', 1,
+                     '--snap', 1, '--dump', 1, '--seed', 1, '--lr', 1e-4, '--lr-rampup', 0, '--workers', 0,
+                     '--device', 'cpu'])
+    assert result.exit_code == 0, result.output
+    assert not edm_release['marker'].exists()
+    run_dir, = glob.glob(str(tmp_path / '*-gdd-*'))
+    snapshot = snapshots.read_snapshot(os.path.join(run_dir, 'network-snapshot-000001.pkl'))
+    assert type(snapshot.net) is GDDPrecond and type(snapshot.process) is OneStepProcess
+    assert snapshot.data['loss']['name'] == 'gdd' and snapshot.data['loss']['options']['freeze'] == 1
+    frozen = [n for n, _ in snapshot.net.named_parameters() if gdd.frozen_parameter(n, 1)]
+    pretrained = dict(edm_release['net'].named_parameters())
+    assert frozen and all(torch.equal(dict(snapshot.net.named_parameters())[n], pretrained[n]) for n in frozen)
+    out = tmp_path / 'images'
+    result = CliRunner().invoke(generate.main, ['--network', os.path.join(run_dir, 'network-snapshot-000001.pkl'),
+                                                '--outdir', str(out), '--seeds', '0-3', '--device', 'cpu'])
+    assert result.exit_code == 0 and '1 NFE per image' in result.output, result.output
+    state = torch.load(os.path.join(run_dir, 'training-state-000001.pt'), weights_only=True)
+    assert set(state['networks']) == {'net', 'D'} and set(state['optimizers']) == {'G', 'D', 'R1'}
+
+
+def test_presets_are_valid_train_py_options():
+    import losses
+    import train
+    from training import presets
+
+    names = {p.name for p in train.main.params}
+    for name, preset in presets.TRAIN_PRESETS.items():
+        assert set(preset) <= names, name
+        gdd.GDDLoss(**losses.parse_loss_options('gdd', preset['loss_opt']))  # the options parse and build
+    assert presets.GDD_PRESETS['gdd-i-imagenet']['ema'] == 50 and presets.GDD_PRESETS['gdd-imagenet']['batch'] == 512
+    assert 'freeze=1' in presets.GDD_PRESETS['gdd-i-ffhq']['loss_opt']
+    assert 'gdd-i-cifar10-cond' in train.main.epilog and '--init=https://nvlabs-fi-cdn.nvidia.com/edm/pretrained/' \
+        'edm-cifar10-32x32-cond-ve.pkl' in train.main.epilog

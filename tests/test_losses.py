@@ -209,13 +209,13 @@ def test_statistics_of_per_image_random():
 
 
 def test_registry_and_defaults():
-    assert set(losses.LOSSES) == {'edm', 'vp', 've'}
-    assert losses.DEFAULT_LOSS_FOR_PRECOND == {'vp': 'vp', 've': 've', 'edm': 'edm'}
+    assert {'edm', 'vp', 've'} <= set(losses.LOSSES)  # the denoising losses (plug-ins add more)
+    assert all(losses.DEFAULT_LOSS_FOR_PRECOND[k] == k for k in ('vp', 've', 'edm'))
     assert losses.loss_options('edm') == {'P_mean': -1.2, 'P_std': 1.2, 'sigma_data': 0.5}
     assert losses.loss_options('vp') == {'beta_d': 19.9, 'beta_min': 0.1, 'epsilon_t': 1e-5}
     assert losses.loss_options('ve') == {'sigma_min': 0.02, 'sigma_max': 100}
     stream = object()
-    for cls in losses.LOSSES.values():
+    for cls in (losses.LOSSES[name] for name in ('edm', 'vp', 've')):
         assert cls().batch_source(None, stream) is stream  # nothing beyond EDM's stream of images and labels
         assert cls().process.name == 'edm' and cls().process.options() == {}
         assert not hasattr(cls(), 'phases')  # one-phase losses: the loop builds the default phase
