@@ -5,6 +5,7 @@ for the same network and seeds. The work lives in samplers/generation.py; the sa
 """
 
 import dataclasses
+import os
 
 import click
 import torch
@@ -14,6 +15,7 @@ from samplers.cli_options import sampler_config, sampler_options, seed_list
 from samplers.generation import OutputFolderMismatch, claim_output_folder, save_image_grid, write_images
 from torch_utils import distributed as dist
 from torch_utils import persistence
+from training.dataset import preview_images
 from training.snapshots import load_snapshot
 
 
@@ -107,8 +109,12 @@ def main(network, outdir, seeds, subdirs, class_idx, max_batch_size, device, gri
     dist.barrier()
     dist.print0(f"Wrote {int(totals[0])} images, skipped {int(totals[1])} that already existed.")
     if grid_path is not None and dist.get_rank() == 0:
-        rows, columns = save_image_grid(outdir, seeds, grid_path, subdirs=subdirs)
-        print(f'Wrote a {rows}x{columns} image grid to "{grid_path}".')
+        # The training data beside the samples when the snapshot's dataset is at hand.
+        dataset_path = (snapshot.data.get("dataset_kwargs") or {}).get("path")
+        real = preview_images(dataset_path, len(seeds)) if dataset_path and os.path.exists(dataset_path) else None
+        rows, columns = save_image_grid(outdir, seeds, grid_path, subdirs=subdirs, real_images=real)
+        beside = f", training images from {dataset_path} on the right" if real is not None else ""
+        print(f'Wrote a {rows}x{columns} image grid to "{grid_path}"{beside}.')
     dist.barrier()
     dist.print0("Done.")
 

@@ -176,7 +176,11 @@ def main(outdir, resolution, kimg, batch, cbase, cres, blocks, lr, samples, step
     if snapshot is None:
         raise click.ClickException(f"no network snapshot in {run_dir}")
 
-    # 3. Sampling (generate.py skips images that already exist).
+    # The run at a glance: loss, loss by noise level, learning rate, non-finite steps.
+    report_png = os.path.join(outdir, "training-report.png")
+    _run("report", ["report.py", "--run", run_dir, "--out", report_png])
+
+    # 3. Sampling (generate.py skips images that already exist; the grid shows training digits on the right).
     _run("sampling", ["generate.py", "--network", snapshot, "--outdir", samples_dir, "--seeds", f"0-{samples - 1}",
                       "--steps", str(steps), "--batch", "256", "--grid", grid_png, "--device", device])
 
@@ -193,6 +197,7 @@ def main(outdir, resolution, kimg, batch, cbase, cres, blocks, lr, samples, step
     print(f"\n[quickstart] done in {result['total_seconds']:.0f} s. Results in {outdir}:")
     print(f"  dataset           {os.path.basename(dataset_zip)}")
     print(f"  training run      training-run/ (snapshot {os.path.basename(snapshot)}, stats.jsonl, log.txt)")
+    print("  training report   training-report.png (loss, loss by noise level, learning rate)")
     print(f"  samples           samples/ ({samples} PNGs) and samples-grid.png")
     print("  metrics           metrics.json")
     print(f"  classifier Frechet distance (not FID): samples {result['classifier_frechet_distance']:.3f}, "

@@ -355,20 +355,51 @@ def write_images(net, seeds, outdir: str, *, subdirs: bool = False, batch_size: 
     return {"written": written, "skipped": len(mine & existing)}
 
 
-def save_image_grid(outdir: str, seeds, grid_path: str, *, subdirs: bool = False, columns: int | None = None) -> tuple:
-    """Tile the PNGs of `seeds` (row-major, in seed order) into one PNG; returns (rows, columns)."""
+def tile_images(images, columns: int | None = None, gap: int = 2, scale: int = 1) -> np.ndarray:
+    """HWC uint8 images (same shape) tiled row-major into one image: `scale`x nearest-neighbour enlargement and a
+    `gap`-pixel white border between tiles, so that small images (16x16 digits) stay readable."""
+    images = [im[:, :, None] if im.ndim == 2 else im for im in images]
+    height, width, channels = images[0].shape
+    height, width = height * scale, width * scale
+    columns = columns or math.ceil(math.sqrt(len(images)))
+    rows = math.ceil(len(images) / columns)
+    canvas = np.full((rows * height + (rows + 1) * gap, columns * width + (columns + 1) * gap, channels), 255,
+                     dtype=np.uint8)
+    for index, image in enumerate(images):
+        row, col = divmod(index, columns)
+        top, left = gap + row * (height + gap), gap + col * (width + gap)
+        canvas[top:top + height, left:left + width] = image.repeat(scale, axis=0).repeat(scale, axis=1)
+    return canvas
+
+
+def grid_scale(resolution: int, target: int = 64) -> int:
+    """The integer enlargement that shows a tile at about `target` pixels (1 for 64x64 and larger images)."""
+    return max(1, target // max(int(resolution), 1))
+
+
+def save_image_grid(outdir: str, seeds, grid_path: str, *, subdirs: bool = False, columns: int | None = None,
+                    real_images=None, gap: int = 2, scale: int | None = None) -> tuple:
+    """Tile the PNGs of `seeds` (row-major, in seed order) into one PNG; returns (rows, columns).
+
+    Tiles are enlarged to about 64 pixels (`scale`, by default from the image size) with a `gap` between them.
+    real_images: HWC uint8 images of the training data, tiled the same way to the right of the samples (a wider
+    white gap between the two), for a side-by-side look.
+    """
     seeds = parse_int_list(seeds)
     if not seeds:
         raise ValueError("save_image_grid: no seeds")
     images = [np.asarray(PIL.Image.open(image_path(outdir, s, subdirs))) for s in seeds]
-    images = [im[:, :, None] if im.ndim == 2 else im for im in images]
-    height, width, channels = images[0].shape
+    scale = scale or grid_scale(images[0].shape[0])
     columns = columns or math.ceil(math.sqrt(len(images)))
     rows = math.ceil(len(images) / columns)
-    canvas = np.zeros((rows * height, columns * width, channels), dtype=np.uint8)
-    for index, image in enumerate(images):
-        row, col = divmod(index, columns)
-        canvas[row * height:(row + 1) * height, col * width:(col + 1) * width] = image
+    canvas = tile_images(images, columns, gap, scale)
+    if real_images is not None and len(real_images) > 0:
+        real = tile_images(list(real_images)[:len(images)], columns, gap, scale)
+        separator = np.full((canvas.shape[0], 4 * max(gap, 1), canvas.shape[2]), 255, dtype=np.uint8)
+        real = np.pad(real, ((0, canvas.shape[0] - real.shape[0]), (0, 0), (0, 0)), constant_values=255)
+        if real.shape[2] != canvas.shape[2]:
+            real = real.repeat(canvas.shape[2], axis=2) if real.shape[2] == 1 else real[:, :, :canvas.shape[2]]
+        canvas = np.concatenate([canvas, separator, real], axis=1)
     directory = os.path.dirname(os.path.abspath(grid_path))
     os.makedirs(directory, exist_ok=True)
     save_png_atomic(image_to_pil(canvas), grid_path)

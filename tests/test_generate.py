@@ -245,7 +245,11 @@ def test_cli_writes_edm_images(network_pickle, tmp_path):
     for seed in range(5):
         png = np.asarray(PIL.Image.open(os.path.join(outdir, f"{seed:06d}.png")))
         assert png.shape == (8, 8, 3) and np.array_equal(png, reference[seed].permute(1, 2, 0).numpy())
-    assert PIL.Image.open(tmp_path / "g.png").size == (24, 16)
+    # 5 tiles of 8x8, enlarged 8x to 64 px, in 3 columns and 2 rows with 2-pixel white gaps.
+    grid = np.asarray(PIL.Image.open(tmp_path / "g.png"))
+    assert grid.shape == (2 * 64 + 3 * 2, 3 * 64 + 4 * 2, 3)
+    assert np.array_equal(grid[2:66, 2:66], np.asarray(PIL.Image.open(os.path.join(outdir, "000000.png"))).repeat(
+        8, axis=0).repeat(8, axis=1)) and (grid[:2] == 255).all() and (grid[68:132, 134:198] == 255).all()
 
     # The same settings again: a resume, only the new seed is sampled.
     result = CliRunner().invoke(generate.main, ["--network", network_pickle, "--outdir", outdir, "--seeds", "0-5",

@@ -30,6 +30,8 @@ def test_quickstart_pipeline_small_budget(tmp_path):
         assert (run / name).is_file(), name
     pngs = sorted(p.name for p in (outdir / "samples").rglob("*.png"))
     assert pngs == [f"{seed:06d}.png" for seed in range(24)]
+    report_png = Image.open(outdir / "training-report.png")
+    assert report_png.size[0] >= 560 and report_png.size[1] >= 300
     grid = Image.open(outdir / "samples-grid.png")
     assert grid.size[0] >= 8 * 4 and grid.size[1] >= 8 * 4
     metrics = json.loads((outdir / "metrics.json").read_text())

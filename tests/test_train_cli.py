@@ -63,7 +63,7 @@ def test_train_end_to_end_and_resume(datasets, tmp_path):
     assert len(lines) == 2
     assert {'Loss/loss', 'Progress/tick', 'Progress/kimg', 'Timing/total_sec', 'Timing/sec_per_tick',
             'Timing/sec_per_kimg', 'Timing/maintenance_sec', 'Resources/cpu_mem_gb', 'Resources/peak_gpu_mem_gb',
-            'Resources/peak_gpu_mem_reserved_gb', 'Loss/nonfinite', 'timestamp',
+            'Resources/peak_gpu_mem_reserved_gb', 'Loss/nonfinite', 'Progress/lr', 'timestamp',
             *training_stats.bin_names('Loss/sigma', SIGMA_BIN_EDGES)} == set(lines[-1])
     assert lines[-1]['Loss/nonfinite']['mean'] == 0 and lines[-1]['Loss/nonfinite']['num'] == 15  # steps, none bad
     assert lines[-1]['Progress/kimg']['mean'] == 1.024 and lines[-1]['Loss/loss']['num'] == 15 * 64 * 64

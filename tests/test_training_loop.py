@@ -166,7 +166,8 @@ def test_loop_equals_independent_edm_step_in_fp32(tiny_zip, tmp_path):
     assert_tree_equal(data['ema'].state_dict(), state['ema'])
     assert data['dataset_kwargs']['path'] == tiny_zip and data['augment_pipe'].p == 0.5
     lines = [json.loads(line) for line in open(tmp_path / 'stats.jsonl')]
-    assert len(lines) == 2 and EDM_STAT_NAMES | {'Loss/nonfinite', 'timestamp'} | SIGMA_BINS == set(lines[0])
+    assert len(lines) == 2
+    assert EDM_STAT_NAMES | {'Loss/nonfinite', 'Progress/lr', 'timestamp'} | SIGMA_BINS == set(lines[0])
     assert lines[0]['Loss/loss']['num'] == 8 * 64  # tick 0 = the first step, per-element
     assert lines[1]['Loss/loss']['num'] == 2 * 8 * 64 and lines[1]['Progress/kimg']['mean'] == 0.024
 

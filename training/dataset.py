@@ -544,3 +544,11 @@ class InfiniteSampler(torch.utils.data.Sampler):
                 phase += 1
                 if phase == self.num_replicas:
                     phase = 0
+
+
+def preview_images(path: str, num: int, seed: int = 0) -> list:
+    """`num` images of a dataset (HWC uint8), drawn without replacement with `seed`: real data to show beside
+    samples (generate.py --grid)."""
+    dataset = ImageFolderDataset(path, use_labels=False, verify=False)
+    indices = np.random.RandomState(seed).permutation(len(dataset))[:num]
+    return [dataset[int(i)][0].transpose(1, 2, 0) for i in sorted(indices)]

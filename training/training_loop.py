@@ -492,6 +492,7 @@ def _report_tick(run: _Run, *, start_time, tick_start_time, tick_start_nimg, mai
     fields = []
     fields += [f"tick {report0('Progress/tick', run.cur_tick):<5d}"]
     fields += [f"kimg {report0('Progress/kimg', run.cur_nimg / 1e3):<9.1f}"]
+    report0('Progress/lr', run.phases[0].optimizer.param_groups[0]['lr'])  # the first phase's, as last stepped
     fields += [f"time {dnnlib.util.format_time(report0('Timing/total_sec', tick_end_time - start_time)):<12s}"]
     fields += [f"sec/tick {report0('Timing/sec_per_tick', tick_end_time - tick_start_time):<7.1f}"]
     sec_per_kimg = (tick_end_time - tick_start_time) / max(run.cur_nimg - tick_start_nimg, 1) * 1e3

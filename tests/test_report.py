@@ -1,0 +1,56 @@
+"""report.py: a run directory's statistics as one PNG with the expected panels (issue 17)."""
+
+import json
+
+import numpy as np
+import PIL.Image
+from click.testing import CliRunner
+
+import report
+from training.report import COLORS, MARGIN, PANEL_SIZE, build_panels
+
+
+def _stats_line(kimg, loss, nonfinite, lr):
+    line = {'Progress/kimg': {'num': 1, 'mean': kimg, 'std': 0}, 'Loss/loss': {'num': 64, 'mean': loss, 'std': 0.1},
+            'Loss/nonfinite': {'num': 10, 'mean': nonfinite, 'std': 0}, 'Progress/lr': {'num': 1, 'mean': lr, 'std': 0}}
+    for index, name in enumerate(['Loss/sigma<0.05', 'Loss/sigma0.05-0.2', 'Loss/sigma>20']):
+        line[name] = {'num': 8, 'mean': loss * (index + 1), 'std': 0}
+    return line
+
+
+def test_report_draws_every_panel(tmp_path):
+    with open(tmp_path / 'stats.jsonl', 'w') as f:
+        for tick in range(6):
+            f.write(json.dumps(_stats_line(tick * 1.5, 1 / (tick + 1), 0.2 if tick == 3 else 0.0,
+                                           1e-3 * min(tick / 3, 1))) + '\n')
+        f.write('{"cut short by a kil')  # a killed run's last line is skipped
+    for kimg, fid in [(2, 40.0), (6, 25.0)]:
+        (tmp_path / f'fid-{kimg}.json').write_text(json.dumps({
+            'results': {'fid': fid}, 'source': {'network': f'run/network-snapshot-{kimg:06d}.pkl'}}))
+    panels = build_panels(str(tmp_path))
+    assert [p.title.split(' (')[0] for p in panels] == ['training loss', 'loss by noise level', 'learning rate',
+                                                         'non-finite steps per tick', 'metrics']
+    assert panels[3].lines[0][2] == [0, 0, 0, 2, 0, 0]  # fraction x steps -> counts per tick
+    assert panels[4].lines == [('fid', [2, 6], [40.0, 25.0])]
+
+    result = CliRunner().invoke(report.main, ['--run', str(tmp_path)])
+    assert result.exit_code == 0, result.output
+    image = np.asarray(PIL.Image.open(tmp_path / 'report.png').convert('RGB')).astype(int)
+    assert image.shape == (3 * PANEL_SIZE[1], 2 * PANEL_SIZE[0], 3)
+    for index in range(5):
+        row, col = divmod(index, 2)
+        top, left = row * PANEL_SIZE[1] + MARGIN['top'], col * PANEL_SIZE[0] + MARGIN['left']
+        plot = image[top + 2:(row + 1) * PANEL_SIZE[1] - MARGIN['bottom'] - 2,
+                     left + 2:(col + 1) * PANEL_SIZE[0] - MARGIN['right'] - 2]
+        first_series = (np.abs(plot - np.array(COLORS[0])).sum(axis=2) < 30).sum()
+        assert first_series > 20, f'panel {index} has no data drawn'
+    # The empty sixth cell stays blank.
+    assert (image[2 * PANEL_SIZE[1]:, PANEL_SIZE[0]:] == 255).all()
+
+
+def test_report_errors_are_one_line(tmp_path):
+    result = CliRunner().invoke(report.main, ['--run', str(tmp_path)])
+    assert result.exit_code == 1 and 'no stats.jsonl' in result.output
+    (tmp_path / 'stats.jsonl').write_text('')
+    result = CliRunner().invoke(report.main, ['--run', str(tmp_path)])
+    assert result.exit_code == 1 and 'no statistics to plot yet' in result.output

@@ -1,0 +1,186 @@
+"""A run directory at a glance: one PNG drawn from stats.jsonl (and any metric JSONs) with Pillow only.
+
+Panels (those without data are left out): the training loss per tick; the loss by noise-level bin
+('Loss/sigma...', what EDM2 looks at first when a run misbehaves); the learning rate; non-finite steps per tick; and
+every metric found in `*.json` result files of fid.py (`fid.py calc --out`, with the snapshot's kimg in the network
+name) over kimg. `python report.py --run DIR` writes DIR/report.png.
+"""
+
+import glob
+import json
+import math
+import os
+import re
+
+import PIL.Image
+import PIL.ImageDraw
+import PIL.ImageFont
+
+PANEL_SIZE = (560, 300)
+MARGIN = dict(left=70, right=170, top=30, bottom=40)
+COLORS = [(31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (148, 103, 189), (140, 86, 75),
+          (227, 119, 194), (127, 127, 127), (188, 189, 34), (23, 190, 207)]
+BACKGROUND, INK, GRID = (255, 255, 255), (30, 30, 30), (225, 225, 225)
+
+
+def read_stats(path: str) -> list[dict]:
+    """The stats.jsonl lines; a line cut short by a killed run is skipped."""
+    lines = []
+    with open(path) as f:
+        for line in f:
+            try:
+                lines.append(json.loads(line))
+            except ValueError:
+                continue
+    return lines
+
+
+def series(lines: list[dict], name: str, field: str = 'mean') -> tuple[list[float], list[float]]:
+    """(kimg, value) of a stats name over the lines that have it (and a finite value)."""
+    xs, ys = [], []
+    for line in lines:
+        if name in line and 'Progress/kimg' in line:
+            value = line[name].get(field)
+            if value is not None and math.isfinite(value):
+                xs.append(line['Progress/kimg']['mean'])
+                ys.append(value)
+    return xs, ys
+
+
+def metric_series(run_dir: str) -> dict[str, tuple[list[float], list[float]]]:
+    """{metric name: (kimg, value)} from fid.py result JSONs in the run directory (kimg from the network's name)."""
+    points: dict[str, list] = {}
+    for path in sorted(glob.glob(os.path.join(run_dir, '*.json'))):
+        try:
+            with open(path) as f:
+                record = json.load(f)
+        except (OSError, ValueError):
+            continue
+        if not isinstance(record, dict) or not isinstance(record.get('results'), dict):
+            continue
+        match = re.search(r'network-snapshot-(\d+)\.pkl', json.dumps(record.get('source', record)))
+        if match is None:
+            continue
+        for name, value in record['results'].items():
+            if isinstance(value, (int, float)) and math.isfinite(value):
+                points.setdefault(name, []).append((int(match.group(1)), float(value)))
+    return {name: ([k for k, _ in sorted(p)], [v for _, v in sorted(p)]) for name, p in points.items()}
+
+
+class Panel:
+    """One chart: axes with a few ticks, polylines (or bars), a legend on the right."""
+
+    def __init__(self, title: str, log_y: bool = False, bars: bool = False):
+        self.title, self.log_y, self.bars = title, log_y, bars
+        self.lines: list[tuple[str, list[float], list[float]]] = []
+
+    def add(self, label: str, xs, ys) -> None:
+        points = [(x, y) for x, y in zip(xs, ys) if not self.log_y or y > 0]
+        if points:
+            self.lines.append((label, [p[0] for p in points], [p[1] for p in points]))
+
+    def draw(self, image: PIL.Image.Image, origin: tuple[int, int], font) -> None:
+        draw = PIL.ImageDraw.Draw(image)
+        x0, y0 = origin[0] + MARGIN['left'], origin[1] + MARGIN['top']
+        x1, y1 = origin[0] + PANEL_SIZE[0] - MARGIN['right'], origin[1] + PANEL_SIZE[1] - MARGIN['bottom']
+        draw.text((x0, origin[1] + 8), self.title, fill=INK, font=font)
+        all_x = [x for _, xs, _ in self.lines for x in xs]
+        all_y = [self._y(y) for _, _, ys in self.lines for y in ys]
+        xmin, xmax = min(all_x), max(all_x)
+        ymin, ymax = min(all_y), max(all_y)
+        if self.bars:  # counts: from zero, and at least one unit tall
+            ymin, ymax = 0.0, max(ymax, 1.0)
+        if xmax == xmin:
+            xmin, xmax = xmin - 0.5, xmax + 0.5
+        if ymax == ymin:
+            ymin, ymax = ymin - 0.5, ymax + 0.5
+        pad = (ymax - ymin) * 0.05
+        ymin, ymax = ymin if self.bars or (ymin >= 0 > ymin - pad) else ymin - pad, ymax + pad
+
+        def to_pixel(x, y):
+            return (x0 + (x - xmin) / (xmax - xmin) * (x1 - x0), y1 - (self._y(y) - ymin) / (ymax - ymin) * (y1 - y0))
+
+        for i in range(5):  # grid and tick labels
+            fy = ymin + (ymax - ymin) * i / 4
+            py = y1 - (y1 - y0) * i / 4
+            draw.line([(x0, py), (x1, py)], fill=GRID)
+            label = f'{10 ** fy:.3g}' if self.log_y else f'{fy:.3g}'
+            draw.text((x0 - 6, py), label, fill=INK, font=font, anchor='rm')
+            fx = xmin + (xmax - xmin) * i / 4
+            px = x0 + (x1 - x0) * i / 4
+            draw.line([(px, y0), (px, y1)], fill=GRID)
+            draw.text((px, y1 + 6), f'{fx:.4g}', fill=INK, font=font, anchor='mt')
+        draw.text(((x0 + x1) / 2, y1 + 22), 'kimg', fill=INK, font=font, anchor='mt')
+        draw.rectangle([x0, y0, x1, y1], outline=INK)
+        for index, (label, xs, ys) in enumerate(self.lines):
+            color = COLORS[index % len(COLORS)]
+            points = [to_pixel(x, y) for x, y in zip(xs, ys)]
+            if self.bars:
+                width = max((x1 - x0) / max(len(points), 1) * 0.6, 1)
+                base = to_pixel(xs[0], max(ymin, 0.0))[1] if not self.log_y else y1
+                for px, py in points:
+                    draw.rectangle([px - width / 2, min(py, base), px + width / 2, max(py, base)], fill=color)
+            elif len(points) == 1:
+                px, py = points[0]
+                draw.ellipse([px - 3, py - 3, px + 3, py + 3], fill=color)
+            else:
+                draw.line(points, fill=color, width=2)
+            ly = y0 + 4 + index * 16
+            draw.line([(x1 + 12, ly + 6), (x1 + 30, ly + 6)], fill=color, width=3)
+            draw.text((x1 + 36, ly), label, fill=INK, font=font)
+
+    def _y(self, y: float) -> float:
+        return math.log10(y) if self.log_y else y
+
+
+def build_panels(run_dir: str) -> list[Panel]:
+    lines = read_stats(os.path.join(run_dir, 'stats.jsonl'))
+    panels = []
+    loss = Panel('training loss (per element, mean over the tick)', log_y=True)
+    for name in sorted({n for line in lines for n in line if n.startswith('Loss/') and not n.startswith(
+            ('Loss/sigma', 'Loss/nonfinite'))}):
+        loss.add(name[len('Loss/'):], *series(lines, name))
+    by_sigma = Panel('loss by noise level (sigma bins)', log_y=True)
+    bins = sorted({n for line in lines for n in line if n.startswith('Loss/sigma')}, key=_bin_order)
+    for name in bins:
+        by_sigma.add('sigma ' + name[len('Loss/sigma'):], *series(lines, name))
+    lr = Panel('learning rate')
+    lr.add('lr', *series(lines, 'Progress/lr'))
+    nonfinite = Panel('non-finite steps per tick', bars=True)
+    xs, fractions = series(lines, 'Loss/nonfinite')
+    _, steps = series(lines, 'Loss/nonfinite', 'num')
+    nonfinite.add('steps', xs, [round(f * n) for f, n in zip(fractions, steps)])
+    panels += [loss, by_sigma, lr, nonfinite]
+    metrics = Panel('metrics (fid.py result files)')
+    for name, (xs, ys) in metric_series(run_dir).items():
+        metrics.add(name, xs, ys)
+    panels.append(metrics)
+    return [panel for panel in panels if panel.lines]
+
+
+def _bin_order(name: str) -> float:
+    numbers = re.findall(r'[0-9.]+(?:e[-+]?\d+)?', name)
+    value = float(numbers[0]) if numbers else 0.0
+    return value - 1e-9 if '<' in name else value + 1e-9 if '>' in name else value
+
+
+def write_report(run_dir: str, out_path: str | None = None, columns: int = 2) -> str:
+    """Draw the run's panels into one PNG (atomically); returns its path."""
+    import dnnlib
+
+    stats = os.path.join(run_dir, 'stats.jsonl')
+    if not os.path.isfile(stats):
+        raise FileNotFoundError(f'{run_dir}: no stats.jsonl (not a training run directory?)')
+    panels = build_panels(run_dir)
+    if not panels:
+        raise ValueError(f'{stats}: no statistics to plot yet')
+    rows = math.ceil(len(panels) / columns)
+    image = PIL.Image.new('RGB', (PANEL_SIZE[0] * min(columns, len(panels)), PANEL_SIZE[1] * rows), BACKGROUND)
+    font = PIL.ImageFont.load_default()
+    for index, panel in enumerate(panels):
+        row, col = divmod(index, columns)
+        panel.draw(image, (col * PANEL_SIZE[0], row * PANEL_SIZE[1]), font)
+    out_path = out_path or os.path.join(run_dir, 'report.png')
+    with dnnlib.util.atomic_output(out_path, 'wb') as f:
+        image.save(f, format='png')
+    return out_path
