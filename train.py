@@ -113,6 +113,20 @@ def _remove_stale_temp_files(outdir: str) -> None:
                 print(f'Removed {path}, left by a run that was killed while writing it')
 
 
+def _width_list(ctx, param, value):
+    """--phema: comma-separated relative EMA widths in (0, 1/sqrt(12))."""
+    if value is None:
+        return None
+    try:
+        widths = [float(v) for v in value.split(',') if v.strip()]
+    except ValueError:
+        raise click.BadParameter(f'expected comma-separated numbers, got {value!r}') from None
+    if not widths or any(not 0 < w < 12 ** -0.5 for w in widths):
+        raise click.BadParameter(f'expected relative widths between 0 and {12 ** -0.5:.4f} (EDM2 uses 0.05,0.10), '
+                                 f'got {value!r}')
+    return widths
+
+
 def _run_dir(outdir: str, desc: str, nosubdir: bool) -> str:
     """EDM's naming: {id:05d}-{desc}, id = 1 + the largest numeric prefix among the directories in outdir."""
     if nosubdir:
@@ -401,6 +415,10 @@ def build_config(opts: dnnlib.EasyDict, world_size: int) -> tuple[dnnlib.EasyDic
         if state is not None:  # ours: exact resume
             if opts.seed is None:
                 c.seed = int(state['seed'])
+            saved_widths = sorted(float(w) for w in state.get('phema', {}))
+            if opts.phema and saved_widths != sorted(opts.phema):
+                raise click.BadParameter(f'{opts.resume} keeps post-hoc EMAs of widths {saved_widths or "none"}; '
+                                         f'resume with the same --phema', param_hint='--phema')
             del state
         else:  # EDM's: weights from the matching snapshot, then the pickled net and optimizer state
             kimg = training_loop.parse_state_kimg(opts.resume)
@@ -416,6 +434,8 @@ def build_config(opts: dnnlib.EasyDict, world_size: int) -> tuple[dnnlib.EasyDic
             c.resume_kimg = kimg
         c.resume_state_dump = opts.resume
     c.max_nonfinite_steps = opts.max_nonfinite
+    if opts.phema:
+        c.phema_stds = list(opts.phema)
 
     # Description string.
     cond_str = 'cond' if c.dataset_kwargs.use_labels else 'uncond'
@@ -510,6 +530,9 @@ def _presets_epilog() -> str:
               type=str)
 @click.option('--resume', help='Resume from a training state, a run directory (its newest state) or auto (the newest '
               'under --outdir, else start anew)', metavar='PT|DIR|auto', type=str)
+@click.option('--phema', help='Post-hoc EMA (EDM2): relative widths of the power-function EMAs to keep beside every '
+              'snapshot, e.g. 0.05,0.10 (then phema.py reconstructs any width)', metavar='LIST', type=str,
+              callback=_width_list, default=None)
 @click.option('--max-nonfinite', help='Stop after this many consecutive steps with non-finite losses or gradients',
               metavar='STEPS', type=click.IntRange(min=1), default=100, show_default=True)
 @click.option('-n', '--dry-run', help='Print training options and exit', is_flag=True)

@@ -31,11 +31,12 @@ for _module in (networks, preconditioning, augment, denoising, stf, aot):
 
 
 def save_snapshot(path: str, *, ema: torch.nn.Module, loss_kwargs: dict, process, augment_pipe=None,
-                  dataset_kwargs: dict | None = None) -> None:
-    """Write a snapshot atomically (persistence.save_network_pickle: CPU copies, eval mode, no gradients)."""
+                  dataset_kwargs: dict | None = None, extra: dict | None = None) -> None:
+    """Write a snapshot atomically (persistence.save_network_pickle: CPU copies, eval mode, no gradients).
+    extra: more plain-data entries (e.g. 'phema': the post-hoc EMA profile of a phema-*.pkl)."""
     persistence.save_network_pickle(path, dict(ema=ema, process=processes.process_record(process),
                                                loss=losses.loss_record(loss_kwargs), augment_pipe=augment_pipe,
-                                               dataset_kwargs=dict(dataset_kwargs or {})))
+                                               dataset_kwargs=dict(dataset_kwargs or {}), **(extra or {})))
 
 
 @dataclasses.dataclass

@@ -43,6 +43,7 @@ from torch_utils import distributed as dist
 from torch_utils import misc, persistence, training_stats
 from training import snapshots
 from training.batch_sources import DataContext, StreamSource
+from training.phema import PowerEMA, phema_file_name
 
 STATE_FORMAT = 'diffusion-toolkit/training-state'
 STATE_VERSION = 1
@@ -262,6 +263,7 @@ class _Run:
     scalers: dict            # phase name -> GradScaler (fp16 only)
     source: object           # the batch source (training/batch_sources.py)
     max_nonfinite_steps: int = 100  # consecutive non-finite steps that stop the run
+    phema: object = None     # training.phema.PowerEMA (--phema), None when not tracked
     cur_nimg: int = 0
     cur_tick: int = 0
     cur_iter: int = 0
@@ -401,6 +403,10 @@ def _resume(run: _Run, *, state, resume_pkl, resume_state_dump, resume_kimg, opt
                 raise ValueError(f'{resume_state_dump}: no weights for network {name!r}')
             module.load_state_dict(state['networks'][name])
         run.ema.load_state_dict(state['ema'])
+        if run.phema is not None:
+            if 'phema' not in state:
+                raise ValueError(f'{resume_state_dump} holds no post-hoc EMAs; resume without --phema')
+            run.phema.load_state_dict(state['phema'])
         for phase in run.phases:
             if phase.name not in state['optimizers']:
                 raise ValueError(f'{resume_state_dump}: no optimizer state for phase {phase.name!r}')
@@ -477,6 +483,8 @@ def _train_step(run: _Run) -> None:
     torch.maximum(run.max_consecutive_nonfinite, run.consecutive_nonfinite, out=run.max_consecutive_nonfinite)
 
     update_ema(run.ema, run.net, ema_beta(run.cur_nimg, run.batch_size, run.ema_halflife_kimg, run.ema_rampup_ratio))
+    if run.phema is not None:
+        run.phema.update(run.net, run.cur_iter + 1)
     run.cur_nimg += run.batch_size
     run.cur_iter += 1
 
@@ -540,6 +548,14 @@ def _write_snapshot(run: _Run, run_dir: str) -> None:
         raise NonFiniteTrainingError(f'training diverged: the EMA weights are not finite at kimg '
                                      f'{run.cur_nimg / 1000:g}; no snapshot written. The last training state written '
                                      f'is the last good one; lower --lr or check the loss options before resuming')
+    if run.phema is not None:  # post-hoc EMA: each tracked profile beside the snapshot (phema.py combines them)
+        for std, module in run.phema.emas.items():
+            snapshots.save_snapshot(
+                os.path.join(run_dir, phema_file_name(run.cur_nimg // 1000, std)),
+                ema=copy.deepcopy(module).to(memory_format=torch.contiguous_format), loss_kwargs=run.loss_kwargs,
+                process=getattr(run.loss_fn, 'process', EDMProcess()), dataset_kwargs=run.dataset_kwargs,
+                extra=dict(phema=dict(std=std, gamma=run.phema.gammas[std], step=run.cur_iter,
+                                      kimg=run.cur_nimg / 1000)))
     snapshots.save_snapshot(os.path.join(run_dir, f'network-snapshot-{run.cur_nimg // 1000:06d}.pkl'), ema=run.ema,
                             loss_kwargs=run.loss_kwargs, process=getattr(run.loss_fn, 'process', EDMProcess()),
                             augment_pipe=run.augment_pipe,
@@ -568,6 +584,7 @@ def _write_training_state(run: _Run, run_dir: str, options: dict, extras: dict |
         ema=run.ema.state_dict(),
         optimizers={phase.name: phase.optimizer.state_dict() for phase in run.phases},
         grad_scalers={name: scaler.state_dict() for name, scaler in run.scalers.items()},
+        **({'phema': run.phema.state_dict()} if run.phema is not None else {}),
         rng=rng_states,
         options=_options_json(options),
         **(extras or {}),
@@ -608,6 +625,7 @@ def training_loop(
     progress=True,              # tqdm progress bar on rank 0 when stderr is a terminal.
     max_nonfinite_steps=100,    # Stop after this many consecutive steps with non-finite losses or gradients.
     state_extras=None,          # {name: str}: stored verbatim in every training state (train.py: its options).
+    phema_stds=(),              # Widths (sigma_rel) of EMAs kept for post-hoc EMA (EDM2), e.g. (0.05, 0.1).
 ):
     start_time = time.time()
     dataset_kwargs, data_loader_kwargs = dict(dataset_kwargs or {}), dict(data_loader_kwargs or {})
@@ -644,6 +662,8 @@ def training_loop(
                  ema_rampup_ratio=ema_rampup_ratio, lr_rampup_kimg=lr_rampup_kimg, loss_scaling=loss_scaling,
                  cudnn_benchmark=cudnn_benchmark, device=device, precision=precision, compile=compile,
                  allow_tf32=allow_tf32, rng=rng, resume_positions=resume_positions)
+    if phema_stds:
+        run.phema = PowerEMA(run.net, phema_stds)
     _resume(run, state=state, resume_pkl=resume_pkl, resume_state_dump=resume_state_dump, resume_kimg=resume_kimg,
             optimizer_kwargs=optimizer_kwargs)
     del state

@@ -1,0 +1,38 @@
+"""Post-hoc EMA (EDM2): reconstruct the EMA of any relative width from the power-function EMAs a run saved with
+`train.py --phema=0.05,0.10` (phema-NNNNNN-S.pkl beside its snapshots), without retraining (training/phema.py).
+
+Example:
+
+\b
+  python phema.py --run=training-runs/00003-... --std=0.07 --at=200000 --out=network-phema-0.070.pkl
+  python generate.py --network=network-phema-0.070.pkl --outdir=out --seeds=0-49999 --subdirs
+"""
+
+import os
+
+import click
+
+from torch_utils import persistence
+from training.phema import reconstruct
+
+
+@click.command(help=__doc__)
+@click.option('--run', 'run_dir', help='Training run directory with phema-*.pkl files', metavar='DIR', required=True)
+@click.option('--std', help='Relative width of the EMA to reconstruct (EDM2: 0.01-0.25)', metavar='FLOAT',
+              type=click.FloatRange(min=0, max=12 ** -0.5, min_open=True, max_open=True), required=True)
+@click.option('--at', 'at_kimg', help='Training time: the latest saved EMAs at or before this kimg  [default: the '
+              'last]', metavar='KIMG', type=click.IntRange(min=0), default=None)
+@click.option('--out', 'out_path', help='Network pickle to write  [default: DIR/network-phema-KIMG-STD.pkl]',
+              metavar='PKL', default=None)
+def main(run_dir, std, at_kimg, out_path):
+    try:
+        data, _ = reconstruct(run_dir, std, at_kimg)
+        out_path = out_path or os.path.join(run_dir, f'network-phema-{data["phema"]["kimg"]:06d}-{std:.3f}.pkl')
+        persistence.save_network_pickle(out_path, data)
+    except (OSError, ValueError, persistence.NetworkPickleError) as err:
+        raise click.ClickException(str(err)) from None
+    print(f'Wrote {out_path}')
+
+
+if __name__ == '__main__':
+    main()
