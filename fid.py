@@ -79,7 +79,7 @@ def main():
     \b
     # Reference statistics of a dataset (all images, no flips); add pr to store VGG16 features too
     torchrun --standalone --nproc_per_node=1 fid.py ref --data=datasets/my-dataset.zip \\
-        --dest=fid-refs/my-dataset.npz --metrics=fid,pr
+        --dest=fid-refs/my-dataset.npz --metrics=fid,pr,kid
 
     Detectors are downloaded from their canonical URLs into the cache ($DNNLIB_CACHE_DIR, default
     ~/.cache/dnnlib). Offline, pass local copies: --detector inception=PATH --detector vgg16=PATH.
@@ -87,7 +87,7 @@ def main():
 
 
 _common_options = [
-    click.option("--metrics", "metric_list", help="Metrics to compute: fid, is, pr", metavar="LIST", type=str,
+    click.option("--metrics", "metric_list", help="Metrics to compute: fid, is, pr, kid", metavar="LIST", type=str,
                  default="fid", show_default=True),
     click.option("--batch", "batch_size", help="Maximum batch size per rank", metavar="INT",
                  type=click.IntRange(min=1), default=64, show_default=True),
@@ -178,7 +178,7 @@ def calc(image_path, network_pkl, ref_path, num_expected, seed, seeds, out_path,
 @main.command()
 @click.option("--data", "dataset_path", help="Path to the dataset", metavar="PATH|ZIP", type=str, required=True)
 @click.option("--dest", "dest_path", help="Destination .npz file", metavar="NPZ", type=str, required=True)
-@click.option("--max-real", "pr_max_real", help="pr: VGG16 features of at most this many images (file order)",
+@click.option("--max-real", "pr_max_real", help="pr, kid: features of at most this many images (file order)",
               metavar="INT", type=click.IntRange(min=1), default=200000, show_default=True)
 @common_options
 def ref(dataset_path, dest_path, pr_max_real, metric_list, batch_size, num_workers, detector_values, device):

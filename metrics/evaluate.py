@@ -5,11 +5,14 @@ Metrics (names as in `--metrics`):
   is   Inception Score, 10 ordered splits, Inception head without output bias (StyleGAN2-ADA is50k)
   pr   precision/recall with VGG16 features, k = 3 (StyleGAN2-ADA pr50k3); the real features come from the
        reference file (`fid.py ref --metrics fid,pr` stores them as `vgg16_features`)
+  kid  Kernel Inception Distance (torch-fidelity / clean-fid: unbiased MMD^2, cubic polynomial kernel, 100 subsets of
+       up to 1000); from the same Inception features as FID; the real features come from the reference file
+       (`fid.py ref --metrics fid,kid` stores them as `inception_features`)
 
 Sharding follows EDM: the N image indices are split into ceil(N / (batch·world))·world near-equal chunks and rank r
 takes chunks r, r + world, ...; generated images are indexed by the position of their seed. Every accumulator is
 keyed by that global index, so results do not depend on the number of ranks. Memory is constant in N for FID and
-IS; precision/recall keep the float16 VGG16 features they need.
+IS; precision/recall keep the float16 VGG16 features they need, KID the float32 Inception features.
 """
 
 import dataclasses
@@ -26,14 +29,17 @@ from torch_utils import distributed
 from . import detectors as detectors_lib
 from .frechet import FeatureMoments, ReferenceStatsError, file_sha256, frechet_distance, load_reference, save_reference
 from .inception_score import InceptionScoreAccumulator
+from .kid import kernel_inception_distance
 from .precision_recall import precision_recall
 
 METRICS: dict[str, dict] = {
     "fid": dict(detector="inception", label="fid{n}", description="Frechet Inception Distance (EDM)"),
     "is": dict(detector="inception", label="is{n}", description="Inception Score (StyleGAN2-ADA, 10 splits)"),
     "pr": dict(detector="vgg16", label="pr{n}_3", description="precision/recall (StyleGAN2-ADA, VGG16, k=3)"),
+    "kid": dict(detector="inception", label="kid{n}", description="Kernel Inception Distance (torch-fidelity)"),
 }
 PR_REFERENCE_KEY = "vgg16_features"
+KID_REFERENCE_KEY = "inception_features"
 
 
 class MetricsError(ValueError):
@@ -176,13 +182,22 @@ class FeaturePass:
         self.pr_max_items = pr_max_items
         self._pr_indices: list[torch.Tensor] = []
         self._pr_features: list[torch.Tensor] = []
+        self._kid_indices: list[torch.Tensor] = []
+        self._kid_features: list[torch.Tensor] = []
 
     @torch.no_grad()
     def update(self, indices: torch.Tensor, images: torch.Tensor) -> None:
         if images.shape[1] == 1:
             images = images.repeat([1, 3, 1, 1])  # grayscale -> RGB, as EDM
-        if self.moments is not None:
-            self.moments.update(self.detectors["inception"].features(images))
+        if self.moments is not None or "kid" in self.metrics:
+            inception_features = self.detectors["inception"].features(images)  # one call serves FID and KID
+            if self.moments is not None:
+                self.moments.update(inception_features)
+            if "kid" in self.metrics:  # kept rows capped like P/R's (a reference of 1.2M images would not fit)
+                keep = (torch.arange(len(indices)) if self.pr_max_items is None
+                        else torch.nonzero(indices < self.pr_max_items).flatten())  # host-side indices: no sync
+                self._kid_indices.append(indices[keep].to(inception_features.device))
+                self._kid_features.append(inception_features[keep.to(inception_features.device)].to(torch.float32))
         if self.inception_score is not None:
             probs = self.detectors["inception"].probabilities(images)
             self.inception_score.update(probs, indices.to(probs.device, non_blocking=True))
@@ -213,6 +228,14 @@ class FeaturePass:
                 [0, dim], dtype=torch.float16, device=device)
             indices, features = _all_gather_rows(indices.to(device), features.to(device))
             out["pr_features"] = features[torch.argsort(indices)]
+        if "kid" in self.metrics:
+            dim = self.detectors["inception"].feature_dim
+            indices = torch.cat(self._kid_indices) if self._kid_indices else torch.zeros([0], dtype=torch.int64,
+                                                                                            device=device)
+            features = torch.cat(self._kid_features) if self._kid_features else torch.zeros(
+                [0, dim], dtype=torch.float32, device=device)
+            indices, features = _all_gather_rows(indices.to(device), features.to(device))
+            out["kid_features"] = features[torch.argsort(indices)]
         return out
 
 
@@ -298,15 +321,19 @@ def calc_metrics(source: ImageSource, ref_path: str | None, metrics: Sequence[st
     started = time.time()
 
     ref = None
-    if "fid" in metrics or "pr" in metrics:
+    if "fid" in metrics or "pr" in metrics or "kid" in metrics:
         if ref_path is None:
-            raise MetricsError(f"--ref is required for {', '.join(m for m in metrics if m in ('fid', 'pr'))}")
+            raise MetricsError(f"--ref is required for {', '.join(m for m in metrics if m in ('fid', 'pr', 'kid'))}")
         distributed.print0(f'Loading reference statistics from "{ref_path}"...')
         ref = _load_reference_all_ranks(ref_path, verbose)
         if "pr" in metrics and PR_REFERENCE_KEY not in ref:
             raise ReferenceStatsError(
                 f"reference statistics {ref_path!r} hold no VGG16 features for precision/recall (key "
                 f"'{PR_REFERENCE_KEY}'); build them with `fid.py ref --data DATASET --dest REF.npz --metrics fid,pr`")
+        if "kid" in metrics and KID_REFERENCE_KEY not in ref:
+            raise ReferenceStatsError(
+                f"reference statistics {ref_path!r} hold no Inception features for KID (key '{KID_REFERENCE_KEY}'); "
+                f"build them with `fid.py ref --data DATASET --dest REF.npz --metrics fid,kid`")
 
     detectors = load_detectors(metrics, detector_paths, device, verbose=verbose)
     if ref is not None and "fid" in metrics and ref["mu"].shape[0] != detectors["inception"].feature_dim:
@@ -329,11 +356,15 @@ def calc_metrics(source: ImageSource, ref_path: str | None, metrics: Sequence[st
             col_batch_size=pr_col_batch_size)
     if "is" in metrics:
         results["is_mean"], results["is_std"] = stats["is_mean"], stats["is_std"]
+    if "kid" in metrics:
+        results["kid"], results["kid_std"] = kernel_inception_distance(
+            stats["kid_features"], torch.as_tensor(ref[KID_REFERENCE_KEY]).to(device))
     if "fid" in metrics:
         fid = frechet_distance(stats["mu"], stats["sigma"], ref["mu"], ref["sigma"]) \
             if distributed.get_rank() == 0 else None
         results["fid"] = distributed.broadcast_object(fid)
-    ordered = {key: results[key] for key in ("fid", "is_mean", "is_std", "precision", "recall") if key in results}
+    ordered = {key: results[key] for key in ("fid", "is_mean", "is_std", "precision", "recall", "kid", "kid_std")
+               if key in results}
 
     record = dict(
         results=ordered,
@@ -360,13 +391,14 @@ def compute_reference(source: ImageSource, dest: str, metrics: Sequence[str] = (
     """Reference statistics of a dataset (all images, no flips) written to `dest` as EDM's .npz by rank 0.
 
     'fid' is always included (mu, sigma); 'pr' adds `vgg16_features` (float16) of the first `pr_max_real` images
-    in file order (StyleGAN2-ADA's pr50k3_full: max_real 200k). Returns a small summary dict.
+    in file order (StyleGAN2-ADA's pr50k3_full: max_real 200k), 'kid' the float32 `inception_features` of the same
+    images. Returns a small summary dict.
     """
     from dnnlib import util
 
     metrics = parse_metrics(metrics)
     if "is" in metrics:
-        raise MetricsError("--metrics for ref: 'is' needs no reference statistics; use fid and/or pr")
+        raise MetricsError("--metrics for ref: 'is' needs no reference statistics; use fid, pr and/or kid")
     util.check_output_path(dest, "dest")  # before the image pass, not after it
     if "fid" not in metrics:
         metrics = ["fid", *metrics]
@@ -377,6 +409,8 @@ def compute_reference(source: ImageSource, dest: str, metrics: Sequence[str] = (
     extra = dict(num_images=np.int64(source.num_images))
     if "pr" in metrics:
         extra[PR_REFERENCE_KEY] = stats["pr_features"].cpu().numpy()
+    if "kid" in metrics:
+        extra[KID_REFERENCE_KEY] = stats["kid_features"].cpu().numpy()
     if distributed.get_rank() == 0:
         distributed.print0(f'Saving reference statistics to "{dest}"...')
         save_reference(dest, stats["mu"], stats["sigma"], **extra)
@@ -403,4 +437,6 @@ def format_results(record: dict) -> list[str]:
         lines.append(f"{labels['is']} {results['is_mean']:g} +- {results['is_std']:g}")
     if "precision" in results:
         lines.append(f"{labels['pr']} precision {results['precision']:g} recall {results['recall']:g}")
+    if "kid" in results:
+        lines.append(f"{labels['kid']} {results['kid']:g} +- {results['kid_std']:g}")
     return lines

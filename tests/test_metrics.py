@@ -1,5 +1,6 @@
 """Metric math (FID, IS, precision/recall), reference files, detectors and the single feature pass."""
 
+import json
 import os
 import pickle
 import warnings
@@ -496,8 +497,9 @@ def test_rank_batches_follow_edm_split():
 
 def test_parse_metrics_and_labels():
     assert evaluate.parse_metrics("FID, is,pr,fid") == ["fid", "is", "pr"]
-    with pytest.raises(evaluate.MetricsError, match="unknown metric.*kid"):
-        evaluate.parse_metrics("fid,kid")
+    with pytest.raises(evaluate.MetricsError, match="unknown metric.*fdd"):
+        evaluate.parse_metrics("fid,fdd")
+    assert evaluate.parse_metrics("kid,fid") == ["kid", "fid"] and evaluate.metric_label("kid", 50000) == "kid50k"
     assert [evaluate.metric_label(m, 50000) for m in ("fid", "is", "pr")] == ["fid50k", "is50k", "pr50k3"]
     assert evaluate.metric_label("pr", 1234) == "pr1234_3"
     assert evaluate.format_int_list([0, 1, 2, 5, 7, 8]) == "0-2,5,7-8"
@@ -583,3 +585,80 @@ def test_grayscale_images_are_repeated_to_rgb(standin_paths):
     fp_rgb = evaluate.FeaturePass(["fid"], detectors, 6)
     fp_rgb.update(torch.arange(6), gray.repeat(1, 3, 1, 1))
     assert torch.equal(fp_gray.moments.feature_sum, fp_rgb.moments.feature_sum)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# KID.
+
+
+def _mmd2_by_pairs(x, y):
+    """Unbiased MMD^2 with k(a, b) = (a.b / d + 1)^3, summed pair by pair (independent of the matrix form)."""
+    m, d = len(x), len(x[0])
+
+    def k(a, b):
+        return (sum(ai * bi for ai, bi in zip(a, b)) / d + 1) ** 3
+
+    xx = sum(k(x[i], x[j]) for i in range(m) for j in range(m) if i != j)
+    yy = sum(k(y[i], y[j]) for i in range(m) for j in range(m) if i != j)
+    xy = sum(k(x[i], y[j]) for i in range(m) for j in range(m))
+    return (xx + yy) / (m * (m - 1)) - 2 * xy / (m * m)
+
+
+def test_kid_against_pairwise_computation():
+    from metrics.kid import kernel_inception_distance, mmd2_unbiased
+
+    rng = np.random.default_rng(0)
+    x, y = rng.normal(size=(7, 5)), rng.normal(loc=0.3, size=(9, 5))
+    assert mmd2_unbiased(torch.as_tensor(x[:6]), torch.as_tensor(y[:6])) == pytest.approx(
+        _mmd2_by_pairs(x[:6].tolist(), y[:6].tolist()), rel=1e-12)
+    # Subsets as torch-fidelity draws them: RandomState(seed), generated rows then real rows, without replacement.
+    mean, std = kernel_inception_distance(torch.as_tensor(x), torch.as_tensor(y), num_subsets=4, subset_size=5, seed=3)
+    chooser = np.random.RandomState(3)
+    values = []
+    for _ in range(4):
+        rows_x, rows_y = chooser.choice(7, 5, replace=False), chooser.choice(9, 5, replace=False)
+        values.append(_mmd2_by_pairs(x[rows_x].tolist(), y[rows_y].tolist()))
+    assert mean == pytest.approx(np.mean(values), rel=1e-12) and std == pytest.approx(np.std(values), rel=1e-9)
+    # The same distribution gives about 0; subsets are capped by the smaller set.
+    same = torch.as_tensor(rng.normal(size=(400, 8)))
+    assert abs(kernel_inception_distance(same[:200], same[200:], num_subsets=10)[0]) < 0.02
+    with pytest.raises(ValueError, match="at least 2"):
+        kernel_inception_distance(same[:1], same)
+
+
+def test_kid_through_fid_py_ref_and_calc(tmp_path, standin_paths):
+    from click.testing import CliRunner
+
+    import fid
+    from metrics.kid import kernel_inception_distance
+
+    rng = np.random.default_rng(5)
+    real, generated = _structured_images(rng, 24), _structured_images(rng, 16)
+    _write_images(tmp_path / "real", real)
+    _write_images(tmp_path / "gen", generated)
+    detector_args = ["--detector", f"inception={standin_paths['inception']}", "--detector",
+                     f"vgg16={standin_paths['vgg16']}", "--workers", "0", "--batch", "5"]
+    result = CliRunner().invoke(fid.main, ["ref", "--data", str(tmp_path / "real"), "--dest",
+                                           str(tmp_path / "ref.npz"), "--metrics", "fid,kid", *detector_args])
+    assert result.exit_code == 0, result.output
+    gen = str(tmp_path / "gen")
+    result = CliRunner().invoke(fid.main, ["calc", "--images", gen, "--ref", str(tmp_path / "ref.npz"),
+                                           "--num-images", "16", "--metrics", "fid,kid", "--out",
+                                           str(tmp_path / "r.json"), *detector_args])
+    assert result.exit_code == 0, result.output
+    record = json.load(open(tmp_path / "r.json"))
+    net = detectors_lib.StandinInception()
+    with torch.no_grad():
+        f_real = net(torch.as_tensor(real), return_features=True).double()
+        f_gen = net(torch.as_tensor(generated), return_features=True).double()
+    with np.load(tmp_path / "ref.npz") as ref:
+        np.testing.assert_allclose(ref["inception_features"], f_real.numpy(), rtol=1e-5, atol=1e-6)
+    expected = kernel_inception_distance(f_gen, f_real)
+    assert record["results"]["kid"] == pytest.approx(expected[0], rel=1e-5, abs=1e-9)
+    assert record["results"]["kid_std"] == pytest.approx(expected[1], rel=1e-4, abs=1e-9)
+    assert record["labels"]["kid"] == "kid16" and "kid16 " in result.output
+    # An EDM reference (mu/sigma only) cannot serve KID: one clear line before the pass.
+    np.savez(tmp_path / "edm.npz", mu=np.zeros(16), sigma=np.eye(16))
+    result = CliRunner().invoke(fid.main, ["calc", "--images", gen, "--ref", str(tmp_path / "edm.npz"),
+                                           "--metrics", "kid", "--num-images", "16", *detector_args])
+    assert result.exit_code == 1 and "hold no Inception features for KID" in result.output
