@@ -78,7 +78,7 @@ def load_network(network: str, device):
               metavar="LIST", default="0-99", callback=seed_list)
 @click.option("--batch", "batch_size", help="Maximum batch size", metavar="INT", type=click.IntRange(min=1),
               default=64)
-@sampler_options(help_prefix="Teacher: ", solver_default="unipc", steps_default=20)
+@sampler_options(help_prefix="Teacher: ", solver_default="unipc", steps_default=20, guidance=False)
 @device_option
 def gen_data(network, out, seeds, batch_size, class_idx, device, **sampler_cli):
     """Sample teacher data: noises, teacher samples and labels, for `train`."""

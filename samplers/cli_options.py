@@ -15,6 +15,7 @@ import click
 
 from samplers import END_CONVENTIONS, SCHEDULES, SOLVERS, get_solver, make_grid
 from samplers.generation import SamplerConfig, parse_int_list
+from samplers.guidance import GUIDANCE
 
 # --lower-order-final's words -> the solvers' lower_order_final (original DPM-Solver: only below 10 steps).
 LOWER_ORDER_FINAL = {"always": True, "never": False, "below10": 10}
@@ -110,8 +111,53 @@ def end_option(help_prefix: str = ""):
                         type=click.Choice(list(END_CONVENTIONS)), default=None, show_default=False)
 
 
-def sampler_options(help_prefix: str = "", solver_default: str | None = None, steps_default: int | None = None):
-    """Decorator: every flag that decides how a seed becomes an image (besides the network and --device)."""
+_GUIDANCE_PREFIX = "guidance__"  # parameter names of the guidance flags: guidance__NAME, guidance__NAME__OPTION
+_CLICK_TYPES = {float: click.FLOAT, int: click.INT, str: click.STRING}
+
+
+def guidance_options(help_prefix: str = ""):
+    """Decorator: the flags of every guidance in samplers.guidance.GUIDANCE (its enabling flag and its options)."""
+    options = []
+    for name, entry in GUIDANCE.items():
+        options.append(click.option(entry.flag, f"{_GUIDANCE_PREFIX}{name}", metavar=entry.metavar, type=str,
+                                    default=None, help=help_prefix + entry.help))
+        for opt in entry.options:
+            dest = f"{_GUIDANCE_PREFIX}{name}__{opt.key}"
+            text = f"{help_prefix}{opt.help}  [default: {opt.default}; needs {entry.flag}]"
+            if opt.type is bool:
+                options.append(click.option(opt.flag, dest, is_flag=True, default=None, help=text))
+            else:
+                options.append(click.option(opt.flag, dest, type=_CLICK_TYPES[opt.type], metavar=opt.metavar,
+                                            default=None, show_default=False, help=text))
+    return lambda fn: _apply(options, fn)
+
+
+def guidance_from_cli(option_flags: dict) -> dict:
+    """Take the guidance flags out of `option_flags` (removed from it) -> SamplerConfig.guidance. An option given
+    without its guidance's enabling flag is an error, as are values the guidance refuses."""
+    given = {key: option_flags.pop(key) for key in list(option_flags) if key.startswith(_GUIDANCE_PREFIX)}
+    guidance = {}
+    for name, entry in GUIDANCE.items():
+        value = given.get(f"{_GUIDANCE_PREFIX}{name}")
+        options = {opt.key: given.get(f"{_GUIDANCE_PREFIX}{name}__{opt.key}") for opt in entry.options}
+        options = {key: v for key, v in options.items() if v is not None and v is not False}
+        if value is None:
+            if options:
+                flags = ", ".join(entry.option(key).flag for key in options)
+                raise click.UsageError(f"{flags} {'needs' if len(options) == 1 else 'need'} {entry.flag}")
+            continue
+        try:
+            entry.build(value, **options)  # checks the values now, with the flag's name
+        except ValueError as err:
+            raise click.UsageError(str(err)) from None
+        guidance[name] = dict(value=value, **options)
+    return guidance
+
+
+def sampler_options(help_prefix: str = "", solver_default: str | None = None, steps_default: int | None = None,
+                    guidance: bool = True):
+    """Decorator: every flag that decides how a seed becomes an image (besides the network and --device).
+    guidance: also the flags of samplers.guidance.GUIDANCE (discriminator guidance)."""
     steps_text = f"  [default: {steps_default}]" if steps_default else "  [default: 18, or the schedule file's]"
     options = [
         click.option("--class", "class_idx", help=help_prefix + "Class label  [default: random]", metavar="INT",
@@ -132,6 +178,7 @@ def sampler_options(help_prefix: str = "", solver_default: str | None = None, st
         click.option("--denoise-to-zero", "denoise_to_zero", help=help_prefix + "After a grid ending at sigma_min, "
                      "output D(x; sigma_min) (+1 NFE)", is_flag=True),
         solver_option_flags(help_prefix),
+        *([guidance_options(help_prefix)] if guidance else []),
     ]
     return lambda fn: _apply(options, fn)
 
@@ -200,6 +247,7 @@ def sampler_config(solver, schedule, num_steps, sigma_min, sigma_max, rho, end, 
                                  f"schedule file", param_hint="--schedule")
     if from_file and any(v is not None for v in (sigma_min, sigma_max, rho)):
         raise click.UsageError("--sigma_min, --sigma_max and --rho do not apply to a schedule file (it holds its grid)")
+    guidance = guidance_from_cli(option_flags)
     solver_kwargs = solver_kwargs_from_cli(resolve_solver(solver, schedule), solver_opt, **option_flags)
     schedule_kwargs = {}
     if rho is not None:
@@ -209,4 +257,4 @@ def sampler_config(solver, schedule, num_steps, sigma_min, sigma_max, rho, end, 
         schedule_kwargs["rho"] = rho
     return SamplerConfig(solver=solver, schedule=schedule, num_steps=num_steps, sigma_min=sigma_min,
                          sigma_max=sigma_max, end=end, denoise_to_zero=denoise_to_zero, solver_kwargs=solver_kwargs,
-                         schedule_kwargs=schedule_kwargs)
+                         schedule_kwargs=schedule_kwargs, guidance=guidance)

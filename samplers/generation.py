@@ -21,6 +21,7 @@ import PIL.Image
 import torch
 
 from samplers import SCHEDULES, SigmaGrid, count_nfe, get_solver, make_grid, sample
+from samplers.guidance import build_guidance
 from samplers.schedules import learned_solver_options
 from torch_utils import distributed as dist
 from torch_utils.misc import StackedRandomGenerator
@@ -71,6 +72,7 @@ class SamplerConfig:
     denoise_to_zero: bool = False
     solver_kwargs: dict = dataclasses.field(default_factory=dict)
     schedule_kwargs: dict = dataclasses.field(default_factory=dict)
+    guidance: dict = dataclasses.field(default_factory=dict)  # {name: options} of samplers.guidance.GUIDANCE
 
 
 def build_grid(net, config: SamplerConfig, device=None) -> tuple[SigmaGrid, str, dict]:
@@ -132,17 +134,29 @@ class GridSampling:
     """
 
     learns_sigma_grids = True  # LD3 (samplers/ld3) applies: it learns the grid this sampling integrates over.
+    takes_guidance = True  # samplers.guidance applies: it corrects the denoiser every solver here calls.
 
     def prepare(self, net, config: SamplerConfig, device=None):
         grid, solver, solver_kwargs = build_grid(net, config, device)
         get_solver(solver).check_options(solver_kwargs, solver)
-        return grid, solver, solver_kwargs
+        guidance = build_guidance(config.guidance)
+        if guidance is None:
+            return grid, solver, solver_kwargs
+        return grid, solver, solver_kwargs, guidance.prepare(net, grid, solver, solver_kwargs, device,
+                                                             config.denoise_to_zero)
 
     def describe(self, net, config: SamplerConfig) -> str:
-        return describe(net, config)
+        text = describe(net, config)
+        guidance = build_guidance(config.guidance)
+        if guidance is not None:
+            grid, solver, solver_kwargs = build_grid(net, config)
+            text += "; " + guidance.describe(net, grid, solver, solver_kwargs, config.denoise_to_zero)
+        return text
 
     def sample(self, net, plan, inputs: "SeedInputs", config: SamplerConfig) -> torch.Tensor:
-        grid, solver, solver_kwargs = plan
+        grid, solver, solver_kwargs, *guidance = plan  # a 4th entry: the prepared guidance
+        if guidance:
+            return guidance[0].sample(net, grid, solver, solver_kwargs, inputs, config.denoise_to_zero)
         return sample(net, inputs.latents, grid, solver=solver, class_labels=inputs.class_labels,
                       randn_like=inputs.randn_like, round_sigma=net.round_sigma,
                       denoise_to_zero=config.denoise_to_zero, **solver_kwargs)
@@ -209,7 +223,7 @@ def generate_images(net, seeds, *, batch_size: int = 64, solver: str | None = No
                     end: str | None = None, denoise_to_zero: bool = False, class_idx: int | None = None,
                     solver_kwargs: dict | None = None, schedule_kwargs: dict | None = None, device=None,
                     rank: int | None = None, world_size: int | None = None, skip_seeds=None, progress: bool = False,
-                    sampling=None):
+                    sampling=None, guidance: dict | None = None):
     """Yield (batch_seeds, images) for this rank's share of `seeds`: images are uint8 NCHW on `device`.
 
     batch_size is the maximum per rank (EDM's --batch). The seeds are split over ranks exactly as EDM's
@@ -218,13 +232,18 @@ def generate_images(net, seeds, *, batch_size: int = 64, solver: str | None = No
     solver None means 'heun', or the solver a schedule file was learned for. The defaults reproduce EDM's
     generate.py: Heun, rho = 7, 18 steps, sigma 0.002 ... 80 clamped to the net's range, round_sigma, appended 0.
     Performs no collective operations (ranks may skip different amounts of work). sampling: how the snapshot's
-    process is sampled (`snapshot.process.sampling`); None is EDM's GridSampling.
+    process is sampled (`snapshot.process.sampling`); None is EDM's GridSampling. guidance: {name: options} of
+    samplers.guidance.GUIDANCE (discriminator guidance), for a sampling that takes it.
     """
     config = SamplerConfig(solver=solver, schedule=schedule, num_steps=num_steps, sigma_min=sigma_min,
                            sigma_max=sigma_max, end=end, denoise_to_zero=denoise_to_zero,
-                           solver_kwargs=dict(solver_kwargs or {}), schedule_kwargs=dict(schedule_kwargs or {}))
+                           solver_kwargs=dict(solver_kwargs or {}), schedule_kwargs=dict(schedule_kwargs or {}),
+                           guidance=dict(guidance or {}))
     device = torch.device(device) if device is not None else dist.device()
     sampling = sampling if sampling is not None else GRID_SAMPLING
+    if config.guidance and not getattr(sampling, "takes_guidance", False):
+        raise ValueError(f"{type(sampling).__name__} (this snapshot's process) does not take guidance "
+                         f"({', '.join(config.guidance)})")
     plan = sampling.prepare(net, config, device)
     skip = set(int(s) for s in skip_seeds) if skip_seeds is not None else set()
     batches = rank_batches(seeds, batch_size, rank, world_size)

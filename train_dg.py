@@ -1,0 +1,150 @@
+"""Train the discriminator of discriminator guidance (DG), import the reference's released one, or measure one.
+
+A thin CLI over training/dg.py (training) and samplers/dg/ (the discriminator and its files). Sampling with it is
+generate.py's (and fid.py calc --network's) --dg option.
+"""
+
+import json
+
+import click
+import torch
+
+from samplers.dg.discriminator import (
+    DiscriminatorError,
+    import_reference_discriminator,
+    load_adm_classifier,
+    load_discriminator,
+    save_discriminator,
+)
+from training import dg
+from training import snapshots as _snapshots  # noqa: F401  (registers the network classes a DG pickle may hold)
+
+
+def _run(func, *args, **kwargs):
+    """The library's input errors as one CLI error line."""
+    try:
+        return func(*args, **kwargs)
+    except (DiscriminatorError, ValueError, OSError) as err:
+        raise click.ClickException(str(err)) from None
+
+
+def _device(device):
+    return torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+
+
+@click.group()
+def main():
+    """Discriminator guidance (Kim et al., ICML 2023): train the discriminator on real images and the score model's
+    samples, then sample with `generate.py --dg=PKL --dg-weight=W`.
+
+    Examples:
+
+    \b
+    # 1. The score model's samples (the fake set); a conditional network also writes their labels
+    python generate.py --network=net.pkl --outdir=fakes --seeds=0-49999 --subdirs
+    \b
+    # 2. The discriminator on the network's own features (no download), or on the reference's ADM classifier
+    python train_dg.py train --real=datasets/cifar10-32x32.zip --fake=fakes --network=net.pkl --outdir=dg-run
+    python train_dg.py train --real=... --fake=... --encoder=adm --adm-classifier=32x32_classifier.pt --outdir=...
+    \b
+    # ... with AOT-paired perturbation noise (pools of 512 rows), as the AOT paper trains it
+    python train_dg.py train --real=... --fake=... --network=net.pkl --aot=512 --outdir=dg-aot
+    \b
+    # 3. Guided sampling with any registered solver (Heun as the reference)
+    python generate.py --network=net.pkl --outdir=out --seeds=0-49999 --dg=dg-run/discriminator-000050.pkl \\
+        --dg-weight=2
+    \b
+    # The reference's released discriminator (EDM-G++), imported once
+    python train_dg.py import --adm-classifier=32x32_classifier.pt --discriminator=discriminator_60.pt --out=dg.pkl
+    """
+
+
+@main.command()
+@click.option("--real", help="Real images (dataset zip or folder)", metavar="ZIP|DIR", required=True)
+@click.option("--fake", help="The score model's samples (zip or folder, e.g. generate.py's --outdir)",
+              metavar="ZIP|DIR", required=True)
+@click.option("--outdir", help="Where the discriminator pickles, stats and training state go", metavar="DIR",
+              required=True)
+@click.option("--encoder", help="Features: the score network's own middle blocks, or the ADM classifier",
+              type=click.Choice(["network", "adm"]), default="network", show_default=True)
+@click.option("--network", help="The score network snapshot (--encoder=network)", metavar="PKL|URL")
+@click.option("--adm-classifier", "adm_classifier", help="guided-diffusion's 32x32_classifier.pt (--encoder=adm)",
+              metavar="PT|URL")
+@click.option("--cond", help="Class-conditional discriminator (labels from both sets' dataset.json)", is_flag=True)
+@click.option("--epochs", help="Epochs", type=click.IntRange(min=1), default=50, show_default=True)
+@click.option("--batch", help="Batch size", type=click.IntRange(min=1), default=128, show_default=True)
+@click.option("--lr", help="Adam learning rate", type=click.FloatRange(min=0, min_open=True), default=3e-4,
+              show_default=True)
+@click.option("--weight-decay", "weight_decay", help="Adam weight decay", type=click.FloatRange(min=0), default=1e-7,
+              show_default=True)
+@click.option("--num", "max_images", help="Use the first NUM images of each set  [default: all]",
+              type=click.IntRange(min=1), default=None)
+@click.option("--aot", help="Pair the perturbation noise with the images in pools of N rows, as the AOT loss (0: off)",
+              metavar="N", type=click.IntRange(min=0), default=0, show_default=True)
+@click.option("--width", help="Head width", type=click.IntRange(min=1), default=128, show_default=True)
+@click.option("--depth", help="Head residual blocks", type=click.IntRange(min=1), default=2, show_default=True)
+@click.option("--head-channels", "head_channels", help="Channels per attention head of the head",
+              type=click.IntRange(min=1), default=64, show_default=True)
+@click.option("--seed", help="Random seed", type=int, default=0, show_default=True)
+@click.option("--resume", help="Continue a run: its training-state.pt or folder, or 'auto' (--outdir's, if any)",
+              metavar="PT|DIR|auto", default=None)
+@click.option("--device", help="Torch device  [default: cuda if available, else cpu]", default=None)
+def train(outdir, resume, device, **options):
+    """Train a DG discriminator; writes discriminator-EEEEEE.pkl after every epoch (sample with one via --dg)."""
+    opts = _run(dg.DGTrainingOptions, **options)
+    _run(dg.train_discriminator, opts, outdir, resume=resume, device=_device(device))
+    click.echo(f'Done: the discriminators are in "{outdir}".')
+
+
+@main.command("import")
+@click.option("--adm-classifier", "adm_classifier", help="guided-diffusion's 32x32_classifier.pt from DG",
+              metavar="PT|URL", required=True)
+@click.option("--discriminator", help="DG's released head (discriminator_60.pt uncond, discriminator_250.pt cond)",
+              metavar="PT|URL", required=True)
+@click.option("--cond", help="The conditional head (--discriminator is discriminator_250.pt)", is_flag=True)
+@click.option("--label-dim", "label_dim", help="Classes of the score model it guides (--cond)",
+              type=click.IntRange(min=1), default=10, show_default=True)
+@click.option("--out", help="DG pickle to write", metavar="PKL", required=True)
+def import_reference(adm_classifier, discriminator, cond, label_dim, out):
+    """Turn the reference's released discriminator (alsdudrla10/DG) into a DG pickle for --dg."""
+    classifier = _run(load_adm_classifier, adm_classifier)
+    disc = _run(import_reference_discriminator, classifier, discriminator, conditional=cond, label_dim=label_dim)
+    _run(save_discriminator, out, disc)
+    click.echo(f'Wrote "{out}".')
+
+
+@main.command()
+@click.option("--dg", "dg_path", help="DG pickle", metavar="PKL", required=True)
+@click.option("--real", help="Real images (dataset zip or folder)", metavar="ZIP|DIR", required=True)
+@click.option("--fake", help="Generated images (zip or folder)", metavar="ZIP|DIR", required=True)
+@click.option("--sigmas", help="Noise levels", metavar="LIST", default="0.01,0.1,0.5,1,2,5,10,40", show_default=True)
+@click.option("--num", "max_images", help="Use the first NUM images of each set  [default: all]",
+              type=click.IntRange(min=1), default=None)
+@click.option("--out", help="Also write the result as JSON", metavar="JSON", default=None)
+@click.option("--device", help="Torch device  [default: cuda if available, else cpu]", default=None)
+def accuracy(dg_path, real, fake, sigmas, max_images, out, device):
+    """Accuracy of a discriminator by noise level (real and generated images, seeded noise)."""
+    disc = _run(load_discriminator, dg_path)
+    device = _device(device)
+    disc.to(device)
+    try:
+        levels = [float(s) for s in sigmas.split(",")]
+    except ValueError:
+        raise click.BadParameter(f"expected numbers separated by commas, got {sigmas!r}",
+                                 param_hint="--sigmas") from None
+    sets = [_run(dg.load_image_set, path, use_labels=disc.needs_labels, max_images=max_images, option=option,
+                 resolution=disc.img_resolution) for path, option in ((real, "--real"), (fake, "--fake"))]
+    labels = [None if s.classes is None else torch.eye(disc.label_dim)[s.classes] for s in sets]
+    result = dg.accuracy_by_noise_level(disc, sets[0].images, sets[1].images, levels, real_labels=labels[0],
+                                        fake_labels=labels[1], device=device)
+    for level, rates in result.items():
+        click.echo(f"sigma {level:g}: real {rates['real']:.3f}, generated {rates['fake']:.3f}, "
+                   f"mean {rates['mean']:.3f}")
+    if out:
+        from dnnlib import util
+        with util.atomic_output(out, "w") as f:
+            json.dump({str(k): v for k, v in result.items()}, f, indent=2)
+
+
+if __name__ == "__main__":
+    main()
