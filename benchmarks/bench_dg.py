@@ -1,0 +1,156 @@
+"""Discriminator guidance on the quick start's digits: does guidance bring the samples closer to the data, how well
+does the discriminator tell them apart by noise level, and what does a guided step cost?
+
+    python benchmarks/bench_dg.py --outdir=bench-dg                       # trains what it needs (about 30 min, 1 core)
+    python benchmarks/bench_dg.py --outdir=bench-dg --network=quickstart-out/training-run/network-snapshot-000040.pkl
+
+Steps (each skipped when its output exists, so a second run only measures): the digits dataset (16x16, 1,797
+images); the quick start's network (DDPM++ 32 channels, EDM loss) trained for --kimg unless --network is given; the
+fake set (generate.py, Heun 18 steps, seeds 0..N-1); the discriminator (train_dg.py on the network's own features,
+--epochs, optionally --aot); the digit classifier of the quick start. Then, on seeds the discriminator never saw:
+- the classifier Frechet distance (NOT FID: the 64-d features of metrics/digits_classifier.py) of unguided and
+  guided samples at the same NFE (Heun, 18 steps, 35 NFE) for each weight in --weights (the reference's setting:
+  the corrector unguided) and for w = 1 on both Heun evaluations, with the real-data floor (two halves);
+- the discriminator's accuracy on real images and held-out generated ones at fixed noise levels;
+- seconds per denoiser call, unguided and guided (the discriminator's forward and backward included).
+Runs at one thread by default (--threads), so numbers are comparable on a shared machine. Results: results.json.
+"""
+
+import json
+import os
+import subprocess
+import sys
+import time
+
+import click
+import numpy as np
+import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+
+def _run(step: str, args: list[str], threads: int) -> None:
+    env = dict(os.environ, OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
+    print(f"\n[bench_dg] {step}: {' '.join(args)}", flush=True)
+    result = subprocess.run([sys.executable, *args], cwd=ROOT, env=env)
+    if result.returncode != 0:
+        raise click.ClickException(f"step '{step}' failed (exit code {result.returncode})")
+
+
+def _latest(folder: str, prefix: str, suffix: str) -> str | None:
+    names = sorted(n for n in os.listdir(folder) if n.startswith(prefix) and n.endswith(suffix)) \
+        if os.path.isdir(folder) else []
+    return os.path.join(folder, names[-1]) if names else None
+
+
+def _frechet(a: np.ndarray, b: np.ndarray) -> float:
+    from metrics.frechet import frechet_distance
+    return float(frechet_distance(a.mean(0), np.cov(a, rowvar=False), b.mean(0), np.cov(b, rowvar=False)))
+
+
+@click.command(context_settings=dict(show_default=True))
+@click.option("--outdir", default="bench-dg", type=click.Path(file_okay=False), help="Everything goes here")
+@click.option("--network", default=None, help="The score network (default: train the quick start's at --kimg)")
+@click.option("--kimg", default=20.0, type=click.FloatRange(min=0, min_open=True), help="Training length if training")
+@click.option("--epochs", default=20, type=click.IntRange(min=1), help="Discriminator epochs")
+@click.option("--aot", default=0, type=click.IntRange(min=0), help="AOT pool size for the discriminator (0: off)")
+@click.option("--width", default=128, type=click.IntRange(min=32), help="Discriminator head width")
+@click.option("--weights", default="0.5,1,2,4", help="DG weights to measure (Heun's corrector unguided)")
+@click.option("--samples", default=898, type=click.IntRange(min=10), help="Evaluation samples per setting")
+@click.option("--sigmas", default="0.02,0.05,0.1,0.2,0.5,1,2,5,10", help="Noise levels of the accuracy table")
+@click.option("--threads", default=1, type=click.IntRange(min=1), help="CPU threads")
+def main(outdir, network, kimg, epochs, aot, width, weights, samples, sigmas, threads):
+    torch.set_num_threads(threads)
+    os.makedirs(outdir, exist_ok=True)
+    outdir = os.path.abspath(outdir)
+    dataset = os.path.join(outdir, "digits-16x16.zip")
+    if not os.path.isfile(dataset):
+        _run("dataset", ["dataset_tool.py", "--source", "digits", "--dest", dataset, "--resolution", "16x16"],
+             threads)
+    if network is None:
+        run_dir = os.path.join(outdir, "training-run")
+        network = _latest(run_dir, "network-snapshot-", ".pkl")
+        if network is None or not os.path.isfile(os.path.join(run_dir, "DONE")):
+            _run("score network", ["train.py", "--outdir", run_dir, "--nosubdir", "--data", dataset, "--cond", "0",
+                                   "--arch", "ddpmpp", "--precond", "edm", "--loss", "edm", "--batch", "64",
+                                   "--cbase", "32", "--cres", "1,2,2", "--blocks", "1", "--attn", "8",
+                                   "--duration", str(kimg / 1000), "--lr", "2e-3", "--lr-rampup", "1", "--ema",
+                                   "0.005", "--dropout", "0", "--augment", "0", "--tick", "5", "--snap", "4",
+                                   "--dump", "4", "--seed", "0", "--workers", "0", "--device", "cpu"]
+                 + (["--resume", state] if (state := _latest(run_dir, "training-state-", ".pt")) else []), threads)
+            open(os.path.join(run_dir, "DONE"), "w").close()
+            network = _latest(run_dir, "network-snapshot-", ".pkl")
+    fakes = os.path.join(outdir, "fakes")
+    from training.dataset import ImageFolderDataset
+    num_real = len(ImageFolderDataset(dataset, verify=False))
+    _run("fake set", ["generate.py", "--network", network, "--outdir", fakes, "--seeds", f"0-{num_real - 1}",
+                      "--batch", "256", "--device", "cpu"], threads)
+    dg_dir = os.path.join(outdir, f"dg-run{'-aot' + str(aot) if aot else ''}")
+    dg_pkl = os.path.join(dg_dir, f"discriminator-{epochs:06d}.pkl")
+    if not os.path.isfile(dg_pkl):
+        _run("discriminator", ["train_dg.py", "train", "--real", dataset, "--fake", fakes, "--network", network,
+                               "--outdir", dg_dir, "--epochs", str(epochs), "--aot", str(aot), "--width", str(width),
+                               "--device", "cpu", "--resume", "auto"], threads)
+    classifier_path = os.path.join(outdir, "digits_classifier.pt")
+    if not os.path.isfile(classifier_path):
+        _run("digit classifier", ["-m", "metrics.digits_classifier", "--out", classifier_path, "--epochs", "30"],
+             threads)
+
+    import training.snapshots
+    from metrics import digits_classifier as dc
+    from samplers import generation
+    from samplers.dg.discriminator import load_discriminator
+    from training import dg
+
+    net = training.snapshots.load_snapshot(network, "cpu").net
+    model, _ = dc.load_classifier(classifier_path)
+    real = dg.load_image_set(dataset, use_labels=False).images
+    order = np.random.RandomState(0).permutation(len(real))
+    half_a, half_b = real[order[: len(real) // 2]], real[order[len(real) // 2:]]
+    num = min(samples, len(half_a), len(half_b))
+    feats_real = dc.extract_features(model, half_a[:num])
+    floor = _frechet(dc.extract_features(model, half_b[:num]), feats_real)
+    seeds = list(range(100000, 100000 + num))  # never seen by the discriminator (its fakes are seeds 0..N-1)
+
+    settings = [("unguided", {})] + [(f"w={w:g}", {"dg": dict(value=dg_pkl, weight=float(w))})
+                                     for w in weights.split(",")]
+    settings.append(("w=1, corrector w=1", {"dg": dict(value=dg_pkl, weight=1.0, weight_corrector=1.0)}))
+    rows, held_out = [], None
+    for name, guidance in settings:
+        config = generation.SamplerConfig(num_steps=18, guidance=guidance)
+        summary = generation.GRID_SAMPLING.describe(net, config)
+        start = time.perf_counter()
+        images = torch.cat([batch for _, batch in generation.generate_images(net, seeds, batch_size=256,
+                                                                              device="cpu", num_steps=18,
+                                                                              guidance=guidance)])
+        seconds = time.perf_counter() - start
+        if held_out is None:
+            held_out = images.cpu()
+        nfe = 35
+        distance = _frechet(dc.extract_features(model, images.cpu()), feats_real)
+        rows.append(dict(setting=name, classifier_frechet_distance=round(distance, 4), nfe=nfe,
+                         seconds=round(seconds, 2), seconds_per_denoiser_call_per_image=seconds / nfe / num,
+                         sampler=summary))
+        print(f"{name:22s} classifier FD {distance:8.4f} (floor {floor:.4f}); {seconds:7.1f} s for {num} images, "
+              f"{1e3 * seconds / nfe / num:.3f} ms per call per image", flush=True)
+
+    disc = load_discriminator(dg_pkl)
+    levels = [float(s) for s in sigmas.split(",")]
+    accuracy = dg.accuracy_by_noise_level(disc, real, held_out, levels)
+    for level, rates in accuracy.items():
+        print(f"sigma {level:6g}: accuracy real {rates['real']:.3f}, generated {rates['fake']:.3f}, mean "
+              f"{rates['mean']:.3f}")
+    stats = [json.loads(line) for line in open(os.path.join(dg_dir, dg.STATS_FILE))]
+    result = dict(network=network, discriminator=dg_pkl, epochs=epochs, aot=aot, threads=threads, num_images=num,
+                  classifier_frechet_floor=round(floor, 4), settings=rows,
+                  accuracy_by_sigma={str(k): v for k, v in accuracy.items()}, training_stats=stats[-1],
+                  note="classifier Frechet distance: NOT FID (64-d features of metrics/digits_classifier.py)")
+    from dnnlib import util
+    with util.atomic_output(os.path.join(outdir, "results.json"), "w") as f:
+        json.dump(result, f, indent=2)
+    print(f"\n[bench_dg] results in {os.path.join(outdir, 'results.json')}")
+
+
+if __name__ == "__main__":
+    main()
