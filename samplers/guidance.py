@@ -45,6 +45,7 @@ from collections.abc import Callable
 
 import torch
 
+from dnnlib import util
 from samplers import sample
 from samplers.dg.discriminator import Discriminator, DiscriminatorError, clipped_log_ratio, load_discriminator
 
@@ -294,7 +295,9 @@ class DiscriminatorGuidance:
         guided = sum(1 for w, t in zip(weights, taus) if w != 0 and self.tau_min <= t <= self.tau_max)
         weights_text = f"w={self.weight:g}" + (f", corrector w={self.weight_corrector:g}"
                                                if solver in CORRECTOR_CALLS else "")
-        return (f"discriminator guidance {os.path.basename(str(self.value))} ({disc.encoder_kind} encoder, "
+        digest = util.file_sha256(str(self.value))  # the line is recorded with generate.py's images
+        name = os.path.basename(str(self.value)) + (f" sha256:{digest[:12]}" if digest else "")
+        return (f"discriminator guidance {name} ({disc.encoder_kind} encoder, "
                 f"{'conditional' if disc.conditional else 'unconditional'}; {weights_text}; tau "
                 f"{self.tau_min:g}..{self.tau_max:g}{'; boosting' if self.boost else ''}): "
                 f"+{'about ' if self.boost else ''}{guided} discriminator gradient evaluations per image (forward and "

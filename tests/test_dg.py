@@ -741,7 +741,7 @@ def test_generate_cli_samples_with_dg_and_states_its_cost(dg_files, tmp_path):
     args = ["--network", dg_files["net"], "--outdir", out, "--seeds", "0-1", "--steps", "5", "--device", "cpu"]
     result = CliRunner().invoke(generate.main, [*args, "--dg", dg_files["network"], "--dg-weight", "3"])
     assert result.exit_code == 0, result.output
-    assert "9 NFE per image; discriminator guidance dg-network.pkl" in result.output
+    assert "9 NFE per image; discriminator guidance dg-network.pkl sha256:" in result.output
     assert "discriminator gradient evaluations per image" in result.output
     assert json.load(open(os.path.join(out, "generation.json")))["options"]["guidance"]["dg"]["weight"] == 3.0
     bad = {"--dg-weight 2": "--dg-weight needs --dg",
@@ -753,6 +753,25 @@ def test_generate_cli_samples_with_dg_and_states_its_cost(dg_files, tmp_path):
         result = CliRunner().invoke(generate.main, [*args[:3], str(tmp_path / "bad"), *args[4:], *flags.split()])
         assert result.exit_code != 0 and __import__("re").search(message, result.output), (flags, result.output)
         assert "Traceback" not in result.output
+
+
+def test_fid_network_source_samples_with_dg_like_generate(dg_files):
+    """fid.py calc --network builds its images with metrics.network_source from the same SamplerConfig."""
+    import dataclasses
+
+    import metrics
+
+    net = persistence.load_network_pickle(dg_files["net"])["ema"]
+    config = generation.SamplerConfig(num_steps=4, guidance={"dg": dict(value=dg_files["adm"], weight=4.0)})
+    source = metrics.network_source(net, [3, 4, 5], batch_size=2, **dataclasses.asdict(config))
+    images = torch.cat([batch.cpu() for _, batch in source.batches(torch.device("cpu"))])
+    expected = torch.cat([batch for _, batch in generation.generate_images(net, [3, 4, 5], batch_size=2,
+                                                                            device="cpu", num_steps=4,
+                                                                            guidance=config.guidance)])
+    assert torch.equal(images, expected)
+    plain = torch.cat([batch for _, batch in generation.generate_images(net, [3, 4, 5], device="cpu", num_steps=4)])
+    assert not torch.equal(images, plain)
+    assert source.description["sampler_options"]["guidance"]["dg"]["weight"] == 4.0
 
 
 def test_train_dg_cli_trains_measures_and_refuses_bad_input(toy_sets, tmp_path):
