@@ -37,6 +37,7 @@ even steps their guidance is doubled. It needs per-sample noise levels inside a 
 (`boosted_heun`), for --solver=heun only.
 """
 
+import copy
 import dataclasses
 import math
 import os
@@ -326,6 +327,10 @@ class PreparedDG:
         """One batch: the solver over the guided denoiser (the discriminator reads the batch's class labels, the
         ones the solver passes to the network), or the boosted Heun."""
         round_sigma = getattr(net, "round_sigma", None)
+        if self.options.weight == 0 and self.options.weight_corrector == 0:  # unguided, bit for bit (also boosted)
+            return sample(net, inputs.latents, grid, solver=solver, class_labels=inputs.class_labels,
+                          randn_like=inputs.randn_like, round_sigma=round_sigma, denoise_to_zero=denoise_to_zero,
+                          **solver_kwargs)
         if self.options.boost:
             x = inputs.latents.to(torch.float64) * grid.sigmas[0]
             x = boosted_heun(net, self.correction, x, grid.sigmas, inputs.class_labels, weight=self.options.weight,
@@ -343,8 +348,7 @@ class PreparedDG:
 
 
 def _copy_to(disc: Discriminator, device) -> Discriminator:
-    import copy
-    return copy.deepcopy(disc).to(device)
+    return copy.deepcopy(disc).to(device)  # the cached CPU copy stays for the next run
 
 
 _LOADED: dict = {}

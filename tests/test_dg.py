@@ -183,7 +183,8 @@ def test_zero_weight_and_a_window_outside_the_grid_are_bit_identical_to_unguided
     net = persistence.load_network_pickle(dg_files["net"])["ema"]
     seeds = [0, 1, 2]
     plain = generation.sample_seeds(net, seeds, generation.SamplerConfig(num_steps=6), device="cpu")
-    for options in (dict(weight=0.0), dict(weight=3.0, tau_min=0.99)):  # EDM's grid tops out at tau = 0.934
+    for options in (dict(weight=0.0), dict(weight=0.0, boost=True), dict(weight=3.0, tau_min=0.99)):
+        # (EDM's grid tops out at tau = 0.934)
         config = generation.SamplerConfig(num_steps=6, guidance={"dg": dict(value=dg_files["network"], **options)})
         assert torch.equal(generation.sample_seeds(net, seeds, config, device="cpu"), plain)
     config = generation.SamplerConfig(num_steps=6, guidance={"dg": dict(value=dg_files["network"], weight=3.0)})
