@@ -48,9 +48,9 @@ def _run(func, *args, **kwargs):
 def network_source_from_cli(network_pkl, seeds, batch_size, class_idx, **sampler_cli):
     """Load the network and build the in-memory image source; the sampler flags are generate.py's
     (samplers/cli_options.py), so `calc --network` samples exactly what generate.py would write."""
-    config = sampler_config(**sampler_cli)
     snapshot = _run(load_snapshot, network_pkl, distributed.device())
     net, sampling = snapshot.net, snapshot.process.sampling  # sampled the way its process was trained
+    config = sampler_config(**sampler_cli, sampling=sampling)  # its process may bring its own solvers
     try:
         summary = sampling.describe(net, config)
     except ValueError as err:

@@ -68,13 +68,13 @@ def main(network, outdir, seeds, subdirs, class_idx, max_batch_size, device, gri
     if device.type == "cuda" and device.index is None:
         device = torch.device("cuda", dist.get_local_rank())
     dist.init(device=device)
-    config = sampler_config(**sampler_cli)
 
     try:
         snapshot = load_snapshot(network, device)
     except (persistence.NetworkPickleError, OSError) as err:
         raise click.ClickException(str(err)) from None
     net, sampling = snapshot.net, snapshot.process.sampling  # sampled the way its process was trained
+    config = sampler_config(**sampler_cli, sampling=sampling)  # its process may bring its own solvers
     try:
         summary = sampling.describe(net, config)
     except ValueError as e:

@@ -335,13 +335,22 @@ def build_config(opts: dnnlib.EasyDict, world_size: int) -> tuple[dnnlib.EasyDic
         arch_name = _arch_name(c.network_kwargs)
     else:
         c.network_kwargs.update(ARCH_PRESETS[opts.arch])
-        c.network_kwargs.class_name = PRECOND_CLASSES[opts.precond or 'edm']
+        try:  # --precond, else the loss's own (EDM's losses: edm; SPD: eps); one line for a mismatch
+            c.network_kwargs.class_name = PRECOND_CLASSES[losses.preconditioning_for(loss_name, opts.precond)]
+        except ValueError as err:
+            raise _option_error(err) from None
         arch_name = opts.arch
     try:
         c.loss_kwargs = losses.loss_kwargs(loss_name, losses.parse_loss_options(loss_name, opts.loss_opt))
     except ValueError as err:
         raise click.BadParameter(str(err), param_hint='--loss-opt') from err
     c.loss_kwargs, wrapper_tags = _apply_loss_wrappers(opts, c.loss_kwargs)
+    try:  # What the loss settles from the data once (SPD: Sigma0 fitted with fit=...): printed, kept in the config.
+        c.loss_kwargs, notes = losses.prepare_loss_kwargs(c.loss_kwargs, c.dataset_kwargs)
+    except ValueError as err:
+        raise _option_error(err) from None
+    for note in notes:
+        dist.print0(note)
     if opts.cbase is not None:
         c.network_kwargs.model_channels = opts.cbase
     if opts.cres is not None:

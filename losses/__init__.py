@@ -39,13 +39,15 @@ from .aot import AOTLoss
 from .base import Batch, PerImageRandom, Phase, constant_lr, default_phases
 from .denoising import DenoisingLoss, EDMLoss, VELoss, VPLoss
 from .gdd import GDDLoss
+from .spd import DDPMLoss, SPDLoss
 from .stf import STFLoss
 from .wrapper import LossWrapper
 
 __all__ = ['Batch', 'PerImageRandom', 'Phase', 'constant_lr', 'default_phases', 'LOSSES', 'LOSS_WRAPPERS',
            'DEFAULT_LOSS_FOR_PRECOND', 'DenoisingLoss', 'LossWrapper', 'EDMLoss', 'VPLoss', 'VELoss', 'STFLoss',
            'AOTLoss', 'GDDLoss', 'WrapperFlag', 'LossWrapperEntry', 'loss_options', 'parse_loss_options',
-           'loss_kwargs', 'wrap_loss_kwargs', 'loss_record', 'loss_kwargs_from_record', 'describe_losses']
+           'loss_kwargs', 'wrap_loss_kwargs', 'loss_record', 'loss_kwargs_from_record', 'describe_losses',
+           'SPDLoss', 'DDPMLoss', 'preconditioning_for', 'prepare_loss_kwargs']
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -56,6 +58,8 @@ LOSSES = {
     'vp': VPLoss,
     've': VELoss,
     'gdd': GDDLoss,
+    'spd': SPDLoss,    # Shortest Path Diffusion (per-frequency VP process, epsilon prediction; losses/spd.py)
+    'ddpm': DDPMLoss,  # SPD's DDPM control: the same objects with one linear-beta schedule
 }
 
 
@@ -102,7 +106,7 @@ LOSS_WRAPPERS = {
         tag='aot{pool_size}'),
 }
 
-DEFAULT_LOSS_FOR_PRECOND = {'vp': 'vp', 've': 've', 'edm': 'edm', 'gdd': 'gdd'}
+DEFAULT_LOSS_FOR_PRECOND = {'vp': 'vp', 've': 've', 'edm': 'edm', 'gdd': 'gdd', 'eps': 'spd'}
 
 
 def _loss_class(name: str, wrappers: bool = False):
@@ -225,6 +229,50 @@ def loss_kwargs_from_record(record: dict) -> dnnlib.EasyDict:
     if base is not None:
         options['base_kwargs'] = loss_kwargs_from_record(base)
     return loss_kwargs(record['name'], options)
+
+
+def preconditioning_for(name: str, precond: str | None) -> str:
+    """The --precond to train base loss `name` with. A loss class may declare the ones it trains
+    (`preconditionings`; SPD: ('eps',), GDD: ('gdd', 'edm')); one that does not trains any denoiser D(x; sigma).
+    None (not given): 'edm' where the loss trains it, else its first declared one. ValueError (naming --precond) for a
+    preconditioning the loss cannot train, including another loss's network that is not a denoiser (a declaration
+    without 'edm', such as SPD's epsilon predictor)."""
+    declared = getattr(_loss_class(name), 'preconditionings', None)
+    if declared is None:
+        foreign = {p for cls in LOSSES.values() for p in getattr(cls, 'preconditionings', ('edm',))
+                   if 'edm' not in getattr(cls, 'preconditionings', ('edm',))}
+        if precond in foreign:
+            users = [n for n, cls in LOSSES.items() if precond in getattr(cls, 'preconditionings', ())]
+            raise ValueError(f"--precond={precond} is not a denoiser; --loss={name} trains edm, vp or ve "
+                             f"(--precond={precond} is for --loss {' or '.join(users)})")
+        return precond or 'edm'
+    if precond is None:
+        return 'edm' if 'edm' in declared else declared[0]
+    if precond not in declared:
+        raise ValueError(f"--precond={precond} cannot train --loss={name}, which trains {' or '.join(declared)} "
+                         f"(leave --precond out to get {'edm' if 'edm' in declared else declared[0]})")
+    return precond
+
+
+def prepare_loss_kwargs(kwargs: dict, dataset_kwargs: dict) -> tuple[dnnlib.EasyDict, list[str]]:
+    """Settle the options a loss takes from the training data, once, before training (SPD's fitted spectrum): a
+    registered loss class with `resolve_options(options, dataset_kwargs) -> (options, notes)` rewrites its options;
+    wrappers' bases are visited too. Returns the config and lines to print; ValueError names the option."""
+    kwargs = dnnlib.EasyDict(kwargs)
+    notes = []
+    if kwargs.get('base_kwargs') is not None:
+        kwargs.base_kwargs, notes = prepare_loss_kwargs(kwargs.base_kwargs, dataset_kwargs)
+    try:
+        cls = _loss_class(_name_of(kwargs.class_name), wrappers=True)
+    except ValueError:  # An unregistered class (a user's): nothing to settle.
+        return kwargs, notes
+    if hasattr(cls, 'resolve_options'):
+        options = {k: v for k, v in kwargs.items() if k not in ('class_name', 'base_kwargs')}
+        options, more = cls.resolve_options(options, dataset_kwargs)
+        rest = {'base_kwargs': kwargs.base_kwargs} if 'base_kwargs' in kwargs else {}
+        kwargs = dnnlib.EasyDict(class_name=kwargs.class_name, **options, **rest)
+        notes += more
+    return kwargs, notes
 
 
 def describe_losses() -> str:

@@ -20,9 +20,12 @@ Adding a process: a module here with its class, and one line in PROCESSES.
 
 from processes.edm import EDMProcess
 from processes.one_step import OneStepProcess
+from processes.spd import DDPMProcess, SPDProcess
 
 PROCESSES = {
     "edm": EDMProcess,
+    "spd": SPDProcess,    # Shortest Path Diffusion: VP per Fourier frequency (processes/spd.py)
+    "ddpm": DDPMProcess,  # SPD's DDPM control: the same objects with one linear-beta schedule
     "one_step": OneStepProcess,
 }
 

@@ -85,8 +85,10 @@ def radial_average(power: torch.Tensor) -> tuple[np.ndarray, np.ndarray, np.ndar
 def fit_power_law(power: torch.Tensor) -> dict:
     """Least-squares fit of log P(k) = log c1 - m log(c2 + |k|) over the non-DC frequencies of a power spectrum
     [H, W] (radially averaged, each radius weighted by its number of frequencies): for a given c2 the fit is linear in
-    (log c1, m); c2 is found by a bounded scalar search over log c2. Returns c1, c2, m and the weighted rms residual in
-    log10 units. The DC is left out: it carries the images' mean brightness, not the power law."""
+    (log c1, m); c2 is found by a bounded scalar search over log c2 in [1e-6, 1] (c2 keeps the law finite at the DC;
+    beyond the lowest non-zero frequency it would bend the law where it is observed). Returns c1, c2, m and the
+    weighted rms residual in log10 units. The DC is left out: it carries the images' mean brightness, not the power
+    law."""
     from scipy.optimize import minimize_scalar
 
     radii, mean_power, counts = radial_average(power)
@@ -102,11 +104,9 @@ def fit_power_law(power: torch.Tensor) -> dict:
         residual = log_power - design @ coef
         return coef, float(np.sum(weights * residual ** 2) / np.sum(weights))
 
-    result = minimize_scalar(lambda s: solve(math.exp(s))[1], bounds=(math.log(1e-6), math.log(radii.max())),
-                             method='bounded', options=dict(xatol=1e-10))
+    result = minimize_scalar(lambda s: solve(math.exp(s))[1], bounds=(math.log(1e-6), 0.0), method='bounded',
+                             options=dict(xatol=1e-10))
     c2 = math.exp(result.x)
-    if solve(0.0)[1] <= solve(c2)[1]:  # The boundary c2 = 0 (a pure power law) is not inside the bracket.
-        c2 = 0.0
     (log_c1, m), mse = solve(c2)
     return dict(c1=float(math.exp(log_c1)), c2=float(c2), m=float(m), rms_log10=math.sqrt(mse) / math.log(10))
 

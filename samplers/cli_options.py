@@ -13,7 +13,7 @@ import re
 
 import click
 
-from samplers import END_CONVENTIONS, SCHEDULES, SOLVERS, get_solver, make_grid
+from samplers import END_CONVENTIONS, SCHEDULES, SOLVERS, make_grid
 from samplers.generation import SamplerConfig, parse_int_list
 from samplers.guidance import GUIDANCE
 
@@ -95,13 +95,14 @@ def solver_option_flags(help_prefix: str = ""):
     return lambda fn: _apply(options, fn)
 
 
-def solver_option(help_prefix: str = "", default: str | None = None, required: bool = False):
+def solver_option(help_prefix: str = "", default: str | None = None, required: bool = False, deferred: bool = False):
     """Decorator: --solver, checked against the registry when the command runs (so a solver registered after import
-    is accepted too)."""
+    is accepted too). deferred: checked later by `sampler_config` against the registry of the snapshot's process
+    (a process that is not sampled over a sigma grid, such as SPD, brings its own solvers)."""
     default_text = f"  [default: {default}]" if default else "  [default: heun, or the schedule file's]"
     return click.option("--solver", help=f"{help_prefix}ODE solver: {', '.join(SOLVERS)}"
                         f"{'' if required else default_text}", metavar="NAME", default=default, required=required,
-                        show_default=False, callback=_check_solver)
+                        show_default=False, callback=None if deferred else _check_solver)
 
 
 def end_option(help_prefix: str = ""):
@@ -171,7 +172,7 @@ def sampler_options(help_prefix: str = "", solver_default: str | None = None, st
         click.option("--rho", help=help_prefix + "Time step exponent (schedules edm, vp_time_uniform)  [default: 7 "
                      "for edm]", metavar="FLOAT", type=click.FloatRange(min=0, min_open=True), default=None,
                      show_default=False),
-        solver_option(help_prefix, default=solver_default),
+        solver_option(help_prefix, default=solver_default, deferred=True),
         click.option("--schedule", help=help_prefix + f"Noise-level grid: {', '.join(SCHEDULES)}, or a schedule file "
                      "(.json, LD3 .pt)", metavar="NAME|PATH", type=str, default="edm", show_default=True),
         end_option(help_prefix),
@@ -198,10 +199,15 @@ def resolve_solver(solver: str | None, schedule: str) -> str:
     return file_solver
 
 
-def solver_kwargs_from_cli(solver: str, solver_opt=(), **option_flags) -> dict:
+def solver_kwargs_from_cli(solver: str, solver_opt=(), solvers=None, **option_flags) -> dict:
     """The keyword options for `solver` from --solver-opt NAME=VALUE texts and the older flags (None: not given). An
-    option given for a solver that does not take it is an error, never silently ignored."""
-    entry = get_solver(solver)
+    option given for a solver that does not take it is an error, never silently ignored. solvers: the registry the
+    name belongs to (default samplers.SOLVERS; a process's sampling object may bring its own)."""
+    registry = SOLVERS if solvers is None else solvers
+    if solver not in registry:
+        raise click.BadParameter(f"unknown solver {solver!r}: expected one of {', '.join(sorted(registry))}",
+                                 param_hint="--solver")
+    entry = registry[solver]
     kwargs, given_by = {}, {}
 
     def set_option(option, value, flag):
@@ -226,7 +232,7 @@ def solver_kwargs_from_cli(solver: str, solver_opt=(), **option_flags) -> dict:
             continue
         option = entry.option_name(name)
         if option is None:
-            takers = [other for other, e in SOLVERS.items() if e.option_name(name) is not None]
+            takers = [other for other, e in registry.items() if e.option_name(name) is not None]
             raise click.UsageError(f"{_flag(name)} does not apply to solver {solver!r} (only to {', '.join(takers)})")
         choices = entry.choices(option)
         if choices is not None and value not in choices:
@@ -248,7 +254,13 @@ def sampler_config(solver, schedule, num_steps, sigma_min, sigma_max, rho, end, 
     if from_file and any(v is not None for v in (sigma_min, sigma_max, rho)):
         raise click.UsageError("--sigma_min, --sigma_max and --rho do not apply to a schedule file (it holds its grid)")
     guidance = guidance_from_cli(option_flags)
-    solver_kwargs = solver_kwargs_from_cli(resolve_solver(solver, schedule), solver_opt, **option_flags)
+    # sampling=: the loaded snapshot's sampling object, whose process may bring its own solvers (`solvers`) and
+    # choose its default (`solver_for(solver, num_steps)`); without one, samplers.SOLVERS and heun.
+    sampling = option_flags.pop("sampling", None)
+    chosen = sampling.solver_for(solver, num_steps) if hasattr(sampling, "solver_for") else \
+        resolve_solver(solver, schedule)
+    solver_kwargs = solver_kwargs_from_cli(chosen, solver_opt, solvers=getattr(sampling, "solvers", None),
+                                           **option_flags)
     schedule_kwargs = {}
     if rho is not None:
         takers = [name for name, fn in SCHEDULES.items() if "rho" in inspect.signature(fn).parameters]

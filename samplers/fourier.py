@@ -24,20 +24,25 @@ Solvers (SOLVERS, SolverEntry as in samplers/__init__.py; options are typed from
                 u_0(k) + sigma_k (F eps)(k) with sigma_k^2 = (1 - abar_k) / abar_k, whose probability-flow ODE is
                 d(u_k / sqrt(abar_k)) = E[(F eps)(k) | x] d sigma_k. DDIM is its Euler method. The final step to
                 sigma = 0 is an Euler step (EDM), so N time levels cost 2N - 1 evaluations (18 -> 35 NFE).
+    dpmpp_2m    DPM-Solver++(2M) on the same ODE, per frequency in its own log-SNR: one evaluation per level; the
+                few-step sampler (with an exact Gaussian E[eps | x_t], 35 NFE reproduce the data spectrum within 4 %,
+                Heun's 35 NFE within about 10 %; tests/test_spd.py).
 
-Time levels: `--steps` N picks N of the T integer times, from T-1 down to 0 (`time_steps`); spacing 'uniform' is
-guided-diffusion's `space_timesteps` (round(i (T-1) / (N-1))), 'quadratic' puts more levels near the data
-(round((T-1) (i / (N-1))^2), as DDIM's quadratic skip).
+Time levels: `--steps` N picks N of the T integer times, from T-1 down to 0 (`time_steps`): spacing 'uniform'
+(guided-diffusion's `space_timesteps`; the default of ancestral and ddim), 'quadratic' (DDIM's quadratic skip) or
+'logsnr' (uniform in the frequency-averaged log SNR; the default of heun and dpmpp_2m).
 """
 
 import dataclasses
+import functools
 from typing import Literal
 
+import numpy as np
 import torch
 
 from samplers.solver_entry import SolverEntry
 
-Spacing = Literal['uniform', 'quadratic']
+Spacing = Literal['uniform', 'quadratic', 'logsnr']
 
 # The reference clamps per-step betas (nonunif_diffusion/script_util.py, compute_beta_from_alpha_bar_nonunif).
 MAX_BETA = 0.999
@@ -54,23 +59,46 @@ def to_pixels(u: torch.Tensor) -> torch.Tensor:
     return torch.fft.ifft2(u, norm='ortho').real
 
 
-def time_steps(num_timesteps: int, num_steps: int | None, spacing: str = 'uniform', device=None) -> torch.Tensor:
-    """The integer times a sampler visits, decreasing from T-1 to 0 (int64). None or N >= T: all T steps."""
-    T = int(num_timesteps)
+@functools.lru_cache(maxsize=16)
+def mean_log_snr(schedule, height: int, width: int) -> np.ndarray:
+    """The frequency-averaged log SNR, mean_k ln(abar_k / (1 - abar_k)), at t = 0 .. T-1 (float64, decreasing)."""
+    T, chunk = schedule.num_steps, max(1, 2 ** 22 // (height * width))
+    values = []
+    for start in range(0, T, chunk):
+        abar = schedule.alpha_bar(torch.arange(start, min(start + chunk, T)), height, width)
+        values.append((abar.log() - (-abar).log1p()).mean(dim=(1, 2, 3)))
+    return torch.cat(values).numpy()
+
+
+def time_steps(schedule, num_steps: int | None, spacing: str = 'uniform', height: int = 1, width: int = 1,
+               device=None) -> torch.Tensor:
+    """The integer times a sampler visits, decreasing from T-1 to 0 (int64). None or N >= T: all T steps.
+
+    uniform:    guided-diffusion's space_timesteps, round(i (T-1) / (N-1)).
+    quadratic:  round((T-1) (i / (N-1))^2), more levels near the data (DDIM's quadratic skip).
+    logsnr:     uniform in the frequency-averaged log SNR (`mean_log_snr`), the analogue of a log-sigma grid: every
+                frequency's log sigma_k(t) is that curve plus a constant at both ends of the path.
+    """
+    T = int(schedule.num_steps)
     if num_steps is None or num_steps >= T:
         return torch.arange(T - 1, -1, -1, dtype=torch.int64, device=device)
     if num_steps < 2:
         raise ValueError(f'--steps must be at least 2 (from t = T-1 to t = 0), got {num_steps}')
-    fraction = torch.linspace(0, 1, num_steps, dtype=torch.float64)
+    fraction = np.linspace(0, 1, num_steps)
     if spacing == 'uniform':
         grid = fraction * (T - 1)
     elif spacing == 'quadratic':
         grid = fraction ** 2 * (T - 1)
+    elif spacing == 'logsnr':
+        curve = mean_log_snr(schedule, height, width)
+        targets = curve[0] + fraction * (curve[-1] - curve[0])
+        grid = np.interp(-targets, -curve, np.arange(T, dtype=np.float64))  # the curve decreases in t
     else:
-        raise ValueError(f"unknown time spacing {spacing!r}: expected uniform or quadratic")
-    # Rounded like guided-diffusion's space_timesteps (round half to even, as Python's round), then made strictly
-    # increasing: a level that rounds onto its predecessor moves up one, and the top ones stay below T.
-    levels = [int(v) for v in grid.round().tolist()]
+        raise ValueError(f"unknown time spacing {spacing!r}: expected uniform, quadratic or logsnr")
+    # Rounded (half to even, as guided-diffusion's round), then made strictly increasing: a level that rounds onto
+    # its predecessor moves up one, and the top ones stay below T.
+    levels = [int(v) for v in np.round(grid)]
+    levels[0], levels[-1] = 0, T - 1
     for i in range(1, num_steps):
         levels[i] = max(levels[i], levels[i - 1] + 1)
     for i in range(num_steps - 1, -1, -1):
@@ -101,7 +129,7 @@ def ancestral(eps_model, x, schedule, num_steps=None, *, spacing: Spacing = 'uni
     + sqrt(beta) F z, with no noise on the last step (which returns the x0 estimate). Over all T steps this is the
     reference's p_sample loop; clip_x0 is guided-diffusion's clip_denoised (the DDPM control's default)."""
     randn_like = randn_like if randn_like is not None else torch.randn_like
-    steps = time_steps(schedule.num_steps, num_steps, spacing, device=x.device)
+    steps = time_steps(schedule, num_steps, spacing, x.shape[-2], x.shape[-1], device=x.device)
     abars = _alpha_bars(schedule, steps, x.shape[-2], x.shape[-1])
     u = to_fourier(x)
     for i in range(len(steps)):
@@ -120,7 +148,7 @@ def ddim(eps_model, x, schedule, num_steps=None, *, spacing: Spacing = 'uniform'
          ) -> torch.Tensor:
     """Deterministic DDIM (eta = 0) per frequency: u_s = sqrt(abar_s) x0_hat + sqrt(1 - abar_s) F eps_hat. Over all
     T steps it equals the reference's ddim_sample (written there with alpha_t = abar_t / abar_{t-1})."""
-    steps = time_steps(schedule.num_steps, num_steps, spacing, device=x.device)
+    steps = time_steps(schedule, num_steps, spacing, x.shape[-2], x.shape[-1], device=x.device)
     abars = _alpha_bars(schedule, steps, x.shape[-2], x.shape[-1])
     u = to_fourier(x)
     for i in range(len(steps)):
@@ -131,11 +159,11 @@ def ddim(eps_model, x, schedule, num_steps=None, *, spacing: Spacing = 'uniform'
     return to_pixels(u)
 
 
-def heun(eps_model, x, schedule, num_steps=None, *, spacing: Spacing = 'uniform') -> torch.Tensor:
+def heun(eps_model, x, schedule, num_steps=None, *, spacing: Spacing = 'logsnr') -> torch.Tensor:
     """EDM's Heun (2nd order) per frequency in the variance-exploding form v = u / sqrt(abar), dv = E[F eps | x]
     d sigma, sigma^2 = (1 - abar) / abar: v_next = v + (sigma_next - sigma) (d + d') / 2 with d' evaluated at the Euler
     (DDIM) prediction; the last step, to sigma = 0, is Euler (x0 estimate)."""
-    steps = time_steps(schedule.num_steps, num_steps, spacing, device=x.device)
+    steps = time_steps(schedule, num_steps, spacing, x.shape[-2], x.shape[-1], device=x.device)
     abars = _alpha_bars(schedule, steps, x.shape[-2], x.shape[-1])
     u = to_fourier(x)
     for i in range(len(steps)):
@@ -154,6 +182,35 @@ def heun(eps_model, x, schedule, num_steps=None, *, spacing: Spacing = 'uniform'
     return to_pixels(u)
 
 
+def dpmpp_2m(eps_model, x, schedule, num_steps=None, *, spacing: Spacing = 'logsnr') -> torch.Tensor:
+    """DPM-Solver++(2M) (Lu et al. 2022) per frequency, each frequency in its own lambda_k = ln sqrt(abar_k / (1 -
+    abar_k)): u_s = sqrt((1 - abar_s) / (1 - abar_t)) u_t - sqrt(abar_s) expm1(-h) D with D the x0 estimate,
+    extrapolated linearly from the previous step's (1 + 1/(2r), -1/(2r), r = h_prev / h), first order on the first
+    step and the last (to the clean end: the x0 estimate). One evaluation per level. In the VE form u / sqrt(abar)
+    each step integrates the ODE exactly for a constant x0 estimate; it is the few-step sampler of choice here (an
+    oracle Gaussian reproduces its spectrum within 4 % at 35 NFE on the logsnr spacing; Heun needs about 70)."""
+    steps = time_steps(schedule, num_steps, spacing, x.shape[-2], x.shape[-1], device=x.device)
+    abars = _alpha_bars(schedule, steps, x.shape[-2], x.shape[-1])
+    u = to_fourier(x)
+    previous = None
+    for i in range(len(steps)):
+        abar_t, abar_s = abars[i], abars[i + 1]
+        e = to_fourier(eps_model(to_pixels(u), steps[i]))
+        x0 = (u - (1 - abar_t).sqrt() * e) / abar_t.sqrt()
+        if i + 1 == len(steps):
+            u = x0
+            break
+        h = 0.5 * ((abar_s.log() - (-abar_s).log1p()) - (abar_t.log() - (-abar_t).log1p()))
+        if previous is None:
+            denoised = x0
+        else:
+            r = previous[1] / h
+            denoised = (1 + 1 / (2 * r)) * x0 - (1 / (2 * r)) * previous[0]
+        u = ((1 - abar_s) / (1 - abar_t)).sqrt() * u - abar_s.sqrt() * torch.expm1(-h) * denoised
+        previous = (x0, h)
+    return to_pixels(u)
+
+
 def heun_nfe(num_steps: int, end: str = 'zero') -> int:
     return 2 * num_steps - 1
 
@@ -167,6 +224,7 @@ SOLVERS = {
     'ancestral': SolverEntry(ancestral, default_end='zero', nfe=one_per_level),
     'ddim': SolverEntry(ddim, default_end='zero', nfe=one_per_level),
     'heun': SolverEntry(heun, default_end='zero', nfe=heun_nfe),
+    'dpmpp_2m': SolverEntry(dpmpp_2m, default_end='zero', nfe=one_per_level),
 }
 
 @dataclasses.dataclass(frozen=True)
@@ -184,14 +242,17 @@ class FourierSampling:
     methods as samplers.generation.GridSampling, plus the solver registry (`solvers`, `default_solver`) that the
     CLIs resolve --solver and --solver-opt against once the snapshot is loaded.
 
-    Flags of sigma-grid sampling (--schedule, --sigma_min, --sigma_max, --rho, --end, --denoise-to-zero) are refused
-    in one line. `solver_defaults`: option values the process prefers (the DDPM control: clip_x0=True, as
-    guided-diffusion's sampling script); the user's --solver-opt overrides them.
+    Without --solver: the reference's ancestral sampler over all T steps, or DPM-Solver++(2M) on the logsnr spacing
+    when --steps asks for fewer (the few-step sampler; ancestral and DDIM need hundreds of steps). Flags of sigma-grid
+    sampling (--schedule, --sigma_min, --sigma_max, --rho, --end, --denoise-to-zero) are refused in one line.
+    `solver_defaults`: option values the process prefers (the DDPM control: clip_x0=True, as guided-diffusion's
+    sampling script); --solver-opt overrides them.
     """
 
     learns_sigma_grids = False  # LD3 learns sigma grids of x = y + sigma n; it does not apply here.
     solvers = SOLVERS
     default_solver = 'ancestral'
+    few_step_solver = 'dpmpp_2m'
 
     def __init__(self, schedule, solver_defaults: dict | None = None):
         self.schedule = schedule
@@ -207,8 +268,13 @@ class FourierSampling:
             raise ValueError(f"{', '.join(not_here)} {'does' if len(not_here) == 1 else 'do'} not apply to the "
                              f"{self.schedule.name!r} process: it is sampled over its own {self.schedule.num_steps} "
                              f"time steps (choose --steps, --solver {'|'.join(self.solvers)} and --solver-opt "
-                             f"spacing=uniform|quadratic)")
-        solver = config.solver or self.default_solver
+                             f"spacing=uniform|quadratic|logsnr)")
+        if config.num_steps is not None and config.num_steps < 2:
+            raise ValueError(f"--steps must be at least 2 (from t = T-1 to t = 0), got {config.num_steps}")
+        if getattr(config, 'guidance', None):
+            raise ValueError(f"{', '.join(config.guidance)} guidance does not apply to the {self.schedule.name!r} "
+                             f"process (it guides sigma-grid solvers)")
+        solver = self.solver_for(config.solver, config.num_steps)
         if solver not in self.solvers:
             raise ValueError(f"unknown solver {solver!r} for the {self.schedule.name!r} process: expected one of "
                              f"{', '.join(self.solvers)}")
@@ -216,22 +282,28 @@ class FourierSampling:
         options = {k: v for k, v in self.solver_defaults.items() if k in entry.options()}
         options.update(config.solver_kwargs)
         entry.check_options(options, solver)
-        if config.num_steps is not None and config.num_steps < 2:
-            raise ValueError(f"--steps must be at least 2 (from t = T-1 to t = 0), got {config.num_steps}")
         return FourierPlan(solver=solver, options=options, num_steps=config.num_steps)
+
+    def solver_for(self, solver: str | None, num_steps: int | None) -> str:
+        """--solver, else ancestral over all T steps, or the few-step solver when --steps asks for fewer."""
+        if solver is not None:
+            return solver
+        few = num_steps is not None and num_steps < self.schedule.num_steps
+        return self.few_step_solver if few else self.default_solver
 
     def prepare(self, net, config, device=None) -> FourierPlan:
         return self._resolve(config)
 
     def describe(self, net, config) -> str:
         plan = self._resolve(config)
-        spacing = plan.options.get('spacing', 'uniform')
-        steps = time_steps(self.schedule.num_steps, plan.num_steps, spacing)
-        nfe = self.solvers[plan.solver].nfe(len(steps), 'zero')
+        entry = self.solvers[plan.solver]
+        spacing = plan.options.get('spacing', entry.options()['spacing'].default)
+        steps = time_steps(self.schedule, plan.num_steps, spacing, net.img_resolution, net.img_resolution)
         text = ', '.join(f'{k}={v}' for k, v in sorted(plan.options.items()))
         which = 'all' if len(steps) == self.schedule.num_steps else spacing
         return (f"solver={plan.solver}({text}) process={self.schedule.name} steps={len(steps)} of "
-                f"T={self.schedule.num_steps} ({which}), t={int(steps[0])}..{int(steps[-1])}; {nfe} NFE per image")
+                f"T={self.schedule.num_steps} ({which}), t={int(steps[0])}..{int(steps[-1])}; "
+                f"{entry.nfe(len(steps), 'zero')} NFE per image")
 
     def sample(self, net, plan: FourierPlan, inputs, config) -> torch.Tensor:
         labels, schedule = inputs.class_labels, self.schedule

@@ -67,8 +67,8 @@ def test_edm_process_formulas_and_records():
     assert process_record(process) == {'name': 'edm', 'options': {}}
     assert isinstance(build_process(None), EDMProcess)  # EDM's and its forks' pickles record no process
     assert isinstance(build_process({'name': 'edm', 'options': {}}), EDMProcess)
-    with pytest.raises(ValueError, match=r"x\.pkl: trained with the process 'spd', which this version does not know"):
-        build_process({'name': 'spd', 'options': {}}, source='x.pkl')
+    with pytest.raises(ValueError, match=r"x\.pkl: trained with the process 'blur', which this version does not know"):
+        build_process({'name': 'blur', 'options': {}}, source='x.pkl')
     with pytest.raises(ValueError, match='malformed process record'):
         build_process({'options': {}}, source='x.pkl')
     with pytest.raises(ValueError, match='is not registered'):

@@ -123,7 +123,7 @@ def test_dry_run_writes_nothing_and_options_follow_precond(datasets, tmp_path):
     (['--resume', 'nope.pt'], "Invalid value for --resume: 'nope.pt' is not a training-state-NNNNNN.pt file"),
     (['--fp16', '1', '--precision', 'bf16'], 'use either --fp16'),
     (['--precond', 'foo'], "Invalid value for '--precond'"),
-    (['--loss', 'ddpm'], "Invalid value for '--loss'"),
+    (['--loss', 'foo'], "Invalid value for '--loss'"),
     (['--batch', 0], "Invalid value for '--batch'"),
     (['--cres', '1,x'], "Invalid value for '--cres'"),
 ])

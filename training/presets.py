@@ -10,10 +10,15 @@ ARCH_PRESETS = {
     'ncsnpp': dict(model_type='SongUNet', embedding_type='fourier', encoder_type='residual', decoder_type='standard',
                    channel_mult_noise=2, resample_filter=[1, 3, 3, 1], model_channels=128, channel_mult=[2, 2, 2]),
     'adm': dict(model_type='DhariwalUNet', model_channels=192, channel_mult=[1, 2, 3, 4]),
+    # guided-diffusion's CIFAR-10 UNet as SPD (and iDDPM) train it: 128 channels, (1, 2, 2, 2), 3 blocks, attention
+    # at 16 and 8 (4 heads of 64 channels), scale-shift norm; pass --dropout=0.3. What differs: README, SPD.
+    'adm-cifar': dict(model_type='DhariwalUNet', model_channels=128, channel_mult=[1, 2, 2, 2], num_blocks=3,
+                      attn_resolutions=[16, 8]),
 }
 
 PRECOND_CLASSES = {'vp': 'training.preconditioning.VPPrecond', 've': 'training.preconditioning.VEPrecond',
-                   'edm': 'training.preconditioning.EDMPrecond', 'gdd': 'training.preconditioning.GDDPrecond'}
+                   'edm': 'training.preconditioning.EDMPrecond', 'gdd': 'training.preconditioning.GDDPrecond',
+                   'eps': 'training.preconditioning.EpsPrecond'}
 
 # ---------------------------------------------------------------------------------------------------------------------
 # Published training configurations, as train.py options (a table: train.py --help prints each as a command line).
