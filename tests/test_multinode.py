@@ -1,0 +1,99 @@
+"""Multi-node proof (issue 17): two torchrun "nodes" on this machine (--nnodes=2, c10d rendezvous on localhost, gloo)
+run train.py, generate.py and fid.py, and the results equal a single-node run: training bit for bit against one node
+with two ranks (the 1-rank equivalence is tests/test_training_loop.py's), sampling byte for byte and metrics to
+rounding against one process."""
+
+import glob
+import hashlib
+import json
+import os
+import socket
+import subprocess
+import sys
+
+import pytest
+import torch
+from click.testing import CliRunner
+from launch import torchrun
+from train_worker import ROOT, assert_tree_equal, random_images, write_zip_dataset
+
+TINY = ['--cbase', '8', '--cres', '1', '--blocks', '1', '--attn', '4', '--workers', '0', '--device', 'cpu',
+        '--batch', '32', '--duration', '0.001', '--tick', '1', '--snap', '1', '--dump', '1', '--seed', '3',
+        '--dropout', '0', '--augment', '0', '--lr-rampup', '0']
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(('127.0.0.1', 0))
+        return s.getsockname()[1]
+
+
+def _two_nodes(script: str, *args, attempts: int = 2) -> None:
+    """Start the two nodes of a 2 x 1-process job and wait for both (one retry if the rendezvous port was taken)."""
+    env = dict(os.environ, OMP_NUM_THREADS='1', PYTHONPATH=ROOT)
+    for attempt in range(attempts):
+        port = _free_port()
+        nodes = [subprocess.Popen(
+            [sys.executable, '-m', 'torch.distributed.run', '--nnodes=2', '--nproc_per_node=1', f'--node_rank={rank}',
+             '--rdzv-backend=c10d', f'--rdzv-endpoint=127.0.0.1:{port}', f'--rdzv-id=multinode-{port}',
+             os.path.join(ROOT, script), *map(str, args)],
+            cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for rank in range(2)]
+        outputs = [node.communicate(timeout=600)[0] for node in nodes]
+        if all(node.returncode == 0 for node in nodes):
+            return
+        if attempt + 1 == attempts or not any('EADDRINUSE' in out or 'address already in use' in out.lower()
+                                               for out in outputs):
+            raise AssertionError('\n'.join(out[-3000:] for out in outputs))
+
+
+def _digest(path) -> str:
+    return hashlib.sha256(open(path, 'rb').read()).hexdigest()
+
+
+@pytest.mark.slow
+@pytest.mark.distributed
+def test_two_nodes_equal_one_node(tmp_path):
+    import fid
+    import generate
+    from metrics import detectors as detectors_lib
+
+    data = write_zip_dataset(str(tmp_path / 'tiny.zip'), random_images(32))
+
+    # Training: 2 nodes x 1 rank == 1 node x 2 ranks, bit for bit (the same world size laid out differently).
+    _two_nodes('train.py', '--outdir', tmp_path / 'two', '--data', data, *TINY)
+    env = dict(os.environ, OMP_NUM_THREADS='1', PYTHONPATH=ROOT)
+    result = subprocess.run(torchrun(2, os.path.join(ROOT, 'train.py'), '--outdir', tmp_path / 'one', '--data', data,
+                                     *TINY), cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    two, one = (torch.load(glob.glob(str(tmp_path / d / '*' / 'training-state-*.pt'))[0], weights_only=True)
+                for d in ('two', 'one'))
+    assert two['world_size'] == one['world_size'] == 2 and two['cur_nimg'] == one['cur_nimg'] == 1024
+    assert_tree_equal(two['networks'], one['networks'], 'networks')
+    assert_tree_equal(two['ema'], one['ema'], 'ema')
+    assert_tree_equal(two['optimizers'], one['optimizers'], 'optimizers')
+    snapshot = glob.glob(str(tmp_path / 'one' / '*' / 'network-snapshot-*.pkl'))[-1]
+
+    # Sampling: the same PNGs, byte for byte.
+    _two_nodes('generate.py', '--network', snapshot, '--outdir', tmp_path / 'gen-two', '--seeds', '0-11', '--batch', 2,
+               '--steps', 4, '--device', 'cpu')
+    result = CliRunner().invoke(generate.main, ['--network', snapshot, '--outdir', str(tmp_path / 'gen-one'),
+                                                '--seeds', '0-11', '--batch', '2', '--steps', '4', '--device', 'cpu'])
+    assert result.exit_code == 0, result.output
+    names = sorted(n for n in os.listdir(tmp_path / 'gen-one') if n.endswith('.png'))
+    assert len(names) == 12 and names == sorted(n for n in os.listdir(tmp_path / 'gen-two') if n.endswith('.png'))
+    assert all(_digest(tmp_path / 'gen-one' / n) == _digest(tmp_path / 'gen-two' / n) for n in names)
+
+    # Metrics: the same numbers.
+    inception = detectors_lib.save_standin(detectors_lib.StandinInception(), str(tmp_path / 'inception.pt'))
+    common = ['--detector', f'inception={inception}', '--workers', '0', '--batch', '3', '--metrics', 'fid,is']
+    result = CliRunner().invoke(fid.main, ['ref', '--data', data, '--dest', str(tmp_path / 'ref.npz'),
+                                           *common[:-2], '--metrics', 'fid'])
+    assert result.exit_code == 0, result.output
+    calc = ['calc', '--images', tmp_path / 'gen-one', '--ref', tmp_path / 'ref.npz', '--num-images', 12, *common]
+    _two_nodes('fid.py', *calc, '--out', tmp_path / 'two.json')
+    result = CliRunner().invoke(fid.main, [*map(str, calc), '--out', str(tmp_path / 'one.json')])
+    assert result.exit_code == 0, result.output
+    two, one = (json.load(open(tmp_path / f'{d}.json')) for d in ('two', 'one'))
+    assert two['world_size'] == 2 and one['world_size'] == 1
+    assert two['results']['fid'] == pytest.approx(one['results']['fid'], rel=1e-6)
+    assert two['results']['is_mean'] == pytest.approx(one['results']['is_mean'], rel=1e-6)
