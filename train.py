@@ -49,7 +49,7 @@ import losses
 from torch_utils import distributed as dist
 from torch_utils import persistence
 from training import snapshots, training_loop
-from training.presets import ARCH_PRESETS, PRECOND_CLASSES, TRAIN_PRESETS, preset_command
+from training.presets import ARCH_PRESETS, PRECOND_CLASSES, PRESET_SOURCES, TRAIN_PRESETS, preset_command
 
 
 def parse_int_list(s):
@@ -539,6 +539,8 @@ def _presets_epilog() -> str:
               type=str)
 @click.option('--resume', help='Resume from a training state, a run directory (its newest state) or auto (the newest '
               'under --outdir, else start anew)', metavar='PT|DIR|auto', type=str)
+@click.option('--preset', help='A published configuration (EDM, STF, AOT, GDD; training/presets.py): its options, '
+              'under the ones given explicitly; --preset=list prints them with their sources', metavar='NAME|list')
 @click.option('--phema', help='Post-hoc EMA (EDM2): relative widths of the power-function EMAs to keep beside every '
               'snapshot, e.g. 0.05,0.10 (then phema.py reconstructs any width)', metavar='LIST', type=str,
               callback=_width_list, default=None)
@@ -550,6 +552,17 @@ def main(**kwargs):
     ctx = click.get_current_context()
     explicit = {name for name in kwargs if ctx.get_parameter_source(name) in (
         click.core.ParameterSource.COMMANDLINE, click.core.ParameterSource.ENVIRONMENT)}
+    if opts.preset == 'list':
+        for name in TRAIN_PRESETS:
+            print(f'{name}  ({PRESET_SOURCES.get(name, "")})\n  {preset_command(name)}')
+        return
+    if opts.preset is not None:  # a published configuration: its options, under the ones given explicitly
+        if opts.preset not in TRAIN_PRESETS:
+            raise click.BadParameter(f'unknown preset {opts.preset!r}; --preset=list shows them', param_hint='--preset')
+        for key, value in TRAIN_PRESETS[opts.preset].items():
+            if key not in explicit:
+                opts[key] = list(value) if isinstance(value, list) else value
+        explicit |= set(TRAIN_PRESETS[opts.preset])
     resume_notes = []
     if opts.transfer is not None and opts.resume is not None:
         raise click.UsageError('--transfer and --resume cannot be specified at the same time')

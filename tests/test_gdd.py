@@ -692,6 +692,7 @@ def test_presets_are_valid_train_py_options():
     names = {p.name for p in train.main.params}
     for name, preset in presets.TRAIN_PRESETS.items():
         assert set(preset) <= names, name
+    for preset in presets.GDD_PRESETS.values():
         gdd.GDDLoss(**losses.parse_loss_options('gdd', preset['loss_opt']))  # the options parse and build
     assert presets.GDD_PRESETS['gdd-i-imagenet']['ema'] == 50 and presets.GDD_PRESETS['gdd-imagenet']['batch'] == 512
     assert 'freeze=1' in presets.GDD_PRESETS['gdd-i-ffhq']['loss_opt']

@@ -48,8 +48,68 @@ GDD_PRESETS = {
 GDD_PRESETS.update({name.replace('gdd-', 'gdd-i-', 1): dict(preset, loss_opt=(*preset['loss_opt'], 'freeze=1'))
                     for name, preset in list(GDD_PRESETS.items())})
 
-TRAIN_PRESETS = {**GDD_PRESETS}
-PRESET_PROCESSES = 4  # GPUs of the published runs above
+# EDM (Karras et al. 2022): Table 2's final configurations as its README gives them (NVlabs/edm; 8 GPUs, ImageNet 32).
+# CIFAR-10 needs no option beyond the defaults; the ablation configurations A-E of Table 2 change the architecture
+# and the original codebases' training setup beyond these options (only F, the final one, is expressible: these).
+_CIFAR = dict(data='datasets/cifar10-32x32.zip')
+EDM_PRESETS = {
+    'edm-cifar10-cond-vp': dict(_CIFAR, cond=True, arch='ddpmpp', precond='vp'),
+    'edm-cifar10-cond-ve': dict(_CIFAR, cond=True, arch='ncsnpp', precond='ve'),
+    'edm-cifar10-uncond-vp': dict(_CIFAR, cond=False, arch='ddpmpp', precond='vp'),
+    'edm-cifar10-uncond-ve': dict(_CIFAR, cond=False, arch='ncsnpp', precond='ve'),
+    'edm-cifar10-cond-edm': dict(_CIFAR, cond=True, arch='ddpmpp', precond='edm'),
+    'edm-cifar10-uncond-edm': dict(_CIFAR, cond=False, arch='ddpmpp', precond='edm'),
+    'edm-ffhq-vp': dict(data='datasets/ffhq-64x64.zip', cond=False, arch='ddpmpp', precond='vp', batch=256,
+                        cres=[1, 2, 2, 2], lr=2e-4, dropout=0.05, augment=0.15),
+    'edm-ffhq-ve': dict(data='datasets/ffhq-64x64.zip', cond=False, arch='ncsnpp', precond='ve', batch=256,
+                        cres=[1, 2, 2, 2], lr=2e-4, dropout=0.05, augment=0.15),
+    'edm-afhqv2-vp': dict(data='datasets/afhqv2-64x64.zip', cond=False, arch='ddpmpp', precond='vp', batch=256,
+                          cres=[1, 2, 2, 2], lr=2e-4, dropout=0.25, augment=0.15),
+    'edm-afhqv2-ve': dict(data='datasets/afhqv2-64x64.zip', cond=False, arch='ncsnpp', precond='ve', batch=256,
+                          cres=[1, 2, 2, 2], lr=2e-4, dropout=0.25, augment=0.15),
+    'edm-imagenet64-adm': dict(data='datasets/imagenet-64x64.zip', cond=True, arch='adm', precond='edm', duration=2500,
+                               batch=4096, lr=1e-4, ema=50, dropout=0.10, augment=0, fp16=True, ls=100, tick=200),
+}
+
+# STF (Xu et al. 2023, Newbeeer/stf README): EDM's CIFAR-10 uncond settings with 1024 references per GPU (8 GPUs).
+STF_PRESETS = {
+    'stf-cifar10-uncond-ncsnpp': dict(_CIFAR, cond=False, arch='ncsnpp', precond='edm', stf=True, stf_refs=1024),
+    'stf-cifar10-uncond-ddpmpp': dict(_CIFAR, cond=False, arch='ddpmpp', precond='edm', stf=True, stf_refs=1024),
+}
+
+# AOT (Kim et al. 2024, large-scale-kim/EDM-AOT): pools of 512 images per GPU unconditional, 2048 conditional; EDM's
+# CIFAR-10 settings otherwise. Sample with generate.py --preset=aot-uncond / aot-cond (rho 90 / 72).
+AOT_PRESETS = {
+    'aot-cifar10-uncond': dict(_CIFAR, cond=False, arch='ncsnpp', precond='edm', batch=256, aot=512),
+    'aot-cifar10-cond': dict(_CIFAR, cond=True, arch='ncsnpp', precond='edm', batch=256, aot=2048),
+}
+
+TRAIN_PRESETS = {**EDM_PRESETS, **STF_PRESETS, **AOT_PRESETS, **GDD_PRESETS}
+PRESET_PROCESSES = 4  # GPUs of the published GDD runs (the default below)
+PRESET_GPUS = {**{name: 8 for name in (*EDM_PRESETS, *STF_PRESETS)}, 'edm-imagenet64-adm': 32,
+               **{name: 4 for name in AOT_PRESETS}}
+PRESET_SOURCES = {
+    **{name: 'EDM (Karras et al. 2022), Table 2 / NVlabs/edm README' for name in EDM_PRESETS},
+    **{name: 'STF (Xu et al. 2023), Newbeeer/stf README' for name in STF_PRESETS},
+    **{name: 'AOT (Kim et al. 2024), large-scale-kim/EDM-AOT README' for name in AOT_PRESETS},
+    **{name: 'GDD (Zheng & Yang 2024), Zyriix/GDD train.sh' for name in GDD_PRESETS},
+}
+
+# generate.py / fid.py --preset: published sampler settings (generate.py option names).
+SAMPLER_PRESETS = {
+    'edm-cifar10': dict(steps=18),                                  # Heun, 35 NFE
+    'edm-ffhq': dict(steps=40),                                     # 79 NFE
+    'edm-afhqv2': dict(steps=40),
+    'edm-imagenet64': dict(steps=256, S_churn=40, S_min=0.05, S_max=50, S_noise=1.003),  # 511 NFE, stochastic
+    'aot-uncond': dict(steps=14, rho=90),                           # 27 NFE
+    'aot-cond': dict(steps=15, rho=72),                             # 29 NFE
+}
+SAMPLER_PRESET_SOURCES = {
+    **{name: 'EDM (Karras et al. 2022), Section 5 / NVlabs/edm README' for name in SAMPLER_PRESETS
+       if name.startswith('edm')},
+    'aot-uncond': 'AOT (Kim et al. 2024), README: Heun, rho 90, 14 steps',
+    'aot-cond': 'AOT (Kim et al. 2024), README: Heun, rho 72, 15 steps',
+}
 
 
 def preset_command(name: str, outdir: str = 'training-runs') -> str:
@@ -57,7 +117,10 @@ def preset_command(name: str, outdir: str = 'training-runs') -> str:
     args = [f'--outdir={outdir}']
     for key, value in TRAIN_PRESETS[name].items():
         flag = '--' + key.replace('_', '-')
-        for item in (value if isinstance(value, (list, tuple)) else [value]):
+        if isinstance(value, list):  # a comma list (--cres); a tuple is a repeated option (--loss-opt)
+            value = ','.join(str(v) for v in value)
+        for item in (value if isinstance(value, tuple) else [value]):
             item = int(item) if isinstance(item, bool) else item
             args.append(f'{flag}={item}')
-    return f'torchrun --standalone --nproc_per_node={PRESET_PROCESSES} train.py ' + ' '.join(args)
+    gpus = PRESET_GPUS.get(name, PRESET_PROCESSES)
+    return f'torchrun --standalone --nproc_per_node={gpus} train.py ' + ' '.join(args)
