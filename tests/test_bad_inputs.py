@@ -122,6 +122,12 @@ CASES = {
     "train-transfer-hostile": Case("train", "--outdir {out} --data {good_zip} --transfer {pickle_hostile} --device cpu",
                                    r"^Error: Invalid value for --transfer: .*hostile\.pkl: a tensor storage in the "
                                    r"pickle: refusing a TorchScript archive"),
+    # The same hostile pickle through the sampling CLIs (point 1): refused in one line, nothing runs.
+    "generate-network-hostile": Case("generate", "--network {pickle_hostile} --outdir {out}/png --device cpu",
+                                     r"^Error: .*hostile\.pkl: a tensor storage in the pickle: refusing a TorchScript"),
+    "fid-network-hostile": Case("fid", f"calc --network {{pickle_hostile}} --ref {{ref}} --num-images 4 --device cpu "
+                                f"{FID_ARGS}", r"^Error: .*hostile\.pkl: a tensor storage in the pickle: refusing a "
+                                r"TorchScript", not_in_output="Computing"),
     "train-transfer-missing": Case("train", "--outdir {out} --data {good_zip} --transfer {out}/nope.pkl --device cpu",
                                    r"^Error: Invalid value for --transfer: .*nope\.pkl"),
     # fid.py: references (validated before the image pass) and outputs (checked before computing).
