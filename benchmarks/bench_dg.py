@@ -1,7 +1,8 @@
 """Discriminator guidance on the quick start's digits: does guidance bring the samples closer to the data, how well
 does the discriminator tell them apart by noise level, and what does a guided step cost?
 
-    python benchmarks/bench_dg.py --outdir=bench-dg                       # trains what it needs (about 30 min, 1 core)
+    python benchmarks/bench_dg.py --outdir=bench-dg                       # trains what it needs (about an hour, 1 core)
+    python benchmarks/bench_dg.py --outdir=bench-dg --measure=timing      # only the interleaved timing
     python benchmarks/bench_dg.py --outdir=bench-dg --network=quickstart-out/training-run/network-snapshot-000040.pkl
 
 Steps (each skipped when its output exists, so a second run only measures): the digits dataset (16x16, 1,797
@@ -12,7 +13,8 @@ fake set (generate.py, Heun 18 steps, seeds 0..N-1); the discriminator (train_dg
   guided samples at the same NFE (Heun, 18 steps, 35 NFE) for each weight in --weights (the reference's setting:
   the corrector unguided) and for w = 1 on both Heun evaluations, with the real-data floor (two halves);
 - the discriminator's accuracy on real images and held-out generated ones at fixed noise levels;
-- seconds per denoiser call, unguided and guided (the discriminator's forward and backward included).
+- seconds per denoiser call, unguided and guided (w = 2: 15 discriminator forward and backward passes per image
+  included), on one batch of 64, interleaved repeats (medians).
 Runs at one thread by default (--threads), so numbers are comparable on a shared machine. Results: results.json.
 """
 
@@ -60,7 +62,9 @@ def _frechet(a: np.ndarray, b: np.ndarray) -> float:
 @click.option("--samples", default=898, type=click.IntRange(min=10), help="Evaluation samples per setting")
 @click.option("--sigmas", default="0.02,0.05,0.1,0.2,0.5,1,2,5,10", help="Noise levels of the accuracy table")
 @click.option("--threads", default=1, type=click.IntRange(min=1), help="CPU threads")
-def main(outdir, network, kimg, epochs, aot, width, weights, samples, sigmas, threads):
+@click.option("--measure", default="quality,accuracy,timing", help="What to measure (comma-separated)")
+@click.option("--repeats", default=5, type=click.IntRange(min=1), help="Timing: interleaved repeats per setting")
+def main(outdir, network, kimg, epochs, aot, width, weights, samples, sigmas, threads, measure, repeats):
     torch.set_num_threads(threads)
     os.makedirs(outdir, exist_ok=True)
     outdir = os.path.abspath(outdir)
@@ -116,38 +120,55 @@ def main(outdir, network, kimg, epochs, aot, width, weights, samples, sigmas, th
     settings = [("unguided", {})] + [(f"w={w:g}", {"dg": dict(value=dg_pkl, weight=float(w))})
                                      for w in weights.split(",")]
     settings.append(("w=1, corrector w=1", {"dg": dict(value=dg_pkl, weight=1.0, weight_corrector=1.0)}))
-    rows, held_out = [], None
-    for name, guidance in settings:
-        config = generation.SamplerConfig(num_steps=18, guidance=guidance)
-        summary = generation.GRID_SAMPLING.describe(net, config)
-        start = time.perf_counter()
-        images = torch.cat([batch for _, batch in generation.generate_images(net, seeds, batch_size=256,
-                                                                              device="cpu", num_steps=18,
-                                                                              guidance=guidance)])
-        seconds = time.perf_counter() - start
-        if held_out is None:
-            held_out = images.cpu()
-        nfe = 35
-        distance = _frechet(dc.extract_features(model, images.cpu()), feats_real)
-        rows.append(dict(setting=name, classifier_frechet_distance=round(distance, 4), nfe=nfe,
-                         seconds=round(seconds, 2), seconds_per_denoiser_call_per_image=seconds / nfe / num,
-                         sampler=summary))
-        print(f"{name:22s} classifier FD {distance:8.4f} (floor {floor:.4f}); {seconds:7.1f} s for {num} images, "
-              f"{1e3 * seconds / nfe / num:.3f} ms per call per image", flush=True)
-
-    disc = load_discriminator(dg_pkl)
-    levels = [float(s) for s in sigmas.split(",")]
-    accuracy = dg.accuracy_by_noise_level(disc, real, held_out, levels)
-    for level, rates in accuracy.items():
-        print(f"sigma {level:6g}: accuracy real {rates['real']:.3f}, generated {rates['fake']:.3f}, mean "
-              f"{rates['mean']:.3f}")
-    stats = [json.loads(line) for line in open(os.path.join(dg_dir, dg.STATS_FILE))]
-    result = dict(network=network, discriminator=dg_pkl, epochs=epochs, aot=aot, threads=threads, num_images=num,
-                  classifier_frechet_floor=round(floor, 4), settings=rows,
-                  accuracy_by_sigma={str(k): v for k, v in accuracy.items()}, training_stats=stats[-1],
+    measure = set(measure.split(","))
+    path = os.path.join(outdir, "results.json")
+    result = json.load(open(path)) if os.path.isfile(path) else {}
+    result.update(network=network, discriminator=dg_pkl, epochs=epochs, aot=aot, threads=threads, num_images=num,
+                  classifier_frechet_floor=round(floor, 4),
                   note="classifier Frechet distance: NOT FID (64-d features of metrics/digits_classifier.py)")
+    held_out = None
+    if "quality" in measure or "accuracy" in measure:
+        rows = []
+        for name, guidance in settings if "quality" in measure else settings[:1]:
+            config = generation.SamplerConfig(num_steps=18, guidance=guidance)
+            summary = generation.GRID_SAMPLING.describe(net, config)
+            images = torch.cat([batch for _, batch in generation.generate_images(
+                net, seeds, batch_size=256, device="cpu", num_steps=18, guidance=guidance)]).cpu()
+            held_out = images if held_out is None else held_out
+            distance = _frechet(dc.extract_features(model, images), feats_real)
+            rows.append(dict(setting=name, classifier_frechet_distance=round(distance, 4), sampler=summary))
+            print(f"{name:22s} classifier FD {distance:8.4f} (floor {floor:.4f})", flush=True)
+        if "quality" in measure:
+            result["settings"] = rows
+    if "accuracy" in measure:
+        disc = load_discriminator(dg_pkl)
+        accuracy = dg.accuracy_by_noise_level(disc, real, held_out, [float(s) for s in sigmas.split(",")])
+        for level, rates in accuracy.items():
+            print(f"sigma {level:6g}: accuracy real {rates['real']:.3f}, generated {rates['fake']:.3f}, mean "
+                  f"{rates['mean']:.3f}")
+        result["accuracy_by_sigma"] = {str(k): v for k, v in accuracy.items()}
+        result["training_stats"] = [json.loads(line) for line in open(os.path.join(dg_dir, dg.STATS_FILE))][-1]
+    if "timing" in measure:
+        # One batch of 64, unguided and guided (w = 2) alternately, so that load on a shared machine hits both.
+        timed = {"unguided": {}, "guided": {"dg": dict(value=dg_pkl, weight=2.0)}}
+        times = {name: [] for name in timed}
+        for _ in range(repeats):
+            for name, guidance in timed.items():
+                start = time.perf_counter()
+                generation.sample_seeds(net, seeds[:64], generation.SamplerConfig(num_steps=18, guidance=guidance),
+                                        device="cpu")
+                times[name].append(time.perf_counter() - start)
+        median = {name: float(np.median(values)) for name, values in times.items()}
+        result["timing"] = dict(batch=64, nfe=35, discriminator_gradient_evaluations=15, repeats=repeats,
+                                seconds_per_batch={k: round(v, 3) for k, v in median.items()},
+                                ms_per_denoiser_call={k: round(1e3 * v / 35, 2) for k, v in median.items()},
+                                guided_over_unguided=round(median["guided"] / median["unguided"], 3),
+                                seconds_all={k: [round(t, 3) for t in v] for k, v in times.items()})
+        print(f"time per step (Heun, 35 NFE, batch 64): unguided {1e3 * median['unguided'] / 35:.1f} ms per call, "
+              f"guided (w = 2, +15 discriminator passes) {1e3 * median['guided'] / 35:.1f} ms per call: x"
+              f"{median['guided'] / median['unguided']:.2f}")
     from dnnlib import util
-    with util.atomic_output(os.path.join(outdir, "results.json"), "w") as f:
+    with util.atomic_output(path, "w") as f:
         json.dump(result, f, indent=2)
     print(f"\n[bench_dg] results in {os.path.join(outdir, 'results.json')}")
 
