@@ -1,7 +1,8 @@
 """LD3: learn a sampler's time discretisation from teacher samples (Tong et al., ICLR 2025), then sample with it.
 
 A thin CLI over samplers/ld3/: `gen-data` writes teacher data, `train` writes a schedule file for generate.py
---schedule. `python -m samplers.ld3 ...` is the same command.
+--schedule, `evaluate` compares a schedule file with the hand-made grids on teacher samples it was not learned on.
+`python -m samplers.ld3 ...` is the same command. See docs/ld3.md.
 """
 
 import os
@@ -10,7 +11,7 @@ import click
 import torch
 
 from metrics.lpips import LPIPS_LIN_URL, LPIPS_VGG16_URL, LPIPSUnavailableError
-from samplers import SCHEDULES, get_solver
+from samplers import count_nfe, get_solver, load_schedule_file
 from samplers.cli_options import (
     OPTION_FLAGS,
     end_option,
@@ -24,9 +25,14 @@ from samplers.cli_options import (
 from samplers.generation import describe
 from samplers.ld3 import (
     DISTANCES,
+    HAND_MADE_GRIDS,
+    NOISE_SE,
     LD3Config,
+    evaluate_schedule,
     generate_teacher,
+    hand_made_grid_names,
     load_teacher_data,
+    make_distance,
     save_teacher_data,
     steps_for_nfe,
     train_ld3,
@@ -35,8 +41,30 @@ from torch_utils import persistence
 from training.snapshots import load_snapshot
 
 
+def _grid_names(value):
+    if value is None:
+        return None
+    names = tuple(name.strip() for name in value.split(",") if name.strip())
+    unknown = [name for name in names if name not in hand_made_grid_names()]
+    if unknown or not names:
+        raise click.BadParameter(f"expected grid names from {', '.join(hand_made_grid_names())}, got {value!r}")
+    return names
+
+
 def _device(device):
     return torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+
+
+def lpips_options(fn):
+    for option in reversed([
+        click.option("--lpips-vgg", "lpips_vgg", help=f"VGG16 weights  [default: {LPIPS_VGG16_URL}]",
+                     metavar="PATH|URL", default=None, show_default=False),
+        click.option("--lpips-lin", "lpips_lin", help=f"LPIPS linear weights  [default: {LPIPS_LIN_URL}]",
+                     metavar="PATH|URL", default=None, show_default=False),
+        click.option("--lpips-resize", "lpips_resize", help="Resize images to this size for LPIPS  [default: none]",
+                     metavar="INT", type=click.IntRange(min=16), default=None, show_default=False)]):
+        fn = option(fn)
+    return fn
 
 
 device_option = click.option("--device", help="Torch device  [default: cuda if available, else cpu]", default=None,
@@ -48,14 +76,22 @@ def cli():
     """LD3: learn a sampler's time discretisation from teacher samples (Tong et al., ICLR 2025).
 
     \b
-    # 1. Teacher data: 100 noises and UniPC-3 samples at 20 NFE (LD3's CIFAR-10 recipe)
-    python ld3.py gen-data --network=edm-cifar10-32x32-uncond-vp.pkl --seeds=0-99 --out=teacher.pt
+    # 1. Teacher data: UniPC-3 samples at 20 NFE (LD3's CIFAR-10 teacher) for 600 noises
+    python ld3.py gen-data --network=edm-cifar10-32x32-uncond-vp.pkl --seeds=0-599 --out=teacher.pt
     \b
-    # 2. Learn iPNDM's grid at 6 NFE (50 train / 50 validation samples, LPIPS loss)
+    # 2. Learn iPNDM's grid at 6 NFE (50 train / 50 validation samples, LPIPS loss, LD3's optimiser), starting from
+    #    the best hand-made grid; the other 500 samples decide whether the learned grid really beats it
     python ld3.py train --data=teacher.pt --solver=ipndm --order=3 --nfe=6 --out=ipndm-nfe6.json
     \b
-    # 3. Sample with it (the file brings its solver, options and grid)
+    # 3. Check it on teacher samples it never saw, against the hand-made grids
+    python ld3.py gen-data --network=edm-cifar10-32x32-uncond-vp.pkl --seeds=1000-1999 --out=test.pt
+    python ld3.py evaluate --schedule=ipndm-nfe6.json --data=test.pt
+    \b
+    # 4. Sample with it (the file brings its solver, options and grid)
     python generate.py --network=... --outdir=out --seeds=100-49999 --schedule=ipndm-nfe6.json
+    \b
+    # LD3 exactly as published: logSNR start, its best grid on validation, no held-out check
+    python ld3.py train --data=teacher.pt --solver=ipndm --order=3 --nfe=6 --init=logsnr --no-guard --out=...
     """
 
 
@@ -74,8 +110,9 @@ def load_network(network: str, device):
 @cli.command("gen-data", context_settings={"show_default": True})
 @click.option("--network", "network", help="Network pickle filename", metavar="PATH|URL", required=True)
 @click.option("--out", "out", help="Teacher data file to write (.pt)", metavar="PATH", required=True)
-@click.option("--seeds", help="Random seeds (e.g. 0-99); noises and labels are drawn per seed as generate.py does",
-              metavar="LIST", default="0-99", callback=seed_list)
+@click.option("--seeds", help="Random seeds; noises and labels are drawn per seed as generate.py does. train uses "
+              "50 + 50 for training and validation and holds out the rest", metavar="LIST", default="0-599",
+              callback=seed_list)
 @click.option("--batch", "batch_size", help="Maximum batch size", metavar="INT", type=click.IntRange(min=1),
               default=64)
 @sampler_options(help_prefix="Teacher: ", solver_default="unipc", steps_default=20, guidance=False)
@@ -109,12 +146,7 @@ def gen_data(network, out, seeds, batch_size, class_idx, device, **sampler_cli):
 @click.option("--nfe", help="Student NFE (denoiser calls per sample)", metavar="INT", type=click.IntRange(min=1),
               required=True)
 @click.option("--loss", help="Distance to the teacher", type=click.Choice(list(DISTANCES)), default="lpips")
-@click.option("--lpips-vgg", "lpips_vgg", help=f"VGG16 weights  [default: {LPIPS_VGG16_URL}]", metavar="PATH|URL",
-              default=None, show_default=False)
-@click.option("--lpips-lin", "lpips_lin", help=f"LPIPS linear weights  [default: {LPIPS_LIN_URL}]",
-              metavar="PATH|URL", default=None, show_default=False)
-@click.option("--lpips-resize", "lpips_resize", help="Resize images to this size for LPIPS  [default: none]",
-              metavar="INT", type=click.IntRange(min=16), default=None, show_default=False)
+@lpips_options
 @click.option("--num-train", "num_train", help="Training samples (the first ones)", type=click.IntRange(min=1),
               default=50)
 @click.option("--num-valid", "num_valid", help="Validation samples (the next ones)", type=click.IntRange(min=1),
@@ -135,7 +167,18 @@ def gen_data(network, out, seeds, batch_size, class_idx, device, **sampler_cli):
 @click.option("--eval-window", "eval_window", help="Evaluation offsets as a fraction of the neighbouring gaps",
               type=click.FloatRange(min=0, max=0.5, max_open=True), default=0.45)
 @click.option("--decouple/--no-decouple", "decoupled", help="Learn the decoupled evaluation grid", default=True)
-@click.option("--init", help="Starting grid", type=click.Choice(sorted(SCHEDULES)), default="logsnr")
+@click.option("--init", help="Starting grid: 'best' (the best hand-made grid on validation and held-out samples) or a "
+              "grid (LD3: logsnr)", type=click.Choice(["best", *hand_made_grid_names()]), default="best")
+@click.option("--candidates", help=f"Hand-made grids to score first, comma-separated  [default: "
+              f"{','.join(HAND_MADE_GRIDS)}]", metavar="LIST", default=None, show_default=False,
+              callback=lambda ctx, param, value: _grid_names(value))
+@click.option("--guard/--no-guard", "guard", help="Return the learned grid only when it beats the best hand-made "
+              "grid on validation and on the held-out samples (--no-guard: LD3 as published)", default=True)
+@click.option("--holdout", "num_holdout", help="Held-out samples for the final choice (after the validation ones)  "
+              "[default: the rest of the teacher data, at most 1000; or half the validation samples]",
+              type=click.IntRange(min=0), default=None, show_default=False)
+@click.option("--min-gain-se", "min_gain_se", help="Held-out gain the learned grid needs, in paired standard errors "
+              "(a gain within 2 is warned about)", type=click.FloatRange(min=0), default=0.0)
 @click.option("--seed", help="Shuffling seed", type=int, default=0)
 @click.option("--checkpoint", "checkpoint", help="Activation checkpointing (less memory, ~1.3x time)", is_flag=True)
 @click.option("--log", "log_path", help="Log file  [default: OUT with .log.txt]", metavar="PATH", default=None,
@@ -176,18 +219,91 @@ def train(data_path, out, network, solver, nfe, end, device, log_path, solver_op
             log_file.write(line + "\n")
             log_file.flush()
 
+        num_train, num_valid, num_holdout, _ = config.split_sizes(len(data))
         log(f"LD3: {solver}({', '.join(f'{k}={v}' for k, v in sorted(solver_kwargs.items()))}) at {nfe} NFE, "
-            f"end={end}, loss={config.loss}, {config.num_train} train / {config.num_valid} validation samples of "
-            f"{data_path}")
+            f"end={end}, loss={config.loss}, {num_train} train / {num_valid} validation / {num_holdout} held-out "
+            f"samples of {data_path}")
         try:
             result = train_ld3(net, data, config, device=device, progress=True, log=log)
         except (LPIPSUnavailableError, ValueError) as err:  # ValueError: e.g. a solver option that draws noise
             raise click.ClickException(str(err)) from None
         result.provenance.update(network=str(network), teacher_data=os.path.abspath(data_path))
         result.save(out)
-        log(f"Validation loss {result.init_valid_loss:.6g} ({config.init} grid) -> {result.best_valid_loss:.6g}; "
-            f"grid {', '.join(f'{s:.4g}' for s in result.sigmas.tolist())}")
+        what = "learned grid" if result.chosen == "learned" else f"hand-made grid {result.chosen}"
+        log(f"Validation loss {result.init_valid_loss:.6g} ({result.start}, the start) -> {result.valid_loss:.6g} "
+            f"({what}): {', '.join(f'{s:.4g}' for s in result.sigmas.tolist())}")
         log(f'Training time: {result.train_time_s:.1f} s. Wrote "{out}".')
+
+
+@cli.command("evaluate", context_settings={"show_default": True})
+@click.option("--schedule", "schedule_path", help="Schedule file from train", metavar="PATH", required=True)
+@click.option("--data", "data_path", help="Teacher data from gen-data (the samples the schedule was learned on are "
+              "left out, by seed)", metavar="PATH", required=True)
+@click.option("--network", "network", help="Network pickle  [default: the schedule file's, else the teacher data's]",
+              metavar="PATH|URL", default=None, show_default=False)
+@click.option("--loss", help="Distance to the teacher  [default: the one the schedule was learned with]",
+              type=click.Choice(list(DISTANCES)), default=None, show_default=False)
+@lpips_options
+@click.option("--candidates", help=f"Hand-made grids to compare with, comma-separated  [default: "
+              f"{','.join(HAND_MADE_GRIDS)}]", metavar="LIST", default=None, show_default=False,
+              callback=lambda ctx, param, value: _grid_names(value))
+@click.option("--batch", "batch_size", help="Batch size", type=click.IntRange(min=1), default=64)
+@device_option
+def evaluate(schedule_path, data_path, network, loss, lpips_vgg, lpips_lin, lpips_resize, candidates, batch_size,
+             device):
+    """Compare a schedule file with the hand-made grids on teacher samples it was not learned on."""
+    try:
+        grid = load_schedule_file(schedule_path)
+    except (FileNotFoundError, ValueError) as err:
+        raise click.BadParameter(str(err), param_hint="--schedule") from None
+    try:
+        data = load_teacher_data(data_path)
+    except (FileNotFoundError, ValueError) as err:
+        raise click.BadParameter(str(err), param_hint="--data") from None
+    provenance = grid.provenance
+    network = network or provenance.get("network") or data.info.get("network")
+    if not network:
+        raise click.UsageError(f"neither {schedule_path} nor {data_path} names a network: pass --network")
+    loss = loss or (provenance.get("loss") if provenance.get("loss") in DISTANCES else "l2")
+    teacher = provenance.get("teacher") or {}
+    differs = [key for key in ("solver", "solver_kwargs", "nfe", "sigmas", "network")
+               if key in teacher and key in data.info and teacher[key] != data.info[key]]
+    if differs:
+        print(f"Warning: {data_path}'s teacher differs from the one {schedule_path} was learned from "
+              f"({', '.join(differs)})")
+    device = _device(device)
+    net = load_network(network, device)
+    if tuple(data.latents.shape[1:]) != (net.img_channels, net.img_resolution, net.img_resolution):
+        raise click.UsageError(f"{data_path} holds samples of shape {tuple(data.latents.shape[1:])}, but the network "
+                               f"makes {(net.img_channels, net.img_resolution, net.img_resolution)}")
+    name = os.path.basename(schedule_path)
+    try:
+        distance = make_distance(loss, lpips_vgg=lpips_vgg, lpips_lin=lpips_lin, lpips_resize=lpips_resize,
+                                 device=device)
+        report = evaluate_schedule(net, data, grid, distance_fn=distance, candidates=candidates,
+                                   batch_size=batch_size, device=device, name=name)
+    except (LPIPSUnavailableError, ValueError) as err:
+        raise click.ClickException(str(err)) from None
+    options = ", ".join(f"{k}={v}" for k, v in sorted(grid.solver_kwargs.items()))
+    chosen = (provenance.get("result") or {}).get("chosen")
+    origin = "" if chosen is None else " (a learned grid)" if chosen == "learned" else f" (the hand-made {chosen})"
+    nfe = count_nfe(grid.solver, grid.num_steps, grid.end)
+    print(f"Schedule {schedule_path}{origin}: {grid.solver}({options}), {nfe} NFE, end={grid.end}")
+    print(f"Held-out: {report.note} of {data_path}; loss {loss}")
+    width = max(len(row.name) for row in report.rows) + 7
+    print(f"{'grid':{width}s} {loss:>10s} {'RMS':>10s}   gain over the best hand-made (± standard error)")
+    for row in report.rows:
+        label = row.name + (" (best)" if row.name == report.best_hand_made else "")
+        gain = "" if row.name == report.best_hand_made else f"{row.gain:+.4g} ± {row.gain_se:.2g}"
+        print(f"{label:{width}s} {row.loss:10.5g} {row.rms:10.5g}   {gain}".rstrip())
+    learned = report.rows[0]
+    if learned.gain > NOISE_SE * learned.gain_se:
+        verdict = f"better than the best hand-made grid ({report.best_hand_made}) beyond noise"
+    elif learned.gain < -NOISE_SE * learned.gain_se:
+        verdict = f"worse than the best hand-made grid ({report.best_hand_made}) beyond noise"
+    else:
+        verdict = f"within noise ({NOISE_SE:g} standard errors) of the best hand-made grid ({report.best_hand_made})"
+    print(f"{name} is {verdict} on these {report.num_samples} samples.")
 
 
 if __name__ == "__main__":

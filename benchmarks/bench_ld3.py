@@ -1,16 +1,25 @@
-"""LD3 benchmark, run by hand (CPU is enough): held-out global error with and without a learned grid, per solver and
-NFE, on the closed-form Gaussian-mixture testbed of docs/solvers.md (d = 64, K = 16, power-law variances).
+"""LD3 benchmark, run by hand (CPU is enough): held-out error of learned grids against EDM's rho = 7 grid and the
+best hand-made grid, for LD3 as published and for this repository's guarded recipe, on closed-form testbeds.
 
-Teacher: UniPC-3 with 200 logSNR steps (close to the exact ODE). LD3 trains on --train noises, selects on --valid
-noises (L2 loss, hard objective), and both grids are scored on --test held-out noises: RMS error per coordinate,
-mode-switch rate (final component differs from the teacher's) and RMS within the same mode. All grids end at
-sigma_min = 0.002 without a final denoise; Heun runs N = NFE / 2 steps (even NFE only).
+Testbeds (samplers/gaussian_mixture.py): `gmm`, the Gaussian mixture of docs/solvers.md (d = 64, K = 16, power-law
+variances; smooth, rare mode switches), and `points`, the ideal denoiser of 512 points in 64 dimensions with a
+power-law spectrum (memorising: the posterior collapses onto one point). Teacher: UniPC-3 with 200 logSNR steps.
+Noises: --train + --valid + --holdout teacher samples to learn from, then --test held-out noises that no recipe sees.
+All grids end at sigma_min = 0.002 without a final denoise. Distance: L2 (the testbeds are vectors).
 
-    python benchmarks/bench_ld3.py [--solvers ipndm,dpmpp_2m] [--nfes 4,5,6,7,8,9,10] [--json out.json]
+Recipes (LD3Config overrides; both use LD3's optimiser, 50 training and 50 validation samples by default):
+- `ld3`: as published: logSNR start, its best grid on the (soft) validation loss, no held-out split.
+- `ours`: this repository's defaults: start from the best hand-made grid, held-out samples (--holdout) decide.
+
+Per cell: RMS error per coordinate vs the teacher on the test noises for rho = 7, the best hand-made grid on the test
+noises (an oracle: no recipe can know it), and each recipe's result as a ratio to both; for `ours` also the start,
+what was returned and the test RMS of the learned candidate where the guard returned the hand-made grid.
+
+    python benchmarks/bench_ld3.py [--testbeds gmm,points] [--solvers ipndm3,dpmpp_2m,unipc3] [--nfes 4,6,8,10]
+                                   [--recipes ld3,ours] [--json out.json]
 """
 
 import json
-import math
 import os
 import sys
 import time
@@ -20,8 +29,9 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from samplers import ld3, make_grid, sample  # noqa: E402
-from samplers.gaussian_mixture import GaussianMixture  # noqa: E402
+from samplers import SigmaGrid, ld3, make_grid, sample  # noqa: E402
+from samplers.gaussian_mixture import GaussianMixture, PointSet  # noqa: E402
+from samplers.ld3.selection import hand_made_grids  # noqa: E402
 
 SIGMA_MIN, SIGMA_MAX = 0.002, 80.0
 SOLVER_CONFIGS = {
@@ -29,77 +39,95 @@ SOLVER_CONFIGS = {
     "heun": ("heun", {}),
     "dpmpp_2m": ("dpmpp_2m", {}),
     "dpmpp_3m": ("dpmpp_3m", {}),
-    "unipc3_bh1": ("unipc", {"order": 3, "variant": "bh1"}),
+    "unipc3": ("unipc", {"order": 3, "variant": "bh1"}),
     "ipndm3": ("ipndm", {"max_order": 3}),
     "ipndm4": ("ipndm", {"max_order": 4}),
 }
+TESTBEDS = {"gmm": GaussianMixture, "points": PointSet}
+RECIPES = {
+    "ld3": dict(init="logsnr", guard=False, num_holdout=0),
+    "ours": dict(),
+}
 
 
-def scores(gmm, outputs, targets, target_components) -> dict:
-    same = gmm.component(outputs, SIGMA_MIN) == target_components
-    err = (outputs - targets).square()
-    return dict(rms=float(err.mean().sqrt()), switch_pct=100 * float(1 - same.double().mean()),
-                within_rms=float(err[same].mean().sqrt()) if same.any() else math.nan)
+def rms(denoiser, latents, targets, grid, solver, options) -> float:
+    return float((sample(denoiser, latents, grid, solver=solver, **options) - targets).square().mean().sqrt())
 
 
 @click.command()
-@click.option("--solvers", default=",".join(SOLVER_CONFIGS), show_default=True, help="Comma-separated names")
-@click.option("--nfes", default="4,5,6,7,8,9,10", show_default=True)
-@click.option("--train", "num_train", default=500, show_default=True)
-@click.option("--valid", "num_valid", default=1000, show_default=True)
-@click.option("--test", "num_test", default=2000, show_default=True)
-@click.option("--batch", "batch_size", default=50, show_default=True)
-@click.option("--lr", "lr_logits", default=0.03, show_default=True)
-@click.option("--init", default="edm", show_default=True)
+@click.option("--testbeds", default="gmm,points", show_default=True, help="Comma-separated: gmm, points")
+@click.option("--solvers", default="ipndm3,dpmpp_2m,unipc3", show_default=True, help="Comma-separated names")
+@click.option("--nfes", default="4,6,8,10", show_default=True)
+@click.option("--recipes", default="ld3,ours", show_default=True, help="Comma-separated: ld3, ours")
+@click.option("--train", "num_train", default=50, show_default=True)
+@click.option("--valid", "num_valid", default=50, show_default=True)
+@click.option("--holdout", "num_holdout", default=500, show_default=True, help="Teacher samples only `ours` uses")
+@click.option("--test", "num_test", default=1000, show_default=True)
 @click.option("--seed", default=0, show_default=True, help="Shuffling seed of LD3")
 @click.option("--threads", default=1, show_default=True)
 @click.option("--json", "json_path", default=None, help="Also write the results as JSON")
-def main(solvers, nfes, num_train, num_valid, num_test, batch_size, lr_logits, init, seed, threads, json_path):
+def main(testbeds, solvers, nfes, recipes, num_train, num_valid, num_holdout, num_test, seed, threads, json_path):
     torch.set_num_threads(threads)
-    gmm = GaussianMixture()
-    latents = torch.randn(num_train + num_valid + num_test, 64, generator=torch.Generator().manual_seed(123),
-                          dtype=torch.float64)
-    start = time.time()
-    teacher_grid = make_grid("logsnr", 200, SIGMA_MIN, SIGMA_MAX, end="sigma_min")
-    images = ld3.teacher_samples(gmm, latents, teacher_grid, solver="unipc", batch_size=1000)
-    print(f"teacher: UniPC-3 bh1, 200 logSNR steps, {len(latents)} noises, {time.time() - start:.1f} s")
-    split = num_train + num_valid
-    data = ld3.TeacherData(latents=latents[:split], images=images[:split],
-                           info={"sigmas": teacher_grid.sigmas.tolist()})
-    test_latents, test_images = latents[split:], images[split:]
-    test_components = gmm.component(test_images, SIGMA_MIN)
+    recipes = recipes.split(",")
+    num_data = num_train + num_valid + num_holdout
     results = []
-    print(f"{'solver':12s} {'NFE':>3s}  {'edm7 rms / switch % / within':>30s}  {'LD3 rms / switch % / within':>30s}"
-          f"  {'ratio':>5s}  {'train s':>7s}")
-    for name in solvers.split(","):
-        solver, options = SOLVER_CONFIGS[name]
-        for nfe in (int(n) for n in nfes.split(",")):
-            if solver == "heun" and nfe % 2:
-                continue
-            num_steps = ld3.steps_for_nfe(solver, nfe, "sigma_min")
-            baseline_grid = make_grid("edm", num_steps, SIGMA_MIN, SIGMA_MAX, end="sigma_min")
-            baseline = scores(gmm, sample(gmm, test_latents, baseline_grid, solver=solver, **options), test_images,
-                              test_components)
-            config = ld3.LD3Config(solver=solver, nfe=nfe, solver_kwargs=options, end="sigma_min", loss="l2",
-                                   num_train=num_train, num_valid=num_valid, batch_size=batch_size,
-                                   lr_logits=lr_logits, init=init, prior_bound=0.0, seed=seed)
-            try:
-                result = ld3.train_ld3(gmm, data, config)
-            except ValueError as err:  # e.g. too few levels to learn
-                print(f"{name:12s} {nfe:3d}  skipped: {err}")
-                continue
-            learned = scores(gmm, sample(gmm, test_latents, result.grid, solver=solver, **options), test_images,
-                             test_components)
-            ratio = learned["rms"] / baseline["rms"]
-            print(f"{name:12s} {nfe:3d}  {baseline['rms']:8.4f} / {baseline['switch_pct']:5.1f} / "
-                  f"{baseline['within_rms']:7.4f}   {learned['rms']:8.4f} / {learned['switch_pct']:5.1f} / "
-                  f"{learned['within_rms']:7.4f}   {ratio:5.2f}  {result.train_time_s:7.1f}", flush=True)
-            results.append(dict(solver=name, nfe=nfe, edm7=baseline, ld3=learned, ratio=ratio,
-                                train_time_s=result.train_time_s, grid=result.sigmas.tolist(),
-                                eval_grid=None if result.eval_sigmas is None else result.eval_sigmas.tolist()))
+    for testbed in testbeds.split(","):
+        denoiser = TESTBEDS[testbed]()
+        latents = torch.randn(num_data + num_test, 64, generator=torch.Generator().manual_seed(123),
+                              dtype=torch.float64)
+        start = time.time()
+        teacher_grid = make_grid("logsnr", 200, SIGMA_MIN, SIGMA_MAX, end="sigma_min")
+        images = ld3.teacher_samples(denoiser, latents, teacher_grid, solver="unipc", batch_size=1000)
+        print(f"{testbed}: teacher UniPC-3 bh1, 200 logSNR steps, {len(latents)} noises, {time.time() - start:.1f} s")
+        data = ld3.TeacherData(latents=latents[:num_data], images=images[:num_data],
+                               info={"sigmas": teacher_grid.sigmas.tolist()})
+        test_latents, test_images = latents[num_data:], images[num_data:]
+        print(f"{'testbed':8s} {'solver':9s} {'NFE':>3s} {'rho7':>7s}  {'best hand-made (test)':>24s}  "
+              + "  ".join(f"{recipe + ' /rho7 /best':>17s}" for recipe in recipes)
+              + "  ours: start -> returned (learned candidate /best)")
+        for name in solvers.split(","):
+            solver, options = SOLVER_CONFIGS[name]
+            for nfe in (int(n) for n in nfes.split(",")):
+                if solver == "heun" and nfe % 2:
+                    continue
+                num_steps = ld3.steps_for_nfe(solver, nfe, "sigma_min")
+                hand_made = {grid_name: rms(denoiser, test_latents, test_images,
+                                            SigmaGrid(sigmas=levels, end="sigma_min"), solver, options)
+                             for grid_name, levels in hand_made_grids(list(ld3.HAND_MADE_GRIDS), num_steps + 1,
+                                                                      SIGMA_MIN, SIGMA_MAX, "sigma_min").items()}
+                rho7 = hand_made["edm_rho7"]
+                best = min(hand_made, key=hand_made.get)
+                cell = dict(testbed=testbed, solver=name, nfe=nfe, rho7=rho7, hand_made=hand_made, best=best)
+                texts = []
+                for recipe in recipes:
+                    config = ld3.LD3Config(solver=solver, nfe=nfe, solver_kwargs=options, end="sigma_min", loss="l2",
+                                           num_train=num_train, num_valid=num_valid, seed=seed, **RECIPES[recipe])
+                    result = ld3.train_ld3(denoiser, data, config)  # ld3: num_holdout=0, the first samples only
+                    error = rms(denoiser, test_latents, test_images, result.grid, solver, options)
+                    entry = dict(rms=error, vs_rho7=error / rho7, vs_best=error / hand_made[best], start=result.start,
+                                 chosen=result.chosen, reason=result.reason, train_time_s=result.train_time_s,
+                                 grid=result.sigmas.tolist(),
+                                 eval_grid=None if result.eval_sigmas is None else result.eval_sigmas.tolist())
+                    if result.chosen != "learned" and result.learned_sigmas is not None:
+                        learned = SigmaGrid(sigmas=result.learned_sigmas, end="sigma_min",
+                                            eval_sigmas=result.learned_eval_sigmas)
+                        entry["learned_candidate_rms"] = rms(denoiser, test_latents, test_images, learned, solver,
+                                                             options)
+                    cell[recipe] = entry
+                    texts.append(f"{error:7.4f} {entry['vs_rho7']:4.2f} {entry['vs_best']:4.2f}")
+                line = (f"{testbed:8s} {name:9s} {nfe:3d} {rho7:7.4f}  {best:>16s} {hand_made[best]:7.4f}  "
+                        + "  ".join(texts))
+                if "ours" in cell:
+                    ours = cell["ours"]
+                    line += f"  {ours['start']} -> {ours['chosen']}"
+                    if "learned_candidate_rms" in ours:
+                        line += f" ({ours['learned_candidate_rms'] / hand_made[best]:.2f})"
+                print(line, flush=True)
+                results.append(cell)
     if json_path:
         with open(json_path, "w") as f:
-            json.dump(dict(num_train=num_train, num_valid=num_valid, num_test=num_test, results=results), f, indent=1)
+            json.dump(dict(num_train=num_train, num_valid=num_valid, num_holdout=num_holdout, num_test=num_test,
+                           results=results), f, indent=1)
 
 
 if __name__ == "__main__":

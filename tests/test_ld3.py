@@ -1,6 +1,7 @@
 """LD3 (samplers/ld3/, ld3.py): grid parameterisation, differentiating through the registered solvers, teacher data,
-training on the closed-form Gaussian-mixture testbed, and the gen-data -> train -> generate.py --schedule path on a
-tiny network. LPIPS itself is tested in test_lpips.py."""
+training on the closed-form Gaussian-mixture testbed, the safeguards (start from the best hand-made grid, never return
+a worse one, held-out choice, the schedule file's record, ld3.py evaluate), and the gen-data -> train -> generate.py
+--schedule path on a tiny network. LPIPS itself is tested in test_lpips.py."""
 
 import math
 import os
@@ -114,15 +115,16 @@ def test_gradients_match_finite_differences():
 
 @pytest.fixture(scope="module")
 def mixture_problem():
-    """Teacher: UniPC-3 with 100 logSNR steps (~1e-6 from the exact ODE); 1500 noises to learn from (500 train,
-    1000 validation: mode switches are ~1 % events, a small validation split cannot see them); 2000 held out."""
+    """Teacher: UniPC-3 with 100 logSNR steps (~1e-6 from the exact ODE); 2000 noises to learn from (500 train,
+    1000 validation, 500 for the final choice: mode switches are ~1 % events, small splits cannot see them); 1500
+    held out."""
     gmm = GaussianMixture()
     latents = torch.randn(3500, 64, generator=torch.Generator().manual_seed(123), dtype=torch.float64)
     teacher_grid = make_grid("logsnr", 100, 0.002, 80.0, end="sigma_min")
     images = ld3.teacher_samples(gmm, latents, teacher_grid, solver="unipc", batch_size=3500)
-    data = ld3.TeacherData(latents=latents[:1500], images=images[:1500],
+    data = ld3.TeacherData(latents=latents[:2000], images=images[:2000],
                            info={"sigmas": teacher_grid.sigmas.tolist()})
-    return gmm, data, latents[1500:], images[1500:]
+    return gmm, data, latents[2000:], images[2000:]
 
 
 @pytest.fixture(scope="module")
@@ -145,29 +147,37 @@ def test_learned_grid_beats_edm_on_mixture(mixture_problem, solver, nfe):
     gmm, data, test_latents, test_images = mixture_problem
     config = ld3.LD3Config(solver=solver, nfe=nfe, loss="l2", **MIXTURE_CONFIG)
     result = ld3.train_ld3(gmm, data, config)
-    assert result.train_time_s < 60
-    baseline = held_out_rms(gmm, make_grid("edm", nfe, 0.002, 80.0, end="sigma_min"), solver, test_latents,
-                            test_images)
+    assert result.train_time_s < 120
+    hand_made = {name: held_out_rms(gmm, make_grid(schedule, nfe, 0.002, 80.0, end="sigma_min", **options), solver,
+                                    test_latents, test_images)
+                 for name, (schedule, options) in ld3.HAND_MADE_GRIDS.items()}
+    best = min(hand_made, key=hand_made.get)
     learned = held_out_rms(gmm, result.grid, solver, test_latents, test_images)
-    print(f"{solver} NFE {nfe}: held-out RMS edm7 {baseline:.4f}, LD3 {learned:.4f} ({learned / baseline:.2f}), "
-          f"{result.train_time_s:.1f} s")
-    assert learned <= 0.7 * baseline, (learned, baseline)
-    assert result.best_valid_loss < result.init_valid_loss
+    rho7 = hand_made["edm_rho7"]
+    print(f"{solver} NFE {nfe}: held-out RMS edm7 {rho7:.4f}, best hand-made {best} {hand_made[best]:.4f}, LD3 "
+          f"{learned:.4f} ({learned / rho7:.2f} / {learned / hand_made[best]:.2f}), started from {result.start}, "
+          f"returned {result.chosen}, {result.train_time_s:.1f} s")
+    assert learned <= hand_made[best], (learned, hand_made)
+    if nfe <= 6:
+        assert learned <= 0.7 * rho7, (learned, rho7)
+    assert result.chosen == "learned" and result.valid_loss < result.init_valid_loss
 
 
 # L2 on mode switches is a rare-event objective: larger batches and learning rate than LD3's CIFAR recipe (2, 5e-3),
-# the hard objective (a soft validation set hides switches), and edm as the starting grid.
-MIXTURE_CONFIG = dict(num_train=500, num_valid=1000, batch_size=50, lr_logits=0.03, init="edm", prior_bound=0.0)
+# and the hard objective (a soft validation set hides switches).
+MIXTURE_CONFIG = dict(num_train=500, num_valid=1000, batch_size=50, lr_logits=0.03, prior_bound=0.0)
 
 
 def test_soft_bound_keeps_noises_in_ball_and_schedule_file_round_trips(small_mixture, tmp_path):
     gmm, data = small_mixture
     test_latents = data.latents[24:]
     config = ld3.LD3Config(solver="dpmpp_3m", nfe=5, loss="l1", num_train=12, num_valid=12, batch_size=4,
-                           rounds_v1=1, rounds_v2=1, prior_bound=0.05, shift_lr=50.0)
+                           rounds_v1=1, rounds_v2=1, prior_bound=0.05, shift_lr=50.0, guard=False, init="logsnr")
     logged = []
     result = ld3.train_ld3(gmm, data, config, log=logged.append)
-    assert len(logged) == 2 and "LD3 round 2/2 (v2)" in logged[1]
+    rounds = [line for line in logged if line.startswith("LD3 round")]
+    assert len(rounds) == 2 and "LD3 round 2/2 (v2)" in rounds[1]
+    assert result.chosen == "learned" and "guard off" in result.reason
     assert [entry["phase"] for entry in result.history] == ["v1", "v2"]
     shifts = [entry["max_noise_shift"] for entry in result.history]
     assert 0 < max(shifts) <= 0.05 * (1 + 1e-9), shifts
@@ -198,6 +208,207 @@ def test_config_errors(small_mixture):
                                                      solver_kwargs={"order": 2}))
     with pytest.raises(ValueError, match="S_churn"):
         ld3.student_sample(gmm, data.latents[:2], edm_levels(4), solver="heun", S_churn=10)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The safeguards: start from the best hand-made grid, never return a worse one, say why, record it.
+
+
+def test_hand_made_grids():
+    for name, (schedule, options) in ld3.HAND_MADE_GRIDS.items():
+        expected = make_grid(schedule, 6, 0.002, 80.0, end="sigma_min", **options).sigmas
+        assert torch.equal(ld3.hand_made_levels(name, 7, 0.002, 80.0), expected)
+    assert torch.equal(ld3.hand_made_levels("edm", 7, 0.002, 80.0), ld3.hand_made_levels("edm_rho7", 7, 0.002, 80.0))
+    middle = ((80 ** 0.2 + 0.002 ** 0.2) / 2) ** 5  # Karras et al. eq. 5 at i / N = 1/2, rho = 5
+    assert ld3.hand_made_levels("edm_rho5", 3, 0.002, 80.0).tolist() == pytest.approx([80, middle, 0.002], rel=1e-14)
+    assert "sigma_uniform" in ld3.hand_made_grid_names() and "sigma_uniform" not in ld3.HAND_MADE_GRIDS
+    with pytest.raises(ValueError, match="unknown grid 'rho7'"):
+        ld3.hand_made_levels("rho7", 7, 0.002, 80.0)
+
+
+def grid_score(values):
+    values = torch.tensor(values, dtype=torch.float64)
+    return ld3.GridScore(losses=values, squared_errors=values)
+
+
+def test_paired_gain_and_the_final_choice():
+    base, candidate = [1.0, 2.0, 3.0, 4.0], [0.5, 1.0, 2.9, 4.2]
+    gain, se = ld3.paired_gain(torch.tensor(base), torch.tensor(candidate))
+    diffs = [b - c for b, c in zip(base, candidate)]
+    mean = sum(diffs) / 4
+    assert gain == pytest.approx(mean) and se == pytest.approx(math.sqrt(sum((d - mean) ** 2 for d in diffs) / 3) / 2)
+
+    valid_base, valid_learned = grid_score([1.0] * 8), grid_score([0.5] * 8)
+    held_base = grid_score([1.0, 1.1, 0.9, 1.0] * 5)
+    choice = ld3.choose_result("edm_rho7", valid_base, valid_learned, held_base, grid_score([0.5, 0.6, 0.4, 0.5] * 5))
+    assert choice.chosen == "learned" and not choice.warning and choice.tested_on == "holdout"
+    assert choice.gain == pytest.approx(0.5) and choice.gain_se == pytest.approx(0.0, abs=1e-12)
+    # a held-out gain of 0.05 +- 0.22: the learned grid, with a warning; demanding 2 standard errors keeps edm_rho7
+    flat, noisy = grid_score([1.0] * 20), grid_score([0.0, 1.9] * 10)
+    choice = ld3.choose_result("edm_rho7", valid_base, valid_learned, flat, noisy)
+    assert choice.chosen == "learned" and choice.warning and "within its noise" in choice.reason
+    choice = ld3.choose_result("edm_rho7", valid_base, valid_learned, flat, noisy, min_gain_se=2)
+    assert choice.chosen == "edm_rho7" and "below the required 2 standard errors" in choice.reason
+    # worse on the held-out samples, not better on validation, a tie at rounding level, never improved
+    choice = ld3.choose_result("edm_rho7", valid_base, valid_learned, flat, grid_score([1.01] * 20))
+    assert choice.chosen == "edm_rho7" and "not better on the 20 held-out samples" in choice.reason
+    choice = ld3.choose_result("logsnr", valid_base, grid_score([1.0] * 8), flat, grid_score([0.1] * 20))
+    assert choice.chosen == "logsnr" and "did not improve" in choice.reason and choice.gain is None
+    tie = grid_score([1.0 - 1e-9] * 20)
+    assert ld3.choose_result("logsnr", valid_base, valid_learned, flat, tie).chosen == "logsnr"
+    assert ld3.choose_result("logsnr", valid_base, None, flat, None).chosen == "logsnr"
+    # no held-out split: checked on validation, said to be biased
+    choice = ld3.choose_result("logsnr", valid_base, valid_learned, None, None)
+    assert choice.chosen == "learned" and choice.tested_on == "validation" and "biased" in choice.reason
+
+
+def test_split_sizes_and_safeguard_options():
+    config = ld3.LD3Config(num_train=10, num_valid=10)
+    assert config.split_sizes(50) == (10, 10, 30, None)
+    assert config.split_sizes(5000)[2] == 1000
+    train, valid, holdout, note = config.split_sizes(20)
+    assert (train, valid, holdout) == (10, 5, 5) and "the last 5 validation samples are held out" in note
+    assert ld3.LD3Config(num_train=10, num_valid=10, guard=False).split_sizes(50) == (10, 10, 0, None)
+    assert ld3.LD3Config(num_train=10, num_valid=10, num_holdout=7).split_sizes(50) == (10, 10, 7, None)
+    with pytest.raises(ValueError, match=r"fewer than num_train \+ num_valid \+ num_holdout = 10 \+ 10 \+ 40"):
+        ld3.LD3Config(loss="l2", num_train=10, num_valid=10, num_holdout=40).validate(50)
+    with pytest.raises(ValueError, match="init must be 'best' or a grid name"):
+        ld3.LD3Config(loss="l2", init="rho7").validate()
+    with pytest.raises(ValueError, match="candidates must be grid names"):
+        ld3.LD3Config(loss="l2", candidates=("edm_rho7", "rho9")).validate()
+    assert ld3.LD3Config(init="sigma_uniform", candidates=("logsnr",)).candidate_names() == ["logsnr", "sigma_uniform"]
+
+
+@pytest.fixture(scope="module")
+def seeded_mixture():
+    """48 teacher samples of the mixture with seeds 100-147 (16 train, 16 validation, 16 held out)."""
+    gmm = GaussianMixture()
+    latents = torch.randn(48, 64, generator=torch.Generator().manual_seed(9), dtype=torch.float64)
+    teacher_grid = make_grid("logsnr", 40, 0.002, 80.0, end="sigma_min")
+    images = ld3.teacher_samples(gmm, latents, teacher_grid, solver="unipc")
+    return gmm, ld3.TeacherData(latents=latents, images=images, seeds=torch.arange(100, 148),
+                                info={"sigmas": teacher_grid.sigmas.tolist()})
+
+
+def l2_on(denoiser, grid, latents, images, solver):
+    """Mean L2 distance to the teacher, computed here with samplers.sample (teacher samples are used in float32)."""
+    return float(ld3.l2_distance(sample(denoiser, latents, grid, solver=solver), images.float()).mean())
+
+
+def test_bad_start_still_returns_at_least_the_best_hand_made_grid(seeded_mixture, tmp_path):
+    gmm, data = seeded_mixture
+    config = ld3.LD3Config(solver="dpmpp_2m", nfe=5, loss="l2", num_train=16, num_valid=16, batch_size=4,
+                           rounds_v1=1, rounds_v2=1, init="sigma_uniform")
+    logged = []
+    result = ld3.train_ld3(gmm, data, config, log=logged.append)
+    assert result.start == "sigma_uniform"
+    assert any(line.startswith("LD3: starting from sigma_uniform") for line in logged)
+    assert any(line.startswith("LD3: returning the ") or line.startswith("LD3: Warning: returning the ")
+               for line in logged)
+
+    # Independently: every hand-made grid's loss on the samples LD3 did not train on (validation + held-out); the
+    # result is at least as good as the best of them, and the bad start was far worse.
+    valid, unseen = slice(16, 32), slice(16, 48)
+    grids = {name: make_grid(schedule, 5, data.sigma_min, data.sigma_max, end="sigma_min", **options)  # as LD3
+             for name, (schedule, options) in [*ld3.HAND_MADE_GRIDS.items(), ("sigma_uniform", ("sigma_uniform", {}))]}
+    losses = {name: l2_on(gmm, grid, data.latents[unseen], data.images[unseen], "dpmpp_2m")
+              for name, grid in grids.items()}
+    best = min(ld3.HAND_MADE_GRIDS, key=losses.get)
+    mine = l2_on(gmm, result.grid, data.latents[unseen], data.images[unseen], "dpmpp_2m")
+    assert mine <= losses[best] * (1 + 1e-12), (mine, losses)
+    assert losses["sigma_uniform"] > 2 * losses[best]
+    assert result.provenance["best_hand_made"]["name"] == best
+    if result.chosen != "learned":
+        assert result.chosen == best and torch.equal(result.sigmas, grids[best].sigmas) and result.eval_sigmas is None
+
+    # The schedule file records the start grid, the validation errors and the splits.
+    path = str(tmp_path / "dpmpp2m-nfe5.json")
+    result.save(path)
+    record = load_schedule_file(path).provenance
+    assert record["start"]["name"] == "sigma_uniform"
+    assert record["start"]["sigmas"] == grids["sigma_uniform"].sigmas.tolist()
+    for name, grid in grids.items():
+        expected = l2_on(gmm, grid, data.latents[valid], data.images[valid], "dpmpp_2m")
+        assert record["hand_made_valid_losses"][name] == pytest.approx(expected, rel=1e-12)
+    assert record["start"]["valid_loss"] == pytest.approx(result.init_valid_loss, rel=1e-15)
+    assert [entry["round"] for entry in record["history"]] == [1, 2]
+    assert all(entry["best_grid_valid_loss"] > 0 for entry in record["history"])
+    assert record["result"]["chosen"] == result.chosen and record["result"]["valid_loss"] == result.valid_loss
+    assert record["result"]["valid_loss"] == pytest.approx(
+        l2_on(gmm, result.grid, data.latents[valid], data.images[valid], "dpmpp_2m"), rel=1e-12)
+    assert record["splits"] == {"train": {"first": 0, "count": 16, "seeds": "100-115"},
+                                "valid": {"first": 16, "count": 16, "seeds": "116-131"},
+                                "holdout": {"first": 32, "count": 16, "seeds": "132-147"}}
+    assert record["num_holdout"] == 16 and record["guard"] is True and record["init"] == "sigma_uniform"
+
+
+class PointMass:
+    """The data is one point: D(x; sigma) = mu, and x(sigma) = mu + (x_0 - mu) sigma / sigma_0 exactly. Every solver
+    here is exact for it (the data-prediction step x <- rho x + (1 - rho) D, Euler in sigma, Adams-Bashforth on the
+    constant derivative), so every grid gives the teacher's result up to rounding: there is nothing to learn."""
+
+    def __init__(self, dim=16):
+        self.mu = torch.linspace(-1, 1, dim, dtype=torch.float64)
+
+    def __call__(self, x, sigma, class_labels=None):
+        return self.mu.expand_as(x)
+
+
+@pytest.mark.parametrize("solver", ["dpmpp_2m", "ipndm", "unipc"])
+def test_nothing_to_learn_returns_the_start_and_says_so(solver):
+    point = PointMass()
+    latents = torch.randn(36, 16, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+    teacher_grid = make_grid("logsnr", 20, 0.002, 80.0, end="sigma_min")
+    images = ld3.teacher_samples(point, latents, teacher_grid, solver="unipc")
+    exact = point.mu + (80 * latents - point.mu) * (0.002 / 80)
+    assert torch.allclose(images, exact, rtol=0, atol=1e-14)
+    data = ld3.TeacherData(latents=latents, images=images, info={"sigmas": teacher_grid.sigmas.tolist()})
+    config = ld3.LD3Config(solver=solver, nfe=5, loss="l2", num_train=12, num_valid=12, batch_size=4, rounds_v1=1,
+                           rounds_v2=1)
+    logged = []
+    result = ld3.train_ld3(point, data, config, log=logged.append)
+    valid_losses = result.provenance["hand_made_valid_losses"]
+    assert max(valid_losses.values()) <= min(valid_losses.values()) * (1 + 1e-6)  # every grid ties
+    assert result.chosen == result.start and result.eval_sigmas is None
+    assert torch.equal(result.sigmas, ld3.hand_made_levels(result.start, 6, data.sigma_min, data.sigma_max))
+    assert any(line.startswith(f"LD3: Warning: returning the hand-made grid {result.start}: ")
+               or line.startswith(f"LD3: returning the hand-made grid {result.start}: ") for line in logged), logged
+    assert any(reason in result.reason for reason in ("did not improve", "not better", "never improved"))
+
+
+def test_evaluate_schedule_on_samples_it_did_not_see(seeded_mixture):
+    gmm, data = seeded_mixture
+    learned_on = ld3.selection.subset(data, torch.arange(24))  # seeds 100-123
+    config = ld3.LD3Config(solver="unipc", nfe=5, loss="l2", num_train=8, num_valid=8, batch_size=4, rounds_v1=1,
+                           rounds_v2=0)
+    grid = ld3.train_ld3(gmm, learned_on, config).grid
+    candidates = ("edm_rho7", "logsnr", "vp_time_uniform")
+    report = ld3.evaluate_schedule(gmm, data, grid, distance_fn=ld3.l2_distance, candidates=candidates,
+                                   batch_size=10, name="mine")
+    assert report.num_samples == 24 and "24 of 48 teacher samples (the 24 the schedule was learned on" in report.note
+    unseen_latents, unseen_images = data.latents[24:], data.images[24:]
+    rows = {row.name: row for row in report.rows}
+    assert report.rows[0].name == "mine" and set(rows) == {"mine", *candidates}
+    expected = {name: l2_on(gmm, make_grid(*ld3.HAND_MADE_GRIDS[name][:1], 5, 0.002, 80.0, end="sigma_min",
+                                           **ld3.HAND_MADE_GRIDS[name][1]), unseen_latents, unseen_images, "unipc")
+                for name in candidates}
+    expected["mine"] = l2_on(gmm, grid, unseen_latents, unseen_images, "unipc")
+    for name, loss in expected.items():
+        assert rows[name].loss == pytest.approx(loss, rel=1e-12)
+        assert rows[name].rms == pytest.approx(math.sqrt(loss), rel=1e-12)  # L2 is the mean squared error
+    assert report.best_hand_made == min(candidates, key=expected.get)
+    assert rows["mine"].gain == pytest.approx(expected[report.best_hand_made] - expected["mine"], rel=1e-9)
+    assert rows[report.best_hand_made].gain == 0
+
+    with pytest.raises(ValueError, match="all 24 teacher samples were used to learn the schedule"):
+        ld3.evaluate_schedule(gmm, learned_on, grid, distance_fn=ld3.l2_distance)
+    unseeded = ld3.TeacherData(latents=data.latents, images=data.images, info=data.info)
+    with pytest.raises(ValueError, match="holds no seeds"):
+        ld3.evaluate_schedule(gmm, unseeded, grid, distance_fn=ld3.l2_distance)
+    imported = make_grid("edm", 5, 0.002, 80.0, end="sigma_min")  # a grid without provenance: every sample counts
+    imported.solver = "unipc"
+    report = ld3.evaluate_schedule(gmm, data, imported, distance_fn=ld3.l2_distance, candidates=["edm_rho7"])
+    assert report.num_samples == 48 and "does not say" in report.note and report.rows[0].gain == 0
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -258,8 +469,8 @@ def read_pngs(outdir, seeds):
 def test_cli_gen_data_train_generate(network_pickle, tmp_path):
     runner = CliRunner()
     teacher = str(tmp_path / "teacher.pt")
-    result = runner.invoke(ld3_cli.cli, ["gen-data", "--network", network_pickle, "--out", teacher, "--seeds", "0-23",
-                                         "--batch", "24", "--device", "cpu"])
+    result = runner.invoke(ld3_cli.cli, ["gen-data", "--network", network_pickle, "--out", teacher, "--seeds", "0-31",
+                                         "--batch", "32", "--device", "cpu"])
     assert result.exit_code == 0, result.output
     assert "solver=unipc(" in result.output and "20 NFE per image" in result.output
     schedule = str(tmp_path / "dpmpp2m-nfe4.json")
@@ -309,6 +520,39 @@ def test_cli_errors(network_pickle, tmp_path):
     assert not os.path.exists(tmp_path / "s.json")
     result = runner.invoke(ld3_cli.cli, ["train", "--data", str(tmp_path / "missing.pt"), "--out", "x.json",
                                      "--solver", "euler", "--nfe", "4"])
+    assert result.exit_code != 0 and "teacher data file not found" in result.output
+
+
+def test_cli_train_records_the_choice_and_evaluate_reports_on_unseen_seeds(network_pickle, tmp_path):
+    runner = CliRunner()
+    teacher, test_data = str(tmp_path / "teacher.pt"), str(tmp_path / "test.pt")
+    for path, seeds in ((teacher, "0-5"), (test_data, "10-13")):
+        result = runner.invoke(ld3_cli.cli, ["gen-data", "--network", network_pickle, "--out", path, "--seeds", seeds,
+                                             "--steps", "4", "--device", "cpu"])
+        assert result.exit_code == 0, result.output
+    schedule = str(tmp_path / "s.json")
+    result = runner.invoke(ld3_cli.cli, ["train", "--data", teacher, "--out", schedule, "--solver", "dpmpp_2m",
+                                         "--nfe", "3", "--loss", "l2", "--num-train", "2", "--num-valid", "2",
+                                         "--rounds-v1", "1", "--rounds-v2", "0", "--candidates", "edm_rho7,logsnr",
+                                         "--device", "cpu"])
+    assert result.exit_code == 0, result.output
+    assert "2 train / 2 validation / 2 held-out samples" in result.output
+    assert "hand-made grids on the 2 validation + 2 held-out samples (l2): edm_rho7 " in result.output
+    assert "LD3: starting from " in result.output and "returning the " in result.output
+    record = load_schedule_file(schedule).provenance
+    assert record["splits"]["holdout"] == {"first": 4, "count": 2, "seeds": "4-5"}
+    assert record["start"]["name"] in ("edm_rho7", "logsnr") and record["result"]["chosen"]
+
+    evaluate = ["evaluate", "--schedule", schedule, "--device", "cpu", "--candidates",
+                "edm_rho7,logsnr,vp_time_uniform"]
+    result = runner.invoke(ld3_cli.cli, [*evaluate, "--data", teacher])
+    assert result.exit_code != 0 and "all 6 teacher samples were used to learn the schedule" in result.output
+    result = runner.invoke(ld3_cli.cli, [*evaluate, "--data", test_data])
+    assert result.exit_code == 0, result.output
+    assert "Held-out: 4 of 4 teacher samples (none was used to learn the schedule)" in result.output
+    assert "; loss l2" in result.output and "s.json" in result.output and "(best)" in result.output
+    assert "vp_time_uniform" in result.output and "on these 4 samples." in result.output
+    result = runner.invoke(ld3_cli.cli, [*evaluate, "--data", str(tmp_path / "missing.pt")])
     assert result.exit_code != 0 and "teacher data file not found" in result.output
 
 

@@ -1,7 +1,7 @@
 """LD3: learning the time discretisation of a sampler from a few teacher samples.
 
 Tong, Hoang, Liu, Van den Broeck, Niepert, "Learning to Discretize Denoising Diffusion ODEs" (ICLR 2025,
-arXiv 2405.15506); reference code vinhsuhi/LD3. See docs/solvers.md, "LD3". The command line is ld3.py (also
+arXiv 2405.15506); reference code vinhsuhi/LD3. See docs/ld3.md. The command line is ld3.py (also
 `python -m samplers.ld3`).
 
 1. Teacher data (teacher.py, `generate_teacher`): unit-variance noises drawn per seed exactly as generate.py draws
@@ -15,8 +15,14 @@ arXiv 2405.15506); reference code vinhsuhi/LD3. See docs/solvers.md, "LD3". The 
    student's sample and the teacher's, where the student may start from any noise within a ball of radius
    r = 0.001 C H W / NFE^2 (unit-noise scale) around the teacher's (LD3's soft objective; r = 0 is the hard one);
    RMSprop on the logits, SGD on the evaluation offsets and the noises, 2 + 5 rounds, model selection on a validation
-   split after every step, patience with learning-rate decay. The best grid is written as a schedule file
-   (samplers.save_schedule_file) that generate.py --schedule uses with the same solver.
+   split after every step, patience with learning-rate decay (the student: student.py, `student_sample`).
+4. Safeguards (selection.py; on by default, `guard=False, init='logsnr', num_holdout=0` is LD3 as published): the
+   hand-made grids (grid.HAND_MADE_GRIDS) are scored first and LD3 starts from the best; teacher samples after the
+   validation split are held out; the learned grid is returned only when it beats the best hand-made grid on
+   validation and on the held-out samples (a gain within two paired standard errors is warned about), otherwise
+   that hand-made grid is. The result is written as a schedule file (samplers.save_schedule_file) that generate.py
+   --schedule uses with the same solver; its provenance records the start, every validation loss and the splits,
+   and `evaluate_schedule` (ld3.py evaluate) compares it with the hand-made grids on teacher samples it never saw.
 
 Differences from the reference code, on purpose:
 - The student is the registered solver itself, differentiated through (its coefficients are tensor operations):
@@ -28,17 +34,27 @@ Differences from the reference code, on purpose:
   underflows) still give a strictly decreasing grid.
 """
 
-from samplers.ld3.grid import MIN_STEP_FRACTION, GridParameterization, steps_for_nfe
-from samplers.ld3.optimize import (
-    DISTANCES,
-    LD3Config,
-    LD3Result,
-    l1_distance,
-    l2_distance,
-    make_distance,
-    student_sample,
-    train_ld3,
+from samplers.ld3.grid import (
+    HAND_MADE_GRIDS,
+    MIN_STEP_FRACTION,
+    GridParameterization,
+    hand_made_grid_names,
+    hand_made_levels,
+    steps_for_nfe,
 )
+from samplers.ld3.optimize import DISTANCES, LD3Config, LD3Result, l1_distance, l2_distance, make_distance, train_ld3
+from samplers.ld3.selection import (
+    NOISE_SE,
+    TIE_TOLERANCE,
+    Evaluation,
+    GridScore,
+    TeacherSplit,
+    choose_result,
+    evaluate_schedule,
+    paired_gain,
+    score_grid,
+)
+from samplers.ld3.student import student_sample
 from samplers.ld3.teacher import (
     TEACHER_FILE_FORMAT,
     TEACHER_FILE_VERSION,
@@ -50,7 +66,9 @@ from samplers.ld3.teacher import (
 )
 
 __all__ = [
-    "DISTANCES", "MIN_STEP_FRACTION", "TEACHER_FILE_FORMAT", "TEACHER_FILE_VERSION", "GridParameterization",
-    "LD3Config", "LD3Result", "TeacherData", "generate_teacher", "l1_distance", "l2_distance", "load_teacher_data",
-    "make_distance", "save_teacher_data", "steps_for_nfe", "student_sample", "teacher_samples", "train_ld3",
+    "DISTANCES", "HAND_MADE_GRIDS", "MIN_STEP_FRACTION", "NOISE_SE", "TEACHER_FILE_FORMAT", "TEACHER_FILE_VERSION",
+    "TIE_TOLERANCE", "Evaluation", "GridParameterization", "GridScore", "LD3Config", "LD3Result", "TeacherData",
+    "TeacherSplit", "choose_result", "evaluate_schedule", "generate_teacher", "hand_made_grid_names",
+    "hand_made_levels", "l1_distance", "l2_distance", "load_teacher_data", "make_distance", "paired_gain",
+    "save_teacher_data", "score_grid", "steps_for_nfe", "student_sample", "teacher_samples", "train_ld3",
 ]

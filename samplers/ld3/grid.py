@@ -5,9 +5,38 @@ import math
 
 import torch
 
-from samplers import END_CONVENTIONS, count_nfe
+from samplers import END_CONVENTIONS, SCHEDULES, count_nfe
 
 MIN_STEP_FRACTION = 1e-6  # smallest share of the log-sigma range one step may take
+
+# The hand-made grids LD3 scores before learning (it starts from the best on the validation split, and never returns
+# a grid worse than it): name -> (SCHEDULES name, options). EDM's rho = 7 and its neighbours, DPM-Solver's
+# time_quadratic (rho = 2), logSNR (rho -> inf; LD3's own start) and uniform VP time (EDM's --disc=vp,
+# diff-sampler's time_uniform). Uniform in sigma (LD3's time_uniform for EDM models) is left out: it is never
+# competitive for EDM-style models (docs/solvers.md, "Grid ends"), but `init` may still name it.
+HAND_MADE_GRIDS = {
+    "edm_rho3": ("edm", {"rho": 3.0}),
+    "edm_rho5": ("edm", {"rho": 5.0}),
+    "edm_rho7": ("edm", {"rho": 7.0}),
+    "edm_rho10": ("edm", {"rho": 10.0}),
+    "time_quadratic": ("time_quadratic", {}),
+    "logsnr": ("logsnr", {}),
+    "vp_time_uniform": ("vp_time_uniform", {}),
+}
+
+
+def hand_made_grid_names() -> list[str]:
+    """Every name `hand_made_levels` takes: HAND_MADE_GRIDS, then the other SCHEDULES with their default options."""
+    return list(HAND_MADE_GRIDS) + [name for name in SCHEDULES if name not in HAND_MADE_GRIDS]
+
+
+def hand_made_levels(name: str, num_levels: int, sigma_min: float, sigma_max: float) -> torch.Tensor:
+    """The positive levels sigma_max ... sigma_min (num_levels of them, float64) of a HAND_MADE_GRIDS name or of a
+    SCHEDULES name with its default options ('edm' is rho = 7)."""
+    schedule, options = HAND_MADE_GRIDS.get(name, (name, {}))
+    if schedule not in SCHEDULES:
+        raise ValueError(f"unknown grid {name!r}: expected one of {', '.join(hand_made_grid_names())}")
+    return SCHEDULES[schedule](num_levels - 1, sigma_min, sigma_max, **options).to(torch.float64)
 
 
 def steps_for_nfe(solver: str, nfe: int, end: str) -> int:

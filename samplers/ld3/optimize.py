@@ -4,7 +4,12 @@ The student is the registered solver itself (samplers.sample over a grid whose t
 learns the grid of exactly the code that generate.py runs, for every solver and option. The steps follow the
 reference code (vinhsuhi/LD3 trainer.py): RMSprop on the grid logits, SGD on the evaluation offsets and on the
 noises within a ball around the teacher's (the soft objective), model selection on a validation split after every
-step, patience with learning-rate decay. See docs/solvers.md, "LD3".
+step, patience with learning-rate decay.
+
+Around it, the safeguards of selection.py (on by default; `guard=False, init='logsnr', num_holdout=0` is LD3 as
+published): the hand-made grids are scored on the validation split first and learning starts from the best; the
+result is the learned grid only when it beats that grid on validation and, beyond its noise, on held-out teacher
+samples. See docs/ld3.md.
 """
 
 import copy
@@ -13,11 +18,20 @@ import math
 import time
 
 import torch
-import torch.utils.checkpoint
 
 from metrics.lpips import load_lpips
-from samplers import SCHEDULES, SigmaGrid, get_solver, sample, save_schedule_file
-from samplers.ld3.grid import GridParameterization, steps_for_nfe
+from samplers import SigmaGrid, get_solver, save_schedule_file
+from samplers.ld3.grid import HAND_MADE_GRIDS, GridParameterization, hand_made_grid_names, steps_for_nfe
+from samplers.ld3.selection import (
+    TIE_TOLERANCE,
+    Choice,
+    GridScore,
+    TeacherSplit,
+    choose_result,
+    hand_made_grids,
+    score_grid,
+)
+from samplers.ld3.student import student_sample
 from samplers.ld3.teacher import TeacherData
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -55,48 +69,15 @@ def make_distance(name: str, *, lpips_vgg=None, lpips_lin=None, lpips_resize=Non
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# The student: the registered solver over a grid that carries gradients.
-
-
-def _checkpointed(denoiser):
-    """The denoiser under activation checkpointing while autograd records: memory constant in NFE (LD3's --low_gpu)
-    for about 1.3x the time."""
-    def call(x, sigma, class_labels=None):
-        if torch.is_grad_enabled():
-            return torch.utils.checkpoint.checkpoint(denoiser, x, sigma, class_labels, use_reentrant=False)
-        return denoiser(x, sigma, class_labels)
-    return call
-
-
-def _refuse_noise(solver: str, options: dict):
-    """A randn_like for the student: LD3 fits one deterministic trajectory per noise, so a solver that draws fresh
-    noise (e.g. Heun with S_churn > 0) has no grid to learn."""
-    def randn_like(x):
-        described = ", ".join(f"{k}={v}" for k, v in sorted(options.items()))
-        raise ValueError(f"LD3 learns the grid of a deterministic sampler, but {solver}({described}) draws noise")
-    return randn_like
-
-
-def student_sample(denoiser, latents: torch.Tensor, sigmas: torch.Tensor, eval_sigmas: torch.Tensor | None = None,
-                   *, solver: str, class_labels=None, end: str | None = None, checkpoint: bool = False,
-                   **solver_kwargs) -> torch.Tensor:
-    """samplers.sample over a grid given as tensors: x_0 = latents * sigmas[0], then the registered `solver`,
-    differentiable with respect to latents, sigmas and eval_sigmas. Returns float64. end: the grid's end convention
-    (None: read from sigmas[-1])."""
-    if end is None:
-        end = "zero" if float(sigmas[-1].detach()) == 0 else "sigma_min"
-    grid = SigmaGrid(sigmas=sigmas, end=end, eval_sigmas=eval_sigmas)
-    return sample(_checkpointed(denoiser) if checkpoint else denoiser, latents, grid, solver=solver,
-                  class_labels=class_labels, randn_like=_refuse_noise(solver, solver_kwargs), **solver_kwargs)
-
-
-# ---------------------------------------------------------------------------------------------------------------
 # Configuration and result.
+
+MAX_AUTO_HOLDOUT = 1000  # the automatic held-out split takes at most this many of the remaining teacher samples
 
 
 @dataclasses.dataclass
 class LD3Config:
-    """LD3's hyper-parameters (defaults: vinhsuhi/LD3 configs/cifar10.yml and utils.adjust_hyper)."""
+    """LD3's hyper-parameters (defaults: vinhsuhi/LD3 configs/cifar10.yml and utils.adjust_hyper), and the
+    safeguards (init, candidates, guard, num_holdout, min_gain_se; see docs/ld3.md)."""
 
     solver: str = "ipndm"
     nfe: int = 6
@@ -126,17 +107,58 @@ class LD3Config:
     prior_bound: float | None = None  # radius on the unit-noise scale; None: 0.001 * numel / NFE^2; 0: hard loss
     eval_window: float = 0.45
     decoupled: bool = True  # learn the evaluation grid (rounds_v2)
-    init: str = "logsnr"  # starting grid: a SCHEDULES name (LD3: logsnr)
+    # The starting grid: 'best' (the best of `candidates` on the validation split) or a grid name
+    # (grid.hand_made_grid_names(); LD3 as published starts from 'logsnr').
+    init: str = "best"
+    candidates: tuple | None = None  # the hand-made grids scored first (None: all of grid.HAND_MADE_GRIDS)
+    # Return the learned grid only when it beats the best hand-made grid on validation and on the held-out split (by
+    # more than min_gain_se paired standard errors; a gain within two is warned about); False: LD3 as published (its
+    # best grid on validation, unchecked).
+    guard: bool = True
+    # Teacher samples held out for that final choice (those after the validation split). None: with the guard, all
+    # remaining samples (at most MAX_AUTO_HOLDOUT), or, when none remain, the second half of the validation split.
+    num_holdout: int | None = None
+    min_gain_se: float = 0.0
     grad_clip: float = 1.0
     seed: int = 0
     checkpoint: bool = False  # activation checkpointing in the unroll
+
+    def candidate_names(self) -> list[str]:
+        """The hand-made grids scored before learning: `candidates`, plus `init` when it names another grid."""
+        names = list(HAND_MADE_GRIDS if self.candidates is None else self.candidates)
+        if self.init != "best" and self.init not in names:
+            names.append(self.init)
+        return names
+
+    def split_sizes(self, num_items: int) -> tuple[int, int, int, str | None]:
+        """(train, validation, held-out) sample counts for `num_items` teacher samples, and a note when the
+        held-out split had to come out of the validation split."""
+        train, valid = self.num_train, self.num_valid
+        if self.num_holdout is not None or not self.guard:
+            return train, valid, self.num_holdout or 0, None
+        rest = num_items - train - valid
+        if rest > 0:
+            return train, valid, min(rest, MAX_AUTO_HOLDOUT), None
+        if valid < 2:
+            return train, valid, 0, ("no teacher samples beyond training and validation, and only one validation "
+                                     "sample: the final choice is checked on validation (biased)")
+        holdout = valid // 2
+        return train, valid - holdout, holdout, (
+            f"no teacher samples beyond the {train} training and {valid} validation samples: the last {holdout} "
+            f"validation samples are held out for the final choice (give {train + 2 * valid} teacher samples to keep "
+            f"{valid} for validation)")
 
     def validate(self, num_items: int | None = None) -> None:
         get_solver(self.solver).check_options(self.solver_kwargs, self.solver)
         if self.loss not in DISTANCES:
             raise ValueError(f"unknown loss {self.loss!r}: expected one of {', '.join(DISTANCES)}")
-        if self.init not in SCHEDULES:
-            raise ValueError(f"init must be a schedule name ({', '.join(SCHEDULES)}), got {self.init!r}")
+        names = hand_made_grid_names()
+        if self.init != "best" and self.init not in names:
+            raise ValueError(f"init must be 'best' or a grid name ({', '.join(names)}), got {self.init!r}")
+        if self.candidates is not None:
+            unknown = [name for name in self.candidates if name not in names]
+            if unknown or not self.candidates:
+                raise ValueError(f"candidates must be grid names ({', '.join(names)}), got {list(self.candidates)}")
         for name in ("nfe", "num_train", "num_valid", "batch_size", "patience", "lr2_patience"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
@@ -144,14 +166,24 @@ class LD3Config:
             raise ValueError("need rounds_v1 + rounds_v2 >= 1 training rounds")
         if self.prior_bound is not None and self.prior_bound < 0:
             raise ValueError(f"prior_bound must be >= 0, got {self.prior_bound}")
-        if num_items is not None and num_items < self.num_train + self.num_valid:
-            raise ValueError(f"the teacher data holds {num_items} samples, fewer than num_train + num_valid = "
-                             f"{self.num_train} + {self.num_valid}")
+        if self.num_holdout is not None and self.num_holdout < 0:
+            raise ValueError(f"num_holdout must be >= 0, got {self.num_holdout}")
+        if not self.min_gain_se >= 0:
+            raise ValueError(f"min_gain_se must be >= 0, got {self.min_gain_se}")
+        if num_items is not None:
+            needed = self.num_train + self.num_valid + (self.num_holdout or 0)
+            if num_items < needed:
+                holdout = f" + num_holdout {self.num_holdout}" if self.num_holdout else ""
+                raise ValueError(f"the teacher data holds {num_items} samples, fewer than num_train + num_valid"
+                                 f"{' + num_holdout' if holdout else ''} = {self.num_train} + {self.num_valid}"
+                                 f"{' + ' + str(self.num_holdout) if holdout else ''}")
 
 
 @dataclasses.dataclass
 class LD3Result:
-    """The best grid found (by validation loss) and how training went."""
+    """The grid returned (the learned one, or the best hand-made grid when learning did not beat it) and how
+    training went. Losses are mean distances to the teacher on the validation split from the original noises,
+    except best_valid_loss (LD3's own criterion, from the noises as the soft objective moved them)."""
 
     sigmas: torch.Tensor
     eval_sigmas: torch.Tensor | None
@@ -159,11 +191,19 @@ class LD3Result:
     solver_kwargs: dict
     end: str
     nfe: int
-    init_valid_loss: float
-    best_valid_loss: float
+    start: str  # the grid LD3 started from
+    chosen: str  # 'learned', or the name of the hand-made grid returned instead
+    reason: str  # why (selection.choose_result)
+    init_valid_loss: float  # the start's validation loss
+    best_valid_loss: float  # LD3's best validation loss during training
+    valid_loss: float  # the returned grid's validation loss
     history: list
     train_time_s: float
     provenance: dict
+    # The learned candidate (the best round's grid) even where the hand-made grid was returned; None when LD3 never
+    # improved on its start.
+    learned_sigmas: torch.Tensor | None = None
+    learned_eval_sigmas: torch.Tensor | None = None
 
     @property
     def grid(self) -> SigmaGrid:
@@ -176,59 +216,57 @@ class LD3Result:
                            end=self.end, solver_kwargs=self.solver_kwargs, provenance=self.provenance)
 
 
-class _Split:
-    """One data split on the device: the original noises, the current (shifted) noises, targets, labels."""
-
-    def __init__(self, data: TeacherData, index: slice, device):
-        self.original = data.latents[index].to(device, torch.float64)
-        self.latents = self.original.clone()
-        self.targets = data.images[index].to(device, torch.float32)
-        self.labels = None if data.class_labels is None else data.class_labels[index].to(device)
-
-    def __len__(self):
-        return len(self.original)
-
-    def max_shift(self) -> float:
-        """The largest distance of a current noise from its original (unit-noise scale)."""
-        return float((self.latents - self.original).flatten(1).norm(dim=1).max())
-
-    def batch(self, index):
-        return self.latents[index], self.original[index], self.targets[index], \
-            None if self.labels is None else self.labels[index]
+# ---------------------------------------------------------------------------------------------------------------
+# The optimisation.
 
 
 class _LD3Run:
     """One LD3 optimisation: the learnable grid, its two optimisers, the data splits, and the best grid so far. Its
     methods are the steps of the reference trainer."""
 
-    def __init__(self, denoiser, teacher: TeacherData, config: LD3Config, device, distance_fn):
+    def __init__(self, denoiser, teacher: TeacherData, config: LD3Config, device, distance_fn,
+                 train: TeacherSplit, valid: TeacherSplit):
         self.denoiser, self.config, self.device = denoiser, config, device
         self.end = config.end or get_solver(config.solver).default_end
         num_steps = steps_for_nfe(config.solver, config.nfe, self.end)
         nfe = config.nfe
-        sigma_max = teacher.sigma_max
-        sigma_min = teacher.sigma_min if config.sigma_min is None else float(config.sigma_min)
-        num_levels = num_steps + 1 if self.end == "sigma_min" else num_steps
-        if num_levels < 3:
-            raise ValueError(f"{config.solver} at {nfe} NFE with end={self.end!r} has {num_levels} positive noise "
-                             f"levels; LD3 needs at least 3 (an interior level to learn)")
-        init = SCHEDULES[config.init](num_levels - 1, sigma_min, sigma_max)
-        self.grid = GridParameterization(num_levels, sigma_min, sigma_max, end=self.end,
-                                         eval_window=config.eval_window, init=init).to(device)
+        self.sigma_max = teacher.sigma_max
+        self.sigma_min = teacher.sigma_min if config.sigma_min is None else float(config.sigma_min)
+        self.num_levels = num_steps + 1 if self.end == "sigma_min" else num_steps
+        if self.num_levels < 3:
+            raise ValueError(f"{config.solver} at {nfe} NFE with end={self.end!r} has {self.num_levels} positive "
+                             f"noise levels; LD3 needs at least 3 (an interior level to learn)")
+        self.grid = GridParameterization(self.num_levels, self.sigma_min, self.sigma_max, end=self.end,
+                                         eval_window=config.eval_window).to(device)
         self.distance_fn = distance_fn if distance_fn is not None else make_distance(
             config.loss, lpips_vgg=config.lpips_vgg, lpips_lin=config.lpips_lin, lpips_resize=config.lpips_resize,
             device=device)
         numel = teacher.latents[0].numel()
         self.prior_bound = 0.001 * numel / nfe**2 if config.prior_bound is None else float(config.prior_bound)
         self.shift_lr = 12.0 / nfe if config.shift_lr is None else float(config.shift_lr)
-        self.train = _Split(teacher, slice(0, config.num_train), device)
-        self.valid = _Split(teacher, slice(config.num_train, config.num_train + config.num_valid), device)
+        self.train, self.valid = train, valid
         self.opt_logits = torch.optim.RMSprop([self.grid.logits], lr=config.lr_logits, momentum=config.momentum_logits)
         self.opt_offsets = torch.optim.SGD([self.grid.offsets], lr=config.lr_offsets / nfe)
         self.shuffle = torch.Generator().manual_seed(config.seed)
         self.valid_batch = config.valid_batch_size or len(self.valid)
-        self.best_loss, self.best_params = math.inf, copy.deepcopy(self.grid.state_dict())
+        self.best_loss, self.best_params, self.best_version = math.inf, None, 0
         self.count_worse, self.one_batch, self.lr2_floor_hits, self.stopped = 0, True, 0, False
+
+    def start_from(self, levels: torch.Tensor) -> None:
+        self.grid.set_grid(levels)
+        self.best_params = copy.deepcopy(self.grid.state_dict())
+
+    def score(self, sigmas, eval_sigmas, split: TeacherSplit) -> GridScore:
+        """A grid's per-sample losses on a split from its original noises."""
+        return score_grid(self.denoiser, split, sigmas.to(self.device), eval_sigmas, solver=self.config.solver,
+                          solver_kwargs=self.config.solver_kwargs, end=self.end, distance_fn=self.distance_fn,
+                          batch_size=self.config.valid_batch_size or 256)
+
+    def grid_of(self, params) -> tuple[torch.Tensor, torch.Tensor]:
+        """(sigmas, eval_sigmas) of a saved state of the parameterisation, on the device, without gradients."""
+        self.grid.load_state_dict(params)
+        with torch.no_grad():
+            return tuple(t.detach() for t in self.grid())
 
     def student_losses(self, latents, targets, labels) -> torch.Tensor:
         """Per-sample distance between the student's samples from `latents` and the teacher's."""
@@ -258,6 +296,7 @@ class _LD3Run:
         loss = self.validate(limit=self.valid_batch if self.one_batch else None)
         if loss < self.best_loss:
             self.best_loss, self.best_params, self.count_worse = loss, copy.deepcopy(self.grid.state_dict()), 0
+            self.best_version += 1
         else:
             self.count_worse += 1
         if self.count_worse < config.patience:
@@ -354,33 +393,63 @@ class _LD3Run:
                     max_noise_shift=max(split.max_shift() for split in (self.train, self.valid)),
                     time_s=round(time.time() - round_start, 3))
 
-    def best_grid(self) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """The best grid on the host, and its evaluation grid (None where it equals the grid)."""
-        self.grid.load_state_dict(self.best_params)
-        with torch.no_grad():
-            sigmas, eval_sigmas = (t.detach().cpu() for t in self.grid())
-        return sigmas, None if torch.equal(sigmas, eval_sigmas) else eval_sigmas
+
+def _levels_text(sigmas) -> str:
+    return ", ".join(f"{s:.4g}" for s in torch.as_tensor(sigmas).tolist())
 
 
 def train_ld3(denoiser, teacher: TeacherData, config: LD3Config, *, device=None, progress: bool = False,
               log=None, distance_fn=None) -> LD3Result:
-    """Learn `config.solver`'s grid at `config.nfe` from `teacher` (the first num_train samples train, the next
-    num_valid validate) with LD3's algorithm; return the grid with the best validation loss.
+    """Learn `config.solver`'s grid at `config.nfe` from `teacher` with LD3's algorithm, inside the safeguards.
+
+    Splits, in the teacher data's order: num_train samples train, num_valid validate (LD3's model selection, the
+    choice of the starting grid and of the learned candidate), then the held-out ones decide the final choice
+    (LD3Config.split_sizes). Steps: (1) score the hand-made grids on the validation split and start from the best
+    (or from `init`); (2) LD3's rounds, noting each round's best grid and its validation loss; (3) with the guard,
+    return the learned grid only when selection.choose_result says it beats the best hand-made grid, else that
+    grid; without it, LD3's best grid.
 
     denoiser: D(x, sigma, class_labels) as the solvers call it (a network or any function), differentiable in x
-    and sigma. log: a callable taking one line of text per round (e.g. print). distance_fn: a per-sample distance
-    (student, teacher) -> [B] instead of config.loss's.
+    and sigma. log: a callable taking one line of text at a time (e.g. print): the hand-made scores, the start, each
+    round, the choice and why. distance_fn: a per-sample distance (student, teacher) -> [B] instead of config.loss's.
     """
     config.validate(len(teacher))
+    say = log if log is not None else (lambda line: None)
     start_time = time.time()
     if device is None:
         param = next(denoiser.parameters(), None) if isinstance(denoiser, torch.nn.Module) else None
         device = param.device if param is not None else teacher.latents.device
-    run = _LD3Run(denoiser, teacher, config, torch.device(device), distance_fn)
+    device = torch.device(device)
+    num_train, num_valid, num_holdout, split_note = config.split_sizes(len(teacher))
+    splits = dict(train=TeacherSplit(teacher, 0, num_train, device),
+                  valid=TeacherSplit(teacher, num_train, num_valid, device),
+                  holdout=TeacherSplit(teacher, num_train + num_valid, num_holdout, device))
+    if split_note:
+        say(f"LD3: {split_note}")
+    run = _LD3Run(denoiser, teacher, config, device, distance_fn, splits["train"], splits["valid"])
     loss_name = config.loss if distance_fn is None else getattr(distance_fn, "__name__", type(distance_fn).__name__)
+
+    # (1) The hand-made grids on the validation and held-out splits; the best of them is the grid to beat. Choosing it
+    # on the held-out samples too makes it look better there than it is: the final test is biased towards it (safe).
+    names = config.candidate_names()
+    grids = hand_made_grids(names, run.num_levels, run.sigma_min, run.sigma_max, run.end)
+    valid_scores = {name: run.score(grids[name], None, splits["valid"]) for name in names}
+    holdout_scores = {name: run.score(grids[name], None, splits["holdout"]) for name in names} if num_holdout else {}
+    hand_made_losses = {name: float(torch.cat([valid_scores[name].losses] + ([holdout_scores[name].losses]
+                                                                             if num_holdout else [])).mean())
+                        for name in names}
+    baseline = min(names, key=lambda name: hand_made_losses[name])
+    start = baseline if config.init == "best" else config.init
+    scored_on = f"{num_valid} validation" + (f" + {num_holdout} held-out" if num_holdout else "")
+    say(f"LD3: hand-made grids on the {scored_on} samples ({loss_name}): "
+        + ", ".join(f"{name} {hand_made_losses[name]:.6g}" for name in names) + f"; best {baseline}")
+    say(f"LD3: starting from {start} (validation loss {valid_scores[start].loss:.6g}): {_levels_text(grids[start])}")
+    run.start_from(grids[start])
+
+    # (2) LD3's rounds. After each, the best grid so far (LD3's selection) is scored on the validation split from the
+    # original noises; these round bests are the learned candidates.
     num_rounds = config.rounds_v1 + config.rounds_v2
-    init_valid_loss = run.validate(use_original=True)
-    history = []
+    history, round_bests, scored_version = [], [], None
     bar = None
     if progress:
         import tqdm
@@ -389,33 +458,83 @@ def train_ld3(denoiser, teacher: TeacherData, config: LD3Config, *, device=None,
     try:
         for round_index in range(num_rounds):
             entry = run.train_round(round_index, bar)
+            if run.best_version != scored_version:
+                scored_version = run.best_version
+                params = copy.deepcopy(run.best_params)
+                sigmas, eval_sigmas = run.grid_of(params)
+                round_bests.append(dict(round=entry["round"], version=run.best_version, params=params,
+                                        score=run.score(sigmas, eval_sigmas, splits["valid"])))
+            entry["best_grid_valid_loss"] = round_bests[-1]["score"].loss
             history.append(entry)
-            if log is not None:
-                log(f"LD3 round {entry['round']}/{num_rounds} ({entry['phase']}): train {entry['train_loss']:.6g}, "
-                    f"valid {entry['valid_loss']:.6g}, best {entry['best_valid_loss']:.6g}, lr {entry['lr_logits']:.3g}"
-                    f"/{entry['lr_offsets']:.3g}, noises moved {entry['noises_moved_train']}/"
-                    f"{entry['noises_moved_valid']}, {entry['time_s']:.1f} s")
+            say(f"LD3 round {entry['round']}/{num_rounds} ({entry['phase']}): train {entry['train_loss']:.6g}, "
+                f"valid {entry['valid_loss']:.6g}, best {entry['best_valid_loss']:.6g} (its validation loss "
+                f"{entry['best_grid_valid_loss']:.6g}), lr {entry['lr_logits']:.3g}/{entry['lr_offsets']:.3g}, "
+                f"noises moved {entry['noises_moved_train']}/{entry['noises_moved_valid']}, {entry['time_s']:.1f} s")
             if run.stopped:
-                if log is not None:
-                    log(f"LD3: the offsets' learning rate reached its floor {config.lr2_patience} times; stopping")
+                say(f"LD3: the offsets' learning rate reached its floor {config.lr2_patience} times; stopping")
                 break
     finally:
         if bar is not None:
             bar.close()
 
-    sigmas, eval_sigmas = run.best_grid()
+    # (3) The result. The learned candidate: with the guard, the round best with the lowest validation loss from the
+    # original noises (version 1 is the start itself, not learned); without it, LD3's own best grid.
+    if config.guard:
+        learned = [best for best in round_bests if best["version"] > 1]
+        learned = min(learned, key=lambda best: best["score"].loss) if learned else None
+    else:
+        learned = round_bests[-1]
+    learned_valid = None if learned is None else learned["score"]
+    learned_holdout = None
+    if config.guard and num_holdout and learned is not None:
+        learned_holdout = run.score(*run.grid_of(learned["params"]), splits["holdout"])
+    if config.guard:
+        choice = choose_result(baseline, valid_scores[baseline], learned_valid, holdout_scores.get(baseline),
+                               learned_holdout, min_gain_se=config.min_gain_se)
+    else:
+        choice = Choice("learned", "LD3 as published: its best grid on the validation loss, unchecked (guard off)")
+        if learned_valid.loss > valid_scores[baseline].loss * (1 + TIE_TOLERANCE):
+            choice.warning = True
+            choice.reason += (f"; it is worse on validation than the hand-made {baseline} ({learned_valid.loss:.6g} "
+                              f"vs {valid_scores[baseline].loss:.6g})")
+    learned_sigmas = learned_eval_sigmas = None
+    if learned is not None:
+        learned_sigmas, learned_eval_sigmas = (t.cpu() for t in run.grid_of(learned["params"]))
+        learned_eval_sigmas = None if torch.equal(learned_sigmas, learned_eval_sigmas) else learned_eval_sigmas
+    if choice.chosen == "learned":
+        sigmas, eval_sigmas, valid_loss = learned_sigmas, learned_eval_sigmas, learned_valid.loss
+        say(f"LD3: {'Warning: ' if choice.warning else ''}returning the grid learned by round {learned['round']}: "
+            f"{choice.reason}")
+    else:
+        sigmas, eval_sigmas, valid_loss = grids[baseline].cpu(), None, valid_scores[baseline].loss
+        say(f"LD3: {'Warning: ' if choice.warning else ''}returning the hand-made grid {baseline}: {choice.reason}")
+
     train_time = time.time() - start_time
+    result_record = dict(choice.as_dict(), valid_loss=valid_loss,
+                         round=learned["round"] if choice.chosen == "learned" else None,
+                         learned_valid_loss=None if learned_valid is None else learned_valid.loss,
+                         learned_round=None if learned is None else learned["round"],
+                         holdout_loss=None if learned_holdout is None else learned_holdout.loss,
+                         baseline_holdout_loss=holdout_scores[baseline].loss if num_holdout else None)
     provenance = _json_safe(dict(
         method="LD3 (Tong et al., ICLR 2025; arXiv 2405.15506)", teacher=_json_safe(teacher.info),
-        num_train=config.num_train, num_valid=config.num_valid, loss=loss_name,
-        prior_bound=run.prior_bound, init=config.init, init_valid_loss=init_valid_loss, best_valid_loss=run.best_loss,
+        num_train=num_train, num_valid=num_valid, num_holdout=num_holdout,
+        splits={name: split.describe() for name, split in splits.items()}, loss=loss_name,
+        prior_bound=run.prior_bound, init=config.init, guard=config.guard,
+        start=dict(name=start, valid_loss=valid_scores[start].loss, sigmas=grids[start]),
+        hand_made_valid_losses={name: valid_scores[name].loss for name in names},
+        hand_made_holdout_losses={name: score.loss for name, score in holdout_scores.items()} or None,
+        best_hand_made=dict(name=baseline, valid_loss=valid_scores[baseline].loss,
+                            holdout_loss=holdout_scores[baseline].loss if num_holdout else None),
+        result=result_record, init_valid_loss=valid_scores[start].loss, best_valid_loss=run.best_loss,
         rounds=len(history), train_time_s=round(train_time, 3), history=history,
         config={k: v for k, v in dataclasses.asdict(config).items() if k not in ("solver", "solver_kwargs", "end")},
         created=time.strftime("%Y-%m-%dT%H:%M:%S%z"), torch=torch.__version__))
     return LD3Result(sigmas=sigmas, eval_sigmas=eval_sigmas, solver=config.solver,
-                     solver_kwargs=dict(config.solver_kwargs), end=run.end, nfe=config.nfe,
-                     init_valid_loss=init_valid_loss, best_valid_loss=run.best_loss, history=history,
-                     train_time_s=train_time, provenance=provenance)
+                     solver_kwargs=dict(config.solver_kwargs), end=run.end, nfe=config.nfe, start=start,
+                     chosen=choice.chosen, reason=choice.reason, init_valid_loss=valid_scores[start].loss,
+                     best_valid_loss=run.best_loss, valid_loss=valid_loss, history=history, train_time_s=train_time,
+                     provenance=provenance, learned_sigmas=learned_sigmas, learned_eval_sigmas=learned_eval_sigmas)
 
 
 def _json_safe(obj):
@@ -428,4 +547,3 @@ def _json_safe(obj):
     if isinstance(obj, float) and not math.isfinite(obj):
         return repr(obj)
     return obj
-
