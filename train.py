@@ -22,7 +22,8 @@ Examples:
 Additions to EDM's options: --loss (registry name; default follows --precond) and --loss-opt KEY=VALUE for its
 constructor options, the plug-ins --stf/--stf-refs/--stf-mask-classes (STF targets) and --aot (AOT noise pairing),
 which compose with each other and with the edm, vp and ve losses, --precision fp32|bf16|fp16 (torch.autocast;
-fp16 adds a GradScaler), --compile, --device, --rng image|rank, --lr-rampup; hidden: --blocks (num_blocks) and
+fp16 adds a GradScaler), --compile 0|1|regional, --channels-last and --fused-adam (GPU speed; not bit-identical
+to the defaults, which are EDM's), --device, --rng image|rank, --lr-rampup; hidden: --blocks (num_blocks) and
 --attn (attn_resolutions) for tiny networks. --workers accepts 0 (load in the main process). --resume takes EDM's
 training states (approximate resume through the safe pickle importer) and ours (exact resume): a state file, a run
 directory (its newest valid state) or `auto` (the newest valid state under --outdir, else a fresh start). A state
@@ -81,6 +82,20 @@ class FiniteFloat(click.FloatRange):
         if not math.isfinite(value):
             self.fail(f'{value} is not a finite number', param, ctx)
         return value
+
+
+class CompileMode(click.ParamType):
+    """--compile: a boolean (EDM's spelling: 0/1, true/false, ...) or 'regional' (each U-Net block compiled)."""
+
+    name = 'compile mode'
+
+    def convert(self, value, param, ctx):
+        if isinstance(value, bool) or value == 'regional':
+            return value
+        try:
+            return click.BOOL.convert(value, param, ctx)
+        except click.BadParameter:
+            self.fail(f"{value!r} is neither a boolean nor 'regional'", param, ctx)
 
 
 def _channel_list(ctx, param, value):
@@ -307,6 +322,8 @@ def build_config(opts: dnnlib.EasyDict, world_size: int) -> tuple[dnnlib.EasyDic
     c.network_kwargs = dnnlib.EasyDict()
     c.loss_kwargs = dnnlib.EasyDict()
     c.optimizer_kwargs = dnnlib.EasyDict(class_name='torch.optim.Adam', lr=opts.lr, betas=[0.9, 0.999], eps=1e-8)
+    if opts.fused_adam:
+        c.optimizer_kwargs.fused = True
 
     # Validate the dataset and fill in its resolution and size, as EDM.
     try:
@@ -398,6 +415,8 @@ def build_config(opts: dnnlib.EasyDict, world_size: int) -> tuple[dnnlib.EasyDic
     c.update(loss_scaling=opts.ls, cudnn_benchmark=opts.bench)
     c.update(kimg_per_tick=opts.tick, snapshot_ticks=opts.snap, state_dump_ticks=opts.dump)
     c.update(precision=opts.precision, compile=opts.compile, rng=opts.rng, device=opts.device)
+    if opts.channels_last:
+        c.channels_last = True
 
     # Random seed.
     if opts.seed is not None:
@@ -512,8 +531,12 @@ def _presets_epilog() -> str:
               show_default=True)
 @click.option('--precision', help='Autocast precision (fp16 adds a GradScaler)',
               type=click.Choice(list(training_loop.PRECISIONS)), default='fp32', show_default=True)
-@click.option('--compile', help='torch.compile the network', metavar='BOOL', type=bool, default=False,
-              show_default=True)
+@click.option('--compile', help='torch.compile the network: whole (1) or per U-Net block (regional: compiles in a '
+              'fraction of the time)', metavar='BOOL|regional', type=CompileMode(), default=False, show_default=True)
+@click.option('--channels-last', 'channels_last', help='Weights in channels_last memory format (faster convolutions on '
+              'GPUs; not bit-identical)', metavar='BOOL', type=bool, default=False, show_default=True)
+@click.option('--fused-adam', 'fused_adam', help="Adam's fused kernel instead of torch's default (foreach); not "
+              'bit-identical', metavar='BOOL', type=bool, default=False, show_default=True)
 @click.option('--ls', help='Loss scaling', metavar='FLOAT', type=FiniteFloat(min=0, min_open=True), default=1,
               show_default=True)
 @click.option('--bench', help='Enable cuDNN benchmarking', metavar='BOOL', type=bool, default=True, show_default=True)

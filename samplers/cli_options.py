@@ -14,6 +14,7 @@ import re
 import click
 
 from samplers import END_CONVENTIONS, SCHEDULES, SOLVERS, make_grid
+from samplers.accelerated import PRECISIONS
 from samplers.generation import SamplerConfig, parse_int_list
 from samplers.guidance import GUIDANCE
 
@@ -105,6 +106,20 @@ def solver_option(help_prefix: str = "", default: str | None = None, required: b
                         show_default=False, callback=None if deferred else _check_solver)
 
 
+def speed_options(help_prefix: str = ""):
+    """Decorator: --precision, --compile, --cuda-graph (samplers/accelerated.py; the defaults are EDM's exact call)."""
+    options = [
+        click.option("--precision", help=help_prefix + "Denoiser precision: fp32 (EDM) or bf16 autocast (GPUs; images "
+                     "move by about a uint8 level)", type=click.Choice(list(PRECISIONS)), default="fp32",
+                     show_default=True),
+        click.option("--compile", "compile", help=help_prefix + "torch.compile the denoiser (the first batch compiles)",
+                     is_flag=True),
+        click.option("--cuda-graph", "cuda_graph", help=help_prefix + "Replay the fixed-shape denoiser call from CUDA "
+                     "graphs (CUDA only)", is_flag=True),
+    ]
+    return lambda fn: _apply(options, fn)
+
+
 def end_option(help_prefix: str = ""):
     zero = "/".join(name for name, entry in SOLVERS.items() if entry.default_end == "zero")
     return click.option("--end", help=help_prefix + "Grid end: append sigma=0 and denoise, or stop at sigma_min  "
@@ -179,6 +194,7 @@ def sampler_options(help_prefix: str = "", solver_default: str | None = None, st
         click.option("--denoise-to-zero", "denoise_to_zero", help=help_prefix + "After a grid ending at sigma_min, "
                      "output D(x; sigma_min) (+1 NFE)", is_flag=True),
         solver_option_flags(help_prefix),
+        speed_options(help_prefix),
         *([guidance_options(help_prefix)] if guidance else []),
     ]
     return lambda fn: _apply(options, fn)
@@ -243,7 +259,7 @@ def solver_kwargs_from_cli(solver: str, solver_opt=(), solvers=None, **option_fl
 
 
 def sampler_config(solver, schedule, num_steps, sigma_min, sigma_max, rho, end, denoise_to_zero=False,
-                   solver_opt=(), **option_flags) -> SamplerConfig:
+                   solver_opt=(), precision="fp32", compile=False, cuda_graph=False, **option_flags) -> SamplerConfig:
     """Map the sampler flags to a SamplerConfig, with the errors a user can act on. The solver stays None when
     --solver is not given (heun, or a schedule file's), so that a config of defaults means "no sampler option given"
     (a one-step snapshot is then sampled in one step, samplers/onestep.py)."""
@@ -267,6 +283,7 @@ def sampler_config(solver, schedule, num_steps, sigma_min, sigma_max, rho, end, 
         if schedule not in takers:
             raise click.UsageError(f"--rho applies to schedules {_join(takers)}, not {schedule!r}")
         schedule_kwargs["rho"] = rho
-    return SamplerConfig(solver=solver, schedule=schedule, num_steps=num_steps, sigma_min=sigma_min,
+    return SamplerConfig(precision=precision, compile=compile, cuda_graph=cuda_graph, solver=solver,
+                         schedule=schedule, num_steps=num_steps, sigma_min=sigma_min,
                          sigma_max=sigma_max, end=end, denoise_to_zero=denoise_to_zero, solver_kwargs=solver_kwargs,
                          schedule_kwargs=schedule_kwargs, guidance=guidance)

@@ -21,6 +21,7 @@ import PIL.Image
 import torch
 
 from samplers import SCHEDULES, SigmaGrid, count_nfe, get_solver, make_grid, sample
+from samplers.accelerated import accelerate
 from samplers.guidance import build_guidance
 from samplers.schedules import learned_solver_options
 from torch_utils import distributed as dist
@@ -70,6 +71,10 @@ class SamplerConfig:
     sigma_max: float | None = None  # None: the schedule's default (EDM: 80)
     end: str | None = None  # 'zero' | 'sigma_min'; None: the solver's convention (its default_end) or the file's
     denoise_to_zero: bool = False
+    # Speed of the denoiser call (samplers/accelerated.py; opt-in, the defaults are EDM's exact call):
+    precision: str = "fp32"  # 'bf16': the network under bf16 autocast
+    compile: bool = False  # torch.compile the network
+    cuda_graph: bool = False  # replay the fixed-shape call from CUDA graphs
     solver_kwargs: dict = dataclasses.field(default_factory=dict)
     schedule_kwargs: dict = dataclasses.field(default_factory=dict)
     guidance: dict = dataclasses.field(default_factory=dict)  # {name: options} of samplers.guidance.GUIDANCE
@@ -215,7 +220,7 @@ def sample_seeds(net, seeds, config: SamplerConfig, *, grid_info=None, class_idx
     device = torch.device(device) if device is not None else dist.device()
     plan = grid_info if grid_info is not None else sampling.prepare(net, config, device)
     inputs = inputs if inputs is not None else seed_inputs(net, seeds, class_idx, device)
-    return sampling.sample(net, plan, inputs, config)
+    return sampling.sample(accelerate(net, config.precision, config.compile, config.cuda_graph), plan, inputs, config)
 
 
 def generate_images(net, seeds, *, batch_size: int = 64, solver: str | None = None, schedule: str = "edm",
@@ -223,6 +228,7 @@ def generate_images(net, seeds, *, batch_size: int = 64, solver: str | None = No
                     end: str | None = None, denoise_to_zero: bool = False, class_idx: int | None = None,
                     solver_kwargs: dict | None = None, schedule_kwargs: dict | None = None, device=None,
                     rank: int | None = None, world_size: int | None = None, skip_seeds=None, progress: bool = False,
+                    precision: str = "fp32", compile: bool = False, cuda_graph: bool = False,
                     sampling=None, guidance: dict | None = None):
     """Yield (batch_seeds, images) for this rank's share of `seeds`: images are uint8 NCHW on `device`.
 
@@ -235,7 +241,8 @@ def generate_images(net, seeds, *, batch_size: int = 64, solver: str | None = No
     process is sampled (`snapshot.process.sampling`); None is EDM's GridSampling. guidance: {name: options} of
     samplers.guidance.GUIDANCE (discriminator guidance), for a sampling that takes it.
     """
-    config = SamplerConfig(solver=solver, schedule=schedule, num_steps=num_steps, sigma_min=sigma_min,
+    config = SamplerConfig(precision=precision, compile=compile, cuda_graph=cuda_graph, solver=solver,
+                           schedule=schedule, num_steps=num_steps, sigma_min=sigma_min,
                            sigma_max=sigma_max, end=end, denoise_to_zero=denoise_to_zero,
                            solver_kwargs=dict(solver_kwargs or {}), schedule_kwargs=dict(schedule_kwargs or {}),
                            guidance=dict(guidance or {}))
@@ -244,6 +251,7 @@ def generate_images(net, seeds, *, batch_size: int = 64, solver: str | None = No
     if config.guidance and not getattr(sampling, "takes_guidance", False):
         raise ValueError(f"{type(sampling).__name__} (this snapshot's process) does not take guidance "
                          f"({', '.join(config.guidance)})")
+    net = accelerate(net, precision, compile, cuda_graph)  # once: its compiled code and graphs serve every batch
     plan = sampling.prepare(net, config, device)
     skip = set(int(s) for s in skip_seeds) if skip_seeds is not None else set()
     batches = rank_batches(seeds, batch_size, rank, world_size)

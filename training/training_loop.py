@@ -108,6 +108,30 @@ def split_batch(batch_size: int, world_size: int, batch_gpu: int | None) -> tupl
     return batch_gpu_total, batch_gpu, batch_gpu_total // batch_gpu
 
 
+COMPILE_MODES = (False, True, 'regional')
+
+
+def compile_network(module: torch.nn.Module, mode) -> torch.nn.Module:
+    """--compile: False = eager; True = torch.compile of the whole (DDP-wrapped) network, returned as a new module;
+    'regional' = each U-Net block compiled in place (`UNetBlock.compile()`, static shapes), which compiles a few
+    block graphs instead of one for the whole network: much less compile time, most of the fusion. State-dict keys
+    and pickles are unchanged either way (the EMA copy is never compiled)."""
+    if mode not in COMPILE_MODES:
+        raise ValueError(f'compile={mode!r}; expected one of {COMPILE_MODES}')
+    if mode is True:
+        return torch.compile(module)
+    if mode == 'regional':
+        from training.networks import UNetBlock
+        # One code object for all blocks: every distinct block shape is a cache entry (DDPM++ CIFAR-10: ~20).
+        for name in ('cache_size_limit', 'recompile_limit'):
+            if hasattr(torch._dynamo.config, name):
+                setattr(torch._dynamo.config, name, max(getattr(torch._dynamo.config, name), 256))
+        for block in module.modules():
+            if isinstance(block, UNetBlock):
+                block.compile(dynamic=False)
+    return module
+
+
 def autocast_context(device: torch.device, precision: str):
     """torch.autocast for bf16/fp16; a true no-op for fp32 so fp32 results equal code without it."""
     if precision not in PRECISIONS:
@@ -284,7 +308,8 @@ class _Run:
 
 def _build(*, dataset_kwargs, data_loader_kwargs, network_kwargs, loss_kwargs, optimizer_kwargs, augment_kwargs,
            seed, batch_size, batch_gpu, ema_halflife_kimg, ema_rampup_ratio, lr_rampup_kimg, loss_scaling,
-           cudnn_benchmark, device, precision, compile, allow_tf32, rng, resume_positions) -> _Run:
+           cudnn_benchmark, device, precision, compile, allow_tf32, rng, resume_positions,
+           channels_last=False) -> _Run:
     """Seeding, data, networks, loss, phases, DDP and the batch source, in EDM's order of random draws."""
     rank, world_size = dist.get_rank(), dist.get_world_size()
 
@@ -314,6 +339,8 @@ def _build(*, dataset_kwargs, data_loader_kwargs, network_kwargs, loss_kwargs, o
     with _weight_init_rng(seed if rng == 'image' else None):
         net = dnnlib.util.construct_class_by_name(**network_kwargs, **interface_kwargs)
         net.train().requires_grad_(True).to(device)
+        if channels_last:  # the weights only: inputs and random draws keep their layout (randn_like follows it)
+            net.to(memory_format=torch.channels_last)
         dist.print0('Setting up optimizer...')
         loss_fn = dnnlib.util.construct_class_by_name(**loss_kwargs)
         if hasattr(loss_fn, 'check_data'):
@@ -347,19 +374,19 @@ def _build(*, dataset_kwargs, data_loader_kwargs, network_kwargs, loss_kwargs, o
     if rank == 0:
         _print_module_summary(networks)
 
-    ddp_modules, train_modules = {}, {}
+    ddp_modules = {}
     for name, module in networks.items():
         wrapped = module
         if dist.is_distributed() and any(p.requires_grad for p in module.parameters()):
             wrapped = torch.nn.parallel.DistributedDataParallel(
                 module, device_ids=[device] if device.type == 'cuda' else None)
         ddp_modules[name] = wrapped
-        train_modules[name] = torch.compile(wrapped) if compile else wrapped
+    ema = copy.deepcopy(net).eval().requires_grad_(False)  # after DDP's broadcast (EDM), before a regional compile
+    train_modules = {name: compile_network(wrapped, compile) for name, wrapped in ddp_modules.items()}
     if compile:
         dist.print0('torch.compile: the first steps compile the networks (a minute or more); the status line follows')
     phase_networks = {phase.name: {name: (train_modules[name] if name == phase.network else module)
                                    for name, module in networks.items()} for phase in phases}
-    ema = copy.deepcopy(net).eval().requires_grad_(False)
     scalers = {phase.name: torch.amp.GradScaler(device.type) for phase in phases} if precision == 'fp16' else {}
 
     # The loss's batch source, around EDM's stream (built before the resume, which restores the RNG states last).
@@ -410,11 +437,12 @@ def _resume(run: _Run, *, state, resume_pkl, resume_state_dump, resume_kimg, opt
         for phase in run.phases:
             if phase.name not in state['optimizers']:
                 raise ValueError(f'{resume_state_dump}: no optimizer state for phase {phase.name!r}')
-            configured = [group['base_lr'] for group in phase.optimizer.param_groups]
+            configured = [{key: group[key] for key in ('base_lr', 'fused', 'foreach') if key in group}
+                          for group in phase.optimizer.param_groups]
             phase.optimizer.load_state_dict(state['optimizers'][phase.name])
-            # The learning rate is this run's (--lr on a resume takes effect); the moments are the state's.
-            for group, base_lr in zip(phase.optimizer.param_groups, configured):
-                group['base_lr'] = base_lr
+            # The learning rate and the kernel choice (--fused-adam) are this run's; the moments are the state's.
+            for group, settings in zip(phase.optimizer.param_groups, configured):
+                group.update(settings)
             if phase.name in run.scalers and phase.name in state.get('grad_scalers', {}):
                 run.scalers[phase.name].load_state_dict(state['grad_scalers'][phase.name])
         run.cur_nimg, run.cur_tick = int(state['cur_nimg']), int(state['cur_tick'])
@@ -556,7 +584,10 @@ def _write_snapshot(run: _Run, run_dir: str) -> None:
                 process=getattr(run.loss_fn, 'process', EDMProcess()), dataset_kwargs=run.dataset_kwargs,
                 extra=dict(phema=dict(std=std, gamma=run.phema.gammas[std], step=run.cur_iter,
                                       kimg=run.cur_nimg / 1000)))
-    snapshots.save_snapshot(os.path.join(run_dir, f'network-snapshot-{run.cur_nimg // 1000:06d}.pkl'), ema=run.ema,
+    ema = run.ema
+    if any(p.is_contiguous(memory_format=torch.channels_last) and not p.is_contiguous() for p in ema.parameters()):
+        ema = copy.deepcopy(ema).to(memory_format=torch.contiguous_format)  # --channels-last: pickles as EDM's
+    snapshots.save_snapshot(os.path.join(run_dir, f'network-snapshot-{run.cur_nimg // 1000:06d}.pkl'), ema=ema,
                             loss_kwargs=run.loss_kwargs, process=getattr(run.loss_fn, 'process', EDMProcess()),
                             augment_pipe=run.augment_pipe,
                             dataset_kwargs=run.dataset_kwargs)
@@ -619,7 +650,8 @@ def training_loop(
     cudnn_benchmark=True,       # torch.backends.cudnn.benchmark.
     device=None,                # Device; None = torch_utils.distributed.device().
     precision='fp32',           # 'fp32', 'bf16' or 'fp16' through torch.autocast (fp32 master weights).
-    compile=False,              # torch.compile the networks' forward.
+    compile=False,              # torch.compile the networks: False, True (whole network) or 'regional' (per block).
+    channels_last=False,        # Weights in channels_last memory format (convolution speed on GPUs; not bit-exact).
     allow_tf32=False,           # TF32 matmul/convolutions on Ampere+ (EDM: off).
     rng='image',                # 'image': per-image sigma/noise keyed by data position; 'rank': EDM's per-rank stream.
     progress=True,              # tqdm progress bar on rank 0 when stderr is a terminal.
@@ -661,7 +693,7 @@ def training_loop(
                  batch_size=batch_size, batch_gpu=batch_gpu, ema_halflife_kimg=ema_halflife_kimg,
                  ema_rampup_ratio=ema_rampup_ratio, lr_rampup_kimg=lr_rampup_kimg, loss_scaling=loss_scaling,
                  cudnn_benchmark=cudnn_benchmark, device=device, precision=precision, compile=compile,
-                 allow_tf32=allow_tf32, rng=rng, resume_positions=resume_positions)
+                 allow_tf32=allow_tf32, rng=rng, resume_positions=resume_positions, channels_last=channels_last)
     if phema_stds:
         run.phema = PowerEMA(run.net, phema_stds)
     _resume(run, state=state, resume_pkl=resume_pkl, resume_state_dump=resume_state_dump, resume_kimg=resume_kimg,

@@ -1,0 +1,366 @@
+"""The CUDA path (issue 15): tests marked `cuda` run on a GPU and skip without one; the rest check on the CPU what
+can be checked there: the speed options of train.py and of the sampler, and the training step without tensor-to-Python
+conversions.
+
+On a GPU:  python -m pytest -q -m cuda tests/test_cuda.py
+"""
+
+import copy
+import json
+import os
+import sys
+import threading
+
+import pytest
+import torch
+from click.testing import CliRunner
+from train_worker import loop_kwargs, random_images, tiny_network_kwargs, write_zip_dataset
+
+import generate
+import train
+from losses import EDMLoss
+from samplers.accelerated import AcceleratedDenoiser, accelerate
+from samplers.generation import SamplerConfig, generate_images, sample_seeds
+from training import snapshots
+from training import training_loop as tl
+from training.networks import UNetBlock
+
+HAS_CUDA = torch.cuda.is_available()
+requires_cuda = pytest.mark.skipif(not HAS_CUDA, reason='needs a CUDA GPU')
+
+
+def tiny_denoiser(label_dim=10, seed=0, resolution=8):
+    """A ~50k-parameter EDMPrecond DDPM++ with every weight redrawn at unit gain (EDM zero-initialises the output
+    layers, which would make precision comparisons trivially pass)."""
+    from training.preconditioning import EDMPrecond
+    kwargs = {k: v for k, v in tiny_network_kwargs().items() if k != 'class_name'}
+    torch.manual_seed(seed)
+    net = EDMPrecond(img_resolution=resolution, img_channels=3, label_dim=label_dim, **kwargs)
+    gen = torch.Generator().manual_seed(seed + 1)
+    with torch.no_grad():
+        for param in net.parameters():
+            if param.ndim > 1:
+                param.copy_(torch.randn(param.shape, generator=gen) / param[0].numel() ** 0.5)
+    return net.eval().requires_grad_(False)
+
+
+def denoiser_inputs(batch=6, resolution=8, device='cpu'):
+    gen = torch.Generator().manual_seed(3)
+    y = torch.rand([batch, 3, resolution, resolution], generator=gen) * 2 - 1
+    sigma = torch.logspace(-2.7, 1.9, batch)
+    x = y + sigma.reshape(-1, 1, 1, 1) * torch.randn(y.shape, generator=gen)
+    labels = torch.eye(10)[torch.arange(batch) % 10]
+    return x.to(device), sigma.to(device), labels.to(device)
+
+
+def rel_l2(a, b):
+    return float((a.double() - b.double()).norm() / b.double().norm())
+
+
+@pytest.fixture(scope='module')
+def tiny_zip(tmp_path_factory):
+    root = tmp_path_factory.mktemp('data')
+    return write_zip_dataset(str(root / 'tiny.zip'), random_images(64), labels=[i % 3 for i in range(64)])
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# train.py's speed options (CPU).
+
+def test_compile_modes_regional_compiles_every_unet_block_in_place():
+    net = tiny_denoiser()
+    keys = list(net.state_dict())
+    ema = copy.deepcopy(net)
+    assert tl.compile_network(net, False) is net
+    assert tl.compile_network(net, 'regional') is net  # in place: the same module, the same state-dict keys
+    blocks = [m for m in net.modules() if isinstance(m, UNetBlock)]
+    assert blocks and all(getattr(b, '_compiled_call_impl', None) is not None for b in blocks)
+    assert list(net.state_dict()) == keys
+    assert all(getattr(m, '_compiled_call_impl', None) is None for m in ema.modules())  # the copy stays eager
+    whole = tl.compile_network(copy.deepcopy(ema), True)
+    assert isinstance(whole, torch._dynamo.eval_frame.OptimizedModule)
+    with pytest.raises(ValueError, match=r"compile='blocks'; expected one of \(False, True, 'regional'\)"):
+        tl.compile_network(ema, 'blocks')
+
+
+def test_train_cli_speed_flags(tiny_zip, tmp_path):
+    common = ['--outdir', str(tmp_path), '--data', tiny_zip, '--batch', 8, '--device', 'cpu', '-n']
+    result = CliRunner().invoke(train.main, [str(a) for a in common + ['--compile', 'regional', '--channels-last', 1,
+                                                                        '--fused-adam', 1]])
+    assert result.exit_code == 0, result.output
+    options = json.loads(result.output[result.output.index('{'):result.output.index('\n}') + 2])
+    assert options['compile'] == 'regional' and options['channels_last'] is True
+    assert options['optimizer_kwargs']['fused'] is True
+    result = CliRunner().invoke(train.main, [str(a) for a in common + ['--compile', 1]])
+    options = json.loads(result.output[result.output.index('{'):result.output.index('\n}') + 2])
+    assert options['compile'] is True and 'channels_last' not in options and 'fused' not in options['optimizer_kwargs']
+    result = CliRunner().invoke(train.main, [str(a) for a in common + ['--compile', 'blocks']])
+    assert result.exit_code != 0
+    assert "Invalid value for '--compile': 'blocks' is neither a boolean nor 'regional'" in result.output
+
+
+def test_channels_last_and_fused_adam_train_close_to_the_defaults_and_resume_keeps_the_choice(tiny_zip, tmp_path):
+    """Not bit-identical (other kernels, other summation orders), but the same training to float32 precision;
+    snapshots hold contiguous weights (EDM's layout); a resume takes the optimizer kernel of the new run."""
+    states = {}
+    for name, options in [('default', {}), ('fast', dict(channels_last=True)), ('fused', {})]:
+        run_dir = tmp_path / name
+        run_dir.mkdir()
+        kwargs = loop_kwargs(str(run_dir), tiny_zip, snapshot_ticks=1, total_kimg=0.016, **options)
+        if name == 'fused':
+            kwargs['optimizer_kwargs'] = dict(kwargs['optimizer_kwargs'], fused=True)
+        tl.training_loop(**kwargs)
+        states[name] = torch.load(run_dir / 'training-state-000000.pt', weights_only=True)
+        snapshot = snapshots.load_snapshot(str(run_dir / 'network-snapshot-000000.pkl'))
+        assert all(p.is_contiguous() for p in snapshot.net.parameters())
+    for name in ('fast', 'fused'):
+        for key, value in states['default']['networks']['net'].items():
+            torch.testing.assert_close(states[name]['networks']['net'][key], value, rtol=1e-4, atol=1e-5)
+    assert states['fused']['optimizers']['main']['param_groups'][0]['fused'] is True
+
+    # Resume the foreach run's state with fused Adam: the group keeps this run's kernel choice.
+    built = []
+    original = tl._resume
+
+    def recording_resume(run, **kwargs):
+        original(run, **kwargs)
+        built.append([group.get('fused') for group in run.phases[0].optimizer.param_groups])
+
+    kwargs = loop_kwargs(str(tmp_path / 'resumed'), tiny_zip, total_kimg=0.024,
+                         resume_state_dump=str(tmp_path / 'default' / 'training-state-000000.pt'))
+    kwargs['optimizer_kwargs'] = dict(kwargs['optimizer_kwargs'], fused=True)
+    (tmp_path / 'resumed').mkdir()
+    tl._resume = recording_resume
+    try:
+        with pytest.warns(UserWarning, match='optimizer_kwargs: the continuation will not be exact'):
+            tl.training_loop(**kwargs)
+    finally:
+        tl._resume = original
+    assert built == [[True]]
+
+
+def test_training_step_converts_no_device_tensor_to_python(tiny_zip, tmp_path, monkeypatch):
+    """The CPU stand-in for 'no host sync per step': after two warm-up steps, our loop's step (without augmentation)
+    never turns a tensor into a Python value in our code (torch's own host-side counters, Adam's CPU step, are not
+    device syncs). On a GPU, test_no_host_sync_in_training_step_cuda uses CUDA's sync debug mode."""
+    calls, steps = [], []
+    torch_dir = os.path.dirname(os.path.abspath(torch.__file__))
+    thread = threading.get_ident()
+    original_step = tl._train_step
+
+    def counting_step(run):
+        steps.append(1)
+        if len(steps) <= 2:
+            return original_step(run)
+        originals = {name: getattr(torch.Tensor, name) for name in ('item', 'tolist', '__bool__', '__float__',
+                                                                     '__int__', '__index__')}
+
+        def wrap(name, method):
+            def counted(self, *args, **kwargs):
+                caller = sys._getframe(1).f_code
+                if threading.get_ident() == thread and not os.path.abspath(caller.co_filename).startswith(torch_dir):
+                    calls.append(f'{name} in {caller.co_filename}:{caller.co_name}')
+                return method(self, *args, **kwargs)
+            return counted
+
+        for name, method in originals.items():
+            monkeypatch.setattr(torch.Tensor, name, wrap(name, method))
+        try:
+            return original_step(run)
+        finally:
+            for name, method in originals.items():
+                monkeypatch.setattr(torch.Tensor, name, method)
+
+    monkeypatch.setattr(tl, '_train_step', counting_step)
+    tl.training_loop(**loop_kwargs(str(tmp_path), tiny_zip, total_kimg=0.040, kimg_per_tick=1, state_dump_ticks=None,
+                                   batch_gpu=4, dataset_kwargs=dict(loop_kwargs('', tiny_zip)['dataset_kwargs'],
+                                                                    use_labels=True)))
+    assert len(steps) == 5 and calls == []
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# The sampler's speed options (CPU).
+
+def test_accelerate_defaults_are_the_network_and_bf16_stays_close():
+    net = tiny_denoiser()
+    assert accelerate(net) is net and accelerate(net, 'fp32', False, False) is net
+    fast = accelerate(net, 'bf16')
+    assert isinstance(fast, AcceleratedDenoiser) and accelerate(fast, 'bf16') is fast
+    assert accelerate(fast, 'fp32') is net  # back to the plain call
+    assert fast.label_dim == 10 and fast.sigma_max == net.sigma_max and fast.round_sigma is not None
+    x, sigma, labels = denoiser_inputs()
+    reference = net(x, sigma, labels)
+    with torch.no_grad():
+        out = fast(x, sigma, labels)
+    assert out.dtype == torch.float32 and 0 < rel_l2(out, reference) < 2e-2  # bf16: 8 significant bits
+    # With autograd on (LD3, guidance) the network is called directly, still under the autocast asked for.
+    x.requires_grad_(True)
+    with torch.enable_grad():
+        out_grad = fast(x, sigma, labels)
+    assert out_grad.requires_grad and rel_l2(out_grad.detach(), reference) < 2e-2
+    with pytest.raises(ValueError, match="precision 'fp16'; expected one of fp32, bf16"):
+        accelerate(net, 'fp16')
+    with pytest.raises(ValueError, match='--cuda-graph .* needs a CUDA device, not cpu'):
+        with torch.no_grad():
+            accelerate(net, cuda_graph=True)(x.detach(), sigma, labels)
+
+
+def test_generate_images_precision_option_moves_pixels_by_about_a_level():
+    net = tiny_denoiser()
+    seeds = list(range(6))
+    fp32 = torch.cat([img for _, img in generate_images(net, seeds, batch_size=6, num_steps=4, device='cpu')])
+    bf16 = torch.cat([img for _, img in generate_images(net, seeds, batch_size=6, num_steps=4, device='cpu',
+                                                        precision='bf16')])
+    diff = (fp32.int() - bf16.int()).abs()
+    assert 0 < diff.max() <= 16 and diff.double().mean() < 2
+    config = SamplerConfig(num_steps=4, precision='bf16')
+    direct = sample_seeds(net, seeds, config, device='cpu')  # the per-batch path takes it from the config too
+    from samplers.generation import to_uint8
+    assert torch.equal(to_uint8(direct), bf16)
+
+
+def test_generate_cli_precision_is_recorded_and_fid_images_refuses_it(tmp_path):
+    from losses import loss_kwargs
+    from processes import EDMProcess
+    path = str(tmp_path / 'net.pkl')
+    snapshots.save_snapshot(path, ema=tiny_denoiser(label_dim=0), loss_kwargs=loss_kwargs('edm', {}),
+                            process=EDMProcess())
+    out = tmp_path / 'out'
+    result = CliRunner().invoke(generate.main, ['--network', path, '--outdir', str(out), '--seeds', '0-3', '--batch',
+                                                '4', '--steps', '3', '--precision', 'bf16', '--device', 'cpu'])
+    assert result.exit_code == 0, result.output
+    record = json.load(open(out / 'generation.json'))
+    assert record['options']['precision'] == 'bf16' and record['options']['compile'] is False
+    result = CliRunner().invoke(generate.main, ['--network', path, '--outdir', str(out), '--seeds', '0-3', '--batch',
+                                                '4', '--steps', '3', '--device', 'cpu'])
+    assert result.exit_code != 0 and 'another options' in result.output  # fp32 images never mix with bf16 ones
+    import fid
+    result = CliRunner().invoke(fid.main, ['calc', '--images', str(out), '--ref', str(tmp_path / 'x.npz'),
+                                           '--precision', 'bf16'])
+    assert result.exit_code != 0 and '--precision: sampling options apply to --network only' in result.output
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# On a GPU.
+
+def _edm_loss_outputs(net, x, sigma, labels, precision='fp32'):
+    with torch.no_grad(), tl.autocast_context(x.device, precision):
+        return net(x, sigma, labels).float()
+
+
+@pytest.mark.cuda
+@requires_cuda
+def test_cpu_fp32_equals_cuda_fp32_within_float_noise():
+    """TF32 off, as EDM: the CUDA denoiser equals the CPU one up to float32 summation order (cuDNN/cuBLAS kernels,
+    the fused attention kernel vs EDM's einsum on the CPU)."""
+    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.backends.cudnn.allow_tf32 = False
+    net = tiny_denoiser()
+    x, sigma, labels = denoiser_inputs()
+    cpu = _edm_loss_outputs(net, x, sigma, labels)
+    cuda = _edm_loss_outputs(copy.deepcopy(net).cuda(), x.cuda(), sigma.cuda(), labels.cuda()).cpu()
+    assert rel_l2(cuda, cpu) <= 1e-5 and float((cuda - cpu).abs().max()) <= 1e-4
+
+
+@pytest.mark.cuda
+@requires_cuda
+def test_bf16_autocast_and_edm_fp16_close_to_fp32_cuda():
+    net = tiny_denoiser().cuda()
+    half = tiny_denoiser().cuda()
+    half.use_fp16 = True  # EDM's --fp16: the backbone in fp16 on CUDA
+    x, sigma, labels = denoiser_inputs(device='cuda')
+    reference = _edm_loss_outputs(net, x, sigma, labels)
+    assert 0 < rel_l2(_edm_loss_outputs(net, x, sigma, labels, 'bf16'), reference) <= 2e-2
+    assert 0 < rel_l2(_edm_loss_outputs(half, x, sigma, labels), reference) <= 1e-2
+
+
+@pytest.mark.cuda
+@requires_cuda
+def test_compile_whole_and_regional_equal_eager_cuda():
+    net = tiny_denoiser().cuda()
+    x, sigma, labels = denoiser_inputs(device='cuda')
+    reference = _edm_loss_outputs(net, x, sigma, labels)
+    for mode in (True, 'regional'):
+        torch._dynamo.reset()
+        compiled = tl.compile_network(copy.deepcopy(net), mode)
+        assert rel_l2(_edm_loss_outputs(compiled, x, sigma, labels), reference) <= 1e-5, mode
+    torch._dynamo.reset()
+
+
+@pytest.mark.cuda
+@requires_cuda
+def test_cuda_graph_replay_equals_the_eager_call():
+    net = tiny_denoiser().cuda()
+    x, sigma, labels = denoiser_inputs(device='cuda')
+    for precision in ('fp32', 'bf16'):
+        eager = AcceleratedDenoiser(net, precision=precision)
+        graphed = AcceleratedDenoiser(net, precision=precision, cuda_graph=True)
+        with torch.no_grad():
+            reference = eager(x, sigma, labels)
+            for shift in (0.0, 0.5):  # the second call replays the captured graph with new inputs
+                torch.testing.assert_close(graphed(x + shift, sigma, labels), eager(x + shift, sigma, labels),
+                                           rtol=1e-6, atol=1e-6)
+        assert len(graphed._graphs) == 1 and reference.dtype == torch.float32
+    images = {}
+    for options in ({}, dict(cuda_graph=True), dict(precision='bf16', compile=True, cuda_graph=True)):
+        images[json.dumps(options)] = torch.cat([img for _, img in generate_images(
+            net, list(range(8)), batch_size=4, num_steps=6, device='cuda', **options)])
+    fp32, graph, fast = images.values()
+    assert int((fp32.int() - graph.int()).abs().max()) <= 1 and int((fp32.int() - fast.int()).abs().max()) <= 16
+    torch._dynamo.reset()
+
+
+@pytest.mark.cuda
+@requires_cuda
+def test_no_host_sync_in_training_step_cuda(tiny_zip, tmp_path):
+    """After two warm-up steps, our loop's step (no augmentation: its reflect padding needs sizes on the host)
+    under torch.cuda.set_sync_debug_mode('error')."""
+    steps = []
+    original_step = tl._train_step
+
+    def checked_step(run):
+        steps.append(1)
+        if len(steps) <= 2:
+            return original_step(run)
+        torch.cuda.set_sync_debug_mode('error')
+        try:
+            return original_step(run)
+        finally:
+            torch.cuda.set_sync_debug_mode('default')
+
+    tl._train_step = checked_step
+    try:
+        tl.training_loop(**loop_kwargs(str(tmp_path), tiny_zip, device='cuda', total_kimg=0.040,
+                                       data_loader_kwargs=dict(num_workers=1, pin_memory=True, prefetch_factor=2),
+                                       network_kwargs=tiny_network_kwargs(dropout=0.1), state_dump_ticks=None))
+    finally:
+        tl._train_step = original_step
+    assert len(steps) == 5
+
+
+@pytest.mark.cuda
+@requires_cuda
+def test_aot_assignment_from_cuda_tensors_equals_the_cpu_one():
+    """The pinned non-blocking copy + event path (CUDA) gives assign_noise's CPU permutation, in a worker thread."""
+    import concurrent.futures
+
+    from losses.aot import assign_noise, start_assignment
+    gen = torch.Generator().manual_seed(0)
+    images, noise = torch.rand([64, 3, 8, 8], generator=gen) * 2 - 1, torch.randn([64, 3, 8, 8], generator=gen)
+    labels = torch.eye(4)[torch.arange(64) % 4]
+    with concurrent.futures.ThreadPoolExecutor(1) as executor:
+        for given in (None, labels):
+            future = start_assignment(images.cuda(), noise.cuda(), None if given is None else given.cuda(), executor)
+            assert torch.equal(torch.from_numpy(future.result()), assign_noise(images, noise, given))
+
+
+@pytest.mark.cuda
+@requires_cuda
+def test_one_training_step_of_edm_loss_in_bf16_on_cuda(tiny_zip, tmp_path):
+    for precision in ('fp32', 'bf16', 'fp16'):
+        run_dir = tmp_path / precision
+        run_dir.mkdir()
+        tl.training_loop(**loop_kwargs(str(run_dir), tiny_zip, device='cuda', precision=precision,
+                                       total_kimg=0.008))
+        state = torch.load(run_dir / 'training-state-000000.pt', weights_only=True)
+        assert all(torch.isfinite(v).all() for v in state['networks']['net'].values())
+    assert EDMLoss is not None
