@@ -161,8 +161,12 @@ def save_reference(path: str, mu: np.ndarray, sigma: np.ndarray, **extra: np.nda
     """
     arrays = dict(mu=np.asarray(mu, dtype=np.float64), sigma=np.asarray(sigma, dtype=np.float64))
     arrays.update({key: np.asarray(value) for key, value in extra.items()})
-    with util.atomic_output(path, "wb") as f:
-        np.savez(f, **arrays)
+    # np.savez's archive, written by hand: NumPy < 2.1's np.savez does not close its ZipFile when a write fails (full
+    # disk), which is then closed during garbage collection and prints a traceback after our one error line.
+    with util.atomic_output(path, "wb") as f, zipfile.ZipFile(f, "w", zipfile.ZIP_STORED, allowZip64=True) as archive:
+        for key, value in arrays.items():
+            with archive.open(f"{key}.npy", "w", force_zip64=True) as member:
+                np.lib.format.write_array(member, value)
 
 
 class _NumpyOnlyUnpickler(pickle.Unpickler):

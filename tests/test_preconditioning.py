@@ -36,12 +36,14 @@ def make(precond_name, label_dim=0, **kwargs):
 
 
 def vp_t(sigma, beta_d=19.9, beta_min=0.1):
-    """Inverse of the VP schedule; float64 for a Python float, float32 arithmetic for an np.float32."""
+    """Inverse of the VP schedule; float64 for a Python float, float32 arithmetic for an np.float32.
+
+    Squares are np.square, not `** 2`: under NumPy 1.x promotion a float32 scalar ** a Python int is float64."""
     dtype = type(sigma) if isinstance(sigma, np.floating) else np.float64
     beta_d, beta_min, one, two = dtype(beta_d), dtype(beta_min), dtype(1), dtype(2)
     if dtype is np.float64:
-        return (np.sqrt(beta_min ** 2 + two * beta_d * np.log1p(sigma ** 2)) - beta_min) / beta_d
-    return (np.sqrt(beta_min ** 2 + two * beta_d * np.log(one + sigma ** 2)) - beta_min) / beta_d
+        return (np.sqrt(np.square(beta_min) + two * beta_d * np.log1p(np.square(sigma))) - beta_min) / beta_d
+    return (np.sqrt(np.square(beta_min) + two * beta_d * np.log(one + np.square(sigma))) - beta_min) / beta_d
 
 
 def iddpm_u(M=1000, C_1=0.001, C_2=0.008):
