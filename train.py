@@ -403,7 +403,7 @@ def build_config(opts: dnnlib.EasyDict, world_size: int) -> tuple[dnnlib.EasyDic
 
     # Training options.
     c.total_kimg = max(int(opts.duration * 1000), 1)
-    if opts.lr_rampup > c.total_kimg and opts.resume is None:
+    if opts.lr_rampup > c.total_kimg and opts.resume is None and getattr(loss_fn, 'uses_loop_lr_ramp', True):
         # EDM's ramp is sized for 200 Mimg runs; a short run under it trains at a fraction of --lr throughout.
         warnings.warn(f'the learning-rate ramp-up (--lr-rampup={opts.lr_rampup:g} kimg) is longer than the run '
                       f'({c.total_kimg} kimg): the learning rate never reaches --lr (at the end it is '

@@ -19,6 +19,8 @@ the plain stream and no checks):
 Optional:
 - `extra_networks(net) -> dict[str, Module]`: networks the loss trains besides the denoiser (GDD: a
   discriminator). The loop moves them to the device, wraps them in DDP and saves them in training states.
+- `uses_loop_lr_ramp = False`: its phases bring their own learning-rate schedules (train.py then does not warn
+  about --lr-rampup).
 - `phases(networks, optimizer_kwargs) -> list[Phase]`: the optimisation steps of one iteration. The default is one
   phase training `networks['net']` with the configured optimizer (EDM). GDD: generator, discriminator, lazy R1.
 
