@@ -178,7 +178,8 @@ def gen_data(network, out, seeds, batch_size, class_idx, device, **sampler_cli):
               "[default: the rest of the teacher data, at most 1000; or half the validation samples]",
               type=click.IntRange(min=0), default=None, show_default=False)
 @click.option("--min-gain-se", "min_gain_se", help="Held-out gain the learned grid needs, in paired standard errors "
-              "(a gain within 2 is warned about)", type=click.FloatRange(min=0), default=0.0)
+              "(0: any gain beyond rounding; a gain below 2 is warned about)", type=click.FloatRange(min=0),
+              default=0.0)
 @click.option("--seed", help="Shuffling seed", type=int, default=0)
 @click.option("--checkpoint", "checkpoint", help="Activation checkpointing (less memory, ~1.3x time)", is_flag=True)
 @click.option("--log", "log_path", help="Log file  [default: OUT with .log.txt]", metavar="PATH", default=None,

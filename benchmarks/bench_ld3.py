@@ -12,8 +12,9 @@ Recipes (LD3Config overrides; both use LD3's optimiser, 50 training and 50 valid
 - `ours`: this repository's defaults: start from the best hand-made grid, held-out samples (--holdout) decide.
 
 Per cell: RMS error per coordinate vs the teacher on the test noises for rho = 7, the best hand-made grid on the test
-noises (an oracle: no recipe can know it), and each recipe's result as a ratio to both; for `ours` also the start,
-what was returned and the test RMS of the learned candidate where the guard returned the hand-made grid.
+noises (an oracle: no recipe can know it), and each recipe's result as a ratio to both; for `ours` also what
+--min-gain-se 2 would have returned (same run, derived from the recorded held-out gain), the start, what was returned
+and the test RMS of the learned candidate where the guard returned the hand-made grid.
 
     python benchmarks/bench_ld3.py [--testbeds gmm,points] [--solvers ipndm3,dpmpp_2m,unipc3] [--nfes 4,6,8,10]
                                    [--recipes ld3,ours] [--json out.json]
@@ -84,7 +85,7 @@ def main(testbeds, solvers, nfes, recipes, num_train, num_valid, num_holdout, nu
         test_latents, test_images = latents[num_data:], images[num_data:]
         print(f"{'testbed':8s} {'solver':9s} {'NFE':>3s} {'rho7':>7s}  {'best hand-made (test)':>24s}  "
               + "  ".join(f"{recipe + ' /rho7 /best':>17s}" for recipe in recipes)
-              + "  ours: start -> returned (learned candidate /best)")
+              + "  2se/best  ours: start -> returned (learned candidate /best)")
         for name in solvers.split(","):
             solver, options = SOLVER_CONFIGS[name]
             for nfe in (int(n) for n in nfes.split(",")):
@@ -108,19 +109,26 @@ def main(testbeds, solvers, nfes, recipes, num_train, num_valid, num_holdout, nu
                                  chosen=result.chosen, reason=result.reason, train_time_s=result.train_time_s,
                                  grid=result.sigmas.tolist(),
                                  eval_grid=None if result.eval_sigmas is None else result.eval_sigmas.tolist())
-                    if result.chosen != "learned" and result.learned_sigmas is not None:
+                    if result.learned_sigmas is not None:
                         learned = SigmaGrid(sigmas=result.learned_sigmas, end="sigma_min",
                                             eval_sigmas=result.learned_eval_sigmas)
                         entry["learned_candidate_rms"] = rms(denoiser, test_latents, test_images, learned, solver,
                                                              options)
+                    record = result.provenance["result"]
+                    entry.update(baseline=result.provenance["best_hand_made"]["name"], gain=record["gain"],
+                                 gain_se=record["gain_se"])
+                    if recipe == "ours":  # what --min-gain-se 2 would have returned: the same run, a stricter test
+                        strict = result.chosen == "learned" and record["gain"] > 2 * record["gain_se"]
+                        entry["strict_rms"] = error if strict or result.chosen != "learned" else \
+                            hand_made[entry["baseline"]]
                     cell[recipe] = entry
                     texts.append(f"{error:7.4f} {entry['vs_rho7']:4.2f} {entry['vs_best']:4.2f}")
                 line = (f"{testbed:8s} {name:9s} {nfe:3d} {rho7:7.4f}  {best:>16s} {hand_made[best]:7.4f}  "
                         + "  ".join(texts))
                 if "ours" in cell:
                     ours = cell["ours"]
-                    line += f"  {ours['start']} -> {ours['chosen']}"
-                    if "learned_candidate_rms" in ours:
+                    line += f"  {ours['strict_rms'] / hand_made[best]:4.2f}  {ours['start']} -> {ours['chosen']}"
+                    if ours["chosen"] != "learned" and "learned_candidate_rms" in ours:
                         line += f" ({ours['learned_candidate_rms'] / hand_made[best]:.2f})"
                 print(line, flush=True)
                 results.append(cell)

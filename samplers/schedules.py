@@ -253,7 +253,12 @@ def _validate_levels(values, what: str, end: str, path: str) -> torch.Tensor:
 
 def save_schedule_file(path: str, sigmas, *, solver: str, nfe: int, eval_sigmas=None, end: str = "sigma_min",
                        solver_kwargs: dict | None = None, provenance: dict | None = None) -> None:
-    """Write a learned schedule as JSON (atomically). Floats are written with repr, so they reload bit-exactly."""
+    """Write a learned schedule as JSON (atomically). Floats are written with repr, so they reload bit-exactly.
+
+    provenance: a JSON-able record of how the grid was made, stored as given. LD3's (samplers/ld3) holds the start
+    grid, every hand-made grid's and every round's validation loss, the train / validation / held-out splits with
+    their seeds (ld3.py evaluate leaves those seeds out) and the final choice with its held-out gain: docs/ld3.md,
+    "What is reported"."""
     sigmas = [float(s) for s in torch.as_tensor(sigmas, dtype=torch.float64).tolist()]
     if eval_sigmas is not None:
         eval_sigmas = [float(s) for s in torch.as_tensor(eval_sigmas, dtype=torch.float64).tolist()]

@@ -15,7 +15,7 @@ from click.testing import CliRunner
 import generate
 import ld3 as ld3_cli
 from samplers import ld3, load_schedule_file, make_grid, sample
-from samplers.gaussian_mixture import GaussianMixture
+from samplers.gaussian_mixture import GaussianMixture, PointSet
 from torch_utils import persistence
 from training.preconditioning import EDMPrecond
 
@@ -78,6 +78,23 @@ def test_steps_for_nfe():
     assert ld3.steps_for_nfe("ipndm", 6, "sigma_min") == 6
     with pytest.raises(ValueError, match="cannot spend exactly 6 NFE"):
         ld3.steps_for_nfe("heun", 6, "zero")
+
+
+def test_point_set_ideal_denoiser():
+    """The point-set testbed's denoiser against the posterior mean computed from explicit differences."""
+    points = PointSet(num_points=40, dim=6, seed=1)
+    assert points.points.shape == (40, 6)
+    assert float(points.points.square().mean().sqrt()) == pytest.approx(0.4, rel=0.25)  # data RMS 0.4 by design
+    x = torch.randn(5, 6, generator=torch.Generator().manual_seed(4), dtype=torch.float64)
+    for sigma in (30.0, 1.0, 0.05):
+        log_w = -(x[:, None, :] - points.points[None]).square().sum(-1) / (2 * sigma**2)
+        expected = (torch.softmax(log_w, dim=1)[:, :, None] * points.points[None]).sum(1)
+        assert torch.allclose(points(x, torch.tensor(sigma, dtype=torch.float64)), expected, rtol=1e-10, atol=1e-12)
+    nearest = (x[:, None, :] - points.points[None]).square().sum(-1).argmin(1)
+    assert torch.equal(points.component(x, 0.002), nearest)
+    sigma = torch.tensor(0.7, dtype=torch.float64, requires_grad=True)
+    points(x, sigma).sum().backward()
+    assert sigma.grad is not None and torch.isfinite(sigma.grad)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -243,12 +260,14 @@ def test_paired_gain_and_the_final_choice():
     choice = ld3.choose_result("edm_rho7", valid_base, valid_learned, held_base, grid_score([0.5, 0.6, 0.4, 0.5] * 5))
     assert choice.chosen == "learned" and not choice.warning and choice.tested_on == "holdout"
     assert choice.gain == pytest.approx(0.5) and choice.gain_se == pytest.approx(0.0, abs=1e-12)
-    # a held-out gain of 0.05 +- 0.22: the learned grid, with a warning; demanding 2 standard errors keeps edm_rho7
+    # a held-out gain of 0.05 +- 0.22 is within its noise: the learned grid wins, with a warning; demanding 2 standard
+    # errors keeps edm_rho7
     flat, noisy = grid_score([1.0] * 20), grid_score([0.0, 1.9] * 10)
     choice = ld3.choose_result("edm_rho7", valid_base, valid_learned, flat, noisy)
-    assert choice.chosen == "learned" and choice.warning and "within its noise" in choice.reason
+    assert choice.chosen == "learned" and choice.warning and "within its noise (< 2 standard errors)" in choice.reason
+    assert choice.gain == pytest.approx(0.05) and choice.gain_se == pytest.approx(0.975 / math.sqrt(20), rel=1e-3)
     choice = ld3.choose_result("edm_rho7", valid_base, valid_learned, flat, noisy, min_gain_se=2)
-    assert choice.chosen == "edm_rho7" and "below the required 2 standard errors" in choice.reason
+    assert choice.chosen == "edm_rho7" and choice.warning and "below the required 2 standard errors" in choice.reason
     # worse on the held-out samples, not better on validation, a tie at rounding level, never improved
     choice = ld3.choose_result("edm_rho7", valid_base, valid_learned, flat, grid_score([1.01] * 20))
     assert choice.chosen == "edm_rho7" and "not better on the 20 held-out samples" in choice.reason

@@ -334,9 +334,11 @@ def test_added_solver_learns_a_grid_with_ld3(toy_solver, tmp_path):
     teacher_grid = make_grid("logsnr", 40, 0.002, 80.0, end="sigma_min")
     images = ld3.teacher_samples(gmm, latents, teacher_grid, solver="unipc")
     data = ld3.TeacherData(latents=latents[:32], images=images[:32], info={"sigmas": teacher_grid.sigmas.tolist()})
+    # guard=False: LD3's own result, so the test sees the learning itself (8 held-out samples are too few for the
+    # guard to accept a gain beyond its noise).
     config = ld3.LD3Config(solver=toy_solver, nfe=6, solver_kwargs={"r": 0.5}, loss="l2", num_train=16,
                            num_valid=16, batch_size=4, rounds_v1=1, rounds_v2=1, lr_logits=0.03, init="edm",
-                           prior_bound=0.0)
+                           prior_bound=0.0, guard=False)
     result = ld3.train_ld3(gmm, data, config)
     assert result.best_valid_loss < 0.8 * result.init_valid_loss
     path = str(tmp_path / "dpmpp2s-nfe6.json")

@@ -111,9 +111,9 @@ class LD3Config:
     # (grid.hand_made_grid_names(); LD3 as published starts from 'logsnr').
     init: str = "best"
     candidates: tuple | None = None  # the hand-made grids scored first (None: all of grid.HAND_MADE_GRIDS)
-    # Return the learned grid only when it beats the best hand-made grid on validation and on the held-out split (by
-    # more than min_gain_se paired standard errors; a gain within two is warned about); False: LD3 as published (its
-    # best grid on validation, unchecked).
+    # Return the learned grid only when it beats the best hand-made grid on validation and on the held-out split, by
+    # more than min_gain_se paired standard errors there (a gain within two is warned about); False: LD3 as published
+    # (its best grid on validation, unchecked).
     guard: bool = True
     # Teacher samples held out for that final choice (those after the validation split). None: with the guard, all
     # remaining samples (at most MAX_AUTO_HOLDOUT), or, when none remain, the second half of the validation split.

@@ -12,8 +12,8 @@ its own noise:
   error (the sample standard deviation of the paired differences / sqrt(n)): the noise of a gain measured on n
   teacher samples.
 - `choose_result`: the learned grid replaces the best hand-made grid only when it is better on the validation split
-  and on the held-out split (by more than `min_gain_se` standard errors, 0 by default), with a warning when its
-  held-out gain is within two standard errors.
+  and on the held-out split (by more than `min_gain_se` paired standard errors, 0 by default); a gain within two
+  standard errors is reported as within its noise.
 - `evaluate_schedule`: a schedule file's grid against the hand-made grids on teacher samples it was not trained or
   selected on (`ld3.py evaluate`).
 """
@@ -34,7 +34,7 @@ from samplers.ld3.teacher import TeacherData
 # samples being stored in float32), and no sampler is better for a change of one part in a million.
 TIE_TOLERANCE = 1e-6
 
-# A gain below this many paired standard errors is reported as within its own noise.
+# A gain below this many paired standard errors is within its own noise: the log says so.
 NOISE_SE = 2.0
 
 
@@ -156,13 +156,14 @@ def choose_result(baseline_name: str, valid_baseline: GridScore, valid_learned: 
                   min_gain_se: float = 0.0) -> Choice:
     """The learned grid wins only when (1) its validation loss is below the hand-made grid's, and (2) on the held-out
     split (the validation split when there is none: a biased check, said so) its mean per-sample gain exceeds the
-    rounding tolerance and `min_gain_se` standard errors. Otherwise the hand-made grid is kept, with the reason. A
-    winning gain below NOISE_SE standard errors comes with a warning: it is within its own noise.
+    rounding tolerance and `min_gain_se` paired standard errors. Otherwise the hand-made grid is kept, with the
+    reason. A gain within its noise (below NOISE_SE standard errors) is a warning either way.
 
-    Why min_gain_se = 0 by default: the learned grid was not chosen on the held-out samples, so its mean there is
-    unbiased; taking the lower mean loses, in expectation, at most ~0.17 standard errors when the learned grid is
-    in truth slightly worse, while demanding 2 standard errors throws away real gains that rest on rare samples
-    (a learned grid that avoids a few of the teacher's mode switches, tests/test_ld3.py)."""
+    The learned grid was not chosen on the held-out samples, so its gain there is an unbiased estimate. With
+    min_gain_se = 0 (the default) a learned grid that is in truth slightly worse can win, but then loses at most
+    ~0.17 standard errors in expectation and is flagged; with min_gain_se = 2 it wins about 2 % of the time
+    (one-sided normal test), but real gains that rest on rare samples (mode switches the learned grid avoids) are
+    given up. docs/ld3.md has the measured cases of both."""
     if valid_learned is None:
         return Choice(baseline_name, "LD3 never improved on its starting grid")
     if not valid_learned.loss < valid_baseline.loss * (1 - TIE_TOLERANCE):
@@ -181,8 +182,8 @@ def choose_result(baseline_name: str, valid_baseline: GridScore, valid_learned: 
     if gain <= TIE_TOLERANCE * base.loss:
         return Choice(baseline_name, f"the learned grid is not better {summary}", warning=True, **stats)
     if gain <= min_gain_se * se:
-        return Choice(baseline_name, f"the learned grid's gain is below the required {min_gain_se:g} standard "
-                      f"errors {summary}", warning=True, **stats)
+        return Choice(baseline_name, f"the learned grid's gain is within its noise (below the required "
+                      f"{min_gain_se:g} standard errors) {summary}", warning=True, **stats)
     if gain <= NOISE_SE * se:
         return Choice("learned", f"the learned grid is better {summary}, but within its noise (< {NOISE_SE:g} "
                       f"standard errors): the gain may not hold on new samples", warning=True, **stats)
