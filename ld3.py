@@ -11,7 +11,7 @@ import click
 import torch
 
 from metrics.lpips import LPIPS_LIN_URL, LPIPS_VGG16_URL, LPIPSUnavailableError
-from samplers import count_nfe, get_solver, load_schedule_file
+from samplers import SOLVERS, count_nfe, get_solver, make_grid
 from samplers.cli_options import (
     OPTION_FLAGS,
     end_option,
@@ -37,6 +37,7 @@ from samplers.ld3 import (
     steps_for_nfe,
     train_ld3,
 )
+from samplers.schedules import learned_solver_options
 from torch_utils import persistence
 from training.snapshots import load_snapshot
 
@@ -237,7 +238,10 @@ def train(data_path, out, network, solver, nfe, end, device, log_path, solver_op
 
 
 @cli.command("evaluate", context_settings={"show_default": True})
-@click.option("--schedule", "schedule_path", help="Schedule file from train", metavar="PATH", required=True)
+@click.option("--schedule", "schedule_path", help="Schedule file from train (or LD3's .pt vector, with --solver)",
+              metavar="PATH", required=True)
+@click.option("--solver", help="The solver of an LD3 .pt vector (a schedule file names its own)", metavar="NAME",
+              type=click.Choice(sorted(SOLVERS)), default=None, show_default=False)
 @click.option("--data", "data_path", help="Teacher data from gen-data (the samples the schedule was learned on are "
               "left out, by seed)", metavar="PATH", required=True)
 @click.option("--network", "network", help="Network pickle  [default: the schedule file's, else the teacher data's]",
@@ -250,13 +254,20 @@ def train(data_path, out, network, solver, nfe, end, device, log_path, solver_op
               callback=lambda ctx, param, value: _grid_names(value))
 @click.option("--batch", "batch_size", help="Batch size", type=click.IntRange(min=1), default=64)
 @device_option
-def evaluate(schedule_path, data_path, network, loss, lpips_vgg, lpips_lin, lpips_resize, candidates, batch_size,
-             device):
+def evaluate(schedule_path, solver, data_path, network, loss, lpips_vgg, lpips_lin, lpips_resize, candidates,
+             batch_size, device):
     """Compare a schedule file with the hand-made grids on teacher samples it was not learned on."""
     try:
-        grid = load_schedule_file(schedule_path)
+        grid = make_grid(schedule_path, None)
     except (FileNotFoundError, ValueError) as err:
         raise click.BadParameter(str(err), param_hint="--schedule") from None
+    if grid.solver is None:
+        if solver is None:
+            raise click.UsageError(f"{schedule_path} does not record the solver it was learned for (LD3 .pt): "
+                                   f"pass --solver")
+        grid.solver, grid.solver_kwargs = solver, learned_solver_options(grid, solver)
+    elif solver is not None and solver != grid.solver:
+        raise click.UsageError(f"{schedule_path} was learned for solver {grid.solver!r}, not {solver!r}")
     try:
         data = load_teacher_data(data_path)
     except (FileNotFoundError, ValueError) as err:

@@ -573,6 +573,20 @@ def test_cli_train_records_the_choice_and_evaluate_reports_on_unseen_seeds(netwo
     assert "vp_time_uniform" in result.output and "on these 4 samples." in result.output
     result = runner.invoke(ld3_cli.cli, [*evaluate, "--data", str(tmp_path / "missing.pt")])
     assert result.exit_code != 0 and "teacher data file not found" in result.output
+    result = runner.invoke(ld3_cli.cli, [*evaluate, "--data", test_data, "--solver", "ipndm"])
+    assert result.exit_code != 0 and "learned for solver 'dpmpp_2m', not 'ipndm'" in result.output
+
+    # LD3's own .pt vector records no solver: --solver names it; no splits recorded, so every sample counts
+    grid = load_schedule_file(schedule)
+    vector = str(tmp_path / "best_v2.pt")
+    torch.save({"best_t_steps": torch.cat([grid.sigmas, grid.sigmas if grid.eval_sigmas is None else
+                                           grid.eval_sigmas])}, vector)
+    evaluate = ["evaluate", "--schedule", vector, "--data", test_data, "--device", "cpu", "--loss", "l2"]
+    result = runner.invoke(ld3_cli.cli, evaluate)
+    assert result.exit_code != 0 and "pass --solver" in result.output
+    result = runner.invoke(ld3_cli.cli, [*evaluate, "--solver", "dpmpp_2m", "--network", network_pickle])
+    assert result.exit_code == 0, result.output
+    assert "does not say which teacher samples it was learned on: all samples used" in result.output
 
 
 def test_python_m_samplers_ld3_is_the_cli():
