@@ -402,12 +402,13 @@ def train_ld3(denoiser, teacher: TeacherData, config: LD3Config, *, device=None,
               log=None, distance_fn=None) -> LD3Result:
     """Learn `config.solver`'s grid at `config.nfe` from `teacher` with LD3's algorithm, inside the safeguards.
 
-    Splits, in the teacher data's order: num_train samples train, num_valid validate (LD3's model selection, the
-    choice of the starting grid and of the learned candidate), then the held-out ones decide the final choice
-    (LD3Config.split_sizes). Steps: (1) score the hand-made grids on the validation split and start from the best
-    (or from `init`); (2) LD3's rounds, noting each round's best grid and its validation loss; (3) with the guard,
-    return the learned grid only when selection.choose_result says it beats the best hand-made grid, else that
-    grid; without it, LD3's best grid.
+    Splits, in the teacher data's order: num_train samples train, num_valid validate (LD3's model selection and the
+    choice among the rounds' best grids), then the held-out ones decide the final choice (LD3Config.split_sizes).
+    Steps: (1) score the hand-made grids on the validation and held-out samples; the best is the grid to beat and
+    LD3's start (unless `init` names another); (2) LD3's rounds, noting each round's best grid and its validation
+    loss; (3) with the guard, return the learned grid only when selection.choose_result says it beats the grid to
+    beat on both splits, else that grid, so the result is at least as good as every hand-made grid on all the
+    samples it did not train on; without the guard, LD3's best grid.
 
     denoiser: D(x, sigma, class_labels) as the solvers call it (a network or any function), differentiable in x
     and sigma. log: a callable taking one line of text at a time (e.g. print): the hand-made scores, the start, each
