@@ -1,6 +1,6 @@
 """The CUDA path (issue 15): tests marked `cuda` run on a GPU and skip without one; the rest check on the CPU what
-can be checked there: the speed options of train.py and of the sampler, and the training step without tensor-to-Python
-conversions.
+can be checked there: the speed options of train.py and of the sampler, the training step without tensor-to-Python
+conversions, and benchmarks/gpu_suite.py itself (its --smoke mode), so that a GPU session runs it without debugging.
 
 On a GPU:  python -m pytest -q -m cuda tests/test_cuda.py
 """
@@ -8,13 +8,15 @@ On a GPU:  python -m pytest -q -m cuda tests/test_cuda.py
 import copy
 import json
 import os
+import subprocess
 import sys
 import threading
 
 import pytest
 import torch
 from click.testing import CliRunner
-from train_worker import loop_kwargs, random_images, tiny_network_kwargs, write_zip_dataset
+from launch import torchrun
+from train_worker import ROOT, loop_kwargs, random_images, tiny_network_kwargs, write_zip_dataset
 
 import generate
 import train
@@ -27,6 +29,7 @@ from training.networks import UNetBlock
 
 HAS_CUDA = torch.cuda.is_available()
 requires_cuda = pytest.mark.skipif(not HAS_CUDA, reason='needs a CUDA GPU')
+SUITE = os.path.join(ROOT, 'benchmarks', 'gpu_suite.py')
 
 
 def tiny_denoiser(label_dim=10, seed=0, resolution=8):
@@ -240,6 +243,45 @@ def test_generate_cli_precision_is_recorded_and_fid_images_refuses_it(tmp_path):
 
 
 # ---------------------------------------------------------------------------------------------------------------------
+# The suite script itself (CPU).
+
+@pytest.mark.slow
+def test_gpu_suite_smoke_runs_every_section_on_cpu(tmp_path):
+    """benchmarks/gpu_suite.py --device cpu --smoke: every section runs and writes its results; every correctness
+    check passes or is skipped for a stated reason (the CUDA-only ones)."""
+    out = tmp_path / 'suite'
+    proc = subprocess.run([sys.executable, SUITE, '--out', str(out), '--device', 'cpu', '--smoke'], cwd=ROOT,
+                          capture_output=True, text=True, timeout=3000)
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+    results = json.load(open(out / 'gpu_suite.json'))
+    assert results['errors'] == [] and results['mode'] == 'smoke'
+    sections = results['sections']
+    assert set(sections) == {'env', 'correctness', 'train', 'sample', 'features', 'fid_stats', 'aot', 'dataloader',
+                             'pytest_cuda'}
+    assert sections['pytest_cuda']['skipped'].startswith('needs CUDA')
+    checks = {c['name']: c for c in sections['correctness']['checks']}
+    assert all(c.get('passed') or c.get('skipped') for c in checks.values()), checks
+    assert set(checks['one_step_of_every_loss']['results']) >= {'edm', 'vp', 've', 'edm+stf', 'edm+aot', 'edm bf16'}
+    trained = {c['name'] for c in sections['train']['configs'] if c.get('images_per_s', 0) > 0}
+    assert trained == {'ours_fp32', 'ours_bf16', 'ours_bf16_compile', 'ours_bf16_fused', 'ours_bf16_compile_cl_fused'}
+    assert sections['sample']['deviation_uint8'] and sections['features']['runs']
+    assert sections['fid_stats']['cpu_one_thread']['sigma_max_rel_diff'] < 1e-12
+    assert len(sections['aot']['runs']) == 2 and sections['dataloader']['runs']
+    assert (out / 'gpu_suite.txt').read_text().startswith('gpu_suite (smoke, cpu')
+
+
+def test_gpu_suite_refuses_bad_arguments(tmp_path):
+    for args, message in [(['--sections', 'train,bogus'], "--sections: unknown ['bogus']"),
+                          (['--edm-repo', str(tmp_path)], 'is not a checkout of NVlabs/edm'),
+                          (['--network', str(tmp_path / 'none.pkl')], 'is not a file (a local network pickle'),
+                          ([], None)]:
+        cmd = [sys.executable, SUITE, '--device', 'cpu', *args] + (['--out', str(tmp_path / 'o')] if args else [])
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+        assert proc.returncode == 2
+        assert (message or '--out is required') in proc.stderr
+
+
+# ---------------------------------------------------------------------------------------------------------------------
 # On a GPU.
 
 def _edm_loss_outputs(net, x, sigma, labels, precision='fp32'):
@@ -335,6 +377,33 @@ def test_no_host_sync_in_training_step_cuda(tiny_zip, tmp_path):
     finally:
         tl._train_step = original_step
     assert len(steps) == 5
+
+
+@pytest.mark.cuda
+@requires_cuda
+def test_every_loss_trains_and_generate_fid_run_on_cuda_via_the_suite(tmp_path):
+    """The suite's correctness section on this GPU, small sizes but the inductor backend: CPU vs CUDA, bf16, EDM's
+    fp16, compile, no host sync, one train.py step of every registered loss and wrapper, generate.py and fid.py
+    --network, NCCL in a single-process torchrun."""
+    out = tmp_path / 'suite'
+    proc = subprocess.run([sys.executable, SUITE, '--out', str(out), '--device', 'cuda', '--smoke', '--sections',
+                           'env,correctness', '--compile-backend', 'inductor'], cwd=ROOT, capture_output=True,
+                          text=True, timeout=1200)
+    results = json.load(open(out / 'gpu_suite.json'))
+    checks = {c['name']: c for c in results['sections']['correctness']['checks']}
+    assert proc.returncode == 0, (proc.stdout[-3000:], json.dumps(checks, indent=1)[-4000:])
+    assert all(c.get('passed') for c in checks.values()), checks
+    assert checks['torchrun_single_process_collective']['backend'] == 'nccl'
+
+
+@pytest.mark.cuda
+@requires_cuda
+def test_nccl_in_a_single_process_torchrun():
+    worker = ['--worker', 'collective', '--worker-args', json.dumps(dict(device='cuda'))]
+    proc = subprocess.run(torchrun(1, SUITE, *worker), cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert result == dict(backend='nccl', world_size=1, sum=[1.0, 2.0])
 
 
 @pytest.mark.cuda
