@@ -1,0 +1,23 @@
+#!/usr/bin/env bash
+# The one command a session lent a GPU machine runs (the device tool; ~6-8 minutes of the 15): the GPU suite with the
+# CUDA tests, results and a log in $OUT (the device tool brings them back), scratch files outside it.
+#
+#   here, once:  git clone https://github.com/NVlabs/edm scratch/edm     (scratch/ is ignored; never committed)
+#   device run:  bash benchmarks/gpu_session.sh        with carry=["scratch/edm"], timeout_s=600
+#   afterwards:  copy $OUT's gpu_suite.json and gpu_suite.txt to benchmarks/results/DATE-h200/ and commit them.
+#
+# Without scratch/edm the EDM columns are skipped (the suite says so). The machine's own python3 holds PyTorch and
+# every package the suite needs (click, scipy, pillow, tqdm); nothing is installed. Extra arguments go to the suite.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+out=${OUT:-benchmarks/results/$(date +%Y%m%d)-gpu}
+mkdir -p "$out"
+args=(--out "$out" --work /tmp/gpu-suite-work)
+edm=${EDM_REPO:-scratch/edm}
+if [ -f "$edm/training/networks.py" ]; then
+  args+=(--edm-repo "$edm")
+else
+  echo "[gpu_session] no EDM checkout at $edm: the EDM columns are skipped"
+fi
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || true
+PYTHONUNBUFFERED=1 python3 benchmarks/gpu_suite.py "${args[@]}" "$@" 2>&1 | tee "$out/gpu_session.log"
