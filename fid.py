@@ -16,8 +16,9 @@ import metrics
 from dnnlib import util
 from metrics import detectors as detectors_lib
 from metrics import evaluate
-from samplers.cli_options import sampler_config, sampler_options, seed_list
+from samplers.cli_options import apply_preset, preset_option, sampler_config, sampler_options, seed_list
 from torch_utils import distributed
+from training.presets import SAMPLER_PRESET_SOURCES, SAMPLER_PRESETS
 from training.snapshots import load_snapshot
 
 
@@ -45,16 +46,20 @@ def _run(func, *args, **kwargs):
         raise click.ClickException(str(err)) from err
 
 
-def network_source_from_cli(network_pkl, seeds, batch_size, class_idx, **sampler_cli):
+def network_source_from_cli(network_pkl, seeds, batch_size, class_idx, preset_lines=(), **sampler_cli):
     """Load the network and build the in-memory image source; the sampler flags are generate.py's
-    (samplers/cli_options.py), so `calc --network` samples exactly what generate.py would write."""
+    (samplers/cli_options.py), so `calc --network` samples exactly what generate.py would write. preset_lines: what
+    --preset set (apply_preset), printed with the sampler. Nothing is written to disk (only --out's JSON)."""
     snapshot = _run(load_snapshot, network_pkl, distributed.device())
     net, sampling = snapshot.net, snapshot.process.sampling  # sampled the way its process was trained
-    config = sampler_config(**sampler_cli, sampling=sampling)  # its process may bring its own solvers
+    notes = []
+    config = sampler_config(**sampler_cli, sampling=sampling, notes=notes)  # its process may bring its own solvers
     try:
         summary = sampling.describe(net, config)
     except ValueError as err:
         raise click.UsageError(str(err)) from None
+    for line in [*preset_lines, *(f"Note: {note}" for note in notes)]:
+        distributed.print0(line)
     distributed.print0(f"Sampler: {summary}")
     return _run(metrics.network_source, net, seeds, batch_size=batch_size, network_description=network_pkl,
                 sampler_description=summary, class_idx=class_idx, sampling=sampling, **dataclasses.asdict(config))
@@ -95,7 +100,7 @@ _common_options = [
                  "CPUs - 1]", metavar="INT", type=click.IntRange(min=0), default=None),
     click.option("--detector", "detector_values", help="Detector file or URL instead of the canonical one "
                  "(repeatable): inception=PATH, vgg16=PATH", metavar="NAME=PATH", multiple=True),
-    click.option("--device", help="Device (default: cuda:LOCAL_RANK if available, else cpu)", metavar="STR",
+    click.option("--device", help="Device (default: cuda:LOCAL_RANK if available, else cpu)", metavar="DEVICE",
                  type=str, default=None),
 ]
 
@@ -130,8 +135,9 @@ def common_options(func):
 @click.option("--out", "out_path", help="Write the results as JSON to this file", metavar="JSON", type=str)
 @common_options
 @sampler_options(help_prefix="--network: ")
+@preset_option(SAMPLER_PRESETS, SAMPLER_PRESET_SOURCES, help_prefix="--network: ")
 def calc(image_path, network_pkl, ref_path, num_expected, seed, seeds, out_path, metric_list, batch_size, num_workers,
-         detector_values, device, **sampler_cli):
+         detector_values, device, preset, **sampler_cli):
     """Calculate metrics for a folder/ZIP of images or for a network sampled in memory.
 
     With --network, the sampler options are generate.py's and mean the same: the images are bit-identical to the
@@ -144,10 +150,11 @@ def calc(image_path, network_pkl, ref_path, num_expected, seed, seeds, out_path,
     if ref_path is None and ("fid" in metric_names or "pr" in metric_names):
         raise click.UsageError("--ref is required for fid and pr")
     ctx = click.get_current_context()
-    given = [param.opts[0] for param in ctx.command.params if param.name in ["seeds", *sampler_cli]
+    given = [param.opts[0] for param in ctx.command.params if param.name in ["seeds", "preset", *sampler_cli]
              and ctx.get_parameter_source(param.name) == ParameterSource.COMMANDLINE]
     if image_path is not None and given:
         raise click.UsageError(f"{', '.join(given)}: sampling options apply to --network only")
+    preset_lines = apply_preset(preset, sampler_cli, SAMPLER_PRESETS, SAMPLER_PRESET_SOURCES)
     if out_path:
         _run(util.check_output_path, out_path, "--out")  # before the image pass, not after it
     _init_distributed(device)
@@ -162,7 +169,7 @@ def calc(image_path, network_pkl, ref_path, num_expected, seed, seeds, out_path,
             seeds = list(range(50000 if num_expected is None else num_expected))
         elif num_expected is not None and num_expected != len(seeds):
             raise click.UsageError(f"--num-images={num_expected} disagrees with --seeds ({len(seeds)} seeds)")
-        source = network_source_from_cli(network_pkl, seeds, batch_size, **sampler_cli)
+        source = network_source_from_cli(network_pkl, seeds, batch_size, preset_lines=preset_lines, **sampler_cli)
 
     record = _run(metrics.calc_metrics, source, ref_path, metric_names, detector_paths=detector_paths)
     if distributed.get_rank() == 0:

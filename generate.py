@@ -11,11 +11,12 @@ import click
 import torch
 
 from dnnlib import util
-from samplers.cli_options import sampler_config, sampler_options, seed_list
+from samplers.cli_options import apply_preset, preset_option, sampler_config, sampler_options, seed_list
 from samplers.generation import OutputFolderMismatch, claim_output_folder, save_image_grid, write_images
 from torch_utils import distributed as dist
 from torch_utils import persistence
 from training.dataset import preview_images
+from training.presets import SAMPLER_PRESET_SOURCES, SAMPLER_PRESETS
 from training.snapshots import load_snapshot
 
 
@@ -28,13 +29,15 @@ from training.snapshots import load_snapshot
 @click.option("--batch", "max_batch_size", help="Maximum batch size (per rank)", metavar="INT",
               type=click.IntRange(min=1), default=64)
 @sampler_options()
-@click.option("--device", help="Torch device  [default: cuda if available, else cpu]", type=str, default=None,
-              show_default=False)
+@preset_option(SAMPLER_PRESETS, SAMPLER_PRESET_SOURCES)
+@click.option("--device", help="Torch device  [default: cuda if available, else cpu]", metavar="DEVICE", type=str,
+              default=None, show_default=False)
 @click.option("--grid", "grid_path", help="Also write all images of --seeds tiled into one PNG", metavar="PNG",
               type=str, default=None)
 @click.option("--overwrite", help="Regenerate every image, also in a folder made by another network or sampler",
               is_flag=True)
-def main(network, outdir, seeds, subdirs, class_idx, max_batch_size, device, grid_path, overwrite, **sampler_cli):
+def main(network, outdir, seeds, subdirs, class_idx, max_batch_size, device, grid_path, overwrite, preset,
+         **sampler_cli):
     """Generate random images using EDM's sampler or another solver and time discretisation.
 
     Examples:
@@ -56,7 +59,16 @@ def main(network, outdir, seeds, subdirs, class_idx, max_batch_size, device, gri
     \b
     # A learned (LD3) schedule file brings its solver and grid
     python generate.py --outdir=out --seeds=0-99 --schedule=ipndm-nfe6.json --network=...
+
+    \b
+    # A published sampler configuration (--preset=list shows them); explicit options win
+    python generate.py --outdir=out --seeds=0-63 --preset=edm-imagenet64 --network=...
+
+    \b
+    # EDM's own options work too: --disc=vp|ve|iddpm|edm, --solver=euler|heun, --schedule=linear, --scaling=none
+    python generate.py --outdir=out --seeds=0-63 --solver=euler --disc=vp --steps=256 --network=...
     """
+    preset_lines = apply_preset(preset, sampler_cli, SAMPLER_PRESETS, SAMPLER_PRESET_SOURCES)
     if device is None:
         device = "cuda" if torch.cuda.is_available() else "cpu"
     try:
@@ -74,11 +86,14 @@ def main(network, outdir, seeds, subdirs, class_idx, max_batch_size, device, gri
     except (persistence.NetworkPickleError, OSError) as err:
         raise click.ClickException(str(err)) from None
     net, sampling = snapshot.net, snapshot.process.sampling  # sampled the way its process was trained
-    config = sampler_config(**sampler_cli, sampling=sampling)  # its process may bring its own solvers
+    notes = []
+    config = sampler_config(**sampler_cli, sampling=sampling, notes=notes)  # its process may bring its own solvers
     try:
         summary = sampling.describe(net, config)
     except ValueError as e:
         raise click.UsageError(str(e)) from None
+    for line in preset_lines + [f"Note: {note}" for note in notes]:
+        dist.print0(line)
     if class_idx is not None and not getattr(net, "label_dim", 0):
         raise click.BadParameter(f"the network is unconditional (label_dim = 0); --class {class_idx} cannot apply",
                                  param_hint="--class")

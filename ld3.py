@@ -68,7 +68,8 @@ def lpips_options(fn):
     return fn
 
 
-device_option = click.option("--device", help="Torch device  [default: cuda if available, else cpu]", default=None,
+device_option = click.option("--device", help="Torch device  [default: cuda if available, else cpu]", metavar="DEVICE",
+                             default=None,
                              show_default=False)
 
 
@@ -148,25 +149,32 @@ def gen_data(network, out, seeds, batch_size, class_idx, device, **sampler_cli):
               required=True)
 @click.option("--loss", help="Distance to the teacher", type=click.Choice(list(DISTANCES)), default="lpips")
 @lpips_options
-@click.option("--num-train", "num_train", help="Training samples (the first ones)", type=click.IntRange(min=1),
+@click.option("--num-train", "num_train", help="Training samples (the first ones)", metavar="INT",
+              type=click.IntRange(min=1),
               default=50)
-@click.option("--num-valid", "num_valid", help="Validation samples (the next ones)", type=click.IntRange(min=1),
+@click.option("--num-valid", "num_valid", help="Validation samples (the next ones)", metavar="INT",
+              type=click.IntRange(min=1),
               default=50)
-@click.option("--batch", "batch_size", help="Training batch size", type=click.IntRange(min=1), default=2)
+@click.option("--batch", "batch_size", help="Training batch size", metavar="INT", type=click.IntRange(min=1), default=2)
 @click.option("--valid-batch", "valid_batch_size", help="Validation batch size  [default: all]",
-              type=click.IntRange(min=1), default=None, show_default=False)
-@click.option("--rounds-v1", "rounds_v1", help="Rounds learning the grid only", type=click.IntRange(min=0), default=2)
-@click.option("--rounds-v2", "rounds_v2", help="Rounds learning grid and evaluation grid", type=click.IntRange(min=0),
+              metavar="INT", type=click.IntRange(min=1), default=None, show_default=False)
+@click.option("--rounds-v1", "rounds_v1", help="Rounds learning the grid only", metavar="INT",
+              type=click.IntRange(min=0), default=2)
+@click.option("--rounds-v2", "rounds_v2", help="Rounds learning grid and evaluation grid", metavar="INT",
+              type=click.IntRange(min=0),
               default=5)
-@click.option("--lr", "lr_logits", help="RMSprop learning rate of the grid logits", type=float, default=5e-3)
+@click.option("--lr", "lr_logits", help="RMSprop learning rate of the grid logits", metavar="FLOAT", type=float,
+              default=5e-3)
 @click.option("--lr-offsets", "lr_offsets", help="SGD learning rate of the evaluation offsets (divided by NFE)",
-              type=float, default=0.1)
-@click.option("--shift-lr", "shift_lr", help="SGD learning rate of the noises  [default: 12 / NFE]", type=float,
+              metavar="FLOAT", type=float, default=0.1)
+@click.option("--shift-lr", "shift_lr", help="SGD learning rate of the noises  [default: 12 / NFE]", metavar="FLOAT",
+              type=float,
               default=None, show_default=False)
 @click.option("--prior-bound", "prior_bound", help="Noise ball radius (unit-noise scale; 0: hard loss)  "
-              "[default: 0.001 C H W / NFE^2]", type=click.FloatRange(min=0), default=None, show_default=False)
+              "[default: 0.001 C H W / NFE^2]", metavar="FLOAT", type=click.FloatRange(min=0), default=None,
+              show_default=False)
 @click.option("--eval-window", "eval_window", help="Evaluation offsets as a fraction of the neighbouring gaps",
-              type=click.FloatRange(min=0, max=0.5, max_open=True), default=0.45)
+              metavar="FLOAT", type=click.FloatRange(min=0, max=0.5, max_open=True), default=0.45)
 @click.option("--decouple/--no-decouple", "decoupled", help="Learn the decoupled evaluation grid", default=True)
 @click.option("--init", help="Starting grid: 'best' (the best hand-made grid on validation and held-out samples) or a "
               "grid (LD3: logsnr)", type=click.Choice(["best", *hand_made_grid_names()]), default="best")
@@ -177,11 +185,12 @@ def gen_data(network, out, seeds, batch_size, class_idx, device, **sampler_cli):
               "grid on validation and on the held-out samples (--no-guard: LD3 as published)", default=True)
 @click.option("--holdout", "num_holdout", help="Held-out samples for the final choice (after the validation ones)  "
               "[default: the rest of the teacher data, at most 1000; or half the validation samples]",
-              type=click.IntRange(min=0), default=None, show_default=False)
+              metavar="INT", type=click.IntRange(min=0), default=None, show_default=False)
 @click.option("--min-gain-se", "min_gain_se", help="Held-out gain the learned grid needs, in paired standard errors "
-              "(0: any gain beyond rounding; a gain below 2 is warned about)", type=click.FloatRange(min=0),
+              "(0: any gain beyond rounding; a gain below 2 is warned about)", metavar="FLOAT",
+              type=click.FloatRange(min=0),
               default=0.0)
-@click.option("--seed", help="Shuffling seed", type=int, default=0)
+@click.option("--seed", help="Shuffling seed", metavar="INT", type=int, default=0)
 @click.option("--checkpoint", "checkpoint", help="Activation checkpointing (less memory, ~1.3x time)", is_flag=True)
 @click.option("--log", "log_path", help="Log file  [default: OUT with .log.txt]", metavar="PATH", default=None,
               show_default=False)
@@ -252,7 +261,7 @@ def train(data_path, out, network, solver, nfe, end, device, log_path, solver_op
 @click.option("--candidates", help=f"Hand-made grids to compare with, comma-separated  [default: "
               f"{','.join(HAND_MADE_GRIDS)}]", metavar="LIST", default=None, show_default=False,
               callback=lambda ctx, param, value: _grid_names(value))
-@click.option("--batch", "batch_size", help="Batch size", type=click.IntRange(min=1), default=64)
+@click.option("--batch", "batch_size", help="Batch size", metavar="INT", type=click.IntRange(min=1), default=64)
 @device_option
 def evaluate(schedule_path, solver, data_path, network, loss, lpips_vgg, lpips_lin, lpips_resize, candidates,
              batch_size, device):

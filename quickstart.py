@@ -119,20 +119,26 @@ def evaluate(dataset_zip: str, samples_dir: str, classifier_path: str, seed: int
 
 
 @click.command(context_settings=dict(show_default=True))
-@click.option("--outdir", default="quickstart-out", type=click.Path(file_okay=False), help="Everything goes here")
-@click.option("--resolution", default=16, type=click.IntRange(min=8), help="Image resolution (power of two)")
-@click.option("--kimg", default=40.0, type=click.FloatRange(min=0, min_open=True), help="Training length (kimg)")
-@click.option("--batch", default=64, type=click.IntRange(min=1), help="Training batch size")
-@click.option("--cbase", default=32, type=click.IntRange(min=4), help="Network channel base")
-@click.option("--cres", default="1,2,2", help="Channel multipliers per resolution")
-@click.option("--blocks", default=1, type=click.IntRange(min=1), help="Residual blocks per resolution")
-@click.option("--lr", default=2e-3, type=click.FloatRange(min=0, min_open=True), help="Learning rate")
-@click.option("--samples", default=898, type=click.IntRange(min=2), help="Number of images to generate")
-@click.option("--steps", default=18, type=click.IntRange(min=2), help="Heun sampling steps (NFE = 2*steps - 1)")
-@click.option("--classifier-epochs", default=30, type=click.IntRange(min=1), help="Digit classifier training epochs")
-@click.option("--inception", default=None, type=click.Path(dir_okay=False), help="Inception detector for FID")
-@click.option("--seed", default=0, type=int, help="Seed for training, sampling and splits")
-@click.option("--device", default=None, help="cpu or cuda (default: cuda if available)")
+@click.option("--outdir", default="quickstart-out", metavar="DIR", type=click.Path(file_okay=False),
+              help="Everything goes here")
+@click.option("--resolution", default=16, metavar="INT", type=click.IntRange(min=8),
+              help="Image resolution (power of two)")
+@click.option("--kimg", default=40.0, metavar="FLOAT", type=click.FloatRange(min=0, min_open=True),
+              help="Training length (kimg)")
+@click.option("--batch", default=64, metavar="INT", type=click.IntRange(min=1), help="Training batch size")
+@click.option("--cbase", default=32, metavar="INT", type=click.IntRange(min=4), help="Network channel base")
+@click.option("--cres", default="1,2,2", metavar="LIST", help="Channel multipliers per resolution")
+@click.option("--blocks", default=1, metavar="INT", type=click.IntRange(min=1), help="Residual blocks per resolution")
+@click.option("--lr", default=2e-3, metavar="FLOAT", type=click.FloatRange(min=0, min_open=True), help="Learning rate")
+@click.option("--samples", default=898, metavar="INT", type=click.IntRange(min=2), help="Number of images to generate")
+@click.option("--steps", default=18, metavar="INT", type=click.IntRange(min=2),
+              help="Heun sampling steps (NFE = 2*steps - 1)")
+@click.option("--classifier-epochs", default=30, metavar="INT", type=click.IntRange(min=1),
+              help="Digit classifier training epochs")
+@click.option("--inception", default=None, metavar="PATH", type=click.Path(dir_okay=False),
+              help="Inception detector for FID")
+@click.option("--seed", default=0, metavar="INT", type=int, help="Seed for training, sampling and splits")
+@click.option("--device", metavar="DEVICE", default=None, help="cpu or cuda (default: cuda if available)")
 def main(outdir, resolution, kimg, batch, cbase, cres, blocks, lr, samples, steps, classifier_epochs, inception,
          seed, device):
     """Build `digits`, train a small DDPM++ with the EDM loss, sample, and evaluate; print where the results are."""

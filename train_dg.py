@@ -71,24 +71,27 @@ def main():
 @click.option("--adm-classifier", "adm_classifier", help="guided-diffusion's 32x32_classifier.pt (--encoder=adm)",
               metavar="PT|URL")
 @click.option("--cond", help="Class-conditional discriminator (labels from both sets' dataset.json)", is_flag=True)
-@click.option("--epochs", help="Epochs", type=click.IntRange(min=1), default=50, show_default=True)
-@click.option("--batch", help="Batch size", type=click.IntRange(min=1), default=128, show_default=True)
-@click.option("--lr", help="Adam learning rate", type=click.FloatRange(min=0, min_open=True), default=3e-4,
+@click.option("--epochs", help="Epochs", metavar="INT", type=click.IntRange(min=1), default=50, show_default=True)
+@click.option("--batch", help="Batch size", metavar="INT", type=click.IntRange(min=1), default=128, show_default=True)
+@click.option("--lr", help="Adam learning rate", metavar="FLOAT", type=click.FloatRange(min=0, min_open=True),
+              default=3e-4,
               show_default=True)
-@click.option("--weight-decay", "weight_decay", help="Adam weight decay", type=click.FloatRange(min=0), default=1e-7,
+@click.option("--weight-decay", "weight_decay", help="Adam weight decay", metavar="FLOAT",
+              type=click.FloatRange(min=0), default=1e-7,
               show_default=True)
 @click.option("--num", "max_images", help="Use the first NUM images of each set  [default: all]",
-              type=click.IntRange(min=1), default=None)
+              metavar="INT", type=click.IntRange(min=1), default=None)
 @click.option("--aot", help="Pair the perturbation noise with the images in pools of N rows, as the AOT loss (0: off)",
               metavar="N", type=click.IntRange(min=0), default=0, show_default=True)
-@click.option("--width", help="Head width", type=click.IntRange(min=1), default=128, show_default=True)
-@click.option("--depth", help="Head residual blocks", type=click.IntRange(min=1), default=2, show_default=True)
+@click.option("--width", help="Head width", metavar="INT", type=click.IntRange(min=1), default=128, show_default=True)
+@click.option("--depth", help="Head residual blocks", metavar="INT", type=click.IntRange(min=1), default=2,
+              show_default=True)
 @click.option("--head-channels", "head_channels", help="Channels per attention head of the head",
-              type=click.IntRange(min=1), default=64, show_default=True)
-@click.option("--seed", help="Random seed", type=int, default=0, show_default=True)
+              metavar="INT", type=click.IntRange(min=1), default=64, show_default=True)
+@click.option("--seed", help="Random seed", metavar="INT", type=int, default=0, show_default=True)
 @click.option("--resume", help="Continue a run: its training-state.pt or folder, or 'auto' (--outdir's, if any)",
               metavar="PT|DIR|auto", default=None)
-@click.option("--device", help="Torch device  [default: cuda if available, else cpu]", default=None)
+@click.option("--device", help="Torch device  [default: cuda if available, else cpu]", metavar="DEVICE", default=None)
 def train(outdir, resume, device, **options):
     """Train a DG discriminator; writes discriminator-EEEEEE.pkl after every epoch (sample with one via --dg)."""
     opts = _run(dg.DGTrainingOptions, **options)
@@ -103,7 +106,7 @@ def train(outdir, resume, device, **options):
               metavar="PT|URL", required=True)
 @click.option("--cond", help="The conditional head (--discriminator is discriminator_250.pt)", is_flag=True)
 @click.option("--label-dim", "label_dim", help="Classes of the score model it guides (--cond)",
-              type=click.IntRange(min=1), default=10, show_default=True)
+              metavar="INT", type=click.IntRange(min=1), default=10, show_default=True)
 @click.option("--out", help="DG pickle to write", metavar="PKL", required=True)
 def import_reference(adm_classifier, discriminator, cond, label_dim, out):
     """Turn the reference's released discriminator (alsdudrla10/DG) into a DG pickle for --dg."""
@@ -119,9 +122,9 @@ def import_reference(adm_classifier, discriminator, cond, label_dim, out):
 @click.option("--fake", help="Generated images (zip or folder)", metavar="ZIP|DIR", required=True)
 @click.option("--sigmas", help="Noise levels", metavar="LIST", default="0.01,0.1,0.5,1,2,5,10,40", show_default=True)
 @click.option("--num", "max_images", help="Use the first NUM images of each set  [default: all]",
-              type=click.IntRange(min=1), default=None)
+              metavar="INT", type=click.IntRange(min=1), default=None)
 @click.option("--out", help="Also write the result as JSON", metavar="JSON", default=None)
-@click.option("--device", help="Torch device  [default: cuda if available, else cpu]", default=None)
+@click.option("--device", help="Torch device  [default: cuda if available, else cpu]", metavar="DEVICE", default=None)
 def accuracy(dg_path, real, fake, sigmas, max_images, out, device):
     """Accuracy of a discriminator by noise level (real and generated images, seeded noise)."""
     disc = _run(load_discriminator, dg_path)

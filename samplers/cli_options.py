@@ -5,6 +5,12 @@ A solver's options come from its registry entry: `--solver-opt NAME=VALUE` sets 
 typed from the solver's signature (repeatable; several pairs may be joined by commas). The older flags (--order,
 --variant, --lower-order-final, --exact-third-order, --S_churn, --S_min, --S_max, --S_noise) stay as aliases: each
 sets the option of its name, or the solver's alias of it (--order is iPNDM's max_order).
+
+EDM's generate.py options are accepted as aliases (EDM_ALIASES_NOTE): --disc=vp|ve|iddpm|edm is --schedule of the same
+name, --schedule=linear and --scaling=none are what every solver here integrates, --solver=euler|heun are EDM's
+ablation-sampler solvers on that ODE; what our solvers cannot integrate (EDM's VP/VE ODE schedules, VP scaling) is
+refused in one line. `--preset=NAME` fills the sampler options of a published configuration that the command line did
+not give (the CLI passes its table, training.presets.SAMPLER_PRESETS; apply_preset).
 """
 
 import inspect
@@ -170,6 +176,134 @@ def guidance_from_cli(option_flags: dict) -> dict:
     return guidance
 
 
+# ---------------------------------------------------------------------------------------------------------------------
+# EDM's generate.py options (NVlabs/edm's ablation_sampler) as aliases.
+
+EDM_DISCRETIZATIONS = ("vp", "ve", "iddpm", "edm")  # --disc: our schedules of the same names (samplers/schedules.py)
+EDM_SCHEDULES = ("vp", "ve", "linear")  # EDM's --schedule: sigma(t) of the ODE it integrates in t
+EDM_SCALINGS = ("vp", "none")
+EDM_ALIASES_NOTE = (
+    "EDM's generate.py options: --disc=vp|ve|iddpm|edm is --schedule=vp|ve|iddpm|edm (the same time steps and default "
+    "sigma ranges); --schedule=linear and --scaling=none are EDM's sigma(t) = t, s(t) = 1, the ODE dx/dsigma every "
+    "solver here integrates; --solver=euler|heun on it are EDM's ablation-sampler solvers (alpha = 1, last step Euler "
+    "to sigma = 0). EDM's --schedule=vp|ve and --scaling=vp (its ODE in VP/VE time) are refused: use NVlabs/edm's "
+    "generate.py for those ablations. Without --disc or --scaling, --schedule=vp|ve are our grids (EDM's --disc=vp|ve)."
+)
+_EDM_ODE_SCHEDULES = {"vp": "sigma(t) = sqrt(exp(beta_d t^2 / 2 + beta_min t) - 1)", "ve": "sigma(t) = sqrt(t)"}
+
+
+def resolve_edm_aliases(schedule: str | None, disc: str | None, scaling: str | None) -> tuple[str, list[str]]:
+    """EDM's --disc / --schedule / --scaling -> our --schedule, plus notes to print. Refuses (one UsageError line)
+    what our solvers cannot integrate exactly, saying what to use instead."""
+    notes = []
+    if scaling == "vp":
+        raise click.UsageError("--scaling=vp (EDM's ablation ODE with s(t) = 1/sqrt(1 + sigma(t)^2)) cannot be "
+                               "expressed here: every solver integrates dx/dsigma unscaled (EDM's --scaling=none); "
+                               "drop --scaling, or use NVlabs/edm's generate.py for that ablation")
+    edm_style = disc is not None or scaling is not None
+    if schedule == "linear":  # EDM's sigma(t) = t: the ODE integrated here; the grid comes from --disc (EDM: edm)
+        schedule = None
+    elif schedule in _EDM_ODE_SCHEDULES and edm_style:
+        raise click.UsageError(
+            f"--schedule={schedule} beside --disc/--scaling is EDM's ablation ODE in {schedule.upper()} time "
+            f"({_EDM_ODE_SCHEDULES[schedule]}), which the solvers here cannot integrate (they integrate in sigma, "
+            f"EDM's --schedule=linear): drop --schedule (for {schedule.upper()} time steps use --disc={schedule}), or "
+            f"use NVlabs/edm's generate.py for that ablation")
+    elif schedule in _EDM_ODE_SCHEDULES:
+        notes.append(f"--schedule={schedule} is the {schedule.upper()} time discretisation here (EDM's "
+                     f"--disc={schedule}), integrated in sigma; EDM's --schedule={schedule} (its ODE in "
+                     f"{schedule.upper()} time) is not available")
+    if disc is not None:
+        if schedule is not None and schedule != disc:
+            raise click.UsageError(f"--disc={disc} and --schedule={schedule} both choose the time steps; give one "
+                                   f"(--disc={disc} is --schedule={disc} here)")
+        schedule = disc
+    return ("edm" if schedule is None else schedule), notes
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# --preset: a published configuration's sampler options (the CLI passes the table: training.presets.SAMPLER_PRESETS).
+
+
+def _print_presets(presets: dict, sources: dict) -> None:
+    for name, options in presets.items():
+        flags = " ".join(f"--{key}={value}" for key, value in options.items())
+        click.echo(f"{name}  ({sources.get(name, '')})\n  {flags}")
+
+
+def preset_option(presets: dict, sources: dict, help_prefix: str = ""):
+    """Decorator: --preset=NAME|list. `list` prints every preset with its source and options, then exits (before
+    the required options are checked)."""
+    def list_presets(ctx, param, value):
+        if value == "list" and not ctx.resilient_parsing:
+            _print_presets(presets, sources)
+            ctx.exit(0)
+        return value
+
+    return click.option("--preset", help=help_prefix + f"A published sampler configuration ({', '.join(presets)}): "
+                        "its options, under the ones given explicitly; --preset=list prints them with their sources",
+                        metavar="NAME|list", type=str, default=None, is_eager=True, callback=list_presets)
+
+
+def _preset_param(ctx, key: str):
+    for param in ctx.command.params:
+        if isinstance(param, click.Option) and (f"--{key}" in param.opts or f"--{key.replace('_', '-')}" in param.opts):
+            return param
+    raise ValueError(f"a preset sets {key!r}, which is no option of {ctx.command.name}")
+
+
+def _flag_text(param, value) -> str:
+    return f"{param.opts[0]}={value}"
+
+
+def apply_preset(name: str | None, sampler_cli: dict, presets: dict, sources: dict | None = None,
+                 ctx: click.Context | None = None) -> list[str]:
+    """Fill `sampler_cli` (the command's sampler parameters, changed in place) with preset `name`'s options that the
+    command line did not give; returns the lines to print (the preset, its source, and each explicit option that
+    replaced a preset value). A preset's solver options go with its solver: an explicit --solver of another name drops
+    them, and a --solver-opt of the same option replaces them."""
+    if name is None:
+        return []
+    if name not in presets:
+        raise click.BadParameter(f"unknown preset {name!r}: expected one of {', '.join(presets)} (--preset=list "
+                                 f"shows their sources)", param_hint="--preset")
+    ctx = ctx or click.get_current_context()
+    explicit = {param.name for param in ctx.command.params if ctx.get_parameter_source(param.name) in (
+        click.core.ParameterSource.COMMANDLINE, click.core.ParameterSource.ENVIRONMENT)}
+    preset = presets[name]
+    solver = sampler_cli.get("solver") if "solver" in explicit else preset.get("solver")
+    entry = SOLVERS.get(solver or "heun")
+    given_opts = set()
+    for text in sampler_cli.get("solver_opt") or ():
+        for pair in re.split(r"[,\s]+", text.strip()):
+            key = pair.partition("=")[0]
+            given_opts.add(entry.option_name(key) if entry is not None and entry.option_name(key) else key)
+    applied, replaced, dropped = [], [], []
+    for key, value in preset.items():
+        param = _preset_param(ctx, key)
+        if param.name in explicit:
+            replaced.append(f"{_flag_text(param, sampler_cli[param.name])} (preset: {value})")
+            continue
+        if key in OPTION_FLAGS:
+            option = entry.option_name(key) if entry is not None else None
+            if "solver" in explicit and sampler_cli.get("solver") != preset.get("solver", "heun"):
+                dropped.append(f"{_flag_text(param, value)} (an option of {preset.get('solver', 'heun')})")
+                continue
+            if option in given_opts or key in given_opts:
+                replaced.append(f"--solver-opt {option or key} (preset: {param.opts[0]}={value})")
+                continue
+        sampler_cli[param.name] = param.process_value(ctx, value)
+        applied.append(_flag_text(param, value))
+    lines = [f"Preset {name}" + (f" ({sources[name]})" if sources and name in sources else "") + ": "
+             + " ".join(applied or ["(nothing left to set)"])]
+    if replaced:
+        lines.append(f"Preset {name}: explicit options win: {', '.join(replaced)}")
+    if dropped:
+        lines.append(f"Preset {name}: --solver={sampler_cli.get('solver')} drops the preset's solver options: "
+                     f"{', '.join(dropped)}")
+    return lines
+
+
 def sampler_options(help_prefix: str = "", solver_default: str | None = None, steps_default: int | None = None,
                     guidance: bool = True):
     """Decorator: every flag that decides how a seed becomes an image (besides the network and --device).
@@ -189,7 +323,12 @@ def sampler_options(help_prefix: str = "", solver_default: str | None = None, st
                      show_default=False),
         solver_option(help_prefix, default=solver_default, deferred=True),
         click.option("--schedule", help=help_prefix + f"Noise-level grid: {', '.join(SCHEDULES)}, or a schedule file "
-                     "(.json, LD3 .pt)", metavar="NAME|PATH", type=str, default="edm", show_default=True),
+                     "(.json, LD3 .pt); EDM's --schedule=linear is accepted (the ODE every solver here integrates)  "
+                     "[default: edm]", metavar="NAME|PATH", type=str, default=None, show_default=False),
+        click.option("--disc", help=help_prefix + "EDM's --disc (ablation sampler's time steps): the --schedule of the "
+                     "same name", type=click.Choice(list(EDM_DISCRETIZATIONS)), default=None),
+        click.option("--scaling", help=help_prefix + "EDM's --scaling: none (what every solver here integrates); vp is "
+                     "refused", type=click.Choice(list(EDM_SCALINGS)), default=None),
         end_option(help_prefix),
         click.option("--denoise-to-zero", "denoise_to_zero", help=help_prefix + "After a grid ending at sigma_min, "
                      "output D(x; sigma_min) (+1 NFE)", is_flag=True),
@@ -259,10 +398,15 @@ def solver_kwargs_from_cli(solver: str, solver_opt=(), solvers=None, **option_fl
 
 
 def sampler_config(solver, schedule, num_steps, sigma_min, sigma_max, rho, end, denoise_to_zero=False,
-                   solver_opt=(), precision="fp32", compile=False, cuda_graph=False, **option_flags) -> SamplerConfig:
+                   solver_opt=(), precision="fp32", compile=False, cuda_graph=False, disc=None, scaling=None,
+                   notes: list | None = None, **option_flags) -> SamplerConfig:
     """Map the sampler flags to a SamplerConfig, with the errors a user can act on. The solver stays None when
     --solver is not given (heun, or a schedule file's), so that a config of defaults means "no sampler option given"
-    (a one-step snapshot is then sampled in one step, samplers/onestep.py)."""
+    (a one-step snapshot is then sampled in one step, samplers/onestep.py). disc, scaling: EDM's options
+    (resolve_edm_aliases); notes: a list that receives the lines worth printing about them."""
+    schedule, alias_notes = resolve_edm_aliases(schedule, disc, scaling)
+    if notes is not None:
+        notes.extend(alias_notes)
     from_file = schedule not in SCHEDULES
     if from_file and not os.path.isfile(schedule):
         raise click.BadParameter(f"{schedule!r} is neither a schedule name ({', '.join(SCHEDULES)}) nor an existing "

@@ -191,6 +191,32 @@ def test_sampling_options_need_network_mode(workdir):
     assert result.exit_code != 0 and "--steps: sampling options apply to --network only" in result.output
 
 
+def test_network_mode_takes_generate_presets_and_edm_options(workdir, network_pkl, single_rank):
+    """calc --network --preset: the preset's options under the explicit ones, as generate.py; the sampler that ran is in
+    the JSON record. EDM's --disc/--solver are generate.py's too. --preset is a sampling option (--network only)."""
+    root = workdir["root"]
+    common = ["calc", "--network", network_pkl, "--ref", root / "ref1.npz", "--seeds", "0-3", "--batch", "8",
+              "--metrics", "fid", "--workers", "0", *_detector_args(root)]
+    result = _invoke([*common, "--preset", "aot-uncond", "--steps", "3", "--out", root / "net-preset.json"])
+    assert result.exit_code == 0, result.output
+    assert "Preset aot-uncond (AOT (Kim et al. 2024), README: Heun, rho 90, 14 steps): --rho=90" in result.output
+    assert "explicit options win: --steps=3 (preset: 14)" in result.output
+    options = json.loads((root / "net-preset.json").read_text())["source"]["sampler_options"]
+    assert options["num_steps"] == 3 and options["schedule_kwargs"] == {"rho": 90.0} and options["schedule"] == "edm"
+    assert "; 5 NFE per image" in result.output  # Heun: 2 * 3 - 1
+    result = _invoke([*common, "--disc", "ve", "--solver", "euler", "--steps", "3", "--out", root / "net-disc.json"])
+    assert result.exit_code == 0, result.output
+    record = json.loads((root / "net-disc.json").read_text())["source"]
+    assert record["sampler_options"]["schedule"] == "ve" and record["sampler_options"]["solver"] == "euler"
+    assert "sigma=100..0.02 then 0; 3 NFE per image" in record["sampler"]
+    result = _invoke(["calc", "--images", root / "gen", "--ref", root / "ref1.npz", "--preset", "edm-cifar10"])
+    assert result.exit_code != 0 and "--preset: sampling options apply to --network only" in result.output
+    result = _invoke([*common, "--preset", "nope"])
+    assert result.exit_code == 2 and "unknown preset 'nope': expected one of edm-cifar10, " in result.output
+    result = _invoke(["calc", "--preset", "list"])
+    assert result.exit_code == 0 and "aot-cond  (AOT (Kim et al. 2024)" in result.output
+
+
 @pytest.mark.distributed
 def test_two_gloo_ranks_match_one_rank(workdir, single_rank, network_pkl, network_single_rank):
     root = workdir["root"]

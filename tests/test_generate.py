@@ -4,6 +4,7 @@ import hashlib
 import json
 import math
 import os
+import re
 import subprocess
 import types
 
@@ -417,3 +418,131 @@ def test_library_does_not_import_the_clis():
                     offenders += [f"{os.path.relpath(path, ROOT)} imports {m}" for m in modules
                                   if m.split(".")[0] in clis]
     assert clis >= {"generate", "fid", "ld3", "train"} and not offenders, offenders
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# EDM's generate.py options as aliases (issue 19): --disc, --schedule=linear, --scaling=none, --solver=euler|heun.
+
+
+def edm_ablation_steps(disc, num_steps, sigma_min=None, sigma_max=None, rho=7.0, epsilon_s=1e-3, C_1=0.001,
+                       C_2=0.008, M=1000):
+    """The noise levels of EDM's ablation sampler (Karras et al. 2022, Table 1 and its code) for --disc, written out
+    here in NumPy: VP sigma(t) = sqrt(exp(beta_d t^2 / 2 + beta_min t) - 1) at t = 1 ... epsilon_s (beta's re-derived so
+    that sigma(1) = sigma_max, sigma(epsilon_s) = sigma_min), VE sigma(t) = sqrt(t) at t geometric from sigma_max^2 to
+    sigma_min^2, iDDPM's u_j table picked at rounded even indices, EDM's rho grid; then t_N = 0."""
+    def vp_sigma(beta_d, beta_min, t):
+        return np.sqrt(np.exp(0.5 * beta_d * t**2 + beta_min * t) - 1)
+
+    defaults = {"vp": (vp_sigma(19.9, 0.1, epsilon_s), vp_sigma(19.9, 0.1, 1.0)), "ve": (0.02, 100.0),
+                "iddpm": (0.002, 81.0), "edm": (0.002, 80.0)}[disc]
+    sigma_min = defaults[0] if sigma_min is None else sigma_min
+    sigma_max = defaults[1] if sigma_max is None else sigma_max
+    i = np.arange(num_steps, dtype=np.float64)
+    if disc == "vp":
+        beta_d = 2 * (np.log(sigma_min**2 + 1) / epsilon_s - np.log(sigma_max**2 + 1)) / (epsilon_s - 1)
+        beta_min = np.log(sigma_max**2 + 1) - 0.5 * beta_d
+        levels = vp_sigma(beta_d, beta_min, 1 + i / (num_steps - 1) * (epsilon_s - 1))
+    elif disc == "ve":
+        levels = np.sqrt(sigma_max**2 * (sigma_min**2 / sigma_max**2) ** (i / (num_steps - 1)))
+    elif disc == "iddpm":
+        u = np.zeros(M + 1)
+        for j in range(M, 0, -1):
+            ratio = np.sin(0.5 * np.pi * (j - 1) / M / (C_2 + 1)) ** 2 / np.sin(0.5 * np.pi * j / M / (C_2 + 1)) ** 2
+            u[j - 1] = np.sqrt((u[j] ** 2 + 1) / max(ratio, C_1) - 1)
+        u = u[(u >= sigma_min) & (u <= sigma_max)]
+        levels = u[np.round((len(u) - 1) / (num_steps - 1) * i).astype(int)]
+    else:
+        a, b = sigma_max ** (1 / rho), sigma_min ** (1 / rho)
+        levels = (a + i / (num_steps - 1) * (b - a)) ** rho
+    return np.append(levels, 0.0)
+
+
+def _edm_cli_config(**flags):
+    from samplers.cli_options import sampler_config
+    args = dict(solver=None, schedule=None, num_steps=None, sigma_min=None, sigma_max=None, rho=None, end=None)
+    return sampler_config(**{**args, **flags})
+
+
+@pytest.mark.parametrize("disc", ["vp", "ve", "iddpm", "edm"])
+@pytest.mark.parametrize("extra", [{}, {"schedule": "linear", "scaling": "none"}, {"sigma_min": 0.01, "sigma_max": 50}])
+def test_edm_disc_grids_equal_edm_formulas(disc, extra):
+    from samplers.generation import build_grid
+    net = types.SimpleNamespace(sigma_min=0.0, sigma_max=float("inf"), round_sigma=lambda s: s)
+    for solver, steps in [("euler", 6), ("heun", 13)]:
+        config = _edm_cli_config(disc=disc, solver=solver, num_steps=steps, **extra)
+        grid, used, kwargs = build_grid(net, config)
+        expected = edm_ablation_steps(disc, steps, extra.get("sigma_min"), extra.get("sigma_max"))
+        assert used == solver and kwargs == {} and grid.end == "zero"
+        np.testing.assert_allclose(grid.sigmas.numpy(), expected, rtol=1e-12, atol=0)
+    if not extra:  # edm.md's ranges: VP sigma(epsilon_s) = 0.0105 ... sigma(1) = 152.2; iDDPM's u_(M-1) = 0.00642
+        first, last = {"vp": (152.2, 0.0105), "ve": (100, 0.02), "iddpm": (81, 0.00642), "edm": (80, 0.002)}[disc]
+        assert grid.sigmas[0].item() == pytest.approx(first, rel=2e-2 if disc == "iddpm" else 1e-3)
+        assert grid.sigmas[-2].item() == pytest.approx(last, rel=5e-3)  # the docs round to 3 digits
+
+
+def edm_ablation_sample(net, latents, t_steps, solver, alpha=1.0):
+    """EDM's ablation_sampler's loop with --schedule=linear --scaling=none (sigma(t) = t, s(t) = 1: sigma' = 1,
+    s' = 0), deterministic: the general update dx/dt = (sigma'/sigma + s'/s) x - sigma' s / sigma D(x / s; sigma), a
+    second stage at t + alpha h with weights (1 - 1/(2 alpha), 1/(2 alpha)), and always Euler on the last step."""
+    def sigma(t):
+        return t
+
+    def slope(x, t):
+        denoised = net(x, sigma(t)).to(torch.float64)
+        return (1.0 / sigma(t) + 0.0) * x - 1.0 * 1.0 / sigma(t) * denoised
+
+    t_steps = torch.as_tensor(t_steps, dtype=torch.float64)
+    x = latents.to(torch.float64) * sigma(t_steps[0])
+    num_steps = len(t_steps) - 1
+    for i in range(num_steps):
+        t_cur, t_next = t_steps[i], t_steps[i + 1]
+        h = t_next - t_cur
+        d_cur = slope(x, t_cur)
+        if solver == "euler" or i == num_steps - 1:
+            x = x + h * d_cur
+        else:
+            x_prime, t_prime = x + alpha * h * d_cur, t_cur + alpha * h
+            x = x + h * ((1 - 1 / (2 * alpha)) * d_cur + 1 / (2 * alpha) * slope(x_prime, t_prime))
+    return x
+
+
+@pytest.mark.parametrize(("solver", "disc"), [("euler", "vp"), ("heun", "iddpm"), ("euler", "edm"), ("heun", "ve")])
+def test_edm_solvers_on_disc_grids_equal_edm_ablation_sampler(solver, disc):
+    net = tiny_net()
+    seeds = [3, 11]
+    config = _edm_cli_config(disc=disc, solver=solver, num_steps=5)
+    x = sample_seeds(net, seeds, config, device="cpu")
+    latents = torch.stack([torch.randn([3, 8, 8], generator=torch.Generator().manual_seed(s)) for s in seeds])
+    reference = edm_ablation_sample(net, latents, edm_ablation_steps(disc, 5), solver)
+    torch.testing.assert_close(x, reference, rtol=1e-9, atol=1e-9)
+
+
+@pytest.mark.parametrize(("flags", "message"), [
+    ({"scaling": "vp"}, "--scaling=vp (EDM's ablation ODE with s(t) = 1/sqrt(1 + sigma(t)^2)) cannot be expressed"),
+    ({"disc": "vp", "schedule": "vp"}, "--schedule=vp beside --disc/--scaling is EDM's ablation ODE in VP time"),
+    ({"scaling": "none", "schedule": "ve"}, "--schedule=ve beside --disc/--scaling is EDM's ablation ODE in VE time"),
+    ({"disc": "ve", "schedule": "logsnr"}, "--disc=ve and --schedule=logsnr both choose the time steps"),
+])
+def test_edm_combinations_we_cannot_express_are_refused(flags, message):
+    import click
+    with pytest.raises(click.UsageError, match=re.escape(message)):
+        _edm_cli_config(**flags)
+
+
+def test_edm_options_through_the_cli(network_pickle, tmp_path):
+    common = ["--network", network_pickle, "--seeds", "0-1", "--device", "cpu", "--steps", "4"]
+    result = CliRunner().invoke(generate.main, [*common, "--outdir", str(tmp_path / "disc"), "--solver", "euler",
+                                                "--disc", "vp", "--schedule", "linear", "--scaling", "none"])
+    assert result.exit_code == 0, result.output
+    assert "solver=euler() schedule=vp steps=4 end=zero sigma=152.2..0.01049 then 0; 4 NFE" in result.output
+    # --disc=vp is our --schedule=vp: the same images, and generate.py's folder record accepts one for the other.
+    result = CliRunner().invoke(generate.main, [*common, "--outdir", str(tmp_path / "disc"), "--solver", "euler",
+                                                "--schedule", "vp"])
+    assert result.exit_code == 0 and "Wrote 0 images, skipped 2" in result.output, result.output
+    assert "Note: --schedule=vp is the VP time discretisation here (EDM's --disc=vp)" in result.output
+    # EDM's own VP sampler (its ODE in VP time with VP scaling) is refused in one line, before any image.
+    result = CliRunner().invoke(generate.main, [*common, "--outdir", str(tmp_path / "vp"), "--solver", "euler",
+                                                "--disc", "vp", "--schedule", "vp", "--scaling", "vp"])
+    errors = [line for line in result.output.splitlines() if line.startswith("Error:")]
+    assert result.exit_code == 2 and len(errors) == 1 and "use NVlabs/edm's generate.py" in errors[0]
+    assert not os.path.exists(tmp_path / "vp" / "000000.png")

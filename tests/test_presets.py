@@ -118,3 +118,144 @@ def test_preset_plus_override(tmp_path):
     assert options['dataset_kwargs']['path'] == data  # --data given explicitly replaces the preset's path
     result = CliRunner().invoke(train.main, ['--preset', 'nope', '--outdir', str(tmp_path), '--data', data, '-n'])
     assert result.exit_code == 2 and "unknown preset 'nope'" in result.output
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# generate.py / fid.py --preset: each sampler preset's resulting configuration, grid and NFE against numbers written
+# here from ../shared/docs (samplers.md §1, §2.2, §3.2; edm.md §4), not from the preset table.
+
+def _tiny_network(path):
+    import torch
+
+    from torch_utils import persistence
+    from training.preconditioning import EDMPrecond
+    torch.manual_seed(0)
+    net = EDMPrecond(img_resolution=8, img_channels=3, label_dim=0, model_type='SongUNet', model_channels=8,
+                     channel_mult=[1], num_blocks=1, attn_resolutions=[])
+    persistence.save_network_pickle(str(path), dict(ema=net))
+    return str(path)
+
+
+@pytest.fixture(scope='module')
+def tiny_pickle(tmp_path_factory):
+    return _tiny_network(tmp_path_factory.mktemp('presets') / 'net.pkl')
+
+
+def _generate(args):
+    import generate
+    return CliRunner().invoke(generate.main, [str(a) for a in args])
+
+
+def _edm_rho_grid(n_intervals, rho, sigma_min=0.002, sigma_max=80.0):
+    """Karras et al. eq. 5 over n_intervals + 1 levels (samplers.md §1, edm(rho))."""
+    return [(sigma_max ** (1 / rho) + i / n_intervals * (sigma_min ** (1 / rho) - sigma_max ** (1 / rho))) ** rho
+            for i in range(n_intervals + 1)]
+
+
+def _doc_numbers(text):
+    return [float(v) for v in re.findall(r'\d+(?:\.\d+)?', text)]
+
+
+def _recorded_grid(outdir):
+    """The grid generate.py sampled with, rebuilt from the options its generation.json records."""
+    import types
+
+    from samplers.generation import SamplerConfig, build_grid
+    options = json.load(open(os.path.join(outdir, 'generation.json')))['options']
+    net = types.SimpleNamespace(sigma_min=0.0, sigma_max=float('inf'), round_sigma=lambda s: s)
+    grid, solver, kwargs = build_grid(net, SamplerConfig(**options))
+    return options, grid, solver, kwargs
+
+
+def test_every_sampler_preset_gives_the_documented_sampler(tiny_pickle, tmp_path):
+    nfe_line = _doc_line('samplers.md', 'NFE 2N − 1 with the appended zero (EDM: 18 steps → 35')
+    documented_nfe = dict(zip(('edm-cifar10', 'edm-ffhq', 'edm-imagenet64'),
+                              [int(v) for v in re.findall(r'→ (\d+)', nfe_line)]))
+    assert documented_nfe == {'edm-cifar10': 35, 'edm-ffhq': 79, 'edm-imagenet64': 511}
+    documented_nfe['edm-afhqv2'] = documented_nfe['edm-ffhq']  # "FFHQ/AFHQ 40 steps → 79"
+    # EDM's own 18-step CIFAR grid as samplers.md prints it (3 decimals), then 0.
+    cifar_line = _doc_line('samplers.md', "EDM's own 18-step CIFAR grid")
+    cifar_grid = _doc_numbers(cifar_line.split(':', 1)[1]) + _doc_numbers(
+        open(os.path.join(DOCS, 'samplers.md')).read().split(cifar_line, 1)[1].splitlines()[0])
+    assert len(cifar_grid) == 19 and cifar_grid[0] == 80 and cifar_grid[-1] == 0
+    churn = _doc_line('samplers.md', 'Published stochastic settings: ImageNet-64 S_churn')
+    churn = dict(zip(('S_churn', 'S_min', 'S_max', 'S_noise'), _doc_numbers(churn.split('ImageNet-64', 1)[1])[:4]))
+    assert churn == dict(S_churn=40, S_min=0.05, S_max=50, S_noise=1.003)
+    aot = _doc_line('losses.md', 'Published settings (table §2.8): uncond `--rho 90 --steps 14`')
+    assert '`--rho 72 --steps 15`' in aot
+    teacher = _doc_line('samplers.md', 'configs/cifar10.yml → UniPC order 3, **bh1**, 20 NFE')
+    assert '--steps 20 --skip_type edm' in teacher
+
+    expected = {  # solver, options, steps, end, NFE, the grid's positive levels
+        'edm-cifar10': ('heun', {}, 18, 'zero', 35, cifar_grid[:-1]),
+        'edm-ffhq': ('heun', {}, 40, 'zero', 79, _edm_rho_grid(39, 7)),
+        'edm-afhqv2': ('heun', {}, 40, 'zero', 79, _edm_rho_grid(39, 7)),
+        'edm-imagenet64': ('heun', churn, 256, 'zero', 511, _edm_rho_grid(255, 7)),
+        'aot-uncond': ('heun', {}, 14, 'zero', 2 * 14 - 1, _edm_rho_grid(13, 90)),
+        'aot-cond': ('heun', {}, 15, 'zero', 2 * 15 - 1, _edm_rho_grid(14, 72)),
+        # LD3's teacher: UniPC-3 bh1, 20 steps (= 20 NFE) on edm rho 7 ending at sigma_min (N intervals, no zero)
+        'ld3-teacher': ('unipc', dict(order=3, variant='bh1'), 20, 'sigma_min', 20, _edm_rho_grid(20, 7)),
+    }
+    assert set(expected) == set(SAMPLER_PRESETS)
+    for name, (solver, options, steps, end, nfe, levels) in expected.items():
+        outdir = tmp_path / name
+        result = _generate(['--network', tiny_pickle, '--outdir', outdir, '--seeds', '0', '--device', 'cpu',
+                            '--preset', name])
+        assert result.exit_code == 0, result.output
+        assert f'Preset {name} ({SAMPLER_PRESET_SOURCES[name]}): ' in result.output
+        assert f'; {nfe} NFE per image' in result.output, (name, result.output)
+        recorded, grid, used_solver, used_options = _recorded_grid(outdir)
+        assert used_solver == solver and used_options == options and grid.num_steps == steps and grid.end == end
+        positive = grid.sigmas[:-1] if end == 'zero' else grid.sigmas
+        rounding = dict(rel=1e-4, abs=5e-4) if name == 'edm-cifar10' else dict(rel=1e-12)  # the doc's 3 decimals
+        assert positive.tolist() == pytest.approx(levels, **rounding), name
+        if end == 'zero':
+            assert grid.sigmas[-1] == 0
+
+
+def test_sampler_preset_explicit_options_win_and_are_reported(tiny_pickle, tmp_path):
+    result = _generate(['--network', tiny_pickle, '--outdir', tmp_path / 'a', '--seeds', '0', '--device', 'cpu',
+                        '--preset', 'edm-imagenet64', '--steps', '6', '--S_churn', '0'])
+    assert result.exit_code == 0, result.output
+    assert 'Preset edm-imagenet64: explicit options win: --steps=6 (preset: 256), --S_churn=0.0 (preset: 40)' \
+        in result.output
+    options, grid, solver, kwargs = _recorded_grid(tmp_path / 'a')
+    assert grid.num_steps == 6 and kwargs == dict(S_churn=0.0, S_min=0.05, S_max=50, S_noise=1.003)
+    # Another solver drops the preset's solver options (they belong to its solver); a --solver-opt replaces one.
+    result = _generate(['--network', tiny_pickle, '--outdir', tmp_path / 'b', '--seeds', '0', '--device', 'cpu',
+                        '--preset', 'ld3-teacher', '--solver', 'ipndm'])
+    assert result.exit_code == 0, result.output
+    assert "--solver=ipndm drops the preset's solver options: --order=3 (an option of unipc)" in result.output
+    options, grid, solver, kwargs = _recorded_grid(tmp_path / 'b')
+    assert solver == 'ipndm' and kwargs == {} and grid.num_steps == 20 and grid.end == 'sigma_min'
+    result = _generate(['--network', tiny_pickle, '--outdir', tmp_path / 'c', '--seeds', '0', '--device', 'cpu',
+                        '--preset', 'ld3-teacher', '--solver-opt', 'order=2'])
+    assert result.exit_code == 0, result.output
+    assert _recorded_grid(tmp_path / 'c')[3] == dict(order=2, variant='bh1')
+
+
+def test_sampler_preset_list_and_unknown_name(tiny_pickle, tmp_path):
+    import generate
+    result = CliRunner().invoke(generate.main, ['--preset=list'])  # no --network / --outdir needed
+    assert result.exit_code == 0, result.output
+    for name in SAMPLER_PRESETS:
+        assert f'{name}  ({SAMPLER_PRESET_SOURCES[name]})' in result.output
+    assert '--steps=256 --S_churn=40 --S_min=0.05 --S_max=50 --S_noise=1.003' in result.output
+    result = _generate(['--network', tiny_pickle, '--outdir', tmp_path, '--device', 'cpu', '--preset', 'edm-cifar'])
+    errors = [line for line in result.output.splitlines() if line.startswith('Error:')]
+    assert result.exit_code == 2 and len(errors) == 1 and "unknown preset 'edm-cifar'" in errors[0]
+    assert all(name in errors[0] for name in SAMPLER_PRESETS) and not os.listdir(tmp_path)
+
+
+def test_every_sampler_preset_option_is_a_generate_and_fid_option():
+    import click
+
+    import fid
+    import generate
+    from samplers.cli_options import _preset_param
+    for command in (generate.main, fid.main.commands['calc']):
+        ctx = click.Context(command)
+        for options in SAMPLER_PRESETS.values():
+            for key, value in options.items():
+                param = _preset_param(ctx, key)
+                assert param.process_value(ctx, value) is not None

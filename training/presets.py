@@ -95,7 +95,9 @@ PRESET_SOURCES = {
     **{name: 'GDD (Zheng & Yang 2024), Zyriix/GDD train.sh' for name in GDD_PRESETS},
 }
 
-# generate.py / fid.py --preset: published sampler settings (generate.py option names).
+# generate.py / fid.py calc --network --preset: published sampler settings (generate.py option names and values; a
+# preset fills the options the command line does not give: samplers.cli_options.apply_preset). The rest is generate.py's
+# defaults: Heun, --schedule=edm, rho 7, sigma 0.002 ... 80, EDM's appended sigma = 0.
 SAMPLER_PRESETS = {
     'edm-cifar10': dict(steps=18),                                  # Heun, 35 NFE
     'edm-ffhq': dict(steps=40),                                     # 79 NFE
@@ -103,12 +105,17 @@ SAMPLER_PRESETS = {
     'edm-imagenet64': dict(steps=256, S_churn=40, S_min=0.05, S_max=50, S_noise=1.003),  # 511 NFE, stochastic
     'aot-uncond': dict(steps=14, rho=90),                           # 27 NFE
     'aot-cond': dict(steps=15, rho=72),                             # 29 NFE
+    # LD3's CIFAR-10 teacher (what ld3.py gen-data samples by default): UniPC-3 bh1, 20 steps on edm rho 7 ending at
+    # sigma_min (20 NFE). LD3's learned grids are schedule files (ld3.py train): --schedule=FILE, not presets.
+    'ld3-teacher': dict(solver='unipc', steps=20, end='sigma_min', order=3, variant='bh1'),
 }
 SAMPLER_PRESET_SOURCES = {
     **{name: 'EDM (Karras et al. 2022), Section 5 / NVlabs/edm README' for name in SAMPLER_PRESETS
        if name.startswith('edm')},
     'aot-uncond': 'AOT (Kim et al. 2024), README: Heun, rho 90, 14 steps',
     'aot-cond': 'AOT (Kim et al. 2024), README: Heun, rho 72, 15 steps',
+    'ld3-teacher': 'LD3 (Tong et al. 2025), README / configs/cifar10.yml: UniPC order 3 bh1, 20 steps, edm rho 7, '
+                   'no final denoise',
 }
 
 
