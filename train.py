@@ -579,12 +579,16 @@ def main(**kwargs):
         for name in TRAIN_PRESETS:
             print(f'{name}  ({PRESET_SOURCES.get(name, "")})\n  {preset_command(name)}')
         return
+    preset_notes = []
     if opts.preset is not None:  # a published configuration: its options, under the ones given explicitly
         if opts.preset not in TRAIN_PRESETS:
-            raise click.BadParameter(f'unknown preset {opts.preset!r}; --preset=list shows them', param_hint='--preset')
+            raise click.BadParameter(f'unknown preset {opts.preset!r}: expected one of {", ".join(TRAIN_PRESETS)} '
+                                     '(--preset=list shows their sources and commands)', param_hint='--preset')
         for key, value in TRAIN_PRESETS[opts.preset].items():
             if key not in explicit:
                 opts[key] = list(value) if isinstance(value, list) else value
+            else:
+                preset_notes.append(f'--{key.replace("_", "-")}={opts[key]} (preset: {value})')
         explicit |= set(TRAIN_PRESETS[opts.preset])
     resume_notes = []
     if opts.transfer is not None and opts.resume is not None:
@@ -640,6 +644,10 @@ def main(**kwargs):
     dist.print0(f'Number of processes:     {world_size}')
     dist.print0(f'Batch size:              {c.batch_size}')
     dist.print0(f'Mixed-precision:         fp16 network {c.network_kwargs.use_fp16}, autocast {c.precision}')
+    if opts.preset is not None:
+        dist.print0(f'Preset:                  {opts.preset} ({PRESET_SOURCES.get(opts.preset, "")})')
+        if preset_notes:
+            dist.print0(f'  explicit options win: {", ".join(preset_notes)}')
     if opts.resume is not None:
         dist.print0(f'Resuming from:           {opts.resume}')
         for note in resume_notes:

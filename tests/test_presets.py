@@ -116,8 +116,12 @@ def test_preset_plus_override(tmp_path):
     assert options['network_kwargs']['dropout'] == 0.05 and options['augment_kwargs']['p'] == 0.15
     assert options['network_kwargs']['class_name'] == 'training.preconditioning.VPPrecond'
     assert options['dataset_kwargs']['path'] == data  # --data given explicitly replaces the preset's path
+    assert f'  explicit options win: --data={data} (preset: datasets/ffhq-64x64.zip), --lr=0.0003 (preset: 0.0002)' \
+        in result.output
     result = CliRunner().invoke(train.main, ['--preset', 'nope', '--outdir', str(tmp_path), '--data', data, '-n'])
-    assert result.exit_code == 2 and "unknown preset 'nope'" in result.output
+    errors = [line for line in result.output.splitlines() if line.startswith('Error:')]
+    assert result.exit_code == 2 and len(errors) == 1 and "unknown preset 'nope': expected one of" in errors[0]
+    assert all(name in errors[0] for name in TRAIN_PRESETS)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
