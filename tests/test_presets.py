@@ -3,6 +3,7 @@ notes on the papers and their READMEs), a preset plus an explicit option applies
 shows every preset with its source."""
 
 import json
+import math
 import os
 import re
 
@@ -91,6 +92,31 @@ def test_edm_sampler_presets_equal_edm_md():
     text = line + _doc_line('edm.md', 'ImageNet 256 steps with S_churn 40')
     assert 'ImageNet 256 steps with S_churn 40, S_min 0.05, S_max 50, S_noise 1.003' in text.replace('\n', ' ')
     assert SAMPLER_PRESETS['edm-imagenet64'] == dict(steps=256, S_churn=40, S_min=0.05, S_max=50, S_noise=1.003)
+
+
+def test_spd_presets_equal_losses_md(tmp_path):
+    """SPD's CIFAR-10 run and its DDPM control (losses.md §4.3: the UNet, AdamW lr 1e-4 without decay or anneal, EMA
+    0.9999 per step, fp32, random flips, dropout 0.3, README batch 1024), through train.py --dry-run."""
+    model = _doc_line('losses.md', 'Model: guided-diffusion UNet, 128 channels')
+    optim = _doc_line('losses.md', 'AdamW lr 1e-4, wd 0, no anneal, EMA 0.9999')
+    assert 'dropout 0.3' in model and 'README batch 1024' in optim and 'fp32, random h-flip' in optim
+    for name, loss in (('spd-cifar10', 'spd'), ('ddpm-cifar10', 'ddpm')):
+        preset = TRAIN_PRESETS[name]
+        assert preset['loss'] == loss and preset['arch'] == 'adm-cifar' and preset['batch'] == 1024
+        assert preset['lr'] == 1e-4 and preset['lr_rampup'] == 0 and preset['dropout'] == 0.3
+        assert preset['xflip'] is True and preset['precision'] == 'fp32' and preset['augment'] == 0
+        # EMA 0.9999 per optimizer step as EDM's half-life in Mimg: 0.5 = 0.9999 ** (half-life / batch)
+        assert preset['ema'] == pytest.approx(1024 * math.log(0.5) / math.log(0.9999) / 1e6, abs=5e-5)
+    data = write_zip_dataset(str(tmp_path / 'tiny.zip'), random_images(16))
+    result = CliRunner().invoke(train.main, ['--preset', 'spd-cifar10', '--outdir', str(tmp_path / 'runs'), '--data',
+                                             data, '--batch', '8', '--device', 'cpu', '-n'])
+    assert result.exit_code == 0, result.output
+    start = result.output.index('Training options:') + len('Training options:')
+    options = json.loads(result.output[start:result.output.index('\n\n', start + 2)])
+    assert options['optimizer_kwargs']['lr'] == 1e-4 and options['network_kwargs']['dropout'] == 0.3
+    # EDM's train.py truncates the half-life to whole kimg (int(ema * 1000)): 7097 of the exact 7097.47
+    assert options['ema_halflife_kimg'] == 7097 and options['lr_rampup_kimg'] == 0
+    assert options['loss_kwargs']['class_name'].endswith('SPDLoss') and options['batch_size'] == 8
 
 
 def test_every_preset_has_a_source_and_a_command():

@@ -84,15 +84,29 @@ AOT_PRESETS = {
     'aot-cifar10-cond': dict(_CIFAR, cond=True, arch='ncsnpp', precond='edm', batch=256, aot=2048),
 }
 
-TRAIN_PRESETS = {**EDM_PRESETS, **STF_PRESETS, **AOT_PRESETS, **GDD_PRESETS}
+# SPD (Das, Fotiadis et al. 2023, mtkresearch/shortest-path-diffusion configs/cifar10_fourier.yml and README): guided-
+# diffusion's CIFAR-10 UNet, AdamW lr 1e-4 without decay or ramp, EMA 0.9999 per step (at batch 1024 a half-life of
+# 1024 ln 0.5 / ln 0.9999 images = 7.0975 Mimg), dropout 0.3, random flips, fp32, T = 4000; its DDPM control is the
+# same with the linear-beta process. The training length is not published: EDM's 200 Mimg default stays.
+_SPD_CIFAR = dict(_CIFAR, cond=False, arch='adm-cifar', batch=1024, lr=1e-4, lr_rampup=0, ema=7.0975, dropout=0.3,
+                  augment=0, xflip=True, precision='fp32')
+SPD_PRESETS = {
+    'spd-cifar10': dict(_SPD_CIFAR, loss='spd'),
+    'ddpm-cifar10': dict(_SPD_CIFAR, loss='ddpm'),
+}
+
+TRAIN_PRESETS = {**EDM_PRESETS, **STF_PRESETS, **AOT_PRESETS, **GDD_PRESETS, **SPD_PRESETS}
 PRESET_PROCESSES = 4  # GPUs of the published GDD runs (the default below)
 PRESET_GPUS = {**{name: 8 for name in (*EDM_PRESETS, *STF_PRESETS)}, 'edm-imagenet64-adm': 32,
-               **{name: 4 for name in AOT_PRESETS}}
+               **{name: 4 for name in AOT_PRESETS}, **{name: 8 for name in SPD_PRESETS}}
 PRESET_SOURCES = {
     **{name: 'EDM (Karras et al. 2022), Table 2 / NVlabs/edm README' for name in EDM_PRESETS},
     **{name: 'STF (Xu et al. 2023), Newbeeer/stf README' for name in STF_PRESETS},
     **{name: 'AOT (Kim et al. 2024), large-scale-kim/EDM-AOT README' for name in AOT_PRESETS},
     **{name: 'GDD (Zheng & Yang 2024), Zyriix/GDD train.sh' for name in GDD_PRESETS},
+    'spd-cifar10': 'SPD (Das, Fotiadis et al. 2023), mtkresearch/shortest-path-diffusion configs/cifar10_fourier.yml '
+                   '+ README (batch 1024)',
+    'ddpm-cifar10': 'SPD (Das, Fotiadis et al. 2023): its DDPM control (image_train.py, linear beta, the same UNet)',
 }
 
 # generate.py / fid.py calc --network --preset: published sampler settings (generate.py option names and values; a
