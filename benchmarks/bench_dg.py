@@ -11,7 +11,8 @@ fake set (generate.py, Heun 18 steps, seeds 0..N-1); the discriminator (train_dg
 --epochs, optionally --aot); the digit classifier of the quick start. Then, on seeds the discriminator never saw:
 - the classifier Frechet distance (NOT FID: the 64-d features of metrics/digits_classifier.py) of unguided and
   guided samples at the same NFE (Heun, 18 steps, 35 NFE) for each weight in --weights (the reference's setting:
-  the corrector unguided) and for w = 1 on both Heun evaluations, with the real-data floor (two halves);
+  the corrector unguided) and for w = 1 on both Heun evaluations, with the real-data floor (two halves), and how
+  far guidance moved the samples (8-bit pixel change against the unguided samples of the same seeds);
 - the discriminator's accuracy on real images and held-out generated ones at fixed noise levels;
 - seconds per denoiser call, unguided and guided (w = 2: 15 discriminator forward and backward passes per image
   included), on one batch of 64, interleaved repeats (medians).
@@ -65,6 +66,11 @@ def _frechet(a: np.ndarray, b: np.ndarray) -> float:
 @click.option("--measure", default="quality,accuracy,timing", help="What to measure (comma-separated)")
 @click.option("--repeats", default=5, type=click.IntRange(min=1), help="Timing: interleaved repeats per setting")
 def main(outdir, network, kimg, epochs, aot, width, weights, samples, sigmas, threads, measure, repeats):
+    try:
+        weight_list = [float(w) for w in weights.split(",")]
+        sigma_list = [float(s) for s in sigmas.split(",")]
+    except ValueError:
+        raise click.BadParameter("comma-separated numbers expected", param_hint="--weights/--sigmas") from None
     torch.set_num_threads(threads)
     os.makedirs(outdir, exist_ok=True)
     outdir = os.path.abspath(outdir)
@@ -117,8 +123,7 @@ def main(outdir, network, kimg, epochs, aot, width, weights, samples, sigmas, th
     floor = _frechet(dc.extract_features(model, half_b[:num]), feats_real)
     seeds = list(range(100000, 100000 + num))  # never seen by the discriminator (its fakes are seeds 0..N-1)
 
-    settings = [("unguided", {})] + [(f"w={w:g}", {"dg": dict(value=dg_pkl, weight=float(w))})
-                                     for w in weights.split(",")]
+    settings = [("unguided", {})] + [(f"w={w:g}", {"dg": dict(value=dg_pkl, weight=w)}) for w in weight_list]
     settings.append(("w=1, corrector w=1", {"dg": dict(value=dg_pkl, weight=1.0, weight_corrector=1.0)}))
     measure = set(measure.split(","))
     path = os.path.join(outdir, "results.json")
@@ -136,13 +141,18 @@ def main(outdir, network, kimg, epochs, aot, width, weights, samples, sigmas, th
                 net, seeds, batch_size=256, device="cpu", num_steps=18, guidance=guidance)]).cpu()
             held_out = images if held_out is None else held_out
             distance = _frechet(dc.extract_features(model, images), feats_real)
-            rows.append(dict(setting=name, classifier_frechet_distance=round(distance, 4), sampler=summary))
-            print(f"{name:22s} classifier FD {distance:8.4f} (floor {floor:.4f})", flush=True)
+            # How far guidance moved the samples: 8-bit pixel change against the unguided images of the same seeds.
+            change = (images.to(torch.int16) - held_out.to(torch.int16)).abs()
+            rows.append(dict(setting=name, classifier_frechet_distance=round(distance, 4), sampler=summary,
+                             pixel_change_vs_unguided=dict(mean=round(float(change.float().mean()), 4),
+                                                           max=int(change.max()))))
+            print(f"{name:22s} classifier FD {distance:8.4f} (floor {floor:.4f}); 8-bit pixel change vs unguided: "
+                  f"mean {float(change.float().mean()):.4f}, max {int(change.max())}", flush=True)
         if "quality" in measure:
             result["settings"] = rows
     if "accuracy" in measure:
         disc = load_discriminator(dg_pkl)
-        accuracy = dg.accuracy_by_noise_level(disc, real, held_out, [float(s) for s in sigmas.split(",")])
+        accuracy = dg.accuracy_by_noise_level(disc, real, held_out, sigma_list)
         for level, rates in accuracy.items():
             print(f"sigma {level:6g}: accuracy real {rates['real']:.3f}, generated {rates['fake']:.3f}, mean "
                   f"{rates['mean']:.3f}")
