@@ -10,6 +10,7 @@ import os
 import click
 import torch
 
+from dnnlib import util
 from metrics.lpips import LPIPS_LIN_URL, LPIPS_VGG16_URL, LPIPSUnavailableError
 from samplers import SOLVERS, count_nfe, get_solver, make_grid
 from samplers.cli_options import (
@@ -35,6 +36,8 @@ from samplers.ld3 import (
     make_distance,
     save_teacher_data,
     steps_for_nfe,
+    teacher_differences,
+    teacher_plan,
     train_ld3,
 )
 from samplers.schedules import learned_solver_options
@@ -90,23 +93,28 @@ def cli():
     python ld3.py evaluate --schedule=ipndm-nfe6.json --data=test.pt
     \b
     # 4. Sample with it (the file brings its solver, options and grid)
-    python generate.py --network=... --outdir=out --seeds=100-49999 --schedule=ipndm-nfe6.json
+    python generate.py --network=... --outdir=out --seeds=2000-51999 --schedule=ipndm-nfe6.json
     \b
     # LD3 exactly as published: logSNR start, its best grid on validation, no held-out check
     python ld3.py train --data=teacher.pt --solver=ipndm --order=3 --nfe=6 --init=logsnr --no-guard --out=...
+
+    `python -m samplers.ld3` is the same command (from another folder, with the repository on PYTHONPATH).
     """
 
 
 def load_network(network: str, device):
-    """The snapshot's network, when its process is sampled over a sigma grid (what LD3 learns)."""
+    """The snapshot's network and its process's sampling object, when its process is sampled over a sigma grid (what
+    LD3 learns); any other process (SPD's per-frequency one, a one-step generator) is refused in one line."""
     try:
         snapshot = load_snapshot(network, device)
     except (persistence.NetworkPickleError, OSError) as err:
         raise click.ClickException(str(err)) from None
-    if not getattr(snapshot.process.sampling, "learns_sigma_grids", False):
+    sampling = snapshot.process.sampling
+    if not getattr(sampling, "learns_sigma_grids", False):
         raise click.ClickException(f"{network} was trained with the process {snapshot.process.name!r}, which is not "
-                                   f"sampled over a sigma grid; LD3 learns sigma grids")
-    return snapshot.net
+                                   f"sampled over a sigma grid of x = y + sigma n (it brings its own samplers); LD3 "
+                                   f"learns sigma grids, so it has no teacher data or schedule for this network")
+    return snapshot.net, sampling
 
 
 @cli.command("gen-data", context_settings={"show_default": True})
@@ -117,24 +125,50 @@ def load_network(network: str, device):
               callback=seed_list)
 @click.option("--batch", "batch_size", help="Maximum batch size", metavar="INT", type=click.IntRange(min=1),
               default=64)
+@click.option("--overwrite", help="Replace --out also when it holds teacher data of other settings (network, "
+              "sampler, seeds)", is_flag=True)
 @sampler_options(help_prefix="Teacher: ", solver_default="unipc", steps_default=20, guidance=False)
 @device_option
-def gen_data(network, out, seeds, batch_size, class_idx, device, **sampler_cli):
-    """Sample teacher data: noises, teacher samples and labels, for `train`."""
-    config = sampler_config(**sampler_cli)
+def gen_data(network, out, seeds, batch_size, overwrite, class_idx, device, **sampler_cli):
+    """Sample teacher data: noises, teacher samples and labels, for `train`.
+
+    The file records the network's sha256, the sampler and the seeds: an existing --out made with other settings is
+    refused unless --overwrite; one made with the same settings is left as it is."""
     device = _device(device)
-    net = load_network(network, device)
+    # The snapshot first: its process decides which solvers --solver may name (and whether LD3 applies at all).
+    net, sampling = load_network(network, device)
+    config = sampler_config(**sampler_cli, sampling=sampling)
+    try:
+        util.check_output_path(out, "--out")
+    except util.OutputPathError as err:
+        raise click.ClickException(str(err)) from None
+    teacher = dict(solver=config.solver, num_steps=config.num_steps, schedule=config.schedule,
+                   solver_kwargs=config.solver_kwargs, schedule_kwargs=config.schedule_kwargs, end=config.end,
+                   sigma_min=config.sigma_min, sigma_max=config.sigma_max, denoise_to_zero=config.denoise_to_zero,
+                   class_idx=class_idx, device=device, network=network, network_sha256=util.file_sha256(network))
     try:
         summary = describe(net, config)
-        data = generate_teacher(net, seeds, solver=config.solver, num_steps=config.num_steps,
-                                schedule=config.schedule, solver_kwargs=config.solver_kwargs,
-                                schedule_kwargs=config.schedule_kwargs, end=config.end, sigma_min=config.sigma_min,
-                                sigma_max=config.sigma_max, denoise_to_zero=config.denoise_to_zero,
-                                class_idx=class_idx, batch_size=batch_size, device=device, network=network,
-                                progress=True)
+        info = teacher_plan(net, **teacher)[2]
     except ValueError as err:
         raise click.UsageError(str(err)) from None
-    save_teacher_data(out, data)
+    if os.path.exists(out) and not overwrite:
+        try:
+            existing = load_teacher_data(out)
+        except (FileNotFoundError, ValueError):
+            raise click.ClickException(f"--out {out} exists and is not LD3 teacher data: pass --overwrite to replace "
+                                       f"it, or choose another --out") from None
+        differs = teacher_differences(existing, info, seeds)
+        if differs:
+            raise click.ClickException(f"--out {out} holds teacher data of other settings ({', '.join(differs)}): "
+                                       f"pass --overwrite to replace it, or choose another --out")
+        print(f'"{out}" already holds these {len(existing)} teacher samples (same network, sampler and seeds); '
+              f"nothing to do (--overwrite samples them again).")
+        return
+    try:
+        data = generate_teacher(net, seeds, batch_size=batch_size, progress=True, **teacher)
+    except ValueError as err:
+        raise click.UsageError(str(err)) from None
+    save_teacher_data(out, data)  # a temporary name, renamed into place: never a half-written file
     print(f"Teacher: {summary}")
     print(f'Wrote {len(data)} teacher samples to "{out}".')
 
@@ -216,7 +250,7 @@ def train(data_path, out, network, solver, nfe, end, device, log_path, solver_op
     except ValueError as err:
         raise click.UsageError(str(err)) from None
     device = _device(device)
-    net = load_network(network, device)
+    net = load_network(network, device)[0]
     if tuple(data.latents.shape[1:]) != (net.img_channels, net.img_resolution, net.img_resolution):
         raise click.UsageError(f"{data_path} holds samples of shape {tuple(data.latents.shape[1:])}, but the network "
                                f"makes {(net.img_channels, net.img_resolution, net.img_resolution)}")
@@ -293,7 +327,7 @@ def evaluate(schedule_path, solver, data_path, network, loss, lpips_vgg, lpips_l
         print(f"Warning: {data_path}'s teacher differs from the one {schedule_path} was learned from "
               f"({', '.join(differs)})")
     device = _device(device)
-    net = load_network(network, device)
+    net = load_network(network, device)[0]
     if tuple(data.latents.shape[1:]) != (net.img_channels, net.img_resolution, net.img_resolution):
         raise click.UsageError(f"{data_path} holds samples of shape {tuple(data.latents.shape[1:])}, but the network "
                                f"makes {(net.img_channels, net.img_resolution, net.img_resolution)}")

@@ -132,10 +132,11 @@ def main(testbeds, solvers, nfes, recipes, num_train, num_valid, num_holdout, nu
                         line += f" ({ours['learned_candidate_rms'] / hand_made[best]:.2f})"
                 print(line, flush=True)
                 results.append(cell)
-    if json_path:
-        with open(json_path, "w") as f:
-            json.dump(dict(num_train=num_train, num_valid=num_valid, num_holdout=num_holdout, num_test=num_test,
-                           results=results), f, indent=1)
+                if json_path:  # after every cell (temp name + rename), so a cut-short run keeps what it measured
+                    with open(json_path + ".tmp", "w") as f:
+                        json.dump(dict(num_train=num_train, num_valid=num_valid, num_holdout=num_holdout,
+                                       num_test=num_test, results=results), f, indent=1)
+                    os.replace(json_path + ".tmp", json_path)
 
 
 if __name__ == "__main__":

@@ -99,11 +99,13 @@ def build_grid(net, config: SamplerConfig, device=None) -> tuple[SigmaGrid, str,
         defaults = learned_solver_options(grid, solver)
         overridden = sorted(k for k, v in config.solver_kwargs.items() if k in defaults and defaults[k] != v)
         if overridden:
-            # A learned grid fits the options it was learned with; say so instead of silently changing them.
+            # A learned grid fits the options it was learned with; say so instead of silently changing them. Attributed
+            # to this line (not the caller's), so that Python's default filter shows it once per run although a run
+            # builds its grid more than once (describe, prepare).
             warnings.warn(f"schedule file {config.schedule!r} was learned with "
                           f"{', '.join(f'{k}={defaults[k]!r}' for k in overridden)}; overriding with "
                           f"{', '.join(f'{k}={config.solver_kwargs[k]!r}' for k in overridden)} may not fit the "
-                          f"learned grid", stacklevel=2)
+                          f"learned grid", stacklevel=1)
         return grid, solver, {**defaults, **config.solver_kwargs}
     grid = make_grid(config.schedule, config.num_steps, config.sigma_min, config.sigma_max,
                      end=config.end or get_solver(solver).default_end,

@@ -589,12 +589,180 @@ def test_cli_train_records_the_choice_and_evaluate_reports_on_unseen_seeds(netwo
     assert "does not say which teacher samples it was learned on: all samples used" in result.output
 
 
-def test_python_m_samplers_ld3_is_the_cli():
+@pytest.mark.slow  # three fresh interpreters importing torch
+def test_python_m_samplers_ld3_runs_from_any_directory(network_pickle, tmp_path):
+    """`python -m samplers.ld3` from a folder outside the repository (the repository on PYTHONPATH: Python must find
+    the package) writes relative paths there; `python REPO/ld3.py` needs nothing."""
+    import shutil
     import subprocess
     import sys
 
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    result = subprocess.run([sys.executable, "-m", "samplers.ld3", "train", "--help"], cwd=root, capture_output=True,
-                            text=True, timeout=120)
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    shutil.copy(network_pickle, elsewhere / "net.pkl")
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([root, *filter(None, [os.environ.get("PYTHONPATH")])]))
+    result = subprocess.run([sys.executable, "-m", "samplers.ld3", "gen-data", "--network", "net.pkl", "--out",
+                             "teacher.pt", "--seeds", "0-1", "--steps", "2", "--device", "cpu"], cwd=elsewhere,
+                            env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert ld3.load_teacher_data(str(elsewhere / "teacher.pt")).seeds.tolist() == [0, 1]
+    result = subprocess.run([sys.executable, "-m", "samplers.ld3", "train", "--help"], cwd=elsewhere, env=env,
+                            capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
     assert "Usage: python -m samplers.ld3 train" in result.stdout and "--solver-opt" in result.stdout
+    result = subprocess.run([sys.executable, os.path.join(root, "ld3.py"), "evaluate", "--help"], cwd=elsewhere,
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0 and "--schedule" in result.stdout, result.stderr
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# What the command line prints and refuses (issues 12 and 19).
+
+
+def test_gen_data_on_an_spd_snapshot_is_refused_for_its_reason(tmp_path):
+    """An SPD snapshot brings its own solvers (ancestral, ...): gen-data loads it before checking --solver, and
+    refuses it in one line because LD3 learns sigma grids, not because 'ancestral' is unknown."""
+    from losses.spd import SPDLoss
+    from training import snapshots
+    from training.preconditioning import EpsPrecond
+
+    torch.manual_seed(0)
+    net = EpsPrecond(img_resolution=8, img_channels=1, model_type="SongUNet", model_channels=8, channel_mult=[1],
+                     num_blocks=1, attn_resolutions=[]).eval().requires_grad_(False)
+    pickle = str(tmp_path / "spd.pkl")
+    snapshots.save_snapshot(pickle, ema=net, loss_kwargs=dict(class_name="losses.spd.SPDLoss", T=20),
+                            process=SPDLoss(T=20).process)
+    out = tmp_path / "teacher.pt"
+    for extra in (["--solver", "ancestral"], []):
+        result = CliRunner().invoke(ld3_cli.cli, ["gen-data", "--network", pickle, "--out", str(out), "--seeds", "0-1",
+                                                  "--device", "cpu", *extra])
+        assert result.exit_code == 1, result.output
+        errors = [line for line in result.output.splitlines() if line.startswith("Error:")]
+        assert len(errors) == 1 and len(result.output.strip().splitlines()) == 2, result.output  # + "Loading ..."
+        assert "process 'spd'" in errors[0] and "LD3 learns sigma grids" in errors[0]
+        assert "unknown solver" not in result.output and not out.exists()
+
+
+def test_gen_data_checks_the_solver_after_loading_the_network(network_pickle, tmp_path):
+    """The network is read first (a missing one is the error, whatever --solver says); then --solver is checked
+    against its process's solvers: 'ancestral' is not one of a sigma-grid process's."""
+    out = str(tmp_path / "t.pt")
+    result = CliRunner().invoke(ld3_cli.cli, ["gen-data", "--network", str(tmp_path / "missing.pkl"), "--out", out,
+                                              "--solver", "ancestral", "--device", "cpu"])
+    assert result.exit_code != 0 and "missing.pkl" in result.output and "unknown solver" not in result.output
+    result = CliRunner().invoke(ld3_cli.cli, ["gen-data", "--network", network_pickle, "--out", out, "--solver",
+                                              "ancestral", "--device", "cpu"])
+    assert result.exit_code != 0 and "unknown solver 'ancestral': expected one of" in result.output
+    assert "dpmpp_2m" in result.output and not os.path.exists(out)
+
+
+def test_gen_data_refuses_teacher_data_of_other_settings(network_pickle, tmp_path):
+    from dnnlib import util
+
+    runner = CliRunner()
+    out = tmp_path / "teacher.pt"
+    base = ["gen-data", "--network", network_pickle, "--out", str(out), "--device", "cpu"]
+    result = runner.invoke(ld3_cli.cli, [*base, "--seeds", "0-3", "--steps", "4"])
+    assert result.exit_code == 0, result.output
+    info = ld3.load_teacher_data(str(out)).info
+    assert info["network_sha256"] == util.file_sha256(network_pickle) and info["num_steps"] == 4
+    assert info["solver"] == "unipc" and info["denoise_to_zero"] is False
+    original = out.read_bytes()
+
+    # the same settings: said to exist, left alone (the network by another path is the same network)
+    copy = tmp_path / "copy.pkl"
+    copy.write_bytes(open(network_pickle, "rb").read())
+    result = runner.invoke(ld3_cli.cli, ["gen-data", "--network", str(copy), "--out", str(out), "--device", "cpu",
+                                         "--seeds", "0-3", "--steps", "4"])
+    assert result.exit_code == 0 and "already holds these 4 teacher samples" in result.output, result.output
+    assert out.read_bytes() == original
+
+    # other settings: one line naming what differs, the file untouched
+    other_net = tmp_path / "other.pkl"
+    persistence.save_network_pickle(str(other_net), dict(ema=EDMPrecond(
+        img_resolution=8, img_channels=1, model_type="SongUNet", model_channels=16, channel_mult=[1, 2], num_blocks=1,
+        attn_resolutions=[])))
+    for args, what in ((["--seeds", "0-4", "--steps", "4"], "(seeds)"),
+                       (["--seeds", "0-3", "--steps", "5"], "(grid (schedule, steps, sigma range))"),
+                       (["--seeds", "0-3", "--steps", "4", "--solver", "dpmpp_2m"], "(solver)"),
+                       (["--seeds", "0-3", "--steps", "4", "--lower-order-final", "never"], "(solver options)"),
+                       (["--seeds", "0-3", "--steps", "4", "--network", str(other_net)], "(network)")):
+        result = runner.invoke(ld3_cli.cli, [*base, *args])
+        assert result.exit_code == 1, result.output
+        errors = [line for line in result.output.splitlines() if line.startswith("Error:")]
+        assert errors == [f"Error: --out {out} holds teacher data of other settings {what}: pass --overwrite to "
+                          f"replace it, or choose another --out"], result.output
+        assert out.read_bytes() == original
+    # --overwrite replaces it, through a temporary name renamed into place (nothing else left in the folder)
+    result = runner.invoke(ld3_cli.cli, [*base, "--seeds", "0-4", "--steps", "4", "--overwrite"])
+    assert result.exit_code == 0, result.output
+    assert ld3.load_teacher_data(str(out)).seeds.tolist() == [0, 1, 2, 3, 4]
+    assert sorted(os.listdir(tmp_path)) == ["copy.pkl", "other.pkl", "teacher.pt"]
+    # an older file that does not record the network's hash, and a file that is not teacher data
+    data = ld3.load_teacher_data(str(out))
+    data.info.pop("network_sha256")
+    ld3.save_teacher_data(str(out), data)
+    result = runner.invoke(ld3_cli.cli, [*base, "--seeds", "0-4", "--steps", "4"])
+    assert result.exit_code == 1 and "(network (not recorded))" in result.output, result.output
+    out.write_bytes(b"not a teacher file")
+    result = runner.invoke(ld3_cli.cli, [*base, "--seeds", "0-4", "--steps", "4"])
+    assert result.exit_code == 1 and "exists and is not LD3 teacher data" in result.output
+    assert out.read_bytes() == b"not a teacher file"
+
+
+def render_terminal(text: str) -> list[str]:
+    """What a terminal shows for `text`: a carriage return moves to the start of the line, later characters
+    overwrite earlier ones."""
+    lines = []
+    for raw in text.split("\n"):
+        line, column = [], 0
+        for char in raw:
+            if char == "\r":
+                column = 0
+                continue
+            if column < len(line):
+                line[column] = char
+            else:
+                line.append(char)
+            column += 1
+        lines.append("".join(line).rstrip())
+    return lines
+
+
+def test_round_summaries_do_not_run_into_the_progress_bar(small_mixture, monkeypatch):
+    import io
+    import sys
+
+    gmm, data = small_mixture
+    screen = io.StringIO()  # stdout and stderr on one terminal, as in a shell
+    monkeypatch.setattr(sys, "stdout", screen)
+    monkeypatch.setattr(sys, "stderr", screen)
+    config = ld3.LD3Config(solver="dpmpp_2m", nfe=4, loss="l2", num_train=8, num_valid=8, batch_size=4,
+                           rounds_v1=1, rounds_v2=1)
+    ld3.train_ld3(gmm, data, config, progress=True, log=print)
+    monkeypatch.undo()
+    shown = render_terminal(screen.getvalue())
+    rounds = [line for line in shown if "LD3 round" in line]
+    assert len(rounds) == 2 and all(line.startswith("LD3 round") for line in rounds), shown
+    assert any(line.startswith("LD3 dpmpp_2m NFE 4: 100%") for line in shown), shown  # the bar is still drawn
+
+
+def test_a_learned_schedule_warning_is_shown_once(network_pickle, tmp_path):
+    """Overriding an option a schedule file was learned with warns once per run, although the grid is built more
+    than once (the sampler line, the plan, the teacher)."""
+    import warnings
+
+    from samplers import save_schedule_file
+
+    schedule = str(tmp_path / "learned.json")
+    save_schedule_file(schedule, edm_levels(4), solver="dpmpp_2m", nfe=3, end="sigma_min",
+                       solver_kwargs={"lower_order_final": True}, provenance={})
+    args = ["gen-data", "--network", network_pickle, "--out", str(tmp_path / "t.pt"), "--seeds", "0-1", "--device",
+            "cpu", "--schedule", schedule, "--steps", "3", "--solver", "dpmpp_2m", "--lower-order-final", "never"]
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("default")  # Python's default: once per location
+        result = CliRunner().invoke(ld3_cli.cli, args)
+    assert result.exit_code == 0, result.output
+    texts = [str(w.message) for w in caught if "was learned with lower_order_final=True" in str(w.message)]
+    assert len(texts) == 1, texts

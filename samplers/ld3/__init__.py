@@ -62,6 +62,8 @@ from samplers.ld3.teacher import (
     generate_teacher,
     load_teacher_data,
     save_teacher_data,
+    teacher_differences,
+    teacher_plan,
     teacher_samples,
 )
 
@@ -70,5 +72,6 @@ __all__ = [
     "TIE_TOLERANCE", "Evaluation", "GridParameterization", "GridScore", "LD3Config", "LD3Result", "TeacherData",
     "TeacherSplit", "choose_result", "evaluate_schedule", "generate_teacher", "hand_made_grid_names",
     "hand_made_levels", "l1_distance", "l2_distance", "load_teacher_data", "make_distance", "paired_gain",
-    "save_teacher_data", "score_grid", "steps_for_nfe", "student_sample", "teacher_samples", "train_ld3",
+    "save_teacher_data", "score_grid", "steps_for_nfe", "student_sample", "teacher_differences", "teacher_plan",
+    "teacher_samples", "train_ld3",
 ]

@@ -412,7 +412,9 @@ def train_ld3(denoiser, teacher: TeacherData, config: LD3Config, *, device=None,
 
     denoiser: D(x, sigma, class_labels) as the solvers call it (a network or any function), differentiable in x
     and sigma. log: a callable taking one line of text at a time (e.g. print): the hand-made scores, the start, each
-    round, the choice and why. distance_fn: a per-sample distance (student, teacher) -> [B] instead of config.loss's.
+    round, the choice and why; with progress, the lines written while the progress bar shows are written as
+    tqdm.write does (the bar is cleared first and drawn again after), so they never run into it.
+    distance_fn: a per-sample distance (student, teacher) -> [B] instead of config.loss's.
     """
     config.validate(len(teacher))
     say = log if log is not None else (lambda line: None)
@@ -451,11 +453,15 @@ def train_ld3(denoiser, teacher: TeacherData, config: LD3Config, *, device=None,
     # original noises; these round bests are the learned candidates.
     num_rounds = config.rounds_v1 + config.rounds_v2
     history, round_bests, scored_version = [], [], None
-    bar = None
+    bar, log_line = None, say
     if progress:
         import tqdm
         bar = tqdm.tqdm(total=num_rounds * math.ceil(len(run.train) / config.batch_size), unit="step",
                         desc=f"LD3 {config.solver} NFE {config.nfe}")
+
+        def say(line):  # as tqdm.write: clear the bar, print the line on its own, draw the bar again below it
+            with tqdm.tqdm.external_write_mode():
+                log_line(line)
     try:
         for round_index in range(num_rounds):
             entry = run.train_round(round_index, bar)
@@ -477,6 +483,7 @@ def train_ld3(denoiser, teacher: TeacherData, config: LD3Config, *, device=None,
     finally:
         if bar is not None:
             bar.close()
+            say = log_line
 
     # (3) The result. The learned candidate: with the guard, the round best with the lowest validation loss from the
     # original noises (version 1 is the start itself, not learned); without it, LD3's own best grid.

@@ -2,6 +2,7 @@
 and the class labels, saved as a torch file that loads with weights_only=True."""
 
 import dataclasses
+import math
 
 import torch
 
@@ -63,16 +64,17 @@ def generate_teacher(net, seeds, *, solver: str = "unipc", num_steps: int = 20, 
                      solver_kwargs: dict | None = None, schedule_kwargs: dict | None = None, end: str | None = None,
                      sigma_min: float | None = None, sigma_max: float | None = None, denoise_to_zero: bool = False,
                      class_idx: int | None = None, batch_size: int = 64, device=None, network: str = "",
-                     progress: bool = False) -> TeacherData:
+                     network_sha256: str | None = None, progress: bool = False) -> TeacherData:
     """Teacher data for `seeds`, sampled by generate.py's own per-batch path (samplers.generation.sample_seeds), so a
     teacher sample is generate.py's image for that seed with the same sampler settings, before the uint8 conversion.
-    Defaults: LD3's CIFAR-10 teacher, UniPC order 3 bh1, 20 NFE on EDM's rho = 7 grid, ending at sigma_min."""
+    Defaults: LD3's CIFAR-10 teacher, UniPC order 3 bh1, 20 NFE on EDM's rho = 7 grid, ending at sigma_min.
+    network / network_sha256: recorded in `info` (provenance; `teacher_differences` compares them)."""
     device = torch.device(device or "cpu")
-    config = SamplerConfig(solver=solver, schedule=schedule, num_steps=num_steps, sigma_min=sigma_min,
-                           sigma_max=sigma_max, end=end, denoise_to_zero=denoise_to_zero,
-                           solver_kwargs=dict(solver_kwargs or {}), schedule_kwargs=dict(schedule_kwargs or {}))
-    grid_info = build_grid(net, config, device)
-    grid, solver, solver_kwargs = grid_info
+    config, grid_info, info = teacher_plan(net, solver=solver, num_steps=num_steps, schedule=schedule,
+                                           solver_kwargs=solver_kwargs, schedule_kwargs=schedule_kwargs, end=end,
+                                           sigma_min=sigma_min, sigma_max=sigma_max,
+                                           denoise_to_zero=denoise_to_zero, class_idx=class_idx, device=device,
+                                           network=network, network_sha256=network_sha256)
     seeds = [int(s) for s in seeds]
     if not seeds:
         raise ValueError("generate_teacher: no seeds")
@@ -86,13 +88,60 @@ def generate_teacher(net, seeds, *, solver: str = "unipc", num_steps: int = 20, 
         images.append(sample_seeds(net, batch_seeds, config, grid_info=grid_info, device=device, inputs=inputs).cpu())
         latents.append(inputs.latents.cpu())
         labels.append(None if inputs.class_labels is None else inputs.class_labels.cpu())
-    info = dict(solver=solver, solver_kwargs=dict(solver_kwargs), schedule=str(schedule),
-                schedule_kwargs=dict(schedule_kwargs or {}), num_steps=grid.num_steps, end=grid.end,
-                nfe=count_nfe(solver, grid.num_steps, grid.end, denoise_to_zero),
-                sigmas=[float(s) for s in grid.sigmas.tolist()], network=str(network), class_idx=class_idx)
     return TeacherData(latents=torch.cat(latents), images=torch.cat(images).to(torch.float32),
                        class_labels=None if labels[0] is None else torch.cat(labels),
                        seeds=torch.tensor(seeds, dtype=torch.int64), info=info)
+
+
+def teacher_plan(net, *, solver: str = "unipc", num_steps: int = 20, schedule: str = "edm",
+                 solver_kwargs: dict | None = None, schedule_kwargs: dict | None = None, end: str | None = None,
+                 sigma_min: float | None = None, sigma_max: float | None = None, denoise_to_zero: bool = False,
+                 class_idx: int | None = None, device=None, network: str = "", network_sha256: str | None = None):
+    """What `generate_teacher` with these arguments will sample, before sampling: (SamplerConfig, build_grid's
+    (grid, solver, solver_kwargs), the `info` its TeacherData will hold)."""
+    config = SamplerConfig(solver=solver, schedule=schedule, num_steps=num_steps, sigma_min=sigma_min,
+                           sigma_max=sigma_max, end=end, denoise_to_zero=denoise_to_zero,
+                           solver_kwargs=dict(solver_kwargs or {}), schedule_kwargs=dict(schedule_kwargs or {}))
+    grid_info = build_grid(net, config, torch.device(device or "cpu"))
+    return config, grid_info, teacher_info(grid_info, config, class_idx=class_idx, network=network,
+                                           network_sha256=network_sha256)
+
+
+def teacher_info(grid_info, config: SamplerConfig, *, class_idx=None, network: str = "",
+                 network_sha256: str | None = None) -> dict:
+    """The teacher's description stored with its samples: solver, options, grid, NFE, network (path and sha256),
+    class. grid_info: samplers.generation.build_grid's (grid, solver, solver_kwargs) for `config`."""
+    grid, solver, solver_kwargs = grid_info
+    return dict(solver=solver, solver_kwargs=dict(solver_kwargs), schedule=str(config.schedule),
+                schedule_kwargs=dict(config.schedule_kwargs or {}), num_steps=grid.num_steps, end=grid.end,
+                denoise_to_zero=bool(config.denoise_to_zero),
+                nfe=count_nfe(solver, grid.num_steps, grid.end, config.denoise_to_zero),
+                sigmas=[float(s) for s in grid.sigmas.tolist()], network=str(network), network_sha256=network_sha256,
+                class_idx=class_idx)
+
+
+# What makes two teacher files the same data: info keys (by the name a user knows them), then the seeds. The network's
+# path may differ (a copy, another folder); its sha256 may not. The grid (sigmas) covers schedule, steps and range.
+PROVENANCE_KEYS = {"network_sha256": "network", "solver": "solver", "solver_kwargs": "solver options",
+                   "sigmas": "grid (schedule, steps, sigma range)", "end": "grid end",
+                   "denoise_to_zero": "denoise-to-zero", "class_idx": "class"}
+
+
+def teacher_differences(existing: TeacherData, info: dict, seeds) -> list[str]:
+    """What differs between `existing` teacher data and the data `info` and `seeds` describe (names as a user knows
+    them; empty: the same data). A setting the existing file does not record (an older file) counts as different."""
+    def same(key):
+        ours, theirs = existing.info[key], info.get(key)
+        if key == "sigmas" and isinstance(ours, list) and isinstance(theirs, list) and len(ours) == len(theirs):
+            # the grid computed on another device may differ in the last bits
+            return all(math.isclose(a, b, rel_tol=1e-12, abs_tol=0) for a, b in zip(ours, theirs))
+        return ours == theirs
+
+    differs = [label if key in existing.info else f"{label} (not recorded)" for key, label in PROVENANCE_KEYS.items()
+               if key not in existing.info or not same(key)]
+    if existing.seeds is None or existing.seeds.tolist() != [int(s) for s in seeds]:
+        differs.append("seeds" if existing.seeds is not None else "seeds (not recorded)")
+    return differs
 
 
 def save_teacher_data(path: str, data: TeacherData) -> None:
