@@ -7,6 +7,9 @@ dropped) and every inline `python ...` / `torchrun ...` span. Inline fragments t
 - every command, skipped or not, is parsed by its click command (`make_context`, resilient_parsing=False), and a
   torchrun line by torchrun's own argument parser, so a flag the CLI does not accept fails here
   (test_every_readme_command_parses);
+- every inline span that starts with `--` (`--stf=1 --stf-refs=1024`) must be taken by some CLI, unless
+  FLAG_SPAN_SKIP says why it is not an option list; an option named without its value (`--S_churn --S_min`) must
+  exist, but one that needs a value followed by one given a value (`--stf --stf-refs=1024`) is wrong syntax;
 - every command that is not in SKIP runs, in README order, and must exit 0 (test_readme_commands_run). A new README
   command therefore runs automatically; if it cannot run on CPU it must be added to SKIP with the reason, and a SKIP
   entry that matches no README command fails too, so the list cannot go stale.
@@ -19,18 +22,18 @@ How a command is scaled down (each table below is applied in this order; nothing
    with `...` in it, or a numbered output the scaled-down run does not reach (`network-snapshot-200000.pkl`), is the
    newest file of that name pattern (`network-snapshot-*.pkl`) in that folder; a lone `...` (options left out)
    becomes ELLIPSIS_OPTIONS.
-3. SCALE_DOWN options are appended to the command (click keeps the last value of an option, so they win over the
+3. scale_down() options are appended to the command (click keeps the last value of an option, so they win over the
    README's `--batch=512`, `--duration=200`, ...).
 4. A network pickle the README names but no earlier command wrote (EDM's released pickles, `net.pkl`) is a tiny random
    8x8 RGB network of the preconditioning its name says; the detectors are stand-ins (metrics/detectors.py); the
    inputs are tiny fakes in their real formats at the README's paths (a 20-image CIFAR-10 tarball, a 12-image MNIST
-   idx pair, an image folder), and dataset_tool.py writes them at 8x8 (SCALE_DOWN).
+   idx pair, an image folder), and dataset_tool.py writes them at 8x8 (scale_down).
 
 Each ```bash block runs in a fresh folder that holds the README's inputs (downloads/, path/to/images, the stand-ins)
 and the datasets built by earlier blocks (a dataset_tool.py command rebuilds its --dest); inline commands run in the
 folder of the block before them. torchrun commands run their script in this process as one rank (torchrun's own
-options are parse-checked); tests/test_distributed.py, test_generate.py and test_fid_cli.py run the CLIs under a
-2-process torchrun.
+options are parse-checked), except those in REAL_TORCHRUN, which run under torchrun with CPU (gloo) processes;
+tests/test_distributed.py, test_generate.py and test_fid_cli.py run the CLIs under a 2-process torchrun as well.
 """
 
 import dataclasses
@@ -112,6 +115,11 @@ TEXT_SUBSTITUTIONS = [
     (r"\$HEAD_NODE", "127.0.0.1", "the multi-node example's shell variable"),
 ]
 
+# torchrun commands that do run under torchrun, with this many CPU processes (the others run in this process).
+REAL_TORCHRUN = {
+    "generate.py --outdir=fid-tmp": 2,
+}
+
 # An option whose value the README leaves open (`--ref=...`) -> what it is here ('NETWORK': the last network pickle an
 # earlier command of the same block used, else net.pkl).
 VALUE_PLACEHOLDERS = {
@@ -149,7 +157,7 @@ STANDIN_DETECTORS = ["--detector", "inception=tiny-detectors/inception.pt", "--d
 
 
 def scale_down(script: str, sub: str | None, args: list[str]) -> list[str]:
-    """SCALE_DOWN: the options appended to a command of `script` (subcommand `sub`) with README arguments `args`."""
+    """The options appended to a command of `script` (subcommand `sub`) with README arguments `args`."""
     given = {a.split("=", 1)[0] for a in args if a.startswith("--")}
     if script == "train.py":
         # 1 kimg (64 steps), the shortest run train.py allows; fp32, as bf16 autocast is slower than fp32 on CPU
@@ -281,14 +289,14 @@ class Resolved:
     script: str            # a CLIS key, or 'bash' / 'pytest'
     args: list[str]        # the CLI's arguments after every substitution
     torchrun: list[str] | None = None  # torchrun's own options, if launched with torchrun
-    scaled: int = 0        # how many of args SCALE_DOWN appended
+    scaled: int = 0        # how many of args scale_down() appended
 
 
 def _newest(pattern: str, folder: str | None) -> str | None:
     import glob
     if folder is None:
         return None
-    matches = sorted(glob.glob(os.path.join(folder, pattern)))
+    matches = sorted(glob.glob(os.path.join(folder, pattern), recursive=True))
     return os.path.relpath(matches[-1], folder) if matches else None
 
 
@@ -296,8 +304,8 @@ def _resolve_path(value: str, folder: str | None) -> str:
     """A path with `...` or `*` in it, or a numbered output that does not exist: the newest existing match."""
     if value.startswith(("http://", "https://")):
         return value
-    if "..." in value and "/" in value:
-        pattern = value.replace("...", "*")
+    if "..." in value and "/" in value:  # `.../x.pkl`: x.pkl in any folder; `runs/00000-.../x.pkl`: one level
+        pattern = value.replace("...", "**")
     elif "*" in value:
         pattern = value
     elif re.search(r"-\d{6}\.(pkl|pt)$", value) and folder is not None \
@@ -370,7 +378,7 @@ def _cli(script: str) -> click.Command:
 
 def parse_check(command: Command, resolved: Resolved) -> None:
     """click's own parsing of the arguments (types, choices, callbacks, required options); raises on a refusal. The
-    README's arguments are checked alone (SCALE_DOWN's later values would hide a bad one) and with SCALE_DOWN's."""
+    README's arguments are checked alone (scale_down's later values would hide a bad one) and with scale_down's."""
     if resolved.scaled:
         parse_check(command, dataclasses.replace(resolved, args=resolved.args[:-resolved.scaled], scaled=0))
     if resolved.script == "bash":
@@ -602,12 +610,25 @@ def _run_one(command: Command, resolved: Resolved, folder: str, root: str) -> st
     args = list(resolved.args)
     for arg in args:
         key, _, value = arg.partition("=")
-        if key in ("--network", "--init", "--transfer") and value.endswith(".pkl") \
+        if key in ("--network", "--init", "--transfer") and value.endswith(".pkl") and "/" not in value \
                 and not os.path.exists(os.path.join(folder, value)):
             _tiny_network(os.path.join(folder, value))
     dest = next((a.split("=", 1)[1] for a in args if a.startswith("--dest=")), None)
     if resolved.script == "dataset_tool.py" and dest and os.path.islink(os.path.join(folder, dest)):
         os.unlink(os.path.join(folder, dest))  # an earlier block's dataset: this command builds it anew
+    nproc = next((n for key, n in REAL_TORCHRUN.items() if key in command.text), None)
+    if resolved.torchrun is not None and nproc is not None:
+        import subprocess
+        import sys
+        launcher = [re.sub(r"^--nproc_per_node=\d+$", f"--nproc_per_node={nproc}", a) for a in resolved.torchrun]
+        env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=ROOT)
+        proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", *launcher,
+                               os.path.join(ROOT, resolved.script), *args],
+                              cwd=folder, env=env, capture_output=True, text=True, timeout=600)
+        if proc.returncode == 0:
+            return None
+        return (f"{command}\n    ran: torchrun {shlex.join(launcher)} {resolved.script} {shlex.join(args)}\n"
+                f"    in: {folder}\n    exit {proc.returncode}:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
     cwd = os.getcwd()
     os.chdir(folder)
     try:
@@ -627,6 +648,7 @@ def _run_one(command: Command, resolved: Resolved, folder: str, root: str) -> st
 
 
 @pytest.mark.slow
+@pytest.mark.distributed
 def test_readme_commands_run(commands, tmp_path, monkeypatch):
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
     for var in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
@@ -655,7 +677,7 @@ def test_readme_commands_run(commands, tmp_path, monkeypatch):
         network = next((a.split("=", 1)[1] for a in resolved.args if a.startswith("--network=")), None)
         if network is not None and command.block is not None:
             last_network[command.block] = network
-        ran.append(command)
+        ran.append(f"{command}\n           as: {resolved.script} {shlex.join(resolved.args)}")
     print(f"README: {len(ran)} commands ran, {len(skipped)} parse-checked only:")
     print("\n".join(f"  ran      {c}" for c in ran) + "\n" + "\n".join(f"  skipped  {c}" for c in skipped))
-    assert len(ran) >= 25, [str(c) for c in ran]
+    assert len(ran) >= 25, ran
