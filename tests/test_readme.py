@@ -364,6 +364,8 @@ def resolve(command: Command, folder: str | None = None, last_network: str | Non
             if command.fragment and "|" in value:  # `--precision=fp32|bf16|fp16`: alternatives
                 value = value.split("|")[0]
             out.append(f"{key}={_resolve_path(value, folder)}")
+        elif arg in NAMED_PLACEHOLDERS:  # `--holdout N`
+            out.append(_resolve_path(NAMED_PLACEHOLDERS[arg], folder))
         else:
             out.append(_resolve_path(arg, folder) if "/" in arg or "..." in arg else arg)
     sub = out[0] if out and script in CLIS and isinstance(_cli(script), click.Group) else None
@@ -420,6 +422,8 @@ def _parse(command: Command, cli: click.Command, name: str, args: list[str]) -> 
         # An option named, not set (`generate.py --grid`, `--S_churn --S_min`): only its name must exist. One that
         # needs a value followed by one given a value is not a name but wrong syntax (`--stf --stf-refs=1024`).
         options = {opt: param for param in cli.params for opt in [*param.opts, *param.secondary_opts]}
+        for opt in cli.get_help_option_names(click.Context(cli)):  # --help
+            options[opt] = click.Option([opt], is_flag=True)
         kept = []
         for k, arg in enumerate(args):
             if arg.startswith("--") and "=" not in arg and (
