@@ -3,9 +3,10 @@
 # requirements are lower bounds), torch at setup_env.sh's default release (NEWEST_TORCH_SPEC='torch torchvision' lets
 # pip pick that too), on another supported Python than the main .venv's: 3.12 if this machine has it, else 3.10.
 # It lives in .venv-newest; delete that folder to resolve again. With no such Python on the machine it says so and
-# exits 0. Extra arguments go to pytest; without any it runs the tests not marked slow (-m "not slow"), so that CI's
-# two environments together stay under 30 minutes (the slow tests exercise CLIs end to end, the same code paths the
-# fast ones check in each library version).
+# exits 0. Extra arguments go to pytest; without any it runs the tests marked neither slow nor distributed, so that
+# CI's two environments together stay under 30 minutes: the slow tests run the CLIs end to end over code paths the
+# fast ones check in each library version, and the distributed ones exercise torch's process groups, whose torch
+# release is the same in both environments.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -28,6 +29,6 @@ if [ -z "$python" ]; then
 fi
 echo "[newest] second environment: newest packages on $("$python" --version 2>&1) ($python), in .venv-newest"
 if [ $# -eq 0 ]; then
-  set -- -m "not slow"
+  set -- -m "not slow and not distributed"
 fi
 PYTHON="$python" VENV="$PWD/.venv-newest" TORCH_SPEC=${NEWEST_TORCH_SPEC:-} bash scripts/test.sh "$@"
