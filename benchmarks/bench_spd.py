@@ -9,15 +9,19 @@ step and of a full EDM step, and the FFT share of the SPD step (the issue asks f
 
 import argparse
 import json
+import os
+import sys
 import time
 
 import torch
 
-import dnnlib
-from losses import Batch
-from losses.denoising import EDMLoss
-from losses.spd import SPDLoss
-from training.presets import ARCH_PRESETS, PRECOND_CLASSES
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run as a script from anywhere
+
+import dnnlib  # noqa: E402
+from losses import Batch  # noqa: E402
+from losses.denoising import EDMLoss  # noqa: E402
+from losses.spd import SPDLoss  # noqa: E402
+from training.presets import ARCH_PRESETS, PRECOND_CLASSES  # noqa: E402
 
 
 def _timed(fn, repeats, device):
