@@ -104,6 +104,13 @@ class Phase:
     stat_name: training_stats name of the reported loss (EDM: 'Loss/loss').
     lr_schedule(cur_nimg) -> multiplier of each param group's base_lr before the step; None = the loop's EDM ramp
         (min(cur_nimg / lr_rampup, 1)). A phase that wants a constant rate (GDD) gives `constant_lr`.
+    grad_sync: how several processes agree on the gradients. 'ddp': the network is wrapped in DistributedDataParallel
+        (gradients averaged while the backward runs; needs one forward per backward and every trained parameter
+        used). 'allreduce': no DDP wrapper; the loop averages the phase's gradients over the ranks after its last
+        backward (one flat all-reduce, StyleGAN2-ADA's way): for losses that call the network several times per
+        backward (a GAN discriminator on fakes and reals) or leave trained parameters without a gradient (R1: the
+        output bias). A network trained by any 'allreduce' phase gets no DDP wrapper; its weights and buffers are
+        broadcast from rank 0 once, as DDP would.
     """
 
     name: str
@@ -114,6 +121,7 @@ class Phase:
     offset: int = 0
     stat_name: str = 'Loss/loss'
     lr_schedule: Callable[[int], float] | None = None
+    grad_sync: str = 'ddp'
 
     def runs_at(self, iteration: int) -> bool:
         return iteration >= self.offset and (iteration - self.offset) % self.interval == 0

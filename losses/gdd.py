@@ -170,11 +170,11 @@ class GDDLoss:
         phases = [Phase(name='G', network='net', optimizer=g_opt, loss_fn=self.generator_loss, stat_name='Loss/G',
                         lr_schedule=constant_lr),
                   Phase(name='D', network='D', optimizer=d_opt, loss_fn=self.discriminator_loss, stat_name='Loss/D',
-                        lr_schedule=constant_lr)]
+                        lr_schedule=constant_lr, grad_sync='allreduce')]
         if self.r1_gamma > 0:
             phases.append(Phase(name='R1', network='D', optimizer=d_opt, loss_fn=self.r1_loss,
                                 interval=self.r1_interval, offset=self.r1_interval, stat_name='Loss/R1',
-                                lr_schedule=constant_lr))
+                                lr_schedule=constant_lr, grad_sync='allreduce'))
         return phases
 
     # -----------------------------------------------------------------------------------------------------------------
@@ -192,7 +192,9 @@ class GDDLoss:
 
     @staticmethod
     def _labels(net, batch):
-        return batch.labels if net.label_dim else None
+        # Under several processes the loop hands the loss DistributedDataParallel wrappers, which do not forward
+        # attributes: read label_dim from the wrapped network.
+        return batch.labels if getattr(net, 'module', net).label_dim else None
 
     @staticmethod
     def _discriminate(D, images, labels, augment_pipe):

@@ -595,6 +595,45 @@ def test_exact_resume_of_a_gdd_run(gdd_data, tmp_path):
         assert_tree_equal(a[key], b[key], key)
 
 
+@pytest.mark.slow
+@pytest.mark.distributed
+def test_two_ranks_equal_one_rank_for_generator_discriminator_and_r1(gdd_data, tmp_path):
+    """G (DDP), D and the lazy R1 phase (one gradient all-reduce per phase: D runs on fakes and reals before its
+    backward, and R1 leaves D's output bias without a gradient, both of which DDP refuses) under 2 gloo ranks x batch
+    4 equal 1 rank x batch 8 after 6 iterations (R1 at 2 and 4; rng='image': each image's z and noise come from its
+    own seed). batch_sum=0: the reference's per-GPU loss sums make a run depend on the GPU count by design."""
+    from launch import torchrun
+    from train_worker import ROOT
+    states = {}
+    for name in ('ranks2', 'rank1'):
+        run_dir = tmp_path / name
+        os.makedirs(run_dir)
+        config = dict(gdd_loop_kwargs(str(run_dir), gdd_data, batch_sum=False), total_kimg=0.048)
+        if name == 'ranks2':
+            config_path = tmp_path / 'config.json'
+            config_path.write_text(json.dumps(config))
+            result = subprocess.run(torchrun(2, os.path.join(ROOT, 'tests', 'train_worker.py'), config_path),
+                                    cwd=ROOT, env=dict(os.environ, OMP_NUM_THREADS='1'), capture_output=True,
+                                    text=True, timeout=300)
+            assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+        else:
+            tl.training_loop(**config)
+        paths = sorted(glob.glob(str(run_dir / 'training-state-*.pt')))
+        states[name] = torch.load(paths[-1], map_location='cpu', weights_only=True)
+    two, one = states['ranks2'], states['rank1']
+    assert two['world_size'] == 2 and two['cur_iter'] == one['cur_iter'] == 6
+    for network in ('net', 'D'):
+        for key, value in one['networks'][network].items():
+            torch.testing.assert_close(two['networks'][network][key], value, rtol=0, atol=1e-5,
+                                       msg=f'{network} {key}')
+    # Not vacuous: both networks moved from where they started by far more than the tolerance.
+    start = dict(gdd_data['pretrained'].state_dict())
+    assert max((one['networks']['net'][k] - v).abs().max() for k, v in start.items()) > 1e-3
+    d_moved = [k for k in one['networks']['D'] if 'weight' in k]
+    assert d_moved and all(k in two['networks']['D'] for k in d_moved)
+    assert one['optimizers']['R1']['state'], 'R1 never stepped'
+
+
 # ---------------------------------------------------------------------------------------------------------------------
 # train.py --init (generic) and the presets.
 

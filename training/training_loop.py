@@ -374,12 +374,20 @@ def _build(*, dataset_kwargs, data_loader_kwargs, network_kwargs, loss_kwargs, o
     if rank == 0:
         _print_module_summary(networks)
 
+    # Gradient synchronisation per network (Phase.grad_sync): DDP, or one all-reduce after the phase's backward.
+    for phase in phases:
+        if phase.grad_sync not in ('ddp', 'allreduce'):
+            raise ValueError(f"phase {phase.name!r}: grad_sync must be 'ddp' or 'allreduce', not {phase.grad_sync!r}")
+    allreduce_networks = {phase.network for phase in phases if phase.grad_sync == 'allreduce'}
     ddp_modules = {}
     for name, module in networks.items():
         wrapped = module
         if dist.is_distributed() and any(p.requires_grad for p in module.parameters()):
-            wrapped = torch.nn.parallel.DistributedDataParallel(
-                module, device_ids=[device] if device.type == 'cuda' else None)
+            if name in allreduce_networks:
+                _broadcast_module_(module)
+            else:
+                wrapped = torch.nn.parallel.DistributedDataParallel(
+                    module, device_ids=[device] if device.type == 'cuda' else None)
         ddp_modules[name] = wrapped
     ema = copy.deepcopy(net).eval().requires_grad_(False)  # after DDP's broadcast (EDM), before a regional compile
     train_modules = {name: compile_network(wrapped, compile) for name, wrapped in ddp_modules.items()}
@@ -455,6 +463,27 @@ def _resume(run: _Run, *, state, resume_pkl, resume_state_dump, resume_kimg, opt
                           f'{run.world_size}: augmentation/dropout random streams restart', stacklevel=2)
 
 
+def _broadcast_module_(module: torch.nn.Module) -> None:
+    """Rank 0's parameters and buffers on every rank (what DDP does when it wraps a module)."""
+    for tensor in [*module.parameters(), *module.buffers()]:
+        torch.distributed.broadcast(tensor.data, src=0)
+
+
+def _average_gradients_(params: list, world_size: int) -> None:
+    """Average the gradients of `params` over the ranks in one flat all-reduce. A parameter without a gradient has none
+    on every rank (the ranks run the same graph) and keeps none, so the optimizer skips it as with one process."""
+    grads = [p.grad for p in params if p.grad is not None]
+    if not grads:
+        return
+    flat = torch.cat([g.flatten() for g in grads])
+    dist.all_reduce_sum_(flat)
+    flat /= world_size
+    offset = 0
+    for g in grads:
+        g.copy_(flat[offset:offset + g.numel()].view_as(g))
+        offset += g.numel()
+
+
 def _train_step(run: _Run) -> None:
     """One iteration: the source's rounds through every phase due, then the EMA; cur_nimg advances by the batch."""
     rounds = run.source.next_rounds()
@@ -488,6 +517,8 @@ def _train_step(run: _Run) -> None:
                     run.tick_loss_num += num_elements
                 loss = loss.mul(run.loss_scaling / run.batch_gpu_total)
                 (scaler.scale(loss) if scaler is not None else loss).backward()
+        if phase.grad_sync == 'allreduce' and run.world_size > 1:
+            _average_gradients_(run.phase_params[phase.name], run.world_size)
 
         lr_scale = (phase.lr_schedule(run.cur_nimg) if phase.lr_schedule is not None
                     else learning_rate_ramp(run.cur_nimg, run.lr_rampup_kimg))
