@@ -89,6 +89,7 @@ SKIP = {
     "train_dg.py import": "needs DG's released 32x32_classifier.pt and discriminator_60.pt (Google Drive)",
     "python -m samplers.ld3 ...": "stands for any ld3.py command line (tests/test_ld3.py runs "
                                   "`python -m samplers.ld3`)",
+    "python benchmarks/": "a benchmark, run by hand (minutes to hours on a CPU); numbers in benchmarks/results/",
 }
 
 # Inline spans that start with `--` but are not options to parse -> why. Every other one (`--stf=1 --stf-refs=1024`,
@@ -286,7 +287,7 @@ def skip_reason(command: Command) -> str | None:
 
 @dataclasses.dataclass
 class Resolved:
-    script: str            # a CLIS key, or 'bash' / 'pytest'
+    script: str            # a CLIS key, or 'bash' / 'pytest' / 'benchmark' (benchmarks/*.py, run by hand)
     args: list[str]        # the CLI's arguments after every substitution
     torchrun: list[str] | None = None  # torchrun's own options, if launched with torchrun
     scaled: int = 0        # how many of args scale_down() appended
@@ -344,6 +345,8 @@ def resolve(command: Command, folder: str | None = None, last_network: str | Non
     elif tokens[0].startswith("--"):
         tokens = ["FLAGS", *tokens]
     script, args = tokens[0], tokens[1:]
+    if script.startswith("benchmarks/"):  # run by hand; the script must exist and the command be in SKIP
+        return Resolved("benchmark", [script, *args])
     if script not in CLIS and script != "FLAGS":
         raise AssertionError(f"{command}: {script} is not in CLIS (add it, or the command to SKIP with a reason)")
 
@@ -383,7 +386,7 @@ def parse_check(command: Command, resolved: Resolved) -> None:
     README's arguments are checked alone (scale_down's later values would hide a bad one) and with scale_down's."""
     if resolved.scaled:
         parse_check(command, dataclasses.replace(resolved, args=resolved.args[:-resolved.scaled], scaled=0))
-    if resolved.script == "bash":
+    if resolved.script in ("bash", "benchmark"):
         assert os.path.isfile(os.path.join(ROOT, resolved.args[0])), f"{command}: no such script"
         return
     if resolved.script == "pytest":
@@ -458,7 +461,7 @@ def commands():
 def test_every_readme_command_is_known_and_every_skip_is_used(commands):
     for command in commands:
         resolved = resolve(command)
-        if resolved.script in ("bash", "pytest"):
+        if resolved.script in ("bash", "pytest", "benchmark"):
             assert skip_reason(command), f"{command}: not a CLI of this project and not in SKIP"
     for key in SKIP:
         assert any(key in c.text for c in commands), f"SKIP entry {key!r} matches no README command: remove it"
