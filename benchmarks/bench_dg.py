@@ -1,7 +1,7 @@
 """Discriminator guidance on the quick start's digits: does guidance bring the samples closer to the data, how well
 does the discriminator tell them apart by noise level, and what does a guided step cost?
 
-    python benchmarks/bench_dg.py --outdir=bench-dg                       # trains what it needs (about an hour, 1 core)
+    python benchmarks/bench_dg.py --outdir=bench-dg                       # trains what it needs (1-2 hours, 1 core)
     python benchmarks/bench_dg.py --outdir=bench-dg --measure=timing      # only the interleaved timing
     python benchmarks/bench_dg.py --outdir=bench-dg --network=quickstart-out/training-run/network-snapshot-000040.pkl
 
@@ -56,7 +56,8 @@ def _frechet(a: np.ndarray, b: np.ndarray) -> float:
 @click.option("--outdir", default="bench-dg", type=click.Path(file_okay=False), help="Everything goes here")
 @click.option("--network", default=None, help="The score network (default: train the quick start's at --kimg)")
 @click.option("--kimg", default=20.0, type=click.FloatRange(min=0, min_open=True), help="Training length if training")
-@click.option("--epochs", default=20, type=click.IntRange(min=1), help="Discriminator epochs")
+@click.option("--epochs", default=60, type=click.IntRange(min=1),
+              help="Discriminator epochs (on the digits it is at chance until about 40)")
 @click.option("--aot", default=0, type=click.IntRange(min=0), help="AOT pool size for the discriminator (0: off)")
 @click.option("--width", default=128, type=click.IntRange(min=32), help="Discriminator head width")
 @click.option("--weights", default="0.5,1,2,4", help="DG weights to measure (Heun's corrector unguided)")
