@@ -32,6 +32,8 @@ import torch
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
+from digits_common import frechet, latest  # noqa: E402  (benchmarks/, the script's folder)
+
 
 def _run(step: str, args: list[str], threads: int) -> None:
     env = dict(os.environ, OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
@@ -39,17 +41,6 @@ def _run(step: str, args: list[str], threads: int) -> None:
     result = subprocess.run([sys.executable, *args], cwd=ROOT, env=env)
     if result.returncode != 0:
         raise click.ClickException(f"step '{step}' failed (exit code {result.returncode})")
-
-
-def _latest(folder: str, prefix: str, suffix: str) -> str | None:
-    names = sorted(n for n in os.listdir(folder) if n.startswith(prefix) and n.endswith(suffix)) \
-        if os.path.isdir(folder) else []
-    return os.path.join(folder, names[-1]) if names else None
-
-
-def _frechet(a: np.ndarray, b: np.ndarray) -> float:
-    from metrics.frechet import frechet_distance
-    return float(frechet_distance(a.mean(0), np.cov(a, rowvar=False), b.mean(0), np.cov(b, rowvar=False)))
 
 
 @click.command(context_settings=dict(show_default=True))
@@ -81,7 +72,7 @@ def main(outdir, network, kimg, epochs, aot, width, weights, samples, sigmas, th
              threads)
     if network is None:
         run_dir = os.path.join(outdir, "training-run")
-        network = _latest(run_dir, "network-snapshot-", ".pkl")
+        network = latest(run_dir, "network-snapshot-", ".pkl")
         if network is None or not os.path.isfile(os.path.join(run_dir, "DONE")):
             _run("score network", ["train.py", "--outdir", run_dir, "--nosubdir", "--data", dataset, "--cond", "0",
                                    "--arch", "ddpmpp", "--precond", "edm", "--loss", "edm", "--batch", "64",
@@ -89,9 +80,9 @@ def main(outdir, network, kimg, epochs, aot, width, weights, samples, sigmas, th
                                    "--duration", str(kimg / 1000), "--lr", "2e-3", "--lr-rampup", "1", "--ema",
                                    "0.005", "--dropout", "0", "--augment", "0", "--tick", "5", "--snap", "4",
                                    "--dump", "4", "--seed", "0", "--workers", "0", "--device", "cpu"]
-                 + (["--resume", state] if (state := _latest(run_dir, "training-state-", ".pt")) else []), threads)
+                 + (["--resume", state] if (state := latest(run_dir, "training-state-", ".pt")) else []), threads)
             open(os.path.join(run_dir, "DONE"), "w").close()
-            network = _latest(run_dir, "network-snapshot-", ".pkl")
+            network = latest(run_dir, "network-snapshot-", ".pkl")
     fakes = os.path.join(outdir, "fakes")
     from training.dataset import ImageFolderDataset
     num_real = len(ImageFolderDataset(dataset, verify=False))
@@ -121,7 +112,7 @@ def main(outdir, network, kimg, epochs, aot, width, weights, samples, sigmas, th
     half_a, half_b = real[order[: len(real) // 2]], real[order[len(real) // 2:]]
     num = min(samples, len(half_a), len(half_b))
     feats_real = dc.extract_features(model, half_a[:num])
-    floor = _frechet(dc.extract_features(model, half_b[:num]), feats_real)
+    floor = frechet(dc.extract_features(model, half_b[:num]), feats_real)
     seeds = list(range(100000, 100000 + num))  # never seen by the discriminator (its fakes are seeds 0..N-1)
 
     settings = [("unguided", {})] + [(f"w={w:g}", {"dg": dict(value=dg_pkl, weight=w)}) for w in weight_list]
@@ -141,7 +132,7 @@ def main(outdir, network, kimg, epochs, aot, width, weights, samples, sigmas, th
             images = torch.cat([batch for _, batch in generation.generate_images(
                 net, seeds, batch_size=256, device="cpu", num_steps=18, guidance=guidance)]).cpu()
             held_out = images if held_out is None else held_out
-            distance = _frechet(dc.extract_features(model, images), feats_real)
+            distance = frechet(dc.extract_features(model, images), feats_real)
             # How far guidance moved the samples: 8-bit pixel change against the unguided images of the same seeds.
             change = (images.to(torch.int16) - held_out.to(torch.int16)).abs()
             rows.append(dict(setting=name, classifier_frechet_distance=round(distance, 4), sampler=summary,

@@ -34,22 +34,13 @@ import torch
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
+from digits_common import frechet, latest  # noqa: E402  (benchmarks/, the script's folder)
+
 
 def _run(step: str, args: list[str], threads: int) -> None:
     print(f"\n[bench_spd_digits] {step}: python {' '.join(args)}", flush=True)
     env = dict(os.environ, OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
     subprocess.run([sys.executable] + args, cwd=ROOT, check=True, env=env)
-
-
-def _latest(folder: str, prefix: str, suffix: str) -> str | None:
-    names = sorted(n for n in os.listdir(folder) if n.startswith(prefix) and n.endswith(suffix)) \
-        if os.path.isdir(folder) else []
-    return os.path.join(folder, names[-1]) if names else None
-
-
-def _frechet(a: np.ndarray, b: np.ndarray) -> float:
-    from metrics.frechet import frechet_distance
-    return float(frechet_distance(a.mean(0), np.cov(a, rowvar=False), b.mean(0), np.cov(b, rowvar=False)))
 
 
 def _atomic_json(path: str, data: dict) -> None:
@@ -79,7 +70,7 @@ def _train(outdir: str, dataset: str, loss: str, kimg: float, T: int, threads: i
                 "--seed", "0", "--workers", "0", "--device", "cpu"]
         if loss == "spd":
             args += ["--loss-opt", "fit=data"]
-        state = _latest(run_dir, "training-state-", ".pt")
+        state = latest(run_dir, "training-state-", ".pt")
         if state is not None:
             args += ["--resume", state]
         _run(f"train --loss={loss}", args, threads)
@@ -126,7 +117,7 @@ def main(outdir, kimg, T, samples, nfe, samplers, threads, json_out):
     half_a, half_b = real[order[: len(real) // 2]], real[order[len(real) // 2:]]
     num = min(samples, len(half_a), len(half_b))
     feats_real = dc.extract_features(model, half_a[:num])
-    floor = _frechet(dc.extract_features(model, half_b[:num]), feats_real)
+    floor = frechet(dc.extract_features(model, half_b[:num]), feats_real)
     path = os.path.join(outdir, "results.json")
     result = json.load(open(path)) if os.path.isfile(path) else {}
     same = (result.get("num_images"), result.get("T"), result.get("kimg")) == (num, T, kimg)
@@ -139,7 +130,7 @@ def main(outdir, kimg, T, samples, nfe, samplers, threads, json_out):
                        "floor: the other half of the real digits, same count")
     snapshots = {}
     for loss, run_dir in runs.items():
-        snapshot_path = _latest(run_dir, "network-snapshot-", ".pkl")
+        snapshot_path = latest(run_dir, "network-snapshot-", ".pkl")
         snapshots[loss] = training.snapshots.load_snapshot(snapshot_path, "cpu")
         options = json.load(open(os.path.join(run_dir, "training_options.json")))["loss_kwargs"]
         result.setdefault("runs", {})[loss] = dict(
@@ -158,7 +149,7 @@ def main(outdir, kimg, T, samples, nfe, samplers, threads, json_out):
                 snapshot.net, list(range(num)), batch_size=256, solver=solver, num_steps=steps, device="cpu",
                 sampling=sampling)]).numpy()
             seconds = time.time() - start
-            distance = _frechet(dc.extract_features(model, images), feats_real)
+            distance = frechet(dc.extract_features(model, images), feats_real)
             rows[(loss, name)] = dict(loss=loss, sampler=name, classifier_frechet_distance=round(distance, 4),
                                       describe=summary, sample_seconds=round(seconds, 1))
             print(f"{loss:5s} {name:14s} classifier FD {distance:8.4f} (floor {floor:.4f}) [{seconds:.0f} s] "

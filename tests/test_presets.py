@@ -94,6 +94,16 @@ def test_edm_sampler_presets_equal_edm_md():
     assert SAMPLER_PRESETS['edm-imagenet64'] == dict(steps=256, S_churn=40, S_min=0.05, S_max=50, S_noise=1.003)
 
 
+def _dry_run_options(tmp_path, *args) -> tuple[dict, str]:
+    """train.py --dry-run on a tiny dataset with `args`: (the printed training options, the whole output)."""
+    data = write_zip_dataset(str(tmp_path / 'tiny.zip'), random_images(16))
+    result = CliRunner().invoke(train.main, ['--outdir', str(tmp_path / 'runs'), '--data', data, '--device', 'cpu',
+                                             '-n', *args])
+    assert result.exit_code == 0, result.output
+    start = result.output.index('Training options:') + len('Training options:')
+    return json.loads(result.output[start:result.output.index('\n\n', start + 2)]), result.output
+
+
 def test_spd_presets_equal_losses_md(tmp_path):
     """SPD's CIFAR-10 run and its DDPM control (losses.md §4.3: the UNet, AdamW lr 1e-4 without decay or anneal, EMA
     0.9999 per step, fp32, random flips, dropout 0.3, README batch 1024), through train.py --dry-run."""
@@ -107,12 +117,7 @@ def test_spd_presets_equal_losses_md(tmp_path):
         assert preset['xflip'] is True and preset['precision'] == 'fp32' and preset['augment'] == 0
         # EMA 0.9999 per optimizer step as EDM's half-life in Mimg: 0.5 = 0.9999 ** (half-life / batch)
         assert preset['ema'] == pytest.approx(1024 * math.log(0.5) / math.log(0.9999) / 1e6, abs=5e-5)
-    data = write_zip_dataset(str(tmp_path / 'tiny.zip'), random_images(16))
-    result = CliRunner().invoke(train.main, ['--preset', 'spd-cifar10', '--outdir', str(tmp_path / 'runs'), '--data',
-                                             data, '--batch', '8', '--device', 'cpu', '-n'])
-    assert result.exit_code == 0, result.output
-    start = result.output.index('Training options:') + len('Training options:')
-    options = json.loads(result.output[start:result.output.index('\n\n', start + 2)])
+    options, _ = _dry_run_options(tmp_path, '--preset', 'spd-cifar10', '--batch', '8')
     assert options['optimizer_kwargs']['lr'] == 1e-4 and options['network_kwargs']['dropout'] == 0.3
     # EDM's train.py truncates the half-life to whole kimg (int(ema * 1000)): 7097 of the exact 7097.47
     assert options['ema_halflife_kimg'] == 7097 and options['lr_rampup_kimg'] == 0
