@@ -15,7 +15,8 @@ from train_worker import ROOT, assert_tree_equal, random_images, write_zip_datas
 
 ARGS = ['--cbase', '8', '--cres', '1', '--blocks', '1', '--attn', '4', '--workers', '0', '--device', 'cpu',
         '--batch', '8', '--tick', '1', '--snap', '1', '--dump', '1', '--seed', '0', '--lr-rampup', '0',
-        '--duration', '0.003']
+        '--duration', '0.004']
+FINAL_TICK = 4  # --duration in kimg with one kimg per tick
 
 
 def _train(outdir, data, *extra):
@@ -24,9 +25,21 @@ def _train(outdir, data, *extra):
 
 
 def _final_state(outdir):
-    paths = glob.glob(os.path.join(outdir, '*', 'training-state-000003.pt'))
+    paths = glob.glob(os.path.join(outdir, '*', f'training-state-{FINAL_TICK:06d}.pt'))
     assert paths, f'no final state under {outdir}'
     return torch.load(sorted(paths)[-1], weights_only=True)
+
+
+def _states(outdir):
+    return set(glob.glob(os.path.join(outdir, '*', 'training-state-*')))
+
+
+def _wait_for_new_state(process, outdir, known, timeout=300.0):
+    """Block until the run starts writing a training state it did not have at launch (a `.tmp-` file counts), or ends."""
+    deadline = time.monotonic() + timeout
+    while process.poll() is None and not (_states(outdir) - known):
+        assert time.monotonic() < deadline, f'no new training state under {outdir} in {timeout:g} s'
+        time.sleep(0.005)
 
 
 @pytest.mark.slow
@@ -34,13 +47,23 @@ def test_kill_9_loop_then_resume_auto_is_bit_identical(tmp_path):
     data = write_zip_dataset(str(tmp_path / 'tiny.zip'), random_images(32))
     straight = _train(tmp_path / 'straight', data)
     assert straight.wait(timeout=300) == 0, straight.stderr.read()
+    snapshots = sorted(glob.glob(str(tmp_path / 'straight' / '*' / 'network-snapshot-*.pkl')))
+    tick_seconds = (os.path.getmtime(snapshots[-1]) - os.path.getmtime(snapshots[0])) / FINAL_TICK
 
+    # The kills follow the run's progress, not the wall clock (CI machines differ several-fold in speed): each killed
+    # run is stopped soon after it starts writing a new training state, either inside that write (the window of the
+    # temporary files and renames) or later in the next tick's training steps. A run thus advances at most one tick
+    # before it dies, so four ticks guarantee at least three kills, some while a state is half written.
     rng = random.Random(0)
     kills = 0
+    killed_dir = tmp_path / 'killed'
     while True:
-        process = _train(tmp_path / 'killed', data, '--resume', 'auto')
-        if kills < 5:
-            time.sleep(rng.uniform(4.0, 9.0))  # past start-up (imports, dataset), into training or a write
+        known = _states(killed_dir)
+        process = _train(killed_dir, data, '--resume', 'auto')
+        if kills < 6:
+            _wait_for_new_state(process, killed_dir, known)
+            in_write = kills % 2 == 0
+            time.sleep(rng.uniform(0.0, 0.1) if in_write else rng.uniform(0.2, 0.7) * tick_seconds)
             if process.poll() is None:
                 process.send_signal(signal.SIGKILL)
                 process.wait()
