@@ -113,6 +113,17 @@ def test_dry_run_writes_nothing_and_options_follow_precond(datasets, tmp_path):
     assert options['network_kwargs']['dropout'] == 0.13 and options['batch_size'] == 512
 
 
+@pytest.mark.parametrize('duration, total_kimg', [('1.001', 1001), ('0.57', 570), ('0.0025', 2.5), ('200', 200000),
+                                                 ('0.0000001', 0.001)])
+def test_duration_is_counted_to_the_image(datasets, tmp_path, duration, total_kimg):
+    # int(1.001 * 1000) == 1000 and int(0.57 * 1000) == 569 (EDM's formula); a sub-kimg rest is kept, not dropped.
+    result = _invoke(['--outdir', tmp_path / 'runs', '--data', datasets['uncond'], '--duration', duration, '-n',
+                      '--lr-rampup', 0, *TINY_NET])
+    assert result.exit_code == 0, result.output
+    options = _printed_options(result.output)
+    assert options['total_kimg'] == total_kimg and type(options['total_kimg']) is type(total_kimg)
+
+
 @pytest.mark.parametrize('extra, message', [
     (['--batch', 12, '--batch-gpu', 5],
      'Invalid value for --batch-gpu: the per-process batch 12 (--batch 12 / 1 processes) is not a multiple of 5'),
