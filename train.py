@@ -506,8 +506,8 @@ def _presets_epilog() -> str:
 # Plug-ins (losses.LOSS_WRAPPERS; compose with each other and with --loss edm|vp|ve).
 @_wrapper_options
 # Hyperparameters.
-@click.option('--duration', help='Training duration (counted to the image)', metavar='MIMG', type=FiniteFloat(min=0, min_open=True),
-              default=200, show_default=True)
+@click.option('--duration', help='Training duration (counted to the image)', metavar='MIMG',
+              type=FiniteFloat(min=0, min_open=True), default=200, show_default=True)
 @click.option('--batch', help='Total batch size', metavar='INT', type=click.IntRange(min=1), default=512,
               show_default=True)
 @click.option('--batch-gpu', help='Limit batch size per GPU', metavar='INT', type=click.IntRange(min=1))

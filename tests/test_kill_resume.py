@@ -35,7 +35,7 @@ def _states(outdir):
 
 
 def _wait_for_new_state(process, outdir, known, timeout=300.0):
-    """Block until the run starts writing a training state it did not have at launch (a `.tmp-` file counts), or ends."""
+    """Block until the run starts writing a training state it did not have at launch (`.tmp-` files count), or ends."""
     deadline = time.monotonic() + timeout
     while process.poll() is None and not (_states(outdir) - known):
         assert time.monotonic() < deadline, f'no new training state under {outdir} in {timeout:g} s'
@@ -63,7 +63,7 @@ def test_kill_9_loop_then_resume_auto_is_bit_identical(tmp_path):
         if kills < 6:
             _wait_for_new_state(process, killed_dir, known)
             in_write = kills % 2 == 0
-            time.sleep(rng.uniform(0.0, 0.1) if in_write else rng.uniform(0.2, 0.7) * tick_seconds)
+            time.sleep(rng.uniform(0.0, 0.1) if in_write else rng.uniform(0.2, 0.5) * tick_seconds)
             if process.poll() is None:
                 process.send_signal(signal.SIGKILL)
                 process.wait()
