@@ -444,6 +444,7 @@ def build_config(opts: dnnlib.EasyDict, world_size: int) -> tuple[dnnlib.EasyDic
     elif opts.resume is not None:
         state = _read_resume_state(opts.resume)
         if state is not None:  # ours: exact resume
+            c.resume_nimg = int(state['cur_nimg'])  # popped by main(): is there anything left to train?
             if opts.seed is None:
                 c.seed = int(state['seed'])
             saved_widths = sorted(float(w) for w in state.get('phema', {}))
@@ -463,6 +464,7 @@ def build_config(opts: dnnlib.EasyDict, world_size: int) -> tuple[dnnlib.EasyDic
             except (persistence.NetworkPickleError, OSError, ValueError) as err:
                 raise click.BadParameter(str(err), param_hint='--resume') from None
             c.resume_kimg = kimg
+            c.resume_nimg = kimg * 1000
         c.resume_state_dump = opts.resume
     c.max_nonfinite_steps = opts.max_nonfinite
     if opts.phema:
@@ -632,6 +634,13 @@ def main(**kwargs):
         _remove_stale_temp_files(opts.outdir)
 
     c, desc = build_config(opts, world_size)
+    resume_nimg = c.pop('resume_nimg', None)
+    if resume_nimg is not None and resume_nimg >= round(c.total_kimg * 1000):
+        # A finished run (e.g. killed after its last state was written, then --resume=auto): EDM's loop would train
+        # one more step and write the last tick again, so the result would depend on whether the kill came first.
+        dist.print0(f'{opts.resume} is at {resume_nimg / 1000:g} kimg, the end of the run '
+                    f'(--duration={opts.duration:g} Mimg): nothing to train; a larger --duration continues it')
+        return
     c.state_extras = dict(train_options=json.dumps({k: v for k, v in opts.items() if k != 'dry_run'}))
     c.run_dir = dist.broadcast_object(_run_dir(opts.outdir, desc, opts.nosubdir) if dist.get_rank() == 0 else None)
 

@@ -88,6 +88,15 @@ def test_train_end_to_end_and_resume(datasets, tmp_path):
     state = torch.load(resumed_dir / 'training-state-000002.pt', weights_only=True)
     assert state['cur_nimg'] == 2048 and state['cur_iter'] == 32
 
+    # --resume=auto on the finished run (a kill after its last state was written): nothing to train, nothing written.
+    # EDM's loop would train one more step and write a 000002 snapshot and state that differ from the finished ones.
+    before = sorted(os.walk(outdir))
+    result = _invoke(['--outdir', outdir, '--resume', 'auto', '--duration', 0.002])
+    assert result.exit_code == 0, result.output
+    assert (f"{resumed_dir / 'training-state-000002.pt'} is at 2.048 kimg, the end of the run (--duration=0.002 "
+            "Mimg): nothing to train" in result.output)
+    assert sorted(os.walk(outdir)) == before
+
 
 def test_dry_run_writes_nothing_and_options_follow_precond(datasets, tmp_path):
     outdir = tmp_path / 'runs'

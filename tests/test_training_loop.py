@@ -252,6 +252,13 @@ def test_exact_resume_matches_a_straight_run(tiny_zip, tmp_path):
                            torch.load(first_state_path, weights_only=True)['networks']['net']
                            ['model.enc.8x8_conv.weight'])
 
+    # The finished 2-kimg state resumed with the same duration: nothing trained, nothing written.
+    finished = str(tmp_path / 'finished')
+    os.makedirs(finished)
+    tl.training_loop(**dict(kwargs, run_dir=finished, total_kimg=2, snapshot_ticks=1,
+                            resume_state_dump=os.path.join(straight, 'training-state-000002.pt')))
+    assert os.listdir(finished) == []
+
 
 @pytest.mark.slow
 @pytest.mark.distributed

@@ -737,6 +737,10 @@ def training_loop(
 
     # Train.
     total_nimg = round(total_kimg * 1000)  # fractional kimg (short test runs) without float surprises
+    if run.cur_nimg >= total_nimg:  # a finished run resumed: another step would rewrite its last tick differently
+        dist.print0(f'The training state is at {run.cur_nimg / 1000:g} kimg, the end of the run ({total_kimg} kimg): '
+                    f'nothing to train.')
+        return
     dist.print0(f'Training for {total_kimg} kimg...')
     dist.print0()
     tick_start_nimg = run.cur_nimg
