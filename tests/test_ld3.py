@@ -458,7 +458,8 @@ def test_teacher_data_matches_generate_and_round_trips(tmp_path):
     data = ld3.generate_teacher(net, [5, 6, 7], solver="unipc", num_steps=6, batch_size=2, network="net.pkl")
     from samplers.generation import SamplerConfig, sample_seeds
     expected = sample_seeds(net, [5, 6, 7], SamplerConfig(solver="unipc", num_steps=6), device="cpu")
-    assert torch.allclose(data.images, expected.float(), atol=1e-6)  # per-seed noises as generate.py draws them
+    # per-seed noises as generate.py draws them; 1e-5: fp32 kernels round batches of 2 and 3 apart (1.5e-6, AVX-512)
+    assert torch.allclose(data.images, expected.float(), atol=1e-5)
     assert data.class_labels.shape == (3, 3) and torch.equal(data.class_labels.sum(1), torch.ones(3))
     assert data.info["nfe"] == 6 and data.info["end"] == "sigma_min" and data.sigma_max == pytest.approx(80)
     path = str(tmp_path / "teacher.pt")
