@@ -402,16 +402,21 @@ def build_config(opts: dnnlib.EasyDict, world_size: int) -> tuple[dnnlib.EasyDic
         raise _option_error(err) from None
 
     # Training options.
-    # Counted to the image: EDM's int(duration * 1000) made --duration=1.001 a 1000 kimg run (1.001 * 1000 is
-    # 1000.9999999999999 in floats) and dropped any fraction of a kimg. Whole kimg stay ints, as in EDM's options.
-    total_nimg = max(round(opts.duration * 1e6), 1)
-    c.total_kimg = total_nimg // 1000 if total_nimg % 1000 == 0 else total_nimg / 1000
+    # Whole kimg, as EDM (snapshots and states are named by kimg: a run ending at 1.5 kimg would overwrite those of
+    # 1 kimg), but not EDM's int(duration * 1000), which made --duration=1.001 a 1000 kimg run (1.001 * 1000 is
+    # 1000.9999999999999 in floats): rounded when within float error, else up, with a warning.
+    duration_kimg = opts.duration * 1000
+    c.total_kimg = max(round(duration_kimg), 1)
+    if abs(duration_kimg - round(duration_kimg)) > 1e-6 * max(duration_kimg, 1):
+        c.total_kimg = max(math.ceil(duration_kimg), 1)
+        warnings.warn(f'--duration={opts.duration:g} Mimg is not a whole number of kimg (snapshots and training states '
+                      f'are named by kimg): training for {c.total_kimg} kimg', stacklevel=1)
     if opts.lr_rampup > c.total_kimg and opts.resume is None and getattr(loss_fn, 'uses_loop_lr_ramp', True):
         # EDM's ramp is sized for 200 Mimg runs; a short run under it trains at a fraction of --lr throughout.
         warnings.warn(f'the learning-rate ramp-up (--lr-rampup={opts.lr_rampup:g} kimg) is longer than the run '
                       f'({c.total_kimg} kimg): the learning rate never reaches --lr (at the end it is '
                       f'{c.total_kimg / opts.lr_rampup:.2%} of it); for a short run use e.g. '
-                      f'--lr-rampup={max(int(c.total_kimg // 10), 1)}', stacklevel=1)
+                      f'--lr-rampup={max(c.total_kimg // 10, 1)}', stacklevel=1)
     c.ema_halflife_kimg = int(opts.ema * 1000)
     c.lr_rampup_kimg = opts.lr_rampup
     c.update(batch_size=opts.batch, batch_gpu=opts.batch_gpu)
@@ -508,7 +513,7 @@ def _presets_epilog() -> str:
 # Plug-ins (losses.LOSS_WRAPPERS; compose with each other and with --loss edm|vp|ve).
 @_wrapper_options
 # Hyperparameters.
-@click.option('--duration', help='Training duration (counted to the image)', metavar='MIMG',
+@click.option('--duration', help='Training duration (whole kimg; a fraction rounds up)', metavar='MIMG',
               type=FiniteFloat(min=0, min_open=True), default=200, show_default=True)
 @click.option('--batch', help='Total batch size', metavar='INT', type=click.IntRange(min=1), default=512,
               show_default=True)

@@ -3,6 +3,7 @@
 import fractions
 import json
 import os
+import warnings
 
 import pytest
 import torch
@@ -122,15 +123,23 @@ def test_dry_run_writes_nothing_and_options_follow_precond(datasets, tmp_path):
     assert options['network_kwargs']['dropout'] == 0.13 and options['batch_size'] == 512
 
 
-@pytest.mark.parametrize('duration, total_kimg', [('1.001', 1001), ('0.57', 570), ('0.0025', 2.5), ('200', 200000),
-                                                 ('0.0000001', 0.001)])
-def test_duration_is_counted_to_the_image(datasets, tmp_path, duration, total_kimg):
-    # int(1.001 * 1000) == 1000 and int(0.57 * 1000) == 569 (EDM's formula); a sub-kimg rest is kept, not dropped.
-    result = _invoke(['--outdir', tmp_path / 'runs', '--data', datasets['uncond'], '--duration', duration, '-n',
-                      '--lr-rampup', 0, *TINY_NET])
+@pytest.mark.parametrize('duration, total_kimg, rounded_up', [('1.001', 1001, False), ('0.57', 570, False),
+                                                             ('200', 200000, False), ('0.0025', 3, True),
+                                                             ('0.0000001', 1, True)])
+def test_duration_in_whole_kimg(datasets, tmp_path, duration, total_kimg, rounded_up):
+    # EDM's int(duration * 1000): 1.001 -> 1000 and 0.57 -> 569 (float error). A fraction of a kimg rounds up, with a
+    # warning: a run ending at 2.5 kimg would name its last snapshot 000002, over the one of 2 kimg.
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter('always')
+        result = _invoke(['--outdir', tmp_path / 'runs', '--data', datasets['uncond'], '--duration', duration, '-n',
+                          '--lr-rampup', 0, *TINY_NET])
     assert result.exit_code == 0, result.output
     options = _printed_options(result.output)
-    assert options['total_kimg'] == total_kimg and type(options['total_kimg']) is type(total_kimg)
+    assert options['total_kimg'] == total_kimg and type(options['total_kimg']) is int
+    messages = [str(w.message) for w in caught if 'whole number of kimg' in str(w.message)]
+    assert messages == ([f'--duration={float(duration):g} Mimg is not a whole '
+                         f'number of kimg (snapshots and training states are named by kimg): training for '
+                         f'{total_kimg} kimg'] if rounded_up else [])
 
 
 @pytest.mark.parametrize('extra, message', [
