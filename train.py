@@ -406,11 +406,12 @@ def build_config(opts: dnnlib.EasyDict, world_size: int) -> tuple[dnnlib.EasyDic
     # 1 kimg), but not EDM's int(duration * 1000), which made --duration=1.001 a 1000 kimg run (1.001 * 1000 is
     # 1000.9999999999999 in floats): rounded when within float error, else up, with a warning.
     duration_kimg = opts.duration * 1000
-    c.total_kimg = max(round(duration_kimg), 1)
-    if abs(duration_kimg - round(duration_kimg)) > 1e-6 * max(duration_kimg, 1):
-        c.total_kimg = max(math.ceil(duration_kimg), 1)
+    whole_kimg = round(duration_kimg)
+    if abs(duration_kimg - whole_kimg) > 1e-6 * max(duration_kimg, 1):
+        whole_kimg = math.ceil(duration_kimg)
         warnings.warn(f'--duration={opts.duration:g} Mimg is not a whole number of kimg (snapshots and training states '
-                      f'are named by kimg): training for {c.total_kimg} kimg', stacklevel=1)
+                      f'are named by kimg): training for {max(whole_kimg, 1)} kimg', stacklevel=1)
+    c.total_kimg = max(whole_kimg, 1)
     if opts.lr_rampup > c.total_kimg and opts.resume is None and getattr(loss_fn, 'uses_loop_lr_ramp', True):
         # EDM's ramp is sized for 200 Mimg runs; a short run under it trains at a fraction of --lr throughout.
         warnings.warn(f'the learning-rate ramp-up (--lr-rampup={opts.lr_rampup:g} kimg) is longer than the run '
