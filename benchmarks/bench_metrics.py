@@ -2,7 +2,8 @@
 
   python benchmarks/bench_metrics.py throughput [--num 64] [--batch 16] [--threads 2] [--device cpu]
       images/s of an Inception-sized stand-in detector (299x299 internal resize, ~6 GFLOPs/image, 2048-d)
-      on 32x32 uint8 images, for features only (FID) and features + probabilities (FID + IS).
+      on 32x32 uint8 images, for features only (FID) and features + probabilities (FID + IS), the latter in two
+      detector passes and in one (the probabilities from the features, as the metrics pass computes them).
 
   python benchmarks/bench_metrics.py memory --num 5000 --num 50000 [--workdir /tmp/bench-metrics]
       peak RSS of `fid.py calc`-equivalent passes (fid,is) over a ZIP of N 32x32 PNGs, each in a fresh
@@ -63,17 +64,20 @@ def throughput(num, batch, threads, device):
     print(f"stand-in: {params / 1e6:.1f} M parameters, {_flops_per_image(net, 299) / 1e9:.2f} GFLOPs per image "
           f"(Inception-v3: 23.8 M, ~5.7 GFLOPs); torch threads {torch.get_num_threads()}, device {device}")
     images = torch.randint(0, 256, [num, 3, 32, 32], dtype=torch.uint8, device=device)
+    detector = detectors_lib.Detector("inception", net, "stand-in", "", detectors_lib.DETECTORS["inception"])
+    detectors_lib._probe(detector, device)
+    print(f"probabilities: {detector.describe()['probabilities']}")
     with torch.no_grad():
         net(images[:2], return_features=True)  # warm-up
-        for label, calls in [("features (fid)", [dict(return_features=True)]),
-                             ("features + probabilities (fid,is)",
-                              [dict(return_features=True), dict(no_output_bias=True)])]:
+        for label, call in [("features (fid)", detector.features),
+                            ("features + probabilities, two passes (fid,is before)",
+                             lambda chunk: (detector.features(chunk), detector.probabilities(chunk))),
+                            ("features + probabilities, one pass (fid,is)", detector.features_and_probabilities)]:
             if device.type == "cuda":
                 torch.cuda.synchronize()
             start = time.perf_counter()
             for lo in range(0, num, batch):
-                for kwargs in calls:
-                    net(images[lo:lo + batch], **kwargs)
+                call(images[lo:lo + batch])
             if device.type == "cuda":
                 torch.cuda.synchronize()
             seconds = time.perf_counter() - start

@@ -21,7 +21,8 @@ Sections (--sections; all by default):
                order: --rng rank), MFU (FLOPs by torch.utils.flop_counter against a measured bf16 matmul rate).
   sample       images/s of Heun 18 steps at batch 512: EDM's edm_sampler (its code) vs ours fp32, + CUDA graph,
                bf16, bf16 + compile, bf16 + compile + CUDA graph; deviation from fp32 in uint8 levels.
-  features     images/s of an Inception-sized stand-in detector at batch 256-1024 (features; features + probs).
+  features     images/s of an Inception-sized stand-in detector at batch 256-1024: features (fid); fid,is in two
+               passes (before) and in one (FeaturePass: the probabilities from the features).
   fid_stats    FID statistics of 50k x 2048 features: ours vs EDM's per-batch GEMM vs torch-fidelity's np.cov,
                and the distance (EDM's sqrtm vs torch-fidelity's eigvals), one CPU thread (a subprocess).
   aot          AOT pairing hidden behind training: our loop with --aot, synchronous vs background assignment.
@@ -928,23 +929,24 @@ class Suite:
         from metrics import detectors
         sizes = self.sizes
         net = detectors.StandinInception(**sizes.feature_net).eval().to(self.device)
+        detector = detectors.Detector('inception', net, 'stand-in', '', detectors.DETECTORS['inception'])
+        detectors._probe(detector, self.device)
         images = torch.randint(0, 256, [sizes.feature_images, 3, 32, 32], dtype=torch.uint8, device=self.device)
-        record['detector'] = dict(sizes.feature_net, parameters=sum(p.numel() for p in net.parameters()))
+        record['detector'] = dict(sizes.feature_net, parameters=sum(p.numel() for p in net.parameters()),
+                                  probabilities=detector.describe()['probabilities'])
         record['runs'] = []
+        modes = {'features (fid)': detector.features,  # what fid.py computes per batch for fid
+                 'fid,is two passes (before)': lambda chunk: (detector.features(chunk), detector.probabilities(chunk)),
+                 'fid,is one pass (FeaturePass)': detector.features_and_probabilities}
         with torch.no_grad():
             for batch in sizes.feature_batches:
-                for mode in ('features', 'features+probabilities', 'one pass: probabilities from the features'):
+                for mode, call in modes.items():
                     reset_peak_memory(self.device)
-                    net(images[:batch], return_features=True)  # warm-up (cuDNN autotuning for this shape)
+                    call(images[:batch])  # warm-up (cuDNN autotuning for this shape)
                     sync(self.device)
                     start = time.perf_counter()
                     for lo in range(0, sizes.feature_images, batch):
-                        chunk = images[lo:lo + batch]
-                        features = net(chunk, return_features=True)
-                        if mode == 'features+probabilities':  # what FeaturePass does today for fid,is
-                            net(chunk, no_output_bias=True)
-                        elif mode.startswith('one pass'):  # the detector's head applied to the features
-                            torch.softmax(torch.nn.functional.linear(features, net.output.weight), dim=1)
+                        call(images[lo:lo + batch])
                     sync(self.device)
                     seconds = time.perf_counter() - start
                     entry = dict(batch=batch, mode=mode, images=sizes.feature_images,

@@ -37,6 +37,10 @@ class DetectorSpec:
     sha256: str | None
     feature_kwargs: dict
     probability_kwargs: dict | None  # None: the detector has no classification head we use
+    # Where the classification head's weight W lives in the module, when the probabilities are softmax(f W^T) of the
+    # features f: then fid+is (and kid+is) take both from one detector pass. Checked on the loaded file (_probe); a
+    # detector that does not match falls back to a second pass.
+    head_weight: str | None = None
 
 
 _NGC = "https://api.ngc.nvidia.com/v2/models/nvidia/research/stylegan3/versions/1/files/metrics"
@@ -50,6 +54,8 @@ DETECTORS: dict[str, DetectorSpec] = {
         feature_kwargs=dict(return_features=True),
         # Salimans et al.'s IS multiplies pool3 by the softmax weights without the bias; StyleGAN2-ADA matches it.
         probability_kwargs=dict(no_output_bias=True),
+        # The TorchScript's own code: logits = linear(features, self.output.weight) when no_output_bias, then softmax.
+        head_weight="output.weight",
     ),
     "vgg16": DetectorSpec(
         url=f"{_NGC}/vgg16.pkl",
@@ -76,6 +82,9 @@ class Detector:
         self.spec = spec
         self.feature_dim: int | None = None
         self.num_classes: int | None = None
+        # Set by _probe when the probabilities are the head applied to the features (one pass serves both).
+        self.head_weight: torch.Tensor | None = None
+        self.probability_route = "separate pass" if spec.probability_kwargs is not None else None
 
     @torch.no_grad()
     def features(self, images: torch.Tensor) -> torch.Tensor:
@@ -89,8 +98,23 @@ class Detector:
             raise DetectorUnavailableError(f"detector {self.name!r} has no classification head")
         return self.module(images, **self.spec.probability_kwargs)
 
+    @torch.no_grad()
+    def features_and_probabilities(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Both from one pass when the head was verified on this file (`_probe`), else from two."""
+        features = self.features(images)
+        if self.head_weight is None:
+            return features, self.probabilities(images)
+        return features, self._head(features)
+
+    def _head(self, features: torch.Tensor) -> torch.Tensor:
+        # The detector's own ops on its own features (linear without bias, softmax over classes), so the same bits.
+        return torch.softmax(F.linear(features, self.head_weight), dim=1)
+
     def describe(self) -> dict:
-        return dict(source=self.source, sha256=self.sha256, feature_dim=self.feature_dim)
+        info = dict(source=self.source, sha256=self.sha256, feature_dim=self.feature_dim)
+        if self.probability_route is not None:
+            info["probabilities"] = self.probability_route
+        return info
 
 
 _loaded: dict[tuple, Detector] = {}
@@ -140,10 +164,49 @@ def _probe(detector: Detector, device: torch.device) -> None:
                 raise ValueError(f"{detector.spec.probability_kwargs} output does not sum to 1 "
                                  f"(sum {float(probs.double().sum()):.4g}): expected softmax probabilities")
             detector.num_classes = int(probs.shape[1])
+            _verify_head(detector, device)
     except Exception as err:  # a detector of the wrong kind fails in many ways; name the file and the convention
         raise DetectorUnavailableError(
             f"detector {detector.name!r} from {detector.source} does not follow the expected calling convention "
             f"(uint8 NCHW in; {detector.spec.feature_kwargs} -> [N, D]): {err}") from err
+
+
+def _verify_head(detector: Detector, device: torch.device, tolerance: float = 1e-6) -> None:
+    """Use the one-pass route only if, on this very file, the head applied to the features gives the probabilities
+    that the detector's own probability call gives (seeded random images); else keep two passes and say why."""
+    if detector.spec.head_weight is None:
+        return
+    weight = detector.module
+    try:
+        for part in detector.spec.head_weight.split("."):
+            weight = getattr(weight, part)
+    except Exception:  # noqa: BLE001 -- AttributeError, or whatever a foreign module raises: keep two passes
+        detector.probability_route = f"separate pass (the detector has no {detector.spec.head_weight})"
+        return
+    if (not isinstance(weight, torch.Tensor) or weight.ndim != 2
+            or list(weight.shape) != [detector.num_classes, detector.feature_dim]):
+        shape = list(weight.shape) if isinstance(weight, torch.Tensor) else type(weight).__name__
+        detector.probability_route = (f"separate pass ({detector.spec.head_weight} is {shape}, not "
+                                      f"[{detector.num_classes}, {detector.feature_dim}])")
+        return
+    generator = torch.Generator().manual_seed(0)
+    images = torch.randint(0, 256, [4, 3, 32, 32], dtype=torch.uint8, generator=generator).to(device)
+    detector.head_weight = weight.detach()
+    try:
+        _features, from_head = detector.features_and_probabilities(images)
+        difference = float((from_head.double() - detector.probabilities(images).double()).abs().max())
+    except Exception as err:  # noqa: BLE001 -- e.g. features of another dtype: the detector still works, in two passes
+        detector.head_weight = None
+        detector.probability_route = f"separate pass (the head route failed: {type(err).__name__}: {err})"
+        return
+    if difference <= tolerance:
+        detector.probability_route = (f"from the features (one pass: softmax of features x "
+                                      f"{detector.spec.head_weight}^T; max difference {difference:.1e} from the "
+                                      f"separate pass on the check images)")
+    else:
+        detector.head_weight = None
+        detector.probability_route = (f"separate pass (softmax of features x {detector.spec.head_weight}^T differs "
+                                      f"by {difference:.1e} from the detector's probabilities)")
 
 
 def load_detector(name: str, path: str | None = None, device: torch.device | str | None = None,

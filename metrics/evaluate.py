@@ -189,8 +189,16 @@ class FeaturePass:
     def update(self, indices: torch.Tensor, images: torch.Tensor) -> None:
         if images.shape[1] == 1:
             images = images.repeat([1, 3, 1, 1])  # grayscale -> RGB, as EDM
-        if self.moments is not None or "kid" in self.metrics:
-            inception_features = self.detectors["inception"].features(images)  # one call serves FID and KID
+        inception = self.detectors.get("inception")
+        needs_features = self.moments is not None or "kid" in self.metrics  # one call serves FID and KID
+        needs_probs = self.inception_score is not None
+        if needs_features and needs_probs:  # one detector pass where the file allows it (its describe() says)
+            inception_features, probs = inception.features_and_probabilities(images)
+        elif needs_features:
+            inception_features = inception.features(images)
+        elif needs_probs:
+            probs = inception.probabilities(images)
+        if needs_features:
             if self.moments is not None:
                 self.moments.update(inception_features)
             if "kid" in self.metrics:  # kept rows capped like P/R's (a reference of 1.2M images would not fit)
@@ -198,8 +206,7 @@ class FeaturePass:
                         else torch.nonzero(indices < self.pr_max_items).flatten())  # host-side indices: no sync
                 self._kid_indices.append(indices[keep].to(inception_features.device))
                 self._kid_features.append(inception_features[keep.to(inception_features.device)].to(torch.float32))
-        if self.inception_score is not None:
-            probs = self.detectors["inception"].probabilities(images)
+        if needs_probs:
             self.inception_score.update(probs, indices.to(probs.device, non_blocking=True))
         if "pr" in self.metrics:
             if self.pr_max_items is not None and bool((indices >= self.pr_max_items).any()):

@@ -587,6 +587,111 @@ def test_grayscale_images_are_repeated_to_rgb(standin_paths):
     assert torch.equal(fp_gray.moments.feature_sum, fp_rgb.moments.feature_sum)
 
 
+class _CountingDetector(torch.nn.Module):
+    """A detector module that counts its calls (delegating to `inner`)."""
+
+    def __init__(self, inner):
+        super().__init__()
+        self.inner = inner
+        self.output = getattr(inner, "output", None)
+        self.calls = []
+
+    def forward(self, img, return_features=False, use_fp16=False, no_output_bias=False):
+        self.calls.append("features" if return_features else "probabilities")
+        return self.inner(img, return_features=return_features, no_output_bias=no_output_bias)
+
+
+class _TemperedInception(detectors_lib.StandinInception):
+    """Probabilities that are NOT softmax(features x output.weight^T): the one-pass route must not be used."""
+
+    def forward(self, img, return_features: bool = False, use_fp16: bool = False, no_output_bias: bool = False):
+        features = self.trunk(img)
+        if return_features:
+            return features
+        return torch.softmax(features @ self.output.weight.t() / 2, dim=1)
+
+
+def _inception(module):
+    spec = detectors_lib.DETECTORS["inception"]
+    detector = detectors_lib.Detector("inception", module, "test", "0" * 64, spec)
+    detectors_lib._probe(detector, torch.device("cpu"))
+    return detector
+
+
+def _run_feature_pass(metrics, detectors, images, batch=7):
+    feature_pass = evaluate.FeaturePass(metrics, detectors, len(images), is_splits=2)
+    for lo in range(0, len(images), batch):
+        feature_pass.update(torch.arange(lo, min(lo + batch, len(images))), images[lo:lo + batch])
+    return feature_pass.finalize(torch.device("cpu"))
+
+
+def test_fid_and_is_take_one_detector_pass_with_the_same_numbers():
+    images = torch.randint(0, 256, [30, 3, 12, 12], dtype=torch.uint8, generator=torch.Generator().manual_seed(4))
+    one_pass = _inception(_CountingDetector(detectors_lib.StandinInception()))
+    assert one_pass.head_weight is not None and one_pass.describe()["probabilities"].startswith(
+        "from the features (one pass: softmax of features x output.weight^T; max difference 0.0e+00")
+    one_pass.module.calls.clear()
+    stats = _run_feature_pass(["fid", "is", "kid"], {"inception": one_pass}, images)
+    assert one_pass.module.calls == ["features"] * 5  # 30 images in batches of 7: one call per batch
+
+    # Against the detector's own probability call, made separately (the route without the head), and direct values.
+    two_passes = _inception(_CountingDetector(detectors_lib.StandinInception()))
+    two_passes.head_weight = None
+    two_passes.module.calls.clear()
+    expected = _run_feature_pass(["fid", "is", "kid"], {"inception": two_passes}, images)
+    assert two_passes.module.calls == ["features", "probabilities"] * 5
+    for key in ("mu", "sigma", "is_mean", "is_std", "is_scores", "kid_features"):
+        assert np.array_equal(np.asarray(stats[key]), np.asarray(expected[key])), key
+    net = detectors_lib.StandinInception()
+    with torch.no_grad():
+        probs = net(images, no_output_bias=True).double().numpy()
+    np.testing.assert_allclose(stats["is_scores"], _direct_is(probs, 2), rtol=1e-6)
+
+
+def test_a_detector_whose_head_does_not_match_keeps_two_passes():
+    images = torch.randint(0, 256, [14, 3, 12, 12], dtype=torch.uint8, generator=torch.Generator().manual_seed(5))
+    tempered = _inception(_CountingDetector(_TemperedInception()))
+    route = tempered.describe()["probabilities"]
+    assert tempered.head_weight is None and route.startswith(
+        "separate pass (softmax of features x output.weight^T differs by ") and "from the detector's" in route
+    tempered.module.calls.clear()
+    stats = _run_feature_pass(["fid", "is"], {"inception": tempered}, images)
+    assert tempered.module.calls == ["features", "probabilities"] * 2
+    with torch.no_grad():
+        probs = _TemperedInception()(images, no_output_bias=True).double().numpy()
+    np.testing.assert_allclose(stats["is_scores"], _direct_is(probs, 2), rtol=1e-6)
+
+    class NoHead(torch.nn.Module):  # probabilities from somewhere the suite cannot see
+        def __init__(self):
+            super().__init__()
+            self.net = detectors_lib.StandinInception()
+
+        def forward(self, img, return_features=False, use_fp16=False, no_output_bias=False):
+            return self.net(img, return_features=return_features, no_output_bias=no_output_bias)
+
+    no_head = _inception(NoHead())
+    assert no_head.head_weight is None
+    assert no_head.describe()["probabilities"] == "separate pass (the detector has no output.weight)"
+    wrong_shape = _CountingDetector(detectors_lib.StandinInception())
+    wrong_shape.output = torch.nn.Linear(3, 10)
+    wrong = _inception(wrong_shape)
+    assert wrong.head_weight is None
+    assert wrong.describe()["probabilities"] == "separate pass (output.weight is [10, 3], not [10, 16])"
+
+    class HalfFeatures(_CountingDetector):  # features in float16: the head (float32) cannot take them
+        def forward(self, img, return_features=False, use_fp16=False, no_output_bias=False):
+            out = super().forward(img, return_features, use_fp16, no_output_bias)
+            return out.half() if return_features else out
+
+    half = _inception(HalfFeatures(detectors_lib.StandinInception()))
+    assert half.head_weight is None and half.describe()["probabilities"].startswith(
+        "separate pass (the head route failed: RuntimeError: ")
+    vgg = detectors_lib.Detector("vgg16", detectors_lib.StandinVGG16(), "test", "0" * 64,
+                                 detectors_lib.DETECTORS["vgg16"])
+    detectors_lib._probe(vgg, torch.device("cpu"))
+    assert "probabilities" not in vgg.describe()
+
+
 # ---------------------------------------------------------------------------------------------------------------------
 # KID.
 
