@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The one command a session lent a GPU machine runs (the device tool; ~6-8 minutes of the 15): the GPU suite with the
+# The one command a session lent a GPU machine runs (the device tool; ~9 minutes of the 15): the GPU suite with the
 # CUDA tests, results and a log in $OUT (the device tool brings them back), scratch files outside it.
 #
 #   here, once:  git clone https://github.com/NVlabs/edm scratch/edm     (scratch/ is ignored; never committed)

@@ -15,6 +15,7 @@ Sections (--sections; all by default):
                torch.compile vs eager, one training step of every registered loss and wrapper through train.py,
                generate.py and fid.py --network, NCCL (gloo on CPU) in a single-process torchrun, no host sync in
                the training step (CUDA sync debug mode; on CPU: no tensor-to-Python conversion).
+  pytest_cuda  the CUDA tests (python -m pytest -m cuda tests/test_cuda.py), their summary line (CUDA only).
   train        images/s of the training step (our loop's `_train_step`: data loading, loss, backward, Adam, EMA) at
                CIFAR-10 DDPM++ cond, batch 128 and 512: EDM fp32 (its code), ours fp32, bf16, bf16 + regional
                compile, + channels_last + fused Adam; compile time, peak memory, loss of every step (EDM's RNG
@@ -28,7 +29,8 @@ Sections (--sections; all by default):
   aot          AOT pairing hidden behind training: our loop with --aot, synchronous vs background assignment.
   dataloader   images/s of train.py's DataLoader settings on the generated dataset, against the training rate.
 
---budget-s: sections and optional parts are skipped (recorded as such) when less time is left than they need.
+--budget-s: sections and optional parts are skipped (recorded as such) when less time is left than they need; the
+training section leaves time for sampling and feature extraction (RESERVED_S).
 --smoke: tiny network and sizes, torch.compile through the 'eager' backend (Dynamo traces, no code generation): the
 whole script in a few minutes on a CPU (tests/test_cuda.py runs it). Exit status 1 when a check or section failed.
 """
@@ -55,7 +57,14 @@ import zipfile
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SUITE_VERSION = 1
-SECTIONS = ('env', 'correctness', 'train', 'sample', 'features', 'fid_stats', 'aot', 'dataloader', 'pytest_cuda')
+# In the order they run: the checks first (a GPU run is rare; whatever else it skips, it must say whether the CUDA path
+# is right), then the headline timings, then the rest.
+SECTIONS = ('env', 'correctness', 'pytest_cuda', 'train', 'sample', 'features', 'fid_stats', 'aot', 'dataloader')
+# Seconds each section needs to be worth starting, and what the sections before it leave for it (their optional
+# parts are skipped first): the headline sampling timings must not be starved by the training ones.
+MINIMUM_S = dict(env=0, correctness=60, pytest_cuda=90, train=120, sample=60, features=20, fid_stats=20, aot=40,
+                 dataloader=15)
+RESERVED_S = dict(sample=90, features=15)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -347,6 +356,7 @@ class Suite:
         os.makedirs(self.work, exist_ok=True)
         self.start = time.perf_counter()
         self.budget = args.budget_s
+        self.reserved = 0.0  # seconds kept for the sections after the running one (main sets it)
         self.results = dict(suite_version=SUITE_VERSION, command=' '.join([sys.argv[0], *sys.argv[1:]]),
                             mode='smoke' if args.smoke else 'full', device=str(self.device),
                             started=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec='seconds'),
@@ -363,7 +373,8 @@ class Suite:
         return math.inf if not self.budget else self.budget - self.elapsed()
 
     def affordable(self, seconds: float) -> bool:
-        return self.left() >= seconds
+        """Whether `seconds` of work fit in what is left once the later sections' reserves are set aside."""
+        return self.left() - self.reserved >= seconds
 
     def row(self, section, name, text):
         self.rows.append((section, name, text))
@@ -678,8 +689,9 @@ class Suite:
                      summary=f'{pngs} PNGs; fid.json {json.dumps(fid)[:80] if fid else None}')
 
     def check_torchrun(self, check):
+        # A single-process NCCL init and all_reduce takes seconds; a hang must not take the run's time with it.
         code, out, err = run_subprocess(worker_cmd('collective', dict(device=self.device.type), torchrun=True),
-                                        timeout=180)
+                                        timeout=90)
         if code != 0:
             check.update(passed=False, output=tail(out + err))
             return
@@ -693,40 +705,32 @@ class Suite:
         import torch
         sizes = self.sizes
         bf16, compiled = ['--precision', 'bf16'], ['--precision', 'bf16', '--compile', 'regional']
-        # The headline configurations at every batch size first, then extras at the largest one (budget allowing).
-        plan = [(name, extra, batch) for batch in sizes.train_batches
-                for name, extra in (('ours_fp32', []), ('ours_bf16', bf16), ('ours_bf16_compile', compiled))]
-        plan += [('ours_bf16_fused', [*bf16, '--fused-adam', 1], sizes.train_batches[-1]),
-                 ('ours_bf16_compile_cl_fused', [*compiled, '--channels-last', 1, '--fused-adam', 1],
-                  sizes.train_batches[-1])]
+        # The headline configurations at every batch size, the largest (EDM's CIFAR-10 batch) first, each batch's
+        # EDM column beside ours; then extras at the largest one (budget allowing: what is skipped is the least needed).
+        batches = sorted(sizes.train_batches, reverse=True)
+        plan = [(name, extra, batch) for batch in batches
+                for name, extra in (('edm_fp32', None), ('ours_fp32', []), ('ours_bf16', bf16),
+                                    ('ours_bf16_compile', compiled))]
+        plan += [('ours_bf16_fused', [*bf16, '--fused-adam', 1], batches[0]),
+                 ('ours_bf16_compile_cl_fused', [*compiled, '--channels-last', 1, '--fused-adam', 1], batches[0])]
         compile_estimate = 180  # seconds, until the first compiled configuration has measured it
         record['configs'] = []
         record['notes'] = ('images/s of steps after warm-up; data from a generated CIFAR-sized zip through '
                            "train.py's DataLoader settings (1 worker, pinned); --rng rank (EDM's draws); EDM: its "
                            'network, loss, augmentation, dataset and step (DDP over 1 rank, as its loop)')
-        if self.args.edm_repo:
-            for batch in sizes.train_batches:
-                if not self.affordable(60):
-                    record['configs'].append(dict(name='edm_fp32', batch=batch, skipped='budget'))
-                    continue
-                args = dict(edm_repo=self.args.edm_repo, dataset=self.dataset(), resolution=sizes.resolution,
-                            arch=network_kwargs(sizes), batch=batch, warmup=sizes.train_warmup,
-                            steps=sizes.train_steps, seed=1, device=self.device.type)
-                code, out, err = run_subprocess(worker_cmd('edm-train', args, torchrun=True), timeout=600)
-                entry = dict(name='edm_fp32', batch=batch)
-                if code == 0:
-                    entry.update(last_json_line(out))
-                else:
-                    entry['error'] = tail(out + err)
-                record['configs'].append(entry)
-                self._train_row(entry)
-                self.save()
+        if not self.args.edm_repo:
+            plan = [step for step in plan if step[0] != 'edm_fp32']
         for name, extra, batch in plan:
-            needs = compile_estimate + 20 if 'compile' in name else 30
+            needs = compile_estimate + 20 if 'compile' in name else 60 if name == 'edm_fp32' else 30
             if not self.affordable(needs):
                 record['configs'].append(dict(name=name, batch=batch, skipped=f'budget: needs ~{needs:.0f} s, '
                                                                                f'{self.left():.0f} s left'))
                 self._train_row(record['configs'][-1])
+                continue
+            if name == 'edm_fp32':
+                record['configs'].append(self._edm_train(batch))
+                self._train_row(record['configs'][-1])
+                self.save()
                 continue
             entry = dict(name=name, batch=batch)
             try:
@@ -753,6 +757,20 @@ class Suite:
         self._train_ratios(record)
         if self.affordable(30):
             record['mfu'] = self._mfu(record)
+
+    def _edm_train(self, batch) -> dict:
+        """EDM's own training step (its code, in a torchrun subprocess) at this batch size."""
+        sizes = self.sizes
+        args = dict(edm_repo=self.args.edm_repo, dataset=self.dataset(), resolution=sizes.resolution,
+                    arch=network_kwargs(sizes), batch=batch, warmup=sizes.train_warmup, steps=sizes.train_steps,
+                    seed=1, device=self.device.type)
+        code, out, err = run_subprocess(worker_cmd('edm-train', args, torchrun=True), timeout=600)
+        entry = dict(name='edm_fp32', batch=batch)
+        if code == 0:
+            entry.update(last_json_line(out))
+        else:
+            entry['error'] = tail(out + err)
+        return entry
 
     def _train_row(self, entry):
         if 'images_per_s' in entry:
@@ -1088,9 +1106,14 @@ def _pytest_cuda_section(suite, record):
         record['skipped'] = 'needs CUDA (the tests skip without a GPU)'
         suite.row('pytest_cuda', 'skipped', record['skipped'])
         return
-    cmd = [sys.executable, '-m', 'pytest', '-q', '-m', 'cuda', '-p', 'no:cacheprovider', '-k', 'not via_the_suite',
+    deselect = 'not via_the_suite'
+    checks = {c['name']: c for c in suite.results['sections'].get('correctness', {}).get('checks', [])}
+    if checks.get('torchrun_single_process_collective', {}).get('passed') is False:
+        deselect += ' and not nccl'  # failed (or hung) there already: its test would only spend the time again
+        record['deselected_because'] = 'torchrun_single_process_collective failed in the correctness section'
+    cmd = [sys.executable, '-m', 'pytest', '-q', '-m', 'cuda', '-p', 'no:cacheprovider', '-k', deselect,
            os.path.join(ROOT, 'tests', 'test_cuda.py')]
-    code, out, err = run_subprocess(cmd, timeout=max(60, min(600, suite.left() - 10)), cwd=ROOT)
+    code, out, err = run_subprocess(cmd, timeout=max(60, min(300, suite.left() - suite.reserved - 10)), cwd=ROOT)
     lines = [line for line in out.strip().splitlines() if line.strip()]
     record.update(command=' '.join(cmd[1:]), returncode=code, summary=lines[-1] if lines else '',
                   output_tail=tail(out + err, 40))
@@ -1372,7 +1395,7 @@ def parse_args(argv=None):
     parser.add_argument('--smoke', action='store_true', help='Tiny sizes: check the script itself (CPU)')
     parser.add_argument('--sections', default=','.join(SECTIONS), help=f'Comma-separated subset of {SECTIONS}')
     parser.add_argument('--budget-s', type=float, default=None,
-                        help='Skip what does not fit in this many seconds [default: 450 (full), none (smoke)]')
+                        help='Skip what does not fit in this many seconds [default: 510 (full), none (smoke)]')
     parser.add_argument('--compile-backend', default=None,
                         help="torch.compile backend [default: inductor; 'eager' with --smoke]")
     parser.add_argument('--aot-pool', type=int, default=None,
@@ -1413,7 +1436,7 @@ def main(argv=None) -> int:
         print('gpu_suite: --device cuda: CUDA is not available on this machine', file=sys.stderr)
         return 2
     if args.budget_s is None:
-        args.budget_s = None if args.smoke else 450
+        args.budget_s = None if args.smoke else 510
     if args.compile_backend is None:
         args.compile_backend = 'eager' if args.smoke else 'inductor'
     on_cpu = (args.device or ('cuda' if torch.cuda.is_available() else 'cpu')) == 'cpu'
@@ -1421,11 +1444,11 @@ def main(argv=None) -> int:
         args.fid_cpu = int(args.smoke or on_cpu)
     install_compile_backend(args.compile_backend)
     suite = Suite(args)
-    minimum = dict(env=0, correctness=60, train=120, sample=60, features=20, fid_stats=20, aot=40, dataloader=15,
-                   pytest_cuda=90)
-    for name in SECTIONS:
+    for index, name in enumerate(SECTIONS):
         if name in sections:
-            suite.run_section(name, getattr(suite, f'section_{name}'), 0 if args.smoke else minimum[name])
+            later = [s for s in SECTIONS[index + 1:] if s in sections]
+            suite.reserved = 0.0 if args.smoke else sum(RESERVED_S.get(s, 0) for s in later)
+            suite.run_section(name, getattr(suite, f'section_{name}'), 0 if args.smoke else MINIMUM_S[name])
     suite.save()
     print()
     print(suite.table())

@@ -256,8 +256,8 @@ def test_gpu_suite_smoke_runs_every_section_on_cpu(tmp_path):
     results = json.load(open(out / 'gpu_suite.json'))
     assert results['errors'] == [] and results['mode'] == 'smoke'
     sections = results['sections']
-    assert set(sections) == {'env', 'correctness', 'train', 'sample', 'features', 'fid_stats', 'aot', 'dataloader',
-                             'pytest_cuda'}
+    assert list(sections) == ['env', 'correctness', 'pytest_cuda', 'train', 'sample', 'features', 'fid_stats', 'aot',
+                              'dataloader']  # in the order they ran
     assert sections['pytest_cuda']['skipped'].startswith('needs CUDA')
     checks = {c['name']: c for c in sections['correctness']['checks']}
     assert all(c.get('passed') or c.get('skipped') for c in checks.values()), checks
@@ -268,6 +268,31 @@ def test_gpu_suite_smoke_runs_every_section_on_cpu(tmp_path):
     assert sections['fid_stats']['cpu_one_thread']['sigma_max_rel_diff'] < 1e-12
     assert len(sections['aot']['runs']) == 2 and sections['dataloader']['runs']
     assert (out / 'gpu_suite.txt').read_text().startswith('gpu_suite (smoke, cpu')
+
+
+def test_gpu_suite_budget_order_keeps_the_headline_and_reserves_for_sampling(tmp_path, monkeypatch):
+    """With no time left, the training plan records its skips in the order it would run: the largest batch first
+    with EDM's column beside ours, extras last; and the reserve for later sections counts against the budget."""
+    import importlib.util
+    spec = importlib.util.spec_from_file_location('gpu_suite', SUITE)
+    gpu_suite = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(gpu_suite)
+    assert gpu_suite.SECTIONS[:3] == ('env', 'correctness', 'pytest_cuda')  # the checks before the timings
+    args = gpu_suite.parse_args(['--out', str(tmp_path / 'o'), '--device', 'cpu', '--smoke', '--edm-repo', 'edm'])
+    args.budget_s = 1000.0
+    suite = gpu_suite.Suite(args)
+    suite.reserved = 990.0
+    assert suite.affordable(5) and not suite.affordable(15)
+    suite.reserved = 1000.0
+    monkeypatch.setattr(suite, 'dataset', lambda: pytest.fail('a skipped plan needs no dataset'))
+    record = {}
+    suite.section_train(record)
+    order = [(c['name'], c['batch']) for c in record['configs']]
+    assert order == [('edm_fp32', 16), ('ours_fp32', 16), ('ours_bf16', 16), ('ours_bf16_compile', 16),
+                     ('edm_fp32', 8), ('ours_fp32', 8), ('ours_bf16', 8), ('ours_bf16_compile', 8),
+                     ('ours_bf16_fused', 16), ('ours_bf16_compile_cl_fused', 16)]
+    assert all(c['skipped'].startswith('budget: needs ~') for c in record['configs'])
+    assert 'mfu' not in record and record['ratios'] == {}
 
 
 def test_gpu_suite_refuses_bad_arguments(tmp_path):
@@ -400,7 +425,7 @@ def test_every_loss_trains_and_generate_fid_run_on_cuda_via_the_suite(tmp_path):
 @requires_cuda
 def test_nccl_in_a_single_process_torchrun():
     worker = ['--worker', 'collective', '--worker-args', json.dumps(dict(device='cuda'))]
-    proc = subprocess.run(torchrun(1, SUITE, *worker), cwd=ROOT, capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(torchrun(1, SUITE, *worker), cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr[-3000:]
     result = json.loads(proc.stdout.strip().splitlines()[-1])
     assert result == dict(backend='nccl', world_size=1, sum=[1.0, 2.0])
