@@ -5,7 +5,8 @@ STF + AOT (so the snapshot pickles STFLoss/AOTLoss objects, as snapshots of that
 commit's generate.py made from the snapshot, and the EMA after that commit resumed the state to 2 kimg. The commands
 are in expected.json. Pixels may differ by one level and sums by float noise across torch builds; on the build the
 fixture was made with they are equal. The resumed run draws dropout masks and other random numbers whose streams
-changed between torch 2.5.1 and 2.14.1, so expected.json holds its sums for each stream the suite is run with.
+changed between torch 2.5.1 and 2.14.1 (and, in torch 2.5.1, between CPUs), so expected.json holds its sums for each
+stream the suite is run with.
 """
 
 import hashlib
