@@ -117,6 +117,19 @@ def sync(device):
         torch.cuda.synchronize(device)
 
 
+def backend_flags() -> dict:
+    import torch
+    return dict(cudnn_benchmark=torch.backends.cudnn.benchmark, cudnn_allow_tf32=torch.backends.cudnn.allow_tf32,
+                matmul_allow_tf32=torch.backends.cuda.matmul.allow_tf32)
+
+
+def set_backend_flags(flags: dict):
+    import torch
+    torch.backends.cudnn.benchmark = flags['cudnn_benchmark']
+    torch.backends.cudnn.allow_tf32 = flags['cudnn_allow_tf32']
+    torch.backends.cuda.matmul.allow_tf32 = flags['matmul_allow_tf32']
+
+
 def peak_memory_gb(device):
     import torch
     return torch.cuda.max_memory_allocated(device) / 2**30 if torch.device(device).type == 'cuda' else None
@@ -357,6 +370,10 @@ class Suite:
         self.start = time.perf_counter()
         self.budget = args.budget_s
         self.reserved = 0.0  # seconds kept for the sections after the running one (main sets it)
+        # PyTorch's backend flags as generate.py and fid.py run with them (they set none; EDM's generate.py neither):
+        # the training sections set EDM's training flags (TF32 off, cuDNN benchmark on), the sampling and feature
+        # sections put these back so that ours and EDM's sampler are timed under the same flags.
+        self.default_backend_flags = backend_flags()
         self.results = dict(suite_version=SUITE_VERSION, command=' '.join([sys.argv[0], *sys.argv[1:]]),
                             mode='smoke' if args.smoke else 'full', device=str(self.device),
                             started=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec='seconds'),
@@ -468,6 +485,15 @@ class Suite:
 
     # -----------------------------------------------------------------------------------------------------------------
     def section_correctness(self, record):
+        # The output comparisons against true fp32: TF32 off (EDM's training setting; PyTorch's default lets cuDNN
+        # convolutions use it), the defaults back afterwards.
+        set_backend_flags(dict(self.default_backend_flags, cudnn_allow_tf32=False, matmul_allow_tf32=False))
+        try:
+            self._correctness_checks(record)
+        finally:
+            set_backend_flags(self.default_backend_flags)
+
+    def _correctness_checks(self, record):
         checks = record.setdefault('checks', [])
         for name, fn, seconds in [
             ('cpu_fp32_vs_device_fp32', self.check_cpu_vs_device, 10),
@@ -505,12 +531,9 @@ class Suite:
             return net(x, sigma, labels).float()
 
     def check_cpu_vs_device(self, check):
-        import torch
         if not self.on_cuda:
             check['skipped'] = 'the device is the CPU'
             return
-        torch.backends.cuda.matmul.allow_tf32 = False
-        torch.backends.cudnn.allow_tf32 = False
         net = build_net(self.sizes)
         x, sigma, labels = check_inputs(self.sizes, self.sizes.check_batch, 'cpu')
         cpu = self._outputs(net, x, sigma, labels)
@@ -846,6 +869,8 @@ class Suite:
         from training import snapshots
         sizes = self.sizes
         batch = sizes.sample_batch
+        set_backend_flags(self.default_backend_flags)  # generate.py's (and EDM's generate.py's) flags
+        record['backend_flags'] = self.default_backend_flags
         if self.args.network:
             network = self.args.network
             net = snapshots.load_snapshot(network, self.device).net
@@ -946,6 +971,7 @@ class Suite:
 
         from metrics import detectors
         sizes = self.sizes
+        set_backend_flags(self.default_backend_flags)  # fid.py's flags
         net = detectors.StandinInception(**sizes.feature_net).eval().to(self.device)
         detector = detectors.Detector('inception', net, 'stand-in', '', detectors.DETECTORS['inception'])
         detectors._probe(detector, self.device)

@@ -265,6 +265,9 @@ def test_gpu_suite_smoke_runs_every_section_on_cpu(tmp_path):
     trained = {c['name'] for c in sections['train']['configs'] if c.get('images_per_s', 0) > 0}
     assert trained == {'ours_fp32', 'ours_bf16', 'ours_bf16_compile', 'ours_bf16_fused', 'ours_bf16_compile_cl_fused'}
     assert sections['sample']['deviation_uint8'] and sections['features']['runs']
+    # Sampling timed under PyTorch's defaults (generate.py's), not the training sections' EDM flags.
+    assert sections['sample']['backend_flags'] == dict(cudnn_benchmark=False, cudnn_allow_tf32=True,
+                                                       matmul_allow_tf32=False)
     assert sections['fid_stats']['cpu_one_thread']['sigma_max_rel_diff'] < 1e-12
     assert len(sections['aot']['runs']) == 2 and sections['dataloader']['runs']
     assert (out / 'gpu_suite.txt').read_text().startswith('gpu_suite (smoke, cpu')
