@@ -15,7 +15,8 @@ Sections (--sections; all by default):
                torch.compile vs eager, one training step of every registered loss and wrapper through train.py,
                generate.py and fid.py --network, NCCL (gloo on CPU) in a single-process torchrun, no host sync in
                the training step (CUDA sync debug mode; on CPU: no tensor-to-Python conversion).
-  pytest_cuda  the CUDA tests (python -m pytest -m cuda tests/test_cuda.py), their summary line (CUDA only).
+  pytest_cuda  the CUDA tests (python -m pytest -m cuda tests/test_cuda.py; all skip without a GPU), their summary
+               line; started with the suite, they run alongside the correctness checks, before any timing.
   train        images/s of the training step (our loop's `_train_step`: data loading, loss, backward, Adam, EMA) at
                CIFAR-10 DDPM++ cond, batch 128 and 512: EDM fp32 (its code), ours fp32, bf16, bf16 + regional
                compile, + channels_last + fused Adam; compile time, peak memory, loss of every step (EDM's RNG
@@ -370,6 +371,7 @@ class Suite:
         self.start = time.perf_counter()
         self.budget = args.budget_s
         self.reserved = 0.0  # seconds kept for the sections after the running one (main sets it)
+        self.pytest_cuda = None  # the CUDA tests running in the background (main starts them)
         # PyTorch's backend flags as generate.py and fid.py run with them (they set none; EDM's generate.py neither):
         # the training sections set EDM's training flags (TF32 off, cuDNN benchmark on), the sampling and feature
         # sections put these back so that ours and EDM's sampler are timed under the same flags.
@@ -1125,24 +1127,41 @@ class Suite:
                      f'the cached dataset only collates)')
 
 
+class PytestCuda:
+    """The CUDA tests (python -m pytest -m cuda tests/test_cuda.py, less the one that runs this suite's correctness
+    section again), started in the background when the suite starts: they run alongside the correctness checks (both
+    untimed, small networks) and are waited for before the timings begin. Without a GPU every test skips."""
+
+    def __init__(self, work: str):
+        self.args = ['-m', 'pytest', '-q', '-m', 'cuda', '-p', 'no:cacheprovider', '-k', 'not via_the_suite',
+                     os.path.join('tests', 'test_cuda.py')]
+        self.log_path = os.path.join(work, 'pytest_cuda.log')
+        self.log = open(self.log_path, 'w')
+        self.start = time.perf_counter()
+        self.proc = subprocess.Popen([sys.executable, *self.args], stdout=self.log, stderr=subprocess.STDOUT,
+                                     cwd=ROOT, text=True)
+
+    def wait(self, timeout: float):
+        """(returncode or None when it was stopped at the timeout, its output, seconds since its start)."""
+        try:
+            code = self.proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+            code = None
+        self.log.close()
+        with open(self.log_path) as f:
+            return code, f.read(), time.perf_counter() - self.start
+
+
 def _pytest_cuda_section(suite, record):
-    """The CUDA tests (python -m pytest -m cuda tests/test_cuda.py), less the one that runs this suite's correctness
-    section again; the summary line goes into the JSON."""
-    if not suite.on_cuda:
-        record['skipped'] = 'needs CUDA (the tests skip without a GPU)'
-        suite.row('pytest_cuda', 'skipped', record['skipped'])
-        return
-    deselect = 'not via_the_suite'
-    checks = {c['name']: c for c in suite.results['sections'].get('correctness', {}).get('checks', [])}
-    if checks.get('torchrun_single_process_collective', {}).get('passed') is False:
-        deselect += ' and not nccl'  # failed (or hung) there already: its test would only spend the time again
-        record['deselected_because'] = 'torchrun_single_process_collective failed in the correctness section'
-    cmd = [sys.executable, '-m', 'pytest', '-q', '-m', 'cuda', '-p', 'no:cacheprovider', '-k', deselect,
-           os.path.join(ROOT, 'tests', 'test_cuda.py')]
-    code, out, err = run_subprocess(cmd, timeout=max(60, min(300, suite.left() - suite.reserved - 10)), cwd=ROOT)
+    tests = suite.pytest_cuda or PytestCuda(suite.work)  # started by main; here when run on its own
+    code, out, seconds = tests.wait(timeout=max(60, min(300, suite.left() - suite.reserved - 10)))
     lines = [line for line in out.strip().splitlines() if line.strip()]
-    record.update(command=' '.join(cmd[1:]), returncode=code, summary=lines[-1] if lines else '',
-                  output_tail=tail(out + err, 40))
+    record.update(command='python ' + ' '.join(tests.args), returncode=code, seconds=round(seconds, 1),
+                  summary=lines[-1] if lines else '', output_tail=tail(out, 40))
+    if code is None:
+        record['summary'] = f'stopped after {seconds:.0f} s: {record["summary"]}'
     suite.row('pytest_cuda', 'python -m pytest -m cuda tests/test_cuda.py', record['summary'])
     if code != 0:
         raise RuntimeError(f'CUDA tests failed: {record["summary"]}')
@@ -1470,6 +1489,8 @@ def main(argv=None) -> int:
         args.fid_cpu = int(args.smoke or on_cpu)
     install_compile_backend(args.compile_backend)
     suite = Suite(args)
+    if 'pytest_cuda' in sections:
+        suite.pytest_cuda = PytestCuda(suite.work)
     for index, name in enumerate(SECTIONS):
         if name in sections:
             later = [s for s in SECTIONS[index + 1:] if s in sections]
