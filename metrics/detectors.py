@@ -104,11 +104,8 @@ class Detector:
         features = self.features(images)
         if self.head_weight is None:
             return features, self.probabilities(images)
-        return features, self._head(features)
-
-    def _head(self, features: torch.Tensor) -> torch.Tensor:
         # The detector's own ops on its own features (linear without bias, softmax over classes), so the same bits.
-        return torch.softmax(F.linear(features, self.head_weight), dim=1)
+        return features, torch.softmax(F.linear(features, self.head_weight), dim=1)
 
     def describe(self) -> dict:
         info = dict(source=self.source, sha256=self.sha256, feature_dim=self.feature_dim)
