@@ -1,5 +1,5 @@
 # CUDA PyTorch base image; the project itself needs only the pure-Python packages below on top of it.
-# Its torch 2.5.1 (with torchvision 0.20.1, Python 3.11) is the project's torch floor, the oldest release the test suite
+# Its torch 2.5.1 (Python 3.11) is the project's torch floor, the oldest release the test suite
 # runs against (requirements.txt, constraints-oldest.txt); tests/test_versions.py keeps the two equal.
 FROM pytorch/pytorch:2.5.1-cuda12.4-cudnn9-runtime
 
@@ -9,7 +9,7 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
 
 WORKDIR /workspace
 COPY requirements.txt requirements-dev.txt ./
-# torch and torchvision come with the base image; pip keeps them (the requirements are lower bounds).
+# torch comes with the base image; pip keeps it (the requirements are lower bounds).
 RUN pip install --no-cache-dir -r requirements-dev.txt
 COPY . .
 

@@ -11,8 +11,8 @@ CONSTRAINTS=${CONSTRAINTS:+"$(realpath "$CONSTRAINTS")"}
 CONSTRAINT_ARGS=()
 if [ -n "$CONSTRAINTS" ]; then
   CONSTRAINT_ARGS=(-c "$CONSTRAINTS")
-  # The constraints file pins torch and torchvision itself.
-  TORCH_SPEC=${TORCH_SPEC:-torch torchvision}
+  # The constraints file pins torch itself.
+  TORCH_SPEC=${TORCH_SPEC:-torch}
 fi
 STAMP="$VENV/.installed-$(cat "$ROOT/requirements.txt" "$ROOT/requirements-dev.txt" ${CONSTRAINTS:+"$CONSTRAINTS"} \
   | cksum | cut -d' ' -f1)"
@@ -24,7 +24,8 @@ fi
 . "$VENV/bin/activate"
 if [ ! -f "$STAMP" ]; then
   echo "[setup] installing requirements (first run only; torch is large)"
-  # TORCH_SPEC lets a GPU machine pick its own build; the default pins the release CI and the docs were tested with.
+  # TORCH_SPEC lets a GPU machine pick its own build; the default pins the release CI and the docs were tested with,
+  # and torchvision, which only a test uses (as an independent reference; the project itself does not need it).
   python -m pip install --disable-pip-version-check ${PIP_QUIET:--q} ${CONSTRAINT_ARGS[@]+"${CONSTRAINT_ARGS[@]}"} \
     ${TORCH_SPEC:-torch==2.14.1 torchvision==0.29.1}
   python -m pip install --disable-pip-version-check ${PIP_QUIET:--q} ${CONSTRAINT_ARGS[@]+"${CONSTRAINT_ARGS[@]}"} \

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The second test environment CI runs after `bash scripts/test.sh`: the newest releases pip resolves today (the
-# requirements are lower bounds), torch at setup_env.sh's default release (NEWEST_TORCH_SPEC='torch torchvision' lets
+# requirements are lower bounds), torch at setup_env.sh's default release (NEWEST_TORCH_SPEC=torch lets
 # pip pick that too), on another supported Python than the main .venv's: 3.12 if this machine has it, else 3.10.
 # It lives in .venv-newest; delete that folder to resolve again. With no such Python on the machine it says so and
 # exits 0. Extra arguments go to pytest; without any it runs the tests marked neither slow nor distributed, so that

@@ -325,7 +325,9 @@ def test_mini_discriminator_matches_the_reference_layout():
 
 
 def test_vgg16_bn_features_equal_torchvision(tmp_path):
-    from torchvision.models import vgg
+    # torchvision is the independent reference here and nothing else needs it, so it is not a requirement:
+    # scripts/setup_env.sh installs it beside torch by default (CI's environments); elsewhere this test skips.
+    vgg = pytest.importorskip('torchvision.models.vgg', reason='torchvision (the reference) is not installed')
 
     torch.manual_seed(0)
     reference = vgg.make_layers(vgg.cfgs['D'], batch_norm=True).eval()

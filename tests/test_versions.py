@@ -63,9 +63,50 @@ def test_dockerfile_base_image_is_the_torch_floor():
 
 def test_default_torch_and_the_readme_agree_with_the_floors():
     floors = _floors()
-    match = re.search(r"torch==([0-9.]+) torchvision==([0-9.]+)", _read("scripts/setup_env.sh"))
+    match = re.search(r"\$\{TORCH_SPEC:-torch==([0-9.]+) torchvision==[0-9.]+\}", _read("scripts/setup_env.sh"))
     assert match, "scripts/setup_env.sh: default TORCH_SPEC not found"
     assert _version(match.group(1)) >= _version(floors["torch"])
-    assert _version(match.group(2)) >= _version(floors["torchvision"])
     readme = _read("README.md")
     assert f"torch {floors['torch']}" in readme and f"torch {match.group(1)}" in readme
+
+
+# Import names whose distribution on PyPI is called otherwise.
+DISTRIBUTION_OF_IMPORT = {"PIL": "pillow", "sklearn": "scikit-learn"}
+
+
+def _module_level_imports(path):
+    """Top-level names a file imports unconditionally (in its module body; imports inside functions or try blocks are
+    optional dependencies that fail with their own message, e.g. timm, pyspng, torchvision in a test)."""
+    import ast
+
+    with open(path, encoding="utf-8") as f:
+        tree = ast.parse(f.read(), filename=path)
+    for node in tree.body:
+        if isinstance(node, ast.Import):
+            yield from (alias.name.split(".")[0] for alias in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.level == 0:
+            yield node.module.split(".")[0]
+
+
+def test_every_unconditional_import_is_a_requirement():
+    """A fresh `pip install -r requirements.txt` runs the tools (and requirements-dev.txt the tests and benchmarks):
+    each third-party package a module imports unconditionally is listed, under its distribution's name."""
+    import subprocess
+    import sys
+
+    files = subprocess.run(["git", "ls-files", "*.py"], cwd=ROOT, capture_output=True, text=True, check=True)
+    files = files.stdout.split()
+    assert "train.py" in files and "tests/test_versions.py" in files
+    local = {name.split("/")[0].removesuffix(".py") for name in files}  # the project's own packages and modules
+    local |= {name.split("/")[1].removesuffix(".py") for name in files if name.startswith(("tests/", "benchmarks/"))}
+    runtime, dev = set(_specs("requirements.txt", ">=")), set(_floors())
+    missing = []
+    for name in files:
+        allowed = dev if name.startswith(("tests/", "benchmarks/")) else runtime
+        for module in _module_level_imports(os.path.join(ROOT, name)):
+            if module in sys.stdlib_module_names or module in local or module == "__future__":
+                continue
+            if DISTRIBUTION_OF_IMPORT.get(module, module).lower() not in allowed:
+                missing.append(f"{name}: {module}")
+    assert not missing, f"imported but not required: {missing}"
+    assert "torchvision" not in dev  # only a test uses it, as a reference, and skips without it
