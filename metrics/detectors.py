@@ -18,8 +18,10 @@ VGG16: `net(x, return_features=True)` -> float32 [N, 4096].
 for tests and benchmarks only: they give no meaningful metric values.
 """
 
+import contextlib
 import dataclasses
 import pickle
+import warnings
 
 import torch
 import torch.nn.functional as F
@@ -127,16 +129,27 @@ def _offline_hint(name: str, spec: DetectorSpec, source: str) -> str:
             f"cache).")
 
 
+@contextlib.contextmanager
+def _torchscript_is_the_format():
+    """torch 2.15 deprecates torch.jit (a FutureWarning on every script, save and load), but the published detector
+    files (StyleGAN2-ADA's and EDM's Inception, VGG16) are TorchScript archives, and torch.jit is the one reader of
+    them: the warning would tell users of fid.py to change what they cannot, so it is silenced here only."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=r"`torch\.jit\.\w+` is deprecated", category=FutureWarning)
+        yield
+
+
 def _read_module(path: str, device: torch.device) -> torch.nn.Module:
     with open(path, "rb") as f:
         magic = f.read(4)
         f.seek(0)
-        if magic == b"PK\x03\x04":
-            module = torch.jit.load(f, map_location=device)
-        elif magic[:1] == b"\x80":
-            module = pickle.load(f)  # embedded source runs here, as in EDM: trusted files only (see module doc)
-        else:
-            raise DetectorUnavailableError(f"{path} is neither a TorchScript archive nor a pickle")
+        with _torchscript_is_the_format():  # a pickle may hold TorchScript too (it loads through torch.jit)
+            if magic == b"PK\x03\x04":
+                module = torch.jit.load(f, map_location=device)
+            elif magic[:1] == b"\x80":
+                module = pickle.load(f)  # embedded source runs here, as in EDM: trusted files only (see module doc)
+            else:
+                raise DetectorUnavailableError(f"{path} is neither a TorchScript archive nor a pickle")
     if not isinstance(module, torch.nn.Module):
         raise DetectorUnavailableError(f"{path} holds a {type(module).__name__}, not a torch module")
     module = module.eval().to(device)
@@ -338,7 +351,6 @@ INCEPTION_SIZED = dict(feature_dim=2048, num_classes=1008, resolution=299, chann
 
 def save_standin(module: torch.nn.Module, path: str) -> str:
     """Script `module` and save it as a TorchScript archive at `path` (atomically): usable as --detector NAME=PATH."""
-    scripted = torch.jit.script(module.eval())
-    with util.atomic_output(path, "wb") as f:
-        torch.jit.save(scripted, f)
+    with _torchscript_is_the_format(), util.atomic_output(path, "wb") as f:
+        torch.jit.save(torch.jit.script(module.eval()), f)
     return path

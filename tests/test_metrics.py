@@ -400,6 +400,32 @@ def test_standin_detector_loads_and_follows_the_calling_convention(standin_paths
     assert det.sha256 == util._hash_file(standin_paths["inception"], "sha256")
 
 
+def test_torch_jit_deprecation_is_silenced_for_detector_files_only(tmp_path, monkeypatch):
+    """torch 2.15 warns (FutureWarning) on every torch.jit.script/save/load; the detector files are TorchScript, so
+    reading or writing one must not warn users, while other FutureWarnings still pass. Simulated on any torch."""
+    real_load, real_save = torch.jit.load, torch.jit.save
+
+    def deprecated(real, name):
+        def call(*args, **kwargs):
+            warnings.warn(f"`torch.jit.{name}` is deprecated. Please switch to `torch.export`.", FutureWarning,
+                          stacklevel=2)
+            warnings.warn("another future change", FutureWarning, stacklevel=2)
+            return real(*args, **kwargs)
+        return call
+
+    monkeypatch.setattr(torch.jit, "load", deprecated(real_load, "load"))
+    monkeypatch.setattr(torch.jit, "save", deprecated(real_save, "save"))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        path = detectors_lib.save_standin(detectors_lib.StandinInception(), str(tmp_path / "inception.pt"))
+        detectors_lib._loaded.clear()
+        det = detectors_lib.load_detector("inception", path, device="cpu")
+    assert det.feature_dim == 16
+    messages = [str(w.message) for w in caught if issubclass(w.category, FutureWarning)]
+    assert messages == ["another future change"] * 2  # save and load each passed the unrelated one on
+    detectors_lib._loaded.clear()
+
+
 def test_pickled_detector_format_loads(tmp_path):
     path = tmp_path / "vgg16.pkl"
     with open(path, "wb") as f:
