@@ -51,9 +51,9 @@ def test_environment_yml_has_the_same_floors_and_python_range():
         match = re.search(rf"^\s*- {re.escape(conda_names.get(name, name))}>=([0-9.]+)\s*$", text, re.MULTILINE)
         assert match, f"environment.yml lacks a floor for {name}"
         assert _version(match.group(1)) == _version(floor), f"environment.yml: {name}>={match.group(1)}, not {floor}"
-    assert re.search(r"^\s*- python>=3\.10,<3\.13\s*$", text, re.MULTILINE)
-    assert 'requires-python = ">=3.10,<3.13"' in _read("pyproject.toml")
-    assert "Python 3.10-3.12" in _read("README.md")
+    assert re.search(r"^\s*- python>=3\.10,<3\.14\s*$", text, re.MULTILINE)
+    assert 'requires-python = ">=3.10,<3.14"' in _read("pyproject.toml")
+    assert "Python 3.10-3.13" in _read("README.md")
 
 
 def test_dockerfile_base_image_is_the_torch_floor():
