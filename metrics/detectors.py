@@ -131,9 +131,10 @@ def _offline_hint(name: str, spec: DetectorSpec, source: str) -> str:
 
 @contextlib.contextmanager
 def _torchscript_is_the_format():
-    """torch 2.15 deprecates torch.jit (a FutureWarning on every script, save and load), but the published detector
-    files (StyleGAN2-ADA's and EDM's Inception, VGG16) are TorchScript archives, and torch.jit is the one reader of
-    them: the warning would tell users of fid.py to change what they cannot, so it is silenced here only."""
+    """torch deprecates torch.jit (2.14.1 and 2.15.0: a FutureWarning on every script, save and load), but the
+    published detector files (StyleGAN2-ADA's and EDM's Inception, VGG16) are TorchScript archives, and torch.jit is
+    the one reader of them: the warning would tell users of fid.py to change what they cannot, so it is silenced here
+    only."""
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=r"`torch\.jit\.\w+` is deprecated", category=FutureWarning)
         yield

@@ -401,8 +401,9 @@ def test_standin_detector_loads_and_follows_the_calling_convention(standin_paths
 
 
 def test_torch_jit_deprecation_is_silenced_for_detector_files_only(tmp_path, monkeypatch):
-    """torch 2.15 warns (FutureWarning) on every torch.jit.script/save/load; the detector files are TorchScript, so
-    reading or writing one must not warn users, while other FutureWarnings still pass. Simulated on any torch."""
+    """torch 2.14.1 and 2.15.0 warn (FutureWarning) on every torch.jit.script/save/load; the detector files are
+    TorchScript, so reading or writing one must not warn users, while other FutureWarnings still pass. Simulated on
+    any torch."""
     real_load, real_save = torch.jit.load, torch.jit.save
 
     def deprecated(real, name):

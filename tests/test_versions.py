@@ -2,8 +2,11 @@
 environment of the test matrix) == environment.yml floors, the Dockerfile's base torch is the torch floor, and the
 Python range agrees between pyproject.toml, environment.yml and the README."""
 
+import ast
 import os
 import re
+import subprocess
+import sys
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -77,8 +80,6 @@ DISTRIBUTION_OF_IMPORT = {"PIL": "pillow", "sklearn": "scikit-learn"}
 def _module_level_imports(path):
     """Top-level names a file imports unconditionally (in its module body; imports inside functions or try blocks are
     optional dependencies that fail with their own message, e.g. timm, pyspng, torchvision in a test)."""
-    import ast
-
     with open(path, encoding="utf-8") as f:
         tree = ast.parse(f.read(), filename=path)
     for node in tree.body:
@@ -91,9 +92,6 @@ def _module_level_imports(path):
 def test_every_unconditional_import_is_a_requirement():
     """A fresh `pip install -r requirements.txt` runs the tools (and requirements-dev.txt the tests and benchmarks):
     each third-party package a module imports unconditionally is listed, under its distribution's name."""
-    import subprocess
-    import sys
-
     files = subprocess.run(["git", "ls-files", "*.py"], cwd=ROOT, capture_output=True, text=True, check=True)
     files = files.stdout.split()
     assert "train.py" in files and "tests/test_versions.py" in files
@@ -104,7 +102,7 @@ def test_every_unconditional_import_is_a_requirement():
     for name in files:
         allowed = dev if name.startswith(("tests/", "benchmarks/")) else runtime
         for module in _module_level_imports(os.path.join(ROOT, name)):
-            if module in sys.stdlib_module_names or module in local or module == "__future__":
+            if module in sys.stdlib_module_names or module in local:
                 continue
             if DISTRIBUTION_OF_IMPORT.get(module, module).lower() not in allowed:
                 missing.append(f"{name}: {module}")
