@@ -2,7 +2,10 @@
 # Create (or reuse) the project's virtual environment in .venv and install what the project needs.
 # Idempotent: a second run only checks that everything is installed. Source it: `. scripts/setup_env.sh`.
 # Optional settings: PYTHON (the interpreter to build the venv with), VENV (its folder), TORCH_SPEC (the torch build),
-# CONSTRAINTS (a pip constraints file, e.g. constraints-oldest.txt: the oldest supported release of everything).
+# CONSTRAINTS (a pip constraints file, e.g. constraints-oldest.txt: the oldest supported release of everything),
+# UV (a uv executable: install with `uv pip install` instead of pip; it unpacks torch's CUDA wheels about three times
+# faster, 1 min 9 s against 3 min 30 s on 2 cores, but reads neither pip's configuration nor its index settings:
+# it takes packages from PyPI or from what UV_* variables say).
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 PYTHON=${PYTHON:-python3}
@@ -26,10 +29,17 @@ if [ ! -f "$STAMP" ]; then
   echo "[setup] installing requirements (first run only; torch is large)"
   # TORCH_SPEC lets a GPU machine pick its own build; the default pins the release CI and the docs were tested with,
   # and torchvision, which only a test uses (as an independent reference; the project itself does not need it).
-  python -m pip install --disable-pip-version-check ${PIP_QUIET:--q} ${CONSTRAINT_ARGS[@]+"${CONSTRAINT_ARGS[@]}"} \
-    ${TORCH_SPEC:-torch==2.14.1 torchvision==0.29.1}
-  python -m pip install --disable-pip-version-check ${PIP_QUIET:--q} ${CONSTRAINT_ARGS[@]+"${CONSTRAINT_ARGS[@]}"} \
-    -r "$ROOT/requirements-dev.txt"
+  if [ -n "${UV:-}" ]; then
+    INSTALL=("$UV" pip install --python "$VENV/bin/python" ${PIP_QUIET:--q})
+    # Where Python may not cache bytecode itself, compile it now as pip does (uv does not by default): else every new
+    # process compiles the thousand modules `import torch` reads, about 10 s each time.
+    if [ -n "${PYTHONDONTWRITEBYTECODE:-}" ]; then INSTALL+=(--compile-bytecode); fi
+    echo "[setup] installing with $("$UV" --version)"
+  else
+    INSTALL=(python -m pip install --disable-pip-version-check ${PIP_QUIET:--q})
+  fi
+  "${INSTALL[@]}" ${CONSTRAINT_ARGS[@]+"${CONSTRAINT_ARGS[@]}"} ${TORCH_SPEC:-torch==2.14.1 torchvision==0.29.1}
+  "${INSTALL[@]}" ${CONSTRAINT_ARGS[@]+"${CONSTRAINT_ARGS[@]}"} -r "$ROOT/requirements-dev.txt"
   touch "$STAMP"
 fi
 python -c "import sys, torch, numpy, scipy; print('[setup] python', sys.version.split()[0], '| torch', torch.__version__,

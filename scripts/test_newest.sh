@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The second test environment CI runs after `bash scripts/test.sh`: the newest releases pip resolves today (the
+# The second test environment CI runs after `bash scripts/test.sh`: the newest releases pip (or UV) resolves today (the
 # requirements are lower bounds), torch at setup_env.sh's default release (NEWEST_TORCH_SPEC=torch lets
 # pip pick that too), on another supported Python than the main .venv's: the newest this machine has of 3.13, 3.12
 # and 3.10.
