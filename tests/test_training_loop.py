@@ -371,3 +371,21 @@ def test_loop_dataset_has_expected_layout(tiny_zip):
     # Guards the assumptions above: 64 grayscale 8x8 images, unlabelled.
     dataset = ImageFolderDataset(tiny_zip)
     assert (len(dataset), dataset.num_channels, dataset.resolution, dataset.label_dim) == (64, 1, 8, 0)
+
+
+def test_snapshots_under_one_kimg_apart_warn_that_they_share_names(tiny_zip, tmp_path):
+    """A library call with snapshots every 0.008 kimg: EDM's names count whole kimg, so the three ticks' snapshots are
+    one file (the last tick's); the loop says so. Every whole kimg or more: no such warning."""
+    run_dir = str(tmp_path / 'sub-kimg')
+    os.makedirs(run_dir)
+    with pytest.warns(UserWarning, match=r'snapshots every 0\.008 kimg: .* replaces any earlier one of the same kimg'):
+        tl.training_loop(**loop_kwargs(run_dir, tiny_zip, kimg_per_tick=0.008, snapshot_ticks=1, state_dump_ticks=None))
+    assert [name for name in sorted(os.listdir(run_dir)) if name.endswith('.pkl')] == ['network-snapshot-000000.pkl']
+    with open(os.path.join(run_dir, 'stats.jsonl')) as f:
+        assert len(f.readlines()) == 3  # three ticks (at 8, 16 and 24 images), three snapshots written, one file
+    whole = str(tmp_path / 'whole-kimg')
+    os.makedirs(whole)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter('always')
+        tl.training_loop(**loop_kwargs(whole, tiny_zip, snapshot_ticks=1, state_dump_ticks=None))
+    assert not [w for w in caught if 'replaces any earlier one' in str(w.message)]

@@ -737,6 +737,11 @@ def training_loop(
 
     # Train.
     total_nimg = round(total_kimg * 1000)  # fractional kimg (short test runs) without float surprises
+    if snapshot_ticks is not None and kimg_per_tick * snapshot_ticks < 1 and run.rank == 0:
+        # EDM's file names count whole kimg (train.py's --tick is an integer, so only a library call gets here).
+        warnings.warn(f'snapshots every {kimg_per_tick * snapshot_ticks:g} kimg: network-snapshot-NNNNNN.pkl (and '
+                      f'phema-NNNNNN-*.pkl) name whole kimg, so each snapshot replaces any earlier one of the same '
+                      f'kimg; use kimg_per_tick * snapshot_ticks >= 1 to keep them all', stacklevel=2)
     if run.cur_nimg >= total_nimg:  # a finished run resumed: another step would rewrite its last tick differently
         dist.print0(f'The training state is at {run.cur_nimg / 1000:g} kimg, the end of the run ({total_kimg} kimg): '
                     f'nothing to train.')
