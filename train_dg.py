@@ -70,7 +70,8 @@ def main():
 @click.option("--network", help="The score network snapshot (--encoder=network)", metavar="PKL|URL")
 @click.option("--adm-classifier", "adm_classifier", help="guided-diffusion's 32x32_classifier.pt (--encoder=adm)",
               metavar="PT|URL")
-@click.option("--cond", help="Class-conditional discriminator (labels from both sets' dataset.json)", is_flag=True)
+@click.option("--cond", help="Class-conditional discriminator (labels: the real set's dataset.json; generated "
+              "images: one generate.py --class=K folder per class)", is_flag=True)
 @click.option("--epochs", help="Epochs", metavar="INT", type=click.IntRange(min=1), default=50, show_default=True)
 @click.option("--batch", help="Batch size", metavar="INT", type=click.IntRange(min=1), default=128, show_default=True)
 @click.option("--lr", help="Adam learning rate", metavar="FLOAT", type=click.FloatRange(min=0, min_open=True),

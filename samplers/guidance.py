@@ -21,11 +21,13 @@ so the guidance is a denoiser wrapper and every solver integrates the guided ODE
 its generate.py) adds w * dg / sigma to Heun's Euler slope with dg = -(sigma^2 alpha) grad_{x_in} log(d / (1 - d)),
 x_in = alpha x, i.e. -w sigma c since grad_x = alpha grad_{x_in}: the same correction. It guides Heun's predictor
 evaluation with w (`--dg-weight`, its dg_weight_1st_order) and the corrector evaluation with a second weight
-(`--dg-weight-corrector`, dg_weight_2nd_order, default 0), both entering the trapezoidal average: here the calls of
+(`--dg-weight-corrector`, dg_weight_2nd_order, default 0; the reference's sampler fails with any other value, so a
+non-zero one here has no reference to match), both entering the trapezoidal average: here the calls of
 a solver with a corrector evaluation are told apart by their order (`CORRECTOR_CALLS`); every other solver evaluates
 each step once and all its calls use w. Guidance acts only where the discriminator's VP time tau(sigma) lies in
-[--dg-tau-min, --dg-tau-max] (0.01, 1), per sample; elsewhere D_w = D. With w = 0 the network's output is returned
-untouched (bit-identical to unguided sampling).
+[--dg-tau-min, --dg-tau-max] (0.01, 1), per sample (the reference decides for the whole batch on its smallest tau:
+the same with one sigma per batch; see docs/solvers.md for boosting); elsewhere D_w = D. With w = 0 the network's
+output is returned untouched (bit-identical to unguided sampling).
 
 Cost: each guided call adds one discriminator gradient evaluation (a forward and a backward pass through the encoder
 and the head), which NFE does not count; the sampler line states how many per image. Deciding whether a call is in

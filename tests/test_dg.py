@@ -96,6 +96,47 @@ def test_ve_sigma_to_vp_tau_and_alpha_follow_the_formula():
     assert vp.tau(torch.tensor(80.0, dtype=torch.float64)).item() == pytest.approx(0.9335, abs=1e-4)
 
 
+def watch_times(encoder, head):
+    """A list that receives the time tensor of every encoder.features and head call."""
+    seen, features = [], encoder.features
+    encoder.features = lambda x, t, class_labels=None: seen.append(t.clone()) or features(x, t, class_labels)
+    head.register_forward_pre_hook(lambda module, args: seen.append(args[1].clone()))
+    return seen
+
+
+def test_the_64px_classifier_is_fed_the_cosine_schedule_time_of_the_same_noise_level():
+    vp = dgd.VPTime()
+    sigma = torch.tensor([1e-3, 0.0447, 0.1, 1.0, 10.0, 80.0], dtype=torch.float64)
+    tau = vp.tau(sigma)
+    t_cos = vp.cosine_time(tau).numpy()
+    # The reference's compute_t_cos_from_t_lin, written out; and the cosine schedule's alpha_bar at t_cos (Nichol &
+    # Dhariwal, s = 0.008) equals the linear schedule's alpha^2 = 1 / (1 + sigma^2): the same noise level.
+    s_off = 0.008
+    f_0 = np.cos(s_off / (1 + s_off) * np.pi / 2) ** 2
+    t_lin = tau.numpy()
+    sqrt_alpha_bar = np.exp(-0.25 * t_lin ** 2 * (B1 - B0) - 0.5 * t_lin * B0)
+    t_ref = (1 + s_off) * 2 / np.pi * np.arccos(np.sqrt(f_0) * sqrt_alpha_bar) - s_off
+    np.testing.assert_allclose(t_cos, t_ref, rtol=1e-12)
+    alpha_bar_cos = np.cos((t_cos + s_off) / (1 + s_off) * np.pi / 2) ** 2 / f_0
+    np.testing.assert_allclose(alpha_bar_cos, 1 / (1 + sigma.numpy() ** 2), rtol=1e-9)
+    assert t_cos[2] == pytest.approx(0.056, abs=1e-3) and t_cos[4] == pytest.approx(0.936, abs=1e-3)
+
+    # Which times the networks see: cosine for a 64 px ADM encoder (encoder and head alike), linear otherwise.
+    for size, expected in ((64, vp.cosine_time(tau)), (8, tau)):
+        torch.manual_seed(0)
+        encoder = dgn.ADMEncoderUNet(image_size=size, in_channels=3, model_channels=32, out_channels=10,
+                                     num_res_blocks=1, attention_ds=(), channel_mult=(1, 2), head_channels=32).eval()
+        head = tiny_head(size // 2, 64)
+        disc = dgd.Discriminator(encoder, head, "adm", img_resolution=size, img_channels=3)
+        assert disc.cosine_time == (size == 64)
+        seen = watch_times(encoder, head)
+        with torch.no_grad():
+            disc.logit(torch.randn(len(sigma), 3, size, size), sigma)
+        assert len(seen) == 2
+        for t in seen:
+            torch.testing.assert_close(t, expected.float(), rtol=0, atol=0)
+
+
 def test_importance_sampled_times_are_the_references_and_log_uniform_in_sigma():
     vp = dgd.VPTime()
     u = torch.rand(20000, generator=torch.Generator().manual_seed(0), dtype=torch.float64)

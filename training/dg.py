@@ -171,7 +171,7 @@ def check_options(opts: DGTrainingOptions) -> None:
     if not opts.lr > 0 or opts.weight_decay < 0:
         raise ValueError(f"--lr must be > 0 and --weight-decay >= 0, got {opts.lr} and {opts.weight_decay}")
     if not 0 < opts.t_min < 1:
-        raise ValueError(f"--t-min must lie in (0, 1), got {opts.t_min}")
+        raise ValueError(f"t_min (the smallest training time) must lie in (0, 1), got {opts.t_min}")
 
 
 def build_encoder(opts: DGTrainingOptions, device):

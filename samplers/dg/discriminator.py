@@ -9,7 +9,9 @@ sigma^2). Every discriminator here takes the VE x and sigma and maps them itself
 
 Two encoders:
 - 'adm': guided-diffusion's noise-conditional 32x32 classifier (the reference's; `load_adm_classifier`), fed
-  alpha(tau) x at VP time tau; features = its middle block's output (8x8x512 at 32x32).
+  alpha(tau) x at VP time tau; features = its middle block's output (8x8x512 at 32x32). guided-diffusion's 64x64
+  classifier was trained on the cosine schedule: it (and the head on its features) is fed the cosine-schedule time
+  of the same alpha, as the reference does at 64 px (`Discriminator.cosine_time`).
 - 'network': the user's own EDM-format diffusion network (any snapshot), fed x and sigma exactly as it is fed when
   sampling (its own preconditioning); features = the output of its middle blocks (the two lowest-resolution blocks
   EDM's U-Nets list first in their decoder, `{res}x{res}_in1`: the counterpart of ADM's middle block). The network's
@@ -75,6 +77,13 @@ class VPTime:
     def sigma(self, t):
         """The VE level of VP time t: std / alpha = sqrt(exp(int_0^t beta) - 1)."""
         return torch.sqrt(torch.expm1(self.integral(t)))
+
+    def cosine_time(self, t, s: float = 0.008):
+        """The time of the cosine schedule (Nichol & Dhariwal, offset s) with the same mean coefficient alpha(t):
+        alpha_cos(t')^2 = cos^2((t' + s) / (1 + s) pi / 2) / cos^2(s / (1 + s) pi / 2) = alpha(t)^2. guided-diffusion's
+        64x64 classifier was trained on that schedule; the reference feeds it this time (`compute_t_cos_from_t_lin`)."""
+        cos_0 = math.cos(s / (1 + s) * math.pi / 2)
+        return (1 + s) * 2 / math.pi * torch.arccos(cos_0 * self.alpha(t)) - s
 
     def sample_time(self, u, t_min: float = 1e-5):
         """DG's importance-sampled training times (the reference's likelihood-weighting sampler, `get_diffusion_time`)
@@ -173,16 +182,25 @@ class Discriminator(torch.nn.Module):
         scale = self.vp.alpha(tau) if self.encoder_kind == "adm" else torch.ones_like(sigma)
         return (scale.reshape(-1, 1, 1, 1) * x).to(torch.float32), scale, tau
 
+    @property
+    def cosine_time(self) -> bool:
+        """Whether the networks are fed cosine-schedule time: with guided-diffusion's 64x64 classifier as encoder,
+        the one ADM classifier trained on the cosine schedule (the reference converts its time at 64 px when it
+        samples; its train.py feeds linear time at any size, which would train the head on times its sampler never
+        feeds. Here training and sampling share this one rule)."""
+        return self.encoder_kind == "adm" and int(getattr(self.encoder, "image_size", 0)) == 64
+
     def logit_from_input(self, x_in, sigma, tau, class_labels=None):
-        """The logit [N] from the encoder input (see `encoder_input`)."""
+        """The logit [N] from the encoder input (see `encoder_input`; tau is the linear VP time)."""
         sigma = _per_sample(sigma, x_in.shape[0], x_in.device)
+        time = (self.vp.cosine_time(tau) if self.cosine_time else tau).to(torch.float32)
         with torch.set_grad_enabled(torch.is_grad_enabled() and x_in.requires_grad):
             if self.encoder_kind == "adm":
-                features = self.encoder.features(x_in, tau.to(torch.float32))
+                features = self.encoder.features(x_in, time)
             else:
                 features = network_features(self.encoder, x_in, sigma.to(torch.float32), class_labels)
         labels = class_labels if self.conditional else None
-        return self.head(features.to(torch.float32), tau.to(torch.float32), labels).reshape(-1)
+        return self.head(features.to(torch.float32), time, labels).reshape(-1)
 
     def logit(self, x, sigma, class_labels=None):
         x_in, _scale, tau = self.encoder_input(x, sigma)
