@@ -419,6 +419,7 @@ def build_config(opts: dnnlib.EasyDict, world_size: int) -> tuple[dnnlib.EasyDic
                       f'{c.total_kimg / opts.lr_rampup:.2%} of it); for a short run use e.g. '
                       f'--lr-rampup={max(c.total_kimg // 10, 1)}', stacklevel=1)
     c.ema_halflife_kimg = int(opts.ema * 1000)
+    c.ema_rampup_ratio = opts.ema_rampup or None
     c.lr_rampup_kimg = opts.lr_rampup
     c.update(batch_size=opts.batch, batch_gpu=opts.batch_gpu)
     c.update(loss_scaling=opts.ls, cudnn_benchmark=opts.bench)
@@ -532,6 +533,9 @@ def _presets_epilog() -> str:
               show_default=True)
 @click.option('--ema', help='EMA half-life', metavar='MIMG', type=FiniteFloat(min=0), default=0.5,
               show_default=True)
+@click.option('--ema-rampup', 'ema_rampup', help='EMA ramp-up: the half-life is at most this fraction of the images '
+              'seen so far (EDM; 0 = none: the --ema half-life from the first step)', metavar='RATIO',
+              type=FiniteFloat(min=0), default=0.05, show_default=True)
 @click.option('--dropout', help='Dropout probability', metavar='FLOAT', type=FiniteFloat(min=0, max=1),
               default=0.13, show_default=True)
 @click.option('--augment', help='Augment probability', metavar='FLOAT', type=FiniteFloat(min=0, max=1),

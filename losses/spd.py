@@ -17,11 +17,12 @@ says where they came from.
 """
 
 import os
+import warnings
 
 import numpy as np
 import torch
 
-from processes.spd import CIFAR10_SIGMA0, DDPMProcess, SPDProcess, fit_power_law
+from processes.spd import CIFAR10_RESOLUTION, CIFAR10_SIGMA0, DDPMProcess, SPDProcess, fit_power_law
 from samplers.fourier import to_fourier
 
 
@@ -89,16 +90,32 @@ class SPDLoss(FourierEpsLoss):
         """Fit Sigma0 when `fit` is set: 'data' is the training set, anything else a dataset path. Returns the
         options with c1, c2, m fitted, fit cleared and fit_source filled in, and a line to print."""
         fit = options.get('fit') or ''
+        resolution = dataset_kwargs.get('resolution')
         if not fit:
+            published = all(float(options.get(k, v)) == v for k, v in CIFAR10_SIGMA0.items())
+            if published and not options.get('fit_source') and resolution not in (None, CIFAR10_RESOLUTION):
+                # Sigma0 is power per integer frequency under the orthonormal DFT: the same content at N x N pixels
+                # has about (N / 32)^2 times CIFAR-10's.
+                warnings.warn(f"SPD: CIFAR-10's published Sigma0 constants were fitted at {CIFAR10_RESOLUTION}x"
+                              f"{CIFAR10_RESOLUTION}; at {resolution}x{resolution} the same content has about "
+                              f"{(resolution / CIFAR10_RESOLUTION) ** 2:.3g}x that power per frequency: fit Sigma0 to "
+                              f"the training set with --loss-opt fit=data", stacklevel=2)
             return options, []
         path = dataset_kwargs.get('path') if fit == 'data' else fit
         if not path or not os.path.exists(path):
             raise ValueError(f"--loss-opt fit={fit}: no dataset at {path!r} (fit=data fits the training set, "
                              f"fit=PATH another dataset zip or folder)")
         power, num_images, shape = dataset_power_spectrum(path)
+        if resolution is not None and tuple(shape[1:]) != (resolution, resolution):
+            raise ValueError(f"--loss-opt fit={fit}: {path} holds {shape[1]}x{shape[2]} images but training is at "
+                             f"{resolution}x{resolution}; Sigma0 (power per integer frequency) depends on the "
+                             f"resolution: fit to images of the training resolution")
         result = fit_power_law(power)
+        empty = (f", {result['zero_power_radii']} radii without power left out" if result['zero_power_radii']
+                 else "")
         source = (f"fitted to {path}: {num_images} images {shape[0]}x{shape[1]}x{shape[2]} in [-1, 1], radially "
-                  f"averaged E|F x|^2 over the non-DC frequencies, rms log10 residual {result['rms_log10']:.3f}")
+                  f"averaged E|F x|^2 over the non-DC frequencies{empty}, rms log10 residual "
+                  f"{result['rms_log10']:.3f}")
         resolved = dict(options, c1=result['c1'], c2=result['c2'], m=result['m'], fit='', fit_source=source)
         note = (f"SPD Sigma0 = c1 / |c2 + |k||^m {source}: c1={result['c1']:.6g}, c2={result['c2']:.6g}, "
                 f"m={result['m']:.6g} (CIFAR-10's published constants: 1.59, 0.0086, 2.0)")

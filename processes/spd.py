@@ -40,6 +40,7 @@ import torch
 from samplers.fourier import FourierSampling, to_fourier, to_pixels
 
 CIFAR10_SIGMA0 = dict(c1=1.59, c2=0.0086, m=2.0)  # configs/cifar10_fourier.yml of the reference
+CIFAR10_RESOLUTION = 32  # the image size those constants were fitted at
 
 
 def radial_frequency(height: int, width: int, device=None) -> torch.Tensor:
@@ -87,15 +88,18 @@ def fit_power_law(power: torch.Tensor) -> dict:
     [H, W] (radially averaged, each radius weighted by its number of frequencies): for a given c2 the fit is linear in
     (log c1, m); c2 is found by a bounded scalar search over log c2 in [1e-6, 1] (c2 keeps the law finite at the DC;
     beyond the lowest non-zero frequency it would bend the law where it is observed). Returns c1, c2, m and the
-    weighted rms residual in log10 units. The DC is left out: it carries the images' mean brightness, not the power
-    law."""
+    weighted rms residual in log10 units, and how many non-DC radii had no power (`zero_power_radii`: left out; a
+    log cannot fit them, e.g. the frequencies a nearest-neighbour upsampling leaves empty). The DC is left out: it
+    carries the images' mean brightness, not the power law."""
     from scipy.optimize import minimize_scalar
 
     radii, mean_power, counts = radial_average(power)
-    keep = radii > 0
+    non_dc = radii > 0
+    keep = non_dc & (mean_power > 0)
     radii, log_power, weights = radii[keep], np.log(mean_power[keep]), counts[keep].astype(np.float64)
     if len(radii) < 3 or not np.all(np.isfinite(log_power)):
-        raise ValueError('fitting Sigma0 needs at least 3 distinct non-zero frequencies with positive power')
+        raise ValueError(f'fitting Sigma0 needs at least 3 distinct non-zero frequencies with positive power; the '
+                         f'images have {len(radii)} of {int(non_dc.sum())}')
 
     def solve(c2):
         design = np.stack([np.ones_like(radii), -np.log(c2 + radii)], axis=1)
@@ -108,7 +112,8 @@ def fit_power_law(power: torch.Tensor) -> dict:
                              options=dict(xatol=1e-10))
     c2 = math.exp(result.x)
     (log_c1, m), mse = solve(c2)
-    return dict(c1=float(math.exp(log_c1)), c2=float(c2), m=float(m), rms_log10=math.sqrt(mse) / math.log(10))
+    return dict(c1=float(math.exp(log_c1)), c2=float(c2), m=float(m), rms_log10=math.sqrt(mse) / math.log(10),
+                zero_power_radii=int(non_dc.sum() - keep.sum()))
 
 
 class FourierVPProcess:

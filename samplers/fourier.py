@@ -74,8 +74,11 @@ def time_steps(schedule, num_steps: int | None, spacing: str = 'uniform', height
                device=None) -> torch.Tensor:
     """The integer times a sampler visits, decreasing from T-1 to 0 (int64). None or N >= T: all T steps.
 
-    uniform:    guided-diffusion's space_timesteps, round(i (T-1) / (N-1)).
-    quadratic:  round((T-1) (i / (N-1))^2), more levels near the data (DDIM's quadratic skip).
+    uniform:    guided-diffusion's space_timesteps (one section): round(c_i), c_0 = 0, c_{i+1} = c_i + (T-1) / (N-1)
+                summed in floats step by step as there, so that its half-way ties round as they do (i (T-1) / (N-1)
+                rounded directly differs from it by one step at a few levels of some grids).
+    quadratic:  round((T-1) (i / (N-1))^2), more levels near the data (the shape of DDIM's quadratic skip, which
+                stops at 0.8 T; this one spans the whole path).
     logsnr:     uniform in the frequency-averaged log SNR (`mean_log_snr`), the analogue of a log-sigma grid: every
                 frequency's log sigma_k(t) is that curve plus a constant at both ends of the path.
     """
@@ -86,7 +89,10 @@ def time_steps(schedule, num_steps: int | None, spacing: str = 'uniform', height
         raise ValueError(f'--steps must be at least 2 (from t = T-1 to t = 0), got {num_steps}')
     fraction = np.linspace(0, 1, num_steps)
     if spacing == 'uniform':
-        grid = fraction * (T - 1)
+        stride, position, grid = (T - 1) / (num_steps - 1), 0.0, []
+        for _ in range(num_steps):  # N <= T additions, once per sampling run
+            grid.append(position)
+            position += stride
     elif spacing == 'quadratic':
         grid = fraction ** 2 * (T - 1)
     elif spacing == 'logsnr':
@@ -114,7 +120,8 @@ def _alpha_bars(schedule, steps: torch.Tensor, height: int, width: int) -> list:
 
 def _denoise(u, e, abar, clip_x0: bool):
     """(x0 estimate, eps estimate) in Fourier from u_t and F eps_hat; clip_x0: clip x0 to [-1, 1] in pixels and
-    recompute eps from it (guided-diffusion's clip_denoised, which has an effect only for a scalar abar)."""
+    recompute eps from it (guided-diffusion's clip_denoised; in the reference's SPD sampler it had no effect, here it
+    clips SPD's x0 in pixels too)."""
     x0 = (u - (1 - abar).sqrt() * e) / abar.sqrt()
     if clip_x0:
         x0 = to_fourier(to_pixels(x0).clamp(-1, 1))

@@ -12,6 +12,7 @@ from click.testing import CliRunner
 from train_worker import random_images, write_zip_dataset
 
 import train
+from training import training_loop as tl
 from training.presets import (
     PRESET_SOURCES,
     SAMPLER_PRESET_SOURCES,
@@ -117,10 +118,14 @@ def test_spd_presets_equal_losses_md(tmp_path):
         assert preset['xflip'] is True and preset['precision'] == 'fp32' and preset['augment'] == 0
         # EMA 0.9999 per optimizer step as EDM's half-life in Mimg: 0.5 = 0.9999 ** (half-life / batch)
         assert preset['ema'] == pytest.approx(1024 * math.log(0.5) / math.log(0.9999) / 1e6, abs=5e-5)
+        assert preset['ema_rampup'] == 0  # the reference's 0.9999 from the first step, not EDM's ramp
     options, _ = _dry_run_options(tmp_path, '--preset', 'spd-cifar10', '--batch', '8')
     assert options['optimizer_kwargs']['lr'] == 1e-4 and options['network_kwargs']['dropout'] == 0.3
     # EDM's train.py truncates the half-life to whole kimg (int(ema * 1000)): 7097 of the exact 7097.47
     assert options['ema_halflife_kimg'] == 7097 and options['lr_rampup_kimg'] == 0
+    assert options['ema_rampup_ratio'] is None
+    beta = tl.ema_beta(1024, 1024, options['ema_halflife_kimg'], options['ema_rampup_ratio'])  # the first step
+    assert beta == pytest.approx(0.9999, abs=1e-8)  # 7097 kimg instead of 7097.47: 6.7e-9 off
     assert options['loss_kwargs']['class_name'].endswith('SPDLoss') and options['batch_size'] == 8
 
 

@@ -271,6 +271,23 @@ def test_time_steps():
     assert time_steps(SPDProcess(T=10), 9, 'quadratic').tolist() == [9, 7, 6, 5, 4, 3, 2, 1, 0]  # no repeats
 
 
+def test_uniform_time_steps_are_guided_diffusions_space_timesteps():
+    def space_timesteps(T, N):  # guided-diffusion's respace.py with one section, written out
+        stride, position, taken = (T - 1) / (N - 1), 0.0, []
+        for _ in range(N):
+            taken.append(round(position))
+            position += stride
+        return sorted(set(taken), reverse=True)
+
+    for T in (10, 100, 1000):
+        process = SPDProcess(T=T, **CIFAR)
+        for N in range(2, T):
+            assert time_steps(process, N).tolist() == space_timesteps(T, N), (T, N)
+    # A half-way tie that the stride summed step by step rounds down: 7 x 99 / 14 = 49.5 exactly, but the sum is
+    # 49.4999...; round(i (T-1) / (N-1)) would take 50.
+    assert 49 in time_steps(SPDProcess(T=100, **CIFAR), 15).tolist()
+
+
 # ---------------------------------------------------------------------------------------------------------------------
 # Fitting Sigma0.
 
@@ -301,6 +318,40 @@ def test_fit_option_is_settled_once_before_training(tmp_path):
         SPDLoss(fit='data')
     edm, notes = losses.prepare_loss_kwargs(losses.loss_kwargs('edm'), dict(path=data))
     assert edm == losses.loss_kwargs('edm') and notes == []
+
+
+def test_fit_skips_empty_radii_and_refuses_another_resolution(tmp_path):
+    # Nearest-neighbour 2x upsampling leaves the frequencies at 8 cycles (the box filter's zero) without power:
+    # those radii are left out and counted, and the fit stands on the others.
+    rnd = np.random.RandomState(1)
+    small = np.clip(128 + 40 * rnd.randn(200, 8, 8).cumsum(axis=2) / 3, 0, 255).astype(np.uint8)
+    upsampled = small.repeat(2, axis=1).repeat(2, axis=2)
+    power = mean_power_spectrum(torch.as_tensor(upsampled[:, None] / 127.5 - 1))
+    radii, mean_power, _counts = radial_average(power)
+    empty = int(((radii > 0) & (mean_power < 1e-20)).sum())
+    assert empty >= 1
+    fitted = fit_power_law(torch.where(power < 1e-20, torch.zeros_like(power), power))
+    assert fitted['zero_power_radii'] == empty and math.isfinite(fitted['c1']) and fitted['c1'] > 0
+    with pytest.raises(ValueError, match='at least 3 distinct non-zero frequencies.*have 0 of'):
+        fit_power_law(torch.zeros(8, 8))
+
+    data = write_zip_dataset(str(tmp_path / 'data8.zip'), small)
+    kwargs = losses.loss_kwargs('spd', dict(fit=data))
+    with pytest.raises(ValueError, match=r'holds 8x8 images but training is at 16x16'):
+        losses.prepare_loss_kwargs(kwargs, dict(path='train16.zip', resolution=16))
+    resolved, _ = losses.prepare_loss_kwargs(kwargs, dict(path='train8.zip', resolution=8))
+    assert resolved.fit_source.startswith(f'fitted to {data}: 200 images 1x8x8')
+
+
+def test_published_sigma0_at_another_resolution_warns():
+    defaults = losses.loss_kwargs('spd')
+    with pytest.warns(UserWarning, match=r'fitted at 32x32; at 64x64 .* about 4x that power'):
+        losses.prepare_loss_kwargs(defaults, dict(path='data.zip', resolution=64))
+    import warnings
+    with warnings.catch_warnings():
+        warnings.simplefilter('error')
+        losses.prepare_loss_kwargs(defaults, dict(path='data.zip', resolution=32))  # CIFAR-10's own size
+        losses.prepare_loss_kwargs(losses.loss_kwargs('spd', dict(c1=3.0)), dict(path='data.zip', resolution=64))
 
 
 # ---------------------------------------------------------------------------------------------------------------------

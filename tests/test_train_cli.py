@@ -57,6 +57,7 @@ def test_train_end_to_end_and_resume(datasets, tmp_path):
     assert options['loss_kwargs'] == {'class_name': 'losses.denoising.EDMLoss'}
     assert options['optimizer_kwargs'] == dict(class_name='torch.optim.Adam', lr=0.001, betas=[0.9, 0.999], eps=1e-8)
     assert (options['ema_halflife_kimg'], options['lr_rampup_kimg'], options['kimg_per_tick']) == (500, 10000, 1)
+    assert options['ema_rampup_ratio'] == 0.05  # EDM's ramp by default (--ema-rampup)
 
     log = open(run_dir / 'log.txt').read()
     assert 'tick 0 ' in log and 'tick 1 ' in log and 'Exiting...' in log

@@ -85,11 +85,12 @@ AOT_PRESETS = {
 }
 
 # SPD (Das, Fotiadis et al. 2023, mtkresearch/shortest-path-diffusion configs/cifar10_fourier.yml and README): guided-
-# diffusion's CIFAR-10 UNet, AdamW lr 1e-4 without decay or ramp, EMA 0.9999 per step (at batch 1024 a half-life of
-# 1024 ln 0.5 / ln 0.9999 images = 7.0975 Mimg), dropout 0.3, random flips, fp32, T = 4000; its DDPM control is the
-# same with the linear-beta process. The training length is not published: EDM's 200 Mimg default stays.
-_SPD_CIFAR = dict(_CIFAR, cond=False, arch='adm-cifar', batch=1024, lr=1e-4, lr_rampup=0, ema=7.0975, dropout=0.3,
-                  augment=0, xflip=True, precision='fp32')
+# diffusion's CIFAR-10 UNet, AdamW lr 1e-4 without decay or ramp, EMA 0.9999 per step from the first step (at batch
+# 1024 a half-life of 1024 ln 0.5 / ln 0.9999 images = 7.0975 Mimg, no ramp-up), dropout 0.3, random flips, fp32,
+# T = 4000; its DDPM control is the same with the linear-beta process. The training length is not published: EDM's
+# 200 Mimg default stays.
+_SPD_CIFAR = dict(_CIFAR, cond=False, arch='adm-cifar', batch=1024, lr=1e-4, lr_rampup=0, ema=7.0975, ema_rampup=0,
+                  dropout=0.3, augment=0, xflip=True, precision='fp32')
 SPD_PRESETS = {
     'spd-cifar10': dict(_SPD_CIFAR, loss='spd'),
     'ddpm-cifar10': dict(_SPD_CIFAR, loss='ddpm'),
