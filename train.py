@@ -381,6 +381,16 @@ def build_config(opts: dnnlib.EasyDict, world_size: int) -> tuple[dnnlib.EasyDic
         c.augment_kwargs.update(xflip=1e8, yflip=1, scale=1, rotate_frac=1, aniso=1, translate_frac=1)
         if opts.init is None:  # --init keeps the pickle's augment_dim (its architecture)
             c.network_kwargs.augment_dim = 9
+        elif not c.network_kwargs.get('augment_dim'):
+            warnings.warn(f'--init: {opts.init} has no augmentation input (augment_dim=0): --augment={opts.augment:g} '
+                          f'augments the images, but the network cannot be told how (EDM\'s augmentation labels '
+                          f'are dropped)', stacklevel=1)
+    elif opts.init is not None and c.network_kwargs.get('augment_dim'):
+        # EDM's released networks take augmentation labels (augment_dim=9). Without augmentation nothing feeds that
+        # layer: its weight would get no gradient, which DDP refuses on more than one GPU ("parameters that were not
+        # used in producing loss"). EDM builds such a network without it (augment_dim=0, as GDD's reference does);
+        # the other weights load by name, and without labels the outputs are the same.
+        c.network_kwargs.augment_dim = 0
     c.network_kwargs.update(dropout=opts.dropout, use_fp16=opts.fp16)
 
     # Batch accounting, checked here so the error names the options.
@@ -454,6 +464,9 @@ def build_config(opts: dnnlib.EasyDict, world_size: int) -> tuple[dnnlib.EasyDic
             c.resume_nimg = int(state['cur_nimg'])  # popped by main(): is there anything left to train?
             if opts.seed is None:
                 c.seed = int(state['seed'])
+            saved_network = json.loads(state.get('options') or '{}').get('network_kwargs') or {}
+            if opts.init is not None and 'augment_dim' in saved_network:  # its weights are what the state holds
+                c.network_kwargs.augment_dim = saved_network['augment_dim']
             saved_widths = sorted(float(w) for w in state.get('phema', {}))
             if opts.phema and saved_widths != sorted(opts.phema):
                 raise click.BadParameter(f'{opts.resume} keeps post-hoc EMAs of widths {saved_widths or "none"}; '

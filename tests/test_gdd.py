@@ -3,8 +3,10 @@ computations, the phases' gradients, R1's schedule and gain, the GDD-I freeze ru
 one-step sampling through generate.py and fid.py, GDD-format pickles imported without running their code, and an
 exact resume of a GDD run."""
 
+import copy
 import glob
 import inspect
+import io
 import json
 import os
 import subprocess
@@ -307,6 +309,74 @@ def test_projected_discriminator_with_a_stand_in_backbone(tiny_backbone, tmp_pat
     x.requires_grad_(True)
     grad, = torch.autograd.grad(sum(l.sum() for l in D(x, labels)), x)
     assert grad.abs().sum() > 0
+
+    # A size that is not a power of two: the reference's levels (48 // 4, // 8, // 16, // 32) x 2 = 24, 12, 6, 2 end
+    # at 2 x 2 (2 x 48 // 32 = 3 would have no entry in the channel table).
+    D48 = discriminators.ProjectedDiscriminator(48, 3, backbones=['tiny'], weights={'tiny': tiny_backbone['path']},
+                                                interp224=False, cout=4, verbose=False)
+    (logits,) = D48(torch.rand(2, 3, 48, 48) * 2 - 1)
+    assert logits.shape[0] == 2 and torch.isfinite(logits).all()
+    assert [len(head.main) // 3 for head in D48.heads['tiny'].values()] == [3, 2, 1, 0]
+
+
+def _dill_style_pickle(obj, type_name='set'):
+    """pickle.dumps of the module `obj['embed']` with its set of non-persistent buffer names written as dill writes a
+    set: its type by name through dill._dill._load_type (GDD's in_embeddings/tf_efficientnet_lite0.pkl does so),
+    without needing dill."""
+    import pickle
+    import types
+    fake = types.ModuleType('dill._dill')
+
+    def _load_type(name):
+        raise AssertionError('never called while pickling')
+    _load_type.__module__, _load_type.__qualname__ = 'dill._dill', '_load_type'
+    fake._load_type = _load_type
+
+    class TypeByName:  # pickled as _load_type(type_name); a callable, as a reduce function must be
+        def __reduce__(self):
+            return _load_type, (type_name,)
+
+        def __call__(self, *args):
+            raise AssertionError('never called while pickling')
+
+    class DillSet(set):  # reducer_override sees no exact set
+        pass
+
+    class Pickler(pickle.Pickler):
+        def reducer_override(self, value):
+            return (TypeByName(), (sorted(value),)) if type(value) is DillSet else NotImplemented
+
+    obj = dict(obj, embed=copy.deepcopy(obj['embed']))
+    obj['embed'].__dict__['_non_persistent_buffers_set'] = DillSet(obj['embed']._non_persistent_buffers_set)
+
+    saved = {name: sys.modules.get(name) for name in ('dill', 'dill._dill')}
+    sys.modules['dill'], sys.modules['dill._dill'] = types.ModuleType('dill'), fake
+    try:
+        buffer = io.BytesIO()
+        Pickler(buffer, protocol=4).dump(obj)
+    finally:
+        for name, module in saved.items():
+            if module is None:
+                sys.modules.pop(name)
+            else:
+                sys.modules[name] = module
+    return buffer.getvalue()
+
+
+def test_class_embedding_pickled_with_dill_is_read_safely(tmp_path):
+    """GDD's class embedding file is a dill pickle of {'embed': nn.Embedding(1000, 320)} naming `set` through
+    dill._dill._load_type: read without dill and without running code; other dill types stay refused."""
+    torch.manual_seed(0)
+    embed = torch.nn.Embedding(1000, 320)
+    data = _dill_style_pickle({'embed': embed})
+    assert b'dill._dill' in data and b'_load_type' in data
+    path = tmp_path / 'embedding.pkl'
+    path.write_bytes(data)
+    weight = discriminators._read_class_embedding(str(path))
+    assert torch.equal(weight, embed.weight.detach())
+    path.write_bytes(_dill_style_pickle({'embed': embed}, type_name='CodeType'))
+    with pytest.raises(Exception, match="refusing dill's type 'CodeType'"):
+        discriminators._read_class_embedding(str(path))
 
 
 def test_mini_discriminator_matches_the_reference_layout():
@@ -678,9 +748,10 @@ def test_init_takes_the_pickles_network_and_the_losss_preconditioning(edm_releas
     options = _printed_options(result.output)
     expected = {k: v for k, v in edm_release['net'].init_kwargs.items() if k not in ('img_resolution', 'img_channels',
                                                                                       'label_dim')}
-    expected.update(class_name='training.preconditioning.GDDPrecond', dropout=0, use_fp16=False)  # GDD's default
+    # GDD's default wrapper; no augmentation input without augmentation (EDM's rule; see the test below)
+    expected.update(class_name='training.preconditioning.GDDPrecond', dropout=0, use_fp16=False, augment_dim=0)
     assert options['network_kwargs'] == expected and options['resume_pkl'] == edm_release['path']
-    assert 'ema_rampup_ratio' not in options  # the EMA ramp stays (the loop's 5%; --transfer turns it off)
+    assert options['ema_rampup_ratio'] == 0.05  # the EMA ramp stays (EDM's 5%; --transfer turns it off)
     assert options['run_dir'].endswith('-tiny-uncond-ddpmpp-gdd-gpus1-batch512-fp32')
     assert options['loss_kwargs'] == {'class_name': 'losses.gdd.GDDLoss'}
 
@@ -696,6 +767,30 @@ def test_init_takes_the_pickles_network_and_the_losss_preconditioning(edm_releas
                      edm_release['path'], '-n', '--device', 'cpu'])
     assert result.exit_code != 0 and 'label_dim=0, but the dataset (--data, --cond) needs 2' in result.output
     assert not edm_release['marker'].exists()
+
+
+def test_init_without_augmentation_leaves_no_parameter_without_a_gradient(edm_release, tmp_path):
+    """EDM's released networks have an augmentation input (augment_dim=9). Without augmentation nothing feeds it: its
+    weight would get no gradient, and DDP on more than one GPU stops at the second step ("parameters that were not
+    used in producing loss"). train.py --init drops it then (EDM's rule), the outputs stay the pickle's."""
+    import dnnlib
+    from torch_utils import misc
+    release = edm_release['net']
+    x = torch.randn(3, 1, 8, 8, generator=torch.Generator().manual_seed(5))
+    sigma = torch.tensor([0.5, 2.0, 80.0])
+    for loss, augment, augment_dim in (('gdd', 0, 0), ('edm', 0, 0), ('gdd', 0.1, 9)):
+        result = _train(['--loss', loss, '--precond', 'edm', '--outdir', tmp_path, '--data', edm_release['data'],
+                         '--init', edm_release['path'], '--augment', augment, '--device', 'cpu', '-n'])
+        assert result.exit_code == 0, result.output
+        kwargs = _printed_options(result.output)['network_kwargs']
+        assert kwargs['augment_dim'] == augment_dim
+        net = dnnlib.util.construct_class_by_name(**kwargs, img_resolution=8, img_channels=1, label_dim=0).eval()
+        misc.copy_params_and_buffers(release, net, require_all=False)
+        torch.testing.assert_close(net(x, sigma), release(x, sigma), rtol=0, atol=0)
+        net.train().requires_grad_(True)
+        net(x, sigma).square().sum().backward()
+        without = [name for name, p in net.named_parameters() if p.grad is None]
+        assert without == ([] if augment_dim == 0 else ['model.map_augment.weight']), without
 
 
 @pytest.mark.slow

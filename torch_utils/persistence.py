@@ -451,6 +451,19 @@ def _safe_frombuffer(buf, dtype, shape, order):
     return _numpy_frombuffer()(buf, dtype, shape, order)
 
 
+_PLAIN_TYPES = ("set", "frozenset", "slice", "complex", "bytearray", "bytes", "object", "dict", "list", "tuple", "int",
+                "float", "str", "bool", "range")
+
+
+def _safe_dill_load_type(name):
+    """dill's reference to a builtin type by its name (`dill._dill._load_type`: files pickled with dill, e.g. GDD's
+    class embedding, name `set` so), for the plain types allowed above only; dill can name code and function types
+    too."""
+    if name not in _PLAIN_TYPES:
+        raise pickle.UnpicklingError(f"refusing dill's type {name!r}: only plain container and number types")
+    return getattr(__import__("builtins"), name)
+
+
 def _numpy_multiarray():
     try:
         return importlib.import_module("numpy._core.multiarray")  # numpy >= 2 (and the 1.26 alias).
@@ -486,9 +499,10 @@ def _build_safe_globals() -> dict:
     for name in _HOOKS_ARG:
         if hasattr(torch._utils, name):
             table[("torch._utils", name)] = _no_hooks(getattr(torch._utils, name))
-    for name in ("set", "frozenset", "slice", "complex", "bytearray", "bytes", "object", "dict", "list", "tuple",
-                 "int", "float", "str", "bool", "range"):
+    for name in _PLAIN_TYPES:
         table[("builtins", name)] = getattr(__import__("builtins"), name)
+    for module_name in ("dill._dill", "dill.dill"):  # dill >= 0.3, and before
+        table[(module_name, "_load_type")] = _safe_dill_load_type
     for module_name in ("numpy.core.multiarray", "numpy._core.multiarray"):
         table[(module_name, "_reconstruct")] = multiarray._reconstruct
         table[(module_name, "scalar")] = multiarray.scalar

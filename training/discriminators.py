@@ -417,7 +417,8 @@ class ProjectedDiscriminator(nn.Module):
             raise ValueError(f'weights given for {sorted(extra)}, which are not among the backbones {backbones}')
         resize_224 = interp224 and img_resolution < 224
         nominal = 256 if resize_224 else img_resolution
-        resolutions = [2 * nominal // 2 ** k for k in (2, 3, 4, 5)][:num_discs]
+        # Projected GAN's levels at 1/4 .. 1/32 of the input, floored, then doubled by the cross-scale mixing.
+        resolutions = [(nominal // 2 ** k) * 2 for k in (2, 3, 4, 5)][:num_discs]
         end_res = 8 if resolutions[-1] >= 8 else resolutions[-1]
         embedding = None
         if label_dim:
