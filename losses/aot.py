@@ -9,7 +9,9 @@ preconditioning unchanged). Both marginals are kept (the noises are a permutatio
 used once), so the stock sampler stays valid; the paper samples with a large rho (Heun, rho 90 / 14 steps uncond,
 rho 72 / 15 steps cond).
 
-`AOTLoss` wraps any loss that reads `batch.noise` (EDM, VP, VE and STF). Its batch source (`PoolSource`) reads N
+`AOTLoss` wraps any loss that reads `batch.noise` (EDM, VP, VE and STF). Under STF it runs, but STF's target is the
+posterior mean for noise independent of the image: it replaces AOT's paired target, so the network learns STF's
+denoiser at AOT's inputs (`check_data` warns). Its batch source (`PoolSource`) reads N
 consecutive images of the rank's data stream, calls `prepare_pool` once under a torch RNG seeded by (seed, rank,
 pool index), so that a resume in the middle of a pool rebuilds the same pool, and hands out the rows in order.
 
@@ -197,7 +199,12 @@ class PoolSource:
         return pool
 
     def next_rounds(self):
-        if self.pool is None or self.offset == self.pool_size:
+        step = self.data.batch_gpu_total
+        # A pool is consumed in whole steps. Only a resume with another per-rank batch can leave fewer rows than a
+        # step at its end (the resumed position is not a multiple of the new step): those rows are passed over.
+        while self.pool is None or self.offset + step > self.pool_size:
+            if self.pool is not None:
+                self.consumed += self.pool_size - self.offset
             self.pool = self._load_pool()
             self.offset, self.skip = self.skip, 0
         batch_gpu = self.data.batch_gpu
@@ -245,6 +252,16 @@ class AOTLoss(LossWrapper):
         if self.pool_size > dataset_size:
             warnings = [*warnings, f'--aot: a pool of {self.pool_size} images per GPU is larger than the dataset '
                                    f'({dataset_size} images), so it pairs repeated images']
+        wrapped = []
+        loss = self.base
+        while loss is not None:
+            wrapped.append(loss)
+            loss = getattr(loss, 'base', None)
+        if any(getattr(loss, 'target_assumes_independent_noise', False) for loss in wrapped):
+            warnings = [*warnings, '--aot: the wrapped loss\'s target (STF\'s) is the posterior mean for noise drawn '
+                                   'independently of the image, so it replaces the paired target: the network learns '
+                                   'the unpaired denoiser at AOT\'s inputs, not AOT\'s (1-D toy at sigma = 3: paired '
+                                   'E[y | x] = 1.00, STF under AOT 0.16, unpaired 0.16)']
         return warnings
 
     @torch.no_grad()

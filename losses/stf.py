@@ -11,7 +11,10 @@ independent draws of the data, E[T | x] = E[y | x] = D*(x) for any R (T is a Rao
 minimiser is unchanged while the target variance drops, most at large sigma (down to tr Cov(data) / R).
 
 `STFLoss` wraps a denoising loss (EDM, VP or VE; anything with the `DenoisingLoss` hooks) and keeps its sigma
-sampler, weight, augmentation and noise (so AOT's paired noise composes). Its batch source (`ReferenceSource`)
+sampler, weight, augmentation and noise (AOT's paired noise runs under it, but the weights above are the posterior for
+noise drawn independently of the image, so under AOT's pairing T estimates the unpaired posterior mean, not AOT's
+paired one: the network learns STF's denoiser at AOT's inputs; AOTLoss.check_data says so). Its batch source
+(`ReferenceSource`)
 adds R raw images per rank and iteration from an independent shuffled stream over the training set to every
 round; the loss augments the R - b it uses like training images and prepends the micro-batch's own augmented rows.
 
@@ -117,6 +120,10 @@ class STFLoss(LossWrapper):
         `--rbatch`; its published results use 1024). Must be >= the micro-batch b.
     mask_classes: restrict references to the sample's class in conditional training (False: Newbeeer/stf).
     """
+
+    # Its target is the posterior mean for noise independent of the image (a wrapper that pairs noise with images
+    # reads this: AOTLoss.check_data).
+    target_assumes_independent_noise = True
 
     def __init__(self, base_kwargs=None, num_refs=1024, mask_classes=True):
         super().__init__(base_kwargs)

@@ -202,6 +202,65 @@ def test_exact_resume_inside_a_pool(labelled_zip, tmp_path, plugins):
     assert state.get('reference_position', 0) == (5 * 12 if plugins == 'aot+stf' else 0)
 
 
+def test_resume_with_another_per_rank_batch_keeps_whole_steps(monkeypatch):
+    """A resume with another --batch (allowed, inexact) can land inside a pool at a position that is not a multiple
+    of the new step: the pool is then consumed in whole steps and the rows short of a step are passed over (before:
+    rounds of 8, 4, 0, 0, ... rows, then a crash on the empty batch)."""
+    from training.batch_sources import DataContext, StreamSource
+    monkeypatch.setattr('losses.aot.BACKGROUND_ASSIGNMENT', False)
+
+    class Numbered(torch.utils.data.Dataset):  # image i holds the value i
+        def __len__(self):
+            return 64
+
+        def __getitem__(self, i):
+            return np.full([1, 2, 2], i, dtype=np.uint8), np.zeros([0], dtype=np.float32)
+
+    def source(batch_gpu, resume):
+        data = DataContext(dataset=Numbered(), rank=0, world_size=1, seed=0, batch_gpu=batch_gpu, num_rounds=1,
+                           device=torch.device('cpu'), loader_kwargs=dict(num_workers=0), resume=resume)
+        return AOTLoss(pool_size=16).batch_source(data, StreamSource(data))
+
+    first = source(4, {})
+    first.next_rounds()
+    saved = first.state_dict()
+    assert saved['data_position'] == 4
+    for position in (4, 12, 14):  # resumed positions inside the first pool
+        resumed = source(8, {**saved, 'data_position': position})
+        sizes, positions = [], []
+        for _ in range(4):
+            (batch,) = resumed.next_rounds()
+            sizes.append(batch.images.shape[0])
+            positions.append(resumed.state_dict()['data_position'])
+        assert sizes == [8] * 4
+        # From 4: rows 4..11, then the 4 rows left are short of a step and the next pools follow; from 12 and 14
+        # the first pool has less than a step left.
+        assert positions == {4: [12, 24, 32, 40], 12: [24, 32, 40, 48], 14: [24, 32, 40, 48]}[position]
+
+
+def test_aot_over_stf_warns_that_stfs_target_undoes_the_pairing():
+    """STF's weights are the posterior for noise independent of the image: under AOT's pairing its target is the
+    unpaired posterior mean (a 1-D toy: y = +-1, sigma = 3, pools of 512 paired by |y - z|, 1024 references: AOT's
+    E[y | x] is 1.00 at x ~ 1.5, STF's target under the same pairs 0.16, the unpaired tanh(x / sigma^2) 0.16)."""
+    from scipy.optimize import linear_sum_assignment
+    rng = np.random.default_rng(0)
+    y, z = rng.choice([-1.0, 1.0], 512), rng.standard_normal(512)
+    rows, cols = linear_sum_assignment(np.abs(y[:, None] - z[None, :]))
+    x = y + 3 * z[cols[np.argsort(rows)]]
+    refs = np.concatenate([y[:, None], rng.choice([-1.0, 1.0], (512, 1023))], axis=1)  # own image first, as STF
+    logw = -(x[:, None] - refs) ** 2 / 18
+    w = np.exp(logw - logw.max(axis=1, keepdims=True))
+    target = (w * refs).sum(axis=1) / w.sum(axis=1)
+    near = (x > 0.5) & (x < 2.5)
+    assert y[near].mean() == 1.0  # AOT's pairs: positive x comes from y = +1 only
+    assert abs(target[near].mean() - np.tanh(x[near] / 9).mean()) < 0.03 < 0.5 < 1 - target[near].mean()
+
+    layout = dict(batch_gpu_total=8, batch_gpu=8, dataset_size=100)
+    assert AOTLoss(base_kwargs=EDM, pool_size=16).check_data(**layout) == []
+    (message,) = AOTLoss(base_kwargs=stf_loss_kwargs(EDM, num_refs=12), pool_size=16).check_data(**layout)
+    assert message.startswith('--aot: ') and 'replaces the paired target' in message
+
+
 def test_train_cli_with_aot_and_with_aot_plus_stf(labelled_zip, tmp_path):
     outdir = tmp_path / 'runs'
     common = ['--outdir', outdir, '--data', labelled_zip, '--cond', 1, '--loss', 'edm', '--batch', 32, '--duration',
