@@ -1,4 +1,4 @@
-"""Compute FID (as EDM's fid.py), Inception Score and precision/recall; build reference statistics.
+"""Compute FID (as EDM's fid.py), Inception Score, precision/recall and KID; build reference statistics.
 
 A thin CLI over `metrics`: parsing and error reporting only.
 """
@@ -122,8 +122,8 @@ def common_options(func):
 @click.option("--images", "image_path", help="Images to evaluate (folder or ZIP)", metavar="PATH|ZIP", type=str)
 @click.option("--network", "network_pkl", help="Network pickle to sample in memory instead", metavar="PKL|URL",
               type=str)
-@click.option("--ref", "ref_path", help="Reference statistics (EDM .npz; needed for fid, pr)", metavar="NPZ|URL",
-              type=str)
+@click.option("--ref", "ref_path", help="Reference statistics (EDM .npz; needed for fid, pr, kid)",
+              metavar="NPZ|URL", type=str)
 @click.option("--num-images", "--num", "num_expected", help="Number of images (--images: random subset if more, error "
               "if fewer; --network without --seeds: seeds 0..num-1); --num is an alias, which torchrun's own parser "
               "would take for its --numa-binding  [default: 50000]", metavar="INT", type=click.IntRange(min=2),
@@ -147,8 +147,8 @@ def calc(image_path, network_pkl, ref_path, num_expected, seed, seeds, out_path,
     detector_paths = _detector_overrides(detector_values)
     if (image_path is None) == (network_pkl is None):
         raise click.UsageError("give exactly one of --images and --network")
-    if ref_path is None and ("fid" in metric_names or "pr" in metric_names):
-        raise click.UsageError("--ref is required for fid and pr")
+    if ref_path is None and any(name in metric_names for name in ("fid", "pr", "kid")):
+        raise click.UsageError("--ref is required for fid, pr and kid")
     ctx = click.get_current_context()
     given = [param.opts[0] for param in ctx.command.params if param.name in ["seeds", "preset", *sampler_cli]
              and ctx.get_parameter_source(param.name) == ParameterSource.COMMANDLINE]
@@ -185,7 +185,8 @@ def calc(image_path, network_pkl, ref_path, num_expected, seed, seeds, out_path,
 @main.command()
 @click.option("--data", "dataset_path", help="Path to the dataset", metavar="PATH|ZIP", type=str, required=True)
 @click.option("--dest", "dest_path", help="Destination .npz file", metavar="NPZ", type=str, required=True)
-@click.option("--max-real", "pr_max_real", help="pr, kid: features of at most this many images (file order)",
+@click.option("--max-real", "pr_max_real", help="pr, kid: features of at most this many images (pr: the first in file "
+              "order, as StyleGAN2-ADA; kid: a seeded uniform subset)",
               metavar="INT", type=click.IntRange(min=1), default=200000, show_default=True)
 @common_options
 def ref(dataset_path, dest_path, pr_max_real, metric_list, batch_size, num_workers, detector_values, device):

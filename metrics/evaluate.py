@@ -3,7 +3,7 @@
 Metrics (names as in `--metrics`):
   fid  Fréchet Inception Distance against reference `mu`/`sigma` (EDM's fid.py, float64 sums, unbiased covariance)
   is   Inception Score, 10 ordered splits, Inception head without output bias (StyleGAN2-ADA is50k)
-  pr   precision/recall with VGG16 features, k = 3 (StyleGAN2-ADA pr50k3); the real features come from the
+  pr   precision/recall with VGG16 features, k = 3 (StyleGAN2-ADA pr50k3_full); the real features come from the
        reference file (`fid.py ref --metrics fid,pr` stores them as `vgg16_features`)
   kid  Kernel Inception Distance (torch-fidelity / clean-fid: unbiased MMD^2, cubic polynomial kernel, 100 subsets of
        up to 1000); from the same Inception features as FID; the real features come from the reference file
@@ -33,10 +33,10 @@ from .kid import kernel_inception_distance
 from .precision_recall import precision_recall
 
 METRICS: dict[str, dict] = {
-    "fid": dict(detector="inception", label="fid{n}", description="Frechet Inception Distance (EDM)"),
+    "fid": dict(detector="inception", label="fid{n}_full", description="Frechet Inception Distance (EDM)"),
     "is": dict(detector="inception", label="is{n}", description="Inception Score (StyleGAN2-ADA, 10 splits)"),
-    "pr": dict(detector="vgg16", label="pr{n}_3", description="precision/recall (StyleGAN2-ADA, VGG16, k=3)"),
-    "kid": dict(detector="inception", label="kid{n}", description="Kernel Inception Distance (torch-fidelity)"),
+    "pr": dict(detector="vgg16", label="pr{n}_3_full", description="precision/recall (StyleGAN2-ADA, VGG16, k=3)"),
+    "kid": dict(detector="inception", label="kid{n}_full", description="Kernel Inception Distance (torch-fidelity)"),
 }
 PR_REFERENCE_KEY = "vgg16_features"
 KID_REFERENCE_KEY = "inception_features"
@@ -58,7 +58,8 @@ def parse_metrics(value: str | Sequence[str]) -> list[str]:
 
 
 def metric_label(metric: str, num_images: int) -> str:
-    """fid50k, is50k, pr50k3 for 50,000 images (StyleGAN's names); fid1234, pr1234_3 otherwise."""
+    """fid50k_full, is50k, pr50k3_full, kid50k_full for 50,000 images (StyleGAN2-ADA's names: `_full` for metrics
+    against a reference of the whole dataset); fid1234_full, pr1234_3_full otherwise."""
     n = f"{num_images // 1000}k" if num_images % 1000 == 0 else str(num_images)
     label = METRICS[metric]["label"].format(n=n)
     return label.replace("k_3", "k3")
@@ -96,6 +97,9 @@ def dataset_source(path: str, num: int | None = None, seed: int = 0, batch_size:
         raise MetricsError(f"found {len(dataset)} images in {path}, but expected at least {num} (--num)")
     if len(dataset) < 2:
         raise MetricsError(f"found {len(dataset)} image(s) in {path}, but need at least 2 to compute statistics")
+    if dataset.image_shape[0] not in (1, 3):  # e.g. RGBA or grey + alpha PNGs
+        raise MetricsError(f"{path}: images have {dataset.image_shape[0]} channels; the detectors read RGB (or "
+                           f"greyscale) images: convert them (e.g. drop the alpha channel) first")
     batches = [b.tolist() for b in rank_batches(len(dataset), batch_size) if len(b) > 0]
 
     def iterate(device: torch.device):
@@ -169,6 +173,19 @@ def format_int_list(values: Sequence[int]) -> str:
 # The single pass.
 
 
+def kid_reference_rows(num_images: int, max_items: int | None, seed: int = 0) -> torch.Tensor | None:
+    """Which images' features a KID reference keeps when the dataset has more than `max_items`: a uniform random
+    subset (RandomState(seed)), as a bool mask over the global indices; None keeps all. KID draws at most 100 subsets of
+    1000 real rows, so a uniform subset of 200k serves as well as all of them; the first 200k in file order would not
+    (a class-sorted dataset such as ImageNet's folders: its first ~160 classes only). P/R keep StyleGAN2-ADA's first
+    max_real images in file order (pr50k3_full)."""
+    if max_items is None or num_images <= max_items:
+        return None
+    mask = torch.zeros(num_images, dtype=torch.bool)
+    mask[torch.from_numpy(np.random.RandomState(seed).choice(num_images, max_items, replace=False))] = True
+    return mask
+
+
 class FeaturePass:
     """Accumulates, batch by batch, what each requested metric needs from uint8 images and their global indices."""
 
@@ -180,6 +197,7 @@ class FeaturePass:
         self.moments = FeatureMoments() if "fid" in self.metrics else None
         self.inception_score = InceptionScoreAccumulator(num_images, is_splits) if "is" in self.metrics else None
         self.pr_max_items = pr_max_items
+        self._kid_keep = kid_reference_rows(num_images, pr_max_items) if "kid" in self.metrics else None
         self._pr_indices: list[torch.Tensor] = []
         self._pr_features: list[torch.Tensor] = []
         self._kid_indices: list[torch.Tensor] = []
@@ -201,9 +219,9 @@ class FeaturePass:
         if needs_features:
             if self.moments is not None:
                 self.moments.update(inception_features)
-            if "kid" in self.metrics:  # kept rows capped like P/R's (a reference of 1.2M images would not fit)
-                keep = (torch.arange(len(indices)) if self.pr_max_items is None
-                        else torch.nonzero(indices < self.pr_max_items).flatten())  # host-side indices: no sync
+            if "kid" in self.metrics:  # a seeded subset when capped (a reference of 1.2M images would not fit)
+                keep = (torch.arange(len(indices)) if self._kid_keep is None
+                        else torch.nonzero(self._kid_keep[indices]).flatten())  # host-side indices: no sync
                 self._kid_indices.append(indices[keep].to(inception_features.device))
                 self._kid_features.append(inception_features[keep.to(inception_features.device)].to(torch.float32))
         if needs_probs:
@@ -320,7 +338,7 @@ def calc_metrics(source: ImageSource, ref_path: str | None, metrics: Sequence[st
                  pr_col_batch_size: int = 10000, progress: bool = True, verbose: bool = True) -> dict:
     """Compute `metrics` for the images of `source`; every rank calls it and every rank gets the same result dict.
 
-    The result has `results` (fid, is_mean, is_std, precision, recall as requested), `labels` (fid50k, ...),
+    The result has `results` (fid, is_mean, is_std, precision, recall as requested), `labels` (fid50k_full, ...),
     `num_images`, `source`, `reference` (path, sha256) and `detectors` (source, sha256) for provenance.
     """
     metrics = parse_metrics(metrics)
@@ -347,6 +365,12 @@ def calc_metrics(source: ImageSource, ref_path: str | None, metrics: Sequence[st
         raise ReferenceStatsError(
             f"reference statistics {ref_path!r} have {ref['mu'].shape[0]}-d features, but the inception detector "
             f"({detectors['inception'].source}) gives {detectors['inception'].feature_dim}-d features")
+    if ref is not None and "kid" in metrics and ref[KID_REFERENCE_KEY].shape[1:] != (
+            detectors["inception"].feature_dim,):
+        raise ReferenceStatsError(
+            f"reference Inception features in {ref_path!r} have shape {list(ref[KID_REFERENCE_KEY].shape)}, but the "
+            f"inception detector ({detectors['inception'].source}) gives {detectors['inception'].feature_dim}-d "
+            f"features")
     if ref is not None and "pr" in metrics and ref[PR_REFERENCE_KEY].shape[1:] != (detectors["vgg16"].feature_dim,):
         raise ReferenceStatsError(
             f"reference VGG16 features in {ref_path!r} have shape {list(ref[PR_REFERENCE_KEY].shape)}, but the vgg16 "
@@ -398,8 +422,9 @@ def compute_reference(source: ImageSource, dest: str, metrics: Sequence[str] = (
     """Reference statistics of a dataset (all images, no flips) written to `dest` as EDM's .npz by rank 0.
 
     'fid' is always included (mu, sigma); 'pr' adds `vgg16_features` (float16) of the first `pr_max_real` images
-    in file order (StyleGAN2-ADA's pr50k3_full: max_real 200k), 'kid' the float32 `inception_features` of the same
-    images. Returns a small summary dict.
+    in file order (StyleGAN2-ADA's pr50k3_full: max_real 200k), 'kid' the float32 `inception_features` of as many
+    images chosen uniformly at random (`kid_reference_rows`; all of them up to that size). Returns a small summary
+    dict.
     """
     from dnnlib import util
 
@@ -436,7 +461,7 @@ def write_json(record: dict, path: str) -> None:
 
 
 def format_results(record: dict) -> list[str]:
-    """Human-readable lines: 'fid50k 2.04321', 'is50k 9.81 ± 0.11', 'pr50k3 precision 0.71 recall 0.59'."""
+    """Human-readable lines: 'fid50k_full 2.04321', 'is50k 9.81 ± 0.11', 'pr50k3_full precision 0.71 recall 0.59'."""
     results, labels, lines = record["results"], record["labels"], []
     if "fid" in results:
         lines.append(f"{labels['fid']} {results['fid']:g}")

@@ -142,10 +142,10 @@ def test_ref_and_calc_match_an_independent_computation(workdir, single_rank):
     assert record["results"]["precision"] == pytest.approx(covered(v_gen, v_real), abs=1.01 / 30)
     assert record["results"]["recall"] == pytest.approx(covered(v_real, v_gen), abs=1.01 / 40)
     assert 0.0 < record["results"]["precision"] < 1.0 and 0.0 < record["results"]["recall"] < 1.0
-    assert record["labels"] == {"fid": "fid30", "is": "is30", "pr": "pr30_3"}
+    assert record["labels"] == {"fid": "fid30_full", "is": "is30", "pr": "pr30_3_full"}
     assert record["num_images"] == 30 and record["source"]["seed"] == 3
     assert record["detectors"]["inception"]["source"].endswith("inception.pt")
-    assert f"fid30 {record['results']['fid']:g}" in single_rank["folder"]["stdout"]
+    assert f"fid30_full {record['results']['fid']:g}" in single_rank["folder"]["stdout"]
 
 
 def test_folder_and_zip_give_identical_results(single_rank):

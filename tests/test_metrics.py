@@ -526,9 +526,9 @@ def test_parse_metrics_and_labels():
     assert evaluate.parse_metrics("FID, is,pr,fid") == ["fid", "is", "pr"]
     with pytest.raises(evaluate.MetricsError, match="unknown metric.*fdd"):
         evaluate.parse_metrics("fid,fdd")
-    assert evaluate.parse_metrics("kid,fid") == ["kid", "fid"] and evaluate.metric_label("kid", 50000) == "kid50k"
-    assert [evaluate.metric_label(m, 50000) for m in ("fid", "is", "pr")] == ["fid50k", "is50k", "pr50k3"]
-    assert evaluate.metric_label("pr", 1234) == "pr1234_3"
+    assert evaluate.parse_metrics("kid,fid") == ["kid", "fid"] and evaluate.metric_label("kid", 50000) == "kid50k_full"
+    assert [evaluate.metric_label(m, 50000) for m in ("fid", "is", "pr")] == ["fid50k_full", "is50k", "pr50k3_full"]
+    assert evaluate.metric_label("pr", 1234) == "pr1234_3_full"
     assert evaluate.format_int_list([0, 1, 2, 5, 7, 8]) == "0-2,5,7-8"
 
 
@@ -586,6 +586,45 @@ def test_pr_features_are_limited_to_the_first_max_items(standin_paths):
     expected = detectors["vgg16"].features(images[:4]).to(torch.float16)  # indices 0..3, in index order
     assert features.dtype == torch.float16
     torch.testing.assert_close(features, expected, rtol=1e-3, atol=1e-3)
+
+
+def test_kid_reference_keeps_a_seeded_uniform_subset_when_capped(standin_paths):
+    """P/R keep the first max_items images (StyleGAN2-ADA); KID a uniform subset of that size, so that a class-sorted
+    dataset (ImageNet's folders) is not cut down to its first classes."""
+    detectors = evaluate.load_detectors(["kid"], standin_paths, torch.device("cpu"))
+    images = torch.randint(0, 256, [10, 3, 8, 8], dtype=torch.uint8, generator=torch.Generator().manual_seed(2))
+    keep = np.sort(np.random.RandomState(0).choice(10, 4, replace=False))  # the rule, written out
+    assert not np.array_equal(keep, np.arange(4))
+    feature_pass = evaluate.FeaturePass(["kid"], detectors, 10, pr_max_items=4)
+    for chunk in [torch.tensor([5, 1, 7]), torch.tensor([3, 0, 9, 2]), torch.tensor([4, 6, 8])]:
+        feature_pass.update(chunk, images[chunk])
+    features = feature_pass.finalize(torch.device("cpu"))["kid_features"]
+    expected = detectors["inception"].features(images[torch.as_tensor(keep)])  # in index order
+    torch.testing.assert_close(features, expected.to(torch.float32))
+    assert evaluate.kid_reference_rows(10, 10) is None and evaluate.kid_reference_rows(10, None) is None
+    big = evaluate.kid_reference_rows(100_000, 20_000)
+    assert int(big.sum()) == 20_000 and abs(big[:50_000].float().mean().item() - 0.2) < 0.01  # uniform
+
+
+def test_kid_reference_of_another_detector_fails_before_the_pass(tmp_path, standin_paths):
+    def no_pass(device):
+        raise AssertionError("the image pass must not start")
+
+    ref = tmp_path / "ref.npz"
+    np.savez(ref, mu=np.zeros(16), sigma=np.eye(16), inception_features=np.zeros((5, 8), dtype=np.float32))
+    source = evaluate.ImageSource(num_images=4, batches=no_pass, num_rank_batches=1, description={})
+    with pytest.raises(evaluate.ReferenceStatsError, match=r"Inception features in .* have shape \[5, 8\], but the "
+                                                           r"inception detector .* gives 16-d features"):
+        evaluate.calc_metrics(source, str(ref), ["kid"], detector_paths=standin_paths, device=torch.device("cpu"))
+
+
+def test_images_with_alpha_are_a_clear_error(tmp_path):
+    folder = tmp_path / "rgba"
+    folder.mkdir()
+    for i in range(3):
+        PIL.Image.fromarray(np.full((8, 8, 4), 60 * i, dtype=np.uint8), "RGBA").save(folder / f"{i}.png")
+    with pytest.raises(evaluate.MetricsError, match=r"rgba: images have 4 channels; the detectors read RGB"):
+        evaluate.dataset_source(str(folder), num_workers=0)
 
 
 def test_compute_reference_checks_dest_before_the_pass(tmp_path):
@@ -788,7 +827,7 @@ def test_kid_through_fid_py_ref_and_calc(tmp_path, standin_paths):
     expected = kernel_inception_distance(f_gen, f_real)
     assert record["results"]["kid"] == pytest.approx(expected[0], rel=1e-5, abs=1e-9)
     assert record["results"]["kid_std"] == pytest.approx(expected[1], rel=1e-4, abs=1e-9)
-    assert record["labels"]["kid"] == "kid16" and "kid16 " in result.output
+    assert record["labels"]["kid"] == "kid16_full" and "kid16_full " in result.output
     # An EDM reference (mu/sigma only) cannot serve KID: one clear line before the pass.
     np.savez(tmp_path / "edm.npz", mu=np.zeros(16), sigma=np.eye(16))
     result = CliRunner().invoke(fid.main, ["calc", "--images", gen, "--ref", str(tmp_path / "edm.npz"),
