@@ -33,9 +33,9 @@ from samplers.unipc import unipc
 SOLVERS = {
     "euler": SolverEntry(euler, default_end="zero"),
     "heun": SolverEntry(heun, default_end="zero", nfe=heun_nfe),
-    "dpmpp_2m": SolverEntry(dpmpp_2m, default_end="sigma_min"),
-    "dpmpp_3m": SolverEntry(dpmpp_3m, default_end="sigma_min"),
-    "unipc": SolverEntry(unipc, default_end="sigma_min"),
+    "dpmpp_2m": SolverEntry(dpmpp_2m, default_end="sigma_min", distinct_levels=True),
+    "dpmpp_3m": SolverEntry(dpmpp_3m, default_end="sigma_min", distinct_levels=True),
+    "unipc": SolverEntry(unipc, default_end="sigma_min", distinct_levels=True),
     "ipndm": SolverEntry(ipndm, default_end="sigma_min", aliases={"order": "max_order"}),
 }
 

@@ -107,10 +107,20 @@ def build_grid(net, config: SamplerConfig, device=None) -> tuple[SigmaGrid, str,
                           f"{', '.join(f'{k}={config.solver_kwargs[k]!r}' for k in overridden)} may not fit the "
                           f"learned grid", stacklevel=1)
         return grid, solver, {**defaults, **config.solver_kwargs}
+    entry = get_solver(solver)
     grid = make_grid(config.schedule, config.num_steps, config.sigma_min, config.sigma_max,
-                     end=config.end or get_solver(solver).default_end,
+                     end=config.end or entry.default_end,
                      sigma_range=(float(net.sigma_min), float(net.sigma_max)), round_sigma=net.round_sigma,
                      device=device, **config.schedule_kwargs)
+    if entry.distinct_levels:
+        levels = grid.sigmas[grid.sigmas > 0].cpu()  # once per run, a few numbers
+        repeated = torch.nonzero(levels[1:] >= levels[:-1]).flatten()
+        if len(repeated):
+            level = float(levels[int(repeated[0])])
+            raise ValueError(f"solver {solver!r}: the network's discrete noise levels (its round_sigma) make the "
+                             f"{grid.num_steps}-step {grid.schedule} grid repeat sigma = {level:.6g}, and its steps "
+                             f"divide by their length in log sigma; use fewer steps, or heun, euler or ipndm (which "
+                             f"take a repeated level as a zero step, as EDM)")
     return grid, solver, dict(config.solver_kwargs)
 
 

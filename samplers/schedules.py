@@ -124,13 +124,17 @@ def ve(num_steps: int, sigma_min: float, sigma_max: float, *, device=None) -> to
 
 
 def iddpm_sigma_table(C_1: float = 0.001, C_2: float = 0.008, M: int = 1000) -> torch.Tensor:
-    """The improved-DDPM cosine schedule's noise levels u_0 > ... > u_M = 0 in EDM's sigma units (float64, CPU)."""
-    def alpha_bar(j):
-        return math.sin(0.5 * math.pi * j / M / (C_2 + 1)) ** 2
+    """The improved-DDPM cosine schedule's noise levels u_0 > ... > u_M = 0 in EDM's sigma units (float64, CPU).
 
+    alpha_bar(j) = sin^2(pi j / (2 M (C_2 + 1))) is evaluated in float32, as in EDM's ablation sampler (its j is an
+    integer tensor, so torch computes the cosine schedule in float32) and the recursion in float64: EDM's levels to
+    1e-15 (in float64 throughout they differ from EDM's by up to 4.6e-4 relative, at sigma_min)."""
+    j = torch.arange(M + 1)
+    alpha_bar = (0.5 * math.pi * j / M / (C_2 + 1)).sin() ** 2  # float32
+    ratio = (alpha_bar[:-1] / alpha_bar[1:]).clip(min=C_1).tolist()  # alpha_bar(j - 1) / alpha_bar(j), j = 1 .. M
     u = [0.0] * (M + 1)
     for j in range(M, 0, -1):
-        u[j - 1] = math.sqrt((u[j] ** 2 + 1) / max(alpha_bar(j - 1) / alpha_bar(j), C_1) - 1)
+        u[j - 1] = math.sqrt((u[j] ** 2 + 1) / ratio[j - 1] - 1)
     return torch.tensor(u, dtype=torch.float64)
 
 

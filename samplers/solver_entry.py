@@ -34,12 +34,16 @@ class SolverEntry:
         denoises) or 'sigma_min' (the output is returned at sigma_min).
     nfe: (num_steps, end) -> denoiser calls per sample, before an optional denoise_to_zero.
     aliases: other names of options, e.g. {'order': 'max_order'} lets `--order` set iPNDM's max_order.
+    distinct_levels: the solver's coefficients divide by a step's length in log sigma (the multistep solvers in
+        lambda), so a grid whose levels repeat (a network's round_sigma can snap neighbours onto one level) is
+        refused rather than sampled into NaNs; Euler, Heun and iPNDM take a repeated level as a zero step, as EDM.
     """
 
     function: Callable
     default_end: str
     nfe: Callable[[int, str], int] = one_call_per_step
     aliases: Mapping[str, str] = dataclasses.field(default_factory=dict)
+    distinct_levels: bool = False
 
     @functools.cached_property
     def _keyword_parameters(self) -> dict[str, inspect.Parameter]:

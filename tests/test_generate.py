@@ -444,11 +444,14 @@ def edm_ablation_steps(disc, num_steps, sigma_min=None, sigma_max=None, rho=7.0,
         levels = vp_sigma(beta_d, beta_min, 1 + i / (num_steps - 1) * (epsilon_s - 1))
     elif disc == "ve":
         levels = np.sqrt(sigma_max**2 * (sigma_min**2 / sigma_max**2) ** (i / (num_steps - 1)))
-    elif disc == "iddpm":
+    elif disc == "iddpm":  # alpha_bar in float32 (EDM's integer-tensor index makes torch compute it so)
+        def alpha_bar(j):
+            return (0.5 * np.pi * torch.tensor(j) / M / (C_2 + 1)).sin() ** 2
+
         u = np.zeros(M + 1)
         for j in range(M, 0, -1):
-            ratio = np.sin(0.5 * np.pi * (j - 1) / M / (C_2 + 1)) ** 2 / np.sin(0.5 * np.pi * j / M / (C_2 + 1)) ** 2
-            u[j - 1] = np.sqrt((u[j] ** 2 + 1) / max(ratio, C_1) - 1)
+            ratio = float((alpha_bar(j - 1) / alpha_bar(j)).clip(min=C_1))
+            u[j - 1] = np.sqrt((u[j] ** 2 + 1) / ratio - 1)
         u = u[(u >= sigma_min) & (u <= sigma_max)]
         levels = u[np.round((len(u) - 1) / (num_steps - 1) * i).astype(int)]
     else:
@@ -461,6 +464,26 @@ def _edm_cli_config(**flags):
     from samplers.cli_options import sampler_config
     args = dict(solver=None, schedule=None, num_steps=None, sigma_min=None, sigma_max=None, rho=None, end=None)
     return sampler_config(**{**args, **flags})
+
+
+def test_multistep_solvers_refuse_levels_that_round_sigma_repeats():
+    """An iDDPM network snaps sigma onto its 1000-level table, sparse at high sigma: from 60 EDM steps two
+    neighbouring levels coincide (64.16 twice). DPM-Solver++ and UniPC divide by the step in log sigma (NaN images
+    before); Heun, Euler and iPNDM take it as a zero step, as EDM."""
+    from samplers.generation import SamplerConfig, build_grid
+    from training.preconditioning import iDDPMPrecond
+    net = iDDPMPrecond(img_resolution=8, img_channels=1, model_type="SongUNet", model_channels=8, channel_mult=[1],
+                       num_blocks=1, attn_resolutions=[])
+    grid, _, _ = build_grid(net, SamplerConfig(solver="heun", num_steps=60, end="sigma_min"))
+    levels = grid.sigmas[grid.sigmas > 0]
+    assert int((levels[1:] == levels[:-1]).sum()) >= 1  # the repeat exists
+    for solver in ("dpmpp_2m", "dpmpp_3m", "unipc"):
+        with pytest.raises(ValueError, match=rf"solver '{solver}': the network's discrete noise levels .* make the "
+                                             r"60-step edm grid repeat sigma = 64\.1"):
+            build_grid(net, SamplerConfig(solver=solver, num_steps=60))
+        build_grid(net, SamplerConfig(solver=solver, num_steps=40))  # distinct levels: fine
+    for solver in ("euler", "ipndm"):
+        build_grid(net, SamplerConfig(solver=solver, num_steps=60))
 
 
 @pytest.mark.parametrize("disc", ["vp", "ve", "iddpm", "edm"])
