@@ -396,6 +396,11 @@ class Suite:
         """Whether `seconds` of work fit in what is left once the later sections' reserves are set aside."""
         return self.left() - self.reserved >= seconds
 
+    def timeout(self, seconds: float) -> float:
+        """A subprocess's time limit: `seconds`, but never past what is left before the later sections' reserves
+        (a hang, e.g. in a collective, must not take the rest of the run with it); at least 30 s."""
+        return max(30.0, min(float(seconds), self.left() - self.reserved))
+
     def row(self, section, name, text):
         self.rows.append((section, name, text))
         print(f'  {name:<44s} {text}', flush=True)
@@ -662,7 +667,7 @@ class Suite:
                     8 if self.smoke else 16, '--cres', '1,2', '--blocks', 1, '--attn', 4 if self.smoke else 8,
                     '--lr-rampup', 1, '--workers', 0, *extra]
             code, out, err = run_subprocess([sys.executable, os.path.join(ROOT, 'train.py'), *map(str, args)],
-                                            timeout=300)
+                                            timeout=self.timeout(300))
             snapshots = sorted(os.path.join(dp, f) for dp, _, fs in os.walk(outdir) for f in fs if f.endswith('.pkl'))
             ok = code == 0 and bool(snapshots)
             return dict(passed=ok, **({} if ok else dict(output=tail(out + err, 12)))), snapshots
@@ -700,7 +705,7 @@ class Suite:
                                     '--detector', f'inception={inception}', '--batch', 8, '--device',
                                     self.device.type, '--out', os.path.join(self.work, 'fid.json')]),
         ]:
-            code, stdout, stderr = run_subprocess([sys.executable, *map(str, cmd)], timeout=300)
+            code, stdout, stderr = run_subprocess([sys.executable, *map(str, cmd)], timeout=self.timeout(300))
             steps.append(dict(step=name, returncode=code, **({} if code == 0 else dict(output=tail(stdout + stderr)))))
             if code != 0:
                 break
@@ -717,7 +722,7 @@ class Suite:
     def check_torchrun(self, check):
         # A single-process NCCL init and all_reduce takes seconds; a hang must not take the run's time with it.
         code, out, err = run_subprocess(worker_cmd('collective', dict(device=self.device.type), torchrun=True),
-                                        timeout=90)
+                                        timeout=self.timeout(90))
         if code != 0:
             check.update(passed=False, output=tail(out + err))
             return
@@ -732,14 +737,16 @@ class Suite:
         sizes = self.sizes
         bf16, compiled = ['--precision', 'bf16'], ['--precision', 'bf16', '--compile', 'regional']
         # The headline configurations at every batch size, the largest (EDM's CIFAR-10 batch) first, each batch's
-        # EDM column beside ours; then extras at the largest one (budget allowing: what is skipped is the least needed).
+        # EDM column beside ours, the compiled one (the goal's) right after EDM's so that the compile time is spent
+        # while the budget has it; then extras at the largest batch (budget allowing: what is skipped is the least
+        # needed).
         batches = sorted(sizes.train_batches, reverse=True)
         plan = [(name, extra, batch) for batch in batches
-                for name, extra in (('edm_fp32', None), ('ours_fp32', []), ('ours_bf16', bf16),
-                                    ('ours_bf16_compile', compiled))]
+                for name, extra in (('edm_fp32', None), ('ours_bf16_compile', compiled), ('ours_bf16', bf16),
+                                    ('ours_fp32', []))]
         plan += [('ours_bf16_fused', [*bf16, '--fused-adam', 1], batches[0]),
                  ('ours_bf16_compile_cl_fused', [*compiled, '--channels-last', 1, '--fused-adam', 1], batches[0])]
-        compile_estimate = 180  # seconds, until the first compiled configuration has measured it
+        compile_estimate = 120  # seconds, until the first compiled configuration has measured it
         record['configs'] = []
         record['notes'] = ('images/s of steps after warm-up; data from a generated CIFAR-sized zip through '
                            "train.py's DataLoader settings (1 worker, pinned); --rng rank (EDM's draws); EDM: its "
@@ -790,7 +797,7 @@ class Suite:
         args = dict(edm_repo=self.args.edm_repo, dataset=self.dataset(), resolution=sizes.resolution,
                     arch=network_kwargs(sizes), batch=batch, warmup=sizes.train_warmup, steps=sizes.train_steps,
                     seed=1, device=self.device.type)
-        code, out, err = run_subprocess(worker_cmd('edm-train', args, torchrun=True), timeout=600)
+        code, out, err = run_subprocess(worker_cmd('edm-train', args, torchrun=True), timeout=self.timeout(600))
         entry = dict(name='edm_fp32', batch=batch)
         if code == 0:
             entry.update(last_json_line(out))
@@ -868,6 +875,7 @@ class Suite:
         import numpy as np
         import torch
 
+        from samplers.accelerated import accelerate
         from samplers.generation import generate_images
         from training import snapshots
         sizes = self.sizes
@@ -905,14 +913,18 @@ class Suite:
             entry = dict(name=name, batch=batch, steps=sizes.sample_steps, options=options)
             try:
                 reset_peak_memory(self.device)
+                # One accelerated denoiser for the warm-up and the timed run, as generate.py keeps one for a whole
+                # run: the timed window must not compile or capture again.
+                denoiser = accelerate(net, options.get('precision', 'fp32'), options.get('compile', False),
+                                      options.get('cuda_graph', False))
                 warm_start = time.perf_counter()
-                for _ in generate_images(net, list(range(batch)), batch_size=batch, num_steps=2, device=self.device,
-                                         **options):
+                for _ in generate_images(denoiser, list(range(batch)), batch_size=batch, num_steps=2,
+                                         device=self.device, **options):
                     pass
                 sync(self.device)
                 entry['warmup_s'] = time.perf_counter() - warm_start
                 start = time.perf_counter()
-                out = [img.cpu() for _, img in generate_images(net, seeds, batch_size=batch,
+                out = [img.cpu() for _, img in generate_images(denoiser, seeds, batch_size=batch,
                                                                num_steps=sizes.sample_steps, device=self.device,
                                                                **options)]
                 entry['seconds'] = time.perf_counter() - start
@@ -934,7 +946,7 @@ class Suite:
             args = dict(edm_repo=self.args.edm_repo, weights=weights, resolution=sizes.resolution,
                         arch=network_kwargs(sizes), batch=batch, steps=sizes.sample_steps, seeds=seeds,
                         device=self.device.type, images=os.path.join(self.work, 'edm-images.npy'))
-            code, out, err = run_subprocess(worker_cmd('edm-sample', args), timeout=600)
+            code, out, err = run_subprocess(worker_cmd('edm-sample', args), timeout=self.timeout(600))
             entry = dict(name='edm_fp32', batch=batch, steps=sizes.sample_steps)
             if code == 0:
                 entry.update(last_json_line(out))
@@ -1012,7 +1024,7 @@ class Suite:
         env = dict(os.environ, OMP_NUM_THREADS='1', MKL_NUM_THREADS='1', OPENBLAS_NUM_THREADS='1')
         if self.args.fid_cpu:
             args = dict(num=sizes.fid_num, dim=sizes.fid_dim, batch=64)
-            code, out, err = run_subprocess(worker_cmd('fid-stats', args), timeout=900, env=env)
+            code, out, err = run_subprocess(worker_cmd('fid-stats', args), timeout=self.timeout(900), env=env)
             if code != 0:
                 raise RuntimeError(tail(out + err))
             record['cpu_one_thread'] = last_json_line(out)

@@ -278,7 +278,8 @@ def test_gpu_suite_smoke_runs_every_section_on_cpu(tmp_path):
 
 def test_gpu_suite_budget_order_keeps_the_headline_and_reserves_for_sampling(tmp_path, monkeypatch):
     """With no time left, the training plan records its skips in the order it would run: the largest batch first
-    with EDM's column beside ours, extras last; and the reserve for later sections counts against the budget."""
+    with EDM's column beside ours and the compiled one (the goal's) next, extras last; the reserve for later sections
+    counts against the budget, and bounds the subprocesses' time limits."""
     import importlib.util
     spec = importlib.util.spec_from_file_location('gpu_suite', SUITE)
     gpu_suite = importlib.util.module_from_spec(spec)
@@ -289,13 +290,16 @@ def test_gpu_suite_budget_order_keeps_the_headline_and_reserves_for_sampling(tmp
     suite = gpu_suite.Suite(args)
     suite.reserved = 990.0
     assert suite.affordable(5) and not suite.affordable(15)
+    assert suite.timeout(600) == 30  # at least 30 s; never past the reserve otherwise
+    suite.reserved = 500.0
+    assert 490 < suite.timeout(600) <= 500 and suite.timeout(90) == 90
     suite.reserved = 1000.0
     monkeypatch.setattr(suite, 'dataset', lambda: pytest.fail('a skipped plan needs no dataset'))
     record = {}
     suite.section_train(record)
     order = [(c['name'], c['batch']) for c in record['configs']]
-    assert order == [('edm_fp32', 16), ('ours_fp32', 16), ('ours_bf16', 16), ('ours_bf16_compile', 16),
-                     ('edm_fp32', 8), ('ours_fp32', 8), ('ours_bf16', 8), ('ours_bf16_compile', 8),
+    assert order == [('edm_fp32', 16), ('ours_bf16_compile', 16), ('ours_bf16', 16), ('ours_fp32', 16),
+                     ('edm_fp32', 8), ('ours_bf16_compile', 8), ('ours_bf16', 8), ('ours_fp32', 8),
                      ('ours_bf16_fused', 16), ('ours_bf16_compile_cl_fused', 16)]
     assert all(c['skipped'].startswith('budget: needs ~') for c in record['configs'])
     assert 'mfu' not in record and record['ratios'] == {}
@@ -460,7 +464,7 @@ def test_one_training_step_of_edm_loss_in_bf16_on_cuda(tiny_zip, tmp_path):
         run_dir = tmp_path / precision
         run_dir.mkdir()
         tl.training_loop(**loop_kwargs(str(run_dir), tiny_zip, device='cuda', precision=precision,
-                                       total_kimg=0.008))
+                                       total_kimg=0.016))  # two ticks: a training state is written after the first
         state = torch.load(run_dir / 'training-state-000000.pt', weights_only=True)
         assert all(torch.isfinite(v).all() for v in state['networks']['net'].values())
     assert EDMLoss is not None

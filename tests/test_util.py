@@ -127,6 +127,27 @@ def test_distributed_single_process_defaults():
     assert distributed.broadcast_object({"a": 1}) == {"a": 1}
 
 
+def test_distributed_init_with_cuda_without_an_index_takes_the_local_rank(monkeypatch):
+    """train.py --device=cuda passes 'cuda': torch.cuda.set_device refuses a device without an index."""
+    calls = []
+
+    def set_device(device):
+        if torch.device(device).index is None:  # torch's own rule (_get_device_index(optional=False))
+            raise ValueError(f"Expected a torch.device with a specified index or an integer, but got:{device}")
+        calls.append(torch.device(device))
+
+    monkeypatch.setattr(torch.cuda, "set_device", set_device)
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    try:
+        distributed.init(device="cuda")
+        assert calls == [torch.device("cuda", 1)] and distributed.device() == torch.device("cuda", 1)
+        distributed.init(device="cuda:0")
+        assert calls[-1] == torch.device("cuda", 0)
+    finally:
+        monkeypatch.delenv("LOCAL_RANK")
+        distributed.init(device="cpu")
+
+
 def test_training_stats_moments_single_process(tmp_path):
     training_stats.reset()
     collector = training_stats.Collector(regex="Loss/.*")
@@ -176,6 +197,20 @@ def test_training_stats_binned_equals_per_bin_moments():
     after = {name: training_stats.cumulative(name)["num"] for name in names}
     assert [after[n] - before[n] for n in names] == [0, 0, 1, 0]
     collector.close()
+
+
+def test_binned_report_builds_its_edges_tensor_once(monkeypatch):
+    """Every training step reports the loss by sigma bin: the edges tensor is made on the first call only (built from
+    Python numbers on a GPU it is a blocking host-to-device copy, a host sync per step)."""
+    values, keys, edges = torch.randn(8), torch.rand(8) * 10, (0.5, 2.0, 7.0)
+    training_stats.report_binned("Loss/sigma", values, keys, edges)
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("a tensor built from Python numbers in the step")
+
+    monkeypatch.setattr(torch, "tensor", refuse)
+    monkeypatch.setattr(torch, "as_tensor", refuse)
+    training_stats.report_binned("Loss/sigma", values, keys, edges)
 
 
 def test_loss_reports_its_loss_by_noise_level():

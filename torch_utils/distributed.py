@@ -32,6 +32,8 @@ def init(backend: str | None = None, device: str | torch.device | None = None, t
         device = torch.device("cuda", local_rank) if torch.cuda.is_available() else torch.device("cpu")
     _device = torch.device(device)
     if _device.type == "cuda":
+        if _device.index is None:  # 'cuda' (train.py --device=cuda): this process's GPU; set_device needs an index
+            _device = torch.device("cuda", local_rank)
         torch.cuda.set_device(_device)
     if not launched_by_torchrun() or int(os.environ["WORLD_SIZE"]) == 1 or dist.is_initialized():
         return

@@ -52,13 +52,25 @@ def bin_names(prefix: str, edges) -> list[str]:
             + [f'{prefix}>{edges[-1]:g}'])
 
 
+_BOUNDARIES: dict = {}
+
+
+def _boundaries(edges: tuple, device: torch.device) -> torch.Tensor:
+    """The edges as a float64 tensor on `device`, made once: a tensor built from Python numbers on a GPU is a
+    blocking host-to-device copy, which every training step would otherwise make."""
+    key = (edges, str(device))
+    if key not in _BOUNDARIES:
+        _BOUNDARIES[key] = torch.tensor(edges, dtype=torch.float64, device=device)
+    return _BOUNDARIES[key]
+
+
 def report_binned(prefix: str, values: torch.Tensor, keys: torch.Tensor, edges) -> None:
     """Accumulate each value under the name of the bin its key falls in (bins split at the increasing `edges`,
     a value equal to an edge goes to the bin above it). Every bin is reported, empty ones with no observations, so
     all ranks report the same names. No host sync: the bins are counted with one-hot sums on the values' device."""
     values = values.detach().flatten().to(torch.float64)
     keys = keys.detach().flatten().to(values.device, torch.float64)
-    boundaries = torch.as_tensor([float(e) for e in edges], dtype=torch.float64, device=values.device)
+    boundaries = _boundaries(tuple(float(e) for e in edges), values.device)
     one_hot = torch.nn.functional.one_hot(torch.bucketize(keys, boundaries, right=True),
                                           len(boundaries) + 1).to(torch.float64)  # [N, bins]
     moments = torch.stack([one_hot.sum(0), values @ one_hot, values.square() @ one_hot], dim=1)  # [bins, 3]

@@ -43,7 +43,10 @@ def attention(q, k, v):
     # On CUDA the fused kernels are much faster (and accumulate in fp32); elsewhere the explicit formula, written
     # exactly as EDM's AttentionOp, keeps CPU results bit-identical to EDM's.
     if _sdpa is not None and q.is_cuda:
-        return _sdpa(q.transpose(-1, -2), k.transpose(-1, -2), v.transpose(-1, -2)).transpose(-1, -2)
+        # Contiguous [..., pixels, channels]: the fused kernels need a unit stride in the last dimension (a transposed
+        # view would send SDPA to its math fallback).
+        q, k, v = (t.transpose(-1, -2).contiguous() for t in (q, k, v))
+        return _sdpa(q, k, v).transpose(-1, -2)
     weights = torch.einsum('...cq,...ck->...qk', q.to(torch.float32), (k / np.sqrt(k.shape[-2])).to(torch.float32))
     weights = weights.softmax(dim=-1).to(q.dtype)
     return torch.einsum('...qk,...ck->...cq', weights, v)
