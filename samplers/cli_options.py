@@ -186,8 +186,9 @@ EDM_ALIASES_NOTE = (
     "EDM's generate.py options: --disc=vp|ve|iddpm|edm is --schedule=vp|ve|iddpm|edm (the same time steps and default "
     "sigma ranges); --schedule=linear and --scaling=none are EDM's sigma(t) = t, s(t) = 1, the ODE dx/dsigma every "
     "solver here integrates; --solver=euler|heun on it are EDM's ablation-sampler solvers (alpha = 1, last step Euler "
-    "to sigma = 0). EDM's --schedule=vp|ve and --scaling=vp (its ODE in VP/VE time) are refused: use NVlabs/edm's "
-    "generate.py for those ablations. Without --disc or --scaling, --schedule=vp|ve are our grids (EDM's --disc=vp|ve)."
+    "to sigma = 0; its churn, --S_churn etc., applies to heun only here). EDM's --schedule=vp|ve and --scaling=vp (its "
+    "ODE in VP/VE time) are refused: use NVlabs/edm's generate.py for those ablations. Without --disc or --scaling, "
+    "--schedule=vp|ve are our grids (EDM's --disc=vp|ve)."
 )
 _EDM_ODE_SCHEDULES = {"vp": "sigma(t) = sqrt(exp(beta_d t^2 / 2 + beta_min t) - 1)", "ve": "sigma(t) = sqrt(t)"}
 
