@@ -20,7 +20,19 @@ import uuid
 from typing import Any
 
 
-class EasyDict(dict):
+class _ReadOnlyClassAttributes(type):
+    """A class whose attributes cannot be set once it is made. Pickle's BUILD sets attributes on whatever object it is
+    handed, a class too: a file naming EasyDict could otherwise give every EasyDict in the process a class attribute,
+    which `d.key` returns for any missing key (safe_pickle whitelists EasyDict)."""
+
+    def __setattr__(cls, name, value):
+        raise AttributeError(f"the attributes of class {cls.__name__} are read-only (set keys on its instances)")
+
+    def __delattr__(cls, name):
+        raise AttributeError(f"the attributes of class {cls.__name__} are read-only")
+
+
+class EasyDict(dict, metaclass=_ReadOnlyClassAttributes):
     """A dict whose items are also attributes: `d.key` is `d['key']`."""
 
     def __getattr__(self, name: str) -> Any:

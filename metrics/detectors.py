@@ -4,10 +4,12 @@ Each detector is fetched from its canonical URL through `dnnlib.util.open_url` (
 or read from a local path / URL given by the user (`--detector inception=PATH`). Two file formats are accepted,
 told apart by their first bytes, not by their names:
 
-- TorchScript archives (a zip; StyleGAN2-ADA's `.pt`): `torch.jit.load`, which runs no Python code.
+- TorchScript archives (a zip; StyleGAN2-ADA's `.pt`): `torch.jit.load`. No Python runs, but TorchScript is a
+  program: its code runs when the module is loaded and called, and its ops can read and write files.
 - Pickles (StyleGAN3/EDM's `.pkl`): `pickle.load`, exactly as EDM's fid.py. These pickles embed the detector's
-  Python source (torch_utils.persistence format) and unpickling executes it: load only files you trust (the
-  canonical URL, or a copy of it).
+  Python source (torch_utils.persistence format) and unpickling executes it.
+Either way a detector file is a program, as in EDM and StyleGAN: load only files you trust (the canonical URL, or a
+copy of it). Unlike network pickles, reference statistics and schedule files, which are read as data.
 
 Calling convention (both formats): uint8 NCHW images with 3 channels and any H×W in; the detector resizes and
 normalises internally. Inception: `net(x, return_features=True)` -> float32 [N, 2048] pool3 features;

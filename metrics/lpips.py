@@ -1,8 +1,9 @@
 """LPIPS(vgg) v0.1 (Zhang et al., CVPR 2018) as a differentiable per-sample distance, for LD3's objective.
 
 The network is written out here (torchvision's VGG16 feature stack and the LPIPS linear heads), so neither torchvision
-nor the lpips package is needed; the weights are read from their canonical files with torch.load(weights_only=True),
-downloaded once into the dnnlib cache or given as local paths.
+nor the lpips package is needed; the weights are read from their canonical files with persistence.safe_torch_load
+(the format checked, then torch.load(weights_only=True)), downloaded once into the dnnlib cache or given as local
+paths.
 """
 
 import hashlib
@@ -11,6 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from dnnlib import util
+from torch_utils import persistence
 
 # LPIPS(vgg) v0.1 (Zhang et al. 2018), the distance LD3 uses: torchvision's ImageNet VGG16 and the LPIPS linear
 # heads. 397923af is the start of the sha256 of torchvision's file (its naming convention).
@@ -109,7 +111,7 @@ def _lpips_hint() -> str:
 def load_lpips(vgg: str | None = None, lin: str | None = None, *, resize: int | None = None,
                device=None, verbose: bool = True) -> LPIPS:
     """LPIPS(vgg) from local paths or URLs (None: the canonical URLs, downloaded once into the dnnlib cache).
-    Weights are read with torch.load(weights_only=True): no code runs."""
+    Weights are read with persistence.safe_torch_load: no code runs."""
     states = []
     for what, source, default in (("VGG16", vgg, LPIPS_VGG16_URL), ("linear", lin, LPIPS_LIN_URL)):
         url = source or default
@@ -128,7 +130,7 @@ def load_lpips(vgg: str | None = None, lin: str | None = None, *, resize: int | 
                 raise LPIPSUnavailableError(f"{path} (from {url}) has sha256 {digest}, expected it to start with "
                                             f"{LPIPS_VGG16_SHA256_PREFIX}: delete it and download again")
         try:
-            state = torch.load(path, map_location="cpu", weights_only=True)
+            state = persistence.safe_torch_load(path)  # not torch.load alone: TorchScript before torch 2.6
         except Exception as err:
             raise LPIPSUnavailableError(f"could not read the LPIPS {what} weights {path}: {err}\n"
                                         f"{_lpips_hint()}") from err

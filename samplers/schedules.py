@@ -26,6 +26,8 @@ import os
 import numpy as np
 import torch
 
+from torch_utils import persistence
+
 END_CONVENTIONS = ("zero", "sigma_min")
 SCHEDULE_FILE_FORMAT = "diffusion-toolkit-schedule"
 SCHEDULE_FILE_VERSION = 1
@@ -349,7 +351,8 @@ def load_ld3_vector(path: str, solver: str | None = None, solver_kwargs: dict | 
     """Read LD3's artefact: a `.pt` holding a tensor of length 2(N + 1) (sigma grid, then evaluation grid), or a
     dict with it under 'best_t_steps' (best_v1.pt / best_v2.pt). LD3 grids end at sigma_min (no final denoise)."""
     try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
+        # weights_only alone still handed TorchScript archives to torch.jit.load before torch 2.6
+        obj = persistence.safe_torch_load(path)
     except FileNotFoundError:
         raise FileNotFoundError(f"LD3 schedule file not found: {path}") from None
     if isinstance(obj, dict):

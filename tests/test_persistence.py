@@ -635,6 +635,99 @@ def test_object_arrays_from_raw_bytes_are_refused():
         persistence.load_network_pickle(io.BytesIO(pickle.dumps({"ema": ObjectArray()}, protocol=5)))
 
 
+def _persistent_object(class_name, init_kwargs):
+    """A persistent object as EDM pickles it (meta for _reconstruct_persistent_obj), with no source to run."""
+    class Persistent:
+        def __reduce__(self):
+            meta = dict(type="class", version=6, module_src="", class_name=class_name,
+                        state=dict(_init_args=(), _init_kwargs=init_kwargs))
+            return persistence._reconstruct_persistent_obj, (meta,)
+    return Persistent()
+
+
+def test_constructor_arguments_cannot_name_code_to_run(tmp_path):
+    """A wrapper loss builds its base from base_kwargs['class_name'] (dnnlib's construct_class_by_name): a pickled
+    STFLoss naming os.system ran a command while a snapshot loaded. Names must be registered persistent classes."""
+    marker = tmp_path / "ran"
+    evil = _persistent_object("STFLoss", dict(base_kwargs=dict(class_name="os.system", command=f"touch {marker}")))
+    path = tmp_path / "evil.pkl"
+    path.write_bytes(pickle.dumps({"ema": torch.nn.Identity(), "loss_fn": evil}, protocol=4))
+    with pytest.raises(persistence.NetworkPickleError, match=r"name 'os.system' to import and call, which is not a "
+                                                             r"registered persistent class"):
+        persistence.load_network_pickle(str(path))
+    assert not marker.exists()
+    nested = _persistent_object("AOTLoss", dict(base_kwargs=dict(class_name="losses.stf.STFLoss", base_kwargs=dict(
+        class_name="builtins.exec", source="x"))))
+    with pytest.raises(persistence.NetworkPickleError, match="'builtins.exec'"):
+        persistence.load_network_pickle(io.BytesIO(pickle.dumps({"ema": torch.nn.Identity(), "loss": nested})))
+    fine = _persistent_object("AOTLoss", dict(base_kwargs=dict(class_name="losses.denoising.EDMLoss")))
+    loaded = persistence.load_network_pickle(io.BytesIO(pickle.dumps({"ema": torch.nn.Identity(), "loss": fine})))
+    assert type(loaded["loss"].base).__name__ == "EDMLoss"  # our own snapshots' pickled losses still load
+
+
+def test_whitelisted_classes_cannot_be_given_class_attributes():
+    """Pickle's BUILD with slot state sets attributes on whatever it is handed, a class too: a file naming EasyDict
+    gave every EasyDict in the process a `module_src`, which EDM's trusted-pickle path then executed. No whitelisted
+    class accepts it."""
+    table = persistence._build_safe_globals()
+    classes = {key: value for key, value in table.items() if isinstance(value, type)}
+    assert ("dnnlib", "EasyDict") in classes
+    for (module, name), cls in classes.items():
+        payload = (b"\x80\x02c" + f"{module}\n{name}\n".encode() + b"N}X\x0a\x00\x00\x00module_srcX\x04\x00\x00"
+                   b"\x00evils\x86b.")  # GLOBAL cls; NONE; {'module_src': 'evil'}; TUPLE2; BUILD; STOP
+        with pytest.raises((TypeError, AttributeError, pickle.UnpicklingError)):
+            persistence.safe_pickle.loads(payload)
+        assert "module_src" not in vars(cls), (module, name)
+    assert not hasattr(dnnlib.EasyDict, "module_src") and dnnlib.EasyDict(a=1).a == 1
+
+
+def test_forged_structured_dtypes_are_refused():
+    """A pickle can give a structured dtype an object field that numpy does not flag (dtype.__setstate__), so that
+    raw bytes become object pointers: structured numpy values are refused after a safe load."""
+    class Forged:
+        def __reduce__(self):  # dtype('V8') whose BUILD state declares field 'a' of dtype object, flags 0
+            return np.dtype, ("V8", False, True), (3, "|", None, ("a",), {"a": (np.dtype("O"), 0)}, 8, 1, 0)
+
+    class ForgedArray:
+        def __reduce__(self):
+            return (persistence._numpy_multiarray()._reconstruct, (np.ndarray, (0,), b"b"),
+                    (1, (1,), Forged(), False, b"AAAAAAAA"))
+
+    for payload in (Forged(), ForgedArray()):
+        with pytest.raises(persistence.NetworkPickleError, match="structured dtype"):
+            persistence.load_network_pickle(io.BytesIO(pickle.dumps({"ema": payload}, protocol=4)))
+    plain = persistence.load_network_pickle(io.BytesIO(pickle.dumps({"ema": torch.nn.Identity(), "x": np.arange(3),
+                                                                     "s": np.float64(2.5)}, protocol=4)))
+    assert plain["s"] == 2.5 and plain["x"].tolist() == [0, 1, 2]
+
+
+def test_pickled_hooks_and_shadowing_attributes_are_refused():
+    """Tensor attribute state that sets private attributes (hooks) or shadows tensor methods, and plain torch
+    modules carrying hooks or replacing `forward`, are refused: they would make later code call what the file
+    chose."""
+    class ParameterWithState:
+        def __init__(self, state):
+            self.state = state
+
+        def __reduce__(self):
+            return torch._utils._rebuild_parameter_with_state, (torch.zeros(2), True, collections.OrderedDict(),
+                                                                 self.state)
+
+    for state in ({"_backward_hooks": {0: collections.OrderedDict}}, {"backward": collections.OrderedDict}):
+        with pytest.raises(persistence.NetworkPickleError, match="pickled state sets"):
+            persistence.load_network_pickle(io.BytesIO(pickle.dumps({"ema": ParameterWithState(state)})))
+    hooked = torch.nn.Linear(2, 2)
+    hooked.register_forward_hook(collections.OrderedDict)  # a whitelisted callable
+    with pytest.raises(persistence.NetworkPickleError, match="_forward_hooks"):
+        persistence.load_network_pickle(io.BytesIO(pickle.dumps({"ema": hooked})))
+    shadowing = torch.nn.Linear(2, 2)
+    shadowing.__dict__["forward"] = collections.OrderedDict
+    with pytest.raises(persistence.NetworkPickleError, match="replaces its 'forward'"):
+        persistence.load_network_pickle(io.BytesIO(pickle.dumps({"ema": shadowing})))
+    plain = persistence.load_network_pickle(io.BytesIO(pickle.dumps({"ema": torch.nn.Linear(2, 2)})))
+    assert isinstance(plain["ema"], torch.nn.Linear)
+
+
 def test_only_listed_torch_nn_classes_are_accepted():
     assert persistence._resolve_safe_global("torch.nn.modules.container", "ModuleDict") is torch.nn.ModuleDict
     assert persistence._resolve_safe_global("torch.nn.modules.linear", "Linear") is torch.nn.Linear

@@ -180,7 +180,7 @@ def _module_to_src(module) -> str | None:
 
 def _apply_import_hooks(meta) -> EasyDict:
     meta = EasyDict(meta)
-    meta.state = EasyDict(meta.get("state") or {})
+    meta["state"] = EasyDict(meta.get("state") or {})
     for hook in _import_hooks:
         meta = hook(meta)
         if meta is None:
@@ -201,15 +201,16 @@ def _reconstruct_persistent_obj(meta):
                                      f"expected {_version}")
     if meta.get("type") != "class":
         raise pickle.UnpicklingError(f"persistent object has type {meta.get('type')!r}, expected 'class'")
-    module = _src_to_module(meta.module_src)
-    orig_class = module.__dict__[meta.class_name]
+    # By key, not attribute: an attribute lookup could reach a class attribute (see dnnlib.util.EasyDict).
+    module = _src_to_module(meta["module_src"])
+    orig_class = module.__dict__[meta["class_name"]]
     decorator_class = persistent_class(orig_class)
     obj = decorator_class.__new__(decorator_class)
     setstate = getattr(obj, "__setstate__", None)
     if callable(setstate):
-        setstate(dict(meta.state))
+        setstate(dict(meta["state"]))
     else:
-        obj.__dict__.update(meta.state)
+        obj.__dict__.update(meta["state"])
     return obj
 
 
@@ -428,27 +429,104 @@ def _safe_load_from_bytes(data: bytes):
     return storage
 
 
-def _no_hooks(rebuild):
-    """A tensor rebuild function that refuses pickled backward hooks (callables that would run during backward)."""
+def _check_tensor_state(state, what: str) -> None:
+    """A tensor's pickled attributes (a dict, or torch's (dict, slots) pair): refused when one is private (hooks live
+    in `_backward_hooks`, `_post_accumulate_grad_hooks`, ...) or would shadow a tensor attribute (a method such as
+    `backward` or `register_hook`), since either could make later code call what the file chose."""
+    for part in state if isinstance(state, tuple) else (state,):
+        if part is None:
+            continue
+        if not isinstance(part, dict):
+            raise pickle.UnpicklingError(f"refusing a tensor ({what}) whose pickled state is a {type(part).__name__}")
+        for key in part:
+            if not isinstance(key, str) or key.startswith("_") or hasattr(torch.Tensor, key):
+                raise pickle.UnpicklingError(f"refusing a tensor ({what}) whose pickled state sets {key!r}")
+
+
+def _no_hooks(rebuild, hooks_arg: int | None = None, state_arg: int | None = None):
+    """A tensor rebuild function that refuses pickled backward hooks (callables that would run during backward) and
+    pickled attribute state that sets private or shadowing attributes (`_check_tensor_state`)."""
+    name = rebuild.__name__
+    hooks_arg = _HOOKS_ARG.get(name) if hooks_arg is None else hooks_arg
+    state_arg = _STATE_ARG.get(name) if state_arg is None else state_arg
+
     def rebuild_without_hooks(*args):
-        hooks = args[_HOOKS_ARG[rebuild.__name__]] if len(args) > _HOOKS_ARG[rebuild.__name__] else None
-        if hooks:
-            raise pickle.UnpicklingError(f"refusing a tensor with pickled backward hooks ({rebuild.__name__})")
+        if hooks_arg is not None and len(args) > hooks_arg and args[hooks_arg]:
+            raise pickle.UnpicklingError(f"refusing a tensor with pickled backward hooks ({name})")
+        if state_arg is not None and len(args) > state_arg:
+            _check_tensor_state(args[state_arg], name)
         return rebuild(*args)
-    rebuild_without_hooks.__name__ = rebuild.__name__
+    rebuild_without_hooks.__name__ = name
     return rebuild_without_hooks
 
 
-# Position of `backward_hooks` in torch._utils' rebuild functions.
+# Position of `backward_hooks`, and of the attribute state, in torch's rebuild functions.
 _HOOKS_ARG = {"_rebuild_tensor_v2": 5, "_rebuild_tensor_v3": 5, "_rebuild_parameter": 2,
               "_rebuild_parameter_with_state": 2}
+_STATE_ARG = {"_rebuild_parameter_with_state": 3, "_rebuild_from_type": 3, "_rebuild_from_type_v2": 3}
 
 
 def _safe_frombuffer(buf, dtype, shape, order):
     """numpy's _frombuffer (protocol-5 arrays) for plain dtypes only: object fields would read pointers from bytes."""
-    if np.dtype(dtype).hasobject:
-        raise pickle.UnpicklingError("refusing a numpy array of Python objects stored as raw bytes")
+    if not _plain_dtype(np.dtype(dtype)):
+        raise pickle.UnpicklingError("refusing a numpy array of Python objects or of a structured dtype stored as raw "
+                                     "bytes")
     return _numpy_frombuffer()(buf, dtype, shape, order)
+
+
+def _plain_dtype(dtype) -> bool:
+    """A numpy dtype without fields, sub-arrays or objects. A pickle can forge a structured dtype's state (BUILD calls
+    dtype.__setstate__) so that an object field is not flagged as one; this project's files hold no structured
+    arrays, so none is accepted."""
+    return isinstance(dtype, np.dtype) and dtype.fields is None and dtype.subdtype is None and not dtype.hasobject
+
+
+def _check_loaded_data(obj, source: str) -> None:
+    """After a safe load: every numpy array, scalar and dtype in `obj` is plain (`_plain_dtype`; object arrays, which
+    can only hold whitelisted objects, stay allowed), and every plain torch module carries no hooks and does not
+    shadow its class's methods (`_check_plain_module`)."""
+    stack, seen = [obj], set()
+    while stack:
+        item = stack.pop()
+        if id(item) in seen:
+            continue
+        seen.add(id(item))
+        if isinstance(item, (np.ndarray, np.generic, np.dtype)):
+            dtype = item if isinstance(item, np.dtype) else item.dtype
+            if dtype.fields is not None or dtype.subdtype is not None or (dtype.hasobject and dtype.kind != "O"):
+                raise NetworkPickleError(f"{source}: refusing a numpy value of structured dtype (fields "
+                                         f"{sorted(dtype.fields or {})}): a pickle can forge such a dtype")
+            if isinstance(item, np.ndarray) and dtype.kind == "O":
+                stack.extend(item.ravel().tolist())
+        elif isinstance(item, dict):
+            stack.extend(item.keys())
+            stack.extend(item.values())
+        elif isinstance(item, (list, tuple, set, frozenset)):
+            stack.extend(item)
+        elif isinstance(item, PickledObject):
+            stack.append(item.state)
+        elif isinstance(item, torch.nn.Module):
+            _check_plain_module(item, source)
+            stack.extend(item.__dict__.values())
+
+
+_MODULE_HOOKS = ("_backward_pre_hooks", "_backward_hooks", "_forward_hooks", "_forward_hooks_with_kwargs",
+                 "_forward_hooks_always_called", "_forward_pre_hooks", "_forward_pre_hooks_with_kwargs",
+                 "_state_dict_hooks", "_state_dict_pre_hooks", "_load_state_dict_pre_hooks",
+                 "_load_state_dict_post_hooks")
+
+
+def _check_plain_module(module: torch.nn.Module, source: str) -> None:
+    """A torch module as a pickle left it: no hooks (callables torch runs on forward, backward or state_dict) and no
+    instance attribute that shadows a method or property of its class (e.g. `forward`)."""
+    for name in _MODULE_HOOKS:
+        if getattr(module, name, None):
+            raise NetworkPickleError(f"{source}: refusing a pickled {type(module).__name__} with {name}")
+    for name in module.__dict__:
+        attribute = inspect.getattr_static(type(module), name, None)
+        if callable(attribute) or isinstance(attribute, property):
+            raise NetworkPickleError(f"{source}: refusing a pickled {type(module).__name__} whose state replaces "
+                                     f"its {name!r}")
 
 
 _PLAIN_TYPES = ("set", "frozenset", "slice", "complex", "bytearray", "bytes", "object", "dict", "list", "tuple", "int",
@@ -491,8 +569,8 @@ def _build_safe_globals() -> dict:
         ("torch", "device"): torch.device,
         ("torch.nn.parameter", "Parameter"): torch.nn.Parameter,
         ("torch.storage", "_load_from_bytes"): _safe_load_from_bytes,
-        ("torch._tensor", "_rebuild_from_type"): torch._tensor._rebuild_from_type,
-        ("torch._tensor", "_rebuild_from_type_v2"): torch._tensor._rebuild_from_type_v2,
+        ("torch._tensor", "_rebuild_from_type"): _no_hooks(torch._tensor._rebuild_from_type),
+        ("torch._tensor", "_rebuild_from_type_v2"): _no_hooks(torch._tensor._rebuild_from_type_v2),
     }
     if hasattr(torch._utils, "_rebuild_tensor"):
         table[("torch._utils", "_rebuild_tensor")] = torch._utils._rebuild_tensor
@@ -558,6 +636,11 @@ class SafeUnpickler(pickle.Unpickler):
     class_registry: dict | None = None
     source: str = "<pickle>"
 
+    def load(self):
+        data = super().load()
+        _check_loaded_data(data, self.source)
+        return data
+
     def find_class(self, module, name):
         if (module, name) == _RECONSTRUCT:
             return self._reconstruct_pickled_object
@@ -583,7 +666,7 @@ class SafeUnpickler(pickle.Unpickler):
         classes = self.class_registry if self.class_registry is not None else PERSISTENT_CLASSES
         if class_name not in classes:
             _resolve_class(class_name, classes, self.source)  # Raises the error naming the known classes.
-        return PickledObject(class_name, dict(meta.state), meta.get("module_src"))
+        return PickledObject(class_name, dict(meta["state"]), meta.get("module_src"))
 
 
 def _make_safe_pickle_module(class_registry: dict | None = None, source: str = "<pickle>") -> types.ModuleType:
@@ -691,6 +774,35 @@ def _copy_pickled_state(module: torch.nn.Module, pickled: PickledObject, classes
         param.requires_grad_(bool(theirs[name].requires_grad))
 
 
+_NAME_KEYS = ("class_name", "func_name")  # dnnlib's construct_class_by_name / call_func_by_name import these
+
+
+def _names_to_import(obj):
+    """Every value under a 'class_name' or 'func_name' key in nested dicts, lists and tuples."""
+    stack = [obj]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, dict):
+            for key, value in item.items():
+                if key in _NAME_KEYS:
+                    yield value
+                stack.append(value)
+        elif isinstance(item, (list, tuple)):
+            stack.extend(item)
+
+
+def _check_constructor_names(pickled: PickledObject, args, kwargs, classes: dict, source: str) -> None:
+    """Constructor arguments from a file may name only registered persistent classes: a wrapper loss builds its base
+    from `base_kwargs['class_name']`, and any such name would otherwise import and call whatever the file says."""
+    allowed = {entry if isinstance(entry, str) else f"{entry.__module__}.{entry.__qualname__}"
+               for entry in classes.values()}
+    for name in _names_to_import((args, kwargs)):
+        if not isinstance(name, str) or name not in allowed:
+            raise NetworkPickleError(f"{source}: the pickled {pickled.class_name}'s constructor arguments name "
+                                     f"{name!r} to import and call, which is not a registered persistent class: "
+                                     f"refused (a file must not choose the code that runs)")
+
+
 def _rebuild(pickled: PickledObject, classes: dict, source: str, memo: dict):
     """Our object for a pickled persistent one: constructed from its init args/kwargs, tensors copied in."""
     cls = _resolve_class(pickled.class_name, classes, source)
@@ -700,6 +812,7 @@ def _rebuild(pickled: PickledObject, classes: dict, source: str, memo: dict):
         raise NetworkPickleError(f"{source}: the pickled {pickled.class_name} does not record its constructor "
                                  f"arguments (_init_args/_init_kwargs), so it cannot be rebuilt without running "
                                  f"its embedded code")
+    _check_constructor_names(pickled, init_args, init_kwargs, classes, source)
     init_args = _import_objects(init_args, classes, source, memo)
     init_kwargs = dict(_import_objects(init_kwargs, classes, source, memo))
     if not issubclass(cls, torch.nn.Module):

@@ -9,6 +9,7 @@ import torch
 from dnnlib import util
 from samplers import SigmaGrid, count_nfe, sample
 from samplers.generation import SamplerConfig, build_grid, sample_seeds, seed_inputs
+from torch_utils import persistence
 
 TEACHER_FILE_FORMAT = "ld3-teacher-data"
 TEACHER_FILE_VERSION = 1
@@ -155,7 +156,7 @@ def save_teacher_data(path: str, data: TeacherData) -> None:
 
 def load_teacher_data(path: str) -> TeacherData:
     try:
-        doc = torch.load(path, map_location="cpu", weights_only=True)
+        doc = persistence.safe_torch_load(path)  # not torch.load alone: TorchScript before torch 2.6
     except FileNotFoundError:
         raise FileNotFoundError(f"teacher data file not found: {path}") from None
     except Exception as err:
