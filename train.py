@@ -376,20 +376,24 @@ def build_config(opts: dnnlib.EasyDict, world_size: int) -> tuple[dnnlib.EasyDic
         c.network_kwargs.num_blocks = opts.blocks
     if opts.attn is not None:
         c.network_kwargs.attn_resolutions = opts.attn
+    # Whether the network is told how its input was augmented: EDM's losses pass the augmentation labels; a loss that
+    # augments only what its discriminator sees (GDD) declares `feeds_augment_labels = False`.
+    feeds_labels = bool(opts.augment) and getattr(losses.LOSSES.get(loss_name), 'feeds_augment_labels', True)
     if opts.augment:
         c.augment_kwargs = dnnlib.EasyDict(class_name='training.augment.AugmentPipe', p=opts.augment)
         c.augment_kwargs.update(xflip=1e8, yflip=1, scale=1, rotate_frac=1, aniso=1, translate_frac=1)
-        if opts.init is None:  # --init keeps the pickle's augment_dim (its architecture)
+        if opts.init is None and feeds_labels:  # --init keeps the pickle's augment_dim (its architecture)
             c.network_kwargs.augment_dim = 9
-        elif not c.network_kwargs.get('augment_dim'):
+        elif feeds_labels and not c.network_kwargs.get('augment_dim'):
             warnings.warn(f'--init: {opts.init} has no augmentation input (augment_dim=0): --augment={opts.augment:g} '
                           f'augments the images, but the network cannot be told how (EDM\'s augmentation labels '
                           f'are dropped)', stacklevel=1)
-    elif opts.init is not None and c.network_kwargs.get('augment_dim'):
-        # EDM's released networks take augmentation labels (augment_dim=9). Without augmentation nothing feeds that
-        # layer: its weight would get no gradient, which DDP refuses on more than one GPU ("parameters that were not
-        # used in producing loss"). EDM builds such a network without it (augment_dim=0, as GDD's reference does);
-        # the other weights load by name, and without labels the outputs are the same.
+    if opts.init is not None and c.network_kwargs.get('augment_dim') and not feeds_labels:
+        # EDM's released networks take augmentation labels (augment_dim=9). When nothing feeds that layer (no
+        # augmentation, or a loss that does not pass the labels) its weight gets no gradient, which DDP refuses on
+        # more than one GPU ("parameters that were not used in producing loss"). EDM builds such a network without it
+        # (augment_dim=0, as GDD's reference does); the other weights load by name, and without labels the outputs
+        # are the same.
         c.network_kwargs.augment_dim = 0
     c.network_kwargs.update(dropout=opts.dropout, use_fp16=opts.fp16)
 

@@ -74,6 +74,9 @@ class GDDLoss:
     """GDD's three phases over the generator `net` and a discriminator `D` (extra network); see the module doc."""
 
     uses_loop_lr_ramp = False  # its phases keep a constant rate (losses.constant_lr): --lr-rampup does not apply
+    # --augment augments what the discriminator sees; the generator gets no augmentation labels (train.py builds the
+    # network without that input: a layer nothing feeds stops DDP).
+    feeds_augment_labels = False
 
     # The --precond values it trains, its default first: GDD's shifted EDM preconditioning, or EDM's (equivalent to
     # about 5e-5 at sigma = 80). train.py --init swaps an EDM pickle's wrapper for the first unless --precond is given.

@@ -770,15 +770,16 @@ def test_init_takes_the_pickles_network_and_the_losss_preconditioning(edm_releas
 
 
 def test_init_without_augmentation_leaves_no_parameter_without_a_gradient(edm_release, tmp_path):
-    """EDM's released networks have an augmentation input (augment_dim=9). Without augmentation nothing feeds it: its
-    weight would get no gradient, and DDP on more than one GPU stops at the second step ("parameters that were not
-    used in producing loss"). train.py --init drops it then (EDM's rule), the outputs stay the pickle's."""
+    """EDM's released networks have an augmentation input (augment_dim=9). Without augmentation, or under GDD (whose
+    augmentation is the discriminator's), nothing feeds it: its weight would get no gradient, and DDP on more than one
+    GPU stops at the second step ("parameters that were not used in producing loss"). train.py --init drops it then
+    (EDM's rule), the outputs stay the pickle's."""
     import dnnlib
     from torch_utils import misc
     release = edm_release['net']
     x = torch.randn(3, 1, 8, 8, generator=torch.Generator().manual_seed(5))
     sigma = torch.tensor([0.5, 2.0, 80.0])
-    for loss, augment, augment_dim in (('gdd', 0, 0), ('edm', 0, 0), ('gdd', 0.1, 9)):
+    for loss, augment, augment_dim in (('gdd', 0, 0), ('edm', 0, 0), ('gdd', 0.1, 0), ('edm', 0.1, 9)):
         result = _train(['--loss', loss, '--precond', 'edm', '--outdir', tmp_path, '--data', edm_release['data'],
                          '--init', edm_release['path'], '--augment', augment, '--device', 'cpu', '-n'])
         assert result.exit_code == 0, result.output
