@@ -41,7 +41,7 @@ from samplers.ld3 import (
     train_ld3,
 )
 from samplers.schedules import learned_solver_options
-from torch_utils import persistence
+from torch_utils import distributed, persistence
 from training.snapshots import load_snapshot
 
 
@@ -100,6 +100,10 @@ def cli():
 
     `python -m samplers.ld3` is the same command (from another folder, with the repository on PYTHONPATH).
     """
+    try:
+        distributed.check_single_process("ld3.py")  # LD3 learns on one device, as the reference
+    except ValueError as err:
+        raise click.UsageError(str(err)) from None
 
 
 def load_network(network: str, device):

@@ -16,6 +16,7 @@ from samplers.dg.discriminator import (
     load_discriminator,
     save_discriminator,
 )
+from torch_utils import distributed
 from training import dg
 from training import snapshots as _snapshots  # noqa: F401  (registers the network classes a DG pickle may hold)
 
@@ -56,7 +57,10 @@ def main():
     \b
     # The reference's released discriminator (EDM-G++), imported once
     python train_dg.py import --adm-classifier=32x32_classifier.pt --discriminator=discriminator_60.pt --out=dg.pkl
+
+    One process (the reference trains on one GPU): under torchrun with several processes it stops.
     """
+    _run(distributed.check_single_process, "train_dg.py")
 
 
 @main.command()

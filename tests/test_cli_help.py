@@ -67,3 +67,18 @@ def test_the_check_catches_click_defaults():
     ctx = click.Context(command)
     columns = [option.get_help_record(ctx)[0] for option in command.params]
     assert [bool(CLICK_DEFAULT_METAVARS.search(column)) for column in columns] == [True, False, True, False]
+
+
+@pytest.mark.parametrize("module, args", [("train_dg", ["train", "--real", "r", "--fake", "f", "--outdir", "o"]),
+                                          ("ld3", ["evaluate", "--schedule", "s.json", "--data", "d.pt"])])
+def test_single_process_tools_refuse_several_torchrun_processes(module, args, monkeypatch):
+    """train_dg.py and ld3.py do not split their work over ranks: under torchrun with 2 processes every rank trained
+    everything and both appended to the same stats.jsonl. They stop with one line instead."""
+    cli = importlib.import_module(module)
+    group = getattr(cli, "main", None) or cli.cli
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "1")
+    result = CliRunner().invoke(group, args)
+    assert result.exit_code in (1, 2)  # click's usage (ld3.py) or error (train_dg.py) exit
+    assert f"{module}.py runs as one process (it does not split its work over ranks), but torchrun started 2" in \
+        result.output

@@ -72,6 +72,15 @@ def get_local_rank() -> int:
     return int(os.environ.get("LOCAL_RANK", "0"))
 
 
+def check_single_process(program: str) -> None:
+    """ValueError when this process is one of several (torchrun with more than one process) and `program` does not
+    split its work over ranks: every rank would do all of it and write the same files."""
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    if world_size > 1:
+        raise ValueError(f"{program} runs as one process (it does not split its work over ranks), but torchrun "
+                         f"started {world_size}: run it with python, or torchrun --nproc_per_node=1")
+
+
 def device() -> torch.device:
     """The device chosen by init() (cpu when init() has not run and CUDA is absent)."""
     if _device is not None:
