@@ -5,6 +5,8 @@ not change: the process, the batch source and the data checks. Wrappers nest (AO
 registered in losses.LOSS_WRAPPERS with the train.py flags that turn them on.
 """
 
+import collections.abc
+
 import dnnlib
 
 DEFAULT_BASE = dict(class_name='losses.denoising.EDMLoss')
@@ -14,6 +16,10 @@ class LossWrapper:
     """A loss built around `self.base`; subclasses override __call__ and, when they need other data, batch_source."""
 
     def __init__(self, base_kwargs=None):
+        if base_kwargs is not None and not isinstance(base_kwargs, collections.abc.Mapping):
+            # dict() of pairs or of an array would hide the class name from the checks of a loaded pickle
+            raise TypeError(f"{type(self).__name__}: base_kwargs must be a mapping (class_name and options), not a "
+                            f"{type(base_kwargs).__name__}")
         self.base_kwargs = dict(base_kwargs) if base_kwargs is not None else dict(DEFAULT_BASE)
         self.base = dnnlib.util.construct_class_by_name(**self.base_kwargs)
 

@@ -21,7 +21,7 @@ import scipy.linalg
 import torch
 
 from dnnlib import util
-from torch_utils import distributed
+from torch_utils import distributed, persistence
 
 
 class FeatureMoments:
@@ -169,8 +169,9 @@ def save_reference(path: str, mu: np.ndarray, sigma: np.ndarray, **extra: np.nda
                 np.lib.format.write_array(member, value)
 
 
-class _NumpyOnlyUnpickler(pickle.Unpickler):
-    """Unpickles EDM2's reference pickles (dicts of numpy arrays) without running arbitrary code."""
+class _NumpyOnlyUnpickler(persistence.GuardedUnpickler):
+    """Unpickles EDM2's reference pickles (dicts of numpy arrays) without running arbitrary code (and with pickle's
+    BUILD checked: a forged dtype state could otherwise make raw bytes object pointers)."""
 
     _allowed = {
         ("numpy", "ndarray"), ("numpy", "dtype"), ("numpy.core.multiarray", "_reconstruct"),

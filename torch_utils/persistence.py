@@ -40,6 +40,7 @@ import io
 import os
 import pickle
 import pickletools
+import struct
 import sys
 import tarfile
 import types
@@ -626,7 +627,53 @@ _TORCH_NN_CLASSES = frozenset({
 })
 
 
-class SafeUnpickler(pickle.Unpickler):
+def _check_build(inst, state) -> None:
+    """What pickle's BUILD opcode may do to an object: set an instance's state as its class's own pickling writes it.
+    Refused: any class (BUILD sets class attributes: a whitelisted class would change for the whole process); a numpy
+    dtype whose state is not the one numpy writes for it (a forged state can give fields, objects or flags numpy then
+    trusts, so that raw bytes are read as object pointers); an array of Python objects from raw bytes; a tensor state
+    carrying backward hooks or other attributes."""
+    if isinstance(inst, type):
+        raise pickle.UnpicklingError(f"refusing to set attributes of the class {inst.__qualname__}")
+    if isinstance(inst, np.dtype):
+        natural = inst.__reduce__()[2]
+        if not (isinstance(state, tuple) and len(state) == len(natural)
+                and all(a is b or (type(a) is type(b) and a == b) for a, b in zip(state, natural))):
+            raise pickle.UnpicklingError(f"refusing a numpy dtype state that differs from {inst!r}'s own: {state!r}")
+    elif isinstance(inst, np.ndarray):
+        dtype = state[2] if isinstance(state, tuple) and len(state) == 5 else None
+        if not isinstance(dtype, np.dtype) or dtype.fields is not None or dtype.subdtype is not None:
+            raise pickle.UnpicklingError("refusing a numpy array state of a structured or unknown dtype")
+        if dtype.hasobject and not isinstance(state[4], list):
+            raise pickle.UnpicklingError("refusing a numpy array of Python objects from raw bytes")
+    elif isinstance(inst, torch.Tensor):
+        parts = state if isinstance(state, tuple) else (state,)
+        if len(parts) > 3 or (len(parts) == 3 and parts[2]) or any(isinstance(p, dict) and p for p in parts):
+            raise pickle.UnpicklingError("refusing a tensor state with backward hooks or attributes")
+
+
+class GuardedUnpickler(pickle._Unpickler):
+    """pickle's (pure-Python) unpickler with every BUILD checked by `_check_build`. The C unpickler offers no hook for
+    BUILD, and a whitelist of globals alone does not stop BUILD from reshaping what those globals return. Subclasses
+    give `find_class` its whitelist."""
+
+    def load(self):
+        try:
+            return super().load()
+        except (KeyError, IndexError, struct.error) as err:
+            # What the C unpickler reports as UnpicklingError ("invalid load key", "stack underflow", short reads),
+            # the pure-Python one raises as these: one type for every damaged file.
+            raise pickle.UnpicklingError(f"damaged pickle data ({type(err).__name__}: {err})") from None
+
+    def load_build(self):
+        _check_build(self.stack[-2], self.stack[-1])
+        super().load_build()
+
+    dispatch = dict(pickle._Unpickler.dispatch)
+    dispatch[pickle.BUILD[0]] = load_build
+
+
+class SafeUnpickler(GuardedUnpickler):
     """Unpickler that accepts only whitelisted globals and turns persistent objects into `PickledObject`s.
 
     `class_registry` (EDM class name -> class) decides which persistent class names are accepted; `source` names
@@ -777,18 +824,27 @@ def _copy_pickled_state(module: torch.nn.Module, pickled: PickledObject, classes
 _NAME_KEYS = ("class_name", "func_name")  # dnnlib's construct_class_by_name / call_func_by_name import these
 
 
-def _names_to_import(obj):
-    """Every value under a 'class_name' or 'func_name' key in nested dicts, lists and tuples."""
+def _names_to_import(obj, pickled: PickledObject, source: str):
+    """Every value under a 'class_name' or 'func_name' key in the nested dicts, lists and tuples of constructor
+    arguments, which may hold nothing but those containers, strings, numbers, None and persistent objects (rebuilt
+    and checked in turn): a set of pairs or an object array could become a dict of names inside a constructor."""
     stack = [obj]
     while stack:
         item = stack.pop()
         if isinstance(item, dict):
             for key, value in item.items():
+                if not isinstance(key, str):
+                    raise NetworkPickleError(f"{source}: the pickled {pickled.class_name}'s constructor arguments "
+                                             f"hold a dict key of type {type(key).__name__}")
                 if key in _NAME_KEYS:
                     yield value
                 stack.append(value)
         elif isinstance(item, (list, tuple)):
             stack.extend(item)
+        elif not (item is None or isinstance(item, (str, bool, int, float, PickledObject))
+                  or (isinstance(item, np.generic) and item.dtype.kind in "biuf")):
+            raise NetworkPickleError(f"{source}: the pickled {pickled.class_name}'s constructor arguments hold a "
+                                     f"{type(item).__name__}; only containers, strings and numbers are accepted")
 
 
 def _check_constructor_names(pickled: PickledObject, args, kwargs, classes: dict, source: str) -> None:
@@ -796,7 +852,7 @@ def _check_constructor_names(pickled: PickledObject, args, kwargs, classes: dict
     from `base_kwargs['class_name']`, and any such name would otherwise import and call whatever the file says."""
     allowed = {entry if isinstance(entry, str) else f"{entry.__module__}.{entry.__qualname__}"
                for entry in classes.values()}
-    for name in _names_to_import((args, kwargs)):
+    for name in _names_to_import((args, kwargs), pickled, source):
         if not isinstance(name, str) or name not in allowed:
             raise NetworkPickleError(f"{source}: the pickled {pickled.class_name}'s constructor arguments name "
                                      f"{name!r} to import and call, which is not a registered persistent class: "
@@ -826,7 +882,10 @@ def _rebuild(pickled: PickledObject, classes: dict, source: str, memo: dict):
                               f"our {cls.__qualname__} does not take", stacklevel=2)
                 init_kwargs = {k: v for k, v in init_kwargs.items() if k not in unknown}
     try:
-        with torch.device("cpu"):
+        # The constructor draws initial weights that the pickle's then replace: from a forked generator, so that
+        # loading a file leaves the caller's random stream as pickle.load does (EDM resumes and --transfer draw
+        # their first sigma and noise right after loading).
+        with torch.device("cpu"), torch.random.fork_rng(devices=[]):
             obj = cls(*init_args, **init_kwargs)
     except Exception as err:
         raise NetworkPickleError(f"{source}: cannot build {cls.__module__}.{cls.__qualname__} from the pickled "

@@ -27,6 +27,7 @@ import PIL.Image
 from tqdm import tqdm
 
 from dnnlib import util
+from torch_utils import persistence
 from training.dataset import MAX_LABEL_DIM, DatasetError, decode_image
 
 DIGITS_SOURCE = "digits"
@@ -196,8 +197,9 @@ def open_image_zip(source_zip: str, max_images: int | None = None) -> Source:
     return Source(num, iterate())
 
 
-class _NumpyOnlyUnpickler(pickle.Unpickler):
-    """Unpickles plain data and numpy arrays only: a downloaded CIFAR batch must not be able to run code."""
+class _NumpyOnlyUnpickler(persistence.GuardedUnpickler):
+    """Unpickles plain data and numpy arrays only: a downloaded CIFAR batch must not be able to run code (BUILD
+    checked too: a forged dtype state could make raw bytes object pointers)."""
 
     _ALLOWED = {
         ("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
