@@ -71,6 +71,20 @@ def test_update_ema_lerps_parameters_and_copies_buffers():
     assert all(torch.equal(a, b) for a, b in zip(ema.parameters(), net.parameters()))
 
 
+@pytest.mark.parametrize('beta', [0.3, 0.5, 0.9, 0.9993])
+def test_ema_update_is_edms_lerp_bit_for_bit(beta):
+    gen = torch.Generator().manual_seed(1)
+    net, ema = torch.nn.Linear(64, 64), torch.nn.Linear(64, 64)
+    with torch.no_grad():
+        for module in (net, ema):
+            for p in module.parameters():
+                p.copy_(torch.randn(p.shape, generator=gen))
+    expected = [p_net.detach().lerp(p_ema, beta) for p_ema, p_net in zip(ema.parameters(), net.parameters())]  # EDM
+    tl.update_ema(ema, net, beta)
+    for p_ema, want in zip(ema.parameters(), expected):
+        assert torch.equal(p_ema, want)
+
+
 def test_split_batch():
     assert tl.split_batch(512, 8, None) == (64, 64, 1)
     assert tl.split_batch(512, 8, 16) == (64, 16, 4)
@@ -104,6 +118,9 @@ def _edm_reference_run(kwargs, num_steps):
     net = dnnlib.util.construct_class_by_name(**kwargs['network_kwargs'], img_resolution=dataset.resolution,
                                               img_channels=dataset.num_channels, label_dim=dataset.label_dim)
     net.train().requires_grad_(True)
+    with torch.no_grad():  # EDM's module summary: one forward pass in training mode (dropout draws)
+        net(torch.zeros([batch_gpu, net.img_channels, net.img_resolution, net.img_resolution]),
+            torch.ones([batch_gpu]), torch.zeros([batch_gpu, net.label_dim]))
     loss_fn = dnnlib.util.construct_class_by_name(**kwargs['loss_kwargs'])
     augment_pipe = dnnlib.util.construct_class_by_name(**kwargs['augment_kwargs'])
     optimizer = dnnlib.util.construct_class_by_name(params=net.parameters(), **kwargs['optimizer_kwargs'])

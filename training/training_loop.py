@@ -85,12 +85,13 @@ def ema_beta(cur_nimg, batch_size, ema_halflife_kimg, ema_rampup_ratio) -> float
 
 @torch.no_grad()
 def update_ema(ema: torch.nn.Module, net: torch.nn.Module, beta: float) -> None:
-    """p_ema <- lerp(p_net, p_ema, beta) for parameters (one fused kernel); buffers copied."""
+    """p_ema <- lerp(p_net, p_ema, beta) for parameters (fused over all of them); buffers copied."""
     ema_params = [p for p in ema.parameters()]
     net_params = [p.detach() for p in net.parameters()]
     if ema_params:
-        # lerp(ema, net, 1 - beta) == lerp(net, ema, beta); beta = 0 copies the net exactly.
-        torch._foreach_lerp_(ema_params, net_params, 1.0 - beta)
+        # EDM's p_net.lerp(p_ema, beta), bit for bit (lerp(ema, net, 1 - beta) is the same number but rounds
+        # differently in the last bit); beta = 0 copies the net exactly.
+        torch._foreach_copy_(ema_params, torch._foreach_lerp(net_params, ema_params, beta))
     for b_ema, b_net in zip(ema.buffers(), net.buffers()):
         b_ema.copy_(b_net)
 
@@ -341,6 +342,12 @@ def _build(*, dataset_kwargs, data_loader_kwargs, network_kwargs, loss_kwargs, o
         net.train().requires_grad_(True).to(device)
         if channels_last:  # the weights only: inputs and random draws keep their layout (randn_like follows it)
             net.to(memory_format=torch.channels_last)
+        if rng == 'rank' and rank == 0:
+            # EDM's rank 0 runs the network once here (its module summary), in training mode: with dropout that
+            # draws from the stream every later sigma, noise and augmentation comes from. EDM's stream, exactly.
+            with torch.no_grad():
+                net(torch.zeros([batch_gpu, net.img_channels, net.img_resolution, net.img_resolution], device=device),
+                    torch.ones([batch_gpu], device=device), torch.zeros([batch_gpu, net.label_dim], device=device))
         dist.print0('Setting up optimizer...')
         loss_fn = dnnlib.util.construct_class_by_name(**loss_kwargs)
         if hasattr(loss_fn, 'check_data'):
