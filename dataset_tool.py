@@ -45,7 +45,8 @@ def main(source, dest, max_images, transform, resolution):
 
     Images are written as uncompressed PNGs named {idx//1000:05d}/img{idx:08d}.png, with idx the position in
     the source, and labels go to dataset.json: {"labels": [["00000/img00000000.png", 6], ...]}, or
-    {"labels": null} when some image has no label.
+    {"labels": null} when the source has none. A source dataset.json that labels some images but not all is an error
+    (EDM drops all labels then). Palette images become RGB (EDM writes their palette indices as greyscale).
 
     Output images must be square, have a power-of-two side and 1 or 3 channels, identical for all images.
     Without --transform, --resolution resizes (Lanczos). --transform=center-crop crops to the short side;

@@ -345,7 +345,8 @@ def claim_output_folder(outdir: str, record: dict, overwrite: bool = False) -> N
         if existing != record:
             changed = sorted(k for k in set(existing) | set(record) if existing.get(k) != record.get(k))
             raise OutputFolderMismatch(
-                f"{outdir} holds images made with another {', '.join(changed)} (see {path}); use another --outdir, or "
+                f"{outdir} holds images made with other settings (these differ: {', '.join(changed)}; see {path}); use "
+                f"another --outdir, or "
                 f"--overwrite to regenerate them")
     elif not os.path.isfile(path) and not overwrite and os.path.isdir(outdir) and _holds_pngs(outdir):
         raise OutputFolderMismatch(f"{outdir} already holds PNGs without a record of what made them ({OUTPUT_RECORD});"

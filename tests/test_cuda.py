@@ -236,7 +236,8 @@ def test_generate_cli_precision_is_recorded_and_fid_images_refuses_it(tmp_path):
     assert record['options']['precision'] == 'bf16' and record['options']['compile'] is False
     result = CliRunner().invoke(generate.main, ['--network', path, '--outdir', str(out), '--seeds', '0-3', '--batch',
                                                 '4', '--steps', '3', '--device', 'cpu'])
-    assert result.exit_code != 0 and 'another options' in result.output  # fp32 images never mix with bf16 ones
+    # fp32 images never mix with bf16 ones
+    assert result.exit_code != 0 and 'made with other settings (these differ: options' in result.output
     import fid
     result = CliRunner().invoke(fid.main, ['calc', '--images', str(out), '--ref', str(tmp_path / 'x.npz'),
                                            '--precision', 'bf16'])

@@ -263,7 +263,7 @@ def test_cli_writes_edm_images(network_pickle, tmp_path):
     result = CliRunner().invoke(generate.main, unipc)
     assert result.exit_code == 1, result.output
     errors = [line for line in result.output.splitlines() if line.startswith("Error:")]
-    assert len(errors) == 1 and "holds images made with another options, sampler" in errors[0]
+    assert len(errors) == 1 and "holds images made with other settings (these differ: options, sampler" in errors[0]
     assert "use another --outdir, or --overwrite to regenerate them" in errors[0]
     assert open(os.path.join(outdir, "000000.png"), "rb").read() == before
     # ... or regenerated with --overwrite.
@@ -281,7 +281,8 @@ def test_cli_writes_edm_images(network_pickle, tmp_path):
         next(other_net.parameters()).add_(1)
     persistence.save_network_pickle(other, dict(ema=other_net))
     result = CliRunner().invoke(generate.main, [*unipc[:1], other, *unipc[2:]])
-    assert result.exit_code == 1 and "holds images made with another network_sha256" in result.output
+    assert result.exit_code == 1
+    assert "holds images made with other settings (these differ: network_sha256" in result.output
 
 
 @pytest.mark.parametrize(("args", "message"), [
