@@ -635,16 +635,13 @@ def _check_build(inst, state) -> None:
     carrying backward hooks or other attributes."""
     if isinstance(inst, type):
         raise pickle.UnpicklingError(f"refusing to set attributes of the class {inst.__qualname__}")
-    if isinstance(inst, np.dtype):
-        natural = inst.__reduce__()[2]
-        if not (isinstance(state, tuple) and len(state) == len(natural)
-                and all(a is b or (type(a) is type(b) and a == b) for a, b in zip(state, natural))):
-            raise pickle.UnpicklingError(f"refusing a numpy dtype state that differs from {inst!r}'s own: {state!r}")
-    elif isinstance(inst, np.ndarray):
-        dtype = state[2] if isinstance(state, tuple) and len(state) == 5 else None
-        if not isinstance(dtype, np.dtype) or dtype.fields is not None or dtype.subdtype is not None:
+    if isinstance(inst, np.ndarray):
+        # numpy writes (version, shape, dtype, fortran, data); older files (shape, dtype, fortran, data)
+        dtype, data = (state[2], state[4]) if isinstance(state, tuple) and len(state) == 5 else \
+            (state[1], state[3]) if isinstance(state, tuple) and len(state) == 4 else (None, None)
+        if not isinstance(dtype, np.dtype) or not _plain_dtype(dtype) and dtype.kind != "O":
             raise pickle.UnpicklingError("refusing a numpy array state of a structured or unknown dtype")
-        if dtype.hasobject and not isinstance(state[4], list):
+        if dtype.hasobject and not isinstance(data, list):
             raise pickle.UnpicklingError("refusing a numpy array of Python objects from raw bytes")
     elif isinstance(inst, torch.Tensor):
         parts = state if isinstance(state, tuple) else (state,)
@@ -666,8 +663,19 @@ class GuardedUnpickler(pickle._Unpickler):
             raise pickle.UnpicklingError(f"damaged pickle data ({type(err).__name__}: {err})") from None
 
     def load_build(self):
-        _check_build(self.stack[-2], self.stack[-1])
+        inst, state = self.stack[-2], self.stack[-1]
+        _check_build(inst, state)
         super().load_build()
+        if isinstance(inst, np.dtype):
+            # A dtype's state is numpy's own in any of its versions; what it may not do is leave the dtype other than
+            # the one its type string names (fields, sub-arrays, or flags that hide an object field or an object type:
+            # raw bytes would then be read as object pointers).
+            if inst.fields is not None or inst.subdtype is not None:
+                raise pickle.UnpicklingError(f"refusing a structured numpy dtype from a pickle ({state!r})")
+            natural = np.dtype(inst.str)
+            if inst != natural or inst.flags != natural.flags or inst.hasobject != natural.hasobject:
+                raise pickle.UnpicklingError(f"refusing a numpy dtype state that differs from {natural!r}'s own: "
+                                             f"{state!r}")
 
     dispatch = dict(pickle._Unpickler.dispatch)
     dispatch[pickle.BUILD[0]] = load_build
