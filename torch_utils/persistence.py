@@ -482,6 +482,11 @@ def _plain_dtype(dtype) -> bool:
     return isinstance(dtype, np.dtype) and dtype.fields is None and dtype.subdtype is None and not dtype.hasobject
 
 
+def _plain_or_object_dtype(dtype) -> bool:
+    """`_plain_dtype`, or numpy's own object dtype (object arrays are built from lists of whitelisted objects)."""
+    return _plain_dtype(dtype) or (isinstance(dtype, np.dtype) and dtype.kind == "O" and dtype.fields is None)
+
+
 def _check_loaded_data(obj, source: str) -> None:
     """After a safe load: every numpy array, scalar and dtype in `obj` is plain (`_plain_dtype`; object arrays, which
     can only hold whitelisted objects, stay allowed), and every plain torch module carries no hooks and does not
@@ -494,7 +499,7 @@ def _check_loaded_data(obj, source: str) -> None:
         seen.add(id(item))
         if isinstance(item, (np.ndarray, np.generic, np.dtype)):
             dtype = item if isinstance(item, np.dtype) else item.dtype
-            if dtype.fields is not None or dtype.subdtype is not None or (dtype.hasobject and dtype.kind != "O"):
+            if not _plain_or_object_dtype(dtype):
                 raise NetworkPickleError(f"{source}: refusing a numpy value of structured dtype (fields "
                                          f"{sorted(dtype.fields or {})}): a pickle can forge such a dtype")
             if isinstance(item, np.ndarray) and dtype.kind == "O":
@@ -628,18 +633,17 @@ _TORCH_NN_CLASSES = frozenset({
 
 
 def _check_build(inst, state) -> None:
-    """What pickle's BUILD opcode may do to an object: set an instance's state as its class's own pickling writes it.
-    Refused: any class (BUILD sets class attributes: a whitelisted class would change for the whole process); a numpy
-    dtype whose state is not the one numpy writes for it (a forged state can give fields, objects or flags numpy then
-    trusts, so that raw bytes are read as object pointers); an array of Python objects from raw bytes; a tensor state
-    carrying backward hooks or other attributes."""
+    """What pickle's BUILD opcode may do to an object, checked before it does it. Refused: any class (BUILD sets class
+    attributes: a whitelisted class would change for the whole process); an array of a structured dtype, or of Python
+    objects from raw bytes; a tensor state carrying backward hooks or other attributes. Dtypes are checked after their
+    BUILD (`_check_built_dtype`)."""
     if isinstance(inst, type):
         raise pickle.UnpicklingError(f"refusing to set attributes of the class {inst.__qualname__}")
     if isinstance(inst, np.ndarray):
         # numpy writes (version, shape, dtype, fortran, data); older files (shape, dtype, fortran, data)
         dtype, data = (state[2], state[4]) if isinstance(state, tuple) and len(state) == 5 else \
             (state[1], state[3]) if isinstance(state, tuple) and len(state) == 4 else (None, None)
-        if not isinstance(dtype, np.dtype) or not _plain_dtype(dtype) and dtype.kind != "O":
+        if not _plain_or_object_dtype(dtype):
             raise pickle.UnpicklingError("refusing a numpy array state of a structured or unknown dtype")
         if dtype.hasobject and not isinstance(data, list):
             raise pickle.UnpicklingError("refusing a numpy array of Python objects from raw bytes")
@@ -647,6 +651,17 @@ def _check_build(inst, state) -> None:
         parts = state if isinstance(state, tuple) else (state,)
         if len(parts) > 3 or (len(parts) == 3 and parts[2]) or any(isinstance(p, dict) and p for p in parts):
             raise pickle.UnpicklingError("refusing a tensor state with backward hooks or attributes")
+
+
+def _check_built_dtype(dtype: np.dtype, state) -> None:
+    """A dtype after BUILD: its state may be numpy's own in any of numpy's versions, but may not leave it other than
+    the dtype its type string names (fields, sub-arrays, or flags that hide an object field or an object type: raw
+    bytes would then be read as object pointers)."""
+    if dtype.fields is not None or dtype.subdtype is not None:
+        raise pickle.UnpicklingError(f"refusing a structured numpy dtype from a pickle ({state!r})")
+    natural = np.dtype(dtype.str)
+    if dtype != natural or dtype.flags != natural.flags or dtype.hasobject != natural.hasobject:
+        raise pickle.UnpicklingError(f"refusing a numpy dtype state that differs from {natural!r}'s own: {state!r}")
 
 
 class GuardedUnpickler(pickle._Unpickler):
@@ -667,15 +682,7 @@ class GuardedUnpickler(pickle._Unpickler):
         _check_build(inst, state)
         super().load_build()
         if isinstance(inst, np.dtype):
-            # A dtype's state is numpy's own in any of its versions; what it may not do is leave the dtype other than
-            # the one its type string names (fields, sub-arrays, or flags that hide an object field or an object type:
-            # raw bytes would then be read as object pointers).
-            if inst.fields is not None or inst.subdtype is not None:
-                raise pickle.UnpicklingError(f"refusing a structured numpy dtype from a pickle ({state!r})")
-            natural = np.dtype(inst.str)
-            if inst != natural or inst.flags != natural.flags or inst.hasobject != natural.hasobject:
-                raise pickle.UnpicklingError(f"refusing a numpy dtype state that differs from {natural!r}'s own: "
-                                             f"{state!r}")
+            _check_built_dtype(inst, state)
 
     dispatch = dict(pickle._Unpickler.dispatch)
     dispatch[pickle.BUILD[0]] = load_build
