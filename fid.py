@@ -9,14 +9,21 @@ import os
 import pickle
 
 import click
-import torch
 from click.core import ParameterSource
 
 import metrics
 from dnnlib import util
 from metrics import detectors as detectors_lib
 from metrics import evaluate
-from samplers.cli_options import apply_preset, preset_option, sampler_config, sampler_options, seed_list
+from samplers.cli_options import (
+    apply_preset,
+    check_class,
+    check_device,
+    preset_option,
+    sampler_config,
+    sampler_options,
+    seed_list,
+)
 from torch_utils import distributed
 from training.presets import SAMPLER_PRESET_SOURCES, SAMPLER_PRESETS
 from training.snapshots import load_snapshot
@@ -31,9 +38,7 @@ def _detector_overrides(values) -> dict[str, str]:
 
 def _init_distributed(device: str | None) -> None:
     """torchrun's process group (gloo on CPU); '--device cuda' means each rank's own GPU, as in generate.py."""
-    if device is not None and torch.device(device).type == "cuda" and torch.device(device).index is None:
-        device = torch.device("cuda", distributed.get_local_rank())
-    distributed.init(device=device)
+    distributed.init(device=check_device(device, distributed.get_local_rank()))
     distributed.excepthook_abort_all_ranks()
 
 
@@ -52,6 +57,7 @@ def network_source_from_cli(network_pkl, seeds, batch_size, class_idx, preset_li
     --preset set (apply_preset), printed with the sampler. Nothing is written to disk (only --out's JSON)."""
     snapshot = _run(load_snapshot, network_pkl, distributed.device())
     net, sampling = snapshot.net, snapshot.process.sampling  # sampled the way its process was trained
+    check_class(net, class_idx)
     notes = []
     config = sampler_config(**sampler_cli, sampling=sampling, notes=notes)  # its process may bring its own solvers
     try:
@@ -86,14 +92,12 @@ def main():
     torchrun --standalone --nproc_per_node=1 fid.py ref --data=datasets/my-dataset.zip \\
         --dest=fid-refs/my-dataset.npz --metrics=fid,pr,kid
 
-    Detectors are downloaded from their canonical URLs into the cache ($DNNLIB_CACHE_DIR, default
-    ~/.cache/dnnlib). Offline, pass local copies: --detector inception=PATH --detector vgg16=PATH.
+    Detectors are downloaded from their canonical URLs into the cache ($DNNLIB_CACHE_DIR/downloads, default
+    ~/.cache/dnnlib/downloads). Offline, pass local copies: --detector inception=PATH --detector vgg16=PATH.
     """
 
 
 _common_options = [
-    click.option("--metrics", "metric_list", help="Metrics to compute: fid, is, pr, kid", metavar="LIST", type=str,
-                 default="fid", show_default=True),
     click.option("--batch", "batch_size", help="Maximum batch size per rank", metavar="INT",
                  type=click.IntRange(min=1), default=64, show_default=True),
     click.option("--workers", "num_workers", help="Data loader worker processes per rank  [default: 3, at most the "
@@ -133,6 +137,8 @@ def common_options(func):
 @click.option("--seeds", help="--network: seeds to sample (e.g. 0-49999)", metavar="LIST", type=str,
               default=None, callback=seed_list)
 @click.option("--out", "out_path", help="Write the results as JSON to this file", metavar="JSON", type=str)
+@click.option("--metrics", "metric_list", help="Metrics to compute: fid, is, pr, kid", metavar="LIST", type=str,
+              default="fid", show_default=True)
 @common_options
 @sampler_options(help_prefix="--network: ")
 @preset_option(SAMPLER_PRESETS, SAMPLER_PRESET_SOURCES, help_prefix="--network: ")
@@ -154,6 +160,9 @@ def calc(image_path, network_pkl, ref_path, num_expected, seed, seeds, out_path,
              and ctx.get_parameter_source(param.name) == ParameterSource.COMMANDLINE]
     if image_path is not None and given:
         raise click.UsageError(f"{', '.join(given)}: sampling options apply to --network only")
+    if network_pkl is not None and ctx.get_parameter_source("seed") == ParameterSource.COMMANDLINE:
+        raise click.UsageError("--seed picks the subset of --images to evaluate; with --network the images are "
+                               "those of --seeds")
     preset_lines = apply_preset(preset, sampler_cli, SAMPLER_PRESETS, SAMPLER_PRESET_SOURCES)
     if out_path:
         _run(util.check_output_path, out_path, "--out")  # before the image pass, not after it
@@ -188,6 +197,8 @@ def calc(image_path, network_pkl, ref_path, num_expected, seed, seeds, out_path,
 @click.option("--max-real", "pr_max_real", help="pr, kid: features of at most this many images (pr: the first in file "
               "order, as StyleGAN2-ADA; kid: a seeded uniform subset)",
               metavar="INT", type=click.IntRange(min=1), default=200000, show_default=True)
+@click.option("--metrics", "metric_list", help="Metrics whose reference to store: fid, pr, kid (is needs none)",
+              metavar="LIST", type=str, default="fid", show_default=True)
 @common_options
 def ref(dataset_path, dest_path, pr_max_real, metric_list, batch_size, num_workers, detector_values, device):
     """Calculate dataset reference statistics needed by 'calc' (all images, no flips)."""

@@ -6,13 +6,28 @@ for the same network and seeds. The work lives in samplers/generation.py; the sa
 
 import dataclasses
 import os
+import sys
 
 import click
 import torch
 
 from dnnlib import util
-from samplers.cli_options import apply_preset, preset_option, sampler_config, sampler_options, seed_list
-from samplers.generation import OutputFolderMismatch, claim_output_folder, save_image_grid, write_images
+from samplers.cli_options import (
+    apply_preset,
+    check_class,
+    check_device,
+    preset_option,
+    sampler_config,
+    sampler_options,
+    seed_list,
+)
+from samplers.generation import (
+    OutputFolderMismatch,
+    claim_output_folder,
+    output_record,
+    save_image_grid,
+    write_images,
+)
 from torch_utils import distributed as dist
 from torch_utils import persistence
 from training.dataset import preview_images
@@ -34,8 +49,8 @@ from training.snapshots import load_snapshot
               default=None, show_default=False)
 @click.option("--grid", "grid_path", help="Also write all images of --seeds tiled into one PNG", metavar="PNG",
               type=str, default=None)
-@click.option("--overwrite", help="Regenerate every image, also in a folder made by another network or sampler",
-              is_flag=True)
+@click.option("--overwrite", help="Regenerate every image of --seeds; in a folder made by another network or "
+              "sampler, first remove its seed PNGs (other files stay)", is_flag=True)
 def main(network, outdir, seeds, subdirs, class_idx, max_batch_size, device, grid_path, overwrite, preset,
          **sampler_cli):
     """Generate random images using EDM's sampler or another solver and time discretisation.
@@ -69,16 +84,7 @@ def main(network, outdir, seeds, subdirs, class_idx, max_batch_size, device, gri
     python generate.py --outdir=out --seeds=0-63 --solver=euler --disc=vp --steps=256 --network=...
     """
     preset_lines = apply_preset(preset, sampler_cli, SAMPLER_PRESETS, SAMPLER_PRESET_SOURCES)
-    if device is None:
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    try:
-        device = torch.device(device)
-    except RuntimeError as err:
-        raise click.BadParameter(str(err), param_hint="--device") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise click.BadParameter("CUDA is not available on this machine", param_hint="--device")
-    if device.type == "cuda" and device.index is None:
-        device = torch.device("cuda", dist.get_local_rank())
+    device = check_device(device or ("cuda" if torch.cuda.is_available() else "cpu"), dist.get_local_rank())
     dist.init(device=device)
 
     try:
@@ -94,25 +100,25 @@ def main(network, outdir, seeds, subdirs, class_idx, max_batch_size, device, gri
         raise click.UsageError(str(e)) from None
     for line in preset_lines + [f"Note: {note}" for note in notes]:
         dist.print0(line)
-    if class_idx is not None and not getattr(net, "label_dim", 0):
-        raise click.BadParameter(f"the network is unconditional (label_dim = 0); --class {class_idx} cannot apply",
-                                 param_hint="--class")
-    if class_idx is not None and class_idx >= net.label_dim:
-        raise click.BadParameter(f"{class_idx} is out of range for label_dim = {net.label_dim}", param_hint="--class")
+    check_class(net, class_idx)
 
     dist.print0(f"Sampler: {summary}")
     # The folder records what made its images: a re-run with other settings must not pass old images off as new.
     error = None
     if dist.get_rank() == 0:
-        record = dict(network_sha256=util.file_sha256(network), process=snapshot.data.get("process"),
-                      sampler=summary, options=dataclasses.asdict(config), class_idx=class_idx, subdirs=subdirs)
         try:
             util.check_output_path(outdir, "--outdir", is_dir=True)
+            if grid_path is not None:
+                util.check_output_path(grid_path, "--grid")
+            record = output_record(network, snapshot.data.get("process"), sampling, net, config, summary, class_idx,
+                                   subdirs)
             claim_output_folder(outdir, record, overwrite)
         except (OutputFolderMismatch, util.OutputPathError) as err:
             error = str(err)
     error = dist.broadcast_object(error) if dist.is_distributed() else error
     if error is not None:
+        if dist.get_rank() != 0:  # rank 0 says it, once
+            sys.exit(1)
         raise click.ClickException(error)
     dist.print0(f'Generating {len(seeds)} images to "{outdir}" on {dist.get_world_size()} rank(s)...')
     counts = write_images(net, seeds, outdir, subdirs=subdirs, batch_size=max_batch_size, progress=True,
@@ -127,7 +133,10 @@ def main(network, outdir, seeds, subdirs, class_idx, max_batch_size, device, gri
         # The training data beside the samples when the snapshot's dataset is at hand.
         dataset_path = (snapshot.data.get("dataset_kwargs") or {}).get("path")
         real = preview_images(dataset_path, len(seeds)) if dataset_path and os.path.exists(dataset_path) else None
-        rows, columns = save_image_grid(outdir, seeds, grid_path, subdirs=subdirs, real_images=real)
+        try:
+            rows, columns = save_image_grid(outdir, seeds, grid_path, subdirs=subdirs, real_images=real)
+        except (OSError, util.OutputPathError) as err:
+            raise click.ClickException(f"--grid: cannot write {grid_path} ({err})") from None
         beside = f", training images from {dataset_path} on the right" if real is not None else ""
         print(f'Wrote a {rows}x{columns} image grid to "{grid_path}"{beside}.')
     dist.barrier()

@@ -139,6 +139,10 @@ def _width_list(ctx, param, value):
     if not widths or any(not 0 < w < 12 ** -0.5 for w in widths):
         raise click.BadParameter(f'expected relative widths between 0 and {12 ** -0.5:.4f} (EDM2 uses 0.05,0.10), '
                                  f'got {value!r}')
+    names = [f'{w:.3f}' for w in widths]  # the phema-NNNNNN-W.pkl names keep three decimals
+    if len(set(names)) != len(names) or '0.000' in names:
+        raise click.BadParameter(f'the saved EMAs are named by their widths to three decimals: {value!r} gives '
+                                 f'{", ".join(names)}; expected distinct widths of at least 0.001')
     return widths
 
 
@@ -216,10 +220,18 @@ def _read_resume_state(path: str) -> dict | None:
 
 
 def _state_is_readable(path: str) -> bool:
+    """Ours, readable; or EDM's with the network snapshot of its kimg beside it (what --resume=FILE takes)."""
     try:
-        return training_loop.load_training_state(path) is not None
+        if training_loop.load_training_state(path) is not None:
+            return True
     except Exception:  # noqa: BLE001 -- any failure means: not a state to resume from.
         return False
+    snapshot = f'network-snapshot-{training_loop.parse_state_kimg(path):06d}.pkl'
+    try:
+        persistence.load_edm_training_state(path)
+    except Exception:  # noqa: BLE001
+        return False
+    return os.path.isfile(os.path.join(os.path.dirname(path), snapshot))
 
 
 def find_resume_state(resume: str, outdir: str | None) -> str | None:
@@ -237,8 +249,14 @@ def find_resume_state(resume: str, outdir: str | None) -> str | None:
             raise click.BadParameter(f'{resume} holds no training-state-*.pt', param_hint='--resume')
     else:
         return resume
-    # Newest first: by the image count in the name, then by modification time (several runs under --outdir).
-    candidates.sort(key=lambda p: (training_loop.parse_state_kimg(p) or -1, os.path.getmtime(p)), reverse=True)
+    # The run written to last first (several runs under --outdir: a finished run does not hide a newer one that was
+    # interrupted), and in it the state of the most images.
+    latest = {}
+    for path in candidates:
+        folder = os.path.dirname(path)
+        latest[folder] = max(latest.get(folder, 0.0), os.path.getmtime(path))
+    candidates.sort(key=lambda p: (latest[os.path.dirname(p)], training_loop.parse_state_kimg(p) or -1,
+                                   os.path.getmtime(p)), reverse=True)
     for path in candidates:
         if _state_is_readable(path):
             return path
@@ -249,7 +267,9 @@ def find_resume_state(resume: str, outdir: str | None) -> str | None:
 
 
 # Options that shape the network: a resume may not change them (the weights would not fit).
-_NETWORK_OPTIONS = ('data', 'cond', 'arch', 'precond', 'cbase', 'cres', 'blocks', 'attn', 'init')
+_NETWORK_OPTIONS = ('cond', 'arch', 'precond', 'cbase', 'cres', 'blocks', 'attn')
+# Files a resume may find elsewhere (moved, or named from another folder): the state's weights must still fit.
+_PATH_OPTIONS = ('data', 'init')
 # Options that do not change the trajectory: changing them on resume keeps the continuation exact.
 _EXACT_OPTIONS = ('outdir', 'desc', 'nosubdir', 'tick', 'snap', 'dump', 'duration', 'workers', 'bench', 'cache',
                   'dry_run', 'resume', 'max_nonfinite', 'transfer')
@@ -266,16 +286,31 @@ def apply_saved_options(opts: dnnlib.EasyDict, saved: dict, explicit: set, state
             opts[key] = old
             continue
         new = opts[key]
-        if _options_equal(new, old):
+        if _options_equal(new, old) or (old is None and new == _default_resolution(key, saved)):
             continue
         flag = '--' + key.replace('_', '-')
         if key in _NETWORK_OPTIONS or (key == 'augment' and (new > 0) != (old > 0)):
             raise click.BadParameter(f'{new!r} contradicts the training state {state_path}, which was trained with '
                                      f'{old!r}: the network would not match (use --transfer to start a new run from '
                                      f'its weights)', param_hint=flag)
+        if key in _PATH_OPTIONS:
+            notes.append(f'{flag}: {old!r} -> {new!r} (another path: exact if it holds the same content)')
+            continue
         exact = 'the continuation stays exact' if key in _EXACT_OPTIONS else 'the continuation is not exact'
         notes.append(f'{flag}: {old!r} -> {new!r} ({exact})')
     return notes
+
+
+def _default_resolution(key: str, saved: dict):
+    """What a run saved without --loss / --precond trained with (as build_config resolves them), so that naming that
+    value on resume is no change; None for other options, or with --init (its pickle's class then)."""
+    if key not in ('loss', 'precond') or saved.get('init') is not None:
+        return None
+    try:
+        loss = saved.get('loss') or losses.DEFAULT_LOSS_FOR_PRECOND[saved.get('precond') or 'edm']
+        return loss if key == 'loss' else losses.preconditioning_for(loss, saved.get('precond'))
+    except (KeyError, ValueError):
+        return None
 
 
 def _options_equal(a, b) -> bool:
@@ -335,9 +370,9 @@ def build_config(opts: dnnlib.EasyDict, world_size: int) -> tuple[dnnlib.EasyDic
         interface = dict(img_resolution=dataset_obj.resolution, img_channels=dataset_obj.num_channels,
                          label_dim=dataset_obj.label_dim)
     except (OSError, ValueError) as err:
-        raise click.ClickException(f'--data: {err}') from err
+        raise click.BadParameter(str(err), param_hint='--data') from err
     if opts.cond and not has_labels:
-        raise click.ClickException('--cond=True requires labels specified in dataset.json')
+        raise click.BadParameter('--cond=True requires labels specified in dataset.json', param_hint='--cond')
     del dataset_obj
 
     # Network architecture, preconditioning and loss. --init: the pickle's network, with --precond's wrapper (or the
@@ -593,7 +628,7 @@ def _presets_epilog() -> str:
               "ours, forks'); --precond swaps its preconditioning; the EMA starts from it", metavar='PKL|URL',
               type=str)
 @click.option('--resume', help='Resume from a training state, a run directory (its newest state) or auto (the newest '
-              'under --outdir, else start anew)', metavar='PT|DIR|auto', type=str)
+              'state of the run under --outdir written to last, else start anew)', metavar='PT|DIR|auto', type=str)
 @click.option('--preset', help='A published configuration (EDM, STF, AOT, GDD; training/presets.py): its options, '
               'under the ones given explicitly; --preset=list prints them with their sources', metavar='NAME|list')
 @click.option('--phema', help='Post-hoc EMA (EDM2): relative widths of the power-function EMAs to keep beside every '
@@ -612,6 +647,7 @@ def main(**kwargs):
             print(f'{name}  ({PRESET_SOURCES.get(name, "")})\n  {preset_command(name)}')
         return
     preset_notes = []
+    arch_given = 'arch' in explicit  # on the command line itself (a preset's architecture yields to --init)
     if opts.preset is not None:  # a published configuration: its options, under the ones given explicitly
         if opts.preset not in TRAIN_PRESETS:
             raise click.BadParameter(f'unknown preset {opts.preset!r}: expected one of {", ".join(TRAIN_PRESETS)} '
@@ -634,7 +670,8 @@ def main(**kwargs):
             saved = json.loads(state['train_options']) if state is not None and 'train_options' in state else None
             del state
             if saved is not None:  # Resume from the state alone: its options, then the explicit overrides.
-                saved = {k: v for k, v in saved.items() if k not in ('resume', 'dry_run', 'device')}
+                # --transfer only seeded the first run's weights; the state holds them now.
+                saved = {k: v for k, v in saved.items() if k not in ('resume', 'dry_run', 'device', 'transfer')}
                 if 'outdir' not in explicit:
                     opts.outdir = saved.get('outdir')
                 resume_notes = apply_saved_options(opts, saved, explicit, opts.resume)
@@ -642,6 +679,22 @@ def main(**kwargs):
         if opts[name] is None:
             raise click.UsageError(f"Missing option '--{name}'" + (' (the training state does not record it)'
                                                                   if opts.resume else ''))
+    # Recorded absolute (training_options.json, the state's options): a resume from another folder finds them.
+    for name in ('outdir', 'data', 'init', 'transfer'):
+        if opts[name] is not None and '://' not in opts[name]:
+            opts[name] = os.path.abspath(opts[name])
+    if opts.desc is not None and ('/' in opts.desc or os.sep in opts.desc):
+        raise click.BadParameter(f'{opts.desc!r}: the run directory name may not hold a path separator',
+                                 param_hint='--desc')
+    if opts.init is not None and arch_given:
+        raise click.UsageError('--arch: --init takes the architecture from the pickle')
+    if opts.nosubdir and opts.resume is None and os.path.isdir(opts.outdir):
+        used = sorted(name for name in os.listdir(opts.outdir) if name == 'stats.jsonl'
+                      or re.fullmatch(r'(training-state|network-snapshot)-\d+\.(pt|pkl)', name))
+        if used:
+            shown = ', '.join(used[:3]) + (', ...' if len(used) > 3 else '')
+            raise click.BadParameter(f'{opts.outdir} holds another run ({shown}): --nosubdir would mix the two; use '
+                                     f'another --outdir, or --resume', param_hint='--outdir')
     if opts.device is None:
         opts.device = 'cuda' if torch.cuda.is_available() else 'cpu'
     elif opts.device == 'cuda' and not torch.cuda.is_available():
@@ -653,7 +706,7 @@ def main(**kwargs):
     try:
         dnnlib.util.check_output_path(opts.outdir, '--outdir', is_dir=True)
     except dnnlib.util.OutputPathError as err:
-        raise click.ClickException(str(err)) from None
+        raise click.UsageError(str(err)) from None
     dist.init(device=opts.device)
     dist.excepthook_abort_all_ranks()
     world_size = dist.get_world_size()
@@ -671,27 +724,26 @@ def main(**kwargs):
     c.state_extras = dict(train_options=json.dumps({k: v for k, v in opts.items() if k != 'dry_run'}))
     c.run_dir = dist.broadcast_object(_run_dir(opts.outdir, desc, opts.nosubdir) if dist.get_rank() == 0 else None)
 
-    dist.print0()
-    dist.print0('Training options:')
-    dist.print0(json.dumps({k: v for k, v in c.items() if k != 'state_extras'}, indent=2))
-    dist.print0()
-    dist.print0(f'Output directory:        {c.run_dir}')
-    dist.print0(f'Dataset path:            {c.dataset_kwargs.path}')
-    dist.print0(f'Class-conditional:       {c.dataset_kwargs.use_labels}')
-    dist.print0(f'Network architecture:    {opts.arch if opts.init is None else "from " + opts.init}')
-    dist.print0(f'Preconditioning & loss:  {c.network_kwargs.class_name}, {c.loss_kwargs.class_name}')
-    dist.print0(f'Number of processes:     {world_size}')
-    dist.print0(f'Batch size:              {c.batch_size}')
-    dist.print0(f'Mixed-precision:         fp16 network {c.network_kwargs.use_fp16}, autocast {c.precision}')
+    # The summary, printed now and written at the top of log.txt once the run directory exists.
+    summary = ['', 'Training options:', json.dumps({k: v for k, v in c.items() if k != 'state_extras'}, indent=2), '',
+               f'Output directory:        {c.run_dir}',
+               f'Dataset path:            {c.dataset_kwargs.path}',
+               f'Class-conditional:       {c.dataset_kwargs.use_labels}',
+               f'Network architecture:    {opts.arch if opts.init is None else "from " + opts.init}',
+               f'Preconditioning & loss:  {c.network_kwargs.class_name}, {c.loss_kwargs.class_name}',
+               f'Number of processes:     {world_size}',
+               f'Batch size:              {c.batch_size}',
+               f'Mixed-precision:         fp16 network {c.network_kwargs.use_fp16}, autocast {c.precision}']
     if opts.preset is not None:
-        dist.print0(f'Preset:                  {opts.preset} ({PRESET_SOURCES.get(opts.preset, "")})')
+        summary.append(f'Preset:                  {opts.preset} ({PRESET_SOURCES.get(opts.preset, "")})')
         if preset_notes:
-            dist.print0(f'  explicit options win: {", ".join(preset_notes)}')
+            summary.append(f'  explicit options win: {", ".join(preset_notes)}')
     if opts.resume is not None:
-        dist.print0(f'Resuming from:           {opts.resume}')
-        for note in resume_notes:
-            dist.print0(f'  changed {note}')
-    dist.print0()
+        summary.append(f'Resuming from:           {opts.resume}')
+        summary += [f'  changed {note}' for note in resume_notes]
+    summary.append('')
+    for line in summary:
+        dist.print0(line)
 
     if opts.dry_run:
         dist.print0('Dry run; exiting.')
@@ -704,6 +756,7 @@ def main(**kwargs):
         with dnnlib.util.atomic_output(os.path.join(c.run_dir, 'training_options.json'), 'wt') as f:
             json.dump({k: v for k, v in c.items() if k != 'state_extras'}, f, indent=2)
         logger = dnnlib.util.Logger(file_name=os.path.join(c.run_dir, 'log.txt'), file_mode='a', should_flush=True)
+        logger.file.write('\n'.join(summary) + '\n')  # into log.txt only: the terminal has it already
     dist.barrier()
     try:
         training_loop.training_loop(**c)

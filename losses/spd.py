@@ -17,13 +17,13 @@ says where they came from.
 """
 
 import os
-import warnings
 
 import numpy as np
 import torch
 
 from processes.spd import CIFAR10_RESOLUTION, CIFAR10_SIGMA0, DDPMProcess, SPDProcess, fit_power_law
 from samplers.fourier import to_fourier
+from torch_utils import distributed as dist
 
 
 class FourierEpsLoss:
@@ -96,7 +96,7 @@ class SPDLoss(FourierEpsLoss):
             if published and not options.get('fit_source') and resolution not in (None, CIFAR10_RESOLUTION):
                 # Sigma0 is power per integer frequency under the orthonormal DFT: the same content at N x N pixels
                 # has about (N / 32)^2 times CIFAR-10's.
-                warnings.warn(f"SPD: CIFAR-10's published Sigma0 constants were fitted at {CIFAR10_RESOLUTION}x"
+                dist.warn0(f"SPD: CIFAR-10's published Sigma0 constants were fitted at {CIFAR10_RESOLUTION}x"
                               f"{CIFAR10_RESOLUTION}; at {resolution}x{resolution} the same content has about "
                               f"{(resolution / CIFAR10_RESOLUTION) ** 2:.3g}x that power per frequency: fit Sigma0 to "
                               f"the training set with --loss-opt fit=data", stacklevel=2)

@@ -94,7 +94,7 @@ def dataset_source(path: str, num: int | None = None, seed: int = 0, batch_size:
 
     dataset = ImageFolderDataset(path=path, max_size=num, random_seed=seed)
     if num is not None and len(dataset) < num:
-        raise MetricsError(f"found {len(dataset)} images in {path}, but expected at least {num} (--num)")
+        raise MetricsError(f"found {len(dataset)} images in {path}, but expected at least {num} (--num-images)")
     if len(dataset) < 2:
         raise MetricsError(f"found {len(dataset)} image(s) in {path}, but need at least 2 to compute statistics")
     if dataset.image_shape[0] not in (1, 3):  # e.g. RGBA or grey + alpha PNGs

@@ -4,11 +4,12 @@ Statistics: float64 running sums Σf and Σffᵀ on each rank, summed across ran
 covariance Σ = (Σffᵀ − N·μμᵀ)/(N − 1). Distance: ‖μ − μ_ref‖² + Tr(Σ + Σ_ref − 2·sqrtm(Σ·Σ_ref)), real part.
 Reference statistics are EDM's `.npz` (keys `mu`, `sigma`); EDM2's pickled {'fid': {mu, sigma}} also loads.
 
-Speed on the CPU: EDM adds fᵀf of every batch (a float64 GEMM over the whole D x D sum per batch: 40.9 s for 50k x
-2048 on one thread). FeatureMoments gathers the float64 rows of ~64 MiB of batches and adds them with one symmetric
-rank-k update (BLAS dsyrk: the upper triangle only, half the multiply-adds, the sum read once per chunk), as np.cov's
-XXᵀ does; Σf stays EDM's per-batch sum. Only the order of the float64 additions of Σffᵀ changes, by a relative
-~1e-16 per entry (tests/test_metrics.py); on the GPU the per-batch GEMM is kept.
+Speed on the CPU: EDM adds fᵀf of every batch (a float64 GEMM over the whole D x D sum per batch: 59-60 s for 50k x
+2048 in batches of 64 on one thread, against 8.5-10 s here; docs/performance.md says how it was measured).
+FeatureMoments gathers the float64 rows of ~64 MiB of batches and adds them with one symmetric rank-k update (BLAS
+dsyrk: the upper triangle only, half the multiply-adds, the sum read once per chunk), as np.cov's XXᵀ does; Σf stays
+EDM's per-batch sum. Only the order of the float64 additions of Σffᵀ changes, by a relative ~1e-16 per entry
+(tests/test_metrics.py); on the GPU the per-batch GEMM is kept.
 """
 
 import io

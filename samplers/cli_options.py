@@ -13,11 +13,13 @@ refused in one line. `--preset=NAME` fills the sampler options of a published co
 not give (the CLI passes its table, training.presets.SAMPLER_PRESETS; apply_preset).
 """
 
+import collections
 import inspect
 import os
 import re
 
 import click
+import torch
 
 from samplers import END_CONVENTIONS, SCHEDULES, SOLVERS, make_grid
 from samplers.accelerated import PRECISIONS
@@ -38,6 +40,32 @@ def _join(names) -> str:
     return names[0] if len(names) == 1 else f"{', '.join(names[:-1])} and {names[-1]}"
 
 
+def check_device(device: str | None, local_rank: int = 0) -> torch.device | None:
+    """--device: None stays None (the CLI's default); 'cuda' without an index is this rank's GPU. A name torch does
+    not know, or CUDA on a machine without it, is a usage error naming --device."""
+    if device is None:
+        return None
+    try:
+        device = torch.device(device)
+    except RuntimeError as err:
+        raise click.BadParameter(str(err), param_hint="--device") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise click.BadParameter("CUDA is not available on this machine", param_hint="--device")
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", local_rank)
+    return device
+
+
+def check_class(net, class_idx: int | None) -> None:
+    """--class against the network's label_dim (a usage error naming --class)."""
+    label_dim = int(getattr(net, "label_dim", 0) or 0)
+    if class_idx is not None and not label_dim:
+        raise click.BadParameter(f"the network is unconditional (label_dim = 0); --class {class_idx} cannot apply",
+                                 param_hint="--class")
+    if class_idx is not None and class_idx >= label_dim:
+        raise click.BadParameter(f"{class_idx} is out of range for label_dim = {label_dim}", param_hint="--class")
+
+
 def seed_list(ctx, param, value):
     """click callback: EDM's seed syntax ('1,2,5-10') -> a non-empty list of ints; None (not given) stays None."""
     if value is None:
@@ -48,6 +76,12 @@ def seed_list(ctx, param, value):
         raise click.BadParameter(str(err)) from None
     if not seeds:
         raise click.BadParameter("no seeds given")
+    if max(seeds) >= 1 << 32:  # the per-seed generators take seed mod 2^32 (EDM): a larger seed repeats a smaller one
+        raise click.BadParameter(f"seeds must be below 2^32 = {1 << 32}, got {max(seeds)}")
+    if len(set(seeds)) != len(seeds):  # one image per seed: a repeat would be counted twice by the metrics
+        repeated = sorted(seed for seed, count in collections.Counter(seeds).items() if count > 1)
+        raise click.BadParameter(f"seed {_join(map(str, repeated[:5]))}{' ...' if len(repeated) > 5 else ''} "
+                                 f"given more than once; expected each seed once")
     return seeds
 
 

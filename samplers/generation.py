@@ -8,6 +8,7 @@ interrupted run by skipping seeds whose PNG exists before sampling.
 """
 
 import dataclasses
+import inspect
 import io
 import json
 import math
@@ -37,7 +38,10 @@ def parse_int_list(s) -> list[int]:
         part = part.strip()
         match = re.fullmatch(r"(\d+)-(\d+)", part)
         if match:
-            values.extend(range(int(match.group(1)), int(match.group(2)) + 1))
+            first, last = int(match.group(1)), int(match.group(2))
+            if last < first:
+                raise ValueError(f"cannot parse {part!r} in {s!r}: a range N-M needs M >= N")
+            values.extend(range(first, last + 1))
         elif re.fullmatch(r"\d+", part):
             values.append(int(part))
         else:
@@ -78,6 +82,10 @@ class SamplerConfig:
     solver_kwargs: dict = dataclasses.field(default_factory=dict)
     schedule_kwargs: dict = dataclasses.field(default_factory=dict)
     guidance: dict = dataclasses.field(default_factory=dict)  # {name: options} of samplers.guidance.GUIDANCE
+
+
+# How fast the denoiser is called, not how a seed becomes an image (not sampler options).
+SPEED_FIELDS = ("precision", "compile", "cuda_graph")
 
 
 def build_grid(net, config: SamplerConfig, device=None) -> tuple[SigmaGrid, str, dict]:
@@ -169,6 +177,17 @@ class GridSampling:
             grid, solver, solver_kwargs = build_grid(net, config)
             text += "; " + guidance.describe(net, grid, solver, solver_kwargs, config.denoise_to_zero)
         return text
+
+    def record(self, net, config: SamplerConfig) -> dict:
+        """The settings as they resolve (for generation.json): the solver with every option, the grid's levels, so
+        that `--solver=heun --steps=18` and no option record the same, and a changed rho does not."""
+        grid, solver, solver_kwargs = build_grid(net, config)
+        options = {name: p.default for name, p in get_solver(solver).options().items()
+                   if p.default is not inspect.Parameter.empty}
+        options.update(solver_kwargs)
+        return dict(solver=solver, solver_options=options, sigmas=grid.sigmas.tolist(), end=grid.end,
+                    eval_sigmas=None if grid.eval_sigmas is None else grid.eval_sigmas.tolist(),
+                    denoise_to_zero=bool(config.denoise_to_zero), guidance=config.guidance)
 
     def sample(self, net, plan, inputs: "SeedInputs", config: SamplerConfig) -> torch.Tensor:
         grid, solver, solver_kwargs, *guidance = plan  # a 4th entry: the prepared guidance
@@ -324,33 +343,98 @@ class OutputFolderMismatch(ValueError):
     """An output folder holds images made by another network or with other sampler settings."""
 
 
+def output_record(network: str, process_record, sampling, net, config: SamplerConfig, summary: str, class_idx,
+                  subdirs: bool) -> dict:
+    """What makes a folder's images (generation.json): the network file's hash, its process, the sampler settings
+    as they resolve (the sampling object's `record(net, config)` where it has one, else the options less the exact
+    speed option cuda_graph), bf16 and compile (both can move a pixel), and the content hash of every file an option
+    names (a schedule file, a discriminator), so that a file rewritten in place is not taken for the old one. The
+    summary line and the options as given are kept for reading, not compared (_RECORD_TEXT)."""
+    from dnnlib import util
+
+    options = dataclasses.asdict(config)
+    if hasattr(sampling, "record"):
+        settings = sampling.record(net, config)
+    else:
+        settings = {k: v for k, v in options.items() if k not in SPEED_FIELDS}
+    named = sorted({v for v in _strings(options) if os.path.isfile(v)})
+    return dict(network_sha256=util.file_sha256(network), process=process_record, sampler=summary, options=options,
+                settings=settings, precision=config.precision, compile=bool(config.compile),
+                files_sha256=sorted(util.file_sha256(path) for path in named), class_idx=class_idx, subdirs=subdirs)
+
+
+# generation.json entries for people and tools (the one-line summary, the options as given): not compared.
+_RECORD_TEXT = ("sampler", "options")
+
+
+def _strings(value):
+    if isinstance(value, str):
+        yield value
+    elif isinstance(value, dict):
+        for item in value.values():
+            yield from _strings(item)
+    elif isinstance(value, (list, tuple)):
+        for item in value:
+            yield from _strings(item)
+
+
+def _differences(old, new, prefix: str = "") -> list[str]:
+    """Dotted names of the entries that differ between two JSON records."""
+    if isinstance(old, dict) and isinstance(new, dict):
+        return [name for key in sorted(set(old) | set(new), key=str)
+                for name in _differences(old.get(key), new.get(key), f"{prefix}{key}.")]
+    return [] if old == new else [prefix.rstrip(".")]
+
+
+def clear_output_folder(outdir: str) -> None:
+    """--overwrite: the record first (a kill from here on leaves PNGs without a record, which the next run refuses),
+    then every seed PNG ({seed}.png, also in the 1000-seed subfolders): no image of other settings stays behind to
+    be skipped or measured. Other files are left alone."""
+    try:
+        os.remove(os.path.join(outdir, OUTPUT_RECORD))
+    except FileNotFoundError:
+        pass
+    if not os.path.isdir(outdir):
+        return
+    folders = [outdir] + [e.path for e in os.scandir(outdir) if e.is_dir() and re.fullmatch(r"\d{6}", e.name)]
+    for folder in folders:
+        for entry in os.scandir(folder):
+            if entry.is_file() and re.fullmatch(r"\d+\.png", entry.name):
+                os.remove(entry.path)
+        if folder != outdir and not any(os.scandir(folder)):
+            os.rmdir(folder)
+
+
 def claim_output_folder(outdir: str, record: dict, overwrite: bool = False) -> None:
     """Make sure every PNG in `outdir` will come from `record` (network hash, process, sampler, options, class).
 
     A folder whose record differs, or that holds PNGs but no record (made by an older version), is refused unless
-    `overwrite`, in which case the new record replaces it (and write_images(overwrite=True) regenerates every seed).
-    A re-run with the same record is a resume. Call on one rank; the record is written atomically before any PNG.
+    `overwrite`, in which case its seed PNGs are removed and the new record replaces the old (clear_output_folder;
+    write_images(overwrite=True) then regenerates every seed of the run). A re-run with the same record is a resume.
+    Call on one rank; the record is written atomically before any PNG.
     """
     from dnnlib import util
 
     path = os.path.join(outdir, OUTPUT_RECORD)
     record = json.loads(json.dumps(record, sort_keys=True, default=str))
-    if os.path.isfile(path) and not overwrite:
+    problem = None
+    if os.path.isfile(path):
         try:
             with open(path) as f:
                 existing = json.load(f)
         except (OSError, ValueError) as err:
-            raise OutputFolderMismatch(f"{path}: unreadable record of the images in {outdir} ({err}); use "
-                                       f"--overwrite to regenerate them") from None
-        if existing != record:
-            changed = sorted(k for k in set(existing) | set(record) if existing.get(k) != record.get(k))
-            raise OutputFolderMismatch(
-                f"{outdir} holds images made with other settings (these differ: {', '.join(changed)}; see {path}); use "
-                f"another --outdir, or "
-                f"--overwrite to regenerate them")
-    elif not os.path.isfile(path) and not overwrite and os.path.isdir(outdir) and _holds_pngs(outdir):
-        raise OutputFolderMismatch(f"{outdir} already holds PNGs without a record of what made them ({OUTPUT_RECORD});"
-                                   f" use another --outdir, or --overwrite to regenerate them")
+            problem = f"{path}: unreadable record of the images in {outdir} ({err})"
+        else:
+            changed = [name for name in _differences(existing, record) if name.split(".")[0] not in _RECORD_TEXT]
+            if changed:
+                shown = ", ".join(changed[:6]) + (", ..." if len(changed) > 6 else "")
+                problem = f"{outdir} holds images made with other settings (these differ: {shown}; see {path})"
+    elif os.path.isdir(outdir) and _holds_pngs(outdir):
+        problem = f"{outdir} already holds PNGs without a record of what made them ({OUTPUT_RECORD})"
+    if problem is not None and not overwrite:
+        raise OutputFolderMismatch(f"{problem}; use another --outdir, or --overwrite to replace them")
+    if problem is not None:
+        clear_output_folder(outdir)
     os.makedirs(outdir, exist_ok=True)
     with util.atomic_output(path, "w") as f:
         json.dump(record, f, indent=2, sort_keys=True)

@@ -4,12 +4,17 @@
 Without sampler options (a default `SamplerConfig()`: no --solver, --steps, --schedule, ... on the command line) it
 calls the network once, exactly as GDD's generate.py (`one_step_sampler`): the per-seed unit latents in float64
 times sigma, the network forced to fp32 (force_fp32=True), the output in float64. With any sampler option the
-snapshot is sampled as any EDM denoiser, by a solver of samplers.SOLVERS over a sigma grid (GridSampling).
+snapshot is sampled as any EDM denoiser, by a solver of samplers.SOLVERS over a sigma grid (GridSampling). The speed
+options (--precision, --compile, --cuda-graph) are not sampler options: they keep the one step (bf16 autocast
+applies to it; the call passes force_fp32, so it runs uncompiled and without a graph, as accelerated.py's calls with
+keyword arguments do).
 """
+
+import dataclasses
 
 import torch
 
-from samplers.generation import GRID_SAMPLING, SamplerConfig, SeedInputs
+from samplers.generation import GRID_SAMPLING, SPEED_FIELDS, SamplerConfig, SeedInputs
 
 
 class OneStepSampling:
@@ -22,13 +27,21 @@ class OneStepSampling:
 
     @staticmethod
     def is_one_step(config: SamplerConfig) -> bool:
-        """True when the config asks for nothing but the defaults (the command line gave no sampler option)."""
-        return config == SamplerConfig()
+        """True when the config asks for nothing but the defaults (the command line gave no sampler option); how
+        fast the denoiser is called does not count."""
+        default = SamplerConfig()
+        return dataclasses.replace(config, **{name: getattr(default, name) for name in SPEED_FIELDS}) == default
 
     def prepare(self, net, config: SamplerConfig, device=None):
         if not self.is_one_step(config):
             return "grid", GRID_SAMPLING.prepare(net, config, device)
         return "one_step", torch.tensor(self.sigma, dtype=torch.float64, device=device)
+
+    def record(self, net, config: SamplerConfig) -> dict:
+        """The resolved settings for generation.json (GridSampling.record when sampled over a grid)."""
+        if not self.is_one_step(config):
+            return GRID_SAMPLING.record(net, config)
+        return dict(one_step_sigma=self.sigma)
 
     def describe(self, net, config: SamplerConfig) -> str:
         if not self.is_one_step(config):

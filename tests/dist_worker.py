@@ -8,6 +8,7 @@ import itertools
 import json
 import os
 import sys
+import warnings
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -55,6 +56,12 @@ def main():
     result["broadcast"] = distributed.broadcast_object({"from": rank} if rank == 0 else None)
     result["all_reduce"] = distributed.all_reduce_sum_(torch.tensor([rank + 1.0])).tolist()
     distributed.barrier()
+
+    # warn0: a warning every rank would give alike, shown by rank 0 only, attributed to warn0's caller.
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        distributed.warn0("same on every rank")
+    result["warn0"] = [(str(w.message), os.path.basename(w.filename)) for w in caught]
 
     path = os.path.join(args.out, f"rank{rank}.json")
     with open(path + ".tmp", "w") as f:

@@ -71,17 +71,18 @@ CASES = {
     # Datasets opened by train.py (point 3): checked when opened, before any training.
     "train-dataset-one-image-of-another-size": Case(
         "train", "--outdir {out} --data {odd_size} --device cpu --dry-run",
-        r"^Error: --data: .*odd_size/img002\.png: image is 16x16 with 3 channel\(s\), but the dataset's images are "
-        r"8x8"),
+        r"^Error: Invalid value for --data: .*odd_size/img002\.png: image is 16x16 with 3 channel\(s\), but the "
+        r"dataset's images are 8x8"),
     "train-dataset-only-image-not-square": Case(
         "train", "--outdir {out} --data {only_not_square} --device cpu --dry-run",
-        r"^Error: --data: .*only_not_square.*not square"),
+        r"^Error: Invalid value for --data: .*only_not_square.*not square"),
     "train-dataset-bad-crc": Case("train", "--outdir {out} --data {bad_crc_zip} --device cpu --dry-run",
-                                  r"^Error: --data: .*bad_crc\.zip:00000/img00000002\.png: damaged ZIP file \(bad "
-                                  r"CRC-32"),
+                                  r"^Error: Invalid value for --data: .*bad_crc\.zip:00000/img00000002\.png: damaged "
+                                  r"ZIP file \(bad CRC-32"),
     "train-label-1e9-cond": Case("train", "--outdir {out} --data {huge_label_zip} --cond 1 --device cpu --dry-run",
-                                 r"^Error: --data: .*huge_label\.zip:dataset\.json: label of '00000/img00000001\.png' "
-                                 r"is 1000000000; class labels must be integers in 0\.\.65535"),
+                                 r"^Error: Invalid value for --data: .*huge_label\.zip:dataset\.json: label of "
+                                 r"'00000/img00000001\.png' is 1000000000; class labels must be integers in "
+                                 r"0\.\.65535"),
     # train.py options (point 3): every value checked before anything is created.
     "train-duration-nan": Case("train", "--outdir {out} --data {good_zip} --duration nan --device cpu",
                                r"^Error: Invalid value for '--duration'.*nan is not a finite number"),

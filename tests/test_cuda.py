@@ -237,7 +237,7 @@ def test_generate_cli_precision_is_recorded_and_fid_images_refuses_it(tmp_path):
     result = CliRunner().invoke(generate.main, ['--network', path, '--outdir', str(out), '--seeds', '0-3', '--batch',
                                                 '4', '--steps', '3', '--device', 'cpu'])
     # fp32 images never mix with bf16 ones
-    assert result.exit_code != 0 and 'made with other settings (these differ: options' in result.output
+    assert result.exit_code != 0 and 'made with other settings (these differ: precision;' in result.output
     import fid
     result = CliRunner().invoke(fid.main, ['calc', '--images', str(out), '--ref', str(tmp_path / 'x.npz'),
                                            '--precision', 'bf16'])

@@ -74,4 +74,5 @@ def test_two_ranks_sampler_and_training_stats(tmp_path):
         assert r["cumulative_loss"]["std"] == pytest.approx(everything.std())
         assert r["broadcast"] == {"from": 0} and r["all_reduce"] == [3.0]
     assert ranks[0]["stats_round1"] == ranks[1]["stats_round1"]
+    assert ranks[0]["warn0"] == [["same on every rank", "dist_worker.py"]] and ranks[1]["warn0"] == []
     assert ranks[0]["stats_round2"] == ranks[1]["stats_round2"]

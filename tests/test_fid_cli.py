@@ -264,7 +264,7 @@ def test_fewer_images_than_num_is_a_clear_error(workdir, single_rank):
     result = _invoke(["calc", "--images", root / "gen", "--ref", root / "ref1.npz", "--num", 50, "--workers", 0,
                       *_detector_args(root)])
     assert result.exit_code != 0
-    assert f"found 36 images in {root / 'gen'}, but expected at least 50 (--num)" in result.output
+    assert f"found 36 images in {root / 'gen'}, but expected at least 50 (--num-images)" in result.output
 
 
 def test_missing_ref_is_a_clear_error(workdir):
@@ -311,6 +311,29 @@ def test_bad_options_are_clear_errors(workdir):
     assert result.exit_code != 0 and "exactly one of --images and --network" in result.output
     result = _invoke(["calc", "--images", root / "nowhere", "--ref", root / "ref1.npz", *_detector_args(root)])
     assert result.exit_code != 0 and "nowhere: dataset path does not exist" in result.output
+
+
+def test_device_seed_and_class_mistakes_are_usage_errors(workdir, network_pkl, tmp_path):
+    root = workdir["root"]
+    calc = ["calc", "--images", root / "gen", "--ref", root / "ref1.npz", *_detector_args(root)]
+    result = _invoke([*calc, "--device", "foo"])
+    assert result.exit_code == 2 and "Invalid value for --device" in result.output, result.output
+    if not torch.cuda.is_available():
+        result = _invoke([*calc, "--device", "cuda"])
+        assert result.exit_code == 2 and "CUDA is not available on this machine" in result.output, result.output
+    network = ["calc", "--network", network_pkl, "--ref", root / "ref1.npz", "--num-images", "4",
+               *_detector_args(root)]
+    # --seed selects a subset of --images; next to --network it is a slip for --seeds, not ignored.
+    result = _invoke([*network, "--seed", "5"])
+    assert result.exit_code == 2 and "--seed picks the subset of --images" in result.output, result.output
+    # --class is checked against the network before any detector or image work, as generate.py does.
+    result = _invoke([*network, "--class", "3"])
+    assert result.exit_code == 2 and "Invalid value for --class" in result.output
+    assert "the network is unconditional (label_dim = 0); --class 3 cannot apply" in result.output
+    # A reference file given as the network: named as a zip archive, not as a torch.save file only.
+    np.savez(tmp_path / "ref.npz", mu=np.zeros(4), sigma=np.eye(4))
+    result = _invoke(["calc", "--network", tmp_path / "ref.npz", "--metrics", "is", "--num-images", "4"])
+    assert result.exit_code == 1 and "a numpy .npz), not a network pickle" in result.output, result.output
 
 
 @pytest.mark.distributed

@@ -123,6 +123,14 @@ def test_one_step_is_the_default_sampler_of_a_gdd_snapshot(one_step_snapshot):
     assert 'one step: D(80 z; 80)' in result.output and '1 NFE per image' in result.output
     assert np.array_equal(read_pngs(root / 'out', seeds), expected_one_step(net, seeds))
 
+    # The speed options are not sampler options: still one step (bf16: within a few levels of fp32).
+    result = CliRunner().invoke(generate.main, ['--network', path, '--outdir', str(root / 'bf16'), '--seeds', '0-4',
+                                                '--precision', 'bf16', '--compile', '--device', 'cpu'])
+    assert result.exit_code == 0, result.output
+    assert 'one step: D(80 z; 80)' in result.output and '1 NFE per image' in result.output
+    difference = np.abs(read_pngs(root / 'bf16', seeds).astype(int) - read_pngs(root / 'out', seeds).astype(int))
+    assert difference.max() <= 8, difference.max()
+
     # Any sampler option samples the generator over a sigma grid, as any EDM denoiser.
     result = CliRunner().invoke(generate.main, ['--network', path, '--outdir', str(root / 'heun'), '--seeds', '0-4',
                                                 '--solver', 'heun', '--steps', '4', '--device', 'cpu'])

@@ -77,6 +77,19 @@ def test_parse_int_list():
     assert parse_int_list("0-3") == [0, 1, 2, 3]
     with pytest.raises(ValueError, match="cannot parse 'x'"):
         parse_int_list("1,x")
+    with pytest.raises(ValueError, match="cannot parse '5-3' in '0,5-3': a range N-M needs M >= N"):
+        parse_int_list("0,5-3")
+
+
+@pytest.mark.parametrize("seeds, message", [("1,1,2", "seed 1 given more than once"),
+                                            ("0-9,5-20,3", "seed 3, 5, 6, 7 and 8 ... given more than once"),
+                                            ("4294967296", "seeds must be below 2^32"),
+                                            ("5-3", "a range N-M needs M >= N")])
+def test_seeds_that_would_repeat_an_image_are_refused(seeds, message):
+    import generate
+
+    result = CliRunner().invoke(generate.main, ["--network", "unused.pkl", "--outdir", "unused", "--seeds", seeds])
+    assert result.exit_code == 2 and message in result.output and "--seeds" in result.output, result.output
 
 
 @pytest.mark.parametrize(("num_seeds", "batch", "world"),
@@ -263,8 +276,8 @@ def test_cli_writes_edm_images(network_pickle, tmp_path):
     result = CliRunner().invoke(generate.main, unipc)
     assert result.exit_code == 1, result.output
     errors = [line for line in result.output.splitlines() if line.startswith("Error:")]
-    assert len(errors) == 1 and "holds images made with other settings (these differ: options, sampler" in errors[0]
-    assert "use another --outdir, or --overwrite to regenerate them" in errors[0]
+    assert len(errors) == 1 and "holds images made with other settings (these differ: settings." in errors[0]
+    assert "settings.solver," in errors[0] and "use another --outdir, or --overwrite to replace them" in errors[0]
     assert open(os.path.join(outdir, "000000.png"), "rb").read() == before
     # ... or regenerated with --overwrite.
     result = CliRunner().invoke(generate.main, [*unipc, "--overwrite"])
@@ -273,7 +286,9 @@ def test_cli_writes_edm_images(network_pickle, tmp_path):
     assert "4 NFE per image" in result.output and "Wrote 6 images, skipped 0" in result.output
     assert open(os.path.join(outdir, "000000.png"), "rb").read() != before
     record = json.load(open(os.path.join(outdir, "generation.json")))
-    assert record["options"]["solver"] == "unipc" and len(record["network_sha256"]) == 64
+    assert record["settings"]["solver"] == "unipc" and len(record["network_sha256"]) == 64
+    assert record["settings"]["solver_options"] == {"order": 2, "variant": "bh2", "lower_order_final": True,
+                                                   "corrector": True}
     # Another network with the same sampler: refused too.
     other = str(tmp_path / "other.pkl")
     other_net = tiny_net()
@@ -573,3 +588,78 @@ def test_edm_options_through_the_cli(network_pickle, tmp_path):
     errors = [line for line in result.output.splitlines() if line.startswith("Error:")]
     assert result.exit_code == 2 and len(errors) == 1 and "use NVlabs/edm's generate.py" in errors[0]
     assert not os.path.exists(tmp_path / "vp" / "000000.png")
+
+
+def _pngs(folder):
+    return sorted(os.path.relpath(os.path.join(root, name), folder) for root, _, names in os.walk(folder)
+                  for name in names if name.endswith(".png"))
+
+
+def test_overwrite_leaves_no_image_of_the_old_settings(network_pickle, tmp_path):
+    import generate
+
+    outdir = str(tmp_path / "out")
+    base = ["--network", network_pickle, "--outdir", outdir, "--device", "cpu", "--batch", "4"]
+    assert CliRunner().invoke(generate.main, [*base, "--seeds", "0-7", "--steps", "2"]).exit_code == 0
+    old_seven = open(os.path.join(outdir, "000007.png"), "rb").read()
+    # Other settings over fewer seeds: the old images of seeds 4-7 go (before, they stayed under the new record,
+    # and the next resume skipped them).
+    result = CliRunner().invoke(generate.main, [*base, "--seeds", "0-3", "--steps", "4", "--overwrite"])
+    assert result.exit_code == 0, result.output
+    assert _pngs(outdir) == [f"{s:06d}.png" for s in range(4)]
+    result = CliRunner().invoke(generate.main, [*base, "--seeds", "0-7", "--steps", "4"])
+    assert result.exit_code == 0 and "Wrote 4 images, skipped 4" in result.output, result.output
+    assert open(os.path.join(outdir, "000007.png"), "rb").read() != old_seven
+    # --subdirs switched under --overwrite: no second copy of each image.
+    result = CliRunner().invoke(generate.main, [*base, "--seeds", "0-7", "--steps", "4", "--subdirs", "--overwrite"])
+    assert result.exit_code == 0, result.output
+    assert _pngs(outdir) == [f"000000/{s:06d}.png" for s in range(8)]
+    # Files that are not seed images are left alone; a kill after the record went leaves PNGs without a record,
+    # which the next run without --overwrite refuses.
+    (tmp_path / "out" / "notes.txt").write_text("mine")
+    os.remove(os.path.join(outdir, "generation.json"))
+    result = CliRunner().invoke(generate.main, [*base, "--seeds", "0-7", "--steps", "4", "--subdirs"])
+    assert result.exit_code == 1 and "PNGs without a record" in result.output
+    assert (tmp_path / "out" / "notes.txt").read_text() == "mine"
+
+
+def test_settings_that_resolve_alike_resume_and_a_rewritten_schedule_file_does_not(network_pickle, tmp_path):
+    import generate
+    from samplers import make_grid, save_schedule_file
+
+    outdir = str(tmp_path / "out")
+    base = ["--network", network_pickle, "--outdir", outdir, "--device", "cpu", "--seeds", "0-1"]
+    assert CliRunner().invoke(generate.main, base).exit_code == 0
+    for same in (["--solver", "heun"], ["--steps", "18"], ["--rho", "7"], ["--end", "zero"], ["--sigma_max", "80"],
+                 ["--S_churn", "0"], ["--disc", "edm"]):
+        result = CliRunner().invoke(generate.main, [*base, *same])
+        assert result.exit_code == 0 and "Wrote 0 images, skipped 2" in result.output, (same, result.output)
+    result = CliRunner().invoke(generate.main, [*base, "--rho", "5"])
+    assert result.exit_code == 1 and "these differ: settings.sigmas;" in result.output, result.output
+    for name in ("precision", "compile"):
+        extra = ["--precision", "bf16"] if name == "precision" else ["--compile"]
+        result = CliRunner().invoke(generate.main, [*base, *extra])
+        assert result.exit_code == 1 and f"these differ: {name};" in result.output, result.output
+
+    # A schedule file rewritten at the same path (ld3.py re-run with the same --out) is another grid.
+    schedule, scheduled = str(tmp_path / "grid.json"), str(tmp_path / "scheduled")
+    save_schedule_file(schedule, make_grid("logsnr", 6, 0.002, 80, end="sigma_min").sigmas, solver="ipndm", nfe=6)
+    args = ["--network", network_pickle, "--outdir", scheduled, "--device", "cpu", "--seeds", "0-1",
+            "--schedule", schedule]
+    assert CliRunner().invoke(generate.main, args).exit_code == 0
+    record = json.load(open(os.path.join(scheduled, "generation.json")))
+    assert record["files_sha256"] == [hashlib.sha256(open(schedule, "rb").read()).hexdigest()]
+    save_schedule_file(schedule, make_grid("time_quadratic", 6, 0.002, 80, end="sigma_min").sigmas, solver="ipndm",
+                       nfe=6)
+    result = CliRunner().invoke(generate.main, args)
+    assert result.exit_code == 1 and "files_sha256" in result.output and "settings.sigmas" in result.output
+
+
+def test_a_bad_grid_path_is_refused_before_sampling(network_pickle, tmp_path):
+    import generate
+
+    outdir = str(tmp_path / "out")
+    result = CliRunner().invoke(generate.main, ["--network", network_pickle, "--outdir", outdir, "--device", "cpu",
+                                                "--seeds", "0-1", "--grid", str(tmp_path)])
+    assert result.exit_code == 1 and "--grid: " in result.output and "is a folder" in result.output, result.output
+    assert not os.path.exists(outdir) or _pngs(outdir) == []

@@ -639,7 +639,8 @@ def test_compute_reference_checks_dest_before_the_pass(tmp_path):
 
 def test_too_few_images_is_a_clear_error(tmp_path):
     _write_images(tmp_path / "few", np.zeros((3, 3, 8, 8), dtype=np.uint8))
-    with pytest.raises(evaluate.MetricsError, match=r"found 3 images in .*few, but expected at least 5 \(--num\)"):
+    with pytest.raises(evaluate.MetricsError,
+                       match=r"found 3 images in .*few, but expected at least 5 \(--num-images\)"):
         evaluate.dataset_source(str(tmp_path / "few"), num=5, num_workers=0)
 
 

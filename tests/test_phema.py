@@ -2,7 +2,9 @@
 mass per step, and the reconstruction of an EMA that was also tracked directly (issue 17)."""
 
 import glob
+import json
 import os
+import re
 import shutil
 
 import numpy as np
@@ -12,16 +14,24 @@ from click.testing import CliRunner
 from scipy.integrate import trapezoid  # np.trapezoid needs NumPy 2; the oldest supported is 1.26
 from train_worker import loop_kwargs, random_images, write_zip_dataset
 
+import losses
 import phema as phema_cli
+from processes.edm import EDMProcess
 from torch_utils import persistence
+from training import snapshots
 from training import training_loop as tl
 from training.phema import (
+    MISFIT_WARNING,
     PowerEMA,
     gamma_to_std,
+    phema_file_name,
     profile_inner_product,
+    reconstruction_misfit,
     reconstruction_weights,
+    saved_emas,
     std_to_gamma,
 )
+from training.preconditioning import EDMPrecond
 
 
 def _grid(t, n=400001):
@@ -59,6 +69,101 @@ def test_reconstruction_of_a_saved_profile_is_that_profile():
     t, g = [50, 50, 100, 100], [std_to_gamma(0.05), std_to_gamma(0.1)] * 2
     x = reconstruction_weights(t, g, 100, std_to_gamma(0.1))
     np.testing.assert_allclose(x, [0, 0, 0, 1], atol=1e-8)
+
+
+@pytest.mark.parametrize('sigma_rel', [0.02, 0.15, 0.25])
+def test_weights_sum_to_one_and_the_misfit_is_the_profiles_l2_distance(sigma_rel):
+    # Saved: widths 0.05 and 0.10 at five times; target: sigma_rel at the last. Independently: A and b by
+    # numerical integration of the profiles, least squares, scaled to sum 1 (EDM2's solve_posthoc_coefficients).
+    t = np.repeat([100.0, 200.0, 300.0, 400.0, 500.0], 2)
+    g = np.array([std_to_gamma(0.05), std_to_gamma(0.10)] * 5)
+    g_r = std_to_gamma(sigma_rel)
+    tau = _grid(500.0)
+    profiles = np.stack([_profile(tau, ti, gi) for ti, gi in zip(t, g)])
+    target = _profile(tau, 500.0, g_r)
+    A = trapezoid(profiles[:, None] * profiles[None, :], tau)
+    b = trapezoid(profiles * target, tau)
+    raw = np.linalg.lstsq(A, b, rcond=None)[0]
+    x = reconstruction_weights(t, g, 500.0, g_r)
+    assert x.sum() == pytest.approx(1.0, abs=1e-12)
+    np.testing.assert_allclose(x, raw / raw.sum(), rtol=2e-3, atol=2e-3 * np.abs(x).max())
+    combined = x @ profiles
+    numeric = np.sqrt(trapezoid((combined - target) ** 2, tau) / trapezoid(target ** 2, tau))
+    assert reconstruction_misfit(t, g, x, 500.0, g_r) == pytest.approx(numeric, rel=2e-3)
+    # A saved profile is reached exactly.
+    assert reconstruction_misfit(t, g, reconstruction_weights(t, g, 500.0, g[-1]), 500.0, g[-1]) < 1e-6
+
+
+def _write_phema(directory, kimg, std, value, step):
+    """A phema-NNNNNN-S.pkl whose EMA network holds `value` in every floating-point tensor."""
+    net = EDMPrecond(img_resolution=8, img_channels=3, model_type="SongUNet", model_channels=16, channel_mult=[1],
+                     num_blocks=1, attn_resolutions=[])
+    with torch.no_grad():
+        for tensor in [*net.parameters(), *net.buffers()]:
+            if tensor.is_floating_point():
+                tensor.fill_(value)
+    os.makedirs(directory, exist_ok=True)
+    snapshots.save_snapshot(os.path.join(directory, phema_file_name(kimg, std)), ema=net,
+                            loss_kwargs=losses.loss_kwargs("edm"), process=EDMProcess(),
+                            extra=dict(phema=dict(std=std, gamma=std_to_gamma(std), step=step, kimg=kimg)))
+
+
+def test_weights_that_never_moved_come_back_unchanged(tmp_path, recwarn):
+    # Every saved EMA holds 1.0: any average of them is 1.0 (before the weights were scaled to sum 1: 0.82 at 0.25).
+    run = str(tmp_path / 'run')
+    for kimg in range(1, 6):
+        for std in (0.05, 0.10):
+            _write_phema(run, kimg, std, 1.0, step=100 * kimg)
+    for std in (0.07, 0.25):
+        out = str(tmp_path / f'{std}.pkl')
+        result = CliRunner().invoke(phema_cli.main, ['--run', run, '--std', str(std), '--out', out])
+        assert result.exit_code == 0, result.output
+        net = persistence.load_network_pickle(out)['ema']
+        values = torch.cat([p.flatten() for p in net.parameters()])
+        torch.testing.assert_close(values, torch.ones_like(values), rtol=0, atol=1e-6)
+    assert 'profile misfit' in result.output
+    # Far outside what 0.05 and 0.10 at five times span: said, and the result still written.
+    with pytest.warns(UserWarning, match=r'match the profile of std 0.01 only to \d+%'):
+        result = CliRunner().invoke(phema_cli.main, ['--run', run, '--std', '0.01', '--out', str(tmp_path / 'x.pkl')])
+    assert result.exit_code == 0 and MISFIT_WARNING == 0.10
+
+
+def test_a_resumed_run_uses_the_saved_emas_of_the_run_it_resumed_from(tmp_path):
+    # Run A saved kimg 1-4, was resumed from its kimg-2 state into B (kimg 3-5): A's kimg 3-4 are another
+    # trajectory and are left out; B's files win where both have a kimg.
+    first, second = str(tmp_path / 'A'), str(tmp_path / 'B')
+    for kimg in range(1, 5):
+        _write_phema(first, kimg, 0.05, 0.0, step=kimg)
+    for kimg in range(2, 6):
+        _write_phema(second, kimg, 0.05, 0.0, step=kimg)
+    with open(os.path.join(second, 'training_options.json'), 'w') as f:
+        json.dump(dict(resume_state_dump=os.path.join(first, 'training-state-000002.pt')), f)
+    found = [(os.path.basename(os.path.dirname(e['path'])), e['kimg']) for e in saved_emas(second)]
+    assert found == [('A', 1), ('B', 2), ('B', 3), ('B', 4), ('B', 5)]
+    assert [e['kimg'] for e in saved_emas(second, at_kimg=3)] == [1, 2, 3]
+    assert [e['kimg'] for e in saved_emas(first)] == [1, 2, 3, 4]
+    # A predecessor that has moved: the run's own files, and a warning that says what is left out.
+    shutil.rmtree(first)
+    with pytest.warns(UserWarning, match='run directory is not found'):
+        assert [e['kimg'] for e in saved_emas(second)] == [2, 3, 4, 5]
+
+
+def test_clear_errors_for_missing_runs_times_and_headers(tmp_path):
+    run = str(tmp_path / 'run')
+    _write_phema(run, 3, 0.05, 0.0, step=30)
+    _write_phema(run, 4, 0.05, 0.0, step=40)
+    cases = [(['--run', str(tmp_path / 'nowhere')], 'no such run directory'),
+             (['--run', run, '--at', '0'], 'no phema-.*up to kimg 0; the saved EMAs are at kimg 3-4'),
+             (['--run', str(tmp_path)], r'no phema-\*\.pkl files \(train with --phema')]
+    bogus = str(tmp_path / 'bogus')
+    _write_phema(bogus, 1, 0.05, 0.0, step=1)
+    data = persistence.load_network_pickle(os.path.join(bogus, phema_file_name(1, 0.05)))
+    del data['phema']
+    persistence.save_network_pickle(os.path.join(bogus, phema_file_name(1, 0.05)), data)
+    cases.append((['--run', bogus], r'phema-000001-0.050.pkl: not a saved post-hoc EMA'))
+    for args, message in cases:
+        result = CliRunner().invoke(phema_cli.main, [*args, '--std', '0.07'])
+        assert result.exit_code == 1 and re.search(message, result.output), (args, result.output)
 
 
 def test_step_update_gives_each_step_its_profile_mass():
@@ -110,3 +215,13 @@ def test_reconstructed_ema_matches_one_tracked_directly(tmp_path):
     assert error < 0.05, float(error)
     assert rebuilt['phema']['std'] == 0.07 and rebuilt['phema']['reconstructed_from'] == 14
     assert not torch.equal(flat['direct'], net)
+
+
+def test_widths_whose_file_names_would_collide_are_refused():
+    import click
+
+    import train
+    assert train._width_list(None, None, '0.05,0.1') == [0.05, 0.1]
+    for value, names in [('0.0504,0.0501', '0.050, 0.050'), ('0.0004', '0.000')]:
+        with pytest.raises(click.BadParameter, match=f'gives {names}; expected distinct widths of at least 0.001'):
+            train._width_list(None, None, value)

@@ -54,3 +54,18 @@ def test_report_errors_are_one_line(tmp_path):
     (tmp_path / 'stats.jsonl').write_text('')
     result = CliRunner().invoke(report.main, ['--run', str(tmp_path)])
     assert result.exit_code == 1 and 'no statistics to plot yet' in result.output
+
+
+def test_loss_by_noise_level_leaves_out_ticks_without_samples_in_a_bin(tmp_path):
+    # stats.jsonl repeats a name's last statistics through ticks without observations: the bin '>20' had samples in
+    # tick 0 only, and its later lines are that tick's again. A bin observed every tick keeps all its points, even
+    # a value equal to the last one's with another count.
+    lines = [_stats_line(kimg, 1.0 / (1 + kimg), 0.0, 1e-3) for kimg in (0.0, 1.0, 2.0)]
+    for line in lines:
+        line['Loss/sigma>20'] = {'num': 1, 'mean': 5.0, 'std': 0}
+    lines[2]['Loss/sigma<0.05'] = {'num': 9, 'mean': 0.5, 'std': 0}
+    with open(tmp_path / 'stats.jsonl', 'w') as f:
+        f.writelines(json.dumps(line) + '\n' for line in lines)
+    by_sigma = {label: (xs, ys) for label, xs, ys in build_panels(str(tmp_path))[1].lines}
+    assert by_sigma['sigma >20'] == ([0.0], [5.0])
+    assert by_sigma['sigma <0.05'] == ([0.0, 1.0, 2.0], [1.0, 0.5, 0.5])

@@ -89,6 +89,10 @@ def test_train_end_to_end_and_resume(datasets, tmp_path):
     assert options['seed'] == 3 and options['resume_state_dump'] == str(run_dir / 'training-state-000001.pt')
     state = torch.load(resumed_dir / 'training-state-000002.pt', weights_only=True)
     assert state['cur_nimg'] == 2048 and state['cur_iter'] == 32
+    # log.txt holds the summary printed before the run directory existed (options, what was resumed and changed).
+    log = open(resumed_dir / 'log.txt').read()
+    assert log.index('Training options:') < log.index('Resuming from:') < log.index('\ntick ')
+    assert 'changed --duration: 0.001 -> 0.002 (the continuation stays exact)' in log
 
     # --resume=auto on the finished run (a kill after its last state was written): nothing to train, nothing written.
     # EDM's loop would train one more step and write a 000002 snapshot and state that differ from the finished ones.
@@ -166,7 +170,7 @@ def test_bad_options(datasets, tmp_path, extra, message):
 
 def test_missing_dataset_and_edm_state_without_snapshot(datasets, tmp_path):
     result = _invoke(['--outdir', tmp_path / 'runs', '--data', tmp_path / 'missing.zip', '-n'])
-    assert result.exit_code != 0 and 'Error: --data:' in result.output and 'missing.zip' in result.output
+    assert result.exit_code == 2 and 'Invalid value for --data:' in result.output and 'missing.zip' in result.output
 
     # A state that weights_only refuses is taken for EDM's, which needs its network-snapshot beside it.
     edm_state = tmp_path / 'old' / 'training-state-000005.pt'
@@ -192,3 +196,100 @@ def test_warns_when_the_learning_rate_ramp_outlasts_the_run(datasets, tmp_path):
     with warnings.catch_warnings():
         warnings.filterwarnings('error', message='.*learning-rate ramp-up.*')
         assert _invoke([*args, '--lr-rampup', 1]).exit_code == 0  # a ramp that fits: no warning
+
+
+def _tiny_run(outdir, data, *extra, duration=0.001):
+    result = _invoke(['--outdir', outdir, '--data', data, '--batch', 64, '--duration', duration, '--tick', 1,
+                      '--snap', 1, '--dump', 1, '--seed', 5, *TINY_NET, *extra])
+    assert result.exit_code == 0, result.output
+    return result
+
+
+def _resumed_from(output: str) -> str:
+    return output.split('Resuming from:')[1].split('\n')[0].strip()
+
+
+@pytest.mark.slow
+def test_resume_finds_the_newest_run_and_files_that_moved(datasets, tmp_path, monkeypatch):
+    import shutil
+
+    # A run started with --transfer resumes (its saved options named --transfer, which a resume refused).
+    _tiny_run(tmp_path / 'base', datasets['uncond'])
+    snapshot = tmp_path / 'base' / '00000-tiny-uncond-ddpmpp-edm-gpus1-batch64-fp32' / 'network-snapshot-000001.pkl'
+    _tiny_run(tmp_path / 'tuned', datasets['uncond'], '--transfer', snapshot)
+    result = _invoke(['--outdir', tmp_path / 'tuned', '--resume', 'auto', '--duration', 0.002, '-n'])
+    assert result.exit_code == 0 and _resumed_from(result.output).endswith('training-state-000001.pt'), result.output
+
+    # --resume=auto continues the run written to last, not the state of most images under --outdir: run 00000 is
+    # finished at 2 kimg, the newer 00001 stopped at 1.
+    _tiny_run(tmp_path / 'runs', datasets['uncond'], duration=0.002)
+    _tiny_run(tmp_path / 'runs', datasets['uncond'], '--desc', 'newer')
+    result = _invoke(['--outdir', tmp_path / 'runs', '--resume', 'auto', '--duration', 0.002, '-n'])
+    assert result.exit_code == 0, result.output
+    assert _resumed_from(result.output) == str(tmp_path / 'runs' / '00001-tiny-uncond-ddpmpp-edm-gpus1-batch64-fp32-'
+                                               'newer' / 'training-state-000001.pt')
+
+    # Relative paths are recorded absolute: the state resumes from another folder, into the same --outdir; a
+    # dataset that moved is named anew (a note, not a refusal).
+    work = tmp_path / 'work'
+    work.mkdir()
+    shutil.copy(datasets['uncond'], work / 'tiny.zip')
+    monkeypatch.chdir(work)
+    _tiny_run('rel', 'tiny.zip')
+    run_dir = work / 'rel' / '00000-tiny-uncond-ddpmpp-edm-gpus1-batch64-fp32'
+    assert json.load(open(run_dir / 'training_options.json'))['dataset_kwargs']['path'] == str(work / 'tiny.zip')
+    elsewhere = tmp_path / 'elsewhere'
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    state = run_dir / 'training-state-000001.pt'
+    result = _invoke(['--resume', state, '--duration', 0.002, '-n'])
+    assert result.exit_code == 0, result.output
+    assert f'Output directory:        {work / "rel"}' in result.output
+    os.rename(work / 'tiny.zip', work / 'moved.zip')
+    result = _invoke(['--resume', state, '--duration', 0.002, '-n', '--data', work / 'moved.zip'])
+    assert result.exit_code == 0, result.output
+    assert f"--data: '{work / 'tiny.zip'}' -> '{work / 'moved.zip'}' (another path" in result.output
+
+
+def test_run_directory_mistakes_are_refused_before_anything_is_written(datasets, tmp_path):
+    # --desc with a path separator: a nested run directory --resume=auto would not see.
+    result = _invoke(['--outdir', tmp_path / 'd', '--data', datasets['uncond'], '--desc', 'abl/lr1', '-n'])
+    assert result.exit_code == 2 and "'abl/lr1': the run directory name may not hold a path separator" in result.output
+    # --nosubdir into a folder that holds a run: the two would mix (states, snapshots, stats.jsonl).
+    _tiny_run(tmp_path / 'flat', datasets['uncond'], '--nosubdir')
+    before = sorted(os.listdir(tmp_path / 'flat'))
+    result = _invoke(['--outdir', tmp_path / 'flat', '--data', datasets['uncond'], '--nosubdir', *TINY_NET])
+    assert result.exit_code == 2 and 'holds another run (network-snapshot-000000.pkl' in result.output
+    assert '--nosubdir would mix the two' in result.output and sorted(os.listdir(tmp_path / 'flat')) == before
+    # --arch next to --init: the pickle decides the architecture (--cbase and the like were refused already).
+    snapshot = tmp_path / 'flat' / 'network-snapshot-000001.pkl'
+    result = _invoke(['--outdir', tmp_path / 'i', '--data', datasets['uncond'], '--init', snapshot, '--arch', 'adm',
+                      '-n'])
+    assert result.exit_code == 2 and '--arch: --init takes the architecture from the pickle' in result.output
+    # A preset's architecture is not the user's: --init's pickle decides (EDM's preset, --init from a snapshot).
+    result = _invoke(['--outdir', tmp_path / 'i', '--data', datasets['uncond'], '--init', snapshot, '--preset',
+                      'edm-cifar10-uncond-vp', '-n', '--workers', '0', '--device', 'cpu'])
+    assert result.exit_code == 0 and f'Network architecture:    from {snapshot}' in result.output, result.output
+    # An EDM training state (torch.save of the pickled net and Adam's state) with its snapshot beside it is found by
+    # --resume=DIR as --resume=FILE takes it (before, DIR and auto skipped it as unreadable).
+    import shutil
+
+    from training import snapshots
+    edm_run = tmp_path / 'edm'
+    edm_run.mkdir()
+    shutil.copy(snapshot, edm_run / 'network-snapshot-000001.pkl')
+    net = snapshots.read_snapshot(str(snapshot)).net.train().requires_grad_(True)
+    torch.save(dict(net=net, optimizer_state=torch.optim.Adam(net.parameters()).state_dict()),
+               edm_run / 'training-state-000001.pt')
+    result = _invoke(['--outdir', tmp_path / 'e', '--data', datasets['uncond'], '--resume', edm_run, '-n',
+                      *TINY_NET])
+    assert result.exit_code == 0 and _resumed_from(result.output) == str(edm_run / 'training-state-000001.pt'), \
+        result.output
+    # Naming on resume what the run's defaults resolved to is no change (--precond=edm was refused against a state
+    # saved without --precond, --loss=edm listed as a change); another value still is.
+    flat_state = tmp_path / 'flat' / 'training-state-000001.pt'
+    result = _invoke(['--resume', flat_state, '--precond', 'edm', '--loss', 'edm', '--duration', 0.002, '-n'])
+    assert result.exit_code == 0 and 'changed --duration' in result.output, result.output
+    assert 'changed --precond' not in result.output and 'changed --loss' not in result.output
+    result = _invoke(['--resume', flat_state, '--precond', 'vp', '--duration', 0.002, '-n'])
+    assert result.exit_code == 2 and "'vp' contradicts the training state" in result.output

@@ -296,6 +296,10 @@ def test_two_ranks_equal_one_rank(tiny_zip, tmp_path):
             tl.training_loop(**config)
     states = {name: _final_state(str(tmp_path / name)) for name in runs}
     assert states['ranks2']['world_size'] == 2 and len(states['ranks2']['rng']) == 2
+    # stats.jsonl counts steps, not rank-steps (report.py's non-finite panel reads it as steps).
+    steps = {name: [json.loads(line)['Loss/nonfinite']['num'] for line in open(tmp_path / name / 'stats.jsonl')]
+             for name in ('ranks2', 'rank1')}
+    assert steps['ranks2'] == steps['rank1'] and sum(steps['rank1']) == 3
     assert states['ranks2']['data_position'] == states['rank1']['data_position'] == 24
     reference = states['rank1']
     for name in ('ranks2', 'rank1_rounds2'):

@@ -9,6 +9,7 @@ import atexit
 import datetime
 import os
 import sys
+import warnings
 
 import torch
 import torch.distributed as dist
@@ -100,6 +101,13 @@ def print0(*args, **kwargs) -> None:
     """print() on rank 0 only."""
     if get_rank() == 0:
         print(*args, **kwargs)
+
+
+def warn0(message: str, category: type[Warning] = UserWarning, stacklevel: int = 1) -> None:
+    """warnings.warn() on rank 0 only: for conditions every rank sees alike (options, files, data), which would
+    otherwise print once per GPU. `stacklevel` counts as in warnings.warn, from the caller of warn0."""
+    if get_rank() == 0:
+        warnings.warn(message, category, stacklevel=stacklevel + 1)
 
 
 def all_reduce_sum_(tensor: torch.Tensor) -> torch.Tensor:

@@ -54,6 +54,7 @@ import torch
 
 import dnnlib
 from dnnlib.util import EasyDict
+from torch_utils import distributed as dist
 
 _version = 6  # EDM's internal format version; pickles with another version are refused.
 _decorators: set = set()  # Every class produced by persistent_class.
@@ -893,7 +894,7 @@ def _rebuild(pickled: PickledObject, classes: dict, source: str, memo: dict):
         if not any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
             unknown = sorted(set(init_kwargs) - set(params))
             if unknown:
-                warnings.warn(f"{source}: ignoring constructor arguments {unknown} of {pickled.class_name}, which "
+                dist.warn0(f"{source}: ignoring constructor arguments {unknown} of {pickled.class_name}, which "
                               f"our {cls.__qualname__} does not take", stacklevel=2)
                 init_kwargs = {k: v for k, v in init_kwargs.items() if k not in unknown}
     try:
@@ -979,8 +980,9 @@ def load_network_pickle(f_or_path_or_url, extra_classes: dict | None = None) -> 
             head = f.read(4)
             f.seek(-len(head), io.SEEK_CUR)
             if head == b"PK\x03\x04":
-                raise NetworkPickleError(f"{source}: this is a torch.save zip archive, not a network pickle; "
-                                         f"read EDM training states with load_edm_training_state()")
+                raise NetworkPickleError(f"{source}: this is a zip archive (a torch.save file such as a training "
+                                         f"state, or a numpy .npz), not a network pickle; read EDM training states "
+                                         f"with load_edm_training_state()")
         module = _make_safe_pickle_module(classes, source)
         try:
             data = module.load(f)

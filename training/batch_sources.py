@@ -12,11 +12,11 @@ DataLoader iterators, which draw from the global torch RNG, exactly where the or
 """
 
 import dataclasses
-import warnings
 
 import torch
 
 from losses.base import Batch
+from torch_utils import distributed as dist
 from training.dataset import InfiniteSampler
 
 
@@ -62,7 +62,7 @@ class StreamSource:
         self.data = data
         position = int(data.resume.get('data_position', 0))
         if position % data.world_size != 0:
-            warnings.warn(f'data position {position} is not a multiple of {data.world_size} ranks; rounding down',
+            dist.warn0(f'data position {position} is not a multiple of {data.world_size} ranks; rounding down',
                           stacklevel=2)
         self.seek(position // data.world_size)
 

@@ -17,14 +17,22 @@ b_i = <p_i, p_r>, where for profiles of (t_a, g_a), (t_b, g_b)
 
     <p_a, p_b> = (g_a + 1)(g_b + 1) min(t_a, t_b)^(g_a + g_b + 1) / ((g_a + g_b + 1) t_a^(g_a + 1) t_b^(g_b + 1)),
 
-and the reconstructed weights are sum_i x_i theta_i. The parameters are linear in the EMAs, so this is exact up to
-how well the profiles span p_r.
+and the reconstructed weights are sum_i x_i theta_i, with x scaled to sum to 1 as EDM2's solve_posthoc_coefficients
+does (a combination of averages must leave constant weights unchanged; the least-squares x alone sums to 0.82-1.01 for
+widths 0.02-0.25 from five saved times). The parameters are linear in the EMAs, so the result is exact up to how well
+the profiles span p_r: `reconstruction_misfit` is the relative L2 distance of the combined profile from p_r, logged
+with every reconstruction and warned about above MISFIT_WARNING.
+
+A resumed run writes into a new directory; its training_options.json names the state it resumed from, and the saved
+EMAs of that earlier run up to the state's kimg are used too (`run_chain`), so a reconstruction sees the whole run.
 """
 
 import copy
 import glob
+import json
 import os
 import re
+import warnings
 
 import numpy as np
 import torch
@@ -57,13 +65,28 @@ def profile_inner_product(t_a, gamma_a, t_b, gamma_b) -> np.ndarray:
     return np.exp(log_value)
 
 
-def reconstruction_weights(t_saved, gamma_saved, t_target: float, gamma_target: float) -> np.ndarray:
-    """Coefficients x of the saved EMAs whose combination best matches the target profile (least squares)."""
+def _normal_equations(t_saved, gamma_saved, t_target: float, gamma_target: float):
+    """A_ij = <p_i, p_j> and b_i = <p_i, p_r> of the saved profiles p_i and the target p_r."""
     t_saved, gamma_saved = np.asarray(t_saved, np.float64), np.asarray(gamma_saved, np.float64)
     A = profile_inner_product(t_saved[:, None], gamma_saved[:, None], t_saved[None, :], gamma_saved[None, :])
-    b = profile_inner_product(t_saved, gamma_saved, t_target, gamma_target)
-    x, *_ = np.linalg.lstsq(A, b, rcond=None)
-    return x
+    return A, profile_inner_product(t_saved, gamma_saved, t_target, gamma_target)
+
+
+def reconstruction_weights(t_saved, gamma_saved, t_target: float, gamma_target: float) -> np.ndarray:
+    """Coefficients x of the saved EMAs whose combination best matches the target profile (least squares)."""
+    x, *_ = np.linalg.lstsq(*_normal_equations(t_saved, gamma_saved, t_target, gamma_target), rcond=None)
+    return x / x.sum()
+
+
+MISFIT_WARNING = 0.10
+
+
+def reconstruction_misfit(t_saved, gamma_saved, weights, t_target: float, gamma_target: float) -> float:
+    """|| sum_i x_i p_i - p_r || / || p_r || in L2, from the profiles' inner products (0: the target exactly)."""
+    x = np.asarray(weights, np.float64)
+    A, b = _normal_equations(t_saved, gamma_saved, t_target, gamma_target)
+    target = profile_inner_product(t_target, gamma_target, t_target, gamma_target)
+    return float(np.sqrt(max(target - 2 * x @ b + x @ A @ x, 0.0) / target))
 
 
 class PowerEMA:
@@ -101,14 +124,47 @@ def phema_file_name(kimg: int, std: float) -> str:
 _NAME_RE = re.compile(r'phema-(\d{6})-(\d+\.\d+)\.pkl$')
 
 
+_STATE_RE = re.compile(r'training-state-(\d+)\.pt$')
+
+
+def run_chain(run_dir: str) -> list[tuple[str, int | None]]:
+    """[(directory, last kimg to use or None)], the earliest run first: each run that `run_dir` resumed from (its
+    training_options.json names the state), up to the kimg of that state, then `run_dir` itself. A predecessor that
+    is not found where the options say ends the chain there (with a warning)."""
+    chain, seen, current, limit = [], set(), run_dir, None
+    while os.path.realpath(current) not in seen:
+        seen.add(os.path.realpath(current))
+        chain.append((current, limit))
+        try:
+            with open(os.path.join(current, 'training_options.json')) as f:
+                state = json.load(f).get('resume_state_dump')
+        except (OSError, ValueError, AttributeError):
+            break
+        match = _STATE_RE.search(os.path.basename(state or ''))
+        if not match:
+            break
+        previous = os.path.dirname(state)
+        if not os.path.isdir(previous):
+            warnings.warn(f'{current} resumed from {state}, whose run directory is not found: its earlier saved '
+                          f'EMAs are left out', stacklevel=2)
+            break
+        current, limit = previous, int(match.group(1)) if limit is None else min(limit, int(match.group(1)))
+    return chain[::-1]
+
+
 def saved_emas(run_dir: str, at_kimg: int | None = None) -> list[dict]:
-    """The phema files of a run: [{'path', 'kimg', 'std'}], up to `at_kimg`, by kimg then std."""
-    found = []
-    for path in glob.glob(os.path.join(run_dir, 'phema-*.pkl')):
-        match = _NAME_RE.search(os.path.basename(path))
-        if match and (at_kimg is None or int(match.group(1)) <= at_kimg):
-            found.append(dict(path=path, kimg=int(match.group(1)), std=float(match.group(2))))
-    return sorted(found, key=lambda e: (e['kimg'], e['std']))
+    """The phema files of a run and of the runs it resumed from (run_chain): [{'path', 'kimg', 'std'}], up to
+    `at_kimg`, by kimg then std; where two runs saved the same kimg and width, the later run's file."""
+    found = {}
+    for directory, limit in run_chain(run_dir):
+        for path in glob.glob(os.path.join(directory, 'phema-*.pkl')):
+            match = _NAME_RE.search(os.path.basename(path))
+            if not match:
+                continue
+            kimg, std = int(match.group(1)), float(match.group(2))
+            if (at_kimg is None or kimg <= at_kimg) and (limit is None or kimg <= limit):
+                found[kimg, std] = dict(path=path, kimg=kimg, std=std)
+    return [found[key] for key in sorted(found)]
 
 
 @torch.no_grad()
@@ -120,19 +176,29 @@ def reconstruct(run_dir: str, std: float, at_kimg: int | None = None, log=print)
     """
     from training import snapshots
 
+    if not os.path.isdir(run_dir):
+        raise FileNotFoundError(f'{run_dir}: no such run directory')
     entries = saved_emas(run_dir, at_kimg)
     if not entries:
-        raise FileNotFoundError(f'{run_dir}: no phema-*.pkl files{f" up to kimg {at_kimg}" if at_kimg else ""} '
-                                f'(train with --phema=0.05,0.10)')
+        available = saved_emas(run_dir)
+        if not available:
+            raise FileNotFoundError(f'{run_dir}: no phema-*.pkl files (train with --phema=0.05,0.10)')
+        raise FileNotFoundError(f'{run_dir}: no phema-*.pkl files up to kimg {at_kimg}; the saved EMAs are at kimg '
+                                f'{available[0]["kimg"]}-{available[-1]["kimg"]}')
     headers = []
     for entry in entries:
         data = snapshots.read_snapshot(entry['path']).data
-        info = data.get('phema') or {}
-        headers.append((entry, int(info['step']), float(info['gamma'])))
+        info = data.get('phema')
+        try:
+            headers.append((entry, int(info['step']), float(info['gamma'])))
+        except (TypeError, KeyError, ValueError):
+            raise ValueError(f'{entry["path"]}: not a saved post-hoc EMA (expected a phema record with its step and '
+                             f'gamma, as train.py --phema writes)') from None
     target_kimg = entries[-1]['kimg']
     target_step = max(step for entry, step, _ in headers if entry['kimg'] == target_kimg)
-    weights = reconstruction_weights([s for _, s, _ in headers], [g for _, _, g in headers], target_step,
-                                     std_to_gamma(std))
+    steps, gammas = [s for _, s, _ in headers], [g for _, _, g in headers]
+    weights = reconstruction_weights(steps, gammas, target_step, std_to_gamma(std))
+    misfit = reconstruction_misfit(steps, gammas, weights, target_step, std_to_gamma(std))
     total, template, latest = None, None, None
     for (entry, _, _), weight in zip(headers, weights):
         data = snapshots.read_snapshot(entry['path']).data
@@ -148,7 +214,16 @@ def reconstruct(run_dir: str, std: float, at_kimg: int | None = None, log=print)
     state.update({name: value.to(state[name].dtype) for name, value in total.items()})
     template.load_state_dict(state)
     latest = dict(latest, ema=template, phema=dict(std=float(std), gamma=std_to_gamma(std), step=target_step,
-                                                   kimg=target_kimg, reconstructed_from=len(entries)))
+                                                   kimg=target_kimg, reconstructed_from=len(entries),
+                                                   misfit=misfit))
+    directories = sorted({os.path.dirname(e['path']) for e in entries})
     log(f'Reconstructed the EMA of std {std} at kimg {target_kimg} (step {target_step}) from {len(entries)} saved EMAs '
-        f'(stds {sorted({e["std"] for e in entries})}); largest coefficient {np.abs(weights).max():.3g}')
-    return latest, dict(weights=weights.tolist(), files=[e['path'] for e in entries])
+        f'(stds {sorted({e["std"] for e in entries})}, kimg {entries[0]["kimg"]}-{target_kimg}'
+        f'{f", {len(directories)} run directories" if len(directories) > 1 else ""}); profile misfit '
+        f'{100 * misfit:.2g}%, largest coefficient {np.abs(weights).max():.3g}')
+    if misfit > MISFIT_WARNING:
+        warnings.warn(f'the saved EMAs match the profile of std {std} only to {100 * misfit:.2g}% (L2): the result '
+                      f'is not that EMA. Reconstruct a width between or near the saved ones '
+                      f'({", ".join(f"{w:g}" for w in sorted({e["std"] for e in entries}))}), or with more saved '
+                      f'times (--snap)', stacklevel=2)
+    return latest, dict(weights=weights.tolist(), files=[e['path'] for e in entries], misfit=misfit)

@@ -35,13 +35,17 @@ def read_stats(path: str) -> list[dict]:
     return lines
 
 
-def series(lines: list[dict], name: str, field: str = 'mean') -> tuple[list[float], list[float]]:
-    """(kimg, value) of a stats name over the lines that have it (and a finite value)."""
-    xs, ys = [], []
+def series(lines: list[dict], name: str, field: str = 'mean', fresh_only: bool = False) -> tuple[list[float],
+                                                                                             list[float]]:
+    """(kimg, value) of a stats name over the lines that have it (and a finite value). fresh_only: leave out a line
+    that repeats the previous line's statistics of the name exactly: stats.jsonl carries a name's last values on
+    through ticks without observations (EDM's collector), e.g. a noise-level bin no sample fell into."""
+    xs, ys, previous = [], [], None
     for line in lines:
         if name in line and 'Progress/kimg' in line:
             value = line[name].get(field)
-            if value is not None and math.isfinite(value):
+            repeated, previous = fresh_only and line[name] == previous, line[name]
+            if value is not None and math.isfinite(value) and not repeated:
                 xs.append(line['Progress/kimg']['mean'])
                 ys.append(value)
     return xs, ys
@@ -143,7 +147,7 @@ def build_panels(run_dir: str) -> list[Panel]:
     by_sigma = Panel('loss by noise level (sigma bins)', log_y=True)
     bins = sorted({n for line in lines for n in line if n.startswith('Loss/sigma')}, key=_bin_order)
     for name in bins:
-        by_sigma.add('sigma ' + name[len('Loss/sigma'):], *series(lines, name))
+        by_sigma.add('sigma ' + name[len('Loss/sigma'):], *series(lines, name, fresh_only=True))
     lr = Panel('learning rate')
     lr.add('lr', *series(lines, 'Progress/lr'))
     nonfinite = Panel('non-finite steps per tick', bars=True)

@@ -353,7 +353,7 @@ def _build(*, dataset_kwargs, data_loader_kwargs, network_kwargs, loss_kwargs, o
         if hasattr(loss_fn, 'check_data'):
             for message in loss_fn.check_data(batch_gpu_total=batch_gpu_total, batch_gpu=batch_gpu,
                                               dataset_size=len(dataset_obj)):
-                warnings.warn(message, stacklevel=2)
+                dist.warn0(message, stacklevel=2)
         augment_pipe = dnnlib.util.construct_class_by_name(**augment_kwargs) if augment_kwargs is not None else None
         networks = dict(net=net)
         if hasattr(loss_fn, 'extra_networks'):
@@ -429,7 +429,7 @@ def _resume(run: _Run, *, state, resume_pkl, resume_state_dump, resume_kimg, opt
         del net
     if resume_state_dump is not None and state is None:
         dist.print0(f'Loading EDM training state from "{resume_state_dump}"...')
-        warnings.warn(f'{resume_state_dump} is an EDM training state: it has no EMA, RNG state or data position, '
+        dist.warn0(f'{resume_state_dump} is an EDM training state: it has no EMA, RNG state or data position, '
                       f'so the data order and random streams restart (not an exact resume)', stacklevel=2)
         data = persistence.load_edm_training_state(resume_state_dump)
         misc.copy_params_and_buffers(src_module=data['net'], dst_module=run.net, require_all=True)
@@ -466,7 +466,7 @@ def _resume(run: _Run, *, state, resume_pkl, resume_state_dump, resume_kimg, opt
         if int(state['world_size']) == run.world_size:
             _set_rng_state(state['rng'][run.rank], run.device)
         else:
-            warnings.warn(f'{resume_state_dump} was written by {state["world_size"]} ranks, this run has '
+            dist.warn0(f'{resume_state_dump} was written by {state["world_size"]} ranks, this run has '
                           f'{run.world_size}: augmentation/dropout random streams restart', stacklevel=2)
 
 
@@ -542,8 +542,9 @@ def _train_step(run: _Run) -> None:
         else:
             phase.optimizer.step()
 
-    # Non-finite steps: counted on the device (EDM only scrubs them), reported to stats.jsonl as Loss/nonfinite.
-    training_stats.report('Loss/nonfinite', nonfinite.to(torch.float32))
+    # Non-finite steps: counted on the device (EDM only scrubs them), reported to stats.jsonl as Loss/nonfinite, from
+    # rank 0 (num = steps, as its status line): the all-reduced gradients carry any rank's NaN to every rank.
+    training_stats.report0('Loss/nonfinite', nonfinite.to(torch.float32))
     run.tick_nonfinite += nonfinite
     run.consecutive_nonfinite = (run.consecutive_nonfinite + 1) * nonfinite
     torch.maximum(run.max_consecutive_nonfinite, run.consecutive_nonfinite, out=run.max_consecutive_nonfinite)
@@ -593,8 +594,9 @@ def _report_tick(run: _Run, *, start_time, tick_start_time, tick_start_nimg, mai
     else:
         dist.print0(' '.join(fields))
     if num_nonfinite:
-        warnings.warn(f'{num_nonfinite} training step(s) of this tick had non-finite losses or gradients (scrubbed '
-                      f'as EDM does; the run stops after {run.max_nonfinite_steps} in a row)', stacklevel=2)
+        where = f'rank {run.rank}: ' if run.world_size > 1 else ''  # each rank counts its own losses
+        warnings.warn(f'{where}{num_nonfinite} training step(s) of this tick had non-finite losses or gradients '
+                      f'(scrubbed as EDM does; the run stops after {run.max_nonfinite_steps} in a row)', stacklevel=2)
 
 
 def _check_nonfinite(run: _Run) -> None:
@@ -721,7 +723,7 @@ def training_loop(
             changed = [k for k in _TRAJECTORY_OPTIONS
                        if _options_json(saved.get(k)) != _options_json(options.get(k))]
             if changed:
-                warnings.warn(f'resuming from {resume_state_dump} with different {", ".join(changed)}: the '
+                dist.warn0(f'resuming from {resume_state_dump} with different {", ".join(changed)}: the '
                               f'continuation will not be exact', stacklevel=2)
     resume_positions = {k: v for k, v in (state or {}).items()
                         if k in _SOURCE_POSITIONS or k.endswith('_position')}
@@ -744,9 +746,9 @@ def training_loop(
 
     # Train.
     total_nimg = round(total_kimg * 1000)  # fractional kimg (short test runs) without float surprises
-    if snapshot_ticks is not None and kimg_per_tick * snapshot_ticks < 1 and run.rank == 0:
+    if snapshot_ticks is not None and kimg_per_tick * snapshot_ticks < 1:
         # EDM's file names count whole kimg (train.py's --tick is an integer, so only a library call gets here).
-        warnings.warn(f'snapshots every {kimg_per_tick * snapshot_ticks:g} kimg: network-snapshot-NNNNNN.pkl (and '
+        dist.warn0(f'snapshots every {kimg_per_tick * snapshot_ticks:g} kimg: network-snapshot-NNNNNN.pkl (and '
                       f'phema-NNNNNN-*.pkl) name whole kimg, so each snapshot replaces any earlier one of the same '
                       f'kimg; use kimg_per_tick * snapshot_ticks >= 1 to keep them all', stacklevel=2)
     if run.cur_nimg >= total_nimg:  # a finished run resumed: another step would rewrite its last tick differently
