@@ -15,7 +15,8 @@ the plain stream and no checks):
   of training images, training/batch_sources.py); a loss that needs more (STF: a reference set; AOT: prepared
   pools) wraps it. The source keeps its own resumable position in training states.
 - `check_data(batch_gpu_total=, batch_gpu=, dataset_size=) -> warnings`: refuses (ValueError naming the option) a
-  batch layout or dataset it cannot train with, before training starts.
+  batch layout, dataset or setting it cannot train with (GDD: a backbone whose package is missing), before training
+  starts and before --dry-run says the options are fine.
 Optional:
 - `extra_networks(net) -> dict[str, Module]`: networks the loss trains besides the denoiser (GDD: a
   discriminator). The loop moves them to the device, wraps them in DDP and saves them in training states.

@@ -134,7 +134,13 @@ class GDDLoss:
     # What the loop asks of a loss.
 
     def check_data(self, *, batch_gpu_total: int, batch_gpu: int, dataset_size: int) -> list[str]:
-        """Nothing to refuse; records the per-rank batch, by which batch_sum scales the G and D losses."""
+        """Refuses backbones whose package is missing; records the per-rank batch, by which batch_sum scales the G
+        and D losses."""
+        if self.discriminator == 'projected':
+            try:
+                discriminators.check_packages(self.backbones)
+            except discriminators.DiscriminatorUnavailableError as err:
+                raise ValueError(f'--loss-opt backbones: {err}') from None
         self._rank_batch = int(batch_gpu_total)
         return []
 

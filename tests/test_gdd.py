@@ -750,7 +750,8 @@ def _printed_options(output):
 def test_init_takes_the_pickles_network_and_the_losss_preconditioning(edm_release, tmp_path):
     common = ['--outdir', tmp_path, '--data', edm_release['data'], '--init', edm_release['path'], '--dropout', 0,
               '--augment', 0, '--device', 'cpu', '-n']
-    result = _train(['--loss', 'gdd', *common])
+    vgg_only = ['--loss-opt', 'backbones=vgg16_bn']  # the default pair needs timm, an optional package
+    result = _train(['--loss', 'gdd', *vgg_only, *common])
     assert result.exit_code == 0, result.output
     assert not edm_release['marker'].exists()
     options = _printed_options(result.output)
@@ -761,20 +762,38 @@ def test_init_takes_the_pickles_network_and_the_losss_preconditioning(edm_releas
     assert options['network_kwargs'] == expected and options['resume_pkl'] == edm_release['path']
     assert options['ema_rampup_ratio'] == 0.05  # the EMA ramp stays (EDM's 5%; --transfer turns it off)
     assert options['run_dir'].endswith('-tiny-uncond-ddpmpp-gdd-gpus1-batch512-fp32')
-    assert options['loss_kwargs'] == {'class_name': 'losses.gdd.GDDLoss'}
+    assert options['loss_kwargs'] == {'class_name': 'losses.gdd.GDDLoss', 'backbones': 'vgg16_bn'}
 
-    result = _train(['--loss', 'gdd', '--precond', 'edm', *common])  # --precond keeps EDM's wrapper
+    result = _train(['--loss', 'gdd', *vgg_only, '--precond', 'edm', *common])  # --precond keeps EDM's wrapper
     assert _printed_options(result.output)['network_kwargs']['class_name'] == 'training.preconditioning.EDMPrecond'
     result = _train(['--loss', 'edm', *common])  # a loss that declares nothing keeps the pickle's class
     assert _printed_options(result.output)['network_kwargs']['class_name'] == 'training.preconditioning.EDMPrecond'
 
-    result = _train(['--loss', 'gdd', '--cbase', 16, *common])
+    result = _train(['--loss', 'gdd', *vgg_only, '--cbase', 16, *common])
     assert result.exit_code != 0 and '--cbase: --init takes the architecture from the pickle' in result.output
     cond = write_zip_dataset(str(tmp_path / 'cond.zip'), random_images(8), labels=[0, 1] * 4)
     result = _train(['--loss', 'gdd', '--outdir', tmp_path, '--data', cond, '--cond', 1, '--init',
                      edm_release['path'], '-n', '--device', 'cpu'])
     assert result.exit_code != 0 and 'label_dim=0, but the dataset (--data, --cond) needs 2' in result.output
     assert not edm_release['marker'].exists()
+
+
+def test_a_missing_backbone_package_stops_the_dry_run_before_any_run_directory(edm_release, tmp_path, monkeypatch):
+    """Without timm the default projected discriminator cannot be built; train.py says so when it checks the options
+    (--dry-run included), as it does for the other --loss-opt errors, not after it has created the run directory."""
+    monkeypatch.setitem(sys.modules, 'timm', None)
+    outdir = tmp_path / 'runs'
+    for dry_run in (['-n'], []):
+        result = _train(['--loss', 'gdd', '--outdir', outdir, '--data', edm_release['data'], '--init',
+                         edm_release['path'], '--dropout', 0, '--augment', 0, '--device', 'cpu', *dry_run])
+        assert result.exit_code == 2, result.output
+        assert "Error: --loss-opt backbones: the projected discriminator's backbone " \
+               "'tf_efficientnet_lite0' needs the optional package timm" in result.output
+        assert not outdir.exists() or not os.listdir(outdir)
+    result = _train(['--loss', 'gdd', '--loss-opt', 'discriminator=sn_cnn', '--outdir', outdir, '--data',
+                     edm_release['data'], '--init', edm_release['path'], '--dropout', 0, '--augment', 0, '--device',
+                     'cpu', '-n'])
+    assert result.exit_code == 0, result.output  # the other discriminator needs no package
 
 
 def test_init_without_augmentation_leaves_no_parameter_without_a_gradient(edm_release, tmp_path):

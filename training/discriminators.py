@@ -122,6 +122,15 @@ def _import_timm(backbone: str):
     return timm
 
 
+def check_packages(backbones) -> None:
+    """Raises DiscriminatorUnavailableError if a backbone needs an optional package that is not installed. train.py
+    asks before the run starts (and before --dry-run says the options are fine): the discriminator itself is built
+    only after the run directory exists."""
+    for name in backbones:
+        if BACKBONES[name].package is not None:
+            _import_timm(name)
+
+
 # ---------------------------------------------------------------------------------------------------------------------
 # Backbones: frozen pretrained feature networks with 4 feature levels (Projected GAN's splits).
 
@@ -423,9 +432,7 @@ class ProjectedDiscriminator(nn.Module):
         embedding = None
         if label_dim:
             embedding = self._class_embedding(class_embedding, label_dim, verbose)
-        for name in backbones:  # Before any download: say first what is missing.
-            if BACKBONES[name].package is not None:
-                _import_timm(name)
+        check_packages(backbones)  # Before any download: say first what is missing.
         self.backbones = backbones
         self.features = nn.ModuleDict()
         self.heads = nn.ModuleDict()
