@@ -48,7 +48,7 @@ import torch
 import dnnlib
 import losses
 from torch_utils import distributed as dist
-from torch_utils import persistence
+from torch_utils import misc, persistence
 from training import snapshots, training_loop
 from training.presets import ARCH_PRESETS, PRECOND_CLASSES, PRESET_SOURCES, TRAIN_PRESETS, preset_command
 
@@ -337,6 +337,32 @@ def init_network_kwargs(path: str, interface: dict, precond: str | None) -> dnnl
     return dnnlib.EasyDict(class_name=class_name, **kwargs)
 
 
+def check_weights_fit(weights: dict, network_kwargs: dict, interface: dict, path: str, strict: bool) -> None:
+    """Refuses, in one line, weights that the network of these options and this dataset cannot load (e.g. a resume
+    whose --data now names a dataset of another resolution or channel count): the loop would stop with a traceback
+    after the run directory exists. `weights`: name -> tensor; strict: as load_state_dict (our states), else as
+    misc.copy_params_and_buffers(require_all=True) (EDM's: parameters and buffers, extra ones ignored). The network
+    is built on the meta device (no memory, no initialisation); one that cannot be built there is left to the loop."""
+    try:  # fork_rng: a constructor that draws numbers (Fourier embeddings) leaves the stream as it was
+        with torch.random.fork_rng(devices=[]), torch.device('meta'):
+            net = dnnlib.util.construct_class_by_name(**network_kwargs, **interface)
+    except (RuntimeError, NotImplementedError, TypeError, ValueError):
+        return
+    expected = net.state_dict() if strict else dict(misc.named_params_and_buffers(net))
+    expected = {name: tuple(value.shape) for name, value in expected.items()}
+    saved = {name: tuple(value.shape) for name, value in weights.items()}
+    problems = [f'{name} is {saved[name]} there, {shape} here' for name, shape in expected.items()
+                if name in saved and saved[name] != shape]
+    problems += [f'{name} is missing there' for name in expected if name not in saved]
+    problems += [f'{name} is not expected' for name in saved if strict and name not in expected]
+    if problems:
+        dataset = ', '.join(f'{key}={value}' for key, value in interface.items())
+        more = f' (and {len(problems) - 1} more)' if len(problems) > 1 else ''
+        raise click.BadParameter(f'{path}: its weights do not fit the network for this dataset ({dataset}): '
+                                 f'{problems[0]}{more}. Is --data the dataset it was trained on?',
+                                 param_hint='--resume')
+
+
 def _arch_name(network_kwargs: dict) -> str:
     """ddpmpp / ncsnpp / adm for the run directory's name, from backbone options."""
     if network_kwargs.get('model_type') == 'DhariwalUNet':
@@ -506,6 +532,7 @@ def build_config(opts: dnnlib.EasyDict, world_size: int) -> tuple[dnnlib.EasyDic
             saved_network = json.loads(state.get('options') or '{}').get('network_kwargs') or {}
             if opts.init is not None and 'augment_dim' in saved_network:  # its weights are what the state holds
                 c.network_kwargs.augment_dim = saved_network['augment_dim']
+            check_weights_fit(state['networks']['net'], c.network_kwargs, interface, opts.resume, strict=True)
             saved_widths = sorted(float(w) for w in state.get('phema', {}))
             if opts.phema and saved_widths != sorted(opts.phema):
                 raise click.BadParameter(f'{opts.resume} keeps post-hoc EMAs of widths {saved_widths or "none"}; '
@@ -518,10 +545,13 @@ def build_config(opts: dnnlib.EasyDict, world_size: int) -> tuple[dnnlib.EasyDic
                 raise click.BadParameter(f'{opts.resume} is not one of our training states, and an EDM training '
                                          f'state needs {c.resume_pkl} beside it', param_hint='--resume')
             try:  # Both files are read again by the loop; checked here so that a bad one stops us in one line.
-                persistence.load_edm_training_state(opts.resume)
+                edm_state = persistence.load_edm_training_state(opts.resume)
                 snapshots.read_snapshot(c.resume_pkl)
             except (persistence.NetworkPickleError, OSError, ValueError) as err:
                 raise click.BadParameter(str(err), param_hint='--resume') from None
+            check_weights_fit(dict(misc.named_params_and_buffers(edm_state['net'])), c.network_kwargs, interface,
+                              opts.resume, strict=False)
+            del edm_state
             c.resume_kimg = kimg
             c.resume_nimg = kimg * 1000
         c.resume_state_dump = opts.resume

@@ -807,8 +807,10 @@ def test_init_without_augmentation_leaves_no_parameter_without_a_gradient(edm_re
     x = torch.randn(3, 1, 8, 8, generator=torch.Generator().manual_seed(5))
     sigma = torch.tensor([0.5, 2.0, 80.0])
     for loss, augment, augment_dim in (('gdd', 0, 0), ('edm', 0, 0), ('gdd', 0.1, 0), ('edm', 0.1, 9)):
-        result = _train(['--loss', loss, '--precond', 'edm', '--outdir', tmp_path, '--data', edm_release['data'],
-                         '--init', edm_release['path'], '--augment', augment, '--device', 'cpu', '-n'])
+        sn_cnn = ['--loss-opt', 'discriminator=sn_cnn'] if loss == 'gdd' else []  # no optional package needed
+        result = _train(['--loss', loss, *sn_cnn, '--precond', 'edm', '--outdir', tmp_path, '--data',
+                         edm_release['data'], '--init', edm_release['path'], '--augment', augment, '--device', 'cpu',
+                         '-n'])
         assert result.exit_code == 0, result.output
         kwargs = _printed_options(result.output)['network_kwargs']
         assert kwargs['augment_dim'] == augment_dim

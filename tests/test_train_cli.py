@@ -5,6 +5,7 @@ import json
 import os
 import warnings
 
+import numpy as np
 import pytest
 import torch
 from click.testing import CliRunner
@@ -293,3 +294,41 @@ def test_run_directory_mistakes_are_refused_before_anything_is_written(datasets,
     assert 'changed --precond' not in result.output and 'changed --loss' not in result.output
     result = _invoke(['--resume', flat_state, '--precond', 'vp', '--duration', 0.002, '-n'])
     assert result.exit_code == 2 and "'vp' contradicts the training state" in result.output
+
+
+def test_resume_onto_a_dataset_of_another_shape_is_one_line_before_any_run_directory(datasets, tmp_path):
+    """A resume whose --data names a dataset of another resolution or channel count: the state's weights cannot fit
+    the network built for it. One line naming a tensor, from our states and from EDM's (before: load_state_dict's
+    traceback from inside the loop, after the run directory had been created)."""
+    import shutil
+
+    from training import snapshots
+    _tiny_run(tmp_path / 'run', datasets['uncond'], '--nosubdir')
+    state = tmp_path / 'run' / 'training-state-000001.pt'
+    larger = write_zip_dataset(str(tmp_path / 'larger.zip'), random_images(8, resolution=16))
+    rgb = write_zip_dataset(str(tmp_path / 'rgb.zip'), np.repeat(random_images(8)[..., None], 3, axis=3))
+    edm_run = tmp_path / 'edm'
+    edm_run.mkdir()
+    shutil.copy(tmp_path / 'run' / 'network-snapshot-000001.pkl', edm_run / 'network-snapshot-000001.pkl')
+    net = snapshots.read_snapshot(str(edm_run / 'network-snapshot-000001.pkl')).net
+    torch.save(dict(net=net, optimizer_state=torch.optim.Adam(net.parameters()).state_dict()),
+               edm_run / 'training-state-000001.pt')
+    outdir = tmp_path / 'out'
+    for resume, extra in ((state, []), (edm_run / 'training-state-000001.pt', TINY_NET)):
+        for data, interface, tensor in (
+                (larger, 'img_resolution=16, img_channels=1', '8x8_block0.conv0.weight is (8, 8, 3, 3) there, (16, 8, '
+                                                              '3, 3) here (and '),
+                (rgb, 'img_resolution=8, img_channels=3', 'there, (8, 3, 3, 3) here')):
+            for dry_run in (['-n'], []):
+                result = _invoke(['--outdir', outdir, '--resume', resume, '--data', data, '--duration', 0.002,
+                                  *extra, *dry_run])
+                assert result.exit_code == 2, result.output
+                assert f'Invalid value for --resume: {resume}: its weights do not fit the network for this dataset ' \
+                       f'({interface}, label_dim=0): ' in result.output and tensor in result.output, result.output
+                assert 'Is --data the dataset it was trained on?' in result.output
+                assert not outdir.exists() or not os.listdir(outdir)
+    # The dataset it was trained on, under another name: a note, and the run goes on.
+    moved = tmp_path / 'moved.zip'
+    shutil.copy(datasets['uncond'], moved)
+    result = _invoke(['--outdir', outdir, '--resume', state, '--data', moved, '--duration', 0.002, '-n'])
+    assert result.exit_code == 0, result.output
