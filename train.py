@@ -363,6 +363,25 @@ def check_weights_fit(weights: dict, network_kwargs: dict, interface: dict, path
                                  param_hint='--resume')
 
 
+def _keep_warnings(ctx: click.Context):
+    """Warnings are shown as usual and also kept, so that those given before log.txt exists (the options' and the
+    data's: STF over AOT, --fp16 on the CPU, ...) can be written into it too: a run's log is read long after the
+    terminal is gone. Returns (the kept texts, a function that stops keeping); the command's end stops it too."""
+    kept, show = [], warnings.showwarning
+
+    def show_and_keep(message, category, filename, lineno, file=None, line=None):
+        kept.append(f'{category.__name__}: {message}')
+        show(message, category, filename, lineno, file, line)
+
+    def stop():
+        if warnings.showwarning is show_and_keep:
+            warnings.showwarning = show
+
+    warnings.showwarning = show_and_keep
+    ctx.call_on_close(stop)
+    return kept, stop
+
+
 def _arch_name(network_kwargs: dict) -> str:
     """ddpmpp / ncsnpp / adm for the run directory's name, from backbone options."""
     if network_kwargs.get('model_type') == 'DhariwalUNet':
@@ -670,6 +689,7 @@ def _presets_epilog() -> str:
 def main(**kwargs):
     opts = dnnlib.EasyDict(kwargs)
     ctx = click.get_current_context()
+    early_warnings, stop_keeping_warnings = _keep_warnings(ctx)
     explicit = {name for name in kwargs if ctx.get_parameter_source(name) in (
         click.core.ParameterSource.COMMANDLINE, click.core.ParameterSource.ENVIRONMENT)}
     if opts.preset == 'list':
@@ -786,6 +806,9 @@ def main(**kwargs):
         with dnnlib.util.atomic_output(os.path.join(c.run_dir, 'training_options.json'), 'wt') as f:
             json.dump({k: v for k, v in c.items() if k != 'state_extras'}, f, indent=2)
         logger = dnnlib.util.Logger(file_name=os.path.join(c.run_dir, 'log.txt'), file_mode='a', should_flush=True)
+        stop_keeping_warnings()  # the log catches what is printed from now on; these came before it
+        if early_warnings:
+            summary += ['Warnings before this log began:', *(f'  {text}' for text in early_warnings), '']
         logger.file.write('\n'.join(summary) + '\n')  # into log.txt only: the terminal has it already
     dist.barrier()
     try:

@@ -332,3 +332,17 @@ def test_resume_onto_a_dataset_of_another_shape_is_one_line_before_any_run_direc
     shutil.copy(datasets['uncond'], moved)
     result = _invoke(['--outdir', outdir, '--resume', state, '--data', moved, '--duration', 0.002, '-n'])
     assert result.exit_code == 0, result.output
+
+
+def test_warnings_given_before_the_log_opens_are_in_log_txt(datasets, tmp_path):
+    """A run's log.txt is read long after the terminal is gone: the options' warnings, given before it exists, are
+    written at its top (after that, the log catches everything printed)."""
+    with pytest.warns(UserWarning, match='learning-rate ramp-up'):
+        _tiny_run(tmp_path / 'run', datasets['uncond'], '--nosubdir')
+    log = (tmp_path / 'run' / 'log.txt').read_text()
+    head = log[:log.index('Creating output directory') if 'Creating output directory' in log else len(log)]
+    assert 'Warnings before this log began:\n  UserWarning: the learning-rate ramp-up (--lr-rampup=10000 kimg) is ' \
+           'longer than the run (1 kimg)' in head, log[:3000]
+    assert log.count('learning-rate ramp-up') == 1
+    import warnings
+    assert warnings.showwarning.__name__ != 'show_and_keep'  # given back when the command ended
