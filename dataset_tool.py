@@ -33,7 +33,7 @@ def main(source, dest, max_images, transform, resolution):
                                          train-labels-idx1-ubyte[.gz]); 28x28 is zero-padded to 32x32 as
                                          in EDM, and --resolution then resizes the padded image
     --source path/                       all images under path/, recursively; labels from path/dataset.json,
-                                         else from the names of class sub-folders (sorted)
+                                         else (no dataset.json) from the names of class sub-folders (sorted)
     --source dataset.zip                 all images in the zip; labels from its dataset.json
     --source digits                      scikit-learn's 1,797 8x8 handwritten digits (offline, labels 0-9),
                                          resized to 32x32 unless --resolution says otherwise (use ./digits for
@@ -45,8 +45,11 @@ def main(source, dest, max_images, transform, resolution):
 
     Images are written as uncompressed PNGs named {idx//1000:05d}/img{idx:08d}.png, with idx the position in
     the source, and labels go to dataset.json: {"labels": [["00000/img00000000.png", 6], ...]}, or
-    {"labels": null} when the source has none. A source dataset.json that labels some images but not all is an error
-    (EDM drops all labels then). Palette images become RGB (EDM writes their palette indices as greyscale).
+    {"labels": null} when the source has none. A source dataset.json that labels some images but not all, or
+    names files the source does not have, is an error (EDM drops all labels, or ignores the names, then); one with
+    null labels means no labels (EDM then takes them from the sub-folder names: for its own datasets, the 00000/,
+    00001/ shards). Palette images become RGB (EDM writes their palette indices as greyscale); with transparency
+    they have 4 channels and are refused.
 
     Output images must be square, have a power-of-two side and 1 or 3 channels, identical for all images.
     Without --transform, --resolution resizes (Lanczos). --transform=center-crop crops to the short side;

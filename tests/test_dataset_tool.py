@@ -179,6 +179,22 @@ def test_image_folder_without_classes_has_null_labels(tmp_path):
     assert img.shape == (4, 4) and img[0, 0] == 9  # grayscale stays one channel (mode L)
 
 
+def test_a_dataset_json_with_null_labels_means_no_labels(tmp_path):
+    """EDM's own datasets shard their images into 00000/, 00001/, ...; converting one again must not label images by
+    shard (EDM does: it infers labels from sub-folders whenever dataset.json's labels are null)."""
+    src = tmp_path / "edm-format"
+    _write_png(str(src / "00000" / "img00000000.png"), np.full((4, 4), 1, np.uint8))
+    _write_png(str(src / "00001" / "img00001000.png"), np.full((4, 4), 2, np.uint8))
+    (src / "dataset.json").write_text(json.dumps({"labels": None}))
+    _convert(src, tmp_path / "out.zip")
+    with zipfile.ZipFile(tmp_path / "out.zip") as z:
+        assert json.loads(z.read("dataset.json")) == {"labels": None}
+    os.remove(src / "dataset.json")  # without one, top-level folders are classes (as EDM)
+    _convert(src, tmp_path / "classes.zip")
+    _, labels, _ = _read_back(tmp_path / "classes.zip")
+    np.testing.assert_array_equal(labels, [0, 1])
+
+
 def test_zip_source_with_labels(tmp_path):
     rng = np.random.default_rng(3)
     imgs = {name: rng.integers(0, 256, size=(4, 4, 3), dtype=np.uint8) for name in ["b/x.png", "a/y.png", "c.png"]}
@@ -292,10 +308,28 @@ def _bad_sources(tmp_path):
     src = _folder(tmp_path / "json", {"a.png": gray8})
     (src / "dataset.json").write_text(json.dumps({"labels": [["a.png", 0], ["gone.png", 1]]}))
     cases["json-missing-file"] = (src, [], r"dataset\.json: names 1 file\(s\) that are not images .*'gone\.png'")
+    # RGBA: refused with or without a transform (the crops read RGB: PIL's traceback before).
+    rgba = _folder(tmp_path / "rgba", {"a.png": np.zeros((8, 8, 4), np.uint8)})
+    cases["rgba-crop"] = (rgba, ["--transform", "center-crop", "--resolution", "8x8"],
+                          r"a\.png: images must be RGB or grayscale \(1 or 3 channels\), got 4 channels")
+    cases["rgba"] = (rgba, [], r"a\.png: images must be RGB or grayscale \(1 or 3 channels\), got 4 channels")
+    # Zip members zipfile cannot read: encrypted (RuntimeError), Deflate64 (NotImplementedError); tracebacks before.
+    for case, offset, value in (("zip-encrypted", 8, 1), ("zip-deflate64", 10, 9)):
+        path = tmp_path / f"{case}.zip"
+        with zipfile.ZipFile(path, "w") as z:
+            buffer = io.BytesIO()
+            PIL.Image.fromarray(gray8).save(buffer, format="png")
+            z.writestr("a.png", buffer.getvalue())
+        data = bytearray(path.read_bytes())
+        central = data.index(b"PK\x01\x02")  # the member's central directory entry: flags at +8, method at +10
+        data[central + offset:central + offset + 2] = value.to_bytes(2, "little")
+        path.write_bytes(bytes(data))
+        cases[case] = (path, [], rf"{case}\.zip:a\.png: cannot read file")
     return cases
 
 
-BAD_CASES = ["corrupt", "sizes", "channels", "pow2", "pow2-option", "square", "missing", "json-missing-file"]
+BAD_CASES = ["corrupt", "sizes", "channels", "pow2", "pow2-option", "square", "missing", "json-missing-file",
+             "rgba-crop", "rgba", "zip-encrypted", "zip-deflate64"]
 
 
 @pytest.mark.parametrize("case", BAD_CASES)
@@ -341,6 +375,27 @@ def test_existing_destination_is_an_error(tmp_path):
     result = _run_cli("--source", good, "--dest", tmp_path / "old.zip")
     assert result.exit_code != 0 and "old.zip: destination already exists" in result.output
     assert (tmp_path / "old.zip").read_bytes() == b"old contents"
+
+
+def test_empty_folders_a_rename_cannot_replace_are_refused_before_converting(tmp_path, monkeypatch):
+    """The dataset is written beside --dest and renamed over the empty folder: impossible for a symbolic link or the
+    current folder, which failed after the whole conversion."""
+    good = _folder(tmp_path / "good", {"a.png": np.full((4, 4), 3, np.uint8)})
+    (tmp_path / "target").mkdir()
+    os.symlink(tmp_path / "target", tmp_path / "link")
+    here = tmp_path / "here"
+    here.mkdir()
+    monkeypatch.chdir(here)
+    for dest in (tmp_path / "link", ".", here):
+        result = _run_cli("--source", good, "--dest", dest)
+        assert result.exit_code == 1, result.output
+        assert f"Error: {dest}: an empty folder that cannot be replaced by renaming (a symbolic link, a mount point " \
+               f"or the current folder); give a new folder inside it, e.g. {os.path.join(dest, 'dataset')}, or a " \
+               f".zip" in result.output
+        assert "Traceback" not in result.output
+    assert _listing(tmp_path / "target") == [] and _listing(here) == [] and "link" in _listing(tmp_path)
+    assert _run_cli("--source", good, "--dest", "dataset").exit_code == 0  # a new folder inside it
+    assert _listing(here / "dataset") == ["00000", "dataset.json"]
 
 
 def test_center_crop_needs_resolution(tmp_path):

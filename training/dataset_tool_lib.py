@@ -126,8 +126,9 @@ def _check_labels_cover(labels: dict, image_names: list[str], where: str) -> Non
 def open_image_folder(source_dir: str, max_images: int | None = None) -> Source:
     """Images found recursively (PIL extensions), ordered by path components as EDM does (Path sort).
 
-    Labels: the folder's dataset.json; without one (or with null labels), class index = position of the top-level
-    sub-folder name in sorted order, when there is more than one top-level name (files at the root count as '').
+    Labels: the folder's dataset.json (null labels: none); without one, class index = position of the top-level
+    sub-folder name in sorted order, when there is more than one top-level name (files at the root count as ''). EDM
+    also infers them when dataset.json says null, which labels its own datasets by their 00000/, 00001/ shards.
     """
     rel_names = []
     for root, _dirs, files in os.walk(source_dir):
@@ -146,7 +147,7 @@ def open_image_folder(source_dir: str, max_images: int | None = None) -> Source:
             labels = _read_labels_json(f.read(), meta_path)
         if labels:
             _check_labels_cover(labels, rel_names, meta_path)
-    if not labels:
+    else:
         top_names = {name: name.split("/")[0] if "/" in name else "" for name in rel_names}
         class_index = {top: idx for idx, top in enumerate(sorted(set(top_names.values())))}
         if len(class_index) > 1:
@@ -167,6 +168,11 @@ def open_image_folder(source_dir: str, max_images: int | None = None) -> Source:
     return Source(num, iterate())
 
 
+# zipfile's errors for a member it cannot read: RuntimeError for an encrypted one, NotImplementedError for a
+# compression method it lacks (Deflate64, which Windows Explorer writes for large files).
+_ZIP_READ_ERRORS = (zipfile.BadZipFile, OSError, RuntimeError, NotImplementedError)
+
+
 def open_image_zip(source_zip: str, max_images: int | None = None) -> Source:
     """Images in a zip (sorted names) with labels from its root dataset.json, if any."""
     try:
@@ -176,7 +182,7 @@ def open_image_zip(source_zip: str, max_images: int | None = None) -> Source:
             labels = {}
             if "dataset.json" in all_names:
                 labels = _read_labels_json(z.read("dataset.json"), f"{source_zip}:dataset.json")
-    except (zipfile.BadZipFile, OSError) as exc:
+    except _ZIP_READ_ERRORS as exc:
         raise DatasetToolError(f"{source_zip}: cannot read as a zip file ({exc})") from None
     if not image_names:
         raise DatasetToolError(f"{source_zip}: no image files found in the zip (expected {_image_ext_hint()})")
@@ -190,7 +196,7 @@ def open_image_zip(source_zip: str, max_images: int | None = None) -> Source:
                 where = f"{source_zip}:{name}"
                 try:
                     data = z.read(name)
-                except (zipfile.BadZipFile, OSError) as exc:
+                except _ZIP_READ_ERRORS as exc:
                     raise DatasetToolError(f"{where}: cannot read file ({exc})") from None
                 yield SourceImage(_decode(data, where), labels.get(name), where)
 
@@ -436,6 +442,14 @@ def _check_dest(dest: str) -> None:
             raise DatasetToolError(f"{dest}: destination exists and is not a folder")
         if os.listdir(dest):
             raise DatasetToolError(f"{dest}: destination folder is not empty; remove it or choose another --dest")
+        # The dataset is written beside --dest under a temporary name and renamed over the empty folder, which
+        # fails (after the whole conversion) for a symbolic link, a mount point, or the current folder or above it.
+        real = os.path.realpath(dest)
+        if (os.path.islink(os.path.normpath(dest)) or os.path.ismount(real)
+                or os.path.commonpath([real, os.path.realpath(os.getcwd())]) == real):
+            raise DatasetToolError(f"{dest}: an empty folder that cannot be replaced by renaming (a symbolic link, a "
+                                   f"mount point or the current folder); give a new folder inside it, e.g. "
+                                   f"{os.path.join(dest, 'dataset')}, or a .zip")
     try:
         util.check_output_path(dest, "--dest", is_dir=not dest.lower().endswith(".zip"))
     except util.OutputPathError as exc:
@@ -579,6 +593,9 @@ def convert_dataset(source: str, dest: str, max_images: int | None = None, trans
         labels = []
         for idx, item in enumerate(tqdm(src.images, total=src.num_images, disable=not progress, unit="img")):
             fname = archive_name(idx)
+            if item.image.ndim == 3 and item.image.shape[2] not in (1, 3):  # before a transform that reads RGB
+                raise DatasetToolError(f"{item.name}: images must be RGB or grayscale (1 or 3 channels), got "
+                                       f"{item.image.shape[2]} channels")
             image = transform_image(item.image)
             if image is None:
                 continue
@@ -588,9 +605,6 @@ def convert_dataset(source: str, dest: str, max_images: int | None = None, trans
                 if cur["width"] != cur["height"]:
                     raise DatasetToolError(f"{item.name}: output images must be square, got "
                                            f"{cur['width']}x{cur['height']} (use --resolution or --transform)")
-                if cur["channels"] not in (1, 3):
-                    raise DatasetToolError(f"{item.name}: images must be RGB or grayscale (1 or 3 channels), got "
-                                           f"{cur['channels']} channels")
                 if not _is_power_of_two(cur["width"]):
                     raise DatasetToolError(f"{item.name}: output side must be a power of two, got "
                                            f"{cur['width']}x{cur['height']} (use --resolution)")
