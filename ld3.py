@@ -121,6 +121,24 @@ def load_network(network: str, device):
     return snapshot.net, sampling
 
 
+def _network_record(network: str) -> str:
+    """How a network is recorded in teacher data and schedules: a local path made absolute (found from any folder),
+    a URL as given."""
+    return network if "://" in network else os.path.abspath(network)
+
+
+def _check_same_network(network: str, recorded: dict, what: str) -> str | None:
+    """Refuses a network whose sha256 is not the one `recorded` (teacher data's info, a schedule's provenance) names:
+    a path is only a name (another folder may hold another net.pkl). Returns the network's sha256."""
+    digest = util.file_sha256(network)
+    expected = recorded.get("network_sha256")
+    if digest and expected and digest != expected:
+        raise click.UsageError(f"{network} (sha256 {digest[:12]}...) is not the network {what} was made with "
+                               f"({recorded.get('network', '?')}, sha256 {expected[:12]}...): pass that network "
+                               f"with --network")
+    return digest
+
+
 @cli.command("gen-data", context_settings={"show_default": True})
 @click.option("--network", "network", help="Network pickle filename", metavar="PATH|URL", required=True)
 @click.option("--out", "out", help="Teacher data file to write (.pt)", metavar="PATH", required=True)
@@ -149,7 +167,8 @@ def gen_data(network, out, seeds, batch_size, overwrite, class_idx, device, **sa
     teacher = dict(solver=config.solver, num_steps=config.num_steps, schedule=config.schedule,
                    solver_kwargs=config.solver_kwargs, schedule_kwargs=config.schedule_kwargs, end=config.end,
                    sigma_min=config.sigma_min, sigma_max=config.sigma_max, denoise_to_zero=config.denoise_to_zero,
-                   class_idx=class_idx, device=device, network=network, network_sha256=util.file_sha256(network))
+                   class_idx=class_idx, device=device, network=_network_record(network),
+                   network_sha256=util.file_sha256(network))
     try:
         summary = describe(net, config)
         info = teacher_plan(net, **teacher)[2]
@@ -201,13 +220,12 @@ def gen_data(network, out, seeds, batch_size, overwrite, class_idx, device, **sa
 @click.option("--rounds-v2", "rounds_v2", help="Rounds learning grid and evaluation grid", metavar="INT",
               type=click.IntRange(min=0),
               default=5)
-@click.option("--lr", "lr_logits", help="RMSprop learning rate of the grid logits", metavar="FLOAT", type=float,
-              default=5e-3)
+@click.option("--lr", "lr_logits", help="RMSprop learning rate of the grid logits", metavar="FLOAT",
+              type=click.FloatRange(min=0, min_open=True), default=5e-3)
 @click.option("--lr-offsets", "lr_offsets", help="SGD learning rate of the evaluation offsets (divided by NFE)",
-              metavar="FLOAT", type=float, default=0.1)
+              metavar="FLOAT", type=click.FloatRange(min=0, min_open=True), default=0.1)
 @click.option("--shift-lr", "shift_lr", help="SGD learning rate of the noises  [default: 12 / NFE]", metavar="FLOAT",
-              type=float,
-              default=None, show_default=False)
+              type=click.FloatRange(min=0), default=None, show_default=False)
 @click.option("--prior-bound", "prior_bound", help="Noise ball radius (unit-noise scale; 0: hard loss)  "
               "[default: 0.001 C H W / NFE^2]", metavar="FLOAT", type=click.FloatRange(min=0), default=None,
               show_default=False)
@@ -230,13 +248,25 @@ def gen_data(network, out, seeds, batch_size, overwrite, class_idx, device, **sa
               default=0.0)
 @click.option("--seed", help="Shuffling seed", metavar="INT", type=int, default=0)
 @click.option("--checkpoint", "checkpoint", help="Activation checkpointing (less memory, ~1.3x time)", is_flag=True)
-@click.option("--log", "log_path", help="Log file  [default: OUT with .log.txt]", metavar="PATH", default=None,
-              show_default=False)
+@click.option("--log", "log_path", help="Log file, rewritten by each run  [default: OUT with .log.txt]",
+              metavar="PATH", default=None, show_default=False)
+@click.option("--overwrite", help="Replace an existing --out (and its log)", is_flag=True)
 @end_option("Student: ")
 @solver_option_flags("Student: ")
 @device_option
-def train(data_path, out, network, solver, nfe, end, device, log_path, solver_opt, **options):
+def train(data_path, out, network, solver, nfe, end, device, log_path, overwrite, solver_opt, **options):
     """Learn the grid of SOLVER at NFE from teacher data; write a schedule file for generate.py --schedule."""
+    if not out.lower().endswith(".json"):
+        raise click.BadParameter(f"{out}: a schedule file is JSON; name it .json (generate.py --schedule reads a .pt "
+                                 f"as LD3's own tensor format)", param_hint="--out")
+    log_path = log_path or (os.path.splitext(out)[0] + ".log.txt")
+    for path, flag in ((out, "--out"), (log_path, "--log")):
+        try:
+            util.check_output_path(path, flag)
+        except util.OutputPathError as err:
+            raise click.ClickException(str(err)) from None
+    if os.path.exists(out) and not overwrite:
+        raise click.ClickException(f"--out {out} exists: pass --overwrite to replace it, or choose another --out")
     try:
         data = load_teacher_data(data_path)
     except (FileNotFoundError, ValueError) as err:
@@ -254,15 +284,13 @@ def train(data_path, out, network, solver, nfe, end, device, log_path, solver_op
     except ValueError as err:
         raise click.UsageError(str(err)) from None
     device = _device(device)
+    network_sha256 = _check_same_network(network, data.info, data_path)
     net = load_network(network, device)[0]
     if tuple(data.latents.shape[1:]) != (net.img_channels, net.img_resolution, net.img_resolution):
         raise click.UsageError(f"{data_path} holds samples of shape {tuple(data.latents.shape[1:])}, but the network "
                                f"makes {(net.img_channels, net.img_resolution, net.img_resolution)}")
-    if data.info.get("network") and os.path.abspath(str(data.info["network"])) != os.path.abspath(network):
-        print(f"Warning: the teacher data was sampled from {data.info['network']}, training with {network}")
-    log_path = log_path or (os.path.splitext(out)[0] + ".log.txt")
     os.makedirs(os.path.dirname(os.path.abspath(log_path)), exist_ok=True)
-    with open(log_path, "a") as log_file:
+    with open(log_path, "w") as log_file:  # one run's log: the schedule beside it is this run's
         def log(line):
             print(line)
             log_file.write(line + "\n")
@@ -276,7 +304,8 @@ def train(data_path, out, network, solver, nfe, end, device, log_path, solver_op
             result = train_ld3(net, data, config, device=device, progress=True, log=log)
         except (LPIPSUnavailableError, ValueError) as err:  # ValueError: e.g. a solver option that draws noise
             raise click.ClickException(str(err)) from None
-        result.provenance.update(network=str(network), teacher_data=os.path.abspath(data_path))
+        result.provenance.update(network=_network_record(network), network_sha256=network_sha256,
+                                 teacher_data=os.path.abspath(data_path))
         result.save(out)
         what = "learned grid" if result.chosen == "learned" else f"hand-made grid {result.chosen}"
         log(f"Validation loss {result.init_valid_loss:.6g} ({result.start}, the start) -> {result.valid_loss:.6g} "
@@ -331,6 +360,10 @@ def evaluate(schedule_path, solver, data_path, network, loss, lpips_vgg, lpips_l
         print(f"Warning: {data_path}'s teacher differs from the one {schedule_path} was learned from "
               f"({', '.join(differs)})")
     device = _device(device)
+    digest = _check_same_network(network, data.info, data_path)  # the teacher samples are this network's
+    if digest and provenance.get("network_sha256") not in (None, digest):
+        print(f"Note: {schedule_path} was learned with another network ({provenance.get('network')}); evaluating it "
+              f"with {network}")
     net = load_network(network, device)[0]
     if tuple(data.latents.shape[1:]) != (net.img_channels, net.img_resolution, net.img_resolution):
         raise click.UsageError(f"{data_path} holds samples of shape {tuple(data.latents.shape[1:])}, but the network "

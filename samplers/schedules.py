@@ -22,6 +22,7 @@ import dataclasses
 import json
 import math
 import os
+import pickle
 
 import numpy as np
 import torch
@@ -331,8 +332,9 @@ def load_schedule_file(path: str) -> SigmaGrid:
             doc = json.load(f)
     except FileNotFoundError:
         raise FileNotFoundError(f"schedule file not found: {path}") from None
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{path}: not valid JSON ({e})") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{path}: not valid JSON, so not a schedule file (ld3.py train writes JSON; LD3's own "
+                         f"tensor file ends in .pt) ({type(e).__name__}: {e})") from None
     return _check_schedule_doc(doc, path)
 
 
@@ -355,6 +357,9 @@ def load_ld3_vector(path: str, solver: str | None = None, solver_kwargs: dict | 
         obj = persistence.safe_torch_load(path)
     except FileNotFoundError:
         raise FileNotFoundError(f"LD3 schedule file not found: {path}") from None
+    except (pickle.UnpicklingError, RuntimeError, EOFError) as e:  # e.g. a JSON schedule file named .pt
+        raise ValueError(f"{path}: not LD3's .pt vector (a torch file; schedule files from ld3.py train are JSON and "
+                         f"end in .json): {e}") from None
     if isinstance(obj, dict):
         if "best_t_steps" not in obj:
             raise ValueError(f"{path}: expected a tensor or a dict with key 'best_t_steps', got keys {sorted(obj)}")

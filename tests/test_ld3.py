@@ -767,3 +767,76 @@ def test_a_learned_schedule_warning_is_shown_once(network_pickle, tmp_path):
     assert result.exit_code == 0, result.output
     texts = [str(w.message) for w in caught if "was learned with lower_order_final=True" in str(w.message)]
     assert len(texts) == 1, texts
+
+
+def test_cli_train_and_evaluate_refuse_another_network_and_check_out_first(network_pickle, tmp_path, monkeypatch):
+    """A path is only a name: from another folder, 'net.pkl' may be another network, and training or evaluating
+    against teacher samples of a different network gives a silently wrong schedule or verdict. The network's sha256
+    (recorded by gen-data) decides. --out is checked before any work: a .json name, not a folder, not an existing
+    file without --overwrite; the log beside it is this run's only. Learning rates must be positive."""
+    import shutil
+
+    from dnnlib import util
+    runner = CliRunner()
+    work, other = tmp_path / "work", tmp_path / "other"
+    work.mkdir()
+    other.mkdir()
+    shutil.copy(network_pickle, work / "net.pkl")
+    with torch.no_grad():  # a different network under the same name
+        changed = tiny_net()
+        next(changed.parameters()).add_(1.0)
+    persistence.save_network_pickle(str(other / "net.pkl"), dict(ema=changed))
+    monkeypatch.chdir(work)
+    result = runner.invoke(ld3_cli.cli, ["gen-data", "--network", "net.pkl", "--out", "teacher.pt", "--seeds", "0-7",
+                                         "--steps", "4", "--device", "cpu"])
+    assert result.exit_code == 0, result.output
+    teacher = str(work / "teacher.pt")
+    assert ld3.load_teacher_data(teacher).info["network"] == str(work / "net.pkl")  # absolute: found from anywhere
+    fast = ["--solver", "dpmpp_2m", "--nfe", "3", "--loss", "l2", "--num-train", "2", "--num-valid", "2",
+            "--holdout", "2", "--rounds-v1", "1", "--rounds-v2", "0", "--candidates", "edm_rho7,logsnr",
+            "--device", "cpu"]
+    result = runner.invoke(ld3_cli.cli, ["train", "--data", teacher, "--out", "s.json", *fast])
+    assert result.exit_code == 0, result.output
+    record = load_schedule_file("s.json").provenance
+    assert record["network"] == str(work / "net.pkl") and record["network_sha256"] == util.file_sha256("net.pkl")
+
+    monkeypatch.chdir(other)
+    expected = (f"net.pkl (sha256 {util.file_sha256('net.pkl')[:12]}...) is not the network {teacher} was made with "
+                f"({work / 'net.pkl'}, sha256 {util.file_sha256(str(work / 'net.pkl'))[:12]}...): pass that network "
+                f"with --network")
+    result = runner.invoke(ld3_cli.cli, ["train", "--data", teacher, "--out", "s2.json", "--network", "net.pkl",
+                                         *fast])
+    assert result.exit_code == 2 and expected in result.output, result.output
+    assert not os.path.exists("s2.json") and not os.path.exists("s2.log.txt")
+    result = runner.invoke(ld3_cli.cli, ["evaluate", "--schedule", str(work / "s.json"), "--data", teacher,
+                                         "--network", "net.pkl", "--loss", "l2", "--device", "cpu"])
+    assert result.exit_code == 2 and expected in result.output, result.output
+
+    monkeypatch.chdir(work)
+    log_before = open("s.log.txt").read()
+    for out, message in (("s.json", "--out s.json exists: pass --overwrite to replace it, or choose another --out"),
+                         ("s.pt", "s.pt: a schedule file is JSON; name it .json"),
+                         ("folder.json", "--out: folder.json is a folder")):
+        os.makedirs("folder.json", exist_ok=True)
+        result = runner.invoke(ld3_cli.cli, ["train", "--data", teacher, "--out", out, *fast])
+        assert result.exit_code != 0 and message in result.output, result.output
+    assert open("s.log.txt").read() == log_before and not os.path.exists("s.pt")
+    result = runner.invoke(ld3_cli.cli, ["train", "--data", teacher, "--out", "s.json", "--overwrite", *fast])
+    assert result.exit_code == 0, result.output
+    assert open("s.log.txt").read().count("LD3: dpmpp_2m(") == 1  # rewritten, not appended
+    for flag in ("--lr", "--lr-offsets"):
+        result = runner.invoke(ld3_cli.cli, ["train", "--data", teacher, "--out", "t.json", flag, "0", *fast])
+        assert result.exit_code == 2 and f"Invalid value for '{flag}': 0.0 is not in the range x>0." in result.output
+    result = runner.invoke(ld3_cli.cli, ["train", "--data", teacher, "--out", "t.json", "--shift-lr", "-1", *fast])
+    assert result.exit_code == 2 and "Invalid value for '--shift-lr'" in result.output
+
+    # A schedule of the wrong kind names the file (tracebacks before).
+    shutil.copy("s.json", "s-copy.pt")
+    for schedule, message in (("s-copy.pt", "s-copy.pt: not LD3's .pt vector"),
+                              ("net.pkl", "net.pkl: not valid JSON, so not a schedule file")):
+        result = runner.invoke(ld3_cli.cli, ["evaluate", "--schedule", schedule, "--data", teacher, "--solver",
+                                             "euler", "--device", "cpu"])
+        assert result.exit_code == 2 and message in result.output, result.output
+        result = runner.invoke(generate.main, ["--network", "net.pkl", "--schedule", schedule, "--seeds", "0",
+                                               "--outdir", "images", "--device", "cpu"])
+        assert result.exit_code == 2 and message in result.output, result.output
