@@ -9,6 +9,7 @@ import json
 import click
 import torch
 
+from dnnlib import util
 from samplers.dg.discriminator import (
     DiscriminatorError,
     import_reference_discriminator,
@@ -115,6 +116,10 @@ def train(outdir, resume, device, **options):
 @click.option("--out", help="DG pickle to write", metavar="PKL", required=True)
 def import_reference(adm_classifier, discriminator, cond, label_dim, out):
     """Turn the reference's released discriminator (alsdudrla10/DG) into a DG pickle for --dg."""
+    given = click.get_current_context().get_parameter_source("label_dim") == click.core.ParameterSource.COMMANDLINE
+    if given and not cond:
+        raise click.UsageError("--label-dim applies to the conditional head (--cond) only")
+    _run(util.check_output_path, out, "--out")
     classifier = _run(load_adm_classifier, adm_classifier)
     disc = _run(import_reference_discriminator, classifier, discriminator, conditional=cond, label_dim=label_dim)
     _run(save_discriminator, out, disc)
@@ -132,16 +137,24 @@ def import_reference(adm_classifier, discriminator, cond, label_dim, out):
 @click.option("--device", help="Torch device  [default: cuda if available, else cpu]", metavar="DEVICE", default=None)
 def accuracy(dg_path, real, fake, sigmas, max_images, out, device):
     """Accuracy of a discriminator by noise level (real and generated images, seeded noise)."""
-    disc = _run(load_discriminator, dg_path)
-    device = _device(device)
-    disc.to(device)
     try:
         levels = [float(s) for s in sigmas.split(",")]
     except ValueError:
         raise click.BadParameter(f"expected numbers separated by commas, got {sigmas!r}",
                                  param_hint="--sigmas") from None
+    if not all(level > 0 for level in levels):  # NaN included
+        raise click.BadParameter(f"noise levels must be positive, got {sigmas!r}", param_hint="--sigmas")
+    if out:
+        _run(util.check_output_path, out, "--out")  # before the work, not after it
+    disc = _run(load_discriminator, dg_path)
+    device = _device(device)
+    disc.to(device)
     sets = [_run(dg.load_image_set, path, use_labels=disc.needs_labels, max_images=max_images, option=option,
                  resolution=disc.img_resolution) for path, option in ((real, "--real"), (fake, "--fake"))]
+    for image_set, option in zip(sets, ("--real", "--fake")):
+        if image_set.images.shape[1] != disc.img_channels:
+            raise click.BadParameter(f"{image_set.source} has {image_set.images.shape[1]} channels; the "
+                                     f"discriminator takes {disc.img_channels}", param_hint=option)
     labels = [None if s.classes is None else torch.eye(disc.label_dim)[s.classes] for s in sets]
     result = dg.accuracy_by_noise_level(disc, sets[0].images, sets[1].images, levels, real_labels=labels[0],
                                         fake_labels=labels[1], device=device)
@@ -149,7 +162,6 @@ def accuracy(dg_path, real, fake, sigmas, max_images, out, device):
         click.echo(f"sigma {level:g}: real {rates['real']:.3f}, generated {rates['fake']:.3f}, "
                    f"mean {rates['mean']:.3f}")
     if out:
-        from dnnlib import util
         with util.atomic_output(out, "w") as f:
             json.dump({str(k): v for k, v in result.items()}, f, indent=2)
 

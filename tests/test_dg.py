@@ -838,3 +838,48 @@ def test_train_dg_cli_trains_measures_and_refuses_bad_input(toy_sets, tmp_path):
                                                "--device", "cpu"])
         assert result.exit_code != 0 and message in result.output, (extra, result.output)
         assert "Traceback" not in result.output
+
+
+def test_train_dg_workflow_paths_and_early_checks(toy_sets, tmp_path, monkeypatch):
+    """The same files spelled otherwise ('./real', an absolute path, a trailing '/') resume a run (refused as "other
+    real, fake, network" before); accuracy checks its levels, channels and --out before the work; import refuses an
+    option it would ignore; a batch larger than the sets is refused before anything is written."""
+    runner = CliRunner()
+    head = ["--width", "32", "--depth", "1", "--head-channels", "32", "--device", "cpu", "--batch", "64"]
+    monkeypatch.chdir(toy_sets)
+    result = runner.invoke(train_dg.main, ["train", "--real", "real", "--fake", "fake", "--network", "encoder.pkl",
+                                           "--num", "64", "--outdir", str(tmp_path / "run"), "--epochs", "1", *head])
+    assert result.exit_code == 0, result.output
+    options = json.load(open(tmp_path / "run" / "training_options.json"))
+    assert options["real"] == str(toy_sets / "real") and options["network"] == str(toy_sets / "encoder.pkl")
+    monkeypatch.chdir(tmp_path)
+    result = runner.invoke(train_dg.main, ["train", "--real", str(toy_sets / "real") + "/", "--fake",
+                                           os.path.relpath(toy_sets / "fake"), "--network",
+                                           str(toy_sets / "encoder.pkl"), "--num", "64", "--outdir", "run",
+                                           "--epochs", "2", "--resume", "auto", *head])
+    assert result.exit_code == 0 and "Resuming" in result.output, result.output
+    assert os.path.isfile(tmp_path / "run" / "discriminator-000002.pkl")
+
+    pkl = str(tmp_path / "run" / "discriminator-000002.pkl")
+    sets = ["--real", str(toy_sets / "real"), "--fake", str(toy_sets / "fake"), "--num", "16", "--device", "cpu"]
+    result = runner.invoke(train_dg.main, ["accuracy", "--dg", pkl, *sets, "--sigmas", "0.1,-1"])
+    assert result.exit_code == 2 and "noise levels must be positive, got '0.1,-1'" in result.output, result.output
+    (tmp_path / "folder.json").mkdir()
+    result = runner.invoke(train_dg.main, ["accuracy", "--dg", pkl, *sets, "--out", str(tmp_path / "folder.json")])
+    assert result.exit_code == 1 and "folder.json" in result.output and "Traceback" not in result.output
+    rgb = tmp_path / "rgb"
+    os.makedirs(rgb)
+    for i in range(4):
+        PIL.Image.fromarray(np.full((TOY_RES, TOY_RES, 3), 40 * i, np.uint8)).save(rgb / f"{i}.png")
+    result = runner.invoke(train_dg.main, ["accuracy", "--dg", pkl, "--real", str(rgb), "--fake",
+                                           str(toy_sets / "fake"), "--num", "4", "--device", "cpu"])
+    assert result.exit_code == 2 and f"Invalid value for --real: {rgb} has 3 channels; the discriminator takes 1" \
+        in result.output, result.output
+
+    result = runner.invoke(train_dg.main, ["import", "--adm-classifier", "c.pt", "--discriminator", "d.pt",
+                                           "--label-dim", "5", "--out", "x.pkl"])
+    assert result.exit_code == 2 and "--label-dim applies to the conditional head (--cond) only" in result.output
+    result = runner.invoke(train_dg.main, ["train", *sets[:4], "--network", str(toy_sets / "encoder.pkl"), "--num",
+                                           "8", "--outdir", "small", *head])
+    assert result.exit_code == 1 and "16 images in all are fewer than one --batch (64)" in result.output
+    assert not os.path.exists(tmp_path / "small")

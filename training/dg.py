@@ -114,9 +114,11 @@ def load_image_set(path: str, *, use_labels: bool, max_images: int | None = None
         labelled = [(folder, _generated_class(folder)) for folder in folders]
         labelled = [(folder, cls) for folder, cls in labelled if cls is not None]
         if not labelled:
+            where = (f"a dataset.json, or for generated images one folder per class made with generate.py --class=K "
+                     f"(e.g. --outdir={path}/K)" if option == "--fake" else "labels in its dataset.json "
+                     "(dataset_tool.py writes them from a labelled source)")
             raise DatasetError(f"{path}: no labels: a conditional discriminator, or a class-conditional encoder "
-                               f"network, needs the class of every image: a dataset.json, or for generated images "
-                               f"one folder per class made with generate.py --class=K (e.g. --outdir={path}/K)")
+                               f"network, needs the class of every image: {where}")
         per_folder = None if max_images is None else -(-int(max_images) // len(labelled))
         parts = [(read(ImageFolderDataset(folder, resolution=resolution), per_folder), cls)
                  for folder, cls in labelled]
@@ -149,8 +151,19 @@ class DGTrainingOptions:
     seed: int = 0
     t_min: float = 1e-5             # the reference's smallest training time
 
+    def __post_init__(self):
+        # Recorded absolute (a URL as given): a resume from another folder names the same files, and the same files
+        # spelled otherwise ('./real.zip', 'fakes/') are the same.
+        for name in _PATH_FIELDS:
+            value = getattr(self, name)
+            if value and "://" not in str(value):
+                setattr(self, name, os.path.abspath(value))
+
     def record(self) -> dict:
         return dataclasses.asdict(self)
+
+
+_PATH_FIELDS = ("real", "fake", "network", "adm_classifier")
 
 
 def check_options(opts: DGTrainingOptions) -> None:
@@ -384,6 +397,9 @@ def train_discriminator(opts: DGTrainingOptions, outdir: str, *, resume: str | N
     state = _load_state(state_path) if state_path else None
     if state is not None:
         saved = {k: v for k, v in state["options"].items() if k not in _RESUMABLE}
+        for name in _PATH_FIELDS:  # states written before paths were recorded absolute: relative to this folder
+            if saved.get(name) and "://" not in str(saved[name]):
+                saved[name] = os.path.abspath(saved[name])
         current = {k: v for k, v in opts.record().items() if k not in _RESUMABLE}
         changed = sorted(k for k in set(saved) | set(current) if saved.get(k) != current.get(k))
         if changed:
@@ -407,6 +423,11 @@ def train_discriminator(opts: DGTrainingOptions, outdir: str, *, resume: str | N
             if int(image_set.classes.max()) >= label_dim:
                 raise DiscriminatorError(f"{option}: {image_set.source} has class {int(image_set.classes.max())}; "
                                          f"the encoder network has label_dim = {label_dim}")
+
+    num_images, unit = real.images.shape[0] + fake.images.shape[0], opts.aot or opts.batch
+    if num_images < unit:  # before anything is written (train_epoch says the same, for a library caller)
+        raise DiscriminatorError(f"{num_images} images in all are fewer than one "
+                                 f"{'--aot pool' if opts.aot else '--batch'} ({unit})")
 
     torch.manual_seed(opts.seed)  # the head's initial weights
     disc = build_discriminator(encoder, opts.encoder, img_resolution=resolution, img_channels=channels,
