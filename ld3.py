@@ -12,7 +12,7 @@ import torch
 
 from dnnlib import util
 from metrics.lpips import LPIPS_LIN_URL, LPIPS_VGG16_URL, LPIPSUnavailableError
-from samplers import SOLVERS, count_nfe, get_solver, make_grid
+from samplers import SCHEDULES, SOLVERS, count_nfe, get_solver, make_grid
 from samplers.cli_options import (
     OPTION_FLAGS,
     end_option,
@@ -28,7 +28,9 @@ from samplers.ld3 import (
     DISTANCES,
     HAND_MADE_GRIDS,
     NOISE_SE,
+    TEACHER_STEPS,
     LD3Config,
+    check_deterministic,
     evaluate_schedule,
     generate_teacher,
     hand_made_grid_names,
@@ -149,7 +151,7 @@ def _check_same_network(network: str, recorded: dict, what: str) -> str | None:
               default=64)
 @click.option("--overwrite", help="Replace --out also when it holds teacher data of other settings (network, "
               "sampler, seeds)", is_flag=True)
-@sampler_options(help_prefix="Teacher: ", solver_default="unipc", steps_default=20, guidance=False)
+@sampler_options(help_prefix="Teacher: ", solver_default="unipc", steps_default=TEACHER_STEPS, guidance=False)
 @device_option
 def gen_data(network, out, seeds, batch_size, overwrite, class_idx, device, **sampler_cli):
     """Sample teacher data: noises, teacher samples and labels, for `train`.
@@ -159,6 +161,10 @@ def gen_data(network, out, seeds, batch_size, overwrite, class_idx, device, **sa
     device = _device(device)
     # The snapshot first: its process decides which solvers --solver may name (and whether LD3 applies at all).
     net, sampling = load_network(network, device)
+    schedule = sampler_cli["schedule"]
+    from_file = schedule is not None and schedule not in SCHEDULES and os.path.isfile(schedule)
+    if sampler_cli["num_steps"] is None and not from_file:  # a schedule file brings its own count
+        sampler_cli["num_steps"] = TEACHER_STEPS
     config = sampler_config(**sampler_cli, sampling=sampling)
     try:
         util.check_output_path(out, "--out")
@@ -171,7 +177,8 @@ def gen_data(network, out, seeds, batch_size, overwrite, class_idx, device, **sa
                    network_sha256=util.file_sha256(network))
     try:
         summary = describe(net, config)
-        info = teacher_plan(net, **teacher)[2]
+        _, grid_info, info = teacher_plan(net, **teacher)
+        check_deterministic(*grid_info)  # a teacher that draws noise has no image per noise for LD3 to fit
     except ValueError as err:
         raise click.UsageError(str(err)) from None
     if os.path.exists(out) and not overwrite:
@@ -373,7 +380,7 @@ def evaluate(schedule_path, solver, data_path, network, loss, lpips_vgg, lpips_l
         distance = make_distance(loss, lpips_vgg=lpips_vgg, lpips_lin=lpips_lin, lpips_resize=lpips_resize,
                                  device=device)
         report = evaluate_schedule(net, data, grid, distance_fn=distance, candidates=candidates,
-                                   batch_size=batch_size, device=device, name=name)
+                                   batch_size=batch_size, device=device, name=name, progress=True)
     except (LPIPSUnavailableError, ValueError) as err:
         raise click.ClickException(str(err)) from None
     options = ", ".join(f"{k}={v}" for k, v in sorted(grid.solver_kwargs.items()))

@@ -343,12 +343,14 @@ def sampler_options(help_prefix: str = "", solver_default: str | None = None, st
                     guidance: bool = True):
     """Decorator: every flag that decides how a seed becomes an image (besides the network and --device).
     guidance: also the flags of samplers.guidance.GUIDANCE (discriminator guidance)."""
-    steps_text = f"  [default: {steps_default}]" if steps_default else "  [default: 18, or the schedule file's]"
+    # steps_default: the steps of a named schedule when --steps is not given, applied by the command (the option's
+    # default stays None: a schedule file brings its own count, and naming one the user never gave would mislead).
+    steps_text = f"  [default: {steps_default or 18}, or the schedule file's]"
     options = [
         click.option("--class", "class_idx", help=help_prefix + "Class label  [default: random]", metavar="INT",
                      type=click.IntRange(min=0), default=None, show_default=False),
         click.option("--steps", "num_steps", help=help_prefix + "Number of sampling steps" + steps_text,
-                     metavar="INT", type=click.IntRange(min=1), default=steps_default, show_default=False),
+                     metavar="INT", type=click.IntRange(min=1), default=None, show_default=False),
         click.option("--sigma_min", help=help_prefix + "Lowest noise level  [default: varies]", metavar="FLOAT",
                      type=click.FloatRange(min=0, min_open=True)),
         click.option("--sigma_max", help=help_prefix + "Highest noise level  [default: varies]", metavar="FLOAT",

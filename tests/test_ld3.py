@@ -840,3 +840,35 @@ def test_cli_train_and_evaluate_refuse_another_network_and_check_out_first(netwo
         result = runner.invoke(generate.main, ["--network", "net.pkl", "--schedule", schedule, "--seeds", "0",
                                                "--outdir", "images", "--device", "cpu"])
         assert result.exit_code == 2 and message in result.output, result.output
+
+
+def test_gen_data_refuses_a_teacher_that_draws_noise_and_takes_a_schedule_files_steps(network_pickle, tmp_path):
+    """LD3 fits the teacher's image as a function of its noise: a teacher that draws noise (Heun with churn) has none
+    (train refused it as a student only). A schedule file brings its own step count: gen-data no longer compared it
+    with a --steps the user never gave (20, the default for named schedules)."""
+    from samplers import SigmaGrid
+    grid = SigmaGrid(sigmas=torch.tensor([80.0, 1.0, 0.002], dtype=torch.float64), end="sigma_min")
+    with pytest.raises(ValueError, match=r"draws noise"):
+        ld3.check_deterministic(grid, "heun", {"S_churn": 10.0})
+    for solver, options in (("heun", {}), ("unipc", {}), ("dpmpp_2m", {}), ("ipndm", {}), ("euler", {})):
+        ld3.check_deterministic(grid, solver, options)  # no noise drawn: no error
+
+    runner = CliRunner()
+    base = ["gen-data", "--network", network_pickle, "--seeds", "0-1", "--device", "cpu"]
+    result = runner.invoke(ld3_cli.cli, [*base, "--out", str(tmp_path / "churn.pt"), "--solver", "heun", "--S_churn",
+                                         "10", "--steps", "4"])
+    assert result.exit_code == 2 and "LD3 learns the grid of a deterministic sampler, but heun(S_churn=10.0) draws " \
+        "noise" in result.output, result.output
+    assert not os.path.exists(tmp_path / "churn.pt")
+    schedule = str(tmp_path / "grid.json")
+    from samplers import save_schedule_file
+    save_schedule_file(schedule, torch.tensor([80.0, 10.0, 1.0, 0.1, 0.0], dtype=torch.float64), solver="heun",
+                       nfe=7, end="zero")
+    result = runner.invoke(ld3_cli.cli, [*base, "--out", str(tmp_path / "file.pt"), "--schedule", schedule,
+                                         "--solver", "heun"])
+    assert result.exit_code == 0, result.output
+    assert ld3.load_teacher_data(str(tmp_path / "file.pt")).info["num_steps"] == 4
+    result = runner.invoke(ld3_cli.cli, [*base, "--out", str(tmp_path / "named.pt"), "--steps", "3"])
+    assert result.exit_code == 0 and ld3.load_teacher_data(str(tmp_path / "named.pt")).info["num_steps"] == 3
+    result = runner.invoke(ld3_cli.cli, [*base, "--out", str(tmp_path / "default.pt")])
+    assert result.exit_code == 0 and ld3.load_teacher_data(str(tmp_path / "default.pt")).info["num_steps"] == 20

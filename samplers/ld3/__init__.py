@@ -54,10 +54,11 @@ from samplers.ld3.selection import (
     paired_gain,
     score_grid,
 )
-from samplers.ld3.student import student_sample
+from samplers.ld3.student import check_deterministic, student_sample
 from samplers.ld3.teacher import (
     TEACHER_FILE_FORMAT,
     TEACHER_FILE_VERSION,
+    TEACHER_STEPS,
     TeacherData,
     generate_teacher,
     load_teacher_data,
@@ -69,9 +70,9 @@ from samplers.ld3.teacher import (
 
 __all__ = [
     "DISTANCES", "HAND_MADE_GRIDS", "MIN_STEP_FRACTION", "NOISE_SE", "TEACHER_FILE_FORMAT", "TEACHER_FILE_VERSION",
-    "TIE_TOLERANCE", "Evaluation", "GridParameterization", "GridScore", "LD3Config", "LD3Result", "TeacherData",
-    "TeacherSplit", "choose_result", "evaluate_schedule", "generate_teacher", "hand_made_grid_names",
-    "hand_made_levels", "l1_distance", "l2_distance", "load_teacher_data", "make_distance", "paired_gain",
-    "save_teacher_data", "score_grid", "steps_for_nfe", "student_sample", "teacher_differences", "teacher_plan",
-    "teacher_samples", "train_ld3",
+    "TEACHER_STEPS", "TIE_TOLERANCE", "Evaluation", "GridParameterization", "GridScore", "LD3Config", "LD3Result",
+    "TeacherData", "TeacherSplit", "check_deterministic", "choose_result", "evaluate_schedule", "generate_teacher",
+    "hand_made_grid_names", "hand_made_levels", "l1_distance", "l2_distance", "load_teacher_data", "make_distance",
+    "paired_gain", "save_teacher_data", "score_grid", "steps_for_nfe", "student_sample", "teacher_differences",
+    "teacher_plan", "teacher_samples", "train_ld3",
 ]

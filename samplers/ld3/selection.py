@@ -258,7 +258,7 @@ def subset(teacher: TeacherData, index: torch.Tensor) -> TeacherData:
 
 def evaluate_schedule(denoiser, teacher: TeacherData, grid: SigmaGrid, *, distance_fn, solver: str | None = None,
                       solver_kwargs: dict | None = None, candidates=None, batch_size: int = 64, device=None,
-                      name: str = "schedule") -> Evaluation:
+                      name: str = "schedule", progress: bool = False) -> Evaluation:
     """`grid` (a schedule file's) against the hand-made grids of the same solver, NFE, end and sigma range, on the
     teacher samples it was not trained or selected on (by seed, from its provenance). Rows: mean distance, RMS
     error per coordinate, and the per-sample gain over the best hand-made grid on these samples with its standard
@@ -276,10 +276,14 @@ def evaluate_schedule(denoiser, teacher: TeacherData, grid: SigmaGrid, *, distan
     common = dict(solver=solver, solver_kwargs=solver_kwargs, end=grid.end, distance_fn=distance_fn,
                   batch_size=batch_size)
     eval_sigmas = None if grid.eval_sigmas is None else grid.eval_sigmas.to(device, torch.float64)
-    learned = score_grid(denoiser, split, sigmas, eval_sigmas, **common)
     names = list(HAND_MADE_GRIDS) if candidates is None else list(candidates)
-    scores = {n: score_grid(denoiser, split, levels.to(device), None, **common)
-              for n, levels in hand_made_grids(names, len(positive), sigma_min, sigma_max, grid.end).items()}
+    hand_made = hand_made_grids(names, len(positive), sigma_min, sigma_max, grid.end)
+    jobs = [(sigmas, eval_sigmas), *((levels.to(device), None) for levels in hand_made.values())]
+    if progress:  # every grid samples all the held-out noises: minutes for a real network
+        import tqdm
+        jobs = tqdm.tqdm(jobs, unit="grid", desc="evaluate")
+    learned, *hand_made_scores = [score_grid(denoiser, split, s, e, **common) for s, e in jobs]
+    scores = dict(zip(hand_made, hand_made_scores))
     best = min(scores, key=lambda n: scores[n].loss)
     rows = []
     for row_name, score in [(name, learned), *sorted(scores.items(), key=lambda item: item[1].loss)]:

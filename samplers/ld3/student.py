@@ -26,6 +26,16 @@ def _refuse_noise(solver: str, options: dict):
     return randn_like
 
 
+def check_deterministic(grid: SigmaGrid, solver: str, solver_kwargs: dict) -> None:
+    """ValueError when `solver` with these options draws noise on `grid` (e.g. Heun with S_churn > 0): LD3 fits the
+    teacher's image as a function of its noise, which such a sampler's image is not. Found by running the solver on
+    one zero pixel with a zero denoiser (no network call), so no solver needs a rule here."""
+    def zero_denoiser(x, sigma, class_labels=None):
+        return torch.zeros_like(x)
+    sample(zero_denoiser, torch.zeros(1, 1, 1, 1, dtype=torch.float64), grid, solver=solver,
+           randn_like=_refuse_noise(solver, solver_kwargs), **solver_kwargs)
+
+
 def student_sample(denoiser, latents: torch.Tensor, sigmas: torch.Tensor, eval_sigmas: torch.Tensor | None = None,
                    *, solver: str, class_labels=None, end: str | None = None, checkpoint: bool = False,
                    **solver_kwargs) -> torch.Tensor:

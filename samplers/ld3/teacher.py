@@ -60,8 +60,11 @@ def teacher_samples(denoiser, latents: torch.Tensor, grid: SigmaGrid, *, solver:
     return torch.cat(outputs)
 
 
+TEACHER_STEPS = 20  # LD3's CIFAR-10 teacher: UniPC, 20 NFE
+
+
 @torch.no_grad()
-def generate_teacher(net, seeds, *, solver: str = "unipc", num_steps: int = 20, schedule: str = "edm",
+def generate_teacher(net, seeds, *, solver: str = "unipc", num_steps: int = TEACHER_STEPS, schedule: str = "edm",
                      solver_kwargs: dict | None = None, schedule_kwargs: dict | None = None, end: str | None = None,
                      sigma_min: float | None = None, sigma_max: float | None = None, denoise_to_zero: bool = False,
                      class_idx: int | None = None, batch_size: int = 64, device=None, network: str = "",
