@@ -26,6 +26,7 @@ from samplers.generation import (
     claim_output_folder,
     output_record,
     save_image_grid,
+    schedule_notes,
     write_images,
 )
 from torch_utils import distributed as dist
@@ -112,6 +113,8 @@ def main(network, outdir, seeds, subdirs, class_idx, max_batch_size, device, gri
                 util.check_output_path(grid_path, "--grid")
             record = output_record(network, snapshot.data.get("process"), sampling, net, config, summary, class_idx,
                                    subdirs)
+            for note in schedule_notes(config, record["network_sha256"]):
+                print(f"Note: {note}")
             claim_output_folder(outdir, record, overwrite)
         except (OutputFolderMismatch, util.OutputPathError) as err:
             error = str(err)

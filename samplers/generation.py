@@ -88,6 +88,19 @@ class SamplerConfig:
 SPEED_FIELDS = ("precision", "compile", "cuda_graph")
 
 
+def schedule_notes(config: SamplerConfig, network_sha256: str | None) -> list[str]:
+    """What to say about a schedule file used with this network: one learned with another network (its provenance
+    records that network's sha256, as ld3.py train writes) may not fit this one."""
+    if config.schedule in SCHEDULES or network_sha256 is None:
+        return []
+    provenance = getattr(make_grid(config.schedule, config.num_steps), "provenance", None) or {}
+    learned_with = provenance.get("network_sha256")
+    if learned_with in (None, network_sha256):
+        return []
+    return [f"schedule file {config.schedule!r} was learned with another network ({provenance.get('network')}); "
+            f"a learned grid fits the network it was learned with"]
+
+
 def build_grid(net, config: SamplerConfig, device=None) -> tuple[SigmaGrid, str, dict]:
     """The solver grid for `net` (EDM's clamp to the net's sigma range and round_sigma), plus the solver name and
     options to use. A schedule file brings its own grid end, and (if it names one) its solver and options."""

@@ -811,6 +811,14 @@ def test_cli_train_and_evaluate_refuse_another_network_and_check_out_first(netwo
     result = runner.invoke(ld3_cli.cli, ["evaluate", "--schedule", str(work / "s.json"), "--data", teacher,
                                          "--network", "net.pkl", "--loss", "l2", "--device", "cpu"])
     assert result.exit_code == 2 and expected in result.output, result.output
+    # generate.py samples another network with the schedule (a legitimate transfer), and says so
+    note = f"Note: schedule file '{work / 's.json'}' was learned with another network ({work / 'net.pkl'})"
+    result = runner.invoke(generate.main, ["--network", "net.pkl", "--schedule", str(work / "s.json"), "--seeds", "0",
+                                           "--outdir", "images", "--device", "cpu"])
+    assert result.exit_code == 0 and note in result.output, result.output
+    result = runner.invoke(generate.main, ["--network", str(work / "net.pkl"), "--schedule", str(work / "s.json"),
+                                           "--seeds", "0", "--outdir", "same", "--device", "cpu"])
+    assert result.exit_code == 0 and "learned with another network" not in result.output, result.output
 
     monkeypatch.chdir(work)
     log_before = open("s.log.txt").read()
