@@ -810,6 +810,7 @@ def main(**kwargs):
         if early_warnings:
             summary += ['Warnings before this log began:', *(f'  {text}' for text in early_warnings), '']
         logger.file.write('\n'.join(summary) + '\n')  # into log.txt only: the terminal has it already
+    stop_keeping_warnings()  # on every rank (rank 0 stopped above)
     dist.barrier()
     try:
         training_loop.training_loop(**c)
