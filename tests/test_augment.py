@@ -196,3 +196,19 @@ def test_attributes_are_python_floats():
     pipe = AugmentPipe(p=np.float64(0.12), **EDM_TRAIN)
     assert all(type(value) is float for key, value in vars(pipe).items() if not key.startswith('_'))
     assert pipe.p == 0.12 and pipe.xflip == 1e8
+
+
+def test_every_constant_is_made_on_the_images_device(monkeypatch):
+    """On CUDA, a constant built on the CPU and multiplied with the per-image matrices stops training with a device
+    mismatch (the padding's re-centring translate2d was; found by reading, no GPU here). misc.constant defaults to the
+    CPU, so every call during a pass over every operation must name the device: checked by recording the calls."""
+    from torch_utils import misc
+    calls, constant = [], misc.constant
+
+    def recording_constant(value, shape=None, dtype=None, device=None, memory_format=None):
+        calls.append(device)
+        return constant(value, shape=shape, dtype=dtype, device=device, memory_format=memory_format)
+
+    monkeypatch.setattr(misc, "constant", recording_constant)
+    run(AugmentPipe(p=1, **ALL_OPS), images(4))
+    assert calls and all(device is not None for device in calls), calls

@@ -295,7 +295,7 @@ class AugmentPipe:
         margin = margin.min(misc.constant([W - 1, H - 1] * 2, device=device))
         mx0, my0, mx1, my1 = margin.ceil().to(torch.int32).tolist()  # The one host sync: padding needs sizes.
         images = F.pad(input=images, pad=[mx0, mx1, my0, my1], mode='reflect')
-        G_inv = translate2d((mx0 - mx1) / 2, (my0 - my1) / 2) @ G_inv  # Padding moved the centre.
+        G_inv = translate2d((mx0 - mx1) / 2, (my0 - my1) / 2, device=device) @ G_inv  # Padding moved the centre.
 
         # Upsample 2x: zero insertion + low-pass, written as a strided transposed convolution per axis.
         channels = images.shape[1]
