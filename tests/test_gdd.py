@@ -9,6 +9,7 @@ import inspect
 import io
 import json
 import os
+import pickle
 import subprocess
 import sys
 
@@ -383,7 +384,7 @@ def test_class_embedding_pickled_with_dill_is_read_safely(tmp_path):
     weight = discriminators._read_class_embedding(str(path))
     assert torch.equal(weight, embed.weight.detach())
     path.write_bytes(_dill_style_pickle({'embed': embed}, type_name='CodeType'))
-    with pytest.raises(Exception, match="refusing dill's type 'CodeType'"):
+    with pytest.raises(pickle.UnpicklingError, match="refusing dill's type 'CodeType'"):
         discriminators._read_class_embedding(str(path))
 
 

@@ -97,6 +97,30 @@ def test_point_set_ideal_denoiser():
     assert sigma.grad is not None and torch.isfinite(sigma.grad)
 
 
+def test_gaussian_mixture_denoiser_is_the_posterior_mean():
+    """The mixture testbed's closed form against two independent computations: responsibilities from scipy's normal
+    densities with each component's Wiener mean, and Tweedie's formula D = x + sigma^2 grad log p_sigma(x) by
+    autograd of the noisy density written out (mean of the K components' normal densities)."""
+    from scipy.stats import multivariate_normal
+    mixture = GaussianMixture(dim=5, components=3, seed=2)
+    x = torch.randn(4, 5, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+    for sigma in (5.0, 0.5, 0.05):
+        var = mixture.variances + sigma**2
+        log_p = np.stack([multivariate_normal(mixture.means[k].numpy(), np.diag(var[k].numpy())).logpdf(x.numpy())
+                          for k in range(3)], axis=1)
+        resp = torch.from_numpy(np.exp(log_p - log_p.max(1, keepdims=True)))
+        resp = resp / resp.sum(1, keepdim=True)
+        wiener = mixture.means + mixture.variances / var * (x[:, None, :] - mixture.means)  # [B, K, d]
+        expected = (resp[:, :, None] * wiener).sum(1)
+        assert torch.allclose(mixture(x, sigma), expected, rtol=1e-10, atol=1e-12)
+
+        xg = x.clone().requires_grad_(True)
+        densities = torch.stack([torch.distributions.Normal(mixture.means[k], var[k].sqrt()).log_prob(xg).sum(-1)
+                                 for k in range(3)], dim=1)
+        torch.logsumexp(densities, dim=1).sum().backward()
+        assert torch.allclose(mixture(x, sigma), x + sigma**2 * xg.grad, rtol=1e-9, atol=1e-11)
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # Differentiating through the registered solvers.
 

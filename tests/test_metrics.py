@@ -342,6 +342,11 @@ def test_precision_recall_hand_computed_case():
     # k = 2: real radii 2, 1, 2, 9; gen radii 4.5, 2.5, 4.5, 17.5 -> precision 3/4 (20 is 10 > 9 from 10),
     # recall 4/4 (10 is 5 > 4.5 from 5, but 10 <= 17.5 from 20).
     assert precision_recall.precision_recall(real, gen, nhood_size=2) == (0.75, 1.0)
+    # A probe exactly on a radius counts (<=, StyleGAN2-ADA's): gen 18 is 8 from real 10, whose radius is 8; just
+    # beyond it (18.01) it does not. gen radii 2, 2, 2, 2: real 10 is 8 from 18 -> recall 3/4.
+    boundary = precision_recall.precision_recall(real, _line_features([0.5, 2.5, 18, 20]), nhood_size=1)
+    beyond = precision_recall.precision_recall(real, _line_features([0.5, 2.5, 18.01, 20]), nhood_size=1)
+    assert boundary == (0.75, 0.75) and beyond == (0.5, 0.75)
 
 
 def _brute_force_pr(real, gen, k):

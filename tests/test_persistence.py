@@ -533,7 +533,7 @@ def test_against_edm_checkout(tmp_path):
 
 def test_fork_loss_with_extra_constructor_argument_is_rebuilt_with_a_warning():
     """AOT's released pickles carry EDMLoss(batch=...): the loss is rebuilt without it, networks stay strict."""
-    denoising = pytest.importorskip("losses.denoising")
+    from losses import denoising
     pickled = persistence.PickledObject("EDMLoss", {"_init_args": (), "_init_kwargs": {"P_mean": -1.0, "batch": 64}})
     with pytest.warns(UserWarning, match=r"ignoring constructor arguments \['batch'\] of EDMLoss"):
         data = persistence.import_pickled_objects({"loss_fn": pickled})

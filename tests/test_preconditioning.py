@@ -226,3 +226,17 @@ def test_training_gradient_flows_to_backbone():
     out.square().sum().backward()
     grads = [p.grad for p in net.parameters()]
     assert all(g is not None for g in grads) and sum(g.abs().sum() for g in grads) > 0
+
+
+def test_eps_precond_passes_x_and_the_time_label_through_and_returns_f():
+    """EpsPrecond (DDPM's epsilon prediction, SPD): c_in = 1, c_noise = the label given (the process's t * 1000 / T),
+    no skip, no output scaling: the backbone sees x and the label unchanged, and its output F is the result."""
+    net = make('EpsPrecond')
+    x = torch.randn(3, 3, 8, 8, generator=torch.Generator().manual_seed(1)) + 2
+    labels = torch.tensor([0.0, 12.5, 999.0])
+    for value in (0.0, 0.75):
+        net.model = RecordingBackbone(3, value)
+        out = net(x, labels)
+        call = net.model.calls[0]
+        assert torch.equal(call['x'], x) and torch.equal(call['noise_labels'], labels)
+        assert out.dtype == torch.float32 and torch.equal(out, torch.full_like(x, value))

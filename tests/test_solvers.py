@@ -97,6 +97,41 @@ def test_dpmpp_3m_reference_update_is_second_order():
     assert fitted_order("dpmpp_3m", steps, exact_third_order=True) == pytest.approx(3, abs=0.2)
 
 
+def kdiffusion_dpmpp_multistep(denoiser, latents, sigmas, order):
+    """k-diffusion's sample_dpmpp_3m_sde with eta = 0 (its multistep DPM-Solver++ in log-sigma time, the reference
+    3M update and a phi_2 second-order warm-up), written out independently: order 3 is that sampler; order 2 stops
+    at its second-order branch (DPM-Solver++(2M) with the 'taylor' coefficient phi_2 = expm1(-h) / h + 1)."""
+    x = latents * sigmas[0]
+    d_1 = d_2 = h_1 = h_2 = None
+    for i in range(len(sigmas) - 1):
+        d = denoiser(x, sigmas[i])
+        h = sigmas[i].log() - sigmas[i + 1].log()
+        x = torch.exp(-h) * x - torch.expm1(-h) * d
+        phi_2 = torch.expm1(-h) / h + 1
+        if h_2 is not None and order == 3:
+            r0, r1 = h_1 / h, h_2 / h
+            d1_0, d1_1 = (d - d_1) / r0, (d_1 - d_2) / r1
+            d1 = d1_0 + (d1_0 - d1_1) * r0 / (r0 + r1)
+            d2 = (d1_0 - d1_1) / (r0 + r1)
+            phi_3 = phi_2 / h - 0.5
+            x = x + phi_2 * d1 - phi_3 * d2
+        elif h_1 is not None:
+            x = x + phi_2 * (d - d_1) / (h_1 / h)
+        d_1, d_2, h_1, h_2 = d, d_1, h, h_1
+    return x
+
+
+@pytest.mark.parametrize("solver, order", [("dpmpp_3m", 3), ("dpmpp_2m", 2)])
+def test_dpmpp_multistep_equals_k_diffusions_update(solver, order):
+    """The published DPM-Solver++(3M) update itself (the order test above admits any weight near it), and the 2M
+    'taylor' variant, against an independent transcription, step for step (variant='taylor': its warm-up step)."""
+    grid = make_grid("edm", 10, 0.002, 80, end="sigma_min")
+    denoiser = make_denoiser()
+    ours = sample(denoiser, LATENTS, grid, solver=solver, variant="taylor", lower_order_final=False)
+    ref = kdiffusion_dpmpp_multistep(denoiser, LATENTS, grid.sigmas.to(torch.float64), order)
+    assert (ours - ref).abs().max().item() < 1e-12
+
+
 def test_ipndm_order():
     """iPNDM's fixed Adams-Bashforth weights are exact on a uniform grid: order q there (pre-asymptotically; the
     Euler warm-up step caps the asymptotic order at 2). On a non-uniform grid such as edm(7) it is second order."""
@@ -139,7 +174,8 @@ def edm_algorithm_2(denoiser, latents, sigmas, randn_like, S_churn, S_min, S_max
 
 
 @pytest.mark.parametrize("churn", [dict(S_churn=0, S_min=0, S_max=math.inf, S_noise=1),
-                                   dict(S_churn=40, S_min=0.05, S_max=50, S_noise=1.003)])
+                                   dict(S_churn=40, S_min=0.05, S_max=50, S_noise=1.003),  # gamma at its cap
+                                   dict(S_churn=2, S_min=0.05, S_max=50, S_noise=1.003)])  # 2 / 12 below it
 def test_heun_equals_edm_algorithm_2(churn):
     grid = make_grid("edm", 12, end="zero")
     denoiser = make_denoiser(calls=[])  # float32 output, as a network

@@ -487,3 +487,18 @@ def test_spd_training_resumes_exactly(tmp_path):
         assert_tree_equal(a[key], b[key], key)
     snapshot = snapshots.read_snapshot(sorted(glob.glob(os.path.join(runs['resumed'], 'network-snapshot-*.pkl')))[-1])
     assert snapshot.data['process'] == {'name': 'spd', 'options': dict(T=50, c1=1.59, c2=0.0086, m=2.0)}
+
+
+def test_training_time_is_uniform_over_all_t_steps():
+    """t ~ U{0, ..., T-1}: every step drawn, in equal proportion (chi-square against uniform); the mean (T - 1) / 2
+    (t = T - 1 included)."""
+    import scipy.stats
+    T, num = 10, 100_000
+    loss_fn = SPDLoss(T=T)
+    torch.manual_seed(3)
+    t = loss_fn.sample_time(None, num, 'cpu').flatten()
+    assert t.dtype == torch.int64 and t.shape == (num,)
+    counts = torch.bincount(t, minlength=T)
+    assert len(counts) == T and counts.min() > 0
+    assert scipy.stats.chisquare(counts.numpy()).pvalue > 1e-3
+    assert abs(t.double().mean().item() - (T - 1) / 2) < 0.03
