@@ -51,6 +51,7 @@ import torch
 from dnnlib import util
 from samplers import sample
 from samplers.dg.discriminator import Discriminator, DiscriminatorError, clipped_log_ratio, load_discriminator
+from samplers.solver_grid import host_levels
 
 OUT_OF_WINDOW_LOG_RATIO = 1e7  # the reference's log ratio where guidance is off (never counts as "fake")
 
@@ -112,15 +113,20 @@ class Correction(typing.NamedTuple):
 
 
 def dg_correction(disc: Discriminator, x: torch.Tensor, sigma, class_labels=None, *, tau_min: float = 0.01,
-                  tau_max: float = 1.0) -> Correction:
+                  tau_max: float = 1.0, in_window: bool | None = None) -> Correction:
     """DG's correction of the denoiser at x and the noise levels sigma (a scalar or one per sample): sigma^2 times
     the gradient of the clipped log ratio, zero where tau(sigma) is outside [tau_min, tau_max]. The gradient is
-    taken through the encoder input in float32 and scaled back to x, as the reference does."""
+    taken through the encoder input in float32 and scaled back to x, as the reference does.
+
+    in_window: the caller's host-side answer to "is some sample inside the window" (GuidedDenoiser knows each call's
+    level before sampling); None: asked of the device here, one host sync."""
     x = x.detach()
     x_in, scale, tau = disc.encoder_input(x, sigma)
     sigma = torch.as_tensor(sigma, dtype=torch.float64, device=x.device).reshape(-1).expand_as(scale)
     active = (tau >= tau_min) & (tau <= tau_max)
-    if not bool(active.any()):  # host decision: outside the window the discriminator is not run
+    if in_window is None:
+        in_window = bool(active.any())
+    if not in_window:  # host decision: outside the window the discriminator is not run
         return Correction(torch.zeros_like(x, dtype=torch.float64), torch.full_like(tau, OUT_OF_WINDOW_LOG_RATIO),
                           active, False)
     x_in = x_in.detach().requires_grad_(True)
@@ -145,11 +151,11 @@ class GuidedDenoiser:
         denoised = self.net(x, sigma, class_labels)
         if self.calls >= len(self.weights):
             raise RuntimeError(f"the solver made more than the {len(self.weights)} denoiser calls DG expected")
-        weight = self.weights[self.calls]
+        weight, in_window = self.weights[self.calls], self.guidance.in_window[self.calls]
         self.calls += 1
         if weight == 0:
             return denoised
-        correction = self.guidance.correction(x, sigma, class_labels)
+        correction = self.guidance.correction(x, sigma, class_labels, in_window=in_window)
         self.discriminator_calls += int(correction.evaluated)
         return denoised.to(torch.float64) + weight * correction.term
 
@@ -185,7 +191,7 @@ def boosted_heun(net, correction: Callable, x, sigmas, class_labels=None, *, wei
         randn_like = torch.randn_like
     if round_sigma is None:
         round_sigma = torch.as_tensor
-    levels = sigmas.detach().tolist()
+    levels = host_levels(sigmas)
     num_steps = len(levels) - 1
     batch = x.shape[0]
     log_ratio = torch.full([batch], math.inf, dtype=torch.float64, device=x.device)
@@ -311,19 +317,24 @@ class DiscriminatorGuidance:
         disc = self.check(net, grid, solver, solver_kwargs)
         device = torch.device(device) if device is not None else grid.sigmas.device
         disc = disc if device.type == "cpu" else _copy_to(disc, device)
-        _levels, weights = self._weights(net, grid, solver, solver_kwargs, denoise_to_zero)
-        return PreparedDG(self, disc, weights)
+        levels, weights = self._weights(net, grid, solver, solver_kwargs, denoise_to_zero)
+        return PreparedDG(self, disc, weights, levels)
 
 
 class PreparedDG:
-    """DG ready to sample: the discriminator on the device and the weight of each denoiser call."""
+    """DG ready to sample: the discriminator on the device, the weight of each denoiser call and whether its level
+    is inside the tau window (decided on the host from the planned levels, as `describe` counts the evaluations:
+    no device-to-host read per call)."""
 
-    def __init__(self, options: DiscriminatorGuidance, disc: Discriminator, weights: list[float]):
+    def __init__(self, options: DiscriminatorGuidance, disc: Discriminator, weights: list[float],
+                 levels: list[float]):
         self.options, self.disc, self.weights = options, disc, weights
+        taus = disc.vp.tau(torch.tensor(levels, dtype=torch.float64)).tolist()
+        self.in_window = [options.tau_min <= tau <= options.tau_max for tau in taus]
 
-    def correction(self, x, sigma, class_labels=None):
+    def correction(self, x, sigma, class_labels=None, in_window: bool | None = None):
         return dg_correction(self.disc, x, sigma, class_labels, tau_min=self.options.tau_min,
-                             tau_max=self.options.tau_max)
+                             tau_max=self.options.tau_max, in_window=in_window)
 
     def sample(self, net, grid, solver: str, solver_kwargs: dict, inputs, denoise_to_zero: bool = False):
         """One batch: the solver over the guided denoiser (the discriminator reads the batch's class labels, the

@@ -9,16 +9,30 @@ from a host copy of the grid, once per sampling run.
 import torch
 
 
+def host_levels(sigmas: torch.Tensor) -> list[float]:
+    """The grid's levels as Python floats, for control flow. Reading a device tensor waits for the device, so the
+    floats are kept on the grid tensor itself (the batches of a run share one; an in-place change is seen by its
+    version counter)."""
+    if sigmas.requires_grad:  # a grid being learned (LD3): a new tensor every step
+        return sigmas.detach().tolist()
+    cached = getattr(sigmas, "_host_levels", None)
+    if cached is None or cached[0] != sigmas._version:
+        cached = (sigmas._version, sigmas.tolist())
+        sigmas._host_levels = cached
+    return list(cached[1])
+
+
 def read_grid(sigmas: torch.Tensor, eval_sigmas: torch.Tensor | None = None) -> tuple[list[float], torch.Tensor]:
-    """(levels, eval_grid): the grid's levels as Python floats, for control flow only (one device sync), and the levels
-    at which the denoiser is evaluated: eval_sigmas (LD3's decoupled grid) or sigmas itself."""
+    """(levels, eval_grid): the grid's levels as Python floats, for control flow only (host_levels: one device sync
+    per grid, not per batch), and the levels at which the denoiser is evaluated: eval_sigmas (LD3's decoupled grid)
+    or sigmas itself."""
     if sigmas.ndim != 1 or len(sigmas) < 2:
         raise ValueError(f"sigmas must be a 1-D grid of length N + 1 >= 2, got shape {tuple(sigmas.shape)}")
     if eval_sigmas is None:
         eval_sigmas = sigmas
     if eval_sigmas.shape != sigmas.shape:
         raise ValueError(f"eval_sigmas has {len(eval_sigmas)} entries, sigmas {len(sigmas)}")
-    return sigmas.detach().tolist(), eval_sigmas
+    return host_levels(sigmas), eval_sigmas
 
 
 def step_orders(levels: list[float], order: int, lower_order_final) -> list[int]:

@@ -71,8 +71,8 @@ def tiny_discriminator(kind="network", conditional=False, label_dim=0):
 
 def prepared(disc, net, grid, solver="heun", **options):
     opts = guidance.DiscriminatorGuidance("in-memory", **options)
-    _levels, weights = opts._weights(net, grid, solver, {}, False)
-    return guidance.PreparedDG(opts, disc, weights)
+    levels, weights = opts._weights(net, grid, solver, {}, False)
+    return guidance.PreparedDG(opts, disc, weights, levels)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -883,3 +883,27 @@ def test_train_dg_workflow_paths_and_early_checks(toy_sets, tmp_path, monkeypatc
                                            "8", "--outdir", "small", *head])
     assert result.exit_code == 1 and "16 images in all are fewer than one --batch (64)" in result.output
     assert not os.path.exists(tmp_path / "small")
+
+
+def test_sampling_batches_read_nothing_back_from_the_device(tmp_path, monkeypatch):
+    """After a run's first batch, a batch makes no device-to-host read (on a GPU each one waits for the queued work):
+    the grid's levels are read once per run (solver_grid.host_levels), and DG decides from the planned levels on the
+    host which calls run the discriminator (it read active.any() per call: 18 reads per batch for Heun 18 steps).
+    Counted on the CPU by wrapping the tensor methods that read a value back. Boosting, per-sample by design, is
+    left out."""
+    net = tiny_edm_net(seed=7)
+    dg_path = str(tmp_path / "dg.pkl")
+    dgd.save_discriminator(dg_path, tiny_discriminator("network"))
+    reads = []
+    for options in (dict(num_steps=18), dict(solver="dpmpp_3m", num_steps=10), dict(solver="unipc", num_steps=10),
+                    dict(solver="ipndm", num_steps=10), dict(num_steps=18, solver_kwargs=dict(S_churn=40)),
+                    dict(num_steps=18, guidance={"dg": dict(value=dg_path, weight=2.0)})):
+        batches = generation.generate_images(net, list(range(12)), batch_size=4, device="cpu", **options)
+        next(batches)  # the first batch reads the grid
+        with monkeypatch.context() as patch:
+            for name in ("item", "tolist", "__bool__", "__float__", "__int__"):
+                method = getattr(torch.Tensor, name)
+                patch.setattr(torch.Tensor, name, lambda self, *a, _m=method, _n=name, **k: (reads.append(_n),
+                                                                                            _m(self, *a, **k))[1])
+            assert len(list(batches)) == 2
+        assert reads == [], (options, reads)
