@@ -220,20 +220,27 @@ class FeaturePass:
             if self.moments is not None:
                 self.moments.update(inception_features)
             if "kid" in self.metrics:  # a seeded subset when capped (a reference of 1.2M images would not fit)
-                keep = (torch.arange(len(indices)) if self._kid_keep is None
-                        else torch.nonzero(self._kid_keep[indices]).flatten())  # host-side indices: no sync
-                self._kid_indices.append(indices[keep].to(inception_features.device))
-                self._kid_features.append(inception_features[keep.to(inception_features.device)].to(torch.float32))
+                # Indices stay on the host until finalize; a host-to-device copy that blocks would wait for this
+                # batch's detector pass (pageable memory: non_blocking stages it without waiting).
+                features = inception_features
+                if self._kid_keep is not None:
+                    keep = torch.nonzero(self._kid_keep[indices]).flatten()  # host-side indices: no sync
+                    indices_kept = indices[keep]
+                    features = features[keep.to(features.device, non_blocking=True)]
+                else:
+                    indices_kept = indices
+                self._kid_indices.append(indices_kept)
+                self._kid_features.append(features.to(torch.float32))
         if needs_probs:
             self.inception_score.update(probs, indices.to(probs.device, non_blocking=True))
         if "pr" in self.metrics:
             if self.pr_max_items is not None and bool((indices >= self.pr_max_items).any()):
                 keep = torch.nonzero(indices < self.pr_max_items).flatten()  # host-side: no device sync
-                indices, images = indices[keep], images[keep.to(images.device)]
+                indices, images = indices[keep], images[keep.to(images.device, non_blocking=True)]
             if len(indices) > 0:
                 # float16 as StyleGAN2-ADA: the features P/R keep are the one thing that grows with N.
                 features = self.detectors["vgg16"].features(images).to(torch.float16)
-                self._pr_indices.append(indices.to(features.device))
+                self._pr_indices.append(indices)  # on the host until finalize (no blocking copy per batch)
                 self._pr_features.append(features)
 
     def finalize(self, device: torch.device) -> dict:

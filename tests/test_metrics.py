@@ -839,3 +839,41 @@ def test_kid_through_fid_py_ref_and_calc(tmp_path, standin_paths):
     result = CliRunner().invoke(fid.main, ["calc", "--images", gen, "--ref", str(tmp_path / "edm.npz"),
                                            "--metrics", "kid", "--num-images", "16", *detector_args])
     assert result.exit_code == 1 and "hold no Inception features for KID" in result.output
+
+
+def test_feature_pass_batches_make_no_blocking_copy_and_read_nothing_back(monkeypatch):
+    """Per batch, the pass neither reads a device value on the host nor makes a blocking host-to-device copy (on a
+    GPU both wait for the batch's detector pass). Run on the meta device, where reading a value back raises, with
+    every CPU-to-device copy logged; KID's and P/R's indices stay on the host until finalize (two and one blocking
+    copies per batch before)."""
+    from metrics.evaluate import FeaturePass
+    meta = torch.device("meta")
+
+    class MetaDetector:
+        feature_dim, num_classes = 16, 10
+
+        def features(self, images):
+            return torch.empty(images.shape[0], self.feature_dim, device=meta)
+
+        def probabilities(self, images):
+            return torch.empty(images.shape[0], self.num_classes, device=meta)
+
+        def features_and_probabilities(self, images):
+            return self.features(images), self.probabilities(images)
+
+    blocking, to = [], torch.Tensor.to
+
+    def logged_to(self, *args, **kwargs):
+        out = to(self, *args, **kwargs)
+        if self.device.type == "cpu" and out.device.type != "cpu" and not kwargs.get("non_blocking", False):
+            blocking.append(self.shape)
+        return out
+
+    monkeypatch.setattr(torch.Tensor, "to", logged_to)
+    detectors = {"inception": MetaDetector(), "vgg16": MetaDetector()}
+    for metrics, cap in ((["fid", "is", "kid", "pr"], None), (["kid", "pr"], 40)):
+        feature_pass = FeaturePass(metrics, detectors, num_images=64, pr_max_items=cap)
+        for start in range(0, 64, 16):
+            feature_pass.update(torch.arange(start, start + 16), torch.zeros(16, 3, 8, 8, dtype=torch.uint8,
+                                                                             device=meta))
+        assert blocking == [], (metrics, cap, blocking)
