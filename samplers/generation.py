@@ -7,6 +7,8 @@ batch size or rank count), latents then labels drawn from it, seeds split across
 interrupted run by skipping seeds whose PNG exists before sampling.
 """
 
+import collections
+import concurrent.futures
 import dataclasses
 import inspect
 import io
@@ -479,17 +481,33 @@ def write_images(net, seeds, outdir: str, *, subdirs: bool = False, batch_size: 
     for directory in sorted({os.path.dirname(image_path(outdir, s, subdirs)) for s in mine}):
         util.remove_stale_temp_files(directory)
     existing = set() if overwrite else {s for s in mine if png_file_is_complete(image_path(outdir, s, subdirs))}
-    written = 0
-    for batch_seeds, images in generate_images(net, seeds, batch_size=batch_size, skip_seeds=existing,
-                                               progress=progress, rank=rank, world_size=world_size,
-                                               **sampling_kwargs):
-        images_np = images.permute(0, 2, 3, 1).cpu().numpy()
-        for seed, image_np in zip(batch_seeds, images_np):
-            path = image_path(outdir, seed, subdirs)
-            os.makedirs(os.path.dirname(path), exist_ok=True)
-            save_png_atomic(image_to_pil(image_np), path)
+    for directory in sorted({os.path.dirname(image_path(outdir, s, subdirs)) for s in mine - existing}):
+        os.makedirs(directory, exist_ok=True)
+
+    def write(seed, image_np):
+        save_png_atomic(image_to_pil(image_np), image_path(outdir, seed, subdirs))
+
+    # PNG encoding (zlib releases the GIL) runs on writer threads while the next batch samples: on a GPU the main
+    # thread queues batch k + 1 right after copying batch k to the host, instead of encoding 64 images first (0.4 ms
+    # each at 32 px, 4 ms at 256 px). At most two batches wait to be written; a writer's error stops the run.
+    written, pending = 0, collections.deque()
+    # An interrupted run still writes the batches it finished (leaving the with-block waits for them).
+    with concurrent.futures.ThreadPoolExecutor(max_workers=PNG_WRITER_THREADS) as writers:
+        for batch_seeds, images in generate_images(net, seeds, batch_size=batch_size, skip_seeds=existing,
+                                                   progress=progress, rank=rank, world_size=world_size,
+                                                   **sampling_kwargs):
+            images_np = images.permute(0, 2, 3, 1).cpu().numpy()
+            pending.extend(writers.submit(write, seed, image) for seed, image in zip(batch_seeds, images_np))
+            while len(pending) > 2 * batch_size:
+                pending.popleft().result()
+                written += 1
+        while pending:
+            pending.popleft().result()
             written += 1
     return {"written": written, "skipped": len(mine & existing)}
+
+
+PNG_WRITER_THREADS = 4
 
 
 def tile_images(images, columns: int | None = None, gap: int = 2, scale: int = 1) -> np.ndarray:

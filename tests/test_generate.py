@@ -663,3 +663,25 @@ def test_a_bad_grid_path_is_refused_before_sampling(network_pickle, tmp_path):
                                                 "--seeds", "0-1", "--grid", str(tmp_path)])
     assert result.exit_code == 1 and "--grid: " in result.output and "is a folder" in result.output, result.output
     assert not os.path.exists(outdir) or _pngs(outdir) == []
+
+
+def test_png_writers_report_a_failed_write_and_write_the_rest(tmp_path, monkeypatch):
+    """PNGs are encoded and written on writer threads while the next batch samples: a write that fails (a full disk)
+    stops the run with its one-line error, and no image is left half-written."""
+    from dnnlib import util
+    from samplers import generation
+    save = generation.save_png_atomic
+
+    def failing_save(image, path):
+        if path.endswith("000005.png"):
+            raise util.OutputPathError(f"cannot write {path} (No space left on device)")
+        save(image, path)
+
+    monkeypatch.setattr(generation, "save_png_atomic", failing_save)
+    out = str(tmp_path / "out")
+    with pytest.raises(util.OutputPathError, match=r"000005\.png \(No space left on device\)"):
+        write_images(tiny_net(), list(range(12)), out, batch_size=3, num_steps=2, solver="euler", device="cpu",
+                     progress=False)
+    names = sorted(os.listdir(out))
+    assert "000005.png" not in names and names == [f"{s:06d}.png" for s in range(12) if s != 5][:len(names)]
+    assert all(PIL.Image.open(os.path.join(out, name)).size == (8, 8) for name in names)
