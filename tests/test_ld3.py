@@ -884,6 +884,13 @@ def test_gen_data_refuses_a_teacher_that_draws_noise_and_takes_a_schedule_files_
         ld3.check_deterministic(grid, "heun", {"S_churn": 10.0})
     for solver, options in (("heun", {}), ("unipc", {}), ("dpmpp_2m", {}), ("ipndm", {}), ("euler", {})):
         ld3.check_deterministic(grid, solver, options)  # no noise drawn: no error
+    # its probe pixel is made on the grid's device (gen-data's grid is on the GPU there): seen through a meta grid
+    import samplers.ld3.student as student
+    seen = []
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(student, "sample", lambda denoiser, x, grid, **kwargs: seen.append(x.device))
+        ld3.check_deterministic(SigmaGrid(sigmas=grid.sigmas.to("meta"), end="sigma_min"), "heun", {})
+    assert seen == [torch.device("meta")]
 
     runner = CliRunner()
     base = ["gen-data", "--network", network_pickle, "--seeds", "0-1", "--device", "cpu"]

@@ -240,3 +240,16 @@ def test_eps_precond_passes_x_and_the_time_label_through_and_returns_f():
         call = net.model.calls[0]
         assert torch.equal(call['x'], x) and torch.equal(call['noise_labels'], labels)
         assert out.dtype == torch.float32 and torch.equal(out, torch.full_like(x, value))
+
+
+def test_gdd_precond_under_autocast_feeds_the_backbone_float32_not_float64():
+    """GDDPrecond keeps a float64 input for its skip term (the solvers pass float64). Under --precision=bf16
+    (torch.autocast) the backbone got it as float64, which autocast never casts: every layer ran in float64 (no
+    tensor cores, 4x the activation memory). It must enter as float32, for autocast to take it from there."""
+    net = make('GDDPrecond')
+    net.model = RecordingBackbone(3, 0.0)
+    x = torch.randn(2, 3, 8, 8, dtype=torch.float64)
+    with torch.autocast('cpu', dtype=torch.bfloat16):
+        out = net(x, torch.tensor([80.0, 2.0]))
+    assert net.model.calls[0]['x'].dtype == torch.float32
+    assert out.dtype == torch.float64  # the skip term keeps the caller's precision

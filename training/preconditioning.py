@@ -61,8 +61,10 @@ class _Precond(torch.nn.Module):
         if augment_labels is not None:
             model_kwargs = dict(model_kwargs, augment_labels=augment_labels)
         if _autocast_active(x_in.device.type):
-            # Mixed precision via torch.autocast (our --precision): autocast picks the dtype of every op.
-            return self.model(x_in, c_noise.flatten(), class_labels=class_labels, **model_kwargs)
+            # Mixed precision via torch.autocast (our --precision): autocast picks the dtype of every op. It never
+            # casts float64, so GDDPrecond's float64 input (kept for its skip term) enters as float32: else every
+            # layer would run in float64 (layers cast their weights to the input's dtype).
+            return self.model(x_in.to(torch.float32), c_noise.flatten(), class_labels=class_labels, **model_kwargs)
         # EDM's use_fp16: the whole backbone in fp16 on CUDA (each layer casts its fp32 weights).
         use_half = self.use_fp16 and not force_fp32 and x_in.device.type == 'cuda'
         dtype = self._half_dtype if use_half else torch.float32

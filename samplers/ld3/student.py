@@ -32,7 +32,7 @@ def check_deterministic(grid: SigmaGrid, solver: str, solver_kwargs: dict) -> No
     one zero pixel with a zero denoiser (no network call), so no solver needs a rule here."""
     def zero_denoiser(x, sigma, class_labels=None):
         return torch.zeros_like(x)
-    sample(zero_denoiser, torch.zeros(1, 1, 1, 1, dtype=torch.float64), grid, solver=solver,
+    sample(zero_denoiser, torch.zeros(1, 1, 1, 1, dtype=torch.float64, device=grid.sigmas.device), grid, solver=solver,
            randn_like=_refuse_noise(solver, solver_kwargs), **solver_kwargs)
 
 
