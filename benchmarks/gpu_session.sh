@@ -2,7 +2,8 @@
 # The one command a session lent a GPU machine runs (the device tool; ~9 minutes of the 15): the GPU suite with the
 # CUDA tests, results and a log in $OUT (the device tool brings them back), scratch files outside it.
 #
-#   here, once:  git clone https://github.com/NVlabs/edm scratch/edm     (scratch/ is ignored; never committed)
+#   here, once:  the search tool's fetch of github:NVlabs/edm, then (scratch/ is ignored; never committed)
+#                mkdir -p scratch/edm && git -C /work/.mirror/NVlabs+edm/repo archive HEAD | tar -x -C scratch/edm
 #   device run:  bash benchmarks/gpu_session.sh        with carry=["scratch/edm"], timeout_s=600
 #   afterwards:  copy $OUT's gpu_suite.json and gpu_suite.txt to benchmarks/results/DATE-h200/ and commit them.
 #

@@ -66,7 +66,7 @@ SECTIONS = ('env', 'correctness', 'pytest_cuda', 'train', 'sample', 'features', 
 # headline sampling timings must not be starved by the training ones.
 MINIMUM_S = dict(env=0, correctness=60, pytest_cuda=0, train=120, sample=60, features=20, fid_stats=20, aot=40,
                  dataloader=15)
-RESERVED_S = dict(sample=90, features=15)
+RESERVED_S = dict(sample=150, features=15)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -172,15 +172,34 @@ def tail(text: str, lines: int = 15) -> str:
     return '\n'.join(str(text).strip().splitlines()[-lines:])
 
 
+def stop_process_tree(proc: subprocess.Popen, grace_s: float = 10.0) -> None:
+    """Stop a subprocess started with start_new_session=True and what it started: SIGTERM to its process group first
+    (torchrun stops its workers on SIGTERM; they run in sessions of their own, which a group kill does not reach),
+    then SIGKILL to the group. A hung worker must not keep the GPU busy during the later timings."""
+    import signal
+    for sig, wait_s in ((signal.SIGTERM, grace_s), (signal.SIGKILL, 5.0)):
+        try:
+            os.killpg(proc.pid, sig)
+        except (ProcessLookupError, PermissionError):
+            return
+        try:
+            proc.wait(timeout=wait_s)
+            return
+        except subprocess.TimeoutExpired:
+            continue
+
+
 def run_subprocess(cmd, timeout, env=None, cwd=None):
-    """(returncode, stdout, stderr); a timeout gives returncode None."""
+    """(returncode, stdout, stderr); a timeout gives returncode None (the process tree stopped)."""
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=cwd,
+                            start_new_session=True)
     try:
-        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env, cwd=cwd)
-        return proc.returncode, proc.stdout, proc.stderr
-    except subprocess.TimeoutExpired as err:
-        def text(value):
-            return value.decode(errors='replace') if isinstance(value, bytes) else (value or '')
-        return None, text(err.stdout), text(err.stderr) + f'\n(timed out after {timeout} s)'
+        out, err = proc.communicate(timeout=timeout)
+        return proc.returncode, out, err
+    except subprocess.TimeoutExpired:
+        stop_process_tree(proc)
+        out, err = proc.communicate()
+        return None, out or '', (err or '') + f'\n(timed out after {timeout} s)'
 
 
 def last_json_line(text: str):
@@ -737,12 +756,12 @@ class Suite:
         sizes = self.sizes
         bf16, compiled = ['--precision', 'bf16'], ['--precision', 'bf16', '--compile', 'regional']
         # The headline configurations at every batch size, the largest (EDM's CIFAR-10 batch) first, each batch's
-        # EDM column beside ours, the compiled one (the goal's) right after EDM's so that the compile time is spent
-        # while the budget has it; then extras at the largest batch (budget allowing: what is skipped is the least
-        # needed).
+        # EDM column beside ours: bf16 eager (30 s) before the compiled one (the goal's, ~2 min of compiling), so that
+        # a compile that takes the rest of the budget still leaves a measured ratio, then fp32; then extras at the
+        # largest batch (budget allowing: what is skipped is the least needed).
         batches = sorted(sizes.train_batches, reverse=True)
         plan = [(name, extra, batch) for batch in batches
-                for name, extra in (('edm_fp32', None), ('ours_bf16_compile', compiled), ('ours_bf16', bf16),
+                for name, extra in (('edm_fp32', None), ('ours_bf16', bf16), ('ours_bf16_compile', compiled),
                                     ('ours_fp32', []))]
         plan += [('ours_bf16_fused', [*bf16, '--fused-adam', 1], batches[0]),
                  ('ours_bf16_compile_cl_fused', [*compiled, '--channels-last', 1, '--fused-adam', 1], batches[0])]
@@ -797,7 +816,8 @@ class Suite:
         args = dict(edm_repo=self.args.edm_repo, dataset=self.dataset(), resolution=sizes.resolution,
                     arch=network_kwargs(sizes), batch=batch, warmup=sizes.train_warmup, steps=sizes.train_steps,
                     seed=1, device=self.device.type)
-        code, out, err = run_subprocess(worker_cmd('edm-train', args, torchrun=True), timeout=self.timeout(600))
+        # 180 s: a few steps of EDM's fp32 step after its start-up; a hang must not take the rest of the run.
+        code, out, err = run_subprocess(worker_cmd('edm-train', args, torchrun=True), timeout=self.timeout(180))
         entry = dict(name='edm_fp32', batch=batch)
         if code == 0:
             entry.update(last_json_line(out))
@@ -906,6 +926,23 @@ class Suite:
                        ('ours_bf16_compile', dict(precision='bf16', compile=True))]
         record['configs'] = []
         images = {}
+        # EDM's generate.py first: the reference every ratio needs, before the compiled configuration
+        # (~2 min of compiling) can take what is left.
+        if self.args.edm_repo and self.affordable(60):
+            weights = os.path.join(self.work, 'sample-net-state.pt')
+            torch.save({k: v.cpu() for k, v in net.state_dict().items()}, weights)
+            args = dict(edm_repo=self.args.edm_repo, weights=weights, resolution=sizes.resolution,
+                        arch=network_kwargs(sizes), batch=batch, steps=sizes.sample_steps, seeds=seeds,
+                        device=self.device.type, images=os.path.join(self.work, 'edm-images.npy'))
+            code, out, err = run_subprocess(worker_cmd('edm-sample', args), timeout=self.timeout(120))
+            entry = dict(name='edm_fp32', batch=batch, steps=sizes.sample_steps)
+            if code == 0:
+                entry.update(last_json_line(out))
+                images['edm_fp32'] = torch.from_numpy(np.load(args['images'])).permute(0, 3, 1, 2)
+            else:
+                entry['error'] = tail(out + err)
+            record['configs'].append(entry)
+            self._sample_row(entry)
         for name, options in configs:
             if not self.affordable(120 if options.get('compile') else 30):
                 record['configs'].append(dict(name=name, skipped='budget'))
@@ -940,21 +977,6 @@ class Suite:
             record['configs'].append(entry)
             self._sample_row(entry)
             self.save()
-        if self.args.edm_repo and self.affordable(60):
-            weights = os.path.join(self.work, 'sample-net-state.pt')
-            torch.save({k: v.cpu() for k, v in net.state_dict().items()}, weights)
-            args = dict(edm_repo=self.args.edm_repo, weights=weights, resolution=sizes.resolution,
-                        arch=network_kwargs(sizes), batch=batch, steps=sizes.sample_steps, seeds=seeds,
-                        device=self.device.type, images=os.path.join(self.work, 'edm-images.npy'))
-            code, out, err = run_subprocess(worker_cmd('edm-sample', args), timeout=self.timeout(600))
-            entry = dict(name='edm_fp32', batch=batch, steps=sizes.sample_steps)
-            if code == 0:
-                entry.update(last_json_line(out))
-                images['edm_fp32'] = torch.from_numpy(np.load(args['images'])).permute(0, 3, 1, 2)
-            else:
-                entry['error'] = tail(out + err)
-            record['configs'].append(entry)
-            self._sample_row(entry)
         reference = images.get('ours_fp32')
         deviations = {}
         if reference is not None:
@@ -1152,15 +1174,14 @@ class PytestCuda:
         self.log = open(self.log_path, 'w')
         self.start = time.perf_counter()
         self.proc = subprocess.Popen([sys.executable, *self.args], stdout=self.log, stderr=subprocess.STDOUT,
-                                     cwd=ROOT, text=True)
+                                     cwd=ROOT, text=True, start_new_session=True)
 
     def wait(self, timeout: float):
         """(returncode or None when it was stopped at the timeout, its output, seconds since its start)."""
         try:
             code = self.proc.wait(timeout=timeout)
         except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait()
+            stop_process_tree(self.proc)  # with pytest's own torchrun and subprocess children
             code = None
         self.log.close()
         with open(self.log_path) as f:
@@ -1253,8 +1274,20 @@ def worker_collective(a):
 
 
 def _edm_compatibility_shims():
-    """What EDM's code (2022, torch 1.12) needs from a newer torch, and nothing else: its InfiniteSampler calls
-    Sampler.__init__(dataset), an argument torch >= 2.2 no longer takes."""
+    """What EDM's code (2022, torch 1.12, Python 3.8) needs from a newer torch and Python, and nothing else: its
+    InfiniteSampler calls Sampler.__init__(dataset), an argument torch >= 2.2 no longer takes; its dnnlib imports
+    distutils.util.strtobool, and distutils left the standard library in Python 3.12 (setuptools' shim may or may not
+    provide it)."""
+    try:
+        from distutils.util import strtobool  # noqa: F401
+    except ImportError:
+        import types
+        module = types.ModuleType('distutils.util')
+        module.strtobool = lambda value: {'y': 1, 'yes': 1, 't': 1, 'true': 1, 'on': 1, '1': 1, 'n': 0, 'no': 0,
+                                          'f': 0, 'false': 0, 'off': 0, '0': 0}[str(value).lower()]
+        package = sys.modules.setdefault('distutils', types.ModuleType('distutils'))
+        package.util = module
+        sys.modules['distutils.util'] = module
     import torch.utils.data
     try:
         torch.utils.data.Sampler.__init__(object.__new__(torch.utils.data.Sampler), [])
@@ -1264,8 +1297,9 @@ def _edm_compatibility_shims():
 
 def worker_edm_train(a):
     """EDM's training step (NVlabs/edm training/training_loop.py's inner loop, rebuilt around its own network, loss,
-    augmentation, dataset, sampler and DDP wrapper), timed after warm-up. Seeding and order as EDM's loop, except
-    its module-summary forward pass (not part of a step), which would shift the random streams."""
+    augmentation, dataset, sampler and DDP wrapper), timed after warm-up. Seeding and order as EDM's loop, including
+    its rank-0 module-summary forward pass in train mode (dropout draws from the stream there; our loop makes the same
+    pass with --rng=rank), so that the first steps' losses compare draw for draw."""
     sys.path.insert(0, os.path.abspath(a['edm_repo']))
     import copy as copy_module
 
@@ -1294,6 +1328,9 @@ def worker_edm_train(a):
     net = dnnlib.util.construct_class_by_name(class_name='training.networks.EDMPrecond', **a['arch'],
                                               img_resolution=dataset.resolution, img_channels=dataset.num_channels)
     net.train().requires_grad_(True).to(device)
+    with torch.no_grad():  # EDM's print_module_summary(net, [images, sigma, labels]): a forward pass, its output unused
+        net(torch.zeros([batch, net.img_channels, net.img_resolution, net.img_resolution], device=device),
+            torch.ones([batch], device=device), torch.zeros([batch, net.label_dim], device=device))
     loss_fn = dnnlib.util.construct_class_by_name(class_name='training.loss.EDMLoss')
     lr, lr_rampup_kimg, ema_halflife_kimg, ema_rampup_ratio = 10e-4, 10000, 500, 0.05
     optimizer = torch.optim.Adam(net.parameters(), lr=lr, betas=[0.9, 0.999], eps=1e-8)
