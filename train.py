@@ -553,9 +553,13 @@ def build_config(opts: dnnlib.EasyDict, world_size: int) -> tuple[dnnlib.EasyDic
                 c.network_kwargs.augment_dim = saved_network['augment_dim']
             check_weights_fit(state['networks']['net'], c.network_kwargs, interface, opts.resume, strict=True)
             saved_widths = sorted(float(w) for w in state.get('phema', {}))
+            if opts.phema and not saved_widths:
+                raise click.BadParameter(f'{opts.resume} keeps no post-hoc EMAs: they are tracked from the first '
+                                         f'step, so cannot be added on resume; resume without --phema, or start a '
+                                         f'new run with it', param_hint='--phema')
             if opts.phema and saved_widths != sorted(opts.phema):
-                raise click.BadParameter(f'{opts.resume} keeps post-hoc EMAs of widths {saved_widths or "none"}; '
-                                         f'resume with the same --phema', param_hint='--phema')
+                raise click.BadParameter(f'{opts.resume} keeps post-hoc EMAs of widths {saved_widths}; resume with '
+                                         f'the same --phema (or without it)', param_hint='--phema')
             del state
         else:  # EDM's: weights from the matching snapshot, then the pickled net and optimizer state
             kimg = training_loop.parse_state_kimg(opts.resume)
@@ -730,7 +734,7 @@ def main(**kwargs):
             raise click.UsageError(f"Missing option '--{name}'" + (' (the training state does not record it)'
                                                                   if opts.resume else ''))
     # Recorded absolute (training_options.json, the state's options): a resume from another folder finds them.
-    for name in ('outdir', 'data', 'init', 'transfer'):
+    for name in ('outdir', 'data', 'init', 'transfer', 'resume'):
         if opts[name] is not None and '://' not in opts[name]:
             opts[name] = os.path.abspath(opts[name])
     if opts.desc is not None and ('/' in opts.desc or os.sep in opts.desc):

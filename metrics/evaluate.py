@@ -17,6 +17,7 @@ IS; precision/recall keep the float16 VGG16 features they need, KID the float32 
 
 import dataclasses
 import json
+import os
 import time
 from collections.abc import Callable, Iterator, Sequence
 
@@ -114,7 +115,20 @@ def dataset_source(path: str, num: int | None = None, seed: int = 0, batch_size:
             yield torch.as_tensor(indices, dtype=torch.int64), images.to(device, non_blocking=True)
 
     description = dict(images=str(path), num=len(dataset), seed=seed if num is not None else None)
+    network = _generating_network(path)
+    if network is not None:  # for the reader of the result, and report.py's kimg
+        description["network"] = network
     return ImageSource(len(dataset), iterate, len(batches), description)
+
+
+def _generating_network(path: str) -> str | None:
+    """The network that generate.py recorded in a folder's generation.json, if any."""
+    try:
+        with open(os.path.join(path, "generation.json")) as f:
+            network = json.load(f).get("network")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return network if isinstance(network, str) else None
 
 
 def network_source(net, seeds: Sequence[int], batch_size: int = 64, network_description: str | None = None,
@@ -327,12 +341,13 @@ def load_detectors(metrics: Sequence[str], detector_paths: dict[str, str] | None
     return loaded
 
 
-def _load_reference_all_ranks(ref_path: str, verbose: bool) -> dict:
-    """Rank 0 reads (and downloads) first; the others then read the cached copy."""
+def _load_reference_all_ranks(ref_path: str, verbose: bool, metrics: Sequence[str]) -> dict:
+    """Rank 0 reads (and downloads) first; the others then read the cached copy. Only the arrays the metrics use."""
+    keys = [key for metric, key in (("pr", PR_REFERENCE_KEY), ("kid", KID_REFERENCE_KEY)) if metric in metrics]
     if distributed.get_rank() != 0:
         distributed.barrier()
     try:
-        ref = load_reference(ref_path, verbose=verbose and distributed.get_rank() == 0)
+        ref = load_reference(ref_path, verbose=verbose and distributed.get_rank() == 0, keys=keys)
     finally:
         if distributed.get_rank() == 0:
             distributed.barrier()
@@ -357,7 +372,7 @@ def calc_metrics(source: ImageSource, ref_path: str | None, metrics: Sequence[st
         if ref_path is None:
             raise MetricsError(f"--ref is required for {', '.join(m for m in metrics if m in ('fid', 'pr', 'kid'))}")
         distributed.print0(f'Loading reference statistics from "{ref_path}"...')
-        ref = _load_reference_all_ranks(ref_path, verbose)
+        ref = _load_reference_all_ranks(ref_path, verbose, metrics)
         if "pr" in metrics and PR_REFERENCE_KEY not in ref:
             raise ReferenceStatsError(
                 f"reference statistics {ref_path!r} hold no VGG16 features for precision/recall (key "

@@ -186,29 +186,42 @@ class _NumpyOnlyUnpickler(persistence.GuardedUnpickler):
         raise pickle.UnpicklingError(f"reference pickle refers to {module}.{name}, which is not a numpy array type")
 
 
-def load_reference(path_or_url: str, verbose: bool = True) -> dict[str, np.ndarray]:
+FEATURE_KEYS = ("vgg16_features", "inception_features")  # per-image features some metrics keep in a reference
+
+# A compressed .npz member that inflates more than this many times its stored size is refused: features and
+# covariances compress by 1-2x (np.savez_compressed), a 1 MB member of zeros could fill the memory of every rank.
+MAX_COMPRESSION_RATIO = 50
+
+
+def load_reference(path_or_url: str, verbose: bool = True, keys=None) -> dict[str, np.ndarray]:
     """Load reference statistics: EDM's `.npz` (mu, sigma, ...) or EDM2's `.pkl` ({'fid': {mu, sigma}, ...}).
 
-    Returns a dict of numpy arrays with at least `mu` and `sigma`. Raises ReferenceStatsError naming the file.
+    Returns a dict of numpy arrays with at least `mu` and `sigma`; with `keys`, an .npz's other arrays are read only
+    when named there (e.g. the feature arrays of P/R and KID, gigabytes for a large reference, stay on disk for FID).
+    Raises ReferenceStatsError naming the file.
     """
+    wanted = None if keys is None else {"mu", "sigma", "num_images", *keys}
     try:
-        with util.open_url(path_or_url, verbose=verbose) as f:
-            data = f.read()
+        f = util.open_url(path_or_url, verbose=verbose)
     except (OSError, ValueError) as err:
         raise ReferenceStatsError(f"cannot open reference statistics {path_or_url!r}: {err}") from err
     try:
-        if data[:4] == b"PK\x03\x04":  # .npz is a zip archive (truncated or damaged: BadZipFile, zlib.error, ...)
-            with np.load(io.BytesIO(data), allow_pickle=False) as npz:
-                ref = {key: npz[key] for key in npz.files}
-        elif data[:1] == b"\x80":  # a pickle (EDM2's reference format)
-            obj = _NumpyOnlyUnpickler(io.BytesIO(data)).load()
-            if not isinstance(obj, dict):
-                raise ValueError(f"expected a dict, got {type(obj).__name__}")
-            ref = dict(obj.get("fid", obj))
-            if "num_images" in obj:
-                ref["num_images"] = np.asarray(obj["num_images"])
-        else:
-            raise ValueError("neither an .npz archive nor a pickle")
+        with f:
+            head = f.read(4)
+            if head == b"PK\x03\x04":  # .npz is a zip archive (truncated or damaged: BadZipFile, zlib.error, ...)
+                f.seek(0)
+                ref = _read_npz(f, wanted, path_or_url)
+            elif head[:1] == b"\x80":  # a pickle (EDM2's reference format)
+                obj = _NumpyOnlyUnpickler(io.BytesIO(head + f.read())).load()
+                if not isinstance(obj, dict):
+                    raise ValueError(f"expected a dict, got {type(obj).__name__}")
+                ref = dict(obj.get("fid", obj))
+                if "num_images" in obj:
+                    ref["num_images"] = np.asarray(obj["num_images"])
+            else:
+                raise ValueError("neither an .npz archive nor a pickle")
+    except ReferenceStatsError:
+        raise
     except (ValueError, OSError, pickle.UnpicklingError, EOFError, zipfile.BadZipFile, zlib.error, KeyError,
             AttributeError, TypeError, IndexError) as err:  # the ways a truncated or bit-flipped file fails
         raise ReferenceStatsError(f"cannot read reference statistics {path_or_url!r} (truncated or damaged file?): "
@@ -217,21 +230,39 @@ def load_reference(path_or_url: str, verbose: bool = True) -> dict[str, np.ndarr
     return ref
 
 
+def _read_npz(f, wanted, where: str) -> dict[str, np.ndarray]:
+    with np.load(f, allow_pickle=False) as npz:
+        ref = {}
+        for key in npz.files:
+            if wanted is not None and key not in wanted:
+                continue
+            info = npz.zip.getinfo(key + ".npy")
+            if info.compress_type != zipfile.ZIP_STORED and info.file_size > MAX_COMPRESSION_RATIO * max(
+                    info.compress_size, 1 << 20):
+                raise ReferenceStatsError(f"reference statistics {where!r}: {key} inflates from {info.compress_size} "
+                                          f"to {info.file_size} bytes (more than {MAX_COMPRESSION_RATIO}x: not "
+                                          f"statistics)")
+            ref[key] = npz[key]
+    return ref
+
+
 def validate_reference(ref: dict, where: str) -> None:
-    """Reference statistics must hold finite mu [D] and sigma [D, D], and, when present, finite vgg16_features
-    [N, D']: checked when loaded, so that a bad file fails before the image pass, not after it."""
+    """Reference statistics must hold finite mu [D] and sigma [D, D], and, when present, finite real feature arrays
+    [N, D'] (vgg16_features for P/R, inception_features for KID): checked when loaded, so that a bad file fails
+    before the image pass, not after it."""
     missing = [key for key in ("mu", "sigma") if key not in ref]
     if missing:
         raise ReferenceStatsError(f"reference statistics {where!r} lack {', '.join(missing)} "
                                   f"(found: {', '.join(sorted(ref)) or 'nothing'})")
-    arrays = {key: np.asarray(ref[key]) for key in ("mu", "sigma", "vgg16_features") if key in ref}
+    arrays = {key: np.asarray(ref[key]) for key in ("mu", "sigma", *FEATURE_KEYS) if key in ref}
     mu, sigma = arrays["mu"], arrays["sigma"]
     if mu.ndim != 1 or sigma.shape != (mu.shape[0], mu.shape[0]):
         raise ReferenceStatsError(f"reference statistics {where!r}: expected mu [D] and sigma [D, D], "
                                   f"got {list(mu.shape)} and {list(sigma.shape)}")
-    if "vgg16_features" in arrays and arrays["vgg16_features"].ndim != 2:
-        raise ReferenceStatsError(f"reference statistics {where!r}: expected vgg16_features [N, D], got "
-                                  f"{list(arrays['vgg16_features'].shape)}")
+    for key in FEATURE_KEYS:
+        if key in arrays and arrays[key].ndim != 2:
+            raise ReferenceStatsError(f"reference statistics {where!r}: expected {key} [N, D], got "
+                                      f"{list(arrays[key].shape)}")
     for key, array in arrays.items():
         if array.dtype.kind not in "fiu":
             raise ReferenceStatsError(f"reference statistics {where!r}: {key} has dtype {array.dtype}, expected "

@@ -364,7 +364,7 @@ def output_record(network: str, process_record, sampling, net, config: SamplerCo
     as they resolve (the sampling object's `record(net, config)` where it has one, else the options less the exact
     speed option cuda_graph), bf16 and compile (both can move a pixel), and the content hash of every file an option
     names (a schedule file, a discriminator), so that a file rewritten in place is not taken for the old one. The
-    summary line and the options as given are kept for reading, not compared (_RECORD_TEXT)."""
+    network's path, the summary line and the options as given are kept for reading, not compared (_RECORD_TEXT)."""
     from dnnlib import util
 
     options = dataclasses.asdict(config)
@@ -373,13 +373,15 @@ def output_record(network: str, process_record, sampling, net, config: SamplerCo
     else:
         settings = {k: v for k, v in options.items() if k not in SPEED_FIELDS}
     named = sorted({v for v in _strings(options) if os.path.isfile(v)})
-    return dict(network_sha256=util.file_sha256(network), process=process_record, sampler=summary, options=options,
+    return dict(network=network if "://" in network else os.path.abspath(network),
+                network_sha256=util.file_sha256(network), process=process_record, sampler=summary, options=options,
                 settings=settings, precision=config.precision, compile=bool(config.compile),
                 files_sha256=sorted(util.file_sha256(path) for path in named), class_idx=class_idx, subdirs=subdirs)
 
 
-# generation.json entries for people and tools (the one-line summary, the options as given): not compared.
-_RECORD_TEXT = ("sampler", "options")
+# generation.json entries for people and tools (the network's path, e.g. for report.py; the one-line summary; the
+# options as given): not compared, the network's content hash is.
+_RECORD_TEXT = ("network", "sampler", "options")
 
 
 def _strings(value):

@@ -43,6 +43,32 @@ def torchscript_archive(marker) -> bytes:
     return buffer.getvalue()
 
 
+def two_directory_archive(marker) -> bytes:
+    """The TorchScript archive with a second central directory that Python's zipfile reads instead of torch's.
+
+    The end record declares the real directory's offset and size (what torch's reader follows), but sits after a
+    second directory of the same size: zipfile takes the directory just before the end record and shifts every
+    offset by the difference. Through zipfile the archive holds only 'archive/data.pkl' (a plain torch.save
+    file's shape); through torch it is the TorchScript archive."""
+    import struct
+    import zipfile
+
+    data = torchscript_archive(marker)
+    archive = zipfile.ZipFile(io.BytesIO(data))
+    start = archive.start_dir
+    end = data.find(b"PK\x06\x06", start)  # torch writes zip64 end records: the directory ends there
+    end = end if end > 0 else data.find(b"PK\x05\x06", start)
+    size, count = end - start, len(archive.infolist())
+    # zipfile adds `size` to the offset it reads: aim at a real local header past that.
+    target = next(info.header_offset for info in archive.infolist() if info.header_offset >= size)
+    name = b"archive/data.pkl"
+    comment = b"x" * (size - 46 - len(name))
+    entry = struct.pack("<4s4B4HL2L5H2L", b"PK\x01\x02", 20, 3, 20, 0, 0, 0, 0, 0, 0, 0, 0, len(name), 0,
+                        len(comment), 0, 0, 0, target - size) + name + comment
+    end_record = struct.pack("<4s4H2LH", b"PK\x05\x06", 0, 0, count, count, size, start, 0)
+    return data[:end] + entry + end_record
+
+
 def tar_archive() -> bytes:
     """A legacy tar-format torch file shape (torch.load extracts 'storages', 'tensors', 'pickle' from it)."""
     buffer = io.BytesIO()

@@ -227,6 +227,37 @@ def test_reference_errors_name_the_file(tmp_path):
         frechet.load_reference(str(junk))
 
 
+def test_reference_reads_only_the_arrays_asked_for_and_refuses_compression_bombs(tmp_path):
+    # FID needs mu and sigma: a reference's per-image features (gigabytes for 200k images) stay on disk, on every rank.
+    path = tmp_path / "ref.npz"
+    np.savez(path, mu=np.zeros(2), sigma=np.eye(2), vgg16_features=np.ones((3, 2)), inception_features=np.ones((3, 2)),
+             num_images=np.int64(3))
+    assert set(frechet.load_reference(str(path), keys=[])) == {"mu", "sigma", "num_images"}
+    assert set(frechet.load_reference(str(path), keys=["inception_features"])) == {"mu", "sigma", "num_images",
+                                                                                   "inception_features"}
+    assert len(frechet.load_reference(str(path))) == 5
+    # np.savez_compressed of real statistics loads; 512 MB of zeros in a 0.5 MB member does not.
+    compressed = tmp_path / "compressed.npz"
+    rng = np.random.default_rng(0)
+    np.savez_compressed(compressed, mu=rng.standard_normal(4), sigma=np.eye(4) + 0.1)
+    assert frechet.load_reference(str(compressed))["sigma"].shape == (4, 4)
+    bomb = tmp_path / "bomb.npz"
+    with zipfile.ZipFile(bomb, "w", zipfile.ZIP_DEFLATED) as archive:
+        for name, array in (("mu", np.zeros(2)), ("sigma", np.eye(2))):
+            with archive.open(f"{name}.npy", "w") as member:
+                np.lib.format.write_array(member, array)
+        with archive.open("vgg16_features.npy", "w", force_zip64=True) as member:
+            np.lib.format.write_array_header_1_0(member, dict(descr="<f8", fortran_order=False, shape=(1 << 16, 1024)))
+            zeros = bytes(1 << 24)
+            for _ in range(32):
+                member.write(zeros)
+    assert bomb.stat().st_size < (1 << 20)
+    assert set(frechet.load_reference(str(bomb), keys=[])) == {"mu", "sigma"}  # not asked for: not inflated
+    with pytest.raises(frechet.ReferenceStatsError,
+                       match=r"bomb.npz': vgg16_features inflates from \d+ to 5368\d{5} bytes"):
+        frechet.load_reference(str(bomb), keys=["vgg16_features"])
+
+
 def _npz_bytes(**arrays):
     import io
 
@@ -248,6 +279,12 @@ def test_damaged_or_non_finite_references_fail_when_loaded(tmp_path):
         "vgg-nan": (_npz_bytes(mu=np.zeros(2), sigma=np.eye(2), vgg16_features=np.full((2, 3), np.nan, np.float16)),
                     r"vgg-nan\.npz': vgg16_features has 6 non-finite"),
         "text": (_npz_bytes(mu=np.array(["a", "b"]), sigma=np.eye(2)), r"text\.npz': mu has dtype <U1"),
+        "kid-nan": (_npz_bytes(mu=np.zeros(2), sigma=np.eye(2), inception_features=np.array([[0, np.nan]])),
+                    r"kid-nan\.npz': inception_features has 1 non-finite"),
+        "kid-complex": (_npz_bytes(mu=np.zeros(2), sigma=np.eye(2), inception_features=np.ones((2, 2), np.complex64)),
+                        r"kid-complex\.npz': inception_features has dtype complex64"),
+        "kid-1d": (_npz_bytes(mu=np.zeros(2), sigma=np.eye(2), inception_features=np.ones(2)),
+                   r"kid-1d\.npz': expected inception_features \[N, D\], got \[2\]"),
     }
     flipped = bytearray(good)
     flipped[bytes(good).index(np.eye(4).tobytes()) + 8 * 5 + 7] ^= 0x40  # one bit of sigma[1, 1]

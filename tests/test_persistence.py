@@ -12,6 +12,7 @@ import pickletools
 import subprocess
 import sys
 import threading
+import zipfile
 
 import numpy as np
 import pytest
@@ -614,6 +615,43 @@ def test_training_states_carrying_the_payload_are_refused(tmp_path):
     with pytest.raises(persistence.UnsafeTorchFileError, match="TorchScript"):
         persistence.safe_torch_load(whole)
     assert not marker.exists()
+
+
+def test_torch_files_are_checked_as_torch_reads_them(tmp_path):
+    # A second central directory shows Python's zipfile a plain torch.save file ('archive/data.pkl' only) while
+    # torch's reader sees the TorchScript archive (found by an audit: a check made with zipfile alone passed it).
+    from training import training_loop
+
+    marker = tmp_path / "pwned"
+    payload = hostile.two_directory_archive(marker)
+    assert zipfile.ZipFile(io.BytesIO(payload)).namelist() == ["archive/data.pkl"]
+    path = tmp_path / "training-state-000001.pt"
+    path.write_bytes(payload)
+    with pytest.raises(persistence.UnsafeTorchFileError, match="TorchScript"):
+        persistence.check_torch_file(io.BytesIO(payload))
+    with pytest.raises(persistence.UnsafeTorchFileError, match="TorchScript"):
+        training_loop.load_training_state(str(path))
+    with pytest.raises(persistence.UnsafeTorchFileError, match="TorchScript"):
+        persistence.safe_torch_load(path)
+    with pytest.raises(persistence.NetworkPickleError, match="TorchScript"):
+        persistence.load_edm_training_state(path)
+    assert not marker.exists()
+
+    # Compressed records: torch.save never writes them, and torch's reader would inflate each whole (a bomb).
+    plain = io.BytesIO()
+    torch.save({"x": torch.zeros(1000)}, plain)
+    source, packed = zipfile.ZipFile(io.BytesIO(plain.getvalue())), io.BytesIO()
+    with zipfile.ZipFile(packed, "w", zipfile.ZIP_DEFLATED) as archive:
+        for info in source.infolist():
+            archive.writestr(info.filename, source.read(info.filename), compress_type=zipfile.ZIP_DEFLATED)
+    assert torch.equal(torch.load(io.BytesIO(packed.getvalue()), weights_only=True)["x"], torch.zeros(1000))
+    with pytest.raises(persistence.UnsafeTorchFileError, match="refusing compressed records"):
+        persistence.safe_torch_load(io.BytesIO(packed.getvalue()))
+    # Bytes prepended to the zip (zipfile would shift every offset to find the records, torch would not): refused.
+    with pytest.raises(pickle.UnpicklingError, match="not a torch file"):
+        persistence.safe_torch_load(io.BytesIO(b"\0" * 64 + plain.getvalue()))
+    assert persistence.check_torch_file(io.BytesIO(plain.getvalue())) == "zip"
+    assert torch.equal(persistence.safe_torch_load(io.BytesIO(plain.getvalue()))["x"], torch.zeros(1000))
 
 
 def test_tensor_with_pickled_backward_hooks_is_refused():

@@ -123,9 +123,22 @@ def test_weights_that_never_moved_come_back_unchanged(tmp_path, recwarn):
         torch.testing.assert_close(values, torch.ones_like(values), rtol=0, atol=1e-6)
     assert 'profile misfit' in result.output
     # Far outside what 0.05 and 0.10 at five times span: said, and the result still written.
-    with pytest.warns(UserWarning, match=r'match the profile of std 0.01 only to \d+%'):
+    message = r'differs from the EMA profile of std 0.01 by \d+\.\d% \(relative L2\)'
+    with pytest.warns(UserWarning, match=message) as caught:
         result = CliRunner().invoke(phema_cli.main, ['--run', run, '--std', '0.01', '--out', str(tmp_path / 'x.pkl')])
     assert result.exit_code == 0 and MISFIT_WARNING == 0.10
+    # Attributed to the caller of reconstruct (the CLI), not to torch.no_grad's wrapper.
+    assert [os.path.basename(w.filename) for w in caught if 'relative L2' in str(w.message)] == ['phema.py']
+    assert os.path.dirname(caught[0].filename) != os.path.dirname(torch.__file__)
+
+
+def test_saved_emas_past_a_million_kimg_are_found(tmp_path):
+    # phema_file_name writes kimg with at least 6 digits: 7 from 1,000,000 kimg (ImageNet-64's 2.5 Gimg runs).
+    run = str(tmp_path / 'run')
+    for kimg in (999_999, 1_000_000):
+        _write_phema(run, kimg, 0.05, 0.0, step=kimg)
+    assert phema_file_name(1_000_000, 0.05) == 'phema-1000000-0.050.pkl'
+    assert [e['kimg'] for e in saved_emas(run)] == [999_999, 1_000_000]
 
 
 def test_a_resumed_run_uses_the_saved_emas_of_the_run_it_resumed_from(tmp_path):
@@ -142,9 +155,14 @@ def test_a_resumed_run_uses_the_saved_emas_of_the_run_it_resumed_from(tmp_path):
     assert found == [('A', 1), ('B', 2), ('B', 3), ('B', 4), ('B', 5)]
     assert [e['kimg'] for e in saved_emas(second, at_kimg=3)] == [1, 2, 3]
     assert [e['kimg'] for e in saved_emas(first)] == [1, 2, 3, 4]
-    # A predecessor that has moved: the run's own files, and a warning that says what is left out.
+    # Recorded relative to the folder train.py ran in (older runs): found beside the run, from any folder.
+    with open(os.path.join(second, 'training_options.json'), 'w') as f:
+        json.dump(dict(resume_state_dump=os.path.join('elsewhere', 'A', 'training-state-000002.pt')), f)
+    assert [e['kimg'] for e in saved_emas(second)] == [1, 2, 3, 4, 5]
+    # A predecessor that has moved: the run's own files, and a warning that says what is left out and where it looked.
     shutil.rmtree(first)
-    with pytest.warns(UserWarning, match='run directory is not found'):
+    with pytest.warns(UserWarning, match=r'run directory is not found \(a relative path: looked for it from .* and '
+                                         r'beside'):
         assert [e['kimg'] for e in saved_emas(second)] == [2, 3, 4, 5]
 
 

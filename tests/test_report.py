@@ -69,3 +69,44 @@ def test_loss_by_noise_level_leaves_out_ticks_without_samples_in_a_bin(tmp_path)
     by_sigma = {label: (xs, ys) for label, xs, ys in build_panels(str(tmp_path))[1].lines}
     assert by_sigma['sigma >20'] == ([0.0], [5.0])
     assert by_sigma['sigma <0.05'] == ([0.0, 1.0, 2.0], [1.0, 0.5, 0.5])
+
+
+def test_metrics_of_generated_folders_and_phema_reconstructions_find_their_kimg(tmp_path):
+    # fid.py calc --images=FOLDER keeps the network that generation.json names; a post-hoc EMA reconstruction is a
+    # series of its own; a result without a network kimg is named, not silently dropped.
+    with open(tmp_path / 'stats.jsonl', 'w') as f:
+        f.write(json.dumps(_stats_line(1.0, 0.5, 0.0, 1e-3)) + '\n')
+    records = {'fid-images.json': {'images': 'fid-tmp', 'num': 16, 'seed': None,
+                                   'network': '/runs/00000-x/network-snapshot-000004.pkl'},
+               'fid-net.json': {'network': 'network-snapshot-000002.pkl'},
+               'fid-phema.json': {'network': '/runs/00000-x/network-phema-000004-0.100.pkl'},
+               'fid-unknown.json': {'images': 'somewhere', 'num': 16, 'seed': None}}
+    for index, (name, source) in enumerate(records.items()):
+        (tmp_path / name).write_text(json.dumps({'results': {'fid': 10.0 + index}, 'source': source}))
+    metrics = {label: (xs, ys) for label, xs, ys in build_panels(str(tmp_path))[-1].lines}
+    assert metrics == {'fid': ([2, 4], [11.0, 10.0]), 'fid (phema 0.100)': ([4], [12.0])}
+    result = CliRunner().invoke(report.main, ['--run', str(tmp_path)])
+    assert result.exit_code == 0, result.output
+    assert f'Note: {tmp_path / "fid-unknown.json"} is left out of the metrics panel' in result.output
+    assert 'fid-images.json is left' not in result.output
+
+
+def test_lines_that_are_not_statistics_are_skipped(tmp_path):
+    # Valid JSON that is not a tick's object (or a stat that is not a dict) is skipped like a cut-short line; the
+    # non-finite counts pair each tick's fraction with its own step count even when a tick has no steps (mean NaN).
+    lines = [_stats_line(kimg, 1.0, 0.5, 1e-3) for kimg in (0.0, 1.0, 2.0)]
+    lines[1]['Loss/nonfinite'] = {'num': 0, 'mean': float('nan'), 'std': float('nan')}
+    lines[2]['Loss/nonfinite'] = {'num': 14, 'mean': 0.5, 'std': 0}
+    with open(tmp_path / 'stats.jsonl', 'w') as f:
+        f.writelines(json.dumps(line) + '\n' for line in lines)
+        f.write('[1, 2]\nnull\n7\n{"Loss/loss": 5, "Progress/kimg": {"mean": 3.0}}\n')
+    panels = {p.title.split(' (')[0]: p for p in build_panels(str(tmp_path))}
+    assert panels['non-finite steps per tick'].lines == [('steps', [0.0, 2.0], [5, 7])]
+    assert panels['training loss'].lines == [('loss', [0.0, 1.0, 2.0], [1.0, 1.0, 1.0])]
+
+
+def test_a_run_before_its_first_tick_is_said_so(tmp_path):
+    (tmp_path / 'training_options.json').write_text('{}')
+    result = CliRunner().invoke(report.main, ['--run', str(tmp_path)])
+    assert result.exit_code == 1
+    assert 'no stats.jsonl yet (a run writes it at the end of its first tick)' in result.output

@@ -36,7 +36,7 @@ def _printed_options(output: str) -> dict:
     return json.loads(output[start:output.index('\n\n', start + 2)])
 
 
-def test_train_end_to_end_and_resume(datasets, tmp_path):
+def test_train_end_to_end_and_resume(datasets, tmp_path, monkeypatch):
     outdir = tmp_path / 'runs'
     args = ['--outdir', outdir, '--data', datasets['cond'], '--cond', '1', '--batch', 64, '--duration', 0.001,
             '--tick', 1, '--snap', 1, '--dump', 1, '--seed', 3, '--dropout', 0, *TINY_NET]
@@ -80,10 +80,16 @@ def test_train_end_to_end_and_resume(datasets, tmp_path):
     for name, tensor in snapshot['ema'].state_dict().items():
         assert torch.equal(tensor, state['ema'][name])
 
-    # Resume our training state: a new run dir, the saved seed, and training continues to 2 kimg.
+    # Resume our training state: a new run dir, the saved seed, and training continues to 2 kimg. The state given
+    # relative to the current folder is recorded absolute (phema.py follows it from any folder).
+    monkeypatch.chdir(outdir)
+    # Post-hoc EMAs cannot start mid-run: refused before anything is written (the next run is still 00001).
+    result = _invoke(['--resume', os.path.join(run_dir.name, 'training-state-000001.pt'), '--phema', '0.05,0.1'])
+    assert result.exit_code == 2 and 'keeps no post-hoc EMAs: they are tracked from the first step' in result.output
     result = _invoke(['--outdir', outdir, '--data', datasets['cond'], '--cond', '1', '--batch', 64, '--duration',
                       0.002, '--tick', 1, '--snap', 1, '--dump', 1, '--dropout', 0, *TINY_NET,
-                      '--resume', run_dir / 'training-state-000001.pt'])
+                      '--resume', os.path.join(run_dir.name, 'training-state-000001.pt')])
+    monkeypatch.undo()
     assert result.exit_code == 0, result.output
     resumed_dir = outdir / '00001-tinylab-cond-ddpmpp-edm-gpus1-batch64-fp32'
     options = json.load(open(resumed_dir / 'training_options.json'))

@@ -346,6 +346,49 @@ def _is_tar_archive(f) -> bool:
         f.seek(position)
 
 
+def _check_torch_zip(f, source: str) -> None:
+    """A torch.save zip archive, as torch's own reader sees it: no TorchScript, one data.pkl, stored records only.
+
+    The records are listed by torch's reader (the parser torch.load uses to decide TorchScript or not), and Python's
+    zipfile must see the same records at the same offsets: a file with two central directories, one for each parser,
+    would otherwise pass a check made with zipfile alone. torch.save writes every record stored (uncompressed); a
+    compressed one is refused, since torch's reader would inflate it whole (a 1 MB file can hold gigabytes)."""
+    position = f.tell()
+    try:
+        with zipfile.ZipFile(f) as archive:
+            infos = archive.infolist()
+        f.seek(position)
+        offsets = {}
+        for info in infos:  # where each record's data starts: after its local header's name and extra field
+            f.seek(position + info.header_offset)
+            local = f.read(30)
+            if len(local) < 30 or local[:4] != b"PK\x03\x04":
+                raise zipfile.BadZipFile(f"no local header for {info.filename!r}")
+            name_length, extra_length = struct.unpack("<HH", local[26:30])
+            offsets[info.filename] = info.header_offset + 30 + name_length + extra_length
+        f.seek(position)
+        reader = torch._C.PyTorchFileReader(f)
+        records = reader.get_all_records()
+        torch_offsets = {name: reader.get_record_offset(name) for name in records}
+    except (zipfile.BadZipFile, ValueError, OSError, EOFError, RuntimeError, struct.error) as err:
+        raise UnsafeTorchFileError(f"{source}: not a readable torch file (broken zip archive: {err})") from err
+    # TorchScript archives hold code/... and constants.pkl (torch's own test is the latter).
+    scripted = [n for n in records if n == "constants.pkl" or n.startswith("code/") or "/code/" in n
+                or n.endswith(".py")]
+    if scripted or records.count("data.pkl") != 1:
+        raise UnsafeTorchFileError(
+            f"{source}: refusing a TorchScript archive (or an archive that is not a plain torch.save file): "
+            f"loading it would run the code it carries")
+    ours = {info.filename.split("/", 1)[-1]: offsets[info.filename] for info in infos}
+    if ours != {name: position + offset for name, offset in torch_offsets.items()}:
+        raise UnsafeTorchFileError(f"{source}: refusing a zip archive that reads differently to Python's zip reader "
+                                   f"and to torch's (two central directories?): not a plain torch.save file")
+    compressed = [info.filename for info in infos if info.compress_type != zipfile.ZIP_STORED]
+    if compressed:
+        raise UnsafeTorchFileError(f"{source}: refusing compressed records ({compressed[0]}...): torch.save stores "
+                                   f"its records uncompressed, and torch would inflate them whole")
+
+
 def check_torch_file(f, source: str = "<torch file>") -> str:
     """Refuse the torch.load formats whose loaders run code, before torch.load sees the file; return the format.
 
@@ -361,18 +404,9 @@ def check_torch_file(f, source: str = "<torch file>") -> str:
     f.seek(position)
     if head.startswith(b"PK"):
         try:
-            with zipfile.ZipFile(f) as archive:
-                names = archive.namelist()
-        except (zipfile.BadZipFile, ValueError, OSError, EOFError) as err:
-            raise UnsafeTorchFileError(f"{source}: not a readable torch file (broken zip archive: {err})") from err
+            _check_torch_zip(f, source)
         finally:
             f.seek(position)
-        # TorchScript archives hold <prefix>/code/... and <prefix>/constants.pkl (torch's own test is the latter).
-        scripted = [n for n in names if n.endswith("constants.pkl") or "/code/" in n or n.endswith(".py")]
-        if scripted or sum(n.endswith("/data.pkl") for n in names) != 1:
-            raise UnsafeTorchFileError(
-                f"{source}: refusing a TorchScript archive (or an archive that is not a plain torch.save file): "
-                f"loading it would run the code it carries")
         return "zip"
     if _is_tar_archive(f):
         raise UnsafeTorchFileError(f"{source}: refusing a legacy tar-format torch file: loading it extracts an "

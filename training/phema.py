@@ -121,7 +121,7 @@ def phema_file_name(kimg: int, std: float) -> str:
     return f'phema-{kimg:06d}-{std:.3f}.pkl'
 
 
-_NAME_RE = re.compile(r'phema-(\d{6})-(\d+\.\d+)\.pkl$')
+_NAME_RE = re.compile(r'phema-(\d{6,})-(\d+\.\d+)\.pkl$')  # 7 digits from 1,000,000 kimg on
 
 
 _STATE_RE = re.compile(r'training-state-(\d+)\.pt$')
@@ -144,9 +144,16 @@ def run_chain(run_dir: str) -> list[tuple[str, int | None]]:
         if not match:
             break
         previous = os.path.dirname(state)
+        if not os.path.isabs(previous) and not os.path.isdir(previous):
+            # Recorded relative to the folder train.py ran in (runs before paths were made absolute): the usual
+            # place is beside this run, in the same --outdir.
+            beside = os.path.join(os.path.dirname(os.path.abspath(current)), os.path.basename(previous))
+            previous = beside if os.path.isdir(beside) else previous
         if not os.path.isdir(previous):
-            warnings.warn(f'{current} resumed from {state}, whose run directory is not found: its earlier saved '
-                          f'EMAs are left out', stacklevel=2)
+            where = '' if os.path.isabs(state) else (f' (a relative path: looked for it from {os.getcwd()} and '
+                                                     f'beside {current})')
+            warnings.warn(f'{current} resumed from {state}, whose run directory is not found{where}: its earlier '
+                          f'saved EMAs are left out', stacklevel=2)
             break
         current, limit = previous, int(match.group(1)) if limit is None else min(limit, int(match.group(1)))
     return chain[::-1]
@@ -220,10 +227,10 @@ def reconstruct(run_dir: str, std: float, at_kimg: int | None = None, log=print)
     log(f'Reconstructed the EMA of std {std} at kimg {target_kimg} (step {target_step}) from {len(entries)} saved EMAs '
         f'(stds {sorted({e["std"] for e in entries})}, kimg {entries[0]["kimg"]}-{target_kimg}'
         f'{f", {len(directories)} run directories" if len(directories) > 1 else ""}); profile misfit '
-        f'{100 * misfit:.2g}%, largest coefficient {np.abs(weights).max():.3g}')
-    if misfit > MISFIT_WARNING:
-        warnings.warn(f'the saved EMAs match the profile of std {std} only to {100 * misfit:.2g}% (L2): the result '
-                      f'is not that EMA. Reconstruct a width between or near the saved ones '
-                      f'({", ".join(f"{w:g}" for w in sorted({e["std"] for e in entries}))}), or with more saved '
-                      f'times (--snap)', stacklevel=2)
+        f'{100 * misfit:.1f}% (relative L2), largest coefficient {np.abs(weights).max():.3g}')
+    if misfit > MISFIT_WARNING:  # stacklevel 3: past torch.no_grad's wrapper, to the caller
+        warnings.warn(f'the combined profile differs from the EMA profile of std {std} by {100 * misfit:.1f}% '
+                      f'(relative L2): the result is not that EMA. Reconstruct a width between or near the saved '
+                      f'ones ({", ".join(f"{w:g}" for w in sorted({e["std"] for e in entries}))}), or with more '
+                      f'saved times (--snap)', stacklevel=3)
     return latest, dict(weights=weights.tolist(), files=[e['path'] for e in entries], misfit=misfit)

@@ -3,7 +3,7 @@
 Panels (those without data are left out): the training loss per tick; the loss by noise-level bin
 ('Loss/sigma...', what EDM2 looks at first when a run misbehaves); the learning rate; non-finite steps per tick; and
 every metric found in `*.json` result files of fid.py (`fid.py calc --out`, with the snapshot's kimg in the network
-name) over kimg. `python report.py --run DIR` writes DIR/report.png.
+name, or in the generation.json of the images measured) over kimg. `python report.py --run DIR` writes DIR/report.png.
 """
 
 import glob
@@ -24,14 +24,16 @@ BACKGROUND, INK, GRID = (255, 255, 255), (30, 30, 30), (225, 225, 225)
 
 
 def read_stats(path: str) -> list[dict]:
-    """The stats.jsonl lines; a line cut short by a killed run is skipped."""
+    """The stats.jsonl lines; a line cut short by a killed run (or any line that is not a JSON object) is skipped."""
     lines = []
     with open(path) as f:
         for line in f:
             try:
-                lines.append(json.loads(line))
+                record = json.loads(line)
             except ValueError:
                 continue
+            if isinstance(record, dict):  # anything else is not a tick's statistics
+                lines.append(record)
     return lines
 
 
@@ -42,17 +44,24 @@ def series(lines: list[dict], name: str, field: str = 'mean', fresh_only: bool =
     through ticks without observations (EDM's collector), e.g. a noise-level bin no sample fell into."""
     xs, ys, previous = [], [], None
     for line in lines:
-        if name in line and 'Progress/kimg' in line:
+        if isinstance(line.get(name), dict) and isinstance(line.get('Progress/kimg'), dict):
             value = line[name].get(field)
             repeated, previous = fresh_only and line[name] == previous, line[name]
-            if value is not None and math.isfinite(value) and not repeated:
+            if isinstance(value, (int, float)) and math.isfinite(value) and not repeated:
                 xs.append(line['Progress/kimg']['mean'])
                 ys.append(value)
     return xs, ys
 
 
-def metric_series(run_dir: str) -> dict[str, tuple[list[float], list[float]]]:
-    """{metric name: (kimg, value)} from fid.py result JSONs in the run directory (kimg from the network's name)."""
+_NETWORK_KIMG_RE = re.compile(r'network-(snapshot|phema)-(\d+)(?:-(\d+\.\d+))?\.pkl')
+
+
+def metric_series(run_dir: str, skipped: list | None = None) -> dict[str, tuple[list[float], list[float]]]:
+    """{metric name: (kimg, value)} from fid.py result JSONs in the run directory, the kimg from the network's file
+    name: `fid.py calc --network`'s, or for `calc --images` that of the generate.py run that made the images (its
+    generation.json names the network, and fid.py's record keeps it). A post-hoc EMA reconstruction
+    (network-phema-KIMG-STD.pkl) is a series of its own, 'fid (phema 0.100)'. Result files with no network kimg
+    are appended to `skipped`."""
     points: dict[str, list] = {}
     for path in sorted(glob.glob(os.path.join(run_dir, '*.json'))):
         try:
@@ -62,12 +71,15 @@ def metric_series(run_dir: str) -> dict[str, tuple[list[float], list[float]]]:
             continue
         if not isinstance(record, dict) or not isinstance(record.get('results'), dict):
             continue
-        match = re.search(r'network-snapshot-(\d+)\.pkl', json.dumps(record.get('source', record)))
+        match = _NETWORK_KIMG_RE.search(json.dumps(record.get('source', record)))
         if match is None:
+            if skipped is not None:
+                skipped.append(path)
             continue
+        suffix = f' (phema {match.group(3)})' if match.group(1) == 'phema' else ''
         for name, value in record['results'].items():
             if isinstance(value, (int, float)) and math.isfinite(value):
-                points.setdefault(name, []).append((int(match.group(1)), float(value)))
+                points.setdefault(name + suffix, []).append((int(match.group(2)), float(value)))
     return {name: ([k for k, _ in sorted(p)], [v for _, v in sorted(p)]) for name, p in points.items()}
 
 
@@ -137,7 +149,7 @@ class Panel:
         return math.log10(y) if self.log_y else y
 
 
-def build_panels(run_dir: str) -> list[Panel]:
+def build_panels(run_dir: str, skipped: list | None = None) -> list[Panel]:
     lines = read_stats(os.path.join(run_dir, 'stats.jsonl'))
     panels = []
     loss = Panel('training loss (per element, mean over the tick)', log_y=True)
@@ -151,12 +163,16 @@ def build_panels(run_dir: str) -> list[Panel]:
     lr = Panel('learning rate')
     lr.add('lr', *series(lines, 'Progress/lr'))
     nonfinite = Panel('non-finite steps per tick', bars=True)
-    xs, fractions = series(lines, 'Loss/nonfinite')
-    _, steps = series(lines, 'Loss/nonfinite', 'num')
-    nonfinite.add('steps', xs, [round(f * n) for f, n in zip(fractions, steps)])
+    counts = []  # the fraction and the number of steps of one line together
+    for line in lines:
+        stat, kimg = line.get('Loss/nonfinite'), line.get('Progress/kimg')
+        if isinstance(stat, dict) and isinstance(kimg, dict) and all(
+                isinstance(v, (int, float)) and math.isfinite(v) for v in (stat.get('mean'), stat.get('num'))):
+            counts.append((kimg['mean'], round(stat['mean'] * stat['num'])))
+    nonfinite.add('steps', [k for k, _ in counts], [n for _, n in counts])
     panels += [loss, by_sigma, lr, nonfinite]
     metrics = Panel('metrics (fid.py result files)')
-    for name, (xs, ys) in metric_series(run_dir).items():
+    for name, (xs, ys) in metric_series(run_dir, skipped).items():
         metrics.add(name, xs, ys)
     panels.append(metrics)
     return [panel for panel in panels if panel.lines]
@@ -168,14 +184,21 @@ def _bin_order(name: str) -> float:
     return value - 1e-9 if '<' in name else value + 1e-9 if '>' in name else value
 
 
-def write_report(run_dir: str, out_path: str | None = None, columns: int = 2) -> str:
-    """Draw the run's panels into one PNG (atomically); returns its path."""
+def write_report(run_dir: str, out_path: str | None = None, columns: int = 2, log=print) -> str:
+    """Draw the run's panels into one PNG (atomically); returns its path. Result JSONs whose kimg is unknown are
+    named through `log`."""
     import dnnlib
 
     stats = os.path.join(run_dir, 'stats.jsonl')
     if not os.path.isfile(stats):
+        if os.path.isfile(os.path.join(run_dir, 'training_options.json')):
+            raise FileNotFoundError(f'{run_dir}: no stats.jsonl yet (a run writes it at the end of its first tick)')
         raise FileNotFoundError(f'{run_dir}: no stats.jsonl (not a training run directory?)')
-    panels = build_panels(run_dir)
+    skipped = []
+    panels = build_panels(run_dir, skipped)
+    for path in skipped:
+        log(f'Note: {path} is left out of the metrics panel: its source names no network-snapshot-KIMG.pkl (nor '
+            f'images whose generation.json does)')
     if not panels:
         raise ValueError(f'{stats}: no statistics to plot yet')
     rows = math.ceil(len(panels) / columns)
