@@ -238,6 +238,31 @@ def test_zip_with_a_bad_crc_fails_when_opening(tmp_path):
     assert len(ImageFolderDataset(str(tmp_path / "deflated.zip"))) == 3
 
 
+def test_zip_bombs_are_refused_before_they_are_read(tmp_path):
+    # A valid PNG followed by 256 MB of zeros, deflated to a few hundred KB: refused from its declared sizes, in the
+    # training/metrics reader and in dataset_tool.py, before anything is inflated.
+    import resource
+
+    from training.dataset_tool_lib import DatasetToolError, open_image_zip
+
+    images = _images(2)
+    path = tmp_path / "bomb.zip"
+    with zipfile.ZipFile(path, "w", compression=zipfile.ZIP_DEFLATED) as z:
+        z.writestr("img0.png", _png_bytes(images[0]))
+        with z.open("img1.png", "w", force_zip64=True) as member:
+            member.write(_png_bytes(images[1]))
+            for _ in range(16):
+                member.write(bytes(16 << 20))
+    assert path.stat().st_size < 1 << 20
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    message = r"bomb\.zip:img1\.png: inflates from [\d,]+ to 268,435,\d{3} bytes \(more than 200x\)"
+    with pytest.raises(DatasetError, match=message):
+        ImageFolderDataset(str(path))
+    with pytest.raises(DatasetToolError, match=message):
+        list(open_image_zip(str(path)).images)
+    assert resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before < 128 << 10  # KiB: nothing inflated
+
+
 def test_only_the_selected_subset_is_verified(tmp_path):
     folder = _make_folder(tmp_path / "d", _images(6))
     unused = sorted(set(range(1, 6)) - set(ImageFolderDataset(folder, max_size=3)._raw_idx.tolist()))[0]

@@ -35,6 +35,21 @@ class DatasetError(OSError):
 # Class labels are one-hot vectors of dimension max + 1: a label of 1e9 would make every label vector 4 GB.
 MAX_LABEL_DIM = 65536  # class labels must be integers in 0 .. MAX_LABEL_DIM - 1
 
+# A compressed ZIP member larger than this that inflates more than this many times its stored size is refused before
+# it is read: PNGs do not compress further (about 1x), a dataset.json of labels about 10x; a 1 MB member of zeros
+# declaring 1 GB would be read whole, twice, in every loader worker.
+ZIP_BOMB_MIN_SIZE = 16 << 20
+ZIP_BOMB_RATIO = 200
+
+
+def check_zip_member(info: zipfile.ZipInfo, where: str) -> None:
+    """DatasetError for a compressed member that declares an implausibly large inflated size (a zip bomb)."""
+    if (info.compress_type != zipfile.ZIP_STORED and info.file_size > ZIP_BOMB_MIN_SIZE
+            and info.file_size > ZIP_BOMB_RATIO * max(info.compress_size, 1)):
+        raise DatasetError(f"{where}: inflates from {info.compress_size:,} to {info.file_size:,} bytes (more than "
+                           f"{ZIP_BOMB_RATIO}x): not an image or label file; recreate the ZIP, e.g. with "
+                           f"dataset_tool.py")
+
 
 class Dataset(torch.utils.data.Dataset):
     """Base class: max_size subset, x-flip doubling, labels and an optional in-RAM cache, as in EDM.
@@ -380,7 +395,9 @@ class ImageFolderDataset(Dataset):
             if self._type == "dir":
                 with open(os.path.join(self._path, fname), "rb") as f:
                     return f.read()
-            return self._get_zipfile().read(fname)
+            archive = self._get_zipfile()
+            check_zip_member(archive.getinfo(fname), self._describe(fname))
+            return archive.read(fname)
         except DatasetError:
             raise
         except Exception as exc:

@@ -28,7 +28,7 @@ from tqdm import tqdm
 
 from dnnlib import util
 from torch_utils import persistence
-from training.dataset import MAX_LABEL_DIM, DatasetError, decode_image
+from training.dataset import MAX_LABEL_DIM, DatasetError, check_zip_member, decode_image
 
 DIGITS_SOURCE = "digits"
 DIGITS_DEFAULT_RESOLUTION = (32, 32)
@@ -181,7 +181,10 @@ def open_image_zip(source_zip: str, max_images: int | None = None) -> Source:
             image_names = sorted(n for n in all_names if _is_image_name(n) and not n.endswith("/"))
             labels = {}
             if "dataset.json" in all_names:
+                check_zip_member(z.getinfo("dataset.json"), f"{source_zip}:dataset.json")
                 labels = _read_labels_json(z.read("dataset.json"), f"{source_zip}:dataset.json")
+    except DatasetError as exc:
+        raise DatasetToolError(str(exc)) from None
     except _ZIP_READ_ERRORS as exc:
         raise DatasetToolError(f"{source_zip}: cannot read as a zip file ({exc})") from None
     if not image_names:
@@ -195,7 +198,10 @@ def open_image_zip(source_zip: str, max_images: int | None = None) -> Source:
             for name in image_names[:num]:
                 where = f"{source_zip}:{name}"
                 try:
+                    check_zip_member(z.getinfo(name), where)
                     data = z.read(name)
+                except DatasetError as exc:
+                    raise DatasetToolError(str(exc)) from None
                 except _ZIP_READ_ERRORS as exc:
                     raise DatasetToolError(f"{where}: cannot read file ({exc})") from None
                 yield SourceImage(_decode(data, where), labels.get(name), where)
