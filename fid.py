@@ -193,7 +193,8 @@ def calc(image_path, network_pkl, ref_path, num_expected, seed, seeds, out_path,
 
 @main.command()
 @click.option("--data", "dataset_path", help="Path to the dataset", metavar="PATH|ZIP", type=str, required=True)
-@click.option("--dest", "dest_path", help="Destination .npz file", metavar="NPZ", type=str, required=True)
+@click.option("--dest", "dest_path", help="Destination .npz file (the name must end in .npz)", metavar="NPZ", type=str,
+              required=True)
 @click.option("--max-real", "pr_max_real", help="pr, kid: features of at most this many images (pr: the first in file "
               "order, as StyleGAN2-ADA; kid: a seeded uniform subset)",
               metavar="INT", type=click.IntRange(min=1), default=200000, show_default=True)
@@ -202,9 +203,10 @@ def calc(image_path, network_pkl, ref_path, num_expected, seed, seeds, out_path,
 @common_options
 def ref(dataset_path, dest_path, pr_max_real, metric_list, batch_size, num_workers, detector_values, device):
     """Calculate dataset reference statistics needed by 'calc' (all images, no flips)."""
-    metric_names = _run(metrics.parse_metrics, metric_list)
+    # Every refusal compute_reference would make (--metrics is, a --dest not ending in .npz, an unwritable --dest)
+    # before the dataset is listed and read, not after the pass over it.
+    metric_names = _run(evaluate.check_reference_request, dest_path, metric_list, "--dest")
     detector_paths = _detector_overrides(detector_values)
-    _run(util.check_output_path, dest_path, "--dest")  # before the image pass, not after it
     _init_distributed(device)
     distributed.print0(f'Loading images from "{dataset_path}"...')
     source = _run(metrics.dataset_source, dataset_path, num=None, batch_size=batch_size,

@@ -6,13 +6,14 @@ Metrics (names as in `--metrics`):
   pr   precision/recall with VGG16 features, k = 3 (StyleGAN2-ADA pr50k3_full); the real features come from the
        reference file (`fid.py ref --metrics fid,pr` stores them as `vgg16_features`)
   kid  Kernel Inception Distance (torch-fidelity / clean-fid: unbiased MMD^2, cubic polynomial kernel, 100 subsets of
-       up to 1000); from the same Inception features as FID; the real features come from the reference file
-       (`fid.py ref --metrics fid,kid` stores them as `inception_features`)
+       1000, or of the smaller set's size when a set is smaller, as clean-fid; torch-fidelity refuses that); from the
+       same Inception features as FID; the real features come from the reference file (`fid.py ref --metrics
+       fid,kid` stores them as `inception_features`)
 
 Sharding follows EDM: the N image indices are split into ceil(N / (batch·world))·world near-equal chunks and rank r
-takes chunks r, r + world, ...; generated images are indexed by the position of their seed. Every accumulator is
-keyed by that global index, so results do not depend on the number of ranks. Memory is constant in N for FID and
-IS; precision/recall keep the float16 VGG16 features they need, KID the float32 Inception features.
+takes chunks r, r + world, ...; generated images are indexed by their seed's rank in PNG file-name order. Every
+accumulator is keyed by that global index, so results do not depend on the number of ranks. Memory is constant in N
+for FID and IS; precision/recall keep the float16 VGG16 features they need, KID the float32 Inception features.
 """
 
 import dataclasses
@@ -94,6 +95,9 @@ def dataset_source(path: str, num: int | None = None, seed: int = 0, batch_size:
     from training.dataset import ImageFolderDataset
 
     dataset = ImageFolderDataset(path=path, max_size=num, random_seed=seed)
+    # Every rank lists the folder and draws the subset itself; before the counts are checked (a rank that raised
+    # alone would leave the others waiting in this collective), so that each rank sees the same verdict.
+    _check_same_images_on_all_ranks(path, dataset)
     if num is not None and len(dataset) < num:
         raise MetricsError(f"found {len(dataset)} images in {path}, but expected at least {num} (--num-images)")
     if len(dataset) < 2:
@@ -121,6 +125,34 @@ def dataset_source(path: str, num: int | None = None, seed: int = 0, batch_size:
     return ImageSource(len(dataset), iterate, len(batches), description)
 
 
+def _check_same_images_on_all_ranks(path: str, dataset) -> None:
+    """Raise MetricsError on every rank together unless all ranks selected the same file names in the same order.
+
+    Sharding assumes one global list: were the listings to differ (node-local paths, a network file system that lags,
+    generate.py still writing), images would be counted twice or left out without any error. A sha256 of the
+    selected names and two counts per rank are all-gathered: a few bytes, whatever the number of images.
+    """
+    if not distributed.is_distributed():
+        return
+    import hashlib
+
+    import torch.distributed as dist
+
+    names = [dataset._image_fnames[i] for i in dataset._raw_idx.tolist()]
+    digest = hashlib.sha256("\0".join(names).encode("utf-8")).digest()
+    row = [len(dataset._image_fnames), len(names), *np.frombuffer(digest, dtype=np.int64).tolist()]
+    device = distributed.device()  # gloo gathers CPU tensors, NCCL CUDA ones
+    mine = torch.tensor(row, dtype=torch.int64, device=device)
+    gathered = [torch.empty_like(mine) for _ in range(distributed.get_world_size())]
+    dist.all_gather(gathered, mine)
+    rows = [g.tolist() for g in gathered]
+    if any(r != rows[0] for r in rows):
+        counts = "; ".join(f"rank {rank}: {r[0]} found, {r[1]} selected" for rank, r in enumerate(rows))
+        raise MetricsError(f"{path}: the ranks see different images ({counts}; or the same counts but other file "
+                           f"names); every rank must read the same complete folder or ZIP: not a node-local copy, "
+                           f"nor one still being written or synchronised")
+
+
 def _generating_network(path: str) -> str | None:
     """The network that generate.py recorded in a folder's generation.json, if any."""
     try:
@@ -136,23 +168,30 @@ def network_source(net, seeds: Sequence[int], batch_size: int = 64, network_desc
     """Images sampled in memory from `net` (a loaded network) for `seeds`; nothing is written to disk.
 
     Uses samplers.generation.generate_images, which splits the seeds over ranks exactly as generate.py does and
-    yields the same uint8 pixels that generate.py writes as PNGs. Image i is the one for seeds[i].
+    yields the same uint8 pixels that generate.py writes as PNGs. Image i is the one whose PNG file name
+    ({seed:06d}.png) comes i-th in sorted order, as `dataset_source` reads that folder, whatever order `seeds` are in.
     """
-    from samplers.generation import generate_images
+    from samplers.generation import generate_images, image_path
 
     seeds = [int(s) for s in seeds]
     if len(seeds) < 2:
         raise MetricsError(f"need at least 2 seeds to compute statistics, got {len(seeds)}")
     # generate_images splits the seeds with EDM's rule, so splitting their positions the same way gives each
-    # yielded batch its global indices (also right for repeated seeds); the seeds are checked against them.
+    # yielded batch its positions in `seeds` (also right for repeated seeds); the seeds are checked against them.
     position_batches = [b for b in rank_batches(len(seeds), batch_size) if len(b) > 0]
+    # The global index of an image is its seed's rank in file-name order: IS's ordered splits and KID's subsets pick
+    # images by index, so `--seeds=14-25,3-13` must index them as the sorted PNGs of those seeds do. Sampling keeps
+    # the given order (the batches generate.py would form): only the labels change, never the pixels.
+    order = sorted(range(len(seeds)), key=lambda p: image_path("", seeds[p]))  # stable: repeated seeds keep order
+    index_of_position = torch.empty(len(seeds), dtype=torch.int64)
+    index_of_position[torch.as_tensor(order, dtype=torch.int64)] = torch.arange(len(seeds))
 
     def iterate(device: torch.device):
         batches = generate_images(net, seeds, batch_size=batch_size, device=device, **sampler_kwargs)
         for positions, (batch_seeds, images) in zip(position_batches, batches, strict=True):
             if [seeds[p] for p in positions.tolist()] != [int(s) for s in batch_seeds]:
                 raise RuntimeError("generate_images split the seeds differently from metrics.evaluate.rank_batches")
-            yield positions, images.to(device)
+            yield index_of_position[positions], images.to(device)
 
     options = {k: v for k, v in sampler_kwargs.items() if k != 'sampling'}
     description = dict(network=network_description, seeds=format_int_list(seeds), num=len(seeds),
@@ -366,6 +405,12 @@ def calc_metrics(source: ImageSource, ref_path: str | None, metrics: Sequence[st
     metrics = parse_metrics(metrics)
     device = torch.device(device) if device is not None else distributed.device()
     started = time.time()
+    # Counts that make a metric impossible are known before the image pass: refuse them now, not after it.
+    if "pr" in metrics and source.num_images < pr_nhood_size + 1:
+        raise MetricsError(f"--metrics pr: precision/recall with k = {pr_nhood_size} neighbours needs at least "
+                           f"{pr_nhood_size + 1} generated images, got {source.num_images}")
+    if "kid" in metrics and source.num_images < 2:
+        raise MetricsError(f"--metrics kid: KID needs at least 2 generated images, got {source.num_images}")
 
     ref = None
     if "fid" in metrics or "pr" in metrics or "kid" in metrics:
@@ -381,6 +426,15 @@ def calc_metrics(source: ImageSource, ref_path: str | None, metrics: Sequence[st
             raise ReferenceStatsError(
                 f"reference statistics {ref_path!r} hold no Inception features for KID (key '{KID_REFERENCE_KEY}'); "
                 f"build them with `fid.py ref --data DATASET --dest REF.npz --metrics fid,kid`")
+        if "pr" in metrics and ref[PR_REFERENCE_KEY].shape[0] < pr_nhood_size + 1:
+            raise MetricsError(
+                f"--metrics pr: reference statistics {ref_path!r} hold VGG16 features of "
+                f"{ref[PR_REFERENCE_KEY].shape[0]} images, but precision/recall with k = {pr_nhood_size} neighbours "
+                f"needs at least {pr_nhood_size + 1}")
+        if "kid" in metrics and ref[KID_REFERENCE_KEY].shape[0] < 2:
+            raise MetricsError(
+                f"--metrics kid: reference statistics {ref_path!r} hold Inception features of "
+                f"{ref[KID_REFERENCE_KEY].shape[0]} image(s), but KID needs at least 2")
 
     detectors = load_detectors(metrics, detector_paths, device, verbose=verbose)
     if ref is not None and "fid" in metrics and ref["mu"].shape[0] != detectors["inception"].feature_dim:
@@ -438,6 +492,24 @@ def calc_metrics(source: ImageSource, ref_path: str | None, metrics: Sequence[st
     return distributed.broadcast_object(record)
 
 
+def check_reference_request(dest: str, metrics: str | Sequence[str], dest_option: str = "--dest") -> list[str]:
+    """What `compute_reference` refuses, checked without any image: fid.py ref calls it before listing the dataset, so
+    a mistake costs no pass over the images. Returns the parsed metric names."""
+    from dnnlib import util
+
+    metrics = parse_metrics(metrics)
+    if "is" in metrics:
+        raise MetricsError("--metrics for ref: 'is' needs no reference statistics; use fid, pr and/or kid")
+    # EDM's fid.py writes with np.savez, which appends .npz to any other name: `--dest=refs/x` gives refs/x.npz, and
+    # scripts then pass `calc --ref=refs/x.npz`. Writing refs/x instead would break them, and silently appending
+    # would make the file differ from the name given: the name must say .npz.
+    if not str(dest).endswith(".npz"):
+        raise MetricsError(f"{dest_option} {str(dest)!r} must end in .npz (EDM's fid.py would write "
+                           f"{str(dest) + '.npz'!r} for it): give the full file name")
+    util.check_output_path(dest, dest_option)
+    return metrics
+
+
 def compute_reference(source: ImageSource, dest: str, metrics: Sequence[str] = ("fid",),
                       detector_paths: dict[str, str] | None = None, device: torch.device | None = None,
                       pr_max_real: int = 200000, progress: bool = True, verbose: bool = True) -> dict:
@@ -448,12 +520,7 @@ def compute_reference(source: ImageSource, dest: str, metrics: Sequence[str] = (
     images chosen uniformly at random (`kid_reference_rows`; all of them up to that size). Returns a small summary
     dict.
     """
-    from dnnlib import util
-
-    metrics = parse_metrics(metrics)
-    if "is" in metrics:
-        raise MetricsError("--metrics for ref: 'is' needs no reference statistics; use fid, pr and/or kid")
-    util.check_output_path(dest, "dest")  # before the image pass, not after it
+    metrics = check_reference_request(dest, metrics, "dest")
     if "fid" not in metrics:
         metrics = ["fid", *metrics]
     device = torch.device(device) if device is not None else distributed.device()

@@ -31,7 +31,13 @@ def mmd2_unbiased(x: torch.Tensor, y: torch.Tensor) -> float:
 
 def kernel_inception_distance(generated: torch.Tensor, real: torch.Tensor, num_subsets: int = KID_SUBSETS,
                               subset_size: int = KID_SUBSET_SIZE, seed: int = KID_SEED) -> tuple[float, float]:
-    """(KID mean, KID std) over subsets; subset_size is capped by the smaller set (as torch-fidelity)."""
+    """(KID mean, KID std) over subsets of min(subset_size, generated rows, real rows) rows each.
+
+    With at least subset_size rows in each set this is torch-fidelity's kid_features_to_metric (same seed, same draws,
+    generated rows first). With fewer, torch-fidelity refuses ("KID subset size ... cannot be smaller than the number
+    of samples"); here the subset shrinks to the smaller set instead, as clean-fid's kernel_distance does
+    (min(n1, n2, max_subset_size)), so a small evaluation still gets a number.
+    """
     num_generated, num_real = generated.shape[0], real.shape[0]
     m = min(subset_size, num_generated, num_real)
     if m < 2:

@@ -14,6 +14,7 @@ from launch import torchrun
 
 import fid
 from metrics import detectors as detectors_lib
+from metrics import evaluate
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -351,3 +352,113 @@ def test_num_images_reaches_fid_py_under_torchrun(workdir, single_rank):
     record, one = json.loads(out.read_text()), single_rank["folder"]["record"]
     assert record["world_size"] == 2 and record["num_images"] == 30
     assert record["results"]["fid"] == pytest.approx(one["results"]["fid"], rel=1e-5)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# What every rank sees; requests refused before the pass; image order of --network.
+
+
+@pytest.mark.distributed
+def test_ranks_that_list_different_images_all_refuse(workdir, single_rank):
+    """Rank 1 does not see gen/000035.png (a lagging copy of the folder): both ranks refuse, naming the path and what
+    each rank found, instead of counting an image twice or dropping one. The same launch then passes on a folder
+    both see whole, with the one-rank FID."""
+    root = workdir["root"]
+    gen = str(root / "gen")
+    common = ["--batch", "8", "--workers", "0", *map(str, _detector_args(root))]
+    commands = [
+        ["calc", "--images", gen, "--ref", str(root / "ref1.npz"), "--num", "30", "--seed", "3", "--metrics", "fid",
+         *common],
+        ["ref", "--data", gen, "--dest", str(root / "ref-divergent.npz"), *common],
+        ["calc", "--images", str(root / "gen.zip"), "--ref", str(root / "ref1.npz"), "--num", "30", "--seed", "3",
+         "--metrics", "fid", "--out", str(root / "calc-same-listing.json"), *common],
+    ]
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=ROOT, METRICS_WORKER_REPORT_ERRORS="1",
+               METRICS_WORKER_HIDE=json.dumps(dict(rank=1, dir=gen, name="000035.png")))
+    proc = subprocess.run(
+        torchrun(2, os.path.join(ROOT, "tests", "metrics_torchrun_worker.py"), json.dumps(commands)),
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    for rank in (0, 1):  # every rank, not only the first to notice
+        assert (f"rank {rank} error: {gen}: the ranks see different images (rank 0: 36 found, 30 selected; "
+                f"rank 1: 35 found, 30 selected;") in proc.stdout, proc.stdout[-3000:]
+        assert (f"rank {rank} error: {gen}: the ranks see different images (rank 0: 36 found, 36 selected; "
+                f"rank 1: 35 found, 35 selected;") in proc.stdout, proc.stdout[-3000:]
+    assert not (root / "ref-divergent.npz").exists()
+    record = json.loads((root / "calc-same-listing.json").read_text())
+    assert record["world_size"] == 2
+    assert record["results"]["fid"] == pytest.approx(single_rank["zip"]["record"]["results"]["fid"], rel=1e-5)
+
+
+def test_ref_refuses_a_dest_without_npz_before_listing_the_data(workdir, tmp_path):
+    # EDM's np.savez would write NAME.npz for --dest=NAME, and `calc --ref=NAME.npz` would then find nothing.
+    result = _invoke(["ref", "--data", tmp_path / "no-such-data", "--dest", tmp_path / "refs" / "cifar10",
+                      *_detector_args(workdir["root"])])
+    assert result.exit_code == 1, result.output
+    assert (f"--dest '{tmp_path / 'refs' / 'cifar10'}' must end in .npz (EDM's fid.py would write "
+            f"'{tmp_path / 'refs' / 'cifar10.npz'}' for it)") in result.output
+    assert not (tmp_path / "refs").exists()
+
+
+def test_ref_refuses_metrics_is_before_listing_the_data(workdir, tmp_path):
+    result = _invoke(["ref", "--data", tmp_path / "no-such-data", "--dest", tmp_path / "ref.npz", "--metrics",
+                      "fid,is", *_detector_args(workdir["root"])])
+    assert result.exit_code == 1, result.output
+    assert "--metrics for ref: 'is' needs no reference statistics; use fid, pr and/or kid" in result.output
+
+
+def test_calc_refuses_too_few_images_for_pr_or_kid_before_the_pass(workdir, single_rank, tmp_path, monkeypatch):
+    root = workdir["root"]
+
+    def no_pass(*args, **kwargs):
+        raise AssertionError("the image pass must not start")
+
+    monkeypatch.setattr(evaluate, "run_pass", no_pass)
+    _write_folder(tmp_path / "three", workdir["gen"][:3])
+    calc = ["calc", "--workers", "0", *_detector_args(root)]
+    result = _invoke([*calc, "--images", tmp_path / "three", "--num", 3, "--ref", root / "ref1.npz",
+                      "--metrics", "fid,pr"])
+    assert result.exit_code == 1, result.output
+    assert "--metrics pr: precision/recall with k = 3 neighbours needs at least 4 generated images, got 3" \
+        in result.output
+    # Reference rows: P/R needs k + 1 = 4, KID 2.
+    with np.load(root / "ref1.npz") as ref:
+        mu, sigma, vgg = ref["mu"], ref["sigma"], ref["vgg16_features"]
+    np.savez(tmp_path / "small.npz", mu=mu, sigma=sigma, vgg16_features=vgg[:3],
+             inception_features=np.zeros([1, mu.shape[0]], np.float32))
+    common = [*calc, "--images", root / "gen", "--num", 30, "--ref", tmp_path / "small.npz"]
+    result = _invoke([*common, "--metrics", "pr"])
+    assert result.exit_code == 1, result.output
+    assert (f"--metrics pr: reference statistics '{tmp_path / 'small.npz'}' hold VGG16 features of 3 images, but "
+            f"precision/recall with k = 3 neighbours needs at least 4") in result.output
+    result = _invoke([*common, "--metrics", "kid"])
+    assert result.exit_code == 1, result.output
+    assert (f"--metrics kid: reference statistics '{tmp_path / 'small.npz'}' hold Inception features of 1 image(s), "
+            f"but KID needs at least 2") in result.output
+
+
+def test_network_mode_with_unsorted_seeds_equals_the_pngs_of_those_seeds(workdir, network_pkl, tmp_path):
+    """IS's ordered splits and KID's subsets pick images by index: --seeds=14-25,3-13 in memory must index the images
+    as the PNGs generate.py writes for them are read (file-name order), or IS and KID differ from `calc --images`."""
+    import generate
+
+    root = workdir["root"]
+    result = _invoke(["ref", "--data", root / "real", "--dest", tmp_path / "ref-kid.npz", "--metrics", "fid,kid",
+                      "--batch", 8, "--workers", 0, *_detector_args(root)])
+    assert result.exit_code == 0, result.output
+    seeds = "14-25,3-13"
+    result = CliRunner().invoke(generate.main, ["--network", str(network_pkl), "--outdir", str(tmp_path / "pngs"),
+                                                "--seeds", seeds, "--steps", "2", "--batch", "8", "--device", "cpu"])
+    assert result.exit_code == 0, result.output
+    common = ["--ref", tmp_path / "ref-kid.npz", "--metrics", "fid,is,kid", "--batch", 8, "--workers", 0,
+              *_detector_args(root)]
+    result = _invoke(["calc", "--images", tmp_path / "pngs", "--num", 23, "--out", tmp_path / "pngs.json", *common])
+    assert result.exit_code == 0, result.output
+    result = _invoke(["calc", "--network", network_pkl, "--seeds", seeds, "--steps", 2, "--out",
+                      tmp_path / "memory.json", *common])
+    assert result.exit_code == 0, result.output
+    from_pngs, in_memory = (json.loads((tmp_path / name).read_text()) for name in ("pngs.json", "memory.json"))
+    # Same batches as generate.py (so the same pixels), indexed as the PNGs: identical numbers, not merely close.
+    assert in_memory["results"] == from_pngs["results"]
+    assert in_memory["is_scores"] == from_pngs["is_scores"]
+    assert in_memory["results"]["kid"] != 0 and in_memory["source"]["seeds"] == "14-25,3-13"

@@ -914,3 +914,32 @@ def test_feature_pass_batches_make_no_blocking_copy_and_read_nothing_back(monkey
             feature_pass.update(torch.arange(start, start + 16), torch.zeros(16, 3, 8, 8, dtype=torch.uint8,
                                                                              device=meta))
         assert blocking == [], (metrics, cap, blocking)
+
+
+def test_network_source_indexes_images_in_png_file_name_order(monkeypatch):
+    """Image i of `calc --network` is the i-th PNG generate.py writes for those seeds, read in sorted name order (as
+    `calc --images` reads them), whatever order --seeds gives; sampling keeps the given order (generate.py's
+    batches)."""
+    import samplers.generation
+
+    sampled_batches = []
+
+    def fake_generate_images(net, seeds, batch_size, device, **kwargs):
+        for batch in evaluate.rank_batches(len(seeds), batch_size):
+            batch_seeds = [seeds[i] for i in batch.tolist()]
+            sampled_batches.append(batch_seeds)
+            yield batch_seeds, torch.tensor(batch_seeds, dtype=torch.int64)  # the "image" is its seed
+
+    monkeypatch.setattr(samplers.generation, "generate_images", fake_generate_images)
+    for seeds, expected in [([*range(14, 26), *range(3, 14)], list(range(3, 26))),
+                            # 7-digit names sort before 6-digit ones that start with a higher digit, as in the folder
+                            ([999999, 1000000, 5], [5, 1000000, 999999])]:
+        sampled_batches.clear()
+        source = evaluate.network_source(None, seeds, batch_size=4)
+        by_index = {}
+        for indices, images in source.batches(torch.device("cpu")):
+            by_index.update(zip(indices.tolist(), images.tolist()))
+        assert [by_index[i] for i in range(len(seeds))] == expected
+        assert sampled_batches == [seeds[i:i + 4] for i in range(0, len(seeds), 4)]  # generated in the given order
+        names = [os.path.basename(samplers.generation.image_path("out", s)) for s in expected]
+        assert names == sorted(names)
