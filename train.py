@@ -428,7 +428,23 @@ def build_config(opts: dnnlib.EasyDict, world_size: int) -> tuple[dnnlib.EasyDic
         if architecture:
             raise click.UsageError(f"{', '.join(architecture)}: --init takes the architecture from the pickle")
         declared = getattr(losses.LOSSES.get(loss_name), 'preconditionings', (None,))
-        c.network_kwargs = init_network_kwargs(opts.init, interface, opts.precond or declared[0])
+        try:  # --precond: refused before the pickle is read, as a fresh run refuses it
+            if opts.precond is not None:
+                losses.preconditioning_for(loss_name, opts.precond)
+            c.network_kwargs = init_network_kwargs(opts.init, interface, opts.precond or declared[0])
+            # Without --precond the wrapper is the pickle's own (or the loss's declared one): the loss must train
+            # it too, else an SPD epsilon predictor would be fitted to EDM's loss (or the reverse). A class that is
+            # no --precond preset (EDM's iDDPMPrecond, a user's) is a denoiser as far as we know: no check.
+            keys = [key for key, name in PRECOND_CLASSES.items() if name == c.network_kwargs.class_name]
+            if opts.precond is None and keys:
+                try:
+                    losses.preconditioning_for(loss_name, keys[0])
+                except ValueError as err:
+                    kind = c.network_kwargs.class_name.rsplit('.', 1)[-1]
+                    raise ValueError(f'--init: the network of {opts.init} is {kind} (--precond={keys[0]}); '
+                                     f'{err}') from None
+        except ValueError as err:
+            raise _option_error(err) from None
         arch_name = _arch_name(c.network_kwargs)
     else:
         c.network_kwargs.update(ARCH_PRESETS[opts.arch])

@@ -13,7 +13,7 @@ Sigma0 from the data: `--loss-opt fit=data` (the training set) or `fit=PATH` (an
 for the power-law constants to be fitted before training (`resolve_options`, called once by train.py through
 losses.prepare_loss_kwargs): the fitted c1, c2, m replace the defaults in the run's loss options, so they are
 printed, written to training_options.json and recorded with every snapshot (its process options), and `fit_source`
-says where they came from.
+says where they came from. fit fits all three, so c1, c2 or m given beside it is refused.
 """
 
 import os
@@ -24,6 +24,15 @@ import torch
 from processes.spd import CIFAR10_RESOLUTION, CIFAR10_SIGMA0, DDPMProcess, SPDProcess, fit_power_law
 from samplers.fourier import to_fourier
 from torch_utils import distributed as dist
+
+
+def _process(cls, **options):
+    """The loss's process; a refused option is named as the user set it (train.py's --loss-opt, whose errors
+    become click's 'Invalid value for --loss-opt: ...')."""
+    try:
+        return cls(**options)
+    except ValueError as err:
+        raise ValueError(f'--loss-opt: {err}') from None
 
 
 class FourierEpsLoss:
@@ -83,7 +92,7 @@ class SPDLoss(FourierEpsLoss):
             raise ValueError(f"SPD: fit={fit!r} is settled before training (losses.prepare_loss_kwargs, which "
                              f"train.py calls); build the loss from the options it returns")
         self.fit_source = str(fit_source)
-        self.process = SPDProcess(T=T, c1=c1, c2=c2, m=m)
+        self.process = _process(SPDProcess, T=T, c1=c1, c2=c2, m=m)
 
     @classmethod
     def resolve_options(cls, options: dict, dataset_kwargs: dict) -> tuple[dict, list[str]]:
@@ -91,6 +100,12 @@ class SPDLoss(FourierEpsLoss):
         options with c1, c2, m fitted, fit cleared and fit_source filled in, and a line to print."""
         fit = options.get('fit') or ''
         resolution = dataset_kwargs.get('resolution')
+        # fit settles all three constants together (one log-log fit; the reference has no fit at all, only given
+        # constants): a constant given beside it would be dropped without a word, so the two are refused together.
+        given = [key for key in CIFAR10_SIGMA0 if key in options]
+        if fit and given:
+            raise ValueError(f"--loss-opt fit={fit} and --loss-opt {', '.join(given)} exclude each other: fit sets "
+                             f"c1, c2 and m from the data; give either fit or the constants")
         if not fit:
             published = all(float(options.get(k, v)) == v for k, v in CIFAR10_SIGMA0.items())
             if published and not options.get('fit_source') and resolution not in (None, CIFAR10_RESOLUTION):
@@ -126,7 +141,7 @@ class DDPMLoss(FourierEpsLoss):
     """SPD's DDPM control: the same loss and samplers with guided-diffusion's linear beta (scaled by 1000 / T)."""
 
     def __init__(self, T=4000, beta_start=1e-4, beta_end=0.02):
-        self.process = DDPMProcess(T=T, beta_start=beta_start, beta_end=beta_end)
+        self.process = _process(DDPMProcess, T=T, beta_start=beta_start, beta_end=beta_end)
 
 
 def dataset_power_spectrum(path: str, chunk: int = 1024) -> tuple[torch.Tensor, int, tuple]:

@@ -23,6 +23,7 @@ import torch
 
 from samplers import END_CONVENTIONS, SCHEDULES, SOLVERS, make_grid
 from samplers.accelerated import PRECISIONS
+from samplers.fourier import SOLVERS as FOURIER_SOLVERS
 from samplers.generation import SamplerConfig, parse_int_list
 from samplers.guidance import GUIDANCE
 
@@ -141,9 +142,14 @@ def solver_option(help_prefix: str = "", default: str | None = None, required: b
     is accepted too). deferred: checked later by `sampler_config` against the registry of the snapshot's process
     (a process that is not sampled over a sigma grid, such as SPD, brings its own solvers)."""
     default_text = f"  [default: {default}]" if default else "  [default: heun, or the schedule file's]"
-    return click.option("--solver", help=f"{help_prefix}ODE solver: {', '.join(SOLVERS)}"
-                        f"{'' if required else default_text}", metavar="NAME", default=default, required=required,
-                        show_default=False, callback=None if deferred else _check_solver)
+    names = ", ".join(SOLVERS)
+    if deferred and default is None:  # generate.py, fid.py: a snapshot's process may bring its own solvers
+        names += f"; SPD/DDPM snapshots: {', '.join(FOURIER_SOLVERS)}"
+        default_text = ("  [default: heun, or the schedule file's; SPD/DDPM: ancestral, or dpmpp_2m when --steps "
+                        "< T]")
+    return click.option("--solver", help=f"{help_prefix}ODE solver: {names}{'' if required else default_text}",
+                        metavar="NAME", default=default, required=required, show_default=False,
+                        callback=None if deferred else _check_solver)
 
 
 def speed_options(help_prefix: str = ""):
@@ -346,6 +352,8 @@ def sampler_options(help_prefix: str = "", solver_default: str | None = None, st
     # steps_default: the steps of a named schedule when --steps is not given, applied by the command (the option's
     # default stays None: a schedule file brings its own count, and naming one the user never gave would mislead).
     steps_text = f"  [default: {steps_default or 18}, or the schedule file's]"
+    if solver_default is None and steps_default is None:  # generate.py, fid.py: also SPD/DDPM snapshots
+        steps_text = "  [default: 18, or the schedule file's; SPD/DDPM snapshots: all T (ancestral)]"
     options = [
         click.option("--class", "class_idx", help=help_prefix + "Class label  [default: random]", metavar="INT",
                      type=click.IntRange(min=0), default=None, show_default=False),
@@ -425,6 +433,10 @@ def solver_kwargs_from_cli(solver: str, solver_opt=(), solvers=None, **option_fl
         option = entry.option_name(name)
         if option is None:
             takers = [other for other, e in registry.items() if e.option_name(name) is not None]
+            if not takers:  # a process's own registry (SPD's) where no solver has the option: say so, not "only to"
+                raise click.UsageError(f"{_flag(name)} does not apply to any solver of the snapshot's process (its "
+                                       f"solvers: {', '.join(registry)}); {solver}'s options: "
+                                       f"{', '.join(entry.options()) or 'none'} (--solver-opt NAME=VALUE)")
             raise click.UsageError(f"{_flag(name)} does not apply to solver {solver!r} (only to {', '.join(takers)})")
         choices = entry.choices(option)
         if choices is not None and value not in choices:
@@ -441,6 +453,18 @@ def sampler_config(solver, schedule, num_steps, sigma_min, sigma_max, rho, end, 
     --solver is not given (heun, or a schedule file's), so that a config of defaults means "no sampler option given"
     (a one-step snapshot is then sampled in one step, samplers/onestep.py). disc, scaling: EDM's options
     (resolve_edm_aliases); notes: a list that receives the lines worth printing about them."""
+    sampling = option_flags.get("sampling")
+    if hasattr(sampling, "refuse_grid_flags"):
+        # A process sampled over its own time steps (SPD) refuses the sigma-grid flags; checked here, where the
+        # flags are still as typed (--disc=vp becomes --schedule=vp below). EDM's no-op spellings stay accepted.
+        try:
+            sampling.refuse_grid_flags({
+                "--schedule": None if schedule in (None, "edm", "linear") else schedule,
+                "--disc": None if disc in (None, "edm") else disc, "--scaling": scaling if scaling == "vp" else None,
+                "--sigma_min": sigma_min, "--sigma_max": sigma_max, "--rho": rho, "--end": end,
+                "--denoise-to-zero": denoise_to_zero})
+        except ValueError as err:
+            raise click.UsageError(str(err)) from None
     schedule, alias_notes = resolve_edm_aliases(schedule, disc, scaling)
     if notes is not None:
         notes.extend(alias_notes)

@@ -35,6 +35,7 @@ Time levels: `--steps` N picks N of the T integer times, from T-1 down to 0 (`ti
 
 import dataclasses
 import functools
+import inspect
 from typing import Literal
 
 import numpy as np
@@ -265,17 +266,22 @@ class FourierSampling:
         self.schedule = schedule
         self.solver_defaults = dict(solver_defaults or {})
 
-    def _resolve(self, config) -> FourierPlan:
-        not_here = [flag for flag, value, default in (
-            ('--schedule', config.schedule, 'edm'), ('--sigma_min', config.sigma_min, None),
-            ('--sigma_max', config.sigma_max, None), ('--rho', config.schedule_kwargs.get('rho'), None),
-            ('--end', config.end, None), ('--denoise-to-zero', config.denoise_to_zero, False),
-        ) if value != default]
+    def refuse_grid_flags(self, given: dict) -> None:
+        """ValueError naming the sigma-grid flags in `given` (flag as the user typed it -> value; None or False: not
+        given). The CLIs call it with their flags before the config is built, so that EDM's --disc, which the config
+        holds as its --schedule, is refused under the name the user gave."""
+        not_here = [flag for flag, value in given.items() if value is not None and value is not False]
         if not_here:
             raise ValueError(f"{', '.join(not_here)} {'does' if len(not_here) == 1 else 'do'} not apply to the "
                              f"{self.schedule.name!r} process: it is sampled over its own {self.schedule.num_steps} "
                              f"time steps (choose --steps, --solver {'|'.join(self.solvers)} and --solver-opt "
                              f"spacing=uniform|quadratic|logsnr)")
+
+    def _resolve(self, config) -> FourierPlan:
+        self.refuse_grid_flags({flag: None if value == default else value for flag, value, default in (
+            ('--schedule', config.schedule, 'edm'), ('--sigma_min', config.sigma_min, None),
+            ('--sigma_max', config.sigma_max, None), ('--rho', config.schedule_kwargs.get('rho'), None),
+            ('--end', config.end, None), ('--denoise-to-zero', config.denoise_to_zero, False))})
         if config.num_steps is not None and config.num_steps < 2:
             raise ValueError(f"--steps must be at least 2 (from t = T-1 to t = 0), got {config.num_steps}")
         if getattr(config, 'guidance', None):
@@ -300,6 +306,19 @@ class FourierSampling:
 
     def prepare(self, net, config, device=None) -> FourierPlan:
         return self._resolve(config)
+
+    def record(self, net, config) -> dict:
+        """The plan as it resolves (generate.py's output-folder record, generation.json): the solver after the
+        default choice, every option of it with the defaults filled in, and the time steps visited, so that
+        `--steps=8` and `--steps=8 --solver=dpmpp_2m --solver-opt spacing=logsnr` record the same. The spacing is left
+        out: the steps are what it decides (all T steps are the same run under any spacing)."""
+        plan = self._resolve(config)
+        entry = self.solvers[plan.solver]
+        options = {name: p.default for name, p in entry.options().items() if p.default is not inspect.Parameter.empty}
+        options.update(plan.options)
+        spacing = options.pop('spacing', 'uniform')
+        steps = time_steps(self.schedule, plan.num_steps, spacing, net.img_resolution, net.img_resolution)
+        return dict(solver=plan.solver, solver_options=options, steps=[int(t) for t in steps])
 
     def describe(self, net, config) -> str:
         plan = self._resolve(config)
