@@ -7,6 +7,9 @@
 
 Every step calls the project's own command-line tools, as a user would, and is skipped when its output already exists,
 so running it again finishes an interrupted run (training resumes from its last state). Everything lands in --outdir.
+training-run/quickstart.json records the settings that made the run: a rerun with other ones is refused, not scored
+with the old network; samples/quickstart.json records the snapshot and steps that made the samples, which are
+regenerated when either changes.
 """
 
 import glob
@@ -16,6 +19,7 @@ import re
 import shutil
 import subprocess
 import sys
+import tempfile
 import time
 
 import click
@@ -25,15 +29,30 @@ import torch
 import dnnlib
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
+SETTINGS_RECORD = "quickstart.json"  # in training-run/ and samples/: what made their contents
+STOP_GRACE_S = 30  # after Ctrl-C, how long a step may take to stop by itself (a training state being written)
 
 
 def _run(step: str, args: list[str]) -> None:
     """Run one of the project's CLIs in a subprocess, streaming its output; stop with its error on failure."""
     cmd = [sys.executable, *args]
     print(f"\n[quickstart] {step}: {' '.join(args)}", flush=True)
-    result = subprocess.run(cmd, cwd=ROOT)
-    if result.returncode != 0:
-        raise click.ClickException(f"step '{step}' failed (exit code {result.returncode}): {' '.join(cmd)}")
+    with subprocess.Popen(cmd, cwd=ROOT) as proc:
+        try:
+            returncode = proc.wait()
+        except KeyboardInterrupt:
+            # Ctrl-C went to the step as well (same process group): let it finish the file it may be writing rather
+            # than leave a traceback and click's "Aborted!" here on top of its own.
+            try:
+                proc.wait(timeout=STOP_GRACE_S)
+            except (subprocess.TimeoutExpired, KeyboardInterrupt):
+                proc.kill()
+                proc.wait()
+            print(f"\n[quickstart] interrupted during '{step}'; rerun the same command to resume (finished steps are "
+                  "skipped, training continues from its last state)", file=sys.stderr, flush=True)
+            raise SystemExit(130) from None
+    if returncode != 0:
+        raise click.ClickException(f"step '{step}' failed (exit code {returncode}): {' '.join(cmd)}")
 
 
 def _atomic_json(path: str, data: dict) -> None:
@@ -45,6 +64,63 @@ def _atomic_json(path: str, data: dict) -> None:
 def _latest(pattern: str) -> str | None:
     files = sorted(glob.glob(pattern), key=lambda p: int(re.findall(r"(\d+)\.\w+$", p)[0]))
     return files[-1] if files else None
+
+
+def _read_json(path: str) -> dict | None:
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except (OSError, ValueError):
+        return None
+
+
+def _snapshot_kimg(path: str) -> int:
+    return int(re.findall(r"(\d+)\.pkl$", path)[0])
+
+
+def _check_training_run(run_dir: str, settings: dict) -> None:
+    """Refuse a training run made with other settings (scoring its network as if made with these would mislead);
+    a run with nothing saved yet is simply started over."""
+    if not os.path.isdir(run_dir):
+        return
+    saved = [name for name in os.listdir(run_dir) if name == "DONE" or re.fullmatch(r"training-state-\d+\.pt", name)]
+    record = _read_json(os.path.join(run_dir, SETTINGS_RECORD))
+    recorded = record.get("settings") if isinstance(record, dict) else None
+    if recorded == settings:
+        return
+    if not saved:
+        print(f"[quickstart] training: {run_dir} holds no training state yet, and no record of these settings: "
+              "starting it over", flush=True)
+        shutil.rmtree(run_dir)
+        return
+    if isinstance(recorded, dict):
+        differ = [f"--{key} {recorded.get(key)} (now {settings.get(key)})"
+                  for key in sorted(set(recorded) | set(settings)) if recorded.get(key) != settings.get(key)]
+        what = "was trained with other settings: " + ", ".join(differ)
+    else:
+        what = "was made by an older quickstart that did not record its settings"
+    raise click.ClickException(
+        f"{run_dir} {what}. Its network would be sampled and scored as if trained with the current settings. Keep it "
+        "and give the new settings another --outdir, or delete that training-run/ folder to retrain in this one "
+        "(its samples and metrics are then redone as well).")
+
+
+def _stage_samples(samples_dir: str, samples: int, dest: str) -> None:
+    """Link seeds 0..samples-1 (the PNGs generate.py wrote for this run) into `dest`: PNGs left by an earlier run
+    with more --samples stay in samples/ but are not evaluated."""
+    from samplers.generation import image_path
+
+    for name in [image_path("", seed) for seed in range(samples)] + ["generation.json"]:
+        src = os.path.join(samples_dir, name)
+        if not os.path.isfile(src):
+            if name.endswith(".png"):
+                raise click.ClickException(f"{src} is missing: the sampling step did not write every seed")
+            continue
+        os.makedirs(os.path.dirname(os.path.join(dest, name)), exist_ok=True)
+        try:
+            os.link(src, os.path.join(dest, name))
+        except OSError:  # a file system without hard links
+            shutil.copyfile(src, os.path.join(dest, name))
 
 
 def _load_images(path: str) -> np.ndarray:
@@ -64,9 +140,16 @@ def _frechet(feats_a: np.ndarray, feats_b: np.ndarray) -> float:
     return float(frechet_distance(*stats(feats_a), *stats(feats_b)))
 
 
-def evaluate(dataset_zip: str, samples_dir: str, classifier_path: str, seed: int, inception: str | None,
-             outdir: str) -> dict:
+def evaluate(dataset_zip: str, samples_dir: str, samples: int, classifier_path: str, seed: int,
+             inception: str | None, outdir: str) -> dict:
     """The metrics JSON: classifier Frechet distance of the samples, the real-data floor, and FID when possible."""
+    with tempfile.TemporaryDirectory(prefix="eval-samples-", dir=outdir) as staged:
+        _stage_samples(samples_dir, samples, staged)
+        return _evaluate(dataset_zip, staged, classifier_path, seed, inception, outdir)
+
+
+def _evaluate(dataset_zip: str, samples_dir: str, classifier_path: str, seed: int, inception: str | None,
+              outdir: str) -> dict:
     from metrics import digits_classifier as dc
     from metrics.detectors import DETECTORS
 
@@ -118,16 +201,25 @@ def evaluate(dataset_zip: str, samples_dir: str, classifier_path: str, seed: int
     return result
 
 
+def _int_list(value: str) -> str:
+    """'1, 2,2' -> '1,2,2': one spelling per setting, so the recorded settings compare equal."""
+    try:
+        return ",".join(str(int(x)) for x in value.split(","))
+    except ValueError:
+        raise click.BadParameter(f"{value!r} is not a comma-separated list of integers") from None
+
+
 @click.command(context_settings=dict(show_default=True))
 @click.option("--outdir", default="quickstart-out", metavar="DIR", type=click.Path(file_okay=False),
               help="Everything goes here")
 @click.option("--resolution", default=16, metavar="INT", type=click.IntRange(min=8),
               help="Image resolution (power of two)")
-@click.option("--kimg", default=40.0, metavar="FLOAT", type=click.FloatRange(min=0, min_open=True),
-              help="Training length (kimg)")
+@click.option("--kimg", default=40, metavar="INT", type=click.IntRange(min=1),
+              help="Training length (kimg; whole, as train.py names its snapshots)")
 @click.option("--batch", default=64, metavar="INT", type=click.IntRange(min=1), help="Training batch size")
 @click.option("--cbase", default=32, metavar="INT", type=click.IntRange(min=4), help="Network channel base")
-@click.option("--cres", default="1,2,2", metavar="LIST", help="Channel multipliers per resolution")
+@click.option("--cres", default="1,2,2", metavar="LIST", callback=lambda ctx, param, value: _int_list(value),
+              help="Channel multipliers per resolution")
 @click.option("--blocks", default=1, metavar="INT", type=click.IntRange(min=1), help="Residual blocks per resolution")
 @click.option("--lr", default=2e-3, metavar="FLOAT", type=click.FloatRange(min=0, min_open=True), help="Learning rate")
 @click.option("--samples", default=898, metavar="INT", type=click.IntRange(min=2), help="Number of images to generate")
@@ -137,14 +229,18 @@ def evaluate(dataset_zip: str, samples_dir: str, classifier_path: str, seed: int
               help="Digit classifier training epochs")
 @click.option("--inception", default=None, metavar="PATH", type=click.Path(dir_okay=False),
               help="Inception detector for FID")
-@click.option("--seed", default=0, metavar="INT", type=int, help="Seed for training, sampling and splits")
+@click.option("--seed", default=0, metavar="INT", type=int,
+              help="Seed for training and the real-data splits (sampling always uses seeds 0..samples-1)")
 @click.option("--device", metavar="DEVICE", default=None, help="cpu or cuda (default: cuda if available)")
 def main(outdir, resolution, kimg, batch, cbase, cres, blocks, lr, samples, steps, classifier_epochs, inception,
          seed, device):
     """Build `digits`, train a small DDPM++ with the EDM loss, sample, and evaluate; print where the results are."""
     start = time.time()
     os.makedirs(outdir, exist_ok=True)
+    # The steps run with the repository as their working directory: paths given relative to the user's must not be
+    # read from there.
     outdir = os.path.abspath(outdir)
+    inception = os.path.abspath(inception) if inception is not None else None
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     dataset_zip = os.path.join(outdir, f"digits-{resolution}x{resolution}.zip")
     run_dir = os.path.join(outdir, "training-run")
@@ -153,6 +249,11 @@ def main(outdir, resolution, kimg, batch, cbase, cres, blocks, lr, samples, step
     classifier_path = os.path.join(outdir, "digits_classifier.pt")
     metrics_json = os.path.join(outdir, "metrics.json")
 
+    # What determines the trained network (not where, on what device, nor how often it logs and saves).
+    settings = dict(resolution=resolution, kimg=kimg, batch=batch, cbase=cbase, cres=cres, blocks=blocks, lr=lr,
+                    seed=seed)
+    _check_training_run(run_dir, settings)
+
     # 1. Dataset.
     if not os.path.isfile(dataset_zip):
         _run("dataset", ["dataset_tool.py", "--source", "digits", "--dest", dataset_zip,
@@ -160,21 +261,32 @@ def main(outdir, resolution, kimg, batch, cbase, cres, blocks, lr, samples, step
     else:
         print(f"[quickstart] dataset: {dataset_zip} exists, skipping")
 
-    # 2. Training (resumes from the last state when a previous run was interrupted).
+    # 2. Training (resumes from the last state when a previous run was interrupted). A state every tick (5 kimg,
+    # under a minute on 2 CPU cores; a dump takes 0.1 s) so that an interruption loses little; the last one is kept.
     done_marker = os.path.join(run_dir, "DONE")
     if not os.path.isfile(done_marker):
         train_args = ["train.py", "--outdir", run_dir, "--nosubdir", "--data", dataset_zip, "--cond", "0",
                       "--arch", "ddpmpp", "--precond", "edm", "--loss", "edm", "--batch", str(batch),
                       "--cbase", str(cbase), "--cres", cres, "--blocks", str(blocks), "--attn", str(resolution // 2),
                       "--duration", str(kimg / 1000), "--lr", str(lr), "--lr-rampup", "1", "--ema", "0.005",
-                      "--dropout", "0", "--augment", "0", "--tick", "5", "--snap", "4", "--dump", "4",
+                      "--dropout", "0", "--augment", "0", "--tick", "5", "--snap", "4", "--dump", "1",
                       "--seed", str(seed), "--workers", "0", "--device", device]
         state = _latest(os.path.join(run_dir, "training-state-*.pt"))
         if state is not None:
             train_args += ["--resume", state]
         elif os.path.isdir(run_dir):
-            shutil.rmtree(run_dir)  # An attempt that died before its first state: start over.
+            print(f"[quickstart] training: {run_dir} stopped before its first training state (one every 5 kimg): "
+                  "starting it over", flush=True)
+            shutil.rmtree(run_dir)
+        if state is None:
+            os.makedirs(run_dir)
+            _atomic_json(os.path.join(run_dir, SETTINGS_RECORD), dict(settings=settings, train_args=train_args))
         _run("training", train_args)
+        # The states only serve a resume: keep the last (20 MB at the default size), not one per 5 kimg.
+        final_state = _latest(os.path.join(run_dir, "training-state-*.pt"))
+        for path in glob.glob(os.path.join(run_dir, "training-state-*.pt")):
+            if path != final_state:
+                os.remove(path)
         open(done_marker, "w").close()
     else:
         print(f"[quickstart] training: {run_dir} is complete, skipping")
@@ -187,17 +299,29 @@ def main(outdir, resolution, kimg, batch, cbase, cres, blocks, lr, samples, step
     _run("report", ["report.py", "--run", run_dir, "--out", report_png])
 
     # 3. Sampling (generate.py skips images that already exist; the grid shows training digits on the right).
+    # Samples are cheap: when the snapshot or the steps differ from those that made samples/, regenerate them all
+    # (generate.py would otherwise refuse the folder with advice meant for its own users).
+    sampling_record = os.path.join(samples_dir, SETTINGS_RECORD)
+    sampling = dict(snapshot=os.path.relpath(snapshot, outdir), snapshot_sha256=dnnlib.util.file_sha256(snapshot),
+                    steps=steps)
+    overwrite = os.path.isdir(samples_dir) and _read_json(sampling_record) != sampling
+    if overwrite:
+        print(f"[quickstart] sampling: {samples_dir} was made by another snapshot or --steps: regenerating it",
+              flush=True)
     _run("sampling", ["generate.py", "--network", snapshot, "--outdir", samples_dir, "--seeds", f"0-{samples - 1}",
-                      "--steps", str(steps), "--batch", "256", "--grid", grid_png, "--device", device])
+                      "--steps", str(steps), "--batch", "256", "--grid", grid_png, "--device", device]
+         + (["--overwrite"] if overwrite else []))
+    _atomic_json(sampling_record, sampling)
 
     # 4. Evaluation.
     if not os.path.isfile(classifier_path):
         _run("digit classifier", ["-m", "metrics.digits_classifier", "--out", classifier_path,
                                   "--epochs", str(classifier_epochs), "--seed", "0"])
     print("\n[quickstart] evaluation", flush=True)
-    result = evaluate(dataset_zip, samples_dir, classifier_path, seed, inception, outdir)
+    result = evaluate(dataset_zip, samples_dir, samples, classifier_path, seed, inception, outdir)
     result.update(snapshot=os.path.relpath(snapshot, outdir), sampler=dict(solver="heun", steps=steps,
-                  nfe=2 * steps - 1), training_kimg=kimg, total_seconds=round(time.time() - start, 1))
+                  nfe=2 * steps - 1), training_kimg=_snapshot_kimg(snapshot), training_settings=settings,
+                  total_seconds=round(time.time() - start, 1))
     _atomic_json(metrics_json, result)
 
     print(f"\n[quickstart] done in {result['total_seconds']:.0f} s. Results in {outdir}:")
