@@ -32,7 +32,7 @@ import torch
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-from digits_common import frechet, latest  # noqa: E402  (benchmarks/, the script's folder)
+from digits_common import claim_run, frechet, latest  # noqa: E402  (benchmarks/, the script's folder)
 
 
 def _run(step: str, args: list[str], threads: int) -> None:
@@ -72,6 +72,10 @@ def main(outdir, network, kimg, epochs, aot, width, weights, samples, sigmas, th
              threads)
     if network is None:
         run_dir = os.path.join(outdir, "training-run")
+        try:
+            claim_run(run_dir, dict(kimg=kimg))
+        except ValueError as err:
+            raise click.ClickException(str(err)) from None
         network = latest(run_dir, "network-snapshot-", ".pkl")
         if network is None or not os.path.isfile(os.path.join(run_dir, "DONE")):
             _run("score network", ["train.py", "--outdir", run_dir, "--nosubdir", "--data", dataset, "--cond", "0",
@@ -120,7 +124,8 @@ def main(outdir, network, kimg, epochs, aot, width, weights, samples, sigmas, th
     measure = set(measure.split(","))
     path = os.path.join(outdir, "results.json")
     result = json.load(open(path)) if os.path.isfile(path) else {}
-    result.update(network=network, discriminator=dg_pkl, epochs=epochs, aot=aot, threads=threads, num_images=num,
+    result.update(command=" ".join(["python", *sys.argv]), date=time.strftime("%Y-%m-%d"),
+                  network=network, discriminator=dg_pkl, epochs=epochs, aot=aot, threads=threads, num_images=num,
                   classifier_frechet_floor=round(floor, 4),
                   note="classifier Frechet distance: NOT FID (64-d features of metrics/digits_classifier.py)")
     held_out = None

@@ -130,7 +130,8 @@ def main(outdir, pretrain_kimg, gan_kimg, batch, lr, d_lr, seeds, eval_kimg, eva
     seeds = [int(s) for s in seeds.split(',')]
     eval_seeds = list(range(eval_num))
     data = write_digits_zip(os.path.join(outdir, 'digits16.zip'))
-    results = dict(config=dict(pretrain_kimg=pretrain_kimg, gan_kimg=gan_kimg, batch=batch, lr=lr, d_lr=d_lr,
+    results = dict(command=" ".join(["python", *sys.argv]), date=time.strftime("%Y-%m-%d"),
+                   config=dict(pretrain_kimg=pretrain_kimg, gan_kimg=gan_kimg, batch=batch, lr=lr, d_lr=d_lr,
                                seeds=seeds, threads=threads, eval_num=eval_num, num_pairs=num_pairs,
                                teacher=TEACHER))
 

@@ -120,7 +120,9 @@ def accuracy(noises, reference_steps, json_path):
         print(f"| {label} | " + " | ".join(cells) + " |")
     if json_path:
         with open(json_path, "w") as f:
-            json.dump([{"solver": k[0], "schedule": k[1], "nfe": k[2], **v} for k, v in results.items()], f, indent=1)
+            json.dump(dict(command=" ".join(["python", *sys.argv]), date=time.strftime("%Y-%m-%d"),
+                           rows=[{"solver": k[0], "schedule": k[1], "nfe": k[2], **v} for k, v in results.items()]),
+                      f, indent=1)
 
 
 @cli.command()

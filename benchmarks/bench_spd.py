@@ -3,8 +3,8 @@ training step (forward + backward + Adam) of the same network with EDM's loss, a
 
     python benchmarks/bench_spd.py [--batch 16] [--arch ddpmpp] [--repeats 3] [--device cpu]
 
-Prints one JSON line per measurement: the mean seconds of SPD's `process.corrupt` (the FFT work), of a full SPD
-step and of a full EDM step, and the FFT share of the SPD step (the issue asks for < 5 % on CPU).
+Prints one JSON line holding every measurement: the mean seconds of SPD's `process.corrupt` (the FFT work), of a full
+SPD step and of a full EDM step, and the FFT share of the SPD step (the issue asks for < 5 % on CPU).
 """
 
 import argparse

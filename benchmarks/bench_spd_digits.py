@@ -34,7 +34,7 @@ import torch
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-from digits_common import frechet, latest  # noqa: E402  (benchmarks/, the script's folder)
+from digits_common import claim_run, frechet, latest  # noqa: E402  (benchmarks/, the script's folder)
 
 
 def _run(step: str, args: list[str], threads: int) -> None:
@@ -62,6 +62,10 @@ def _sec_per_kimg(run_dir: str) -> float | None:
 
 def _train(outdir: str, dataset: str, loss: str, kimg: float, T: int, threads: int) -> str:
     run_dir = os.path.join(outdir, f"run-{loss}")
+    try:
+        claim_run(run_dir, dict(loss=loss, T=T, kimg=kimg))
+    except ValueError as err:
+        raise click.ClickException(str(err)) from None
     if not os.path.isfile(os.path.join(run_dir, "DONE")):
         args = ["train.py", "--outdir", run_dir, "--nosubdir", "--data", dataset, "--cond", "0", "--arch", "ddpmpp",
                 "--loss", loss, "--loss-opt", f"T={T}", "--batch", "64", "--cbase", "32", "--cres", "1,2,2",
@@ -122,7 +126,8 @@ def main(outdir, kimg, T, samples, nfe, samplers, threads, json_out):
     result = json.load(open(path)) if os.path.isfile(path) else {}
     same = (result.get("num_images"), result.get("T"), result.get("kimg")) == (num, T, kimg)
     rows = {(r["loss"], r["sampler"]): r for r in result.get("rows", [])} if same else {}  # else measured anew
-    result.update(T=T, kimg=kimg, threads=threads, num_images=num, seeds=f"0-{num - 1}",
+    result.update(command=" ".join(["python", *sys.argv]), date=time.strftime("%Y-%m-%d"),
+                  T=T, kimg=kimg, threads=threads, num_images=num, seeds=f"0-{num - 1}",
                   network="ddpmpp --cbase 32 --cres 1,2,2 --blocks 1 --attn 8 (1.26 M parameters), batch 64, "
                           "lr 2e-3, lr ramp 1 kimg, EMA 0.005 Mimg, seed 0, fp32, CPU",
                   classifier_frechet_floor=round(floor, 4),

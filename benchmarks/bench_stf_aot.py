@@ -99,6 +99,9 @@ class Mode:
                      augment_labels=p.augment_labels[rows])
 
     def step(self):
+        """Seconds of one step, less any pool this step prepared (timed apart, in pool_seconds): the report adds
+        the pool back amortised over its N/b steps, so it must not also sit in the step times."""
+        pools_before = len(self.pool_seconds)
         sync(self.device)
         start = time.perf_counter()
         batch = self.next_batch()
@@ -113,7 +116,7 @@ class Mode:
         loss.sum().mul(1 / self.batch).backward()
         self.optimizer.step()
         sync(self.device)
-        return time.perf_counter() - start
+        return time.perf_counter() - start - sum(self.pool_seconds[pools_before:])
 
 
 def time_pieces(dataset, batch, num_refs, pool_size, device, repeats):
@@ -212,7 +215,7 @@ def main(arch, batch, num_refs, pool_size, steps, warmup, pools, workers, precis
     for name in ('edm', 'stf'):
         med = statistics.median(times[name])
         print(f'  {name}: {med:7.3f} s  ({min(times[name]):.3f}-{max(times[name]):.3f})  {med / base:.3f}x edm')
-    # Steps timed above may or may not contain a pool load; report the step without it plus the amortised pool.
+    # The step times exclude pool preparation (Mode.step); the pool is added back amortised over its steps.
     aot_step = statistics.median(aot_steps)
     amortised = aot_step + pool_seconds / steps_per_pool
     print(f'  aot: {aot_step:7.3f} s  ({min(aot_steps):.3f}-{max(aot_steps):.3f}) + pool {pool_seconds:.3f} s / '
