@@ -189,6 +189,8 @@ def is_url(obj: Any, allow_file_urls: bool = False) -> bool:
 def _file_url_to_path(url: str) -> str:
     parsed = urllib.parse.urlparse(url)
     path = urllib.request.url2pathname(parsed.path)
+    if parsed.netloc.startswith("~"):  # file://~/x: urlparse takes '~' for a host name; users mean their home
+        return os.path.expanduser(parsed.netloc + path)
     if parsed.netloc and parsed.netloc != "localhost":
         path = f"//{parsed.netloc}{path}"
     return path
@@ -202,21 +204,55 @@ def _hash_file(path: str, algorithm: str) -> str:
     return h.hexdigest()
 
 
+# The shortest digest prefix accepted as a checksum: torch.hub file names carry 8 hex digits of the sha256.
+MIN_CHECKSUM_PREFIX = 8
+
+
+class _Checksum:
+    """A parsed `checksum` argument: 'sha256:<hex>', 'md5:<hex>', or bare hex (length decides: 32 md5, 40 sha1,
+    64 sha256). With an algorithm named, fewer hex digits than the full digest (at least MIN_CHECKSUM_PREFIX) mean
+    a prefix of it: 'sha256:6c64b313' for torchvision's vgg16_bn-6c64b313.pth."""
+
+    def __init__(self, expected: str):
+        algorithm, _, digest = expected.rpartition(":")
+        digest = digest.lower()
+        if not algorithm:
+            algorithm = {32: "md5", 40: "sha1", 64: "sha256"}.get(len(digest), "")
+            if not algorithm:
+                raise ValueError(f"cannot tell the hash algorithm of checksum {expected!r}; write it as "
+                                 f"'sha256:<hex>'")
+        try:
+            full = hashlib.new(algorithm).digest_size * 2
+        except ValueError:
+            raise ValueError(f"unknown hash algorithm {algorithm!r} in checksum {expected!r}") from None
+        if not re.fullmatch(r"[0-9a-f]+", digest) or not MIN_CHECKSUM_PREFIX <= len(digest) <= full:
+            raise ValueError(f"checksum {expected!r}: expected {full} hex digits, or a prefix of at least "
+                             f"{MIN_CHECKSUM_PREFIX}")
+        self.algorithm, self.digest = algorithm, digest
+        self.kind = algorithm if len(digest) == full else f"{algorithm} prefix"
+
+    def hasher(self):
+        return hashlib.new(self.algorithm)
+
+    def mismatch(self, what: str, actual: str) -> str | None:
+        """None when `actual` (a full hex digest) fits; else the error message."""
+        if actual.lower().startswith(self.digest):
+            return None
+        return f"checksum mismatch for {what}: expected {self.digest} ({self.kind}), got {actual}"
+
+
 def _check_hash(data_or_path: bytes | str, expected: str | None, what: str) -> None:
-    """`expected` is 'sha256:<hex>', 'md5:<hex>', or bare hex (length decides: 32 md5, 64 sha256)."""
+    """Raise OSError when the bytes or the file at a path do not fit `expected` (see _Checksum)."""
     if expected is None:
         return
-    algorithm, _, digest = expected.rpartition(":")
-    if not algorithm:
-        algorithm = {32: "md5", 40: "sha1", 64: "sha256"}.get(len(digest))
-        if algorithm is None:
-            raise ValueError(f"cannot tell the hash algorithm of checksum {expected!r}; write it as 'sha256:<hex>'")
+    checksum = _Checksum(expected)
     if isinstance(data_or_path, bytes):
-        actual = hashlib.new(algorithm, data_or_path).hexdigest()
+        actual = hashlib.new(checksum.algorithm, data_or_path).hexdigest()
     else:
-        actual = _hash_file(data_or_path, algorithm)
-    if actual.lower() != digest.lower():
-        raise OSError(f"checksum mismatch for {what}: expected {algorithm}:{digest}, got {algorithm}:{actual}")
+        actual = _hash_file(data_or_path, checksum.algorithm)
+    problem = checksum.mismatch(what, actual)
+    if problem:
+        raise OSError(problem)
 
 
 def _cache_file_name(url: str) -> str:
@@ -239,111 +275,242 @@ def cached_path(url: str, cache_dir: str | None = None) -> str | None:
     return path if os.path.isfile(path) else None
 
 
+# Downloads are streamed in pieces of this size into the cache file: never the whole file in memory.
+DOWNLOAD_CHUNK_SIZE = 1 << 20
+# Bytes per second. `timeout` bounds each socket read only, so a server that trickles a byte now and then would hold
+# a run forever: once `timeout` seconds have passed, a download whose average rate is below this is abandoned.
+MIN_DOWNLOAD_RATE = 16 * 1024
+
+
+class _DownloadRefused(Exception):
+    """A download that retrying will not mend (4xx, a web page, a checksum mismatch, too slow). Not an OSError, so
+    that atomic_output passes it through (removing its temporary file) instead of calling it a write error."""
+
+    def __init__(self, message: str, offline_hint: bool = False):
+        super().__init__(message)
+        self.offline_hint = offline_hint  # whether getting the file elsewhere is the way out
+
+
+class _DownloadFailed(Exception):
+    """A download broken off (connection lost, truncated body): retried. Not an OSError, as _DownloadRefused."""
+
+
 def open_url(url: str, cache_dir: str | None = None, num_attempts: int = 3, verbose: bool = True,
              return_filename: bool = False, cache: bool = True, checksum: str | None = None,
-             timeout: float = 60.0) -> Any:
+             timeout: float = 60.0, offline_hint: str | None = None) -> Any:
     """Open a local path, a file:// URL or an http(s) URL; return a binary file object (or a path).
 
-    Downloads are cached under `cache_dir` (default: make_cache_dir_path('downloads')) keyed by the URL's md5,
-    written to a temporary name and renamed, so an interrupted download never looks complete. When `checksum`
-    is given ('sha256:<hex>' or 'md5:<hex>'), the local file, cached file or download is verified against it.
-    Offline, the error names the URL and tells how to pass a local copy instead.
+    '~' in a local path or a file://~/ URL is the user's home folder. Downloads are cached under `cache_dir` (default:
+    make_cache_dir_path('downloads')) as url_cache_path(url, cache_dir). They are streamed into a temporary file,
+    checked and only then renamed into place: an interrupted download, a web page sent instead of the file (an HTML
+    login or error page, unless the URL names a .htm/.html file) or a checksum mismatch leaves nothing in the cache.
+    5xx answers and broken connections are retried `num_attempts` times with backoff; 4xx answers, web pages and
+    checksum mismatches are not. `timeout` bounds each network read, and a download slower on average than
+    MIN_DOWNLOAD_RATE once `timeout` seconds have passed is abandoned. cache=False returns the download in memory.
+
+    checksum: 'sha256:<hex>', 'md5:<hex>', or bare hex (32 digits md5, 40 sha1, 64 sha256). With the algorithm named,
+    a shorter hex string (at least MIN_CHECKSUM_PREFIX digits) is a prefix of the digest: 'sha256:6c64b313' for the
+    8 digits that torch.hub file names carry. The file returned is verified: local file, cached copy or download.
+
+    offline_hint: what the error of a failed download suggests. None: the generic advice (pass a local path, or save
+    the file as its cache file); callers with their own advice pass it ('' for none) so it is not given twice.
     """
     if not isinstance(url, str) or not url:
         raise ValueError(f"open_url expects a path or URL string, got {url!r}")
     if num_attempts < 1:
         raise ValueError("num_attempts must be at least 1")
+    expected = _Checksum(checksum) if checksum is not None else None  # a malformed checksum fails before any work
 
     # Local paths.
     if not re.match(r"^[a-zA-Z][a-zA-Z0-9+.-]*://", url):
-        if not os.path.isfile(url):
-            raise FileNotFoundError(f"no such file: {url}")
-        _check_hash(url, checksum, url)
-        return url if return_filename else open(url, "rb")
+        path = os.path.expanduser(url)
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"no such file: {path}" + (f" (from {url})" if path != url else ""))
+        _check_hash(path, checksum, path)
+        return path if return_filename else open(path, "rb")
 
     # file:// URLs: read the file in place; cache a copy when asked so later runs work if it moves.
     if url.startswith("file://"):
         path = _file_url_to_path(url)
         if not os.path.isfile(path):
             raise FileNotFoundError(f"no such file: {path} (from {url})")
-        _check_hash(path, checksum, url)
         if not cache:
+            _check_hash(path, checksum, url)
             return path if return_filename else open(path, "rb")
-        cached = _copy_into_cache(url, path, cache_dir)
+        try:
+            cached = _copy_into_cache(url, path, cache_dir, expected)
+        except _DownloadRefused as err:
+            raise OSError(str(err)) from None
         return cached if return_filename else open(cached, "rb")
 
     scheme = urllib.parse.urlparse(url).scheme
     if scheme not in ("http", "https"):
         raise ValueError(f"unsupported URL scheme {scheme!r} in {url}; use a local path, file:// or http(s)://")
+    if return_filename and not cache:
+        raise ValueError("return_filename=True needs cache=True for a remote URL")
 
-    if cache_dir is None:
-        cache_dir = make_cache_dir_path("downloads")
-    cache_path = os.path.join(cache_dir, _cache_file_name(url))
+    cache_path = url_cache_path(url, cache_dir)
     if cache and os.path.isfile(cache_path):
-        _check_hash(cache_path, checksum, f"{url} (cached at {cache_path})")
+        if expected is not None:
+            problem = expected.mismatch(f"{url} (cached at {cache_path})", _hash_file(cache_path, expected.algorithm))
+            if problem:
+                raise OSError(f"{problem}: delete {cache_path} to download it again")
         return cache_path if return_filename else open(cache_path, "rb")
 
-    data = _download(url, num_attempts=num_attempts, verbose=verbose, timeout=timeout)
-    _check_hash(data, checksum, url)
-    if cache:
-        _atomic_write_bytes(cache_path, data)
-        if return_filename:
-            return cache_path
-    elif return_filename:
-        raise ValueError("return_filename=True needs cache=True for a remote URL")
-    return io.BytesIO(data)
+    if offline_hint is None:
+        offline_hint = (f"If this machine is offline, download {url} elsewhere and pass its local path (or a file:// "
+                        f"URL) instead of the URL")
+        offline_hint += f", or save it as {cache_path} (the file the download cache looks for)." if cache else "."
+    data = _download(url, cache_path=cache_path if cache else None, checksum=expected, num_attempts=num_attempts,
+                     verbose=verbose, timeout=timeout, offline_hint=offline_hint)
+    if not cache:
+        return data
+    return cache_path if return_filename else open(cache_path, "rb")
 
 
-def _copy_into_cache(url: str, path: str, cache_dir: str | None) -> str:
-    if cache_dir is None:
-        cache_dir = make_cache_dir_path("downloads")
-    cache_path = os.path.join(cache_dir, _cache_file_name(url))
-    if not os.path.isfile(cache_path) or os.path.getmtime(cache_path) < os.path.getmtime(path):
-        with atomic_output(cache_path, "wb") as f, open(path, "rb") as src:
-            shutil.copyfileobj(src, f)
+def _copy_into_cache(url: str, path: str, cache_dir: str | None, expected: _Checksum | None) -> str:
+    """The cache copy of a file:// URL's file, refreshed whenever it differs from the source in size or mtime (in
+    either direction: `cp -p` and `rsync -t` give a replaced file an older time) or does not fit the checksum. The
+    copy gets the source's mtime so that the next call can tell it is current."""
+    cache_path = url_cache_path(url, cache_dir)
+    source = os.stat(path)
+    try:
+        copy = os.stat(cache_path)
+        current = copy.st_size == source.st_size and copy.st_mtime_ns == source.st_mtime_ns
+    except FileNotFoundError:
+        current = False
+    if current and (expected is None or expected.mismatch(url, _hash_file(cache_path, expected.algorithm)) is None):
+        return cache_path
+    hasher = expected.hasher() if expected is not None else None
+    with atomic_output(cache_path, "wb") as f, open(path, "rb") as src:
+        for chunk in iter(lambda: src.read(DOWNLOAD_CHUNK_SIZE), b""):
+            if hasher is not None:
+                hasher.update(chunk)
+            f.write(chunk)
+        problem = expected.mismatch(url, hasher.hexdigest()) if expected is not None else None
+        if problem:  # raised before the rename: a bad source never lands in the cache
+            raise _DownloadRefused(problem)
+    try:
+        os.utime(cache_path, ns=(source.st_atime_ns, source.st_mtime_ns))
+    except OSError:
+        pass  # the copy is still right; the next call just copies again
     return cache_path
 
 
-def _atomic_write_bytes(path: str, data: bytes) -> None:
-    with atomic_output(path, "wb") as f:
-        f.write(data)
+def _names_web_page(url: str) -> bool:
+    return urllib.parse.urlparse(url).path.lower().endswith((".htm", ".html"))
 
 
-def _download(url: str, num_attempts: int, verbose: bool, timeout: float) -> bytes:
+def _looks_like_web_page(head: bytes) -> bool:
+    return head.lstrip().lower().startswith((b"<!doctype html", b"<html"))
+
+
+def _download(url: str, *, cache_path: str | None, checksum: _Checksum | None, num_attempts: int, verbose: bool,
+              timeout: float, offline_hint: str) -> io.BytesIO | None:
+    """Download `url` into `cache_path` (None: into memory, returned), with retries; OSError when it cannot."""
     import requests  # Imported here so that local-only use does not need it.
 
     last_error: Exception | None = None
     for attempt in range(num_attempts):
+        if verbose:
+            print(f"Downloading {url} ...", end="", flush=True, file=sys.stderr)
         try:
+            data = _download_once(url, cache_path, checksum, timeout)
             if verbose:
-                print(f"Downloading {url} ...", end="", flush=True, file=sys.stderr)
-            with requests.Session() as session:
-                with session.get(url, timeout=timeout) as res:
-                    res.raise_for_status()
-                    if len(res.content) == 0:
-                        raise OSError("no data received")
-                    if verbose:
-                        print(" done", file=sys.stderr)
-                    return res.content
-        except requests.HTTPError as err:
+                print(" done", file=sys.stderr)
+            return data
+        except _DownloadRefused as err:
             if verbose:
                 print(" failed", file=sys.stderr)
-            # 4xx will not get better by retrying.
-            if err.response is not None and 400 <= err.response.status_code < 500:
-                raise OSError(f"could not download {url}: HTTP {err.response.status_code}") from err
-            last_error = err
-        except (OSError, requests.RequestException) as err:
+            hint = f" {offline_hint}" if err.offline_hint and offline_hint else ""
+            raise OSError(f"{err}{hint}") from None
+        except OutputPathError:
+            if verbose:
+                print(" failed", file=sys.stderr)
+            raise  # the cache folder cannot be written (e.g. disk full): another attempt would not help
+        except (_DownloadFailed, OSError, requests.RequestException) as err:
             if verbose:
                 print(" failed", file=sys.stderr)
             last_error = err
         if attempt + 1 < num_attempts:
             time.sleep(min(2.0 ** attempt, 5.0))
-    raise OSError(
-        f"could not download {url} after {num_attempts} attempt(s): {last_error}. "
-        f"If this machine is offline, download the file elsewhere and pass its local path (or file:// URL) "
-        f"instead of the URL, or place it in the cache directory {make_cache_dir_path('downloads')} "
-        f"(set $DNNLIB_CACHE_DIR to move it)."
-    ) from last_error
+    hint = f" {offline_hint}" if offline_hint else ""
+    reason = str(last_error).rstrip(".")  # some end in '.' ('Exceeded 30 redirects.'): one full stop, not two
+    raise OSError(f"could not download {url} after {num_attempts} attempt(s): {reason}.{hint}") from last_error
+
+
+def _download_once(url: str, cache_path: str | None, checksum: _Checksum | None, timeout: float) -> io.BytesIO | None:
+    import requests
+
+    with requests.Session() as session, session.get(url, timeout=timeout, stream=True) as res:
+        if 400 <= res.status_code < 500:  # will not get better by retrying
+            raise _DownloadRefused(f"could not download {url}: HTTP {res.status_code}")
+        res.raise_for_status()  # 5xx: retried
+        content_type = res.headers.get("Content-Type", "")
+        if not _names_web_page(url) and content_type.split(";")[0].strip().lower() in ("text/html",
+                                                                                       "application/xhtml+xml"):
+            raise _DownloadRefused(f"could not download {url}: the server sent a web page ({content_type}; a login "
+                                   f"or error page?) instead of the file; nothing was cached")
+        if cache_path is None:
+            buffer = io.BytesIO()
+            _stream_body(url, res, buffer, checksum, timeout)
+            buffer.seek(0)
+            return buffer
+        with atomic_output(cache_path, "wb") as f:
+            _stream_body(url, res, f, checksum, timeout)
+        return None
+
+
+def _body_chunks(res):
+    if hasattr(res.raw, "read1"):  # urllib3 >= 2.1: returns what has arrived, so the rate check runs as bytes trickle
+        while chunk := res.raw.read1(DOWNLOAD_CHUNK_SIZE, decode_content=True):
+            yield chunk
+    else:  # older urllib3: each read waits for a full piece
+        yield from res.iter_content(DOWNLOAD_CHUNK_SIZE)
+
+
+def _stream_body(url: str, res, out, checksum: _Checksum | None, timeout: float) -> None:
+    """Copy the response body to `out`, checking as it goes; raises _DownloadRefused / _DownloadFailed."""
+    import requests
+    import urllib3
+
+    hasher = checksum.hasher() if checksum is not None else None
+    check_page = not _names_web_page(url)
+    head = b""
+    received = 0
+    start = time.monotonic()
+    chunks = _body_chunks(res)
+    while True:
+        try:
+            chunk = next(chunks, None)
+        except (OSError, urllib3.exceptions.HTTPError, requests.RequestException) as err:
+            raise _DownloadFailed(f"{type(err).__name__}: {err}") from err
+        if chunk is None:
+            break
+        if check_page and len(head) < 64:  # a web page sent as some other Content-Type (or none)
+            head += chunk[:64 - len(head)]
+            if _looks_like_web_page(head):
+                raise _DownloadRefused(f"could not download {url}: the server sent a web page (it starts with "
+                                       f"{head.lstrip()[:15]!r}; a login or error page?) instead of the file; "
+                                       f"nothing was cached")
+        if hasher is not None:
+            hasher.update(chunk)
+        out.write(chunk)
+        received += len(chunk)
+        elapsed = time.monotonic() - start
+        if elapsed > timeout and received / elapsed < MIN_DOWNLOAD_RATE:
+            raise _DownloadRefused(f"could not download {url}: too slow, {received / elapsed / 1024:.2f} KiB/s on "
+                                   f"average over {elapsed:.1f} s (the minimum is {MIN_DOWNLOAD_RATE / 1024:g} KiB/s; "
+                                   f"{received:,} bytes received); nothing was cached.", offline_hint=True)
+    if received == 0:
+        raise _DownloadFailed("no data received")
+    length = res.headers.get("Content-Length")
+    if length is not None and length.isdigit() and not res.headers.get("Content-Encoding") and received != int(length):
+        raise _DownloadFailed(f"incomplete download: {received:,} of {int(length):,} bytes")
+    if hasher is not None:
+        problem = checksum.mismatch(url, hasher.hexdigest())
+        if problem:  # raised before atomic_output renames the file: nothing is cached
+            raise _DownloadRefused(f"{problem}; nothing was cached")
 
 
 # ---------------------------------------------------------------------------------------------------------------------

@@ -244,18 +244,29 @@ def load_detector(name: str, path: str | None = None, device: torch.device | str
     try:
         checksum = f"sha256:{spec.sha256}" if (path is None and spec.sha256) else None
         try:
-            local_path = util.open_url(source, return_filename=True, checksum=checksum, verbose=verbose and rank == 0)
+            # offline_hint='': the detector's own hint below replaces open_url's generic one (else both were given)
+            local_path = util.open_url(source, return_filename=True, checksum=checksum, verbose=verbose and rank == 0,
+                                       offline_hint="")
         except FileNotFoundError as err:
             raise DetectorUnavailableError(f"{name} detector: {err}") from err
         except (OSError, ValueError) as err:
-            raise DetectorUnavailableError(f"could not fetch the {name} detector from {source}: {err}. "
-                                           f"{_offline_hint(name, spec, source)}") from err
+            raise DetectorUnavailableError(f"could not fetch the {name} detector from {source}: "
+                                           f"{str(err).rstrip('.')}. {_offline_hint(name, spec, source)}") from err
+        # A URL is read from its cache copy: if that copy is broken (e.g. truncated by hand), every later run would
+        # fail the same way until it is deleted, so the message says so.
+        from_cache = util.is_url(source, allow_file_urls=True)
+        cache_note = (f" (its cache copy {local_path}: delete that file so that it is fetched again)"
+                      if from_cache else "")
         try:
             module = _read_module(local_path, device)
-        except DetectorUnavailableError:
-            raise
+        except DetectorUnavailableError as err:
+            if not from_cache:
+                raise
+            raise DetectorUnavailableError(f"could not load the {name} detector from {source}{cache_note}: "
+                                           f"{err}") from err
         except Exception as err:
-            raise DetectorUnavailableError(f"could not load the {name} detector from {source}: {err}") from err
+            raise DetectorUnavailableError(f"could not load the {name} detector from {source}{cache_note}: "
+                                           f"{err}") from err
         detector = Detector(name, module, source, util.file_sha256(local_path), spec)
         _probe(detector, device)
     finally:

@@ -6,7 +6,6 @@ nor the lpips package is needed; the weights are read from their canonical files
 paths.
 """
 
-import hashlib
 
 import torch
 import torch.nn.functional as F
@@ -101,11 +100,12 @@ def _state_tensor(state: dict, key: str, shape: tuple) -> torch.Tensor:
 
 
 def _lpips_hint() -> str:
+    # The cache finds a file only under its URL's exact cache name: a file merely put into the cache folder is not used.
     return (f"LPIPS needs torchvision's VGG16 weights ({LPIPS_VGG16_URL}) and the LPIPS v0.1 linear weights "
             f"({LPIPS_LIN_URL}; the lpips pip package ships them as lpips/weights/v0.1/vgg.pth). Offline, fetch both "
             f"elsewhere and pass --lpips-vgg PATH --lpips-lin PATH to ld3.py train (library: load_lpips(vgg, lin)), "
-            f"or put them in the download cache {util.make_cache_dir_path('downloads')} ($DNNLIB_CACHE_DIR moves "
-            f"it); or train LD3 with --loss l2 or l1.")
+            f"or save them as {util.url_cache_path(LPIPS_VGG16_URL)} and {util.url_cache_path(LPIPS_LIN_URL)} (the "
+            f"files the download cache looks for; $DNNLIB_CACHE_DIR moves it); or train LD3 with --loss l2 or l1.")
 
 
 def load_lpips(vgg: str | None = None, lin: str | None = None, *, resize: int | None = None,
@@ -115,20 +115,15 @@ def load_lpips(vgg: str | None = None, lin: str | None = None, *, resize: int | 
     states = []
     for what, source, default in (("VGG16", vgg, LPIPS_VGG16_URL), ("linear", lin, LPIPS_LIN_URL)):
         url = source or default
+        # The canonical VGG16 file is verified by open_url before it enters the cache (verified after, a bad download
+        # stayed cached and failed every later run). The linear weights have no published checksum: not checked.
+        checksum = f"sha256:{LPIPS_VGG16_SHA256_PREFIX}" if source is None and default == LPIPS_VGG16_URL else None
         try:
-            path = util.open_url(url, return_filename=True, verbose=verbose)
+            # offline_hint='': _lpips_hint() below gives the advice; open_url's generic one would repeat it
+            path = util.open_url(url, return_filename=True, checksum=checksum, verbose=verbose, offline_hint="")
         except (OSError, ValueError) as err:
             raise LPIPSUnavailableError(f"could not fetch the LPIPS {what} weights from {url}: {err}\n"
                                         f"{_lpips_hint()}") from err
-        if source is None and default == LPIPS_VGG16_URL:
-            sha256 = hashlib.sha256()
-            with open(path, "rb") as f:
-                for chunk in iter(lambda: f.read(1 << 20), b""):
-                    sha256.update(chunk)
-            digest = sha256.hexdigest()
-            if not digest.startswith(LPIPS_VGG16_SHA256_PREFIX):
-                raise LPIPSUnavailableError(f"{path} (from {url}) has sha256 {digest}, expected it to start with "
-                                            f"{LPIPS_VGG16_SHA256_PREFIX}: delete it and download again")
         try:
             state = persistence.safe_torch_load(path)  # not torch.load alone: TorchScript before torch 2.6
         except Exception as err:

@@ -52,6 +52,7 @@ from dnnlib import util
 from samplers import sample
 from samplers.dg.discriminator import Discriminator, DiscriminatorError, clipped_log_ratio, load_discriminator
 from samplers.solver_grid import host_levels
+from torch_utils import distributed as dist
 
 OUT_OF_WINDOW_LOG_RATIO = 1e7  # the reference's log ratio where guidance is off (never counts as "fake")
 
@@ -376,10 +377,18 @@ def _load_cached(path: str) -> Discriminator:
     except OSError:
         key = (str(path),)
     if key not in _LOADED:
+        # Under torchrun every rank loads: rank 0 first (a URL is downloaded into the cache once), then the others
+        # read the cache copy, as training.snapshots.load_snapshot and metrics.detectors.load_detector do.
+        rank = dist.get_rank()
+        if rank != 0:
+            dist.barrier()
         try:
             _LOADED[key] = load_discriminator(path)
         except DiscriminatorError as err:
             raise ValueError(str(err)) from None
+        finally:
+            if rank == 0:
+                dist.barrier()
     return _LOADED[key]
 
 

@@ -1,9 +1,15 @@
 """LPIPS(vgg) (metrics/lpips.py), LD3's distance: against a direct implementation of its definition, gradients,
 resizing, and the message when its weights cannot be had."""
 
+import hashlib
+import http.server
+import os
+import threading
+
 import pytest
 import torch
 
+from dnnlib import util
 from metrics import lpips
 from samplers.ld3 import make_distance
 
@@ -82,3 +88,43 @@ def test_lpips_with_local_weights(tmp_path):
     expected = reference_lpips(vgg, lin, *(torch.nn.functional.interpolate(
         t.repeat(1, 3, 1, 1), size=(16, 16), mode="bilinear", align_corners=False) for t in (grey, grey.flip(0))))
     assert torch.allclose(resized(grey, grey.flip(0)), expected, rtol=1e-4)
+
+
+def test_lpips_vgg_download_is_verified_before_it_is_cached(tmp_path, monkeypatch):
+    """A bad download of the canonical VGG16 file fails its sha256 prefix without entering the cache (checked after
+    caching, it stayed there and failed every later run)."""
+    _vgg, _lin, vgg_path, lin_path = fake_lpips_weights(tmp_path)
+    good = open(vgg_path, "rb").read()
+    served = {"body": good[:-8] + b"garbage!"}
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def log_message(self, *args):
+            pass
+
+        def do_GET(self):
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(served["body"])))
+            self.end_headers()
+            self.wfile.write(served["body"])
+
+    monkeypatch.setenv("NO_PROXY", "127.0.0.1,localhost")
+    monkeypatch.setenv("no_proxy", "127.0.0.1,localhost")
+    monkeypatch.setattr(util, "_cache_dir_override", None)
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    url = f"http://127.0.0.1:{server.server_address[1]}/vgg16-0123abcd.pth"
+    prefix = hashlib.sha256(good).hexdigest()[:8]
+    monkeypatch.setattr(lpips, "LPIPS_VGG16_URL", url)
+    monkeypatch.setattr(lpips, "LPIPS_VGG16_SHA256_PREFIX", prefix)
+    try:
+        with pytest.raises(lpips.LPIPSUnavailableError) as info:
+            lpips.load_lpips(None, lin_path, verbose=False)
+        assert f"checksum mismatch for {url}: expected {prefix} (sha256 prefix)" in str(info.value)
+        assert f"or save them as {util.url_cache_path(url)} and " in str(info.value)  # the exact cache file
+        assert not os.path.exists(util.url_cache_path(url))
+        served["body"] = good
+        assert isinstance(lpips.load_lpips(None, lin_path, verbose=False), lpips.LPIPS)
+        assert open(util.url_cache_path(url), "rb").read() == good
+    finally:
+        server.shutdown()
+        server.server_close()

@@ -165,10 +165,14 @@ def test_only_this_runs_seeds_are_evaluated(tmp_path):
 
 
 def test_ctrl_c_says_how_to_resume(tmp_path):
-    # The terminal sends SIGINT to the whole foreground group: quickstart and the step it runs.
-    child = "import sys, time\ntry:\n    print('ready', flush=True); time.sleep(60)\nexcept KeyboardInterrupt:\n" \
-            "    sys.exit(1)"
+    # The terminal sends SIGINT to the whole foreground group: quickstart and the step it runs. Both take SIGINT as
+    # a terminal would deliver it: a test runner started in the background (CI) has SIGINT ignored, and an ignored
+    # signal stays ignored in every process started from it.
+    child = "import signal, sys, time\nsignal.signal(signal.SIGINT, signal.default_int_handler)\ntry:\n" \
+            "    print('ready', flush=True); time.sleep(60)\nexcept KeyboardInterrupt:\n    sys.exit(1)"
     script = textwrap.dedent(f"""
+        import signal
+        signal.signal(signal.SIGINT, signal.default_int_handler)
         import click, quickstart
         click.command()(lambda: quickstart._run("training", ["-c", {child!r}]))()
     """)

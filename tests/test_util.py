@@ -256,3 +256,59 @@ def test_nan_to_num_grads():
     p.grad = torch.tensor([float("nan"), float("inf"), -float("inf")])
     misc.nan_to_num_grads_([p])
     assert torch.equal(p.grad, torch.tensor([0.0, 1e5, -1e5]))
+
+
+def test_file_url_cache_copy_follows_a_source_replaced_with_an_older_time(tmp_path):
+    """cp -p / rsync -t give a replaced file an older mtime: the cache copy must still be refreshed."""
+    src = tmp_path / "weights.bin"
+    src.write_bytes(b"new-version-1")
+    os.utime(src, ns=(2_000_000_000_000_000_000, 2_000_000_000_000_000_000))
+    cache_dir = str(tmp_path / "cache")
+    cached = util.open_url(src.as_uri(), cache_dir=cache_dir, return_filename=True)
+    assert open(cached, "rb").read() == b"new-version-1"
+    src.write_bytes(b"old-version")
+    os.utime(src, ns=(1_000_000_000_000_000_000, 1_000_000_000_000_000_000))  # older than the cache copy
+    with util.open_url(src.as_uri(), cache_dir=cache_dir) as f:
+        assert f.read() == b"old-version"
+
+
+def test_file_url_checksum_is_checked_on_the_returned_copy(tmp_path):
+    src = tmp_path / "weights.bin"
+    src.write_bytes(b"payload")
+    good = "sha256:" + hashlib.sha256(b"payload").hexdigest()
+    cache_dir = str(tmp_path / "cache")
+    cached = util.open_url(src.as_uri(), cache_dir=cache_dir, return_filename=True, checksum=good)
+    stat = os.stat(src)
+    with open(cached, "wb") as f:  # same size and time as the source, other bytes
+        f.write(b"PAYLOAD")
+    os.utime(cached, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    assert util.open_url(src.as_uri(), cache_dir=cache_dir, return_filename=True, checksum=good) == cached
+    assert open(cached, "rb").read() == b"payload"
+    # A source that does not fit never lands in the cache.
+    src.write_bytes(b"tampered")
+    with pytest.raises(OSError) as info:
+        util.open_url(src.as_uri(), cache_dir=cache_dir, checksum=good)
+    assert str(info.value) == (f"checksum mismatch for {src.as_uri()}: expected {good[7:]} (sha256), got "
+                               f"{hashlib.sha256(b'tampered').hexdigest()}")
+    assert open(cached, "rb").read() == b"payload" and os.listdir(cache_dir) == [os.path.basename(cached)]
+
+
+def test_open_url_expands_the_home_folder(tmp_path, monkeypatch):
+    monkeypatch.setenv("HOME", str(tmp_path))
+    (tmp_path / "ref.npz").write_bytes(b"home-file")
+    assert util.open_url("~/ref.npz", return_filename=True) == str(tmp_path / "ref.npz")
+    with util.open_url("file://~/ref.npz", cache=False) as f:
+        assert f.read() == b"home-file"
+    with pytest.raises(FileNotFoundError, match=f"no such file: {tmp_path / 'nope.pt'} \\(from ~/nope.pt\\)"):
+        util.open_url("~/nope.pt")
+
+
+def test_checksum_prefix_and_its_format(tmp_path):
+    path = tmp_path / "vgg16_bn-6c64b313.pth"
+    path.write_bytes(b"weights")
+    digest = hashlib.sha256(b"weights").hexdigest()
+    assert util.open_url(str(path), checksum=f"sha256:{digest[:8]}", return_filename=True) == str(path)
+    with pytest.raises(OSError, match=f"expected 0123abcd \\(sha256 prefix\\), got {digest}"):
+        util.open_url(str(path), checksum="sha256:0123abcd")
+    with pytest.raises(ValueError, match="expected 64 hex digits, or a prefix of at least 8"):
+        util.open_url(str(path), checksum="sha256:0123")

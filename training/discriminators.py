@@ -21,7 +21,6 @@ mode (their BatchNorm statistics never change).
 """
 
 import dataclasses
-import hashlib
 import math
 from collections.abc import Callable
 
@@ -51,14 +50,6 @@ def _sn_conv(*args, **kwargs) -> nn.Module:
 # Weights: open_url with a checksum, a local override and an offline error that names the URL.
 
 
-def _sha256(path: str) -> str:
-    digest = hashlib.sha256()
-    with open(path, 'rb') as f:
-        for chunk in iter(lambda: f.read(1 << 20), b''):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 def load_weights_file(what: str, url: str, sha256: str | None, path: str | None = None, hint: str = '',
                       loader: Callable[[str], object] | None = None, verbose: bool = True):
     """The contents of `path` (a local file or URL given by the user) or of the canonical `url` (downloaded once into
@@ -66,21 +57,21 @@ def load_weights_file(what: str, url: str, sha256: str | None, path: str | None 
     carry). loader(local_path) reads it (default: persistence.safe_torch_load, tensors only). Rank 0 fetches first."""
     source = path or url
     rank = dist.get_rank()
+    # The checksum goes to open_url, which verifies the download before it enters the cache: checked only after
+    # caching, a bad download stayed there and failed every later run. A user's own file (`path`) is not checked.
+    checksum = f'sha256:{sha256}' if path is None and sha256 is not None else None
     if rank != 0:
         dist.barrier()
     try:
         try:
-            local = util.open_url(source, return_filename=True, verbose=verbose and rank == 0)
+            # offline_hint='': the message below gives this file's own advice; open_url's generic one would repeat it
+            local = util.open_url(source, return_filename=True, checksum=checksum, verbose=verbose and rank == 0,
+                                  offline_hint='')
         except (OSError, ValueError) as err:
             cache = f', or save {url} as {util.url_cache_path(url)}' if path is None else ''
             raise DiscriminatorUnavailableError(
                 f'could not fetch the {what} from {source}: {str(err).rstrip(".")}. For {what}: download {url} '
                 f'elsewhere and {hint or "pass its local path"}{cache}') from err
-        if path is None and sha256 is not None:
-            digest = _sha256(local)
-            if not digest.startswith(sha256.lower()):
-                raise DiscriminatorUnavailableError(f'{local} (from {url}) has sha256 {digest}, expected '
-                                                    f'{sha256}: delete it and download again')
         try:
             return (loader or persistence.safe_torch_load)(local)
         except DiscriminatorUnavailableError:
