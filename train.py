@@ -528,6 +528,10 @@ def build_config(opts: dnnlib.EasyDict, world_size: int) -> tuple[dnnlib.EasyDic
                       f'({c.total_kimg} kimg): the learning rate never reaches --lr (at the end it is '
                       f'{c.total_kimg / opts.lr_rampup:.2%} of it); for a short run use e.g. '
                       f'--lr-rampup={max(c.total_kimg // 10, 1)}', stacklevel=1)
+    if (getattr(losses.LOSSES.get(loss_name), 'distils_pretrained', False) and opts.init is None
+            and opts.transfer is None and opts.resume is None):
+        warnings.warn(f'--loss={loss_name} distils a pretrained network and normally takes --init=PKL (e.g. an EDM '
+                      f'pickle); without --init it distils a randomly initialised network', stacklevel=1)
     c.ema_halflife_kimg = int(opts.ema * 1000)
     c.ema_rampup_ratio = opts.ema_rampup or None
     c.lr_rampup_kimg = opts.lr_rampup

@@ -249,11 +249,14 @@ def preconditioning_for(name: str, precond: str | None) -> str:
             raise ValueError(f"--precond={precond} is not a denoiser; --loss={name} trains edm, vp or ve "
                              f"(--precond={precond} is for --loss {' or '.join(users)})")
         return precond or 'edm'
+    default = 'edm' if 'edm' in declared else declared[0]
     if precond is None:
-        return 'edm' if 'edm' in declared else declared[0]
+        return default
     if precond not in declared:
+        # train.py --init without --precond wraps the pickle's network in the first declared one (GDD: gdd)
+        with_init = f', {declared[0]} with --init' if declared[0] != default else ''
         raise ValueError(f"--precond={precond} cannot train --loss={name}, which trains {' or '.join(declared)} "
-                         f"(leave --precond out to get {'edm' if 'edm' in declared else declared[0]})")
+                         f"(leave --precond out to get {default}{with_init})")
     return precond
 
 

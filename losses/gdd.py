@@ -77,6 +77,9 @@ class GDDLoss:
     # --augment augments what the discriminator sees; the generator gets no augmentation labels (train.py builds the
     # network without that input: a layer nothing feeds stops DDP).
     feeds_augment_labels = False
+    # It distils a pretrained denoiser into a one-step generator: train.py warns when no --init (or --transfer,
+    # --resume) gives it one.
+    distils_pretrained = True
 
     # The --precond values it trains, its default first: GDD's shifted EDM preconditioning, or EDM's (equivalent to
     # about 5e-5 at sigma = 80). train.py --init swaps an EDM pickle's wrapper for the first unless --precond is given.

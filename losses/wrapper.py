@@ -1,8 +1,9 @@
 """LossWrapper: the shared base of the plug-ins that modify another loss (STF's targets, AOT's noise pairing).
 
 A wrapper holds its base loss (built from `base_kwargs`, EDM's loss by default) and passes through what it does
-not change: the process, the batch source and the data checks. Wrappers nest (AOT over STF over EDM) and are
-registered in losses.LOSS_WRAPPERS with the train.py flags that turn them on.
+not change: the process, the batch source, the data checks and the capability flags (uses_loop_lr_ramp,
+feeds_augment_labels). Wrappers nest (AOT over STF over EDM) and are registered in losses.LOSS_WRAPPERS with the
+train.py flags that turn them on.
 """
 
 import collections.abc
@@ -26,6 +27,16 @@ class LossWrapper:
     @property
     def process(self):
         return self.base.process
+
+    # The base's capability flags (class attributes a loss may declare, read by train.py and the loop on the loss
+    # they are given), with the default where the base declares none: a wrapper changes none of them.
+    @property
+    def uses_loop_lr_ramp(self) -> bool:
+        return getattr(self.base, 'uses_loop_lr_ramp', True)
+
+    @property
+    def feeds_augment_labels(self) -> bool:
+        return getattr(self.base, 'feeds_augment_labels', True)
 
     def batch_source(self, data, inner):
         return self.base.batch_source(data, inner)

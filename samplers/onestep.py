@@ -32,9 +32,20 @@ class OneStepSampling:
         default = SamplerConfig()
         return dataclasses.replace(config, **{name: getattr(default, name) for name in SPEED_FIELDS}) == default
 
+    @staticmethod
+    def _grid(method, net, config: SamplerConfig, *args):
+        """A GridSampling call; --steps=1 (a grid ending at 0 needs 2 steps) gets an error naming the one step."""
+        try:
+            return method(net, config, *args)
+        except ValueError as err:
+            if config.num_steps == 1 and config.end != "sigma_min" and "needs num_steps >= 2" in str(err):
+                raise ValueError("--steps=1: a one-step snapshot samples in one step without --steps (or any other "
+                                 "sampler option); for a one-step grid use --steps=1 --end=sigma_min") from None
+            raise
+
     def prepare(self, net, config: SamplerConfig, device=None):
         if not self.is_one_step(config):
-            return "grid", GRID_SAMPLING.prepare(net, config, device)
+            return "grid", self._grid(GRID_SAMPLING.prepare, net, config, device)
         return "one_step", torch.tensor(self.sigma, dtype=torch.float64, device=device)
 
     def record(self, net, config: SamplerConfig) -> dict:
@@ -45,8 +56,9 @@ class OneStepSampling:
 
     def describe(self, net, config: SamplerConfig) -> str:
         if not self.is_one_step(config):
-            return GRID_SAMPLING.describe(net, config)
-        return (f"one step: D({self.sigma:g} z; {self.sigma:g}) (float64 input, fp32 network); 1 NFE per image "
+            return self._grid(GRID_SAMPLING.describe, net, config)
+        network = "fp32 network" if config.precision == "fp32" else f"network under {config.precision} autocast"
+        return (f"one step: D({self.sigma:g} z; {self.sigma:g}) (float64 input, {network}); 1 NFE per image "
                 f"(any sampler option samples over a sigma grid instead)")
 
     def sample(self, net, plan, inputs: SeedInputs, config: SamplerConfig) -> torch.Tensor:

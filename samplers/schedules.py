@@ -227,7 +227,8 @@ def make_grid(schedule: str = "edm", num_steps: int | None = 18, sigma_min: floa
         sigma_max = min(sigma_max, sigma_range[1])
     if end == "zero":
         if num_steps < 2:
-            raise ValueError("end='zero' needs num_steps >= 2 (sigma_max ... sigma_min, then 0)")
+            raise ValueError("end='zero' needs num_steps >= 2 (sigma_max ... sigma_min, then 0): use --steps >= 2, "
+                             "or --end=sigma_min for a grid of one step")
         levels = SCHEDULES[schedule](num_steps - 1, sigma_min, sigma_max, device=device, **schedule_kwargs)
     else:
         levels = SCHEDULES[schedule](num_steps, sigma_min, sigma_max, device=device, **schedule_kwargs)

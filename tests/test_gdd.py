@@ -656,6 +656,24 @@ def test_gdd_i_keeps_frozen_tensors_bit_identical(gdd_data, tmp_path):
     assert len(state['optimizers']['G']['param_groups'][0]['params']) == len(trained)
 
 
+def test_resume_with_another_freeze_level_is_a_one_line_error(gdd_data, tmp_path, capsys):
+    """The G optimizer of freeze=1 holds fewer tensors than the state's (freeze=0): torch's raw parameter-group error
+    becomes one naming the phase and the fix, and the resume is not announced as exact (the options changed)."""
+    first, second = str(tmp_path / 'first'), str(tmp_path / 'second')
+    os.makedirs(first), os.makedirs(second)
+    tl.training_loop(**dict(gdd_loop_kwargs(first, gdd_data), total_kimg=0.016))
+    state_path = os.path.join(first, 'training-state-000000.pt')
+    capsys.readouterr()
+    with pytest.raises(ValueError) as info:
+        tl.training_loop(**dict(gdd_loop_kwargs(second, gdd_data, freeze=1), total_kimg=0.032, resume_pkl=None,
+                                resume_state_dump=state_path))
+    assert str(info.value) == (f"{state_path}: the optimizer of phase 'G' trains other parameters than the state's "
+                               f"(e.g. a changed --loss-opt freeze or discriminator); resume with the options the run "
+                               f"was made with")
+    output = capsys.readouterr().out
+    assert f'Resuming from "{state_path}"...' in output and 'Resuming exactly' not in output
+
+
 @pytest.mark.slow
 def test_exact_resume_of_a_gdd_run(gdd_data, tmp_path):
     """6 iterations straight == 2, then a resume to 6 (R1 at 2 and 4): G, D, both optimizers, EMA and RNG."""

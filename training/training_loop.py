@@ -417,9 +417,9 @@ def _build(*, dataset_kwargs, data_loader_kwargs, network_kwargs, loss_kwargs, o
                 source=source)
 
 
-def _resume(run: _Run, *, state, resume_pkl, resume_state_dump, resume_kimg, optimizer_kwargs) -> None:
+def _resume(run: _Run, *, state, resume_pkl, resume_state_dump, resume_kimg, optimizer_kwargs, exact=True) -> None:
     """Weights from a snapshot (--transfer), an EDM training state (approximate) or ours (exact: networks, EMA,
-    optimizers, scalers, counters and, last, the RNG states)."""
+    optimizers, scalers, counters and, last, the RNG states; `exact=False` where trajectory options changed)."""
     run.cur_nimg = int(resume_kimg * 1000)
     if resume_pkl is not None:
         dist.print0(f'Loading network weights from "{resume_pkl}"...')
@@ -439,7 +439,7 @@ def _resume(run: _Run, *, state, resume_pkl, resume_state_dump, resume_kimg, opt
             group.setdefault('base_lr', optimizer_kwargs.get('lr', group['lr']))
         del data
     if state is not None:
-        dist.print0(f'Resuming exactly from "{resume_state_dump}"...')
+        dist.print0(f'Resuming {"exactly " if exact else ""}from "{resume_state_dump}"...')
         for name, module in run.networks.items():
             if name not in state['networks']:
                 raise ValueError(f'{resume_state_dump}: no weights for network {name!r}')
@@ -454,7 +454,12 @@ def _resume(run: _Run, *, state, resume_pkl, resume_state_dump, resume_kimg, opt
                 raise ValueError(f'{resume_state_dump}: no optimizer state for phase {phase.name!r}')
             configured = [{key: group[key] for key in ('base_lr', 'fused', 'foreach') if key in group}
                           for group in phase.optimizer.param_groups]
-            phase.optimizer.load_state_dict(state['optimizers'][phase.name])
+            try:
+                phase.optimizer.load_state_dict(state['optimizers'][phase.name])
+            except ValueError:  # torch: another number or size of parameter groups
+                raise ValueError(f'{resume_state_dump}: the optimizer of phase {phase.name!r} trains other parameters '
+                                 f'than the state\'s (e.g. a changed --loss-opt freeze or discriminator); resume with '
+                                 f'the options the run was made with') from None
             # The learning rate and the kernel choice (--fused-adam) are this run's; the moments are the state's.
             for group, settings in zip(phase.optimizer.param_groups, configured):
                 group.update(settings)
@@ -715,13 +720,14 @@ def training_loop(
                    lr_rampup_kimg=lr_rampup_kimg, loss_scaling=loss_scaling, precision=precision, rng=rng)
 
     # Our training state (exact resume) or EDM's (approximate)?
-    state = None
+    state, exact = None, True
     if resume_state_dump is not None:
         state = load_training_state(resume_state_dump)
         if state is not None:
             saved = json.loads(state['options'])
             changed = [k for k in _TRAJECTORY_OPTIONS
                        if _options_json(saved.get(k)) != _options_json(options.get(k))]
+            exact = not changed
             if changed:
                 dist.warn0(f'resuming from {resume_state_dump} with different {", ".join(changed)}: the '
                               f'continuation will not be exact', stacklevel=2)
@@ -737,7 +743,7 @@ def training_loop(
     if phema_stds:
         run.phema = PowerEMA(run.net, phema_stds)
     _resume(run, state=state, resume_pkl=resume_pkl, resume_state_dump=resume_state_dump, resume_kimg=resume_kimg,
-            optimizer_kwargs=optimizer_kwargs)
+            optimizer_kwargs=optimizer_kwargs, exact=exact)
     del state
     if max_nonfinite_steps < 1:
         raise ValueError(f'max_nonfinite_steps must be >= 1, got {max_nonfinite_steps}')
