@@ -286,6 +286,10 @@ def apply_saved_options(opts: dnnlib.EasyDict, saved: dict, explicit: set, state
             opts[key] = old
             continue
         new = opts[key]
+        if key == 'loss_opt' and old and _same_loss(opts, saved, explicit):
+            # KEY=VALUE items update the run's own (a resume that sets freeze=1 keeps its discriminator=...); an
+            # option is returned to its default by naming it with that value.
+            new = opts[key] = merge_loss_options(old, new)
         if _options_equal(new, old) or (old is None and new == _default_resolution(key, saved)):
             continue
         flag = '--' + key.replace('_', '-')
@@ -299,6 +303,20 @@ def apply_saved_options(opts: dnnlib.EasyDict, saved: dict, explicit: set, state
         exact = 'the continuation stays exact' if key in _EXACT_OPTIONS else 'the continuation is not exact'
         notes.append(f'{flag}: {old!r} -> {new!r} ({exact})')
     return notes
+
+
+def _same_loss(opts: dnnlib.EasyDict, saved: dict, explicit: set) -> bool:
+    """Whether the resumed run keeps the saved run's loss (its saved --loss-opt items then still apply)."""
+    if 'loss' not in explicit:
+        return True
+    return opts.loss in (saved.get('loss'), _default_resolution('loss', saved))
+
+
+def merge_loss_options(saved_items, given_items) -> list[str]:
+    """The saved KEY=VALUE items, each replaced by a given item of the same key, then the given items with new keys."""
+    given = {str(item).partition('=')[0].strip(): item for item in given_items}
+    kept = [item for item in saved_items if str(item).partition('=')[0].strip() not in given]
+    return kept + list(given.values())
 
 
 def _default_resolution(key: str, saved: dict):

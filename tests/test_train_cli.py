@@ -11,6 +11,7 @@ import torch
 from click.testing import CliRunner
 from train_worker import random_images, write_zip_dataset
 
+import dnnlib
 import train
 from losses.denoising import SIGMA_BIN_EDGES
 from torch_utils import persistence, training_stats
@@ -352,3 +353,21 @@ def test_warnings_given_before_the_log_opens_are_in_log_txt(datasets, tmp_path):
     assert log.count('learning-rate ramp-up') == 1
     import warnings
     assert warnings.showwarning.__name__ != 'show_and_keep'  # given back when the command ended
+
+
+def test_loss_opt_on_resume_updates_the_saved_options_key_by_key():
+    # Before, --loss-opt on resume replaced the run's whole list: `--loss-opt freeze=1` on a GDD run dropped its
+    # discriminator=sn_cnn (the default projected one came back); `c1=3` on an SPD run dropped T=50.
+    saved = {'loss': 'spd', 'loss_opt': ['T=50', 'c1=2.0']}
+    opts = dnnlib.EasyDict(loss=None, loss_opt=('c1=3.0', 'm=2.5'))
+    notes = train.apply_saved_options(opts, saved, {'loss_opt'}, 'state.pt')
+    assert opts.loss == 'spd' and opts.loss_opt == ['T=50', 'c1=3.0', 'm=2.5']
+    assert notes == ["--loss-opt: ['T=50', 'c1=2.0'] -> ['T=50', 'c1=3.0', 'm=2.5'] (the continuation is not exact)"]
+    # The same items again: no change, no note.
+    opts = dnnlib.EasyDict(loss=None, loss_opt=('c1=2.0',))
+    assert train.apply_saved_options(opts, saved, {'loss_opt'}, 'state.pt') == []
+    assert opts.loss_opt == ['T=50', 'c1=2.0']
+    # Another loss: its options are not the saved loss's, so they replace them.
+    opts = dnnlib.EasyDict(loss='ddpm', loss_opt=('T=40',))
+    train.apply_saved_options(opts, saved, {'loss', 'loss_opt'}, 'state.pt')
+    assert list(opts.loss_opt) == ['T=40']
