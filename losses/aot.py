@@ -239,15 +239,8 @@ class AOTLoss(LossWrapper):
             raise ValueError('AOT is already applied to this loss')
         # AOT feeds its pools through the base's batch source and its paired noise to a loss that reads batch.noise
         # (the denoising losses' `noise` hook); a loss without them (GDD) would fail only once training starts.
-        innermost = self.innermost()
-        missing = [hook for hook in ('batch_source', 'noise') if not hasattr(innermost, hook)]
-        if missing:
-            from losses import LOSSES  # losses/__init__.py imports this module
-            names = [name for name, cls in LOSSES.items() if type(innermost) is cls]
-            usable = [name for name, cls in LOSSES.items() if all(hasattr(cls, hook) for hook in missing)]
-            which = f'--loss={names[0]}' if names else f'the loss {type(innermost).__name__}'
-            raise TypeError(f'--aot: AOT pairs noise with images for a denoising loss ({", ".join(usable)}); {which} '
-                            f'is not one (it lacks the hooks {", ".join(missing)})')
+        self.require_hooks(self.innermost(), ('batch_source', 'noise'), '--aot',
+                           'AOT pairs noise with images for a denoising loss')
 
     def batch_source(self, data, inner):
         # The pool replaces the plain stream underneath whatever the wrapped losses add on top (STF's references).

@@ -131,16 +131,7 @@ class STFLoss(LossWrapper):
         self.mask_classes = bool(mask_classes)
         if self.num_refs < 1:
             raise ValueError(f'STFLoss: num_refs (--stf-refs) must be >= 1, got {num_refs}')
-        missing = [hook for hook in ('noisy_batch',) if not hasattr(self.base, hook)]
-        if missing:
-            # Named as the user chose them (--stf over --loss=NAME) where the base is a registered loss; the hooks
-            # are what STF's targets need of it. Imported here: losses/__init__.py imports this module.
-            from losses import LOSSES
-            names = [name for name, cls in LOSSES.items() if type(self.base) is cls]
-            denoising = [name for name, cls in LOSSES.items() if all(hasattr(cls, hook) for hook in missing)]
-            which = f'--loss={names[0]}' if names else f'the loss {type(self.base).__name__}'
-            raise TypeError(f'--stf: STF targets need a denoising loss ({", ".join(denoising)}); {which} is not '
-                            f'one (it lacks the denoising-loss hooks {", ".join(missing)})')
+        self.require_hooks(self.base, ('noisy_batch',), '--stf', 'STF targets need a denoising loss', 'denoising-loss')
         if isinstance(self.base, STFLoss):
             raise ValueError('STF is already applied to this loss')
 

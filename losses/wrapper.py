@@ -47,6 +47,20 @@ class LossWrapper:
     def __call__(self, net, batch, augment_pipe=None):
         return self.base(net, batch, augment_pipe=augment_pipe)
 
+    def require_hooks(self, loss, hooks, flag: str, needs: str, kind: str = '') -> None:
+        """TypeError naming the wrapper's flag and the base loss as the user chose it (--loss=NAME) when `loss`
+        lacks one of `hooks`: caught when the wrapper is built, before any run directory exists. `needs` says what
+        the wrapper needs, e.g. 'STF targets need a denoising loss'."""
+        missing = [hook for hook in hooks if not hasattr(loss, hook)]
+        if not missing:
+            return
+        from losses import LOSSES  # losses/__init__.py imports the wrappers
+        names = [name for name, cls in LOSSES.items() if type(loss) is cls]
+        usable = [name for name, cls in LOSSES.items() if all(hasattr(cls, hook) for hook in missing)]
+        which = f'--loss={names[0]}' if names else f'the loss {type(loss).__name__}'
+        raise TypeError(f'{flag}: {needs} ({", ".join(usable)}); {which} is not one (it lacks the '
+                        f'{kind + " " if kind else ""}hooks {", ".join(missing)})')
+
     def innermost(self):
         """The base loss at the bottom of a chain of wrappers."""
         loss = self.base
