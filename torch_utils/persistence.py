@@ -37,7 +37,6 @@ import copy
 import importlib
 import inspect
 import io
-import itertools
 import os
 import pickle
 import pickletools
@@ -932,8 +931,6 @@ def _rebuild(pickled: PickledObject, classes: dict, source: str, memo: dict):
                 dist.warn0(f"{source}: ignoring constructor arguments {unknown} of {pickled.class_name}, which "
                               f"our {cls.__qualname__} does not take", stacklevel=2)
                 init_kwargs = {k: v for k, v in init_kwargs.items() if k not in unknown}
-    if issubclass(cls, torch.nn.Module):
-        _check_constructed_size(cls, init_args, init_kwargs, pickled, source)
     try:
         # The constructor draws initial weights that the pickle's then replace: from a forked generator, so that
         # loading a file leaves the caller's random stream as pickle.load does (EDM resumes and --transfer draw
@@ -952,31 +949,6 @@ def _rebuild(pickled: PickledObject, classes: dict, source: str, memo: dict):
             if name not in ("_init_args", "_init_kwargs") and isinstance(value, (torch.Tensor, PickledObject)):
                 setattr(obj, name, _import_objects(value, classes, source, memo))
     return obj
-
-
-# A network the constructor arguments describe may hold this many more elements than the pickle's own tensors
-# (buffers a class does not pickle, e.g. resampling filters), and twice as many, before it is refused unbuilt.
-_CONSTRUCTED_SIZE_SLACK = 1 << 24
-
-
-def _check_constructed_size(cls, init_args, init_kwargs, pickled: PickledObject, source: str) -> None:
-    """Refuse constructor arguments that describe a network far larger than the tensors the pickle holds, before
-    building it: the sizes come from the file (a 250 KB pickle declaring channels=8e6 would otherwise allocate
-    gigabytes before its tensors are compared). The network is built on the meta device (no memory); a class whose
-    constructor cannot run there is built as before."""
-    try:
-        with torch.device("meta"), warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            probe = cls(*init_args, **init_kwargs)
-    except Exception:  # noqa: BLE001 -- the real build below reports constructor errors
-        return
-    built = sum(t.numel() for t in itertools.chain(probe.parameters(), probe.buffers()))
-    _, params, buffers = _pickled_module_tree(pickled, source)
-    stored = sum(t.numel() for t in itertools.chain(params.values(), buffers.values()))
-    if built > 2 * stored + _CONSTRUCTED_SIZE_SLACK:
-        raise NetworkPickleError(f"{source}: the pickled constructor arguments of {pickled.class_name} describe a "
-                                 f"network of {built:,} elements, but the pickle holds {stored:,}: refusing to build "
-                                 f"it")
 
 
 def _import_objects(obj, classes: dict, source: str, memo: dict):
