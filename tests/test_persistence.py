@@ -654,6 +654,85 @@ def test_torch_files_are_checked_as_torch_reads_them(tmp_path):
     assert torch.equal(persistence.safe_torch_load(io.BytesIO(plain.getvalue()))["x"], torch.zeros(1000))
 
 
+def _tiny_edm_precond(**kwargs):
+    from training import preconditioning
+    return preconditioning.EDMPrecond(img_resolution=8, img_channels=1, model_type="SongUNet", model_channels=16,
+                                      channel_mult=[1], num_blocks=1, attn_resolutions=[], **kwargs)
+
+
+def test_constructor_arguments_far_larger_than_the_tensors_are_refused_unbuilt():
+    # The sizes a network is built with come from the file: a 50 KB pickle declaring label_dim=8e7 described a
+    # 5 GB network that was allocated before its tensors were compared (an audit's repro: 1.5 GB at 8e6).
+    net = _tiny_edm_precond()
+    assert persistence.load_network_pickle(io.BytesIO(pickle.dumps({"ema": net}, protocol=4)))["ema"].label_dim == 0
+    stored = sum(t.numel() for t in [*net.parameters(), *net.buffers()])
+    net._init_kwargs["label_dim"] = 80_000_000
+    data = pickle.dumps({"ema": net}, protocol=4)
+    assert len(data) < 1 << 20
+    limit = persistence._CONSTRUCTION_FACTOR * stored + persistence._CONSTRUCTION_SLACK
+    with pytest.raises(persistence.NetworkPickleError, match=rf"<file object>: the pickled constructor arguments of "
+                                                             rf"EDMPrecond ask for tensors of more than {limit:,} "
+                                                             rf"elements, but the pickle holds {stored:,}: refusing"):
+        persistence.load_network_pickle(io.BytesIO(data))
+
+
+def test_constructor_size_is_checked_before_a_loop_it_drives():
+    # iDDPM's constructor builds its sigma table in a Python loop of M steps after allocating M + 1 floats: M=1e9
+    # from a file is refused at the allocation, not hours later.
+    import time
+
+    from training import preconditioning
+    net = preconditioning.iDDPMPrecond(img_resolution=8, img_channels=1, model_type="SongUNet", model_channels=16,
+                                       channel_mult=[1], num_blocks=1, attn_resolutions=[])
+    net._init_kwargs["M"] = 1_000_000_000
+    start = time.perf_counter()
+    with pytest.raises(persistence.NetworkPickleError, match="iDDPMPrecond ask for tensors of more than"):
+        persistence.load_network_pickle(io.BytesIO(pickle.dumps({"ema": net}, protocol=4)))
+    assert time.perf_counter() - start < 10
+
+
+@pytest.mark.parametrize("call", [
+    "torch.empty(3, 4)", "torch.zeros((3, 4))", "torch.ones(size=(2, 5))", "torch.randn(torch.Size([2, 3]))",
+    "torch.rand(5)", "torch.empty(size=[4])", "torch.full((2, 3), 1.0)", "torch.randint(0, 5, (3, 2))",
+    "torch.randint(5, (7,))", "torch.eye(3, 5)", "torch.eye(4)", "torch.arange(10)", "torch.arange(0, 10, 3)",
+    "torch.arange(start=0, end=5)", "torch.arange(1.0, 2.0, 0.3)", "torch.linspace(0, 1, 7)",
+    "torch.empty_strided((2, 3), (3, 1))", "torch.randperm(9)", "torch.zeros_like(t)", "t.new_zeros(3, 4)",
+    "t.new_empty((5, 6))", "t.new_full((2, 2), 1.0)", "t.new_ones(7)"])
+def test_allocation_budget_reads_factory_sizes_as_torch_does(call):
+    names = {"torch": torch, "t": torch.ones(2, 7)}
+    expected = eval(call, names).numel()  # torch's own reading of the arguments
+    with persistence._AllocationBudget(10 ** 6, "Probe", 0, "<test>") as budget:
+        eval(call, names)
+    assert budget.requested == expected
+
+
+def test_allocation_budget_refuses_before_the_call_that_would_pass_it():
+    with pytest.raises(persistence.NetworkPickleError, match=r"<src>: the pickled constructor arguments of Probe ask "
+                                                             r"for tensors of more than 100 elements, but the pickle "
+                                                             r"holds 7: refusing to build it"):
+        with persistence._AllocationBudget(100, "Probe", 7, "<src>"):
+            torch.zeros(60)
+            torch.zeros(41)  # 101 > 100
+    with persistence._AllocationBudget(100, "Probe", 7, "<src>") as budget:
+        torch.zeros(60)
+        torch.zeros(40)
+    assert budget.requested == 100
+
+
+def test_loading_a_network_does_not_import_torch_dynamo():
+    # A meta-device build (an earlier size check) imported torch._dynamo: 1.4 s on every load, and 2-rank
+    # generate.py runs then aborted at exit now and then.
+    code = ("import io, pickle, sys; import training.snapshots; from torch_utils import persistence; "
+            "from training import preconditioning as p; "
+            "net = p.EDMPrecond(img_resolution=8, img_channels=1, model_type='SongUNet', model_channels=16, "
+            "channel_mult=[1], num_blocks=1, attn_resolutions=[]); "
+            "persistence.load_network_pickle(io.BytesIO(pickle.dumps({'ema': net}, protocol=4))); "
+            "print('torch._dynamo' in sys.modules)")
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    out = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False", out.stderr
+
+
 def test_tensor_with_pickled_backward_hooks_is_refused():
     class HookedTensor:
         def __reduce__(self):

@@ -37,6 +37,8 @@ import copy
 import importlib
 import inspect
 import io
+import itertools
+import math
 import os
 import pickle
 import pickletools
@@ -51,6 +53,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from torch.overrides import TorchFunctionMode
 
 import dnnlib
 from dnnlib.util import EasyDict
@@ -931,12 +934,21 @@ def _rebuild(pickled: PickledObject, classes: dict, source: str, memo: dict):
                 dist.warn0(f"{source}: ignoring constructor arguments {unknown} of {pickled.class_name}, which "
                               f"our {cls.__qualname__} does not take", stacklevel=2)
                 init_kwargs = {k: v for k, v in init_kwargs.items() if k not in unknown}
+    if issubclass(cls, torch.nn.Module):
+        _, params, buffers = _pickled_module_tree(pickled, source)
+        tensors = itertools.chain(params.values(), buffers.values())
+    else:
+        tensors = (value for value in pickled.state.values() if isinstance(value, torch.Tensor))
+    stored = sum(t.numel() for t in tensors)
+    budget = _AllocationBudget(_CONSTRUCTION_FACTOR * stored + _CONSTRUCTION_SLACK, pickled.class_name, stored, source)
     try:
         # The constructor draws initial weights that the pickle's then replace: from a forked generator, so that
         # loading a file leaves the caller's random stream as pickle.load does (EDM resumes and --transfer draw
         # their first sigma and noise right after loading).
-        with torch.device("cpu"), torch.random.fork_rng(devices=[]):
+        with torch.device("cpu"), torch.random.fork_rng(devices=[]), budget:
             obj = cls(*init_args, **init_kwargs)
+    except NetworkPickleError:
+        raise
     except Exception as err:
         raise NetworkPickleError(f"{source}: cannot build {cls.__module__}.{cls.__qualname__} from the pickled "
                                  f"init kwargs {dict(init_kwargs)!r}: {type(err).__name__}: {err}") from err
@@ -949,6 +961,79 @@ def _rebuild(pickled: PickledObject, classes: dict, source: str, memo: dict):
             if name not in ("_init_args", "_init_kwargs") and isinstance(value, (torch.Tensor, PickledObject)):
                 setattr(obj, name, _import_objects(value, classes, source, memo))
     return obj
+
+
+# A constructor may ask torch's factory functions for this many times the elements of the tensors its pickle holds,
+# plus the slack (buffers a class does not pickle, e.g. resampling filters; a discriminator's fixed projection),
+# before the build is stopped: the sizes come from the file's constructor arguments.
+_CONSTRUCTION_FACTOR = 4
+_CONSTRUCTION_SLACK = 1 << 24
+
+
+def _requested_size(name: str, args: tuple, kwargs: dict):
+    """The shape a torch factory call asks for, from its arguments (without allocating: a meta-device probe would
+    import torch._dynamo on every load), or None for a call that is not a factory."""
+    def shape(value):
+        if isinstance(value, (tuple, list, torch.Size)):
+            if len(value) == 1 and isinstance(value[0], (tuple, list, torch.Size)):
+                return shape(value[0])
+            return [int(v) for v in value]
+        return [int(value)]
+
+    if "size" in kwargs and name in _SIZED_FACTORIES | _NEW_METHODS | {"randint", "full", "empty_strided"}:
+        return shape(kwargs["size"])
+    if name in _SIZED_FACTORIES:
+        return shape(args)
+    if name in ("full", "empty_strided", "randperm"):
+        return shape(args[0])
+    if name == "randint":
+        return shape(next(a for a in reversed(args) if isinstance(a, (tuple, list, torch.Size))))
+    if name == "new_full":  # Tensor.new_full(self, size, fill_value)
+        return shape(args[1])
+    if name in _NEW_METHODS:  # Tensor.new_zeros(self, *size)
+        return shape(args[1:])
+    if name == "eye":
+        n = int(args[0] if args else kwargs["n"])
+        return [n, int(args[1] if len(args) > 1 else kwargs.get("m", n))]
+    if name in ("linspace", "logspace"):
+        return [int(args[2] if len(args) > 2 else kwargs["steps"])]
+    if name == "arange":
+        values = list(args) + [kwargs[k] for k in ("start", "end", "step") if k in kwargs]
+        start, end, step = (0, values[0], 1) if len(values) == 1 else (values + [1])[:3]
+        return [max(0, math.ceil((float(end) - float(start)) / float(step)))]
+    if name.endswith("_like") and args and isinstance(args[0], torch.Tensor):
+        return list(args[0].shape)
+    return None
+
+
+_SIZED_FACTORIES = frozenset({"empty", "zeros", "ones", "rand", "randn"})
+_NEW_METHODS = frozenset({"new_empty", "new_zeros", "new_ones", "new_full"})
+
+
+class _AllocationBudget(TorchFunctionMode):
+    """Stop a constructor once the tensors it asks torch's factory functions for (torch.empty, randn, zeros, ...)
+    add up to more than `limit` elements, before the call that would pass it allocates: a 250 KB pickle declaring
+    label_dim=8e6 described a 1.5 GB network, allocated before its tensors were compared with the file's."""
+
+    def __init__(self, limit: int, class_name: str, stored: int, source: str):
+        super().__init__()
+        self.limit, self.class_name, self.stored, self.source = limit, class_name, stored, source
+        self.requested = 0
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        name = getattr(func, "__name__", "")
+        try:
+            size = _requested_size(name, args, kwargs)
+        except (TypeError, ValueError, IndexError, KeyError, StopIteration, OverflowError):
+            size = None  # Not a factory call we can read; torch itself reports malformed sizes.
+        if size is not None:
+            self.requested += math.prod(max(0, s) for s in size)
+            if self.requested > self.limit:
+                raise NetworkPickleError(
+                    f"{self.source}: the pickled constructor arguments of {self.class_name} ask for tensors of more "
+                    f"than {self.limit:,} elements, but the pickle holds {self.stored:,}: refusing to build it")
+        return func(*args, **kwargs)
 
 
 def _import_objects(obj, classes: dict, source: str, memo: dict):
