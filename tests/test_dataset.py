@@ -389,3 +389,36 @@ def test_sampler_drives_a_dataloader(tmp_path):
     batch = torch.cat([next(loader)[0] for _ in range(3)]).numpy()
     expected = _reference_stream(5, 0, 1, 2, 0.5, 12)
     np.testing.assert_array_equal(batch, images[expected].transpose(0, 3, 1, 2))
+
+
+def test_pyspng_path_keeps_pils_pixel_limit(monkeypatch):
+    # pyspng (optional) decodes without PIL's decompression-bomb limit: a 57-byte PNG header can declare 10^10
+    # pixels. The limit is checked from the IHDR chunk before pyspng sees the bytes.
+    import struct
+    import zlib
+
+    from training import dataset
+
+    calls = []
+
+    class FakePyspng:
+        @staticmethod
+        def load(data):
+            calls.append(len(data))
+            return np.zeros([2, 3, 3], np.uint8)
+
+    def png(width, height):
+        ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+        chunk = struct.pack(">I", len(ihdr)) + b"IHDR" + ihdr + struct.pack(">I", zlib.crc32(b"IHDR" + ihdr))
+        return b"\x89PNG\r\n\x1a\n" + chunk + b"\x00\x00\x00\x00IEND\xaeB`\x82"
+
+    monkeypatch.setattr(dataset, "pyspng", FakePyspng)
+    limit = 2 * PIL.Image.MAX_IMAGE_PIXELS
+    with pytest.raises(dataset.DatasetError, match=rf"^big\.png: the PNG declares 100000x100000 = 10,000,000,000 "
+                                                   rf"pixels, more than the {limit:,} allowed"):
+        dataset.decode_image(png(100_000, 100_000), "big.png")
+    assert calls == []
+    assert dataset.decode_image(png(3, 2), "small.png").shape == (2, 3, 3) and len(calls) == 1
+    side = int(limit ** 0.5)  # at the limit: decoded
+    dataset.decode_image(png(side, side), "edge.png")
+    assert len(calls) == 2

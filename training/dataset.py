@@ -188,8 +188,11 @@ def _file_ext(fname: str) -> str:
 
 def decode_image(data: bytes, fname: str, use_pyspng: bool = True) -> np.ndarray:
     """Decode PNG/JPEG/... bytes to a uint8 HWC array (C = 1 for grayscale); `fname` only names errors."""
+    use_pyspng = use_pyspng and pyspng is not None and _file_ext(fname) == ".png"
+    if use_pyspng:
+        _check_png_pixels(data, fname)
     try:
-        if use_pyspng and pyspng is not None and _file_ext(fname) == ".png":
+        if use_pyspng:
             image = pyspng.load(data)
         else:
             with PIL.Image.open(io.BytesIO(data)) as img:
@@ -221,6 +224,18 @@ def png_header_shape(head: bytes) -> tuple[int, int, int] | None:
     if bit_depth != 8 or colour_type not in _PNG_CHANNELS:
         return None
     return _PNG_CHANNELS[colour_type], height, width
+
+
+def _check_png_pixels(data: bytes, fname: str) -> None:
+    """PIL's decompression-bomb limit (twice `PIL.Image.MAX_IMAGE_PIXELS`) for PNGs that pyspng decodes: it has none,
+    and a few KB of PNG can declare gigapixels."""
+    limit = PIL.Image.MAX_IMAGE_PIXELS
+    if limit is None or len(data) < 24 or data[:8] != _PNG_SIGNATURE or data[12:16] != b"IHDR":
+        return  # pyspng reports a malformed file itself
+    width, height = struct.unpack(">II", data[16:24])
+    if width * height > 2 * limit:
+        raise DatasetError(f"{fname}: the PNG declares {width}x{height} = {width * height:,} pixels, more than the "
+                           f"{2 * limit:,} allowed (PIL.Image.MAX_IMAGE_PIXELS x 2): refusing to decode it")
 
 
 def png_is_complete(head: bytes, tail: bytes) -> bool:
