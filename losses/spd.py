@@ -21,7 +21,7 @@ import os
 import numpy as np
 import torch
 
-from processes.spd import CIFAR10_RESOLUTION, CIFAR10_SIGMA0, DDPMProcess, SPDProcess, fit_power_law
+from processes.spd import C2_SEARCH, CIFAR10_RESOLUTION, CIFAR10_SIGMA0, DDPMProcess, SPDProcess, fit_power_law
 from samplers.fourier import to_fourier
 from torch_utils import distributed as dist
 
@@ -128,9 +128,12 @@ class SPDLoss(FourierEpsLoss):
         result = fit_power_law(power)
         empty = (f", {result['zero_power_radii']} radii without power left out" if result['zero_power_radii']
                  else "")
+        bound = (f", c2 at its search bound {result['c2_at_bound']:g} (the images do not fix it within "
+                 f"[{C2_SEARCH[0]:g}, {C2_SEARCH[1]:g}]; to choose it, give c1, c2 and m instead of fit)"
+                 if result['c2_at_bound'] is not None else "")
         source = (f"fitted to {path}: {num_images} images {shape[0]}x{shape[1]}x{shape[2]} in [-1, 1], radially "
                   f"averaged E|F x|^2 over the non-DC frequencies{empty}, rms log10 residual "
-                  f"{result['rms_log10']:.3f}")
+                  f"{result['rms_log10']:.3f}{bound}")
         resolved = dict(options, c1=result['c1'], c2=result['c2'], m=result['m'], fit='', fit_source=source)
         note = (f"SPD Sigma0 = c1 / |c2 + |k||^m {source}: c1={result['c1']:.6g}, c2={result['c2']:.6g}, "
                 f"m={result['m']:.6g} (CIFAR-10's published constants: 1.59, 0.0086, 2.0)")

@@ -88,7 +88,8 @@ def fit_power_law(power: torch.Tensor) -> dict:
     [H, W] (radially averaged, each radius weighted by its number of frequencies): for a given c2 the fit is linear in
     (log c1, m); c2 is found by a bounded scalar search over log c2 in [1e-6, 1] (c2 keeps the law finite at the DC;
     beyond the lowest non-zero frequency it would bend the law where it is observed). Returns c1, c2, m and the
-    weighted rms residual in log10 units, and how many non-DC radii had no power (`zero_power_radii`: left out; a
+    weighted rms residual in log10 units, `c2_at_bound` (the bound of the search c2 ended at, else None: the images do
+    not determine c2 within the range), and how many non-DC radii had no power (`zero_power_radii`: left out; a
     log cannot fit them, e.g. the frequencies a nearest-neighbour upsampling leaves empty). The DC is left out: it
     carries the images' mean brightness, not the power law."""
     from scipy.optimize import minimize_scalar
@@ -108,12 +109,18 @@ def fit_power_law(power: torch.Tensor) -> dict:
         residual = log_power - design @ coef
         return coef, float(np.sum(weights * residual ** 2) / np.sum(weights))
 
-    result = minimize_scalar(lambda s: solve(math.exp(s))[1], bounds=(math.log(1e-6), 0.0), method='bounded',
+    bounds = (math.log(C2_SEARCH[0]), math.log(C2_SEARCH[1]))
+    result = minimize_scalar(lambda s: solve(math.exp(s))[1], bounds=bounds, method='bounded',
                              options=dict(xatol=1e-10))
     c2 = math.exp(result.x)
     (log_c1, m), mse = solve(c2)
+    # The bounded search stops within about 1e-5 (in log c2) of a bound it presses against.
+    at_bound = next((bound for bound in C2_SEARCH if abs(result.x - math.log(bound)) < 1e-3), None)
     return dict(c1=float(math.exp(log_c1)), c2=float(c2), m=float(m), rms_log10=math.sqrt(mse) / math.log(10),
-                zero_power_radii=int(non_dc.sum() - keep.sum()))
+                zero_power_radii=int(non_dc.sum() - keep.sum()), c2_at_bound=at_bound)
+
+
+C2_SEARCH = (1e-6, 1.0)  # fit_power_law's range for c2 (see its docstring)
 
 
 class FourierVPProcess:

@@ -502,3 +502,30 @@ def test_training_time_is_uniform_over_all_t_steps():
     assert len(counts) == T and counts.min() > 0
     assert scipy.stats.chisquare(counts.numpy()).pvalue > 1e-3
     assert abs(t.double().mean().item() - (T - 1) / 2) < 0.03
+
+
+def test_fit_says_when_c2_ends_at_its_search_bound(tmp_path):
+    # A spectrum that is an exact power law of |k| (c2 = 0) has its best c2 below the search range: the fit ends at
+    # the lower bound and says so; one with c2 = 0.5 inside the range does not.
+    from processes.spd import C2_SEARCH
+
+    law = power_law_spectrum
+    pure = law(c1=2.0, c2=1e-12, m=2.0, height=16, width=16)
+    fitted = fit_power_law(pure)
+    assert fitted['c2_at_bound'] == C2_SEARCH[0] and abs(fitted['c2'] / C2_SEARCH[0] - 1) < 1e-2
+    assert abs(fitted['m'] - 2.0) < 1e-3
+    inside = fit_power_law(law(c1=2.0, c2=0.5, m=2.5, height=16, width=16))
+    assert inside['c2_at_bound'] is None and abs(inside['c2'] - 0.5) < 1e-4
+    flat_at_dc = fit_power_law(law(c1=2.0, c2=30.0, m=2.5, height=16, width=16))
+    assert flat_at_dc['c2_at_bound'] == C2_SEARCH[1]
+    # ... and the run's fit_source (printed, recorded in training_options.json) says it.
+    import losses.spd as spd_loss
+
+    rnd = np.random.RandomState(0)
+    data = write_zip_dataset(str(tmp_path / 'data.zip'), rnd.randint(0, 256, [16, 8, 8]).astype(np.uint8))
+    for result, said in ((fitted, True), (inside, False)):
+        with pytest.MonkeyPatch.context() as patch:
+            patch.setattr(spd_loss, 'fit_power_law', lambda power, result=result: result)
+            resolved, notes = losses.prepare_loss_kwargs(losses.loss_kwargs('spd', dict(fit='data')), dict(path=data))
+        phrase = "c2 at its search bound 1e-06 (the images do not fix it within [1e-06, 1]; to choose it, give c1, c2"
+        assert (phrase in resolved.fit_source) == said and (phrase in notes[0]) == said
