@@ -242,16 +242,30 @@ def load_detector(name: str, path: str | None = None, device: torch.device | str
     if rank != 0:
         distributed.barrier()  # rank 0 goes first
     try:
-        checksum = f"sha256:{spec.sha256}" if (path is None and spec.sha256) else None
-        try:
-            # offline_hint='': the detector's own hint below replaces open_url's generic one (else both were given)
-            local_path = util.open_url(source, return_filename=True, checksum=checksum, verbose=verbose and rank == 0,
-                                       offline_hint="")
-        except FileNotFoundError as err:
-            raise DetectorUnavailableError(f"{name} detector: {err}") from err
-        except (OSError, ValueError) as err:
+        # The canonical file, else the same network in StyleGAN2-ADA's format (another host; also found in the
+        # download cache): one host down or a cached alternate does not stop an evaluation.
+        candidates = [source] if path is not None else [spec.url, *spec.alternate_urls]
+        failures = []
+        for candidate in candidates:
+            checksum = f"sha256:{spec.sha256}" if (candidate == spec.url and path is None and spec.sha256) else None
+            try:
+                # offline_hint='': the detector's own hint below replaces open_url's generic one (else both were given)
+                local_path = util.open_url(candidate, return_filename=True, checksum=checksum,
+                                           verbose=verbose and rank == 0, offline_hint="")
+            except FileNotFoundError as err:
+                raise DetectorUnavailableError(f"{name} detector: {err}") from err
+            except (OSError, ValueError) as err:
+                failures.append((candidate, err))
+                continue
+            if failures and verbose and rank == 0:
+                print(f"{name} detector: {failures[0][0]} could not be fetched; using {candidate}")
+            source = candidate
+            break
+        else:
+            also = "".join(f"; from {url}: {str(err).rstrip('.')}" for url, err in failures[1:])
             raise DetectorUnavailableError(f"could not fetch the {name} detector from {source}: "
-                                           f"{str(err).rstrip('.')}. {_offline_hint(name, spec, source)}") from err
+                                           f"{str(failures[0][1]).rstrip('.')}{also}. "
+                                           f"{_offline_hint(name, spec, source)}") from failures[0][1]
         # A URL is read from its cache copy: if that copy is broken (e.g. truncated by hand), every later run would
         # fail the same way until it is deleted, so the message says so.
         from_cache = util.is_url(source, allow_file_urls=True)

@@ -218,7 +218,7 @@ def unreachable_inception(monkeypatch):
     spec = detectors_lib.DETECTORS["inception"]
     url = "http://127.0.0.1:9/inception-2015-12-05.pkl"
     monkeypatch.setitem(detectors_lib.DETECTORS, "inception", detectors_lib.DetectorSpec(
-        url, spec.alternate_urls, None, spec.feature_kwargs, spec.probability_kwargs))
+        url, ("http://127.0.0.1:9/inception-2015-12-05.pt",), None, spec.feature_kwargs, spec.probability_kwargs))
     yield url
     detectors_lib._loaded.clear()
 
@@ -286,3 +286,24 @@ def test_dg_discriminator_is_loaded_by_rank_0_first(monkeypatch, rank):
     url = "http://127.0.0.1:9/dg.pkl"
     assert guidance._load_cached(url) == "disc"
     assert events == (["load " + url, "barrier"] if rank == 0 else ["barrier", "load " + url])
+
+
+def test_detector_falls_back_to_its_alternate_url(unreachable_inception, tmp_path, capsys):
+    # The canonical host down: the same network in StyleGAN2-ADA's format is fetched (here: found in the cache),
+    # and the results name the file actually used.
+    alternate = detectors_lib.DETECTORS["inception"].alternate_urls[0]
+    cache_file = util.url_cache_path(alternate)
+    os.makedirs(os.path.dirname(cache_file), exist_ok=True)
+    detectors_lib.save_standin(detectors_lib.StandinInception(), cache_file)
+    detector = detectors_lib.load_detector("inception", device="cpu", verbose=True)
+    assert detector.source == alternate and detector.feature_dim == 16
+    said = f"inception detector: {unreachable_inception} could not be fetched; using {alternate}"
+    assert said in capsys.readouterr().out
+    # Both unreachable: one error naming both failures, the canonical's first.
+    detectors_lib._loaded.clear()
+    os.remove(cache_file)
+    with pytest.raises(detectors_lib.DetectorUnavailableError) as info:
+        detectors_lib.load_detector("inception", device="cpu", verbose=False)
+    message = str(info.value)
+    assert message.startswith(f"could not fetch the inception detector from {unreachable_inception}: ")
+    assert f"; from {alternate}: " in message and message.count("If this machine is offline") == 1

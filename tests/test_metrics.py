@@ -495,8 +495,9 @@ def test_unfetchable_detector_is_a_clear_error(monkeypatch, tmp_path):
     monkeypatch.setattr(util.time, "sleep", lambda s: None)
     spec = detectors_lib.DETECTORS["inception"]
     monkeypatch.setitem(detectors_lib.DETECTORS, "inception",
-                        detectors_lib.DetectorSpec("http://127.0.0.1:9/inception-2015-12-05.pkl", spec.alternate_urls,
-                                                   None, spec.feature_kwargs, spec.probability_kwargs))
+                        detectors_lib.DetectorSpec("http://127.0.0.1:9/inception-2015-12-05.pkl",
+                                                   ("http://127.0.0.1:9/inception-2015-12-05.pt",), None,
+                                                   spec.feature_kwargs, spec.probability_kwargs))
     with pytest.raises(detectors_lib.DetectorUnavailableError) as info:
         detectors_lib.load_detector("inception", device="cpu")
     message = str(info.value)
