@@ -270,9 +270,22 @@ def url_cache_path(url: str, cache_dir: str | None = None) -> str:
 
 
 def cached_path(url: str, cache_dir: str | None = None) -> str | None:
-    """Where open_url() caches `url`, if that file exists (None otherwise). Never touches the network."""
+    """Where open_url() caches `url`, if that file exists (None otherwise). Never touches the network.
+
+    EDM's and StyleGAN's dnnlib name a cached file '<md5 of url>_<name>' too, with another name part (the whole URL,
+    or the server's file name); they share the default cache folder, so such a file is used when it is the only one
+    with the URL's md5 (EDM's own rule). Temporary files of unfinished downloads are not."""
     path = url_cache_path(url, cache_dir)
-    return path if os.path.isfile(path) else None
+    if os.path.isfile(path):
+        return path
+    directory = os.path.dirname(path)
+    prefix = hashlib.md5(url.encode("utf-8")).hexdigest() + "_"
+    try:
+        names = [name for name in os.listdir(directory)
+                 if name.startswith(prefix) and ".tmp-" not in name and os.path.isfile(os.path.join(directory, name))]
+    except OSError:
+        return None
+    return os.path.join(directory, names[0]) if len(names) == 1 else None
 
 
 # Downloads are streamed in pieces of this size into the cache file: never the whole file in memory.
@@ -349,7 +362,7 @@ def open_url(url: str, cache_dir: str | None = None, num_attempts: int = 3, verb
     if return_filename and not cache:
         raise ValueError("return_filename=True needs cache=True for a remote URL")
 
-    cache_path = url_cache_path(url, cache_dir)
+    cache_path = cached_path(url, cache_dir) or url_cache_path(url, cache_dir)
     if cache and os.path.isfile(cache_path):
         if expected is not None:
             problem = expected.mismatch(f"{url} (cached at {cache_path})", _hash_file(cache_path, expected.algorithm))

@@ -307,3 +307,32 @@ def test_detector_falls_back_to_its_alternate_url(unreachable_inception, tmp_pat
     message = str(info.value)
     assert message.startswith(f"could not fetch the inception detector from {unreachable_inception}: ")
     assert f"; from {alternate}: " in message and message.count("If this machine is offline") == 1
+
+
+def test_cache_files_named_by_edms_dnnlib_are_found(server, tmp_path):
+    # EDM's dnnlib caches https://host/dir/f.pkl as '<md5 of url>_https___host_dir_f.pkl' (the whole URL) in the same
+    # default folder: a user's existing EDM cache works offline, as EDM's own lookup (one '<md5>_*' file) does.
+    import hashlib
+    import re
+
+    server.routes["/edm/net.pkl"] = send(PAYLOAD)
+    url, cache_dir = server.url("/edm/net.pkl"), str(tmp_path / "cache")
+    os.makedirs(cache_dir)
+    edm_name = hashlib.md5(url.encode()).hexdigest() + "_" + re.sub(r"[^0-9a-zA-Z-._]", "_", url)
+    assert edm_name != os.path.basename(util.url_cache_path(url, cache_dir))
+    with open(os.path.join(cache_dir, edm_name), "wb") as f:
+        f.write(b"EDM's copy")
+    # An unfinished download of ours beside it is not a cache copy.
+    with open(util.temp_path(util.url_cache_path(url, cache_dir)), "wb") as f:
+        f.write(b"partial")
+    assert util.cached_path(url, cache_dir) == os.path.join(cache_dir, edm_name)
+    with util.open_url(url, cache_dir=cache_dir, verbose=False) as f:
+        assert f.read() == b"EDM's copy"
+    assert server.hits.get("/edm/net.pkl", 0) == 0
+    # Two candidates: EDM would not choose either; neither do we (downloaded into our own name).
+    with open(os.path.join(cache_dir, edm_name + "2"), "wb") as f:
+        f.write(b"another")
+    assert util.cached_path(url, cache_dir) is None
+    path = util.open_url(url, cache_dir=cache_dir, return_filename=True, verbose=False)
+    assert path == util.url_cache_path(url, cache_dir) and server.hits["/edm/net.pkl"] == 1
+    assert util.cached_path(url, cache_dir) == path  # our own name first
