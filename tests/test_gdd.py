@@ -674,6 +674,24 @@ def test_resume_with_another_freeze_level_is_a_one_line_error(gdd_data, tmp_path
     assert f'Resuming from "{state_path}"...' in output and 'Resuming exactly' not in output
 
 
+def test_resume_takes_this_runs_optimizer_hyperparameters(gdd_data, tmp_path):
+    """Lazy R1 rescales D's Adam (lr * c, beta2 ** c, c = 2/3 at interval 2); a resume with r1_gamma=0 (no R1 phase)
+    runs D's Adam at d_lr and beta2 0.99, not the state's rescaled values; the moments are carried over."""
+    first, second = str(tmp_path / 'first'), str(tmp_path / 'second')
+    os.makedirs(first), os.makedirs(second)
+    tl.training_loop(**dict(gdd_loop_kwargs(first, gdd_data), total_kimg=0.016))
+    state_path = os.path.join(first, 'training-state-000000.pt')
+    saved = torch.load(state_path, weights_only=True)['optimizers']['D']['param_groups'][0]
+    assert saved['betas'][1] == pytest.approx(0.99 ** (2 / 3)) and saved['base_lr'] == pytest.approx(1e-4 * 2 / 3)
+    tl.training_loop(**dict(gdd_loop_kwargs(second, gdd_data, r1_gamma=0), total_kimg=0.024, resume_pkl=None,
+                            resume_state_dump=state_path))
+    resumed = torch.load(os.path.join(second, 'training-state-000000.pt'), weights_only=True)['optimizers']
+    assert set(resumed) == {'G', 'D'}
+    group = resumed['D']['param_groups'][0]
+    assert tuple(group['betas']) == (0.0, 0.99) and group['base_lr'] == pytest.approx(1e-4)
+    assert resumed['D']['state'][0]['step'] == 3  # 2 D steps before the resume, 1 after
+
+
 @pytest.mark.slow
 def test_exact_resume_of_a_gdd_run(gdd_data, tmp_path):
     """6 iterations straight == 2, then a resume to 6 (R1 at 2 and 4): G, D, both optimizers, EMA and RNG."""

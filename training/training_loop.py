@@ -452,7 +452,7 @@ def _resume(run: _Run, *, state, resume_pkl, resume_state_dump, resume_kimg, opt
         for phase in run.phases:
             if phase.name not in state['optimizers']:
                 raise ValueError(f'{resume_state_dump}: no optimizer state for phase {phase.name!r}')
-            configured = [{key: group[key] for key in ('base_lr', 'fused', 'foreach') if key in group}
+            configured = [{key: value for key, value in group.items() if key not in ('params', 'lr')}
                           for group in phase.optimizer.param_groups]
             try:
                 phase.optimizer.load_state_dict(state['optimizers'][phase.name])
@@ -460,7 +460,9 @@ def _resume(run: _Run, *, state, resume_pkl, resume_state_dump, resume_kimg, opt
                 raise ValueError(f'{resume_state_dump}: the optimizer of phase {phase.name!r} trains other parameters '
                                  f'than the state\'s (e.g. a changed --loss-opt freeze or discriminator); resume with '
                                  f'the options the run was made with') from None
-            # The learning rate and the kernel choice (--fused-adam) are this run's; the moments are the state's.
+            # The hyperparameters (base learning rate, betas, eps, the kernel choice --fused-adam) are this run's, as
+            # its options set them (torch's load_state_dict takes the state's: GDD's D kept the beta2 of lazy R1
+            # after a resume with r1_gamma=0); the moments are the state's. Unchanged options: the same values.
             for group, settings in zip(phase.optimizer.param_groups, configured):
                 group.update(settings)
             if phase.name in run.scalers and phase.name in state.get('grad_scalers', {}):
