@@ -33,6 +33,7 @@ change the network are refused. --max-nonfinite stops a diverged run.
 """
 
 import glob
+import itertools
 import json
 import math
 import os
@@ -146,17 +147,52 @@ def _width_list(ctx, param, value):
     return widths
 
 
-def _run_dir(outdir: str, desc: str, nosubdir: bool) -> str:
-    """EDM's naming: {id:05d}-{desc}, id = 1 + the largest numeric prefix among the directories in outdir."""
+def _run_dir(outdir: str, desc: str, nosubdir: bool, create: bool = False) -> str:
+    """EDM's naming: {id:05d}-{desc}, id = 1 + the largest numeric prefix among the directories in outdir.
+
+    create=True makes the directory, with a number no other run holds: two runs started at once into one --outdir
+    both listed it before either created its folder, and shared one (EDM's makedirs(exist_ok=True))."""
     if nosubdir:
         return outdir
-    prev_run_ids = []
-    if os.path.isdir(outdir):
-        for name in os.listdir(outdir):
-            match = re.match(r'^\d+', name)
-            if match and os.path.isdir(os.path.join(outdir, name)):
-                prev_run_ids.append(int(match.group()))
-    return os.path.join(outdir, f'{max(prev_run_ids, default=-1) + 1:05d}-{desc}')
+    floor = 0
+    while True:
+        prev_run_ids = []
+        if os.path.isdir(outdir):
+            for name in os.listdir(outdir):
+                match = re.match(r'^\d+', name)
+                if match and os.path.isdir(os.path.join(outdir, name)):
+                    prev_run_ids.append(int(match.group()))
+        run_id = max(max(prev_run_ids, default=-1) + 1, floor)
+        path = os.path.join(outdir, f'{run_id:05d}-{desc}')
+        if not create:
+            return path
+        os.makedirs(outdir, exist_ok=True)
+        try:
+            os.mkdir(path)
+            return path
+        except FileExistsError:  # taken since the listing (or a file of that name): the next number
+            floor = run_id + 1
+
+
+# What a run writes into its folder; with --nosubdir, a folder holding any of these holds another run (its log.txt
+# and report.png too, but such generic names alone do not say so).
+_RUN_FILES = re.compile(r'stats\.jsonl|training_options\.json|(training-state|network-snapshot)-\d+\.(pt|pkl)|'
+                        r'phema-\d+-[0-9.]+\.pkl')
+
+
+def _set_aside(outdir: str, names: list[str]) -> str:
+    """Move a run's files out of the way into a new folder of `outdir`; returns that folder."""
+    for k in itertools.count(1):
+        aside = os.path.join(outdir, f'interrupted-before-first-state-{k}')
+        try:
+            os.mkdir(aside)
+            break
+        except FileExistsError:
+            continue
+    for name in [*names, 'log.txt', 'report.png']:
+        if os.path.exists(os.path.join(outdir, name)):
+            os.replace(os.path.join(outdir, name), os.path.join(aside, name))
+    return aside
 
 
 def _apply_loss_wrappers(opts: dnnlib.EasyDict, loss_kwargs: dict) -> tuple[dict, list[str]]:
@@ -210,9 +246,11 @@ def _wrapper_options(func):
 
 def _read_resume_state(path: str) -> dict | None:
     """Our training state at `path` (None: an EDM training state); one-line errors for anything else."""
-    if training_loop.parse_state_kimg(path) is None or not os.path.isfile(path):
+    if training_loop.parse_state_kimg(path) is None:
         raise click.BadParameter(f'{path!r} is not a training-state-NNNNNN.pt file from a previous run',
                                  param_hint='--resume')
+    if not os.path.isfile(path):
+        raise click.BadParameter(f'{path}: no such file', param_hint='--resume')
     try:
         return training_loop.load_training_state(path)
     except (pickle.UnpicklingError, OSError, RuntimeError, ValueError, EOFError) as err:
@@ -294,9 +332,11 @@ def apply_saved_options(opts: dnnlib.EasyDict, saved: dict, explicit: set, state
             continue
         flag = '--' + key.replace('_', '-')
         if key in _NETWORK_OPTIONS or (key == 'augment' and (new > 0) != (old > 0)):
+            trained = old if old is not None else _default_resolution(key, saved)
+            trained = f'{trained!r}' if trained is not None else f'no {flag} (its default)'
             raise click.BadParameter(f'{new!r} contradicts the training state {state_path}, which was trained with '
-                                     f'{old!r}: the network would not match (use --transfer to start a new run from '
-                                     f'its weights)', param_hint=flag)
+                                     f'{trained}: the network would not match (use --transfer to start a new run '
+                                     f'from its weights)', param_hint=flag)
         if key in _PATH_OPTIONS:
             notes.append(f'{flag}: {old!r} -> {new!r} (another path: exact if it holds the same content)')
             continue
@@ -437,6 +477,14 @@ def build_config(opts: dnnlib.EasyDict, world_size: int) -> tuple[dnnlib.EasyDic
     if opts.cond and not has_labels:
         raise click.BadParameter('--cond=True requires labels specified in dataset.json', param_hint='--cond')
     del dataset_obj
+    # A preset's network, batch and schedule were published for its dataset's resolution (named in its data path).
+    preset_data = TRAIN_PRESETS.get(opts.preset, {}).get('data') or ''
+    published = re.search(r'-(\d+)x(\d+)\.zip$', preset_data)
+    if published and int(published.group(1)) != interface['img_resolution']:
+        res = interface['img_resolution']
+        warnings.warn(f'--preset={opts.preset} was published for {published.group(1)}x{published.group(2)} images '
+                      f'({os.path.basename(preset_data)}); --data holds {res}x{res}: its architecture and schedule '
+                      f'are not the paper\'s setting there', stacklevel=1)
 
     # Network architecture, preconditioning and loss. --init: the pickle's network, with --precond's wrapper (or the
     # loss's first declared one) when given.
@@ -753,6 +801,7 @@ def main(**kwargs):
     resume_notes = []
     if opts.transfer is not None and opts.resume is not None:
         raise click.UsageError('--transfer and --resume cannot be specified at the same time')
+    resume_arg = opts.resume
     if opts.resume is not None:
         opts.resume = find_resume_state(opts.resume, opts.outdir)
         if opts.resume is None:
@@ -780,13 +829,20 @@ def main(**kwargs):
                                  param_hint='--desc')
     if opts.init is not None and arch_given:
         raise click.UsageError('--arch: --init takes the architecture from the pickle')
-    if opts.nosubdir and opts.resume is None and os.path.isdir(opts.outdir):
-        used = sorted(name for name in os.listdir(opts.outdir) if name == 'stats.jsonl'
-                      or re.fullmatch(r'(training-state|network-snapshot)-\d+\.(pt|pkl)', name))
-        if used:
+    set_aside = []
+    resumes_here = opts.resume is not None and os.path.dirname(opts.resume) == opts.outdir
+    if opts.nosubdir and not resumes_here and os.path.isdir(opts.outdir):
+        used = sorted(name for name in os.listdir(opts.outdir) if _RUN_FILES.fullmatch(name))
+        if used and resume_arg == 'auto' and opts.resume is None:
+            # A job killed before its first training state, restarted by its script: nothing to resume, and what
+            # it wrote is set aside (not deleted) for the fresh start.
+            set_aside = used
+        elif used:
             shown = ', '.join(used[:3]) + (', ...' if len(used) > 3 else '')
-            raise click.BadParameter(f'{opts.outdir} holds another run ({shown}): --nosubdir would mix the two; use '
-                                     f'another --outdir, or --resume', param_hint='--outdir')
+            mix = ('would mix the two' if opts.resume is None else
+                   f'would mix it with the run resumed from {opts.resume}')
+            raise click.BadParameter(f'{opts.outdir} holds another run ({shown}): --nosubdir {mix}; use another '
+                                     f'--outdir, or --resume from a state in that folder', param_hint='--outdir')
     if opts.device is None:
         opts.device = 'cuda' if torch.cuda.is_available() else 'cpu'
     elif opts.device == 'cuda' and not torch.cuda.is_available():
@@ -801,9 +857,14 @@ def main(**kwargs):
         raise click.UsageError(str(err)) from None
     dist.init(device=opts.device)
     dist.excepthook_abort_all_ranks()
+    dist.stop_on_signals()
     world_size = dist.get_world_size()
     if dist.get_rank() == 0:
         _remove_stale_temp_files(opts.outdir)
+        if set_aside and not opts.dry_run:
+            aside = _set_aside(opts.outdir, set_aside)
+            print(f'--resume=auto: {opts.outdir} holds no training state, only the files of a run interrupted before '
+                  f'its first one; moved them to {aside} and starting over')
 
     c, desc = build_config(opts, world_size)
     resume_nimg = c.pop('resume_nimg', None)
@@ -814,7 +875,8 @@ def main(**kwargs):
                     f'(--duration={opts.duration:g} Mimg): nothing to train; a larger --duration continues it')
         return
     c.state_extras = dict(train_options=json.dumps({k: v for k, v in opts.items() if k != 'dry_run'}))
-    c.run_dir = dist.broadcast_object(_run_dir(opts.outdir, desc, opts.nosubdir) if dist.get_rank() == 0 else None)
+    c.run_dir = dist.broadcast_object(_run_dir(opts.outdir, desc, opts.nosubdir, create=not opts.dry_run)
+                                      if dist.get_rank() == 0 else None)
 
     # The summary, printed now and written at the top of log.txt once the run directory exists.
     summary = ['', 'Training options:', json.dumps({k: v for k, v in c.items() if k != 'state_extras'}, indent=2), '',
@@ -856,6 +918,11 @@ def main(**kwargs):
     dist.barrier()
     try:
         training_loop.training_loop(**c)
+        if dist.stop_agreed():
+            # Stopped early by SIGTERM, its state written: not a finished run (a job script that requeues on a
+            # non-zero exit should).
+            dist.print0(f'Stopped by a signal at {c.run_dir}; `--resume=auto --outdir={opts.outdir}` continues')
+            raise SystemExit(143)
     except training_loop.NonFiniteTrainingError as err:
         if logger is not None and logger.file is not None:
             logger.file.write(f'Error: {err}\n')  # Into log.txt only: click prints it on the terminal.

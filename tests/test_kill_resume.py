@@ -42,6 +42,17 @@ def _wait_for_new_state(process, outdir, known, timeout=300.0):
         time.sleep(0.005)
 
 
+def _assert_final_names_are_complete(outdir):
+    """Every file under its final name loads: a write killed midway leaves only a temporary file (the resume
+    skipping unreadable states would hide a torn state from the bit-identity check)."""
+    import training.snapshots  # noqa: F401 -- registers the network classes
+    from torch_utils import persistence
+    for path in glob.glob(os.path.join(outdir, '*', 'training-state-*.pt')):
+        torch.load(path, weights_only=True)
+    for path in glob.glob(os.path.join(outdir, '*', 'network-snapshot-*.pkl')):
+        persistence.load_network_pickle(path)
+
+
 @pytest.mark.slow
 def test_kill_9_loop_then_resume_auto_is_bit_identical(tmp_path):
     data = write_zip_dataset(str(tmp_path / 'tiny.zip'), random_images(32))
@@ -63,11 +74,13 @@ def test_kill_9_loop_then_resume_auto_is_bit_identical(tmp_path):
         if kills < 6:
             _wait_for_new_state(process, killed_dir, known)
             in_write = kills % 2 == 0
-            time.sleep(rng.uniform(0.0, 0.1) if in_write else rng.uniform(0.2, 0.5) * tick_seconds)
+            # In the write: within a few ms of the temporary file's appearance (a state takes about that long).
+            time.sleep(rng.uniform(0.0, 0.01) if in_write else rng.uniform(0.2, 0.5) * tick_seconds)
             if process.poll() is None:
                 process.send_signal(signal.SIGKILL)
                 process.wait()
                 kills += 1
+                _assert_final_names_are_complete(killed_dir)
                 continue
         assert process.wait(timeout=300) == 0, process.stderr.read()
         break
@@ -102,3 +115,54 @@ def test_train_py_removes_stale_temp_files_of_killed_runs(tmp_path):
     assert result.exit_code == 0, result.output
     assert not stale.exists() and live.exists()
     assert f'Removed {stale}' in result.output
+
+
+def test_stop_request_ends_the_tick_early_and_writes_a_state(tmp_path, monkeypatch):
+    # What SIGTERM sets (torch_utils.distributed.stop_on_signals): the loop stops at its next periodic check (every
+    # max_nonfinite_steps steps), not at the tick's end, with a snapshot and a state.
+    from train_worker import loop_kwargs
+
+    from torch_utils import distributed as dist
+    from training import training_loop as tl
+    data = write_zip_dataset(str(tmp_path / 'tiny.zip'), random_images(16))
+    run_dir = str(tmp_path / 'run')
+    os.makedirs(run_dir)
+    monkeypatch.setattr(dist, '_stop_signal', None)
+    monkeypatch.setattr(dist, '_stop_agreed', False)
+    step = tl._train_step
+
+    def step_then_signal(run):
+        step(run)
+        if run.cur_iter == 5:
+            dist._stop_signal = signal.SIGTERM
+
+    monkeypatch.setattr(tl, '_train_step', step_then_signal)
+    tl.training_loop(**loop_kwargs(run_dir, data, batch_size=8, kimg_per_tick=1, total_kimg=1, snapshot_ticks=1,
+                                   state_dump_ticks=1, max_nonfinite_steps=3))
+    state = torch.load(os.path.join(run_dir, 'training-state-000000.pt'), weights_only=True)
+    assert state['cur_iter'] == 6 and state['cur_nimg'] == 48  # the check after step 6, one tick (1 kimg) early
+    assert os.path.isfile(os.path.join(run_dir, 'network-snapshot-000000.pkl')) and dist.stop_agreed()
+
+
+@pytest.mark.slow
+def test_sigterm_to_the_job_saves_and_exits_143(tmp_path):
+    # scancel / pre-emption: SIGTERM to every process of the job, loader workers included (they ignore it, so the
+    # training process can still fetch, save and exit).
+    data = write_zip_dataset(str(tmp_path / 'tiny.zip'), random_images(32))
+    outdir = tmp_path / 'out'
+    args = [a if a != '0' or prev != '--workers' else '1' for prev, a in zip([''] + ARGS, ARGS)]
+    process = subprocess.Popen([sys.executable, os.path.join(ROOT, 'train.py'), '--outdir', str(outdir), '--data',
+                                data, *args, '--duration', '10', '--tick', '1000'], cwd=ROOT,
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    deadline = time.monotonic() + 120
+    while not glob.glob(str(outdir / '*' / 'network-snapshot-000000.pkl')):  # tick 0 done: training steps now
+        assert process.poll() is None and time.monotonic() < deadline, process.communicate()
+        time.sleep(0.05)
+    time.sleep(1.0)
+    os.killpg(process.pid, signal.SIGTERM)
+    out, err = process.communicate(timeout=120)
+    assert process.returncode == 143, out[-2000:] + err[-2000:]
+    assert 'received SIGTERM: stopping at the next check after writing a training state' in out + err
+    assert 'Stopped by a signal at' in out and '--resume=auto' in out
+    states = glob.glob(str(outdir / '*' / 'training-state-*.pt'))
+    assert len(states) == 1 and torch.load(states[0], weights_only=True)['cur_iter'] > 1

@@ -301,6 +301,7 @@ def test_run_directory_mistakes_are_refused_before_anything_is_written(datasets,
     assert 'changed --precond' not in result.output and 'changed --loss' not in result.output
     result = _invoke(['--resume', flat_state, '--precond', 'vp', '--duration', 0.002, '-n'])
     assert result.exit_code == 2 and "'vp' contradicts the training state" in result.output
+    assert "which was trained with 'edm': the network" in result.output  # not "with None" (saved without --precond)
 
 
 def test_resume_onto_a_dataset_of_another_shape_is_one_line_before_any_run_directory(datasets, tmp_path):
@@ -371,3 +372,66 @@ def test_loss_opt_on_resume_updates_the_saved_options_key_by_key():
     opts = dnnlib.EasyDict(loss='ddpm', loss_opt=('T=40',))
     train.apply_saved_options(opts, saved, {'loss', 'loss_opt'}, 'state.pt')
     assert list(opts.loss_opt) == ['T=40']
+
+
+def test_run_directory_numbers_are_claimed_by_creating_them(tmp_path, monkeypatch):
+    # Two runs started at once into one --outdir both listed it before either made its folder, and shared 00000.
+    import train
+    outdir = tmp_path / 'runs'
+    first = train._run_dir(str(outdir), 'x', nosubdir=False, create=True)
+    assert first == str(outdir / '00000-x') and os.path.isdir(first)
+    monkeypatch.setattr(train.os, 'listdir', lambda path: [])  # the other run's listing, taken before 00000 existed
+    assert train._run_dir(str(outdir), 'x', nosubdir=False, create=True) == str(outdir / '00001-x')
+    monkeypatch.undo()
+    (outdir / '00002-x').write_text('a file of that name')  # not a run folder, but the name is taken
+    assert train._run_dir(str(outdir), 'x', nosubdir=False, create=True) == str(outdir / '00003-x')
+    assert train._run_dir(str(outdir), 'y', nosubdir=False) == str(outdir / '00004-y')  # -n: nothing created
+    assert sorted(os.listdir(outdir)) == ['00000-x', '00001-x', '00002-x', '00003-x']
+
+
+def test_nosubdir_resume_from_elsewhere_and_restart_before_the_first_state(datasets, tmp_path):
+    # --nosubdir --resume=STATE-of-another-folder into a folder holding a run: the resumed run overwrote its states
+    # and stats (exit 0); refused now, as without --resume.
+    _tiny_run(tmp_path / 'a', datasets['uncond'], '--nosubdir')
+    _tiny_run(tmp_path / 'b', datasets['uncond'], '--nosubdir')
+    before = sorted(os.listdir(tmp_path / 'b'))
+    state = tmp_path / 'a' / 'training-state-000001.pt'
+    result = _invoke(['--resume', state, '--outdir', tmp_path / 'b', '--nosubdir', '--duration', 0.002])
+    assert result.exit_code == 2, result.output
+    assert (f'holds another run (network-snapshot-000000.pkl, network-snapshot-000001.pkl, stats.jsonl, ...): '
+            f'--nosubdir would mix it with the run resumed from {state}') in result.output
+    assert sorted(os.listdir(tmp_path / 'b')) == before
+    # A job killed before its first state, restarted with --resume=auto: set aside, started over (it was refused on
+    # every restart: "holds another run ... use another --outdir, or --resume" with --resume given).
+    flat = tmp_path / 'flat'
+    _tiny_run(flat, datasets['uncond'], '--nosubdir')
+    for name in os.listdir(flat):
+        if name.startswith('training-state-') or name == 'network-snapshot-000001.pkl':
+            os.remove(flat / name)
+    leftovers = sorted(os.listdir(flat))
+    assert 'stats.jsonl' in leftovers and 'network-snapshot-000000.pkl' in leftovers
+    result = _invoke(['--outdir', flat, '--data', datasets['uncond'], '--nosubdir', '--resume', 'auto', '-n',
+                      *TINY_NET])
+    assert result.exit_code == 0 and sorted(os.listdir(flat)) == leftovers, result.output  # -n moves nothing
+    result = _tiny_run(flat, datasets['uncond'], '--nosubdir', '--resume', 'auto')
+    aside = flat / 'interrupted-before-first-state-1'
+    assert f'moved them to {aside} and starting over' in result.output
+    assert sorted(os.listdir(aside)) == leftovers
+    assert os.path.isfile(flat / 'training-state-000001.pt')
+    # A resume file that does not exist says so.
+    missing = tmp_path / 'gone' / 'training-state-000001.pt'
+    result = _invoke(['--resume', missing, '-n'])
+    assert result.exit_code == 2 and f'{missing}: no such file' in result.output
+
+
+def test_preset_on_data_of_another_resolution_warns(datasets, tmp_path):
+    with pytest.warns(UserWarning, match=r"--preset=edm-cifar10-uncond-vp was published for 32x32 images "
+                                         r"\(cifar10-32x32.zip\); --data holds 8x8: its architecture and schedule "
+                                         r"are not the paper's setting there"):
+        result = _invoke(['--outdir', tmp_path / 'p', '--data', datasets['uncond'], '--preset',
+                          'edm-cifar10-uncond-vp', '-n', '--workers', '0', '--device', 'cpu'])
+    assert result.exit_code == 0, result.output
+    with warnings.catch_warnings():
+        warnings.simplefilter('error')
+        result = _invoke(['--outdir', tmp_path / 'q', '--data', datasets['uncond'], '-n', *TINY_NET])
+    assert result.exit_code == 0, result.output

@@ -410,3 +410,73 @@ def test_snapshots_under_one_kimg_apart_warn_that_they_share_names(tiny_zip, tmp
         warnings.simplefilter('always')
         tl.training_loop(**loop_kwargs(whole, tiny_zip, snapshot_ticks=1, state_dump_ticks=None))
     assert not [w for w in caught if 'replaces any earlier one' in str(w.message)]
+
+
+def test_resume_with_another_batch_layout_is_not_called_exact(tiny_zip, tmp_path, capsys):
+    # batch_gpu 8 -> 4 (two accumulation rounds): another summation order, so close but not bit-exact; the loop said
+    # "Resuming exactly" (an audit measured 0.12 in the weights after 3 kimg).
+    first, second, third = (str(tmp_path / name) for name in ('first', 'second', 'third'))
+    for d in (first, second, third):
+        os.makedirs(d)
+    kwargs = loop_kwargs(first, tiny_zip, batch_size=8, total_kimg=0.016, kimg_per_tick=0.008)
+    tl.training_loop(**kwargs)
+    state_path = os.path.join(first, 'training-state-000000.pt')
+    saved = torch.load(state_path, weights_only=True)
+    assert (saved['batch_gpu'], saved['num_rounds'], saved['world_size']) == (8, 1, 1)
+    capsys.readouterr()
+    with pytest.warns(UserWarning, match=r'another per-rank batch layout \(batch_gpu 8 x 1 rounds -> 4 x 2\): the '
+                                         r'continuation is close, not bit-exact'):
+        tl.training_loop(**dict(kwargs, run_dir=second, total_kimg=0.024, batch_gpu=4, resume_state_dump=state_path))
+    out = capsys.readouterr().out
+    assert f'Resuming from "{state_path}"' in out and 'Resuming exactly' not in out
+    # The same layout: exact, as before (states written before batch_gpu was recorded compare the world size only).
+    del saved['batch_gpu'], saved['num_rounds']
+    old_state = os.path.join(third, 'training-state-000000.pt')
+    torch.save(saved, old_state)
+    tl.training_loop(**dict(kwargs, run_dir=third, total_kimg=0.024, resume_state_dump=old_state))
+    assert f'Resuming exactly from "{old_state}"' in capsys.readouterr().out
+
+
+def test_stats_line_is_written_before_the_state_and_a_resume_in_place_trims_later_ticks(tiny_zip, tmp_path,
+                                                                                         monkeypatch):
+    # A kill between the state's rename and the tick's stats line lost that tick's line; now the line comes first,
+    # and a resume in the run's own folder (--nosubdir) drops the lines of ticks it trains again (and a torn one).
+    import shutil
+
+    run_dir = str(tmp_path / 'run')
+    os.makedirs(run_dir)
+    stats = os.path.join(run_dir, 'stats.jsonl')
+
+    def ticks():
+        with open(stats) as f:
+            return [json.loads(line)['Progress/tick']['mean'] for line in f]
+
+    saved = []
+    save = tl.save_training_state
+
+    def recording_save(path, state):
+        saved.append((state['cur_tick'], ticks()))
+        save(path, state)
+        if state['cur_tick'] == 2:
+            shutil.copy(path, tmp_path / 'tick1-state.pt')
+
+    monkeypatch.setattr(tl, 'save_training_state', recording_save)
+    kwargs = loop_kwargs(run_dir, tiny_zip, batch_size=8, kimg_per_tick=0.008, total_kimg=0.032)
+    tl.training_loop(**kwargs)
+    # One step per tick, ticks 0..3; states after ticks 1, 2, 3, each once its tick's line is in the file.
+    assert saved == [(2, [0, 1]), (3, [0, 1, 2]), (4, [0, 1, 2, 3])]
+    monkeypatch.setattr(tl, 'save_training_state', save)
+    state_path = os.path.join(run_dir, 'training-state-000000.pt')
+    shutil.copy(tmp_path / 'tick1-state.pt', state_path)
+    with open(stats, 'a') as f:
+        f.write('{"Loss/loss": {"num"')  # killed mid-line
+    tl.training_loop(**dict(kwargs, resume_state_dump=state_path))
+    assert ticks() == [0, 1, 2, 3]
+    # Resumed in another folder: the interrupted run's file is left as it is.
+    elsewhere = str(tmp_path / 'elsewhere')
+    os.makedirs(elsewhere)
+    shutil.copy(tmp_path / 'tick1-state.pt', state_path)
+    tl.training_loop(**dict(kwargs, run_dir=elsewhere, resume_state_dump=state_path))
+    assert ticks() == [0, 1, 2, 3]
+    with open(os.path.join(elsewhere, 'stats.jsonl')) as f:
+        assert [json.loads(line)['Progress/tick']['mean'] for line in f] == [2, 3]

@@ -8,6 +8,7 @@ environment variables (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR, MASTER_PORT).
 import atexit
 import datetime
 import os
+import signal
 import sys
 import warnings
 
@@ -131,9 +132,46 @@ def shutdown() -> None:
         dist.destroy_process_group()
 
 
+_stop_signal: int | None = None  # the signal that asked this process to stop (see stop_on_signals)
+_stop_agreed = False
+
+
+def stop_on_signals(signals=(signal.SIGTERM,)) -> None:
+    """On SIGTERM (a scheduler's pre-emption, scancel, a torchrun agent stopping its workers), ask the training loop
+    to stop at its next check, writing a snapshot and a training state first, instead of dying with the work since
+    the last state. Main thread only (Python's rule for signal handlers)."""
+    def handler(signum, frame):
+        global _stop_signal
+        del frame
+        if _stop_signal is None:
+            print(f'rank {get_rank()}: received {signal.Signals(signum).name}: stopping at the next check after '
+                  f'writing a training state', file=sys.stderr, flush=True)
+        _stop_signal = signum
+
+    for signum in signals:
+        signal.signal(signum, handler)
+
+
+def stop_requested() -> int | None:
+    """The signal that asked this process to stop, or None."""
+    return _stop_signal
+
+
+def stop_agreed() -> bool:
+    """Whether should_stop() has answered True (on every rank alike; no communication)."""
+    return _stop_agreed
+
+
 def should_stop() -> bool:
-    """Hook for cluster schedulers (EDM has the same); always False here."""
-    return False
+    """Whether any rank was asked to stop (stop_on_signals); the same answer on every rank (one all-reduce: call
+    it where all ranks are, e.g. at a tick's end). Once True, stays True."""
+    global _stop_agreed
+    if not _stop_agreed:
+        on = device() if is_distributed() else 'cpu'
+        flag = torch.tensor([0 if _stop_signal is None else 1], dtype=torch.int32, device=on)
+        all_reduce_sum_(flag)
+        _stop_agreed = bool(flag.item())
+    return _stop_agreed
 
 
 def update_progress(cur: int, total: int) -> None:

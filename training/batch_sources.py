@@ -12,12 +12,21 @@ DataLoader iterators, which draw from the global torch RNG, exactly where the or
 """
 
 import dataclasses
+import signal
 
 import torch
 
 from losses.base import Batch
 from torch_utils import distributed as dist
 from training.dataset import InfiniteSampler
+
+
+def _loader_worker_ignores_sigterm(worker_id: int) -> None:
+    """A scheduler's SIGTERM reaches every process of the job: a loader worker that died of it would fail the
+    training process's next batch before it could save (torch_utils.distributed.stop_on_signals). The workers end
+    with their parent instead (torch's loader watches it)."""
+    del worker_id
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
 
 @dataclasses.dataclass
@@ -44,8 +53,11 @@ class DataContext:
         """A DataLoader iterator over the rank's share of an InfiniteSampler stream, from its start_idx-th draw."""
         sampler = InfiniteSampler(dataset=self.dataset, rank=self.rank, num_replicas=self.world_size, seed=seed,
                                   start_idx=start_idx)
+        kwargs = dict(self.loader_kwargs)
+        if kwargs.get('num_workers', 0) > 0:
+            kwargs.setdefault('worker_init_fn', _loader_worker_ignores_sigterm)
         return iter(torch.utils.data.DataLoader(dataset=self.dataset, sampler=sampler, batch_size=batch_size,
-                                                **self.loader_kwargs))
+                                                **kwargs))
 
     def to_batch(self, images: torch.Tensor, labels: torch.Tensor) -> Batch:
         """uint8 images from the dataset -> a Batch on the device, images in [-1, 1] (EDM's / 127.5 - 1). The copies

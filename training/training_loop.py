@@ -656,7 +656,8 @@ def _write_training_state(run: _Run, run_dir: str, options: dict, extras: dict |
     save_training_state(os.path.join(run_dir, f'training-state-{run.cur_nimg // 1000:06d}.pt'), dict(
         format=STATE_FORMAT, version=STATE_VERSION,
         cur_nimg=run.cur_nimg, cur_tick=run.cur_tick + 1, cur_iter=run.cur_iter,
-        seed=run.seed, world_size=run.world_size, batch_size=run.batch_size,
+        seed=run.seed, world_size=run.world_size, batch_size=run.batch_size, batch_gpu=run.batch_gpu,
+        num_rounds=run.num_rounds,
         **run.source.state_dict(),
         networks={name: module.state_dict() for name, module in run.networks.items()},
         ema=run.ema.state_dict(),
@@ -667,6 +668,27 @@ def _write_training_state(run: _Run, run_dir: str, options: dict, extras: dict |
         options=_options_json(options),
         **(extras or {}),
     ))
+
+
+def _trim_stats(path: str, next_tick: int) -> None:
+    """A resume in the run's own folder (--nosubdir) continues its stats.jsonl: the lines of ticks from `next_tick`
+    on, written after the state by the interrupted run (and a torn last line), go, so that no tick appears twice."""
+    if not os.path.isfile(path):
+        return
+    with open(path, 'rb') as f:
+        lines = f.read().split(b'\n')
+    kept = []
+    for line in lines:
+        try:
+            tick = json.loads(line)['Progress/tick']['mean']
+        except (ValueError, KeyError, TypeError):
+            continue
+        if tick < next_tick:
+            kept.append(line)
+    if len(kept) != sum(1 for line in lines if line.strip()):
+        with dnnlib.util.atomic_output(path, 'wb') as f:
+            f.write(b''.join(line + b'\n' for line in kept))
+        dist.print0(f'{path}: kept the lines of ticks before {next_tick}, where this run resumes')
 
 
 _SOURCE_POSITIONS = ('data_position', 'reference_position')  # What training states of the first version stored.
@@ -729,10 +751,21 @@ def training_loop(
             saved = json.loads(state['options'])
             changed = [k for k in _TRAJECTORY_OPTIONS
                        if _options_json(saved.get(k)) != _options_json(options.get(k))]
-            exact = not changed
             if changed:
                 dist.warn0(f'resuming from {resume_state_dump} with different {", ".join(changed)}: the '
                               f'continuation will not be exact', stacklevel=2)
+            # The batch's layout changes the summation order (and another world size the random streams): close,
+            # not bit-exact. States before batch_gpu was recorded are compared by world size alone.
+            world_size = dist.get_world_size()
+            layout = split_batch(batch_size, world_size, batch_gpu)[1:]
+            if int(state['world_size']) != world_size:
+                changed.append(f'world size ({state["world_size"]} -> {world_size} ranks)')
+            elif 'batch_gpu' in state and (int(state['batch_gpu']), int(state['num_rounds'])) != layout:
+                changed.append(f'per-rank batch layout (batch_gpu {state["batch_gpu"]} x {state["num_rounds"]} '
+                               f'rounds -> {layout[0]} x {layout[1]})')
+                dist.warn0(f'resuming from {resume_state_dump} with another {changed[-1]}: the continuation is '
+                           f'close, not bit-exact (floating-point summation order)', stacklevel=2)
+            exact = not changed
     resume_positions = {k: v for k, v in (state or {}).items()
                         if k in _SOURCE_POSITIONS or k.endswith('_position')}
 
@@ -746,6 +779,9 @@ def training_loop(
         run.phema = PowerEMA(run.net, phema_stds)
     _resume(run, state=state, resume_pkl=resume_pkl, resume_state_dump=resume_state_dump, resume_kimg=resume_kimg,
             optimizer_kwargs=optimizer_kwargs, exact=exact)
+    if state is not None and run.rank == 0 and (os.path.realpath(os.path.dirname(os.path.abspath(resume_state_dump)))
+                                                == os.path.realpath(run_dir)):
+        _trim_stats(os.path.join(run_dir, 'stats.jsonl'), run.cur_tick)
     del state
     if max_nonfinite_steps < 1:
         raise ValueError(f'max_nonfinite_steps must be >= 1, got {max_nonfinite_steps}')
@@ -777,9 +813,13 @@ def training_loop(
             progress_bar.update(run.batch_size)
         done = (run.cur_nimg >= total_nimg)
         if (not done) and (run.cur_tick != 0) and (run.cur_nimg < tick_start_nimg + kimg_per_tick * 1000):
-            if run.cur_iter % run.max_nonfinite_steps == 0:
-                _check_nonfinite(run)
-            continue
+            # Every max_nonfinite_steps steps the ranks sync anyway: there a stop request (SIGTERM, see
+            # dist.stop_on_signals) also ends the tick early, so a pre-empted run saves within seconds, not a tick.
+            if run.cur_iter % run.max_nonfinite_steps != 0:
+                continue
+            _check_nonfinite(run)
+            if not dist.should_stop():
+                continue
         _check_nonfinite(run)
 
         tick_end_time = time.time()
@@ -789,17 +829,17 @@ def training_loop(
             done = True
             dist.print0()
             dist.print0('Aborting...')
-        if (snapshot_ticks is not None) and (done or run.cur_tick % snapshot_ticks == 0) and run.rank == 0:
-            _write_snapshot(run, run_dir)
-        if (state_dump_ticks is not None) and (done or run.cur_tick % state_dump_ticks == 0) and run.cur_tick != 0:
-            _write_training_state(run, run_dir, options, state_extras)
-
-        # Logs.
+        # The tick's stats line before its snapshot and state: a kill between them then repeats a line on resume
+        # (trimmed, _trim_stats) rather than losing one.
         training_stats.default_collector.update()
         if run.rank == 0:
             if stats_jsonl is None:
                 stats_jsonl = open(os.path.join(run_dir, 'stats.jsonl'), 'a')
             training_stats.write_jsonl_line(stats_jsonl, training_stats.default_collector)
+        if (snapshot_ticks is not None) and (done or run.cur_tick % snapshot_ticks == 0) and run.rank == 0:
+            _write_snapshot(run, run_dir)
+        if (state_dump_ticks is not None) and (done or run.cur_tick % state_dump_ticks == 0) and run.cur_tick != 0:
+            _write_training_state(run, run_dir, options, state_extras)
         dist.update_progress(run.cur_nimg // 1000, total_kimg)
 
         run.cur_tick += 1
