@@ -31,6 +31,7 @@ import re
 import sys
 import time
 import warnings
+import zipfile
 
 import numpy as np
 import psutil
@@ -203,6 +204,16 @@ def load_training_state(path: str) -> dict | None:
     """Our training state as a dict, or None when `path` is an EDM training state (a pickled network)."""
     with open(path, 'rb') as f:
         persistence.check_torch_file(f, path)  # Refuses TorchScript archives before torch.load sees them.
+        f.seek(0)
+        if zipfile.is_zipfile(f):
+            # torch.load does not check the records' CRC-32: damage inside a tensor (not a truncation) loaded as
+            # other numbers and resumed silently. One extra read of the file, on resume only.
+            f.seek(0)
+            with zipfile.ZipFile(f) as archive:
+                damaged = archive.testzip()
+            if damaged is not None:
+                raise ValueError(f'{path}: damaged (the CRC-32 of its record {damaged} does not match its content)')
+        f.seek(0)
         try:
             state = torch.load(f, map_location='cpu', weights_only=True)
         except pickle.UnpicklingError:
