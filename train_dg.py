@@ -42,12 +42,19 @@ def main():
     Examples:
 
     \b
-    # 1. The score model's samples (the fake set); a conditional network also writes their labels
+    # 1. The score model's samples (the fake set)
     python generate.py --network=net.pkl --outdir=fakes --seeds=0-49999 --subdirs
+    \b
+    # ... of a class-conditional network: one folder per class K (its generation.json records the class)
+    python generate.py --network=net.pkl --class=0 --outdir=fakes/0 --seeds=0-4999
+    python generate.py --network=net.pkl --class=1 --outdir=fakes/1 --seeds=5000-9999   # ... up to the last class
     \b
     # 2. The discriminator on the network's own features (no download), or on the reference's ADM classifier
     python train_dg.py train --real=datasets/cifar10-32x32.zip --fake=fakes --network=net.pkl --outdir=dg-run
     python train_dg.py train --real=... --fake=... --encoder=adm --adm-classifier=32x32_classifier.pt --outdir=...
+    \b
+    # ... at 64x64 on guided-diffusion's 64x64 classifier (fed cosine-schedule time, as the reference)
+    python train_dg.py train --real=... --fake=... --encoder=adm --adm-classifier=64x64_classifier.pt --outdir=...
     \b
     # ... with AOT-paired perturbation noise (pools of 512 rows), as the AOT paper trains it
     python train_dg.py train --real=... --fake=... --network=net.pkl --aot=512 --outdir=dg-aot
@@ -73,8 +80,8 @@ def main():
 @click.option("--encoder", help="Features: the score network's own middle blocks, or the ADM classifier",
               type=click.Choice(["network", "adm"]), default="network", show_default=True)
 @click.option("--network", help="The score network snapshot (--encoder=network)", metavar="PKL|URL")
-@click.option("--adm-classifier", "adm_classifier", help="guided-diffusion's 32x32_classifier.pt (--encoder=adm)",
-              metavar="PT|URL")
+@click.option("--adm-classifier", "adm_classifier", help="guided-diffusion's 32x32_classifier.pt, or at 64 px its "
+              "64x64_classifier.pt (--encoder=adm; the size follows the file)", metavar="PT|URL")
 @click.option("--cond", help="Class-conditional discriminator (labels: the real set's dataset.json; generated "
               "images: one generate.py --class=K folder per class)", is_flag=True)
 @click.option("--epochs", help="Epochs", metavar="INT", type=click.IntRange(min=1), default=50, show_default=True)
@@ -97,17 +104,19 @@ def main():
 @click.option("--seed", help="Random seed", metavar="INT", type=int, default=0, show_default=True)
 @click.option("--resume", help="Continue a run: its training-state.pt or folder, or 'auto' (--outdir's, if any)",
               metavar="PT|DIR|auto", default=None)
+@click.option("--overwrite", help="Start afresh in an --outdir that holds an earlier run: first remove its training "
+              "state, stats and discriminator pickles (other files stay)", is_flag=True)
 @click.option("--device", help="Torch device  [default: cuda if available, else cpu]", metavar="DEVICE", default=None)
-def train(outdir, resume, device, **options):
+def train(outdir, resume, overwrite, device, **options):
     """Train a DG discriminator; writes discriminator-EEEEEE.pkl after every epoch (sample with one via --dg)."""
     opts = _run(dg.DGTrainingOptions, **options)
-    _run(dg.train_discriminator, opts, outdir, resume=resume, device=_device(device))
+    _run(dg.train_discriminator, opts, outdir, resume=resume, overwrite=overwrite, device=_device(device))
     click.echo(f'Done: the discriminators are in "{outdir}".')
 
 
 @main.command("import")
-@click.option("--adm-classifier", "adm_classifier", help="guided-diffusion's 32x32_classifier.pt from DG",
-              metavar="PT|URL", required=True)
+@click.option("--adm-classifier", "adm_classifier", help="guided-diffusion's 32x32_classifier.pt from DG (or its "
+              "64x64_classifier.pt: the size follows the file)", metavar="PT|URL", required=True)
 @click.option("--discriminator", help="DG's released head (discriminator_60.pt uncond, discriminator_250.pt cond)",
               metavar="PT|URL", required=True)
 @click.option("--cond", help="The conditional head (--discriminator is discriminator_250.pt)", is_flag=True)
@@ -155,6 +164,10 @@ def accuracy(dg_path, real, fake, sigmas, max_images, out, device):
         if image_set.images.shape[1] != disc.img_channels:
             raise click.BadParameter(f"{image_set.source} has {image_set.images.shape[1]} channels; the "
                                      f"discriminator takes {disc.img_channels}", param_hint=option)
+        if image_set.classes is not None and int(image_set.classes.max()) >= disc.label_dim:
+            raise click.BadParameter(f"{image_set.source} has class {int(image_set.classes.max())}; the "
+                                     f"discriminator reads {disc.label_dim} classes (0-{disc.label_dim - 1})",
+                                     param_hint=option)
     labels = [None if s.classes is None else torch.eye(disc.label_dim)[s.classes] for s in sets]
     result = dg.accuracy_by_noise_level(disc, sets[0].images, sets[1].images, levels, real_labels=labels[0],
                                         fake_labels=labels[1], device=device)

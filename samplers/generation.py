@@ -25,7 +25,7 @@ import torch
 
 from samplers import SCHEDULES, SigmaGrid, count_nfe, get_solver, make_grid, sample
 from samplers.accelerated import accelerate
-from samplers.guidance import build_guidance
+from samplers.guidance import build_guidance, guidance_record
 from samplers.schedules import learned_solver_options
 from torch_utils import distributed as dist
 from torch_utils.misc import StackedRandomGenerator
@@ -195,14 +195,15 @@ class GridSampling:
 
     def record(self, net, config: SamplerConfig) -> dict:
         """The settings as they resolve (for generation.json): the solver with every option, the grid's levels, so
-        that `--solver=heun --steps=18` and no option record the same, and a changed rho does not."""
+        that `--solver=heun --steps=18` and no option record the same, and a changed rho does not; the guidance by
+        its record (defaults filled, its files by content), so `--dg-weight=2` and the default record the same."""
         grid, solver, solver_kwargs = build_grid(net, config)
         options = {name: p.default for name, p in get_solver(solver).options().items()
                    if p.default is not inspect.Parameter.empty}
         options.update(solver_kwargs)
         return dict(solver=solver, solver_options=options, sigmas=grid.sigmas.tolist(), end=grid.end,
                     eval_sigmas=None if grid.eval_sigmas is None else grid.eval_sigmas.tolist(),
-                    denoise_to_zero=bool(config.denoise_to_zero), guidance=config.guidance)
+                    denoise_to_zero=bool(config.denoise_to_zero), guidance=guidance_record(config.guidance))
 
     def sample(self, net, plan, inputs: "SeedInputs", config: SamplerConfig) -> torch.Tensor:
         grid, solver, solver_kwargs, *guidance = plan  # a 4th entry: the prepared guidance

@@ -9,6 +9,8 @@ it; no CLI names a guidance. A guidance object has
     describe(net, grid, solver, solver_kwargs, denoise_to_zero) -> str    one clause for the sampler line (its cost)
     prepare(net, grid, solver, solver_kwargs, device) -> prepared         once per run (loads its networks)
     prepared.sample(net, grid, solver, solver_kwargs, inputs, denoise_to_zero) -> float64 images   per batch
+    record() -> dict                                                      the settings as they resolve (defaults
+                                                                          filled, files by content) for records
 
 Discriminator guidance (DG; Kim et al., ICML 2023, alsdudrla10/DG). The probability-flow ODE in EDM's form is
 dx/dsigma = (x - D(x; sigma)) / sigma = -sigma s(x; sigma), with the score s = (D - x) / sigma^2. DG samples with the
@@ -259,12 +261,24 @@ class DiscriminatorGuidance:
         for key in ("weight", "weight_corrector", "tau_min", "tau_max"):
             if not math.isfinite(float(getattr(self, key))):
                 raise ValueError(f"{flags[key]} must be a finite number, got {getattr(self, key)}")
+        for key in ("weight", "weight_corrector"):  # a negative weight guides toward "generated" (the reference: >= 0)
+            if float(getattr(self, key)) < 0:
+                raise ValueError(f"{flags[key]} must be >= 0, got {getattr(self, key)}")
         if not 0 <= self.tau_min <= self.tau_max <= 1:
             raise ValueError(f"--dg-tau-min and --dg-tau-max must satisfy 0 <= min <= max <= 1 (VP time), got "
                              f"{self.tau_min} and {self.tau_max}")
 
     def load(self) -> Discriminator:
         return _load_cached(self.value)
+
+    def record(self) -> dict:
+        """The options as they resolve (defaults filled, numbers as floats) and the discriminator by its content
+        (sha256; a URL that is not downloaded by its address): the same settings record the same, wherever the
+        pickle lies."""
+        digest = util.file_sha256(str(self.value))
+        return dict(weight=float(self.weight), weight_corrector=float(self.weight_corrector),
+                    tau_min=float(self.tau_min), tau_max=float(self.tau_max), boost=bool(self.boost),
+                    discriminator_sha256=digest, discriminator=None if digest else str(self.value))
 
     def check(self, net, grid, solver: str, solver_kwargs: dict) -> Discriminator:
         """The discriminator, after checking that it fits the network and the solver (ValueError naming the flag)."""
@@ -409,6 +423,12 @@ GUIDANCE = {
     "dg": GuidanceEntry(flag="--dg", metavar="PKL", help="Discriminator guidance with this discriminator (a DG "
                         "pickle from train_dg.py)", options=DG_OPTIONS, build=DiscriminatorGuidance),
 }
+
+
+def guidance_record(specs: dict | None) -> dict:
+    """{name: the guidance's record()} of SamplerConfig.guidance: what generation.json compares."""
+    guidance = build_guidance(specs)
+    return {} if guidance is None else {next(iter(specs)): guidance.record()}
 
 
 def build_guidance(specs: dict | None):

@@ -159,6 +159,48 @@ def test_importance_sampled_times_are_the_references_and_log_uniform_in_sigma():
     assert stats.kstest((log_sigma - lo) / (hi - lo), stats.uniform(0, 1).cdf).pvalue > 1e-3
 
 
+def test_training_perturbation_is_y_plus_sigma_of_the_sampled_time_times_the_noise():
+    generator = torch.Generator().manual_seed(3)
+    y, n = torch.rand([5, 3, 4, 4], generator=generator) * 2 - 1, torch.randn([5, 3, 4, 4], generator=generator)
+    u = torch.tensor([0.0, 0.1, 0.5, 0.9, 0.999], dtype=torch.float64)
+    x, sigma = dg.perturb(y, n, u, dgd.VPTime(), 1e-5)
+    t = dgd.VPTime().sample_time(u, 1e-5).numpy()  # pinned against the reference by the test above
+    sigma_ref = np.sqrt(np.expm1(0.5 * t ** 2 * (B1 - B0) + t * B0))
+    np.testing.assert_allclose(sigma.numpy(), sigma_ref, rtol=1e-9)
+    expected = y.double().numpy() + sigma_ref[:, None, None, None] * n.double().numpy()
+    np.testing.assert_allclose(x.numpy(), expected, rtol=1e-6, atol=1e-6)
+
+
+def test_a_conditional_discriminator_reads_the_labels_it_is_given():
+    disc = tiny_discriminator("adm", conditional=True, label_dim=3)
+    x, sigma = torch.randn([3, 3, 8, 8], generator=torch.Generator().manual_seed(1)), torch.tensor([0.3, 1.0, 4.0])
+    labels = torch.eye(3)[[0, 1, 2]]
+    with torch.no_grad():
+        logits = disc.logit(x, sigma, labels)
+        other = disc.logit(x, sigma, torch.eye(3)[[2, 0, 1]])
+        tau = dgd.VPTime().tau(sigma.double())
+        alpha = (1 / torch.sqrt(1 + sigma.double() ** 2)).reshape(-1, 1, 1, 1)
+        features = disc.encoder.features((alpha * x).float(), tau.float())
+        expected = disc.head(features, tau.float(), torch.tensor([0, 1, 2])).reshape(-1)
+    torch.testing.assert_close(logits, expected)
+    assert (logits - other).abs().min() > 1e-4
+
+
+class SignDiscriminator(torch.nn.Module):
+    """Calls an image real when its mean pixel is positive: a discriminator of known accuracy."""
+
+    def logit(self, x, sigma, class_labels=None):
+        return x.mean(dim=(1, 2, 3))
+
+
+def test_accuracy_by_noise_level_of_a_known_discriminator():
+    real = torch.full([4, 1, 4, 4], 230, dtype=torch.uint8)  # all called real: all right
+    fake = torch.full([4, 1, 4, 4], 20, dtype=torch.uint8)
+    fake[0] = 230  # one of four called real: 3/4 right
+    result = dg.accuracy_by_noise_level(SignDiscriminator(), real, fake, [0.01])
+    assert result == {0.01: {"real": 1.0, "fake": 0.75, "mean": 0.875}}
+
+
 def test_clipped_log_ratio():
     logit = torch.tensor([-40.0, -3.0, 0.0, 2.5, 40.0], requires_grad=True)
     ratio = dgd.clipped_log_ratio(logit)
@@ -583,10 +625,10 @@ def test_training_pairs_each_pool_with_the_aot_assignment(toy_sets, tmp_path, mo
 
     monkeypatch.setattr(dg, "pool_paired_noise", record)
     opts = dg.DGTrainingOptions(real=str(toy_sets / "real"), fake=str(toy_sets / "fake"),
-                                network=str(toy_sets / "encoder.pkl"), epochs=1, batch=32, aot=64, width=32,
+                                network=str(toy_sets / "encoder.pkl"), epochs=2, batch=32, aot=64, width=32,
                                 depth=1, head_channels=32, max_images=64)
     dg.train_discriminator(opts, str(tmp_path / "aot"), device="cpu", log=lambda *_: None)
-    assert [index for _, index, _ in calls] == [0, 1]  # 128 rows in pools of 64
+    assert [index for _, index, _ in calls] == [0, 1, 2, 3]  # 128 rows in pools of 64; each epoch new pools
     for images, index, noise in calls:
         with torch.random.fork_rng():
             torch.manual_seed(pool_seed(opts.seed, 0, index))
@@ -632,6 +674,58 @@ def test_training_resumes_bit_for_bit_at_an_epoch_boundary(toy_sets, tmp_path):
     assert loaded.record["training"]["epoch"] == 2
 
 
+def test_training_folders_refuse_leftovers_repair_killed_stats_and_check_the_image_sets(toy_sets, tmp_path):
+    """A fresh run into an earlier run's folder (its state gone) is refused unless --overwrite; a resume drops the
+    stats lines of a repeated epoch and a torn last line, refuses damage elsewhere, refuses changed image sets, and
+    says when there is nothing to train."""
+    import shutil
+    shutil.copytree(toy_sets / "real", tmp_path / "real")
+    opts = dg.DGTrainingOptions(real=str(tmp_path / "real"), fake=str(toy_sets / "fake"),
+                                network=str(toy_sets / "encoder.pkl"), epochs=1, batch=32, width=32, depth=1,
+                                head_channels=32, max_images=64)
+    quiet = dict(device="cpu", log=lambda *_: None)
+    run = tmp_path / "run"
+    dg.train_discriminator(opts, str(run), **quiet)
+    (run / dg.STATE_FILE).unlink()
+    for resume in (None, "auto"):
+        with pytest.raises(dgd.DiscriminatorError, match="--outdir: .* holds files of an earlier run .*"
+                           "discriminator-000001.pkl.* no training state to resume; pass --overwrite"):
+            dg.train_discriminator(opts, str(run), resume=resume, **quiet)
+    with pytest.raises(dgd.DiscriminatorError, match="--overwrite .* cannot be combined with --resume"):
+        dg.train_discriminator(opts, str(run), resume="auto", overwrite=True, **quiet)
+    (run / "notes.txt").write_text("kept")
+    result = CliRunner().invoke(train_dg.main, [
+        "train", "--real", opts.real, "--fake", opts.fake, "--network", opts.network, "--num", "64", "--batch", "32",
+        "--width", "32", "--depth", "1", "--head-channels", "32", "--epochs", "1", "--lr", "1e-3", "--device", "cpu",
+        "--outdir", str(run), "--overwrite"])
+    assert result.exit_code == 0, result.output
+    assert json.load(open(run / "training_options.json"))["lr"] == 1e-3 and (run / "notes.txt").read_text() == "kept"
+    assert [json.loads(line)["epoch"] for line in open(run / dg.STATS_FILE)] == [1]
+    opts = dataclasses_replace(opts, lr=1e-3)
+
+    # Killed after writing epoch 2's stats line but before its state, then mid-way through a line: both dropped.
+    first = (run / dg.STATS_FILE).read_text()
+    (run / dg.STATS_FILE).write_text(first + json.dumps(dict(epoch=2, loss=9.0)) + "\n" + '{"loss": 0.69, "accur')
+    dg.train_discriminator(dataclasses_replace(opts, epochs=2), str(run), resume="auto", **quiet)
+    lines = [json.loads(line) for line in open(run / dg.STATS_FILE)]
+    assert [line["epoch"] for line in lines] == [1, 2] and lines[1]["loss"] != 9.0
+    good = (run / dg.STATS_FILE).read_text()
+    (run / dg.STATS_FILE).write_text('{"epoch": 1, "lo\n' + good)
+    with pytest.raises(dgd.DiscriminatorError, match=f"--resume: .*{dg.STATS_FILE}: line 1 is not a stats record"):
+        dg.train_discriminator(dataclasses_replace(opts, epochs=3), str(run), resume="auto", **quiet)
+    (run / dg.STATS_FILE).write_text(good)
+
+    logs = []
+    dg.train_discriminator(dataclasses_replace(opts, epochs=2), str(run), resume="auto", device="cpu",
+                           log=logs.append)
+    assert any("Nothing to train: 2 epochs are done and --epochs=2" in line for line in logs), logs
+
+    # Another file in the real set (the same first 64 images): not the set the run was trained on.
+    shutil.copy(tmp_path / "real" / "000000.png", tmp_path / "real" / "zz-extra.png")
+    with pytest.raises(dgd.DiscriminatorError, match="--resume: the images of --real differ from those"):
+        dg.train_discriminator(dataclasses_replace(opts, epochs=3), str(run), resume="auto", **quiet)
+
+
 def test_conditional_fake_sets_read_classes_from_per_class_generate_folders(tmp_path):
     for cls in (0, 2):
         folder = tmp_path / "fakes" / str(cls)
@@ -640,8 +734,17 @@ def test_conditional_fake_sets_read_classes_from_per_class_generate_folders(tmp_
     image_set = dg.load_image_set(str(tmp_path / "fakes"), use_labels=True, option="--fake")
     assert image_set.classes.tolist() == [0, 0, 0, 2, 2, 2]
     assert image_set.images[3:].float().mean() > image_set.images[:3].float().mean()
+    # A folder without a class (random classes, or no record) is refused, not dropped with its images.
     (tmp_path / "fakes" / "2" / "generation.json").write_text(json.dumps(dict(class_idx=None)))
-    assert dg.load_image_set(str(tmp_path / "fakes"), use_labels=True).classes.tolist() == [0, 0, 0]
+    with pytest.raises(dgd.DiscriminatorError, match=r"--fake: .*no class record .* in the folder\(s\) 2, .*"
+                       r"generate.py --class=K --outdir=.*fakes/K"):
+        dg.load_image_set(str(tmp_path / "fakes"), use_labels=True, option="--fake")
+    (tmp_path / "fakes" / "2" / "generation.json").write_text(json.dumps(dict(class_idx=2)))
+    save_png_set(str(tmp_path / "fakes"), torch.zeros([2, 1, 4, 4]))  # images beside the class folders
+    with pytest.raises(dgd.DiscriminatorError, match="2 images lie outside its class folders"):
+        dg.load_image_set(str(tmp_path / "fakes"), use_labels=True, option="--fake")
+    for name in ("000000.png", "000001.png"):
+        (tmp_path / "fakes" / name).unlink()
     (tmp_path / "fakes" / "0" / "generation.json").unlink()
     with pytest.raises(dgd.DiscriminatorError, match="--fake: .*generate.py --class=K"):
         dg.load_image_set(str(tmp_path / "fakes"), use_labels=True, option="--fake")
@@ -675,6 +778,23 @@ def test_conditional_discriminator_reads_labels_end_to_end(tmp_path):
     with pytest.raises(ValueError, match="label_dim = 0"):
         generation.GRID_SAMPLING.describe(unconditional, config)
 
+    # A set with classes the discriminator does not read: one line naming the set.
+    (tmp_path / "real" / "dataset.json").write_text(json.dumps(dict(labels=[[f"{i:06d}.png", i % 5]
+                                                                            for i in range(96)])))
+    result = CliRunner().invoke(train_dg.main, ["accuracy", "--dg", pkl, "--real", str(tmp_path / "real"), "--fake",
+                                                str(tmp_path / "fake"), "--sigmas", "0.5", "--device", "cpu"])
+    assert result.exit_code == 2 and "Invalid value for --real" in result.output and "has class 4; the " \
+        "discriminator reads 3 classes" in result.output and "Traceback" not in result.output, result.output
+    (tmp_path / "real" / "dataset.json").write_text(json.dumps(dict(labels=[[f"{i:06d}.png", i % 3]
+                                                                            for i in range(96)])))
+
+    # A class without generated images (its generate.py --class run missing) is refused before training.
+    labels = json.loads((tmp_path / "fake" / "dataset.json").read_text())["labels"]
+    (tmp_path / "fake" / "dataset.json").write_text(json.dumps(dict(labels=[[name, k % 2] for name, k in labels])))
+    with pytest.raises(dgd.DiscriminatorError, match=r"--fake: .* no generated images of class 2 .*--class=K"):
+        dg.train_discriminator(opts, str(tmp_path / "run2"), device="cpu", log=lambda *_: None)
+    assert not os.path.exists(tmp_path / "run2")
+
 
 # ---------------------------------------------------------------------------------------------------------------------
 # Encoders and files.
@@ -696,6 +816,52 @@ def test_network_features_are_the_middle_blocks_output_and_leave_the_network_unc
         dgd.middle_block(torch.nn.Linear(2, 2))
 
 
+def test_the_64px_classifier_configuration_follows_the_file_and_trains_on_cosine_time(tmp_path, monkeypatch):
+    """guided-diffusion's 64x64 classifier (the reference's load_classifier at 64 px: channel_mult 1,2,3,4, depth 4,
+    attention at 32/16/8 px) is recognised by its parameter shapes, and train/import use it at 64 px."""
+    for size in (32, 64):
+        with torch.device("meta"):
+            state = dgn.ADMEncoderUNet(**dgn.adm_classifier_kwargs(size)).state_dict()
+        assert dgd.adm_classifier_size(state) == size
+    assert dgn.adm_classifier_kwargs(64)["channel_mult"] == (1, 2, 3, 4)
+    assert dgn.adm_classifier_kwargs(64)["num_res_blocks"] == 4 and dgn.adm_classifier_kwargs(64)["attention_ds"] \
+        == (2, 4, 8)
+    assert dgd.adm_classifier_size({"x": torch.zeros(1)}) is None
+
+    # The same layouts at width 32 (small files), through the command lines.
+    full = dgn.adm_classifier_kwargs
+    monkeypatch.setattr(dgn, "adm_classifier_kwargs", lambda size=32: dict(full(size), model_channels=32,
+                                                                            head_channels=32))
+    torch.manual_seed(0)
+    path = tmp_path / "64x64_classifier.pt"
+    torch.save(dgn.ADMEncoderUNet(**dgn.adm_classifier_kwargs(64)).state_dict(), path)
+    for name, value in (("real", 200), ("fake", 60)):
+        os.makedirs(tmp_path / name)
+        for i in range(8):
+            PIL.Image.fromarray(np.full((64, 64, 3), value + i, np.uint8)).save(tmp_path / name / f"{i}.png")
+    result = CliRunner().invoke(train_dg.main, [
+        "train", "--real", str(tmp_path / "real"), "--fake", str(tmp_path / "fake"), "--encoder", "adm",
+        "--adm-classifier", str(path), "--outdir", str(tmp_path / "run"), "--epochs", "1", "--batch", "8",
+        "--width", "32", "--depth", "1", "--head-channels", "32", "--device", "cpu"])
+    assert result.exit_code == 0, result.output
+    disc = dgd.load_discriminator(str(tmp_path / "run" / "discriminator-000001.pkl"))
+    assert disc.img_resolution == 64 and disc.encoder.image_size == 64 and disc.cosine_time
+    head = dgn.ADMEncoderUNet(**dgn.dg_head_kwargs(8, 128, condition=False))
+    torch.save(head.state_dict(), tmp_path / "head.pt")
+    result = CliRunner().invoke(train_dg.main, ["import", "--adm-classifier", str(path), "--discriminator",
+                                                str(tmp_path / "head.pt"), "--out", str(tmp_path / "dg64.pkl")])
+    assert result.exit_code == 0, result.output
+    assert dgd.load_discriminator(str(tmp_path / "dg64.pkl")).img_resolution == 64
+
+
+def test_home_relative_paths_are_expanded(tmp_path, monkeypatch):
+    monkeypatch.setenv("HOME", str(tmp_path))
+    opts = dg.DGTrainingOptions(real="~/real", fake="~/fake", network="~/net.pkl")
+    assert (opts.real, opts.fake, opts.network) == tuple(str(tmp_path / name) for name in ("real", "fake", "net.pkl"))
+    torch.save(dgn.ADMEncoderUNet(**dgn.adm_classifier_kwargs(8)).state_dict(), tmp_path / "clf.pt")
+    assert dgd.load_adm_classifier("~/clf.pt").image_size == 8
+
+
 def test_dg_pickles_round_trip_and_bad_files_fail_in_one_line(dg_files, tmp_path):
     for kind in ("network", "adm"):
         loaded = dgd.load_discriminator(dg_files[kind])
@@ -711,6 +877,34 @@ def test_dg_pickles_round_trip_and_bad_files_fail_in_one_line(dg_files, tmp_path
     garbage.write_bytes(b"not a pickle")
     with pytest.raises(dgd.DiscriminatorError, match="--dg: cannot read"):
         dgd.load_discriminator(str(garbage))
+
+
+FIXTURES = os.path.join(os.path.dirname(os.path.abspath(__file__)), "fixtures")
+
+
+def test_adm_encoder_network_reproduces_guided_diffusions_numbers():
+    """tests/fixtures/dg_adm_reference.npz holds guided-diffusion's EncoderUNetModel (alsdudrla10/DG's copy) run on
+    fixed int8 x 2^-e weights: DG's classifier options (scale-shift norm, down-sampling residual blocks, legacy-order
+    attention with two heads, attention pooling, class embedding) made tiny. Regenerate it with
+    `python tests/fixtures/make_dg_adm_reference.py /path/to/DG` (needs the reference checkout)."""
+    data = np.load(os.path.join(FIXTURES, "dg_adm_reference.npz"), allow_pickle=False)
+    config = json.loads(str(data["config"]))
+    assert config["use_scale_shift_norm"] and config["resblock_updown"] and config["pool"] == "attention"
+    net = dgn.ADMEncoderUNet(image_size=config["image_size"], in_channels=config["in_channels"],
+                             model_channels=config["model_channels"], out_channels=config["out_channels"],
+                             num_res_blocks=config["num_res_blocks"],
+                             attention_ds=tuple(config["attention_resolutions"]),
+                             channel_mult=tuple(config["channel_mult"]), head_channels=config["num_head_channels"],
+                             condition=config["condition"], num_classes=config["num_class"]).eval()
+    state = {key[2:]: torch.from_numpy(data[key]).to(torch.float32) * 2.0 ** -int(data["e:" + key[2:]])
+             for key in data.files if key.startswith("w:")}
+    net.load_state_dict(state, strict=True)
+    x, t, labels = (torch.from_numpy(data[name]) for name in ("x", "t", "labels"))
+    with torch.no_grad():
+        features = net.features(x, t, labels)
+        logits = net(x, t, torch.eye(config["num_class"])[labels])  # one-hot labels: the argmax is the class
+    torch.testing.assert_close(features, torch.from_numpy(data["features"]), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(logits, torch.from_numpy(data["logits"]), rtol=1e-5, atol=1e-5)
 
 
 def test_adm_classifier_loads_a_state_dict_through_open_url_and_refuses_mismatches(tmp_path):
@@ -797,6 +991,31 @@ def test_generate_cli_samples_with_dg_and_states_its_cost(dg_files, tmp_path):
         assert "Traceback" not in result.output
 
 
+def test_generate_records_resolved_dg_settings_and_refuses_negative_weights(dg_files, tmp_path):
+    """The same settings spelled otherwise (a default given, the same pickle at another path) resume a folder;
+    other settings are refused."""
+    import shutil
+    out = str(tmp_path / "out")
+    args = ["--network", dg_files["net"], "--outdir", out, "--steps", "4", "--device", "cpu"]
+    copy = str(tmp_path / "copy.pkl")
+    shutil.copy(dg_files["network"], copy)
+    for seeds, flags in (("0-1", ["--dg", dg_files["network"], "--dg-weight", "2"]),
+                         ("0-2", ["--dg", dg_files["network"]]),
+                         ("0-3", ["--dg", dg_files["network"], "--dg-tau-max", "1", "--dg-weight-corrector", "0"]),
+                         ("0-4", ["--dg", copy])):
+        result = CliRunner().invoke(generate.main, [*args, "--seeds", seeds, *flags])
+        assert result.exit_code == 0, (flags, result.output)
+    record = json.load(open(os.path.join(out, "generation.json")))["settings"]["guidance"]["dg"]
+    assert record["weight"] == 2.0 and record["discriminator_sha256"] == __import__("dnnlib").util.file_sha256(copy)
+    result = CliRunner().invoke(generate.main, [*args, "--seeds", "0-4", "--dg", copy, "--dg-weight", "3"])
+    assert result.exit_code != 0 and "settings.guidance.dg.weight" in result.output, result.output
+    result = CliRunner().invoke(generate.main, [*args[:3], str(tmp_path / "neg"), *args[4:], "--seeds", "0",
+                                                "--dg", copy, "--dg-weight", "-2"])
+    assert result.exit_code != 0 and "--dg-weight must be >= 0, got -2" in result.output, result.output
+    with pytest.raises(ValueError, match="--dg-weight-corrector must be >= 0"):
+        guidance.DiscriminatorGuidance(copy, weight_corrector=-1)
+
+
 def test_fid_network_source_samples_with_dg_like_generate(dg_files):
     """fid.py calc --network builds its images with metrics.network_source from the same SamplerConfig."""
     import dataclasses
@@ -876,6 +1095,8 @@ def test_train_dg_workflow_paths_and_early_checks(toy_sets, tmp_path, monkeypatc
     assert result.exit_code == 2 and f"Invalid value for --real: {rgb} has 3 channels; the discriminator takes 1" \
         in result.output, result.output
 
+    result = runner.invoke(train_dg.main, ["--help"])  # a conditional network's fakes: one folder per class
+    assert "--class=0 --outdir=fakes/0" in result.output and "also writes their labels" not in result.output
     result = runner.invoke(train_dg.main, ["import", "--adm-classifier", "c.pt", "--discriminator", "d.pt",
                                            "--label-dim", "5", "--out", "x.pkl"])
     assert result.exit_code == 2 and "--label-dim applies to the conditional head (--cond) only" in result.output

@@ -24,10 +24,13 @@ the atomic writers.
 """
 
 import dataclasses
+import glob
+import hashlib
 import json
 import math
 import os
 import time
+import zipfile
 
 import numpy as np
 import torch
@@ -49,6 +52,7 @@ STATE_FORMAT = "dg-training-state"
 STATE_VERSION = 1
 STATE_FILE = "training-state.pt"
 STATS_FILE = "stats.jsonl"
+OPTIONS_FILE = "training_options.json"
 _EPOCH_TAG, _BATCH_TAG = 0xD6E, 0xD6B  # stream tags of the per-epoch shuffle and the per-batch draws
 # Noise-level bins of the accuracy report: decades of sigma over the training range (0.001 ... 152).
 SIGMA_BINS = (0.0, 0.01, 0.1, 1.0, 10.0, math.inf)
@@ -112,16 +116,27 @@ def load_image_set(path: str, *, use_labels: bool, max_images: int | None = None
         folders = sorted(os.path.join(path, name) for name in os.listdir(path)
                          if os.path.isdir(os.path.join(path, name))) if os.path.isdir(path) else []
         labelled = [(folder, _generated_class(folder)) for folder in folders]
-        labelled = [(folder, cls) for folder, cls in labelled if cls is not None]
-        if not labelled:
-            where = (f"a dataset.json, or for generated images one folder per class made with generate.py --class=K "
-                     f"(e.g. --outdir={path}/K)" if option == "--fake" else "labels in its dataset.json "
-                     "(dataset_tool.py writes them from a labelled source)")
+        how = f"one folder per class, made with generate.py --class=K --outdir={path}/K"
+        if not any(cls is not None for _, cls in labelled):
+            where = (f"a dataset.json, or for generated images {how}" if option == "--fake" else "labels in its "
+                     "dataset.json (dataset_tool.py writes them from a labelled source)")
             raise DatasetError(f"{path}: no labels: a conditional discriminator, or a class-conditional encoder "
                                f"network, needs the class of every image: {where}")
+        # Every image needs its class: a folder without one would drop its images silently (and with them, maybe
+        # every generated image of a class).
+        unlabelled = [os.path.basename(folder) for folder, cls in labelled if cls is None]
+        if unlabelled:
+            shown = ", ".join(unlabelled[:5]) + (", ..." if len(unlabelled) > 5 else "")
+            raise DatasetError(f"{path}: no class record ({GENERATION_RECORD} of a generate.py --class=K run) in the "
+                               f"folder(s) {shown}, so their images have no class: make {how}, or move those "
+                               f"folders out")
+        class_sets = [(ImageFolderDataset(folder, resolution=resolution), cls) for folder, cls in labelled]
+        outside = len(dataset) - sum(len(class_set) for class_set, _ in class_sets)
+        if outside:
+            raise DatasetError(f"{path}: {outside} images lie outside its class folders, so they have no class: "
+                               f"make {how}")
         per_folder = None if max_images is None else -(-int(max_images) // len(labelled))
-        parts = [(read(ImageFolderDataset(folder, resolution=resolution), per_folder), cls)
-                 for folder, cls in labelled]
+        parts = [(read(class_set, per_folder), cls) for class_set, cls in class_sets]
         images = torch.cat([images for images, _ in parts])[:max_images]
         classes = torch.cat([torch.full([len(images)], cls, dtype=torch.int64) for images, cls in parts])
         return ImageSet(images=images, classes=classes[:len(images)], source=str(path))
@@ -157,13 +172,49 @@ class DGTrainingOptions:
         for name in _PATH_FIELDS:
             value = getattr(self, name)
             if value and "://" not in str(value):
-                setattr(self, name, os.path.abspath(value))
+                setattr(self, name, _absolute(value))
 
     def record(self) -> dict:
         return dataclasses.asdict(self)
 
 
 _PATH_FIELDS = ("real", "fake", "network", "adm_classifier")
+
+
+def _absolute(path: str) -> str:
+    return os.path.abspath(os.path.expanduser(str(path)))
+
+
+def check_class_coverage(real: ImageSet, fake: ImageSet) -> None:
+    """A conditional discriminator learns every class from both sets; a class with images in one set only is told
+    apart by its label alone, so it is refused (naming the classes and how to make the missing images)."""
+    real_classes, fake_classes = set(real.classes.unique().tolist()), set(fake.classes.unique().tolist())
+    if real_classes - fake_classes:
+        missing = sorted(real_classes - fake_classes)
+        raise DiscriminatorError(f"--fake: {fake.source} has no generated images of class "
+                                 f"{', '.join(map(str, missing))} (the real set has them); make them with "
+                                 f"generate.py --class=K --outdir={fake.source}/K")
+    if fake_classes - real_classes:
+        missing = sorted(fake_classes - real_classes)
+        raise DiscriminatorError(f"--real: {real.source} has no images of class {', '.join(map(str, missing))} "
+                                 f"(the generated set has them)")
+
+
+def image_set_fingerprint(path: str, num_images: int) -> dict:
+    """What identifies the images a run was trained on: the number used and the sha256 of the sorted list of the
+    set's files with their sizes (a folder's files, or a zip's members), labels and records included."""
+    path = _absolute(path)
+    if os.path.isdir(path):
+        entries = []
+        for root, _dirs, names in os.walk(path):
+            for name in names:
+                full = os.path.join(root, name)
+                entries.append((os.path.relpath(full, path).replace(os.sep, "/"), os.path.getsize(full)))
+    else:
+        with zipfile.ZipFile(path) as archive:
+            entries = [(info.filename, info.file_size) for info in archive.infolist()]
+    digest = hashlib.sha256("\n".join(f"{name}\t{size}" for name, size in sorted(entries)).encode()).hexdigest()
+    return dict(images=int(num_images), files_sha256=digest)
 
 
 def check_options(opts: DGTrainingOptions) -> None:
@@ -335,8 +386,9 @@ def _state_path(outdir: str) -> str:
     return os.path.join(outdir, STATE_FILE)
 
 
-def _save_state(outdir: str, disc: Discriminator, optimizer, epoch: int, opts: DGTrainingOptions) -> None:
-    state = dict(format=STATE_FORMAT, version=STATE_VERSION, epoch=int(epoch), options=opts.record(),
+def _save_state(outdir: str, disc: Discriminator, optimizer, epoch: int, opts: DGTrainingOptions,
+                data: dict) -> None:
+    state = dict(format=STATE_FORMAT, version=STATE_VERSION, epoch=int(epoch), options=opts.record(), data=data,
                  head={k: v.detach().cpu() for k, v in disc.head.state_dict().items()},
                  optimizer=optimizer.state_dict())
     with util.atomic_output(_state_path(outdir), "wb") as f:
@@ -355,51 +407,84 @@ def _load_state(path: str) -> dict:
 
 def _keep_stats_until(outdir: str, epoch: int) -> None:
     """Drop the stats lines of epochs after `epoch` (a run killed between its stats line and its state repeats the
-    epoch on resume)."""
+    epoch on resume), and a last line that does not parse (the one being written when the run was killed)."""
     path = os.path.join(outdir, STATS_FILE)
     if not os.path.isfile(path):
         return
     with open(path) as f:
-        lines = [line for line in f if line.strip() and json.loads(line).get("epoch", 0) <= epoch]
+        lines = [line for line in f.read().splitlines() if line.strip()]
+    kept = []
+    for number, line in enumerate(lines, 1):
+        try:
+            record = json.loads(line)
+        except ValueError:
+            record = None
+        if not isinstance(record, dict):
+            if number == len(lines):
+                continue
+            raise DiscriminatorError(f"--resume: {path}: line {number} is not a stats record; repair or remove it")
+        if record.get("epoch", 0) <= epoch:
+            kept.append(line + "\n")
     with util.atomic_output(path, "w") as f:
-        f.writelines(lines)
+        f.writelines(kept)
+
+
+def _previous_run_files(outdir: str) -> list[str]:
+    """The files of an earlier run in `outdir` (state first: with it gone, nothing is resumed from a half-cleared
+    folder)."""
+    names = [STATE_FILE, STATS_FILE, OPTIONS_FILE]
+    found = [os.path.join(outdir, name) for name in names if os.path.isfile(os.path.join(outdir, name))]
+    return found + sorted(glob.glob(os.path.join(glob.escape(outdir), "discriminator-*.pkl")))
 
 
 # Options that may change on resume (they do not change what was trained so far).
 _RESUMABLE = ("epochs",)
 
 
-def resume_point(outdir: str, resume: str | None) -> str | None:
-    """The training state to resume from: `resume` ('auto': the outdir's, if any; a path; None: none, and an
-    outdir that already holds a state is refused)."""
+def resume_point(outdir: str, resume: str | None, overwrite: bool = False) -> str | None:
+    """The training state to resume from: `resume` ('auto': the outdir's, if any; a path; None: none). A fresh run
+    into an outdir that holds files of an earlier run (its state, stats, discriminator pickles) is refused unless
+    `overwrite`: its pickles and stats would be replaced or mixed with the new run's."""
+    if overwrite and resume is not None:
+        raise DiscriminatorError("--overwrite starts a fresh run; it cannot be combined with --resume")
     existing = _state_path(outdir)
     if resume is None:
+        if os.path.isfile(existing) and not overwrite:
+            raise DiscriminatorError(f"{outdir} already holds a DG training state; pass --resume=auto to continue it, "
+                                     f"--overwrite to start afresh, or choose another --outdir")
+    elif resume == "auto":
         if os.path.isfile(existing):
-            raise DiscriminatorError(f"{outdir} already holds a DG training state; pass --resume=auto to continue it "
-                                     f"or choose another --outdir")
-        return None
-    if resume == "auto":
-        return existing if os.path.isfile(existing) else None
-    if os.path.isdir(resume):
-        resume = _state_path(resume)
-    if not os.path.isfile(resume):
-        raise DiscriminatorError(f"--resume: no such training state: {resume}")
-    return resume
+            return existing
+    else:
+        resume = os.path.expanduser(resume)
+        if os.path.isdir(resume):
+            resume = _state_path(resume)
+        if not os.path.isfile(resume):
+            raise DiscriminatorError(f"--resume: no such training state: {resume}")
+        return resume
+    earlier = _previous_run_files(outdir)
+    if earlier and not overwrite:
+        shown = ", ".join(os.path.basename(path) for path in earlier[:4]) + (", ..." if len(earlier) > 4 else "")
+        raise DiscriminatorError(f"--outdir: {outdir} holds files of an earlier run ({shown}) but no training state "
+                                 f"to resume; pass --overwrite to replace them, or choose another --outdir")
+    return None
 
 
-def train_discriminator(opts: DGTrainingOptions, outdir: str, *, resume: str | None = None, device=None,
-                        log=print) -> Discriminator:
-    """Train (or resume) a DG discriminator into `outdir`; returns it after the last epoch."""
+def train_discriminator(opts: DGTrainingOptions, outdir: str, *, resume: str | None = None, overwrite: bool = False,
+                        device=None, log=print) -> Discriminator:
+    """Train (or resume) a DG discriminator into `outdir`; returns it after the last epoch. overwrite: start afresh
+    in an outdir that holds an earlier run, removing its state, stats and pickles first."""
     check_options(opts)
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    outdir = os.path.expanduser(outdir)
     util.check_output_path(os.path.join(outdir, STATE_FILE), "--outdir")
-    state_path = resume_point(outdir, resume)
+    state_path = resume_point(outdir, resume, overwrite)
     state = _load_state(state_path) if state_path else None
     if state is not None:
         saved = {k: v for k, v in state["options"].items() if k not in _RESUMABLE}
         for name in _PATH_FIELDS:  # states written before paths were recorded absolute: relative to this folder
             if saved.get(name) and "://" not in str(saved[name]):
-                saved[name] = os.path.abspath(saved[name])
+                saved[name] = _absolute(saved[name])
         current = {k: v for k, v in opts.record().items() if k not in _RESUMABLE}
         changed = sorted(k for k in set(saved) | set(current) if saved.get(k) != current.get(k))
         if changed:
@@ -423,6 +508,15 @@ def train_discriminator(opts: DGTrainingOptions, outdir: str, *, resume: str | N
             if int(image_set.classes.max()) >= label_dim:
                 raise DiscriminatorError(f"{option}: {image_set.source} has class {int(image_set.classes.max())}; "
                                          f"the encoder network has label_dim = {label_dim}")
+        if opts.cond:
+            check_class_coverage(real, fake)
+    data = {name: image_set_fingerprint(path, image_set.images.shape[0])
+            for name, path, image_set in (("real", opts.real, real), ("fake", opts.fake, fake))}
+    if state is not None and "data" in state:  # states of older versions did not record their images
+        changed = [f"--{name}" for name in data if state["data"].get(name) != data[name]]
+        if changed:
+            raise DiscriminatorError(f"--resume: the images of {' and '.join(changed)} differ from those {state_path} "
+                                     f"was trained on (file list or count); resume with the same sets")
 
     num_images, unit = real.images.shape[0] + fake.images.shape[0], opts.aot or opts.batch
     if num_images < unit:  # before anything is written (train_epoch says the same, for a library caller)
@@ -442,9 +536,15 @@ def train_discriminator(opts: DGTrainingOptions, outdir: str, *, resume: str | N
         optimizer.load_state_dict(state["optimizer"])
         start_epoch = int(state["epoch"])
         log(f"Resuming {state_path} after epoch {start_epoch}.")
+        if start_epoch >= opts.epochs:
+            log(f"Nothing to train: {start_epoch} epochs are done and --epochs={opts.epochs}; raise --epochs to "
+                f"continue.")
+    if state is None:
+        for path in _previous_run_files(outdir):  # only with overwrite (resume_point refused the folder otherwise)
+            os.remove(path)
     os.makedirs(outdir, exist_ok=True)
     if state is None:
-        with util.atomic_output(os.path.join(outdir, "training_options.json"), "w") as f:
+        with util.atomic_output(os.path.join(outdir, OPTIONS_FILE), "w") as f:
             json.dump(opts.record(), f, indent=2)
     _keep_stats_until(outdir, start_epoch)
 
@@ -462,7 +562,7 @@ def train_discriminator(opts: DGTrainingOptions, outdir: str, *, resume: str | N
                            training=dict(opts.record(), epoch=epoch + 1))
         with open(os.path.join(outdir, STATS_FILE), "a") as f:
             f.write(json.dumps(stats) + "\n")
-        _save_state(outdir, disc, optimizer, epoch + 1, opts)
+        _save_state(outdir, disc, optimizer, epoch + 1, opts, data)
         log(f"epoch {epoch + 1}/{opts.epochs}: BCE {stats['loss']:.4f}, accuracy {stats['accuracy']:.3f} (real "
             f"{stats['accuracy_real']:.3f}, generated {stats['accuracy_fake']:.3f}), {stats['seconds']:.1f} s")
     return disc

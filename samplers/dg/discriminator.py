@@ -9,9 +9,10 @@ sigma^2). Every discriminator here takes the VE x and sigma and maps them itself
 
 Two encoders:
 - 'adm': guided-diffusion's noise-conditional 32x32 classifier (the reference's; `load_adm_classifier`), fed
-  alpha(tau) x at VP time tau; features = its middle block's output (8x8x512 at 32x32). guided-diffusion's 64x64
-  classifier was trained on the cosine schedule: it (and the head on its features) is fed the cosine-schedule time
-  of the same alpha, as the reference does at 64 px (`Discriminator.cosine_time`).
+  alpha(tau) x at VP time tau; features = its middle block's output (8x8x512 at 32x32 and at 64x64). Its 64x64
+  classifier (the configuration is the one the file's parameters fit) was trained on the cosine schedule: it (and
+  the head on its features) is fed the cosine-schedule time of the same alpha, as the reference does at 64 px
+  (`Discriminator.cosine_time`).
 - 'network': the user's own EDM-format diffusion network (any snapshot), fed x and sigma exactly as it is fed when
   sampling (its own preconditioning); features = the output of its middle blocks (the two lowest-resolution blocks
   EDM's U-Nets list first in their decoder, `{res}x{res}_in1`: the counterpart of ADM's middle block). The network's
@@ -334,21 +335,39 @@ def _strict_load(module: torch.nn.Module, state: dict, what: str, source: str, o
     module.load_state_dict(state)
 
 
-def load_adm_classifier(path_or_url: str | None, image_size: int = 32, option: str = "--adm-classifier",
+def adm_classifier_size(state: dict) -> int | None:
+    """The image size of the guided-diffusion classifier configuration (`networks.adm_classifier_kwargs`) whose
+    parameter names and shapes are those of `state`, or None. The configurations are built on the meta device
+    (no memory), so every size is tried cheaply."""
+    shapes = {name: tuple(value.shape) for name, value in state.items()}
+    for size in networks.ADM_CLASSIFIER_SIZES:
+        with torch.device("meta"):
+            candidate = networks.ADMEncoderUNet(**networks.adm_classifier_kwargs(size))
+        if {name: tuple(value.shape) for name, value in candidate.state_dict().items()} == shapes:
+            return size
+    return None
+
+
+def load_adm_classifier(path_or_url: str | None, image_size: int | None = None, option: str = "--adm-classifier",
                         checksum: str | None = None) -> networks.ADMEncoderUNet:
-    """guided-diffusion's noise-conditional classifier in DG's configuration (`32x32_classifier.pt`: width 128, depth
-    4, attention at 32/16/8 px, 1000 classes), from a local path or a URL (dnnlib's download cache, optional
-    checksum). There is no canonical direct URL; offline, pass a local copy."""
-    where = (f"download 32x32_classifier.pt from DG's folder {ADM_CLASSIFIER_SOURCE} (alsdudrla10/DG, step 4) and "
-             f"pass {option}=PATH")
+    """guided-diffusion's noise-conditional classifier in DG's configuration (width 128, depth 4 at 32 and 64 px,
+    attention at 32/16/8 px, 1000 classes: `32x32_classifier.pt`, and guided-diffusion's `64x64_classifier.pt`, which
+    DG uses at 64 px), from a local path or a URL (dnnlib's download cache, optional checksum). image_size: the
+    configuration to load; None: the one whose parameter shapes the file holds. There is no canonical direct URL;
+    offline, pass a local copy."""
+    where = (f"download 32x32_classifier.pt from DG's folder {ADM_CLASSIFIER_SOURCE} (alsdudrla10/DG, step 4; at 64 "
+             f"px guided-diffusion's 64x64_classifier.pt) and pass {option}=PATH")
     if path_or_url is None:
         raise DiscriminatorError(f"{option} is required for the 'adm' encoder: {where}")
-    if not util.is_url(path_or_url, allow_file_urls=True) and not os.path.isfile(path_or_url):
+    if not util.is_url(path_or_url, allow_file_urls=True) and not os.path.isfile(os.path.expanduser(path_or_url)):
         raise DiscriminatorError(f"{option}: no such file: {path_or_url}; {where}")
     try:
         state = _load_state_dict(path_or_url, "the ADM classifier", option, checksum)
     except DiscriminatorError as err:
         raise DiscriminatorError(f"{err}. If this machine is offline, {where}") from None
+    if image_size is None:
+        # A file of no known configuration is compared with the 32x32 one, DG's own, to name what differs.
+        image_size = adm_classifier_size(state) or 32
     classifier = networks.ADMEncoderUNet(**networks.adm_classifier_kwargs(image_size))
     _strict_load(classifier, state, f"DG's {image_size}x{image_size} ADM classifier configuration (width 128, depth "
                  f"4, attention at 32/16/8 px, 1000 classes; guided-diffusion's default classifier flags differ)",
@@ -357,15 +376,17 @@ def load_adm_classifier(path_or_url: str | None, image_size: int = 32, option: s
 
 
 def import_reference_discriminator(classifier: networks.ADMEncoderUNet, head_path: str, *, conditional: bool,
-                                   label_dim: int = 10, img_resolution: int = 32,
+                                   label_dim: int = 10, img_resolution: int | None = None,
                                    option: str = "--discriminator") -> Discriminator:
     """A released DG discriminator head (`discriminator_60.pt`, `discriminator_250.pt`: a state dict of the
     reference's `load_discriminator` network, 8x8x512 features, width 128, depth 2, 1000-row class embedding when
-    conditional) on the ADM classifier. label_dim: the classes of the score model it guides (CIFAR-10: 10)."""
+    conditional) on the ADM classifier. label_dim: the classes of the score model it guides (CIFAR-10: 10);
+    img_resolution: the images it judges (None: the classifier's)."""
     state = _load_state_dict(head_path, "the discriminator", option)
     channels, resolution = classifier.feature_channels, classifier.feature_resolution
     head = networks.ADMEncoderUNet(**networks.dg_head_kwargs(resolution, channels, condition=conditional))
     _strict_load(head, state, f"DG's {'conditional' if conditional else 'unconditional'} discriminator head",
                  head_path, option)
+    img_resolution = int(img_resolution or classifier.image_size)
     return Discriminator(classifier, head, "adm", img_resolution=img_resolution, img_channels=3,
                          label_dim=label_dim if conditional else 0, record=dict(source=f"imported {head_path}"))

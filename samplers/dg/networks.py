@@ -239,6 +239,10 @@ class ADMEncoderUNet(torch.nn.Module):
         return self.head(self.features(x, t, class_labels))
 
 
+# The image sizes of guided-diffusion's classifier configurations (`adm_classifier_kwargs`).
+ADM_CLASSIFIER_SIZES = (8, 16, 32, 64, 128)
+
+
 def adm_classifier_kwargs(image_size=32):
     """guided-diffusion's `create_classifier` configuration of DG's feature extractor (`32x32_classifier.pt`):
     width 128, depth 4 (2 above 64 px), attention at 32, 16, 8 px, attention pooling, 1000 classes."""
