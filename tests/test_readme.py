@@ -585,7 +585,8 @@ def _write_inputs(root: str) -> None:
 
 
 def _tiny_network(path: str) -> None:
-    """A ~10k-parameter 8x8 RGB SongUNet with the preconditioning the file name says (EDM's naming)."""
+    """A ~10k-parameter 8x8 RGB SongUNet with the preconditioning and conditioning the file name says (EDM's naming:
+    -vp/-ve, -cond: 10 classes)."""
     import torch
 
     from torch_utils import persistence
@@ -595,7 +596,8 @@ def _tiny_network(path: str) -> None:
     precond = {"vp": preconditioning.VPPrecond, "ve": preconditioning.VEPrecond}.get(
         next((p for p in ("vp", "ve") if re.search(rf"-{p}\b", name)), None), preconditioning.EDMPrecond)
     torch.manual_seed(0)
-    net = precond(img_resolution=8, img_channels=3, label_dim=0, model_type="SongUNet", model_channels=8,
+    label_dim = 10 if re.search(r"(?<!un)cond\b", name) else 0
+    net = precond(img_resolution=8, img_channels=3, label_dim=label_dim, model_type="SongUNet", model_channels=8,
                   channel_mult=[1], num_blocks=1, attn_resolutions=[])
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     persistence.save_network_pickle(path, dict(ema=net))
