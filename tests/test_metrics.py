@@ -944,3 +944,42 @@ def test_network_source_indexes_images_in_png_file_name_order(monkeypatch):
         assert sampled_batches == [seeds[i:i + 4] for i in range(0, len(seeds), 4)]  # generated in the given order
         names = [os.path.basename(samplers.generation.image_path("out", s)) for s in expected]
         assert names == sorted(names)
+
+
+def test_kid_defaults_are_torch_fidelitys():
+    """The defaults the evaluation uses (no test passed them implicitly): 100 subsets of 1000 rows drawn by
+    RandomState(2020), against an independent loop."""
+    from metrics import kid
+
+    assert (kid.KID_SUBSETS, kid.KID_SUBSET_SIZE, kid.KID_SEED) == (100, 1000, 2020)
+    rng = np.random.default_rng(0)
+    x, y = rng.normal(size=(1200, 16)), rng.normal(loc=0.1, size=(1100, 16))
+    mean, std = kid.kernel_inception_distance(torch.as_tensor(x), torch.as_tensor(y))
+    chooser, values = np.random.RandomState(2020), []
+    for _ in range(100):
+        a, b = x[chooser.choice(1200, 1000, replace=False)], y[chooser.choice(1100, 1000, replace=False)]
+        k_xx, k_yy, k_xy = ((p @ q.T / 16 + 1) ** 3 for p, q in ((a, a), (b, b), (a, b)))
+        values.append((k_xx.sum() - np.trace(k_xx) + k_yy.sum() - np.trace(k_yy)) / (1000 * 999)
+                      - 2 * k_xy.mean())
+    assert mean == pytest.approx(np.mean(values), rel=1e-10) and std == pytest.approx(np.std(values), rel=1e-8)
+    assert mean == pytest.approx(0.02472810301027006, rel=1e-9)
+
+
+def test_precision_recall_compares_float16_distances_on_the_cpu():
+    """StyleGAN2-ADA compares float16 distances (its CUDA cdist); the CPU path rounds float32 distances to float16:
+    a probe at 3.00065 from the nearest point, which rounds to 3.0, lies within that point's radius of exactly 3."""
+    from metrics.precision_recall import coverage, manifold_radii
+
+    manifold = torch.tensor([[0, 0], [1, 0], [2, 0], [3, 0], [4, 0]], dtype=torch.float16)
+    radii = manifold_radii(manifold, 3)
+    assert radii.tolist() == [3, 2, 2, 2, 3]
+    probe = torch.tensor([[-3, 0.0625]], dtype=torch.float16)
+    assert torch.linalg.norm(probe.float()).item() == pytest.approx(3.00065, abs=1e-5)
+    assert coverage(probe, manifold, radii) == 1.0
+
+
+def test_inception_score_default_splits_is_ten():
+    import inspect
+
+    from metrics.inception_score import inception_score
+    assert inspect.signature(inception_score).parameters["num_splits"].default == 10

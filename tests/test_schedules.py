@@ -176,3 +176,18 @@ def test_ld3_vector_import(tmp_path):
     torch.save({"params1": torch.ones(3)}, tmp_path / "nokey.pt")
     with pytest.raises(ValueError, match="best_t_steps"):
         load_ld3_vector(str(tmp_path / "nokey.pt"))
+
+
+def test_vp_time_uniform_with_rho_spaces_t_to_the_one_over_rho():
+    """DEIS's rho = 2, computed independently: t_i = (1 - (i / N)(1 - eps_s^(1/2)))^2, beta_d and beta_min solved from
+    sigma(1) = sigma_max and sigma(eps_s) = sigma_min, sigma(t) = sqrt(exp(beta_d t^2 / 2 + beta_min t) - 1)."""
+    from samplers.schedules import VP_EPSILON_S, vp_time_uniform
+
+    sigma_min, sigma_max, eps, n = 0.002, 80.0, VP_EPSILON_S, 5
+    # log(1 + sigma^2) = beta_d t^2 / 2 + beta_min t at t = 1 and t = eps: two linear equations.
+    a = np.array([[0.5, 1.0], [0.5 * eps ** 2, eps]])
+    beta_d, beta_min = np.linalg.solve(a, np.log1p(np.array([sigma_max, sigma_min]) ** 2))
+    t = (1 - np.arange(n + 1) / n * (1 - eps ** 0.5)) ** 2
+    expected = np.sqrt(np.expm1(0.5 * beta_d * t ** 2 + beta_min * t))
+    got = vp_time_uniform(n, sigma_min, sigma_max, rho=2).to(torch.float64).numpy()
+    np.testing.assert_allclose(got[:len(expected)], expected, rtol=1e-10)

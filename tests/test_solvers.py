@@ -384,3 +384,19 @@ def test_added_solver_learns_a_grid_with_ld3(toy_solver, tmp_path):
     held_out = sample(gmm, latents[32:], loaded, solver=toy_solver, r=0.5)
     baseline = sample(gmm, latents[32:], make_grid("edm", 3, 0.002, 80.0, end="sigma_min"), solver=toy_solver)
     assert (held_out - images[32:]).square().mean() < (baseline - images[32:]).square().mean()
+
+
+@pytest.mark.parametrize("solver", ["euler", "ipndm"])
+def test_decoupled_grid_slope_divides_by_the_evaluation_sigma(solver):
+    """One step of x <- x + (sigma_1 - sigma_0) (x - D(x; sigma_0')) / sigma_0' by hand: D(x; s) = 0.25 / (0.25 + s^2) x
+    (a Gaussian of variance 0.25), x = 1, sigmas [2, 1], sigma_0' = 2.2: x_1 = 1 - (1 - 0.25 / 5.09) / 2.2."""
+    from samplers.euler_heun import euler
+    from samplers.ipndm import ipndm
+
+    def denoiser(x, sigma, class_labels=None):
+        return 0.25 / (0.25 + sigma ** 2) * x
+
+    step = {"euler": euler, "ipndm": ipndm}[solver]
+    x = step(denoiser, torch.ones(1, dtype=torch.float64), torch.tensor([2.0, 1.0], dtype=torch.float64),
+             eval_sigmas=torch.tensor([2.2, 1.0], dtype=torch.float64))
+    assert float(x) == pytest.approx(1 - (1 - 0.25 / 5.09) / 2.2, rel=1e-14)  # 0.5677799607072691
