@@ -10,11 +10,14 @@ so a name reported on only some ranks still reduces correctly (with zero counts 
 """
 
 import json
+import os
 import re
 import threading
 import time
 
 import torch
+
+import dnnlib.util
 
 from . import distributed
 
@@ -197,6 +200,29 @@ def write_jsonl_line(file, collector: Collector) -> None:
     line["timestamp"] = time.time()
     file.write(json.dumps(line) + "\n")
     file.flush()
+
+
+def filter_jsonl(path: str, keep) -> int:
+    """Rewrite the JSON-lines file `path` atomically with the lines whose record `keep(record, number, is_last)`
+    accepts (what a resume does to the stats of the steps it repeats). `record` is None for a line that does not parse
+    as an object, e.g. the line being written when a run was killed; `keep` may raise to refuse the file. Returns how
+    many lines were dropped (0: the file is left as it is, also when it does not exist)."""
+    if not os.path.isfile(path):
+        return 0
+    with open(path, "rb") as f:
+        lines = [line for line in f.read().split(b"\n") if line.strip()]
+    kept = []
+    for number, line in enumerate(lines, 1):
+        try:
+            record = json.loads(line)
+        except ValueError:
+            record = None
+        if keep(record if isinstance(record, dict) else None, number, number == len(lines)):
+            kept.append(line)
+    if len(kept) != len(lines):
+        with dnnlib.util.atomic_output(path, "wb") as f:
+            f.write(b"".join(line + b"\n" for line in kept))
+    return len(lines) - len(kept)
 
 
 def reset() -> None:

@@ -215,14 +215,21 @@ _PNG_IEND = b"\x00\x00\x00\x00IEND\xaeB`\x82"  # the last 12 bytes of every comp
 _PNG_CHANNELS = {0: 1, 2: 3, 4: 2, 6: 4}  # colour type -> channels of decode_image's result (8-bit, no palette)
 
 
+def _png_ihdr(head: bytes) -> tuple[int, int, int, int] | None:
+    """(width, height, bit depth, colour type) from the IHDR chunk a PNG starts with; None when `head` (at least 26
+    bytes) is not the start of a PNG."""
+    if len(head) < 26 or head[:8] != _PNG_SIGNATURE or head[12:16] != b"IHDR":
+        return None
+    return struct.unpack(">IIBB", head[16:26])
+
+
 def png_header_shape(head: bytes) -> tuple[int, int, int] | None:
     """(channels, height, width) that decode_image returns for a PNG starting with `head` (at least 29 bytes), from
     the IHDR chunk alone; None when the header cannot tell (not a PNG, palette or 16-bit: decode to find out)."""
-    if len(head) < 29 or head[:8] != _PNG_SIGNATURE or head[12:16] != b"IHDR":
+    ihdr = _png_ihdr(head) if len(head) >= 29 else None
+    if ihdr is None or ihdr[2] != 8 or ihdr[3] not in _PNG_CHANNELS:
         return None
-    width, height, bit_depth, colour_type = struct.unpack(">IIBB", head[16:26])
-    if bit_depth != 8 or colour_type not in _PNG_CHANNELS:
-        return None
+    width, height, _, colour_type = ihdr
     return _PNG_CHANNELS[colour_type], height, width
 
 
@@ -230,9 +237,10 @@ def _check_png_pixels(data: bytes, fname: str) -> None:
     """PIL's decompression-bomb limit (twice `PIL.Image.MAX_IMAGE_PIXELS`) for PNGs that pyspng decodes: it has none,
     and a few KB of PNG can declare gigapixels."""
     limit = PIL.Image.MAX_IMAGE_PIXELS
-    if limit is None or len(data) < 24 or data[:8] != _PNG_SIGNATURE or data[12:16] != b"IHDR":
+    ihdr = _png_ihdr(data)
+    if limit is None or ihdr is None:
         return  # pyspng reports a malformed file itself
-    width, height = struct.unpack(">II", data[16:24])
+    width, height = ihdr[:2]
     if width * height > 2 * limit:
         raise DatasetError(f"{fname}: the PNG declares {width}x{height} = {width * height:,} pixels, more than the "
                            f"{2 * limit:,} allowed (PIL.Image.MAX_IMAGE_PIXELS x 2): refusing to decode it")

@@ -45,7 +45,7 @@ from samplers.dg.discriminator import (
     load_adm_classifier,
     save_discriminator,
 )
-from torch_utils import persistence
+from torch_utils import persistence, training_stats
 from torch_utils.misc import stream_seed
 
 STATE_FORMAT = "dg-training-state"
@@ -409,24 +409,15 @@ def _keep_stats_until(outdir: str, epoch: int) -> None:
     """Drop the stats lines of epochs after `epoch` (a run killed between its stats line and its state repeats the
     epoch on resume), and a last line that does not parse (the one being written when the run was killed)."""
     path = os.path.join(outdir, STATS_FILE)
-    if not os.path.isfile(path):
-        return
-    with open(path) as f:
-        lines = [line for line in f.read().splitlines() if line.strip()]
-    kept = []
-    for number, line in enumerate(lines, 1):
-        try:
-            record = json.loads(line)
-        except ValueError:
-            record = None
-        if not isinstance(record, dict):
-            if number == len(lines):
-                continue
+
+    def up_to_epoch(record, number, is_last):
+        if record is None:
+            if is_last:
+                return False
             raise DiscriminatorError(f"--resume: {path}: line {number} is not a stats record; repair or remove it")
-        if record.get("epoch", 0) <= epoch:
-            kept.append(line + "\n")
-    with util.atomic_output(path, "w") as f:
-        f.writelines(kept)
+        return record.get("epoch", 0) <= epoch
+
+    training_stats.filter_jsonl(path, up_to_epoch)
 
 
 def _previous_run_files(outdir: str) -> list[str]:

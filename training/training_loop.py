@@ -684,21 +684,11 @@ def _write_training_state(run: _Run, run_dir: str, options: dict, extras: dict |
 def _trim_stats(path: str, next_tick: int) -> None:
     """A resume in the run's own folder (--nosubdir) continues its stats.jsonl: the lines of ticks from `next_tick`
     on, written after the state by the interrupted run (and a torn last line), go, so that no tick appears twice."""
-    if not os.path.isfile(path):
-        return
-    with open(path, 'rb') as f:
-        lines = f.read().split(b'\n')
-    kept = []
-    for line in lines:
-        try:
-            tick = json.loads(line)['Progress/tick']['mean']
-        except (ValueError, KeyError, TypeError):
-            continue
-        if tick < next_tick:
-            kept.append(line)
-    if len(kept) != sum(1 for line in lines if line.strip()):
-        with dnnlib.util.atomic_output(path, 'wb') as f:
-            f.write(b''.join(line + b'\n' for line in kept))
+    def before_next_tick(record, number, is_last):
+        tick = (record or {}).get('Progress/tick')
+        return isinstance(tick, dict) and isinstance(tick.get('mean'), (int, float)) and tick['mean'] < next_tick
+
+    if training_stats.filter_jsonl(path, before_next_tick):
         dist.print0(f'{path}: kept the lines of ticks before {next_tick}, where this run resumes')
 
 
