@@ -149,6 +149,56 @@ def test_mnist_bad_header(tmp_path):
         _convert(tmp_path / "train-images-idx3-ubyte", tmp_path / "out.zip")
 
 
+def test_mnist_gz_streamed_bomb_and_truncation(tmp_path):
+    """A .gz whose header declares 3 images but which expands to 64 MB more: refused for the extra bytes while
+    holding one chunk of records, not the whole expansion (gzip.decompress would hold 64 MB); a .gz whose data ends
+    before the header's count is refused as truncated; neither leaves an output behind."""
+    import tracemalloc
+
+    images = np.arange(3 * 28 * 28).reshape(3, 28, 28) % 256
+    header = bytes([0, 0, 0x08, 3]) + np.array(images.shape, dtype=">u4").tobytes()
+    with gzip.open(tmp_path / "train-images-idx3-ubyte.gz", "wb", compresslevel=1) as f:
+        f.write(header + images.astype(np.uint8).tobytes())
+        zeros = bytes(1 << 20)
+        for _ in range(64):
+            f.write(zeros)
+    assert os.path.getsize(tmp_path / "train-images-idx3-ubyte.gz") < 1 << 20
+    _write_idx(tmp_path / "train-labels-idx1-ubyte.gz", np.array([3, 1, 4]), compress=True)
+    tracemalloc.start()
+    try:
+        with pytest.raises(DatasetToolError, match=r"train-images-idx3-ubyte.gz: idx file has extra bytes after the "
+                                                   r"\[3, 28, 28\]"):
+            _convert(tmp_path / "train-images-idx3-ubyte.gz", tmp_path / "out.zip")
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 16 << 20, peak
+    assert not (tmp_path / "out.zip").exists()
+    # --max-images stops before the extra bytes: the first two images convert.
+    assert _convert(tmp_path / "train-images-idx3-ubyte.gz", tmp_path / "out.zip", max_images=2) == 2
+    np.testing.assert_array_equal(_read_back(tmp_path / "out.zip")[0][:, 0, 2:30, 2:30], images[:2])
+
+    header5 = bytes([0, 0, 0x08, 3]) + np.array([5, 28, 28], dtype=">u4").tobytes()
+    with gzip.open(tmp_path / "t10k-images-idx3-ubyte.gz", "wb") as f:
+        f.write(header5 + images.astype(np.uint8).tobytes())
+    _write_idx(tmp_path / "t10k-labels-idx1-ubyte.gz", np.arange(5), compress=True)
+    with pytest.raises(DatasetToolError, match=r"t10k-images-idx3-ubyte.gz: idx file is truncated \(header says "
+                                               r"\[5, 28, 28\], the data ends early\)"):
+        _convert(tmp_path / "t10k-images-idx3-ubyte.gz", tmp_path / "out2.zip")
+    assert not (tmp_path / "out2.zip").exists()
+    # Uncompressed files are checked against the header before any image is written.
+    (tmp_path / "x-images-idx3-ubyte").write_bytes(header5 + images.astype(np.uint8).tobytes())
+    _write_idx(tmp_path / "x-labels-idx1-ubyte", np.arange(5), compress=False)
+    with pytest.raises(DatasetToolError, match=r"x-images-idx3-ubyte: idx file is truncated or has extra bytes "
+                                               r"\(header says \[5, 28, 28\], 2352 data bytes\)"):
+        _convert(tmp_path / "x-images-idx3-ubyte", tmp_path / "out3.zip")
+    # Mismatched counts are named before anything is read.
+    _write_idx(tmp_path / "y-images-idx3-ubyte", images, compress=False)
+    _write_idx(tmp_path / "y-labels-idx1-ubyte", np.arange(4), compress=False)
+    with pytest.raises(DatasetToolError, match=r"y-labels-idx1-ubyte: has 4 labels but .*y-images-idx3-ubyte has 3"):
+        _convert(tmp_path / "y-images-idx3-ubyte", tmp_path / "out4.zip")
+
+
 def test_image_folder_class_subfolders(tmp_path):
     rng = np.random.default_rng(2)
     src = tmp_path / "src"

@@ -274,24 +274,66 @@ def open_cifar10(tarball: str, max_images: int | None = None) -> Source:
 _MNIST_IMAGES_RE = re.compile(r"^(.*)images([.-])idx3-ubyte(\.gz)?$")
 
 
-def _read_idx(path: str, expected_ndim: int) -> np.ndarray:
-    """An idx file (the MNIST format; gzip-compressed or not) of unsigned bytes with `expected_ndim` dimensions."""
-    try:
-        with open(path, "rb") as f:
-            raw = f.read()
-        if raw[:2] == b"\x1f\x8b":
-            raw = gzip.decompress(raw)
-    except (OSError, EOFError, zlib.error) as exc:
-        raise DatasetToolError(f"{path}: cannot read idx file ({exc})") from None
-    if len(raw) < 4 or raw[:2] != b"\x00\x00" or raw[2] != 0x08 or raw[3] != expected_ndim:
-        raise DatasetToolError(f"{path}: expected an idx file of unsigned bytes with {expected_ndim} dimension(s) "
-                               f"(magic 0x0000080{expected_ndim}), got header {raw[:4].hex()}")
-    header = 4 + 4 * expected_ndim
-    shape = [int(d) for d in np.frombuffer(raw[4:header], dtype=">u4")] if len(raw) >= header else []
-    if len(shape) != expected_ndim or len(raw) - header != int(np.prod(shape)):
-        raise DatasetToolError(f"{path}: idx file is truncated or has extra bytes (header says {shape}, "
-                               f"{len(raw) - header} data bytes)")
-    return np.frombuffer(raw, dtype=np.uint8, offset=header).reshape(shape)
+class _IdxFile:
+    """An idx file (the MNIST format; gzip-compressed or not) of unsigned bytes, read one record at a time.
+
+    Records are streamed rather than the file read whole: a few KB of .gz can expand to gigabytes, and a streamed
+    conversion holds one image whatever the header claims (a bomb then costs time with a progress bar, not memory).
+    Uncompressed files are checked against the header's size up front; compressed ones when their last record is read.
+    """
+
+    def __init__(self, path: str, expected_ndim: int):
+        self.path = path
+        try:
+            with open(path, "rb") as f:
+                compressed = f.read(2) == b"\x1f\x8b"
+            self._file = gzip.open(path, "rb") if compressed else open(path, "rb")
+            header = self._read(4 + 4 * expected_ndim)
+        except DatasetToolError:
+            raise
+        except OSError as exc:
+            raise DatasetToolError(f"{path}: cannot read idx file ({exc})") from None
+        if len(header) < 4 or header[:2] != b"\x00\x00" or header[2] != 0x08 or header[3] != expected_ndim:
+            self.close()
+            raise DatasetToolError(f"{path}: expected an idx file of unsigned bytes with {expected_ndim} dimension(s) "
+                                   f"(magic 0x0000080{expected_ndim}), got header {header[:4].hex()}")
+        if len(header) < 4 + 4 * expected_ndim:
+            self.close()
+            raise DatasetToolError(f"{path}: idx file is truncated (its header is incomplete)")
+        self.shape = tuple(int(d) for d in np.frombuffer(header[4:], dtype=">u4"))
+        self.record_size = int(np.prod(self.shape[1:], dtype=np.int64))
+        self._remaining = self.shape[0]
+        if not compressed:
+            data_bytes = os.path.getsize(path) - len(header)
+            if data_bytes != self.shape[0] * self.record_size:
+                self.close()
+                raise DatasetToolError(f"{path}: idx file is truncated or has extra bytes (header says "
+                                       f"{list(self.shape)}, {data_bytes} data bytes)")
+
+    def _read(self, size: int) -> bytes:
+        try:
+            return self._file.read(size)
+        except (OSError, EOFError, zlib.error) as exc:
+            self.close()
+            raise DatasetToolError(f"{self.path}: cannot read idx file ({exc})") from None
+
+    def read_records(self, count: int) -> np.ndarray:
+        """The next `count` records, shape (count, *shape[1:]); reaching the last one checks that nothing follows."""
+        size = count * self.record_size
+        data = self._read(size)
+        if len(data) != size:
+            self.close()
+            raise DatasetToolError(f"{self.path}: idx file is truncated (header says {list(self.shape)}, the data "
+                                   f"ends early)")
+        self._remaining -= count
+        if self._remaining == 0 and self._read(1):
+            self.close()
+            raise DatasetToolError(f"{self.path}: idx file has extra bytes after the {list(self.shape)} its header "
+                                   f"declares")
+        return np.frombuffer(data, dtype=np.uint8).reshape((count, *self.shape[1:]))
+
+    def close(self) -> None:
+        self._file.close()
 
 
 def mnist_labels_path(images_path: str) -> str | None:
@@ -317,14 +359,45 @@ def open_mnist(images_path: str, max_images: int | None = None) -> Source:
     if labels_path is None or not os.path.isfile(labels_path):
         raise DatasetToolError(f"{images_path}: the matching labels file {labels_path} is missing "
                                f"(expected *-labels-idx1-ubyte[.gz] beside *-images-idx3-ubyte[.gz])")
-    images = _read_idx(images_path, 3)
-    labels = _read_idx(labels_path, 1).astype(np.int64)
+    images = _IdxFile(images_path, 3)
+    try:
+        labels = _IdxFile(labels_path, 1)
+    except DatasetToolError:
+        images.close()
+        raise
+    height, width = images.shape[1:]
+    limit = PIL.Image.MAX_IMAGE_PIXELS
+    problem = None
     if labels.shape[0] != images.shape[0]:
-        raise DatasetToolError(f"{labels_path}: has {labels.shape[0]} labels but {images_path} has "
-                               f"{images.shape[0]} images")
-    if images.shape[1:] == (28, 28):
-        images = np.pad(images, [(0, 0), (2, 2), (2, 2)], mode="constant", constant_values=0)
-    return _array_source(images, labels, max_images, f"{images_path}:image")
+        problem = (f"{labels_path}: has {labels.shape[0]} labels but {images_path} has {images.shape[0]} images")
+    elif images.shape[0] == 0:
+        problem = f"{images_path}: contains no images"
+    elif limit is not None and height * width > 2 * limit:
+        problem = (f"{images_path}: the header declares {height}x{width} images, more than the {2 * limit:,} pixels "
+                   f"allowed (PIL.Image.MAX_IMAGE_PIXELS x 2)")
+    if problem is not None:
+        images.close()
+        labels.close()
+        raise DatasetToolError(problem)
+    num = _limit(images.shape[0], max_images)
+    # 28x28 digits are zero-padded to 32x32 as EDM does; --resolution then resizes the padded image (EDM order).
+    pad = 2 if (height, width) == (28, 28) else 0
+    chunk = max(1, 2**24 // max(images.record_size, 1))  # records per read: few Python calls, 16 MB at most
+
+    def iterate():
+        try:
+            for first in range(0, num, chunk):
+                count = min(chunk, num - first)
+                image_chunk = np.pad(images.read_records(count), [(0, 0), (pad, pad), (pad, pad)])
+                label_chunk = labels.read_records(count)
+                for offset in range(count):
+                    yield SourceImage(image_chunk[offset], int(label_chunk[offset]),
+                                      f"{images_path}:image {first + offset}")
+        finally:
+            images.close()
+            labels.close()
+
+    return Source(num, iterate())
 
 
 def load_digits_uint8() -> tuple[np.ndarray, np.ndarray]:
