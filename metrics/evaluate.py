@@ -20,6 +20,7 @@ import dataclasses
 import json
 import os
 import time
+import warnings
 from collections.abc import Callable, Iterator, Sequence
 
 import numpy as np
@@ -86,13 +87,14 @@ class ImageSource:
     batches: Callable[[torch.device], Iterator[tuple[torch.Tensor, torch.Tensor]]]
     num_rank_batches: int  # for the progress bar
     description: dict
+    image_shape: tuple[int, int, int] | None = None  # (C, H, W), compared with a reference's when both are known
 
 
 def dataset_source(path: str, num: int | None = None, seed: int = 0, batch_size: int = 64, num_workers: int = 3,
                    prefetch_factor: int = 2) -> ImageSource:
     """Images of a folder or ZIP (sorted names, recursive). With `num`: a random subset of exactly `num` images
     chosen by RandomState(seed) and kept in file order (EDM's max_size/random_seed), error if there are fewer."""
-    from training.dataset import ImageFolderDataset
+    from training.dataset import DatasetError, ImageFolderDataset, unwrap_worker_error
 
     dataset = ImageFolderDataset(path=path, max_size=num, random_seed=seed)
     # Every rank lists the folder and draws the subset itself; before the counts are checked (a rank that raised
@@ -115,14 +117,19 @@ def dataset_source(path: str, num: int | None = None, seed: int = 0, batch_size:
                 loader_kwargs["multiprocessing_context"] = "spawn"  # as EDM: no forked children of a CUDA process
         loader = torch.utils.data.DataLoader(dataset, batch_sampler=batches, pin_memory=(device.type == "cuda"),
                                              **loader_kwargs)
-        for indices, (images, _labels) in zip(batches, loader):
-            yield torch.as_tensor(indices, dtype=torch.int64), images.to(device, non_blocking=True)
+        try:
+            for indices, (images, _labels) in zip(batches, loader):
+                yield torch.as_tensor(indices, dtype=torch.int64), images.to(device, non_blocking=True)
+        except DatasetError as exc:  # e.g. an image damaged after its header, found when a worker decodes it
+            raise unwrap_worker_error(exc) from None
 
-    description = dict(images=str(path), num=len(dataset), seed=seed if num is not None else None)
+    image_shape = tuple(int(v) for v in dataset.image_shape)
+    description = dict(images=str(path), num=len(dataset), seed=seed if num is not None else None,
+                       image_shape=list(image_shape))
     network = _generating_network(path)
     if network is not None:  # for the reader of the result, and report.py's kimg
         description["network"] = network
-    return ImageSource(len(dataset), iterate, len(batches), description)
+    return ImageSource(len(dataset), iterate, len(batches), description, image_shape)
 
 
 def _check_same_images_on_all_ranks(path: str, dataset) -> None:
@@ -194,9 +201,12 @@ def network_source(net, seeds: Sequence[int], batch_size: int = 64, network_desc
             yield index_of_position[positions], images.to(device)
 
     options = {k: v for k, v in sampler_kwargs.items() if k != 'sampling'}
+    resolution, channels = getattr(net, "img_resolution", None), getattr(net, "img_channels", None)
+    image_shape = (int(channels), int(resolution), int(resolution)) if resolution and channels else None
     description = dict(network=network_description, seeds=format_int_list(seeds), num=len(seeds),
-                       sampler=sampler_description, sampler_options=_jsonable(options))
-    return ImageSource(len(seeds), iterate, len(position_batches), description)
+                       sampler=sampler_description, sampler_options=_jsonable(options),
+                       image_shape=None if image_shape is None else list(image_shape))
+    return ImageSource(len(seeds), iterate, len(position_batches), description, image_shape)
 
 
 def _jsonable(value):
@@ -436,6 +446,12 @@ def calc_metrics(source: ImageSource, ref_path: str | None, metrics: Sequence[st
                 f"--metrics kid: reference statistics {ref_path!r} hold Inception features of "
                 f"{ref[KID_REFERENCE_KEY].shape[0]} image(s), but KID needs at least 2")
 
+    ref_shape = _reference_image_shape(ref)
+    if ref_shape is not None and source.image_shape is not None and ref_shape != tuple(source.image_shape):
+        # Not refused: comparing across resolutions can be meant (upsampled samples); mostly it is a wrong --ref.
+        warnings.warn(f"the reference statistics {ref_path!r} were computed from {_shape_text(ref_shape)} images, but "
+                      f"the images evaluated are {_shape_text(source.image_shape)}: is --ref the right dataset?",
+                      stacklevel=2)
     detectors = load_detectors(metrics, detector_paths, device, verbose=verbose)
     if ref is not None and "fid" in metrics and ref["mu"].shape[0] != detectors["inception"].feature_dim:
         raise ReferenceStatsError(
@@ -480,7 +496,8 @@ def calc_metrics(source: ImageSource, ref_path: str | None, metrics: Sequence[st
         source=source.description,
         reference=None if ref is None else dict(
             path=ref_path, sha256=file_sha256(ref_path) if distributed.get_rank() == 0 else None,
-            num_real_pr=int(ref[PR_REFERENCE_KEY].shape[0]) if "pr" in metrics else None),
+            num_real_pr=int(ref[PR_REFERENCE_KEY].shape[0]) if "pr" in metrics else None,
+            image_shape=None if ref_shape is None else list(ref_shape)),
         detectors={name: det.describe() for name, det in detectors.items()},
         options=dict(is_splits=is_splits if "is" in metrics else None,
                      pr_nhood_size=pr_nhood_size if "pr" in metrics else None),
@@ -490,6 +507,23 @@ def calc_metrics(source: ImageSource, ref_path: str | None, metrics: Sequence[st
         timestamp=time.time(),
     )
     return distributed.broadcast_object(record)
+
+
+def _reference_image_shape(ref: dict | None) -> tuple[int, int, int] | None:
+    """(C, H, W) of the images a reference was computed from, as `fid.py ref` records it; None for references
+    without the record (EDM's and EDM2's published ones) or with a malformed one."""
+    shape = None if ref is None else ref.get("image_shape")
+    if shape is None:
+        return None
+    shape = np.asarray(shape)
+    if shape.shape != (3,) or shape.dtype.kind not in "iu" or (shape <= 0).any():
+        return None
+    return tuple(int(v) for v in shape)
+
+
+def _shape_text(shape) -> str:
+    channels, height, width = shape
+    return f"{width}x{height} {'greyscale' if channels == 1 else 'RGB' if channels == 3 else f'{channels}-channel'}"
 
 
 def check_reference_request(dest: str, metrics: str | Sequence[str], dest_option: str = "--dest") -> list[str]:
@@ -528,6 +562,8 @@ def compute_reference(source: ImageSource, dest: str, metrics: Sequence[str] = (
     distributed.print0(f"Computing reference statistics ({', '.join(metrics)}) for {source.num_images} images...")
     stats = run_pass(source, metrics, detectors, device, pr_max_items=pr_max_real, progress=progress)
     extra = dict(num_images=np.int64(source.num_images))
+    if source.image_shape is not None:  # checked against the evaluated images by calc_metrics (EDM ignores it)
+        extra["image_shape"] = np.asarray(source.image_shape, dtype=np.int64)
     if "pr" in metrics:
         extra[PR_REFERENCE_KEY] = stats["pr_features"].cpu().numpy()
     if "kid" in metrics:

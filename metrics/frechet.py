@@ -200,7 +200,7 @@ def load_reference(path_or_url: str, verbose: bool = True, keys=None) -> dict[st
     when named there (e.g. the feature arrays of P/R and KID, gigabytes for a large reference, stay on disk for FID).
     Raises ReferenceStatsError naming the file.
     """
-    wanted = None if keys is None else {"mu", "sigma", "num_images", *keys}
+    wanted = None if keys is None else {"mu", "sigma", "num_images", "image_shape", *keys}
     try:
         f = util.open_url(path_or_url, verbose=verbose)
     except (OSError, ValueError) as err:

@@ -123,6 +123,7 @@ def test_ref_and_calc_match_an_independent_computation(workdir, single_rank):
                                    atol=1e-5 * np.abs(np.cov(f_real, rowvar=False)).max())
         torch.testing.assert_close(torch.as_tensor(ref["vgg16_features"]), v_real, rtol=1e-3, atol=1e-3)
         assert int(ref["num_images"]) == 40
+        assert ref["image_shape"].tolist() == [3, 12, 12]  # (C, H, W), checked against the evaluated images
 
     record = single_rank["folder"]["record"]
     expected_fid = _fid_eigh(f_gen.mean(0), np.cov(f_gen, rowvar=False), f_real.mean(0), np.cov(f_real, rowvar=False))
@@ -145,6 +146,7 @@ def test_ref_and_calc_match_an_independent_computation(workdir, single_rank):
     assert 0.0 < record["results"]["precision"] < 1.0 and 0.0 < record["results"]["recall"] < 1.0
     assert record["labels"] == {"fid": "fid30_full", "is": "is30", "pr": "pr30_3_full"}
     assert record["num_images"] == 30 and record["source"]["seed"] == 3
+    assert record["source"]["image_shape"] == record["reference"]["image_shape"] == [3, 12, 12]
     assert record["detectors"]["inception"]["source"].endswith("inception.pt")
     assert f"fid30_full {record['results']['fid']:g}" in single_rank["folder"]["stdout"]
 
@@ -266,6 +268,50 @@ def test_fewer_images_than_num_is_a_clear_error(workdir, single_rank):
                       *_detector_args(root)])
     assert result.exit_code != 0
     assert f"found 36 images in {root / 'gen'}, but expected at least 50 (--num-images)" in result.output
+
+
+def test_reference_of_other_image_shape_is_warned_about(workdir, single_rank, tmp_path):
+    """A 24x24 folder evaluated against the 12x12 reference: computed (it can be meant) but warned about, naming both
+    shapes; the same images at 12x12 give no warning, nor does a reference without the record (EDM's)."""
+    root = workdir["root"]
+    _write_folder(tmp_path / "big", workdir["gen"][:8].repeat(2, axis=2).repeat(2, axis=3))
+    _write_folder(tmp_path / "same", workdir["gen"][:8])
+    common = ["--num", 8, "--workers", 0, "--metrics", "fid", *_detector_args(root)]
+    with pytest.warns(UserWarning, match=r"ref1\.npz' were computed from 12x12 RGB images, but the images evaluated "
+                                         r"are 24x24 RGB: is --ref the right dataset\?"):
+        result = _invoke(["calc", "--images", tmp_path / "big", "--ref", root / "ref1.npz", *common])
+    assert result.exit_code == 0, result.output
+    with np.load(root / "ref1.npz") as ref:
+        np.savez(tmp_path / "edm.npz", mu=ref["mu"], sigma=ref["sigma"])
+    import warnings
+
+    for images, ref in [(tmp_path / "same", root / "ref1.npz"), (tmp_path / "big", tmp_path / "edm.npz")]:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("error", message=".*were computed from")
+            result = _invoke(["calc", "--images", images, "--ref", ref, *common])
+        assert result.exit_code == 0, result.output
+
+
+def test_image_damaged_past_its_header_is_one_line_with_workers(workdir, single_rank, tmp_path):
+    """A PNG whose pixel data is damaged passes the listing and fails when a DataLoader worker decodes it: the error
+    is the worker's one line naming the file, not 'Caught DatasetError in DataLoader worker' and its traceback."""
+    root = workdir["root"]
+    _write_folder(tmp_path / "gen", workdir["gen"][:8])
+    damaged = tmp_path / "gen" / "000005.png"
+    data = bytearray(damaged.read_bytes())
+    for k in range(40, len(data) - 20):  # signature, IHDR and IEND kept
+        data[k] ^= 0x55
+    damaged.write_bytes(bytes(data))
+    outputs = []
+    for workers in [1, 0]:
+        result = _invoke(["calc", "--images", tmp_path / "gen", "--ref", root / "ref1.npz", "--num", 8, "--workers",
+                          workers, "--metrics", "fid", *_detector_args(root)])
+        assert result.exit_code == 1
+        error = [line for line in result.output.splitlines() if line.startswith("Error")]
+        assert len(error) == 1 and error[0].startswith(f"Error: {damaged}: cannot decode image"), result.output
+        assert "Traceback" not in result.output and "Caught" not in result.output
+        outputs.append(error[0].split(" (")[0])
+    assert outputs[0] == outputs[1]
 
 
 def test_missing_ref_is_a_clear_error(workdir):

@@ -32,6 +32,17 @@ class DatasetError(OSError):
     """
 
 
+def unwrap_worker_error(exc: DatasetError) -> DatasetError:
+    """The DatasetError a DataLoader worker raised, with its own one-line message: the loader re-raises it in the
+    main process as 'Caught DatasetError in DataLoader worker process N.' followed by the worker's whole traceback,
+    which would bury the file name at the bottom of thirty lines."""
+    lines = str(exc).rstrip().split("\n")
+    prefix = f"{DatasetError.__module__}.{DatasetError.__qualname__}: "
+    if len(lines) > 1 and lines[0].startswith("Caught DatasetError") and lines[-1].startswith(prefix):
+        return DatasetError(lines[-1][len(prefix):])
+    return exc
+
+
 # Class labels are one-hot vectors of dimension max + 1: a label of 1e9 would make every label vector 4 GB.
 MAX_LABEL_DIM = 65536  # class labels must be integers in 0 .. MAX_LABEL_DIM - 1
 
