@@ -221,6 +221,10 @@ def _apply_loss_wrappers(opts: dnnlib.EasyDict, loss_kwargs: dict) -> tuple[dict
     return loss_kwargs, tags
 
 
+# Preconditionings whose noise label c_noise is a time-step index (0 to ~1000) rather than a log sigma.
+_TIME_INDEX_LABELS = ('VPPrecond', 'iDDPMPrecond', 'EpsPrecond')
+
+
 def _option_error(err: Exception) -> click.ClickException:
     """A library's ValueError as a click error; '--option: message' becomes 'Invalid value for --option: message'."""
     match = re.match(r'(--[a-z0-9-]+): (.*)', str(err), re.S)
@@ -558,6 +562,12 @@ def build_config(opts: dnnlib.EasyDict, world_size: int) -> tuple[dnnlib.EasyDic
         # are the same.
         c.network_kwargs.augment_dim = 0
     c.network_kwargs.update(dropout=opts.dropout, use_fp16=opts.fp16)
+    precond_class = c.network_kwargs.class_name.rsplit('.', 1)[-1]
+    if c.network_kwargs.get('embedding_type') == 'fourier' and precond_class in _TIME_INDEX_LABELS:
+        warnings.warn(f'NCSN++\'s random Fourier noise embedding (scale 16) is made for log-sigma noise labels (VE, '
+                      f'EDM preconditioning); {precond_class} labels the noise level with a time index up to ~1000, '
+                      f'which it maps to unrelated embeddings for neighbouring steps (as EDM\'s --precond=vp '
+                      f'--arch=ncsnpp): use --arch=ddpmpp or adm (positional embeddings)', stacklevel=1)
 
     # Batch accounting, checked here so the error names the options.
     if opts.batch % world_size != 0:

@@ -135,6 +135,13 @@ def loss_options(name: str) -> dict:
     return options
 
 
+def user_options(name: str) -> dict:
+    """loss_options without those the loss records itself (a class's `recorded_options`, e.g. SPD's fit_source,
+    written by its fit): what --loss-opt accepts and --help lists."""
+    recorded = getattr(_loss_class(name, wrappers=True), 'recorded_options', ())
+    return {k: v for k, v in loss_options(name).items() if k not in recorded}
+
+
 def _convert(text: str, default, what: str):
     try:
         if isinstance(default, bool):
@@ -162,14 +169,17 @@ def _convert(text: str, default, what: str):
 
 def parse_loss_options(name: str, items) -> dict:
     """Parse ['KEY=VALUE', ...] into constructor kwargs of loss `name`, typed like the defaults."""
-    _loss_class(name)  # A base loss (wrappers take their options from their own flags).
-    options = loss_options(name)
+    cls = _loss_class(name)  # A base loss (wrappers take their options from their own flags).
+    options = user_options(name)
     kwargs = {}
     for item in items or ():
         key, sep, value = str(item).partition('=')
         key = key.strip()
         if not sep or not key:
             raise ValueError(f"expected KEY=VALUE, got {item!r}")
+        if key in getattr(cls, 'recorded_options', ()):
+            raise ValueError(f"option {key!r} of loss {name!r} is recorded by the loss itself, not given: "
+                             f"{cls.recorded_options[key]}")
         if key not in options:
             valid = ', '.join(options) or 'none'
             raise ValueError(f"loss {name!r} has no option {key!r}; its options are: {valid}")
@@ -283,5 +293,5 @@ def prepare_loss_kwargs(kwargs: dict, dataset_kwargs: dict) -> tuple[dnnlib.Easy
 
 def describe_losses() -> str:
     """One line per registered loss with its options and defaults (for --help)."""
-    return '; '.join(f"{name}: " + ', '.join(f"{k}={v}" for k, v in loss_options(name).items())
+    return '; '.join(f"{name}: " + ', '.join(f"{k}={v}" for k, v in user_options(name).items())
                      for name in LOSSES)

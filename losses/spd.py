@@ -86,6 +86,10 @@ class FourierEpsLoss:
 class SPDLoss(FourierEpsLoss):
     """Shortest Path Diffusion: Sigma0 = c1 / |c2 + |k||^m (CIFAR-10's constants by default), T steps."""
 
+    # Written by resolve_options when it fits Sigma0 (the provenance printed and kept in training_options.json); a
+    # user-given text would pass for a fit's record.
+    recorded_options = {'fit_source': "where c1, c2 and m came from, written by --loss-opt fit=data (or fit=PATH)"}
+
     def __init__(self, T=4000, c1=CIFAR10_SIGMA0['c1'], c2=CIFAR10_SIGMA0['c2'], m=CIFAR10_SIGMA0['m'], fit='',
                  fit_source=''):
         if fit:
@@ -108,7 +112,7 @@ class SPDLoss(FourierEpsLoss):
                              f"c1, c2 and m from the data; give either fit or the constants")
         if not fit:
             published = all(float(options.get(k, v)) == v for k, v in CIFAR10_SIGMA0.items())
-            if published and not options.get('fit_source') and resolution not in (None, CIFAR10_RESOLUTION):
+            if published and resolution not in (None, CIFAR10_RESOLUTION):
                 # Sigma0 is power per integer frequency under the orthonormal DFT: the same content at N x N pixels
                 # has about (N / 32)^2 times CIFAR-10's.
                 dist.warn0(f"SPD: CIFAR-10's published Sigma0 constants were fitted at {CIFAR10_RESOLUTION}x"

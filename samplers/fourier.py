@@ -284,9 +284,18 @@ class FourierSampling:
             ('--end', config.end, None), ('--denoise-to-zero', config.denoise_to_zero, False))})
         if config.num_steps is not None and config.num_steps < 2:
             raise ValueError(f"--steps must be at least 2 (from t = T-1 to t = 0), got {config.num_steps}")
+        T = self.schedule.num_steps
+        if config.num_steps is not None and config.num_steps > T:
+            # Capped silently before, which also switched the default solver to all-T ancestral.
+            raise ValueError(f"--steps {config.num_steps} is more than the {T} time steps of the snapshot's "
+                             f"{self.schedule.name!r} process (T = {T}): give --steps {T} or fewer (without --steps: "
+                             f"all {T}, ancestral)")
         if getattr(config, 'guidance', None):
-            raise ValueError(f"{', '.join(config.guidance)} guidance does not apply to the {self.schedule.name!r} "
-                             f"process (it guides sigma-grid solvers)")
+            from samplers.guidance import GUIDANCE
+
+            flags = [GUIDANCE[name].flag if name in GUIDANCE else name for name in config.guidance]
+            raise ValueError(f"{', '.join(flags)} ({', '.join(config.guidance)} guidance) does not apply to the "
+                             f"{self.schedule.name!r} process (it guides sigma-grid solvers)")
         solver = self.solver_for(config.solver, config.num_steps)
         if solver not in self.solvers:
             raise ValueError(f"unknown solver {solver!r} for the {self.schedule.name!r} process: expected one of "

@@ -354,6 +354,20 @@ def test_published_sigma0_at_another_resolution_warns():
         losses.prepare_loss_kwargs(losses.loss_kwargs('spd', dict(c1=3.0)), dict(path='data.zip', resolution=64))
 
 
+def test_fit_source_is_recorded_by_the_fit_not_given():
+    """fit_source is the fit's provenance: --loss-opt refuses it (it would pass for a fit's record and, before,
+    silenced the warning above) and --help does not list it; the constructor still takes the resolved options."""
+    with pytest.raises(ValueError, match=r"option 'fit_source' of loss 'spd' is recorded by the loss itself, not "
+                                         r"given: .*fit=data"):
+        losses.parse_loss_options('spd', ['fit_source=fitted to CIFAR-10'])
+    assert 'fit_source' not in losses.user_options('spd') and 'fit_source' in losses.loss_options('spd')
+    assert 'fit_source' not in losses.describe_losses() and 'fit=' in losses.describe_losses()
+    with pytest.raises(ValueError, match=r"no option 'fit_sourc'; its options are: T, c1, c2, m, fit$"):
+        losses.parse_loss_options('spd', ['fit_sourc=x'])
+    with pytest.warns(UserWarning, match=r'fitted at 32x32'):
+        losses.prepare_loss_kwargs(losses.loss_kwargs('spd', dict(fit_source='x')), dict(resolution=64))
+
+
 # ---------------------------------------------------------------------------------------------------------------------
 # Loss, preconditioning, snapshots, CLIs.
 

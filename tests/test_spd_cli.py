@@ -17,6 +17,7 @@ import train
 from losses.spd import DDPMLoss, SPDLoss
 from processes import EDMProcess
 from samplers.cli_options import sampler_config
+from torch_utils import persistence
 from training import snapshots
 from training.preconditioning import EDMPrecond, EpsPrecond
 
@@ -111,6 +112,26 @@ def _config(sampling, solver=None, steps=None, *solver_opt):
                           end=None, solver_opt=solver_opt, sampling=sampling)
 
 
+def test_eps_network_without_process_record_is_refused(files, tmp_path):
+    """An EpsPrecond pickle whose 'process' entry is gone was read as EDM's process and generate.py crashed on
+    net.sigma_min; now the read names the missing record. EDM denoisers without one stay EDM's process."""
+    for name, expect_error in [('spd', True), ('edm', False)]:
+        data = dict(persistence.load_network_pickle(files[name]))
+        del data['process']
+        path = str(tmp_path / f'{name}-no-process.pkl')
+        persistence.save_network_pickle(path, data)
+        if expect_error:
+            with pytest.raises(persistence.NetworkPickleError, match=r"no-process\.pkl: the network is EpsPrecond, "
+                                                                     r".* no 'process' record"):
+                snapshots.read_snapshot(path)
+            result = CliRunner().invoke(generate.main, ['--network', path, '--outdir', str(tmp_path / 'out'),
+                                                        '--seeds', '0', '--device', 'cpu'])
+            assert result.exit_code != 0 and "has no 'process' record" in result.output, result.output
+            assert 'Traceback' not in result.output and not (tmp_path / 'out').exists()
+        else:
+            assert snapshots.read_snapshot(path).process.name == 'edm'
+
+
 def test_record_is_the_resolved_plan(files):
     spd = snapshots.read_snapshot(files['spd'])
     sampling, net = spd.process.sampling, spd.net
@@ -165,6 +186,27 @@ def test_solver_flags_no_spd_solver_takes(files, tmp_path, args):
     assert 'only to )' not in result.output
 
 
+def test_steps_beyond_T_are_refused_and_T_is_all(files, tmp_path):
+    """--steps above the snapshot's T (20) was capped to T without a word (and the default solver became all-T
+    ancestral); now it is refused naming T. --steps T is all steps, ancestral, as without --steps. --dg is refused by
+    its flag's name."""
+    def run(*args):
+        return CliRunner().invoke(generate.main, ['--network', files['spd'], '--outdir', str(tmp_path / 'out'),
+                                                  '--seeds', '0', '--device', 'cpu', *args])
+
+    for args in (['--steps', '21'], ['--steps', '35', '--solver', 'heun']):
+        result = run(*args)
+        assert result.exit_code == 2, result.output
+        assert (f"--steps {args[1]} is more than the 20 time steps of the snapshot's 'spd' process (T = 20): give "
+                f"--steps 20 or fewer") in result.output, result.output
+    assert not (tmp_path / 'out').exists()
+    result = run('--dg', str(tmp_path / 'discriminator.pkl'))  # refused by the flag's name before it is read
+    assert result.exit_code == 2 and "--dg (dg guidance) does not apply to the 'spd' process" in result.output
+    result = run('--steps', '20')
+    assert result.exit_code == 0 and 'solver=ancestral' in result.output and 'steps=20 of T=20 (all)' in \
+        result.output, result.output
+
+
 @pytest.mark.parametrize(('args', 'named'), [(['--disc', 'vp'], '--disc does not apply'),
                                              (['--disc', 've', '--sigma_max', '3'], '--disc, --sigma_max do not apply'),
                                              (['--schedule', 'vp'], '--schedule does not apply'),
@@ -196,6 +238,28 @@ def test_spd_training_errors_name_the_flags(files, tmp_path, args, message):
     ddpm = _train(files, tmp_path, '--cbase', 8, '--cres', 1, '--blocks', 1, '--attn', '', '--loss', 'ddpm',
                   '--loss-opt', 'beta_end=5')
     assert ddpm.exit_code == 2 and 'Invalid value for --loss-opt: beta_start and beta_end' in ddpm.output, ddpm.output
+
+
+def test_fourier_embedding_with_time_index_labels_is_warned_about(files, tmp_path):
+    """NCSN++'s Fourier embedding under a time-index noise label (SPD's eps, EDM's VP): warned, naming the fix;
+    NCSN++ under EDM's or VE's log-sigma labels and DDPM++ under eps are not."""
+    import warnings
+
+    tiny = ['--cbase', 8, '--cres', 1, '--blocks', 1, '--attn', '']
+    for args, warned in [(['--loss', 'spd', '--arch', 'ncsnpp'], 'EpsPrecond'),
+                         (['--precond', 'vp', '--arch', 'ncsnpp'], 'VPPrecond'),
+                         (['--loss', 'spd', '--arch', 'ddpmpp'], None), (['--precond', 've', '--arch', 'ncsnpp'], None),
+                         (['--precond', 'edm', '--arch', 'ncsnpp'], None)]:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter('always')
+            result = _train(files, tmp_path, *tiny, *args)
+        assert result.exit_code == 0, result.output
+        messages = [str(w.message) for w in caught if 'Fourier noise embedding' in str(w.message)]
+        if warned:
+            assert len(messages) == 1 and f'{warned} labels the noise level with a time index' in messages[0] \
+                and 'use --arch=ddpmpp or adm' in messages[0], messages
+        else:
+            assert messages == [], (args, messages)
 
 
 @pytest.mark.parametrize('command, path', [(generate.main, []), (fid.main, ['calc'])])

@@ -330,6 +330,10 @@ class EpsPrecond(_Precond):
     as SPD's per-frequency schedule: EDMPrecond's c_skip/c_out assume one sigma of white noise. Not a denoiser
     D(x; sigma): the sigma-grid solvers do not apply (the process's own samplers do)."""
 
+    # Its schedule (SPD's T and Sigma0, or DDPM's betas) lives only in the snapshot's process record: a pickle without
+    # one cannot default to EDM's process as older denoiser pickles do (training/snapshots.py).
+    process_required = True
+
     def __init__(self,
                  img_resolution,                # Image resolution.
                  img_channels,                  # Number of colour channels.

@@ -55,6 +55,11 @@ def read_snapshot(path_or_url: str) -> Snapshot:
         raise persistence.NetworkPickleError(f"{path_or_url}: no 'ema' network in the pickle "
                                              f"(keys: {', '.join(map(str, data))})")
     record = data.get('process')
+    if record is None and getattr(type(data['ema']), 'process_required', False):
+        raise persistence.NetworkPickleError(
+            f"{path_or_url}: the network is {type(data['ema']).__name__}, which samples only with the forward process "
+            f"it was trained with (its schedule is not in the network), but the pickle has no 'process' record "
+            f"(train.py writes one into every snapshot; was the pickle re-saved without it?)")
     if record is None:  # EDM's process, unless the network's class names the one its pickles use (GDDPrecond).
         record = getattr(type(data['ema']), 'pickled_process', None)
     try:
