@@ -18,6 +18,7 @@ from metrics import evaluate
 from samplers.cli_options import (
     apply_preset,
     check_class,
+    check_cuda_graph,
     check_device,
     preset_option,
     sampler_config,
@@ -55,6 +56,7 @@ def network_source_from_cli(network_pkl, seeds, batch_size, class_idx, preset_li
     """Load the network and build the in-memory image source; the sampler flags are generate.py's
     (samplers/cli_options.py), so `calc --network` samples exactly what generate.py would write. preset_lines: what
     --preset set (apply_preset), printed with the sampler. Nothing is written to disk (only --out's JSON)."""
+    check_cuda_graph(sampler_cli.get("cuda_graph"), distributed.device())
     snapshot = _run(load_snapshot, network_pkl, distributed.device())
     net, sampling = snapshot.net, snapshot.process.sampling  # sampled the way its process was trained
     check_class(net, class_idx)

@@ -15,6 +15,7 @@ from dnnlib import util
 from samplers.cli_options import (
     apply_preset,
     check_class,
+    check_cuda_graph,
     check_device,
     preset_option,
     sampler_config,
@@ -22,6 +23,7 @@ from samplers.cli_options import (
     seed_list,
 )
 from samplers.generation import (
+    NonFiniteSamples,
     OutputFolderMismatch,
     claim_output_folder,
     output_record,
@@ -86,6 +88,10 @@ def main(network, outdir, seeds, subdirs, class_idx, max_batch_size, device, gri
     """
     preset_lines = apply_preset(preset, sampler_cli, SAMPLER_PRESETS, SAMPLER_PRESET_SOURCES)
     device = check_device(device or ("cuda" if torch.cuda.is_available() else "cpu"), dist.get_local_rank())
+    check_cuda_graph(sampler_cli.get("cuda_graph"), device)
+    # "--outdir=~/x": the shell expands no ~ after "=", and a literal ./~ folder invites an `rm -rf ~`.
+    outdir = os.path.expanduser(outdir)
+    grid_path = None if grid_path is None else os.path.expanduser(grid_path)
     dist.init(device=device)
 
     try:
@@ -124,9 +130,12 @@ def main(network, outdir, seeds, subdirs, class_idx, max_batch_size, device, gri
             sys.exit(1)
         raise click.ClickException(error)
     dist.print0(f'Generating {len(seeds)} images to "{outdir}" on {dist.get_world_size()} rank(s)...')
-    counts = write_images(net, seeds, outdir, subdirs=subdirs, batch_size=max_batch_size, progress=True,
-                          device=device, class_idx=class_idx, sampling=sampling, overwrite=overwrite,
-                          **dataclasses.asdict(config))
+    try:
+        counts = write_images(net, seeds, outdir, subdirs=subdirs, batch_size=max_batch_size, progress=True,
+                              device=device, class_idx=class_idx, sampling=sampling, overwrite=overwrite,
+                              **dataclasses.asdict(config))
+    except (util.OutputPathError, NonFiniteSamples) as err:  # a full disk, a diverging sampler: one line
+        raise click.ClickException(str(err)) from None
     totals = torch.tensor([counts["written"], counts["skipped"]], dtype=torch.int64,
                           device=device if dist.is_distributed() and device.type == "cuda" else "cpu")
     dist.all_reduce_sum_(totals)

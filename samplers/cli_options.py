@@ -57,6 +57,13 @@ def check_device(device: str | None, local_rank: int = 0) -> torch.device | None
     return device
 
 
+def check_cuda_graph(cuda_graph: bool, device) -> None:
+    """--cuda-graph needs a CUDA device: refused by name before anything runs (it failed in the first batch)."""
+    if cuda_graph and torch.device(device).type != "cuda":
+        raise click.BadParameter(f"CUDA graphs need a CUDA device, not {torch.device(device)} (--device)",
+                                 param_hint="--cuda-graph")
+
+
 def check_class(net, class_idx: int | None) -> None:
     """--class against the network's label_dim (a usage error naming --class)."""
     label_dim = int(getattr(net, "label_dim", 0) or 0)
@@ -469,6 +476,8 @@ def sampler_config(solver, schedule, num_steps, sigma_min, sigma_max, rho, end, 
     if notes is not None:
         notes.extend(alias_notes)
     from_file = schedule not in SCHEDULES
+    if from_file:
+        schedule = os.path.expanduser(schedule)  # --schedule=~/x.json: the shell expands no ~ after "="
     if from_file and not os.path.isfile(schedule):
         raise click.BadParameter(f"{schedule!r} is neither a schedule name ({', '.join(SCHEDULES)}) nor an existing "
                                  f"schedule file", param_hint="--schedule")

@@ -31,8 +31,9 @@ from torch_utils import distributed as dist
 from torch_utils.misc import StackedRandomGenerator
 
 
-def parse_int_list(s) -> list[int]:
-    """'1,2,5-10' -> [1, 2, 5, 6, 7, 8, 9, 10] (EDM's seed syntax)."""
+def parse_int_list(s, max_value: int = 1 << 32) -> list[int]:
+    """'1,2,5-10' -> [1, 2, 5, 6, 7, 8, 9, 10] (EDM's seed syntax); ranges must end below `max_value` (2^32: the
+    per-seed generators take seeds mod 2^32)."""
     if isinstance(s, (list, tuple)):
         return [int(v) for v in s]
     values = []
@@ -43,12 +44,23 @@ def parse_int_list(s) -> list[int]:
             first, last = int(match.group(1)), int(match.group(2))
             if last < first:
                 raise ValueError(f"cannot parse {part!r} in {s!r}: a range N-M needs M >= N")
+            if last >= max_value:  # before the list is built: a mistyped range would fill the memory first
+                raise ValueError(f"{part!r} in {s!r}: values must be below {max_value}, got {last}")
             values.extend(range(first, last + 1))
         elif re.fullmatch(r"\d+", part):
             values.append(int(part))
         else:
             raise ValueError(f"cannot parse {part!r} in {s!r}: expected a comma-separated list of N or N-M")
     return values
+
+
+class NonFiniteSamples(ValueError):
+    """A batch of samples holds NaN or inf."""
+
+
+def format_seeds(seeds, limit: int = 8) -> str:
+    seeds = list(seeds)
+    return ", ".join(map(str, seeds[:limit])) + (f", ... ({len(seeds)} in all)" if len(seeds) > limit else "")
 
 
 def rank_batches(seeds, max_batch_size: int, rank: int | None = None, world_size: int | None = None) -> list[list[int]]:
@@ -163,6 +175,19 @@ def describe(net, config: SamplerConfig) -> str:
     return f"{text}; {nfe} NFE per image"
 
 
+def rehearse_solver(grid: SigmaGrid, solver: str, solver_kwargs: dict, round_sigma=None,
+                    denoise_to_zero: bool = False) -> None:
+    """Run the solver once over the real grid on one pixel with a stand-in denoiser (D = 0; no randomness drawn):
+    what a solver checks only when it runs (iPNDM's order, UniPC's order, Heun's churn beside a decoupled grid, ...)
+    fails here as a ValueError, before any output folder is claimed, instead of in the first batch. Costs a few
+    tensor operations per step."""
+    def stand_in(x, sigma, class_labels=None):
+        return torch.zeros_like(x)
+
+    sample(stand_in, torch.ones(1, 1, 1, 1, dtype=torch.float64), grid.to("cpu"), solver=solver,
+           randn_like=torch.zeros_like, round_sigma=round_sigma, denoise_to_zero=denoise_to_zero, **solver_kwargs)
+
+
 class GridSampling:
     """How EDM's scalar-sigma process is sampled: a solver of samplers.SOLVERS over a sigma grid, from the unit
     latents times the first level. A forward process (processes/) hands generate.py its sampling object; a process
@@ -186,10 +211,13 @@ class GridSampling:
                                                              config.denoise_to_zero)
 
     def describe(self, net, config: SamplerConfig) -> str:
+        """The one-line summary; raises ValueError for what `prepare` or the first batch would refuse, so that
+        generate.py refuses it before it claims an output folder (rehearse_solver)."""
         text = describe(net, config)
+        grid, solver, solver_kwargs = build_grid(net, config)
+        rehearse_solver(grid, solver, solver_kwargs, getattr(net, "round_sigma", None), config.denoise_to_zero)
         guidance = build_guidance(config.guidance)
         if guidance is not None:
-            grid, solver, solver_kwargs = build_grid(net, config)
             text += "; " + guidance.describe(net, grid, solver, solver_kwargs, config.denoise_to_zero)
         return text
 
@@ -203,7 +231,9 @@ class GridSampling:
         options.update(solver_kwargs)
         return dict(solver=solver, solver_options=options, sigmas=grid.sigmas.tolist(), end=grid.end,
                     eval_sigmas=None if grid.eval_sigmas is None else grid.eval_sigmas.tolist(),
-                    denoise_to_zero=bool(config.denoise_to_zero), guidance=guidance_record(config.guidance))
+                    # A grid ending at 0 already denoises in its last step: the flag changes nothing there.
+                    denoise_to_zero=bool(config.denoise_to_zero) and grid.end == "sigma_min",
+                    guidance=guidance_record(config.guidance))
 
     def sample(self, net, plan, inputs: "SeedInputs", config: SamplerConfig) -> torch.Tensor:
         grid, solver, solver_kwargs, *guidance = plan  # a 4th entry: the prepared guidance
@@ -276,7 +306,7 @@ def generate_images(net, seeds, *, batch_size: int = 64, solver: str | None = No
                     solver_kwargs: dict | None = None, schedule_kwargs: dict | None = None, device=None,
                     rank: int | None = None, world_size: int | None = None, skip_seeds=None, progress: bool = False,
                     precision: str = "fp32", compile: bool = False, cuda_graph: bool = False,
-                    sampling=None, guidance: dict | None = None):
+                    sampling=None, guidance: dict | None = None, check_finite: str = "late"):
     """Yield (batch_seeds, images) for this rank's share of `seeds`: images are uint8 NCHW on `device`.
 
     batch_size is the maximum per rank (EDM's --batch). The seeds are split over ranks exactly as EDM's
@@ -286,8 +316,12 @@ def generate_images(net, seeds, *, batch_size: int = 64, solver: str | None = No
     generate.py: Heun, rho = 7, 18 steps, sigma 0.002 ... 80 clamped to the net's range, round_sigma, appended 0.
     Performs no collective operations (ranks may skip different amounts of work). sampling: how the snapshot's
     process is sampled (`snapshot.process.sampling`); None is EDM's GridSampling. guidance: {name: options} of
-    samplers.guidance.GUIDANCE (discriminator guidance), for a sampling that takes it.
+    samplers.guidance.GUIDANCE (discriminator guidance), for a sampling that takes it. check_finite: a batch with
+    NaN or inf raises NonFiniteSamples naming its seeds, before it is yielded ('batch': one device read per batch) or
+    when the next batch is queued ('late', no stall; the bad batch has then been yielded).
     """
+    if check_finite not in ("batch", "late"):
+        raise ValueError(f"check_finite must be 'batch' or 'late', got {check_finite!r}")
     config = SamplerConfig(precision=precision, compile=compile, cuda_graph=cuda_graph, solver=solver,
                            schedule=schedule, num_steps=num_steps, sigma_min=sigma_min,
                            sigma_max=sigma_max, end=end, denoise_to_zero=denoise_to_zero,
@@ -302,6 +336,7 @@ def generate_images(net, seeds, *, batch_size: int = 64, solver: str | None = No
     plan = sampling.prepare(net, config, device)
     skip = set(int(s) for s in skip_seeds) if skip_seeds is not None else set()
     batches = rank_batches(seeds, batch_size, rank, world_size)
+    pending = None  # the previous batch's seeds and finiteness, for check_finite='late'
     show = progress and (dist.get_rank() if rank is None else rank) == 0
     if show:
         import tqdm
@@ -312,7 +347,27 @@ def generate_images(net, seeds, *, batch_size: int = 64, solver: str | None = No
             continue
         images = sample_seeds(net, batch_seeds, config, grid_info=plan, class_idx=class_idx, device=device,
                               sampling=sampling)
+        # NaN or inf would become black pixels, saved and measured without a word. Checked on the host, either now
+        # (the caller reads the batch back anyway: PNGs) or one batch late, when the next batch is queued behind the
+        # check, so that the read does not stall the device.
+        finite = torch.isfinite(images).flatten(1).all(dim=1)
+        if check_finite == "batch":
+            _raise_if_nonfinite(batch_seeds, finite)
+        else:
+            if pending is not None:
+                _raise_if_nonfinite(*pending)
+            pending = (batch_seeds, finite)
         yield batch_seeds, to_uint8(images)
+    if pending is not None:
+        _raise_if_nonfinite(*pending)
+
+
+def _raise_if_nonfinite(seeds, finite: torch.Tensor) -> None:
+    finite = finite.tolist()
+    if not all(finite):
+        bad = [seed for seed, ok in zip(seeds, finite) if not ok]
+        raise NonFiniteSamples(f"the sampler produced NaN or inf for seed(s) {format_seeds(bad)}: these settings (or "
+                               f"the network) diverge; use other sampler settings")
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -414,7 +469,7 @@ def clear_output_folder(outdir: str) -> None:
         pass
     if not os.path.isdir(outdir):
         return
-    folders = [outdir] + [e.path for e in os.scandir(outdir) if e.is_dir() and re.fullmatch(r"\d{6}", e.name)]
+    folders = [outdir] + [e.path for e in os.scandir(outdir) if e.is_dir() and re.fullmatch(r"\d{6,}", e.name)]
     for folder in folders:
         for entry in os.scandir(folder):
             if entry.is_file() and re.fullmatch(r"\d+\.png", entry.name):
@@ -460,7 +515,7 @@ def claim_output_folder(outdir: str, record: dict, overwrite: bool = False) -> N
 
 def _holds_pngs(outdir: str) -> bool:
     for entry in os.scandir(outdir):
-        if entry.name.endswith(".png") or (entry.is_dir() and re.fullmatch(r"\d{6}", entry.name)):
+        if entry.name.endswith(".png") or (entry.is_dir() and re.fullmatch(r"\d{6,}", entry.name)):
             return True
     return False
 
@@ -496,9 +551,10 @@ def write_images(net, seeds, outdir: str, *, subdirs: bool = False, batch_size: 
     # interrupted run still writes the batches it finished (leaving the with-block waits for them).
     written, pending = 0, collections.deque()
     with concurrent.futures.ThreadPoolExecutor(max_workers=PNG_WRITER_THREADS) as writers:
+        # check_finite='batch': a batch with NaN is refused before its PNGs exist (the copy to the host waits anyway).
         for batch_seeds, images in generate_images(net, seeds, batch_size=batch_size, skip_seeds=existing,
                                                    progress=progress, rank=rank, world_size=world_size,
-                                                   **sampling_kwargs):
+                                                   check_finite="batch", **sampling_kwargs):
             images_np = images.permute(0, 2, 3, 1).cpu().numpy()
             pending.extend(writers.submit(write, seed, image) for seed, image in zip(batch_seeds, images_np))
             while len(pending) > 2 * batch_size:

@@ -225,19 +225,35 @@ def make_grid(schedule: str = "edm", num_steps: int | None = 18, sigma_min: floa
     if sigma_range is not None:
         sigma_min = max(sigma_min, sigma_range[0])
         sigma_max = min(sigma_max, sigma_range[1])
-    if end == "zero":
-        if num_steps < 2:
-            raise ValueError("end='zero' needs num_steps >= 2 (sigma_max ... sigma_min, then 0): use --steps >= 2, "
-                             "or --end=sigma_min for a grid of one step")
-        levels = SCHEDULES[schedule](num_steps - 1, sigma_min, sigma_max, device=device, **schedule_kwargs)
-    else:
-        levels = SCHEDULES[schedule](num_steps, sigma_min, sigma_max, device=device, **schedule_kwargs)
+    if end == "zero" and num_steps < 2:
+        raise ValueError("end='zero' needs num_steps >= 2 (sigma_max ... sigma_min, then 0): use --steps >= 2, "
+                         "or --end=sigma_min for a grid of one step")
+    try:
+        levels = SCHEDULES[schedule](num_steps - 1 if end == "zero" else num_steps, sigma_min, sigma_max,
+                                     device=device, **schedule_kwargs)
+    except (OverflowError, ZeroDivisionError) as err:  # e.g. rho = 1e-9: sigma ** (1 / rho)
+        raise ValueError(f"the {schedule!r} schedule cannot be computed in float64 for sigma {sigma_min:g} ... "
+                         f"{sigma_max:g}{_options_text(schedule_kwargs)} ({err})") from None
     levels = levels.to(torch.float64)
     if round_sigma is not None:
         levels = torch.as_tensor(round_sigma(levels)).to(torch.float64)
+    # Levels a solver can step through: finite, positive and non-increasing (round_sigma may repeat one; the solvers
+    # that cannot take that refuse it later). rho below ~0.3 loses sigma_min^(1/rho) beside sigma_max^(1/rho) in
+    # float64 and ends at 0, which sampled NaN images that were saved black without a word.
+    bad = ~torch.isfinite(levels) | (levels <= 0)
+    if bad.any() or (levels[1:] > levels[:-1]).any() or (len(levels) > 1 and levels[-1] >= levels[0]):
+        raise ValueError(f"the {schedule!r} schedule for sigma {sigma_min:g} ... {sigma_max:g}"
+                         f"{_options_text(schedule_kwargs)} gives noise levels that are not finite, positive and "
+                         f"decreasing in float64: {[float(f'{v:.6g}') for v in levels.tolist()]}; choose other "
+                         f"--rho / --sigma_min / --sigma_max")
     if end == "zero":
         levels = torch.cat([levels, torch.zeros_like(levels[:1])])
     return SigmaGrid(sigmas=levels, end=end, schedule=schedule)
+
+
+def _options_text(schedule_kwargs: dict) -> str:
+    return "".join(f", {key}={value:g}" if isinstance(value, float) else f", {key}={value}"
+                   for key, value in sorted(schedule_kwargs.items()))
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -685,3 +685,147 @@ def test_png_writers_report_a_failed_write_and_write_the_rest(tmp_path, monkeypa
     names = sorted(os.listdir(out))
     assert "000005.png" not in names and names == [f"{s:06d}.png" for s in range(12) if s != 5][:len(names)]
     assert all(PIL.Image.open(os.path.join(out, name)).size == (8, 8) for name in names)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# What a run refuses before it claims its output folder, and what it refuses while sampling.
+
+
+@pytest.mark.parametrize(("args", "message"), [
+    # rho = 0.2 loses sigma_min^(1/rho) beside sigma_max^(1/rho): the grid ended 80, 73.8, 64.2, 0, 0 and Heun's
+    # NaNs were saved as black PNGs (exit 0).
+    (["--steps", "4", "--rho", "0.2"], "the 'edm' schedule for sigma 0.002 ... 80, rho=0.2 gives noise levels that "
+                                       "are not finite, positive and decreasing in float64: [80.0, 73.7686, 64.2193, "
+                                       "0.0]; choose other --rho / --sigma_min / --sigma_max"),
+    (["--rho", "1e-9"], "the 'edm' schedule cannot be computed in float64 for sigma 0.002 ... 80, rho=1e-09"),
+    # Options a solver checks when it runs: they failed in the first batch, after generation.json was written, so
+    # that the corrected command was refused ("holds images made with other settings").
+    (["--solver", "ipndm", "--order", "9"], "iPNDM max_order must be 1, 2, 3 or 4, got 9"),
+    (["--solver", "unipc", "--solver-opt", "order=0"], "UniPC order must be >= 1, got 0"),
+    (["--cuda-graph"], "Invalid value for --cuda-graph: CUDA graphs need a CUDA device, not cpu (--device)"),
+    (["--seeds", "0-4294967296"], "'0-4294967296' in '0-4294967296': values must be below 4294967296"),
+])
+def test_refused_before_the_output_folder_is_claimed(network_pickle, tmp_path, args, message):
+    outdir = tmp_path / "out"
+    result = CliRunner().invoke(generate.main, ["--network", network_pickle, "--outdir", str(outdir), "--device",
+                                                "cpu", *args])
+    assert result.exit_code == 2, result.output
+    assert message in " ".join(result.output.split()), result.output
+    assert "Traceback" not in result.output and not outdir.exists()
+
+
+class NaNAfter(torch.nn.Module):
+    """A denoiser whose first call gives NaN for the images whose latents have a negative mean."""
+
+    def __init__(self, net):
+        super().__init__()
+        self.net = net
+        for name in ("img_resolution", "img_channels", "label_dim", "sigma_min", "sigma_max", "round_sigma"):
+            setattr(self, name, getattr(net, name))
+
+    def forward(self, x, sigma, class_labels=None):
+        out = self.net(x, sigma, class_labels)
+        first_call = torch.as_tensor(sigma).max() > 50  # x = 80 * latents
+        negative = x.mean(dim=(1, 2, 3), keepdim=True) < 0
+        return torch.where(negative & first_call, torch.full_like(out, float("nan")), out)
+
+
+def test_non_finite_samples_are_refused_by_seed(tmp_path):
+    """NaN images became black PNGs, saved and measured without a word. Now the batch is refused naming its seeds:
+    before its PNGs are written ('batch', the CLI's path) or one batch late ('late', fid.py --network)."""
+    from samplers.generation import NonFiniteSamples, rank_batches
+
+    net, seeds = NaNAfter(tiny_net()), list(range(9))
+    from samplers.generation import seed_inputs
+
+    means = seed_inputs(net, seeds, device="cpu").latents.mean(dim=(1, 2, 3)).tolist()
+    bad = [s for s, value in zip(seeds, means) if value < 0]
+    first_bad_batch = next(b for b in rank_batches(seeds, 3, 0, 1) if set(b) & set(bad))
+    expected = ", ".join(str(s) for s in first_bad_batch if s in bad)
+    assert 0 < len(bad) < len(seeds) and first_bad_batch != [0, 1, 2]
+    out = tmp_path / "out"
+    with pytest.raises(NonFiniteSamples, match=rf"NaN or inf for seed\(s\) {expected}: these settings"):
+        write_images(net, seeds, str(out), batch_size=3, num_steps=2, solver="euler", device="cpu", progress=False)
+    written = sorted(int(name[:6]) for name in os.listdir(out) if name.endswith(".png"))
+    assert not set(written) & set(first_bad_batch) and not set(written) & set(bad)
+    yielded = []
+    with pytest.raises(NonFiniteSamples, match=rf"seed\(s\) {expected}:"):
+        for batch_seeds, _ in generate_images(net, seeds, batch_size=3, num_steps=2, solver="euler", device="cpu"):
+            yielded.append(batch_seeds)
+    assert yielded[-1] == first_bad_batch  # 'late': raised when the next batch was queued (or at the end)
+    with pytest.raises(ValueError, match="check_finite must be 'batch' or 'late'"):
+        next(generate_images(net, seeds, device="cpu", check_finite="never"))
+
+
+def test_cli_reports_non_finite_samples_and_write_errors_in_one_line(tmp_path, monkeypatch):
+    from samplers import generation
+
+    path = str(tmp_path / "nan.pkl")
+    persistence.save_network_pickle(path, dict(ema=tiny_net()))
+    monkeypatch.setattr(generate, "load_snapshot", lambda *a, **k: types.SimpleNamespace(
+        net=NaNAfter(tiny_net()), process=types.SimpleNamespace(sampling=generation.GRID_SAMPLING),
+        data={"process": None}))
+    result = CliRunner().invoke(generate.main, ["--network", path, "--outdir", str(tmp_path / "out"), "--device",
+                                                "cpu", "--seeds", "0-8", "--steps", "2"])
+    errors = [line for line in result.output.splitlines() if line.startswith("Error:")]
+    assert result.exit_code == 1 and len(errors) == 1 and "NaN or inf for seed(s)" in errors[0], result.output
+    assert "Traceback" not in result.output
+
+    monkeypatch.undo()
+    (tmp_path / "full" / "000003.png").mkdir(parents=True)  # stands in for a full disk
+    result = CliRunner().invoke(generate.main, ["--network", path, "--outdir", str(tmp_path / "full"), "--device",
+                                                "cpu", "--seeds", "0-5", "--steps", "2", "--overwrite"])
+    errors = [line for line in result.output.splitlines() if line.startswith("Error:")]
+    assert result.exit_code == 1 and len(errors) == 1 and "000003.png" in errors[0], result.output
+    assert "Traceback" not in result.output
+
+
+def test_tilde_paths_are_expanded(network_pickle, tmp_path, monkeypatch):
+    """--outdir=~/x and --grid=~/g.png (no shell expansion after '=') made a literal ./~ folder."""
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    monkeypatch.chdir(tmp_path)
+    from samplers import save_schedule_file
+
+    os.makedirs(tmp_path / "home")
+    save_schedule_file(str(tmp_path / "home" / "grid.json"), make_grid("logsnr", 3, 0.002, 80, end="sigma_min").sigmas,
+                       solver="euler", nfe=3)
+    result = CliRunner().invoke(generate.main, ["--network", network_pickle, "--outdir=~/samples", "--grid=~/g.png",
+                                                "--schedule=~/grid.json", "--device", "cpu", "--seeds", "0-1"])
+    assert result.exit_code == 0, result.output
+    assert _pngs(tmp_path / "home" / "samples") == ["000000.png", "000001.png"]
+    assert (tmp_path / "home" / "g.png").is_file() and not (tmp_path / "~").exists()
+
+
+def test_overwrite_and_record_check_see_seven_digit_subfolders(network_pickle, tmp_path):
+    """Seeds from 1,000,000 live in 7-digit subfolders: --overwrite left them under the new record."""
+    outdir = str(tmp_path / "out")
+    base = ["--network", network_pickle, "--outdir", outdir, "--device", "cpu", "--seeds", "999999-1000001",
+            "--subdirs", "--steps", "2"]
+    assert CliRunner().invoke(generate.main, base).exit_code == 0
+    assert _pngs(outdir) == ["1000000/1000000.png", "1000000/1000001.png", "999000/999999.png"]
+    result = CliRunner().invoke(generate.main, [*base[:-2], "--steps", "3", "--overwrite", "--seeds", "999999"])
+    assert result.exit_code == 0, result.output
+    assert _pngs(outdir) == ["999000/999999.png"]
+    os.remove(os.path.join(outdir, "generation.json"))
+    os.remove(os.path.join(outdir, "999000", "999999.png"))
+    os.rmdir(os.path.join(outdir, "999000"))
+    os.makedirs(os.path.join(outdir, "1000000"))
+    PIL.Image.new("RGB", (8, 8)).save(os.path.join(outdir, "1000000", "1000000.png"))
+    result = CliRunner().invoke(generate.main, base)
+    assert result.exit_code == 1 and "PNGs without a record" in result.output, result.output
+
+
+def test_denoise_to_zero_on_a_grid_ending_at_zero_records_as_without(network_pickle, tmp_path):
+    """Heun's grid ends at 0 (its last step denoises): --denoise-to-zero changes no pixel there, and a resume with
+    or without it is the same run (it was refused as other settings)."""
+    outdir = str(tmp_path / "out")
+    base = ["--network", network_pickle, "--outdir", outdir, "--device", "cpu", "--seeds", "0-1", "--steps", "3"]
+    assert CliRunner().invoke(generate.main, [*base, "--denoise-to-zero"]).exit_code == 0
+    result = CliRunner().invoke(generate.main, base)
+    assert result.exit_code == 0 and "skipped 2" in result.output, result.output
+    with_dtz = str(tmp_path / "dtz")
+    base_dpm = ["--network", network_pickle, "--device", "cpu", "--seeds", "0-1", "--steps", "3", "--solver",
+                "dpmpp_2m"]
+    assert CliRunner().invoke(generate.main, [*base_dpm, "--outdir", with_dtz, "--denoise-to-zero"]).exit_code == 0
+    result = CliRunner().invoke(generate.main, [*base_dpm, "--outdir", with_dtz])
+    assert result.exit_code == 1 and "settings.denoise_to_zero" in result.output, result.output
