@@ -501,11 +501,23 @@ def build_config(opts: dnnlib.EasyDict, world_size: int) -> tuple[dnnlib.EasyDic
         try:  # --precond: refused before the pickle is read, as a fresh run refuses it
             if opts.precond is not None:
                 losses.preconditioning_for(loss_name, opts.precond)
-            c.network_kwargs = init_network_kwargs(opts.init, interface, opts.precond or declared[0])
+            c.network_kwargs = init_network_kwargs(opts.init, interface, opts.precond)
+            keys = [key for key, name in PRECOND_CLASSES.items() if name == c.network_kwargs.class_name]
+            if opts.precond is None and declared[0] is not None:
+                # The loss's own wrapper around the pickle's backbone (GDD: GDDPrecond around EDM's network, the
+                # same D(x; sigma)) only over a network whose preconditioning the loss trains: a VP or iDDPM
+                # network rewrapped so would start from another function, its pretraining lost without a word.
+                if not keys or keys[0] not in declared:
+                    kind = c.network_kwargs.class_name.rsplit('.', 1)[-1]
+                    raise ValueError(f'--init: the network of {opts.init} is {kind}'
+                                     f'{f" (--precond={keys[0]})" if keys else ""}; --loss={loss_name} trains '
+                                     f'{" or ".join(declared)} networks: give such a pickle, or --precond='
+                                     f'{declared[0]} to rewrap its backbone anyway (its outputs change)')
+                c.network_kwargs.class_name = PRECOND_CLASSES[declared[0]]
+                keys = [declared[0]]
             # Without --precond the wrapper is the pickle's own (or the loss's declared one): the loss must train
             # it too, else an SPD epsilon predictor would be fitted to EDM's loss (or the reverse). A class that is
             # no --precond preset (EDM's iDDPMPrecond, a user's) is a denoiser as far as we know: no check.
-            keys = [key for key, name in PRECOND_CLASSES.items() if name == c.network_kwargs.class_name]
             if opts.precond is None and keys:
                 try:
                     losses.preconditioning_for(loss_name, keys[0])
@@ -802,12 +814,23 @@ def main(**kwargs):
         if opts.preset not in TRAIN_PRESETS:
             raise click.BadParameter(f'unknown preset {opts.preset!r}: expected one of {", ".join(TRAIN_PRESETS)} '
                                      '(--preset=list shows their sources and commands)', param_hint='--preset')
-        for key, value in TRAIN_PRESETS[opts.preset].items():
+        preset = TRAIN_PRESETS[opts.preset]
+        for key, value in preset.items():
             if key not in explicit:
                 opts[key] = list(value) if isinstance(value, list) else value
-            else:
+            elif key != 'loss_opt':
                 preset_notes.append(f'--{key.replace("_", "-")}={opts[key]} (preset: {value})')
-        explicit |= set(TRAIN_PRESETS[opts.preset])
+        if 'loss_opt' in preset and 'loss_opt' in explicit and opts.loss == preset.get('loss'):
+            # Key by key, as a resume merges them: `--loss-opt disc_weights=...` on a gdd-i preset replaced all of
+            # the preset's options (freeze=1, d_lr, backbones) without a word.
+            given = tuple(opts.loss_opt)
+            opts.loss_opt = merge_loss_options(preset['loss_opt'], given)
+            preset_notes.append(f'--loss-opt={",".join(given)} merged key by key into the preset\'s '
+                                f'({",".join(preset["loss_opt"])}): {",".join(opts.loss_opt)}')
+        elif 'loss_opt' in preset and 'loss_opt' in explicit:  # another loss: its own options only
+            preset_notes.append(f'--loss-opt={",".join(opts.loss_opt)} (preset, for --loss={preset.get("loss")}: '
+                                f'{",".join(preset["loss_opt"])})')
+        explicit |= set(preset)
     resume_notes = []
     if opts.transfer is not None and opts.resume is not None:
         raise click.UsageError('--transfer and --resume cannot be specified at the same time')
@@ -876,6 +899,15 @@ def main(**kwargs):
             print(f'--resume=auto: {opts.outdir} holds no training state, only the files of a run interrupted before '
                   f'its first one; moved them to {aside} and starting over')
 
+    # Where a loss's reference trains with other values than train.py's defaults (EDM's), a run that leaves the
+    # option out is told (GDD: no augmentation, dropout 0; EDM's 0.12 and 0.13 otherwise apply, unannounced).
+    if opts.resume is None:
+        for option, value in getattr(losses.LOSSES.get(opts.loss), 'reference_options', {}).items():
+            if option not in explicit and opts[option] != value:
+                warnings.warn(f'--loss={opts.loss}: its reference trains with --{option}={value}; this run has '
+                              f'train.py\'s default --{option}={opts[option]:g} (EDM\'s): pass --{option}={value} '
+                              f'for the reference\'s setting', stacklevel=1)
+
     c, desc = build_config(opts, world_size)
     resume_nimg = c.pop('resume_nimg', None)
     if resume_nimg is not None and resume_nimg >= round(c.total_kimg * 1000):
@@ -933,7 +965,7 @@ def main(**kwargs):
             # non-zero exit should).
             dist.print0(f'Stopped by a signal at {c.run_dir}; `--resume=auto --outdir={opts.outdir}` continues')
             raise SystemExit(143)
-    except training_loop.NonFiniteTrainingError as err:
+    except (training_loop.NonFiniteTrainingError, training_loop.ResumeMismatchError) as err:
         if logger is not None and logger.file is not None:
             logger.file.write(f'Error: {err}\n')  # Into log.txt only: click prints it on the terminal.
             logger.close()

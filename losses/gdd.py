@@ -31,6 +31,8 @@ stay bit-identical. EMA: the loop's, half-life min(--ema, 5% of the images seen)
 Snapshots record `OneStepProcess(sigma)`, so generate.py and fid.py --network sample them in one step by default.
 """
 
+import os
+
 import torch
 import torch.nn.functional as F
 
@@ -80,6 +82,9 @@ class GDDLoss:
     # It distils a pretrained denoiser into a one-step generator: train.py warns when no --init (or --transfer,
     # --resume) gives it one.
     distils_pretrained = True
+    # Zyriix/GDD trains the generator without dropout and augments nothing (every released command); train.py warns
+    # when a run leaves these at its EDM defaults (0.13, 0.12).
+    reference_options = {'dropout': 0, 'augment': 0}
 
     # The --precond values it trains, its default first: GDD's shifted EDM preconditioning, or EDM's (equivalent to
     # about 5e-5 at sigma = 80). train.py --init swaps an EDM pickle's wrapper for the first unless --precond is given.
@@ -140,6 +145,18 @@ class GDDLoss:
         """Refuses backbones whose package is missing; records the per-rank batch, by which batch_sum scales the G
         and D losses."""
         if self.discriminator == 'projected':
+            # Local files named by the options: checked here (train.py --dry-run included), not when the loop
+            # builds the discriminator after the run directory exists.
+            for name, path in self.disc_weights.items():
+                if name not in self.backbones:
+                    raise ValueError(f'--loss-opt disc_weights: {name!r} is not one of the backbones '
+                                     f'({", ".join(self.backbones)})')
+                if '://' not in path and not os.path.isfile(os.path.expanduser(path)):
+                    raise ValueError(f'--loss-opt disc_weights: {name}={path}: no such file')
+            embedding = self.disc_embedding
+            if embedding not in (None, 'random') and '://' not in embedding and \
+                    not os.path.isfile(os.path.expanduser(embedding)):
+                raise ValueError(f'--loss-opt disc_embedding: {embedding}: no such file')
             try:
                 discriminators.check_packages(self.backbones)
             except discriminators.DiscriminatorUnavailableError as err:
@@ -154,10 +171,6 @@ class GDDLoss:
         return dict(channels=self.disc_channels)
 
     def extra_networks(self, net) -> dict:
-        dropouts = sorted({float(m.dropout) for m in net.modules() if isinstance(getattr(m, 'dropout', None), float)
-                           and m.dropout > 0})
-        if dropouts:
-            dist.print0(f'Warning: GDD trains its generator with dropout 0 (--dropout=0); this one has {dropouts}')
         D = discriminators.build_discriminator(self.discriminator, img_resolution=net.img_resolution,
                                                img_channels=net.img_channels, label_dim=net.label_dim,
                                                **self.discriminator_options())

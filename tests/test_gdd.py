@@ -672,6 +672,14 @@ def test_resume_with_another_freeze_level_is_a_one_line_error(gdd_data, tmp_path
                                f"was made with")
     output = capsys.readouterr().out
     assert f'Resuming from "{state_path}"...' in output and 'Resuming exactly' not in output
+    assert isinstance(info.value, tl.ResumeMismatchError)  # train.py: one line, no traceback
+    # Another discriminator width: torch's multi-line size-mismatch traceback became one line naming the network.
+    with pytest.raises(tl.ResumeMismatchError) as info:
+        tl.training_loop(**dict(gdd_loop_kwargs(second, gdd_data, disc_channels=16), total_kimg=0.032,
+                                resume_pkl=None, resume_state_dump=state_path))
+    message = str(info.value)
+    assert message.startswith(f"{state_path}: the saved network 'D' does not fit the one these options build (")
+    assert 'size mismatch' in message and '\n' not in message and 'disc_channels' in message
 
 
 def test_resume_takes_this_runs_optimizer_hyperparameters(gdd_data, tmp_path):

@@ -90,3 +90,82 @@ def test_one_step_snapshot_steps_1_and_precision(one_step_snapshot, tmp_path):
     result = CliRunner().invoke(generate.main, ['--network', path, '--outdir', str(tmp_path / 'fp32'), '--seeds',
                                                 '0-1', '--device', 'cpu'])
     assert 'Sampler: one step: D(80 z; 80) (float64 input, fp32 network); 1 NFE' in result.output, result.output
+
+
+def _warnings_of(args):
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter('always')
+        result = _train(args)
+    return result, [str(w.message) for w in caught]
+
+
+def test_reference_settings_left_at_edms_defaults_are_warned_about(edm_release, tmp_path):
+    """GDD's reference augments nothing and trains without dropout; a run that leaves --augment / --dropout out gets
+    EDM's 0.12 / 0.13 and is told (the dropout note was a print at loop start, not in --dry-run)."""
+    base = ['--loss', 'gdd', '--loss-opt', 'discriminator=sn_cnn', '--loss-opt', 'disc_channels=8', '--outdir',
+            tmp_path, '--data', edm_release['data'], '--batch', 32, '--device', 'cpu', '--init', edm_release['path'],
+            '-n']
+    result, messages = _warnings_of(base)
+    assert result.exit_code == 0, result.output
+    reference = [m for m in messages if 'its reference trains with' in m]
+    assert reference == ["--loss=gdd: its reference trains with --dropout=0; this run has train.py's default "
+                         "--dropout=0.13 (EDM's): pass --dropout=0 for the reference's setting",
+                         "--loss=gdd: its reference trains with --augment=0; this run has train.py's default "
+                         "--augment=0.12 (EDM's): pass --augment=0 for the reference's setting"], messages
+    result, messages = _warnings_of([*base, '--dropout', 0.1, '--augment', 0])  # chosen: no warning
+    assert result.exit_code == 0 and not [m for m in messages if 'its reference trains with' in m], messages
+
+
+def test_preset_loss_options_merge_key_by_key(edm_release, tmp_path):
+    """--preset gdd-i-ffhq --loss-opt discriminator=sn_cnn replaced the preset's freeze=1, d_lr and backbones; now
+    the given keys replace theirs only, and the note says so."""
+    from train import merge_loss_options
+    from training.presets import TRAIN_PRESETS
+
+    preset = TRAIN_PRESETS['gdd-i-ffhq']['loss_opt']
+    result = _train(['--preset', 'gdd-i-ffhq', '--init', edm_release['path'], '--data', edm_release['data'],
+                     '--outdir', tmp_path, '--batch', 32, '--device', 'cpu', '--loss-opt', 'discriminator=sn_cnn',
+                     '--loss-opt', 'd_lr=1e-5', '-n'])
+    assert result.exit_code == 0, result.output
+    options = test_gdd._printed_options(result.output)['loss_kwargs']
+    assert options['freeze'] == 1 and options['discriminator'] == 'sn_cnn' and options['d_lr'] == 1e-5
+    assert options['backbones'] == dict(item.split('=') for item in preset)['backbones']
+    merged = merge_loss_options(preset, ['discriminator=sn_cnn', 'd_lr=1e-5'])
+    assert f"--loss-opt=discriminator=sn_cnn,d_lr=1e-5 merged key by key into the preset's ({','.join(preset)}): " \
+           f"{','.join(merged)}" in ' '.join(result.output.split())
+
+
+def test_init_of_another_preconditioning_is_refused_unless_asked(edm_release, tmp_path):
+    """A VP pickle under --loss=gdd was rewrapped in GDDPrecond without a word (its D changed completely); now
+    refused naming --precond, which rewraps it on request. EDM's own pickles keep working."""
+    from torch_utils import persistence
+    from training.preconditioning import VPPrecond
+
+    vp = VPPrecond(img_resolution=8, img_channels=1, label_dim=0, model_type='SongUNet', model_channels=8,
+                   channel_mult=[1, 2], num_blocks=1, attn_resolutions=[4])
+    path = tmp_path / 'vp.pkl'
+    persistence.save_network_pickle(str(path), dict(ema=vp))
+    result = _train(_gdd_args(edm_release, tmp_path / 'runs', '--init', path, '-n'))
+    assert result.exit_code == 2, result.output
+    assert (f"--init: the network of {path} is VPPrecond (--precond=vp); --loss=gdd trains gdd or edm networks: give "
+            f"such a pickle, or --precond=gdd to rewrap its backbone anyway (its outputs change)") in \
+        ' '.join(result.output.split()), result.output
+    result = _train(_gdd_args(edm_release, tmp_path / 'runs', '--init', path, '--precond', 'gdd', '-n'))
+    assert result.exit_code == 0, result.output
+    result = _train(_gdd_args(edm_release, tmp_path / 'runs', '--init', edm_release['path'], '-n'))
+    assert result.exit_code == 0 and test_gdd._printed_options(result.output)['network_kwargs']['class_name'] == \
+        'training.preconditioning.GDDPrecond', result.output
+
+
+def test_missing_local_discriminator_files_fail_the_dry_run(edm_release, tmp_path):
+    args = ['--loss', 'gdd', '--outdir', tmp_path / 'runs', '--data', edm_release['data'], '--batch', 32, '--device',
+            'cpu', '--init', edm_release['path'], '--dropout', 0, '--augment', 0, '-n']
+    for options, message in [(['backbones=vgg16_bn', f'disc_weights=vgg16_bn={tmp_path}/none.pt'],
+                              f'--loss-opt disc_weights: vgg16_bn={tmp_path}/none.pt: no such file'),
+                             (['backbones=vgg16_bn', 'disc_weights=resnet=x.pt'],
+                              "--loss-opt disc_weights: 'resnet' is not one of the backbones (vgg16_bn)"),
+                             (['disc_embedding=~/missing-embedding.pkl'],
+                              '--loss-opt disc_embedding: ~/missing-embedding.pkl: no such file')]:
+        result = _train([*args, *[a for o in options for a in ('--loss-opt', o)]])
+        assert result.exit_code == 2 and message in ' '.join(result.output.split()), result.output
+        assert not (tmp_path / 'runs').exists()

@@ -62,6 +62,11 @@ class NonFiniteTrainingError(RuntimeError):
     where a snapshot or training state was to be written. Nothing non-finite is written under a final name."""
 
 
+class ResumeMismatchError(ValueError):
+    """A training state that this run's options cannot continue (another discriminator, freeze level, --phema):
+    train.py reports it in one line."""
+
+
 def all_finite(module: torch.nn.Module) -> bool:
     """Whether every parameter and floating-point buffer of `module` is finite (one host sync)."""
     return misc.count_nonfinite(module) == 0
@@ -453,24 +458,31 @@ def _resume(run: _Run, *, state, resume_pkl, resume_state_dump, resume_kimg, opt
         dist.print0(f'Resuming {"exactly " if exact else ""}from "{resume_state_dump}"...')
         for name, module in run.networks.items():
             if name not in state['networks']:
-                raise ValueError(f'{resume_state_dump}: no weights for network {name!r}')
-            module.load_state_dict(state['networks'][name])
+                raise ResumeMismatchError(f'{resume_state_dump}: no weights for network {name!r}')
+            try:
+                module.load_state_dict(state['networks'][name])
+            except RuntimeError as err:  # torch: missing, unexpected or other-shaped tensors
+                first = next((line.strip() for line in str(err).splitlines()[1:] if line.strip()), str(err))
+                raise ResumeMismatchError(
+                    f'{resume_state_dump}: the saved network {name!r} does not fit the one these options build '
+                    f'({first}); e.g. a changed --loss-opt discriminator or disc_channels: resume with the options '
+                    f'the run was made with') from None
         run.ema.load_state_dict(state['ema'])
         if run.phema is not None:
             if 'phema' not in state:
-                raise ValueError(f'{resume_state_dump} holds no post-hoc EMAs; resume without --phema')
+                raise ResumeMismatchError(f'{resume_state_dump} holds no post-hoc EMAs; resume without --phema')
             run.phema.load_state_dict(state['phema'])
         for phase in run.phases:
             if phase.name not in state['optimizers']:
-                raise ValueError(f'{resume_state_dump}: no optimizer state for phase {phase.name!r}')
+                raise ResumeMismatchError(f'{resume_state_dump}: no optimizer state for phase {phase.name!r}')
             configured = [{key: value for key, value in group.items() if key not in ('params', 'lr')}
                           for group in phase.optimizer.param_groups]
             try:
                 phase.optimizer.load_state_dict(state['optimizers'][phase.name])
             except ValueError:  # torch: another number or size of parameter groups
-                raise ValueError(f'{resume_state_dump}: the optimizer of phase {phase.name!r} trains other parameters '
-                                 f'than the state\'s (e.g. a changed --loss-opt freeze or discriminator); resume with '
-                                 f'the options the run was made with') from None
+                raise ResumeMismatchError(f'{resume_state_dump}: the optimizer of phase {phase.name!r} trains other '
+                                          f'parameters than the state\'s (e.g. a changed --loss-opt freeze or '
+                                          f'discriminator); resume with the options the run was made with') from None
             # The hyperparameters (base learning rate, betas, eps, the kernel choice --fused-adam) are this run's, as
             # its options set them (torch's load_state_dict takes the state's: GDD's D kept the beta2 of lazy R1
             # after a resume with r1_gamma=0); the moments are the state's. Unchanged options: the same values.
