@@ -5,6 +5,8 @@ A thin CLI over samplers/ld3/: `gen-data` writes teacher data, `train` writes a 
 `python -m samplers.ld3 ...` is the same command. See docs/ld3.md.
 """
 
+import inspect
+import math
 import os
 
 import click
@@ -283,6 +285,12 @@ def train(data_path, out, network, solver, nfe, end, device, log_path, overwrite
         raise click.UsageError(f"{data_path} names no network: pass --network")
     solver_flags = {name: options.pop(name) for name in OPTION_FLAGS}
     solver_kwargs = solver_kwargs_from_cli(solver, solver_opt, **solver_flags)
+    # Every option the grid is learned with, the solver's defaults filled in: the file records them all, so that
+    # generate.py warns when a later run changes one (a file that recorded only the options typed did not).
+    # (Heun's S_max = inf is left out: JSON has no infinity, and generate.py fills unrecorded defaults in anyway.)
+    solver_kwargs = {**{name: p.default for name, p in get_solver(solver).options().items()
+                        if p.default is not inspect.Parameter.empty
+                        and not (isinstance(p.default, float) and not math.isfinite(p.default))}, **solver_kwargs}
     config = LD3Config(solver=solver, nfe=nfe, solver_kwargs=solver_kwargs, end=end, **options)
     end = config.end or get_solver(solver).default_end
     try:
@@ -296,8 +304,9 @@ def train(data_path, out, network, solver, nfe, end, device, log_path, overwrite
     if tuple(data.latents.shape[1:]) != (net.img_channels, net.img_resolution, net.img_resolution):
         raise click.UsageError(f"{data_path} holds samples of shape {tuple(data.latents.shape[1:])}, but the network "
                                f"makes {(net.img_channels, net.img_resolution, net.img_resolution)}")
-    os.makedirs(os.path.dirname(os.path.abspath(log_path)), exist_ok=True)
-    with open(log_path, "w") as log_file:  # one run's log: the schedule beside it is this run's
+    for path in (log_path, out):  # --out's folder too: a run that learned its grid must be able to write it
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(log_path, "w") as log_file:  # one run's log: it ends with the schedule it wrote, or why it failed
         def log(line):
             print(line)
             log_file.write(line + "\n")
@@ -309,8 +318,13 @@ def train(data_path, out, network, solver, nfe, end, device, log_path, overwrite
             f"samples of {data_path}")
         try:
             result = train_ld3(net, data, config, device=device, progress=True, log=log)
-        except (LPIPSUnavailableError, ValueError) as err:  # ValueError: e.g. a solver option that draws noise
-            raise click.ClickException(str(err)) from None
+        except BaseException as err:
+            # The log is this run's; a schedule already at --out (--overwrite) is an earlier run's: say which.
+            earlier = f"; {out} is an earlier run's" if os.path.exists(out) else ""
+            log(f"Failed: {type(err).__name__}: {err}{earlier}")
+            if isinstance(err, (LPIPSUnavailableError, ValueError)):  # ValueError: e.g. a solver option that draws
+                raise click.ClickException(str(err)) from None       # noise
+            raise
         result.provenance.update(network=_network_record(network), network_sha256=network_sha256,
                                  teacher_data=os.path.abspath(data_path))
         result.save(out)
@@ -360,6 +374,9 @@ def evaluate(schedule_path, solver, data_path, network, loss, lpips_vgg, lpips_l
     if not network:
         raise click.UsageError(f"neither {schedule_path} nor {data_path} names a network: pass --network")
     loss = loss or (provenance.get("loss") if provenance.get("loss") in DISTANCES else "l2")
+    if lpips_resize is None and loss == "lpips":  # the size the grid was learned at, unless told otherwise
+        recorded = (provenance.get("config") or {}).get("lpips_resize")
+        lpips_resize = recorded if isinstance(recorded, int) else None
     teacher = provenance.get("teacher") or {}
     differs = [key for key in ("solver", "solver_kwargs", "nfe", "sigmas", "network")
                if key in teacher and key in data.info and teacher[key] != data.info[key]]
@@ -388,7 +405,8 @@ def evaluate(schedule_path, solver, data_path, network, loss, lpips_vgg, lpips_l
     origin = "" if chosen is None else " (a learned grid)" if chosen == "learned" else f" (the hand-made {chosen})"
     nfe = count_nfe(grid.solver, grid.num_steps, grid.end)
     print(f"Schedule {schedule_path}{origin}: {grid.solver}({options}), {nfe} NFE, end={grid.end}")
-    print(f"Held-out: {report.note} of {data_path}; loss {loss}")
+    shown = f"{loss} at {lpips_resize}x{lpips_resize}" if loss == "lpips" and lpips_resize else loss
+    print(f"Held-out: {report.note} of {data_path}; loss {shown}")
     width = max(len(row.name) for row in report.rows) + 7
     print(f"{'grid':{width}s} {loss:>10s} {'RMS':>10s}   gain over the best hand-made (± standard error)")
     for row in report.rows:

@@ -124,21 +124,27 @@ def build_grid(net, config: SamplerConfig, device=None) -> tuple[SigmaGrid, str,
         grid = make_grid(config.schedule, config.num_steps, device=device, **config.schedule_kwargs)
         if config.end is not None and config.end != grid.end:
             raise ValueError(f"schedule file {config.schedule!r} ends at {grid.end!r}, which conflicts with "
-                             f"end={config.end!r}")
+                             f"--end={config.end} (leave --end out with a schedule file)")
         if grid.solver is not None:
             if config.solver is not None and config.solver != grid.solver:
                 raise ValueError(f"schedule file {config.schedule!r} was learned for solver {grid.solver!r}, not "
                                  f"{config.solver!r}; learned grids are solver-specific")
             solver = grid.solver
-        get_solver(solver)
+        entry = get_solver(solver)
         defaults = learned_solver_options(grid, solver)
-        overridden = sorted(k for k, v in config.solver_kwargs.items() if k in defaults and defaults[k] != v)
+        # What the grid was fitted with: the recorded options, and the solver's defaults for those a file leaves out
+        # (an option not given when the grid was learned had its default), when the file names its solver.
+        fitted = dict(defaults)
+        if grid.solver is not None or defaults:
+            fitted = {**{name: p.default for name, p in entry.options().items()
+                         if p.default is not inspect.Parameter.empty}, **defaults}
+        overridden = sorted(k for k, v in config.solver_kwargs.items() if k in fitted and fitted[k] != v)
         if overridden:
             # A learned grid fits the options it was learned with; say so instead of silently changing them. Attributed
             # to this line (not the caller's), so that Python's default filter shows it once per run although a run
             # builds its grid more than once (describe, prepare).
             warnings.warn(f"schedule file {config.schedule!r} was learned with "
-                          f"{', '.join(f'{k}={defaults[k]!r}' for k in overridden)}; overriding with "
+                          f"{', '.join(f'{k}={fitted[k]!r}' for k in overridden)}; overriding with "
                           f"{', '.join(f'{k}={config.solver_kwargs[k]!r}' for k in overridden)} may not fit the "
                           f"learned grid", stacklevel=1)
         return grid, solver, {**defaults, **config.solver_kwargs}
@@ -424,6 +430,8 @@ def output_record(network: str, process_record, sampling, net, config: SamplerCo
     from dnnlib import util
 
     options = dataclasses.asdict(config)
+    if options.get("schedule") not in SCHEDULES and os.path.isfile(str(options.get("schedule"))):
+        options["schedule"] = os.path.abspath(options["schedule"])  # for the reader, as the network's path
     if hasattr(sampling, "record"):
         settings = sampling.record(net, config)
     else:

@@ -215,7 +215,7 @@ def make_grid(schedule: str = "edm", num_steps: int | None = 18, sigma_min: floa
         grid = load_schedule_file(schedule) if not str(schedule).endswith(".pt") else load_ld3_vector(schedule)
         if num_steps is not None and num_steps != grid.num_steps:
             raise ValueError(f"schedule file {schedule!r} holds a {grid.num_steps}-step grid, "
-                             f"but {num_steps} steps were requested")
+                             f"but {num_steps} steps were requested (--steps: leave it out with a schedule file)")
         return grid.to(device)
     if num_steps is None:
         num_steps = 18

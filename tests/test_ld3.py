@@ -240,7 +240,7 @@ def test_soft_bound_keeps_noises_in_ball_and_schedule_file_round_trips(small_mix
 
 def test_config_errors(small_mixture):
     gmm, data = small_mixture
-    with pytest.raises(ValueError, match="fewer than num_train"):
+    with pytest.raises(ValueError, match="fewer than --num-train"):
         ld3.train_ld3(gmm, data, ld3.LD3Config(loss="l2", num_train=30, num_valid=20))
     with pytest.raises(ValueError, match="at least 3"):
         ld3.train_ld3(gmm, data, ld3.LD3Config(solver="euler", nfe=2, loss="l2", num_train=4, num_valid=4))
@@ -313,7 +313,7 @@ def test_split_sizes_and_safeguard_options():
     assert (train, valid, holdout) == (10, 5, 5) and "the last 5 validation samples are held out" in note
     assert ld3.LD3Config(num_train=10, num_valid=10, guard=False).split_sizes(50) == (10, 10, 0, None)
     assert ld3.LD3Config(num_train=10, num_valid=10, num_holdout=7).split_sizes(50) == (10, 10, 7, None)
-    with pytest.raises(ValueError, match=r"fewer than num_train \+ num_valid \+ num_holdout = 10 \+ 10 \+ 40"):
+    with pytest.raises(ValueError, match=r"fewer than --num-train \+ --num-valid \+ --holdout = 10 \+ 10 \+ 40"):
         ld3.LD3Config(loss="l2", num_train=10, num_valid=10, num_holdout=40).validate(50)
     with pytest.raises(ValueError, match="init must be 'best' or a grid name"):
         ld3.LD3Config(loss="l2", init="rho7").validate()
@@ -557,7 +557,7 @@ def test_cli_errors(network_pickle, tmp_path):
     result = runner.invoke(ld3_cli.cli, [*base, "--solver", "heun", "--nfe", "6"])
     assert result.exit_code != 0 and "cannot spend exactly 6 NFE" in result.output
     result = runner.invoke(ld3_cli.cli, [*base, "--solver", "ipndm", "--nfe", "4", "--num-train", "3"])
-    assert result.exit_code != 0 and "fewer than num_train" in result.output
+    assert result.exit_code != 0 and "fewer than --num-train" in result.output
     result = runner.invoke(ld3_cli.cli, [*base, "--solver", "ipndm", "--nfe", "4", "--order", "2", "--lpips-vgg",
                                      str(tmp_path / "none.pth")])
     assert result.exit_code != 0 and "could not fetch the LPIPS VGG16 weights" in result.output
@@ -911,3 +911,78 @@ def test_gen_data_refuses_a_teacher_that_draws_noise_and_takes_a_schedule_files_
     assert result.exit_code == 0 and ld3.load_teacher_data(str(tmp_path / "named.pt")).info["num_steps"] == 3
     result = runner.invoke(ld3_cli.cli, [*base, "--out", str(tmp_path / "default.pt")])
     assert result.exit_code == 0 and ld3.load_teacher_data(str(tmp_path / "default.pt")).info["num_steps"] == 20
+
+
+def test_train_records_default_options_creates_the_out_folder_and_logs_a_failure(network_pickle, tmp_path):
+    """A schedule learned with a solver's defaults records them (it recorded none, so a later --order 2 passed
+    without a word); generate.py also warns for an option a file leaves out. --out in a folder that does not exist
+    is written (the run trained to the end, then failed). A failed --overwrite run says so in its log, and that the
+    schedule at --out is an earlier run's. --nfe too small is refused naming --nfe before anything is loaded."""
+    import warnings
+
+    from samplers import save_schedule_file
+
+    runner = CliRunner()
+    teacher = str(tmp_path / "teacher.pt")
+    result = runner.invoke(ld3_cli.cli, ["gen-data", "--network", network_pickle, "--out", teacher, "--seeds", "0-5",
+                                         "--steps", "4", "--device", "cpu"])
+    assert result.exit_code == 0, result.output
+    out = tmp_path / "new" / "deeper" / "ipndm.json"
+    train = ["train", "--data", teacher, "--out", str(out), "--solver", "ipndm", "--nfe", "4", "--loss", "l2",
+             "--num-train", "2", "--num-valid", "2", "--rounds-v1", "1", "--rounds-v2", "0", "--device", "cpu",
+             "--log", str(tmp_path / "elsewhere.log")]
+    result = runner.invoke(ld3_cli.cli, train)
+    assert result.exit_code == 0, result.output
+    assert load_schedule_file(str(out)).solver_kwargs == {"max_order": 4}
+    assert "LD3: ipndm(max_order=4) at 4 NFE" in result.output
+
+    # A file that leaves the option out (an older one): the solver's default is what it was learned with.
+    bare = str(tmp_path / "bare.json")
+    grid = load_schedule_file(str(out))
+    save_schedule_file(bare, grid.sigmas, solver="ipndm", nfe=4, eval_sigmas=grid.eval_sigmas)
+    for schedule in (str(out), bare):
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            result = runner.invoke(generate.main, ["--network", network_pickle, "--outdir", str(tmp_path / "g"),
+                                                   "--seeds", "0", "--device", "cpu", "--schedule", schedule,
+                                                   "--order", "2", "--overwrite"])
+        assert result.exit_code == 0, result.output
+        assert any("was learned with max_order=4; overriding with max_order=2" in str(w.message) for w in caught)
+
+    # --overwrite that fails: the log says so, and that the schedule is the earlier run's.
+    result = runner.invoke(ld3_cli.cli, [*train[:-2], "--overwrite", "--loss", "lpips", "--lpips-vgg",
+                                         str(tmp_path / "none.pth")])
+    assert result.exit_code == 1, result.output
+    log = (out.parent / "ipndm.log.txt").read_text()
+    assert "\nFailed: LPIPSUnavailableError: " in log and log.endswith(f"; {out} is an earlier run's\n")
+    result = runner.invoke(ld3_cli.cli, [*train[:-2], "--overwrite", "--solver", "euler", "--nfe", "1"])
+    message = "--nfe 1: euler with end='zero' has 1 positive noise levels; LD3 needs at least 3"
+    assert result.exit_code == 2 and message in " ".join(result.output.split()), result.output
+    assert "Loading network" not in result.output
+
+
+def test_evaluate_scores_lpips_at_the_size_the_schedule_was_learned_at(network_pickle, tmp_path):
+    """evaluate without --lpips-resize scored LPIPS at the images' own size although the schedule was learned at
+    --lpips-resize 16 (and on 8x8 images told the user to set it): it now takes the recorded size, and says it."""
+    from test_lpips import fake_lpips_weights
+
+    _, _, vgg, lin = fake_lpips_weights(tmp_path)
+    runner = CliRunner()
+    teacher, test_data = str(tmp_path / "teacher.pt"), str(tmp_path / "test.pt")
+    for path, seeds in ((teacher, "0-5"), (test_data, "10-13")):
+        result = runner.invoke(ld3_cli.cli, ["gen-data", "--network", network_pickle, "--out", path, "--seeds", seeds,
+                                             "--steps", "4", "--device", "cpu"])
+        assert result.exit_code == 0, result.output
+    schedule = str(tmp_path / "s.json")
+    lpips = ["--lpips-vgg", vgg, "--lpips-lin", lin]
+    result = runner.invoke(ld3_cli.cli, ["train", "--data", teacher, "--out", schedule, "--solver", "euler", "--nfe",
+                                         "3", "--loss", "lpips", *lpips, "--lpips-resize", "16", "--num-train", "2",
+                                         "--num-valid", "2", "--rounds-v1", "1", "--rounds-v2", "0", "--device", "cpu"])
+    assert result.exit_code == 0, result.output
+    evaluate = ["evaluate", "--schedule", schedule, "--data", test_data, "--device", "cpu", *lpips]
+    recorded = runner.invoke(ld3_cli.cli, evaluate)
+    assert recorded.exit_code == 0 and "; loss lpips at 16x16" in recorded.output, recorded.output
+    explicit = runner.invoke(ld3_cli.cli, [*evaluate, "--lpips-resize", "16"])
+    assert explicit.exit_code == 0, explicit.output
+    table = [line for line in recorded.output.splitlines() if line.startswith("s.json")]
+    assert table == [line for line in explicit.output.splitlines() if line.startswith("s.json")]

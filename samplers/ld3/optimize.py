@@ -74,6 +74,12 @@ def make_distance(name: str, *, lpips_vgg=None, lpips_lin=None, lpips_resize=Non
 MAX_AUTO_HOLDOUT = 1000  # the automatic held-out split takes at most this many of the remaining teacher samples
 
 
+def grid_levels(solver: str, nfe: int, end: str) -> int:
+    """The positive noise levels of `solver`'s grid at `nfe` NFE (a grid ending at 0 has one fewer)."""
+    num_steps = steps_for_nfe(solver, nfe, end)
+    return num_steps + 1 if end == "sigma_min" else num_steps
+
+
 @dataclasses.dataclass
 class LD3Config:
     """LD3's hyper-parameters (defaults: vinhsuhi/LD3 configs/cifar10.yml and utils.adjust_hyper), and the
@@ -162,8 +168,14 @@ class LD3Config:
         for name in ("nfe", "num_train", "num_valid", "batch_size", "patience", "lr2_patience"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        end = self.end or get_solver(self.solver).default_end
+        levels = grid_levels(self.solver, self.nfe, end)  # before any network is loaded or log written
+        if levels < 3:
+            raise ValueError(f"--nfe {self.nfe}: {self.solver} with end={end!r} has {levels} positive noise levels; "
+                             f"LD3 needs at least 3 (an interior level to learn)")
         if self.rounds_v1 < 0 or self.rounds_v2 < 0 or self.rounds_v1 + self.rounds_v2 < 1:
-            raise ValueError("need rounds_v1 + rounds_v2 >= 1 training rounds")
+            raise ValueError(f"need --rounds-v1 + --rounds-v2 >= 1 training rounds (each >= 0), got "
+                             f"{self.rounds_v1} + {self.rounds_v2}")
         if self.prior_bound is not None and self.prior_bound < 0:
             raise ValueError(f"prior_bound must be >= 0, got {self.prior_bound}")
         if self.num_holdout is not None and self.num_holdout < 0:
@@ -173,9 +185,9 @@ class LD3Config:
         if num_items is not None:
             needed = self.num_train + self.num_valid + (self.num_holdout or 0)
             if num_items < needed:
-                holdout = f" + num_holdout {self.num_holdout}" if self.num_holdout else ""
-                raise ValueError(f"the teacher data holds {num_items} samples, fewer than num_train + num_valid"
-                                 f"{' + num_holdout' if holdout else ''} = {self.num_train} + {self.num_valid}"
+                holdout = bool(self.num_holdout)
+                raise ValueError(f"the teacher data holds {num_items} samples, fewer than --num-train + --num-valid"
+                                 f"{' + --holdout' if holdout else ''} = {self.num_train} + {self.num_valid}"
                                  f"{' + ' + str(self.num_holdout) if holdout else ''}")
 
 
@@ -228,14 +240,13 @@ class _LD3Run:
                  train: TeacherSplit, valid: TeacherSplit):
         self.denoiser, self.config, self.device = denoiser, config, device
         self.end = config.end or get_solver(config.solver).default_end
-        num_steps = steps_for_nfe(config.solver, config.nfe, self.end)
         nfe = config.nfe
         self.sigma_max = teacher.sigma_max
         self.sigma_min = teacher.sigma_min if config.sigma_min is None else float(config.sigma_min)
-        self.num_levels = num_steps + 1 if self.end == "sigma_min" else num_steps
+        self.num_levels = grid_levels(config.solver, config.nfe, self.end)
         if self.num_levels < 3:
-            raise ValueError(f"{config.solver} at {nfe} NFE with end={self.end!r} has {self.num_levels} positive "
-                             f"noise levels; LD3 needs at least 3 (an interior level to learn)")
+            raise ValueError(f"{config.solver} at {nfe} NFE with end={self.end!r} has {self.num_levels} "
+                             f"positive noise levels; LD3 needs at least 3 (an interior level to learn)")
         self.grid = GridParameterization(self.num_levels, self.sigma_min, self.sigma_max, end=self.end,
                                          eval_window=config.eval_window).to(device)
         self.distance_fn = distance_fn if distance_fn is not None else make_distance(
