@@ -586,15 +586,17 @@ def _write_inputs(root: str) -> None:
 
 def _tiny_network(path: str) -> None:
     """A ~10k-parameter 8x8 RGB SongUNet with the preconditioning and conditioning the file name says (EDM's naming:
-    -vp/-ve, -cond: 10 classes)."""
+    baseline-*-vp/-ve are VP/VE preconditioned; edm-*-vp/-ve are EDM-preconditioned DDPM++/NCSN++ (config F), as the
+    released pickles; -cond: 10 classes)."""
     import torch
 
     from torch_utils import persistence
     from training import preconditioning
 
     name = os.path.basename(path)
-    precond = {"vp": preconditioning.VPPrecond, "ve": preconditioning.VEPrecond}.get(
-        next((p for p in ("vp", "ve") if re.search(rf"-{p}\b", name)), None), preconditioning.EDMPrecond)
+    kind = next((p for p in ("vp", "ve") if re.search(rf"-{p}\b", name)), None) if name.startswith("baseline") \
+        else None
+    precond = {"vp": preconditioning.VPPrecond, "ve": preconditioning.VEPrecond}.get(kind, preconditioning.EDMPrecond)
     torch.manual_seed(0)
     label_dim = 10 if re.search(r"(?<!un)cond\b", name) else 0
     net = precond(img_resolution=8, img_channels=3, label_dim=label_dim, model_type="SongUNet", model_channels=8,
