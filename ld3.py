@@ -5,7 +5,6 @@ A thin CLI over samplers/ld3/: `gen-data` writes teacher data, `train` writes a 
 `python -m samplers.ld3 ...` is the same command. See docs/ld3.md.
 """
 
-import inspect
 import math
 import os
 
@@ -288,9 +287,8 @@ def train(data_path, out, network, solver, nfe, end, device, log_path, overwrite
     # Every option the grid is learned with, the solver's defaults filled in: the file records them all, so that
     # generate.py warns when a later run changes one (a file that recorded only the options typed did not).
     # (Heun's S_max = inf is left out: JSON has no infinity, and generate.py fills unrecorded defaults in anyway.)
-    solver_kwargs = {**{name: p.default for name, p in get_solver(solver).options().items()
-                        if p.default is not inspect.Parameter.empty
-                        and not (isinstance(p.default, float) and not math.isfinite(p.default))}, **solver_kwargs}
+    solver_kwargs = {**{name: value for name, value in get_solver(solver).defaults().items()
+                        if not (isinstance(value, float) and not math.isfinite(value))}, **solver_kwargs}
     config = LD3Config(solver=solver, nfe=nfe, solver_kwargs=solver_kwargs, end=end, **options)
     end = config.end or get_solver(solver).default_end
     try:

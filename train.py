@@ -221,8 +221,12 @@ def _apply_loss_wrappers(opts: dnnlib.EasyDict, loss_kwargs: dict) -> tuple[dict
     return loss_kwargs, tags
 
 
-# Preconditionings whose noise label c_noise is a time-step index (0 to ~1000) rather than a log sigma.
-_TIME_INDEX_LABELS = ('VPPrecond', 'iDDPMPrecond', 'EpsPrecond')
+def _class_or_none(class_name: str):
+    """The class a network config names, or None where it cannot be imported (a user's module elsewhere)."""
+    try:
+        return dnnlib.util.get_obj_by_name(class_name)
+    except Exception:  # the name comes from a config or pickle: any import failure only skips the check it serves
+        return None
 
 
 def _option_error(err: Exception) -> click.ClickException:
@@ -575,7 +579,8 @@ def build_config(opts: dnnlib.EasyDict, world_size: int) -> tuple[dnnlib.EasyDic
         c.network_kwargs.augment_dim = 0
     c.network_kwargs.update(dropout=opts.dropout, use_fp16=opts.fp16)
     precond_class = c.network_kwargs.class_name.rsplit('.', 1)[-1]
-    if c.network_kwargs.get('embedding_type') == 'fourier' and precond_class in _TIME_INDEX_LABELS:
+    if c.network_kwargs.get('embedding_type') == 'fourier' and getattr(
+            _class_or_none(c.network_kwargs.class_name), 'time_index_noise_labels', False):
         warnings.warn(f'NCSN++\'s random Fourier noise embedding (scale 16) is made for log-sigma noise labels (VE, '
                       f'EDM preconditioning); {precond_class} labels the noise level with a time index up to ~1000, '
                       f'which it maps to unrelated embeddings for neighbouring steps (as EDM\'s --precond=vp '

@@ -35,7 +35,6 @@ Time levels: `--steps` N picks N of the T integer times, from T-1 down to 0 (`ti
 
 import dataclasses
 import functools
-import inspect
 from typing import Literal
 
 import numpy as np
@@ -323,7 +322,7 @@ class FourierSampling:
         out: the steps are what it decides (all T steps are the same run under any spacing)."""
         plan = self._resolve(config)
         entry = self.solvers[plan.solver]
-        options = {name: p.default for name, p in entry.options().items() if p.default is not inspect.Parameter.empty}
+        options = entry.defaults()
         options.update(plan.options)
         spacing = options.pop('spacing', 'uniform')
         steps = time_steps(self.schedule, plan.num_steps, spacing, net.img_resolution, net.img_resolution)

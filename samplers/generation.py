@@ -10,7 +10,6 @@ interrupted run by skipping seeds whose PNG exists before sampling.
 import collections
 import concurrent.futures
 import dataclasses
-import inspect
 import io
 import json
 import math
@@ -136,8 +135,7 @@ def build_grid(net, config: SamplerConfig, device=None) -> tuple[SigmaGrid, str,
         # (an option not given when the grid was learned had its default), when the file names its solver.
         fitted = dict(defaults)
         if grid.solver is not None or defaults:
-            fitted = {**{name: p.default for name, p in entry.options().items()
-                         if p.default is not inspect.Parameter.empty}, **defaults}
+            fitted = {**entry.defaults(), **defaults}
         overridden = sorted(k for k, v in config.solver_kwargs.items() if k in fitted and fitted[k] != v)
         if overridden:
             # A learned grid fits the options it was learned with; say so instead of silently changing them. Attributed
@@ -166,8 +164,11 @@ def build_grid(net, config: SamplerConfig, device=None) -> tuple[SigmaGrid, str,
 
 
 def describe(net, config: SamplerConfig) -> str:
-    """One line naming the conventions that change results: solver, options, grid, end, NFE per image."""
+    """One line naming the conventions that change results: solver, options, grid, end, NFE per image. Raises
+    ValueError for what the first batch would refuse (rehearse_solver), so that generate.py refuses it before it
+    claims an output folder."""
     grid, solver, solver_kwargs = build_grid(net, config)
+    rehearse_solver(grid, solver, solver_kwargs, getattr(net, "round_sigma", None), config.denoise_to_zero)
     nfe = count_nfe(solver, grid.num_steps, grid.end, config.denoise_to_zero)
     options = ", ".join(f"{k}={v}" for k, v in sorted(solver_kwargs.items()))
     levels = grid.sigmas.tolist()
@@ -217,13 +218,10 @@ class GridSampling:
                                                              config.denoise_to_zero)
 
     def describe(self, net, config: SamplerConfig) -> str:
-        """The one-line summary; raises ValueError for what `prepare` or the first batch would refuse, so that
-        generate.py refuses it before it claims an output folder (rehearse_solver)."""
         text = describe(net, config)
-        grid, solver, solver_kwargs = build_grid(net, config)
-        rehearse_solver(grid, solver, solver_kwargs, getattr(net, "round_sigma", None), config.denoise_to_zero)
         guidance = build_guidance(config.guidance)
         if guidance is not None:
+            grid, solver, solver_kwargs = build_grid(net, config)
             text += "; " + guidance.describe(net, grid, solver, solver_kwargs, config.denoise_to_zero)
         return text
 
@@ -232,8 +230,7 @@ class GridSampling:
         that `--solver=heun --steps=18` and no option record the same, and a changed rho does not; the guidance by
         its record (defaults filled, its files by content), so `--dg-weight=2` and the default record the same."""
         grid, solver, solver_kwargs = build_grid(net, config)
-        options = {name: p.default for name, p in get_solver(solver).options().items()
-                   if p.default is not inspect.Parameter.empty}
+        options = get_solver(solver).defaults()
         options.update(solver_kwargs)
         return dict(solver=solver, solver_options=options, sigmas=grid.sigmas.tolist(), end=grid.end,
                     eval_sigmas=None if grid.eval_sigmas is None else grid.eval_sigmas.tolist(),

@@ -55,6 +55,10 @@ class SolverEntry:
         """The options a user may set, by name, in the signature's order."""
         return {name: p for name, p in self._keyword_parameters.items() if name not in SAMPLE_INPUTS}
 
+    def defaults(self) -> dict:
+        """The options that have a default, with it: what the solver runs with where an option is not given."""
+        return {name: p.default for name, p in self.options().items() if p.default is not inspect.Parameter.empty}
+
     def takes_input(self, name: str) -> bool:
         """Whether the solver declares the sample input `name` (one of SAMPLE_INPUTS)."""
         return name in self._keyword_parameters

@@ -567,13 +567,19 @@ def test_cli_errors(network_pickle, tmp_path):
     assert result.exit_code != 0 and "teacher data file not found" in result.output
 
 
+def _teacher_and_test_data(network_pickle, tmp_path):
+    """ld3.py gen-data of seeds 0-5 (teacher.pt) and 10-13 (test.pt), 4 steps: their paths."""
+    paths = str(tmp_path / "teacher.pt"), str(tmp_path / "test.pt")
+    for path, seeds in zip(paths, ("0-5", "10-13")):
+        result = CliRunner().invoke(ld3_cli.cli, ["gen-data", "--network", network_pickle, "--out", path, "--seeds",
+                                                  seeds, "--steps", "4", "--device", "cpu"])
+        assert result.exit_code == 0, result.output
+    return paths
+
+
 def test_cli_train_records_the_choice_and_evaluate_reports_on_unseen_seeds(network_pickle, tmp_path):
     runner = CliRunner()
-    teacher, test_data = str(tmp_path / "teacher.pt"), str(tmp_path / "test.pt")
-    for path, seeds in ((teacher, "0-5"), (test_data, "10-13")):
-        result = runner.invoke(ld3_cli.cli, ["gen-data", "--network", network_pickle, "--out", path, "--seeds", seeds,
-                                             "--steps", "4", "--device", "cpu"])
-        assert result.exit_code == 0, result.output
+    teacher, test_data = _teacher_and_test_data(network_pickle, tmp_path)
     schedule = str(tmp_path / "s.json")
     result = runner.invoke(ld3_cli.cli, ["train", "--data", teacher, "--out", schedule, "--solver", "dpmpp_2m",
                                          "--nfe", "3", "--loss", "l2", "--num-train", "2", "--num-valid", "2",
@@ -968,11 +974,7 @@ def test_evaluate_scores_lpips_at_the_size_the_schedule_was_learned_at(network_p
 
     _, _, vgg, lin = fake_lpips_weights(tmp_path)
     runner = CliRunner()
-    teacher, test_data = str(tmp_path / "teacher.pt"), str(tmp_path / "test.pt")
-    for path, seeds in ((teacher, "0-5"), (test_data, "10-13")):
-        result = runner.invoke(ld3_cli.cli, ["gen-data", "--network", network_pickle, "--out", path, "--seeds", seeds,
-                                             "--steps", "4", "--device", "cpu"])
-        assert result.exit_code == 0, result.output
+    teacher, test_data = _teacher_and_test_data(network_pickle, tmp_path)
     schedule = str(tmp_path / "s.json")
     lpips = ["--lpips-vgg", vgg, "--lpips-lin", lin]
     result = runner.invoke(ld3_cli.cli, ["train", "--data", teacher, "--out", schedule, "--solver", "euler", "--nfe",

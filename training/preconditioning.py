@@ -44,6 +44,9 @@ class _Precond(torch.nn.Module):
     """Shared input handling and backbone call of the preconditioners (not persistent itself: no instances)."""
 
     _half_dtype = torch.float16  # What use_fp16 runs the backbone in on CUDA (EDM: fp16; GDDPrecond: bf16).
+    # c_noise is a time-step index (0 to ~1000) rather than a log sigma: NCSN++'s random Fourier embedding (scale 16)
+    # maps neighbouring indices to unrelated embeddings (train.py warns about the pair).
+    time_index_noise_labels = False
 
     def _prepare(self, x, sigma, class_labels):
         x = x.to(torch.float32)
@@ -85,6 +88,8 @@ class _Precond(torch.nn.Module):
 class VPPrecond(_Precond):
     """Variance-preserving formulation (Song et al.): c_skip 1, c_out -sigma, c_in 1/sqrt(sigma^2+1),
     c_noise (M-1) t(sigma), with sigma(t) = sqrt(exp(beta_d t^2 / 2 + beta_min t) - 1)."""
+
+    time_index_noise_labels = True
 
     def __init__(self,
                  img_resolution,                # Image resolution.
@@ -171,6 +176,8 @@ class iDDPMPrecond(_Precond):
     """Improved DDPM (Nichol & Dhariwal): c_skip 1, c_out -sigma, c_in 1/sqrt(sigma^2+1), c_noise M-1-j for the
     nearest u_j of the discrete cosine schedule. The backbone predicts 2C channels (mean and variance); D uses the
     first C."""
+
+    time_index_noise_labels = True
 
     def __init__(self,
                  img_resolution,                # Image resolution.
@@ -329,6 +336,8 @@ class EpsPrecond(_Precond):
     rescale_timesteps; processes/spd.py computes it). For processes that are not x = y + sigma n with white n, such
     as SPD's per-frequency schedule: EDMPrecond's c_skip/c_out assume one sigma of white noise. Not a denoiser
     D(x; sigma): the sigma-grid solvers do not apply (the process's own samplers do)."""
+
+    time_index_noise_labels = True
 
     # Its schedule (SPD's T and Sigma0, or DDPM's betas) lives only in the snapshot's process record: a pickle without
     # one cannot default to EDM's process as older denoiser pickles do (training/snapshots.py).
