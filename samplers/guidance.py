@@ -32,8 +32,9 @@ the same with one sigma per batch; see docs/solvers.md for boosting); elsewhere 
 output is returned untouched (bit-identical to unguided sampling).
 
 Cost: each guided call adds one discriminator gradient evaluation (a forward and a backward pass through the encoder
-and the head), which NFE does not count; the sampler line states how many per image. Deciding whether a call is in
-the tau window reads sigma on the host (one sync per guided call): it skips the discriminator outside the window.
+and the head), which NFE does not count; the sampler line states how many per image. Whether a call is in the tau
+window is decided on the host from the grid's planned levels (`PreparedDG.in_window`; no device read per call): the
+discriminator is skipped outside the window.
 
 Boosting (`--dg-boost`, the reference's conditional setting): Heun with per-sample churn; at steps i = 0, 5, 10, ...
 the samples whose last log ratio was negative get S_churn = 4 (gamma = min(4 / N, sqrt 2 - 1), S_noise = 1), and at

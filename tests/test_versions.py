@@ -48,10 +48,9 @@ def test_oldest_constraints_pin_exactly_the_floors():
 
 def test_environment_yml_has_the_same_floors_and_python_range():
     floors = _specs("requirements.txt", ">=")
-    conda_names = {"torch": "pytorch"}
     text = _read("environment.yml")
-    for name, floor in floors.items():
-        match = re.search(rf"^\s*- {re.escape(conda_names.get(name, name))}>=([0-9.]+)\s*$", text, re.MULTILINE)
+    for name, floor in floors.items():  # torch is in the pip section (PyPI's name), the others conda-forge's
+        match = re.search(rf"^\s*- {re.escape(name)}>=([0-9.]+)\s*$", text, re.MULTILINE)
         assert match, f"environment.yml lacks a floor for {name}"
         assert _version(match.group(1)) == _version(floor), f"environment.yml: {name}>={match.group(1)}, not {floor}"
     assert re.search(r"^\s*- python>=3\.10,<3\.14\s*$", text, re.MULTILINE)
