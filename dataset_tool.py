@@ -33,8 +33,10 @@ def main(source, dest, max_images, transform, resolution):
                                          train-labels-idx1-ubyte[.gz]); 28x28 is zero-padded to 32x32 as
                                          in EDM, and --resolution then resizes the padded image
     --source path/                       all images under path/, recursively; labels from path/dataset.json,
-                                         else (no dataset.json) from the names of class sub-folders (sorted)
-    --source dataset.zip                 all images in the zip; labels from its dataset.json
+                                         else (no dataset.json) from the names of class sub-folders (sorted
+                                         as names, as EDM: 10 before 2; a note says so); symlinks followed
+    --source dataset.zip                 all images in the zip; labels from its dataset.json (at its root,
+                                         or in the one folder that holds all its images)
     --source digits                      scikit-learn's 1,797 8x8 handwritten digits (offline, labels 0-9),
                                          resized to 32x32 unless --resolution says otherwise (use ./digits for
                                          a folder of that name)
@@ -49,11 +51,13 @@ def main(source, dest, max_images, transform, resolution):
     names files the source does not have, is an error (EDM drops all labels, or ignores the names, then); one with
     null labels means no labels (EDM then takes them from the sub-folder names: for its own datasets, the 00000/,
     00001/ shards). Palette images become RGB (EDM writes their palette indices as greyscale); with transparency
-    they have 4 channels and are refused.
+    they have 4 channels and are refused, as are 16-bit PNGs. Files PIL cannot decode by itself (.pdf, .eps,
+    .h5, ...) and macOS's ._* / __MACOSX files are not images. With pyspng installed the result is the same.
 
     Output images must be square, have a power-of-two side and 1 or 3 channels, identical for all images.
     Without --transform, --resolution resizes (Lanczos). --transform=center-crop crops to the short side;
-    --transform=center-crop-wide keeps a central WxH band and letterboxes it into WxW (e.g. 512x384).
+    --transform=center-crop-wide keeps a central WxH band and letterboxes it into WxW (e.g. 512x384; H <= W);
+    images smaller than the band are skipped, as EDM, and counted.
 
     Labels in a source's dataset.json must be class indices, integers in 0..65535, one per file.
 
@@ -61,7 +65,8 @@ def main(source, dest, max_images, transform, resolution):
     a full disk) nothing is left at --dest, and the temporary output of a killed earlier run is removed.
     """
     try:
-        num_images = convert_dataset(source, dest, max_images=max_images, transform=transform, resolution=resolution)
+        num_images = convert_dataset(source, dest, max_images=max_images, transform=transform, resolution=resolution,
+                                     log=click.echo)
     except DatasetToolError as exc:
         raise click.ClickException(str(exc)) from None
     click.echo(f"Wrote {num_images} images to {dest}")

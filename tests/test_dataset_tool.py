@@ -573,3 +573,172 @@ def test_stale_temporary_outputs_of_dead_runs_are_removed(tmp_path):
     assert _run_cli("--source", src, "--dest", out / "d.zip").exit_code == 0
     assert _run_cli("--source", src, "--dest", out / "d").exit_code == 0
     assert _listing(out) == sorted(["d", "d.zip", live_zip.name, other_host.name, unrelated.name])
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# The same dataset with and without pyspng; files that are not images; labels that used to be lost.
+
+
+def _png_bytes(image: PIL.Image.Image, **save_kwargs) -> bytes:
+    buf = io.BytesIO()
+    image.save(buf, format="png", **save_kwargs)
+    return buf.getvalue()
+
+
+class _RecordingPyspng:
+    """Stands in for pyspng (not installed here): decodes with PIL as pyspng does for 8-bit grey/RGB/RGBA, and
+    records the calls, so a test sees which files would go to pyspng."""
+
+    def __init__(self):
+        self.calls = 0
+
+    def load(self, data):
+        self.calls += 1
+        return np.asarray(PIL.Image.open(io.BytesIO(data)))
+
+
+def test_only_8bit_grey_rgb_rgba_pngs_go_to_pyspng(monkeypatch):
+    from training import dataset as dataset_module
+
+    fake = _RecordingPyspng()
+    monkeypatch.setattr(dataset_module, "pyspng", fake)
+    rng = np.random.default_rng(0)
+    rgb = rng.integers(0, 256, (4, 5, 3), dtype=np.uint8)
+    for mode, array in (("L", rgb[:, :, 0]), ("RGB", rgb), ("RGBA", np.dstack([rgb, rgb[:, :, :1]]))):
+        before = fake.calls
+        out = dataset_module.decode_image(_png_bytes(PIL.Image.fromarray(array, mode)), "x.png")
+        assert fake.calls == before + 1, mode
+        np.testing.assert_array_equal(out, array.reshape(4, 5, -1))
+
+    palette = PIL.Image.fromarray(rgb).convert("P", palette=PIL.Image.Palette.ADAPTIVE, colors=8)
+    cases = {
+        "palette with transparency": _png_bytes(palette, transparency=0),  # pyspng dropped the transparency
+        "palette": _png_bytes(palette),
+        "LA": _png_bytes(PIL.Image.fromarray(np.dstack([rgb[:, :, 0], rgb[:, :, 1]]), "LA")),  # pyspng refused it
+        "1-bit": _png_bytes(PIL.Image.fromarray(rgb[:, :, 0] > 128)),
+        "JPEG data named .png": (lambda b: (PIL.Image.fromarray(rgb).save(b, format="jpeg"), b.getvalue())[1])(
+            io.BytesIO()),
+    }
+    for name, data in cases.items():
+        out = dataset_module.decode_image(data, "x.png")
+        monkeypatch.setattr(dataset_module, "pyspng", None)
+        np.testing.assert_array_equal(out, dataset_module.decode_image(data, "x.png"), err_msg=name)
+        monkeypatch.setattr(dataset_module, "pyspng", fake)
+    assert fake.calls == 3  # none of the cases reached pyspng
+    assert dataset_module.decode_image(cases["palette with transparency"], "x.png").shape == (4, 5, 4)
+
+
+def test_16bit_pngs_are_refused_with_or_without_pyspng(monkeypatch, tmp_path):
+    from training import dataset as dataset_module
+
+    rgb16 = (np.arange(4 * 4 * 3, dtype=np.uint16).reshape(4, 4, 3) * 1000 + 7)
+    # A 16-bit RGB PNG written by hand (PIL cannot write one): IHDR bit depth 16, colour type 2.
+    import struct
+    import zlib
+
+    def chunk(kind, body):
+        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
+    raw = b"".join(b"\x00" + row.astype(">u2").tobytes() for row in rgb16)
+    data = (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", 4, 4, 16, 2, 0, 0, 0))
+            + chunk(b"IDAT", zlib.compress(raw)) + chunk(b"IEND", b""))
+    with PIL.Image.open(io.BytesIO(data)) as img:  # what PIL alone made of it: the high bytes, silently
+        assert img.mode == "RGB"
+    for fake in (None, _RecordingPyspng()):
+        monkeypatch.setattr(dataset_module, "pyspng", fake)
+        with pytest.raises(dataset_module.DatasetError, match=r"x\.png: a 16-bit PNG; expected 8 bits per channel"):
+            dataset_module.decode_image(data, "x.png")
+    (tmp_path / "src").mkdir()
+    (tmp_path / "src" / "a.png").write_bytes(data)
+    result = _run_cli("--source", tmp_path / "src", "--dest", tmp_path / "out.zip")
+    assert result.exit_code == 1 and "a.png: a 16-bit PNG" in result.output
+    assert not (tmp_path / "out.zip").exists()
+
+
+def test_files_pil_cannot_decode_and_macos_metadata_are_not_images(tmp_path):
+    rng = np.random.default_rng(1)
+    images = rng.integers(0, 256, (3, 8, 8, 3), dtype=np.uint8)
+    src = tmp_path / "src"
+    for i, image in enumerate(images):
+        _write_png(str(src / f"{i}.png"), image)
+    (src / "LICENSE.pdf").write_bytes(b"%PDF-1.4 not an image")
+    (src / "features.h5").write_bytes(b"\x89HDF\r\n\x1a\n")
+    (src / "figure.eps").write_bytes(b"%!PS-Adobe-3.0 EPSF-3.0")
+    (src / "._0.png").write_bytes(b"\x00\x05\x16\x07AppleDouble")
+    assert _convert(src, tmp_path / "folder.zip") == 3
+    np.testing.assert_array_equal(_read_back(tmp_path / "folder.zip")[0], images.transpose(0, 3, 1, 2))
+
+    with zipfile.ZipFile(tmp_path / "mac.zip", "w") as zf:
+        for i, image in enumerate(images):
+            zf.writestr(f"digits/{i}.png", _png_bytes(PIL.Image.fromarray(image)))
+            zf.writestr(f"__MACOSX/digits/._{i}.png", b"\x00\x05\x16\x07AppleDouble")
+    assert _convert(tmp_path / "mac.zip", tmp_path / "mac-out.zip") == 3
+
+
+def test_a_zip_of_a_dataset_folder_keeps_its_labels(tmp_path):
+    rng = np.random.default_rng(2)
+    with zipfile.ZipFile(tmp_path / "src.zip", "w") as zf:
+        names = []
+        for i in range(4):
+            names.append(f"00000/img{i:08d}.png")
+            zf.writestr(f"cifar10-32x32/{names[-1]}",
+                        _png_bytes(PIL.Image.fromarray(rng.integers(0, 256, (8, 8, 3), dtype=np.uint8))))
+        zf.writestr("cifar10-32x32/dataset.json", json.dumps({"labels": [[n, 3 - i] for i, n in enumerate(names)]}))
+    assert _convert(tmp_path / "src.zip", tmp_path / "out.zip") == 4
+    assert _read_back(tmp_path / "out.zip")[1].tolist() == [3, 2, 1, 0]
+
+
+def test_symlinked_class_folders_are_read_once_and_labelled(tmp_path):
+    rng = np.random.default_rng(3)
+    store, src = tmp_path / "store", tmp_path / "src"
+    for cls in ("cat", "dog"):
+        for i in range(2):
+            _write_png(str(store / cls / f"{i}.png"), rng.integers(0, 256, (8, 8, 3), dtype=np.uint8))
+    src.mkdir()
+    os.symlink(store / "cat", src / "cat")
+    os.symlink(store / "dog", src / "dog")
+    os.symlink(src, store / "dog" / "loop")  # a link back up the tree must not recurse forever
+    assert _convert(src, tmp_path / "out.zip") == 4
+    assert _read_back(tmp_path / "out.zip")[1].tolist() == [0, 0, 1, 1]
+
+
+def test_numbered_class_folders_get_a_note_on_their_order(tmp_path):
+    rng = np.random.default_rng(4)
+    for cls in ("0", "1", "2", "10"):
+        _write_png(str(tmp_path / "src" / cls / "a.png"), rng.integers(0, 256, (8, 8, 3), dtype=np.uint8))
+    result = _run_cli("--source", tmp_path / "src", "--dest", tmp_path / "out.zip")
+    assert result.exit_code == 0, result.output
+    assert "class folders are numbered in name order, as EDM does (0 -> 0, 1 -> 1, 10 -> 2, 2 -> 3)" in result.output
+    assert _read_back(tmp_path / "out.zip")[1].tolist() == [0, 1, 2, 3]  # EDM's labels: folder 10 is class 2
+    for cls in ("3",):  # 0..3 sort the same as names and as numbers: no note
+        _write_png(str(tmp_path / "src2" / cls / "a.png"), rng.integers(0, 256, (8, 8, 3), dtype=np.uint8))
+        _write_png(str(tmp_path / "src2" / "0" / "a.png"), rng.integers(0, 256, (8, 8, 3), dtype=np.uint8))
+    result = _run_cli("--source", tmp_path / "src2", "--dest", tmp_path / "out2.zip")
+    assert result.exit_code == 0 and "name order" not in result.output
+
+
+def test_center_crop_wide_checks_its_resolution_and_counts_skipped_images(tmp_path):
+    rng = np.random.default_rng(5)
+    for i, (h, w) in enumerate([(32, 64), (40, 64), (8, 8), (16, 64)]):  # the last: a band of 8 rows
+        _write_png(str(tmp_path / "src" / f"{i}.png"), rng.integers(0, 256, (h, w, 3), dtype=np.uint8))
+    for resolution in ("16x32", "24x16"):  # a band taller than wide; a width that is no power of two
+        result = _run_cli("--source", tmp_path / "src", "--dest", tmp_path / "out.zip",
+                          "--transform=center-crop-wide", f"--resolution={resolution}")
+        assert result.exit_code == 1 and result.output.count("\n") == 1, result.output
+        assert f"--resolution={resolution} with --transform=center-crop-wide" in result.output
+        assert not (tmp_path / "out.zip").exists()
+    result = _run_cli("--source", tmp_path / "src", "--dest", tmp_path / "out.zip", "--transform=center-crop-wide",
+                      "--resolution=32x16")
+    assert result.exit_code == 0, result.output
+    assert "Skipped 2 of 4 images: smaller than 32x16" in result.output and "Wrote 2 images" in result.output
+
+
+def test_corrupt_cifar_tarball_and_empty_image_errors_are_one_line(tmp_path):
+    (tmp_path / "cifar-10-python.tar.gz").write_bytes(gzip.compress(b"garbage"))
+    result = _run_cli("--source", tmp_path / "cifar-10-python.tar.gz", "--dest", tmp_path / "out.zip")
+    assert result.exit_code == 1 and result.output.count("\n") == 1, result.output
+    assert "cannot read as a tar archive" in result.output
+    (tmp_path / "src").mkdir()
+    (tmp_path / "src" / "a.png").write_bytes(b"")
+    result = _run_cli("--source", tmp_path / "src", "--dest", tmp_path / "out.zip")
+    assert result.exit_code == 1 and "a.png: cannot decode image (not a format PIL reads" in result.output
+    assert "BytesIO" not in result.output

@@ -198,8 +198,17 @@ def _file_ext(fname: str) -> str:
 
 
 def decode_image(data: bytes, fname: str, use_pyspng: bool = True) -> np.ndarray:
-    """Decode PNG/JPEG/... bytes to a uint8 HWC array (C = 1 for grayscale); `fname` only names errors."""
-    use_pyspng = use_pyspng and pyspng is not None and _file_ext(fname) == ".png"
+    """Decode PNG/JPEG/... bytes to a uint8 HWC array (C = 1 for grayscale); `fname` only names errors.
+
+    pyspng (when installed) decodes only the PNGs it reads as PIL does: 8 bits per channel, grey, RGB or RGBA. Every
+    other file goes to PIL whatever its name, so a dataset is the same with and without pyspng (pyspng dropped a
+    palette's transparency, refused LA and JPEG data named .png). 16-bit PNGs are refused by both: PIL reads 16-bit
+    RGB as its high bytes, truncated, and pyspng refused it."""
+    ihdr = _png_ihdr(data)
+    if ihdr is not None and ihdr[2] == 16:
+        raise DatasetError(f"{fname}: a 16-bit PNG; expected 8 bits per channel (convert it to 8 bits first)")
+    use_pyspng = (use_pyspng and pyspng is not None and ihdr is not None and ihdr[2] == 8
+                  and ihdr[3] in _PYSPNG_COLOUR_TYPES)
     if use_pyspng:
         _check_png_pixels(data, fname)
     try:
@@ -212,6 +221,9 @@ def decode_image(data: bytes, fname: str, use_pyspng: bool = True) -> np.ndarray
                 elif img.mode == "1":
                     img = img.convert("L")
                 image = np.asarray(img)
+    except PIL.UnidentifiedImageError:
+        raise DatasetError(f"{fname}: cannot decode image (not a format PIL reads, or an empty or damaged file)") \
+            from None
     except Exception as exc:
         raise DatasetError(f"{fname}: cannot decode image ({type(exc).__name__}: {exc})") from exc
     if image.dtype != np.uint8:
@@ -224,6 +236,7 @@ def decode_image(data: bytes, fname: str, use_pyspng: bool = True) -> np.ndarray
 _PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 _PNG_IEND = b"\x00\x00\x00\x00IEND\xaeB`\x82"  # the last 12 bytes of every complete PNG
 _PNG_CHANNELS = {0: 1, 2: 3, 4: 2, 6: 4}  # colour type -> channels of decode_image's result (8-bit, no palette)
+_PYSPNG_COLOUR_TYPES = (0, 2, 6)  # grey, RGB, RGBA: the PNGs pyspng decodes as PIL does
 
 
 def _png_ihdr(head: bytes) -> tuple[int, int, int, int] | None:

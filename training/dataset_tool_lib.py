@@ -20,7 +20,7 @@ import tarfile
 import zipfile
 import zlib
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import PIL.Image
@@ -49,6 +49,7 @@ class SourceImage:
 class Source:
     num_images: int  # how many images `images` yields (after --max-images)
     images: Iterator[SourceImage]
+    notes: list[str] = field(default_factory=list)  # lines for the user (convert_dataset's log)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -68,8 +69,20 @@ def _limit(count: int, max_images: int | None) -> int:
 
 
 def _is_image_name(name: str) -> bool:
+    """An image file by its name: an extension of a format PIL can decode (not .pdf, .eps, .h5: see
+    _UNREADABLE_FORMATS), and not macOS's AppleDouble metadata (`._x.png`, and everything under a zip's `__MACOSX/`).
+    EDM's tool took all of these for images and stopped at the first."""
     PIL.Image.init()
-    return os.path.splitext(name)[1].lower() in PIL.Image.EXTENSION
+    parts = name.replace("\\", "/").split("/")
+    if parts[-1].startswith("._") or "__MACOSX" in parts[:-1]:
+        return False
+    image_format = PIL.Image.EXTENSION.get(os.path.splitext(name)[1].lower())
+    return image_format is not None and image_format not in _UNREADABLE_FORMATS
+
+
+# Formats with an extension in PIL.Image.EXTENSION that PIL cannot decode by itself: it only writes PDF and Palm
+# bitmaps, needs Ghostscript for EPS, and only identifies the rest (stub plugins).
+_UNREADABLE_FORMATS = {"PDF", "PALM", "EPS", "BUFR", "GRIB", "HDF5", "WMF", "MPEG"}
 
 
 def _decode(data: bytes, name: str) -> np.ndarray:
@@ -131,7 +144,13 @@ def open_image_folder(source_dir: str, max_images: int | None = None) -> Source:
     also infers them when dataset.json says null, which labels its own datasets by their 00000/, 00001/ shards.
     """
     rel_names = []
-    for root, _dirs, files in os.walk(source_dir):
+    seen_dirs = set()
+    for root, dirs, files in os.walk(source_dir, followlinks=True):  # symlinked class folders hold images too
+        real = os.path.realpath(root)
+        if real in seen_dirs:  # a link back up the tree (or two links to one folder): read each folder once
+            dirs.clear()
+            continue
+        seen_dirs.add(real)
         for fname in files:
             path = os.path.join(root, fname)
             if _is_image_name(fname) and os.path.isfile(path):
@@ -141,6 +160,7 @@ def open_image_folder(source_dir: str, max_images: int | None = None) -> Source:
         raise DatasetToolError(f"{source_dir}: no image files found (looked recursively for {_image_ext_hint()})")
 
     labels = {}
+    notes = []
     meta_path = os.path.join(source_dir, "dataset.json")
     if os.path.isfile(meta_path):
         with open(meta_path, "rb") as f:
@@ -152,6 +172,12 @@ def open_image_folder(source_dir: str, max_images: int | None = None) -> Source:
         class_index = {top: idx for idx, top in enumerate(sorted(set(top_names.values())))}
         if len(class_index) > 1:
             labels = {name: class_index[top] for name, top in top_names.items()}
+            if all(top.isdigit() for top in class_index) and \
+                    sorted(class_index) != sorted(class_index, key=lambda top: int(top)):
+                order = ", ".join(f"{top} -> {idx}" for top, idx in list(class_index.items())[:12])
+                notes.append(f"{source_dir}: class folders are numbered in name order, as EDM does ({order}"
+                             f"{', ...' if len(class_index) > 12 else ''}), not by their numbers; to keep the "
+                             f"numbers, give a dataset.json with the labels")
 
     num = _limit(len(rel_names), max_images)
 
@@ -165,7 +191,7 @@ def open_image_folder(source_dir: str, max_images: int | None = None) -> Source:
                 raise DatasetToolError(f"{path}: cannot read file ({exc})") from None
             yield SourceImage(_decode(data, path), labels.get(name), path)
 
-    return Source(num, iterate())
+    return Source(num, iterate(), notes)
 
 
 # zipfile's errors for a member it cannot read: RuntimeError for an encrypted one, NotImplementedError for a
@@ -173,16 +199,30 @@ def open_image_folder(source_dir: str, max_images: int | None = None) -> Source:
 _ZIP_READ_ERRORS = (zipfile.BadZipFile, OSError, RuntimeError, NotImplementedError)
 
 
+def _zip_dataset_json(all_names: list[str], image_names: list[str]) -> str | None:
+    """The zip's dataset.json: at its root, or in the one folder that holds every image (a dataset zipped with its
+    folder, `cifar10-32x32/dataset.json`: its names are relative to that folder)."""
+    if "dataset.json" in all_names:
+        return "dataset.json"
+    tops = {name.split("/")[0] for name in image_names}
+    if len(tops) == 1 and all("/" in name for name in image_names) and f"{next(iter(tops))}/dataset.json" in all_names:
+        return f"{next(iter(tops))}/dataset.json"
+    return None
+
+
 def open_image_zip(source_zip: str, max_images: int | None = None) -> Source:
-    """Images in a zip (sorted names) with labels from its root dataset.json, if any."""
+    """Images in a zip (sorted names) with labels from its dataset.json, if any (_zip_dataset_json)."""
     try:
         with zipfile.ZipFile(source_zip) as z:
             all_names = z.namelist()
             image_names = sorted(n for n in all_names if _is_image_name(n) and not n.endswith("/"))
             labels = {}
-            if "dataset.json" in all_names:
-                check_zip_member(z.getinfo("dataset.json"), f"{source_zip}:dataset.json")
-                labels = _read_labels_json(z.read("dataset.json"), f"{source_zip}:dataset.json")
+            meta_name = _zip_dataset_json(all_names, image_names)
+            if meta_name is not None:
+                check_zip_member(z.getinfo(meta_name), f"{source_zip}:{meta_name}")
+                prefix = meta_name[:-len("dataset.json")]
+                labels = {prefix + name: label for name, label in
+                          _read_labels_json(z.read(meta_name), f"{source_zip}:{meta_name}").items()}
     except DatasetError as exc:
         raise DatasetToolError(str(exc)) from None
     except _ZIP_READ_ERRORS as exc:
@@ -190,7 +230,7 @@ def open_image_zip(source_zip: str, max_images: int | None = None) -> Source:
     if not image_names:
         raise DatasetToolError(f"{source_zip}: no image files found in the zip (expected {_image_ext_hint()})")
     if labels:
-        _check_labels_cover(labels, image_names, f"{source_zip}:dataset.json")
+        _check_labels_cover(labels, image_names, f"{source_zip}:{meta_name}")
     num = _limit(len(image_names), max_images)
 
     def iterate():
@@ -263,7 +303,8 @@ def open_cifar10(tarball: str, max_images: int | None = None) -> Source:
                 images.append(data.reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1))  # NCHW -> NHWC
                 labels.append(batch_labels.astype(np.int64))
     except (tarfile.TarError, OSError, EOFError, zlib.error) as exc:
-        raise DatasetToolError(f"{tarball}: cannot read as a tar archive ({exc})") from None
+        reason = " ".join(str(exc).split())  # tarfile lists each compression it tried on a line of its own
+        raise DatasetToolError(f"{tarball}: cannot read as a tar archive ({reason})") from None
     images = np.concatenate(images)
     labels = np.concatenate(labels)
     if labels.min() < 0 or labels.max() > 9:
@@ -645,11 +686,13 @@ def encode_png(image: np.ndarray) -> bytes:
 
 
 def convert_dataset(source: str, dest: str, max_images: int | None = None, transform: str | None = None,
-                    resolution: tuple[int, int] | None = None, progress: bool = True) -> int:
+                    resolution: tuple[int, int] | None = None, progress: bool = True,
+                    log: Callable[[str], None] | None = None) -> int:
     """Convert `source` into an EDM dataset at `dest` (.zip -> ZIP_STORED zip, else a new or empty folder).
 
-    Returns the number of images written. Output checks as EDM: square, power-of-two side, 1 or 3 channels,
-    identical for all images. Raises DatasetToolError; on any failure nothing is left at `dest`.
+    Returns the number of images written; `log` gets a line when --transform skipped images (too small). Output
+    checks as EDM: square, power-of-two side, 1 or 3 channels, identical for all images. Raises DatasetToolError; on
+    any failure nothing is left at `dest`.
     """
     if max_images is not None and max_images < 1:
         raise DatasetToolError(f"--max-images: must be >= 1, got {max_images}")
@@ -660,16 +703,23 @@ def convert_dataset(source: str, dest: str, max_images: int | None = None, trans
         if width != height or not _is_power_of_two(width):
             raise DatasetToolError(f"--resolution={width}x{height}: output images must be square with a "
                                    f"power-of-two side (e.g. 32x32)")
+    if resolution is not None and transform == "center-crop-wide":  # a WxH band letterboxed into WxW
+        if height > width or not _is_power_of_two(width):
+            raise DatasetToolError(f"--resolution={width}x{height} with --transform=center-crop-wide: the band's "
+                                   f"width W must be a power of two and its height H at most W (e.g. 512x384)")
     transform_image = make_transform(transform, width, height)
     remove_stale_temp_outputs(dest)
     _check_dest(dest)
     src = open_source(source, max_images)
+    for note in src.notes if log is not None else ():
+        log(note)
 
     writer = _ZipDest(dest) if dest.lower().endswith(".zip") else _FolderDest(dest)
     ok = False
     try:
         attrs = None
         labels = []
+        skipped = 0
         for idx, item in enumerate(tqdm(src.images, total=src.num_images, disable=not progress, unit="img")):
             fname = archive_name(idx)
             if item.image.ndim == 3 and item.image.shape[2] not in (1, 3):  # before a transform that reads RGB
@@ -677,6 +727,7 @@ def convert_dataset(source: str, dest: str, max_images: int | None = None, trans
                                        f"{item.image.shape[2]} channels")
             image = transform_image(item.image)
             if image is None:
+                skipped += 1
                 continue
             cur = dict(width=image.shape[1], height=image.shape[0], channels=image.shape[2] if image.ndim == 3 else 1)
             if attrs is None:
@@ -701,4 +752,7 @@ def convert_dataset(source: str, dest: str, max_images: int | None = None, trans
         ok = True
     finally:
         writer.finish(ok)
+    if skipped and log is not None:
+        log(f"Skipped {skipped} of {skipped + len(labels)} images: smaller than {width}x{height} "
+            f"(--transform={transform} does not upscale, as EDM)")
     return len(labels)
