@@ -25,9 +25,13 @@ from training.phema import reconstruct
 @click.option('--out', 'out_path', help='Network pickle to write  [default: DIR/network-phema-KIMG-STD.pkl]',
               metavar='PKL', default=None)
 def main(run_dir, std, at_kimg, out_path):
+    run_dir = os.path.expanduser(run_dir)  # the shell expands no ~ after "="
+    out_path = None if out_path is None else os.path.expanduser(out_path)
     try:
         data, _ = reconstruct(run_dir, std, at_kimg)
-        out_path = out_path or os.path.join(run_dir, f'network-phema-{data["phema"]["kimg"]:06d}-{std:.3f}.pkl')
+        # Three decimals as the saved EMAs' names, more where they would round (0.0001 and 0.0004 were both 0.000).
+        width = f'{std:.3f}' if float(f'{std:.3f}') == std else f'{std:.6g}'
+        out_path = out_path or os.path.join(run_dir, f'network-phema-{data["phema"]["kimg"]:06d}-{width}.pkl')
         persistence.save_network_pickle(out_path, data)
     except (OSError, ValueError, persistence.NetworkPickleError) as err:
         raise click.ClickException(str(err)) from None

@@ -7,6 +7,8 @@ Example:
   python report.py --run=training-runs/00003-cifar10-32x32-cond-ddpmpp-edm-gpus8-batch512-fp32
 """
 
+import os
+
 import click
 
 from training.report import write_report
@@ -16,8 +18,8 @@ from training.report import write_report
 @click.option('--run', 'run_dir', help='Training run directory (holds stats.jsonl)', metavar='DIR', required=True)
 @click.option('--out', 'out_path', help='PNG to write  [default: DIR/report.png]', metavar='PNG', default=None)
 def main(run_dir, out_path):
-    try:
-        path = write_report(run_dir, out_path)
+    try:  # the shell expands no ~ after "="
+        path = write_report(os.path.expanduser(run_dir), None if out_path is None else os.path.expanduser(out_path))
     except (OSError, ValueError) as err:
         raise click.ClickException(str(err)) from None
     print(f'Wrote {path}')

@@ -32,6 +32,7 @@ with it override (the change is printed, with whether the continuation stays exa
 change the network are refused. --max-nonfinite stops a diverged run.
 """
 
+import copy
 import glob
 import itertools
 import json
@@ -195,6 +196,29 @@ def _set_aside(outdir: str, names: list[str]) -> str:
     return aside
 
 
+_KIMG_FILES = re.compile(r'(?:network-snapshot-|training-state-|phema-)(\d+)(?:-\d+\.\d+)?\.(?:pkl|pt)')
+
+
+def _set_aside_later_files(run_dir: str, kimg: int) -> tuple[str, list[str]] | None:
+    """A --nosubdir resume in the run's own folder from a state at `kimg`: the snapshots, phema EMAs and states of
+    later kimg are the interrupted trajectory's (another one when the resume changes options), and phema.py would
+    mix them with the new ones. Moves them into a new folder of run_dir; returns it and the names (None: none)."""
+    later = sorted(name for name in os.listdir(run_dir)
+                   if (match := _KIMG_FILES.fullmatch(name)) and int(match.group(1)) > kimg)
+    if not later:
+        return None
+    for k in itertools.count(1):
+        aside = os.path.join(run_dir, f'superseded-after-kimg-{kimg}-{k}')
+        try:
+            os.mkdir(aside)
+            break
+        except FileExistsError:
+            continue
+    for name in later:
+        os.replace(os.path.join(run_dir, name), os.path.join(aside, name))
+    return aside, later
+
+
 def _apply_loss_wrappers(opts: dnnlib.EasyDict, loss_kwargs: dict) -> tuple[dict, list[str]]:
     """Wrap the loss config with every registered wrapper whose flag is on (losses.LOSS_WRAPPERS, inner first), with
     the options its other flags set; returns the config and the run-directory tags."""
@@ -280,10 +304,11 @@ def _state_is_readable(path: str) -> bool:
     return os.path.isfile(os.path.join(os.path.dirname(path), snapshot))
 
 
-def find_resume_state(resume: str, outdir: str | None) -> str | None:
+def find_resume_state(resume: str, outdir: str | None, conflicts=None) -> str | None:
     """--resume=FILE, a run directory (its newest readable training state) or 'auto' (the newest readable state in
     the run directories under --outdir, or --outdir itself; None when there is none). Unreadable states are skipped
-    with a warning."""
+    with a warning. With 'auto', `conflicts(state_path)` -> a reason or None: a run whose state conflicts with the
+    options given is another experiment (a sweep sharing --outdir), and is passed over with a note."""
     if resume == 'auto':
         if outdir is None:
             raise click.UsageError('--resume=auto needs --outdir (the folder of the runs to continue)')
@@ -303,7 +328,16 @@ def find_resume_state(resume: str, outdir: str | None) -> str | None:
         latest[folder] = max(latest.get(folder, 0.0), os.path.getmtime(path))
     candidates.sort(key=lambda p: (latest[os.path.dirname(p)], training_loop.parse_state_kimg(p) or -1,
                                    os.path.getmtime(p)), reverse=True)
+    other_runs = set()
     for path in candidates:
+        folder = os.path.dirname(path)
+        if folder in other_runs:
+            continue
+        reason = conflicts(path) if conflicts is not None and resume == 'auto' else None
+        if reason is not None:
+            other_runs.add(folder)
+            print(f'--resume=auto: passing over {folder}, another run ({reason})')
+            continue
         if _state_is_readable(path):
             return path
         warnings.warn(f'--resume: skipping {path}, which is not a readable training state', stacklevel=1)
@@ -324,6 +358,28 @@ _EXACT_OPTIONS = ('outdir', 'desc', 'nosubdir', 'tick', 'snap', 'dump', 'duratio
 def apply_saved_options(opts: dnnlib.EasyDict, saved: dict, explicit: set, state_path: str) -> list[str]:
     """Fill the options not given on the command line from a training state's saved ones; refuse changes to the
     network in one line; return notes on the overrides (what changed and whether the continuation stays exact)."""
+    return [note for _, note in _saved_option_changes(opts, saved, explicit, state_path)]
+
+
+def resume_conflicts(state_path: str, opts: dnnlib.EasyDict, explicit: set) -> str | None:
+    """For --resume=auto: why the run of `state_path` is not the one the given options continue (an option given
+    that changes its trajectory, its network or its data), or None. States without recorded options: None."""
+    saved = training_loop.read_state_options(state_path)
+    if saved is None:
+        return None
+    saved = {k: v for k, v in saved.items() if k not in ('resume', 'dry_run', 'device', 'transfer')}
+    try:
+        changes = _saved_option_changes(copy.deepcopy(opts), saved, explicit, state_path)
+    except click.BadParameter as err:  # a network option it was not trained with
+        return f'{err.param_hint}: another network'
+    differing = [note.split(' (')[0] for kind, note in changes if kind != 'exact']
+    return ', '.join(differing) if differing else None
+
+
+def _saved_option_changes(opts: dnnlib.EasyDict, saved: dict, explicit: set, state_path: str) \
+        -> list[tuple[str, str]]:
+    """apply_saved_options' work: (kind, note) per option given that differs from the saved one, kind 'exact',
+    'not exact' or 'path'."""
     notes = []
     for key, old in saved.items():
         if key not in opts:
@@ -346,10 +402,11 @@ def apply_saved_options(opts: dnnlib.EasyDict, saved: dict, explicit: set, state
                                      f'{trained}: the network would not match (use --transfer to start a new run '
                                      f'from its weights)', param_hint=flag)
         if key in _PATH_OPTIONS:
-            notes.append(f'{flag}: {old!r} -> {new!r} (another path: exact if it holds the same content)')
+            notes.append(('path', f'{flag}: {old!r} -> {new!r} (another path: exact if it holds the same content)'))
             continue
-        exact = 'the continuation stays exact' if key in _EXACT_OPTIONS else 'the continuation is not exact'
-        notes.append(f'{flag}: {old!r} -> {new!r} ({exact})')
+        kind = 'exact' if key in _EXACT_OPTIONS else 'not exact'
+        notes.append((kind, f'{flag}: {old!r} -> {new!r} (the continuation {"stays" if kind == "exact" else "is not"}'
+                            f' exact)'))
     return notes
 
 
@@ -839,11 +896,27 @@ def main(**kwargs):
     resume_notes = []
     if opts.transfer is not None and opts.resume is not None:
         raise click.UsageError('--transfer and --resume cannot be specified at the same time')
+    # Paths as given, ~ expanded (the shell leaves --outdir=~/runs alone) and absolute, before a saved run's are
+    # compared with them.
+    for name in ('outdir', 'data', 'init', 'transfer'):
+        if opts[name] is not None and '://' not in opts[name]:
+            opts[name] = os.path.abspath(os.path.expanduser(opts[name]))
+    if opts.resume is not None and opts.resume != 'auto':
+        opts.resume = os.path.expanduser(opts.resume)
     resume_arg = opts.resume
+    passed_over = []  # --resume=auto: states of other runs (other options) under --outdir
+
+    def conflicts(path):
+        reason = resume_conflicts(path, opts, explicit)
+        if reason is not None:
+            passed_over.append(path)
+        return reason
+
     if opts.resume is not None:
-        opts.resume = find_resume_state(opts.resume, opts.outdir)
+        opts.resume = find_resume_state(opts.resume, opts.outdir, conflicts=conflicts)
         if opts.resume is None:
-            print(f'--resume=auto: no training state under {opts.outdir}; starting a new run')
+            print(f'--resume=auto: no training state under {opts.outdir}'
+                  f'{" of a run with these options" if passed_over else ""}; starting a new run')
         else:
             state = _read_resume_state(opts.resume)
             saved = json.loads(state['train_options']) if state is not None and 'train_options' in state else None
@@ -871,7 +944,7 @@ def main(**kwargs):
     resumes_here = opts.resume is not None and os.path.dirname(opts.resume) == opts.outdir
     if opts.nosubdir and not resumes_here and os.path.isdir(opts.outdir):
         used = sorted(name for name in os.listdir(opts.outdir) if _RUN_FILES.fullmatch(name))
-        if used and resume_arg == 'auto' and opts.resume is None:
+        if used and resume_arg == 'auto' and opts.resume is None and not passed_over:
             # A job killed before its first training state, restarted by its script: nothing to resume, and what
             # it wrote is set aside (not deleted) for the fresh start.
             set_aside = used
@@ -899,6 +972,12 @@ def main(**kwargs):
     world_size = dist.get_world_size()
     if dist.get_rank() == 0:
         _remove_stale_temp_files(opts.outdir)
+        if opts.nosubdir and resumes_here and not opts.dry_run:
+            moved = _set_aside_later_files(opts.outdir, training_loop.parse_state_kimg(opts.resume))
+            if moved is not None:
+                print(f'--resume in the run\'s own folder: moved {len(moved[1])} file(s) of later kimg than the state '
+                      f'(the interrupted continuation: {", ".join(moved[1][:3])}{", ..." if len(moved[1]) > 3 else ""})'
+                      f' to {moved[0]}')
         if set_aside and not opts.dry_run:
             aside = _set_aside(opts.outdir, set_aside)
             print(f'--resume=auto: {opts.outdir} holds no training state, only the files of a run interrupted before '
@@ -965,12 +1044,10 @@ def main(**kwargs):
     dist.barrier()
     try:
         training_loop.training_loop(**c)
-        if dist.stop_agreed():
-            # Stopped early by SIGTERM, its state written: not a finished run (a job script that requeues on a
-            # non-zero exit should).
+        if dist.stop_agreed():  # into log.txt too
             dist.print0(f'Stopped by a signal at {c.run_dir}; `--resume=auto --outdir={opts.outdir}` continues')
-            raise SystemExit(143)
-    except (training_loop.NonFiniteTrainingError, training_loop.ResumeMismatchError) as err:
+    except (training_loop.NonFiniteTrainingError, training_loop.ResumeMismatchError,
+            dnnlib.util.OutputPathError) as err:  # the last: a snapshot or state could not be written (disk full)
         if logger is not None and logger.file is not None:
             logger.file.write(f'Error: {err}\n')  # Into log.txt only: click prints it on the terminal.
             logger.close()
@@ -982,6 +1059,10 @@ def main(**kwargs):
     finally:
         if logger is not None:
             logger.close()
+    if dist.stop_agreed():
+        # Stopped early by SIGTERM, its state written: not a finished run (a job script that requeues on a non-zero
+        # exit should). Outside the try: an exit, not an error with a traceback in log.txt.
+        raise SystemExit(143)
 
 
 if __name__ == '__main__':

@@ -119,7 +119,8 @@ def test_train_py_removes_stale_temp_files_of_killed_runs(tmp_path):
 
 def test_stop_request_ends_the_tick_early_and_writes_a_state(tmp_path, monkeypatch):
     # What SIGTERM sets (torch_utils.distributed.stop_on_signals): the loop stops at its next periodic check (every
-    # max_nonfinite_steps steps), not at the tick's end, with a snapshot and a state.
+    # max_nonfinite_steps steps), not at the tick's end, with a state of the unfinished tick; tick 0's snapshot is
+    # not replaced by one of another kimg under the same name.
     from train_worker import loop_kwargs
 
     from torch_utils import distributed as dist
@@ -141,7 +142,80 @@ def test_stop_request_ends_the_tick_early_and_writes_a_state(tmp_path, monkeypat
                                    state_dump_ticks=1, max_nonfinite_steps=3))
     state = torch.load(os.path.join(run_dir, 'training-state-000000.pt'), weights_only=True)
     assert state['cur_iter'] == 6 and state['cur_nimg'] == 48  # the check after step 6, one tick (1 kimg) early
-    assert os.path.isfile(os.path.join(run_dir, 'network-snapshot-000000.pkl')) and dist.stop_agreed()
+    assert state['cur_tick'] == 1 and state['tick_start_nimg'] == 8  # tick 1 (from 8 images on) is unfinished
+    from torch_utils import persistence
+    snapshot = persistence.load_network_pickle(os.path.join(run_dir, 'network-snapshot-000000.pkl'))
+    assert not all(torch.equal(snapshot['ema'].state_dict()[k], v) for k, v in state['ema'].items())  # tick 0's EMA
+    assert dist.stop_agreed()
+
+
+def _recording_loop(monkeypatch, stop_at_iter=None):
+    """training_loop with its snapshot and state writes recorded as (what, cur_nimg), and a stop request (SIGTERM's
+    flag) raised after step `stop_at_iter`."""
+    from torch_utils import distributed as dist
+    from training import training_loop as tl
+    monkeypatch.setattr(dist, '_stop_signal', None)
+    monkeypatch.setattr(dist, '_stop_agreed', False)
+    writes = []
+    step, snapshot, state = (getattr(f, '__wrapped__', f) for f in (tl._train_step, tl._write_snapshot,
+                                                                     tl._write_training_state))
+
+    def step_then_signal(run):
+        step(run)
+        if run.cur_iter == stop_at_iter:
+            dist._stop_signal = signal.SIGTERM
+    step_then_signal.__wrapped__ = step
+
+    def record(kind, write):
+        def wrapper(run, *args, **kwargs):
+            writes.append((kind, run.cur_nimg))
+            return write(run, *args, **kwargs)
+        wrapper.__wrapped__ = write
+        return wrapper
+
+    monkeypatch.setattr(tl, '_train_step', step_then_signal)
+    monkeypatch.setattr(tl, '_write_snapshot', record('snapshot', snapshot))
+    monkeypatch.setattr(tl, '_write_training_state', record('state', state))
+    return tl.training_loop, writes
+
+
+def _stats_ticks(run_dir):
+    import json
+    with open(os.path.join(run_dir, 'stats.jsonl')) as f:
+        records = [json.loads(line) for line in f]
+    return [(r['Progress/tick']['mean'], round(r['Progress/kimg']['mean'] * 1000)) for r in records]
+
+
+def test_a_run_stopped_mid_tick_resumes_with_the_uninterrupted_cadence(tmp_path, monkeypatch):
+    # 5 steps of 8 images a tick (tick 0: one step), 15 steps in all. Stopped at the check after step 4 (inside
+    # tick 1: images 8..48), the resumed run completes tick 1 at 48 images as the uninterrupted run does, so
+    # snapshots, states and stats lines fall at the same kimg, and the weights end equal.
+    import warnings
+
+    from train_worker import loop_kwargs
+    data = write_zip_dataset(str(tmp_path / 'tiny.zip'), random_images(16))
+    options = dict(batch_size=8, kimg_per_tick=0.04, total_kimg=0.12, snapshot_ticks=1, state_dump_ticks=1,
+                   max_nonfinite_steps=2)
+    runs = {name: str(tmp_path / name) for name in ('straight', 'stopped', 'resumed')}
+    for run_dir in runs.values():
+        os.makedirs(run_dir)
+    with warnings.catch_warnings():
+        warnings.simplefilter('ignore')  # snapshots every 0.04 kimg share a name: recorded, not compared by file
+        loop, straight_writes = _recording_loop(monkeypatch)
+        loop(**loop_kwargs(runs['straight'], data, **options))
+        loop, stopped_writes = _recording_loop(monkeypatch, stop_at_iter=3)
+        loop(**loop_kwargs(runs['stopped'], data, **options))
+        state_path = os.path.join(runs['stopped'], 'training-state-000000.pt')
+        loop, resumed_writes = _recording_loop(monkeypatch)
+        loop(**loop_kwargs(runs['resumed'], data, resume_state_dump=state_path, **options))
+    assert straight_writes == [('snapshot', 8), ('snapshot', 48), ('state', 48), ('snapshot', 88), ('state', 88),
+                               ('snapshot', 120), ('state', 120)]
+    assert stopped_writes == [('snapshot', 8), ('state', 32)]  # the stop's state only, at 32 images
+    assert resumed_writes == straight_writes[1:]
+    assert _stats_ticks(runs['stopped']) + _stats_ticks(runs['resumed']) == _stats_ticks(runs['straight']) == \
+        [(0, 8), (1, 48), (2, 88), (3, 120)]
+    assert_tree_equal(torch.load(os.path.join(runs['resumed'], 'training-state-000000.pt'), weights_only=True)['ema'],
+                      torch.load(os.path.join(runs['straight'], 'training-state-000000.pt'), weights_only=True)['ema'])
 
 
 @pytest.mark.slow
@@ -164,5 +238,19 @@ def test_sigterm_to_the_job_saves_and_exits_143(tmp_path):
     assert process.returncode == 143, out[-2000:] + err[-2000:]
     assert 'received SIGTERM: stopping at the next check after writing a training state' in out + err
     assert 'Stopped by a signal at' in out and '--resume=auto' in out
+    assert 'Traceback' not in out + err  # an exit, not a crash (it printed SystemExit(143)'s traceback)
     states = glob.glob(str(outdir / '*' / 'training-state-*.pt'))
     assert len(states) == 1 and torch.load(states[0], weights_only=True)['cur_iter'] > 1
+
+
+def test_a_stop_request_in_tick_0_still_writes_a_state(tmp_path, monkeypatch):
+    # SIGTERM while the dataset loads or tick 0 compiles: EDM writes no state at tick 0, so the run said it wrote
+    # one, left none, and --resume=auto started a new run beside the orphaned one.
+    from train_worker import loop_kwargs
+    data = write_zip_dataset(str(tmp_path / 'tiny.zip'), random_images(16))
+    loop, writes = _recording_loop(monkeypatch, stop_at_iter=1)
+    loop(**loop_kwargs(str(tmp_path), data, batch_size=8, kimg_per_tick=0.04, total_kimg=0.12, snapshot_ticks=1,
+                       state_dump_ticks=1, max_nonfinite_steps=2))
+    assert writes == [('snapshot', 8), ('state', 8)]
+    state = torch.load(str(tmp_path / 'training-state-000000.pt'), weights_only=True)
+    assert state['cur_tick'] == 1 and 'tick_start_nimg' not in state  # tick 0 finished

@@ -6,6 +6,7 @@ import json
 import os
 import re
 import shutil
+import warnings
 
 import numpy as np
 import pytest
@@ -243,3 +244,18 @@ def test_widths_whose_file_names_would_collide_are_refused():
     for value, names in [('0.0504,0.0501', '0.050, 0.050'), ('0.0004', '0.000')]:
         with pytest.raises(click.BadParameter, match=f'gives {names}; expected distinct widths of at least 0.001'):
             train._width_list(None, None, value)
+
+
+def test_default_output_names_keep_the_width_and_tilde_is_expanded(tmp_path, monkeypatch):
+    # --std=0.0001 and 0.0004 were both written to network-phema-000005-0.000.pkl, each replacing the other.
+    monkeypatch.setenv('HOME', str(tmp_path))
+    run = str(tmp_path / 'run')
+    for kimg in range(1, 6):
+        for std in (0.05, 0.10):
+            _write_phema(run, kimg, std, 1.0, step=100 * kimg)
+    for std, name in (('0.07', '0.070'), ('0.0001', '0.0001'), ('0.0004', '0.0004'), ('0.123456789', '0.123457')):
+        with warnings.catch_warnings():
+            warnings.simplefilter('ignore')  # the misfit warning of the narrow widths
+            result = CliRunner().invoke(phema_cli.main, ['--run=~/run', '--std', std])
+        assert result.exit_code == 0, result.output
+        assert f'Wrote {run}/network-phema-000005-{name}.pkl' in result.output

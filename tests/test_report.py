@@ -110,3 +110,24 @@ def test_a_run_before_its_first_tick_is_said_so(tmp_path):
     result = CliRunner().invoke(report.main, ['--run', str(tmp_path)])
     assert result.exit_code == 1
     assert 'no stats.jsonl yet (a run writes it at the end of its first tick)' in result.output
+
+
+def test_a_resumed_run_reports_the_runs_it_continues(tmp_path, monkeypatch):
+    # Each resume writes a new run directory: the report of the last one showed only the ticks since its resume.
+    # A: kimg 0-4 (killed after its kimg-2 state), B resumed from A's kimg-2 state (2.5-5), C from B's (5.5-6).
+    runs = {name: tmp_path / name for name in 'ABC'}
+    for name, kimgs, resumed_from in (('A', [0, 1, 2, 3, 4], None), ('B', [2.5, 3.5, 4.5, 5], ('A', 2)),
+                                      ('C', [5.5, 6], ('B', 5))):
+        runs[name].mkdir()
+        with open(runs[name] / 'stats.jsonl', 'w') as f:
+            for kimg in kimgs:
+                f.write(json.dumps(_stats_line(kimg, 1.0, 0.0, 1e-3)) + '\n')
+        if resumed_from is not None:
+            state = runs[resumed_from[0]] / f'training-state-{resumed_from[1]:06d}.pt'
+            (runs[name] / 'training_options.json').write_text(json.dumps({'resume_state_dump': str(state)}))
+    panels = build_panels(str(runs['C']))
+    assert panels[2].lines[0][1] == [0, 1, 2, 2.5, 3.5, 4.5, 5, 5.5, 6]  # A's ticks to 2, B's to 5, then C's
+    assert build_panels(str(runs['A']))[2].lines[0][1] == [0, 1, 2, 3, 4]
+    monkeypatch.setenv('HOME', str(tmp_path))
+    result = CliRunner().invoke(report.main, ['--run=~/C'])
+    assert result.exit_code == 0 and (runs['C'] / 'report.png').is_file(), result.output

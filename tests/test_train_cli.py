@@ -3,6 +3,7 @@
 import fractions
 import json
 import os
+import re
 import warnings
 
 import numpy as np
@@ -435,3 +436,77 @@ def test_preset_on_data_of_another_resolution_warns(datasets, tmp_path):
         warnings.simplefilter('error')
         result = _invoke(['--outdir', tmp_path / 'q', '--data', datasets['uncond'], '-n', *TINY_NET])
     assert result.exit_code == 0, result.output
+
+
+def test_resume_auto_passes_over_runs_of_other_options(datasets, tmp_path):
+    # A sweep sharing --outdir: `--resume=auto` continues the run of the options given, not the newest run.
+    outdir = tmp_path / 'runs'
+    args = ['--outdir', outdir, '--data', datasets['uncond'], '--batch', 64, '--duration', 0.001, '--tick', 1,
+            '--snap', 1, '--dump', 1, '--dropout', 0, *TINY_NET]
+    assert _invoke([*args, '--seed', 3]).exit_code == 0
+    result = _invoke([*args, '--seed', 4, '--resume', 'auto'])
+    assert result.exit_code == 0, result.output
+    first, second = (outdir / f'0000{i}-tiny-uncond-ddpmpp-edm-gpus1-batch64-fp32' for i in (0, 1))
+    assert f'--resume=auto: passing over {first}, another run (--seed: 3 -> 4)' in result.output
+    assert 'of a run with these options; starting a new run' in result.output and 'Resuming from' not in result.output
+    assert json.load(open(second / 'training_options.json'))['seed'] == 4
+    # The first run's command again, longer: it continues the first run, though the second was written to last.
+    result = _invoke([*args[:7], 0.002, *args[8:], '--seed', 3, '--resume', 'auto'])
+    assert result.exit_code == 0, result.output
+    assert f'passing over {second}, another run (--seed: 4 -> 3)' in result.output
+    assert f'Resuming from:           {first / "training-state-000001.pt"}' in result.output
+    # A network option: another network, passed over too.
+    result = _invoke([*args, '--seed', 3, '--cbase', 16, '--resume', 'auto', '-n'])
+    assert f'passing over {first}, another run (--cbase: another network)' in result.output, result.output
+
+
+def test_paths_with_a_tilde_are_expanded(datasets, tmp_path, monkeypatch):
+    # `--outdir=~/runs`: the shell expands no ~ after "=", so train.py made a literal ./~ folder.
+    monkeypatch.setenv('HOME', str(tmp_path))
+    with open(datasets['uncond'], 'rb') as src, open(tmp_path / 'tiny.zip', 'wb') as dst:
+        dst.write(src.read())
+    result = _invoke(['--outdir=~/runs', '--data=~/tiny.zip', '--batch', 64, *TINY_NET, '-n'])
+    assert result.exit_code == 0, result.output
+    assert f'Output directory:        {tmp_path / "runs" / "00000-tiny-uncond-ddpmpp-edm-gpus1-batch64-fp32"}' in \
+        result.output
+    assert f'Dataset path:            {tmp_path / "tiny.zip"}' in result.output
+
+
+def test_write_failures_and_signal_stops_end_without_a_traceback(datasets, tmp_path, monkeypatch):
+    from torch_utils import distributed as dist
+    from training import training_loop
+    args = ['--outdir', tmp_path / 'runs', '--data', datasets['uncond'], '--batch', 64, *TINY_NET]
+
+    def disk_full(**kwargs):
+        raise dnnlib.util.OutputPathError(f"cannot write {kwargs['run_dir']}/training-state-000001.pt (File too "
+                                          f"large)")
+    monkeypatch.setattr(training_loop, 'training_loop', disk_full)
+    result = _invoke(args)
+    assert result.exit_code == 1 and 'Traceback' not in result.output
+    assert result.output.strip().splitlines()[-1].startswith('Error: cannot write ')
+
+    def stopped(**kwargs):  # what a SIGTERM leaves: a stop agreed by every rank, the state written
+        monkeypatch.setattr(dist, '_stop_agreed', True)
+    monkeypatch.setattr(training_loop, 'training_loop', stopped)
+    result = _invoke(args)
+    assert result.exit_code == 143 and 'Traceback' not in result.output
+    log = open(tmp_path / 'runs' / '00001-tiny-uncond-ddpmpp-edm-gpus1-batch64-fp32' / 'log.txt').read()
+    assert 'Stopped by a signal at' in log and 'Traceback' not in log
+
+
+def test_a_resume_in_place_sets_aside_the_files_of_later_kimg(datasets, tmp_path):
+    # --nosubdir, resumed in its own folder from an earlier state (here with another --lr): the snapshots, phema
+    # EMAs and states past that state are the abandoned continuation's, and phema.py mixed them in.
+    run = tmp_path / 'run'
+    _tiny_run(run, datasets['uncond'], '--nosubdir', '--phema', '0.05,0.1', duration=0.003)
+    later = sorted(name for name in os.listdir(run) if re.search(r'-00000[23][-.]', name))
+    assert len(later) == 8  # snapshot, state and two phema EMAs at kimg 2 and 3
+    abandoned = {name: open(run / name, 'rb').read() for name in later}
+    result = _invoke(['--resume', run / 'training-state-000001.pt', '--nosubdir', '--lr', 0.002, '--duration',
+                      0.002])
+    assert result.exit_code == 0, result.output
+    aside = run / 'superseded-after-kimg-1-1'
+    assert 'moved 8 file(s) of later kimg than the state' in result.output and f'to {aside}' in result.output
+    assert {name: open(aside / name, 'rb').read() for name in os.listdir(aside)} == abandoned
+    assert not (run / 'network-snapshot-000003.pkl').exists() and not (run / 'phema-000003-0.050.pkl').exists()
+    assert open(run / 'network-snapshot-000002.pkl', 'rb').read() != abandoned['network-snapshot-000002.pkl']

@@ -29,13 +29,14 @@ EMAs of that earlier run up to the state's kimg are used too (`run_chain`), so a
 
 import copy
 import glob
-import json
 import os
 import re
 import warnings
 
 import numpy as np
 import torch
+
+from training.run_chain import run_chain
 
 
 def std_to_gamma(sigma_rel: float) -> float:
@@ -124,46 +125,11 @@ def phema_file_name(kimg: int, std: float) -> str:
 _NAME_RE = re.compile(r'phema-(\d{6,})-(\d+\.\d+)\.pkl$')  # 7 digits from 1,000,000 kimg on
 
 
-_STATE_RE = re.compile(r'training-state-(\d+)\.pt$')
-
-
-def run_chain(run_dir: str) -> list[tuple[str, int | None]]:
-    """[(directory, last kimg to use or None)], the earliest run first: each run that `run_dir` resumed from (its
-    training_options.json names the state), up to the kimg of that state, then `run_dir` itself. A predecessor that
-    is not found where the options say ends the chain there (with a warning)."""
-    chain, seen, current, limit = [], set(), run_dir, None
-    while os.path.realpath(current) not in seen:
-        seen.add(os.path.realpath(current))
-        chain.append((current, limit))
-        try:
-            with open(os.path.join(current, 'training_options.json')) as f:
-                state = json.load(f).get('resume_state_dump')
-        except (OSError, ValueError, AttributeError):
-            break
-        match = _STATE_RE.search(os.path.basename(state or ''))
-        if not match:
-            break
-        previous = os.path.dirname(state)
-        if not os.path.isabs(previous) and not os.path.isdir(previous):
-            # Recorded relative to the folder train.py ran in (runs before paths were made absolute): the usual
-            # place is beside this run, in the same --outdir.
-            beside = os.path.join(os.path.dirname(os.path.abspath(current)), os.path.basename(previous))
-            previous = beside if os.path.isdir(beside) else previous
-        if not os.path.isdir(previous):
-            where = '' if os.path.isabs(state) else (f' (a relative path: looked for it from {os.getcwd()} and '
-                                                     f'beside {current})')
-            warnings.warn(f'{current} resumed from {state}, whose run directory is not found{where}: its earlier '
-                          f'saved EMAs are left out', stacklevel=2)
-            break
-        current, limit = previous, int(match.group(1)) if limit is None else min(limit, int(match.group(1)))
-    return chain[::-1]
-
-
 def saved_emas(run_dir: str, at_kimg: int | None = None) -> list[dict]:
     """The phema files of a run and of the runs it resumed from (run_chain): [{'path', 'kimg', 'std'}], up to
     `at_kimg`, by kimg then std; where two runs saved the same kimg and width, the later run's file."""
     found = {}
-    for directory, limit in run_chain(run_dir):
+    for directory, limit in run_chain(run_dir, 'saved EMAs'):
         for path in glob.glob(os.path.join(directory, 'phema-*.pkl')):
             match = _NAME_RE.search(os.path.basename(path))
             if not match:

@@ -4,6 +4,7 @@ Panels (those without data are left out): the training loss per tick; the loss b
 ('Loss/sigma...', what EDM2 looks at first when a run misbehaves); the learning rate; non-finite steps per tick; and
 every metric found in `*.json` result files of fid.py (`fid.py calc --out`, with the snapshot's kimg in the network
 name, or in the generation.json of the images measured) over kimg. `python report.py --run DIR` writes DIR/report.png.
+A resumed run's statistics begin with those of the runs it continued (training.run_chain).
 """
 
 import glob
@@ -15,6 +16,8 @@ import re
 import PIL.Image
 import PIL.ImageDraw
 import PIL.ImageFont
+
+from training.run_chain import run_chain
 
 PANEL_SIZE = (560, 300)
 MARGIN = dict(left=70, right=170, top=30, bottom=40)
@@ -149,8 +152,29 @@ class Panel:
         return math.log10(y) if self.log_y else y
 
 
-def build_panels(run_dir: str, skipped: list | None = None) -> list[Panel]:
+def chain_stats(run_dir: str) -> list[dict]:
+    """The stats.jsonl lines of a run and of the runs it resumed from (training.run_chain), in training order: an
+    earlier run's lines up to where the next one takes over (its first line's kimg), so that a resumed run's report
+    shows the whole training, not only the part since its last resume."""
+    chain = run_chain(run_dir, 'statistics')
     lines = read_stats(os.path.join(run_dir, 'stats.jsonl'))
+    for directory, _ in chain[-2::-1]:  # the predecessors, the latest first
+        path = os.path.join(directory, 'stats.jsonl')
+        if not os.path.isfile(path):
+            continue
+        start = min((_kimg(line) for line in lines if _kimg(line) is not None), default=math.inf)
+        lines = [line for line in read_stats(path) if (_kimg(line) or 0) < start] + lines
+    return lines
+
+
+def _kimg(line: dict) -> float | None:
+    value = line.get('Progress/kimg')
+    value = value.get('mean') if isinstance(value, dict) else None
+    return value if isinstance(value, (int, float)) and math.isfinite(value) else None
+
+
+def build_panels(run_dir: str, skipped: list | None = None) -> list[Panel]:
+    lines = chain_stats(run_dir)
     panels = []
     loss = Panel('training loss (per element, mean over the tick)', log_y=True)
     for name in sorted({n for line in lines for n in line if n.startswith('Loss/') and not n.startswith(

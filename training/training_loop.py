@@ -194,7 +194,8 @@ def _options_json(options: dict) -> str:
 def save_training_state(path: str, state: dict) -> None:
     """Write a training state atomically. Contents (all torch.load(weights_only=True)-safe):
 
-    format, version; cur_nimg, cur_tick (the next tick), cur_iter (iterations done); seed, world_size, batch_size;
+    format, version; cur_nimg, cur_tick (the next tick, or the unfinished one), cur_iter (iterations done);
+    tick_start_nimg (only when a stop request ended a tick early: where that tick began); seed, world_size, batch_size;
     data_position (global draws consumed from the InfiniteSampler stream: rank r resumes at data_position / world);
     networks {name: state_dict} ('net' and any extra networks of the loss); ema (state_dict of the EMA of 'net');
     optimizers / grad_scalers {phase name: state_dict}; rng [per rank: torch, numpy, python (, cuda)];
@@ -228,6 +229,20 @@ def load_training_state(path: str) -> dict | None:
     if state.get('version') != STATE_VERSION:
         raise ValueError(f'{path}: training state version {state.get("version")}, expected {STATE_VERSION}')
     return state
+
+
+def read_state_options(path: str) -> dict | None:
+    """The train.py options recorded in our training state at `path` (its 'train_options'), read without loading
+    its tensors (memory-mapped, no CRC pass): cheap enough to look at every run under an --outdir. None when the
+    file is not our state, records none, or cannot be read (load_training_state then says why)."""
+    try:
+        with open(path, 'rb') as f:
+            persistence.check_torch_file(f, path)
+        state = torch.load(path, map_location='cpu', weights_only=True, mmap=True)
+        text = state.get('train_options') if isinstance(state, dict) and state.get('format') == STATE_FORMAT else None
+        return json.loads(text) if isinstance(text, str) else None
+    except Exception:  # noqa: BLE001 -- any failure: not a state whose options can be read cheaply
+        return None
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -308,6 +323,7 @@ class _Run:
     cur_nimg: int = 0
     cur_tick: int = 0
     cur_iter: int = 0
+    tick_start_nimg: int | None = None  # a resumed state's unfinished tick began here (a stop in mid-tick)
     # Device-side counters (read on the host once per tick or per max_nonfinite_steps iterations, never per step).
     tick_loss_sum: torch.Tensor | None = None      # sum of the first phase's per-element losses in this tick
     tick_loss_num: int = 0                         # their number
@@ -492,6 +508,7 @@ def _resume(run: _Run, *, state, resume_pkl, resume_state_dump, resume_kimg, opt
                 run.scalers[phase.name].load_state_dict(state['grad_scalers'][phase.name])
         run.cur_nimg, run.cur_tick = int(state['cur_nimg']), int(state['cur_tick'])
         run.cur_iter = int(state['cur_iter'])
+        run.tick_start_nimg = int(state.get('tick_start_nimg', run.cur_nimg))  # an unfinished tick's start
         # Last, after everything that draws random numbers while being built (networks, data loaders).
         if int(state['world_size']) == run.world_size:
             _set_rng_state(state['rng'][run.rank], run.device)
@@ -663,8 +680,10 @@ def _write_snapshot(run: _Run, run_dir: str) -> None:
                             dataset_kwargs=run.dataset_kwargs)
 
 
-def _write_training_state(run: _Run, run_dir: str, options: dict, extras: dict | None = None) -> None:
-    """training-state-NNNNNN.pt: RNG states gathered from every rank, written by rank 0."""
+def _write_training_state(run: _Run, run_dir: str, options: dict, extras: dict | None = None,
+                          tick_start_nimg: int | None = None) -> None:
+    """training-state-NNNNNN.pt: RNG states gathered from every rank, written by rank 0. With `tick_start_nimg` (a
+    stop in the middle of a tick): the tick is unfinished, and a resume completes it, ending where it would have."""
     bad = [name for name, module in run.networks.items() if not all_finite(module)]
     if bad or not all_finite(run.ema):
         raise NonFiniteTrainingError(f'training diverged: non-finite weights in {", ".join(bad) or "the EMA"} at kimg '
@@ -678,7 +697,8 @@ def _write_training_state(run: _Run, run_dir: str, options: dict, extras: dict |
         return
     save_training_state(os.path.join(run_dir, f'training-state-{run.cur_nimg // 1000:06d}.pt'), dict(
         format=STATE_FORMAT, version=STATE_VERSION,
-        cur_nimg=run.cur_nimg, cur_tick=run.cur_tick + 1, cur_iter=run.cur_iter,
+        cur_nimg=run.cur_nimg, cur_tick=run.cur_tick + (tick_start_nimg is None), cur_iter=run.cur_iter,
+        **({'tick_start_nimg': int(tick_start_nimg)} if tick_start_nimg is not None else {}),
         seed=run.seed, world_size=run.world_size, batch_size=run.batch_size, batch_gpu=run.batch_gpu,
         num_rounds=run.num_rounds,
         **run.source.state_dict(),
@@ -814,7 +834,10 @@ def training_loop(
         return
     dist.print0(f'Training for {total_kimg} kimg...')
     dist.print0()
-    tick_start_nimg = run.cur_nimg
+    # A tick interrupted by a stop request is completed: it ends at the same kimg as without the stop, so snapshots
+    # and stats lines keep the uninterrupted run's cadence (the timing counts from here).
+    tick_start_nimg = run.cur_nimg if run.tick_start_nimg is None else run.tick_start_nimg
+    timing_start_nimg = run.cur_nimg
     tick_start_time = time.time()
     maintenance_time = tick_start_time - start_time
     dist.update_progress(run.cur_nimg // 1000, total_kimg)
@@ -827,18 +850,28 @@ def training_loop(
         done = (run.cur_nimg >= total_nimg)
         if (not done) and (run.cur_tick != 0) and (run.cur_nimg < tick_start_nimg + kimg_per_tick * 1000):
             # Every max_nonfinite_steps steps the ranks sync anyway: there a stop request (SIGTERM, see
-            # dist.stop_on_signals) also ends the tick early, so a pre-empted run saves within seconds, not a tick.
+            # dist.stop_on_signals) is seen, so a pre-empted run saves within seconds, not a tick. Only the training
+            # state is written: the tick's snapshot, phema files and stats line belong to its end (a snapshot named
+            # after this kimg would replace the last tick's), which the resumed run reaches.
             if run.cur_iter % run.max_nonfinite_steps != 0:
                 continue
             _check_nonfinite(run)
             if not dist.should_stop():
                 continue
+            dist.print0()
+            dist.print0(f'Aborting in tick {run.cur_tick} at kimg {run.cur_nimg / 1000:g}: writing a training state; '
+                        f'a resume completes the tick')
+            if state_dump_ticks is not None:
+                _write_training_state(run, run_dir, options, state_extras, tick_start_nimg=tick_start_nimg)
+            break
         _check_nonfinite(run)
 
         tick_end_time = time.time()
-        _report_tick(run, start_time=start_time, tick_start_time=tick_start_time, tick_start_nimg=tick_start_nimg,
-                     maintenance_time=maintenance_time, progress_bar=progress_bar, total_nimg=total_nimg)
-        if (not done) and dist.should_stop():
+        _report_tick(run, start_time=start_time, tick_start_time=tick_start_time,
+                     tick_start_nimg=timing_start_nimg, maintenance_time=maintenance_time,
+                     progress_bar=progress_bar, total_nimg=total_nimg)
+        stopped = (not done) and dist.should_stop()
+        if stopped:
             done = True
             dist.print0()
             dist.print0('Aborting...')
@@ -851,13 +884,15 @@ def training_loop(
             training_stats.write_jsonl_line(stats_jsonl, training_stats.default_collector)
         if (snapshot_ticks is not None) and (done or run.cur_tick % snapshot_ticks == 0) and run.rank == 0:
             _write_snapshot(run, run_dir)
-        if (state_dump_ticks is not None) and (done or run.cur_tick % state_dump_ticks == 0) and run.cur_tick != 0:
+        # Not at tick 0 (EDM), unless a stop request came before it ended: the one state to resume from.
+        if (state_dump_ticks is not None) and (done or run.cur_tick % state_dump_ticks == 0) and \
+                (run.cur_tick != 0 or stopped):
             _write_training_state(run, run_dir, options, state_extras)
         dist.update_progress(run.cur_nimg // 1000, total_kimg)
 
         run.cur_tick += 1
         run.reset_tick_counters()
-        tick_start_nimg = run.cur_nimg
+        tick_start_nimg = timing_start_nimg = run.cur_nimg
         tick_start_time = time.time()
         maintenance_time = tick_start_time - tick_end_time
         if done:
