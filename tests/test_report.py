@@ -131,3 +131,31 @@ def test_a_resumed_run_reports_the_runs_it_continues(tmp_path, monkeypatch):
     monkeypatch.setenv('HOME', str(tmp_path))
     result = CliRunner().invoke(report.main, ['--run=~/C'])
     assert result.exit_code == 0 and (runs['C'] / 'report.png').is_file(), result.output
+
+
+def test_a_constant_series_gets_a_narrow_axis_and_bars_stay_in_the_box(monkeypatch):
+    import PIL.ImageDraw
+    import PIL.ImageFont
+
+    from training.report import Panel
+    font = PIL.ImageFont.load_default()
+    y_labels = []
+    text = PIL.ImageDraw.ImageDraw.text
+
+    def recording_text(self, xy, label, *args, **kwargs):
+        if kwargs.get('anchor') == 'rm':  # the y axis' tick labels
+            y_labels.append(float(label))
+        return text(self, xy, label, *args, **kwargs)
+    monkeypatch.setattr(PIL.ImageDraw.ImageDraw, 'text', recording_text)
+    panel = Panel('learning rate')
+    panel.add('lr', [0, 1, 2], [1e-3, 1e-3, 1e-3])
+    panel.draw(PIL.Image.new('RGB', PANEL_SIZE, 'white'), (0, 0), font)
+    assert len(y_labels) == 5 and 0.00085 < min(y_labels) < 0.001 < max(y_labels) < 0.00115, y_labels  # -0.549..0.551
+
+    bars = Panel('non-finite steps per tick', bars=True)
+    bars.add('steps', [0, 1, 2], [3, 1, 2])
+    image = PIL.Image.new('RGB', PANEL_SIZE, 'white')
+    bars.draw(image, (0, 0), font)
+    colored = np.abs(np.asarray(image).astype(int) - np.array(COLORS[0])).sum(axis=2) < 30
+    x0, x1 = MARGIN['left'], PANEL_SIZE[0] - MARGIN['right']
+    assert colored[:, :x0].sum() == 0 and colored[:, x1 + 1:x1 + 10].sum() == 0 and colored.sum() > 100

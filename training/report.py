@@ -111,8 +111,9 @@ class Panel:
             ymin, ymax = 0.0, max(ymax, 1.0)
         if xmax == xmin:
             xmin, xmax = xmin - 0.5, xmax + 0.5
-        if ymax == ymin:
-            ymin, ymax = ymin - 0.5, ymax + 0.5
+        if ymax == ymin:  # a constant (a learning rate after its ramp): +-10% around it, not +-0.5
+            half = abs(ymin) * 0.1 or 0.5
+            ymin, ymax = ymin - half, ymax + half
         pad = (ymax - ymin) * 0.05
         ymin, ymax = ymin if self.bars or (ymin >= 0 > ymin - pad) else ymin - pad, ymax + pad
 
@@ -137,8 +138,9 @@ class Panel:
             if self.bars:
                 width = max((x1 - x0) / max(len(points), 1) * 0.6, 1)
                 base = to_pixel(xs[0], max(ymin, 0.0))[1] if not self.log_y else y1
-                for px, py in points:
-                    draw.rectangle([px - width / 2, min(py, base), px + width / 2, max(py, base)], fill=color)
+                for px, py in points:  # inside the axes' box (the first and last bars sit on its edges)
+                    draw.rectangle([max(px - width / 2, x0), min(py, base), min(px + width / 2, x1), max(py, base)],
+                                   fill=color)
             elif len(points) == 1:
                 px, py = points[0]
                 draw.ellipse([px - 3, py - 3, px + 3, py + 3], fill=color)
