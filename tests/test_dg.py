@@ -903,8 +903,11 @@ def test_adm_encoder_network_reproduces_guided_diffusions_numbers():
     with torch.no_grad():
         features = net.features(x, t, labels)
         logits = net(x, t, torch.eye(config["num_class"])[labels])  # one-hot labels: the argmax is the class
-    torch.testing.assert_close(features, torch.from_numpy(data["features"]), rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(logits, torch.from_numpy(data["logits"]), rtol=1e-5, atol=1e-5)
+    # float32 through ~20 layers: CPUs with other vector kernels (AMD EPYC here: 1.1e-5 on a feature of 0.08) round
+    # differently, so the absolute tolerance scales with each tensor's largest value (8.3 for the features).
+    for ours, name in ((features, "features"), (logits, "logits")):
+        reference = torch.from_numpy(data[name])
+        torch.testing.assert_close(ours, reference, rtol=1e-5, atol=1e-5 * max(1.0, float(reference.abs().max())))
 
 
 def test_adm_classifier_loads_a_state_dict_through_open_url_and_refuses_mismatches(tmp_path):
