@@ -93,6 +93,7 @@ def main(network, outdir, seeds, subdirs, class_idx, max_batch_size, device, gri
     outdir = os.path.expanduser(outdir)
     grid_path = None if grid_path is None else os.path.expanduser(grid_path)
     dist.init(device=device)
+    dist.excepthook_abort_all_ranks()  # after init, which wraps a hook installed before it (see its docstring)
 
     try:
         snapshot = load_snapshot(network, device)
@@ -149,6 +150,8 @@ def main(network, outdir, seeds, subdirs, class_idx, max_batch_size, device, gri
             rows, columns = save_image_grid(outdir, seeds, grid_path, subdirs=subdirs, real_images=real)
         except (OSError, util.OutputPathError) as err:
             raise click.ClickException(f"--grid: cannot write {grid_path} ({err})") from None
+        except ValueError as err:
+            raise click.ClickException(f"--grid: {err}") from None
         beside = f", training images from {dataset_path} on the right" if real is not None else ""
         print(f'Wrote a {rows}x{columns} image grid to "{grid_path}"{beside}.')
     dist.barrier()
@@ -156,5 +159,4 @@ def main(network, outdir, seeds, subdirs, class_idx, max_batch_size, device, gri
 
 
 if __name__ == "__main__":
-    dist.excepthook_abort_all_ranks()
     main()

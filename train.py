@@ -52,6 +52,7 @@ import losses
 from torch_utils import distributed as dist
 from torch_utils import misc, persistence
 from training import snapshots, training_loop
+from training.dataset import DatasetError, unwrap_worker_error
 from training.presets import ARCH_PRESETS, PRECOND_CLASSES, PRESET_SOURCES, TRAIN_PRESETS, preset_command
 
 
@@ -1046,15 +1047,21 @@ def main(**kwargs):
         training_loop.training_loop(**c)
         if dist.stop_agreed():  # into log.txt too
             dist.print0(f'Stopped by a signal at {c.run_dir}; `--resume=auto --outdir={opts.outdir}` continues')
-    except (training_loop.NonFiniteTrainingError, training_loop.ResumeMismatchError,
+    except (training_loop.NonFiniteTrainingError, training_loop.ResumeMismatchError, DatasetError,
             dnnlib.util.OutputPathError) as err:  # the last: a snapshot or state could not be written (disk full)
+        if isinstance(err, DatasetError):  # a damaged image met in training (a loader worker wraps its message)
+            err = unwrap_worker_error(err)
         if logger is not None and logger.file is not None:
             logger.file.write(f'Error: {err}\n')  # Into log.txt only: click prints it on the terminal.
             logger.close()
         raise click.ClickException(str(err)) from None
-    except BaseException:
-        if logger is not None:
-            traceback.print_exc()  # The fatal error belongs in log.txt too, before the logger closes.
+    except BaseException as err:
+        if logger is not None and logger.file is not None:
+            # The fatal error belongs in log.txt too (only there: the terminal gets it from the excepthook). When a
+            # collective failed because another rank ended, that rank's error is the cause: say so in one line.
+            logger.file.write(f'Error: another rank ended ({str(err).splitlines()[0][:200]}); its own error, printed '
+                              f'by that rank, is the cause\n' if dist.is_peer_failure(err) else
+                              traceback.format_exc())
         raise
     finally:
         if logger is not None:

@@ -12,7 +12,8 @@ Metrics (names as in `--metrics`):
 
 Sharding follows EDM: the N image indices are split into ceil(N / (batch·world))·world near-equal chunks and rank r
 takes chunks r, r + world, ...; generated images are indexed by their seed's rank in PNG file-name order. Every
-accumulator is keyed by that global index, so results do not depend on the number of ranks. Memory is constant in N
+accumulator is keyed by that global index, so results do not depend on the number of ranks beyond floating-point
+summation order (FID 4.658270051 vs 4.658269688 on 1 vs 2 CPU ranks; IS and P/R equal). Memory is constant in N
 for FID and IS; precision/recall keep the float16 VGG16 features they need, KID the float32 Inception features.
 """
 
@@ -20,7 +21,6 @@ import dataclasses
 import json
 import os
 import time
-import warnings
 from collections.abc import Callable, Iterator, Sequence
 
 import numpy as np
@@ -449,9 +449,9 @@ def calc_metrics(source: ImageSource, ref_path: str | None, metrics: Sequence[st
     ref_shape = _reference_image_shape(ref)
     if ref_shape is not None and source.image_shape is not None and ref_shape != tuple(source.image_shape):
         # Not refused: comparing across resolutions can be meant (upsampled samples); mostly it is a wrong --ref.
-        warnings.warn(f"the reference statistics {ref_path!r} were computed from {_shape_text(ref_shape)} images, but "
-                      f"the images evaluated are {_shape_text(source.image_shape)}: is --ref the right dataset?",
-                      stacklevel=2)
+        distributed.warn0(f"the reference statistics {ref_path!r} were computed from {_shape_text(ref_shape)} images, "
+                          f"but the images evaluated are {_shape_text(source.image_shape)}: is --ref the right "
+                          f"dataset?", stacklevel=2)  # every rank sees it alike: said once
     detectors = load_detectors(metrics, detector_paths, device, verbose=verbose)
     if ref is not None and "fid" in metrics and ref["mu"].shape[0] != detectors["inception"].feature_dim:
         raise ReferenceStatsError(

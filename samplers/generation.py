@@ -607,7 +607,12 @@ def save_image_grid(outdir: str, seeds, grid_path: str, *, subdirs: bool = False
     seeds = parse_int_list(seeds)
     if not seeds:
         raise ValueError("save_image_grid: no seeds")
-    images = [np.asarray(PIL.Image.open(image_path(outdir, s, subdirs))) for s in seeds]
+    paths = [image_path(outdir, s, subdirs) for s in seeds]
+    images = [np.asarray(PIL.Image.open(path)) for path in paths]
+    for path, image in zip(paths, images):
+        if image.shape != images[0].shape:  # a PNG left in the folder by another run (kept, as complete)
+            raise ValueError(f"{path} has shape {image.shape} (H, W[, C]), but {paths[0]} has {images[0].shape}: "
+                             f"the folder mixes images of different sizes")
     scale = scale or grid_scale(images[0].shape[0])
     columns = columns or math.ceil(math.sqrt(len(images)))
     rows = math.ceil(len(images) / columns)

@@ -76,3 +76,55 @@ def test_two_ranks_sampler_and_training_stats(tmp_path):
     assert ranks[0]["stats_round1"] == ranks[1]["stats_round1"]
     assert ranks[0]["warn0"] == [["same on every rank", "dist_worker.py"]] and ranks[1]["warn0"] == []
     assert ranks[0]["stats_round2"] == ranks[1]["stats_round2"]
+
+
+def test_the_abort_hook_prints_to_the_real_stderr_and_names_peer_failures_in_one_line(monkeypatch):
+    import io
+    import sys
+
+    from torch_utils import distributed
+    exits = []
+    monkeypatch.setattr(sys, "excepthook", sys.__excepthook__)
+    monkeypatch.setattr(distributed, "is_distributed", lambda: True)
+    monkeypatch.setattr(distributed, "get_world_size", lambda: 2)
+    monkeypatch.setattr(distributed, "get_rank", lambda: 1)
+    monkeypatch.setattr(distributed.os, "_exit", exits.append)
+    real_stderr, torch_buffer = io.StringIO(), io.StringIO()
+    monkeypatch.setattr(sys, "__stderr__", real_stderr)
+    monkeypatch.setattr(sys, "stderr", torch_buffer)  # what init_process_group's wrapper does while hooks run
+    distributed.excepthook_abort_all_ranks()
+    try:
+        raise ValueError("the real cause")
+    except ValueError as err:
+        sys.excepthook(type(err), err, err.__traceback__)
+    assert "ValueError: the real cause" in real_stderr.getvalue() and torch_buffer.getvalue() == ""
+    assert exits == [1]  # the others must not hang in a collective
+    peer = RuntimeError("[../third_party/gloo/gloo/transport/tcp/pair.cc:534] Connection closed by peer "
+                        "[127.0.0.1]:29500")
+    assert distributed.is_peer_failure(peer) and not distributed.is_peer_failure(ValueError("Broken pipe"))
+    real_stderr.truncate(0)
+    sys.excepthook(RuntimeError, peer, None)
+    assert real_stderr.getvalue().count("\n") == 1 and "[rank1]: stopping: another rank ended (" in \
+        real_stderr.getvalue() and exits == [1, 1]
+
+
+HOOK_BEFORE_INIT = """
+import sys, torch
+sys.path.insert(0, {root!r})
+from torch_utils import distributed as dist
+dist.excepthook_abort_all_ranks()  # before init, as generate.py had it: torch's wrapper buffered its output
+dist.init(device="cpu")
+if dist.get_rank() == 1:
+    raise ValueError("the cause, on rank 1")
+dist.barrier()
+"""
+
+
+@pytest.mark.distributed
+def test_a_rank_failing_under_torchrun_prints_its_traceback(tmp_path):
+    script = tmp_path / "fail.py"
+    script.write_text(HOOK_BEFORE_INIT.format(root=ROOT))
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    proc = subprocess.run(torchrun(2, script), env=env, cwd=ROOT, capture_output=True, text=True, timeout=180)
+    assert proc.returncode != 0
+    assert "ValueError: the cause, on rank 1" in proc.stdout + proc.stderr, proc.stderr[-3000:]

@@ -238,6 +238,12 @@ def test_png_files(tmp_path):
     grid = np.asarray(PIL.Image.open(tmp_path / "grid.png"))
     assert (rows, columns) == (2, 2) and grid.shape == (16, 16)
     assert np.array_equal(grid[8:, :8], images[2500][0].numpy()) and (grid[8:, 8:] == 255).all()  # empty: white
+    # A complete PNG of another size left in the folder (counted as done): a one-line error naming it, not numpy's
+    # "could not broadcast".
+    PIL.Image.new("L", (16, 16)).save(tmp_path / expected[1])
+    with pytest.raises(ValueError, match=r"001000\.png has shape \(16, 16\) \(H, W\[, C\]\), but .*000999\.png has "
+                                         r"\(8, 8\): the folder mixes images of different sizes"):
+        save_image_grid(str(tmp_path), seeds, str(tmp_path / "grid.png"), subdirs=True)
 
 
 @pytest.fixture(scope="module")

@@ -254,3 +254,17 @@ def test_a_stop_request_in_tick_0_still_writes_a_state(tmp_path, monkeypatch):
     assert writes == [('snapshot', 8), ('state', 8)]
     state = torch.load(str(tmp_path / 'training-state-000000.pt'), weights_only=True)
     assert state['cur_tick'] == 1 and 'tick_start_nimg' not in state  # tick 0 finished
+
+
+def test_every_rank_waits_for_the_last_state_write(tmp_path, monkeypatch):
+    # After a stop request, a rank that returned first exits with 143 and torchrun then SIGKILLs rank 0 30 s later,
+    # in the middle of writing a large state: the loop ends with a barrier after its last write.
+    from train_worker import loop_kwargs
+
+    from torch_utils import distributed as dist
+    data = write_zip_dataset(str(tmp_path / 'tiny.zip'), random_images(16))
+    loop, writes = _recording_loop(monkeypatch, stop_at_iter=3)
+    monkeypatch.setattr(dist, 'barrier', lambda: writes.append(('barrier', None)))
+    loop(**loop_kwargs(str(tmp_path), data, batch_size=8, kimg_per_tick=0.04, total_kimg=0.12, snapshot_ticks=1,
+                       state_dump_ticks=1, max_nonfinite_steps=2))
+    assert writes[-2:] == [('state', 32), ('barrier', None)]

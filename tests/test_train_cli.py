@@ -510,3 +510,28 @@ def test_a_resume_in_place_sets_aside_the_files_of_later_kimg(datasets, tmp_path
     assert {name: open(aside / name, 'rb').read() for name in os.listdir(aside)} == abandoned
     assert not (run / 'network-snapshot-000003.pkl').exists() and not (run / 'phema-000003-0.050.pkl').exists()
     assert open(run / 'network-snapshot-000002.pkl', 'rb').read() != abandoned['network-snapshot-000002.pkl']
+
+
+def test_a_damaged_image_and_another_ranks_failure_are_one_line_in_log_txt(datasets, tmp_path, monkeypatch):
+    from training import training_loop
+    args = ['--outdir', tmp_path / 'runs', '--data', datasets['uncond'], '--batch', 64, *TINY_NET]
+
+    def damaged(**kwargs):  # as a loader worker re-raises it in the main process
+        raise train.DatasetError('Caught DatasetError in DataLoader worker process 0.\nOriginal Traceback (most '
+                                 'recent call last):\n  File "x.py", line 1\ntraining.dataset.DatasetError: '
+                                 'tiny.zip:00000/img00000037.png: cannot decode image (OSError: broken data stream)')
+    monkeypatch.setattr(training_loop, 'training_loop', damaged)
+    result = _invoke(args)
+    assert result.exit_code == 1 and 'Traceback' not in result.output
+    assert result.output.strip().splitlines()[-1] == ('Error: tiny.zip:00000/img00000037.png: cannot decode image '
+                                                      '(OSError: broken data stream)')
+
+    def peer_gone(**kwargs):  # rank 0 in a collective when rank 1 has died of its own error
+        raise RuntimeError('[../third_party/gloo/gloo/transport/tcp/pair.cc:534] Connection closed by peer '
+                           '[127.0.0.1]:29500')
+    monkeypatch.setattr(training_loop, 'training_loop', peer_gone)
+    with pytest.raises(RuntimeError, match='Connection closed by peer'):
+        _invoke(args)
+    log = open(tmp_path / 'runs' / '00001-tiny-uncond-ddpmpp-edm-gpus1-batch64-fp32' / 'log.txt').read()
+    assert log.rstrip().splitlines()[-1].startswith('Error: another rank ended ([../third_party/gloo/')
+    assert 'Traceback' not in log

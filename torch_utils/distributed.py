@@ -7,9 +7,11 @@ environment variables (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR, MASTER_PORT).
 
 import atexit
 import datetime
+import io
 import os
 import signal
 import sys
+import traceback
 import warnings
 
 import torch
@@ -179,13 +181,37 @@ def update_progress(cur: int, total: int) -> None:
     del cur, total
 
 
+# What gloo and NCCL raise on a rank whose peer has gone (it failed first, and said why in its own output).
+_PEER_GONE = ("Connection closed by peer", "Connection reset by peer", "Broken pipe", "NCCL communicator was aborted")
+
+
+def is_peer_failure(exc: BaseException) -> bool:
+    """Whether `exc` is a collective failing because another rank ended (its error is the one to read)."""
+    if not isinstance(exc, RuntimeError):  # DistBackendError and gloo's errors are RuntimeErrors
+        return False
+    return any(text in str(exc) for text in _PEER_GONE)
+
+
 def excepthook_abort_all_ranks() -> None:
-    """Make an uncaught exception on one rank end the job instead of leaving the others hanging in a collective."""
+    """Make an uncaught exception on one rank end the job instead of leaving the others hanging in a collective.
+
+    The traceback goes to the process's real stderr: torch's init_process_group wraps a hook installed before it and
+    points sys.stderr at a buffer while calling it, which os._exit would then discard (generate.py lost every
+    traceback under torchrun). A rank that fails only because another rank has gone says so in one line instead of
+    a page of gloo internals; the other rank's error above it is the cause."""
     previous = sys.excepthook
 
     def hook(exc_type, exc, tb):
-        previous(exc_type, exc, tb)
+        if is_distributed() and get_world_size() > 1 and is_peer_failure(exc):
+            print(f"[rank{get_rank()}]: stopping: another rank ended ({str(exc).splitlines()[0][:200]}); its own "
+                  f"error, above, is the cause", file=sys.__stderr__, flush=True)
+        elif isinstance(sys.stderr, io.StringIO) and sys.__stderr__ is not None:  # torch's buffer (see above)
+            traceback.print_exception(exc_type, exc, tb, file=sys.__stderr__)
+        else:
+            previous(exc_type, exc, tb)
         sys.stderr.flush()
+        if sys.__stderr__ is not None:
+            sys.__stderr__.flush()
         if is_distributed() and get_world_size() > 1:
             os._exit(1)
 

@@ -902,6 +902,9 @@ def training_loop(
         progress_bar.close()
     if stats_jsonl is not None:
         stats_jsonl.close()
+    # Every rank waits for rank 0's last writes: after a stop request a rank that left first exits with 143, and
+    # torchrun then stops rank 0, SIGKILL 30 s later, in the middle of writing a large state.
+    dist.barrier()
     dist.print0()
     dist.print0('Exiting...')
 
