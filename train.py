@@ -182,18 +182,19 @@ _RUN_FILES = re.compile(r'stats\.jsonl|training_options\.json|(training-state|ne
                         r'phema-\d+-[0-9.]+\.pkl')
 
 
-def _set_aside(outdir: str, names: list[str]) -> str:
-    """Move a run's files out of the way into a new folder of `outdir`; returns that folder."""
+def _set_aside(parent: str, prefix: str, names: list[str]) -> str:
+    """Move the files `names` of `parent` that exist into a new folder `parent/prefix-K` (the first free K); returns
+    that folder."""
     for k in itertools.count(1):
-        aside = os.path.join(outdir, f'interrupted-before-first-state-{k}')
+        aside = os.path.join(parent, f'{prefix}-{k}')
         try:
             os.mkdir(aside)
             break
         except FileExistsError:
             continue
-    for name in [*names, 'log.txt', 'report.png']:
-        if os.path.exists(os.path.join(outdir, name)):
-            os.replace(os.path.join(outdir, name), os.path.join(aside, name))
+    for name in names:
+        if os.path.exists(os.path.join(parent, name)):
+            os.replace(os.path.join(parent, name), os.path.join(aside, name))
     return aside
 
 
@@ -208,16 +209,7 @@ def _set_aside_later_files(run_dir: str, kimg: int) -> tuple[str, list[str]] | N
                    if (match := _KIMG_FILES.fullmatch(name)) and int(match.group(1)) > kimg)
     if not later:
         return None
-    for k in itertools.count(1):
-        aside = os.path.join(run_dir, f'superseded-after-kimg-{kimg}-{k}')
-        try:
-            os.mkdir(aside)
-            break
-        except FileExistsError:
-            continue
-    for name in later:
-        os.replace(os.path.join(run_dir, name), os.path.join(aside, name))
-    return aside, later
+    return _set_aside(run_dir, f'superseded-after-kimg-{kimg}', later), later
 
 
 def _apply_loss_wrappers(opts: dnnlib.EasyDict, loss_kwargs: dict) -> tuple[dict, list[str]]:
@@ -359,7 +351,7 @@ _EXACT_OPTIONS = ('outdir', 'desc', 'nosubdir', 'tick', 'snap', 'dump', 'duratio
 def apply_saved_options(opts: dnnlib.EasyDict, saved: dict, explicit: set, state_path: str) -> list[str]:
     """Fill the options not given on the command line from a training state's saved ones; refuse changes to the
     network in one line; return notes on the overrides (what changed and whether the continuation stays exact)."""
-    return [note for _, note in _saved_option_changes(opts, saved, explicit, state_path)]
+    return [f'{change} ({why})' for _, change, why in _saved_option_changes(opts, saved, explicit, state_path)]
 
 
 def resume_conflicts(state_path: str, opts: dnnlib.EasyDict, explicit: set) -> str | None:
@@ -373,14 +365,14 @@ def resume_conflicts(state_path: str, opts: dnnlib.EasyDict, explicit: set) -> s
         changes = _saved_option_changes(copy.deepcopy(opts), saved, explicit, state_path)
     except click.BadParameter as err:  # a network option it was not trained with
         return f'{err.param_hint}: another network'
-    differing = [note.split(' (')[0] for kind, note in changes if kind != 'exact']
+    differing = [change for kind, change, _ in changes if kind != 'exact']
     return ', '.join(differing) if differing else None
 
 
 def _saved_option_changes(opts: dnnlib.EasyDict, saved: dict, explicit: set, state_path: str) \
-        -> list[tuple[str, str]]:
-    """apply_saved_options' work: (kind, note) per option given that differs from the saved one, kind 'exact',
-    'not exact' or 'path'."""
+        -> list[tuple[str, str, str]]:
+    """apply_saved_options' work: (kind, change, why) per option given that differs from the saved one, kind
+    'exact', 'not exact' or 'path'; change is '--flag: old -> new'."""
     notes = []
     for key, old in saved.items():
         if key not in opts:
@@ -403,11 +395,11 @@ def _saved_option_changes(opts: dnnlib.EasyDict, saved: dict, explicit: set, sta
                                      f'{trained}: the network would not match (use --transfer to start a new run '
                                      f'from its weights)', param_hint=flag)
         if key in _PATH_OPTIONS:
-            notes.append(('path', f'{flag}: {old!r} -> {new!r} (another path: exact if it holds the same content)'))
+            notes.append(('path', f'{flag}: {old!r} -> {new!r}', 'another path: exact if it holds the same content'))
             continue
-        kind = 'exact' if key in _EXACT_OPTIONS else 'not exact'
-        notes.append((kind, f'{flag}: {old!r} -> {new!r} (the continuation {"stays" if kind == "exact" else "is not"}'
-                            f' exact)'))
+        exact = key in _EXACT_OPTIONS
+        notes.append(('exact' if exact else 'not exact', f'{flag}: {old!r} -> {new!r}',
+                      f'the continuation {"stays" if exact else "is not"} exact'))
     return notes
 
 
@@ -980,7 +972,7 @@ def main(**kwargs):
                       f'(the interrupted continuation: {", ".join(moved[1][:3])}{", ..." if len(moved[1]) > 3 else ""})'
                       f' to {moved[0]}')
         if set_aside and not opts.dry_run:
-            aside = _set_aside(opts.outdir, set_aside)
+            aside = _set_aside(opts.outdir, 'interrupted-before-first-state', [*set_aside, 'log.txt', 'report.png'])
             print(f'--resume=auto: {opts.outdir} holds no training state, only the files of a run interrupted before '
                   f'its first one; moved them to {aside} and starting over')
 

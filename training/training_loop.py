@@ -508,7 +508,8 @@ def _resume(run: _Run, *, state, resume_pkl, resume_state_dump, resume_kimg, opt
                 run.scalers[phase.name].load_state_dict(state['grad_scalers'][phase.name])
         run.cur_nimg, run.cur_tick = int(state['cur_nimg']), int(state['cur_tick'])
         run.cur_iter = int(state['cur_iter'])
-        run.tick_start_nimg = int(state.get('tick_start_nimg', run.cur_nimg))  # an unfinished tick's start
+        if 'tick_start_nimg' in state:  # a stop in mid-tick: the unfinished tick began here
+            run.tick_start_nimg = int(state['tick_start_nimg'])
         # Last, after everything that draws random numbers while being built (networks, data loaders).
         if int(state['world_size']) == run.world_size:
             _set_rng_state(state['rng'][run.rank], run.device)
