@@ -7,6 +7,7 @@ import contextlib
 import hashlib
 import importlib
 import io
+import math
 import os
 import re
 import shutil
@@ -107,6 +108,19 @@ def format_time(seconds: float) -> str:
     if s < 86400:
         return f"{s // 3600}h {(s // 60) % 60:02d}m {s % 60:02d}s"
     return f"{s // 86400}d {(s // 3600) % 24:02d}h {(s // 60) % 60:02d}m"
+
+
+def json_safe(value: Any) -> Any:
+    """`value` with every non-finite float as the string 'inf', '-inf' or 'nan': Python's json writes them as bare
+    Infinity/NaN, which strict JSON readers (jq, JavaScript, pandas' default) refuse. Python reads the strings back
+    with float(); a record read from an older file (bare Infinity) becomes equal to a new one through this too."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return "nan" if math.isnan(value) else ("inf" if value > 0 else "-inf")
+    if isinstance(value, dict):
+        return {key: json_safe(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [json_safe(item) for item in value]
+    return value
 
 
 def parse_bool(value: str | bool) -> bool:

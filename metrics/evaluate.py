@@ -577,11 +577,11 @@ def compute_reference(source: ImageSource, dest: str, metrics: Sequence[str] = (
 
 
 def write_json(record: dict, path: str) -> None:
-    """Write a result record as JSON, atomically."""
+    """Write a result record as JSON, atomically (non-finite numbers as strings, util.json_safe)."""
     from dnnlib import util
 
     with util.atomic_output(path, "w") as f:
-        json.dump(record, f, indent=2)
+        json.dump(util.json_safe(record), f, indent=2, allow_nan=False)  # a NaN metric as "nan": strict JSON
         f.write("\n")
 
 

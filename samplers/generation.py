@@ -494,12 +494,12 @@ def claim_output_folder(outdir: str, record: dict, overwrite: bool = False) -> N
     from dnnlib import util
 
     path = os.path.join(outdir, OUTPUT_RECORD)
-    record = json.loads(json.dumps(record, sort_keys=True, default=str))
+    record = util.json_safe(json.loads(json.dumps(record, sort_keys=True, default=str)))
     problem = None
     if os.path.isfile(path):
         try:
             with open(path) as f:
-                existing = json.load(f)
+                existing = util.json_safe(json.load(f))
         except (OSError, ValueError) as err:
             problem = f"{path}: unreadable record of the images in {outdir} ({err})"
         else:
@@ -515,7 +515,7 @@ def claim_output_folder(outdir: str, record: dict, overwrite: bool = False) -> N
         clear_output_folder(outdir)
     os.makedirs(outdir, exist_ok=True)
     with util.atomic_output(path, "w") as f:
-        json.dump(record, f, indent=2, sort_keys=True)
+        json.dump(record, f, indent=2, sort_keys=True, allow_nan=False)
 
 
 def _holds_pngs(outdir: str) -> bool:

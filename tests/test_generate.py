@@ -835,3 +835,21 @@ def test_denoise_to_zero_on_a_grid_ending_at_zero_records_as_without(network_pic
     assert CliRunner().invoke(generate.main, [*base_dpm, "--outdir", with_dtz, "--denoise-to-zero"]).exit_code == 0
     result = CliRunner().invoke(generate.main, [*base_dpm, "--outdir", with_dtz])
     assert result.exit_code == 1 and "settings.denoise_to_zero" in result.output, result.output
+
+
+def test_generation_record_is_strict_json_and_an_older_bare_infinity_record_resumes(network_pickle, tmp_path):
+    """Heun's S_max defaults to infinity: generation.json writes it as "inf" (bare Infinity is not JSON: jq and
+    JavaScript refuse the file), and a folder whose record an older version wrote with the bare token still resumes."""
+    import generate
+
+    outdir = tmp_path / "out"
+    base = ["--network", network_pickle, "--outdir", str(outdir), "--device", "cpu", "--seeds", "0-1", "--steps", "3"]
+    assert CliRunner().invoke(generate.main, base).exit_code == 0
+    text = (outdir / "generation.json").read_text()
+    record = json.loads(text, parse_constant=lambda name: pytest.fail(f"bare {name} in generation.json"))
+    assert record["settings"]["solver_options"]["S_max"] == "inf"
+    (outdir / "generation.json").write_text(text.replace('"inf"', "Infinity"))
+    os.remove(outdir / "000001.png")
+    result = CliRunner().invoke(generate.main, base)
+    assert result.exit_code == 0 and "Wrote 1 images, skipped 1" in result.output, result.output
+    assert '"S_max": "inf"' in (outdir / "generation.json").read_text()

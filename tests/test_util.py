@@ -119,6 +119,18 @@ def test_parse_bool_and_format_time():
     assert util.format_time(3 * 3600 + 4 * 60 + 5) == "3h 04m 05s"
 
 
+def test_json_safe_writes_non_finite_numbers_as_strings_and_evaluate_writes_strict_json(tmp_path):
+    from metrics import evaluate
+
+    value = dict(kid=float("nan"), s=[float("inf"), -float("inf"), 1.5, 2], name="x", nested=dict(t=(float("nan"),)))
+    assert util.json_safe(value) == dict(kid="nan", s=["inf", "-inf", 1.5, 2], name="x", nested=dict(t=["nan"]))
+    assert float(util.json_safe(float("-inf"))) == -float("inf")
+    path = tmp_path / "fid.json"
+    evaluate.write_json(dict(results=dict(fid=2.5, kid=float("nan"))), str(path))
+    strict = json.loads(path.read_text(), parse_constant=lambda name: pytest.fail(f"bare {name}"))
+    assert strict == dict(results=dict(fid=2.5, kid="nan"))
+
+
 def test_distributed_single_process_defaults():
     distributed.init()
     assert distributed.get_rank() == 0 and distributed.get_world_size() == 1
