@@ -41,6 +41,7 @@ import os
 import pickle
 import re
 import secrets
+import signal
 import traceback
 import warnings
 
@@ -1059,9 +1060,10 @@ def main(**kwargs):
         if logger is not None:
             logger.close()
     if dist.stop_agreed():
-        # Stopped early by SIGTERM, its state written: not a finished run (a job script that requeues on a non-zero
-        # exit should). Outside the try: an exit, not an error with a traceback in log.txt.
-        raise SystemExit(143)
+        # Stopped early by SIGTERM or Ctrl-C, its state written: not a finished run (a job script that requeues on a
+        # non-zero exit should). The shell's code for the signal (143, 130; 143 on a rank that was only told by
+        # another). Outside the try: an exit, not an error with a traceback in log.txt.
+        raise SystemExit(128 + (dist.stop_requested() or signal.SIGTERM))
 
 
 if __name__ == '__main__':

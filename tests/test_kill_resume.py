@@ -219,9 +219,11 @@ def test_a_run_stopped_mid_tick_resumes_with_the_uninterrupted_cadence(tmp_path,
 
 
 @pytest.mark.slow
-def test_sigterm_to_the_job_saves_and_exits_143(tmp_path):
-    # scancel / pre-emption: SIGTERM to every process of the job, loader workers included (they ignore it, so the
-    # training process can still fetch, save and exit).
+@pytest.mark.parametrize('signum', [signal.SIGTERM, signal.SIGINT])
+def test_sigterm_or_ctrl_c_to_the_job_saves_and_exits_with_the_signals_code(tmp_path, signum):
+    # scancel / pre-emption: SIGTERM to every process of the job; Ctrl-C: SIGINT to every process of the terminal's
+    # foreground group. Loader workers included (they ignore both, so the training process can still fetch, save
+    # and exit); Ctrl-C wrote no state before (KeyboardInterrupt).
     data = write_zip_dataset(str(tmp_path / 'tiny.zip'), random_images(32))
     outdir = tmp_path / 'out'
     args = [a if a != '0' or prev != '--workers' else '1' for prev, a in zip([''] + ARGS, ARGS)]
@@ -233,14 +235,58 @@ def test_sigterm_to_the_job_saves_and_exits_143(tmp_path):
         assert process.poll() is None and time.monotonic() < deadline, process.communicate()
         time.sleep(0.05)
     time.sleep(1.0)
-    os.killpg(process.pid, signal.SIGTERM)
+    os.killpg(process.pid, signum)
     out, err = process.communicate(timeout=120)
-    assert process.returncode == 143, out[-2000:] + err[-2000:]
-    assert 'received SIGTERM: stopping at the next check after writing a training state' in out + err
+    assert process.returncode == 128 + signum, out[-2000:] + err[-2000:]
+    assert f'received {signum.name}: stopping at the next check after writing a training state' in out + err
     assert 'Stopped by a signal at' in out and '--resume=auto' in out
     assert 'Traceback' not in out + err  # an exit, not a crash (it printed SystemExit(143)'s traceback)
     states = glob.glob(str(outdir / '*' / 'training-state-*.pt'))
     assert len(states) == 1 and torch.load(states[0], weights_only=True)['cur_iter'] > 1
+
+
+def test_ctrl_c_asks_for_a_stop_and_a_second_one_a_second_later_interrupts(monkeypatch, capsys):
+    # One keypress can reach a process twice within milliseconds (the terminal's group, then a launcher's
+    # forwarding): only a repeat a second or more later is the user's second Ctrl-C. Under torchrun the workers get
+    # the agent's copy only (checked by hand: 2 ranks on gloo, Ctrl-C to torchrun: both wrote the state, exit 130).
+    from torch_utils import distributed as dist
+    clock = [100.0]
+    monkeypatch.setattr(dist.time, 'monotonic', lambda: clock[0])
+    monkeypatch.setattr(dist, '_stop_signal', None)
+    previous = {signum: signal.getsignal(signum) for signum in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        dist.stop_on_signals()
+        handler = signal.getsignal(signal.SIGINT)
+        assert signal.getsignal(signal.SIGTERM) is handler
+        handler(signal.SIGINT, None)
+        assert dist.stop_requested() == signal.SIGINT
+        assert 'received SIGINT: stopping at the next check after writing a training state (Ctrl-C again to stop ' \
+               'at once, without it)' in capsys.readouterr().err
+        clock[0] += 0.5
+        handler(signal.SIGINT, None)  # torchrun's copy of the same keypress
+        handler(signal.SIGTERM, None)  # torchrun's agent stopping its workers: still the graceful stop
+        assert dist.stop_requested() == signal.SIGINT and capsys.readouterr().err == ''
+        assert signal.getsignal(signal.SIGINT) is handler
+        clock[0] += 1.0
+        with pytest.raises(KeyboardInterrupt):
+            handler(signal.SIGINT, None)
+        assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # a third one interrupts whatever runs
+    finally:
+        for signum, old_handler in previous.items():
+            signal.signal(signum, old_handler)
+    # A SIGTERM first: a later SIGINT does not interrupt the state write it asked for.
+    monkeypatch.setattr(dist, '_stop_signal', None)
+    try:
+        dist.stop_on_signals()
+        handler = signal.getsignal(signal.SIGTERM)
+        handler(signal.SIGTERM, None)
+        clock[0] += 5.0
+        handler(signal.SIGINT, None)
+        assert dist.stop_requested() == signal.SIGTERM
+        assert 'Ctrl-C again' not in capsys.readouterr().err
+    finally:
+        for signum, old_handler in previous.items():
+            signal.signal(signum, old_handler)
 
 
 def test_a_stop_request_in_tick_0_still_writes_a_state(tmp_path, monkeypatch):

@@ -11,6 +11,7 @@ import io
 import os
 import signal
 import sys
+import time
 import traceback
 import warnings
 
@@ -135,20 +136,32 @@ def shutdown() -> None:
 
 
 _stop_signal: int | None = None  # the signal that asked this process to stop (see stop_on_signals)
+_stop_signal_time = 0.0  # when it came (time.monotonic)
 _stop_agreed = False
+# A second SIGINT sooner than this after the first is taken for the same Ctrl-C arriving twice: from the terminal (the
+# whole foreground process group) and from a launcher that forwards the SIGINT it got (torchrun's agent forwards it,
+# though the workers it starts in sessions of their own get only its copy).
+REPEATED_INTERRUPT_S = 1.0
 
 
-def stop_on_signals(signals=(signal.SIGTERM,)) -> None:
-    """On SIGTERM (a scheduler's pre-emption, scancel, a torchrun agent stopping its workers), ask the training loop
-    to stop at its next check, writing a snapshot and a training state first, instead of dying with the work since
-    the last state. Main thread only (Python's rule for signal handlers)."""
+def stop_on_signals(signals=(signal.SIGTERM, signal.SIGINT)) -> None:
+    """On SIGTERM (a scheduler's pre-emption, scancel, a torchrun agent stopping its workers) or Ctrl-C, ask the
+    training loop to stop at its next check, writing a snapshot and a training state first, instead of dying with the
+    work since the last state (EDM's state comes every 500 ticks: 25 Mimg). A second Ctrl-C stops at once, without
+    a state (KeyboardInterrupt). Main thread only (Python's rule for signal handlers)."""
     def handler(signum, frame):
-        global _stop_signal
+        global _stop_signal, _stop_signal_time
         del frame
+        now = time.monotonic()
         if _stop_signal is None:
-            print(f'rank {get_rank()}: received {signal.Signals(signum).name}: stopping at the next check after '
-                  f'writing a training state', file=sys.stderr, flush=True)
-        _stop_signal = signum
+            again = ' (Ctrl-C again to stop at once, without it)' if signum == signal.SIGINT else ''
+            sys.stderr.write(f'rank {get_rank()}: received {signal.Signals(signum).name}: stopping at the next check '
+                             f'after writing a training state{again}\n')  # one write: ranks' lines do not interleave
+            sys.stderr.flush()
+            _stop_signal, _stop_signal_time = signum, now
+        elif signum == signal.SIGINT == _stop_signal and now - _stop_signal_time >= REPEATED_INTERRUPT_S:
+            signal.signal(signal.SIGINT, signal.default_int_handler)
+            raise KeyboardInterrupt
 
     for signum in signals:
         signal.signal(signum, handler)

@@ -21,12 +21,14 @@ from torch_utils import distributed as dist
 from training.dataset import InfiniteSampler
 
 
-def _loader_worker_ignores_sigterm(worker_id: int) -> None:
-    """A scheduler's SIGTERM reaches every process of the job: a loader worker that died of it would fail the
-    training process's next batch before it could save (torch_utils.distributed.stop_on_signals). The workers end
-    with their parent instead (torch's loader watches it)."""
+def _loader_worker_ignores_stop_signals(worker_id: int) -> None:
+    """A scheduler's SIGTERM reaches every process of the job, and Ctrl-C's SIGINT every process of the terminal's
+    foreground group: a loader worker that died of either would fail the training process's next batch before it
+    could save (torch_utils.distributed.stop_on_signals). The workers end with their parent instead (torch's loader
+    watches it)."""
     del worker_id
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
 @dataclasses.dataclass
@@ -55,7 +57,7 @@ class DataContext:
                                   start_idx=start_idx)
         kwargs = dict(self.loader_kwargs)
         if kwargs.get('num_workers', 0) > 0:
-            kwargs.setdefault('worker_init_fn', _loader_worker_ignores_sigterm)
+            kwargs.setdefault('worker_init_fn', _loader_worker_ignores_stop_signals)
         return iter(torch.utils.data.DataLoader(dataset=self.dataset, sampler=sampler, batch_size=batch_size,
                                                 **kwargs))
 
