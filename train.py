@@ -846,8 +846,9 @@ def _presets_epilog() -> str:
               type=str)
 @click.option('--resume', help='Resume from a training state, a run directory (its newest state) or auto (the newest '
               'state of the run under --outdir written to last, else start anew)', metavar='PT|DIR|auto', type=str)
-@click.option('--preset', help='A published configuration (EDM, STF, AOT, GDD; training/presets.py): its options, '
-              'under the ones given explicitly; --preset=list prints them with their sources', metavar='NAME|list')
+@click.option('--preset', help='A published configuration (EDM, STF, AOT, GDD, SPD and its DDPM control; '
+              'training/presets.py): its options, under the ones given explicitly; --preset=list prints them with '
+              'their sources', metavar='NAME|list')
 @click.option('--phema', help='Post-hoc EMA (EDM2): relative widths of the power-function EMAs to keep beside every '
               'snapshot, e.g. 0.05,0.10 (then phema.py reconstructs any width)', metavar='LIST', type=str,
               callback=_width_list, default=None)

@@ -4,6 +4,8 @@ does the discriminator tell them apart by noise level, and what does a guided st
     python benchmarks/bench_dg.py --outdir=bench-dg                       # trains what it needs (1-2 hours, 1 core)
     python benchmarks/bench_dg.py --outdir=bench-dg --measure=timing      # only the interleaved timing
     python benchmarks/bench_dg.py --outdir=bench-dg --network=quickstart-out/training-run/network-snapshot-000040.pkl
+    python benchmarks/bench_dg.py --outdir=/tmp/dg-trial --kimg=1 --fakes=64 --epochs=1 --samples=10 --weights=2 \
+        --sigmas=1 --repeats=1     # the pipeline end to end in minutes (its numbers mean nothing)
 
 Steps (each skipped when its output exists, so a second run only measures): the digits dataset (16x16, 1,797
 images); the quick start's network (DDPM++ 32 channels, EDM loss) trained for --kimg unless --network is given; the
@@ -49,6 +51,9 @@ def _run(step: str, args: list[str], threads: int) -> None:
 @click.option("--kimg", default=20.0, type=click.FloatRange(min=0, min_open=True), help="Training length if training")
 @click.option("--epochs", default=60, type=click.IntRange(min=1),
               help="Discriminator epochs (on the digits it is at chance until about 40)")
+@click.option("--fakes", "num_fakes", default=0, type=click.IntRange(min=0),
+              help="Generated images the discriminator trains on (0: as many as real images, 1,797; fewer for a "
+                   "quick trial: generating them is the long step)")
 @click.option("--aot", default=0, type=click.IntRange(min=0), help="AOT pool size for the discriminator (0: off)")
 @click.option("--width", default=128, type=click.IntRange(min=32), help="Discriminator head width")
 @click.option("--weights", default="0.5,1,2,4", help="DG weights to measure (Heun's corrector unguided)")
@@ -57,7 +62,7 @@ def _run(step: str, args: list[str], threads: int) -> None:
 @click.option("--threads", default=1, type=click.IntRange(min=1), help="CPU threads")
 @click.option("--measure", default="quality,accuracy,timing", help="What to measure (comma-separated)")
 @click.option("--repeats", default=5, type=click.IntRange(min=1), help="Timing: interleaved repeats per setting")
-def main(outdir, network, kimg, epochs, aot, width, weights, samples, sigmas, threads, measure, repeats):
+def main(outdir, network, kimg, epochs, num_fakes, aot, width, weights, samples, sigmas, threads, measure, repeats):
     try:
         weight_list = [float(w) for w in weights.split(",")]
         sigma_list = [float(s) for s in sigmas.split(",")]
@@ -87,12 +92,14 @@ def main(outdir, network, kimg, epochs, aot, width, weights, samples, sigmas, th
                  + (["--resume", state] if (state := latest(run_dir, "training-state-", ".pt")) else []), threads)
             open(os.path.join(run_dir, "DONE"), "w").close()
             network = latest(run_dir, "network-snapshot-", ".pkl")
-    fakes = os.path.join(outdir, "fakes")
     from training.dataset import ImageFolderDataset
     num_real = len(ImageFolderDataset(dataset, verify=False))
-    _run("fake set", ["generate.py", "--network", network, "--outdir", fakes, "--seeds", f"0-{num_real - 1}",
+    num_fakes = num_fakes or num_real
+    tag = "" if num_fakes == num_real else f"-{num_fakes}"  # another fake set, another discriminator
+    fakes = os.path.join(outdir, f"fakes{tag}")
+    _run("fake set", ["generate.py", "--network", network, "--outdir", fakes, "--seeds", f"0-{num_fakes - 1}",
                       "--batch", "256", "--device", "cpu"], threads)
-    dg_dir = os.path.join(outdir, f"dg-run{'-aot' + str(aot) if aot else ''}")
+    dg_dir = os.path.join(outdir, f"dg-run{tag}{'-aot' + str(aot) if aot else ''}")
     dg_pkl = os.path.join(dg_dir, f"discriminator-{epochs:06d}.pkl")
     if not os.path.isfile(dg_pkl):
         _run("discriminator", ["train_dg.py", "train", "--real", dataset, "--fake", fakes, "--network", network,
@@ -125,7 +132,8 @@ def main(outdir, network, kimg, epochs, aot, width, weights, samples, sigmas, th
     path = os.path.join(outdir, "results.json")
     result = json.load(open(path)) if os.path.isfile(path) else {}
     result.update(command=" ".join(["python", *sys.argv]), date=time.strftime("%Y-%m-%d"),
-                  network=network, discriminator=dg_pkl, epochs=epochs, aot=aot, threads=threads, num_images=num,
+                  network=network, discriminator=dg_pkl, epochs=epochs, num_fakes=num_fakes, aot=aot, threads=threads,
+                  num_images=num,
                   classifier_frechet_floor=round(floor, 4),
                   note="classifier Frechet distance: NOT FID (64-d features of metrics/digits_classifier.py)")
     held_out = None

@@ -113,17 +113,21 @@ def snapshot_curve(run_dir, meter, seeds, batch):
 
 
 @click.command()
-@click.option('--outdir', required=True, type=str)
-@click.option('--pretrain-kimg', default=24.0, show_default=True, type=float)
-@click.option('--gan-kimg', default=16.0, show_default=True, type=float, help='Fine-tuning length of each run')
+@click.option('--outdir', required=True, type=str, help='Working folder: runs, snapshots, results')
+@click.option('--pretrain-kimg', default=24.0, show_default=True, type=float,
+              help='Training length of the EDM teacher the runs fine-tune')
+@click.option('--gan-kimg', default=16.0, show_default=True, type=click.FloatRange(min=1),
+              help='Fine-tuning length of each run')
 @click.option('--batch', default=32, show_default=True, type=int, help='Fine-tuning batch')
 @click.option('--lr', default=1e-4, show_default=True, type=float, help='Generator (and L2) learning rate')
-@click.option('--d-lr', default=1e-4, show_default=True, type=float)
-@click.option('--seeds', default='0,1,2', show_default=True, type=str)
-@click.option('--eval-kimg', default=4.0, show_default=True, type=float, help='Distance measured every this many kimg')
+@click.option('--d-lr', default=1e-4, show_default=True, type=float, help='Discriminator learning rate')
+@click.option('--seeds', default='0,1,2', show_default=True, type=str,
+              help='Training seeds: one run per seed and method')
+@click.option('--eval-kimg', default=4.0, show_default=True, type=click.FloatRange(min=1),
+              help='Distance measured every this many kimg (at least 1: snapshots are named by whole kimg)')
 @click.option('--eval-num', default=1000, show_default=True, type=int, help='Images per distance')
 @click.option('--pairs', 'num_pairs', default=2048, show_default=True, type=int, help='Teacher pairs for L2')
-@click.option('--threads', default=1, show_default=True, type=int)
+@click.option('--threads', default=1, show_default=True, type=int, help='CPU threads')
 def main(outdir, pretrain_kimg, gan_kimg, batch, lr, d_lr, seeds, eval_kimg, eval_num, num_pairs, threads):
     torch.set_num_threads(threads)
     os.makedirs(outdir, exist_ok=True)

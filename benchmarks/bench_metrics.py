@@ -53,7 +53,7 @@ def _flops_per_image(module: torch.nn.Module, resolution: int) -> float:
 @click.option("--num", default=64, show_default=True, help="Images to time")
 @click.option("--batch", default=16, show_default=True, help="Batch size")
 @click.option("--threads", default=None, type=int, help="torch intra-op threads (default: torch's)")
-@click.option("--device", default="cpu", show_default=True)
+@click.option("--device", default="cpu", show_default=True, help="cpu or cuda")
 def throughput(num, batch, threads, device):
     """Images/s of an Inception-sized stand-in detector."""
     if threads:
@@ -99,9 +99,11 @@ def _make_zip(path: str, num: int) -> None:
 
 
 @main.command()
-@click.option("--num", "nums", multiple=True, type=int, default=[5000, 50000], show_default=True)
-@click.option("--workdir", default="/tmp/bench-metrics", show_default=True)
-@click.option("--batch", default=250, show_default=True)
+@click.option("--num", "nums", multiple=True, type=int, default=[5000, 50000], show_default=True,
+              help="Images per measurement (repeatable)")
+@click.option("--workdir", default="/tmp/bench-metrics", show_default=True,
+              help="Where the image zips and the stand-in detector go")
+@click.option("--batch", default=250, show_default=True, help="Batch size")
 def memory(nums, workdir, batch):
     """Peak RSS of a streamed fid,is pass over N images, each N in a fresh process."""
     os.makedirs(workdir, exist_ok=True)

@@ -1,7 +1,7 @@
 """SPD's cost per training step: the Fourier corruption (two forward FFTs and one inverse per batch) against a whole
 training step (forward + backward + Adam) of the same network with EDM's loss, at CIFAR-10 size.
 
-    python benchmarks/bench_spd.py [--batch 16] [--arch ddpmpp] [--repeats 3] [--device cpu]
+    python benchmarks/bench_spd.py [--batch 16] [--arch ddpmpp] [--repeats 3] [--device cpu] [--threads 1]
 
 Prints one JSON line holding every measurement: the mean seconds of SPD's `process.corrupt` (the FFT work), of a full
 SPD step and of a full EDM step, and the FFT share of the SPD step (the issue asks for < 5 % on CPU).
@@ -39,12 +39,16 @@ def _timed(fn, repeats, device):
 
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument('--batch', type=int, default=16)
-    parser.add_argument('--arch', default='ddpmpp', choices=list(ARCH_PRESETS))
-    parser.add_argument('--repeats', type=int, default=3)
-    parser.add_argument('--device', default='cuda' if torch.cuda.is_available() else 'cpu')
+    parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0].replace('\n', ' '),
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument('--batch', type=int, default=16, help='Images per step (32x32, 3 channels)')
+    parser.add_argument('--arch', default='ddpmpp', choices=list(ARCH_PRESETS), help='Network family')
+    parser.add_argument('--repeats', type=int, default=3, help='Timed steps per loss (after one warm-up)')
+    parser.add_argument('--device', default='cuda' if torch.cuda.is_available() else 'cpu', help='cpu or cuda')
+    parser.add_argument('--threads', type=int, default=None, help="CPU threads (None: torch's own count)")
     args = parser.parse_args()
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     torch.manual_seed(0)
     images = torch.rand(args.batch, 3, 32, 32, device=device) * 2 - 1

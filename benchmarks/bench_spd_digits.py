@@ -15,9 +15,10 @@ classifier Frechet distance (NOT FID: the classifier's 64-d features) to one hal
 floor of the other half (as benchmarks/bench_dg.py). T: the reference's T = 4000 makes the all-steps ancestral
 sampler cost 4000 network evaluations per image, beyond a CPU budget; a smaller T trains the same process on a
 coarser grid of the same tau in (0, 1], and its ancestral sampler still runs all T steps.
-The defaults are what the README reports, sized for a shared 2-core CPU: 4 kimg (train.py stops at the first tick
-end past it: 4032 images = 63 steps of batch 64) and 128 images per setting (a small-sample Frechet distance,
-biased upward, compared with a floor measured at the same count). Results: <outdir>/results.json (and --json),
+The defaults are sized for a shared 2-core CPU: 4 kimg (train.py stops at the first tick end past it: 4032 images
+= 63 steps of batch 64; each run's `trained_kimg` records it) and 128 images per setting (a small-sample Frechet
+distance, biased upward, compared with a floor measured at the same count); the README reports the defaults with
+--samples 512 (benchmarks/results/spd-digits.json). Results: <outdir>/results.json (and --json),
 written after every setting.
 """
 
@@ -40,7 +41,30 @@ from digits_common import claim_run, frechet, latest  # noqa: E402  (benchmarks/
 def _run(step: str, args: list[str], threads: int) -> None:
     print(f"\n[bench_spd_digits] {step}: python {' '.join(args)}", flush=True)
     env = dict(os.environ, OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
-    subprocess.run([sys.executable] + args, cwd=ROOT, check=True, env=env)
+    result = subprocess.run([sys.executable] + args, cwd=ROOT, env=env)
+    if result.returncode != 0:
+        raise click.ClickException(f"step '{step}' failed (exit code {result.returncode}; its error is above)")
+
+
+def _check_T(ctx, param, T: int) -> int:
+    """Both runs' processes must exist at this T before the first trains (the DDPM control's betas, scaled by
+    1000 / T, leave (0, 1) for T <= 20: it failed after the SPD run had trained)."""
+    from processes.spd import DDPMProcess, SPDProcess
+    try:
+        SPDProcess(T=T)
+        DDPMProcess(T=T)
+    except ValueError as err:
+        raise click.BadParameter(str(err), ctx=ctx, param=param) from None
+    return T
+
+
+def _trained_kimg(run_dir: str) -> float | None:
+    """The kimg the run trained (train.py stops at the first tick end past --duration): its last stats line."""
+    last = None
+    for line in open(os.path.join(run_dir, "stats.jsonl")):
+        if line.strip():
+            last = line
+    return round(json.loads(last)["Progress/kimg"]["mean"], 3) if last else None
 
 
 def _atomic_json(path: str, data: dict) -> None:
@@ -85,7 +109,8 @@ def _train(outdir: str, dataset: str, loss: str, kimg: float, T: int, threads: i
 @click.command(context_settings=dict(show_default=True))
 @click.option("--outdir", required=True, type=click.Path(file_okay=False), help="Working folder (resumable)")
 @click.option("--kimg", default=4.0, type=click.FloatRange(min=0, min_open=True), help="Training length per run")
-@click.option("--T", "T", default=100, type=click.IntRange(min=2), help="The process's T (both runs)")
+@click.option("--T", "T", default=100, type=click.IntRange(min=2), callback=_check_T,
+              help="The process's T (both runs; the DDPM control needs T > 20)")
 @click.option("--samples", default=128, type=click.IntRange(min=10), help="Images per setting (at most 898)")
 @click.option("--nfe", default=35, type=click.IntRange(min=2), help="Few-step sampler's NFE (dpmpp_2m: = steps)")
 @click.option("--samplers", default="dpmpp_2m,ancestral", help="Which samplers, in this order (the cheap first)")
@@ -140,6 +165,7 @@ def main(outdir, kimg, T, samples, nfe, samplers, threads, json_out):
         options = json.load(open(os.path.join(run_dir, "training_options.json")))["loss_kwargs"]
         result.setdefault("runs", {})[loss] = dict(
             snapshot=snapshot_path, sec_per_kimg=round(_sec_per_kimg(run_dir) or 0, 1),
+            trained_kimg=_trained_kimg(run_dir),
             loss_kwargs={k: v for k, v in options.items() if k != "class_name"})
     for key in samplers.split(","):
         name, solver, steps = settings[key]

@@ -223,7 +223,8 @@ def main(arch, batch, num_refs, pool_size, steps, warmup, pools, workers, precis
     # The extra work is additive, so its ratio to the plain step is less exposed to load changes than the step
     # medians above (which a shared machine can swing by 2x).
     stf_extra = pieces['stf: augment R-b refs'] + pieces['stf: targets (B x R, fp64)']
-    print(f'from the pieces (main-thread work; loading runs in the DataLoader workers): STF +{stf_extra:.3f} s/step '
+    where = 'in the DataLoader workers' if workers else 'in the main process too (--workers 0)'
+    print(f'from the pieces (main-thread work; loading runs {where}): STF +{stf_extra:.3f} s/step '
           f'= {1 + stf_extra / base:.3f}x edm, +{pieces["stf: load R refs"]:.3f} s if loaded in the main process; '
           f'AOT +{pool_seconds / steps_per_pool:.4f} s/step = {1 + pool_seconds / steps_per_pool / base:.4f}x edm')
 

@@ -75,8 +75,8 @@ def time_steps(net, batch_size, resolution, channels, device, precision, compile
 @click.option('--warmup', help='Untimed steps first', type=click.IntRange(min=0), default=2, show_default=True)
 @click.option('--threads', help='CPU threads (torch.set_num_threads)', type=click.IntRange(min=1), default=None)
 @click.option('--tf32', help='Allow TF32 (EDM: off)', type=bool, default=False, show_default=True)
-@click.option('--resolution', type=int, default=32, show_default=True)
-@click.option('--channels', type=int, default=3, show_default=True)
+@click.option('--resolution', help='Image size', type=int, default=32, show_default=True)
+@click.option('--channels', help='Image channels', type=int, default=3, show_default=True)
 def main(arch, batch, precision, fp16, compile_net, device, steps, warmup, threads, tf32, resolution, channels):
     device = torch.device(device or ('cuda' if torch.cuda.is_available() else 'cpu'))
     if threads is not None:
@@ -97,9 +97,9 @@ def main(arch, batch, precision, fp16, compile_net, device, steps, warmup, threa
                 torch.cuda.reset_peak_memory_stats(device)
             median, fastest, slowest = time_steps(net, batch_size, resolution, channels, device, precision,
                                                   compile_net, steps, warmup)
-            peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == 'cuda' else float('nan')
+            peak = f'{torch.cuda.max_memory_allocated(device) / 2**30:.2f}' if device.type == 'cuda' else 'n/a'
             print(f'{name:<8} {num_params:>11,} {batch_size:>6} {median:>9.3f} {fastest:>8.3f} {slowest:>8.3f} '
-                  f'{batch_size / median:>9.1f} {peak:>8.2f}', flush=True)
+                  f'{batch_size / median:>9.1f} {peak:>8}', flush=True)
         del net
 
 

@@ -433,8 +433,8 @@ class Suite:
             f.write(self.table())
 
     def table(self) -> str:
-        lines = [f"gpu_suite ({self.results['mode']}, {self.results['device']}, "
-                 f"{self.results.get('sections', {}).get('env', {}).get('gpu', {}).get('name', '')})"]
+        gpu = self.results.get('sections', {}).get('env', {}).get('gpu', {}).get('name')
+        lines = [f"gpu_suite ({', '.join([self.results['mode'], self.results['device']] + ([gpu] if gpu else []))})"]
         section = None
         for sec, name, text in self.rows:
             if sec != section:
