@@ -111,15 +111,17 @@ def cli():
 
 def load_network(network: str, device):
     """The snapshot's network and its process's sampling object, when its process is sampled over a sigma grid (what
-    LD3 learns); any other process (SPD's per-frequency one, a one-step generator) is refused in one line."""
+    LD3 learns); any other process (SPD's per-frequency one, a one-step generator) is refused in one line saying
+    why (the sampling's `why_no_ld3`)."""
     try:
         snapshot = load_snapshot(network, device)
     except (persistence.NetworkPickleError, OSError) as err:
         raise click.ClickException(str(err)) from None
     sampling = snapshot.process.sampling
     if not getattr(sampling, "learns_sigma_grids", False):
-        raise click.ClickException(f"{network} was trained with the process {snapshot.process.name!r}, which is not "
-                                   f"sampled over a sigma grid of x = y + sigma n (it brings its own samplers); LD3 "
+        why = getattr(sampling, "why_no_ld3", "not sampled over a sigma grid of x = y + sigma n (it brings its own "
+                                              "samplers)")
+        raise click.ClickException(f"{network} was trained with the process {snapshot.process.name!r}: {why}; LD3 "
                                    f"learns sigma grids, so it has no teacher data or schedule for this network")
     return snapshot.net, sampling
 

@@ -41,6 +41,7 @@ import os
 import pickle
 import re
 import secrets
+import shutil
 import signal
 import traceback
 import warnings
@@ -379,7 +380,8 @@ def _saved_option_changes(opts: dnnlib.EasyDict, saved: dict, explicit: set, sta
         if key not in opts:
             continue
         if key not in explicit:
-            opts[key] = old
+            if not _dropped_with_its_method(key, opts, explicit, saved):
+                opts[key] = old
             continue
         new = opts[key]
         if key == 'loss_opt' and old and _same_loss(opts, saved, explicit):
@@ -399,9 +401,24 @@ def _saved_option_changes(opts: dnnlib.EasyDict, saved: dict, explicit: set, sta
             notes.append(('path', f'{flag}: {old!r} -> {new!r}', 'another path: exact if it holds the same content'))
             continue
         exact = key in _EXACT_OPTIONS
+        if old is None:  # saved without the option: what it resolved to (--loss: None -> 'vp' said nothing)
+            old = _default_resolution(key, saved)
         notes.append(('exact' if exact else 'not exact', f'{flag}: {old!r} -> {new!r}',
                       f'the continuation {"stays" if exact else "is not"} exact'))
     return notes
+
+
+def _dropped_with_its_method(key: str, opts: dnnlib.EasyDict, explicit: set, saved: dict) -> bool:
+    """Whether a saved option belongs to a method the resume turns off or replaces, so is not carried over: the run's
+    --loss-opt items under another --loss (GDD's discriminator=... under --loss=edm was refused as unknown), a
+    wrapper's options with the wrapper off (--stf-refs under --stf=0 was refused as given without --stf=1)."""
+    if key == 'loss_opt':
+        return not _same_loss(opts, saved, explicit)
+    for entry in losses.LOSS_WRAPPERS.values():
+        if key in [flag.name for flag in entry.flags] and entry.enable.name in explicit:
+            value = opts[entry.enable.name]
+            return not (bool(value) if entry.enable.type is bool else value is not None)
+    return False
 
 
 def _same_loss(opts: dnnlib.EasyDict, saved: dict, explicit: set) -> bool:
@@ -452,6 +469,26 @@ def init_network_kwargs(path: str, interface: dict, precond: str | None) -> dnnl
                                      param_hint='--init')
     class_name = PRECOND_CLASSES[precond] if precond else f'{type(net).__module__}.{type(net).__qualname__}'
     return dnnlib.EasyDict(class_name=class_name, **kwargs)
+
+
+def _remove_unstarted_run_dir(run_dir: str) -> None:
+    """A state the options cannot continue is found only when the loop loads it (its optimizer's parameters, e.g.
+    another GDD freeze level), after the new run's folder was made: remove that folder while it holds only what was
+    written before the loop, so that it does not stand beside the real run as an empty one."""
+    if set(os.listdir(run_dir)) <= {'log.txt', 'training_options.json'}:
+        shutil.rmtree(run_dir, ignore_errors=True)
+
+
+def check_network_class(trained: str | None, resumed: str, path: str) -> None:
+    """Refuses a resume whose --loss resolves to another preconditioning than the state's network has (the loss
+    picks it when --precond is not given: SPD's eps, EDM's edm): the same backbone weights fit either wrapper, so the
+    weight check passes and the run went on with an epsilon predictor read as a denoiser."""
+    if trained is None or trained == resumed:
+        return
+    raise click.BadParameter(f'{path} holds a network of class {trained.rsplit(".", 1)[-1]}; these options train '
+                             f'one of class {resumed.rsplit(".", 1)[-1]} (the preconditioning --loss picks): the '
+                             f'network would not match; resume with the run\'s own --loss, or start a new run from '
+                             f'its weights (--transfer)', param_hint='--loss')
 
 
 def check_weights_fit(weights: dict, network_kwargs: dict, interface: dict, path: str, strict: bool) -> None:
@@ -715,6 +752,7 @@ def build_config(opts: dnnlib.EasyDict, world_size: int) -> tuple[dnnlib.EasyDic
             saved_network = json.loads(state.get('options') or '{}').get('network_kwargs') or {}
             if opts.init is not None and 'augment_dim' in saved_network:  # its weights are what the state holds
                 c.network_kwargs.augment_dim = saved_network['augment_dim']
+            check_network_class(saved_network.get('class_name'), c.network_kwargs.class_name, opts.resume)
             check_weights_fit(state['networks']['net'], c.network_kwargs, interface, opts.resume, strict=True)
             saved_widths = sorted(float(w) for w in state.get('phema', {}))
             if opts.phema and not saved_widths:
@@ -1026,6 +1064,7 @@ def main(**kwargs):
 
     logger = None
     dist.print0('Creating output directory...')
+    run_dir_is_new = not opts.nosubdir  # a numbered run folder, made for this run by _run_dir(create=True)
     if dist.get_rank() == 0:
         os.makedirs(c.run_dir, exist_ok=True)
         with dnnlib.util.atomic_output(os.path.join(c.run_dir, 'training_options.json'), 'wt') as f:
@@ -1048,6 +1087,8 @@ def main(**kwargs):
         if logger is not None and logger.file is not None:
             logger.file.write(f'Error: {err}\n')  # Into log.txt only: click prints it on the terminal.
             logger.close()
+        if isinstance(err, training_loop.ResumeMismatchError) and run_dir_is_new and dist.get_rank() == 0:
+            _remove_unstarted_run_dir(c.run_dir)
         raise click.ClickException(str(err)) from None
     except BaseException as err:
         if logger is not None and logger.file is not None:

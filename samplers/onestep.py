@@ -21,6 +21,11 @@ class OneStepSampling:
     """D(sigma z; sigma, c) when no sampler option is given; EDM's grid sampling otherwise."""
 
     learns_sigma_grids = False  # LD3 learns a solver's grid; a one-step generator has none to learn.
+    why_no_ld3 = ("a one-step generator, sampled in one step (LD3 learns a multi-step solver's grid from that "
+                  "solver's own many-step trajectory, which a network distilled for one step is not trained to give)")
+    # Guidance is a sampler option: it moves the snapshot onto a grid, where GridSampling applies it (it was refused
+    # after generation.json was written, though the snapshot is an EDM denoiser like any other there).
+    takes_guidance = True
 
     def __init__(self, sigma: float):
         self.sigma = float(sigma)

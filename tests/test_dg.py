@@ -322,6 +322,24 @@ def test_guided_heun_is_the_references_edm_g_plus_plus_sampler(w1, w2):
     assert (ours - plain).abs().max() > 1e-3
 
 
+def test_a_one_step_generator_takes_guidance_on_the_grid_its_sampler_options_give(dg_files):
+    """GDD's snapshots sample in one step; with --dg (a sampler option) they are sampled over a sigma grid as any
+    EDM denoiser, guided there (it was refused after generation.json was written)."""
+    from samplers.onestep import OneStepSampling
+
+    net = persistence.load_network_pickle(dg_files["net"])["ema"]
+    one_step = OneStepSampling(sigma=80.0)
+    guided = dict(dg=dict(value=dg_files["network"], weight=3.0))
+    expected = [imgs for _, imgs in generation.generate_images(net, [0, 1], num_steps=6, guidance=guided,
+                                                                device="cpu", progress=False)]
+    got = [imgs for _, imgs in generation.generate_images(net, [0, 1], num_steps=6, guidance=guided, device="cpu",
+                                                           progress=False, sampling=one_step)]
+    assert torch.equal(got[0], expected[0])
+    unguided = generation.sample_seeds(net, [0, 1], generation.SamplerConfig(num_steps=6), device="cpu",
+                                       sampling=one_step)
+    assert not torch.equal(got[0], unguided.to(got[0].dtype))
+
+
 @pytest.mark.parametrize("solver", ["euler", "heun", "dpmpp_2m", "dpmpp_3m", "unipc", "ipndm"])
 def test_every_solver_samples_with_dg_and_the_stated_cost_is_the_calls_made(dg_files, solver):
     net = persistence.load_network_pickle(dg_files["net"])["ema"]

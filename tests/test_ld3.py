@@ -673,6 +673,16 @@ def test_gen_data_on_an_spd_snapshot_is_refused_for_its_reason(tmp_path):
         assert len(errors) == 1 and len(result.output.strip().splitlines()) == 2, result.output  # + "Loading ..."
         assert "process 'spd'" in errors[0] and "LD3 learns sigma grids" in errors[0]
         assert "unknown solver" not in result.output and not out.exists()
+    # A one-step generator (GDD) is refused for its own reason: it was said not to be sampled over a sigma grid,
+    # which generate.py does with any sampler option.
+    from processes import OneStepProcess
+    one_step = str(tmp_path / "gdd.pkl")
+    snapshots.save_snapshot(one_step, ema=tiny_net(), process=OneStepProcess(80.0),
+                            loss_kwargs=dict(class_name="losses.gdd.GDDLoss"))
+    result = CliRunner().invoke(ld3_cli.cli, ["gen-data", "--network", one_step, "--out", str(out), "--seeds", "0-1",
+                                              "--device", "cpu"])
+    assert result.exit_code == 1 and "process 'one_step': a one-step generator, sampled in one step" in result.output
+    assert "not sampled over a sigma grid" not in result.output and not out.exists()
 
 
 def test_gen_data_checks_the_solver_after_loading_the_network(network_pickle, tmp_path):

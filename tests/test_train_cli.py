@@ -535,3 +535,49 @@ def test_a_damaged_image_and_another_ranks_failure_are_one_line_in_log_txt(datas
     log = open(tmp_path / 'runs' / '00001-tiny-uncond-ddpmpp-edm-gpus1-batch64-fp32' / 'log.txt').read()
     assert log.rstrip().splitlines()[-1].startswith('Error: another rank ended ([../third_party/gloo/')
     assert 'Traceback' not in log
+
+
+def test_a_resume_that_changes_the_method_drops_its_options_or_is_refused(datasets, tmp_path, monkeypatch):
+    """Options of a method the resume replaces are not carried over, and a --loss that picks another
+    preconditioning is a network change."""
+    _tiny_run(tmp_path / 'edm', datasets['uncond'], '--nosubdir', '--loss-opt', 'P_mean=-1.0')
+    edm_state = tmp_path / 'edm' / 'training-state-000001.pt'
+    # SPD's loss picks eps preconditioning: the backbone's weights fit, and the run went on reading the EDM
+    # denoiser as an epsilon predictor (only "not exact"). Refused before any folder exists.
+    result = _invoke(['--outdir', tmp_path / 'out', '--resume', edm_state, '--loss', 'spd', '--duration', 0.002])
+    assert result.exit_code == 2 and not (tmp_path / 'out').exists(), result.output
+    assert (f'Invalid value for --loss: {edm_state} holds a network of class EDMPrecond; these options train one of '
+            f'class EpsPrecond (the preconditioning --loss picks): the network would not match') in result.output
+    # Another loss over the same preconditioning: the run's --loss-opt items were EDM's (P_mean), and VP's loss was
+    # refused with "loss 'vp' has no option 'P_mean'".
+    result = _invoke(['--resume', edm_state, '--loss', 'vp', '--precond', 'edm', '--duration', 0.002, '-n'])
+    assert result.exit_code == 0, result.output
+    options = _printed_options(result.output)
+    assert options['loss_kwargs']['class_name'] == 'losses.denoising.VPLoss' and 'P_mean' not in options['loss_kwargs']
+    assert "changed --loss: 'edm' -> 'vp'" in result.output
+    # A wrapper turned off takes its options with it (--stf-refs was refused as given without --stf=1).
+    _tiny_run(tmp_path / 'stf', datasets['uncond'], '--nosubdir', '--stf', 1, '--stf-refs', 64)
+    result = _invoke(['--resume', tmp_path / 'stf' / 'training-state-000001.pt', '--stf', 0, '--duration', 0.002,
+                      '-n'])
+    assert result.exit_code == 0 and 'changed --stf: True -> False' in result.output, result.output
+    assert 'stf' not in json.dumps(_printed_options(result.output)['loss_kwargs']).lower()
+
+
+def test_a_state_the_loop_cannot_continue_leaves_no_empty_run_folder(datasets, tmp_path, monkeypatch):
+    # Found only when the loop loads the state (another GDD freeze level: its optimizer's parameters), after the new
+    # numbered folder was made: it stood beside the real runs holding log.txt and training_options.json.
+    from training import training_loop
+    _tiny_run(tmp_path / 'runs', datasets['uncond'])
+    _tiny_run(tmp_path / 'flat', datasets['uncond'], '--nosubdir')
+    state = next((tmp_path / 'runs').glob('*/training-state-000001.pt'))
+
+    def mismatch(**kwargs):
+        raise training_loop.ResumeMismatchError(f"{state}: the optimizer of phase 'G' trains other parameters")
+    monkeypatch.setattr(training_loop, 'training_loop', mismatch)
+    result = _invoke(['--outdir', tmp_path / 'runs', '--resume', state, '--duration', 0.002])
+    assert result.exit_code == 1 and "Error: " + f"{state}: the optimizer of phase 'G'" in result.output
+    assert [path.name for path in (tmp_path / 'runs').iterdir()] == [state.parent.name]
+    # In the run's own folder (--nosubdir) nothing is removed.
+    before = sorted(os.listdir(tmp_path / 'flat'))
+    result = _invoke(['--resume', tmp_path / 'flat' / 'training-state-000001.pt', '--nosubdir', '--duration', 0.002])
+    assert result.exit_code == 1 and sorted(os.listdir(tmp_path / 'flat')) == before
