@@ -20,6 +20,7 @@ from samplers.cli_options import (
     check_class,
     check_cuda_graph,
     check_device,
+    preset_in_errors,
     preset_option,
     sampler_config,
     sampler_options,
@@ -52,20 +53,22 @@ def _run(func, *args, **kwargs):
         raise click.ClickException(str(err)) from err
 
 
-def network_source_from_cli(network_pkl, seeds, batch_size, class_idx, preset_lines=(), **sampler_cli):
+def network_source_from_cli(network_pkl, seeds, batch_size, class_idx, preset_lines=(), preset=None, **sampler_cli):
     """Load the network and build the in-memory image source; the sampler flags are generate.py's
     (samplers/cli_options.py), so `calc --network` samples exactly what generate.py would write. preset_lines: what
-    --preset set (apply_preset), printed with the sampler. Nothing is written to disk (only --out's JSON)."""
+    --preset set (apply_preset), printed with the sampler; preset: its name, for errors. Nothing is written to disk
+    (only --out's JSON)."""
     check_cuda_graph(sampler_cli.get("cuda_graph"), distributed.device())
     snapshot = _run(load_snapshot, network_pkl, distributed.device())
     net, sampling = snapshot.net, snapshot.process.sampling  # sampled the way its process was trained
     check_class(net, class_idx)
     notes = []
-    config = sampler_config(**sampler_cli, sampling=sampling, notes=notes)  # its process may bring its own solvers
-    try:
-        summary = sampling.describe(net, config)
-    except ValueError as err:
-        raise click.UsageError(str(err)) from None
+    with preset_in_errors(preset, SAMPLER_PRESETS, sampling, snapshot.process.name):
+        config = sampler_config(**sampler_cli, sampling=sampling, notes=notes)  # its process may bring its own solvers
+        try:
+            summary = sampling.describe(net, config)
+        except ValueError as err:
+            raise click.UsageError(str(err)) from None
     for line in [*preset_lines, *(f"Note: {note}" for note in notes)]:
         distributed.print0(line)
     distributed.print0(f"Sampler: {summary}")
@@ -180,7 +183,8 @@ def calc(image_path, network_pkl, ref_path, num_expected, seed, seeds, out_path,
             seeds = list(range(50000 if num_expected is None else num_expected))
         elif num_expected is not None and num_expected != len(seeds):
             raise click.UsageError(f"--num-images={num_expected} disagrees with --seeds ({len(seeds)} seeds)")
-        source = network_source_from_cli(network_pkl, seeds, batch_size, preset_lines=preset_lines, **sampler_cli)
+        source = network_source_from_cli(network_pkl, seeds, batch_size, preset_lines=preset_lines, preset=preset,
+                                         **sampler_cli)
 
     record = _run(metrics.calc_metrics, source, ref_path, metric_names, detector_paths=detector_paths)
     if distributed.get_rank() == 0:

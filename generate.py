@@ -17,6 +17,7 @@ from samplers.cli_options import (
     check_class,
     check_cuda_graph,
     check_device,
+    preset_in_errors,
     preset_option,
     sampler_config,
     sampler_options,
@@ -101,11 +102,12 @@ def main(network, outdir, seeds, subdirs, class_idx, max_batch_size, device, gri
         raise click.ClickException(str(err)) from None
     net, sampling = snapshot.net, snapshot.process.sampling  # sampled the way its process was trained
     notes = []
-    config = sampler_config(**sampler_cli, sampling=sampling, notes=notes)  # its process may bring its own solvers
-    try:
-        summary = sampling.describe(net, config)
-    except ValueError as e:
-        raise click.UsageError(str(e)) from None
+    with preset_in_errors(preset, SAMPLER_PRESETS, sampling, snapshot.process.name):
+        config = sampler_config(**sampler_cli, sampling=sampling, notes=notes)  # its process may bring its own solvers
+        try:
+            summary = sampling.describe(net, config)
+        except ValueError as e:
+            raise click.UsageError(str(e)) from None
     for line in preset_lines + [f"Note: {note}" for note in notes]:
         dist.print0(line)
     check_class(net, class_idx)

@@ -428,6 +428,19 @@ def _same_loss(opts: dnnlib.EasyDict, saved: dict, explicit: set) -> bool:
     return opts.loss in (saved.get('loss'), _default_resolution('loss', saved))
 
 
+def _trains(loss: str, precond: str) -> bool:
+    """Whether --loss can train --precond (losses.preconditioning_for accepts the pair)."""
+    try:
+        losses.preconditioning_for(loss, precond)
+        return True
+    except (KeyError, ValueError):
+        return False
+
+
+def _preset_text(value) -> str:
+    return ','.join(str(v) for v in value) if isinstance(value, (list, tuple)) else str(value)
+
+
 def merge_loss_options(saved_items, given_items) -> list[str]:
     """The saved KEY=VALUE items, each replaced by a given item of the same key, then the given items with new keys."""
     given = {str(item).partition('=')[0].strip(): item for item in given_items}
@@ -894,6 +907,18 @@ def _presets_epilog() -> str:
               metavar='STEPS', type=click.IntRange(min=1), default=100, show_default=True)
 @click.option('-n', '--dry-run', help='Print training options and exit', is_flag=True)
 def main(**kwargs):
+    try:
+        _main(**kwargs)
+    except click.UsageError as err:  # an error about an option the preset set: say so (the user never typed it)
+        preset = TRAIN_PRESETS.get(kwargs.get('preset'), {})
+        named = [f'--{key.replace("_", "-")}' for key in preset
+                 if re.search(rf'--{key.replace("_", "-")}(?![-\w])', err.format_message())]
+        if named:
+            err.message = f'{err.message} ({", ".join(named)}: from --preset={kwargs["preset"]})'
+        raise
+
+
+def _main(**kwargs):
     opts = dnnlib.EasyDict(kwargs)
     ctx = click.get_current_context()
     early_warnings, stop_keeping_warnings = _keep_warnings(ctx)
@@ -910,11 +935,24 @@ def main(**kwargs):
             raise click.BadParameter(f'unknown preset {opts.preset!r}: expected one of {", ".join(TRAIN_PRESETS)} '
                                      '(--preset=list shows their sources and commands)', param_hint='--preset')
         preset = TRAIN_PRESETS[opts.preset]
+        preset_loss = preset.get('loss') or losses.DEFAULT_LOSS_FOR_PRECOND.get(preset.get('precond') or 'edm')
+        other_loss = 'loss' in explicit and opts.loss != preset_loss
         for key, value in preset.items():
+            flag = f'--{key.replace("_", "-")}'
             if key not in explicit:
+                # What the explicit options replace goes with them: EDM's fp16 network under --precision (and the
+                # reverse; they were refused as given together), the preset loss's options and a preconditioning
+                # it cannot train under another --loss (GDD's d_lr under --loss=edm, VP under --loss=spd).
+                replaced_by = ('--precision' if key == 'fp16' and 'precision' in explicit else
+                               '--fp16' if key == 'precision' and 'fp16' in explicit else
+                               '--loss' if key == 'loss_opt' and other_loss else
+                               '--loss' if key == 'precond' and other_loss and not _trains(opts.loss, value) else None)
+                if replaced_by is not None:
+                    preset_notes.append(f'{replaced_by} drops the preset\'s {flag}={_preset_text(value)}')
+                    continue
                 opts[key] = list(value) if isinstance(value, list) else value
             elif key != 'loss_opt':
-                preset_notes.append(f'--{key.replace("_", "-")}={opts[key]} (preset: {value})')
+                preset_notes.append(f'{flag}={opts[key]} (preset: {value})')
         if 'loss_opt' in preset and 'loss_opt' in explicit and opts.loss == preset.get('loss'):
             # Key by key, as a resume merges them: `--loss-opt disc_weights=...` on a gdd-i preset replaced all of
             # the preset's options (freeze=1, d_lr, backbones) without a word.

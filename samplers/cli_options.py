@@ -14,6 +14,7 @@ not give (the CLI passes its table, training.presets.SAMPLER_PRESETS; apply_pres
 """
 
 import collections
+import contextlib
 import inspect
 import os
 import re
@@ -350,6 +351,23 @@ def apply_preset(name: str | None, sampler_cli: dict, presets: dict, sources: di
         lines.append(f"Preset {name}: --solver={sampler_cli.get('solver')} drops the preset's solver options: "
                      f"{', '.join(dropped)}")
     return lines
+
+
+@contextlib.contextmanager
+def preset_in_errors(name: str | None, presets: dict, sampling=None, process_name: str = ""):
+    """Around building the sampler config: a preset is refused for a process with samplers of its own (SPD: EDM's
+    --preset=edm-cifar10 turned silently into DPM-Solver++(2M) at its 18 steps), and an option error says what the
+    preset set (an --rho it gave was refused beside a schedule file as if typed)."""
+    if name is not None and hasattr(sampling, "refuse_grid_flags"):
+        raise click.UsageError(f"--preset={name} is a sigma-grid sampler configuration; this network's process "
+                               f"{process_name!r} brings its own samplers: leave --preset out")
+    try:
+        yield
+    except click.UsageError as err:
+        if name is not None:
+            given = " ".join(f"--{key}={value}" for key, value in presets[name].items())
+            err.message = f"{err.message} (--preset={name} gives {given}; explicit options win over it)"
+        raise
 
 
 def sampler_options(help_prefix: str = "", solver_default: str | None = None, steps_default: int | None = None,

@@ -769,7 +769,7 @@ def test_cli_reports_non_finite_samples_and_write_errors_in_one_line(tmp_path, m
     path = str(tmp_path / "nan.pkl")
     persistence.save_network_pickle(path, dict(ema=tiny_net()))
     monkeypatch.setattr(generate, "load_snapshot", lambda *a, **k: types.SimpleNamespace(
-        net=NaNAfter(tiny_net()), process=types.SimpleNamespace(sampling=generation.GRID_SAMPLING),
+        net=NaNAfter(tiny_net()), process=types.SimpleNamespace(name="edm", sampling=generation.GRID_SAMPLING),
         data={"process": None}))
     result = CliRunner().invoke(generate.main, ["--network", path, "--outdir", str(tmp_path / "out"), "--device",
                                                 "cpu", "--seeds", "0-8", "--steps", "2"])

@@ -299,3 +299,46 @@ def test_every_sampler_preset_option_is_a_generate_and_fid_option():
             for key, value in options.items():
                 param = _preset_param(ctx, key)
                 assert param.process_value(ctx, value) is not None
+
+
+def test_explicit_options_take_what_they_replace_from_the_preset_and_errors_name_it(tmp_path):
+    """--precision replaces a preset's --fp16 (they were refused as given together); another --loss drops the
+    preset loss's options and a preconditioning it cannot train; an error about an option the preset set says so."""
+    data = write_zip_dataset(str(tmp_path / 'tiny.zip'), random_images(16))
+    base = ['--outdir', str(tmp_path / 'runs'), '--data', data, '--device', 'cpu', '-n']
+    options, output = _dry_run_options(tmp_path, '--preset', 'edm-imagenet64-adm', '--precision', 'bf16', '--cond', '0')
+    assert options['network_kwargs']['use_fp16'] is False and options['precision'] == 'bf16'
+    assert "--precision drops the preset's --fp16=True" in output
+    options, output = _dry_run_options(tmp_path, '--preset', 'edm-cifar10-uncond-vp', '--loss', 'spd')
+    assert options['network_kwargs']['class_name'] == 'training.preconditioning.EpsPrecond'
+    assert "--loss drops the preset's --precond=vp" in output
+    options, output = _dry_run_options(tmp_path, '--preset', 'edm-cifar10-uncond-vp', '--loss', 'edm')
+    assert options['network_kwargs']['class_name'] == 'training.preconditioning.VPPrecond'  # EDM's loss trains VP
+    result = CliRunner().invoke(train.main, [*base, '--preset', 'stf-cifar10-uncond-ncsnpp', '--loss', 'spd'])
+    assert result.exit_code == 2 and result.output.rstrip().endswith(
+        '(--stf: from --preset=stf-cifar10-uncond-ncsnpp)'), result.output
+    result = CliRunner().invoke(train.main, [*base, '--preset', 'edm-cifar10-uncond-vp', '--precond', 'nope'])
+    assert result.exit_code == 2 and 'from --preset' not in result.output  # typed, not the preset's
+
+
+def test_a_sampler_preset_on_a_process_with_its_own_samplers_is_refused_and_errors_name_it(tiny_pickle, tmp_path):
+    from losses.spd import SPDLoss
+    from samplers import save_schedule_file
+    from training import snapshots
+    from training.preconditioning import EpsPrecond
+    net = EpsPrecond(img_resolution=8, img_channels=3, model_type='SongUNet', model_channels=8, channel_mult=[1],
+                     num_blocks=1, attn_resolutions=[]).eval()
+    spd = str(tmp_path / 'spd.pkl')
+    snapshots.save_snapshot(spd, ema=net, loss_kwargs=dict(class_name='losses.spd.SPDLoss', T=20),
+                            process=SPDLoss(T=20).process)
+    # EDM's preset on SPD became DPM-Solver++(2M) at its 18 steps, silently.
+    result = _generate(['--network', spd, '--outdir', tmp_path / 'a', '--seeds', '0', '--device', 'cpu', '--preset',
+                        'edm-cifar10'])
+    assert result.exit_code == 2 and "--preset=edm-cifar10 is a sigma-grid sampler configuration; this network's " \
+        "process 'spd' brings its own samplers: leave --preset out" in result.output and not (tmp_path / 'a').exists()
+    schedule = str(tmp_path / 'grid.json')
+    save_schedule_file(schedule, [80.0, 1.0, 0.002], solver='euler', nfe=2)
+    result = _generate(['--network', tiny_pickle, '--outdir', tmp_path / 'b', '--seeds', '0', '--device', 'cpu',
+                        '--preset', 'aot-uncond', '--schedule', schedule])
+    assert result.exit_code == 2 and 'do not apply to a schedule file (it holds its grid) (--preset=aot-uncond ' \
+        'gives --steps=14 --rho=90; explicit options win over it)' in result.output, result.output
