@@ -21,16 +21,15 @@ Examples:
 
 Additions to EDM's options: --loss (registry name; default follows --precond) and --loss-opt KEY=VALUE for its
 constructor options, the plug-ins --stf/--stf-refs/--stf-mask-classes (STF targets) and --aot (AOT noise pairing),
-which compose with each other and with the edm, vp and ve losses, --precision fp32|bf16|fp16 (torch.autocast;
-fp16 adds a GradScaler), --compile 0|1|regional, --channels-last and --fused-adam (GPU speed; not bit-identical
-to the defaults, which are EDM's), --device, --rng image|rank, --lr-rampup; hidden: --blocks (num_blocks) and
---attn (attn_resolutions) for tiny networks. --workers accepts 0 (load in the main process). --resume takes EDM's
-training states (approximate resume through the safe pickle importer) and ours (exact resume): a state file, a run
-directory (its newest valid state) or `auto` (the newest valid state under --outdir, else a fresh start). A state
-written by this version remembers the run's options, so `--resume=STATE` alone continues the run; options given
-with it override (the change is printed, with whether the continuation stays exact), and options that would
-change the network are refused. --max-nonfinite stops a diverged run.
-"""
+which compose with each other and with the edm, vp and ve losses (--aot also with spd, ddpm and gdd), --precision
+fp32|bf16|fp16 (torch.autocast; fp16 adds a GradScaler), --compile 0|1|regional, --channels-last and --fused-adam
+(GPU speed; not bit-identical to the defaults, which are EDM's), --device, --rng image|rank, --lr-rampup; hidden:
+--blocks (num_blocks) and --attn (attn_resolutions) for tiny networks. --workers accepts 0 (load in the main
+process). --resume takes EDM's training states (approximate resume through the safe pickle importer) and ours (exact
+resume): a state file, a run directory (its newest valid state) or `auto` (the newest valid state under --outdir,
+else a fresh start). A state written by this version remembers the run's options, so `--resume=STATE` alone
+continues the run; options given with it override (the change is printed, with whether the continuation stays
+exact), and options that would change the network are refused. --max-nonfinite stops a diverged run. """
 
 import copy
 import glob
@@ -464,6 +463,11 @@ def _options_equal(a, b) -> bool:
     return json.dumps(a, sort_keys=True, default=str) == json.dumps(b, sort_keys=True, default=str)
 
 
+# Wrappers that compute the same D(x; sigma) from the same backbone weights (GDDPrecond is EDMPrecond with its
+# scalings shifted by epsilon, 5e-5 relative at sigma 80): rewrapping one as the other keeps the pretrained model.
+_SAME_FUNCTION_WRAPPERS = ({'edm', 'gdd'},)
+
+
 def init_network_kwargs(path: str, interface: dict, precond: str | None) -> dnnlib.EasyDict:
     """--init: the class and constructor options of a pickle's EMA network (EDM's, ours, forks'; imported without
     running its code), checked against the dataset. `precond` swaps the preconditioning wrapper (PRECOND_CLASSES)
@@ -480,8 +484,13 @@ def init_network_kwargs(path: str, interface: dict, precond: str | None) -> dnnl
         if int(theirs or 0) != value:
             raise click.BadParameter(f'{path} has {key}={theirs}, but the dataset (--data, --cond) needs {value}',
                                      param_hint='--init')
-    class_name = PRECOND_CLASSES[precond] if precond else f'{type(net).__module__}.{type(net).__qualname__}'
-    return dnnlib.EasyDict(class_name=class_name, **kwargs)
+    own_class = f'{type(net).__module__}.{type(net).__qualname__}'
+    own = next((key for key, name in PRECOND_CLASSES.items() if name == own_class), None)
+    if precond and own is not None and own != precond and {own, precond} not in _SAME_FUNCTION_WRAPPERS:
+        warnings.warn(f'--init: {path} holds a --precond={own} network ({type(net).__name__}); --precond={precond} '
+                      f'rewraps its backbone, whose weights then compute another function: training starts from '
+                      f'them, not from the pretrained model', stacklevel=1)
+    return dnnlib.EasyDict(class_name=PRECOND_CLASSES[precond] if precond else own_class, **kwargs)
 
 
 def _remove_unstarted_run_dir(run_dir: str) -> None:

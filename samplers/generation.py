@@ -177,6 +177,8 @@ def describe(net, config: SamplerConfig) -> str:
             f"sigma={positive[0]:.4g}..{positive[-1]:.4g}{' then 0' if grid.end == 'zero' else ''}")
     if config.denoise_to_zero and grid.end == "sigma_min":
         text += " +denoise_to_zero"
+    elif config.denoise_to_zero:  # said, not silently dropped: the flag was taken and did nothing
+        text += " (denoise_to_zero changes nothing: the last step already lands on 0)"
     if grid.eval_sigmas is not None:
         text += " (decoupled evaluation grid)"
     return f"{text}; {nfe} NFE per image"

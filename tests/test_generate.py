@@ -826,7 +826,9 @@ def test_denoise_to_zero_on_a_grid_ending_at_zero_records_as_without(network_pic
     or without it is the same run (it was refused as other settings)."""
     outdir = str(tmp_path / "out")
     base = ["--network", network_pickle, "--outdir", outdir, "--device", "cpu", "--seeds", "0-1", "--steps", "3"]
-    assert CliRunner().invoke(generate.main, [*base, "--denoise-to-zero"]).exit_code == 0
+    result = CliRunner().invoke(generate.main, [*base, "--denoise-to-zero"])
+    assert result.exit_code == 0 and "then 0 (denoise_to_zero changes nothing: the last step already lands on 0); " \
+        "5 NFE per image" in result.output, result.output
     result = CliRunner().invoke(generate.main, base)
     assert result.exit_code == 0 and "skipped 2" in result.output, result.output
     with_dtz = str(tmp_path / "dtz")

@@ -581,3 +581,24 @@ def test_a_state_the_loop_cannot_continue_leaves_no_empty_run_folder(datasets, t
     before = sorted(os.listdir(tmp_path / 'flat'))
     result = _invoke(['--resume', tmp_path / 'flat' / 'training-state-000001.pt', '--nosubdir', '--duration', 0.002])
     assert result.exit_code == 1 and sorted(os.listdir(tmp_path / 'flat')) == before
+
+
+def test_init_rewrapped_in_another_preconditioning_is_warned(datasets, tmp_path):
+    # An EDM denoiser's backbone under VP's wrapper (or an SPD epsilon predictor's under GDD's) computes another
+    # function: the run starts from its weights, not from the pretrained model; it trained without a word.
+    _tiny_run(tmp_path / 'edm', datasets['uncond'], '--nosubdir')
+    snapshot = tmp_path / 'edm' / 'network-snapshot-000001.pkl'
+    base = ['--outdir', tmp_path / 'out', '--data', datasets['uncond'], '--init', snapshot, '-n', '--workers', '0',
+            '--device', 'cpu']
+    with pytest.warns(UserWarning, match=r'--init: .*network-snapshot-000001\.pkl holds a --precond=edm network '
+                                         r'\(EDMPrecond\); --precond=vp rewraps its backbone, whose weights then '
+                                         r'compute another function'):
+        result = _invoke([*base, '--precond', 'vp'])
+    assert result.exit_code == 0, result.output
+    for same in (['--precond', 'edm'],  # its own wrapper
+                 ['--precond', 'gdd', '--loss', 'gdd', '--loss-opt', 'discriminator=sn_cnn', '--dropout', '0',
+                  '--augment', '0']):  # GDD's wrapper takes EDM's weights as they are (5e-5 relative at sigma 80)
+        with warnings.catch_warnings():
+            warnings.filterwarnings('error', message='--init: ')
+            result = _invoke([*base, *same])
+        assert result.exit_code == 0, result.output
