@@ -29,7 +29,8 @@ process). --resume takes EDM's training states (approximate resume through the s
 resume): a state file, a run directory (its newest valid state) or `auto` (the newest valid state under --outdir,
 else a fresh start). A state written by this version remembers the run's options, so `--resume=STATE` alone
 continues the run; options given with it override (the change is printed, with whether the continuation stays
-exact), and options that would change the network are refused. --max-nonfinite stops a diverged run. """
+exact), and options that would change the network are refused. --max-nonfinite stops a diverged run.
+"""
 
 import copy
 import glob
