@@ -711,7 +711,8 @@ def build_config(opts: dnnlib.EasyDict, world_size: int) -> tuple[dnnlib.EasyDic
         loss_fn = dnnlib.util.construct_class_by_name(**c.loss_kwargs)
         for message in loss_fn.check_data(batch_gpu_total=batch_per_gpu, batch_gpu=micro_batch,
                                           dataset_size=c.dataset_kwargs.max_size):
-            warnings.warn(message, stacklevel=1)
+            if opts.dry_run:  # else the loop says it when it checks the same (it said it twice)
+                warnings.warn(message, stacklevel=1)
     except (ValueError, TypeError) as err:  # TypeError: a wrapper around a loss it cannot wrap (STF over SPD)
         raise _option_error(err) from None
 

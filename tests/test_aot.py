@@ -268,8 +268,12 @@ def test_train_cli_with_aot_and_with_aot_plus_stf(labelled_zip, tmp_path):
     for extra, name in [(['--aot', 64], '00000-tinylab-cond-ddpmpp-edm-gpus1-batch32-fp32-aot64'),
                         (['--aot', 64, '--stf', 1, '--stf-refs', 40],
                          '00001-tinylab-cond-ddpmpp-edm-gpus1-batch32-fp32-stf40-aot64')]:
-        result = CliRunner().invoke(train.main, [str(a) for a in common + extra], catch_exceptions=False)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter('always')
+            result = CliRunner().invoke(train.main, [str(a) for a in common + extra], catch_exceptions=False)
         assert result.exit_code == 0, result.output
+        said = [w for w in caught if 'replaces the paired target' in str(w.message)]
+        assert len(said) == ('--stf' in extra)  # once: train.py and the loop both said it
         run_dir = outdir / name
         assert {'network-snapshot-000000.pkl', 'network-snapshot-000001.pkl', 'training-state-000001.pt'} <= set(
             os.listdir(run_dir))
@@ -286,6 +290,9 @@ def test_train_cli_with_aot_and_with_aot_plus_stf(labelled_zip, tmp_path):
         assert state['cur_nimg'] == 1024 and state['data_position'] == 1024
         lines = [json.loads(line) for line in open(run_dir / 'stats.jsonl')]
         assert all(np.isfinite(line['Loss/loss']['mean']) for line in lines)
+    with pytest.warns(UserWarning, match='replaces the paired target'):  # a dry run has no loop to say it
+        result = CliRunner().invoke(train.main, [str(a) for a in common + extra + ['-n']], catch_exceptions=False)
+    assert result.exit_code == 0, result.output
 
 
 @pytest.mark.slow
