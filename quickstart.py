@@ -17,6 +17,7 @@ import json
 import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -48,9 +49,13 @@ def _run(step: str, args: list[str]) -> None:
             except (subprocess.TimeoutExpired, KeyboardInterrupt):
                 proc.kill()
                 proc.wait()
-            print(f"\n[quickstart] interrupted during '{step}'; rerun the same command to resume (finished steps are "
-                  "skipped, training continues from its last state)", file=sys.stderr, flush=True)
-            raise SystemExit(130) from None
+            returncode = 130
+    # train.py stopped by Ctrl-C or SIGTERM (130, 143; it wrote a state) or a step killed by one: an interruption,
+    # not a failure, also when this process did not see the signal itself (SIGINT ignored in a background job).
+    if returncode in (130, 143, -signal.SIGINT, -signal.SIGTERM):
+        print(f"\n[quickstart] interrupted during '{step}'; rerun the same command to resume (finished steps are "
+              "skipped, training continues from its last state)", file=sys.stderr, flush=True)
+        raise SystemExit(130 if returncode in (130, -signal.SIGINT) else 143)
     if returncode != 0:
         raise click.ClickException(f"step '{step}' failed (exit code {returncode}): {' '.join(cmd)}")
 

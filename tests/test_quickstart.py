@@ -194,6 +194,21 @@ def test_ctrl_c_says_how_to_resume(tmp_path):
     assert "Traceback" not in err and "Aborted!" not in err + out
 
 
+def test_a_step_stopped_by_a_signal_is_an_interruption_not_a_failure(tmp_path):
+    # train.py exits 130 after Ctrl-C (143 after SIGTERM) with its state written; when quickstart itself did not
+    # see the signal (SIGINT ignored in a background job; a SIGTERM to the step alone) it said "step failed".
+    for code, ours in ((130, 130), (143, 143), (-int(signal.SIGINT), 130)):
+        # A negative code: killed by the signal itself (the child restores its default action first).
+        child = (f"import os, signal\nsignal.signal({-code}, signal.SIG_DFL)\nos.kill(os.getpid(), {-code})"
+                 if code < 0 else f"raise SystemExit({code})")
+        script = f"import click, quickstart\nclick.command()(lambda: quickstart._run('training', ['-c', {child!r}]))()"
+        result = subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True, timeout=60,
+                                start_new_session=True)
+        assert result.returncode == ours, result.stderr
+        assert "interrupted during 'training'; rerun the same command to resume" in result.stderr
+        assert "failed" not in result.stderr + result.stdout
+
+
 def _fake_venv(venv):
     """A venv whose python only logs its arguments: setup_env.sh runs through without installing anything."""
     os.makedirs(venv / "bin")
