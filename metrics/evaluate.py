@@ -316,22 +316,27 @@ class FeaturePass:
             self.inception_score.reduce_(self.detectors["inception"].num_classes, device)
             out["is_mean"], out["is_std"], out["is_scores"] = self.inception_score.compute()
         if "pr" in self.metrics:
-            dim = self.detectors["vgg16"].feature_dim
-            indices = torch.cat(self._pr_indices) if self._pr_indices else torch.zeros([0], dtype=torch.int64,
-                                                                                          device=device)
-            features = torch.cat(self._pr_features) if self._pr_features else torch.zeros(
-                [0, dim], dtype=torch.float16, device=device)
-            indices, features = _all_gather_rows(indices.to(device), features.to(device))
-            out["pr_features"] = features[torch.argsort(indices)]
+            out["pr_features"] = _rows_in_image_order(self._pr_indices, self._pr_features,
+                                                      self.detectors["vgg16"].feature_dim, torch.float16, device)
         if "kid" in self.metrics:
-            dim = self.detectors["inception"].feature_dim
-            indices = torch.cat(self._kid_indices) if self._kid_indices else torch.zeros([0], dtype=torch.int64,
-                                                                                            device=device)
-            features = torch.cat(self._kid_features) if self._kid_features else torch.zeros(
-                [0, dim], dtype=torch.float32, device=device)
-            indices, features = _all_gather_rows(indices.to(device), features.to(device))
-            out["kid_features"] = features[torch.argsort(indices)]
+            out["kid_features"] = _rows_in_image_order(self._kid_indices, self._kid_features,
+                                                       self.detectors["inception"].feature_dim, torch.float32, device)
         return out
+
+
+def _rows_in_image_order(index_batches: list, feature_batches: list, dim: int, dtype: torch.dtype,
+                         device: torch.device) -> torch.Tensor:
+    """Every rank's kept feature rows, in image-index order. The batch lists are emptied once joined, and the rows
+    are reordered only when they came out of order (one process reads in order): the features, 16 KB per image for
+    P/R, were held three times over at the end of a pass (1.65 GB peak for 20k images, 312 MB of features)."""
+    indices = torch.cat(index_batches) if index_batches else torch.zeros([0], dtype=torch.int64)
+    features = torch.cat(feature_batches) if feature_batches else torch.zeros([0, dim], dtype=dtype, device=device)
+    index_batches.clear()
+    feature_batches.clear()
+    indices, features = _all_gather_rows(indices.to(device), features.to(device))
+    if len(indices) > 1 and bool((indices[1:] < indices[:-1]).any()):  # one host read per pass
+        features = features[torch.argsort(indices)]
+    return features
 
 
 def _all_gather_rows(indices: torch.Tensor, features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

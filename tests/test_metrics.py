@@ -983,3 +983,19 @@ def test_inception_score_default_splits_is_ten():
 
     from metrics.inception_score import inception_score
     assert inspect.signature(inception_score).parameters["num_splits"].default == 10
+
+
+def test_kept_feature_rows_come_in_image_order_and_the_batch_lists_are_let_go():
+    # P/R and KID keep their features per batch; joined at the end in image-index order (batches arrive in any order
+    # across ranks and workers), and the batch lists are emptied then, not held beside the joined copy.
+    from metrics import evaluate
+    index_batches = [torch.tensor([2, 3]), torch.tensor([0, 1]), torch.tensor([4])]
+    feature_batches = [torch.full([len(i), 3], 0.0) + i[:, None].float() for i in index_batches]
+    rows = evaluate._rows_in_image_order(index_batches, feature_batches, 3, torch.float32, torch.device("cpu"))
+    assert rows[:, 0].tolist() == [0, 1, 2, 3, 4] and rows.shape == (5, 3)
+    assert index_batches == [] and feature_batches == []
+    in_order = evaluate._rows_in_image_order([torch.tensor([0, 1])], [torch.eye(2)], 2, torch.float32,
+                                             torch.device("cpu"))
+    assert torch.equal(in_order, torch.eye(2))
+    empty = evaluate._rows_in_image_order([], [], 4, torch.float16, torch.device("cpu"))
+    assert empty.shape == (0, 4) and empty.dtype == torch.float16
