@@ -20,11 +20,10 @@ from samplers.cli_options import (
     check_class,
     check_cuda_graph,
     check_device,
-    preset_in_errors,
     preset_option,
-    sampler_config,
     sampler_options,
     seed_list,
+    snapshot_sampler,
 )
 from torch_utils import distributed
 from training.presets import SAMPLER_PRESET_SOURCES, SAMPLER_PRESETS
@@ -60,15 +59,9 @@ def network_source_from_cli(network_pkl, seeds, batch_size, class_idx, preset_li
     (only --out's JSON)."""
     check_cuda_graph(sampler_cli.get("cuda_graph"), distributed.device())
     snapshot = _run(load_snapshot, network_pkl, distributed.device())
-    net, sampling = snapshot.net, snapshot.process.sampling  # sampled the way its process was trained
+    net, sampling = snapshot.net, snapshot.process.sampling
     check_class(net, class_idx)
-    notes = []
-    with preset_in_errors(preset, SAMPLER_PRESETS, sampling, snapshot.process.name):
-        config = sampler_config(**sampler_cli, sampling=sampling, notes=notes)  # its process may bring its own solvers
-        try:
-            summary = sampling.describe(net, config)
-        except ValueError as err:
-            raise click.UsageError(str(err)) from None
+    config, summary, notes = snapshot_sampler(snapshot, sampler_cli, preset, SAMPLER_PRESETS)
     for line in [*preset_lines, *(f"Note: {note}" for note in notes)]:
         distributed.print0(line)
     distributed.print0(f"Sampler: {summary}")

@@ -17,11 +17,10 @@ from samplers.cli_options import (
     check_class,
     check_cuda_graph,
     check_device,
-    preset_in_errors,
     preset_option,
-    sampler_config,
     sampler_options,
     seed_list,
+    snapshot_sampler,
 )
 from samplers.generation import (
     NonFiniteSamples,
@@ -100,14 +99,8 @@ def main(network, outdir, seeds, subdirs, class_idx, max_batch_size, device, gri
         snapshot = load_snapshot(network, device)
     except (persistence.NetworkPickleError, OSError) as err:
         raise click.ClickException(str(err)) from None
-    net, sampling = snapshot.net, snapshot.process.sampling  # sampled the way its process was trained
-    notes = []
-    with preset_in_errors(preset, SAMPLER_PRESETS, sampling, snapshot.process.name):
-        config = sampler_config(**sampler_cli, sampling=sampling, notes=notes)  # its process may bring its own solvers
-        try:
-            summary = sampling.describe(net, config)
-        except ValueError as e:
-            raise click.UsageError(str(e)) from None
+    net, sampling = snapshot.net, snapshot.process.sampling
+    config, summary, notes = snapshot_sampler(snapshot, sampler_cli, preset, SAMPLER_PRESETS)
     for line in preset_lines + [f"Note: {note}" for note in notes]:
         dist.print0(line)
     check_class(net, class_idx)

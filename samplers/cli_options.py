@@ -370,6 +370,21 @@ def preset_in_errors(name: str | None, presets: dict, sampling=None, process_nam
         raise
 
 
+def snapshot_sampler(snapshot, sampler_cli: dict, preset: str | None, presets: dict):
+    """How generate.py and fid.py calc --network sample a loaded snapshot: its process's sampling (the way it was
+    trained), the config of the sampler flags and the one-line summary, as (config, summary, notes to print). Errors
+    are one line (click.UsageError), naming the preset where it set the option."""
+    sampling = snapshot.process.sampling
+    notes = []
+    with preset_in_errors(preset, presets, sampling, snapshot.process.name):
+        config = sampler_config(**sampler_cli, sampling=sampling, notes=notes)  # its process may bring its own solvers
+        try:
+            summary = sampling.describe(snapshot.net, config)
+        except ValueError as err:
+            raise click.UsageError(str(err)) from None
+    return config, summary, notes
+
+
 def sampler_options(help_prefix: str = "", solver_default: str | None = None, steps_default: int | None = None,
                     guidance: bool = True):
     """Decorator: every flag that decides how a seed becomes an image (besides the network and --device).
