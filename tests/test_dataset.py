@@ -136,6 +136,59 @@ def test_pickles_into_dataloader_workers(tmp_path):
     assert torch.cat([b[1] for b in batches]).argmax(1).tolist() == [0, 1, 0, 1, 0, 1]
 
 
+
+@pytest.mark.parametrize("compression", [zipfile.ZIP_STORED, zipfile.ZIP_DEFLATED])
+def test_zip_members_are_read_without_a_zipfile_per_process(tmp_path, monkeypatch, compression):
+    """The ZIP directory is read once, when the dataset is opened, into arrays; a worker (a pickled copy) reads the
+    images and dataset.json by offset: no ZipFile (a ZipInfo object per member, ~1.5 KB per image per worker)."""
+    images = _images(5)
+    labels = [3, 1, 4, 1, 5]
+    path = tmp_path / "d.zip"
+    names = [f"{i // 1000:05d}/img{i:08d}.png" for i in range(len(images))]
+    with zipfile.ZipFile(path, "w", compression=compression) as z:
+        z.writestr("dataset.json", json.dumps({"labels": [[n, lab] for n, lab in zip(names, labels)]}))
+        for name, image in zip(names, images):
+            z.writestr(name, _png_bytes(image))
+    ds = ImageFolderDataset(str(path), use_labels=True)
+    assert ds._zipfile is None  # the directory's ZipFile is let go once the arrays are built
+
+    def no_zipfile(*args, **kwargs):
+        raise AssertionError("ZipFile opened while reading members")
+
+    monkeypatch.setattr(zipfile, "ZipFile", no_zipfile)
+    worker = pickle.loads(pickle.dumps(ds))
+    assert worker._raw_labels is None  # re-read by the worker, from the ZIP
+    for i in range(5):
+        image, label = worker[i]
+        np.testing.assert_array_equal(image, images[i].transpose(2, 0, 1))
+        assert label.argmax() == labels[i] and label.shape == (6,)
+    assert ds._members.compress_type.tolist() == [compression] * 5
+
+
+def test_zip_members_other_compressions_go_through_zipfile(tmp_path):
+    images = _images(3)
+    with zipfile.ZipFile(tmp_path / "bz.zip", "w", compression=zipfile.ZIP_BZIP2) as z:
+        for i, image in enumerate(images):
+            z.writestr(f"img{i}.png", _png_bytes(image))
+    ds = ImageFolderDataset(str(tmp_path / "bz.zip"))
+    assert [ds._members.needs_zipfile(i) for i in range(3)] == [True] * 3
+    np.testing.assert_array_equal(np.stack([ds[i][0] for i in range(3)]), images.transpose(0, 3, 1, 2))
+
+
+def test_zip_member_that_inflates_past_its_declared_size_is_damaged(tmp_path):
+    from training.dataset import ZipMembers
+
+    member = _png_bytes(_images(1)[0])
+    with zipfile.ZipFile(tmp_path / "d.zip", "w", compression=zipfile.ZIP_DEFLATED) as z:
+        z.writestr("img0.png", member)
+        infos = z.infolist()
+    members = ZipMembers(infos)
+    with open(tmp_path / "d.zip", "rb") as f:
+        assert members.read(f, 0, "here") == member
+        members.file_size[0] = len(member) - 1  # declares one byte less than the stream inflates to
+        with pytest.raises(DatasetError, match=r"^here: damaged ZIP file \(bad CRC-32 or size"):
+            members.read(f, 0, "here")
+
 def test_errors_name_the_file(tmp_path):
     with pytest.raises(DatasetError, match=r"nope\.zip: dataset path does not exist"):
         ImageFolderDataset(str(tmp_path / "nope.zip"))
@@ -231,11 +284,20 @@ def test_zip_with_a_bad_crc_fails_when_opening(tmp_path):
         f.write(bytes(data))
     with pytest.raises(DatasetError, match=r"bad\.zip:00000/img00000002\.png: damaged ZIP file \(bad CRC-32"):
         ImageFolderDataset(str(tmp_path / "bad.zip"))
-    # The same damage through a compressed (deflated) member: zipfile's own check.
+    # The same damage inside a compressed (deflated) member's stream: a bad CRC-32 or no valid stream at all.
     with zipfile.ZipFile(tmp_path / "deflated.zip", "w", compression=zipfile.ZIP_DEFLATED) as z:
         for i, image in enumerate(images):
             z.writestr(f"img{i}.png", _png_bytes(image))
+        info = z.getinfo("img2.png")
     assert len(ImageFolderDataset(str(tmp_path / "deflated.zip"))) == 3
+    data = bytearray(open(tmp_path / "deflated.zip", "rb").read())
+    for flip in (0x01, 0xFF):
+        damaged = bytearray(data)
+        damaged[info.header_offset + 30 + len("img2.png") + info.compress_size // 2] ^= flip
+        with open(tmp_path / "bad2.zip", "wb") as f:
+            f.write(bytes(damaged))
+        with pytest.raises(DatasetError, match=r"bad2\.zip:img2\.png: damaged ZIP file \(bad CRC-32 or size"):
+            ImageFolderDataset(str(tmp_path / "bad2.zip"))
 
 
 def test_zip_bombs_are_refused_before_they_are_read(tmp_path):
