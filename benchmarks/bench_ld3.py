@@ -72,6 +72,7 @@ def main(testbeds, solvers, nfes, recipes, num_train, num_valid, num_holdout, nu
     recipes = recipes.split(",")
     num_data = num_train + num_valid + num_holdout
     results = []
+    run_start = time.time()
     for testbed in testbeds.split(","):
         denoiser = TESTBEDS[testbed]()
         latents = torch.randn(num_data + num_test, 64, generator=torch.Generator().manual_seed(123),
@@ -135,7 +136,8 @@ def main(testbeds, solvers, nfes, recipes, num_train, num_valid, num_holdout, nu
                 if json_path:  # after every cell (temp name + rename), so a cut-short run keeps what it measured
                     with open(json_path + ".tmp", "w") as f:
                         json.dump(dict(num_train=num_train, num_valid=num_valid, num_holdout=num_holdout,
-                                       num_test=num_test, results=results), f, indent=1)
+                                       num_test=num_test, command=" ".join(sys.argv),
+                                       wall_s=round(time.time() - run_start, 1), results=results), f, indent=1)
                     os.replace(json_path + ".tmp", json_path)
 
 

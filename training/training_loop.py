@@ -129,7 +129,7 @@ def compile_network(module: torch.nn.Module, mode) -> torch.nn.Module:
         return torch.compile(module)
     if mode == 'regional':
         from training.networks import UNetBlock
-        # One code object for all blocks: every distinct block shape is a cache entry (DDPM++ CIFAR-10: ~20).
+        # One code object for all blocks: every distinct block graph is a cache entry (DDPM++ CIFAR-10: 33 blocks, 14).
         for name in ('cache_size_limit', 'recompile_limit'):
             if hasattr(torch._dynamo.config, name):
                 setattr(torch._dynamo.config, name, max(getattr(torch._dynamo.config, name), 256))
