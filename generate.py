@@ -132,6 +132,11 @@ def main(network, outdir, seeds, subdirs, class_idx, max_batch_size, device, gri
                               **dataclasses.asdict(config))
     except (util.OutputPathError, NonFiniteSamples) as err:  # a full disk, a diverging sampler: one line
         raise click.ClickException(str(err)) from None
+    except KeyboardInterrupt:  # not click's bare "Aborted!": every PNG is renamed into place once whole
+        if dist.get_rank() == 0:
+            print(f'Interrupted. The images in "{outdir}" are complete; run the same command again to generate the '
+                  f'rest (it skips them).', file=sys.stderr, flush=True)
+        sys.exit(130)
     totals = torch.tensor([counts["written"], counts["skipped"]], dtype=torch.int64,
                           device=device if dist.is_distributed() and device.type == "cuda" else "cpu")
     dist.all_reduce_sum_(totals)

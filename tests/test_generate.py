@@ -253,6 +253,23 @@ def network_pickle(tmp_path_factory):
     return path
 
 
+
+def test_cli_ctrl_c_says_the_images_are_kept(network_pickle, tmp_path, monkeypatch):
+    """Ctrl-C during sampling: exit 130 (the shell's code for SIGINT) with how to continue, not click's "Aborted!"."""
+    written = []
+
+    def interrupted(net, seeds, outdir, **kwargs):
+        written.append(outdir)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(generate, "write_images", interrupted)
+    outdir = str(tmp_path / "out")
+    result = CliRunner().invoke(generate.main, ["--network", network_pickle, "--outdir", outdir, "--seeds", "0-4",
+                                                "--device", "cpu"])
+    assert written == [outdir] and result.exit_code == 130, result.output
+    assert f'Interrupted. The images in "{outdir}" are complete; run the same command again' in result.output
+    assert "Aborted" not in result.output
+
 def test_cli_writes_edm_images(network_pickle, tmp_path):
     outdir = str(tmp_path / "out")
     result = CliRunner().invoke(generate.main, ["--network", network_pickle, "--outdir", outdir, "--seeds", "0-4",
