@@ -50,7 +50,7 @@ __all__ = ['Batch', 'PerImageRandom', 'Phase', 'constant_lr', 'default_phases', 
            'DEFAULT_LOSS_FOR_PRECOND', 'DenoisingLoss', 'LossWrapper', 'EDMLoss', 'VPLoss', 'VELoss', 'STFLoss',
            'AOTLoss', 'GDDLoss', 'WrapperFlag', 'LossWrapperEntry', 'loss_options', 'parse_loss_options',
            'loss_kwargs', 'wrap_loss_kwargs', 'loss_record', 'loss_kwargs_from_record', 'describe_losses',
-           'SPDLoss', 'DDPMLoss', 'preconditioning_for', 'prepare_loss_kwargs']
+           'SPDLoss', 'DDPMLoss', 'preconditioning_for', 'prepare_loss_kwargs', 'stochastic_sampling_notes']
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -230,6 +230,19 @@ def loss_record(kwargs: dict) -> dict:
     if base is not None:
         record['options']['base'] = loss_record(base)
     return record
+
+
+def stochastic_sampling_notes(record: dict | None) -> list[str]:
+    """What the losses a snapshot was trained with (its `loss` record, wrappers' bases included) say against sampling
+    it with steps that draw fresh noise: each registered class's `stochastic_sampling_note` (AOT's), outermost first."""
+    notes = []
+    while record:
+        name = record.get('name')
+        cls = LOSS_WRAPPERS[name].cls if name in LOSS_WRAPPERS else LOSSES.get(name)
+        if getattr(cls, 'stochastic_sampling_note', None):
+            notes.append(cls.stochastic_sampling_note)
+        record = (record.get('options') or {}).get('base')
+    return notes
 
 
 def loss_kwargs_from_record(record: dict) -> dnnlib.EasyDict:

@@ -230,6 +230,11 @@ class AOTLoss(LossWrapper):
     pool_size: N images per rank and pool (`--aot`); must be a multiple of the per-rank batch per step.
     """
 
+    # What generate.py and fid.py say when the sampler's steps draw fresh noise (losses.stochastic_sampling_notes).
+    stochastic_sampling_note = ("was trained with AOT-paired noise: the network learned the paths of the paired "
+                                "interpolation (an ODE), and noise drawn during sampling, independent of the image, "
+                                "leaves them")
+
     def __init__(self, base_kwargs=None, pool_size=512):
         super().__init__(base_kwargs)
         self.pool_size = int(pool_size)

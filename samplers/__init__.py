@@ -12,7 +12,7 @@ to add a solver: one file and one line below.
 import torch
 
 from samplers.dpm_solver import dpmpp_2m, dpmpp_3m
-from samplers.euler_heun import euler, heun, heun_nfe
+from samplers.euler_heun import churns, euler, heun, heun_nfe
 from samplers.ipndm import ipndm
 from samplers.schedules import (
     END_CONVENTIONS,
@@ -32,7 +32,7 @@ from samplers.unipc import unipc
 # diff-sampler, LD3) stop at sigma_min.
 SOLVERS = {
     "euler": SolverEntry(euler, default_end="zero"),
-    "heun": SolverEntry(heun, default_end="zero", nfe=heun_nfe),
+    "heun": SolverEntry(heun, default_end="zero", nfe=heun_nfe, adds_noise=churns),
     "dpmpp_2m": SolverEntry(dpmpp_2m, default_end="sigma_min", distinct_levels=True),
     "dpmpp_3m": SolverEntry(dpmpp_3m, default_end="sigma_min", distinct_levels=True),
     "unipc": SolverEntry(unipc, default_end="sigma_min", distinct_levels=True),

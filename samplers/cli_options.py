@@ -22,6 +22,7 @@ import re
 import click
 import torch
 
+import losses
 from samplers import END_CONVENTIONS, SCHEDULES, SOLVERS, make_grid
 from samplers.accelerated import PRECISIONS
 from samplers.fourier import SOLVERS as FOURIER_SOLVERS
@@ -380,6 +381,11 @@ def snapshot_sampler(snapshot, sampler_cli: dict, preset: str | None, presets: d
         config = sampler_config(**sampler_cli, sampling=sampling, notes=notes)  # its process may bring its own solvers
         try:
             summary = sampling.describe(snapshot.net, config)
+            cautions = losses.stochastic_sampling_notes(snapshot.data.get("loss"))
+            if cautions and getattr(sampling, "draws_noise", None) and sampling.draws_noise(snapshot.net, config):
+                notes.extend(f"this snapshot {caution}; this sampler draws noise in its steps: sample with a "
+                             f"deterministic one (--S_churn=0; SPD/DDPM snapshots: --solver ddim, heun or dpmpp_2m)"
+                             for caution in cautions)
         except ValueError as err:
             raise click.UsageError(str(err)) from None
     return config, summary, notes

@@ -34,6 +34,11 @@ def heun_nfe(num_steps: int, end: str) -> int:
     return 2 * num_steps - 1 if end == "zero" else 2 * num_steps
 
 
+def churns(options: dict) -> bool:
+    """Heun's registry rule (SolverEntry.adds_noise): its steps draw fresh noise when S_churn > 0."""
+    return float(options.get("S_churn", 0.0)) > 0
+
+
 def heun(denoiser, x: torch.Tensor, sigmas: torch.Tensor, class_labels=None, *, S_churn: float = 0.0,
          S_min: float = 0.0, S_max: float = math.inf, S_noise: float = 1.0, randn_like=None, round_sigma=None,
          eval_sigmas: torch.Tensor | None = None) -> torch.Tensor:

@@ -40,7 +40,7 @@ from typing import Literal
 import numpy as np
 import torch
 
-from samplers.solver_entry import SolverEntry
+from samplers.solver_entry import SolverEntry, always_adds_noise
 
 Spacing = Literal['uniform', 'quadratic', 'logsnr']
 
@@ -228,7 +228,7 @@ def one_per_level(num_steps: int, end: str = 'zero') -> int:
 
 # The entry's `default_end` is unused by Fourier sampling (its grid always ends at t = 0, then the clean end).
 SOLVERS = {
-    'ancestral': SolverEntry(ancestral, default_end='zero', nfe=one_per_level),
+    'ancestral': SolverEntry(ancestral, default_end='zero', nfe=one_per_level, adds_noise=always_adds_noise),
     'ddim': SolverEntry(ddim, default_end='zero', nfe=one_per_level),
     'heun': SolverEntry(heun, default_end='zero', nfe=heun_nfe),
     'dpmpp_2m': SolverEntry(dpmpp_2m, default_end='zero', nfe=one_per_level),
@@ -314,6 +314,12 @@ class FourierSampling:
 
     def prepare(self, net, config, device=None) -> FourierPlan:
         return self._resolve(config)
+
+    def draws_noise(self, net, config) -> bool:
+        """Whether the solver's steps draw fresh noise (ancestral: yes; the default over all T steps)."""
+        plan = self._resolve(config)
+        entry = self.solvers[plan.solver]
+        return entry.adds_noise({**entry.defaults(), **plan.options})
 
     def record(self, net, config) -> dict:
         """The plan as it resolves (generate.py's output-folder record, generation.json): the solver after the

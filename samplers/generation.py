@@ -205,6 +205,9 @@ class GridSampling:
         prepare(net, config, device) -> plan     once per run (the grid, the solver and its options)
         describe(net, config) -> str             one line for logs and result files
         sample(net, plan, inputs, config) -> x   one batch: float64 images from SeedInputs
+
+    and optionally `record(net, config) -> dict` (generation.json) and `draws_noise(net, config) -> bool` (whether
+    its steps draw fresh noise: the CLIs then say so for a network trained on paired noise, losses.sampling_notes).
     """
 
     learns_sigma_grids = True  # LD3 (samplers/ld3) applies: it learns the grid this sampling integrates over.
@@ -226,6 +229,14 @@ class GridSampling:
             grid, solver, solver_kwargs = build_grid(net, config)
             text += "; " + guidance.describe(net, grid, solver, solver_kwargs, config.denoise_to_zero)
         return text
+
+    def draws_noise(self, net, config: SamplerConfig) -> bool:
+        """Whether the steps draw fresh noise beyond the starting latents: the solver's (SolverEntry.adds_noise, e.g.
+        Heun with S_churn > 0) or the guidance's (DG's boosting)."""
+        _grid, solver, solver_kwargs = build_grid(net, config)
+        entry = get_solver(solver)
+        guidance = build_guidance(config.guidance)
+        return entry.adds_noise({**entry.defaults(), **solver_kwargs}) or bool(getattr(guidance, "adds_noise", False))
 
     def record(self, net, config: SamplerConfig) -> dict:
         """The settings as they resolve (for generation.json): the solver with every option, the grid's levels, so

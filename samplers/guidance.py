@@ -269,6 +269,11 @@ class DiscriminatorGuidance:
             raise ValueError(f"--dg-tau-min and --dg-tau-max must satisfy 0 <= min <= max <= 1 (VP time), got "
                              f"{self.tau_min} and {self.tau_max}")
 
+    @property
+    def adds_noise(self) -> bool:
+        """Boosting churns the samples it picks: fresh noise beyond the solver's own (GridSampling.draws_noise)."""
+        return bool(self.boost)
+
     def load(self) -> Discriminator:
         return _load_cached(self.value)
 

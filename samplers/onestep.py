@@ -53,6 +53,9 @@ class OneStepSampling:
             return "grid", self._grid(GRID_SAMPLING.prepare, net, config, device)
         return "one_step", torch.tensor(self.sigma, dtype=torch.float64, device=device)
 
+    def draws_noise(self, net, config: SamplerConfig) -> bool:
+        return not self.is_one_step(config) and GRID_SAMPLING.draws_noise(net, config)
+
     def record(self, net, config: SamplerConfig) -> dict:
         """The resolved settings for generation.json (GridSampling.record when sampled over a grid)."""
         if not self.is_one_step(config):

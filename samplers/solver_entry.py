@@ -19,6 +19,16 @@ SAMPLE_INPUTS = ("eval_sigmas", "randn_like", "round_sigma")
 _BOOLEAN_WORDS = {"true": True, "false": False, "yes": True, "no": False, "on": True, "off": False}
 
 
+def never_adds_noise(options: dict) -> bool:
+    """A deterministic solver: its steps draw no noise beyond the starting latents."""
+    return False
+
+
+def always_adds_noise(options: dict) -> bool:
+    """An ancestral solver: every step but the last draws fresh noise."""
+    return True
+
+
 def one_call_per_step(num_steps: int, end: str) -> int:
     """NFE of a solver that calls the denoiser once per step, whatever the grid's end (Euler, the multistep
     solvers)."""
@@ -37,6 +47,8 @@ class SolverEntry:
     distinct_levels: the solver's coefficients divide by a step's length in log sigma (the multistep solvers in
         lambda), so a grid whose levels repeat (a network's round_sigma can snap neighbours onto one level) is
         refused rather than sampled into NaNs; Euler, Heun and iPNDM take a repeated level as a zero step, as EDM.
+    adds_noise: (options with defaults filled) -> whether its steps draw fresh noise beyond the starting latents
+        (Heun's churn, ancestral steps): what a network trained on paired noise (AOT) was not trained for.
     """
 
     function: Callable
@@ -44,6 +56,7 @@ class SolverEntry:
     nfe: Callable[[int, str], int] = one_call_per_step
     aliases: Mapping[str, str] = dataclasses.field(default_factory=dict)
     distinct_levels: bool = False
+    adds_noise: Callable[[dict], bool] = never_adds_noise
 
     @functools.cached_property
     def _keyword_parameters(self) -> dict[str, inspect.Parameter]:

@@ -386,3 +386,46 @@ def test_start_assignment_in_a_worker_equals_assign_noise():
             assert torch.equal(torch.from_numpy(future.result()), perm)
             pool = PendingPool(Batch(images=images, labels=labels), noise, future).result()
             assert torch.equal(pool.noise, noise[perm]) and pool.images is images
+
+
+def test_stochastic_sampling_of_an_aot_snapshot_is_noted(tmp_path):
+    """generate.py and fid.py say when a network trained on paired noise is sampled with steps that draw fresh noise
+    (Heun's churn, SPD's ancestral default, DG's boosting); deterministic samplers and other losses say nothing."""
+    from test_generate import tiny_net
+
+    import generate
+    from losses import stochastic_sampling_notes
+    from processes import EDMProcess
+    from processes.spd import SPDProcess
+    from samplers.generation import GRID_SAMPLING, SamplerConfig
+    from training.snapshots import save_snapshot
+
+    edm = dict(class_name='losses.denoising.EDMLoss')
+    aot_stf = aot_loss_kwargs(stf_loss_kwargs(edm, num_refs=8), pool_size=64)
+    assert stochastic_sampling_notes(None) == [] and stochastic_sampling_notes({'name': 'edm', 'options': {}}) == []
+    from losses import loss_record
+    assert stochastic_sampling_notes(loss_record(aot_stf)) == [AOTLoss.stochastic_sampling_note]
+    assert stochastic_sampling_notes(loss_record(stf_loss_kwargs(aot_loss_kwargs(edm, pool_size=8), num_refs=8))) \
+        == [AOTLoss.stochastic_sampling_note]  # a wrapper's base is read too
+
+    net = tiny_net()
+    # Which samplers draw noise: the registry's rule per solver, with the defaults filled in.
+    assert not GRID_SAMPLING.draws_noise(net, SamplerConfig())
+    assert GRID_SAMPLING.draws_noise(net, SamplerConfig(solver='heun', solver_kwargs=dict(S_churn=40.0)))
+    assert not GRID_SAMPLING.draws_noise(net, SamplerConfig(solver='heun', solver_kwargs=dict(S_churn=0.0)))
+    assert not GRID_SAMPLING.draws_noise(net, SamplerConfig(solver='unipc', num_steps=6))
+    assert GRID_SAMPLING.draws_noise(net, SamplerConfig(guidance={'dg': dict(value='unused.pkl', boost=True)}))
+    fourier = SPDProcess(T=50).sampling
+    assert fourier.draws_noise(net, SamplerConfig())  # all T ancestral steps
+    assert not fourier.draws_noise(net, SamplerConfig(solver='ddim'))
+    assert not fourier.draws_noise(net, SamplerConfig(num_steps=8))  # the few-step default, DPM-Solver++(2M)
+
+    for name, loss in [('aot', aot_stf), ('edm', edm)]:
+        path = str(tmp_path / f'{name}.pkl')
+        save_snapshot(path, ema=net, loss_kwargs=loss, process=EDMProcess())
+        for extra, noted in [(['--S_churn', '40'], name == 'aot'), ([], False)]:
+            result = CliRunner().invoke(generate.main, ['--network', path, '--outdir', str(tmp_path / f'{name}{extra}'),
+                                                        '--seeds', '0', '--steps', '3', '--device', 'cpu', *extra])
+            assert result.exit_code == 0, result.output
+            said = f'Note: this snapshot {AOTLoss.stochastic_sampling_note}; this sampler draws noise in its steps'
+            assert (said in result.output) == noted, (name, extra, result.output)
