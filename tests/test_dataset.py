@@ -189,6 +189,55 @@ def test_zip_member_that_inflates_past_its_declared_size_is_damaged(tmp_path):
         with pytest.raises(DatasetError, match=r"^here: damaged ZIP file \(bad CRC-32 or size"):
             members.read(f, 0, "here")
 
+
+def test_zip_members_are_read_by_position_safe_for_threads(tmp_path):
+    """ZipMembers.read neither uses nor moves the file's offset (pread), so threads may share one dataset: with seek
+    and read, 4 threads x 4000 reads saw about 6 % false 'damaged ZIP file' errors."""
+    import concurrent.futures
+
+    images = _images(8)
+    ds = ImageFolderDataset(_make_zip(tmp_path / "d.zip", images))
+    with open(tmp_path / "d.zip", "rb") as f:
+        f.seek(7)
+        ds._members.read(f, 3, "here")
+        assert f.tell() == 7
+
+    def read_all(start):
+        return [int(ds[(start + i) % 8][0].astype(np.int64).sum()) for i in range(200)]
+
+    with concurrent.futures.ThreadPoolExecutor(4) as pool:
+        sums = list(pool.map(read_all, range(4)))
+    expected = images.astype(np.int64).sum(axis=(1, 2, 3))
+    assert sums == [[int(expected[(start + i) % 8]) for i in range(200)] for start in range(4)]
+
+
+def test_zip_directory_entries_out_of_range_are_damage(tmp_path, monkeypatch):
+    """A directory entry whose member reaches past the end of the file, or whose ZIP64 size does not fit in 63 bits,
+    is a DatasetError naming the file when the dataset is opened (not a read that reserves terabytes, nor an
+    OverflowError)."""
+    import struct
+
+    data = bytearray(open(_make_zip(tmp_path / "d.zip", _images(3)), "rb").read())
+    name = b"00000/img00000001.png"
+    central = next(i for i in range(len(data)) if data[i:i + 4] == b"PK\x01\x02" and data[i + 46:i + 46 + len(name)]
+                   == name)
+    data[central + 20:central + 24] = struct.pack("<I", 1 << 31)  # compressed size: 2 GB in a file of a few KB
+    (tmp_path / "past.zip").write_bytes(bytes(data))
+    with pytest.raises(DatasetError, match=r"past\.zip:00000/img00000001\.png: damaged ZIP file \(its directory "
+                                           r"entry reaches past the end of the file"):
+        ImageFolderDataset(str(tmp_path / "past.zip"))
+    # A ZIP64 extra field may declare sizes up to 2**64 - 1, which zipfile accepts.
+    original = zipfile.ZipFile.getinfo
+
+    def huge(self, name):
+        info = original(self, name)
+        info.file_size = (1 << 64) - 1
+        return info
+
+    monkeypatch.setattr(zipfile.ZipFile, "getinfo", huge)
+    with pytest.raises(DatasetError, match=r"d\.zip: damaged ZIP file \(a member's size or offset is out of range"):
+        ImageFolderDataset(str(tmp_path / "d.zip"))
+
 def test_errors_name_the_file(tmp_path):
     with pytest.raises(DatasetError, match=r"nope\.zip: dataset path does not exist"):
         ImageFolderDataset(str(tmp_path / "nope.zip"))

@@ -11,6 +11,7 @@ import json
 import operator
 import os
 import struct
+import threading
 import zipfile
 import zlib
 
@@ -67,6 +68,25 @@ def check_zip_member(info: zipfile.ZipInfo, where: str) -> None:
     _check_inflated_size(info.compress_type, info.compress_size, info.file_size, where)
 
 
+_READ_LOCK = threading.Lock()
+
+
+def _read_at(f, size: int, offset: int) -> bytes:
+    """Up to `size` bytes of `f` at `offset`, safe to call from several threads on one file object."""
+    if hasattr(os, "pread"):
+        chunks = []
+        while size > 0:  # pread may return fewer bytes than asked (e.g. over 2 GB at once on Linux)
+            chunk = os.pread(f.fileno(), size, offset)
+            if not chunk:
+                break
+            chunks.append(chunk)
+            size, offset = size - len(chunk), offset + len(chunk)
+        return b"".join(chunks)
+    with _READ_LOCK:  # Windows: no pread
+        f.seek(offset)
+        return f.read(size)
+
+
 class ZipMembers:
     """Where some members of a ZIP lie, as flat arrays, and how to read one by its row without a zipfile.ZipFile.
 
@@ -90,18 +110,18 @@ class ZipMembers:
                 or bool(self.flag_bits[row] & 0x1))
 
     def read(self, f, row: int, where: str) -> bytes:
-        """The uncompressed bytes of member `row`, read from the open binary file `f` (seek and read)."""
+        """The uncompressed bytes of member `row`, read from the open binary file `f` by position (os.pread: threads
+        may share `f`; a seek then read of one thread would move the other's offset)."""
         method, compress_size, file_size = (int(self.compress_type[row]), int(self.compress_size[row]),
                                             int(self.file_size[row]))
         _check_inflated_size(method, compress_size, file_size, where)
-        f.seek(int(self.header_offset[row]))
-        header = f.read(30)
+        offset = int(self.header_offset[row])
+        header = _read_at(f, 30, offset)
         if len(header) < 30 or header[:4] != b"PK\x03\x04":
             raise DatasetError(f"{where}: damaged ZIP file (bad local header; recreate the ZIP, e.g. with "
                                f"dataset_tool.py)")
         name_len, extra_len = struct.unpack("<HH", header[26:30])
-        f.seek(name_len + extra_len, os.SEEK_CUR)
-        data = f.read(compress_size)
+        data = _read_at(f, compress_size, offset + 30 + name_len + extra_len)
         if len(data) == compress_size and method == zipfile.ZIP_DEFLATED:
             try:
                 # At most one byte more than declared: a member that inflates further is damaged, and is not inflated.
@@ -397,9 +417,20 @@ class ImageFolderDataset(Dataset):
         del all_fnames
         if self._type == "zip":
             with directory:
-                self._members = ZipMembers([directory.getinfo(f) for f in self._image_fnames])
-                if self._has_label_file:
-                    self._label_member = ZipMembers([directory.getinfo("dataset.json")])
+                try:
+                    self._members = ZipMembers([directory.getinfo(f) for f in self._image_fnames])
+                    if self._has_label_file:
+                        self._label_member = ZipMembers([directory.getinfo("dataset.json")])
+                except (OverflowError, ValueError) as exc:  # a ZIP64 size or offset of 2**63 or more
+                    raise DatasetError(f"{self._path}: damaged ZIP file (a member's size or offset is out of range: "
+                                       f"{exc}; recreate the ZIP, e.g. with dataset_tool.py)") from exc
+            # A member said to reach past the end of the file is damaged: refused before a read reserves its size.
+            past_end = np.flatnonzero(self._members.header_offset + self._members.compress_size
+                                      > os.path.getsize(self._path))
+            if past_end.size:
+                raise DatasetError(f"{self._describe(self._image_fnames[past_end[0]])}: damaged ZIP file (its "
+                                   f"directory entry reaches past the end of the file; recreate the ZIP, e.g. with "
+                                   f"dataset_tool.py)")
         if len(self._image_fnames) == 0:
             raise DatasetError(f"{self._path}: no image files found")
 
