@@ -4,7 +4,8 @@
 #
 #   here, once:  the search tool's fetch of github:NVlabs/edm, then (scratch/ is ignored; never committed)
 #                mkdir -p scratch/edm && git -C /work/.mirror/NVlabs+edm/repo archive HEAD | tar -x -C scratch/edm
-#   device run:  bash benchmarks/gpu_session.sh        with carry=["scratch/edm"], timeout_s=600
+#   device run:  GPU_SUITE_COMMIT=<git rev-parse HEAD here> bash benchmarks/gpu_session.sh
+#                with carry=["scratch/edm"], timeout_s=600 (the copy there has no .git to name the commit)
 #   afterwards:  copy $OUT's gpu_suite.json and gpu_suite.txt to benchmarks/results/DATE-h200/ and commit them.
 #
 # Without scratch/edm the EDM columns are skipped (the suite says so). The machine's own python3 holds PyTorch and

@@ -190,9 +190,13 @@ def stop_process_tree(proc: subprocess.Popen, grace_s: float = 10.0) -> None:
 
 
 def run_subprocess(cmd, timeout, env=None, cwd=None):
-    """(returncode, stdout, stderr); a timeout gives returncode None (the process tree stopped)."""
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=cwd,
-                            start_new_session=True)
+    """(returncode, stdout, stderr); a timeout gives returncode None (the process tree stopped), a program that
+    cannot be started (no git on the GPU machine) returncode -1 with the reason as stderr."""
+    try:
+        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=cwd,
+                                start_new_session=True)
+    except OSError as exc:
+        return -1, '', f'cannot run {cmd[0]}: {exc}'
     try:
         out, err = proc.communicate(timeout=timeout)
         return proc.returncode, out, err
@@ -493,7 +497,8 @@ class Suite:
         except ImportError:
             record['triton'] = None
         code, out, _ = run_subprocess(['git', '-C', ROOT, 'rev-parse', 'HEAD'], timeout=10)
-        record['commit'] = out.strip() if code == 0 else None
+        # The device tool copies the working tree without .git: gpu_session.sh's caller passes the commit.
+        record['commit'] = out.strip() if code == 0 else os.environ.get('GPU_SUITE_COMMIT') or None
         code, out, _ = run_subprocess(['git', '-C', ROOT, 'status', '--porcelain', '--untracked-files=no'], timeout=10)
         record['dirty'] = bool(out.strip()) if code == 0 else None
         if self.on_cuda:
@@ -1387,6 +1392,7 @@ def worker_edm_sample(a):
     """EDM's generate.py batch (its StackedRandomGenerator, class labels and edm_sampler) on EDM's EDMPrecond with
     the weights given, timed after a 2-step warm-up batch; the timed batch's uint8 images are saved (NHWC)."""
     sys.path.insert(0, os.path.abspath(a['edm_repo']))
+    _edm_compatibility_shims()  # EDM's dnnlib imports distutils (gone in Python 3.12)
     import numpy as np
     import torch
 

@@ -111,6 +111,9 @@ class Phase:
         backward (a GAN discriminator on fakes and reals) or leave trained parameters without a gradient (R1: the
         output bias). A network trained by any 'allreduce' phase gets no DDP wrapper; its weights and buffers are
         broadcast from rank 0 once, as DDP would.
+    compilable: whether --compile may compile the phase's network. False for a phase that differentiates twice (R1's
+        gradient penalty: torch.compile's AOT autograd has no double backward); a network trained by such a phase
+        runs eagerly in all its phases.
     """
 
     name: str
@@ -122,6 +125,7 @@ class Phase:
     stat_name: str = 'Loss/loss'
     lr_schedule: Callable[[int], float] | None = None
     grad_sync: str = 'ddp'
+    compilable: bool = True
 
     def runs_at(self, iteration: int) -> bool:
         return iteration >= self.offset and (iteration - self.offset) % self.interval == 0

@@ -197,9 +197,10 @@ class GDDLoss:
                   Phase(name='D', network='D', optimizer=d_opt, loss_fn=self.discriminator_loss, stat_name='Loss/D',
                         lr_schedule=constant_lr, grad_sync='allreduce')]
         if self.r1_gamma > 0:
+            # The penalty differentiates D's input gradient: no torch.compile for D (no double backward there).
             phases.append(Phase(name='R1', network='D', optimizer=d_opt, loss_fn=self.r1_loss,
                                 interval=self.r1_interval, offset=self.r1_interval, stat_name='Loss/R1',
-                                lr_schedule=constant_lr, grad_sync='allreduce'))
+                                lr_schedule=constant_lr, grad_sync='allreduce', compilable=False))
         return phases
 
     # -----------------------------------------------------------------------------------------------------------------

@@ -139,13 +139,15 @@ class FourierVPProcess:
 
     def corrupt(self, y: torch.Tensor, t: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
         """x_t = Re F^-1[sqrt(abar_t) F y + sqrt(1 - abar_t) F eps] in y's dtype (the reference's q_sample). With a
-        scalar abar this is sqrt(abar) y + sqrt(1 - abar) eps, computed without FFTs."""
+        scalar abar this is sqrt(abar) y + sqrt(1 - abar) eps, computed without FFTs. Half-precision y (bf16, fp16)
+        is computed in float32 and rounded once at the end: CUDA's FFTs take no bf16 (autocast leaves them alone)."""
+        dtype = torch.promote_types(y.dtype, torch.float32)
         abar = self.alpha_bar(t.reshape(-1), y.shape[-2], y.shape[-1])
-        signal, noise = abar.sqrt().to(y.dtype), (1 - abar).sqrt().to(y.dtype)
-        eps = eps.to(y.dtype)
+        signal, noise = abar.sqrt().to(dtype), (1 - abar).sqrt().to(dtype)
+        y_in, eps = y.to(dtype), eps.to(dtype)
         if abar.shape[-2:] == (1, 1):
-            return signal * y + noise * eps
-        return to_pixels(signal * to_fourier(y) + noise * to_fourier(eps))
+            return (signal * y_in + noise * eps).to(y.dtype)
+        return to_pixels(signal * to_fourier(y_in) + noise * to_fourier(eps)).to(y.dtype)
 
     def target(self, y: torch.Tensor, x: torch.Tensor, t: torch.Tensor, eps: torch.Tensor | None = None):
         """What the network regresses: the white pixel noise eps. The loss passes it; without it, eps is recovered

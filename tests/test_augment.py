@@ -212,3 +212,22 @@ def test_every_constant_is_made_on_the_images_device(monkeypatch):
     monkeypatch.setattr(misc, "constant", recording_constant)
     run(AugmentPipe(p=1, **ALL_OPS), images(4))
     assert calls and all(device is not None for device in calls), calls
+
+
+@pytest.mark.parametrize('dtype', [torch.bfloat16, torch.float16])
+def test_autocast_does_not_reach_the_augmentation(dtype):
+    """Inside the training step's autocast the pipe still computes in float32: the same images, bit for bit, and
+    float32 out (CPU autocast lowers the matmuls and convolutions as CUDA's does; before, bf16 came back, off by up to
+    0.04 where nothing was augmented)."""
+    pipe = AugmentPipe(p=0.12, xflip=1e8, yflip=1, scale=1, rotate_frac=1, aniso=1, translate_frac=1)
+    images = torch.rand(16, 3, 32, 32, generator=torch.Generator().manual_seed(1)) * 2 - 1
+    torch.manual_seed(0)
+    expected, expected_labels = pipe(images)
+    torch.manual_seed(0)
+    with torch.autocast('cpu', dtype=dtype):
+        got, labels = pipe(images)
+    assert got.dtype == torch.float32 and torch.equal(got, expected) and torch.equal(labels, expected_labels)
+    torch.manual_seed(0)
+    half, _ = pipe(images.to(dtype))  # half images in: computed in float32 from them
+    torch.manual_seed(0)
+    assert half.dtype == torch.float32 and torch.equal(half, pipe(images.to(dtype).float())[0])

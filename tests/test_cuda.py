@@ -493,3 +493,22 @@ def test_one_training_step_of_edm_loss_in_bf16_on_cuda(tiny_zip, tmp_path):
         state = torch.load(run_dir / 'training-state-000000.pt', weights_only=True)
         assert all(torch.isfinite(v).all() for v in state['networks']['net'].values())
     assert EDMLoss is not None
+
+
+def test_gpu_suite_env_section_without_git(tmp_path, monkeypatch):
+    """The GPU machine gets the working tree without .git, perhaps without git: the env section still records the
+    machine (a missing program is returncode -1, not an exception that ended the section), and the commit comes from
+    GPU_SUITE_COMMIT."""
+    import importlib.util
+    spec = importlib.util.spec_from_file_location('gpu_suite', SUITE)
+    gpu_suite = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(gpu_suite)
+    code, out, err = gpu_suite.run_subprocess([str(tmp_path / 'no-such-program'), 'x'], timeout=5)
+    assert code == -1 and out == '' and err.startswith(f"cannot run {tmp_path / 'no-such-program'}: ")
+    monkeypatch.setattr(gpu_suite, 'ROOT', str(tmp_path))  # no repository there
+    monkeypatch.setenv('GPU_SUITE_COMMIT', 'abc123')
+    monkeypatch.setenv('PATH', str(tmp_path))  # and no git at all
+    suite = gpu_suite.Suite(gpu_suite.parse_args(['--out', str(tmp_path / 'o'), '--device', 'cpu', '--smoke']))
+    record = {}
+    suite.section_env(record)
+    assert record['commit'] == 'abc123' and record['dirty'] is None and record['torch'] == torch.__version__

@@ -260,6 +260,21 @@ def test_samplers_equal_the_reference_formulas_and_stay_real(monkeypatch):
     assert len(calls) == 29
 
 
+
+@pytest.mark.parametrize('dtype', [torch.bfloat16, torch.float16])
+def test_corrupt_of_half_precision_images_runs_in_float32(dtype):
+    """Half-precision images (e.g. from a bf16 autocast upstream) are corrupted in float32 and rounded once: CUDA's
+    FFTs take no bf16, and this CPU build takes neither (NotImplementedError before)."""
+    process = SPDProcess(T=1000, **CIFAR)
+    y = torch.rand(4, 3, 8, 8, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    eps = torch.randn(4, 3, 8, 8, generator=torch.Generator().manual_seed(1))
+    t = torch.tensor([0, 10, 500, 999])
+    x = process.corrupt(y.to(dtype), t, eps)
+    assert x.dtype == dtype
+    assert torch.equal(x, process.corrupt(y.to(dtype).float(), t, eps).to(dtype))
+    assert torch.equal(DDPMProcess(T=1000).corrupt(y.to(dtype), t, eps),
+                       DDPMProcess(T=1000).corrupt(y.to(dtype).float(), t, eps).to(dtype))
+
 def test_time_steps():
     process = SPDProcess(T=4000, **CIFAR)
     assert time_steps(process, None).tolist() == list(range(3999, -1, -1))

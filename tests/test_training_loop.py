@@ -316,6 +316,19 @@ def test_two_ranks_equal_one_rank(tiny_zip, tmp_path):
     assert max((reference['networks']['net'][k] - v).abs().max() for k, v in initial.items()) > 1e-3
 
 
+
+def test_weight_init_seed_leaves_the_cuda_generators_alone(monkeypatch):
+    """rng='image' seeds the weights from the seed alone on the CPU generator; reseeding CUDA's too (what
+    torch.manual_seed does) gave every rank the same CUDA stream: the same dropout masks and augmentations."""
+    reseeded = []
+    monkeypatch.setattr(torch.cuda, 'manual_seed_all', lambda seed: reseeded.append(seed))
+    monkeypatch.setattr(torch.cuda, 'manual_seed', lambda seed: reseeded.append(seed))
+    before = torch.get_rng_state()
+    with tl._weight_init_rng(123):
+        drawn = torch.randn(3)
+    assert torch.equal(drawn, torch.randn(3, generator=torch.Generator().manual_seed(123)))
+    assert torch.equal(torch.get_rng_state(), before) and reseeded == []
+
 def test_rng_rank_mode_depends_on_layout(tiny_zip, tmp_path):
     """Control for the test above: with EDM's per-rank stream, batch_gpu changes which noise an image gets."""
     results = []

@@ -143,6 +143,15 @@ class AugmentPipe:
         self.saturation_std = float(saturation_std)           # Log2 standard deviation of saturation.
 
     def __call__(self, images):
+        # The loss runs inside the training step's bf16/fp16 autocast; the transform matrices and resampling
+        # convolutions would then run in half precision (images that no augmentation moved came back off by up to
+        # 0.04, as bf16, on 32x32 images). EDM computes them in float32, and so does this, whatever the autocast.
+        with torch.autocast(device_type=images.device.type, enabled=False):
+            if images.dtype in (torch.float16, torch.bfloat16):
+                images = images.to(torch.float32)
+            return self._augment(images)
+
+    def _augment(self, images):
         if images.ndim != 4:
             raise ValueError(f'AugmentPipe: expected images of shape [N, C, H, W], got {list(images.shape)}')
         N, C, H, W = images.shape

@@ -249,12 +249,14 @@ def read_state_options(path: str) -> dict | None:
 
 @contextlib.contextmanager
 def _weight_init_rng(seed):
-    """Seed the CPU RNG for weight initialisation without disturbing the global stream; no-op when seed is None."""
+    """Seed the CPU RNG for weight initialisation without disturbing the global stream; no-op when seed is None.
+    The CPU generator alone: torch.manual_seed would also reseed the CUDA generators, which fork_rng(devices=[]) does
+    not restore, and every rank would then draw the same dropout masks and augmentations."""
     if seed is None:
         yield
         return
     with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
+        torch.default_generator.manual_seed(seed)
         yield
 
 
@@ -429,7 +431,9 @@ def _build(*, dataset_kwargs, data_loader_kwargs, network_kwargs, loss_kwargs, o
                     module, device_ids=[device] if device.type == 'cuda' else None)
         ddp_modules[name] = wrapped
     ema = copy.deepcopy(net).eval().requires_grad_(False)  # after DDP's broadcast (EDM), before a regional compile
-    train_modules = {name: compile_network(wrapped, compile) for name, wrapped in ddp_modules.items()}
+    eager = {phase.network for phase in phases if not phase.compilable}
+    train_modules = {name: compile_network(wrapped, compile if name not in eager else False)
+                     for name, wrapped in ddp_modules.items()}
     if compile:
         dist.print0('torch.compile: the first steps compile the networks (a minute or more); the status line follows')
     phase_networks = {phase.name: {name: (train_modules[name] if name == phase.network else module)
