@@ -13,7 +13,10 @@ Metrics (names as in `--metrics`):
 Sharding follows EDM: the N image indices are split into ceil(N / (batch·world))·world near-equal chunks and rank r
 takes chunks r, r + world, ...; generated images are indexed by their seed's rank in PNG file-name order. Every
 accumulator is keyed by that global index, so results do not depend on the number of ranks beyond floating-point
-summation order (FID 4.658270051 vs 4.658269688 on 1 vs 2 CPU ranks; IS and P/R equal). Memory is constant in N
+rounding (FID 4.658270051 vs 4.658269688 on 1 vs 2 CPU ranks; IS and P/R equal). That gap is the detector's: its
+float32 features change in the last bits with the thread count (torchrun gives each rank one; the stand-in's by up to
+4.8e-7), while the statistics' summation order alone moves FID by about 1e-15 (an audit on equal features, 1-3
+ranks, measured 2026-12-02). Memory is constant in N
 for FID and IS; precision/recall keep the float16 VGG16 features they need, KID the float32 Inception features.
 """
 

@@ -5,7 +5,9 @@ IS = exp(mean_j KL(p(y|x_j) ‖ p̄(y))); the result is the mean and the populat
 
 The streaming accumulator keeps per split only Σ_j p_j (one class vector) and Σ_j Σ_c p_jc log p_jc, because
 mean_j Σ_c p_jc log p̄_c = Σ_c p̄_c log p̄_c: memory does not grow with the number of images, and ranks may
-see images in any order as long as each image comes with its global index.
+see images in any order as long as each image comes with its global index. It takes 0·log 0 = 0 (xlogy) where a
+float32 softmax underflowed to exactly 0; StyleGAN2-ADA's formula, and `inception_score` below (which tests use as
+its reference), give NaN there. Elsewhere the two agree to 3.5e-15 relative.
 """
 
 import numpy as np
