@@ -37,7 +37,10 @@ def read_grid(sigmas: torch.Tensor, eval_sigmas: torch.Tensor | None = None) -> 
 
 def step_orders(levels: list[float], order: int, lower_order_final) -> list[int]:
     """Order of each step of a multistep solver: warm-up min(order, i + 1); lower-order final steps min(order, M - i),
-    where M counts the steps that end at a positive level (a step to 0 is a plain denoise, order 1).
+    where M counts the steps that end at a positive level (a step to 0 is a plain denoise, order 1). As in the
+    reference codes (UniPC's and DPM-Solver's warm-up loops), the warm-up steps i < order - 1 are not capped when
+    M >= order (UniPC order 4 over 4 steps: 1, 2, 3, 1); a grid shorter than the order, which they refuse, is capped
+    throughout.
 
     lower_order_final: True (always: UniPC, LD3, diff-sampler), False (never), or an int K to apply it only when
     M < K (the original DPM-Solver uses K = 10). See docs/solvers.md, "Lower-order final steps"."""
@@ -55,7 +58,7 @@ def step_orders(levels: list[float], order: int, lower_order_final) -> list[int]
             orders.append(1)
             continue
         p = min(order, i + 1)
-        if apply_final:
+        if apply_final and (i + 1 >= order or num_positive < order):
             p = min(p, num_positive - i)
         orders.append(p)
     return orders

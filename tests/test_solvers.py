@@ -246,6 +246,18 @@ def test_step_orders():
     zero = make_grid("edm", 6, end="zero").sigmas.tolist()
     assert step_orders(zero, 3, True) == [1, 2, 3, 2, 1, 1]  # relative to the steps ending above 0
 
+    def reference(num_steps, order):
+        """UniPC's / DPM-Solver's loops (lower_order_final on): warm-up steps 1 .. order-1 at order = step, then
+        steps order .. num_steps at min(order, num_steps + 1 - step)."""
+        return list(range(1, order)) + [min(order, num_steps + 1 - step) for step in range(order, num_steps + 1)]
+
+    for order in range(1, 7):
+        for num_steps in range(order, 3 * order + 2):
+            levels = make_grid("logsnr", num_steps, end="sigma_min").sigmas.tolist()
+            assert step_orders(levels, order, True) == reference(num_steps, order), (order, num_steps)
+    assert step_orders(make_grid("logsnr", 4, end="sigma_min").sigmas.tolist(), 4, True) == [1, 2, 3, 1]  # was 1,2,2,1
+    assert step_orders(make_grid("logsnr", 2, end="sigma_min").sigmas.tolist(), 3, True) == [1, 1]  # shorter: capped
+
 
 @pytest.mark.parametrize("solver", sorted(SOLVERS))
 def test_decoupled_evaluation_grid(solver):
