@@ -83,7 +83,9 @@ def grid_levels(solver: str, nfe: int, end: str) -> int:
 @dataclasses.dataclass
 class LD3Config:
     """LD3's hyper-parameters (defaults: vinhsuhi/LD3 configs/cifar10.yml and utils.adjust_hyper), and the
-    safeguards (init, candidates, guard, num_holdout, min_gain_se; see docs/ld3.md)."""
+    safeguards (init, candidates, guard, num_holdout, min_gain_se; see docs/ld3.md). One bound is not LD3's:
+    `eval_window` limits each evaluation offset by its own neighbouring log-sigma gaps, where LD3's code uses
+    win_rate times the smallest gap between its raw logits (docs/ld3.md §3)."""
 
     solver: str = "ipndm"
     nfe: int = 6
