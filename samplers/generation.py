@@ -207,7 +207,8 @@ class GridSampling:
         sample(net, plan, inputs, config) -> x   one batch: float64 images from SeedInputs
 
     and optionally `record(net, config) -> dict` (generation.json) and `draws_noise(net, config) -> bool` (whether
-    its steps draw fresh noise: the CLIs then say so for a network trained on paired noise, losses.sampling_notes).
+    its steps draw fresh noise: the CLIs then say so for a network trained on paired noise, see
+    losses.stochastic_sampling_notes).
     """
 
     learns_sigma_grids = True  # LD3 (samplers/ld3) applies: it learns the grid this sampling integrates over.
