@@ -35,6 +35,7 @@ def main(source, dest, max_images, transform, resolution):
     --source path/                       all images under path/, recursively; labels from path/dataset.json,
                                          else (no dataset.json) from the names of class sub-folders (sorted
                                          as names, as EDM: 10 before 2; a note says so); symlinks followed
+                                         (EDM's does not enter symlinked folders)
     --source dataset.zip                 all images in the zip; labels from its dataset.json (at its root,
                                          or in the one folder that holds all its images)
     --source digits                      scikit-learn's 1,797 8x8 handwritten digits (offline, labels 0-9),
@@ -45,14 +46,20 @@ def main(source, dest, max_images, transform, resolution):
     --dest /path/to/dataset.zip          an uncompressed (ZIP_STORED) zip
     --dest /path/to/folder               a folder that must not exist yet or be empty
 
-    Images are written as uncompressed PNGs named {idx//1000:05d}/img{idx:08d}.png, with idx the position in
-    the source, and labels go to dataset.json: {"labels": [["00000/img00000000.png", 6], ...]}, or
-    {"labels": null} when the source has none. A source dataset.json that labels some images but not all, or
-    names files the source does not have, is an error (EDM drops all labels, or ignores the names, then); one with
-    null labels means no labels (EDM then takes them from the sub-folder names: for its own datasets, the 00000/,
-    00001/ shards). Palette images become RGB (EDM writes their palette indices as greyscale); with transparency
-    they have 4 channels and are refused, as are 16-bit PNGs. Files PIL cannot decode by itself (.pdf, .eps,
-    .h5, ...) and macOS's ._* / __MACOSX files are not images. With pyspng installed the result is the same.
+    Images are written as uncompressed PNGs named {idx//1000:05d}/img{idx:08d}.png, with idx the position in the
+    source, and labels go to dataset.json: {"labels": [["00000/img00000000.png", 6], ...]}, or {"labels": null} when
+    the source has none. A source dataset.json that labels some images but not all, or names files the source does
+    not have, is an error (EDM drops all labels, or ignores the names, then); one with null labels means no labels
+    (EDM then takes them from the sub-folder names: for its own datasets, the 00000/, 00001/ shards). Palette images
+    become RGB (EDM writes their palette indices as greyscale); with transparency they have 4 channels and are
+    refused, as are 16-bit PNGs. CMYK JPEGs (ImageNet's training set has some) are converted to RGB, where EDM's
+    center-crop reads their four channels' bytes as RGB (Pillow <= 12; it fails on Pillow 13), so those images
+    differ from EDM's ImageNet; 1-bit images are resized as greyscale (EDM: in 1-bit mode). Files PIL cannot decode
+    by itself (.pdf, .eps, .h5, ...) and macOS's ._* / __MACOSX files are not images. With pyspng installed the
+    result is the same. Otherwise the output is EDM's byte for byte (PNGs, names, dataset.json; an audit on
+    2026-12-02 over RGB/greyscale PNG, JPEG, BMP, WebP, sizes 1x1 to 1024x1024, every transform, class folders,
+    zips, CIFAR-10, MNIST), on the same Pillow: Pillow 13 changed Lanczos for some non-square shrinks (80x100 to
+    64x64: up to 10 levels), so pin Pillow to reproduce a non-square --resolution dataset exactly.
 
     Output images must be square, have a power-of-two side and 1 or 3 channels, identical for all images.
     Without --transform, --resolution resizes (Lanczos). --transform=center-crop crops to the short side;
