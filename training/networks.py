@@ -41,7 +41,8 @@ def attention(q, k, v):
     [batch, heads, channels, pixels]: the fused CUDA kernels accept nothing else.
     """
     # On CUDA the fused kernels are much faster (and accumulate in fp32); elsewhere the explicit formula, written
-    # exactly as EDM's AttentionOp, keeps CPU results bit-identical to EDM's.
+    # exactly as EDM's AttentionOp, keeps CPU forward results bit-identical to EDM's. Gradients are autograd's, not
+    # AttentionOp's hand-written backward: about one ulp apart (an audit against NVlabs/edm, 2026-12-02).
     if _sdpa is not None and q.is_cuda:
         # Contiguous [..., pixels, channels]: the fused kernels need a unit stride in the last dimension (a transposed
         # view would send SDPA to its math fallback).
@@ -136,6 +137,8 @@ class Conv2d(torch.nn.Module):
         if self.down:
             x = self._downsample(x, f, padding=f_pad)
         if w is not None:
+            # The bias inside the convolution (one kernel on GPUs); EDM adds it after: the same forward values, bias
+            # gradients about one ulp apart.
             x = F.conv2d(x, w, b, padding=w_pad)
         return x
 
