@@ -595,7 +595,7 @@ def build_config(opts: dnnlib.EasyDict, world_size: int) -> tuple[dnnlib.EasyDic
         raise click.BadParameter(str(err), param_hint='--data') from err
     if opts.cond and not has_labels:
         raise click.BadParameter('--cond=True requires labels specified in dataset.json', param_hint='--cond')
-    del dataset_obj
+    c.dataset = dataset_obj  # handed on to training_loop (_main pops it): the directory is listed once per rank
     # A preset's network, batch and schedule were published for its dataset's resolution (named in its data path).
     preset_data = TRAIN_PRESETS.get(opts.preset, {}).get('data') or ''
     published = re.search(r'-(\d+)x(\d+)\.zip$', preset_data)
@@ -1075,6 +1075,7 @@ def _main(**kwargs):
                               f'for the reference\'s setting', stacklevel=1)
 
     c, desc = build_config(opts, world_size)
+    dataset = c.pop('dataset')
     resume_nimg = c.pop('resume_nimg', None)
     if resume_nimg is not None and resume_nimg >= round(c.total_kimg * 1000):
         # A finished run (e.g. killed after its last state was written, then --resume=auto): EDM's loop would train
@@ -1126,7 +1127,7 @@ def _main(**kwargs):
     stop_keeping_warnings()  # on every rank (rank 0 stopped above)
     dist.barrier()
     try:
-        training_loop.training_loop(**c)
+        training_loop.training_loop(**c, dataset=dataset)
         if dist.stop_agreed():  # into log.txt too
             dist.print0(f'Stopped by a signal at {c.run_dir}; `--resume=auto --outdir={opts.outdir}` continues')
     except (training_loop.NonFiniteTrainingError, training_loop.ResumeMismatchError, DatasetError,
