@@ -4,9 +4,11 @@ A thin CLI over `metrics`: parsing and error reporting only.
 """
 
 import dataclasses
+import functools
 import json
 import os
 import pickle
+import sys
 
 import click
 from click.core import ParameterSource
@@ -50,6 +52,23 @@ def _run(func, *args, **kwargs):
     except (metrics.MetricsError, metrics.ReferenceStatsError, metrics.DetectorUnavailableError, OSError,
             pickle.UnpicklingError, ValueError) as err:
         raise click.ClickException(str(err)) from err
+
+
+def _interruptible(written: str):
+    """Ctrl-C: exit 130 (the shell's code for SIGINT) with one line saying what is on disk, not click's "Aborted!".
+    written: the option whose file is written, whole, only once the pass is complete."""
+    def decorate(command):
+        @functools.wraps(command)
+        def run_command(*args, **kwargs):
+            try:
+                return command(*args, **kwargs)
+            except KeyboardInterrupt:
+                if distributed.get_rank() == 0:
+                    print(f"Interrupted: nothing was written ({written} is written whole once the pass over the "
+                          f"images is complete); run the same command again.", file=sys.stderr, flush=True)
+                sys.exit(130)
+        return run_command
+    return decorate
 
 
 def network_source_from_cli(network_pkl, seeds, batch_size, class_idx, preset_lines=(), preset=None, **sampler_cli):
@@ -140,6 +159,7 @@ def common_options(func):
 @common_options
 @sampler_options(help_prefix="--network: ")
 @preset_option(SAMPLER_PRESETS, SAMPLER_PRESET_SOURCES, help_prefix="--network: ")
+@_interruptible("--out")
 def calc(image_path, network_pkl, ref_path, num_expected, seed, seeds, out_path, metric_list, batch_size, num_workers,
          detector_values, device, preset, **sampler_cli):
     """Calculate metrics for a folder/ZIP of images or for a network sampled in memory.
@@ -189,7 +209,6 @@ def calc(image_path, network_pkl, ref_path, num_expected, seed, seeds, out_path,
     distributed.barrier()
 
 
-
 @main.command()
 @click.option("--data", "dataset_path", help="Path to the dataset", metavar="PATH|ZIP", type=str, required=True)
 @click.option("--dest", "dest_path", help="Destination .npz file (the name must end in .npz)", metavar="NPZ", type=str,
@@ -200,6 +219,7 @@ def calc(image_path, network_pkl, ref_path, num_expected, seed, seeds, out_path,
 @click.option("--metrics", "metric_list", help="Metrics whose reference to store: fid, pr, kid (is needs none)",
               metavar="LIST", type=str, default="fid", show_default=True)
 @common_options
+@_interruptible("--dest")
 def ref(dataset_path, dest_path, pr_max_real, metric_list, batch_size, num_workers, detector_values, device):
     """Calculate dataset reference statistics needed by 'calc' (all images, no flips)."""
     # Every refusal compute_reference would make (--metrics is, a --dest not ending in .npz, an unwritable --dest)

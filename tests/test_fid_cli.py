@@ -446,6 +446,24 @@ def test_ref_refuses_a_dest_without_npz_before_listing_the_data(workdir, tmp_pat
     assert not (tmp_path / "refs").exists()
 
 
+@pytest.mark.parametrize("command", ["calc", "ref"])
+def test_ctrl_c_says_nothing_was_written(workdir, single_rank, tmp_path, monkeypatch, command):
+    """Ctrl-C during the image pass: exit 130 with what is on disk, not click's bare "Aborted!" (exit 1)."""
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(evaluate, "run_pass", interrupted)
+    root = workdir["root"]
+    out, option = (tmp_path / "out.json", "--out") if command == "calc" else (tmp_path / "ref.npz", "--dest")
+    args = (["calc", "--images", root / "gen", "--ref", root / "ref1.npz", "--num", 30, "--out", out]
+            if command == "calc" else ["ref", "--data", root / "real", "--dest", out])
+    result = _invoke([*args, "--workers", 0, *_detector_args(root)])
+    assert result.exit_code == 130, result.output
+    assert (f"Interrupted: nothing was written ({option} is written whole once the pass over the images is "
+            f"complete); run the same command again.") in result.output
+    assert "Aborted" not in result.output and not out.exists()
+
+
 def test_ref_refuses_metrics_is_before_listing_the_data(workdir, tmp_path):
     result = _invoke(["ref", "--data", tmp_path / "no-such-data", "--dest", tmp_path / "ref.npz", "--metrics",
                       "fid,is", *_detector_args(workdir["root"])])
