@@ -27,6 +27,10 @@ class Batch:
     augment_labels: set when the loop already augmented `images` (AOT pairs augmented images); None otherwise.
     random: per-image random draws (`PerImageRandom`); None = the loss uses the global torch RNG (EDM).
     reference_labels: labels of `references` (STF's class masking); None when not requested.
+    grad_scale: under --precision fp16, the phase's GradScaler scale (a 0-d float32 tensor on the device) for a loss
+        that differentiates inside itself (R1's gradient penalty): it scales the inner outputs and divides the
+        gradient by it, AMP's gradient-penalty recipe, so that the inner fp16 backward does not underflow; None
+        otherwise.
     """
 
     images: torch.Tensor
@@ -36,6 +40,7 @@ class Batch:
     augment_labels: torch.Tensor | None = None
     random: 'PerImageRandom | None' = None
     reference_labels: torch.Tensor | None = None
+    grad_scale: torch.Tensor | None = None
 
 
 class PerImageRandom:

@@ -266,7 +266,11 @@ class GDDLoss:
         reals = batch.images.detach().requires_grad_(True)
         logits = D(reals, self._labels(net, batch))
         total = sum(l.sum() for l in logits)
-        grad, = torch.autograd.grad(outputs=[total], inputs=[reals], create_graph=True)
+        if batch.grad_scale is None:
+            grad, = torch.autograd.grad(outputs=[total], inputs=[reals], create_graph=True)
+        else:  # fp16: scaled as the outer loss is, so that the inner fp16 backward does not underflow
+            grad, = torch.autograd.grad(outputs=[total * batch.grad_scale], inputs=[reals], create_graph=True)
+            grad = grad.to(torch.float32) / batch.grad_scale
         penalty = grad.to(torch.float32).square().sum(dim=[1, 2, 3])
         training_stats.report('Loss/r1_penalty', penalty.detach())
         return penalty * (self.r1_gamma / 2 * self.r1_interval)

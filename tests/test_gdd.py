@@ -4,6 +4,7 @@ one-step sampling through generate.py and fid.py, GDD-format pickles imported wi
 exact resume of a GDD run."""
 
 import copy
+import functools
 import glob
 import inspect
 import io
@@ -546,6 +547,42 @@ def frozen_fraction(net, level):
     return total, frozen / total
 
 
+class DeepLinearD(torch.nn.Module):
+    """Four linear layers with weights ~3e-3 and unit biases: activations of order 1, but d(logit)/d(pixel) of order
+    1e-9, below float16's smallest subnormal (6e-8): an unscaled fp16 backward gives zero."""
+
+    def __init__(self, dim, width=8, depth=4):
+        super().__init__()
+        gen = torch.Generator().manual_seed(0)
+        sizes = [dim] + [width] * depth
+        self.weights = torch.nn.ParameterList([torch.nn.Parameter(torch.randn(a, b, generator=gen) * 3e-3)
+                                               for a, b in zip(sizes[:-1], sizes[1:])])
+
+    def forward(self, images, class_labels=None):
+        x = images.flatten(1)
+        for w in self.weights:
+            x = x @ w + 1
+        return [x]
+
+
+def test_r1_under_fp16_autocast_scales_its_inner_gradient():
+    """--precision fp16: R1's inner backward runs in float16; scaled by the GradScaler's scale (Batch.grad_scale, AMP's
+    gradient-penalty recipe) it keeps the penalty of float32, where unscaled it underflows to zero."""
+    loss = make_loss(r1_gamma=0.3)
+    D, images = DeepLinearD(3 * 8 * 8), torch.rand(4, 3, 8, 8)
+    nets = dict(net=tiny_generator(), D=D)
+    jacobian = functools.reduce(torch.matmul, [w.detach().double() for w in D.weights]).sum(1)
+    expected = (16 * 0.3 / 2 * jacobian.square().sum()).expand(4)
+    exact = loss.r1_loss(nets, Batch(images=images, labels=torch.zeros(4, 0)))
+    torch.testing.assert_close(exact.double(), expected, rtol=1e-5, atol=0)
+    with torch.autocast('cpu', dtype=torch.float16):
+        unscaled = loss.r1_loss(nets, Batch(images=images, labels=torch.zeros(4, 0)))
+        scaled = loss.r1_loss(nets, Batch(images=images, labels=torch.zeros(4, 0),
+                                          grad_scale=torch.tensor(4096.0)))
+    assert unscaled.abs().max() == 0  # what the unscaled fp16 inner backward gave
+    torch.testing.assert_close(scaled.double(), expected, rtol=0.005, atol=0)
+
+
 def test_freeze_rule_on_edm_cifar10_ncsnpp_and_imagenet_adm():
     with torch.device('meta'):
         cifar = EDMPrecond(img_resolution=32, img_channels=3, label_dim=0, augment_dim=9, dropout=0.13,
@@ -640,6 +677,30 @@ def test_each_phase_trains_only_its_network(gdd_data, tmp_path):
     assert all(s['Loss/nonfinite']['mean'] == 0 for s in stats)  # counted by the loop, none here
     assert 'Loss/R1' not in stats[1] and stats[2]['Loss/R1']['num'] == 8
 
+
+def test_training_loop_hands_the_fp16_grad_scale_to_the_losses(gdd_data, tmp_path, monkeypatch):
+    """The loop gives every phase's batch its GradScaler's current scale under fp16 (and None otherwise)."""
+    seen = {}
+
+    def recording(method):
+        def record(self, nets, batch, augment_pipe=None):
+            seen.setdefault(method, []).append(None if batch.grad_scale is None else float(batch.grad_scale))
+            return getattr(gdd.GDDLoss, method)(self, nets, batch, augment_pipe)
+        return record
+
+    for method in ('generator_loss', 'discriminator_loss', 'r1_loss'):
+        monkeypatch.setattr(RecordingGDDLoss, method, recording(method))
+    for precision in ('fp32', 'fp16'):
+        seen.clear()
+        os.makedirs(tmp_path / precision)
+        tl.training_loop(**dict(gdd_loop_kwargs(str(tmp_path / precision), gdd_data,
+                                                class_name='test_gdd.RecordingGDDLoss'),
+                                total_kimg=0.024, precision=precision))
+        values = [v for method in ('generator_loss', 'discriminator_loss', 'r1_loss') for v in seen[method]]
+        if precision == 'fp32':
+            assert values and all(v is None for v in values)
+        else:
+            assert all(v is not None and v > 1 for v in values) and seen['r1_loss'], seen
 
 
 def test_compile_leaves_the_r1_discriminator_eager(gdd_data, tmp_path, monkeypatch):

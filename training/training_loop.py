@@ -557,13 +557,15 @@ def _train_step(run: _Run) -> None:
                     p.requires_grad_(id(p) in params)
         phase.optimizer.zero_grad(set_to_none=True)
         scaler = run.scalers.get(phase.name)
+        # The scale as a device tensor (scaling a one: no host sync), for losses with an inner backward (Batch).
+        grad_scale = scaler.scale(torch.ones((), device=run.device)) if scaler is not None else None
         for round_idx, round_batch in enumerate(rounds):
             batch_random = None
             if run.rng == 'image':
                 batch_random = PerImageRandom.for_round(run.seed, run.cur_nimg, run.batch_size, run.world_size,
                                                         run.rank, run.batch_gpu, round_idx, run.device,
                                                         stream=phase_idx)
-            batch = dataclasses.replace(round_batch, random=batch_random)
+            batch = dataclasses.replace(round_batch, random=batch_random, grad_scale=grad_scale)
             with misc.ddp_sync(run.ddp_modules[phase.network], sync=(round_idx == run.num_rounds - 1)):
                 with autocast_context(run.device, run.precision):
                     loss = phase.loss_fn(run.phase_networks[phase.name], batch, run.augment_pipe)
