@@ -31,13 +31,16 @@ def _error_lines(output):
     return [line for line in output.splitlines() if line.startswith('Error:')]
 
 
-def test_non_finite_losses_are_counted_and_stop_the_run(data, tmp_path):
+@pytest.mark.parametrize('precision', ['fp32', 'fp16'])
+def test_non_finite_losses_are_counted_and_stop_the_run(data, tmp_path, precision):
     # sigma_data = 0: every loss weight is inf; EDM's scrub keeps the weights finite, so only the count stops it.
+    # Under fp16 a non-finite loss is a non-finite step, not a GradScaler overflow.
     result = _train('--outdir', tmp_path, '--data', data, '--duration', 0.001, '--loss-opt', 'sigma_data=0',
-                    '--max-nonfinite', 3, *TINY)
+                    '--max-nonfinite', 3, '--precision', precision, *TINY)
     assert result.exit_code == 1, result.output
     (line,) = _error_lines(result.output)
-    assert 'training diverged: 3 consecutive steps with non-finite losses or gradients' in line
+    assert ('training diverged: 3 consecutive steps with non-finite losses or gradients'
+            + (' or fp16 overflows the GradScaler skipped' if precision == 'fp16' else '') + ' (before kimg') in line
     (run_dir,) = glob.glob(str(tmp_path / '0*'))
     stats = [json.loads(line) for line in open(os.path.join(run_dir, 'stats.jsonl'))]
     assert stats[0]['Loss/nonfinite'] == {'num': 1, 'mean': 1.0, 'std': 0.0}  # tick 0 = the first step
@@ -94,3 +97,21 @@ def test_sampling_clis_refuse_a_non_finite_network(tmp_path):
     assert result.exit_code != 0 and len(_error_lines(result.output)) == 1, result.output
     assert 'non-finite values' in _error_lines(result.output)[0]
     assert not os.path.exists(tmp_path / 'out') or os.listdir(tmp_path / 'out') == []
+
+
+def test_fp16_overflows_are_counted_apart_without_a_warning(data, tmp_path):
+    """--precision fp16: a step whose scaled gradients overflow (the GradScaler skips it and halves its scale) is
+    counted as an fp16 overflow, not a non-finite step, and warns nothing; --ls 1e6 makes the first steps overflow."""
+    result = _train('--outdir', tmp_path, '--data', data, '--duration', 0.0004, '--precision', 'fp16', '--ls', 1e6,
+                    '--max-nonfinite', 1000, *TINY)
+    assert result.exit_code == 0, result.output
+    (run_dir,) = glob.glob(str(tmp_path / '0*'))
+    stats = [json.loads(line) for line in open(os.path.join(run_dir, 'stats.jsonl'))]
+    overflows = [round(s['Loss/fp16_overflow']['mean'] * s['Loss/fp16_overflow']['num']) for s in stats]
+    assert overflows[0] == 1 and sum(overflows) >= 3, overflows
+    assert all(s['Loss/nonfinite']['mean'] == 0 for s in stats)
+    log = open(os.path.join(run_dir, 'log.txt')).read()
+    assert 'fp16-overflow 1' in log and 'nonfinite' not in log.replace('--max-nonfinite', '').split('tick 0')[1]
+    assert 'non-finite losses or gradients' not in result.output
+    state = torch.load(sorted(glob.glob(os.path.join(run_dir, 'training-state-*.pt')))[-1], weights_only=True)
+    assert state['grad_scalers']['main']['scale'] == 2.0 ** (16 - sum(overflows))  # halved once per overflow

@@ -180,7 +180,7 @@ def build_panels(run_dir: str, skipped: list | None = None) -> list[Panel]:
     panels = []
     loss = Panel('training loss (per element, mean over the tick)', log_y=True)
     for name in sorted({n for line in lines for n in line if n.startswith('Loss/') and not n.startswith(
-            ('Loss/sigma', 'Loss/nonfinite'))}):
+            ('Loss/sigma', 'Loss/nonfinite', 'Loss/fp16_overflow'))}):
         loss.add(name[len('Loss/'):], *series(lines, name))
     by_sigma = Panel('loss by noise level (sigma bins)', log_y=True)
     bins = sorted({n for line in lines for n in line if n.startswith('Loss/sigma')}, key=_bin_order)

@@ -330,12 +330,14 @@ class _Run:
     tick_loss_sum: torch.Tensor | None = None      # sum of the first phase's per-element losses in this tick
     tick_loss_num: int = 0                         # their number
     tick_nonfinite: torch.Tensor | None = None     # steps of this tick with a non-finite loss or gradient
+    tick_overflow: torch.Tensor | None = None      # fp16: steps of this tick the GradScaler skipped (not counted above)
     consecutive_nonfinite: torch.Tensor | None = None
     max_consecutive_nonfinite: torch.Tensor | None = None
 
     def reset_tick_counters(self) -> None:
         zero = torch.zeros((), dtype=torch.float64, device=self.device)
         self.tick_loss_sum, self.tick_loss_num, self.tick_nonfinite = zero.clone(), 0, zero.clone()
+        self.tick_overflow = zero.clone()
         if self.consecutive_nonfinite is None:
             self.consecutive_nonfinite = zero.clone()
             self.max_consecutive_nonfinite = zero.clone()
@@ -547,6 +549,7 @@ def _train_step(run: _Run) -> None:
     """One iteration: the source's rounds through every phase due, then the EMA; cur_nimg advances by the batch."""
     rounds = run.source.next_rounds()
     nonfinite = torch.zeros((), dtype=torch.bool, device=run.device)
+    overflow = torch.zeros((), dtype=torch.bool, device=run.device)
     for phase_idx, phase in enumerate(run.phases):
         if not phase.runs_at(run.cur_iter):
             continue
@@ -559,6 +562,7 @@ def _train_step(run: _Run) -> None:
         scaler = run.scalers.get(phase.name)
         # The scale as a device tensor (scaling a one: no host sync), for losses with an inner backward (Batch).
         grad_scale = scaler.scale(torch.ones((), device=run.device)) if scaler is not None else None
+        loss_nonfinite = torch.zeros((), dtype=torch.bool, device=run.device)
         for round_idx, round_batch in enumerate(rounds):
             batch_random = None
             if run.rng == 'image':
@@ -572,7 +576,7 @@ def _train_step(run: _Run) -> None:
                 training_stats.report(phase.stat_name, loss)
                 num_elements = loss.numel()
                 loss = loss.sum()
-                nonfinite |= ~torch.isfinite(loss)
+                loss_nonfinite |= ~torch.isfinite(loss)
                 if phase_idx == 0:
                     run.tick_loss_sum += loss.detach()
                     run.tick_loss_num += num_elements
@@ -588,8 +592,14 @@ def _train_step(run: _Run) -> None:
         if scaler is not None:
             scaler.unscale_(phase.optimizer)
         grads_nonfinite = misc.nan_to_num_grads_(run.phase_params[phase.name])
-        if grads_nonfinite is not None:
+        nonfinite |= loss_nonfinite
+        if grads_nonfinite is not None and scaler is None:
             nonfinite |= grads_nonfinite
+        elif grads_nonfinite is not None:
+            # A finite loss whose scaled fp16 gradients overflowed: dynamic loss scaling at work (the GradScaler skips
+            # the step and halves its scale; it starts at 2**16 and tries a doubling every 2000 steps), not a
+            # divergence. A rank sees its own loss: another rank's NaN reaches it as an overflow.
+            overflow |= grads_nonfinite & ~loss_nonfinite
         if scaler is not None:
             scaler.step(phase.optimizer)
             scaler.update()
@@ -600,7 +610,11 @@ def _train_step(run: _Run) -> None:
     # rank 0 (num = steps, as its status line): the all-reduced gradients carry any rank's NaN to every rank.
     training_stats.report0('Loss/nonfinite', nonfinite.to(torch.float32))
     run.tick_nonfinite += nonfinite
-    run.consecutive_nonfinite = (run.consecutive_nonfinite + 1) * nonfinite
+    if run.scalers:
+        training_stats.report0('Loss/fp16_overflow', overflow.to(torch.float32))
+        run.tick_overflow += overflow
+    # Overflows count towards the stop too: 100 in a row have lowered the scale by 2**100, a divergence all the same.
+    run.consecutive_nonfinite = (run.consecutive_nonfinite + 1) * (nonfinite | overflow)
     torch.maximum(run.max_consecutive_nonfinite, run.consecutive_nonfinite, out=run.max_consecutive_nonfinite)
 
     update_ema(run.ema, run.net, ema_beta(run.cur_nimg, run.batch_size, run.ema_halflife_kimg, run.ema_rampup_ratio))
@@ -629,10 +643,12 @@ def _report_tick(run: _Run, *, start_time, tick_start_time, tick_start_nimg, mai
     if run.cur_nimg < total_nimg and run.cur_tick > 0:  # tick 0 is one step, too short to extrapolate from
         fields += [f"eta {dnnlib.util.format_time((total_nimg - run.cur_nimg) / 1000 * sec_per_kimg):<12s}"]
     loss_mean = float(run.tick_loss_sum) / max(run.tick_loss_num, 1)  # this rank's; stats.jsonl has all ranks'
-    num_nonfinite = int(run.tick_nonfinite)
+    num_nonfinite, num_overflow = int(run.tick_nonfinite), int(run.tick_overflow)
     fields += [f"loss {loss_mean:<8.4g}"]
     if num_nonfinite:
         fields += [f"nonfinite {num_nonfinite}"]
+    if num_overflow:  # no warning: the GradScaler's normal working
+        fields += [f"fp16-overflow {num_overflow}"]
     fields += [f"maintenance {report0('Timing/maintenance_sec', maintenance_time):<6.1f}"]
     cpu_mem = psutil.Process(os.getpid()).memory_info().rss / 2**30
     fields += [f"cpumem {report0('Resources/cpu_mem_gb', cpu_mem):<6.2f}"]
@@ -657,9 +673,10 @@ def _check_nonfinite(run: _Run) -> None:
     """Stop a diverged run: `max_nonfinite_steps` consecutive steps with non-finite losses or gradients."""
     longest = int(run.max_consecutive_nonfinite)
     if longest >= run.max_nonfinite_steps:
+        overflows = ' or fp16 overflows the GradScaler skipped' if run.scalers else ''
         raise NonFiniteTrainingError(
-            f'training diverged: {longest} consecutive steps with non-finite losses or gradients (before kimg '
-            f'{run.cur_nimg / 1000:g}); stopping without writing non-finite snapshots. The last training state '
+            f'training diverged: {longest} consecutive steps with non-finite losses or gradients{overflows} (before '
+            f'kimg {run.cur_nimg / 1000:g}); stopping without writing non-finite snapshots. The last training state '
             f'written is the last good one; lower --lr or check the loss options before resuming from it')
 
 
