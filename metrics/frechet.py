@@ -223,7 +223,8 @@ def load_reference(path_or_url: str, verbose: bool = True, keys=None) -> dict[st
     except ReferenceStatsError:
         raise
     except (ValueError, OSError, pickle.UnpicklingError, EOFError, zipfile.BadZipFile, zlib.error, KeyError,
-            AttributeError, TypeError, IndexError) as err:  # the ways a truncated or bit-flipped file fails
+            AttributeError, TypeError, IndexError, MemoryError, RecursionError) as err:
+        # The ways a truncated or bit-flipped file fails; MemoryError: an .npy header declaring 1e11 values.
         raise ReferenceStatsError(f"cannot read reference statistics {path_or_url!r} (truncated or damaged file?): "
                                   f"{type(err).__name__}: {err}") from err
     validate_reference(ref, path_or_url)

@@ -18,6 +18,8 @@ process (EDM's and its forks', and ours before processes existed) are EDM's scal
 Adding a process: a module here with its class, and one line in PROCESSES.
 """
 
+import reprlib
+
 from processes.edm import EDMProcess
 from processes.one_step import OneStepProcess
 from processes.spd import DDPMProcess, SPDProcess
@@ -54,5 +56,6 @@ def build_process(record: dict | None, source: str = "snapshot"):
     try:
         return cls(**options)
     except TypeError as err:
-        raise ValueError(f"{source}: cannot rebuild process {record['name']!r} from options {options!r}: {err}") \
+        shown = reprlib.repr(options)  # bounded: a file's options may share containers at every level
+        raise ValueError(f"{source}: cannot rebuild process {record['name']!r} from options {shown}: {err}") \
             from None

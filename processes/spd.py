@@ -166,9 +166,16 @@ class FourierVPProcess:
         return f"{type(self).__name__}({', '.join(f'{k}={v!r}' for k, v in self.options().items())})"
 
 
+MAX_STEPS = 1_000_000  # SPD's and DDPM's references use 1000-4000; a snapshot's record is a file's say
+
+
 def _check_steps(T) -> int:
-    if isinstance(T, bool) or int(T) != T or T < 2:
-        raise ValueError(f'T (the number of diffusion steps) must be an integer >= 2, got {T!r}')
+    try:
+        valid = not isinstance(T, bool) and 2 <= T <= MAX_STEPS and int(T) == T
+    except (TypeError, ValueError, OverflowError):
+        valid = False
+    if not valid:
+        raise ValueError(f'T (the number of diffusion steps) must be an integer from 2 to {MAX_STEPS:,}, got {T!r}')
     return int(T)
 
 

@@ -366,6 +366,9 @@ LD3_SOLVERS = {
 LD3_VECTOR_SOURCE = "LD3 .pt"
 
 
+_MAX_VECTOR_LENGTH = 100_000
+
+
 def load_ld3_vector(path: str, solver: str | None = None, solver_kwargs: dict | None = None) -> SigmaGrid:
     """Read LD3's artefact: a `.pt` holding a tensor of length 2(N + 1) (sigma grid, then evaluation grid), or a
     dict with it under 'best_t_steps' (best_v1.pt / best_v2.pt). LD3 grids end at sigma_min (no final denoise)."""
@@ -383,6 +386,8 @@ def load_ld3_vector(path: str, solver: str | None = None, solver_kwargs: dict | 
         obj = obj["best_t_steps"]
     if not isinstance(obj, torch.Tensor):
         raise ValueError(f"{path}: expected a tensor of length 2(N + 1), got {type(obj).__name__}")
+    if obj.numel() > _MAX_VECTOR_LENGTH:  # before any copy: a view with stride 0 can describe 1e9 values in 1 KB
+        raise ValueError(f"{path}: a tensor of {obj.numel():,} values; LD3's vector has 2(N + 1), a few dozen")
     vector = obj.detach().to(torch.float64).flatten()
     if len(vector) < 4 or len(vector) % 2:
         raise ValueError(f"{path}: expected a vector of even length 2(N + 1) >= 4, got length {len(vector)}")

@@ -268,6 +268,10 @@ def test_dataset_json_must_match_the_images(tmp_path):
     with open(os.path.join(folder, "dataset.json"), "w") as f:
         json.dump({"labels": None}, f)
     assert ImageFolderDataset(folder, use_labels=True).label_dim == 0
+    with open(os.path.join(folder, "dataset.json"), "w") as f:  # nested past Python's recursion limit
+        f.write('{"labels": ' + "[" * 100_000 + "]" * 100_000 + "}")
+    with pytest.raises(DatasetError, match=r"dataset\.json: expected JSON"):
+        ImageFolderDataset(folder, use_labels=True)
 
 
 def test_bad_images_fail_on_access_naming_the_file(tmp_path):

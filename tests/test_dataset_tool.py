@@ -245,6 +245,15 @@ def test_a_dataset_json_with_null_labels_means_no_labels(tmp_path):
     np.testing.assert_array_equal(labels, [0, 1])
 
 
+def test_a_dataset_json_nested_too_deeply_is_one_line(tmp_path):
+    src = tmp_path / "src"
+    _write_png(str(src / "a.png"), np.full((4, 4), 1, np.uint8))
+    (src / "dataset.json").write_text('{"labels": ' + "[" * 100_000 + "]" * 100_000 + "}")
+    with pytest.raises(DatasetToolError, match=r"dataset\.json: expected JSON .*RecursionError"):
+        _convert(src, tmp_path / "out.zip")
+    assert not (tmp_path / "out.zip").exists()
+
+
 def test_zip_source_with_labels(tmp_path):
     rng = np.random.default_rng(3)
     imgs = {name: rng.integers(0, 256, size=(4, 4, 3), dtype=np.uint8) for name in ["b/x.png", "a/y.png", "c.png"]}

@@ -256,6 +256,17 @@ def test_reference_reads_only_the_arrays_asked_for_and_refuses_compression_bombs
     with pytest.raises(frechet.ReferenceStatsError,
                        match=r"bomb.npz': vgg16_features inflates from \d+ to 5368\d{5} bytes"):
         frechet.load_reference(str(bomb), keys=["vgg16_features"])
+    # A stored member whose header declares 1e11 values (745 GiB): one line, not a MemoryError traceback.
+    huge = tmp_path / "huge.npz"
+    with zipfile.ZipFile(huge, "w", zipfile.ZIP_STORED) as archive:
+        with archive.open("mu.npy", "w") as member:
+            np.lib.format.write_array_header_1_0(member, dict(descr="<f8", fortran_order=False, shape=(10 ** 11,)))
+            member.write(bytes(64))
+        with archive.open("sigma.npy", "w") as member:
+            np.lib.format.write_array(member, np.eye(2))
+    with pytest.raises(frechet.ReferenceStatsError, match=r"huge.npz' \(truncated or damaged file\?\): "
+                                                          r"(MemoryError|ValueError)"):
+        frechet.load_reference(str(huge))
 
 
 def _npz_bytes(**arrays):

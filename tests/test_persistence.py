@@ -892,3 +892,134 @@ def test_only_listed_torch_nn_classes_are_accepted():
     assert persistence._resolve_safe_global("torch.nn.modules.rnn", "LSTM") is None
     assert persistence._resolve_safe_global("torch.nn.modules.module", "register_module_forward_hook") is None
     assert persistence._resolve_safe_global("torch.nn.modules.linear", "Conv2d") is None  # Wrong module.
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# What the whitelisted globals may be called with (an audit's repros: a 62-byte file crashed every loader, and with a
+# known address ran a command; 55-66 byte files allocated gigabytes).
+
+class _Call:
+    """Pickles as a call of `func` with `args` (REDUCE; NEWOBJ when func is copyreg.__newobj__)."""
+
+    def __init__(self, func, *args):
+        self.func, self.args = func, args
+
+    def __reduce__(self):
+        return self.func, self.args
+
+
+def _newobj(cls, *args) -> bytes:
+    """A protocol-3 pickle of cls.__new__(cls, *args) (NEWOBJ), which pickle itself writes only for an instance of
+    cls."""
+    body = pickle.dumps(args, protocol=3)[2:-1]  # the opcodes that push the tuple
+    return b"\x80\x03c" + f"{cls.__module__}\n{cls.__qualname__}\n".encode() + body + b"\x81."
+
+
+def _numpy_only_readers():
+    from metrics import frechet
+    from training import dataset_tool_lib
+    return [frechet._NumpyOnlyUnpickler, dataset_tool_lib._NumpyOnlyUnpickler]
+
+
+@pytest.mark.parametrize("protocol", [2, 3, 4])
+def test_numpy_ndarray_is_never_called_by_a_pickle(protocol):
+    """numpy.ndarray(shape, object, buffer) reads the file's bytes as object pointers (a crash, or a call of the file's
+    choosing given an address; here null pointers, which numpy shows as None); a negative offset reads before the
+    buffer. Every reader refuses the class called, by REDUCE or NEWOBJ."""
+    calls = [pickle.dumps({"x": _Call(np.ndarray, (1,), np.dtype("O"), b"\0" * 8)}, protocol=protocol),
+             pickle.dumps({"x": _Call(np.ndarray, (4,), np.dtype("u1"), b"abcdefgh", 4)}, protocol=protocol),
+             _newobj(np.ndarray, (1,), np.dtype("O"), b"\0" * 8)]
+    for data in calls:
+        with pytest.raises(persistence.NetworkPickleError, match=r"refusing numpy.ndarray\(...\) called by the pickle"):
+            persistence.load_network_pickle(io.BytesIO(data))
+        for reader in _numpy_only_readers() if protocol > 2 else []:  # EDM2's references are protocol >= 3
+            with pytest.raises(pickle.UnpicklingError, match=r"refusing numpy.ndarray\(...\) called by the pickle"):
+                reader(io.BytesIO(data)).load()
+    # numpy's own arrays (its _reconstruct of an empty ndarray, then BUILD) still load everywhere, object arrays too.
+    arrays = {"f": np.arange(6.0).reshape(2, 3), "o": np.array([1, "a"], dtype=object), "s": np.float32(1.5)}
+    loaded = persistence.load_network_pickle(io.BytesIO(pickle.dumps({"ema": torch.nn.Identity(), **arrays},
+                                                                     protocol=protocol)))
+    assert loaded["f"].tolist() == arrays["f"].tolist() and loaded["o"].tolist() == [1, "a"] and loaded["s"] == 1.5
+    for reader in _numpy_only_readers() if protocol > 2 else []:
+        plain = reader(io.BytesIO(pickle.dumps({"f": arrays["f"]}, protocol=protocol))).load()
+        assert plain["f"].tolist() == arrays["f"].tolist()
+
+
+def test_numpy_reconstruct_only_as_numpy_calls_it():
+    reconstruct = persistence._numpy_multiarray()._reconstruct
+    for args in ((np.ndarray, (1000,), b"O"), (np.ndarray, (3,), b"f8"), (np.ndarray, (0,), b"O")):
+        with pytest.raises(persistence.NetworkPickleError, match="numpy's pickles call it as _reconstruct"):
+            persistence.load_network_pickle(io.BytesIO(pickle.dumps({"x": _Call(reconstruct, *args)}, protocol=4)))
+
+
+@pytest.mark.parametrize("payload, refused", [
+    ((bytearray, 1000), r"builtins.bytearray\(int\)"), ((bytes, 1000), r"builtins.bytes\(int\)"),
+    ((list, range(1000)), r"builtins.list\(range\)"), ((tuple, range(9)), r"builtins.tuple\(range\)"),
+    ((frozenset, range(9)), r"builtins.frozenset\(range\)"), ((torch.Size, range(3)), r"torch.Size\(range\)"),
+    (("newobj", bytes, 1000), r"builtins.bytes\(int\)"), (("newobj", tuple, range(9)), r"builtins.tuple\(range\)"),
+    ((torch.nn.Linear, 40, 40), "refusing to call the constructor of torch.nn.modules.linear.Linear"),
+    ((torch.Tensor, 1000), "refusing to call torch.Tensor from the pickle"),
+    (("newobj", torch.Tensor, 1000), "refusing to call torch.Tensor from the pickle"),
+])
+def test_whitelisted_types_are_not_called_with_sizes(payload, refused):
+    """bytearray(4e9) from 55 bytes, list(range(6.25e7)), Linear(40000, 40000) from 66 bytes (6.8 GB): a whitelisted
+    type's pickles pass literal values, a layer is created without its constructor, tensors come from torch's
+    rebuild functions. Small sizes here: refused for what they are, not for their size."""
+    data = (_newobj(*payload[1:]) if payload[0] == "newobj" else
+            pickle.dumps({"ema": torch.nn.Identity(), "x": _Call(*payload)}, protocol=4))
+    with pytest.raises(persistence.NetworkPickleError, match=refused):
+        persistence.load_network_pickle(io.BytesIO(data))
+
+
+@pytest.mark.parametrize("protocol", range(pickle.HIGHEST_PROTOCOL + 1))
+def test_literal_values_of_the_whitelisted_types_still_load(protocol):
+    values = {"b": bytearray(b"abc"), "s": {1, 2}, "f": frozenset([3]), "size": torch.Size([2, 3]), "c": complex(1, 2),
+              "sl": slice(1, 5, 2), "r": range(2, 9, 3), "od": collections.OrderedDict(a=1), "t": (1, "x"),
+              "e": dnnlib.EasyDict(k=[1.5])}
+    loaded = persistence.load_network_pickle(io.BytesIO(pickle.dumps({"ema": torch.nn.Identity(), **values},
+                                                                     protocol=protocol)))
+    assert {k: loaded[k] for k in values} == values
+
+
+def test_rebuild_from_type_calls_only_tensor_rebuild_functions():
+    """torch._tensor._rebuild_from_type_v2(func, type, args, state) calls func(*args): any whitelisted callable with
+    the file's arguments (a route for the object-array exploit). torch's pickles pass a tensor rebuild function."""
+    payload = _Call(torch._tensor._rebuild_from_type_v2, bytearray, torch.Tensor, (b"ab",), {})
+    with pytest.raises(persistence.NetworkPickleError, match="pass one of its tensor rebuild functions"):
+        persistence.load_network_pickle(io.BytesIO(pickle.dumps({"x": payload}, protocol=4)))
+    sub = torch.zeros(3).as_subclass(torch.nn.Parameter)  # pickled through _rebuild_from_type_v2 by torch
+    assert torch.equal(persistence.load_network_pickle(io.BytesIO(pickle.dumps({"x": sub}, protocol=4)))["x"],
+                       torch.zeros(3))
+
+
+def test_constructor_arguments_sharing_containers_are_walked_once(tmp_path):
+    """A 24-level chain of shared lists is 2**24 paths: the names check and the error message walked every one (an
+    audit's 60-level file hung the loader)."""
+    import time
+    chain = [1]
+    for _ in range(24):
+        chain = [chain, chain]
+    net = _tiny_edm_precond()
+    net._init_kwargs["unknown_option"] = chain
+    start = time.perf_counter()
+    with pytest.raises(persistence.NetworkPickleError, match="cannot build training.preconditioning.EDMPrecond") as err:
+        persistence.load_network_pickle(io.BytesIO(pickle.dumps({"ema": net}, protocol=4)))
+    assert time.perf_counter() - start < 5 and len(str(err.value)) < 3000
+
+
+def test_deeply_nested_pickles_are_refused_in_one_line():
+    depth = 100_000
+    data = (b"\x80\x02}X\x03\x00\x00\x00ema" + b"]" * depth + b"a" * (depth - 1) + b"s.")  # {'ema': [[[...]]]}
+    with pytest.raises(persistence.NetworkPickleError, match="nested deeper than a network pickle's"):
+        persistence.load_network_pickle(io.BytesIO(data))
+
+
+def test_views_of_one_storage_do_not_raise_the_construction_budget():
+    """The budget scales with what the file holds: a stride-0 view (expand) of one element described 4e9 and let a
+    constructor allocate 6.8 GB before the tensors were compared."""
+    net = _tiny_edm_precond()
+    net._init_kwargs["label_dim"] = 4_000_000  # about 6.4e7 elements asked for (label_dim x 16)
+    net.register_buffer("padding", torch.zeros(1).expand(100_000_000))
+    stored = sum(t.numel() for t in [*net.parameters(), *net.buffers()]) - 100_000_000 + 1
+    with pytest.raises(persistence.NetworkPickleError, match=rf"but the pickle holds {stored:,}: refusing"):
+        persistence.load_network_pickle(io.BytesIO(pickle.dumps({"ema": net}, protocol=4)))

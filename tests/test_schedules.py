@@ -176,6 +176,11 @@ def test_ld3_vector_import(tmp_path):
     torch.save({"params1": torch.ones(3)}, tmp_path / "nokey.pt")
     with pytest.raises(ValueError, match="best_t_steps"):
         load_ld3_vector(str(tmp_path / "nokey.pt"))
+    # A stride-0 view: 10^8 values in a 1 KB file, refused before any copy (it was expanded to float64 first).
+    torch.save(torch.ones(1).expand(10 ** 8), tmp_path / "wide.pt")
+    assert (tmp_path / "wide.pt").stat().st_size < 2048
+    with pytest.raises(ValueError, match="wide.pt: a tensor of 100,000,000 values; LD3's vector has 2"):
+        load_ld3_vector(str(tmp_path / "wide.pt"))
 
 
 def test_vp_time_uniform_with_rho_spaces_t_to_the_one_over_rho():

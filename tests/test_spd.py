@@ -80,6 +80,18 @@ def test_closed_form_grid_betas_and_the_sigma0_guard():
             SPDProcess(**bad)
 
 
+def test_a_snapshots_process_record_cannot_ask_for_unbounded_steps():
+    """A process record is a file's say: T=4e8 from a snapshot built 12 GB of tables, T=inf and 1e13 crashed with a
+    traceback; now refused in one line."""
+    from processes import build_process
+    for T in (400_000_000, 10 ** 13, float('inf'), float('nan'), 2.5, '1000', True):
+        for name in ('ddpm', 'spd'):
+            with pytest.raises(ValueError, match=r'T \(the number of diffusion steps\) must be an integer from 2 to '
+                                                 r'1,000,000, got'):
+                build_process({'name': name, 'options': {'T': T}})
+    assert build_process({'name': 'ddpm', 'options': {'T': 1_000_000.0}}).num_steps == 1_000_000
+
+
 def test_marginal_spectrum_is_sigma0_to_the_tau():
     """S1: Gaussian images with spectrum Sigma0 (16x16): radially averaged E|F x_t|^2 = Sigma0^tau within 3 %."""
     process = SPDProcess(T=1000, **CIFAR)

@@ -229,7 +229,8 @@ def test_edm_no_op_spellings_still_sample_spd(files, tmp_path):
 @pytest.mark.parametrize(('args', 'message'), [
     (['--stf', '1'], 'Invalid value for --stf: STF targets need a denoising loss (edm, vp, ve); --loss=spd is not '
                      'one'),
-    (['--loss-opt', 'T=1'], 'Invalid value for --loss-opt: T (the number of diffusion steps) must be an integer >= 2'),
+    (['--loss-opt', 'T=1'], 'Invalid value for --loss-opt: T (the number of diffusion steps) must be an integer from '
+                            '2 to 1,000,000'),
     (['--loss-opt', 'c1=-1'], 'Invalid value for --loss-opt: c1 must be a positive number, got -1.0'),
 ])
 def test_spd_training_errors_name_the_flags(files, tmp_path, args, message):

@@ -14,11 +14,14 @@ Two ways to read such a pickle:
   copied in by name. The embedded source is never executed.
   The whitelist (`_build_safe_globals`, `_resolve_safe_global`), and why each entry runs no code of the file's:
   containers and scalars (builtins set/frozenset/slice/complex/bytearray/bytes/object/dict/list/tuple/int/float/
-  str/bool/range, collections.OrderedDict, EasyDict, torch.Size/device/dtype/layout/memory_format, numpy dtype,
-  ndarray and scalar) only build values; copyreg._reconstructor is replaced by a version that only calls
-  __new__/__init__ of classes that passed the whitelist; _codecs.encode is limited to latin1 (how protocols < 3
-  store bytes); torch._utils' tensor and parameter rebuilders build tensors from storages and refuse pickled
-  backward hooks; torch._tensor._rebuild_from_type(_v2) only call callables that passed the whitelist themselves;
+  str/bool/range, collections.OrderedDict, EasyDict, torch.Size/device/dtype/layout/memory_format, numpy dtype and
+  scalar) only build values, and what every call opcode may call with what is checked (`_check_call`: sized types
+  from literal values only, no tensor type, no layer constructor); numpy.ndarray loads as a marker that only numpy's
+  own `_reconstruct(ndarray, (0,), b'b')` accepts (called, it builds arrays over raw bytes); copyreg._reconstructor
+  is replaced by a version that only calls __new__/__init__ of classes that passed the whitelist; _codecs.encode is
+  limited to latin1 (how protocols < 3 store bytes); torch._utils' tensor and parameter rebuilders build tensors
+  from storages and refuse pickled backward hooks; torch._tensor._rebuild_from_type(_v2) only call one of those
+  rebuilders, for a Tensor or a Parameter;
   numpy's _frombuffer refuses object dtypes (bytes read as pointers); a short list of plain torch.nn layers and
   containers is rebuilt without calling their constructors. The one entry that deserialises nested bytes,
   torch.storage._load_from_bytes, is replaced by `_safe_load_from_bytes`, which accepts only the legacy stream that
@@ -42,6 +45,7 @@ import math
 import os
 import pickle
 import pickletools
+import reprlib
 import struct
 import sys
 import tarfile
@@ -324,6 +328,7 @@ def _safe_reconstructor(cls, base, state):
         raise pickle.UnpicklingError(f"malformed copyreg._reconstructor call ({cls!r}, {base!r})")
     if base is object:
         return object.__new__(cls)
+    _check_call(base, (state,), "call")
     obj = base.__new__(cls, state)
     if base.__init__ != object.__init__:
         base.__init__(obj, state)
@@ -494,15 +499,81 @@ def _no_hooks(rebuild, hooks_arg: int | None = None, state_arg: int | None = Non
             raise pickle.UnpicklingError(f"refusing a tensor with pickled backward hooks ({name})")
         if state_arg is not None and len(args) > state_arg:
             _check_tensor_state(args[state_arg], name)
+        if name in _CALLS_ITS_ARGUMENT and args and not (
+                getattr(args[0], "rebuilds_tensor", False) and len(args) > 1
+                and args[1] in (torch.Tensor, torch.nn.Parameter)):
+            # torch calls func(*args): a tensor rebuild function with its arguments, in torch's pickles
+            raise pickle.UnpicklingError(f"refusing {name} of {args[0]!r}: torch's pickles pass one of its tensor "
+                                         f"rebuild functions and a tensor type")
         return rebuild(*args)
     rebuild_without_hooks.__name__ = name
+    rebuild_without_hooks.rebuilds_tensor = name not in _CALLS_ITS_ARGUMENT
     return rebuild_without_hooks
+
+
+_CALLS_ITS_ARGUMENT = frozenset({"_rebuild_from_type", "_rebuild_from_type_v2"})
 
 
 # Position of `backward_hooks`, and of the attribute state, in torch's rebuild functions.
 _HOOKS_ARG = {"_rebuild_tensor_v2": 5, "_rebuild_tensor_v3": 5, "_rebuild_parameter": 2,
               "_rebuild_parameter_with_state": 2}
 _STATE_ARG = {"_rebuild_parameter_with_state": 3, "_rebuild_from_type": 3, "_rebuild_from_type_v2": 3}
+
+
+class _NdarrayReference:
+    """What a pickle's reference to `numpy.ndarray` loads as. numpy's own pickles name the class only as the first
+    argument of `_reconstruct(ndarray, (0,), b'b')`; the class itself, called by REDUCE or NEWOBJ, builds an array over
+    raw bytes of the file (`ndarray((1,), object, buffer)`: bytes read as object pointers, which a crafted file turns
+    into a crash or a call of its choosing; a negative offset reads memory before the buffer). Only
+    `_safe_reconstruct` accepts this marker; it cannot be called."""
+
+    __slots__ = ()
+
+    def __repr__(self):
+        return "numpy.ndarray"
+
+
+_NDARRAY = _NdarrayReference()
+
+
+def _safe_reconstruct(subtype, shape, dtype):
+    """numpy's _reconstruct as numpy's pickles call it: an empty ndarray whose contents BUILD then sets (checked by
+    `_check_build`). Any other type, shape or dtype is refused (a file could ask for 5e8 objects)."""
+    if subtype is not _NDARRAY or not (isinstance(shape, tuple) and shape == (0,)) or dtype not in (b"b", "b"):
+        raise pickle.UnpicklingError(f"refusing numpy's _reconstruct({subtype!r}, {shape!r}, {dtype!r}): numpy's "
+                                     f"pickles call it as _reconstruct(numpy.ndarray, (0,), b'b')")
+    return _numpy_multiarray()._reconstruct(np.ndarray, (0,), b"b")
+
+
+# Types whose construction from a number or an iterator (a range) would make a small file allocate without bound:
+# bytes(4e9), list(range(6e7)), torch.Size(range(...)). Their pickles pass literal values, which the file holds.
+_SIZED_TYPES = (bytes, bytearray, list, tuple, set, frozenset, dict, torch.Size)
+_LITERAL_VALUES = (bytes, bytearray, str, list, tuple, dict, set, frozenset)
+
+
+def _check_call(func, args, how: str) -> None:
+    """What pickle's REDUCE, NEWOBJ(_EX), INST and OBJ opcodes may call, checked before they call it. `func` passed
+    the whitelist; refused here are the calls its pickles never make and a crafted file could use: numpy.ndarray
+    (see `_NdarrayReference`), tensor types (tensors are rebuilt by torch's rebuild functions only: torch.Tensor(4e9)
+    would allocate), a torch layer's constructor (Linear(40000, 40000): 6 GB from 66 bytes; pickles only create the
+    instance, `how` == 'new' without arguments, and BUILD its state) and a sized type built from anything but
+    literal values."""
+    if func is _NDARRAY:
+        raise pickle.UnpicklingError("refusing numpy.ndarray(...) called by the pickle: arrays are rebuilt by "
+                                     "numpy's _reconstruct only")
+    if not isinstance(func, type):
+        return  # whitelisted functions check their own arguments (the wrappers above)
+    name = f"{func.__module__}.{func.__qualname__}"
+    if issubclass(func, torch.Tensor):
+        raise pickle.UnpicklingError(f"refusing to call {name} from the pickle: tensors are rebuilt by torch's "
+                                     f"rebuild functions only")
+    if issubclass(func, torch.nn.Module) and (how != "new" or args):
+        raise pickle.UnpicklingError(f"refusing to call the constructor of {name} from the pickle (a torch layer "
+                                     f"is created without it and given its pickled state)")
+    if issubclass(func, _SIZED_TYPES) and not all(isinstance(arg, _LITERAL_VALUES) for arg in args):
+        kinds = ", ".join(type(arg).__name__ for arg in args)
+        raise pickle.UnpicklingError(f"refusing {name}({kinds}) from the pickle: its pickles pass literal values, "
+                                     f"and a size or a range would allocate without bound")
 
 
 def _safe_frombuffer(buf, dtype, shape, order):
@@ -617,7 +688,7 @@ def _build_safe_globals() -> dict:
         ("torch._tensor", "_rebuild_from_type_v2"): _no_hooks(torch._tensor._rebuild_from_type_v2),
     }
     if hasattr(torch._utils, "_rebuild_tensor"):
-        table[("torch._utils", "_rebuild_tensor")] = torch._utils._rebuild_tensor
+        table[("torch._utils", "_rebuild_tensor")] = _no_hooks(torch._utils._rebuild_tensor)
     for name in _HOOKS_ARG:
         if hasattr(torch._utils, name):
             table[("torch._utils", name)] = _no_hooks(getattr(torch._utils, name))
@@ -626,12 +697,12 @@ def _build_safe_globals() -> dict:
     for module_name in ("dill._dill", "dill.dill"):  # dill >= 0.3, and before
         table[(module_name, "_load_type")] = _safe_dill_load_type
     for module_name in ("numpy.core.multiarray", "numpy._core.multiarray"):
-        table[(module_name, "_reconstruct")] = multiarray._reconstruct
+        table[(module_name, "_reconstruct")] = _safe_reconstruct
         table[(module_name, "scalar")] = multiarray.scalar
     for module_name in ("numpy.core.numeric", "numpy._core.numeric"):
         table[(module_name, "_frombuffer")] = _safe_frombuffer
     table[("numpy", "dtype")] = np.dtype
-    table[("numpy", "ndarray")] = np.ndarray
+    table[("numpy", "ndarray")] = _NDARRAY
     return table
 
 
@@ -643,7 +714,9 @@ _RECONSTRUCT = ("torch_utils.persistence", "_reconstruct_persistent_obj")
 
 
 def _resolve_safe_global(module: str, name: str):
-    """The object a safe pickle may reference as `module.name`, or None when it is not allowed."""
+    """The object a safe pickle may reference as `module.name`, or None when it is not allowed. Readers with a
+    narrower whitelist (numpy-only pickles) take their objects from here too (`GuardedUnpickler.find_class`): numpy's
+    ndarray, _reconstruct and _frombuffer only in their guarded forms."""
     global _SAFE_GLOBALS
     if _SAFE_GLOBALS is None:
         _SAFE_GLOBALS = _build_safe_globals()
@@ -722,8 +795,34 @@ class GuardedUnpickler(pickle._Unpickler):
         if isinstance(inst, np.dtype):
             _check_built_dtype(inst, state)
 
+    def load_reduce(self):
+        _check_call(self.stack[-2], self.stack[-1], "call")
+        super().load_reduce()
+
+    def load_newobj(self):
+        _check_call(self.stack[-2], self.stack[-1], "new")
+        super().load_newobj()
+
+    def load_newobj_ex(self):
+        _check_call(self.stack[-3], (*self.stack[-2], *self.stack[-1].values()), "new")
+        super().load_newobj_ex()
+
+    def _instantiate(self, klass, args):  # INST and OBJ (protocols 0 and 1)
+        _check_call(klass, args, "call")
+        super()._instantiate(klass, args)
+
+    def find_class(self, module, name):
+        """The whitelisted object (`_resolve_safe_global`); subclasses narrow the names and call this."""
+        obj = _resolve_safe_global(module, name)
+        if obj is None:
+            raise pickle.UnpicklingError(f"refusing to load the global '{module}.{name}'")
+        return obj
+
     dispatch = dict(pickle._Unpickler.dispatch)
     dispatch[pickle.BUILD[0]] = load_build
+    dispatch[pickle.REDUCE[0]] = load_reduce
+    dispatch[pickle.NEWOBJ[0]] = load_newobj
+    dispatch[pickle.NEWOBJ_EX[0]] = load_newobj_ex
 
 
 class SafeUnpickler(GuardedUnpickler):
@@ -881,9 +980,13 @@ def _names_to_import(obj, pickled: PickledObject, source: str):
     """Every value under a 'class_name' or 'func_name' key in the nested dicts, lists and tuples of constructor
     arguments, which may hold nothing but those containers, strings, numbers, None and persistent objects (rebuilt
     and checked in turn): a set of pairs or an object array could become a dict of names inside a constructor."""
-    stack = [obj]
+    stack, seen = [obj], set()
     while stack:
         item = stack.pop()
+        if isinstance(item, (dict, list, tuple)):
+            if id(item) in seen:  # shared containers once: a chain of them would otherwise be walked 2**depth times
+                continue
+            seen.add(id(item))
         if isinstance(item, dict):
             for key, value in item.items():
                 if not isinstance(key, str):
@@ -939,7 +1042,12 @@ def _rebuild(pickled: PickledObject, classes: dict, source: str, memo: dict):
         tensors = itertools.chain(params.values(), buffers.values())
     else:
         tensors = (value for value in pickled.state.values() if isinstance(value, torch.Tensor))
-    stored = sum(t.numel() for t in tensors)
+    # Elements the file really holds, storage by storage: views (an expand's stride 0, many tensors over one storage)
+    # would otherwise raise the budget without the file holding more.
+    storages = {}
+    for t in tensors:
+        storages.setdefault(t.untyped_storage().data_ptr(), t.untyped_storage().nbytes() // max(t.element_size(), 1))
+    stored = sum(storages.values())
     budget = _AllocationBudget(_CONSTRUCTION_FACTOR * stored + _CONSTRUCTION_SLACK, pickled.class_name, stored, source)
     try:
         # The constructor draws initial weights that the pickle's then replace: from a forked generator, so that
@@ -951,7 +1059,8 @@ def _rebuild(pickled: PickledObject, classes: dict, source: str, memo: dict):
         raise
     except Exception as err:
         raise NetworkPickleError(f"{source}: cannot build {cls.__module__}.{cls.__qualname__} from the pickled "
-                                 f"init kwargs {dict(init_kwargs)!r}: {type(err).__name__}: {err}") from err
+                                 f"init kwargs {_ARGUMENTS_REPR.repr(dict(init_kwargs))}: {type(err).__name__}: "
+                                 f"{_ARGUMENTS_REPR.repr(str(err))}") from err
     if isinstance(obj, torch.nn.Module):
         _copy_pickled_state(obj, pickled, classes, source)
     else:
@@ -961,6 +1070,13 @@ def _rebuild(pickled: PickledObject, classes: dict, source: str, memo: dict):
             if name not in ("_init_args", "_init_kwargs") and isinstance(value, (torch.Tensor, PickledObject)):
                 setattr(obj, name, _import_objects(value, classes, source, memo))
     return obj
+
+
+# Constructor arguments in messages: a few levels and items (a file's arguments can share containers at every level,
+# which a plain repr prints 2**depth times).
+_ARGUMENTS_REPR = reprlib.Repr()  # attributes, not keywords: Python 3.11's Repr takes none
+_ARGUMENTS_REPR.maxlevel, _ARGUMENTS_REPR.maxdict, _ARGUMENTS_REPR.maxlist, _ARGUMENTS_REPR.maxtuple = 4, 30, 30, 30
+_ARGUMENTS_REPR.maxstring, _ARGUMENTS_REPR.maxother, _ARGUMENTS_REPR.maxlong = 200, 200, 60
 
 
 # A constructor may ask torch's factory functions for this many times the elements of the tensors its pickle holds,
@@ -1084,6 +1200,20 @@ def _open_input(f_or_path_or_url):
         raise TypeError(f"expected a path, URL or binary file object, got {type(f_or_path_or_url).__name__}")
 
 
+@contextlib.contextmanager
+def _refused_when_too_large(source: str):
+    """A file nested deeper than Python's recursion limit, or describing more than the memory holds, is refused in
+    one line naming it, as any other file that is not a network pickle."""
+    try:
+        yield
+    except RecursionError:
+        raise NetworkPickleError(f"{source}: refused: its objects are nested deeper than a network pickle's "
+                                 f"(RecursionError)") from None
+    except (MemoryError, OverflowError) as err:
+        raise NetworkPickleError(f"{source}: refused: it describes objects too large to build ({type(err).__name__}"
+                                 f"{': ' + str(err) if str(err) else ''})") from None
+
+
 def load_network_pickle(f_or_path_or_url, extra_classes: dict | None = None) -> dict:
     """Import a network pickle (EDM's, ours, STF/AOT/GDD releases) without executing anything it embeds.
 
@@ -1100,18 +1230,21 @@ def load_network_pickle(f_or_path_or_url, extra_classes: dict | None = None) -> 
             f.seek(-len(head), io.SEEK_CUR)
             if head == b"PK\x03\x04":
                 raise NetworkPickleError(f"{source}: this is a zip archive (a torch.save file such as a training "
-                                         f"state, or a numpy .npz), not a network pickle; read EDM training states "
-                                         f"with load_edm_training_state()")
+                                         f"state, or a numpy .npz), not a network pickle: sample a run's "
+                                         f"network-snapshot-NNNNNN.pkl (in Python, EDM's training states read with "
+                                         f"persistence.load_edm_training_state())")
         module = _make_safe_pickle_module(classes, source)
         try:
-            data = module.load(f)
+            with _refused_when_too_large(source):
+                data = module.load(f)
         except NetworkPickleError:
             raise
         except UnsafeTorchFileError as err:
             raise NetworkPickleError(f"{source}: {err}") from err
         except (pickle.UnpicklingError, EOFError, ValueError, TypeError, AttributeError, RuntimeError) as err:
             raise NetworkPickleError(f"{source}: not a readable network pickle: {type(err).__name__}: {err}") from err
-    data = _import_objects(data, classes, source, {})
+    with _refused_when_too_large(source):
+        data = _import_objects(data, classes, source, {})
     if isinstance(data, dict):
         return data
     if is_persistent(data):
@@ -1127,7 +1260,7 @@ def load_edm_training_state(path, extra_classes: dict | None = None) -> dict:
     classes = {**PERSISTENT_CLASSES, **(extra_classes or {})}
     module = _make_safe_pickle_module(classes, path)
     try:
-        with open(path, "rb") as f:
+        with open(path, "rb") as f, _refused_when_too_large(path):
             check_torch_file(f, path)
             data = torch.load(f, map_location="cpu", weights_only=False, pickle_module=module)
     except NetworkPickleError:
@@ -1137,7 +1270,8 @@ def load_edm_training_state(path, extra_classes: dict | None = None) -> dict:
         raise NetworkPickleError(message if message.startswith(path) else f"{path}: {message}") from err
     except (pickle.UnpicklingError, EOFError, RuntimeError, ValueError, TypeError, AttributeError) as err:
         raise NetworkPickleError(f"{path}: not a readable training state: {type(err).__name__}: {err}") from err
-    data = _import_objects(data, classes, path, {})
+    with _refused_when_too_large(path):
+        data = _import_objects(data, classes, path, {})
     if not isinstance(data, dict):
         raise NetworkPickleError(f"{path}: expected a dict (net, optimizer_state) at the top level, "
                                  f"got {type(data).__name__}")

@@ -234,10 +234,15 @@ class Dataset(torch.utils.data.Dataset):
     def num_channels(self) -> int:
         return self.image_shape[0]
 
+    def _example_image(self) -> str:
+        """', e.g. <where one image of the dataset's shape is>' for messages about the shape; '' if unknown."""
+        return ""
+
     @property
     def resolution(self) -> int:
         if self.image_shape[1] != self.image_shape[2]:
-            raise DatasetError(f"{self._name}: images are not square ({self.image_shape[2]}x{self.image_shape[1]})")
+            raise DatasetError(f"{self._name}: images are not square ({self.image_shape[2]}x{self.image_shape[1]}"
+                               f"{self._example_image()})")
         return self.image_shape[1]
 
     @property
@@ -546,6 +551,9 @@ class ImageFolderDataset(Dataset):
     def _describe(self, fname: str) -> str:
         return os.path.join(self._path, fname) if self._type == "dir" else f"{self._path}:{fname}"
 
+    def _example_image(self) -> str:
+        return f", e.g. {self._describe(self._image_fnames[0])}"  # the shape every image is checked against
+
     def close(self):
         try:
             if self._archive is not None and self._archive_pid == os.getpid():
@@ -572,7 +580,7 @@ class ImageFolderDataset(Dataset):
         where = self._describe("dataset.json")
         try:
             labels = json.loads(self._read_bytes("dataset.json", self._label_member))["labels"]
-        except (ValueError, KeyError, TypeError) as exc:
+        except (ValueError, KeyError, TypeError, RecursionError) as exc:  # the last: nested too deeply
             raise DatasetError(f'{where}: expected JSON {{"labels": [[file name, label], ...] or null}} ({exc})') \
                 from exc
         if labels is None:
@@ -596,7 +604,7 @@ class ImageFolderDataset(Dataset):
             raise DatasetError(f"{where}: has no label for {len(unlabelled)} image(s), e.g. {unlabelled[0]!r}")
         try:
             array = np.array([labels[f] for f in self._image_fnames])
-        except (ValueError, OverflowError) as exc:
+        except (ValueError, OverflowError, RecursionError) as exc:
             raise DatasetError(f"{where}: labels must all be integers or all be float vectors of one length") from exc
         if array.ndim == 1 and array.dtype.kind in "iubf":
             # Class indices (EDM casts them to int64; 2.0 is 2, but 2.7 is an error here rather than class 2).

@@ -9,7 +9,6 @@ line naming the file and what was expected; nothing is left at the destination w
 
 import functools
 import gzip
-import importlib
 import io
 import json
 import os
@@ -109,7 +108,7 @@ def _read_labels_json(data: bytes, where: str) -> dict:
         if labels is None:
             return {}
         pairs = [(str(fname).replace("\\", "/"), label) for fname, label in labels]
-    except (ValueError, KeyError, TypeError) as exc:
+    except (ValueError, KeyError, TypeError, RecursionError) as exc:  # the last: nested too deeply
         raise DatasetToolError(f'{where}: expected JSON {{"labels": [[file name, label], ...] or null}} '
                                f"({type(exc).__name__}: {exc})") from None
     result = {}
@@ -263,9 +262,7 @@ class _NumpyOnlyUnpickler(persistence.GuardedUnpickler):
     def find_class(self, module, name):
         if (module, name) not in self._ALLOWED:
             raise pickle.UnpicklingError(f"refusing to load {module}.{name} (only numpy arrays are expected)")
-        if module.startswith("numpy.core") and hasattr(np, "_core"):
-            module = "numpy._core" + module[len("numpy.core"):]  # numpy 2 renamed it; avoid the deprecation shim
-        return getattr(importlib.import_module(module), name)
+        return super().find_class(module, name)  # numpy's array constructors in their guarded forms
 
 
 def _batch_field(batch: dict, key: str):
