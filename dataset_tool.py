@@ -2,6 +2,7 @@
 
 import click
 
+import dnnlib.util
 from training.dataset_tool_lib import DatasetToolError, convert_dataset, parse_resolution
 
 
@@ -80,4 +81,5 @@ def main(source, dest, max_images, transform, resolution):
 
 
 if __name__ == "__main__":
+    dnnlib.util.concise_warnings()
     main()

@@ -113,6 +113,8 @@ def main(network, outdir, seeds, subdirs, class_idx, max_batch_size, device, gri
             util.check_output_path(outdir, "--outdir", is_dir=True)
             if grid_path is not None:
                 util.check_output_path(grid_path, "--grid")
+                if not grid_path.lower().endswith(".png"):  # written as PNG: another name would hide what it is
+                    raise util.OutputPathError(f"--grid: {grid_path}: expected a file name ending in .png")
             record = output_record(network, snapshot.data.get("process"), sampling, net, config, summary, class_idx,
                                    subdirs)
             for note in schedule_notes(config, record["network_sha256"]):
@@ -148,7 +150,9 @@ def main(network, outdir, seeds, subdirs, class_idx, max_batch_size, device, gri
         real = preview_images(dataset_path, len(seeds)) if dataset_path and os.path.exists(dataset_path) else None
         try:
             rows, columns = save_image_grid(outdir, seeds, grid_path, subdirs=subdirs, real_images=real)
-        except (OSError, util.OutputPathError) as err:
+        except util.OutputPathError as err:  # it names the file and the reason
+            raise click.ClickException(f"--grid: {err}") from None
+        except OSError as err:
             raise click.ClickException(f"--grid: cannot write {grid_path} ({err})") from None
         except ValueError as err:
             raise click.ClickException(f"--grid: {err}") from None
@@ -159,4 +163,5 @@ def main(network, outdir, seeds, subdirs, class_idx, max_batch_size, device, gri
 
 
 if __name__ == "__main__":
+    util.concise_warnings()
     main()

@@ -424,4 +424,5 @@ def evaluate(schedule_path, solver, data_path, network, loss, lpips_vgg, lpips_l
 
 
 if __name__ == "__main__":
+    util.concise_warnings()
     cli()

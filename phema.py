@@ -12,6 +12,7 @@ import os
 
 import click
 
+import dnnlib.util
 from torch_utils import persistence
 from training.phema import reconstruct
 
@@ -39,4 +40,5 @@ def main(run_dir, std, at_kimg, out_path):
 
 
 if __name__ == '__main__':
+    dnnlib.util.concise_warnings()
     main()

@@ -342,4 +342,5 @@ def main(outdir, resolution, kimg, batch, cbase, cres, blocks, lr, samples, step
 
 
 if __name__ == "__main__":
+    dnnlib.util.concise_warnings()
     main()

@@ -11,6 +11,7 @@ import os
 
 import click
 
+import dnnlib.util
 from training.report import write_report
 
 
@@ -26,4 +27,5 @@ def main(run_dir, out_path):
 
 
 if __name__ == '__main__':
+    dnnlib.util.concise_warnings()
     main()

@@ -273,11 +273,11 @@ def _wrapper_options(func):
 
 def _read_resume_state(path: str) -> dict | None:
     """Our training state at `path` (None: an EDM training state); one-line errors for anything else."""
-    if training_loop.parse_state_kimg(path) is None:
+    if not os.path.exists(path):
+        raise click.BadParameter(f'{path}: no such file', param_hint='--resume')
+    if training_loop.parse_state_kimg(path) is None or not os.path.isfile(path):
         raise click.BadParameter(f'{path!r} is not a training-state-NNNNNN.pt file from a previous run',
                                  param_hint='--resume')
-    if not os.path.isfile(path):
-        raise click.BadParameter(f'{path}: no such file', param_hint='--resume')
     try:
         return training_loop.load_training_state(path)
     except (pickle.UnpicklingError, OSError, RuntimeError, ValueError, EOFError) as err:
@@ -669,6 +669,11 @@ def build_config(opts: dnnlib.EasyDict, world_size: int) -> tuple[dnnlib.EasyDic
         c.network_kwargs.num_blocks = opts.blocks
     if opts.attn is not None:
         c.network_kwargs.attn_resolutions = opts.attn
+        levels = [c.dataset_kwargs.resolution >> i for i in range(len(c.network_kwargs.get('channel_mult') or []))]
+        missing = [r for r in opts.attn if levels and r not in levels]
+        if missing:  # the network would silently have no attention there
+            warnings.warn(f'--attn={",".join(map(str, opts.attn))}: the network has no {missing[0]}x{missing[0]} '
+                          f'level (its levels: {", ".join(map(str, levels))}), so no attention there', stacklevel=1)
     # Whether the network is told how its input was augmented: EDM's losses pass the augmentation labels; a loss that
     # augments only what its discriminator sees (GDD) declares `feeds_augment_labels = False`.
     feeds_labels = bool(opts.augment) and getattr(losses.LOSSES.get(loss_name), 'feeds_augment_labels', True)
@@ -1159,5 +1164,6 @@ def _main(**kwargs):
 
 
 if __name__ == '__main__':
+    dnnlib.util.concise_warnings()
     torch.multiprocessing.set_start_method('spawn')
     main()

@@ -18,6 +18,7 @@ import time
 import urllib.parse
 import urllib.request
 import uuid
+import warnings
 from typing import Any
 
 
@@ -351,6 +352,8 @@ def open_url(url: str, cache_dir: str | None = None, num_attempts: int = 3, verb
     # Local paths.
     if not re.match(r"^[a-zA-Z][a-zA-Z0-9+.-]*://", url):
         path = os.path.expanduser(url)
+        if os.path.isdir(path):
+            raise IsADirectoryError(f"{path} is a folder, not a file" + (f" (from {url})" if path != url else ""))
         if not os.path.isfile(path):
             raise FileNotFoundError(f"no such file: {path}" + (f" (from {url})" if path != url else ""))
         _check_hash(path, checksum, path)
@@ -612,6 +615,17 @@ def remove_stale_temp_files(directory: str, prefix: str = "") -> list[str]:
 
 class OutputPathError(OSError):
     """An output that cannot be written; str() is one line naming the option or file and why."""
+
+
+def _one_line_warning(message, category, filename, lineno, line=None) -> str:
+    return f"{filename}:{lineno}: {category.__name__}: {message}\n"
+
+
+def concise_warnings() -> None:
+    """Show warnings as one line, 'file:line: Category: message', for the command-line tools: Python's default adds
+    the warning's source line (e.g. `return func(*args, **kwargs)`), which in a command's output reads like a
+    traceback."""
+    warnings.formatwarning = _one_line_warning
 
 
 def check_output_path(path: str, option: str, is_dir: bool = False) -> None:

@@ -75,7 +75,8 @@ CASES = {
         r"dataset's images are 8x8"),
     "train-dataset-only-image-not-square": Case(
         "train", "--outdir {out} --data {only_not_square} --device cpu --dry-run",
-        r"^Error: Invalid value for --data: .*only_not_square.*not square"),
+        r"^Error: Invalid value for --data: .*only_not_square: images are not square \(12x8, e\.g\. "
+        r".*only_not_square/a\.png\)"),
     "train-dataset-bad-crc": Case("train", "--outdir {out} --data {bad_crc_zip} --device cpu --dry-run",
                                   r"^Error: Invalid value for --data: .*bad_crc\.zip:00000/img00000002\.png: damaged "
                                   r"ZIP file \(bad CRC-32"),

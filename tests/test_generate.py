@@ -5,6 +5,7 @@ import json
 import math
 import os
 import re
+import shutil
 import subprocess
 import types
 
@@ -872,3 +873,28 @@ def test_generation_record_is_strict_json_and_an_older_bare_infinity_record_resu
     result = CliRunner().invoke(generate.main, base)
     assert result.exit_code == 0 and "Wrote 1 images, skipped 1" in result.output, result.output
     assert '"S_max": "inf"' in (outdir / "generation.json").read_text()
+
+
+def test_cli_path_mistakes_are_named_before_sampling(network_pickle, tmp_path, monkeypatch):
+    """A run folder or a training state given as --network, and a --grid that is not a .png name, are refused in one
+    line that says what to give instead, before any image is sampled."""
+    def no_sampling(*args, **kwargs):
+        raise AssertionError("sampling must not start")
+
+    monkeypatch.setattr(generate, "write_images", no_sampling)
+    run = tmp_path / "00000-run"
+    run.mkdir()
+    for kimg in (0, 12):
+        shutil.copy(network_pickle, run / f"network-snapshot-{kimg:06d}.pkl")
+    args = ["--outdir", str(tmp_path / "out"), "--seeds", "0-1", "--device", "cpu"]
+    result = CliRunner().invoke(generate.main, ["--network", str(run), *args])
+    assert result.exit_code == 1 and (f"Error: {run} is a folder, not a network pickle; its newest snapshot is "
+                                      f"{run / 'network-snapshot-000012.pkl'}") in result.output, result.output
+    torch.save({"net": 1}, tmp_path / "training-state-000012.pt")
+    result = CliRunner().invoke(generate.main, ["--network", str(tmp_path / "training-state-000012.pt"), *args])
+    assert result.exit_code == 1 and "not a network pickle: sample a run's network-snapshot-NNNNNN.pkl" in result.output
+    for grid, message in ((tmp_path / "g.txt", f"--grid: {tmp_path / 'g.txt'}: expected a file name ending in .png"),
+                          (run, f"--grid: {run} is a folder; expected a file name")):
+        result = CliRunner().invoke(generate.main, ["--network", network_pickle, *args, "--grid", str(grid)])
+        assert result.exit_code == 1 and f"Error: {message}" in result.output, result.output
+    assert not os.path.exists(tmp_path / "out")

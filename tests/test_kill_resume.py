@@ -248,7 +248,8 @@ def test_sigterm_or_ctrl_c_to_the_job_saves_and_exits_with_the_signals_code(tmp_
 def test_ctrl_c_asks_for_a_stop_and_a_second_one_a_second_later_interrupts(monkeypatch, capsys):
     # One keypress can reach a process twice within milliseconds (the terminal's group, then a launcher's
     # forwarding): only a repeat a second or more later is the user's second Ctrl-C. Under torchrun the workers get
-    # the agent's copy only (checked by hand: 2 ranks on gloo, Ctrl-C to torchrun: both wrote the state, exit 130).
+    # the agent's copy only (checked by hand: 2 ranks on gloo, Ctrl-C to torchrun: both wrote the state and exited
+    # 130; torchrun then raised its SignalException and exited 1, as README says).
     from torch_utils import distributed as dist
     clock = [100.0]
     monkeypatch.setattr(dist.time, 'monotonic', lambda: clock[0])

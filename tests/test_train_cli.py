@@ -181,7 +181,8 @@ def test_duration_in_whole_kimg(datasets, tmp_path, duration, total_kimg, rounde
     (['--loss-opt', 'P_mean=x'], "cannot read 'x' as float"),
     (['--cond', '1'], '--cond=True requires labels specified in dataset.json'),
     (['--transfer', 'a.pkl', '--resume', 'b.pt'], '--transfer and --resume cannot be specified at the same time'),
-    (['--resume', 'nope.pt'], "Invalid value for --resume: 'nope.pt' is not a training-state-NNNNNN.pt file"),
+    (['--resume', 'nope.pt'], "Invalid value for --resume: nope.pt: no such file"),  # not "not a training-state"
+    (['--resume', '.'], "Invalid value for --resume: . holds no training-state-*.pt"),
     (['--fp16', '1', '--precision', 'bf16'], 'use either --fp16'),
     (['--precond', 'foo'], "Invalid value for '--precond'"),
     (['--loss', 'foo'], "Invalid value for '--loss'"),
@@ -620,3 +621,15 @@ def test_init_rewrapped_in_another_preconditioning_is_warned(datasets, tmp_path)
             warnings.filterwarnings('error', message='--init: ')
             result = _invoke([*base, *same])
         assert result.exit_code == 0, result.output
+
+
+def test_attention_at_a_resolution_the_network_lacks_is_warned(datasets, tmp_path):
+    """--attn=5 on 8x8 data with --cres=1,2 (levels 8 and 4): EDM builds the network without attention, silently."""
+    args = ['--outdir', tmp_path / 'runs', '--data', datasets['uncond'], '-n', '--cbase', '8', '--cres', '1,2',
+            '--blocks', '1', '--device', 'cpu']
+    with pytest.warns(UserWarning, match=r'--attn=5: the network has no 5x5 level \(its levels: 8, 4\), so no '
+                                         r'attention there'):
+        assert _invoke([*args, '--attn', '5']).exit_code == 0
+    with warnings.catch_warnings():
+        warnings.simplefilter('error', UserWarning)
+        assert _invoke([*args, '--attn', '4']).exit_code == 0

@@ -324,3 +324,14 @@ def test_checksum_prefix_and_its_format(tmp_path):
         util.open_url(str(path), checksum="sha256:0123abcd")
     with pytest.raises(ValueError, match="expected 64 hex digits, or a prefix of at least 8"):
         util.open_url(str(path), checksum="sha256:0123")
+
+
+def test_concise_warnings_are_one_line(monkeypatch):
+    """The CLIs show a warning without its source line (`return func(*args, **kwargs)` read like a traceback)."""
+    import warnings
+    monkeypatch.setattr(warnings, "formatwarning", warnings.formatwarning)
+    assert "return func" in warnings.formatwarning("8x8 images", UserWarning, "/x/fid.py", 51,
+                                                   line="    return func(*args, **kwargs)")
+    util.concise_warnings()
+    assert warnings.formatwarning("8x8 images", UserWarning, "/x/fid.py", 51,
+                                  line="    return func(*args, **kwargs)") == "/x/fid.py:51: UserWarning: 8x8 images\n"

@@ -16,6 +16,8 @@ importer rebuilds them by name); a plug-in with persistent classes of its own re
 """
 
 import dataclasses
+import glob
+import os
 
 import torch
 
@@ -50,6 +52,10 @@ class Snapshot:
 
 def read_snapshot(path_or_url: str) -> Snapshot:
     """Import a snapshot without running anything it embeds; the network stays on the CPU."""
+    if os.path.isdir(os.path.expanduser(str(path_or_url))):  # a run folder: name its newest snapshot
+        snapshots = sorted(glob.glob(os.path.join(os.path.expanduser(str(path_or_url)), 'network-snapshot-*.pkl')))
+        hint = f'; its newest snapshot is {snapshots[-1]}' if snapshots else ' (it holds no network-snapshot-*.pkl)'
+        raise persistence.NetworkPickleError(f'{path_or_url} is a folder, not a network pickle{hint}')
     data = persistence.load_network_pickle(path_or_url)
     if 'ema' not in data:
         raise persistence.NetworkPickleError(f"{path_or_url}: no 'ema' network in the pickle "
