@@ -7,6 +7,7 @@ import PIL.Image
 from click.testing import CliRunner
 
 import report
+from training import report as report_lib
 from training.report import COLORS, MARGIN, PANEL_SIZE, build_panels
 
 
@@ -29,7 +30,7 @@ def test_report_draws_every_panel(tmp_path):
             'results': {'fid': fid}, 'source': {'network': f'run/network-snapshot-{kimg:06d}.pkl'}}))
     panels = build_panels(str(tmp_path))
     assert [p.title.split(' (')[0] for p in panels] == ['training loss', 'loss by noise level', 'learning rate',
-                                                         'non-finite steps per tick', 'metrics']
+                                                         'non-finite steps per tick', 'FID']
     assert panels[3].lines[0][2] == [0, 0, 0, 2, 0, 0]  # fraction x steps -> counts per tick
     assert panels[4].lines == [('fid', [2, 6], [40.0, 25.0])]
 
@@ -131,6 +132,14 @@ def test_a_resumed_run_reports_the_runs_it_continues(tmp_path, monkeypatch):
     monkeypatch.setenv('HOME', str(tmp_path))
     result = CliRunner().invoke(report.main, ['--run=~/C'])
     assert result.exit_code == 0 and (runs['C'] / 'report.png').is_file(), result.output
+    # D resumed from C's kimg-6 state and was stopped before its first tick: no stats.jsonl of its own yet.
+    runs['D'] = tmp_path / 'D'
+    runs['D'].mkdir()
+    (runs['D'] / 'training_options.json').write_text(json.dumps({'resume_state_dump': str(runs['C'] /
+                                                                                        'training-state-000006.pt')}))
+    assert build_panels(str(runs['D']))[2].lines[0][1] == [0, 1, 2, 2.5, 3.5, 4.5, 5, 5.5, 6]
+    result = CliRunner().invoke(report.main, ['--run', str(runs['D'])])
+    assert result.exit_code == 0 and (runs['D'] / 'report.png').is_file(), result.output
 
 
 def test_a_constant_series_gets_a_narrow_axis_and_bars_stay_in_the_box(monkeypatch):
@@ -159,3 +168,30 @@ def test_a_constant_series_gets_a_narrow_axis_and_bars_stay_in_the_box(monkeypat
     colored = np.abs(np.asarray(image).astype(int) - np.array(COLORS[0])).sum(axis=2) < 30
     x0, x1 = MARGIN['left'], PANEL_SIZE[0] - MARGIN['right']
     assert colored[:, :x0].sum() == 0 and colored[:, x1 + 1:x1 + 10].sum() == 0 and colored.sum() > 100
+
+
+def test_each_kind_of_metric_gets_a_panel_and_each_measurement_a_series(tmp_path):
+    """FID, IS, precision/recall and KID have different scales (they shared one axis), and fid10k and fid1k at one
+    kimg, or two samplers, are different measurements (they were joined into one line)."""
+    def result(name, kimg, results, labels, sampler=None):
+        source = {'network': f'/r/network-snapshot-{kimg:06d}.pkl', **({'sampler': sampler} if sampler else {})}
+        (tmp_path / name).write_text(json.dumps({'results': results, 'labels': labels, 'source': source}))
+
+    heun, euler = 'solver=heun() schedule=edm steps=18; 35 NFE per image', 'solver=euler() steps=3; 3 NFE per image'
+    result('a.json', 2, {'fid': 30.0, 'is_mean': 5.0, 'is_std': 0.1, 'precision': 0.5, 'recall': 0.4, 'kid': 0.02,
+                         'kid_std': 0.001}, {'fid': 'fid10k_full', 'is': 'is10k', 'pr': 'pr10k3_full',
+                                             'kid': 'kid10k_full'}, heun)
+    result('b.json', 4, {'fid': 20.0}, {'fid': 'fid10k_full'}, heun)
+    result('c.json', 4, {'fid': 60.0}, {'fid': 'fid1k_full'}, heun)
+    result('d.json', 4, {'fid': 90.0}, {'fid': 'fid10k_full'}, euler)
+    panels = report_lib.metric_panels(str(tmp_path))
+    assert [p.title for p in panels] == ['FID (fid.py result files)', 'Inception Score (fid.py result files)',
+                                         'precision / recall (fid.py result files)', 'KID (fid.py result files)']
+    assert panels[0].lines == [('fid10k_full [solver=euler() steps=3]', [4], [90.0]),
+                               ('fid10k_full [solver=heun() schedule=edm steps=18]', [2, 4], [30.0, 20.0]),
+                               ('fid1k_full [solver=heun() schedule=edm steps=18]', [4], [60.0])]
+    assert [name for name, _, _ in panels[2].lines] == ['pr10k3_full precision [solver=heun() schedule=edm steps=18]',
+                                                        'pr10k3_full recall [solver=heun() schedule=edm steps=18]']
+    assert panels[1].lines == [('is10k [solver=heun() schedule=edm steps=18]', [2], [5.0])]  # no is_std series
+    (tmp_path / 'd.json').unlink()  # one sampler: not named
+    assert [name for name, _, _ in report_lib.metric_panels(str(tmp_path))[0].lines] == ['fid10k_full', 'fid1k_full']

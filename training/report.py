@@ -59,13 +59,22 @@ def series(lines: list[dict], name: str, field: str = 'mean', fresh_only: bool =
 _NETWORK_KIMG_RE = re.compile(r'network-(snapshot|phema)-(\d+)(?:-(\d+\.\d+))?\.pkl')
 
 
-def metric_series(run_dir: str, skipped: list | None = None) -> dict[str, tuple[list[float], list[float]]]:
-    """{metric name: (kimg, value)} from fid.py result JSONs in the run directory, the kimg from the network's file
-    name: `fid.py calc --network`'s, or for `calc --images` that of the generate.py run that made the images (its
-    generation.json names the network, and fid.py's record keeps it). A post-hoc EMA reconstruction
-    (network-phema-KIMG-STD.pkl) is a series of its own, 'fid (phema 0.100)'. Result files with no network kimg
-    are appended to `skipped`."""
-    points: dict[str, list] = {}
+# fid.py's result keys -> (panel, the record's label key, the series' suffix); the spreads (is_std, kid_std) are not
+# drawn. Each kind of metric gets its own panel: FID, IS, precision/recall and KID have different scales.
+_METRIC_KEYS = {'fid': ('FID', 'fid', ''), 'is_mean': ('Inception Score', 'is', ''),
+                'precision': ('precision / recall', 'pr', ' precision'),
+                'recall': ('precision / recall', 'pr', ' recall'), 'kid': ('KID', 'kid', '')}
+_SPREADS = ('is_std', 'kid_std')
+
+
+def _metric_points(run_dir: str, skipped: list | None) -> dict[tuple[str, str], list]:
+    """{(panel title, series name): [(kimg, value), ...]} from fid.py result JSONs in the run directory, the kimg
+    from the network's file name: `fid.py calc --network`'s, or for `calc --images` that of the generate.py run that
+    made the images (its generation.json names the network, and fid.py's record keeps it). A series is one metric
+    label (fid50k_full and fid10k_full are different measurements), one post-hoc EMA width (network-phema-KIMG-STD.pkl:
+    'fid50k_full (phema 0.100)') and, when the run's results come from several samplers, one sampler. Result files
+    with no network kimg are appended to `skipped`."""
+    records = []
     for path in sorted(glob.glob(os.path.join(run_dir, '*.json'))):
         try:
             with open(path) as f:
@@ -79,11 +88,43 @@ def metric_series(run_dir: str, skipped: list | None = None) -> dict[str, tuple[
             if skipped is not None:
                 skipped.append(path)
             continue
+        source = record.get('source')
+        sampler = source.get('sampler') if isinstance(source, dict) and isinstance(source.get('sampler'), str) else None
+        records.append((record, match, sampler))
+    several_samplers = len({sampler for _, _, sampler in records if sampler is not None}) > 1
+    points: dict[tuple[str, str], list] = {}
+    for record, match, sampler in records:
+        labels = record.get('labels') if isinstance(record.get('labels'), dict) else {}
         suffix = f' (phema {match.group(3)})' if match.group(1) == 'phema' else ''
-        for name, value in record['results'].items():
-            if isinstance(value, (int, float)) and math.isfinite(value):
-                points.setdefault(name + suffix, []).append((int(match.group(2)), float(value)))
-    return {name: ([k for k, _ in sorted(p)], [v for _, v in sorted(p)]) for name, p in points.items()}
+        if several_samplers and sampler is not None:
+            suffix += f' [{sampler.split(";")[0][:48]}]'
+        for key, value in record['results'].items():
+            if key in _SPREADS or not (isinstance(value, (int, float)) and math.isfinite(value)):
+                continue
+            title, label_key, what = _METRIC_KEYS.get(key, ('metrics', key, ''))
+            name = str(labels.get(label_key, label_key if key in _METRIC_KEYS else key)) + what + suffix
+            points.setdefault((title, name), []).append((int(match.group(2)), float(value)))
+    return points
+
+
+def metric_series(run_dir: str, skipped: list | None = None) -> dict[str, tuple[list[float], list[float]]]:
+    """{series name: (kimg, value)} of `_metric_points`, the panels left out."""
+    return {name: ([k for k, _ in sorted(p)], [v for _, v in sorted(p)])
+            for (_, name), p in _metric_points(run_dir, skipped).items()}
+
+
+def metric_panels(run_dir: str, skipped: list | None = None) -> list['Panel']:
+    """One panel per kind of metric (FID, IS, precision/recall, KID), in that order."""
+    panels: dict[str, Panel] = {}
+    for (title, name), p in sorted(_metric_points(run_dir, skipped).items(),
+                                   key=lambda item: (list(_PANEL_ORDER).index(item[0][0])
+                                                     if item[0][0] in _PANEL_ORDER else 99, item[0][1])):
+        panel = panels.setdefault(title, Panel(f'{title} (fid.py result files)'))
+        panel.add(name, [k for k, _ in sorted(p)], [v for _, v in sorted(p)])
+    return list(panels.values())
+
+
+_PANEL_ORDER = ('FID', 'Inception Score', 'precision / recall', 'KID', 'metrics')
 
 
 class Panel:
@@ -159,7 +200,8 @@ def chain_stats(run_dir: str) -> list[dict]:
     earlier run's lines up to where the next one takes over (its first line's kimg), so that a resumed run's report
     shows the whole training, not only the part since its last resume."""
     chain = run_chain(run_dir, 'statistics')
-    lines = read_stats(os.path.join(run_dir, 'stats.jsonl'))
+    own = os.path.join(run_dir, 'stats.jsonl')  # absent when resumed and stopped again before its first tick
+    lines = read_stats(own) if os.path.isfile(own) else []
     for directory, _ in chain[-2::-1]:  # the predecessors, the latest first
         path = os.path.join(directory, 'stats.jsonl')
         if not os.path.isfile(path):
@@ -197,10 +239,7 @@ def build_panels(run_dir: str, skipped: list | None = None) -> list[Panel]:
             counts.append((kimg['mean'], round(stat['mean'] * stat['num'])))
     nonfinite.add('steps', [k for k, _ in counts], [n for _, n in counts])
     panels += [loss, by_sigma, lr, nonfinite]
-    metrics = Panel('metrics (fid.py result files)')
-    for name, (xs, ys) in metric_series(run_dir, skipped).items():
-        metrics.add(name, xs, ys)
-    panels.append(metrics)
+    panels += metric_panels(run_dir, skipped)
     return [panel for panel in panels if panel.lines]
 
 
@@ -216,7 +255,8 @@ def write_report(run_dir: str, out_path: str | None = None, columns: int = 2, lo
     import dnnlib
 
     stats = os.path.join(run_dir, 'stats.jsonl')
-    if not os.path.isfile(stats):
+    if not os.path.isfile(stats) and not any(os.path.isfile(os.path.join(directory, 'stats.jsonl'))
+                                             for directory, _ in run_chain(run_dir, 'statistics')[:-1]):
         if os.path.isfile(os.path.join(run_dir, 'training_options.json')):
             raise FileNotFoundError(f'{run_dir}: no stats.jsonl yet (a run writes it at the end of its first tick)')
         raise FileNotFoundError(f'{run_dir}: no stats.jsonl (not a training run directory?)')
