@@ -31,6 +31,7 @@ import dnnlib
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 SETTINGS_RECORD = "quickstart.json"  # in training-run/ and samples/: what made their contents
+FID_RECORD = "fid-quickstart.json"  # in --outdir: what fid-ref.npz and fid.json were computed from
 STOP_GRACE_S = 30  # after Ctrl-C, how long a step may take to stop by itself (a training state being written)
 
 
@@ -193,17 +194,47 @@ def _evaluate(dataset_zip: str, samples_dir: str, classifier_path: str, seed: in
         result["fid_note"] = ("Inception detector not available offline; pass --inception PATH (inception-2015-12-05"
                               ".pkl) or place it in the dnnlib download cache to also report FID.")
     else:
+        # Both passes are minutes on a CPU with the real Inception: each is skipped when what it was computed from
+        # (recorded in FID_RECORD) is unchanged.
         ref = os.path.join(outdir, "fid-ref.npz")
         fid_json = os.path.join(outdir, "fid.json")
-        _run("FID reference", ["fid.py", "ref", "--data", dataset_zip, "--dest", ref, "--workers", "0",
-                               "--detector", f"inception={detector}"])
-        _run("FID", ["fid.py", "calc", "--images", samples_dir, "--ref", ref, "--num", str(len(fake)),
-                     "--workers", "0", "--detector", f"inception={detector}", "--out", fid_json])
+        record_path = os.path.join(outdir, FID_RECORD)
+        recorded = _read_json(record_path) or {}
+        detector_sha256 = util.file_sha256(detector)
+        ref_inputs = dict(dataset_sha256=util.file_sha256(dataset_zip), detector_sha256=detector_sha256)
+        if recorded.get("reference") == ref_inputs and os.path.isfile(ref):
+            print("[quickstart] FID reference: fid-ref.npz is of this dataset and detector, skipping", flush=True)
+        else:
+            _run("FID reference", ["fid.py", "ref", "--data", dataset_zip, "--dest", ref, "--workers", "0",
+                                   "--detector", f"inception={detector}"])
+            recorded = dict(reference=ref_inputs)
+            _atomic_json(record_path, recorded)
+        fid_inputs = dict(samples_sha256=_folder_sha256(samples_dir), num=len(fake),
+                          reference_sha256=util.file_sha256(ref), detector_sha256=detector_sha256)
+        if recorded.get("fid") == fid_inputs and os.path.isfile(fid_json):
+            print("[quickstart] FID: fid.json is of these samples, reference and detector, skipping", flush=True)
+        else:
+            _run("FID", ["fid.py", "calc", "--images", samples_dir, "--ref", ref, "--num", str(len(fake)),
+                         "--workers", "0", "--detector", f"inception={detector}", "--out", fid_json])
+            _atomic_json(record_path, dict(reference=ref_inputs, fid=fid_inputs))
         with open(fid_json) as f:
             record = json.load(f)
         result["fid"] = float(record["results"]["fid"])
         result["fid_note"] = f"FID with the standard Inception detector over {len(fake)} samples vs all real digits."
     return result
+
+
+def _folder_sha256(folder: str) -> str:
+    """One hash of every file under `folder`: names and contents, in sorted order."""
+    import hashlib
+    digest = hashlib.sha256()
+    for root, _, files in sorted(os.walk(folder)):
+        for name in sorted(files):
+            path = os.path.join(root, name)
+            digest.update(os.path.relpath(path, folder).encode() + b"\0")
+            with open(path, "rb") as f:
+                digest.update(hashlib.sha256(f.read()).digest())
+    return digest.hexdigest()
 
 
 def _int_list(value: str) -> str:

@@ -64,6 +64,8 @@ def test_quickstart_pipeline_small_budget(tmp_path):
     again = subprocess.run(args, cwd=tmp_path, capture_output=True, text=True, timeout=600)
     assert again.returncode == 0, again.stderr[-3000:]
     assert "exists, skipping" in again.stdout and "is complete, skipping" in again.stdout
+    assert ("FID reference: fid-ref.npz is of this dataset and detector, skipping" in again.stdout
+            and "FID: fid.json is of these samples, reference and detector, skipping" in again.stdout), again.stdout
     assert os.path.getmtime(run / "network-snapshot-000000.pkl") == snapshot_mtime
 
     # Fewer samples: the PNGs of seeds 16..23 stay in samples/ but are not evaluated.
@@ -72,7 +74,8 @@ def test_quickstart_pipeline_small_budget(tmp_path):
     assert fewer.returncode == 0, fewer.stdout[-3000:] + fewer.stderr[-3000:]
     metrics = json.loads((outdir / "metrics.json").read_text())
     assert metrics["num_images"] == 16 and sum(metrics["sample_class_histogram"]) == 16
-    assert json.loads((outdir / "fid.json").read_text())["num_images"] == 16
+    assert json.loads((outdir / "fid.json").read_text())["num_images"] == 16  # recomputed: other samples
+    assert "fid-ref.npz is of this dataset and detector, skipping" in fewer.stdout
 
     # Other sampler steps: the samples are regenerated (generate.py alone would refuse the folder).
     steps = subprocess.run(base + ["--samples", "16", "--steps", "4"], cwd=tmp_path, capture_output=True, text=True,
