@@ -1011,9 +1011,17 @@ def _main(**kwargs):
             if saved is not None:  # Resume from the state alone: its options, then the explicit overrides.
                 # --transfer only seeded the first run's weights; the state holds them now.
                 saved = {k: v for k, v in saved.items() if k not in ('resume', 'dry_run', 'device', 'transfer')}
-                if 'outdir' not in explicit:
-                    opts.outdir = saved.get('outdir')
                 resume_notes = apply_saved_options(opts, saved, explicit, opts.resume)
+                if 'outdir' not in explicit:
+                    # Beside the state, where it lies (its run folder's parent; with --nosubdir its own folder), not
+                    # where it says: a moved run continues where it now is, and a state from elsewhere (a download)
+                    # does not choose the folder this run writes into.
+                    here = os.path.dirname(os.path.abspath(opts.resume))
+                    opts.outdir = here if opts.nosubdir else os.path.dirname(here)
+                    recorded = saved.get('outdir')
+                    if recorded and os.path.abspath(os.path.expanduser(recorded)) != opts.outdir:
+                        print(f'--resume: the state records --outdir={recorded}; it lies in {here}, so the run '
+                              f'continues in {opts.outdir} (give --outdir to choose)')
     for name in ('outdir', 'data'):
         if opts[name] is None:
             raise click.UsageError(f"Missing option '--{name}'" + (' (the training state does not record it)'

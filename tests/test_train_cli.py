@@ -633,3 +633,22 @@ def test_attention_at_a_resolution_the_network_lacks_is_warned(datasets, tmp_pat
     with warnings.catch_warnings():
         warnings.simplefilter('error', UserWarning)
         assert _invoke([*args, '--attn', '4']).exit_code == 0
+
+
+def test_a_resume_without_outdir_continues_beside_the_state(datasets, tmp_path):
+    """The state's recorded --outdir is where it was written: a moved run (or a state from elsewhere) continues beside
+    where the state lies, and a downloaded state does not choose the folder the run writes into."""
+    import shutil
+    result = _invoke(['--outdir', tmp_path / 'runs', '--data', datasets['uncond'], '--batch', 16, '--duration', 0.001,
+                      '--tick', 1, '--snap', 1, '--dump', 1, *TINY_NET])
+    assert result.exit_code == 0, result.output
+    (run,) = (tmp_path / 'runs').iterdir()
+    shutil.copytree(run, tmp_path / 'moved' / run.name)
+    shutil.rmtree(tmp_path / 'runs')
+    result = _invoke(['--resume', tmp_path / 'moved' / run.name / 'training-state-000001.pt', '--duration', 0.002,
+                      '-n'])
+    assert result.exit_code == 0, result.output
+    assert (f'--resume: the state records --outdir={tmp_path / "runs"}; it lies in {tmp_path / "moved" / run.name}, '
+            f'so the run continues in {tmp_path / "moved"} (give --outdir to choose)') in result.output
+    assert f'Output directory:        {tmp_path / "moved" / "00001-"}' in result.output
+    assert not (tmp_path / 'runs').exists()
