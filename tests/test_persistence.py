@@ -1023,3 +1023,12 @@ def test_views_of_one_storage_do_not_raise_the_construction_budget():
     stored = sum(t.numel() for t in [*net.parameters(), *net.buffers()]) - 100_000_000 + 1
     with pytest.raises(persistence.NetworkPickleError, match=rf"but the pickle holds {stored:,}: refusing"):
         persistence.load_network_pickle(io.BytesIO(pickle.dumps({"ema": net}, protocol=4)))
+
+
+def test_torch_files_that_build_a_bytearray_are_refused(tmp_path):
+    """torch's weights_only unpickler allows bytearray(n): a 1.4 KB schedule or state file took 4.4 GB."""
+    torch.save({"x": bytearray(b"ab"), "t": torch.zeros(2)}, tmp_path / "with-bytearray.pt")
+    with pytest.raises(persistence.UnsafeTorchFileError, match="refusing a torch file that builds a bytearray"):
+        persistence.safe_torch_load(str(tmp_path / "with-bytearray.pt"))
+    torch.save({"t": torch.zeros(2), "s": "text", "b": b"bytes"}, tmp_path / "plain.pt")
+    assert persistence.safe_torch_load(str(tmp_path / "plain.pt"))["b"] == b"bytes"

@@ -395,6 +395,15 @@ def _check_torch_zip(f, source: str) -> None:
     if compressed:
         raise UnsafeTorchFileError(f"{source}: refusing compressed records ({compressed[0]}...): torch.save stores "
                                    f"its records uncompressed, and torch would inflate them whole")
+    # torch's weights_only unpickler allows builtins.bytearray, called with a size: 4 GB from a 1.4 KB file. No file
+    # this project reads holds a bytearray.
+    try:
+        names = _pickle_globals(io.BytesIO(reader.get_record("data.pkl")))
+    except (ValueError, RuntimeError) as err:  # opcodes pickletools cannot read: torch's unpickler refuses them too
+        raise UnsafeTorchFileError(f"{source}: not a readable torch file (data.pkl: {err})") from err
+    if names & {("builtins", "bytearray"), ("__builtin__", "bytearray")}:
+        raise UnsafeTorchFileError(f"{source}: refusing a torch file that builds a bytearray (its size would come "
+                                   f"from the file)")
 
 
 def check_torch_file(f, source: str = "<torch file>") -> str:
