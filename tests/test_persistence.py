@@ -9,6 +9,7 @@ import io
 import os
 import pickle
 import pickletools
+import struct
 import subprocess
 import sys
 import threading
@@ -1032,3 +1033,91 @@ def test_torch_files_that_build_a_bytearray_are_refused(tmp_path):
         persistence.safe_torch_load(str(tmp_path / "with-bytearray.pt"))
     torch.save({"t": torch.zeros(2), "s": "text", "b": b"bytes"}, tmp_path / "plain.pt")
     assert persistence.safe_torch_load(str(tmp_path / "plain.pt"))["b"] == b"bytes"
+
+
+# A second audit of the guards above: calls the file chose through BUILD and APPEND lookups, a short object list
+# read past its end, numpy's scalar and torch's set_() sizing memory from the file, legacy storages allocated at a
+# declared size, colliding hashes.
+
+def test_build_and_append_call_only_the_types_own_methods():
+    """pickle's BUILD calls getattr(inst, '__setstate__') and APPEND inst.append: an EasyDict answers both with its
+    items, so a 72-byte file called bytearray(2e9). Here 1e6, which loaded before."""
+    for opcode, tail in ((b"b", b"."), (b"a", b".")):  # BUILD, APPEND
+        key = b"__setstate__" if opcode == b"b" else b"append"
+        data = (b"\x80\x02cdnnlib.util\nEasyDict\n)\x81X" + struct.pack("<I", len(key)) + key
+                + b"cbuiltins\nbytearray\nsJ\x40\x42\x0f\x00" + opcode + tail)  # EasyDict(); [key] = bytearray; 1e6
+        with pytest.raises(persistence.NetworkPickleError, match="not a readable network pickle"):
+            persistence.load_network_pickle(io.BytesIO(data))
+
+
+def test_object_arrays_must_have_as_many_items_as_their_shape():
+    """numpy's __setstate__ reads a short list past its end, taking memory for object pointers (a segfault, or an
+    object at an address the file sprays)."""
+    reconstruct = persistence._numpy_multiarray()._reconstruct
+
+    class ShortObjectArray:
+        def __reduce__(self):
+            return reconstruct, (np.ndarray, (0,), b"b"), (1, (2,), np.dtype("O"), False, [1])
+
+    with pytest.raises(persistence.NetworkPickleError, match=r"object array of shape \(2,\) from a list of 1 items"):
+        persistence.load_network_pickle(io.BytesIO(pickle.dumps({"x": ShortObjectArray()}, protocol=4)))
+
+
+def test_numpy_scalars_only_from_their_own_bytes():
+    scalar = persistence._numpy_multiarray().scalar
+    for args in ((np.dtype("V1000"),), (np.dtype("f8"), b"\0" * 4), (np.dtype("V8"), b"\0" * 9)):
+        with pytest.raises(persistence.NetworkPickleError, match="refusing numpy's scalar"):
+            persistence.load_network_pickle(io.BytesIO(pickle.dumps({"x": _Call(scalar, *args)}, protocol=4)))
+    assert persistence.load_network_pickle(io.BytesIO(pickle.dumps({"x": np.float32(2.5)})))["x"] == 2.5
+
+
+def test_tensor_views_must_lie_inside_their_storage():
+    """torch's set_() grows a storage to fit the view: size (2,) and stride (1e9,) over one float was 4 GB."""
+    storage = torch.zeros(1).untyped_storage()
+    for size, stride, offset in (((2,), (1000,), 0), ((1,), (1,), 5), ((3, 2), (2, 1), 0)):
+        typed = torch.storage.TypedStorage(wrap_storage=storage, dtype=torch.float32, _internal=True)
+        call = _Call(torch._utils._rebuild_tensor_v2, typed, offset, size, stride, False, collections.OrderedDict())
+        with pytest.raises(persistence.NetworkPickleError, match="refusing a tensor of size"):
+            persistence.load_network_pickle(io.BytesIO(pickle.dumps({"x": call}, protocol=4)))
+    view = torch.arange(12.0)[2:].view(2, 5)[:, ::2]  # offset 2, strides (5, 2): inside its 12 elements
+    assert torch.equal(persistence.load_network_pickle(io.BytesIO(pickle.dumps({"x": view})))["x"], view)
+
+
+def test_rebuild_from_type_takes_the_rebuild_functions_by_identity():
+    """A module given `rebuilds_tensor = True` by its pickled state passed an attribute test, and was called."""
+    module = torch.nn.Identity()
+    module.rebuilds_tensor = True
+    call = _Call(torch._tensor._rebuild_from_type_v2, module, torch.Tensor, (torch.zeros(1),), {})
+    with pytest.raises(persistence.NetworkPickleError, match="_rebuild_from_type_v2 of a Identity"):
+        persistence.load_network_pickle(io.BytesIO(pickle.dumps({"x": call}, protocol=4)))
+
+
+def test_legacy_storages_are_not_allocated_beyond_their_bytes():
+    """torch's legacy loader allocates a storage at the size its id declares, before (and whether or not) it reads
+    the bytes: 1e9 floats from 192 bytes, left as uninitialised memory when the key is not in the stream's list."""
+    head = (pickle.dumps(0x1950A86A20F9469CFC6C, protocol=2) + pickle.dumps(1001, protocol=2)
+            + pickle.dumps({"protocol_version": 1001, "little_endian": True,
+                            "type_sizes": {"short": 2, "int": 4, "long": 4}}, protocol=2))
+    declared = (b"\x80\x02(X\x07\x00\x00\x00storagectorch\nFloatStorage\nX\x01\x00\x00\x000X\x03\x00\x00\x00cpuJ"
+                + struct.pack("<i", 1_000_000) + b"NtQ.")
+    stream = head + declared + pickle.dumps([], protocol=2)
+    with pytest.raises(persistence.NetworkPickleError, match=r"declared with 1000000 elements in \d+ bytes of data"):
+        persistence.load_network_pickle(io.BytesIO(hostile.network_pickle_with_storage(stream)))
+
+
+def test_sets_and_number_keyed_dicts_are_capped():
+    """60,000 ints of one hash took a minute to insert (719 KB); no network pickle holds a set or a number-keyed dict
+    of more than 10,000 items. Text keys hash unpredictably: those dicts are not capped."""
+    for value in (set(range(10_001)), frozenset(range(10_001)), dict.fromkeys(range(10_001))):
+        for protocol in (2, 4):
+            with pytest.raises(persistence.NetworkPickleError, match="of more than 10,000 items"):
+                persistence.load_network_pickle(io.BytesIO(pickle.dumps({"x": value}, protocol=protocol)))
+    big = dict.fromkeys(map(str, range(10_001)), 1)
+    assert len(persistence.load_network_pickle(io.BytesIO(pickle.dumps({"x": big}, protocol=4)))["x"]) == 10_001
+    assert persistence.load_network_pickle(io.BytesIO(pickle.dumps({"x": set(range(100))})))["x"] == set(range(100))
+
+
+def test_a_torch_layer_without_its_state_is_one_line():
+    data = b"\x80\x02}X\x03\x00\x00\x00emactorch.nn.modules.linear\nLinear\n)\x81s."  # {'ema': Linear.__new__()}
+    with pytest.raises(persistence.NetworkPickleError, match="a pickled Linear without its state"):
+        persistence.load_network_pickle(io.BytesIO(data))

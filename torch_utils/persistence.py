@@ -17,7 +17,12 @@ Two ways to read such a pickle:
   str/bool/range, collections.OrderedDict, EasyDict, torch.Size/device/dtype/layout/memory_format, numpy dtype and
   scalar) only build values, and what every call opcode may call with what is checked (`_check_call`: sized types
   from literal values only, no tensor type, no layer constructor); numpy.ndarray loads as a marker that only numpy's
-  own `_reconstruct(ndarray, (0,), b'b')` accepts (called, it builds arrays over raw bytes); copyreg._reconstructor
+  own `_reconstruct(ndarray, (0,), b'b')` accepts (called, it builds arrays over raw bytes), and an object array's
+  list must have as many items as its shape (numpy reads a short one past its end); numpy's scalar() only with a
+  plain dtype and exactly its bytes. BUILD, APPEND(S) and ADDITEMS call the type's own __setstate__/list/set methods,
+  never what an instance answers (an EasyDict answers any attribute with its items); sets and number-keyed dicts are
+  capped at 10,000 items (predictable hashes). Tensor views must lie inside their storage (torch's set_() would grow
+  it), and a legacy storage may not declare more elements than its stream has bytes; copyreg._reconstructor
   is replaced by a version that only calls __new__/__init__ of classes that passed the whitelist; _codecs.encode is
   limited to latin1 (how protocols < 3 store bytes); torch._utils' tensor and parameter rebuilders build tensors
   from storages and refuse pickled backward hooks; torch._tensor._rebuild_from_type(_v2) only call one of those
@@ -475,7 +480,8 @@ def _safe_load_from_bytes(data: bytes):
                                    "stream that Storage.__reduce__ writes")
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*TypedStorage is deprecated.*")
-        storage = torch.load(f, map_location="cpu", weights_only=False, pickle_module=safe_pickle)
+        storage = torch.load(f, map_location="cpu", weights_only=False,
+                             pickle_module=_make_safe_pickle_module(max_storage_elements=len(data)))
     if not isinstance(storage, (torch.UntypedStorage, torch.TypedStorage)):
         raise pickle.UnpicklingError(f"a tensor storage in the pickle holds a {type(storage).__name__}, "
                                      f"not a storage")
@@ -504,23 +510,48 @@ def _no_hooks(rebuild, hooks_arg: int | None = None, state_arg: int | None = Non
     state_arg = _STATE_ARG.get(name) if state_arg is None else state_arg
 
     def rebuild_without_hooks(*args):
+        if name in _VIEWS_A_STORAGE and len(args) >= 4:
+            _check_within_storage(*args[:4], name)
         if hooks_arg is not None and len(args) > hooks_arg and args[hooks_arg]:
             raise pickle.UnpicklingError(f"refusing a tensor with pickled backward hooks ({name})")
         if state_arg is not None and len(args) > state_arg:
             _check_tensor_state(args[state_arg], name)
         if name in _CALLS_ITS_ARGUMENT and args and not (
-                getattr(args[0], "rebuilds_tensor", False) and len(args) > 1
-                and args[1] in (torch.Tensor, torch.nn.Parameter)):
+                any(args[0] is rebuilder for rebuilder in _TENSOR_REBUILDERS) and len(args) > 1
+                and any(args[1] is kind for kind in (torch.Tensor, torch.nn.Parameter))):
             # torch calls func(*args): a tensor rebuild function with its arguments, in torch's pickles
-            raise pickle.UnpicklingError(f"refusing {name} of {args[0]!r}: torch's pickles pass one of its tensor "
-                                         f"rebuild functions and a tensor type")
+            raise pickle.UnpicklingError(f"refusing {name} of a {type(args[0]).__name__}: torch's pickles pass one "
+                                         f"of its tensor rebuild functions and a tensor type")
         return rebuild(*args)
     rebuild_without_hooks.__name__ = name
-    rebuild_without_hooks.rebuilds_tensor = name not in _CALLS_ITS_ARGUMENT
+    if name not in _CALLS_ITS_ARGUMENT:
+        _TENSOR_REBUILDERS.append(rebuild_without_hooks)  # by identity: an attribute could be set by a file's BUILD
     return rebuild_without_hooks
 
 
+_TENSOR_REBUILDERS: list = []  # the wrapped torch._utils rebuild functions of the whitelist
+
+
 _CALLS_ITS_ARGUMENT = frozenset({"_rebuild_from_type", "_rebuild_from_type_v2"})
+_VIEWS_A_STORAGE = frozenset({"_rebuild_tensor", "_rebuild_tensor_v2", "_rebuild_tensor_v3"})
+
+
+def _check_within_storage(storage, offset, size, stride, name: str) -> None:
+    """A tensor's view (offset, size, stride) must lie inside its storage: torch's set_() would grow the storage to
+    fit (size (2,) with stride (1e9,) over one float: 4 GB), and the grown part is uninitialised memory."""
+    try:
+        # a TypedStorage: its elements (_size: without the TypedStorage deprecation warning len() gives)
+        elements = storage._size() if hasattr(storage, "_size") else len(storage)
+        sizes, strides = tuple(int(n) for n in size), tuple(int(n) for n in stride)
+        offset = int(offset)
+    except (TypeError, ValueError) as err:
+        raise pickle.UnpicklingError(f"refusing a malformed tensor ({name}: {err})") from None
+    if len(sizes) != len(strides) or offset < 0 or min(sizes + strides, default=0) < 0:
+        raise pickle.UnpicklingError(f"refusing a tensor of size {sizes}, stride {strides}, offset {offset} ({name})")
+    extent = 0 if 0 in sizes else offset + sum((n - 1) * st for n, st in zip(sizes, strides)) + 1
+    if extent > elements:
+        raise pickle.UnpicklingError(f"refusing a tensor of size {sizes} and stride {strides} at offset {offset}: it "
+                                     f"reaches element {extent - 1:,} of a storage of {elements:,}")
 
 
 # Position of `backward_hooks`, and of the attribute state, in torch's rebuild functions.
@@ -583,6 +614,12 @@ def _check_call(func, args, how: str) -> None:
         kinds = ", ".join(type(arg).__name__ for arg in args)
         raise pickle.UnpicklingError(f"refusing {name}({kinds}) from the pickle: its pickles pass literal values, "
                                      f"and a size or a range would allocate without bound")
+    for arg in args:  # set([...]) (protocol 2), dict([(key, value), ...]): hashed as the opcodes' items are
+        if issubclass(func, (set, frozenset)) and isinstance(arg, (list, tuple)):
+            _check_hashed_items(len(arg), arg)
+        elif issubclass(func, dict) and isinstance(arg, (list, tuple)):
+            _check_hashed_items(len(arg), [pair[0] if isinstance(pair, tuple) and pair else pair for pair in arg],
+                                keys=True)
 
 
 def _safe_frombuffer(buf, dtype, shape, order):
@@ -681,7 +718,6 @@ def _numpy_frombuffer():
 
 
 def _build_safe_globals() -> dict:
-    multiarray = _numpy_multiarray()
     table = {
         ("collections", "OrderedDict"): collections.OrderedDict,
         ("copyreg", "_reconstructor"): _safe_reconstructor,
@@ -707,7 +743,7 @@ def _build_safe_globals() -> dict:
         table[(module_name, "_load_type")] = _safe_dill_load_type
     for module_name in ("numpy.core.multiarray", "numpy._core.multiarray"):
         table[(module_name, "_reconstruct")] = _safe_reconstruct
-        table[(module_name, "scalar")] = multiarray.scalar
+        table[(module_name, "scalar")] = _safe_scalar
     for module_name in ("numpy.core.numeric", "numpy._core.numeric"):
         table[(module_name, "_frombuffer")] = _safe_frombuffer
     table[("numpy", "dtype")] = np.dtype
@@ -752,6 +788,40 @@ _TORCH_NN_CLASSES = frozenset({
 })
 
 
+def _check_container(target, kind: type, opcode: str) -> None:
+    if not isinstance(target, kind):
+        raise pickle.UnpicklingError(f"refusing pickle's {opcode} on a {type(target).__name__} (only a "
+                                     f"{kind.__name__} takes it here)")
+
+
+# Sets, and dicts keyed by numbers, past this many items: ints (and tuples of them) hash predictably, and 60,000 keys
+# of one hash took a minute to insert. A network pickle holds a few small ones.
+_MAX_HASHED_ITEMS = 10_000
+
+
+def _length(target) -> int:
+    try:
+        return len(target)
+    except TypeError:
+        return 0
+
+
+def _check_hashed_items(total: int, items, keys: bool = False) -> None:
+    if total > _MAX_HASHED_ITEMS and (not keys or any(type(item) is not str for item in items)):
+        raise pickle.UnpicklingError(f"refusing a {'dict with number keys' if keys else 'set'} of more than "
+                                     f"{_MAX_HASHED_ITEMS:,} items (a network pickle holds none)")
+
+
+def _safe_scalar(dtype, data=None):
+    """numpy's scalar() as numpy pickles a scalar: a plain dtype and exactly its bytes (numpy would zero-fill any
+    item size asked for: dtype('V2000000000') is 2 GB from 70 bytes)."""
+    if not (_plain_dtype(dtype) and isinstance(data, (bytes, str)) and len(data) == dtype.itemsize):
+        raise pickle.UnpicklingError(f"refusing numpy's scalar({dtype!r}, {type(data).__name__} of "
+                                     f"{len(data) if isinstance(data, (bytes, str)) else '?'} items): numpy's "
+                                     f"pickles give a plain dtype and its bytes")
+    return _numpy_multiarray().scalar(dtype, data)
+
+
 def _check_build(inst, state) -> None:
     """What pickle's BUILD opcode may do to an object, checked before it does it. Refused: any class (BUILD sets class
     attributes: a whitelisted class would change for the whole process); an array of a structured dtype, or of Python
@@ -767,6 +837,12 @@ def _check_build(inst, state) -> None:
             raise pickle.UnpicklingError("refusing a numpy array state of a structured or unknown dtype")
         if dtype.hasobject and not isinstance(data, list):
             raise pickle.UnpicklingError("refusing a numpy array of Python objects from raw bytes")
+        shape = state[1] if len(state) == 5 else state[0]
+        if dtype.hasobject and not (isinstance(shape, tuple) and all(isinstance(n, int) and n >= 0 for n in shape)
+                                    and len(data) == math.prod(shape)):
+            # numpy reads a short list past its end, taking memory for object pointers
+            raise pickle.UnpicklingError(f"refusing a numpy object array of shape {shape!r} from a list of "
+                                         f"{len(data)} items")
     elif isinstance(inst, torch.Tensor):
         parts = state if isinstance(state, tuple) else (state,)
         if len(parts) > 3 or (len(parts) == 3 and parts[2]) or any(isinstance(p, dict) and p for p in parts):
@@ -800,9 +876,60 @@ class GuardedUnpickler(pickle._Unpickler):
     def load_build(self):
         inst, state = self.stack[-2], self.stack[-1]
         _check_build(inst, state)
-        super().load_build()
+        # pickle's BUILD, but with the type's __setstate__, never one the instance answers with: an attribute set by
+        # an earlier BUILD, or a __getattr__ (EasyDict answers with its items), would let the file choose the call.
+        self.stack.pop()
+        setstate = getattr(type(inst), "__setstate__", None)
+        if setstate is not None:
+            setstate(inst, state)
+        else:
+            inst_state, slot_state = state if isinstance(state, tuple) and len(state) == 2 else (state, None)
+            if inst_state:
+                inst.__dict__.update({sys.intern(k) if type(k) is str else k: v for k, v in inst_state.items()})
+            for name, value in (slot_state or {}).items():
+                setattr(inst, name, value)
         if isinstance(inst, np.dtype):
             _check_built_dtype(inst, state)
+
+    # APPEND(S) and ADDITEMS call the container's own list/set methods, looked up on the type for the same reason;
+    # only lists and sets take them (pickle's protocol also allows any object with append/extend/add).
+    def load_append(self):
+        value, target = self.stack.pop(), self.stack[-1]
+        _check_container(target, list, "APPEND")
+        list.append(target, value)
+
+    def load_appends(self):
+        items = self.pop_mark()
+        _check_container(self.stack[-1], list, "APPENDS")
+        list.extend(self.stack[-1], items)
+
+    def load_additems(self):
+        items = self.pop_mark()
+        _check_container(self.stack[-1], set, "ADDITEMS")
+        _check_hashed_items(len(self.stack[-1]) + len(items), items)
+        set.update(self.stack[-1], items)
+
+    def load_frozenset(self):
+        items = self.pop_mark()
+        _check_hashed_items(len(items), items)
+        self.append(frozenset(items))
+
+    def load_setitem(self):
+        value, key = self.stack.pop(), self.stack.pop()
+        _check_hashed_items(_length(self.stack[-1]) + 1, [key], keys=True)
+        self.stack[-1][key] = value
+
+    def load_setitems(self):
+        items = self.pop_mark()
+        _check_hashed_items(_length(self.stack[-1]) + len(items) // 2, items[::2], keys=True)
+        target = self.stack[-1]
+        for i in range(0, len(items), 2):
+            target[items[i]] = items[i + 1]
+
+    def load_dict(self):  # protocols 0 and 1
+        items = self.pop_mark()
+        _check_hashed_items(len(items) // 2, items[::2], keys=True)
+        self.append({items[i]: items[i + 1] for i in range(0, len(items), 2)})
 
     def load_reduce(self):
         _check_call(self.stack[-2], self.stack[-1], "call")
@@ -829,6 +956,13 @@ class GuardedUnpickler(pickle._Unpickler):
 
     dispatch = dict(pickle._Unpickler.dispatch)
     dispatch[pickle.BUILD[0]] = load_build
+    dispatch[pickle.APPEND[0]] = load_append
+    dispatch[pickle.APPENDS[0]] = load_appends
+    dispatch[pickle.ADDITEMS[0]] = load_additems
+    dispatch[pickle.FROZENSET[0]] = load_frozenset
+    dispatch[pickle.SETITEM[0]] = load_setitem
+    dispatch[pickle.SETITEMS[0]] = load_setitems
+    dispatch[pickle.DICT[0]] = load_dict
     dispatch[pickle.REDUCE[0]] = load_reduce
     dispatch[pickle.NEWOBJ[0]] = load_newobj
     dispatch[pickle.NEWOBJ_EX[0]] = load_newobj_ex
@@ -843,6 +977,25 @@ class SafeUnpickler(GuardedUnpickler):
 
     class_registry: dict | None = None
     source: str = "<pickle>"
+    max_storage_elements: int | None = None  # storages declared larger are refused (`_safe_load_from_bytes`)
+
+    # torch's legacy loader sets `persistent_load` on the unpickler: the storage it creates for a persistent id is
+    # allocated at the size the id declares, before (and whether or not) its bytes are read.
+    @property
+    def persistent_load(self):
+        return getattr(self, "_persistent_load", super().persistent_load)
+
+    @persistent_load.setter
+    def persistent_load(self, function):
+        limit = self.max_storage_elements
+
+        def checked(pid):
+            if (limit is not None and isinstance(pid, tuple) and len(pid) >= 5 and pid[0] == "storage"
+                    and not (isinstance(pid[4], int) and 0 <= pid[4] <= limit)):
+                raise UnsafeTorchFileError(f"refusing a tensor storage declared with {pid[4]!r} elements in "
+                                           f"{limit:,} bytes of data")
+            return function(pid)
+        self._persistent_load = checked
 
     def load(self):
         data = super().load()
@@ -877,10 +1030,12 @@ class SafeUnpickler(GuardedUnpickler):
         return PickledObject(class_name, dict(meta["state"]), meta.get("module_src"))
 
 
-def _make_safe_pickle_module(class_registry: dict | None = None, source: str = "<pickle>") -> types.ModuleType:
+def _make_safe_pickle_module(class_registry: dict | None = None, source: str = "<pickle>",
+                             max_storage_elements: int | None = None) -> types.ModuleType:
     """A module object usable as torch.load's `pickle_module`: Unpickler, load, loads, UnpicklingError."""
     module = types.ModuleType("torch_utils.persistence.safe_pickle")
-    unpickler = type("SafeUnpickler", (SafeUnpickler,), dict(class_registry=class_registry, source=source))
+    unpickler = type("SafeUnpickler", (SafeUnpickler,), dict(class_registry=class_registry, source=source,
+                                                             max_storage_elements=max_storage_elements))
 
     def load(file, **kwargs):
         return unpickler(file, **kwargs).load()
@@ -1178,6 +1333,8 @@ def _import_objects(obj, classes: dict, source: str, memo: dict):
     elif type(obj) is tuple:
         result = tuple(_import_objects(v, classes, source, memo) for v in obj)
     elif isinstance(obj, torch.nn.Module) and not isinstance(obj, torch.Tensor):
+        if not isinstance(obj.__dict__.get("_modules"), dict):  # created by NEWOBJ, never given a state
+            raise NetworkPickleError(f"{source}: a pickled {type(obj).__name__} without its state")
         for name, child in obj._modules.items():
             obj._modules[name] = _import_objects(child, classes, source, memo)
         result = obj
