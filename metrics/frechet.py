@@ -216,6 +216,8 @@ def load_reference(path_or_url: str, verbose: bool = True, keys=None) -> dict[st
                 if not isinstance(obj, dict):
                     raise ValueError(f"expected a dict, got {type(obj).__name__}")
                 ref = dict(obj.get("fid", obj))
+                if not all(isinstance(key, str) for key in ref):
+                    raise ValueError("expected a dict of named arrays")
                 if "num_images" in obj:
                     ref["num_images"] = np.asarray(obj["num_images"])
             else:
@@ -223,7 +225,7 @@ def load_reference(path_or_url: str, verbose: bool = True, keys=None) -> dict[st
     except ReferenceStatsError:
         raise
     except (ValueError, OSError, pickle.UnpicklingError, EOFError, zipfile.BadZipFile, zlib.error, KeyError,
-            AttributeError, TypeError, IndexError, MemoryError, RecursionError) as err:
+            AttributeError, TypeError, IndexError, MemoryError, RecursionError, LookupError) as err:
         # The ways a truncated or bit-flipped file fails; MemoryError: an .npy header declaring 1e11 values.
         raise ReferenceStatsError(f"cannot read reference statistics {path_or_url!r} (truncated or damaged file?): "
                                   f"{type(err).__name__}: {err}") from err

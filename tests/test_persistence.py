@@ -1121,3 +1121,60 @@ def test_a_torch_layer_without_its_state_is_one_line():
     data = b"\x80\x02}X\x03\x00\x00\x00emactorch.nn.modules.linear\nLinear\n)\x81s."  # {'ema': Linear.__new__()}
     with pytest.raises(persistence.NetworkPickleError, match="a pickled Linear without its state"):
         persistence.load_network_pickle(io.BytesIO(data))
+
+
+# A third audit round: hashing and repr of shared nested values, a range as a tensor's size, copies of one memoized
+# value, and errors that escaped as tracebacks.
+
+def test_shared_nested_values_are_neither_hashed_nor_printed():
+    """30 nested pairs of one tuple as a dict key took 42 s to hash (each level doubles it); str() of shared nested
+    lists is 2**depth characters."""
+    key = (1, 2)
+    for _ in range(4):
+        key = (key, key)
+    for data in (pickle.dumps({"x": {key: 1}}, protocol=4), pickle.dumps({"x": {key}}, protocol=4)):
+        with pytest.raises(persistence.NetworkPickleError, match="that nests containers"):
+            persistence.load_network_pickle(io.BytesIO(data))
+    assert persistence.load_network_pickle(io.BytesIO(pickle.dumps({"x": {(1, "a"): 2}})))["x"] == {(1, "a"): 2}
+    nested = [1]
+    for _ in range(4):
+        nested = [nested, nested]
+    with pytest.raises(persistence.NetworkPickleError, match=r"refusing builtins.str\(list\)"):
+        persistence.load_network_pickle(io.BytesIO(pickle.dumps({"x": _Call(str, nested)}, protocol=4)))
+    reconstruct = persistence._numpy_multiarray()._reconstruct  # a refusal message prints the file's value bounded
+    with pytest.raises(persistence.NetworkPickleError, match=r"_reconstruct\(numpy.ndarray, \[\[\[\[\[") as err:
+        persistence.load_network_pickle(io.BytesIO(pickle.dumps({"x": _Call(reconstruct, np.ndarray, nested * 64,
+                                                                            b"b")}, protocol=4)))
+    assert len(str(err.value)) < 5000  # bounded (a plain repr: 64 x 2**4 lists)
+
+
+def test_a_range_is_not_a_tensor_size():
+    storage = torch.storage.TypedStorage(wrap_storage=torch.zeros(1).untyped_storage(), dtype=torch.float32,
+                                         _internal=True)
+    call = _Call(torch._utils._rebuild_tensor_v2, storage, 0, range(10 ** 6), range(10 ** 6), False, None)
+    with pytest.raises(persistence.NetworkPickleError, match="size and stride are a range and a range"):
+        persistence.load_network_pickle(io.BytesIO(pickle.dumps({"x": call}, protocol=4)))
+
+
+def test_copies_of_one_memoized_value_are_budgeted():
+    """MEMO GET hands one value to a call many times: bytearray(b) of one 100 KB string 10,000 times was 1.6 GB from
+    160 KB. What calls build may exceed 4x the file read so far by 64 MB, no more."""
+    big = b"x" * 100_000
+    data = pickle.dumps({"x": [_Call(bytearray, big) for _ in range(700)]}, protocol=4)
+    assert len(data) < 120_000
+    with pytest.raises(persistence.NetworkPickleError, match="calls build about .* bytes from .* bytes of file"):
+        persistence.load_network_pickle(io.BytesIO(data))
+    fine = pickle.dumps({"x": [bytearray(b"x" * 100_000 + bytes([i])) for i in range(50)]}, protocol=2)
+    assert len(persistence.load_network_pickle(io.BytesIO(fine))["x"]) == 50  # protocol 2: a call per bytearray
+
+
+def test_malformed_values_are_one_line_errors(tmp_path):
+    for data, message in ((pickle.dumps({"x": _Call(str, b"a", "no-such-encoding")}, protocol=4), "LookupError"),
+                          (b"\x80\x02}X\x03\x00\x00\x00emactorch.nn.modules.linear\nLinear\n)\x81}(X\x0b\x00\x00"
+                           b"\x00_parameters]K\x01aX\x08\x00\x00\x00_modules}ubs.", "has a malformed state")):
+        with pytest.raises(persistence.NetworkPickleError, match=message):
+            persistence.load_network_pickle(io.BytesIO(data))
+    from metrics import frechet
+    (tmp_path / "ref.pkl").write_bytes(pickle.dumps({1: 2}, protocol=4))  # EDM2's format, but not named arrays
+    with pytest.raises(frechet.ReferenceStatsError, match="expected a dict of named arrays"):
+        frechet.load_reference(str(tmp_path / "ref.pkl"))

@@ -290,7 +290,7 @@ def _resolve_class(class_name: str, classes: dict, source: str) -> type:
     entry = classes.get(class_name)
     if entry is None:
         raise NetworkPickleError(
-            f"{source}: the pickle holds a persistent object of class {class_name!r}, which has no counterpart "
+            f"{source}: the pickle holds a persistent object of class {_shown(class_name)}, which has no counterpart "
             f"here. Known classes: {', '.join(sorted(classes))}. Register it (torch_utils.persistence."
             f"register_classes, or pass extra_classes) if it is ours under another name.")
     if isinstance(entry, str):
@@ -320,17 +320,23 @@ class PickledObject:
 # Reading, safely: the restricted unpickler.
 
 
+def _shown(value) -> str:
+    """A value from a file, for a message: a bounded repr (a file's shared containers would print 2**depth times)."""
+    return _ARGUMENTS_REPR.repr(value)
+
+
 def _safe_codecs_encode(obj, encoding="utf-8", errors="strict"):
     # Pickle protocols < 3 store bytes as _codecs.encode(text, 'latin1'); nothing else is needed.
     if encoding not in ("latin1", "latin-1"):
-        raise pickle.UnpicklingError(f"refusing _codecs.encode with encoding {encoding!r} (only latin1 is expected)")
+        raise pickle.UnpicklingError(f"refusing _codecs.encode with encoding {_shown(encoding)} (only latin1 is "
+                                     f"expected)")
     return codecs.encode(obj, "latin1", errors)
 
 
 def _safe_reconstructor(cls, base, state):
     """copyreg._reconstructor (protocols 0 and 1) for classes that already passed find_class."""
     if not (isinstance(cls, type) and isinstance(base, type) and issubclass(cls, base)):
-        raise pickle.UnpicklingError(f"malformed copyreg._reconstructor call ({cls!r}, {base!r})")
+        raise pickle.UnpicklingError(f"malformed copyreg._reconstructor call ({_shown(cls)}, {_shown(base)})")
     if base is object:
         return object.__new__(cls)
     _check_call(base, (state,), "call")
@@ -499,7 +505,7 @@ def _check_tensor_state(state, what: str) -> None:
             raise pickle.UnpicklingError(f"refusing a tensor ({what}) whose pickled state is a {type(part).__name__}")
         for key in part:
             if not isinstance(key, str) or key.startswith("_") or hasattr(torch.Tensor, key):
-                raise pickle.UnpicklingError(f"refusing a tensor ({what}) whose pickled state sets {key!r}")
+                raise pickle.UnpicklingError(f"refusing a tensor ({what}) whose pickled state sets {_shown(key)}")
 
 
 def _no_hooks(rebuild, hooks_arg: int | None = None, state_arg: int | None = None):
@@ -539,6 +545,9 @@ _VIEWS_A_STORAGE = frozenset({"_rebuild_tensor", "_rebuild_tensor_v2", "_rebuild
 def _check_within_storage(storage, offset, size, stride, name: str) -> None:
     """A tensor's view (offset, size, stride) must lie inside its storage: torch's set_() would grow the storage to
     fit (size (2,) with stride (1e9,) over one float: 4 GB), and the grown part is uninitialised memory."""
+    if not (isinstance(size, (tuple, list)) and isinstance(stride, (tuple, list)) and len(size) <= 64):
+        raise pickle.UnpicklingError(f"refusing a tensor whose size and stride are a {type(size).__name__} and a "
+                                     f"{type(stride).__name__} ({name})")
     try:
         # a TypedStorage: its elements (_size: without the TypedStorage deprecation warning len() gives)
         elements = storage._size() if hasattr(storage, "_size") else len(storage)
@@ -580,8 +589,9 @@ def _safe_reconstruct(subtype, shape, dtype):
     """numpy's _reconstruct as numpy's pickles call it: an empty ndarray whose contents BUILD then sets (checked by
     `_check_build`). Any other type, shape or dtype is refused (a file could ask for 5e8 objects)."""
     if subtype is not _NDARRAY or not (isinstance(shape, tuple) and shape == (0,)) or dtype not in (b"b", "b"):
-        raise pickle.UnpicklingError(f"refusing numpy's _reconstruct({subtype!r}, {shape!r}, {dtype!r}): numpy's "
-                                     f"pickles call it as _reconstruct(numpy.ndarray, (0,), b'b')")
+        raise pickle.UnpicklingError(f"refusing numpy's _reconstruct({_shown(subtype)}, {_shown(shape)}, "
+                                     f"{_shown(dtype)}): numpy's pickles call it as _reconstruct(numpy.ndarray, (0,), "
+                                     f"b'b')")
     return _numpy_multiarray()._reconstruct(np.ndarray, (0,), b"b")
 
 
@@ -610,6 +620,10 @@ def _check_call(func, args, how: str) -> None:
     if issubclass(func, torch.nn.Module) and (how != "new" or args):
         raise pickle.UnpicklingError(f"refusing to call the constructor of {name} from the pickle (a torch layer "
                                      f"is created without it and given its pickled state)")
+    if issubclass(func, str) and not all(isinstance(arg, (str, bytes, bytearray)) for arg in args):
+        # str(x) of anything else is its repr: of shared nested lists, 2**depth characters
+        raise pickle.UnpicklingError(f"refusing {name}({', '.join(type(arg).__name__ for arg in args)}) from the "
+                                     f"pickle: text is built from text or bytes only")
     if issubclass(func, _SIZED_TYPES) and not all(isinstance(arg, _LITERAL_VALUES) for arg in args):
         kinds = ", ".join(type(arg).__name__ for arg in args)
         raise pickle.UnpicklingError(f"refusing {name}({kinds}) from the pickle: its pickles pass literal values, "
@@ -680,6 +694,8 @@ _MODULE_HOOKS = ("_backward_pre_hooks", "_backward_hooks", "_forward_hooks", "_f
 def _check_plain_module(module: torch.nn.Module, source: str) -> None:
     """A torch module as a pickle left it: no hooks (callables torch runs on forward, backward or state_dict) and no
     instance attribute that shadows a method or property of its class (e.g. `forward`)."""
+    if not all(isinstance(module.__dict__.get(name, {}), dict) for name in ("_parameters", "_buffers", "_modules")):
+        raise NetworkPickleError(f"{source}: a pickled {type(module).__name__} has a malformed state")
     for name in _MODULE_HOOKS:
         if getattr(module, name, None):
             raise NetworkPickleError(f"{source}: refusing a pickled {type(module).__name__} with {name}")
@@ -699,7 +715,7 @@ def _safe_dill_load_type(name):
     class embedding, name `set` so), for the plain types allowed above only; dill can name code and function types
     too."""
     if name not in _PLAIN_TYPES:
-        raise pickle.UnpicklingError(f"refusing dill's type {name!r}: only plain container and number types")
+        raise pickle.UnpicklingError(f"refusing dill's type {_shown(name)}: only plain container and number types")
     return getattr(__import__("builtins"), name)
 
 
@@ -794,6 +810,10 @@ def _check_container(target, kind: type, opcode: str) -> None:
                                      f"{kind.__name__} takes it here)")
 
 
+# Calls may build this much more than the file has given (bytes; `GuardedUnpickler._count_copy`).
+_COPY_SLACK = 64 << 20
+_COPY_FACTOR = 4
+
 # Sets, and dicts keyed by numbers, past this many items: ints (and tuples of them) hash predictably, and 60,000 keys
 # of one hash took a minute to insert. A network pickle holds a few small ones.
 _MAX_HASHED_ITEMS = 10_000
@@ -810,13 +830,17 @@ def _check_hashed_items(total: int, items, keys: bool = False) -> None:
     if total > _MAX_HASHED_ITEMS and (not keys or any(type(item) is not str for item in items)):
         raise pickle.UnpicklingError(f"refusing a {'dict with number keys' if keys else 'set'} of more than "
                                      f"{_MAX_HASHED_ITEMS:,} items (a network pickle holds none)")
+    for item in items:  # hashing a tuple hashes all of it, shared parts again: 30 nested pairs took 42 s
+        if isinstance(item, (tuple, frozenset)) and any(isinstance(part, (tuple, frozenset, list, dict, set))
+                                                        for part in item):
+            raise pickle.UnpicklingError(f"refusing a {'dict key' if keys else 'set item'} that nests containers")
 
 
 def _safe_scalar(dtype, data=None):
     """numpy's scalar() as numpy pickles a scalar: a plain dtype and exactly its bytes (numpy would zero-fill any
     item size asked for: dtype('V2000000000') is 2 GB from 70 bytes)."""
     if not (_plain_dtype(dtype) and isinstance(data, (bytes, str)) and len(data) == dtype.itemsize):
-        raise pickle.UnpicklingError(f"refusing numpy's scalar({dtype!r}, {type(data).__name__} of "
+        raise pickle.UnpicklingError(f"refusing numpy's scalar({_shown(dtype)}, {type(data).__name__} of "
                                      f"{len(data) if isinstance(data, (bytes, str)) else '?'} items): numpy's "
                                      f"pickles give a plain dtype and its bytes")
     return _numpy_multiarray().scalar(dtype, data)
@@ -841,7 +865,7 @@ def _check_build(inst, state) -> None:
         if dtype.hasobject and not (isinstance(shape, tuple) and all(isinstance(n, int) and n >= 0 for n in shape)
                                     and len(data) == math.prod(shape)):
             # numpy reads a short list past its end, taking memory for object pointers
-            raise pickle.UnpicklingError(f"refusing a numpy object array of shape {shape!r} from a list of "
+            raise pickle.UnpicklingError(f"refusing a numpy object array of shape {_shown(shape)} from a list of "
                                          f"{len(data)} items")
     elif isinstance(inst, torch.Tensor):
         parts = state if isinstance(state, tuple) else (state,)
@@ -854,10 +878,11 @@ def _check_built_dtype(dtype: np.dtype, state) -> None:
     the dtype its type string names (fields, sub-arrays, or flags that hide an object field or an object type: raw
     bytes would then be read as object pointers)."""
     if dtype.fields is not None or dtype.subdtype is not None:
-        raise pickle.UnpicklingError(f"refusing a structured numpy dtype from a pickle ({state!r})")
+        raise pickle.UnpicklingError(f"refusing a structured numpy dtype from a pickle ({_shown(state)})")
     natural = np.dtype(dtype.str)
     if dtype != natural or dtype.flags != natural.flags or dtype.hasobject != natural.hasobject:
-        raise pickle.UnpicklingError(f"refusing a numpy dtype state that differs from {natural!r}'s own: {state!r}")
+        raise pickle.UnpicklingError(f"refusing a numpy dtype state that differs from {_shown(natural)}'s own: "
+                                     f"{_shown(state)}")
 
 
 class GuardedUnpickler(pickle._Unpickler):
@@ -931,13 +956,41 @@ class GuardedUnpickler(pickle._Unpickler):
         _check_hashed_items(len(items) // 2, items[::2], keys=True)
         self.append({items[i]: items[i + 1] for i in range(0, len(items), 2)})
 
+    def __init__(self, file, *args, **kwargs):
+        super().__init__(file, *args, **kwargs)
+        self._input_tell = getattr(file, "tell", None)
+        self._input_start = self._input_position()
+        self._copied = 0  # bytes (items) built by calls: a memoized value copied 10,000 times was 5,000x its file
+
+    def _input_position(self) -> int:
+        try:
+            return int(self._input_tell()) if self._input_tell is not None else 0
+        except (OSError, ValueError):
+            return 0
+
+    def _count_copy(self, value) -> None:
+        """What a call built, against what the file has given so far: copies of one memoized string or list
+        (MEMO GET then bytearray(), _codecs.encode(), list()) would otherwise grow without the file growing."""
+        if isinstance(value, (bytes, bytearray, str)):
+            self._copied += len(value)
+        elif isinstance(value, (list, tuple, dict, set, frozenset)):
+            self._copied += 64 * len(value)  # about what an item costs in a container (a dict entry: more)
+        else:
+            return
+        read = self._input_position() - self._input_start
+        if self._copied > _COPY_SLACK + _COPY_FACTOR * read:
+            raise pickle.UnpicklingError(f"refusing a pickle whose calls build about {self._copied:,} bytes from "
+                                         f"{read:,} bytes of file (copies of one value)")
+
     def load_reduce(self):
         _check_call(self.stack[-2], self.stack[-1], "call")
         super().load_reduce()
+        self._count_copy(self.stack[-1])
 
     def load_newobj(self):
         _check_call(self.stack[-2], self.stack[-1], "new")
         super().load_newobj()
+        self._count_copy(self.stack[-1])
 
     def load_newobj_ex(self):
         _check_call(self.stack[-3], (*self.stack[-2], *self.stack[-1].values()), "new")
@@ -992,7 +1045,7 @@ class SafeUnpickler(GuardedUnpickler):
         def checked(pid):
             if (limit is not None and isinstance(pid, tuple) and len(pid) >= 5 and pid[0] == "storage"
                     and not (isinstance(pid[4], int) and 0 <= pid[4] <= limit)):
-                raise UnsafeTorchFileError(f"refusing a tensor storage declared with {pid[4]!r} elements in "
+                raise UnsafeTorchFileError(f"refusing a tensor storage declared with {_shown(pid[4])} elements in "
                                            f"{limit:,} bytes of data")
             return function(pid)
         self._persistent_load = checked
@@ -1019,11 +1072,11 @@ class SafeUnpickler(GuardedUnpickler):
         meta = _apply_import_hooks(meta)
         class_name = meta.get("class_name")
         if meta.get("version") != _version:
-            raise NetworkPickleError(f"{self.source}: persistent object {class_name!r} has format version "
-                                     f"{meta.get('version')!r}; only EDM's version {_version} is supported")
+            raise NetworkPickleError(f"{self.source}: persistent object {_shown(class_name)} has format version "
+                                     f"{_shown(meta.get('version'))}; only EDM's version {_version} is supported")
         if meta.get("type") != "class" or not isinstance(class_name, str):
-            raise NetworkPickleError(f"{self.source}: malformed persistent object (type {meta.get('type')!r}, "
-                                     f"class_name {class_name!r})")
+            raise NetworkPickleError(f"{self.source}: malformed persistent object (type {_shown(meta.get('type'))}, "
+                                     f"class_name {_shown(class_name)})")
         classes = self.class_registry if self.class_registry is not None else PERSISTENT_CLASSES
         if class_name not in classes:
             _resolve_class(class_name, classes, self.source)  # Raises the error naming the known classes.
@@ -1070,9 +1123,12 @@ def _pickled_module_tree(root, source: str):
         elif isinstance(node, torch.nn.Module):
             state = node.__dict__
         else:
-            raise NetworkPickleError(f"{source}: submodule {path!r} is a {type(node).__name__}, not a module")
+            raise NetworkPickleError(f"{source}: submodule {_shown(path)} is a {type(node).__name__}, not a module")
         nodes[path] = node
         prefix = f"{path}." if path else ""
+        if not isinstance(state, dict) or not all(isinstance(state.get(key) or {}, dict)
+                                                  for key in ("_parameters", "_buffers", "_modules")):
+            raise NetworkPickleError(f"{source}: submodule {path!r} has a malformed state")
         for key, out in (("_parameters", params), ("_buffers", buffers)):
             for name, tensor in (state.get(key) or {}).items():
                 if tensor is None:
@@ -1175,7 +1231,7 @@ def _check_constructor_names(pickled: PickledObject, args, kwargs, classes: dict
     for name in _names_to_import((args, kwargs), pickled, source):
         if not isinstance(name, str) or name not in allowed:
             raise NetworkPickleError(f"{source}: the pickled {pickled.class_name}'s constructor arguments name "
-                                     f"{name!r} to import and call, which is not a registered persistent class: "
+                                     f"{_shown(name)} to import and call, which is not a registered persistent class: "
                                      f"refused (a file must not choose the code that runs)")
 
 
@@ -1407,10 +1463,14 @@ def load_network_pickle(f_or_path_or_url, extra_classes: dict | None = None) -> 
             raise
         except UnsafeTorchFileError as err:
             raise NetworkPickleError(f"{source}: {err}") from err
-        except (pickle.UnpicklingError, EOFError, ValueError, TypeError, AttributeError, RuntimeError) as err:
+        except (pickle.UnpicklingError, EOFError, ValueError, TypeError, AttributeError, RuntimeError,
+                LookupError) as err:  # LookupError: an unknown codec or error handler named by the file
             raise NetworkPickleError(f"{source}: not a readable network pickle: {type(err).__name__}: {err}") from err
-    with _refused_when_too_large(source):
-        data = _import_objects(data, classes, source, {})
+    try:
+        with _refused_when_too_large(source):
+            data = _import_objects(data, classes, source, {})
+    except (AttributeError, TypeError, ValueError, LookupError) as err:  # structures no network pickle has
+        raise NetworkPickleError(f"{source}: malformed network pickle: {type(err).__name__}: {err}") from err
     if isinstance(data, dict):
         return data
     if is_persistent(data):
@@ -1434,10 +1494,14 @@ def load_edm_training_state(path, extra_classes: dict | None = None) -> dict:
     except UnsafeTorchFileError as err:
         message = str(err)
         raise NetworkPickleError(message if message.startswith(path) else f"{path}: {message}") from err
-    except (pickle.UnpicklingError, EOFError, RuntimeError, ValueError, TypeError, AttributeError) as err:
+    except (pickle.UnpicklingError, EOFError, RuntimeError, ValueError, TypeError, AttributeError,
+            LookupError) as err:
         raise NetworkPickleError(f"{path}: not a readable training state: {type(err).__name__}: {err}") from err
-    with _refused_when_too_large(path):
-        data = _import_objects(data, classes, path, {})
+    try:
+        with _refused_when_too_large(path):
+            data = _import_objects(data, classes, path, {})
+    except (AttributeError, TypeError, ValueError, LookupError) as err:
+        raise NetworkPickleError(f"{path}: malformed training state: {type(err).__name__}: {err}") from err
     if not isinstance(data, dict):
         raise NetworkPickleError(f"{path}: expected a dict (net, optimizer_state) at the top level, "
                                  f"got {type(data).__name__}")
