@@ -995,10 +995,12 @@ class GuardedUnpickler(pickle._Unpickler):
     def load_newobj_ex(self):
         _check_call(self.stack[-3], (*self.stack[-2], *self.stack[-1].values()), "new")
         super().load_newobj_ex()
+        self._count_copy(self.stack[-1])
 
     def _instantiate(self, klass, args):  # INST and OBJ (protocols 0 and 1)
         _check_call(klass, args, "call")
         super()._instantiate(klass, args)
+        self._count_copy(self.stack[-1])
 
     def find_class(self, module, name):
         """The whitelisted object (`_resolve_safe_global`); subclasses narrow the names and call this."""
@@ -1279,8 +1281,8 @@ def _rebuild(pickled: PickledObject, classes: dict, source: str, memo: dict):
         raise
     except Exception as err:
         raise NetworkPickleError(f"{source}: cannot build {cls.__module__}.{cls.__qualname__} from the pickled "
-                                 f"init kwargs {_ARGUMENTS_REPR.repr(dict(init_kwargs))}: {type(err).__name__}: "
-                                 f"{_ARGUMENTS_REPR.repr(str(err))}") from err
+                                 f"init kwargs {_shown(dict(init_kwargs))}: {type(err).__name__}: "
+                                 f"{_shown(str(err))}") from err
     if isinstance(obj, torch.nn.Module):
         _copy_pickled_state(obj, pickled, classes, source)
     else:
