@@ -493,7 +493,7 @@ def clear_output_folder(outdir: str) -> None:
         for entry in os.scandir(folder):
             if entry.is_file() and re.fullmatch(r"\d+\.png", entry.name):
                 os.remove(entry.path)
-        if folder != outdir and not any(os.scandir(folder)):
+        if folder != outdir and not os.listdir(folder):
             os.rmdir(folder)
 
 
@@ -533,10 +533,9 @@ def claim_output_folder(outdir: str, record: dict, overwrite: bool = False) -> N
 
 
 def _holds_pngs(outdir: str) -> bool:
-    for entry in os.scandir(outdir):
-        if entry.name.endswith(".png") or (entry.is_dir() and re.fullmatch(r"\d{6,}", entry.name)):
-            return True
-    return False
+    with os.scandir(outdir) as entries:  # closed at the first hit, not when garbage-collected
+        return any(entry.name.endswith(".png") or (entry.is_dir() and re.fullmatch(r"\d{6,}", entry.name))
+                   for entry in entries)
 
 
 def write_images(net, seeds, outdir: str, *, subdirs: bool = False, batch_size: int = 64, progress: bool = True,

@@ -4,6 +4,7 @@ import io
 import itertools
 import json
 import os
+import pathlib
 import pickle
 import zipfile
 
@@ -329,7 +330,7 @@ def test_damaged_images_are_found_when_opening(tmp_path, kind):
 def test_zip_with_a_bad_crc_fails_when_opening(tmp_path):
     images = _images(3)
     path = _make_zip(tmp_path / "d.zip", images)
-    data = bytearray(open(path, "rb").read())
+    data = bytearray(pathlib.Path(path).read_bytes())
     member = _png_bytes(images[2])
     offset = bytes(data).rindex(member) + len(member) // 2
     data[offset] ^= 0x01  # one flipped bit inside the last image's pixel data
@@ -343,7 +344,7 @@ def test_zip_with_a_bad_crc_fails_when_opening(tmp_path):
             z.writestr(f"img{i}.png", _png_bytes(image))
         info = z.getinfo("img2.png")
     assert len(ImageFolderDataset(str(tmp_path / "deflated.zip"))) == 3
-    data = bytearray(open(tmp_path / "deflated.zip", "rb").read())
+    data = bytearray((tmp_path / "deflated.zip").read_bytes())
     for flip in (0x01, 0xFF):
         damaged = bytearray(data)
         damaged[info.header_offset + 30 + len("img2.png") + info.compress_size // 2] ^= flip

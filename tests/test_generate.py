@@ -4,6 +4,7 @@ import hashlib
 import json
 import math
 import os
+import pathlib
 import re
 import shutil
 import subprocess
@@ -452,7 +453,7 @@ def test_library_does_not_import_the_clis():
                 if not name.endswith(".py") or name == "__main__.py":
                     continue
                 path = os.path.join(folder, name)
-                for node in ast.walk(ast.parse(open(path).read(), path)):
+                for node in ast.walk(ast.parse(pathlib.Path(path).read_text(), path)):
                     modules = [a.name for a in node.names] if isinstance(node, ast.Import) else \
                         [node.module] if isinstance(node, ast.ImportFrom) and node.level == 0 and node.module else []
                     offenders += [f"{os.path.relpath(path, ROOT)} imports {m}" for m in modules
@@ -625,7 +626,7 @@ def test_overwrite_leaves_no_image_of_the_old_settings(network_pickle, tmp_path)
     outdir = str(tmp_path / "out")
     base = ["--network", network_pickle, "--outdir", outdir, "--device", "cpu", "--batch", "4"]
     assert CliRunner().invoke(generate.main, [*base, "--seeds", "0-7", "--steps", "2"]).exit_code == 0
-    old_seven = open(os.path.join(outdir, "000007.png"), "rb").read()
+    old_seven = pathlib.Path(outdir, "000007.png").read_bytes()
     # Other settings over fewer seeds: the old images of seeds 4-7 go (before, they stayed under the new record,
     # and the next resume skipped them).
     result = CliRunner().invoke(generate.main, [*base, "--seeds", "0-3", "--steps", "4", "--overwrite"])
@@ -633,7 +634,7 @@ def test_overwrite_leaves_no_image_of_the_old_settings(network_pickle, tmp_path)
     assert _pngs(outdir) == [f"{s:06d}.png" for s in range(4)]
     result = CliRunner().invoke(generate.main, [*base, "--seeds", "0-7", "--steps", "4"])
     assert result.exit_code == 0 and "Wrote 4 images, skipped 4" in result.output, result.output
-    assert open(os.path.join(outdir, "000007.png"), "rb").read() != old_seven
+    assert pathlib.Path(outdir, "000007.png").read_bytes() != old_seven
     # --subdirs switched under --overwrite: no second copy of each image.
     result = CliRunner().invoke(generate.main, [*base, "--seeds", "0-7", "--steps", "4", "--subdirs", "--overwrite"])
     assert result.exit_code == 0, result.output
@@ -671,8 +672,8 @@ def test_settings_that_resolve_alike_resume_and_a_rewritten_schedule_file_does_n
     args = ["--network", network_pickle, "--outdir", scheduled, "--device", "cpu", "--seeds", "0-1",
             "--schedule", schedule]
     assert CliRunner().invoke(generate.main, args).exit_code == 0
-    record = json.load(open(os.path.join(scheduled, "generation.json")))
-    assert record["files_sha256"] == [hashlib.sha256(open(schedule, "rb").read()).hexdigest()]
+    record = json.loads(pathlib.Path(scheduled, "generation.json").read_text())
+    assert record["files_sha256"] == [hashlib.sha256(pathlib.Path(schedule).read_bytes()).hexdigest()]
     save_schedule_file(schedule, make_grid("time_quadratic", 6, 0.002, 80, end="sigma_min").sigmas, solver="ipndm",
                        nfe=6)
     result = CliRunner().invoke(generate.main, args)
@@ -708,7 +709,9 @@ def test_png_writers_report_a_failed_write_and_write_the_rest(tmp_path, monkeypa
                      progress=False)
     names = sorted(os.listdir(out))
     assert "000005.png" not in names and names == [f"{s:06d}.png" for s in range(12) if s != 5][:len(names)]
-    assert all(PIL.Image.open(os.path.join(out, name)).size == (8, 8) for name in names)
+    for name in names:
+        with PIL.Image.open(os.path.join(out, name)) as image:
+            assert image.size == (8, 8)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
