@@ -56,9 +56,18 @@ def _destroy_at_exit() -> None:
     shutdown()). Left to interpreter finalization, gloo's worker threads and the tensors they hold are torn down in no
     fixed order, and now and then a rank aborts with "terminate called without an active exception" (SIGABRT) after all
     its work is done, which torchrun reports as a failure. A rank that dies of an uncaught exception leaves through
-    excepthook_abort_all_ranks()'s os._exit, which runs no atexit handler."""
+    excepthook_abort_all_ranks()'s os._exit, which runs no atexit handler.
+
+    The sleep first: before torch 2.8 (pytorch/pytorch#154976) the process group's destructor joins gloo's worker
+    threads while holding the GIL, and a worker still releasing the last collective's tensor (one Python no longer
+    holds) waits for the GIL: both wait forever (2 in 10 two-rank fid.py runs on a loaded CPU hung so under torch
+    2.5.1). Sleeping releases the GIL for the microseconds that worker needs; it costs 0.1 s once per run."""
     if is_distributed():
+        time.sleep(_EXIT_GRACE_S)
         dist.destroy_process_group()
+
+
+_EXIT_GRACE_S = 0.1
 
 
 def is_distributed() -> bool:
