@@ -140,8 +140,8 @@ def broadcast_object(obj, src: int = 0):
 
 
 def shutdown() -> None:
-    if is_distributed():
-        dist.destroy_process_group()
+    """Destroy the process group now (as at exit, see _destroy_at_exit)."""
+    _destroy_at_exit()
 
 
 _stop_signal: int | None = None  # the signal that asked this process to stop (see stop_on_signals)
