@@ -245,6 +245,38 @@ def test_sigterm_or_ctrl_c_to_the_job_saves_and_exits_with_the_signals_code(tmp_
     assert len(states) == 1 and torch.load(states[0], weights_only=True)['cur_iter'] > 1
 
 
+def test_loader_workers_survive_a_stop_signal_that_comes_while_they_start(tmp_path, monkeypatch):
+    # A spawned loader worker imports torch for seconds before its worker_init_fn ignores SIGINT/SIGTERM: a job-wide
+    # signal then killed it, and the next batch failed the run ("DataLoader worker ... is killed by signal") before
+    # it could save. The stop signals are blocked while workers start; the process's own copy still arrives.
+    from training.batch_sources import DataContext
+    from training.dataset import ImageFolderDataset
+    dataset = ImageFolderDataset(write_zip_dataset(str(tmp_path / 'tiny.zip'), random_images(8)))
+    data = DataContext(dataset=dataset, rank=0, world_size=1, seed=0, batch_gpu=4, num_rounds=1,
+                       device=torch.device('cpu'),
+                       loader_kwargs=dict(num_workers=1, multiprocessing_context='spawn'))
+    start_workers = torch.utils.data.DataLoader.__iter__
+    workers = []
+
+    def start_then_signal_the_job(loader):
+        iterator = start_workers(loader)
+        workers.extend(worker.pid for worker in iterator._workers)
+        for pid in [*workers, os.getpid()]:  # scancel: every process of the job, the workers still importing
+            os.kill(pid, signal.SIGTERM)
+        return iterator
+
+    monkeypatch.setattr(torch.utils.data.DataLoader, '__iter__', start_then_signal_the_job)
+    received = []
+    previous = signal.signal(signal.SIGTERM, lambda signum, frame: received.append(signum))
+    try:
+        images, labels = next(data.stream(seed=0, start_idx=0, batch_size=4))
+        assert received == [signal.SIGTERM]  # delivered here at the unblock, not lost
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    assert images.shape == (4, 1, 8, 8) and len(workers) == 1
+    assert signal.pthread_sigmask(signal.SIG_BLOCK, []) == set()  # this process's mask restored
+
+
 def test_ctrl_c_asks_for_a_stop_and_a_second_one_a_second_later_interrupts(monkeypatch, capsys):
     # One keypress can reach a process twice within milliseconds (the terminal's group, then a launcher's
     # forwarding): only a repeat a second or more later is the user's second Ctrl-C. Under torchrun the workers get

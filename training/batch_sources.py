@@ -12,6 +12,8 @@ DataLoader iterators, which draw from the global torch RNG, exactly where the or
 """
 
 import dataclasses
+import multiprocessing
+import multiprocessing.resource_tracker
 import signal
 
 import torch
@@ -29,6 +31,10 @@ def _loader_worker_ignores_stop_signals(worker_id: int) -> None:
     del worker_id
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, _STOP_SIGNALS)  # blocked since its start (DataContext.stream)
+
+
+_STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
 
 @dataclasses.dataclass
@@ -58,8 +64,22 @@ class DataContext:
         kwargs = dict(self.loader_kwargs)
         if kwargs.get('num_workers', 0) > 0:
             kwargs.setdefault('worker_init_fn', _loader_worker_ignores_stop_signals)
-        return iter(torch.utils.data.DataLoader(dataset=self.dataset, sampler=sampler, batch_size=batch_size,
-                                                **kwargs))
+        loader = torch.utils.data.DataLoader(dataset=self.dataset, sampler=sampler, batch_size=batch_size, **kwargs)
+        if kwargs.get('worker_init_fn') is not _loader_worker_ignores_stop_signals:
+            return iter(loader)
+        # A spawned worker takes seconds to import torch before worker_init_fn runs: a SIGINT/SIGTERM to the whole
+        # job then killed it, and the next batch failed the run ("DataLoader worker is killed by signal") before it
+        # could write its state. Started with the stop signals blocked (workers inherit the mask), a worker keeps
+        # them pending until worker_init_fn ignores and unblocks them; this process gets its own copy at the unblock.
+        # multiprocessing's resource tracker unblocks both in this process when the first spawned child starts it:
+        # started here first, it leaves the mask alone.
+        if (loader.multiprocessing_context or multiprocessing.get_context()).get_start_method() != 'fork':
+            multiprocessing.resource_tracker.ensure_running()
+        previous = signal.pthread_sigmask(signal.SIG_BLOCK, _STOP_SIGNALS)
+        try:
+            return iter(loader)
+        finally:
+            signal.pthread_sigmask(signal.SIG_SETMASK, previous)
 
     def to_batch(self, images: torch.Tensor, labels: torch.Tensor) -> Batch:
         """uint8 images from the dataset -> a Batch on the device, images in [-1, 1] (EDM's / 127.5 - 1). The copies
