@@ -32,7 +32,32 @@ import dnnlib
 ROOT = os.path.dirname(os.path.abspath(__file__))
 SETTINGS_RECORD = "quickstart.json"  # in training-run/ and samples/: what made their contents
 FID_RECORD = "fid-quickstart.json"  # in --outdir: what fid-ref.npz and fid.json were computed from
-STOP_GRACE_S = 30  # after Ctrl-C, how long a step may take to stop by itself (a training state being written)
+STOP_GRACE_S = 30  # after Ctrl-C or SIGTERM, how long a step may take to stop by itself (writing a training state)
+
+
+class _Terminated(Exception):
+    """SIGTERM reached quickstart while a step ran."""
+
+
+def _raise_terminated(signum, frame):
+    del signum, frame
+    raise _Terminated
+
+
+def _stop_step(proc: subprocess.Popen, forward: int | None) -> None:
+    """Stop a running step: send it `forward` (None: it got the signal itself), give it STOP_GRACE_S to finish what it
+    is writing, then SIGTERM (train.py takes it as a stop request unless it already has one; the other steps write
+    atomically and just end), STOP_GRACE_S more, then SIGKILL. Ctrl-C or SIGTERM again moves to the next signal."""
+    for signum in dict.fromkeys([forward, signal.SIGTERM]):
+        if signum is not None and proc.poll() is None:
+            proc.send_signal(signum)
+        try:
+            proc.wait(timeout=STOP_GRACE_S)
+            return
+        except (subprocess.TimeoutExpired, KeyboardInterrupt, _Terminated):
+            pass
+    proc.kill()
+    proc.wait()
 
 
 def _run(step: str, args: list[str]) -> None:
@@ -40,17 +65,21 @@ def _run(step: str, args: list[str]) -> None:
     cmd = [sys.executable, *args]
     print(f"\n[quickstart] {step}: {' '.join(args)}", flush=True)
     with subprocess.Popen(cmd, cwd=ROOT) as proc:
+        previous_handler = signal.signal(signal.SIGTERM, _raise_terminated)
         try:
             returncode = proc.wait()
         except KeyboardInterrupt:
-            # Ctrl-C went to the step as well (same process group): let it finish the file it may be writing rather
-            # than leave a traceback and click's "Aborted!" here on top of its own.
-            try:
-                proc.wait(timeout=STOP_GRACE_S)
-            except (subprocess.TimeoutExpired, KeyboardInterrupt):
-                proc.kill()
-                proc.wait()
+            # Ctrl-C went to the step as well (the terminal's whole foreground group): let it finish the file it may
+            # be writing rather than leave a traceback and click's "Aborted!" here on top of its own.
+            _stop_step(proc, forward=None)
             returncode = 130
+        except _Terminated:
+            # `kill PID` reaches this process alone: pass it on, or the step (train.py) would run on by itself. A job-
+            # wide SIGTERM reaches the step twice, which train.py takes as one.
+            _stop_step(proc, forward=signal.SIGTERM)
+            returncode = 143
+        finally:
+            signal.signal(signal.SIGTERM, previous_handler)
     # train.py stopped by Ctrl-C or SIGTERM (130, 143; it wrote a state) or a step killed by one: an interruption,
     # not a failure, also when this process did not see the signal itself (SIGINT ignored in a background job).
     if returncode in (130, 143, -signal.SIGINT, -signal.SIGTERM):

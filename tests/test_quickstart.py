@@ -212,6 +212,45 @@ def test_a_step_stopped_by_a_signal_is_an_interruption_not_a_failure(tmp_path):
         assert "failed" not in result.stderr + result.stdout
 
 
+# A stand-in for train.py's stop: on SIGINT or SIGTERM it says so and exits with the signal's code (it would write a
+# training state first). It prints 'ready' once its handlers are in place.
+STOPPABLE_STEP = ("import signal, sys, time\n"
+                  "def stop(signum, frame):\n"
+                  "    print(f'step: got {signal.Signals(signum).name}', flush=True); sys.exit(128 + signum)\n"
+                  "signal.signal(signal.SIGINT, stop); signal.signal(signal.SIGTERM, stop)\n"
+                  "print('ready', flush=True); time.sleep(60)\n")
+
+
+def _quickstart_with_stoppable_step(grace_s):
+    script = (f"import click, quickstart\nquickstart.STOP_GRACE_S = {grace_s}\n"
+              f"click.command()(lambda: quickstart._run('training', ['-c', {STOPPABLE_STEP!r}]))()")
+    proc = subprocess.Popen([sys.executable, "-c", script], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, start_new_session=True)
+    line = None
+    while line not in ("ready\n", ""):  # until the step's handlers are in place (or the end of the output)
+        line = proc.stdout.readline()
+    assert line == "ready\n", proc.communicate()
+    return proc
+
+
+@pytest.mark.parametrize("signum, code", [(signal.SIGTERM, 143), (signal.SIGINT, 130)])
+def test_a_signal_to_quickstart_alone_stops_its_step(signum, code):
+    # `kill PID` (SIGTERM) reaches quickstart alone: it died and left train.py running by itself. A SIGINT to
+    # quickstart alone (not the terminal's group) left the step running until the grace period's SIGKILL, its work
+    # since the last state lost. Now SIGTERM is passed on at once, and after Ctrl-C a step still running when the
+    # grace period ends gets SIGTERM (train.py's stop with a state) before any SIGKILL.
+    proc = _quickstart_with_stoppable_step(grace_s=1)
+    try:
+        os.kill(proc.pid, signum)
+        out, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert proc.returncode == code, err
+    assert "step: got SIGTERM" in out  # the step stopped by its own handler, not killed
+    assert "interrupted during 'training'; rerun the same command to resume" in err and "Traceback" not in err
+
+
 def _fake_venv(venv):
     """A venv whose python only logs its arguments: setup_env.sh runs through without installing anything."""
     os.makedirs(venv / "bin")
