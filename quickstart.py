@@ -13,6 +13,7 @@ regenerated when either changes.
 """
 
 import glob
+import hashlib
 import json
 import os
 import re
@@ -255,14 +256,12 @@ def _evaluate(dataset_zip: str, samples_dir: str, classifier_path: str, seed: in
 
 def _folder_sha256(folder: str) -> str:
     """One hash of every file under `folder`: names and contents, in sorted order."""
-    import hashlib
     digest = hashlib.sha256()
     for root, _, files in sorted(os.walk(folder)):
         for name in sorted(files):
             path = os.path.join(root, name)
             digest.update(os.path.relpath(path, folder).encode() + b"\0")
-            with open(path, "rb") as f:
-                digest.update(hashlib.sha256(f.read()).digest())
+            digest.update(bytes.fromhex(dnnlib.util.file_sha256(path)))
     return digest.hexdigest()
 
 

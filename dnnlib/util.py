@@ -700,8 +700,4 @@ def file_sha256(path_or_url: str) -> str | None:
         return None
     if not os.path.isfile(path):
         return None
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
+    return _hash_file(path, "sha256")
