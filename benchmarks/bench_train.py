@@ -19,7 +19,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import dnnlib  # noqa: E402
 from losses import Batch, EDMLoss  # noqa: E402
-from train import parse_int_list  # noqa: E402
+from samplers.generation import parse_int_list  # noqa: E402
 from training import training_loop as tl  # noqa: E402
 from training.augment import AugmentPipe  # noqa: E402
 from training.presets import ARCH_PRESETS  # noqa: E402

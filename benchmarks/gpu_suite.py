@@ -308,10 +308,11 @@ def train_config(args_list) -> dict:
     """train.py's loop options for a command line (its own parser and build_config: what train.py would run)."""
     import dnnlib
     import train
+    from training import train_options
     with contextlib.redirect_stdout(io.StringIO()):
         ctx = train.main.make_context('train.py', [str(a) for a in args_list])
         opts = dnnlib.EasyDict(ctx.params)
-        config, _desc = train.build_config(opts, world_size=1)
+        config, _desc = train_options.build_config(opts, world_size=1)
     return dict(config)
 
 

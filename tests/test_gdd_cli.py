@@ -119,8 +119,8 @@ def test_reference_settings_left_at_edms_defaults_are_warned_about(edm_release, 
 def test_preset_loss_options_merge_key_by_key(edm_release, tmp_path):
     """--preset gdd-i-ffhq --loss-opt discriminator=sn_cnn replaced the preset's freeze=1, d_lr and backbones; now
     the given keys replace theirs only, and the note says so."""
-    from train import merge_loss_options
     from training.presets import TRAIN_PRESETS
+    from training.resume import merge_loss_options
 
     preset = TRAIN_PRESETS['gdd-i-ffhq']['loss_opt']
     result = _train(['--preset', 'gdd-i-ffhq', '--init', edm_release['path'], '--data', edm_release['data'],

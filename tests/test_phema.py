@@ -239,11 +239,11 @@ def test_reconstructed_ema_matches_one_tracked_directly(tmp_path):
 def test_widths_whose_file_names_would_collide_are_refused():
     import click
 
-    import train
-    assert train._width_list(None, None, '0.05,0.1') == [0.05, 0.1]
+    from training import train_options
+    assert train_options.width_list(None, None, '0.05,0.1') == [0.05, 0.1]
     for value, names in [('0.0504,0.0501', '0.050, 0.050'), ('0.0004', '0.000')]:
         with pytest.raises(click.BadParameter, match=f'gives {names}; expected distinct widths of at least 0.001'):
-            train._width_list(None, None, value)
+            train_options.width_list(None, None, value)
 
 
 def test_default_output_names_keep_the_width_and_tilde_is_expanded(tmp_path, monkeypatch):

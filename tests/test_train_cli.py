@@ -381,31 +381,32 @@ def test_loss_opt_on_resume_updates_the_saved_options_key_by_key():
     # discriminator=sn_cnn (the default projected one came back); `c1=3` on an SPD run dropped T=50.
     saved = {'loss': 'spd', 'loss_opt': ['T=50', 'c1=2.0']}
     opts = dnnlib.EasyDict(loss=None, loss_opt=('c1=3.0', 'm=2.5'))
-    notes = train.apply_saved_options(opts, saved, {'loss_opt'}, 'state.pt')
+    from training import resume
+    notes = resume.apply_saved_options(opts, saved, {'loss_opt'}, 'state.pt')
     assert opts.loss == 'spd' and opts.loss_opt == ['T=50', 'c1=3.0', 'm=2.5']
     assert notes == ["--loss-opt: ['T=50', 'c1=2.0'] -> ['T=50', 'c1=3.0', 'm=2.5'] (the continuation is not exact)"]
     # The same items again: no change, no note.
     opts = dnnlib.EasyDict(loss=None, loss_opt=('c1=2.0',))
-    assert train.apply_saved_options(opts, saved, {'loss_opt'}, 'state.pt') == []
+    assert resume.apply_saved_options(opts, saved, {'loss_opt'}, 'state.pt') == []
     assert opts.loss_opt == ['T=50', 'c1=2.0']
     # Another loss: its options are not the saved loss's, so they replace them.
     opts = dnnlib.EasyDict(loss='ddpm', loss_opt=('T=40',))
-    train.apply_saved_options(opts, saved, {'loss', 'loss_opt'}, 'state.pt')
+    resume.apply_saved_options(opts, saved, {'loss', 'loss_opt'}, 'state.pt')
     assert list(opts.loss_opt) == ['T=40']
 
 
 def test_run_directory_numbers_are_claimed_by_creating_them(tmp_path, monkeypatch):
     # Two runs started at once into one --outdir both listed it before either made its folder, and shared 00000.
-    import train
+    from training import run_folder
     outdir = tmp_path / 'runs'
-    first = train._run_dir(str(outdir), 'x', nosubdir=False, create=True)
+    first = run_folder.next_run_dir(str(outdir), 'x', nosubdir=False, create=True)
     assert first == str(outdir / '00000-x') and os.path.isdir(first)
-    monkeypatch.setattr(train.os, 'listdir', lambda path: [])  # the other run's listing, taken before 00000 existed
-    assert train._run_dir(str(outdir), 'x', nosubdir=False, create=True) == str(outdir / '00001-x')
+    monkeypatch.setattr(run_folder.os, 'listdir', lambda path: [])  # the other run's listing, before 00000 existed
+    assert run_folder.next_run_dir(str(outdir), 'x', nosubdir=False, create=True) == str(outdir / '00001-x')
     monkeypatch.undo()
     (outdir / '00002-x').write_text('a file of that name')  # not a run folder, but the name is taken
-    assert train._run_dir(str(outdir), 'x', nosubdir=False, create=True) == str(outdir / '00003-x')
-    assert train._run_dir(str(outdir), 'y', nosubdir=False) == str(outdir / '00004-y')  # -n: nothing created
+    assert run_folder.next_run_dir(str(outdir), 'x', nosubdir=False, create=True) == str(outdir / '00003-x')
+    assert run_folder.next_run_dir(str(outdir), 'y', nosubdir=False) == str(outdir / '00004-y')  # -n: nothing created
     assert sorted(os.listdir(outdir)) == ['00000-x', '00001-x', '00002-x', '00003-x']
 
 
@@ -652,3 +653,20 @@ def test_a_resume_without_outdir_continues_beside_the_state(datasets, tmp_path):
             f'so the run continues in {tmp_path / "moved"} (give --outdir to choose)') in result.output
     assert f'Output directory:        {tmp_path / "moved" / "00001-"}' in result.output
     assert not (tmp_path / 'runs').exists()
+
+
+def test_list_options_use_edms_list_syntax_with_its_bounds():
+    # --cres/--attn share generate.py's parser of EDM's list syntax (train.py had its own copy, which built any range
+    # it was given: --cres=1-9999999999 filled the memory before the check).
+    import click
+
+    from training import train_options
+    assert train_options.channel_list(None, None, '1, 2,2-3,') == [1, 2, 2, 3]
+    assert train_options.resolution_list(None, None, '') == [] and train_options.resolution_list(None, None, ' ,') == []
+    assert train_options.resolution_list(None, None, '16,8') == [16, 8]
+    for value in ['1-9999999999', '3-1', '1,x', '', '0,1']:
+        with pytest.raises(click.BadParameter, match=f"expected a non-empty comma-separated list of positive "
+                                                     f"integers, got '{re.escape(value)}'"):
+            train_options.channel_list(None, None, value)
+    with pytest.raises(click.BadParameter, match="expected a comma-separated list of positive resolutions, got '4-x'"):
+        train_options.resolution_list(None, None, '4-x')
