@@ -803,28 +803,8 @@ def training_loop(
                    lr_rampup_kimg=lr_rampup_kimg, loss_scaling=loss_scaling, precision=precision, rng=rng)
 
     # Our training state (exact resume) or EDM's (approximate)?
-    state, exact = None, True
-    if resume_state_dump is not None:
-        state = load_training_state(resume_state_dump)
-        if state is not None:
-            saved = json.loads(state['options'])
-            changed = [k for k in _TRAJECTORY_OPTIONS
-                       if _options_json(saved.get(k)) != _options_json(options.get(k))]
-            if changed:
-                dist.warn0(f'resuming from {resume_state_dump} with different {", ".join(changed)}: the '
-                              f'continuation will not be exact', stacklevel=2)
-            # The batch's layout changes the summation order (and another world size the random streams): close,
-            # not bit-exact. States before batch_gpu was recorded are compared by world size alone.
-            world_size = dist.get_world_size()
-            layout = split_batch(batch_size, world_size, batch_gpu)[1:]
-            if int(state['world_size']) != world_size:
-                changed.append(f'world size ({state["world_size"]} -> {world_size} ranks)')
-            elif 'batch_gpu' in state and (int(state['batch_gpu']), int(state['num_rounds'])) != layout:
-                changed.append(f'per-rank batch layout (batch_gpu {state["batch_gpu"]} x {state["num_rounds"]} '
-                               f'rounds -> {layout[0]} x {layout[1]})')
-                dist.warn0(f'resuming from {resume_state_dump} with another {changed[-1]}: the continuation is '
-                           f'close, not bit-exact (floating-point summation order)', stacklevel=2)
-            exact = not changed
+    state = load_training_state(resume_state_dump) if resume_state_dump is not None else None
+    exact = state is None or _resumes_exactly(state, resume_state_dump, options, batch_size, batch_gpu)
     resume_positions = {k: v for k, v in (state or {}).items()
                         if k in _SOURCE_POSITIONS or k.endswith('_position')}
 
@@ -934,6 +914,29 @@ def training_loop(
     dist.barrier()
     dist.print0()
     dist.print0('Exiting...')
+
+
+
+def _resumes_exactly(state: dict, path: str, options: dict, batch_size: int, batch_gpu: int | None) -> bool:
+    """Whether our training state at `path` continues bit-exactly under these loop options; each difference is warned
+    about (the trajectory options, the world size, the per-rank batch layout)."""
+    saved = json.loads(state['options'])
+    changed = [k for k in _TRAJECTORY_OPTIONS if _options_json(saved.get(k)) != _options_json(options.get(k))]
+    if changed:
+        dist.warn0(f'resuming from {path} with different {", ".join(changed)}: the continuation will not be exact',
+                   stacklevel=3)
+    # The batch's layout changes the summation order (and another world size the random streams): close, not
+    # bit-exact. States before batch_gpu was recorded are compared by world size alone.
+    world_size = dist.get_world_size()
+    layout = split_batch(batch_size, world_size, batch_gpu)[1:]
+    if int(state['world_size']) != world_size:
+        changed.append(f'world size ({state["world_size"]} -> {world_size} ranks)')
+    elif 'batch_gpu' in state and (int(state['batch_gpu']), int(state['num_rounds'])) != layout:
+        changed.append(f'per-rank batch layout (batch_gpu {state["batch_gpu"]} x {state["num_rounds"]} rounds -> '
+                       f'{layout[0]} x {layout[1]})')
+        dist.warn0(f'resuming from {path} with another {changed[-1]}: the continuation is close, not bit-exact '
+                   f'(floating-point summation order)', stacklevel=3)
+    return not changed
 
 
 def parse_state_kimg(path: str) -> int | None:
