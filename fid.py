@@ -88,6 +88,46 @@ def network_source_from_cli(network_pkl, seeds, batch_size, class_idx, preset_li
                 sampler_description=summary, class_idx=class_idx, sampling=sampling, **dataclasses.asdict(config))
 
 
+def _calc_run_folder(run_dir, seeds, batch_size, ref_path, metric_names, detector_paths, preset_lines, preset,
+                     sampler_cli):
+    """`calc --network=RUN_DIR`: every network pickle of a training run in training order, each result written
+    beside its pickle (evaluate.result_path_beside: report.py plots them); a result left by an earlier run of the
+    same request is kept, so a rerun continues where an interrupted one stopped. Ends with a table."""
+    networks = distributed.broadcast_object(evaluate.run_networks(run_dir) if distributed.get_rank() == 0 else None)
+    if not networks:
+        raise click.ClickException(f"{run_dir} holds no network-snapshot-*.pkl or network-phema-*.pkl")
+    distributed.print0(f"Evaluating {len(networks)} networks of {run_dir}: {', '.join(metric_names)} for "
+                       f"{len(seeds)} images each")
+    rows = []
+    for index, network_pkl in enumerate(networks):
+        out_path = evaluate.result_path_beside(network_pkl, metric_names, len(seeds))
+        source = network_source_from_cli(network_pkl, seeds, batch_size, preset_lines=preset_lines if index == 0
+                                         else (), preset=preset, **dict(sampler_cli))
+        record, refused = evaluate.earlier_result(out_path, source, ref_path) if distributed.get_rank() == 0 \
+            else (None, None)
+        record, refused = distributed.broadcast_object((record, refused))
+        if refused is not None:
+            raise click.ClickException(f"{refused}: move it away to measure {network_pkl} again with these options")
+        if record is not None:
+            distributed.print0(f'Kept the results in "{out_path}" (the same request)')
+        else:
+            record = _run(metrics.calc_metrics, source, ref_path, metric_names, detector_paths=detector_paths)
+            if distributed.get_rank() == 0:
+                _run(evaluate.write_json, record, out_path)
+                print(f'Results written to "{out_path}"')
+        if distributed.get_rank() == 0:
+            for line in evaluate.format_results(record):
+                print(f"  {line}")
+        rows.append((os.path.basename(network_pkl), record))
+    fids = [record["results"].get("fid", float("nan")) for _, record in rows]
+    best = min(range(len(rows)), key=lambda i: fids[i]) if any(fid == fid for fid in fids) else None
+    distributed.print0(f"\nResults of {run_dir}:")
+    for index, (name, record) in enumerate(rows):
+        distributed.print0(f"  {name}  {'; '.join(evaluate.format_results(record))}"
+                           f"{'  <- lowest FID' if index == best else ''}")
+    distributed.barrier()
+
+
 @click.group()
 def main():
     """Calculate FID, Inception Score and precision/recall; compute reference statistics.
@@ -103,6 +143,11 @@ def main():
     # FID, IS and precision/recall of a network, sampled in memory (no PNGs); results also as JSON
     torchrun --standalone --nproc_per_node=8 fid.py calc --network=network-snapshot.pkl --seeds=0-49999 \\
         --ref=fid-refs/my-dataset.npz --metrics=fid,is,pr --out=metrics.json
+
+    \b
+    # Every network-snapshot-*.pkl of a training run, results beside each (a rerun continues; report.py plots them)
+    torchrun --standalone --nproc_per_node=8 fid.py calc --network=training-runs/00003-... --seeds=0-9999 \\
+        --ref=fid-refs/my-dataset.npz
 
     \b
     # Reference statistics of a dataset (all images, no flips); add pr to store VGG16 features too
@@ -141,8 +186,9 @@ def common_options(func):
 
 @main.command()
 @click.option("--images", "image_path", help="Images to evaluate (folder or ZIP)", metavar="PATH|ZIP", type=str)
-@click.option("--network", "network_pkl", help="Network pickle to sample in memory instead", metavar="PKL|URL",
-              type=str)
+@click.option("--network", "network_pkl", help="Network pickle to sample in memory instead; a training run folder: "
+              "each of its network-*.pkl in turn, results beside each (NAME-LABELS.json; a rerun skips those done)",
+              metavar="PKL|URL|DIR", type=str)
 @click.option("--ref", "ref_path", help="Reference statistics (EDM .npz; needed for fid, pr, kid)",
               metavar="NPZ|URL", type=str)
 @click.option("--num-images", "--num", "num_expected", help="Number of images (--images: random subset if more, error "
@@ -182,6 +228,10 @@ def calc(image_path, network_pkl, ref_path, num_expected, seed, seeds, out_path,
         raise click.UsageError("--seed picks the subset of --images to evaluate; with --network the images are "
                                "those of --seeds")
     preset_lines = apply_preset(preset, sampler_cli, SAMPLER_PRESETS, SAMPLER_PRESET_SOURCES)
+    run_dir = network_pkl if network_pkl is not None and os.path.isdir(os.path.expanduser(network_pkl)) else None
+    if run_dir is not None and out_path:
+        raise click.UsageError("--out: with a run folder as --network, each network's results are written beside it "
+                               "(network-snapshot-KIMG-LABELS.json)")
     if out_path:
         _run(util.check_output_path, out_path, "--out")  # before the image pass, not after it
     _init_distributed(device)
@@ -196,6 +246,9 @@ def calc(image_path, network_pkl, ref_path, num_expected, seed, seeds, out_path,
             seeds = list(range(50000 if num_expected is None else num_expected))
         elif num_expected is not None and num_expected != len(seeds):
             raise click.UsageError(f"--num-images={num_expected} disagrees with --seeds ({len(seeds)} seeds)")
+        if run_dir is not None:
+            return _calc_run_folder(run_dir, seeds, batch_size, ref_path, metric_names, detector_paths, preset_lines,
+                                    preset, sampler_cli)
         source = network_source_from_cli(network_pkl, seeds, batch_size, preset_lines=preset_lines, preset=preset,
                                          **sampler_cli)
 

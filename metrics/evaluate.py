@@ -23,6 +23,7 @@ for FID and IS; precision/recall keep the float16 VGG16 features they need, KID 
 import dataclasses
 import json
 import os
+import re
 import time
 from collections.abc import Callable, Iterator, Sequence
 
@@ -582,6 +583,56 @@ def compute_reference(source: ImageSource, dest: str, metrics: Sequence[str] = (
     distributed.barrier()
     return dict(dest=dest, num_images=source.num_images, metrics=metrics,
                 detectors={name: det.describe() for name, det in detectors.items()})
+
+
+_RUN_NETWORK = re.compile(r"network-(?:snapshot|phema)-(\d+)(?:-\d+\.\d+)?\.pkl")
+
+
+def run_networks(run_dir: str) -> list[str]:
+    """The network pickles of a training run folder, in training order (kimg, then name): train.py's
+    network-snapshot-KIMG.pkl and phema.py's network-phema-KIMG-STD.pkl. Absolute paths."""
+    run_dir = os.path.abspath(os.path.expanduser(run_dir))
+    found = [(int(match.group(1)), name) for name in os.listdir(run_dir)
+             if (match := _RUN_NETWORK.fullmatch(name)) and os.path.isfile(os.path.join(run_dir, name))]
+    return [os.path.join(run_dir, name) for _, name in sorted(found)]
+
+
+def result_path_beside(network_pkl: str, metrics: Sequence[str], num_images: int) -> str:
+    """Where the results of `network_pkl` go when a run folder is evaluated: beside it, named by its name and the
+    metrics' labels (network-snapshot-000200-fid50k_full.json), so that report.py finds them and another count or
+    metric set gets its own file."""
+    labels = "-".join(metric_label(metric, num_images) for metric in parse_metrics(metrics))
+    return f"{os.path.splitext(network_pkl)[0]}-{labels}.json"
+
+
+def earlier_result(path: str, source: "ImageSource", ref_path: str | None) -> tuple[dict | None, str | None]:
+    """A result file left by an earlier evaluation at `path`: (its record, None) when it measured the images this
+    source would make (the same seeds, sampler and options; the network is the file's neighbour) against the same
+    reference; (None, why not) when it measured something else; (None, None) when there is none."""
+    if not os.path.exists(path):
+        return None, None
+    try:
+        with open(path) as f:
+            record = json.load(f)
+        theirs = {k: v for k, v in record["source"].items() if k != "network"}
+        their_ref = (record.get("reference") or {}).get("path")
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as err:
+        return None, f"{path} is not a readable result file ({err})"
+    from dnnlib import util
+
+    # As write_json stores it (inf as "inf"), so that equal requests compare equal.
+    ours = json.loads(json.dumps(util.json_safe(_jsonable({k: v for k, v in source.description.items()
+                                                            if k != "network"})), allow_nan=False))
+
+    def place(p):
+        return p if p is None or "://" in p else os.path.abspath(os.path.expanduser(p))
+    theirs = util.json_safe(theirs)
+    for key in sorted(set(theirs) | set(ours)):
+        if theirs.get(key) != ours.get(key):
+            return None, f"{path} measured other images ({key}: {theirs.get(key)!r} there, {ours.get(key)!r} here)"
+    if place(their_ref) != place(ref_path):
+        return None, f"{path} measured against another reference ({their_ref!r} there, {ref_path!r} here)"
+    return record, None
 
 
 def write_json(record: dict, path: str) -> None:

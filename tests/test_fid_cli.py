@@ -2,6 +2,7 @@
 
 import json
 import os
+import shutil
 import subprocess
 import zipfile
 
@@ -231,7 +232,12 @@ def test_two_gloo_ranks_match_one_rank(workdir, single_rank, network_pkl, networ
          *_detector_args(root)],
         ["calc", "--network", str(network_pkl), "--ref", str(root / "ref1.npz"), *NETWORK_ARGS,
          "--out", str(root / "net-memory2.json"), *_detector_args(root)],
+        # A run folder (one snapshot): the ranks evaluate the same list, rank 0 writes beside the pickle.
+        ["calc", "--network", str(root / "run2"), "--ref", str(root / "ref1.npz"), *NETWORK_ARGS,
+         *_detector_args(root)],
     ]
+    (root / "run2").mkdir()
+    shutil.copyfile(network_pkl, root / "run2" / "network-snapshot-000004.pkl")
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=ROOT)
     proc = subprocess.run(
         torchrun(2, os.path.join(ROOT, "tests", "metrics_torchrun_worker.py"), json.dumps(commands)),
@@ -256,6 +262,8 @@ def test_two_gloo_ranks_match_one_rank(workdir, single_rank, network_pkl, networ
     assert net_two["is_scores"] == pytest.approx(net_one["is_scores"], rel=1e-6)
     assert net_two["results"]["precision"] == net_one["results"]["precision"]
     assert net_two["results"]["recall"] == net_one["results"]["recall"]
+    beside = json.loads((root / "run2" / "network-snapshot-000004-fid24_full-is24-pr24_3_full.json").read_text())
+    assert beside["results"] == net_two["results"] and beside["world_size"] == 2
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -526,3 +534,60 @@ def test_network_mode_with_unsorted_seeds_equals_the_pngs_of_those_seeds(workdir
     assert in_memory["results"] == from_pngs["results"]
     assert in_memory["is_scores"] == from_pngs["is_scores"]
     assert in_memory["results"]["kid"] != 0 and in_memory["source"]["seeds"] == "14-25,3-13"
+
+
+def test_a_run_folder_as_network_evaluates_each_network_beside_it_and_a_rerun_keeps_it(workdir, single_rank, tmp_path):
+    """`calc --network=RUN_DIR`: each network-*.pkl of the run in kimg order, each result written beside it under
+    its name and the metric labels, equal to `calc --network=PKL` of that pickle alone; a rerun keeps them; other
+    sampler options are refused per file; report.py plots the results over kimg."""
+    from torch_utils import persistence
+    from training import report
+    from training.preconditioning import EDMPrecond
+
+    root, run = workdir["root"], tmp_path / "00000-run"
+    run.mkdir()
+    for kimg, seed in [(12, 1), (2, 0)]:  # written out of order: listed by kimg
+        torch.manual_seed(seed)
+        net = EDMPrecond(img_resolution=8, img_channels=3, label_dim=0, model_type="SongUNet", model_channels=8,
+                         channel_mult=[1], num_blocks=1, attn_resolutions=[])
+        persistence.save_network_pickle(str(run / f"network-snapshot-{kimg:06d}.pkl"), dict(ema=net))
+    (run / "training-state-000002.pt").write_bytes(b"not a network")
+    common = ["--ref", root / "ref1.npz", "--seeds", "0-9", "--steps", 2, "--batch", 8, "--metrics", "fid,is",
+              "--device", "cpu", *_detector_args(root)]
+    result = _invoke(["calc", "--network", run, *common])
+    assert result.exit_code == 0, result.output
+    names = ["network-snapshot-000002-fid10_full-is10.json", "network-snapshot-000012-fid10_full-is10.json"]
+    assert sorted(p.name for p in run.glob("*.json")) == names
+    assert result.output.index("network-snapshot-000002.pkl") < result.output.index("network-snapshot-000012.pkl")
+    fids = []
+    for kimg, name in [(2, names[0]), (12, names[1])]:
+        alone = _invoke(["calc", "--network", run / f"network-snapshot-{kimg:06d}.pkl", "--out",
+                         tmp_path / f"alone-{kimg}.json", *common])
+        assert alone.exit_code == 0, alone.output
+        record = json.loads((run / name).read_text())
+        expected = json.loads((tmp_path / f"alone-{kimg}.json").read_text())
+        assert record["results"] == expected["results"] and record["source"] == expected["source"]
+        fids.append(record["results"]["fid"])
+    assert fids[0] != fids[1]
+    lowest = [2, 12][int(fids[1] < fids[0])]
+    for kimg, value in zip([2, 12], fids):  # the closing table
+        assert (f"network-snapshot-{kimg:06d}.pkl  fid10_full {value:g}; is10 1 +- 0"
+                f"{'  <- lowest FID' if kimg == lowest else ''}\n") in result.output
+    # A rerun keeps both (nothing sampled again); other sampler options are refused, naming the file.
+    before = {name: (run / name).stat().st_mtime_ns for name in names}
+    again = _invoke(["calc", "--network", run, *common])
+    assert again.exit_code == 0, again.output
+    assert again.output.count("Kept the results in") == 2 and "Computing" not in again.output
+    assert {name: (run / name).stat().st_mtime_ns for name in names} == before
+    other = _invoke(["calc", "--network", run, *[a if a != 2 else 3 for a in common]])
+    assert other.exit_code == 1, other.output
+    assert f"Error: {run / names[0]} measured other images (sampler:" in other.output
+    assert f"move it away to measure {run / 'network-snapshot-000002.pkl'} again with these options" in other.output
+    # report.py's FID panel over kimg.
+    assert report.metric_series(str(run))["fid10_full"] == ([2, 12], fids)
+    # --out has no meaning here; a folder with no network pickles says so.
+    result = _invoke(["calc", "--network", run, "--out", tmp_path / "x.json", *common])
+    assert result.exit_code == 2 and "--out: with a run folder as --network" in result.output, result.output
+    (tmp_path / "empty").mkdir()
+    result = _invoke(["calc", "--network", tmp_path / "empty", *common])
+    assert result.exit_code == 1 and "holds no network-snapshot-*.pkl or network-phema-*.pkl" in result.output

@@ -2,9 +2,10 @@
 
 Panels (those without data are left out): the training loss per tick; the loss by noise-level bin
 ('Loss/sigma...', what EDM2 looks at first when a run misbehaves); the learning rate; non-finite steps per tick; and
-every metric found in `*.json` result files of fid.py (`fid.py calc --out`, with the snapshot's kimg in the network
-name, or in the generation.json of the images measured) over kimg. `python report.py --run DIR` writes DIR/report.png.
-A resumed run's statistics begin with those of the runs it continued (training.run_chain).
+every metric found in `*.json` result files of fid.py (`fid.py calc --out`, or `calc --network=RUN_DIR`'s beside each
+snapshot, with the snapshot's kimg in the network name, or in the generation.json of the images measured) over
+kimg. `python report.py --run DIR` writes DIR/report.png. A resumed run's statistics begin with those of the runs it
+continued (training.run_chain).
 """
 
 import glob
