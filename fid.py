@@ -111,7 +111,13 @@ def _calc_run_folder(run_dir, seeds, batch_size, ref_path, metric_names, detecto
         if record is not None:
             distributed.print0(f'Kept the results in "{out_path}" (the same request)')
         else:
-            record = _run(metrics.calc_metrics, source, ref_path, metric_names, detector_paths=detector_paths)
+            try:
+                record = _run(metrics.calc_metrics, source, ref_path, metric_names, detector_paths=detector_paths)
+            except KeyboardInterrupt:  # the results written before this network's are whole: say so
+                if distributed.get_rank() == 0:
+                    print(f"Interrupted while measuring {network_pkl}; the {index} result(s) before it are written. "
+                          f"Run the same command again to measure the rest.", file=sys.stderr, flush=True)
+                sys.exit(130)
             if distributed.get_rank() == 0:
                 _run(evaluate.write_json, record, out_path)
                 print(f'Results written to "{out_path}"')

@@ -583,6 +583,25 @@ def test_a_run_folder_as_network_evaluates_each_network_beside_it_and_a_rerun_ke
     assert other.exit_code == 1, other.output
     assert f"Error: {run / names[0]} measured other images (sampler:" in other.output
     assert f"move it away to measure {run / 'network-snapshot-000002.pkl'} again with these options" in other.output
+    # Ctrl-C while measuring the second network: exit 130, the first result kept and said so; the rerun completes.
+    (run / names[1]).unlink()
+    calls = []
+
+    def interrupted_second(*args, **kwargs):
+        calls.append(1)
+        raise KeyboardInterrupt
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(evaluate, "run_pass", interrupted_second)
+        stopped = _invoke(["calc", "--network", run, *common])
+    assert stopped.exit_code == 130 and len(calls) == 1, stopped.output
+    assert (f"Interrupted while measuring {run / 'network-snapshot-000012.pkl'}; the 1 result(s) before it are "
+            f"written. Run the same command again to measure the rest.") in stopped.output
+    assert "Aborted" not in stopped.output and "nothing was written" not in stopped.output
+    assert not (run / names[1]).exists()
+    again = _invoke(["calc", "--network", run, *common])
+    assert again.exit_code == 0 and again.output.count("Kept the results in") == 1, again.output
+    assert json.loads((run / names[1]).read_text())["results"]["fid"] == fids[1]
     # report.py's FID panel over kimg.
     assert report.metric_series(str(run))["fid10_full"] == ([2, 12], fids)
     # --out has no meaning here; a folder with no network pickles says so.
