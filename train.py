@@ -152,6 +152,17 @@ def main(**kwargs):
         raise
 
 
+def _log_other_rank_error(run_dir: str, text: str) -> None:
+    """A rank other than 0 appends an error only it met (a damaged image its loader read) to log.txt: rank 0 writes
+    the log and reports it as "another rank ended", so the log of a failed multi-GPU run names the cause. One
+    appended write; a run folder this node does not see (not on a shared disk) only loses the line."""
+    try:
+        with open(os.path.join(run_dir, 'log.txt'), 'a') as f:
+            f.write(f'Error on rank {dist.get_rank()}: {text.rstrip()}\n')
+    except OSError:
+        return
+
+
 def _main(**kwargs):
     opts = dnnlib.EasyDict(kwargs)
     ctx = click.get_current_context()
@@ -285,6 +296,8 @@ def _main(**kwargs):
         if logger is not None and logger.file is not None:
             logger.file.write(f'Error: {err}\n')  # Into log.txt only: click prints it on the terminal.
             logger.close()
+        elif isinstance(err, DatasetError):  # met by this rank's loader alone: rank 0 sees "another rank ended"
+            _log_other_rank_error(c.run_dir, str(err))
         if isinstance(err, training_loop.ResumeMismatchError) and run_dir_is_new and dist.get_rank() == 0:
             run_folder.remove_unstarted_run_dir(c.run_dir)
         raise click.ClickException(str(err)) from None

@@ -557,6 +557,49 @@ def test_a_damaged_image_and_another_ranks_failure_are_one_line_in_log_txt(datas
     assert 'Traceback' not in log
 
 
+RANK1_DAMAGED_IMAGE = """
+import sys
+sys.path.insert(0, {root!r})
+import train
+from torch_utils import distributed as dist
+from training import training_loop
+from training.dataset import DatasetError
+
+run_loop = training_loop.training_loop
+
+
+def loop(**kwargs):  # rank 1's loader meets a damaged image, as a worker re-raises it; rank 0 trains on
+    if dist.get_rank() == 1:
+        raise DatasetError('Caught DatasetError in DataLoader worker process 0.\\nOriginal Traceback (most recent '
+                           'call last):\\ntraining.dataset.DatasetError: tiny.zip:00000/img00000037.png: cannot '
+                           'decode image (OSError: broken data stream)')
+    return run_loop(**kwargs)
+
+
+training_loop.training_loop = loop
+train.main()
+"""
+
+
+@pytest.mark.distributed
+def test_an_error_met_by_another_rank_alone_is_in_log_txt(datasets, tmp_path):
+    # Rank 0 writes log.txt and saw only "another rank ended": the log of the failed run did not name the cause.
+    import subprocess
+
+    from launch import torchrun
+    from train_worker import ROOT
+    script = tmp_path / 'rank1.py'
+    script.write_text(RANK1_DAMAGED_IMAGE.format(root=ROOT))
+    proc = subprocess.run(torchrun(2, script, '--outdir', tmp_path / 'runs', '--data', datasets['uncond'], '--batch',
+                                   64, '--duration', 0.001, *TINY_NET), cwd=ROOT, capture_output=True, text=True,
+                          env=dict(os.environ, OMP_NUM_THREADS='1'), timeout=300)
+    assert proc.returncode != 0
+    log = next((tmp_path / 'runs').glob('*/log.txt')).read_text()
+    assert ('Error on rank 1: tiny.zip:00000/img00000037.png: cannot decode image (OSError: broken data stream)\n'
+            in log), log[-3000:] + proc.stderr[-3000:]
+    assert 'Error on rank 0' not in log
+
+
 def test_a_resume_that_changes_the_method_drops_its_options_or_is_refused(datasets, tmp_path, monkeypatch):
     """Options of a method the resume replaces are not carried over, and a --loss that picks another
     preconditioning is a network change."""
