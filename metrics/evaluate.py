@@ -601,7 +601,8 @@ def result_path_beside(network_pkl: str, metrics: Sequence[str], num_images: int
     """Where the results of `network_pkl` go when a run folder is evaluated: beside it, named by its name and the
     metrics' labels (network-snapshot-000200-fid50k_full.json), so that report.py finds them and another count or
     metric set gets its own file."""
-    labels = "-".join(metric_label(metric, num_images) for metric in parse_metrics(metrics))
+    requested = parse_metrics(metrics)  # in METRICS' order: --metrics=is,fid names the file as fid,is does
+    labels = "-".join(metric_label(metric, num_images) for metric in METRICS if metric in requested)
     return f"{os.path.splitext(network_pkl)[0]}-{labels}.json"
 
 

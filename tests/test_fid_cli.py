@@ -602,6 +602,7 @@ def test_a_run_folder_as_network_evaluates_each_network_beside_it_and_a_rerun_ke
     again = _invoke(["calc", "--network", run, *common])
     assert again.exit_code == 0 and again.output.count("Kept the results in") == 1, again.output
     assert json.loads((run / names[1]).read_text())["results"]["fid"] == fids[1]
+    assert evaluate.result_path_beside("/r/network-snapshot-000002.pkl", "is,fid", 10) == f"/r/{names[0]}"
     # report.py's FID panel over kimg.
     assert report.metric_series(str(run))["fid10_full"] == ([2, 12], fids)
     # --out has no meaning here; a folder with no network pickles says so.
