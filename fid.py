@@ -6,6 +6,7 @@ A thin CLI over `metrics`: parsing and error reporting only.
 import dataclasses
 import functools
 import json
+import math
 import os
 import pickle
 import sys
@@ -125,8 +126,9 @@ def _calc_run_folder(run_dir, seeds, batch_size, ref_path, metric_names, detecto
             for line in evaluate.format_results(record):
                 print(f"  {line}")
         rows.append((os.path.basename(network_pkl), record))
-    fids = [record["results"].get("fid", float("nan")) for _, record in rows]
-    best = min(range(len(rows)), key=lambda i: fids[i]) if any(fid == fid for fid in fids) else None
+    fids = [record["results"].get("fid", math.inf) for _, record in rows]
+    fids = [value if isinstance(value, (int, float)) and math.isfinite(value) else math.inf for value in fids]
+    best = min(range(len(rows)), key=fids.__getitem__) if min(fids, default=math.inf) < math.inf else None
     distributed.print0(f"\nResults of {run_dir}:")
     for index, (name, record) in enumerate(rows):
         distributed.print0(f"  {name}  {'; '.join(evaluate.format_results(record))}"

@@ -617,6 +617,11 @@ def earlier_result(path: str, source: "ImageSource", ref_path: str | None) -> tu
             record = json.load(f)
         theirs = {k: v for k, v in record["source"].items() if k != "network"}
         their_ref = (record.get("reference") or {}).get("path")
+        if not isinstance(their_ref, (str, type(None))):
+            raise TypeError(f"reference path {their_ref!r}")
+        # Non-finite values come back as write_json wrote them ("nan", "inf"): numbers again, as calc_metrics gives.
+        record["results"] = {key: float(value) if value in ("nan", "inf", "-inf") else value
+                             for key, value in record["results"].items()}
     except (OSError, ValueError, KeyError, TypeError, AttributeError) as err:
         return None, f"{path} is not a readable result file ({err})"
     from dnnlib import util

@@ -605,6 +605,14 @@ def test_a_run_folder_as_network_evaluates_each_network_beside_it_and_a_rerun_ke
     assert evaluate.result_path_beside("/r/network-snapshot-000002.pkl", "is,fid", 10) == f"/r/{names[0]}"
     # report.py's FID panel over kimg.
     assert report.metric_series(str(run))["fid10_full"] == ([2, 12], fids)
+    # A kept result with a non-finite value (written as "nan", strict JSON) is a number again: no crash, not lowest.
+    diverged = json.loads((run / names[0]).read_text())
+    diverged["results"]["fid"] = "nan"
+    (run / names[0]).write_text(json.dumps(diverged))
+    again = _invoke(["calc", "--network", run, *common])
+    assert again.exit_code == 0 and again.output.count("Kept the results in") == 2, again.output
+    assert "network-snapshot-000002.pkl  fid10_full nan; is10 1 +- 0\n" in again.output
+    assert f"network-snapshot-000012.pkl  fid10_full {fids[1]:g}; is10 1 +- 0  <- lowest FID\n" in again.output
     # --out has no meaning here; a folder with no network pickles says so.
     result = _invoke(["calc", "--network", run, "--out", tmp_path / "x.json", *common])
     assert result.exit_code == 2 and "--out: with a run folder as --network" in result.output, result.output
