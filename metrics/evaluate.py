@@ -606,17 +606,19 @@ def result_path_beside(network_pkl: str, metrics: Sequence[str], num_images: int
     return f"{os.path.splitext(network_pkl)[0]}-{labels}.json"
 
 
-def earlier_result(path: str, source: "ImageSource", ref_path: str | None) -> tuple[dict | None, str | None]:
+def earlier_result(path: str, source: "ImageSource", ref_path: str | None,
+                   ref_sha256: str | None = None) -> tuple[dict | None, str | None]:
     """A result file left by an earlier evaluation at `path`: (its record, None) when it measured the images this
     source would make (the same seeds, sampler and options; the network is the file's neighbour) against the same
-    reference; (None, why not) when it measured something else; (None, None) when there is none."""
+    reference (by content when `ref_sha256`, the reference's sha256, is given and the record has one; else by
+    path); (None, why not) when it measured something else; (None, None) when there is none."""
     if not os.path.exists(path):
         return None, None
     try:
         with open(path) as f:
             record = json.load(f)
         theirs = {k: v for k, v in record["source"].items() if k != "network"}
-        their_ref = (record.get("reference") or {}).get("path")
+        their_ref, their_sha = ((record.get("reference") or {}).get(key) for key in ("path", "sha256"))
         if not isinstance(their_ref, (str, type(None))):
             raise TypeError(f"reference path {their_ref!r}")
         # Non-finite values come back as write_json wrote them ("nan", "inf"): numbers again, as calc_metrics gives.
@@ -636,7 +638,10 @@ def earlier_result(path: str, source: "ImageSource", ref_path: str | None) -> tu
     for key in sorted(set(theirs) | set(ours)):
         if theirs.get(key) != ours.get(key):
             return None, f"{path} measured other images ({key}: {theirs.get(key)!r} there, {ours.get(key)!r} here)"
-    if place(their_ref) != place(ref_path):
+    # The same reference file: by its content where both sides know it (a path spelled otherwise, or a reference
+    # rebuilt in place), else by its path.
+    same = ref_sha256 == their_sha if ref_sha256 and their_sha else place(their_ref) == place(ref_path)
+    if not same:
         return None, f"{path} measured against another reference ({their_ref!r} there, {ref_path!r} here)"
     return record, None
 

@@ -605,6 +605,17 @@ def test_a_run_folder_as_network_evaluates_each_network_beside_it_and_a_rerun_ke
     assert evaluate.result_path_beside("/r/network-snapshot-000002.pkl", "is,fid", 10) == f"/r/{names[0]}"
     # report.py's FID panel over kimg.
     assert report.metric_series(str(run))["fid10_full"] == ([2, 12], fids)
+    # The same reference under another path is the same request; a reference rebuilt with other content is not.
+    shutil.copyfile(root / "ref1.npz", tmp_path / "ref-copy.npz")
+    copied = [tmp_path / "ref-copy.npz" if a == root / "ref1.npz" else a for a in common]
+    again = _invoke(["calc", "--network", run, *copied])
+    assert again.exit_code == 0 and again.output.count("Kept the results in") == 2, again.output
+    with np.load(root / "ref1.npz") as ref:
+        np.savez(tmp_path / "ref-copy.npz", **{key: ref[key] + (key == "mu") for key in ref.files})
+    rebuilt = _invoke(["calc", "--network", run, *copied])
+    assert rebuilt.exit_code == 1, rebuilt.output
+    assert f"Error: {run / names[0]} measured against another reference ('{root / 'ref1.npz'}' there, " \
+        in rebuilt.output
     # A kept result with a non-finite value (written as "nan", strict JSON) is a number again: no crash, not lowest.
     diverged = json.loads((run / names[0]).read_text())
     diverged["results"]["fid"] = "nan"
