@@ -102,11 +102,13 @@ def _calc_run_folder(run_dir, seeds, batch_size, ref_path, metric_names, detecto
     rows = []
     # What a kept result must have been measured against (the same content under any path; a URL's cached copy).
     ref_sha256 = util.file_sha256(ref_path) if ref_path is not None and distributed.get_rank() == 0 else None
+    # And with the same detectors: another --detector file is another measurement.
+    detectors = evaluate.planned_detectors(metric_names, detector_paths) if distributed.get_rank() == 0 else None
     for index, network_pkl in enumerate(networks):
         out_path = evaluate.result_path_beside(network_pkl, metric_names, len(seeds))
         source = network_source_from_cli(network_pkl, seeds, batch_size, preset_lines=preset_lines if index == 0
                                          else (), preset=preset, **dict(sampler_cli))
-        record, refused = evaluate.earlier_result(out_path, source, ref_path, ref_sha256) \
+        record, refused = evaluate.earlier_result(out_path, source, ref_path, ref_sha256, detectors) \
             if distributed.get_rank() == 0 else (None, None)
         record, refused = distributed.broadcast_object((record, refused))
         if refused is not None:

@@ -606,12 +606,33 @@ def result_path_beside(network_pkl: str, metrics: Sequence[str], num_images: int
     return f"{os.path.splitext(network_pkl)[0]}-{labels}.json"
 
 
-def earlier_result(path: str, source: "ImageSource", ref_path: str | None,
-                   ref_sha256: str | None = None) -> tuple[dict | None, str | None]:
+def planned_detectors(metrics: Sequence[str], detector_paths: dict[str, str] | None) -> dict[str, dict]:
+    """What calc_metrics would measure with, without loading it: for each detector the metrics need, the sources
+    it may be read from (an override, else the canonical URL or its alternates) and the sha256 of the file where it
+    is on this machine (a local file, a URL's download cache), else None. For earlier_result."""
+    planned = {}
+    for name in dict.fromkeys(METRICS[m]["detector"] for m in parse_metrics(metrics)):
+        spec, override = detectors_lib.DETECTORS[name], (detector_paths or {}).get(name)
+        sources = [override] if override is not None else [spec.url, *spec.alternate_urls]
+        planned[name] = dict(sources=sources, sha256=file_sha256(sources[0]))
+    return planned
+
+
+def _same_detector(theirs: dict, ours: dict, place) -> bool:
+    """By content where both sides know it (a copy of a file under another path is the same detector), else by
+    where it came from: a canonical detector is one of its canonical URLs, an override the same path."""
+    if theirs.get("sha256") and ours["sha256"]:
+        return theirs["sha256"] == ours["sha256"]
+    return place(theirs.get("source")) in [place(source) for source in ours["sources"]]
+
+
+def earlier_result(path: str, source: "ImageSource", ref_path: str | None, ref_sha256: str | None = None,
+                   detectors: dict[str, dict] | None = None) -> tuple[dict | None, str | None]:
     """A result file left by an earlier evaluation at `path`: (its record, None) when it measured the images this
     source would make (the same seeds, sampler and options; the network is the file's neighbour) against the same
     reference (by content when `ref_sha256`, the reference's sha256, is given and the record has one; else by
-    path); (None, why not) when it measured something else; (None, None) when there is none."""
+    path) with the same detectors (`detectors`: planned_detectors; not compared when None); (None, why not) when it
+    measured something else; (None, None) when there is none."""
     if not os.path.exists(path):
         return None, None
     try:
@@ -621,6 +642,10 @@ def earlier_result(path: str, source: "ImageSource", ref_path: str | None,
         their_ref, their_sha = ((record.get("reference") or {}).get(key) for key in ("path", "sha256"))
         if not isinstance(their_ref, (str, type(None))):
             raise TypeError(f"reference path {their_ref!r}")
+        their_detectors = record.get("detectors") or {}
+        for info in their_detectors.values():
+            if not isinstance(info.get("source"), (str, type(None))):
+                raise TypeError(f"detector source {info.get('source')!r}")
         # Non-finite values come back as write_json wrote them ("nan", "inf"): numbers again, as calc_metrics gives.
         record["results"] = {key: float(value) if value in ("nan", "inf", "-inf") else value
                              for key, value in record["results"].items()}
@@ -643,6 +668,12 @@ def earlier_result(path: str, source: "ImageSource", ref_path: str | None,
     same = ref_sha256 == their_sha if ref_sha256 and their_sha else place(their_ref) == place(ref_path)
     if not same:
         return None, f"{path} measured against another reference ({their_ref!r} there, {ref_path!r} here)"
+    for name, ours in (detectors or {}).items():
+        theirs = their_detectors.get(name)
+        if theirs is None or not _same_detector(theirs, ours, place):
+            their_source = None if theirs is None else theirs.get("source")
+            return None, (f"{path} was measured with another {name} detector ({their_source!r} there, "
+                          f"{ours['sources'][0]!r} here)")
     return record, None
 
 

@@ -1,5 +1,6 @@
 """fid.py end to end with tiny stand-in detectors: ref + calc on folders and ZIPs, 1 vs 2 ranks, errors."""
 
+import hashlib
 import json
 import os
 import shutil
@@ -630,3 +631,38 @@ def test_a_run_folder_as_network_evaluates_each_network_beside_it_and_a_rerun_ke
     (tmp_path / "empty").mkdir()
     result = _invoke(["calc", "--network", tmp_path / "empty", *common])
     assert result.exit_code == 1 and "holds no network-snapshot-*.pkl or network-phema-*.pkl" in result.output
+
+
+def test_a_run_folder_result_is_kept_only_for_the_same_detector(workdir, single_rank, network_pkl, tmp_path):
+    """A kept result must have been measured with the detector this request would use: the same file under another
+    path is kept (by sha256), another file is refused naming both; a detector the metrics do not use is not compared."""
+    root, run = workdir["root"], tmp_path / "00000-run"
+    run.mkdir()
+    shutil.copyfile(network_pkl, run / "network-snapshot-000004.pkl")
+    common = ["--ref", root / "ref1.npz", "--seeds", "0-9", "--steps", 2, "--batch", 8, "--device", "cpu"]
+    first = _invoke(["calc", "--network", run, *common, *_detector_args(root)])
+    assert first.exit_code == 0 and "Computing fid" in first.output, first.output
+    result = run / "network-snapshot-000004-fid10_full.json"
+    written = result.read_bytes()
+    shutil.copyfile(root / "inception.pt", tmp_path / "inception-copy.pt")
+    shutil.copyfile(root / "vgg16.pt", tmp_path / "inception-other.pt")  # a file that is not the same detector
+    copy = _invoke(["calc", "--network", run, *common, "--detector", f"inception={tmp_path / 'inception-copy.pt'}",
+                    "--detector", f"vgg16={tmp_path / 'inception-other.pt'}"])  # fid reads no vgg16
+    assert copy.exit_code == 0 and "Kept the results in" in copy.output and "Computing" not in copy.output, \
+        copy.output
+    other = _invoke(["calc", "--network", run, *common, "--detector", f"inception={tmp_path / 'inception-other.pt'}"])
+    assert other.exit_code == 1, other.output
+    assert (f"Error: {result} was measured with another inception detector ('{root / 'inception.pt'}' there, "
+            f"'{tmp_path / 'inception-other.pt'}' here): move it away to measure "
+            f"{run / 'network-snapshot-000004.pkl'} again with these options") in other.output.replace("\n", " ")
+    # Without sha256 on either side (a record of a URL not in this cache), the source is compared.
+    record = json.loads(written)
+    record["detectors"]["inception"]["sha256"] = None
+    result.write_text(json.dumps(record))
+    same_path = _invoke(["calc", "--network", run, *common, *_detector_args(root)])
+    assert same_path.exit_code == 0 and "Kept the results in" in same_path.output, same_path.output
+    spec = detectors_lib.DETECTORS["inception"]
+    assert evaluate.planned_detectors(["fid", "is"], None)["inception"]["sources"] == [spec.url, *spec.alternate_urls]
+    planned = evaluate.planned_detectors(["pr", "fid"], {"inception": str(root / "inception.pt"), "vgg16": "no.pt"})
+    assert planned == dict(vgg16=dict(sources=["no.pt"], sha256=None), inception=dict(
+        sources=[str(root / "inception.pt")], sha256=hashlib.sha256((root / "inception.pt").read_bytes()).hexdigest()))
