@@ -340,7 +340,7 @@ def test_ref_without_pr_features_is_a_clear_error(workdir, tmp_path):
     assert "hold no VGG16 features" in result.output and "--metrics fid,pr" in result.output
 
 
-def test_unfetchable_detector_is_a_clear_error(workdir, monkeypatch):
+def test_unfetchable_detector_is_a_clear_error(workdir, single_rank, monkeypatch):
     root = workdir["root"]
     result = _invoke(["calc", "--images", root / "gen", "--ref", root / "ref1.npz", "--num", 30, "--workers", 0,
                       "--detector", f"inception={root / 'missing-inception.pkl'}"])
