@@ -7,6 +7,7 @@ import os
 import re
 import shutil
 import warnings
+from unittest import mock
 
 import numpy as np
 import pytest
@@ -110,7 +111,7 @@ def _write_phema(directory, kimg, std, value, step):
 
 
 def test_weights_that_never_moved_come_back_unchanged(tmp_path, recwarn):
-    # Every saved EMA holds 1.0: any average of them is 1.0 (before the weights were scaled to sum 1: 0.82 at 0.25).
+    # Every saved EMA holds 1.0: any average of them is 1.0 (before the weights were scaled to sum 1: 0.87 at 0.25).
     run = str(tmp_path / 'run')
     for kimg in range(1, 6):
         for std in (0.05, 0.10):
@@ -180,9 +181,20 @@ def test_clear_errors_for_missing_runs_times_and_headers(tmp_path):
     del data['phema']
     persistence.save_network_pickle(os.path.join(bogus, phema_file_name(1, 0.05)), data)
     cases.append((['--run', bogus], r'phema-000001-0.050.pkl: not a saved post-hoc EMA'))
+    # Saved at step 0 (a profile with no time behind it: LAPACK's "SVD did not converge" before), by hand only.
+    step_zero = str(tmp_path / 'step-zero')
+    _write_phema(step_zero, 0, 0.05, 0.0, step=0)
+    _write_phema(step_zero, 1, 0.05, 0.0, step=10)
+    cases.append((['--run', step_zero], r'phema-000000-0.050.pkl: not a saved post-hoc EMA \(expected a phema record '
+                                        r'with its step >= 1 and gamma > -1'))
     for args, message in cases:
         result = CliRunner().invoke(phema_cli.main, [*args, '--std', '0.07'])
         assert result.exit_code == 1 and re.search(message, result.output), (args, result.output)
+    # A width click's range lets through (nan) is refused before any file is read.
+    with mock.patch.object(snapshots, 'read_snapshot', side_effect=AssertionError('a file was read')):
+        result = CliRunner().invoke(phema_cli.main, ['--run', run, '--std', 'nan'])
+    assert result.exit_code != 0 and 'a relative EMA width must be in (0, 0.2887), got nan' in result.output, \
+        result.output
 
 
 def test_step_update_gives_each_step_its_profile_mass():

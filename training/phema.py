@@ -18,10 +18,10 @@ b_i = <p_i, p_r>, where for profiles of (t_a, g_a), (t_b, g_b)
     <p_a, p_b> = (g_a + 1)(g_b + 1) min(t_a, t_b)^(g_a + g_b + 1) / ((g_a + g_b + 1) t_a^(g_a + 1) t_b^(g_b + 1)),
 
 and the reconstructed weights are sum_i x_i theta_i, with x scaled to sum to 1 as EDM2's solve_posthoc_coefficients
-does (a combination of averages must leave constant weights unchanged; the least-squares x alone sums to 0.82-1.01 for
-widths 0.02-0.25 from five saved times). The parameters are linear in the EMAs, so the result is exact up to how well
-the profiles span p_r: `reconstruction_misfit` is the relative L2 distance of the combined profile from p_r, logged
-with every reconstruction and warned about above MISFIT_WARNING.
+does (a combination of averages must leave constant weights unchanged; the least-squares x alone sums to 0.87-1.01
+for widths 0.02-0.25 from stds 0.05 and 0.10 saved at five times). The parameters are linear in the EMAs, so the
+result is exact up to how well the profiles span p_r: `reconstruction_misfit` is the relative L2 distance of the
+combined profile from p_r, logged with every reconstruction and warned about above MISFIT_WARNING.
 
 A resumed run writes into a new directory; its training_options.json names the state it resumed from, and the saved
 EMAs of that earlier run up to the state's kimg are used too (`run_chain`), so a reconstruction sees the whole run.
@@ -149,6 +149,7 @@ def reconstruct(run_dir: str, std: float, at_kimg: int | None = None, log=print)
     """
     from training import snapshots
 
+    gamma = std_to_gamma(std)  # a width out of range (or nan) before any file is read
     if not os.path.isdir(run_dir):
         raise FileNotFoundError(f'{run_dir}: no such run directory')
     entries = saved_emas(run_dir, at_kimg)
@@ -163,15 +164,18 @@ def reconstruct(run_dir: str, std: float, at_kimg: int | None = None, log=print)
         data = snapshots.read_snapshot(entry['path']).data
         info = data.get('phema')
         try:
-            headers.append((entry, int(info['step']), float(info['gamma'])))
+            step, saved_gamma = int(info['step']), float(info['gamma'])
+            if step < 1 or not saved_gamma > -1:  # a profile needs time behind it and a finite mass (gamma > -1)
+                raise ValueError
         except (TypeError, KeyError, ValueError):
-            raise ValueError(f'{entry["path"]}: not a saved post-hoc EMA (expected a phema record with its step and '
-                             f'gamma, as train.py --phema writes)') from None
+            raise ValueError(f'{entry["path"]}: not a saved post-hoc EMA (expected a phema record with its step >= 1 '
+                             f'and gamma > -1, as train.py --phema writes)') from None
+        headers.append((entry, step, saved_gamma))
     target_kimg = entries[-1]['kimg']
     target_step = max(step for entry, step, _ in headers if entry['kimg'] == target_kimg)
     steps, gammas = [s for _, s, _ in headers], [g for _, _, g in headers]
-    weights = reconstruction_weights(steps, gammas, target_step, std_to_gamma(std))
-    misfit = reconstruction_misfit(steps, gammas, weights, target_step, std_to_gamma(std))
+    weights = reconstruction_weights(steps, gammas, target_step, gamma)
+    misfit = reconstruction_misfit(steps, gammas, weights, target_step, gamma)
     total, template, latest = None, None, None
     for (entry, _, _), weight in zip(headers, weights):
         data = snapshots.read_snapshot(entry['path']).data
@@ -186,7 +190,7 @@ def reconstruct(run_dir: str, std: float, at_kimg: int | None = None, log=print)
     state = template.state_dict()
     state.update({name: value.to(state[name].dtype) for name, value in total.items()})
     template.load_state_dict(state)
-    latest = dict(latest, ema=template, phema=dict(std=float(std), gamma=std_to_gamma(std), step=target_step,
+    latest = dict(latest, ema=template, phema=dict(std=float(std), gamma=gamma, step=target_step,
                                                    kimg=target_kimg, reconstructed_from=len(entries),
                                                    misfit=misfit))
     directories = sorted({os.path.dirname(e['path']) for e in entries})
