@@ -135,6 +135,8 @@ VALUE_PLACEHOLDERS = {
 # Upper-case placeholders of inline commands and fragments -> values ('*': the newest match in the folder).
 NAMED_PLACEHOLDERS = {
     "RUN_DIR": "training-runs/00000-*",
+    "RUN_A": "training-runs/00000-*",  # report.py's comparison: the run against itself
+    "RUN_B": "training-runs/00000-*",
     "KIMG": "1",
     "PKL": "dg-run/discriminator-*.pkl",
     "DATASET": "datasets/cifar10-32x32.zip",

@@ -195,3 +195,66 @@ def test_each_kind_of_metric_gets_a_panel_and_each_measurement_a_series(tmp_path
     assert panels[1].lines == [('is10k [solver=heun() schedule=edm steps=18]', [2], [5.0])]  # no is_std series
     (tmp_path / 'd.json').unlink()  # one sampler: not named
     assert [name for name, _, _ in report_lib.metric_panels(str(tmp_path))[0].lines] == ['fid10k_full', 'fid1k_full']
+
+
+def test_several_runs_are_drawn_on_shared_axes(tmp_path):
+    """--run A --run B --out PNG: one chart per title, each series named by its run's number, from that run's data;
+    without --out it is a usage error; a run without statistics is named."""
+    runs = [tmp_path / '00003-cifar10-edm', tmp_path / '00004-cifar10-stf']
+    for run, scale in zip(runs, (1.0, 2.0)):
+        run.mkdir()
+        with open(run / 'stats.jsonl', 'w') as f:
+            for tick in range(4):
+                f.write(json.dumps(_stats_line(tick, scale / (tick + 1), 0.0, 1e-3)) + '\n')
+    (runs[1] / 'fid-2.json').write_text(json.dumps({'results': {'fid': 9.5}, 'labels': {'fid': 'fid10k_full'},
+                                                   'source': {'network': 'network-snapshot-000002.pkl'}}))
+    panels = report_lib.compare_panels([str(run) for run in runs])
+    assert [p.title.split(' (')[0] for p in panels] == ['training loss', 'loss by noise level', 'learning rate',
+                                                         'non-finite steps per tick', 'FID']
+    assert panels[0].lines == [('00003 loss', [0, 1, 2, 3], [1.0, 1 / 2, 1 / 3, 1 / 4]),
+                               ('00004 loss', [0, 1, 2, 3], [2.0, 1.0, 2 / 3, 1 / 2])]
+    assert [name for name, _, _ in panels[1].lines] == [f'{run} sigma {bin}' for run in ('00003', '00004')
+                                                        for bin in ('<0.05', '0.05-0.2', '>20')]
+    assert panels[4].lines == [('00004 fid10k_full', [2], [9.5])] and panels[0].log_y and panels[3].bars
+    result = CliRunner().invoke(report.main, ['--run', str(runs[0]), '--run', str(runs[1]), '--out',
+                                              str(tmp_path / 'compare.png')])
+    assert result.exit_code == 0, result.output
+    image = np.asarray(PIL.Image.open(tmp_path / 'compare.png').convert('RGB')).astype(int)
+    assert image.shape == (3 * PANEL_SIZE[1], 2 * PANEL_SIZE[0], 3)
+    plot = image[MARGIN['top'] + 2:PANEL_SIZE[1] - MARGIN['bottom'] - 2, MARGIN['left'] + 2:-MARGIN['right'] - 2]
+    for color in COLORS[:2]:  # both runs' loss drawn in the first chart
+        assert (np.abs(plot[:, :PANEL_SIZE[0] - MARGIN['left'] - MARGIN['right'] - 4] - np.array(color)).sum(2)
+                < 30).sum() > 20
+    result = CliRunner().invoke(report.main, ['--run', str(runs[0]), '--run', str(runs[1])])
+    assert result.exit_code == 2 and '--out: comparing 2 runs, name the PNG to write' in result.output
+    (tmp_path / 'empty').mkdir()
+    result = CliRunner().invoke(report.main, ['--run', str(runs[0]), '--run', str(tmp_path / 'empty'), '--out',
+                                              str(tmp_path / 'x.png')])
+    assert result.exit_code == 1 and f'{tmp_path / "empty"}: no stats.jsonl' in result.output
+    assert not (tmp_path / 'x.png').exists()
+    # Runs whose numbers collide (two outdirs) are named by their folders.
+    assert report_lib.run_labels(['a/00003-x', 'b/00003-y/']) == ['00003-x', '00003-y']
+    assert report_lib.run_labels(['a/00003-x', 'b/mine']) == ['00003', 'mine']
+
+
+def test_a_legend_too_long_for_its_column_ends_with_how_many_more(monkeypatch):
+    import PIL.ImageDraw
+    import PIL.ImageFont
+
+    from training.report import Panel
+    panel = Panel('many')
+    for index in range(20):
+        panel.add(f'series {index}', [0, 1], [index, index + 1])
+    texts = []
+    original = PIL.ImageDraw.ImageDraw.text
+
+    def record(self, xy, text, *args, **kwargs):
+        texts.append(text)
+        return original(self, xy, text, *args, **kwargs)
+
+    monkeypatch.setattr(PIL.ImageDraw.ImageDraw, 'text', record)
+    image = PIL.Image.new('RGB', PANEL_SIZE, (255, 255, 255))
+    panel.draw(image, (0, 0), PIL.ImageFont.load_default())
+    rows = (PANEL_SIZE[1] - MARGIN['top'] - MARGIN['bottom'] - 4) // report_lib.LEGEND_ROW
+    assert [t for t in texts if t.startswith('series ')] == [f'series {i}' for i in range(rows - 1)]
+    assert f'+{20 - (rows - 1)} more' in texts

@@ -4,8 +4,8 @@ Panels (those without data are left out): the training loss per tick; the loss b
 ('Loss/sigma...', what EDM2 looks at first when a run misbehaves); the learning rate; non-finite steps per tick; and
 every metric found in `*.json` result files of fid.py (`fid.py calc --out`, or `calc --network=RUN_DIR`'s beside each
 snapshot, with the snapshot's kimg in the network name, or in the generation.json of the images measured) over
-kimg. `python report.py --run DIR` writes DIR/report.png. A resumed run's statistics begin with those of the runs it
-continued (training.run_chain).
+kimg. `python report.py --run DIR` writes DIR/report.png; `--run A --run B --out compare.png` draws several runs on
+shared axes. A resumed run's statistics begin with those of the runs it continued (training.run_chain).
 """
 
 import glob
@@ -25,6 +25,7 @@ MARGIN = dict(left=70, right=170, top=30, bottom=40)
 COLORS = [(31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (148, 103, 189), (140, 86, 75),
           (227, 119, 194), (127, 127, 127), (188, 189, 34), (23, 190, 207)]
 BACKGROUND, INK, GRID = (255, 255, 255), (30, 30, 30), (225, 225, 225)
+LEGEND_ROW = 16  # pixels per legend line
 
 
 def read_stats(path: str) -> list[dict]:
@@ -174,6 +175,9 @@ class Panel:
             draw.text((px, y1 + 6), f'{fx:.4g}', fill=INK, font=font, anchor='mt')
         draw.text(((x0 + x1) / 2, y1 + 22), 'kimg', fill=INK, font=font, anchor='mt')
         draw.rectangle([x0, y0, x1, y1], outline=INK)
+        # Rows of the legend that fit beside the axes (one kept for "+N more" when there are more lines).
+        rows = int((y1 - y0 - 4) // LEGEND_ROW)
+        legend_rows = len(self.lines) if len(self.lines) <= rows else rows - 1
         for index, (label, xs, ys) in enumerate(self.lines):
             color = COLORS[index % len(COLORS)]
             points = [to_pixel(x, y) for x, y in zip(xs, ys)]
@@ -188,7 +192,11 @@ class Panel:
                 draw.ellipse([px - 3, py - 3, px + 3, py + 3], fill=color)
             else:
                 draw.line(points, fill=color, width=2)
-            ly = y0 + 4 + index * 16
+            ly = y0 + 4 + index * LEGEND_ROW
+            if index >= legend_rows:  # the legend's column is full: say how many more lines the chart has
+                if index == legend_rows:
+                    draw.text((x1 + 12, ly), f'+{len(self.lines) - legend_rows} more', fill=INK, font=font)
+                continue
             draw.line([(x1 + 12, ly + 6), (x1 + 30, ly + 6)], fill=color, width=3)
             draw.text((x1 + 36, ly), label, fill=INK, font=font)
 
@@ -250,31 +258,60 @@ def _bin_order(name: str) -> float:
     return value - 1e-9 if '<' in name else value + 1e-9 if '>' in name else value
 
 
-def write_report(run_dir: str, out_path: str | None = None, columns: int = 2, log=print) -> str:
-    """Draw the run's panels into one PNG (atomically); returns its path. Result JSONs whose kimg is unknown are
-    named through `log`."""
-    import dnnlib
+def run_labels(run_dirs: list[str]) -> list[str]:
+    """Short names of runs in a comparison's legends: EDM's run numbers (00003 of 00003-cifar10-32x32-...), else,
+    or where two runs share one, the folders' names."""
+    names = [os.path.basename(os.path.normpath(run_dir)) for run_dir in run_dirs]
+    numbers = [match.group(1) if (match := re.match(r'(\d{5,})-', name)) else name for name in names]
+    return numbers if len(set(numbers)) == len(numbers) else names
 
+
+def compare_panels(run_dirs: list[str], skipped: list | None = None) -> list[Panel]:
+    """The panels of several runs on shared axes: one chart per title, each series named by its run (run_labels)
+    and its own name, the charts in the order they first appear."""
+    merged: dict[str, Panel] = {}
+    for run_dir, label in zip(run_dirs, run_labels(run_dirs)):
+        for panel in build_panels(run_dir, skipped):
+            chart = merged.setdefault(panel.title, Panel(panel.title, log_y=panel.log_y, bars=panel.bars))
+            chart.lines += [(f'{label} {name}', xs, ys) for name, xs, ys in panel.lines]
+    return list(merged.values())
+
+
+def _check_stats(run_dir: str) -> None:
     stats = os.path.join(run_dir, 'stats.jsonl')
     if not os.path.isfile(stats) and not any(os.path.isfile(os.path.join(directory, 'stats.jsonl'))
                                              for directory, _ in run_chain(run_dir, 'statistics')[:-1]):
         if os.path.isfile(os.path.join(run_dir, 'training_options.json')):
             raise FileNotFoundError(f'{run_dir}: no stats.jsonl yet (a run writes it at the end of its first tick)')
         raise FileNotFoundError(f'{run_dir}: no stats.jsonl (not a training run directory?)')
+
+
+def write_report(run_dir: str | list[str], out_path: str | None = None, columns: int = 2, log=print) -> str:
+    """Draw the run's panels into one PNG (atomically); returns its path. Several runs (a list): their panels on
+    shared axes (compare_panels), written to `out_path`, which is then required. Result JSONs whose kimg is unknown
+    are named through `log`."""
+    import dnnlib
+
+    run_dirs = [run_dir] if isinstance(run_dir, str) else list(run_dir)
+    if len(run_dirs) > 1 and out_path is None:
+        raise ValueError(f'comparing {len(run_dirs)} runs: name the PNG to write (--out)')
+    for directory in run_dirs:
+        _check_stats(directory)
     skipped = []
-    panels = build_panels(run_dir, skipped)
+    panels = build_panels(run_dirs[0], skipped) if len(run_dirs) == 1 else compare_panels(run_dirs, skipped)
     for path in skipped:
         log(f'Note: {path} is left out of the metrics panel: its source names no network-snapshot-KIMG.pkl (nor '
             f'images whose generation.json does)')
     if not panels:
-        raise ValueError(f'{stats}: no statistics to plot yet')
+        where = os.path.join(run_dirs[0], 'stats.jsonl') if len(run_dirs) == 1 else ', '.join(run_dirs)
+        raise ValueError(f'{where}: no statistics to plot yet')
     rows = math.ceil(len(panels) / columns)
     image = PIL.Image.new('RGB', (PANEL_SIZE[0] * min(columns, len(panels)), PANEL_SIZE[1] * rows), BACKGROUND)
     font = PIL.ImageFont.load_default()
     for index, panel in enumerate(panels):
         row, col = divmod(index, columns)
         panel.draw(image, (col * PANEL_SIZE[0], row * PANEL_SIZE[1]), font)
-    out_path = out_path or os.path.join(run_dir, 'report.png')
+    out_path = out_path or os.path.join(run_dirs[0], 'report.png')
     with dnnlib.util.atomic_output(out_path, 'wb') as f:
         image.save(f, format='png')
     return out_path
