@@ -258,3 +258,24 @@ def test_a_legend_too_long_for_its_column_ends_with_how_many_more(monkeypatch):
     rows = (PANEL_SIZE[1] - MARGIN['top'] - MARGIN['bottom'] - 4) // report_lib.LEGEND_ROW
     assert [t for t in texts if t.startswith('series ')] == [f'series {i}' for i in range(rows - 1)]
     assert f'+{20 - (rows - 1)} more' in texts
+
+
+def test_a_resumed_runs_metrics_include_those_of_the_runs_it_continues(tmp_path):
+    # A measured at kimg 1, 2 and 3; B resumed from A's kimg-2 state and measured at 3 and 4: B's FID panel is A's
+    # points up to 2, then B's (A's kimg-3 point belongs to the part B replaced), as its loss panel already was.
+    runs = {name: tmp_path / name for name in 'AB'}
+    for name, kimgs, fids in (('A', [0, 1, 2, 3], {1: 50.0, 2: 40.0, 3: 99.0}), ('B', [2.5, 3.5, 4], {3: 30.0,
+                                                                                                    4: 20.0})):
+        runs[name].mkdir()
+        with open(runs[name] / 'stats.jsonl', 'w') as f:
+            f.writelines(json.dumps(_stats_line(kimg, 1.0, 0.0, 1e-3)) + '\n' for kimg in kimgs)
+        for kimg, fid in fids.items():
+            (runs[name] / f'network-snapshot-{kimg:06d}-fid10_full.json').write_text(json.dumps({
+                'results': {'fid': fid}, 'labels': {'fid': 'fid10_full'},
+                'source': {'network': str(runs[name] / f'network-snapshot-{kimg:06d}.pkl')}}))
+    (runs['B'] / 'training_options.json').write_text(json.dumps({'resume_state_dump': str(runs['A'] /
+                                                                                        'training-state-000002.pt')}))
+    assert report_lib.metric_series(str(runs['B'])) == {'fid10_full': ([1, 2, 3, 4], [50.0, 40.0, 30.0, 20.0])}
+    assert report_lib.metric_series(str(runs['A'])) == {'fid10_full': ([1, 2, 3], [50.0, 40.0, 99.0])}
+    fid_panel = [p for p in build_panels(str(runs['B'])) if p.title.startswith('FID')][0]
+    assert fid_panel.lines == [('fid10_full', [1, 2, 3, 4], [50.0, 40.0, 30.0, 20.0])]

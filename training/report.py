@@ -5,7 +5,7 @@ Panels (those without data are left out): the training loss per tick; the loss b
 every metric found in `*.json` result files of fid.py (`fid.py calc --out`, or `calc --network=RUN_DIR`'s beside each
 snapshot, with the snapshot's kimg in the network name, or in the generation.json of the images measured) over
 kimg. `python report.py --run DIR` writes DIR/report.png; `--run A --run B --out compare.png` draws several runs on
-shared axes. A resumed run's statistics begin with those of the runs it continued (training.run_chain).
+shared axes. A resumed run's statistics and metrics begin with those of the runs it continued (training.run_chain).
 """
 
 import glob
@@ -69,15 +69,19 @@ _METRIC_KEYS = {'fid': ('FID', 'fid', ''), 'is_mean': ('Inception Score', 'is', 
 _SPREADS = ('is_std', 'kid_std')
 
 
-def _metric_points(run_dir: str, skipped: list | None) -> dict[tuple[str, str], list]:
+def _metric_points(run_dir: str, skipped: list | None, chain: list | None = None) -> dict[tuple[str, str], list]:
     """{(panel title, series name): [(kimg, value), ...]} from fid.py result JSONs in the run directory, the kimg
     from the network's file name: `fid.py calc --network`'s, or for `calc --images` that of the generate.py run that
     made the images (its generation.json names the network, and fid.py's record keeps it). A series is one metric
     label (fid50k_full and fid10k_full are different measurements), one post-hoc EMA width (network-phema-KIMG-STD.pkl:
     'fid50k_full (phema 0.100)') and, when the run's results come from several samplers, one sampler. Result files
-    with no network kimg are appended to `skipped`."""
+    with no network kimg are appended to `skipped`. A resumed run's points begin with those of the runs it continued
+    (run_chain), each up to the kimg it was resumed from; at the same kimg the later run's point."""
     records = []
-    for path in sorted(glob.glob(os.path.join(run_dir, '*.json'))):
+    chain = run_chain(run_dir, 'statistics and results') if chain is None else chain
+    paths = [(path, limit) for directory, limit in chain
+             for path in sorted(glob.glob(os.path.join(directory, '*.json')))]
+    for path, limit in paths:
         try:
             with open(path) as f:
                 record = json.load(f)
@@ -90,11 +94,13 @@ def _metric_points(run_dir: str, skipped: list | None) -> dict[tuple[str, str], 
             if skipped is not None:
                 skipped.append(path)
             continue
+        if limit is not None and int(match.group(2)) > limit:  # past the state the next run resumed from
+            continue
         source = record.get('source')
         sampler = source.get('sampler') if isinstance(source, dict) and isinstance(source.get('sampler'), str) else None
         records.append((record, match, sampler))
     several_samplers = len({sampler for _, _, sampler in records if sampler is not None}) > 1
-    points: dict[tuple[str, str], list] = {}
+    points: dict[tuple[str, str], dict] = {}  # {kimg: value}: a later run's point replaces an earlier one's
     for record, match, sampler in records:
         labels = record.get('labels') if isinstance(record.get('labels'), dict) else {}
         suffix = f' (phema {match.group(3)})' if match.group(1) == 'phema' else ''
@@ -105,8 +111,8 @@ def _metric_points(run_dir: str, skipped: list | None) -> dict[tuple[str, str], 
                 continue
             title, label_key, what = _METRIC_KEYS.get(key, ('metrics', key, ''))
             name = str(labels.get(label_key, label_key if key in _METRIC_KEYS else key)) + what + suffix
-            points.setdefault((title, name), []).append((int(match.group(2)), float(value)))
-    return points
+            points.setdefault((title, name), {})[int(match.group(2))] = float(value)
+    return {key: sorted(values.items()) for key, values in points.items()}
 
 
 def metric_series(run_dir: str, skipped: list | None = None) -> dict[str, tuple[list[float], list[float]]]:
@@ -115,10 +121,10 @@ def metric_series(run_dir: str, skipped: list | None = None) -> dict[str, tuple[
             for (_, name), p in _metric_points(run_dir, skipped).items()}
 
 
-def metric_panels(run_dir: str, skipped: list | None = None) -> list['Panel']:
+def metric_panels(run_dir: str, skipped: list | None = None, chain: list | None = None) -> list['Panel']:
     """One panel per kind of metric (FID, IS, precision/recall, KID), in that order."""
     panels: dict[str, Panel] = {}
-    for (title, name), p in sorted(_metric_points(run_dir, skipped).items(),
+    for (title, name), p in sorted(_metric_points(run_dir, skipped, chain).items(),
                                    key=lambda item: (list(_PANEL_ORDER).index(item[0][0])
                                                      if item[0][0] in _PANEL_ORDER else 99, item[0][1])):
         panel = panels.setdefault(title, Panel(f'{title} (fid.py result files)'))
@@ -204,11 +210,11 @@ class Panel:
         return math.log10(y) if self.log_y else y
 
 
-def chain_stats(run_dir: str) -> list[dict]:
+def chain_stats(run_dir: str, chain: list | None = None) -> list[dict]:
     """The stats.jsonl lines of a run and of the runs it resumed from (training.run_chain), in training order: an
     earlier run's lines up to where the next one takes over (its first line's kimg), so that a resumed run's report
     shows the whole training, not only the part since its last resume."""
-    chain = run_chain(run_dir, 'statistics')
+    chain = run_chain(run_dir, 'statistics and results') if chain is None else chain
     own = os.path.join(run_dir, 'stats.jsonl')  # absent when resumed and stopped again before its first tick
     lines = read_stats(own) if os.path.isfile(own) else []
     for directory, _ in chain[-2::-1]:  # the predecessors, the latest first
@@ -227,7 +233,8 @@ def _kimg(line: dict) -> float | None:
 
 
 def build_panels(run_dir: str, skipped: list | None = None) -> list[Panel]:
-    lines = chain_stats(run_dir)
+    chain = run_chain(run_dir, 'statistics and results')  # once: a missing predecessor is warned about once
+    lines = chain_stats(run_dir, chain)
     panels = []
     loss = Panel('training loss (per element, mean over the tick)', log_y=True)
     for name in sorted({n for line in lines for n in line if n.startswith('Loss/') and not n.startswith(
@@ -248,7 +255,7 @@ def build_panels(run_dir: str, skipped: list | None = None) -> list[Panel]:
             counts.append((kimg['mean'], round(stat['mean'] * stat['num'])))
     nonfinite.add('steps', [k for k, _ in counts], [n for _, n in counts])
     panels += [loss, by_sigma, lr, nonfinite]
-    panels += metric_panels(run_dir, skipped)
+    panels += metric_panels(run_dir, skipped, chain)
     return [panel for panel in panels if panel.lines]
 
 
