@@ -30,6 +30,7 @@ from samplers.cli_options import (
 )
 from torch_utils import distributed
 from training.presets import SAMPLER_PRESET_SOURCES, SAMPLER_PRESETS
+from training.run_chain import run_chain
 from training.snapshots import load_snapshot
 
 
@@ -94,11 +95,17 @@ def _calc_run_folder(run_dir, seeds, batch_size, ref_path, metric_names, detecto
     """`calc --network=RUN_DIR`: every network pickle of a training run in training order, each result written
     beside its pickle (evaluate.result_path_beside: report.py plots them); a result left by an earlier run of the
     same request is kept, so a rerun continues where an interrupted one stopped. Ends with a table."""
-    networks = distributed.broadcast_object(evaluate.run_networks(run_dir) if distributed.get_rank() == 0 else None)
+    # A resumed run's folder continues the runs before it (train.py writes each resume into a new folder): their
+    # snapshots up to the resumed state are the same training's.
+    chain = run_chain(run_dir, "snapshots") if distributed.get_rank() == 0 else None
+    chain, networks = distributed.broadcast_object(
+        (chain, evaluate.run_networks(run_dir, chain)) if distributed.get_rank() == 0 else None)
     if not networks:
         raise click.ClickException(f"{run_dir} holds no network-snapshot-*.pkl or network-phema-*.pkl")
-    distributed.print0(f"Evaluating {len(networks)} networks of {run_dir}: {', '.join(metric_names)} for "
-                       f"{len(seeds)} images each")
+    continued = "".join(f"{', ' if index else ' (and the runs it continued: '}{directory} up to kimg {limit}"
+                        for index, (directory, limit) in enumerate(chain[:-1])) + (")" if len(chain) > 1 else "")
+    distributed.print0(f"Evaluating {len(networks)} networks of {run_dir}{continued}: {', '.join(metric_names)} "
+                       f"for {len(seeds)} images each")
     rows = []
     # What a kept result must have been measured against (the same content under any path; a URL's cached copy).
     ref_sha256 = util.file_sha256(ref_path) if ref_path is not None and distributed.get_rank() == 0 else None
@@ -199,7 +206,8 @@ def common_options(func):
 @main.command()
 @click.option("--images", "image_path", help="Images to evaluate (folder or ZIP)", metavar="PATH|ZIP", type=str)
 @click.option("--network", "network_pkl", help="Network pickle to sample in memory instead; a training run folder: "
-              "each of its network-*.pkl in turn, results beside each (NAME-LABELS.json; a rerun skips those done)",
+              "each of its network-*.pkl in turn (a resumed run: also those of the runs it continued), results beside "
+              "each (NAME-LABELS.json; a rerun skips those done)",
               metavar="PKL|URL|DIR", type=str)
 @click.option("--ref", "ref_path", help="Reference statistics (EDM .npz; needed for fid, pr, kid)",
               metavar="NPZ|URL", type=str)

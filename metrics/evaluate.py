@@ -588,13 +588,20 @@ def compute_reference(source: ImageSource, dest: str, metrics: Sequence[str] = (
 _RUN_NETWORK = re.compile(r"network-(?:snapshot|phema)-(\d+)(?:-\d+\.\d+)?\.pkl")
 
 
-def run_networks(run_dir: str) -> list[str]:
+def run_networks(run_dir: str, chain: Sequence[tuple[str, int | None]] | None = None) -> list[str]:
     """The network pickles of a training run folder, in training order (kimg, then name): train.py's
-    network-snapshot-KIMG.pkl and phema.py's network-phema-KIMG-STD.pkl. Absolute paths."""
-    run_dir = os.path.abspath(os.path.expanduser(run_dir))
-    found = [(int(match.group(1)), name) for name in os.listdir(run_dir)
-             if (match := _RUN_NETWORK.fullmatch(name)) and os.path.isfile(os.path.join(run_dir, name))]
-    return [os.path.join(run_dir, name) for _, name in sorted(found)]
+    network-snapshot-KIMG.pkl and phema.py's network-phema-KIMG-STD.pkl. Absolute paths. chain: the folders of
+    the runs it continued and their last kimg, the earliest first, ending with run_dir (training.run_chain): their
+    pickles up to that kimg come first; a later folder's pickle replaces one of the same name."""
+    found = {}
+    for directory, limit in chain or [(run_dir, None)]:
+        directory = os.path.abspath(os.path.expanduser(directory))
+        for name in os.listdir(directory):
+            match = _RUN_NETWORK.fullmatch(name)
+            if match and os.path.isfile(os.path.join(directory, name)) and (limit is None
+                                                                            or int(match.group(1)) <= limit):
+                found[name] = (int(match.group(1)), name, os.path.join(directory, name))
+    return [path for _, _, path in sorted(found.values())]
 
 
 def result_path_beside(network_pkl: str, metrics: Sequence[str], num_images: int) -> str:

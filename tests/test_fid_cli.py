@@ -666,3 +666,29 @@ def test_a_run_folder_result_is_kept_only_for_the_same_detector(workdir, single_
     planned = evaluate.planned_detectors(["pr", "fid"], {"inception": str(root / "inception.pt"), "vgg16": "no.pt"})
     assert planned == dict(vgg16=dict(sources=["no.pt"], sha256=None), inception=dict(
         sources=[str(root / "inception.pt")], sha256=hashlib.sha256((root / "inception.pt").read_bytes()).hexdigest()))
+
+
+def test_a_resumed_run_folder_evaluates_the_snapshots_of_the_runs_it_continued(workdir, single_rank, network_pkl,
+                                                                               tmp_path):
+    """B resumed from A's kimg-4 state (train.py writes a resume into a new folder): `calc --network=B` measures A's
+    snapshots up to kimg 4, then B's, each result beside its pickle; report.py of B plots them all."""
+    from training import report
+
+    root, runs = workdir["root"], {name: tmp_path / f"0000{index}-run" for index, name in enumerate("AB")}
+    for name, kimgs in (("A", [2, 12]), ("B", [8])):
+        runs[name].mkdir()
+        for kimg in kimgs:
+            shutil.copyfile(network_pkl, runs[name] / f"network-snapshot-{kimg:06d}.pkl")
+    (runs["B"] / "training_options.json").write_text(json.dumps(
+        {"resume_state_dump": str(runs["A"] / "training-state-000004.pt")}))
+    result = _invoke(["calc", "--network", runs["B"], "--ref", root / "ref1.npz", "--seeds", "0-9", "--steps", 2,
+                      "--batch", 8, "--device", "cpu", *_detector_args(root)])
+    assert result.exit_code == 0, result.output
+    assert (f"Evaluating 2 networks of {runs['B']} (and the runs it continued: {runs['A']} up to kimg 4): fid for 10 "
+            f"images each") in result.output
+    written = sorted(str(path.relative_to(tmp_path)) for path in tmp_path.glob("*/*-fid10_full.json"))
+    assert written == ["00000-run/network-snapshot-000002-fid10_full.json",
+                       "00001-run/network-snapshot-000008-fid10_full.json"]
+    fid = json.loads((runs["A"] / "network-snapshot-000002-fid10_full.json").read_text())["results"]["fid"]
+    assert report.metric_series(str(runs["B"]))["fid10_full"] == ([2, 8], [fid, fid])  # the same network twice
+    assert evaluate.run_networks(str(runs["A"])) == [str(runs["A"] / f"network-snapshot-{k:06d}.pkl") for k in (2, 12)]
