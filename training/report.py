@@ -22,8 +22,11 @@ from training.run_chain import run_chain
 
 PANEL_SIZE = (560, 300)
 MARGIN = dict(left=70, right=170, top=30, bottom=40)
+# matplotlib's tab10, then tab20's light shades (runs compared side by side: two runs' noise-level bins are 14 lines)
 COLORS = [(31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (148, 103, 189), (140, 86, 75),
-          (227, 119, 194), (127, 127, 127), (188, 189, 34), (23, 190, 207)]
+          (227, 119, 194), (127, 127, 127), (188, 189, 34), (23, 190, 207),
+          (174, 199, 232), (255, 187, 120), (152, 223, 138), (255, 152, 150), (197, 176, 213), (196, 156, 148),
+          (247, 182, 210), (199, 199, 199), (219, 219, 141), (158, 218, 229)]
 BACKGROUND, INK, GRID = (255, 255, 255), (30, 30, 30), (225, 225, 225)
 LEGEND_ROW = 16  # pixels per legend line
 
