@@ -338,8 +338,15 @@ def _check_schedule_doc(doc, path) -> SigmaGrid:
     if doc["nfe"] != expected_nfe:
         raise ValueError(f"{path}: nfe={doc['nfe']} but solver {solver!r} with {len(sigmas) - 1} steps "
                          f"(end={end!r}) costs {expected_nfe}")
+    solver_kwargs = doc.get("solver_kwargs") or {}
+    if not isinstance(solver_kwargs, dict):
+        raise ValueError(f"{path}: solver_kwargs must be an object of option names and values, got {solver_kwargs!r}")
+    try:
+        SOLVERS[solver].check_options(solver_kwargs, solver)
+    except ValueError as err:
+        raise ValueError(f"{path}: {err}") from None
     return SigmaGrid(sigmas=sigmas, end=end, eval_sigmas=eval_sigmas, schedule=str(path), solver=solver,
-                     solver_kwargs=dict(doc.get("solver_kwargs") or {}), provenance=dict(doc.get("provenance") or {}))
+                     solver_kwargs=dict(solver_kwargs), provenance=dict(doc.get("provenance") or {}))
 
 
 def load_schedule_file(path: str) -> SigmaGrid:

@@ -3,8 +3,10 @@ training on the closed-form Gaussian-mixture testbed, the safeguards (start from
 a worse one, held-out choice, the schedule file's record, ld3.py evaluate), and the gen-data -> train -> generate.py
 --schedule path on a tiny network. LPIPS itself is tested in test_lpips.py."""
 
+import glob
 import math
 import os
+from unittest import mock
 
 import numpy as np
 import PIL.Image
@@ -249,6 +251,11 @@ def test_config_errors(small_mixture):
                                                      solver_kwargs={"order": 2}))
     with pytest.raises(ValueError, match="S_churn"):
         ld3.student_sample(gmm, data.latents[:2], edm_levels(4), solver="heun", S_churn=10)
+    # Option values the solver checks only when it runs are refused by validate(), before any network is loaded.
+    with pytest.raises(ValueError, match="iPNDM max_order must be 1, 2, 3 or 4, got 7"):
+        ld3.LD3Config(solver="ipndm", nfe=4, solver_kwargs={"max_order": 7}).validate()
+    with pytest.raises(ValueError, match=r"deterministic sampler, but heun\(S_churn=1.0\) draws noise"):
+        ld3.LD3Config(solver="heun", nfe=5, solver_kwargs={"S_churn": 1.0}).validate()
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -558,6 +565,10 @@ def test_cli_errors(network_pickle, tmp_path):
     assert result.exit_code != 0 and "cannot spend exactly 6 NFE" in result.output
     result = runner.invoke(ld3_cli.cli, [*base, "--solver", "ipndm", "--nfe", "4", "--num-train", "3"])
     assert result.exit_code != 0 and "fewer than --num-train" in result.output
+    with mock.patch.object(ld3_cli, "load_network", side_effect=AssertionError("the network was loaded")):
+        result = runner.invoke(ld3_cli.cli, [*base, "--solver", "ipndm", "--nfe", "4", "--order", "7"])
+    assert result.exit_code == 2 and "iPNDM max_order must be 1, 2, 3 or 4, got 7" in result.output, result.output
+    assert not glob.glob(str(tmp_path / "s.json*")), "a log or schedule was left"
     result = runner.invoke(ld3_cli.cli, [*base, "--solver", "ipndm", "--nfe", "4", "--order", "2", "--lpips-vgg",
                                      str(tmp_path / "none.pth")])
     assert result.exit_code != 0 and "could not fetch the LPIPS VGG16 weights" in result.output

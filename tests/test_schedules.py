@@ -132,6 +132,8 @@ def test_schedule_file_round_trip(tmp_path):
     (lambda d: d.update(eval_sigmas=d["sigmas"][:-1]), "eval_sigmas has 6 entries"),
     (lambda d: d.pop("sigmas"), "missing key 'sigmas'"),
     (lambda d: d.update(format="other"), "not a schedule file"),
+    (lambda d: d.update(solver_kwargs={"bogus": 1}), r"solver 'ipndm' does not take option\(s\) \['bogus'\]"),
+    (lambda d: d.update(solver_kwargs=[3]), "solver_kwargs must be an object"),
 ])
 def test_schedule_file_errors(tmp_path, edit, message):
     path = str(tmp_path / "s.json")

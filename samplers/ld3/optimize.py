@@ -20,7 +20,7 @@ import time
 import torch
 
 from metrics.lpips import load_lpips
-from samplers import SigmaGrid, get_solver, save_schedule_file
+from samplers import SigmaGrid, get_solver, make_grid, save_schedule_file
 from samplers.ld3.grid import HAND_MADE_GRIDS, GridParameterization, hand_made_grid_names, steps_for_nfe
 from samplers.ld3.selection import (
     TIE_TOLERANCE,
@@ -31,7 +31,7 @@ from samplers.ld3.selection import (
     hand_made_grids,
     score_grid,
 )
-from samplers.ld3.student import student_sample
+from samplers.ld3.student import check_deterministic, student_sample
 from samplers.ld3.teacher import TeacherData
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -175,6 +175,10 @@ class LD3Config:
         if levels < 3:
             raise ValueError(f"--nfe {self.nfe}: {self.solver} with end={end!r} has {levels} positive noise levels; "
                              f"LD3 needs at least 3 (an interior level to learn)")
+        # What the solver checks only when it runs (an option's value: iPNDM's order; noise drawn: Heun's churn), on
+        # a stand-in grid of the same steps: refused here, before the network is loaded, not once training began.
+        check_deterministic(make_grid("edm", steps_for_nfe(self.solver, self.nfe, end), end=end), self.solver,
+                            self.solver_kwargs)
         if self.rounds_v1 < 0 or self.rounds_v2 < 0 or self.rounds_v1 + self.rounds_v2 < 1:
             raise ValueError(f"need --rounds-v1 + --rounds-v2 >= 1 training rounds (each >= 0), got "
                              f"{self.rounds_v1} + {self.rounds_v2}")
