@@ -24,9 +24,10 @@ beta schedule scaled by 1000 / T (beta from 1e-4 to 0.02 at T = 1000), abar = cu
 Numerics. abar is evaluated in float64 from the closed form (expm1 ratio, exact at Sigma0 = 1); the reference's
 formulas (betas as consecutive ratios clamped at 0.999, then cumprod) give back the same abar to 1e-12 in float64
 wherever the clamp does not bind, which for T >= 2 needs ln Sigma0 > 6.9 T (never; the largest beta is at the last
-step, about 0.5). The reference evaluates them in torch's default float32, though: against its own table (32x32,
-T = 4000) 1 - abar differs by up to 1.2 % (t = 0, highest frequency; over 1e-3 for t <= 8), abar by up to 3.7e-4,
-and x_t on equal inputs by about 5e-6 (an audit, 2026-12-02). These float64 values are the closed form's; bit
+step, about 0.5). The reference evaluates them in torch's default float32, though (then takes the cumulative
+product of its betas in float64): against its own table (32x32, T = 4000) 1 - abar differs by up to 1.2 % (t = 0, at
+|k| = 18.4; over 1e-3 up to t = 550), abar by up to 5.2e-6, and x_t on equal inputs by about 5e-5 (audits of
+2026-12-02 and, with these corrected numbers, 2026-12-03). These float64 values are the closed form's; bit
 parity with networks trained by the reference would need its float32 table. The network sees t * 1000 / T
 (guided-diffusion's rescale_timesteps), not tau. FFTs run in the data's dtype in training (float32, as the
 reference; half precision in float32) and in float64 when sampling.

@@ -570,3 +570,20 @@ def test_fit_says_when_c2_ends_at_its_search_bound(tmp_path):
             resolved, notes = losses.prepare_loss_kwargs(losses.loss_kwargs('spd', dict(fit='data')), dict(path=data))
         phrase = "c2 at its search bound 1e-06 (the images do not fix it within [1e-06, 1]; to choose it, give c1, c2"
         assert (phrase in resolved.fit_source) == said and (phrase in notes[0]) == said
+
+
+def test_few_diffusion_steps_are_warned_about_with_the_signal_their_noisiest_step_keeps(recwarn):
+    # The reference's grid ends at tau = 1 / T: at T = 50 (32x32, CIFAR-10's Sigma0) the last step keeps abar(k) up
+    # to 0.109 of a frequency's power, from the closed form (1 - Sigma0^tau) / (1 - Sigma0) at tau = 1 / T.
+    sigma0 = 1.59 / (0.0086 + np.hypot(*np.meshgrid(np.fft.fftfreq(32, 1 / 32), np.fft.fftfreq(32, 1 / 32)))) ** 2
+    tau = (50 - 49) / 50  # t' = linspace(1, T - 1, T)[T - 1] = T - 1
+    expected = float(np.max((1 - sigma0 ** tau) / (1 - sigma0)))
+    SPDLoss.resolve_options({'T': 50}, dict(resolution=32))
+    messages = [str(w.message) for w in recwarn if 'noisiest step' in str(w.message)]
+    assert messages == [f"SPD with T=50: its noisiest step keeps up to {100 * expected:.1f} % of a frequency's signal "
+                        f"power (abar at t = T - 1), yet sampling starts from pure noise; the reference trains with "
+                        f"T = 4000 (0.14 % at 32x32)"] and 0.10 < expected < 0.11
+    recwarn.clear()
+    SPDLoss.resolve_options({'T': 4000}, dict(resolution=32))
+    SPDLoss.resolve_options({'T': 1}, dict(resolution=32))  # refused later by the loss itself, not here
+    assert not [w for w in recwarn if 'noisiest step' in str(w.message)]
