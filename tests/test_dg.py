@@ -974,6 +974,21 @@ def test_adm_classifier_offline_url_error_names_what_to_do(monkeypatch):
         dgd.load_adm_classifier("https://example.invalid/32x32_classifier.pt")
 
 
+def test_adm_classifier_unreachable_url_gives_its_advice_once(monkeypatch, tmp_path):
+    # Through the real open_url (nothing listens on port 9): the classifier's own advice, not open_url's generic one
+    # as well (both were given, joined by "..").
+    from dnnlib import util
+
+    monkeypatch.setattr(util.time, "sleep", lambda seconds: None)
+    monkeypatch.setenv("DNNLIB_CACHE_DIR", str(tmp_path))
+    with pytest.raises(dgd.DiscriminatorError) as info:
+        dgd.load_adm_classifier("http://127.0.0.1:9/32x32_classifier.pt")
+    message = str(info.value)
+    assert message.startswith("--adm-classifier: could not fetch the ADM classifier from http://127.0.0.1:9/")
+    assert message.count("offline") == 1 and ".." not in message, message
+    assert message.endswith("and pass --adm-classifier=PATH")
+
+
 def test_importing_the_references_discriminator_head(tmp_path):
     encoder = tiny_adm_encoder()  # stands in for the 32x32 classifier: 64 x 4 x 4 features
     for conditional in (False, True):

@@ -304,10 +304,12 @@ def load_discriminator(path_or_url: str, option: str = "--dg") -> Discriminator:
         raise DiscriminatorError(f"{option}: {path_or_url}: the 'dg' record lacks {err}") from None
 
 
-def _load_state_dict(path_or_url: str, what: str, option: str, checksum: str | None = None) -> dict:
-    """A torch.save'd state dict through open_url (cache, checksum, local paths) and the safe torch loader."""
+def _load_state_dict(path_or_url: str, what: str, option: str, checksum: str | None = None,
+                     offline_hint: str | None = None) -> dict:
+    """A torch.save'd state dict through open_url (cache, checksum, local paths) and the safe torch loader.
+    offline_hint: open_url's advice for a failed download ('': the caller gives its own)."""
     try:
-        local = util.open_url(path_or_url, return_filename=True, checksum=checksum)
+        local = util.open_url(path_or_url, return_filename=True, checksum=checksum, offline_hint=offline_hint)
     except FileNotFoundError as err:
         raise DiscriminatorError(f"{option}: {err}") from None
     except (OSError, ValueError) as err:
@@ -361,10 +363,10 @@ def load_adm_classifier(path_or_url: str | None, image_size: int | None = None, 
         raise DiscriminatorError(f"{option} is required for the 'adm' encoder: {where}")
     if not util.is_url(path_or_url, allow_file_urls=True) and not os.path.isfile(os.path.expanduser(path_or_url)):
         raise DiscriminatorError(f"{option}: no such file: {path_or_url}; {where}")
-    try:
-        state = _load_state_dict(path_or_url, "the ADM classifier", option, checksum)
+    try:  # open_url's generic offline advice left out: this one names the file to fetch
+        state = _load_state_dict(path_or_url, "the ADM classifier", option, checksum, offline_hint="")
     except DiscriminatorError as err:
-        raise DiscriminatorError(f"{err}. If this machine is offline, {where}") from None
+        raise DiscriminatorError(f"{str(err).rstrip('.')}. If this machine is offline, {where}") from None
     if image_size is None:
         # A file of no known configuration is compared with the 32x32 one, DG's own, to name what differs.
         image_size = adm_classifier_size(state) or 32
