@@ -3,6 +3,7 @@ clip, the tau window, boosting, AOT-paired training, files and command lines, an
 deliberately wrong (a shifted Gaussian mixture): with the closed-form optimal discriminator and with a trained one,
 guided sampling moves the samples to the true distribution."""
 
+import hashlib
 import json
 import math
 import os
@@ -742,6 +743,27 @@ def test_training_folders_refuse_leftovers_repair_killed_stats_and_check_the_ima
     shutil.copy(tmp_path / "real" / "000000.png", tmp_path / "real" / "zz-extra.png")
     with pytest.raises(dgd.DiscriminatorError, match="--resume: the images of --real differ from those"):
         dg.train_discriminator(dataclasses_replace(opts, epochs=3), str(run), resume="auto", **quiet)
+
+
+def test_a_resume_refuses_another_encoder_file_at_the_same_path(toy_sets, tmp_path):
+    # The options record the encoder's path; the state records its sha256 too, so an overwritten file is refused.
+    import shutil
+    encoder = tmp_path / "encoder.pkl"
+    shutil.copyfile(toy_sets / "encoder.pkl", encoder)
+    opts = dg.DGTrainingOptions(real=str(toy_sets / "real"), fake=str(toy_sets / "fake"), network=str(encoder),
+                                epochs=1, batch=32, width=32, depth=1, head_channels=32, max_images=64)
+    quiet = dict(device="cpu", log=lambda *_: None)
+    run = tmp_path / "run"
+    dg.train_discriminator(opts, str(run), **quiet)
+    expected = hashlib.sha256(encoder.read_bytes()).hexdigest()
+    assert dg._load_state(str(run / dg.STATE_FILE))["data"]["encoder_sha256"] == expected
+    persistence.save_network_pickle(str(encoder), dict(ema=tiny_edm_net(resolution=TOY_RES, channels=1, seed=3)))
+    with pytest.raises(dgd.DiscriminatorError, match=f"--resume: --network {encoder} is not the file .*"
+                       f"{dg.STATE_FILE} was trained with \\(sha256 .* then\\); resume with the same encoder"):
+        dg.train_discriminator(dataclasses_replace(opts, epochs=2), str(run), resume="auto", **quiet)
+    shutil.copyfile(toy_sets / "encoder.pkl", encoder)  # the same content again: resumes
+    dg.train_discriminator(dataclasses_replace(opts, epochs=2), str(run), resume="auto", **quiet)
+    assert [json.loads(line)["epoch"] for line in open(run / dg.STATS_FILE)] == [1, 2]
 
 
 def test_conditional_fake_sets_read_classes_from_per_class_generate_folders(tmp_path):

@@ -503,11 +503,21 @@ def train_discriminator(opts: DGTrainingOptions, outdir: str, *, resume: str | N
             check_class_coverage(real, fake)
     data = {name: image_set_fingerprint(path, image_set.images.shape[0])
             for name, path, image_set in (("real", opts.real, real), ("fake", opts.fake, fake))}
+    # The frozen encoder's file by content: the options record its path only, and another file there (a classifier
+    # fetched again, a snapshot overwritten) would train the head on other features.
+    encoder_option, encoder_path = ("--network", opts.network) if opts.network else ("--adm-classifier",
+                                                                                      opts.adm_classifier)
+    data["encoder_sha256"] = util.file_sha256(encoder_path) if encoder_path else None
     if state is not None and "data" in state:  # states of older versions did not record their images
-        changed = [f"--{name}" for name in data if state["data"].get(name) != data[name]]
+        changed = [f"--{name}" for name in ("real", "fake") if state["data"].get(name) != data[name]]
         if changed:
             raise DiscriminatorError(f"--resume: the images of {' and '.join(changed)} differ from those {state_path} "
                                      f"was trained on (file list or count); resume with the same sets")
+        saved_sha = state["data"].get("encoder_sha256")  # recorded since 2026-12-03
+        if saved_sha and data["encoder_sha256"] and saved_sha != data["encoder_sha256"]:
+            raise DiscriminatorError(f"--resume: {encoder_option} {encoder_path} is not the file {state_path} was "
+                                     f"trained with (sha256 {data['encoder_sha256'][:12]}... here, {saved_sha[:12]}... "
+                                     f"then); resume with the same encoder")
 
     num_images, unit = real.images.shape[0] + fake.images.shape[0], opts.aot or opts.batch
     if num_images < unit:  # before anything is written (train_epoch says the same, for a library caller)
