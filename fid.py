@@ -248,7 +248,9 @@ def calc(image_path, network_pkl, ref_path, num_expected, seed, seeds, out_path,
         raise click.UsageError("--seed picks the subset of --images to evaluate; with --network the images are "
                                "those of --seeds")
     preset_lines = apply_preset(preset, sampler_cli, SAMPLER_PRESETS, SAMPLER_PRESET_SOURCES)
-    run_dir = network_pkl if network_pkl is not None and os.path.isdir(os.path.expanduser(network_pkl)) else None
+    # ~ expanded (the shell leaves --network=~/runs/... alone): the chain of resumed runs is read from its files.
+    run_dir = os.path.expanduser(network_pkl) if network_pkl is not None and os.path.isdir(
+        os.path.expanduser(network_pkl)) else None
     if run_dir is not None and out_path:
         raise click.UsageError("--out: with a run folder as --network, each network's results are written beside it "
                                "(network-snapshot-KIMG-LABELS.json)")

@@ -669,7 +669,7 @@ def test_a_run_folder_result_is_kept_only_for_the_same_detector(workdir, single_
 
 
 def test_a_resumed_run_folder_evaluates_the_snapshots_of_the_runs_it_continued(workdir, single_rank, network_pkl,
-                                                                               tmp_path):
+                                                                               tmp_path, monkeypatch):
     """B resumed from A's kimg-4 state (train.py writes a resume into a new folder): `calc --network=B` measures A's
     snapshots up to kimg 4, then B's, each result beside its pickle; report.py of B plots them all."""
     from training import report
@@ -681,8 +681,9 @@ def test_a_resumed_run_folder_evaluates_the_snapshots_of_the_runs_it_continued(w
             shutil.copyfile(network_pkl, runs[name] / f"network-snapshot-{kimg:06d}.pkl")
     (runs["B"] / "training_options.json").write_text(json.dumps(
         {"resume_state_dump": str(runs["A"] / "training-state-000004.pt")}))
-    result = _invoke(["calc", "--network", runs["B"], "--ref", root / "ref1.npz", "--seeds", "0-9", "--steps", 2,
-                      "--batch", 8, "--device", "cpu", *_detector_args(root)])
+    monkeypatch.setenv("HOME", str(tmp_path))  # --network=~/...: the shell expands no ~ after "="
+    result = _invoke(["calc", f"--network=~/{runs['B'].name}", "--ref", root / "ref1.npz", "--seeds", "0-9",
+                      "--steps", 2, "--batch", 8, "--device", "cpu", *_detector_args(root)])
     assert result.exit_code == 0, result.output
     assert (f"Evaluating 2 networks of {runs['B']} (and the runs it continued: {runs['A']} up to kimg 4): fid for 10 "
             f"images each") in result.output
