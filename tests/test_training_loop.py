@@ -516,3 +516,19 @@ def test_state_damaged_inside_a_tensor_is_refused(tmp_path):
     with pytest.raises(ValueError, match=rf"training-state-000001.pt: damaged \(the CRC-32 of its record "
                                          rf"{record.filename} does not match its content\)"):
         tl.load_training_state(path)
+
+
+def test_a_resume_with_other_options_names_what_changed():
+    # The warning named only the option ('loss_kwargs'); an SPD run resumed on other --data (fit=data refits Sigma0)
+    # now reads which constants moved, and a long value is cut.
+    state = dict(options=json.dumps(dict(loss_kwargs=dict(class_name='losses.spd.SPDLoss', c1=0.182, c2=0.5, m=2.0),
+                                         seed=1, batch_size=64)), world_size=1)
+    options = dict(loss_kwargs=dict(class_name='losses.spd.SPDLoss', c1=0.011, c2=0.5, m=2.5, fit_source='x' * 80),
+                   seed=2, batch_size=64)
+    with pytest.warns(UserWarning) as record:
+        assert not tl._resumes_exactly(state, 'S.pt', options, 64, None)
+    assert str(record[0].message) == (
+        f'resuming from S.pt with different loss_kwargs (c1 0.182 -> 0.011, fit_source null -> "{"x" * 56}..., '
+        f'm 2.0 -> 2.5); seed (1 -> 2): the continuation will not be exact')
+    many = tl._option_change('network_kwargs', dict(a=1, b=1, c=1, d=1, e=1), dict(a=2, b=2, c=2, d=2, e=2))
+    assert many == 'network_kwargs (a 1 -> 2, b 1 -> 2, c 1 -> 2, d 1 -> 2, 1 more)'

@@ -917,13 +917,28 @@ def training_loop(
 
 
 
+def _option_change(name: str, saved, current) -> str:
+    """'loss_kwargs (c1 0.182 -> 0.011, fit_source "fitted to a.zip..." -> ...)': what differs in an option, by key
+    for a dict (the first four), each value as JSON cut at 60 characters."""
+    def text(value):
+        value = _options_json(value)
+        return value if len(value) <= 60 else value[:57] + '...'
+    if not (isinstance(saved, dict) and isinstance(current, dict)):
+        return f'{name} ({text(saved)} -> {text(current)})'
+    keys = sorted((k for k in set(saved) | set(current)
+                   if _options_json(saved.get(k)) != _options_json(current.get(k))), key=str)
+    more = f', {len(keys) - 4} more' if len(keys) > 4 else ''
+    return f'{name} ({", ".join(f"{k} {text(saved.get(k))} -> {text(current.get(k))}" for k in keys[:4])}{more})'
+
+
 def _resumes_exactly(state: dict, path: str, options: dict, batch_size: int, batch_gpu: int | None) -> bool:
     """Whether our training state at `path` continues bit-exactly under these loop options; each difference is warned
     about (the trajectory options, the world size, the per-rank batch layout)."""
     saved = json.loads(state['options'])
     changed = [k for k in _TRAJECTORY_OPTIONS if _options_json(saved.get(k)) != _options_json(options.get(k))]
     if changed:
-        dist.warn0(f'resuming from {path} with different {", ".join(changed)}: the continuation will not be exact',
+        details = '; '.join(_option_change(k, saved.get(k), options.get(k)) for k in changed)
+        dist.warn0(f'resuming from {path} with different {details}: the continuation will not be exact',
                    stacklevel=3)
     # The batch's layout changes the summation order (and another world size the random streams): close, not
     # bit-exact. States before batch_gpu was recorded are compared by world size alone.
