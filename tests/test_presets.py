@@ -67,6 +67,10 @@ def test_edm_presets_equal_edm_md_table():
     assert 'defaults' in _doc_line('edm.md', '| CIFAR-10 {cond, uncond}')  # CIFAR: EDM's defaults, nothing else
     for name in ('edm-cifar10-cond-vp', 'edm-cifar10-uncond-ve'):
         assert set(TRAIN_PRESETS[name]) == {'data', 'cond', 'arch', 'precond'}
+    # The pickles' vp/ve are architectures: every EDM preset trains EDM's preconditioning and loss (README, Table 2 F)
+    assert all(TRAIN_PRESETS[name]['precond'] == 'edm' for name in TRAIN_PRESETS if name.startswith('edm-'))
+    assert {TRAIN_PRESETS[name]['arch'] for name in TRAIN_PRESETS if name.startswith('edm-') and name.endswith('-ve')} \
+        == {'ncsnpp'}
 
 
 def test_stf_and_aot_presets_equal_losses_md():
@@ -150,7 +154,8 @@ def test_preset_plus_override(tmp_path):
     assert options['optimizer_kwargs']['lr'] == 3e-4  # the explicit option wins
     assert options['network_kwargs']['channel_mult'] == [1, 2, 2, 2] and options['batch_size'] == 256
     assert options['network_kwargs']['dropout'] == 0.05 and options['augment_kwargs']['p'] == 0.15
-    assert options['network_kwargs']['class_name'] == 'training.preconditioning.VPPrecond'
+    # EDM's FFHQ pickles (edm-ffhq-64x64-uncond-vp.pkl) are DDPM++ with EDM's preconditioning (README: no --precond)
+    assert options['network_kwargs']['class_name'] == 'training.preconditioning.EDMPrecond'
     assert options['dataset_kwargs']['path'] == data  # --data given explicitly replaces the preset's path
     assert f'  explicit options win: --data={data} (preset: datasets/ffhq-64x64.zip), --lr=0.0003 (preset: 0.0002)' \
         in result.output
@@ -311,8 +316,9 @@ def test_explicit_options_take_what_they_replace_from_the_preset_and_errors_name
     assert "--precision drops the preset's --fp16=True" in output
     options, output = _dry_run_options(tmp_path, '--preset', 'edm-cifar10-uncond-vp', '--loss', 'spd')
     assert options['network_kwargs']['class_name'] == 'training.preconditioning.EpsPrecond'
-    assert "--loss drops the preset's --precond=vp" in output
-    options, output = _dry_run_options(tmp_path, '--preset', 'edm-cifar10-uncond-vp', '--loss', 'edm')
+    assert "--loss drops the preset's --precond=edm" in output
+    options, output = _dry_run_options(tmp_path, '--preset', 'edm-cifar10-uncond-vp', '--precond', 'vp', '--loss',
+                                       'edm')
     assert options['network_kwargs']['class_name'] == 'training.preconditioning.VPPrecond'  # EDM's loss trains VP
     result = CliRunner().invoke(train.main, [*base, '--preset', 'stf-cifar10-uncond-ncsnpp', '--loss', 'spd'])
     assert result.exit_code == 2 and result.output.rstrip().endswith(

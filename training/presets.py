@@ -51,21 +51,23 @@ GDD_PRESETS.update({name.replace('gdd-', 'gdd-i-', 1): dict(preset, loss_opt=(*p
 # EDM (Karras et al. 2022): Table 2's final configurations as its README gives them (NVlabs/edm; 8 GPUs, ImageNet 32).
 # CIFAR-10 needs no option beyond the defaults; the ablation configurations A-E of Table 2 change the architecture
 # and the original codebases' training setup beyond these options (only F, the final one, is expressible: these).
+# 'vp' / 've' in the names are the paper's column labels, as in its pickles' names (edm-*-vp.pkl / -ve.pkl): the
+# DDPM++ / NCSN++ architectures, both trained with EDM's preconditioning and loss (NVlabs/edm README: `--cond=1
+# --arch=ddpmpp`, --precond left at its default, edm). --precond=vp|ve would train Song et al.'s VP/VE objectives,
+# Table 2's baseline columns, not its configuration F.
 _CIFAR = dict(data='datasets/cifar10-32x32.zip')
 EDM_PRESETS = {
-    'edm-cifar10-cond-vp': dict(_CIFAR, cond=True, arch='ddpmpp', precond='vp'),
-    'edm-cifar10-cond-ve': dict(_CIFAR, cond=True, arch='ncsnpp', precond='ve'),
-    'edm-cifar10-uncond-vp': dict(_CIFAR, cond=False, arch='ddpmpp', precond='vp'),
-    'edm-cifar10-uncond-ve': dict(_CIFAR, cond=False, arch='ncsnpp', precond='ve'),
-    'edm-cifar10-cond-edm': dict(_CIFAR, cond=True, arch='ddpmpp', precond='edm'),
-    'edm-cifar10-uncond-edm': dict(_CIFAR, cond=False, arch='ddpmpp', precond='edm'),
-    'edm-ffhq-vp': dict(data='datasets/ffhq-64x64.zip', cond=False, arch='ddpmpp', precond='vp', batch=256,
+    'edm-cifar10-cond-vp': dict(_CIFAR, cond=True, arch='ddpmpp', precond='edm'),
+    'edm-cifar10-cond-ve': dict(_CIFAR, cond=True, arch='ncsnpp', precond='edm'),
+    'edm-cifar10-uncond-vp': dict(_CIFAR, cond=False, arch='ddpmpp', precond='edm'),
+    'edm-cifar10-uncond-ve': dict(_CIFAR, cond=False, arch='ncsnpp', precond='edm'),
+    'edm-ffhq-vp': dict(data='datasets/ffhq-64x64.zip', cond=False, arch='ddpmpp', precond='edm', batch=256,
                         cres=[1, 2, 2, 2], lr=2e-4, dropout=0.05, augment=0.15),
-    'edm-ffhq-ve': dict(data='datasets/ffhq-64x64.zip', cond=False, arch='ncsnpp', precond='ve', batch=256,
+    'edm-ffhq-ve': dict(data='datasets/ffhq-64x64.zip', cond=False, arch='ncsnpp', precond='edm', batch=256,
                         cres=[1, 2, 2, 2], lr=2e-4, dropout=0.05, augment=0.15),
-    'edm-afhqv2-vp': dict(data='datasets/afhqv2-64x64.zip', cond=False, arch='ddpmpp', precond='vp', batch=256,
+    'edm-afhqv2-vp': dict(data='datasets/afhqv2-64x64.zip', cond=False, arch='ddpmpp', precond='edm', batch=256,
                           cres=[1, 2, 2, 2], lr=2e-4, dropout=0.25, augment=0.15),
-    'edm-afhqv2-ve': dict(data='datasets/afhqv2-64x64.zip', cond=False, arch='ncsnpp', precond='ve', batch=256,
+    'edm-afhqv2-ve': dict(data='datasets/afhqv2-64x64.zip', cond=False, arch='ncsnpp', precond='edm', batch=256,
                           cres=[1, 2, 2, 2], lr=2e-4, dropout=0.25, augment=0.15),
     'edm-imagenet64-adm': dict(data='datasets/imagenet-64x64.zip', cond=True, arch='adm', precond='edm', duration=2500,
                                batch=4096, lr=1e-4, ema=50, dropout=0.10, augment=0, fp16=True, ls=100, tick=200),
