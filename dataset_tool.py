@@ -81,5 +81,4 @@ def main(source, dest, max_images, transform, resolution):
 
 
 if __name__ == "__main__":
-    dnnlib.util.concise_warnings()
-    main()
+    dnnlib.util.run_cli(main)

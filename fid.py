@@ -312,5 +312,4 @@ def ref(dataset_path, dest_path, pr_max_real, metric_list, batch_size, num_worke
 
 
 if __name__ == "__main__":
-    util.concise_warnings()
-    main()
+    util.run_cli(main)

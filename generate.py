@@ -163,5 +163,4 @@ def main(network, outdir, seeds, subdirs, class_idx, max_batch_size, device, gri
 
 
 if __name__ == "__main__":
-    util.concise_warnings()
-    main()
+    util.run_cli(main)

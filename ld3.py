@@ -424,5 +424,4 @@ def evaluate(schedule_path, solver, data_path, network, loss, lpips_vgg, lpips_l
 
 
 if __name__ == "__main__":
-    util.concise_warnings()
-    cli()
+    util.run_cli(cli)

@@ -40,5 +40,4 @@ def main(run_dir, std, at_kimg, out_path):
 
 
 if __name__ == '__main__':
-    dnnlib.util.concise_warnings()
-    main()
+    dnnlib.util.run_cli(main)

@@ -401,5 +401,4 @@ def main(outdir, resolution, kimg, batch, cbase, cres, blocks, lr, samples, step
 
 
 if __name__ == "__main__":
-    dnnlib.util.concise_warnings()
-    main()
+    dnnlib.util.run_cli(main)

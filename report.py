@@ -34,5 +34,4 @@ def main(run_dirs, out_path):
 
 
 if __name__ == '__main__':
-    dnnlib.util.concise_warnings()
-    main()
+    dnnlib.util.run_cli(main)

@@ -320,6 +320,5 @@ def _main(**kwargs):
 
 
 if __name__ == '__main__':
-    dnnlib.util.concise_warnings()
     torch.multiprocessing.set_start_method('spawn')
-    main()
+    dnnlib.util.run_cli(main)

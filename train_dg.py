@@ -180,5 +180,4 @@ def accuracy(dg_path, real, fake, sigmas, max_images, out, device):
 
 
 if __name__ == "__main__":
-    util.concise_warnings()
-    main()
+    util.run_cli(main)

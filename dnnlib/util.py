@@ -628,6 +628,30 @@ def concise_warnings() -> None:
     warnings.formatwarning = _one_line_warning
 
 
+def run_cli(command) -> None:
+    """Run a click command as a command-line tool: warnings in one line (concise_warnings), and under torchrun a usage
+    error (a bad option, a missing file it names) printed by each node's local rank 0 only. Every rank parses the same
+    command line on the same file system, so 8 GPUs printed the same error 8 times; the other ranks exit with the same
+    code (2) in silence. Other errors are still printed by every rank that meets them: they can differ between ranks.
+    Otherwise as click's standalone mode: exit codes, 'Aborted!' on Ctrl-C at a prompt."""
+    import click
+    concise_warnings()
+    try:
+        code = command.main(standalone_mode=False)
+    except click.UsageError as err:
+        if os.environ.get("LOCAL_RANK", "0") in ("", "0"):
+            err.show()
+        sys.exit(err.exit_code)
+    except click.ClickException as err:
+        err.show()
+        sys.exit(err.exit_code)
+    except click.Abort:
+        click.echo("Aborted!", err=True)
+        sys.exit(1)
+    # A command's return value, or the code of a ctx.exit() (--help: 0).
+    sys.exit(code if isinstance(code, int) else 0)
+
+
 def check_output_path(path: str, option: str, is_dir: bool = False) -> None:
     """Fail early, before any work, when `path` cannot be written; the error names `option` (e.g. '--outdir').
 

@@ -335,3 +335,57 @@ def test_concise_warnings_are_one_line(monkeypatch):
     util.concise_warnings()
     assert warnings.formatwarning("8x8 images", UserWarning, "/x/fid.py", 51,
                                   line="    return func(*args, **kwargs)") == "/x/fid.py:51: UserWarning: 8x8 images\n"
+
+
+def _run_cli_result(monkeypatch, capsys, command, args, local_rank):
+    import warnings
+    monkeypatch.setattr(warnings, "formatwarning", warnings.formatwarning)  # run_cli sets it
+    monkeypatch.setattr("sys.argv", ["tool.py", *args])
+    if local_rank is None:
+        monkeypatch.delenv("LOCAL_RANK", raising=False)
+    else:
+        monkeypatch.setenv("LOCAL_RANK", local_rank)
+    with pytest.raises(SystemExit) as exit_info:
+        util.run_cli(command)
+    out, err = capsys.readouterr()
+    return exit_info.value.code, out, err
+
+
+def test_run_cli_prints_usage_errors_once_per_node(monkeypatch, capsys):
+    """Under torchrun every rank parses the same command line: a usage error is printed by local rank 0 only (8 GPUs
+    printed it 8 times), with exit code 2 on every rank. Errors that can differ between ranks stay on every rank."""
+    import click
+
+    @click.command()
+    @click.option("--batch", type=int, default=1)
+    @click.option("--fail", is_flag=True)
+    def tool(batch, fail):
+        if fail:
+            raise click.ClickException(f"rank-specific failure at batch {batch}")
+        click.echo(f"batch={batch}")
+
+    for rank in (None, "0"):
+        code, out, err = _run_cli_result(monkeypatch, capsys, tool, ["--batch=abc"], rank)
+        assert code == 2 and out == "" and "Error: Invalid value for '--batch': 'abc' is not a valid integer" in err
+    assert _run_cli_result(monkeypatch, capsys, tool, ["--batch=abc"], "3") == (2, "", "")
+    assert _run_cli_result(monkeypatch, capsys, tool, ["--bogus"], "1") == (2, "", "")
+    assert _run_cli_result(monkeypatch, capsys, tool, ["--batch=4", "--fail"], "3") == (
+        1, "", "Error: rank-specific failure at batch 4\n")
+    assert _run_cli_result(monkeypatch, capsys, tool, ["--batch=4"], "3") == (0, "batch=4\n", "")
+    code, out, err = _run_cli_result(monkeypatch, capsys, tool, ["--help"], "3")
+    assert code == 0 and "--batch INTEGER" in out and err == ""
+
+
+def test_train_cli_usage_error_silent_off_local_rank_zero(tmp_path):
+    """The real CLI: a bad option under torchrun's LOCAL_RANK=1 exits 2 without a word; LOCAL_RANK=0 explains."""
+    import subprocess
+    import sys
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    results = {}
+    for rank in ("0", "1"):
+        env = dict(os.environ, LOCAL_RANK=rank)
+        results[rank] = subprocess.run([sys.executable, os.path.join(root, "train.py"), f"--outdir={tmp_path}",
+                                        f"--data={tmp_path / 'missing.zip'}"], env=env, cwd=tmp_path,
+                                       capture_output=True, text=True, timeout=120)
+    assert results["0"].returncode == 2 and "missing.zip: dataset path does not exist" in results["0"].stderr
+    assert results["1"].returncode == 2 and results["1"].stderr == "" and results["1"].stdout == ""
