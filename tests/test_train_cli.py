@@ -713,3 +713,21 @@ def test_list_options_use_edms_list_syntax_with_its_bounds():
             train_options.channel_list(None, None, value)
     with pytest.raises(click.BadParameter, match="expected a comma-separated list of positive resolutions, got '4-x'"):
         train_options.resolution_list(None, None, '4-x')
+
+
+def test_option_warnings_shown_once_per_node_under_torchrun(datasets, tmp_path):
+    """Every rank builds the same options from the same command line: a warning about them is shown by the node's
+    local rank 0 only (8 GPUs printed each 8 times); the other ranks still keep it for the log."""
+    import subprocess
+    import sys
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    stderr = {}
+    for rank in ('0', '1'):
+        proc = subprocess.run([sys.executable, os.path.join(root, 'train.py'), '--outdir', str(tmp_path / 'runs'),
+                               '--data', str(datasets['uncond']), '--batch', '4', '--duration', '0.001', '-n',
+                               *map(str, TINY_NET)], env=dict(os.environ, LOCAL_RANK=rank), cwd=tmp_path,
+                              capture_output=True, text=True, timeout=120)
+        assert proc.returncode == 0 and 'Dry run; exiting.' in proc.stdout, proc.stderr
+        stderr[rank] = proc.stderr
+    assert 'UserWarning: the learning-rate ramp-up (--lr-rampup=10000 kimg) is longer than the run' in stderr['0']
+    assert 'UserWarning' not in stderr['1']

@@ -210,12 +210,16 @@ def apply_preset(opts: dnnlib.EasyDict, explicit: set) -> list[str]:
 def keep_warnings(ctx: click.Context):
     """Warnings are shown as usual and also kept, so that those given before log.txt exists (the options' and the
     data's: STF over AOT, --fp16 on the CPU, ...) can be written into it too: a run's log is read long after the
-    terminal is gone. Returns (the kept texts, a function that stops keeping); the command's end stops it too."""
+    terminal is gone. Returns (the kept texts, a function that stops keeping); the command's end stops it too.
+    Under torchrun only each node's local rank 0 shows them: every rank builds the same options from the same command
+    line and data, so 8 GPUs printed each of these warnings 8 times (what the loop warns about later is its own)."""
     kept, show = [], warnings.showwarning
+    shown = os.environ.get('LOCAL_RANK', '0') in ('', '0')
 
     def show_and_keep(message, category, filename, lineno, file=None, line=None):
         kept.append(f'{category.__name__}: {message}')
-        show(message, category, filename, lineno, file, line)
+        if shown:
+            show(message, category, filename, lineno, file, line)
 
     def stop():
         if warnings.showwarning is show_and_keep:
