@@ -136,7 +136,10 @@ def _calc_run_folder(run_dir, seeds, batch_size, ref_path, metric_names, detecto
         if distributed.get_rank() == 0:
             for line in evaluate.format_results(record):
                 print(f"  {line}")
-        rows.append((os.path.basename(network_pkl), record))
+        # A continued run's pickle is named with its folder: it is not in run_dir.
+        in_run = os.path.dirname(network_pkl) == os.path.abspath(run_dir)
+        rows.append((os.path.basename(network_pkl) if in_run else os.path.join(
+            os.path.basename(os.path.dirname(network_pkl)), os.path.basename(network_pkl)), record))
     fids = [record["results"].get("fid", math.inf) for _, record in rows]
     fids = [value if isinstance(value, (int, float)) and math.isfinite(value) else math.inf for value in fids]
     best = min(range(len(rows)), key=fids.__getitem__) if min(fids, default=math.inf) < math.inf else None

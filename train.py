@@ -276,8 +276,22 @@ def _main(**kwargs):
     run_dir_is_new = not opts.nosubdir  # a numbered folder, made for this run by run_folder.next_run_dir(create=True)
     if dist.get_rank() == 0:
         os.makedirs(c.run_dir, exist_ok=True)
-        with dnnlib.util.atomic_output(os.path.join(c.run_dir, 'training_options.json'), 'wt') as f:
-            json.dump({k: v for k, v in c.items() if k != 'state_extras'}, f, indent=2)
+        options_path = os.path.join(c.run_dir, 'training_options.json')
+        recorded = {k: v for k, v in c.items() if k != 'state_extras'}
+        # --nosubdir resumed in the run's own folder: the options file is rewritten, and the state it names is in
+        # this folder; the run this folder itself continued (training.run_chain) is kept for report.py, fid.py and
+        # phema.py, which would otherwise lose everything before it.
+        if opts.nosubdir and opts.resume is not None and os.path.dirname(opts.resume) == c.run_dir:
+            try:
+                with open(options_path) as f:
+                    earlier = json.load(f)
+                earlier = earlier.get('continued_state_dump') or earlier.get('resume_state_dump')
+            except (OSError, ValueError, AttributeError):
+                earlier = None
+            if isinstance(earlier, str) and os.path.dirname(earlier) != c.run_dir:
+                recorded['continued_state_dump'] = earlier
+        with dnnlib.util.atomic_output(options_path, 'wt') as f:
+            json.dump(recorded, f, indent=2)
         logger = dnnlib.util.Logger(file_name=os.path.join(c.run_dir, 'log.txt'), file_mode='a', should_flush=True)
         stop_keeping_warnings()  # the log catches what is printed from now on; these came before it
         if early_warnings:

@@ -617,17 +617,31 @@ def planned_detectors(metrics: Sequence[str], detector_paths: dict[str, str] | N
     """What calc_metrics would measure with, without loading it: for each detector the metrics need, the sources
     it may be read from (an override, else the canonical URL or its alternates) and the sha256 of the file where it
     is on this machine (a local file, a URL's download cache), else None. For earlier_result."""
+    from dnnlib import util
+
+    def local_sha256(source):  # never a download (file_sha256 of a URL not in the cache fetches it)
+        if util.is_url(source):
+            cached = util.cached_path(source)
+            return None if cached is None else file_sha256(cached)
+        return file_sha256(source)
+
     planned = {}
     for name in dict.fromkeys(METRICS[m]["detector"] for m in parse_metrics(metrics)):
         spec, override = detectors_lib.DETECTORS[name], (detector_paths or {}).get(name)
         sources = [override] if override is not None else [spec.url, *spec.alternate_urls]
-        planned[name] = dict(sources=sources, sha256=file_sha256(sources[0]))
+        planned[name] = dict(sources=sources, sha256=local_sha256(sources[0]))
     return planned
 
 
 def _same_detector(theirs: dict, ours: dict, place) -> bool:
     """By content where both sides know it (a copy of a file under another path is the same detector), else by
-    where it came from: a canonical detector is one of its canonical URLs, an override the same path."""
+    where it came from: a canonical detector is one of its canonical URLs, an override the same path. A result of
+    the canonical detector read from its alternate URL (the same network in StyleGAN2-ADA's format, another file) is
+    the canonical detector's, as load_detector takes either."""
+    canonical = len(ours["sources"]) > 1 or (ours["sources"][0] in [spec.url for spec in
+                                                                   detectors_lib.DETECTORS.values()])
+    if canonical and place(theirs.get("source")) in [place(source) for source in ours["sources"]]:
+        return True
     if theirs.get("sha256") and ours["sha256"]:
         return theirs["sha256"] == ours["sha256"]
     return place(theirs.get("source")) in [place(source) for source in ours["sources"]]

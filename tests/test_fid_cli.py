@@ -3,6 +3,7 @@
 import hashlib
 import json
 import os
+import re
 import shutil
 import subprocess
 import zipfile
@@ -690,6 +691,38 @@ def test_a_resumed_run_folder_evaluates_the_snapshots_of_the_runs_it_continued(w
     written = sorted(str(path.relative_to(tmp_path)) for path in tmp_path.glob("*/*-fid10_full.json"))
     assert written == ["00000-run/network-snapshot-000002-fid10_full.json",
                        "00001-run/network-snapshot-000008-fid10_full.json"]
+    # The closing table names a continued run's pickle with its folder (it is not in B, the folder named above it).
+    assert re.search(r"^  00000-run/network-snapshot-000002\.pkl ", result.output, re.M), result.output
+    assert re.search(r"^  network-snapshot-000008\.pkl ", result.output, re.M), result.output
     fid = json.loads((runs["A"] / "network-snapshot-000002-fid10_full.json").read_text())["results"]["fid"]
     assert report.metric_series(str(runs["B"]))["fid10_full"] == ([2, 8], [fid, fid])  # the same network twice
     assert evaluate.run_networks(str(runs["A"])) == [str(runs["A"] / f"network-snapshot-{k:06d}.pkl") for k in (2, 12)]
+
+
+def test_planned_detectors_never_download_and_take_the_alternate_url_as_the_canonical_detector(tmp_path, monkeypatch):
+    """Comparing a kept result's detectors reads only what is on this machine (it fetched the 100 MB canonical file,
+    or stalled offline, before any result was compared); a result of the canonical detector read from its alternate
+    URL (StyleGAN2-ADA's file of the same network, which load_detector falls back to) is the same detector."""
+    from dnnlib import util
+
+    monkeypatch.setenv("DNNLIB_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.setattr(util, "_download", lambda *args, **kwargs: pytest.fail(f"downloaded {args[0]}"))
+    spec = detectors_lib.DETECTORS["inception"]
+    assert evaluate.planned_detectors(["fid"], None) == dict(inception=dict(
+        sources=[spec.url, *spec.alternate_urls], sha256=None))
+    cached = util.url_cache_path(spec.url)
+    os.makedirs(os.path.dirname(cached))
+    with open(cached, "wb") as f:
+        f.write(b"canonical detector bytes")
+    planned = evaluate.planned_detectors(["fid"], None)["inception"]
+    assert planned["sha256"] == hashlib.sha256(b"canonical detector bytes").hexdigest()
+
+    def place(p):
+        return p if p is None or "://" in p else os.path.abspath(p)
+    alternate = dict(source=spec.alternate_urls[0], sha256="0" * 64)  # another file's hash: ADA's .pt
+    assert evaluate._same_detector(alternate, planned, place)
+    assert not evaluate._same_detector(dict(source=str(tmp_path / "other.pt"), sha256="0" * 64), planned, place)
+    # An override is still compared by content: the same path rewritten with another network is not the same.
+    override = dict(sources=[str(tmp_path / "inc.pt")], sha256="1" * 64)
+    assert not evaluate._same_detector(dict(source=str(tmp_path / "inc.pt"), sha256="0" * 64), override, place)
+    assert evaluate._same_detector(dict(source=str(tmp_path / "copy.pt"), sha256="1" * 64), override, place)

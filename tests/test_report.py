@@ -4,6 +4,7 @@ import json
 
 import numpy as np
 import PIL.Image
+import PIL.ImageFont
 from click.testing import CliRunner
 
 import report
@@ -140,6 +141,18 @@ def test_a_resumed_run_reports_the_runs_it_continues(tmp_path, monkeypatch):
     assert build_panels(str(runs['D']))[2].lines[0][1] == [0, 1, 2, 2.5, 3.5, 4.5, 5, 5.5, 6]
     result = CliRunner().invoke(report.main, ['--run', str(runs['D'])])
     assert result.exit_code == 0 and (runs['D'] / 'report.png').is_file(), result.output
+    # Real ticks: E trained on past its kimg-2 state (2.048 kimg, the tick that wrote it) to 4.096 before it was
+    # killed; F resumed from that state, its first tick ending at 3.136. E's 3.072 is not F's history (it was drawn
+    # before F's first tick, a kink at every resume).
+    for name, kimgs, resumed_from in (('E', [1.024, 2.048, 3.072, 4.096], None), ('F', [3.136, 4.16], 'E')):
+        runs[name] = tmp_path / name
+        runs[name].mkdir()
+        (runs[name] / 'stats.jsonl').write_text(''.join(json.dumps(_stats_line(k, 1.0, 0.0, 1e-3)) + '\n'
+                                                        for k in kimgs))
+        if resumed_from:
+            (runs[name] / 'training_options.json').write_text(json.dumps(
+                {'resume_state_dump': str(runs[resumed_from] / 'training-state-000002.pt')}))
+    assert build_panels(str(runs['F']))[2].lines[0][1] == [1.024, 2.048, 3.136, 4.16]
 
 
 def test_a_constant_series_gets_a_narrow_axis_and_bars_stay_in_the_box(monkeypatch):
@@ -255,9 +268,17 @@ def test_a_legend_too_long_for_its_column_ends_with_how_many_more(monkeypatch):
     monkeypatch.setattr(PIL.ImageDraw.ImageDraw, 'text', record)
     image = PIL.Image.new('RGB', PANEL_SIZE, (255, 255, 255))
     panel.draw(image, (0, 0), PIL.ImageFont.load_default())
-    rows = (PANEL_SIZE[1] - MARGIN['top'] - MARGIN['bottom'] - 4) // report_lib.LEGEND_ROW
+    room = PANEL_SIZE[1] - MARGIN['top'] - MARGIN['bottom'] - 4
+    rows = room // max(report_lib.LEGEND_MIN_ROW, room // 20)  # rows closer together before the legend is cut
+    assert rows - 1 > room // report_lib.LEGEND_ROW
     assert [t for t in texts if t.startswith('series ')] == [f'series {i}' for i in range(rows - 1)]
     assert f'+{20 - (rows - 1)} more' in texts
+    # Two runs' eight noise-level bins (16 lines) all get a legend entry; a long label is cut in its middle.
+    texts.clear()
+    panel.lines = panel.lines[:15] + [('training-runs/00003-cifar10-32x32-cond-ddpmpp-edm sigma 5-20', [0, 1], [1, 2])]
+    panel.draw(image, (0, 0), PIL.ImageFont.load_default())
+    assert not any(t.endswith(' more') for t in texts) and len([t for t in texts if 'series' in t]) == 15
+    assert [t for t in texts if '...' in t][0].endswith('sigma 5-20')
 
 
 def test_a_resumed_runs_metrics_include_those_of_the_runs_it_continues(tmp_path):
@@ -279,3 +300,59 @@ def test_a_resumed_runs_metrics_include_those_of_the_runs_it_continues(tmp_path)
     assert report_lib.metric_series(str(runs['A'])) == {'fid10_full': ([1, 2, 3], [50.0, 40.0, 99.0])}
     fid_panel = [p for p in build_panels(str(runs['B'])) if p.title.startswith('FID')][0]
     assert fid_panel.lines == [('fid10_full', [1, 2, 3, 4], [50.0, 40.0, 30.0, 20.0])]
+    # Two measurements of one snapshot in one run (another --out, other seeds): both drawn, none dropped.
+    (runs['B'] / 'seeds-10-19.json').write_text(json.dumps({
+        'results': {'fid': 31.0}, 'labels': {'fid': 'fid10_full'},
+        'source': {'network': str(runs['B'] / 'network-snapshot-000003.pkl')}}))
+    assert report_lib.metric_series(str(runs['B'])) == {'fid10_full': ([1, 2, 3, 3, 4], [50.0, 40.0, 30.0, 31.0,
+                                                                                         20.0])}
+
+
+def test_compared_runs_keep_their_colours_and_names_apart(tmp_path):
+    """The same folder name in two --outdir is told apart by its parent; a chart with one series per run draws
+    each run in its own colour (a run without metrics does not hand its colour to the next one's FID); bars of
+    several runs at the same kimg stand side by side."""
+    runs = [tmp_path / 'runs' / '00000-cifar10', tmp_path / 'runs-stf' / '00000-cifar10']
+    for run, nonfinite in zip(runs, (0.5, 0.8)):
+        run.mkdir(parents=True)
+        with open(run / 'stats.jsonl', 'w') as f:
+            f.writelines(json.dumps(_stats_line(tick, 1.0, nonfinite if tick == 0 else 0.0, 1e-3)) + '\n'
+                         for tick in range(3))
+    (runs[1] / 'fid.json').write_text(json.dumps({'results': {'fid': 9.5}, 'labels': {'fid': 'fid10k_full'},
+                                                 'source': {'network': 'network-snapshot-000002.pkl'}}))
+    assert report_lib.run_labels([str(run) for run in runs]) == ['runs/00000', 'runs-stf/00000']
+    assert report_lib.run_labels(['.', str(runs[0])]) != ['.', '00000']  # '.' is named by its folder
+    panels = report_lib.compare_panels([str(run) for run in runs])
+    fid = [p for p in panels if p.title.startswith('FID')][0]
+    assert fid.lines[0][0] == 'runs-stf/00000 fid10k_full' and fid.colors == {0: COLORS[1]}
+    nonfinite = [p for p in panels if p.bars][0]
+    image = PIL.Image.new('RGB', PANEL_SIZE, (255, 255, 255))
+    nonfinite.draw(image, (0, 0), PIL.ImageFont.load_default())
+    plot = np.asarray(image).astype(int)[MARGIN['top'] + 2:PANEL_SIZE[1] - MARGIN['bottom'] - 2,
+                                         MARGIN['left'] + 1:PANEL_SIZE[0] - MARGIN['right'] - 1]
+    for color in COLORS[:2]:  # both runs' kimg-0 bars visible (5 and 8 steps: the taller one hid the other)
+        assert (np.abs(plot - np.array(color)).sum(2) < 30).sum() > 50
+
+
+def test_a_chain_is_followed_after_the_outdir_was_moved(tmp_path):
+    """Absolute paths recorded on another machine or disk: the predecessor is found beside the run (runs copied
+    from a cluster to draw their reports)."""
+    from training.run_chain import run_chain
+    old, new = tmp_path / 'cluster' / 'runs', tmp_path / 'laptop' / 'runs'
+    for name in ('00000-a', '00001-a'):
+        (new / name).mkdir(parents=True)
+    (new / '00001-a' / 'training_options.json').write_text(json.dumps(
+        {'resume_state_dump': str(old / '00000-a' / 'training-state-000002.pt')}))
+    assert run_chain(str(new / '00001-a')) == [(str(new / '00000-a'), 2), (str(new / '00001-a'), None)]
+
+
+def test_a_nosubdir_run_resumed_in_its_own_folder_keeps_the_run_it_continued(tmp_path):
+    """W -> X (--nosubdir, resumed from W at kimg 1) -> X again from its own kimg-2 state: train.py rewrites X's
+    training_options.json (the state it names is in X); continued_state_dump keeps W in the chain."""
+    from training.run_chain import run_chain
+    for name in 'WX':
+        (tmp_path / name).mkdir()
+    (tmp_path / 'X' / 'training_options.json').write_text(json.dumps({
+        'resume_state_dump': str(tmp_path / 'X' / 'training-state-000002.pt'),
+        'continued_state_dump': str(tmp_path / 'W' / 'training-state-000001.pt')}))
+    assert run_chain(str(tmp_path / 'X')) == [(str(tmp_path / 'W'), 1), (str(tmp_path / 'X'), None)]

@@ -731,3 +731,21 @@ def test_option_warnings_shown_once_per_node_under_torchrun(datasets, tmp_path):
         stderr[rank] = proc.stderr
     assert 'UserWarning: the learning-rate ramp-up (--lr-rampup=10000 kimg) is longer than the run' in stderr['0']
     assert 'UserWarning' not in stderr['1']
+
+
+def test_nosubdir_resumed_in_place_still_names_the_run_it_continued(datasets, tmp_path):
+    """A job script restarting a --nosubdir run in its own folder rewrites training_options.json, whose
+    resume_state_dump then names the folder's own state: train.py keeps the run the folder continued
+    (continued_state_dump), so report.py, fid.py and phema.py still find the statistics and snapshots before it."""
+    from training.run_chain import run_chain
+    _tiny_run(tmp_path / 'a', datasets['uncond'], '--nosubdir')
+    state_a = str(tmp_path / 'a' / 'training-state-000001.pt')
+    assert _invoke(['--resume', state_a, '--outdir', tmp_path / 'x', '--nosubdir', '--duration', 0.002]).exit_code == 0
+    for kimg in (2, 3):  # twice in place: the pointer is carried forward
+        result = _invoke(['--resume', tmp_path / 'x' / f'training-state-00000{kimg}.pt', '--outdir', tmp_path / 'x',
+                          '--nosubdir', '--duration', (kimg + 1) / 1000])
+        assert result.exit_code == 0, result.output
+    options = json.loads((tmp_path / 'x' / 'training_options.json').read_text())
+    assert options['resume_state_dump'] == str(tmp_path / 'x' / 'training-state-000003.pt')
+    assert options['continued_state_dump'] == state_a
+    assert run_chain(str(tmp_path / 'x')) == [(str(tmp_path / 'a'), 1), (str(tmp_path / 'x'), None)]

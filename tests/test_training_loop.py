@@ -528,7 +528,10 @@ def test_a_resume_with_other_options_names_what_changed():
     with pytest.warns(UserWarning) as record:
         assert not tl._resumes_exactly(state, 'S.pt', options, 64, None)
     assert str(record[0].message) == (
-        f'resuming from S.pt with different loss_kwargs (c1 0.182 -> 0.011, fit_source null -> "{"x" * 56}..., '
+        f'resuming from S.pt with different loss_kwargs (c1 0.182 -> 0.011, fit_source (absent) -> "{"x" * 56}..., '
         f'm 2.0 -> 2.5); seed (1 -> 2): the continuation will not be exact')
     many = tl._option_change('network_kwargs', dict(a=1, b=1, c=1, d=1, e=1), dict(a=2, b=2, c=2, d=2, e=2))
     assert many == 'network_kwargs (a 1 -> 2, b 1 -> 2, c 1 -> 2, d 1 -> 2, 1 more)'
+    # A key one side lacks and the other holds as null: named, not an empty '()'.
+    assert tl._option_change('loss_kwargs', dict(P_mean=-1.2, fit_source=None), dict(P_mean=-1.2)) == \
+        'loss_kwargs (fit_source null -> (absent))'

@@ -22,13 +22,25 @@ from training.run_chain import run_chain
 
 PANEL_SIZE = (560, 300)
 MARGIN = dict(left=70, right=170, top=30, bottom=40)
-# matplotlib's tab10, then tab20's light shades (runs compared side by side: two runs' noise-level bins are 14 lines)
+# matplotlib's tab10, then tab20's light shades (runs compared side by side: two runs' noise-level bins are 16 lines)
 COLORS = [(31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (148, 103, 189), (140, 86, 75),
           (227, 119, 194), (127, 127, 127), (188, 189, 34), (23, 190, 207),
           (174, 199, 232), (255, 187, 120), (152, 223, 138), (255, 152, 150), (197, 176, 213), (196, 156, 148),
           (247, 182, 210), (199, 199, 199), (219, 219, 141), (158, 218, 229)]
 BACKGROUND, INK, GRID = (255, 255, 255), (30, 30, 30), (225, 225, 225)
 LEGEND_ROW = 16  # pixels per legend line
+LEGEND_MIN_ROW = 12  # ... when there are more lines than fit at LEGEND_ROW (the default font is 11 pixels tall)
+
+
+def _fit_text(draw, text: str, font, room: float) -> str:
+    """`text`, cut with '...' in the middle where it is wider than `room` pixels (its end names the series: 'sigma
+    5-20', 'fid50k_full')."""
+    if draw.textlength(text, font=font) <= room:
+        return text
+    head, tail = text[:len(text) // 2], text[len(text) // 2:]
+    while (head or tail) and draw.textlength(head + '...' + tail, font=font) > room:
+        head, tail = (head[:-1], tail) if len(head) >= len(tail) else (head, tail[1:])
+    return head + '...' + tail
 
 
 def read_stats(path: str) -> list[dict]:
@@ -79,12 +91,13 @@ def _metric_points(run_dir: str, skipped: list | None, chain: list | None = None
     label (fid50k_full and fid10k_full are different measurements), one post-hoc EMA width (network-phema-KIMG-STD.pkl:
     'fid50k_full (phema 0.100)') and, when the run's results come from several samplers, one sampler. Result files
     with no network kimg are appended to `skipped`. A resumed run's points begin with those of the runs it continued
-    (run_chain), each up to the kimg it was resumed from; at the same kimg the later run's point."""
+    (run_chain), each up to the kimg it was resumed from; at the same kimg the later run's points (within one run,
+    every result file's: two measurements of one snapshot, e.g. with other seeds, are both drawn)."""
     records = []
     chain = run_chain(run_dir, 'statistics and results') if chain is None else chain
-    paths = [(path, limit) for directory, limit in chain
+    paths = [(path, limit, position) for position, (directory, limit) in enumerate(chain)
              for path in sorted(glob.glob(os.path.join(directory, '*.json')))]
-    for path, limit in paths:
+    for path, limit, position in paths:
         try:
             with open(path) as f:
                 record = json.load(f)
@@ -101,10 +114,11 @@ def _metric_points(run_dir: str, skipped: list | None, chain: list | None = None
             continue
         source = record.get('source')
         sampler = source.get('sampler') if isinstance(source, dict) and isinstance(source.get('sampler'), str) else None
-        records.append((record, match, sampler))
-    several_samplers = len({sampler for _, _, sampler in records if sampler is not None}) > 1
-    points: dict[tuple[str, str], dict] = {}  # {kimg: value}: a later run's point replaces an earlier one's
-    for record, match, sampler in records:
+        records.append((record, match, sampler, position))
+    several_samplers = len({sampler for _, _, sampler, _ in records if sampler is not None}) > 1
+    # {kimg: (position in the chain, [values])}: a later run's points replace an earlier one's
+    points: dict[tuple[str, str], dict] = {}
+    for record, match, sampler, position in records:
         labels = record.get('labels') if isinstance(record.get('labels'), dict) else {}
         suffix = f' (phema {match.group(3)})' if match.group(1) == 'phema' else ''
         if several_samplers and sampler is not None:
@@ -114,8 +128,13 @@ def _metric_points(run_dir: str, skipped: list | None, chain: list | None = None
                 continue
             title, label_key, what = _METRIC_KEYS.get(key, ('metrics', key, ''))
             name = str(labels.get(label_key, label_key if key in _METRIC_KEYS else key)) + what + suffix
-            points.setdefault((title, name), {})[int(match.group(2))] = float(value)
-    return {key: sorted(values.items()) for key, values in points.items()}
+            at_kimg = points.setdefault((title, name), {})
+            kimg = int(match.group(2))
+            if kimg not in at_kimg or at_kimg[kimg][0] < position:
+                at_kimg[kimg] = (position, [])
+            at_kimg[kimg][1].append(float(value))
+    return {key: [(kimg, value) for kimg, (_, values) in sorted(at_kimg.items()) for value in values]
+            for key, at_kimg in points.items()}
 
 
 def metric_series(run_dir: str, skipped: list | None = None) -> dict[str, tuple[list[float], list[float]]]:
@@ -144,6 +163,7 @@ class Panel:
     def __init__(self, title: str, log_y: bool = False, bars: bool = False):
         self.title, self.log_y, self.bars = title, log_y, bars
         self.lines: list[tuple[str, list[float], list[float]]] = []
+        self.colors: dict[int, tuple] = {}  # a line's colour where it is not COLORS[its index] (compare_panels)
 
     def add(self, label: str, xs, ys) -> None:
         points = [(x, y) for x, y in zip(xs, ys) if not self.log_y or y > 0]
@@ -184,30 +204,37 @@ class Panel:
             draw.text((px, y1 + 6), f'{fx:.4g}', fill=INK, font=font, anchor='mt')
         draw.text(((x0 + x1) / 2, y1 + 22), 'kimg', fill=INK, font=font, anchor='mt')
         draw.rectangle([x0, y0, x1, y1], outline=INK)
-        # Rows of the legend that fit beside the axes (one kept for "+N more" when there are more lines).
-        rows = int((y1 - y0 - 4) // LEGEND_ROW)
+        # Rows of the legend that fit beside the axes (one kept for "+N more" when there are more lines); closer rows
+        # before that, down to LEGEND_MIN_ROW (two runs' noise-level bins are 16 lines).
+        row_height = LEGEND_ROW if len(self.lines) * LEGEND_ROW <= y1 - y0 - 4 else max(
+            LEGEND_MIN_ROW, (y1 - y0 - 4) // max(len(self.lines), 1))
+        rows = int((y1 - y0 - 4) // row_height)
         legend_rows = len(self.lines) if len(self.lines) <= rows else rows - 1
+        label_room = origin[0] + PANEL_SIZE[0] - (x1 + 36) - 4  # a longer label is cut, not drawn off the panel
         for index, (label, xs, ys) in enumerate(self.lines):
-            color = COLORS[index % len(COLORS)]
+            color = self.colors.get(index, COLORS[index % len(COLORS)])
             points = [to_pixel(x, y) for x, y in zip(xs, ys)]
             if self.bars:
-                width = max((x1 - x0) / max(len(points), 1) * 0.6, 1)
+                # Several series (runs compared) side by side in each slot: drawn over each other, a taller bar
+                # hid a shorter one of the same kimg.
+                slot = max((x1 - x0) / max(len(points), 1) * 0.6, len(self.lines))
+                width = slot / len(self.lines)
                 base = to_pixel(xs[0], max(ymin, 0.0))[1] if not self.log_y else y1
-                for px, py in points:  # inside the axes' box (the first and last bars sit on its edges)
-                    draw.rectangle([max(px - width / 2, x0), min(py, base), min(px + width / 2, x1), max(py, base)],
-                                   fill=color)
+                for px, py in points:  # inside the axes' box (the first and last slots sit on its edges)
+                    left = min(max(px - slot / 2, x0), x1 - slot) + index * width
+                    draw.rectangle([left, min(py, base), left + width, max(py, base)], fill=color)
             elif len(points) == 1:
                 px, py = points[0]
                 draw.ellipse([px - 3, py - 3, px + 3, py + 3], fill=color)
             else:
                 draw.line(points, fill=color, width=2)
-            ly = y0 + 4 + index * LEGEND_ROW
+            ly = y0 + 4 + index * row_height
             if index >= legend_rows:  # the legend's column is full: say how many more lines the chart has
                 if index == legend_rows:
                     draw.text((x1 + 12, ly), f'+{len(self.lines) - legend_rows} more', fill=INK, font=font)
                 continue
             draw.line([(x1 + 12, ly + 6), (x1 + 30, ly + 6)], fill=color, width=3)
-            draw.text((x1 + 36, ly), label, fill=INK, font=font)
+            draw.text((x1 + 36, ly), _fit_text(draw, label, font, label_room), fill=INK, font=font)
 
     def _y(self, y: float) -> float:
         return math.log10(y) if self.log_y else y
@@ -215,17 +242,21 @@ class Panel:
 
 def chain_stats(run_dir: str, chain: list | None = None) -> list[dict]:
     """The stats.jsonl lines of a run and of the runs it resumed from (training.run_chain), in training order: an
-    earlier run's lines up to where the next one takes over (its first line's kimg), so that a resumed run's report
-    shows the whole training, not only the part since its last resume."""
+    earlier run's lines up to the state the next one resumed from, and before the next one's first line, so that a
+    resumed run's report shows the whole training, not only the part since its last resume."""
     chain = run_chain(run_dir, 'statistics and results') if chain is None else chain
     own = os.path.join(run_dir, 'stats.jsonl')  # absent when resumed and stopped again before its first tick
     lines = read_stats(own) if os.path.isfile(own) else []
-    for directory, _ in chain[-2::-1]:  # the predecessors, the latest first
+    for directory, limit in chain[-2::-1]:  # the predecessors, the latest first
         path = os.path.join(directory, 'stats.jsonl')
         if not os.path.isfile(path):
             continue
         start = min((_kimg(line) for line in lines if _kimg(line) is not None), default=math.inf)
-        lines = [line for line in read_stats(path) if (_kimg(line) or 0) < start] + lines
+        # training-state-N.pt holds the run at N <= kimg < N + 1, written at the end of the tick whose line is the
+        # last one in that window (ticks are at least 1 kimg apart); the ticks the run trained after it, before it
+        # stopped, are not the resumed run's history.
+        end = start if limit is None else min(start, limit + 1)
+        lines = [line for line in read_stats(path) if (_kimg(line) or 0) < end] + lines
     return lines
 
 
@@ -271,19 +302,37 @@ def _bin_order(name: str) -> float:
 def run_labels(run_dirs: list[str]) -> list[str]:
     """Short names of runs in a comparison's legends: EDM's run numbers (00003 of 00003-cifar10-32x32-...), else,
     or where two runs share one, the folders' names."""
-    names = [os.path.basename(os.path.normpath(run_dir)) for run_dir in run_dirs]
+    paths = [os.path.abspath(run_dir) for run_dir in run_dirs]  # '.', '..' and a trailing slash named by the folder
+    names = [os.path.basename(path) for path in paths]
     numbers = [match.group(1) if (match := re.match(r'(\d{5,})-', name)) else name for name in names]
-    return numbers if len(set(numbers)) == len(numbers) else names
+    for short in (numbers, names):
+        if len(set(short)) == len(short):
+            return short
+    # The same folder name in two --outdir (training-runs/00000-cifar10-... and runs-stf/00000-cifar10-...): as many
+    # trailing path components as tell them apart.
+    for last in (numbers, names):
+        for depth in range(1, max(len(path.split(os.sep)) for path in paths)):
+            tails = [os.sep.join([*path.split(os.sep)[:-1][-depth:], name]) for path, name in zip(paths, last)]
+            if len(set(tails)) == len(tails):
+                return tails
+    return names
 
 
 def compare_panels(run_dirs: list[str], skipped: list | None = None) -> list[Panel]:
     """The panels of several runs on shared axes: one chart per title, each series named by its run (run_labels)
     and its own name, the charts in the order they first appear."""
     merged: dict[str, Panel] = {}
-    for run_dir, label in zip(run_dirs, run_labels(run_dirs)):
+    runs_of: dict[str, list[int]] = {}  # each chart's lines' run indices
+    for run_index, (run_dir, label) in enumerate(zip(run_dirs, run_labels(run_dirs))):
         for panel in build_panels(run_dir, skipped):
             chart = merged.setdefault(panel.title, Panel(panel.title, log_y=panel.log_y, bars=panel.bars))
             chart.lines += [(f'{label} {name}', xs, ys) for name, xs, ys in panel.lines]
+            runs_of.setdefault(panel.title, []).extend([run_index] * len(panel.lines))
+    # A chart with one series per run draws each run in the run's colour (that of its loss): a run without metrics
+    # does not shift the others' colours in the FID chart.
+    for title, chart in merged.items():
+        if len(set(runs_of[title])) == len(runs_of[title]):
+            chart.colors = {index: COLORS[run % len(COLORS)] for index, run in enumerate(runs_of[title])}
     return list(merged.values())
 
 

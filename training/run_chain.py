@@ -20,21 +20,26 @@ def run_chain(run_dir: str, what: str = 'files') -> list[tuple[str, int | None]]
         chain.append((current, limit))
         try:
             with open(os.path.join(current, 'training_options.json')) as f:
-                state = json.load(f).get('resume_state_dump')
+                options = json.load(f)
+            state = options.get('resume_state_dump')
+            if isinstance(state, str) and os.path.realpath(os.path.dirname(state)) == os.path.realpath(current):
+                # --nosubdir resumed in its own folder: train.py kept the state the folder's run continued.
+                state = options.get('continued_state_dump')
         except (OSError, ValueError, AttributeError):
             break
         match = _STATE_RE.search(os.path.basename(state or ''))
         if not match:
             break
         previous = os.path.dirname(state)
-        if not os.path.isabs(previous) and not os.path.isdir(previous):
-            # Recorded relative to the folder train.py ran in (runs before paths were made absolute): the usual
-            # place is beside this run, in the same --outdir.
+        if not os.path.isdir(previous):
+            # Recorded relative to the folder train.py ran in (runs before paths were made absolute), or absolute on
+            # a machine or disk the runs were since copied or moved from (an --outdir moved whole, runs copied from a
+            # cluster to draw reports): the usual place is beside this run, in the same --outdir.
             beside = os.path.join(os.path.dirname(os.path.abspath(current)), os.path.basename(previous))
             previous = beside if os.path.isdir(beside) else previous
         if not os.path.isdir(previous):
-            where = '' if os.path.isabs(state) else (f' (a relative path: looked for it from {os.getcwd()} and '
-                                                     f'beside {current})')
+            where = (f' (looked for it there and beside {current})' if os.path.isabs(state) else
+                     f' (a relative path: looked for it from {os.getcwd()} and beside {current})')
             warnings.warn(f'{current} resumed from {state}, whose run directory is not found{where}: its earlier '
                           f'{what} are left out', stacklevel=2)
             break

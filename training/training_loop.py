@@ -925,10 +925,15 @@ def _option_change(name: str, saved, current) -> str:
         return value if len(value) <= 60 else value[:57] + '...'
     if not (isinstance(saved, dict) and isinstance(current, dict)):
         return f'{name} ({text(saved)} -> {text(current)})'
+    absent = object()  # a key one side lacks is named so (null is a value: {'a': None} differs from {})
+
+    def value(options, key):
+        return '(absent)' if options.get(key, absent) is absent else text(options[key])
     keys = sorted((k for k in set(saved) | set(current)
-                   if _options_json(saved.get(k)) != _options_json(current.get(k))), key=str)
+                   if (k in saved) != (k in current) or _options_json(saved.get(k)) != _options_json(current.get(k))),
+                  key=str)
     more = f', {len(keys) - 4} more' if len(keys) > 4 else ''
-    return f'{name} ({", ".join(f"{k} {text(saved.get(k))} -> {text(current.get(k))}" for k in keys[:4])}{more})'
+    return f'{name} ({", ".join(f"{k} {value(saved, k)} -> {value(current, k)}" for k in keys[:4])}{more})'
 
 
 def _resumes_exactly(state: dict, path: str, options: dict, batch_size: int, batch_gpu: int | None) -> bool:
