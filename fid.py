@@ -111,6 +111,20 @@ def _calc_run_folder(run_dir, seeds, batch_size, ref_path, metric_names, detecto
     ref_sha256 = util.file_sha256(ref_path) if ref_path is not None and distributed.get_rank() == 0 else None
     # And with the same detectors: another --detector file is another measurement.
     detectors = evaluate.planned_detectors(metric_names, detector_paths) if distributed.get_rank() == 0 else None
+    # A kept result measured against another reference or with other detectors is refused before anything is
+    # measured (in the loop it was met only on reaching its network, maybe hours into the run); whether it measured
+    # the same images needs its network loaded, so that waits for the loop.
+    refused = None
+    if distributed.get_rank() == 0:
+        for network_pkl in networks:
+            _, refused = evaluate.earlier_result(evaluate.result_path_beside(network_pkl, metric_names, len(seeds)),
+                                                 None, ref_path, ref_sha256, detectors)
+            if refused is not None:
+                refused = f"{refused}: move it away to measure {network_pkl} again with these options"
+                break
+    refused = distributed.broadcast_object(refused)
+    if refused is not None:
+        raise click.ClickException(refused)
     for index, network_pkl in enumerate(networks):
         out_path = evaluate.result_path_beside(network_pkl, metric_names, len(seeds))
         source = network_source_from_cli(network_pkl, seeds, batch_size, preset_lines=preset_lines if index == 0

@@ -647,13 +647,14 @@ def _same_detector(theirs: dict, ours: dict, place) -> bool:
     return place(theirs.get("source")) in [place(source) for source in ours["sources"]]
 
 
-def earlier_result(path: str, source: "ImageSource", ref_path: str | None, ref_sha256: str | None = None,
+def earlier_result(path: str, source: "ImageSource | None", ref_path: str | None, ref_sha256: str | None = None,
                    detectors: dict[str, dict] | None = None) -> tuple[dict | None, str | None]:
     """A result file left by an earlier evaluation at `path`: (its record, None) when it measured the images this
-    source would make (the same seeds, sampler and options; the network is the file's neighbour) against the same
-    reference (by content when `ref_sha256`, the reference's sha256, is given and the record has one; else by
-    path) with the same detectors (`detectors`: planned_detectors; not compared when None); (None, why not) when it
-    measured something else; (None, None) when there is none."""
+    source would make (the same seeds, sampler and options; the network is the file's neighbour; not compared when
+    `source` is None, a check before any network is loaded) against the same reference (by content when
+    `ref_sha256`, the reference's sha256, is given and the record has one; else by path) with the same detectors
+    (`detectors`: planned_detectors; not compared when None); (None, why not) when it measured something else;
+    (None, None) when there is none."""
     if not os.path.exists(path):
         return None, None
     try:
@@ -674,16 +675,17 @@ def earlier_result(path: str, source: "ImageSource", ref_path: str | None, ref_s
         return None, f"{path} is not a readable result file ({err})"
     from dnnlib import util
 
-    # As write_json stores it (inf as "inf"), so that equal requests compare equal.
-    ours = json.loads(json.dumps(util.json_safe(_jsonable({k: v for k, v in source.description.items()
-                                                            if k != "network"})), allow_nan=False))
-
     def place(p):
         return p if p is None or "://" in p else os.path.abspath(os.path.expanduser(p))
-    theirs = util.json_safe(theirs)
-    for key in sorted(set(theirs) | set(ours)):
-        if theirs.get(key) != ours.get(key):
-            return None, f"{path} measured other images ({key}: {theirs.get(key)!r} there, {ours.get(key)!r} here)"
+    if source is not None:
+        # As write_json stores it (inf as "inf"), so that equal requests compare equal.
+        ours = json.loads(json.dumps(util.json_safe(_jsonable({k: v for k, v in source.description.items()
+                                                                if k != "network"})), allow_nan=False))
+        theirs = util.json_safe(theirs)
+        for key in sorted(set(theirs) | set(ours)):
+            if theirs.get(key) != ours.get(key):
+                return None, (f"{path} measured other images ({key}: {theirs.get(key)!r} there, "
+                              f"{ours.get(key)!r} here)")
     # The same reference file: by its content where both sides know it (a path spelled otherwise, or a reference
     # rebuilt in place), else by its path.
     same = ref_sha256 == their_sha if ref_sha256 and their_sha else place(their_ref) == place(ref_path)

@@ -135,7 +135,7 @@ def test_channels_last_and_fused_adam_train_close_to_the_defaults_and_resume_kee
     (tmp_path / 'resumed').mkdir()
     tl._resume = recording_resume
     try:
-        changed = r'optimizer_kwargs \(fused null -> true\): the continuation will not be exact'
+        changed = r'optimizer_kwargs \(fused \(absent\) -> true\): the continuation will not be exact'
         with pytest.warns(UserWarning, match=changed):
             tl.training_loop(**kwargs)
     finally:

@@ -618,6 +618,13 @@ def test_a_run_folder_as_network_evaluates_each_network_beside_it_and_a_rerun_ke
     assert rebuilt.exit_code == 1, rebuilt.output
     assert f"Error: {run / names[0]} measured against another reference ('{root / 'ref1.npz'}' there, " \
         in rebuilt.output
+    # Refused before anything is measured, also when the first network has no result yet (it was measured, maybe
+    # for hours, before the kimg-12 result was reached).
+    (run / names[0]).rename(tmp_path / "moved-result.json")
+    rebuilt = _invoke(["calc", "--network", run, *copied])
+    assert rebuilt.exit_code == 1 and "Computing" not in rebuilt.output and "Loading network" not in rebuilt.output
+    assert f"Error: {run / names[1]} measured against another reference" in rebuilt.output, rebuilt.output
+    (tmp_path / "moved-result.json").rename(run / names[0])
     # A kept result with a non-finite value (written as "nan", strict JSON) is a number again: no crash, not lowest.
     diverged = json.loads((run / names[0]).read_text())
     diverged["results"]["fid"] = "nan"
