@@ -6,5 +6,5 @@ import sys
 if __name__ == "__main__":
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
     import ld3
-
-    ld3.cli()
+    from dnnlib import util
+    util.run_cli(ld3.cli)
