@@ -98,6 +98,16 @@ def test_translate_int_shifts_whole_pixels_with_reflection():
         assert torch.equal(out[i], x[i][:, src_y][:, :, src_x]), i
 
 
+def test_translate_int_rounds_to_the_nearest_pixel():
+    """Shift = round(U(-1, 1) * W * 0.125): at W = 16 the shifts -2..2 have probabilities 1/8, 1/4, 1/4, 1/4, 1/8."""
+    x = images(4000, c=1, size=16)
+    _, labels = run(AugmentPipe(p=1, translate_int=1), x)
+    shifts = torch.round(labels[:, :2] * 2).long().flatten()
+    freq = torch.stack([(shifts == k).double().mean() for k in range(-2, 3)])
+    torch.testing.assert_close(freq, torch.tensor([1 / 8, 1 / 4, 1 / 4, 1 / 4, 1 / 8], dtype=torch.float64),
+                               rtol=0, atol=0.02)
+
+
 def smooth_images(n=4, size=16):
     """Band-limited test images (low frequencies only), so that filtered resampling is near-exact."""
     yy, xx = torch.meshgrid(torch.arange(size, dtype=torch.float64), torch.arange(size, dtype=torch.float64),
@@ -143,6 +153,48 @@ def test_geometric_transform_orientation(matrix, expected, wrong):
     assert (out - wrong(x)).abs().max() > 0.5
 
 
+def _analytic(u, v, size):
+    """A smooth image as a function of centred pixel coordinates (x right, y down): evaluable anywhere."""
+    return torch.sin(2 * np.pi * u / size + 0.7) * torch.cos(2 * np.pi * v / size - 0.4) + 0.3 * torch.sin(
+        2 * np.pi * (u + 2 * v) / size + 1.1)
+
+
+def _rotation(label):
+    w = torch.atan2(label[1], label[0] + 1)
+    return torch.stack([torch.stack([w.cos(), -w.sin()]), torch.stack([w.sin(), w.cos()])])
+
+
+@pytest.mark.parametrize('ops, source', [
+    # Each: output pixel p (centred) reads the input at A p + t, written from the labels and EDM's formulas
+    # (G_inv = scale2d_inv(s, s), rotate2d(w), scale2d_inv(s, 1 / s) at r = 0, translate2d_inv(tx, ty)).
+    (dict(scale=1), lambda l, p: p / 2 ** (0.2 * l[0])),
+    (dict(rotate_frac=1), lambda l, p: _rotation(l) @ p),
+    (dict(aniso=1, aniso_rotate_prob=0),
+     lambda l, p: p * torch.stack([2 ** (-0.2 * l[0]), 2 ** (0.2 * l[0])])[:, None]),
+    (dict(translate_frac=1), lambda l, p: p - (l[:2] * 32 * 0.125)[:, None]),
+])
+def test_fractional_geometry_moves_the_pixels_its_labels_state(ops, source):
+    """Scale, rotation, anisotropic scaling and fractional translation on a 32x32 image sampled from an analytic
+    function: every output pixel whose source lies well inside the image equals the function at the source point
+    computed from the labels (the resampling filter's blur is about 2%)."""
+    size, n = 32, 8
+    centred = torch.arange(size, dtype=torch.float64) - (size - 1) / 2
+    vv, uu = torch.meshgrid(centred, centred, indexing='ij')
+    x = _analytic(uu, vv, size).float().expand(n, 3, size, size).contiguous()
+    out, labels = run(AugmentPipe(p=1, **ops), x, seed=4)
+    pixels = torch.stack([uu.flatten(), vv.flatten()])  # [2, P]
+    checked, largest_move = 0, 0.0
+    for i in range(n):
+        src = source(labels[i].double(), pixels)
+        inside = (src.abs().max(dim=0).values < size / 2 - 4) & (pixels.abs().max(dim=0).values < size / 2 - 4)
+        expected = _analytic(src[0], src[1], size)[inside]
+        got = out[i, 0].double().flatten()[inside]
+        assert (got - expected).abs().max() < 0.05, (ops, i)
+        checked += int(inside.sum())
+        largest_move = max(largest_move, float((src - pixels)[:, inside].norm(dim=0).max()))
+    assert checked > n * 100 and largest_move > 2  # not vacuous: many pixels, moved by pixels
+
+
 def test_colour_transforms_match_formulas():
     x = images(16)
     out, labels = run(AugmentPipe(p=1, contrast=1, contrast_std=0.5), x)
@@ -163,6 +215,68 @@ def test_colour_transforms_match_formulas():
     torch.testing.assert_close(out.norm(dim=1), x.norm(dim=1), rtol=1e-5, atol=1e-5)
     assert labels.shape == (16, 2)
     torch.testing.assert_close((labels[:, 0] + 1) ** 2 + labels[:, 1] ** 2, torch.ones(16))
+
+
+def test_hue_rotates_by_its_label_angle_about_the_grey_axis_by_rodrigues():
+    """Hue: each pixel's (r, g, b) turned by w = atan2(sin, cos) about a = (1, 1, 1) / sqrt(3), right-handed:
+    x cos w + (a x x) sin w + a (a . x)(1 - cos w), written out here per pixel."""
+    x = images(16)
+    out, labels = run(AugmentPipe(p=1, hue=1), x)
+    w = torch.atan2(labels[:, 1], labels[:, 0] + 1).double()
+    assert w.abs().max() > 1  # large angles are drawn
+    a = torch.full([3], 3 ** -0.5, dtype=torch.float64)
+    for i in range(16):
+        rgb = x[i].double().reshape(3, -1)  # [3, P]
+        cross = torch.linalg.cross(a[:, None].expand_as(rgb), rgb, dim=0)
+        expected = rgb * w[i].cos() + cross * w[i].sin() + a[:, None] * (a @ rgb)[None] * (1 - w[i].cos())
+        torch.testing.assert_close(out[i].double().reshape(3, -1), expected, rtol=0, atol=1e-5)
+
+
+def test_rotation_and_hue_angles_are_uniform_over_the_full_circle():
+    """rotate_frac and hue draw their angle uniformly on [-pi, pi] (rotate_frac_max = hue_max = 1): a tenth of the
+    angles lie beyond 0.9 pi in magnitude, half beyond pi / 2."""
+    x = images(4000, size=4)
+    for op in ('rotate_frac', 'hue'):
+        _, labels = run(AugmentPipe(p=1, **{op: 1}), x)
+        w = torch.atan2(labels[:, 1], labels[:, 0] + 1).abs()
+        assert abs((w > 0.9 * np.pi).double().mean().item() - 0.1) < 0.025, op
+        assert abs((w > 0.5 * np.pi).double().mean().item() - 0.5) < 0.04, op
+
+
+def test_saturation_and_brightness_follow_their_labels_and_default_stds():
+    """Saturation scales the chroma (x - luma) by 2^(1 * w); brightness adds 0.2 w; both with EDM's default stds."""
+    x = images(16)
+    out, labels = run(AugmentPipe(p=1, saturation=1), x)
+    luma = x.mean(dim=1, keepdim=True)
+    torch.testing.assert_close(out, luma + (x - luma) * torch.exp2(labels[:, 0]).reshape(-1, 1, 1, 1), rtol=0,
+                               atol=1e-5)
+    out, labels = run(AugmentPipe(p=1, brightness=1), x)
+    torch.testing.assert_close(out, x + 0.2 * labels[:, 0].reshape(-1, 1, 1, 1), rtol=0, atol=1e-6)
+
+
+def test_defaults_are_stylegan2_ada_and_edms():
+    """NVlabs/edm training/augment.py (= StyleGAN2-ADA's) constructor defaults."""
+    pipe = AugmentPipe()
+    expected = dict(p=1, xflip=0, yflip=0, rotate_int=0, translate_int=0, translate_int_max=0.125, scale=0,
+                    rotate_frac=0, aniso=0, translate_frac=0, scale_std=0.2, rotate_frac_max=1, aniso_std=0.2,
+                    aniso_rotate_prob=0.5, translate_frac_std=0.125, brightness=0, contrast=0, lumaflip=0, hue=0,
+                    saturation=0, brightness_std=0.2, contrast_std=0.5, hue_max=1, saturation_std=1)
+    assert {k: v for k, v in vars(pipe).items() if not k.startswith('_')} == expected
+
+
+def test_sym6_is_an_orthonormal_low_pass_filter():
+    """The conditions of an orthonormal wavelet low-pass filter, in float64: sum h = sqrt 2, sum h_k h_(k+2m) =
+    delta_m (so up- then downsampling is the identity), and the 6 vanishing moments of sym6 (sum (-1)^k k^j h_k = 0
+    for j < 6)."""
+    from training.augment import SYM6
+    h = np.asarray(SYM6, dtype=np.float64)
+    assert len(h) == 12
+    assert abs(h.sum() - np.sqrt(2)) < 1e-11
+    for m in range(6):
+        assert abs(np.dot(h[:len(h) - 2 * m], h[2 * m:]) - (m == 0)) < 1e-11, m  # the published digits: ~1e-12
+    k = np.arange(12, dtype=np.float64)
+    for j in range(6):
+        assert abs(np.sum((-1) ** k * k ** j * h)) < 1e-9 * 12 ** j, j
 
 
 def test_grayscale_images_and_channel_errors():

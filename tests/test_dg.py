@@ -462,6 +462,26 @@ def test_boosting_churns_and_doubles_on_the_references_schedule():
 
 
 
+def test_out_of_window_samples_never_count_as_generated_for_boosting():
+    """Outside the tau window the log ratio is the reference's 1e7 (positive: "real"), so boosting neither churns nor
+    doubles such a sample, while an in-window sample the discriminator calls generated is boosted."""
+    disc = ControlledDiscriminator([-4.0, -4.0])
+    x = torch.randn([2, 3, 8, 8], dtype=torch.float64)
+    _, log_ratio, active, _ = guidance.dg_correction(disc, x, torch.tensor([0.02, 0.5], dtype=torch.float64))
+    assert active.tolist() == [False, True] and log_ratio[0].item() == 1e7 and log_ratio[1].item() < 0
+    assert guidance.boost_churn_mask(0, log_ratio).tolist() == [False, True]
+    assert guidance.boost_weight_factor(0, log_ratio, 1.5).tolist() == [1.5, 3.0]
+
+
+def test_dg_defaults_are_the_references():
+    """alsdudrla10/DG's CIFAR-10 defaults: dg_weight_1st_order 2, dg_weight_2nd_order 0, time_min 0.01, time_max 1,
+    no boosting; the CLI's option defaults and the guidance object's agree."""
+    expected = dict(weight=2.0, weight_corrector=0.0, tau_min=0.01, tau_max=1.0, boost=False)
+    assert guidance.GUIDANCE["dg"].defaults() == expected
+    built = guidance.DiscriminatorGuidance("dg.pkl")
+    assert {key: getattr(built, key) for key in expected} == expected
+
+
 def test_boosting_schedule():
     log_ratio = torch.tensor([-1.0, 0.5, -0.1, math.inf, 1e7])
     for step in range(12):

@@ -503,6 +503,32 @@ def test_ns_and_hinge_losses_equal_direct_computation():
             torch.testing.assert_close(d.double(), expected_d * scale, rtol=1e-5, atol=1e-6)
 
 
+def test_defaults_are_the_documented_reference_settings():
+    """G(z) = D(80 z; 80), the non-saturating loss, lazy R1 with gamma 1e-4 every 16 iterations, D at lr 1e-4, no
+    freezing, per-GPU sums (Zyriix/GDD's settings as the module states them)."""
+    loss = gdd.GDDLoss(discriminator='sn_cnn')
+    assert (loss.sigma, loss.loss_type, loss.r1_gamma, loss.r1_interval, loss.d_lr, loss.freeze, loss.batch_sum) == \
+        (80.0, 'ns', 1e-4, 16, 1e-4, 0, True)
+    assert gdd.ADAM_BETAS == (0.0, 0.99) and gdd.ADAM_EPS == 1e-8
+
+
+def test_batch_sum_scales_by_the_ranks_batch_per_iteration_not_the_micro_batch():
+    """With gradient accumulation (2 rounds of 4 per rank), batch_sum multiplies each sample's G and D loss by the 8
+    samples of the rank's iteration (the reference's per-GPU sum; the loop divides by 8), not by the round's 4."""
+    net, D = tiny_generator(), LinearD(3 * 8 * 8)
+    images = torch.rand(4, 3, 8, 8) * 2 - 1
+    batch = Batch(images=images, labels=torch.zeros(4, 0))
+    summed, mean = gdd.GDDLoss(discriminator='sn_cnn'), gdd.GDDLoss(discriminator='sn_cnn', batch_sum=False)
+    for loss in (summed, mean):
+        loss.check_data(batch_gpu_total=8, batch_gpu=4, dataset_size=100)
+    for phase in ('generator_loss', 'discriminator_loss'):
+        torch.manual_seed(5)
+        a = getattr(summed, phase)(dict(net=net, D=D), batch)
+        torch.manual_seed(5)
+        b = getattr(mean, phase)(dict(net=net, D=D), batch)
+        torch.testing.assert_close(a, 8 * b, rtol=1e-6, atol=0)
+
+
 def test_r1_penalty_gain_and_schedule():
     loss = make_loss(r1_gamma=0.3)
     D = LinearD(3 * 8 * 8)

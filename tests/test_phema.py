@@ -168,6 +168,33 @@ def test_a_resumed_run_uses_the_saved_emas_of_the_run_it_resumed_from(tmp_path):
         assert [e['kimg'] for e in saved_emas(second)] == [2, 3, 4, 5]
 
 
+def test_the_ema_saved_at_the_resumed_state_is_used_when_the_resumed_run_has_none(tmp_path):
+    """A resumed from its kimg-2 state into B, which saved from kimg 3 on: A's kimg 1 and 2 (the state's own time is
+    part of the shared trajectory) and B's 3 and 4."""
+    first, second = str(tmp_path / 'A'), str(tmp_path / 'B')
+    for kimg in range(1, 5):
+        _write_phema(first, kimg, 0.05, 0.0, step=kimg)
+    for kimg in (3, 4):
+        _write_phema(second, kimg, 0.05, 0.0, step=kimg)
+    with open(os.path.join(second, 'training_options.json'), 'w') as f:
+        json.dump(dict(resume_state_dump=os.path.join(first, 'training-state-000002.pt')), f)
+    found = [(os.path.basename(os.path.dirname(e['path'])), e['kimg']) for e in saved_emas(second)]
+    assert found == [('A', 1), ('A', 2), ('B', 3), ('B', 4)]
+
+
+def test_power_ema_buffers_follow_the_network():
+    """Buffers are not averaged: each EMA copy holds the network's current buffers (e.g. running statistics)."""
+    net = torch.nn.Sequential(torch.nn.Linear(3, 3), torch.nn.BatchNorm1d(3))
+    tracker = PowerEMA(net, [0.05, 0.10])
+    for step in range(1, 4):
+        net.train()(torch.randn(8, 3))  # moves the running mean and variance
+        tracker.update(net, step)
+    for ema in tracker.emas.values():
+        for b_ema, b_net in zip(ema.buffers(), net.buffers()):
+            assert torch.equal(b_ema, b_net)
+    assert not torch.equal(net[1].running_mean, torch.zeros(3))
+
+
 def test_clear_errors_for_missing_runs_times_and_headers(tmp_path):
     run = str(tmp_path / 'run')
     _write_phema(run, 3, 0.05, 0.0, step=30)
@@ -195,6 +222,33 @@ def test_clear_errors_for_missing_runs_times_and_headers(tmp_path):
         result = CliRunner().invoke(phema_cli.main, ['--run', run, '--std', 'nan'])
     assert result.exit_code != 0 and 'a relative EMA width must be in (0, 0.2887), got nan' in result.output, \
         result.output
+
+
+def test_reconstruction_combines_the_saved_emas_with_the_least_squares_weights(tmp_path):
+    """Saved EMAs holding different constants v_i: the reconstruction holds sum_i x_i v_i, with x from the profiles'
+    inner products by numerical integration (least squares, scaled to sum 1), the latest time as the target."""
+    from training.phema import reconstruct
+
+    run = str(tmp_path / 'run')
+    t, g, values = [], [], []
+    for kimg in (1, 2, 3):
+        for std in (0.05, 0.10):
+            value = 1.0 + kimg + 10 * std  # distinct per file
+            _write_phema(run, kimg, std, value, step=100 * kimg)
+            t.append(100.0 * kimg), g.append(std_to_gamma(std)), values.append(value)
+    tau = _grid(300.0)
+    profiles = np.stack([_profile(tau, ti, gi) for ti, gi in zip(t, g)])
+    target = _profile(tau, 300.0, std_to_gamma(0.07))
+    raw = np.linalg.lstsq(trapezoid(profiles[:, None] * profiles[None, :], tau), trapezoid(profiles * target, tau),
+                          rcond=None)[0]
+    x = raw / raw.sum()
+    expected = float(x @ np.array(values))
+    assert abs(expected - np.mean(values)) > 0.05  # not the plain average
+    data, info = reconstruct(run, 0.07, log=lambda *args: None)
+    np.testing.assert_allclose(info['weights'], x, rtol=2e-3, atol=2e-3 * np.abs(x).max())
+    params = torch.cat([p.flatten() for p in data['ema'].parameters()]).double()
+    torch.testing.assert_close(params, torch.full_like(params, expected), rtol=1e-3, atol=0)
+    assert data['phema']['step'] == 300 and data['phema']['kimg'] == 3
 
 
 def test_step_update_gives_each_step_its_profile_mass():

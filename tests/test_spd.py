@@ -273,6 +273,172 @@ def test_samplers_equal_the_reference_formulas_and_stay_real(monkeypatch):
 
 
 
+@pytest.mark.parametrize('num_steps, spacing', [(6, 'logsnr'), (7, 'uniform')])
+def test_heun_and_dpmpp_2m_equal_edm_and_lu_et_al_written_per_frequency_in_ve_form(num_steps, spacing):
+    """Heun (EDM's Algorithm 1 without churn) and DPM-Solver++(2M) (Lu et al. 2022, Algorithm 2) written out in numpy
+    on v = u / sqrt(abar) with sigma_k = sqrt((1 - abar_k) / abar_k) per frequency, for a fixed non-oracle eps model;
+    the last step goes to the clean end (sigma = 0) by Euler / first order."""
+    process = SPDProcess(T=30, **CIFAR)
+    generator = torch.Generator().manual_seed(1)
+    x_start = torch.randn(3, 2, 8, 8, dtype=torch.float64, generator=generator)
+    weight = torch.randn(2, 8, 8, dtype=torch.float64, generator=generator)
+
+    def eps_model(x, t):
+        return torch.tanh(x * weight) * (1 + t.to(torch.float64) / 30)
+
+    steps = time_steps(process, num_steps, spacing, 8, 8).tolist()
+    abar = [process.alpha_bar(torch.tensor([t]), 8, 8).numpy()[0] for t in steps] + [np.ones((1, 8, 8))]
+    sig = [np.sqrt((1 - a) / a) for a in abar]
+    fft = lambda v: np.fft.fft2(v, norm='ortho')  # noqa: E731
+    ifft = lambda v: np.fft.ifft2(v, norm='ortho').real  # noqa: E731
+    eps = lambda v, i: fft(eps_model(torch.as_tensor(ifft(np.sqrt(abar[i]) * v)), torch.tensor(steps[i])).numpy())  # noqa: E731
+
+    v = fft(x_start.numpy()) / np.sqrt(abar[0])  # Heun
+    for i in range(num_steps):
+        d = eps(v, i)
+        v_euler = v + (sig[i + 1] - sig[i]) * d
+        v = v_euler if i == num_steps - 1 else v + (sig[i + 1] - sig[i]) * (d + eps(v_euler, i + 1)) / 2
+    torch.testing.assert_close(heun(eps_model, x_start, process, num_steps, spacing=spacing),
+                               torch.from_numpy(ifft(v)), rtol=0, atol=1e-9)
+
+    v, previous = fft(x_start.numpy()) / np.sqrt(abar[0]), None  # DPM-Solver++(2M)
+    for i in range(num_steps):
+        x0 = v - sig[i] * eps(v, i)
+        if i == num_steps - 1:
+            v = x0
+            break
+        h = np.log(sig[i] / sig[i + 1])
+        denoised = x0 if previous is None else x0 + (x0 - previous[0]) * h / (2 * previous[1])
+        v = sig[i + 1] / sig[i] * v + (1 - sig[i + 1] / sig[i]) * denoised
+        previous = (x0, h)
+    torch.testing.assert_close(dpmpp_2m(eps_model, x_start, process, num_steps, spacing=spacing),
+                               torch.from_numpy(ifft(v)), rtol=0, atol=1e-9)
+
+
+def test_ddim_and_ancestral_with_clip_x0_equal_guided_diffusions_clip_denoised_written_out():
+    """clip_x0 (the DDPM control's default): the pixel x0 estimate is clipped to [-1, 1] and eps recomputed from it,
+    eps = (u - sqrt(abar) F x0) / sqrt(1 - abar), before the DDIM / ancestral update (numpy, per frequency)."""
+    for process in (DDPMProcess(T=20, beta_end=0.01), SPDProcess(T=20, **CIFAR)):
+        generator = torch.Generator().manual_seed(2)
+        x_start = torch.randn(2, 3, 8, 8, dtype=torch.float64, generator=generator)
+        noises = torch.randn(20, 2, 3, 8, 8, dtype=torch.float64, generator=generator)
+
+        def eps_model(x, t):  # an eps whose x0 estimate leaves [-1, 1] by far
+            return -2 * torch.tanh(3 * x)
+
+        def randn_like(like, draws=iter(noises)):
+            return next(draws)
+
+        fft = lambda v: np.fft.fft2(v, norm='ortho')  # noqa: E731
+        ifft = lambda v: np.fft.ifft2(v, norm='ortho').real  # noqa: E731
+        abar = process.alpha_bar(torch.arange(20), 8, 8).numpy()
+        x, y, clipped = x_start.numpy(), x_start.numpy(), 0
+        for i, t in enumerate(range(19, -1, -1)):
+            a, a_prev = abar[t], (abar[t - 1] if t > 0 else np.ones_like(abar[t]))
+            for which in ('ddim', 'ancestral'):
+                z = y if which == 'ddim' else x
+                u = fft(z)
+                x0_pixels = ifft((u - np.sqrt(1 - a) * fft(eps_model(torch.as_tensor(z), t).numpy())) / np.sqrt(a))
+                clipped += int(np.abs(x0_pixels).max() > 1.5)
+                x0 = fft(np.clip(x0_pixels, -1, 1))
+                e = (u - np.sqrt(a) * x0) / np.sqrt(1 - a)
+                if which == 'ddim':
+                    y = ifft(np.sqrt(a_prev) * x0 + np.sqrt(1 - a_prev) * e)
+                else:
+                    beta = np.minimum(1 - a / a_prev, 0.999)
+                    u = (u - beta / np.sqrt(1 - a) * e) / np.sqrt(1 - beta)
+                    x = ifft(u + (t != 0) * np.sqrt(beta) * fft(noises[i].numpy()))
+        assert clipped > 10  # the clip acts
+        torch.testing.assert_close(ddim(eps_model, x_start, process, clip_x0=True), torch.from_numpy(y), rtol=0,
+                                   atol=1e-9)
+        torch.testing.assert_close(ancestral(eps_model, x_start, process, clip_x0=True, randn_like=randn_like),
+                                   torch.from_numpy(x), rtol=0, atol=1e-9)
+
+
+def test_sampling_feeds_the_network_t_times_1000_over_t_and_picks_its_default_solver():
+    """FourierSampling.sample: the network sees t * 1000 / T (guided-diffusion's rescale_timesteps) at every visited
+    t, as in training; without --solver: ancestral unless --steps asks for fewer than T."""
+    from samplers.fourier import FourierPlan
+    from samplers.generation import SeedInputs
+
+    process = SPDProcess(T=40, **CIFAR)
+    seen = []
+
+    class Net(torch.nn.Module):
+        def forward(self, x, noise_labels, class_labels=None):
+            assert x.dtype == torch.float32 and noise_labels.shape == (x.shape[0],)
+            seen.append(noise_labels[0].item())
+            return torch.zeros_like(x)
+
+    inputs = SeedInputs(latents=torch.randn(2, 1, 4, 4), class_labels=None, randn_like=torch.randn_like)
+    for solver in ('ddim', 'dpmpp_2m', 'ancestral', 'heun'):
+        seen.clear()
+        process.sampling.sample(Net(), FourierPlan(solver=solver, options={}, num_steps=5), inputs, None)
+        visited = time_steps(process, 5, 'logsnr' if solver in ('dpmpp_2m', 'heun') else 'uniform', 4, 4).tolist()
+        expected = [t * 1000 / 40 for t in visited]
+        if solver == 'heun':  # predictor and corrector
+            expected = [v for i, t in enumerate(expected) for v in ([t, expected[i + 1]] if i + 1 < 5 else [t])]
+        assert seen == pytest.approx(expected, rel=1e-6), solver
+    sampling = process.sampling
+    assert sampling.solver_for(None, None) == 'ancestral' and sampling.solver_for(None, 40) == 'ancestral'
+    assert sampling.solver_for(None, 39) == 'dpmpp_2m' and sampling.solver_for('ddim', 5) == 'ddim'
+
+
+def test_respaced_ancestral_clamps_beta_at_the_references_0_999():
+    """Ancestral over 3 of 4000 steps (guided-diffusion's respacing: beta = min(1 - abar_t / abar_s, 0.999)): the long
+    first step's beta reaches the clamp at most frequencies; numpy written out."""
+    process = SPDProcess(T=4000, **CIFAR)
+    generator = torch.Generator().manual_seed(3)
+    x_start = torch.randn(2, 2, 8, 8, dtype=torch.float64, generator=generator)
+    noises = torch.randn(3, 2, 2, 8, 8, dtype=torch.float64, generator=generator)
+    weight = torch.randn(2, 8, 8, dtype=torch.float64, generator=generator)
+
+    def eps_model(x, t):
+        return torch.tanh(x * weight)
+
+    calls = []
+
+    def randn_like(like):
+        calls.append(1)
+        return noises[len(calls) - 1]
+
+    steps = time_steps(process, 3).tolist()
+    assert steps == [3999, 2000, 0]
+    abar = [process.alpha_bar(torch.tensor([t]), 8, 8).numpy()[0] for t in steps] + [np.ones((1, 8, 8))]
+    fft = lambda v: np.fft.fft2(v, norm='ortho')  # noqa: E731
+    ifft = lambda v: np.fft.ifft2(v, norm='ortho').real  # noqa: E731
+    x, bound = x_start.numpy(), 0
+    for i in range(3):
+        e = fft(eps_model(torch.as_tensor(x), None).numpy())
+        raw = 1 - abar[i] / abar[i + 1]
+        bound += int((raw > 0.999).sum())
+        beta = np.minimum(raw, 0.999)
+        u = (fft(x) - beta / np.sqrt(1 - abar[i]) * e) / np.sqrt(1 - beta)
+        x = ifft(u + (i < 2) * np.sqrt(beta) * fft(noises[i].numpy()))
+    assert bound > 0
+    torch.testing.assert_close(ancestral(eps_model, x_start, process, 3, randn_like=randn_like), torch.from_numpy(x),
+                               rtol=0, atol=1e-9)
+
+
+def test_time_steps_crowded_at_the_noise_end_stay_distinct_and_below_t():
+    """A log-SNR curve that falls steeply over its last steps puts most logsnr levels there: after rounding they
+    collide and are pushed past T - 1, and the downward pass must keep them distinct and below T."""
+
+    class Steep:
+        num_steps = 20
+
+        def alpha_bar(self, t, height, width):
+            t = t.to(torch.float64)
+            log_snr = 5 - 0.01 * t - 4 * (t - 14).clamp(min=0)
+            return torch.sigmoid(log_snr).reshape(-1, 1, 1, 1)
+
+    schedule = Steep()
+    for n in range(2, 20):
+        levels = time_steps(schedule, n, 'logsnr').tolist()
+        assert len(levels) == n and levels[0] == 19 and levels[-1] == 0, (n, levels)
+        assert all(a > b for a, b in zip(levels, levels[1:])), (n, levels)
+
+
 @pytest.mark.parametrize('dtype', [torch.bfloat16, torch.float16])
 def test_corrupt_of_half_precision_images_runs_in_float32(dtype):
     """Half-precision images (e.g. from a bf16 autocast upstream) are corrupted in float32 and rounded once: CUDA's
@@ -296,6 +462,13 @@ def test_time_steps():
         levels = time_steps(process, 35, spacing, 16, 16)
         assert len(levels) == 35 and levels[0] == 3999 and levels[-1] == 0 and (levels.diff() < 0).all()
     assert time_steps(SPDProcess(T=10), 9, 'quadratic').tolist() == [9, 7, 6, 5, 4, 3, 2, 1, 0]  # no repeats
+
+
+def test_quadratic_time_steps_are_round_of_the_squared_fraction():
+    """quadratic: t_i = round((T - 1) (i / (N - 1))^2), here without collisions (the smallest gap is 12 steps)."""
+    process = SPDProcess(T=1000, **CIFAR)
+    expected = [round(999 * (i / 9) ** 2) for i in range(10)][::-1]
+    assert time_steps(process, 10, 'quadratic').tolist() == expected == [999, 789, 604, 444, 308, 197, 111, 49, 12, 0]
 
 
 def test_uniform_time_steps_are_guided_diffusions_space_timesteps():
@@ -326,6 +499,71 @@ def test_fit_recovers_known_constants():
     for key, value in truth.items():
         assert abs(fitted[key] / value - 1) < 0.05, (key, fitted)
     assert fitted['rms_log10'] < 0.01
+
+
+def test_spectrum_radii_and_weighted_fit_against_direct_formulas():
+    """radial_frequency on a non-square grid, mean_power_spectrum over 3 channels (numpy's FFT per image and channel)
+    and fit_power_law's weighted least squares: at its c2, (log c1, m) solve the 2 x 2 normal equations of the radial
+    means weighted by their number of frequencies (written out here), and c2 is a minimum of that weighted residual."""
+    ky, kx = [0, 1, -2, -1], [0, 1, 2, -3, -2, -1]  # integer DFT frequencies, unshifted layout
+    expected = torch.tensor([[math.hypot(a, b) for b in kx] for a in ky], dtype=torch.float64)
+    torch.testing.assert_close(radial_frequency(4, 6), expected, rtol=0, atol=1e-12)
+
+    x = torch.randn(5, 3, 4, 6, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    direct = np.mean(np.abs(np.fft.fft2(x.numpy(), norm='ortho')) ** 2, axis=(0, 1))
+    torch.testing.assert_close(mean_power_spectrum(x), torch.from_numpy(direct), rtol=1e-12, atol=0)
+
+    size = 12
+    k2 = {}
+    for a in range(size):
+        for b in range(size):
+            fa, fb = min(a, size - a), min(b, size - b)
+            k2.setdefault(fa * fa + fb * fb, []).append((a, b))
+    power = power_law_spectrum(1.3, 0.4, 2.2, size, size) * (1 + 0.4 * torch.sin(3 * radial_frequency(size, size)))
+    fitted = fit_power_law(power)
+    radii = np.array([math.sqrt(r2) for r2 in sorted(k2) if r2 > 0])
+    means = np.array([np.mean([float(power[a, b]) for a, b in k2[r2]]) for r2 in sorted(k2) if r2 > 0])
+    counts = np.array([len(k2[r2]) for r2 in sorted(k2) if r2 > 0], dtype=np.float64)
+
+    def weighted_fit(c2):
+        u, y = -np.log(c2 + radii), np.log(means)
+        sw, su, sy = counts.sum(), (counts * u).sum(), (counts * y).sum()
+        suu, suy = (counts * u * u).sum(), (counts * u * y).sum()
+        m = (sw * suy - su * sy) / (sw * suu - su * su)
+        log_c1 = (sy - m * su) / sw
+        return log_c1, m, float((counts * (y - log_c1 - m * u) ** 2).sum() / sw)
+
+    log_c1, m, mse = weighted_fit(fitted['c2'])
+    assert fitted['c1'] == pytest.approx(math.exp(log_c1), rel=1e-9) and fitted['m'] == pytest.approx(m, rel=1e-9)
+    assert fitted['rms_log10'] == pytest.approx(math.sqrt(mse) / math.log(10), rel=1e-9)
+    assert fitted['c2_at_bound'] is None
+    for factor in (0.9, 0.99, 1.01, 1.1):
+        assert weighted_fit(fitted['c2'] * factor)[2] >= mse
+
+
+def test_dataset_power_spectrum_is_the_mean_over_images_and_channels_of_numpys_fft(tmp_path):
+    """fit=data's spectrum: E|F x|^2 over images and channels with x = uint8 / 127.5 - 1 (numpy, per image)."""
+    from losses.spd import dataset_power_spectrum
+
+    rnd = np.random.RandomState(0)
+    images = rnd.randint(0, 256, size=(7, 8, 8, 3)).astype(np.uint8)  # NHWC, as stored
+    path = write_zip_dataset(str(tmp_path / 'rgb.zip'), images)
+    power, num_images, shape = dataset_power_spectrum(path, chunk=3)  # chunks of 3, 3 and 1 images
+    assert num_images == 7 and tuple(shape) == (3, 8, 8)
+    x = images.transpose(0, 3, 1, 2).astype(np.float64) / 127.5 - 1
+    expected = np.mean(np.abs(np.fft.fft2(x, norm='ortho')) ** 2, axis=(0, 1))
+    torch.testing.assert_close(power, torch.from_numpy(expected), rtol=1e-10, atol=0)
+
+
+def test_loss_defaults_are_the_references():
+    """SPD: T = 4000 and CIFAR-10's Sigma0 (1.59, 0.0086, 2.0; configs/cifar10_fourier.yml); the DDPM control:
+    guided-diffusion's linear betas 1e-4 .. 0.02 at T = 1000, scaled by 1000 / T, T = 4000."""
+    assert SPDLoss().process.options() == dict(T=4000, c1=1.59, c2=0.0086, m=2.0)
+    assert DDPMLoss().process.options() == dict(T=4000, beta_start=1e-4, beta_end=0.02)
+    betas = np.linspace(0.25e-4, 0.25 * 0.02, 4000)
+    expected = np.cumprod(1 - betas)[[0, 1999, 3999]]
+    got = DDPMLoss().process.alpha_bar(torch.tensor([0, 1999, 3999]), 1, 1).flatten().numpy()
+    assert np.allclose(got, expected, rtol=1e-12, atol=0)
 
 
 def test_fit_option_is_settled_once_before_training(tmp_path):

@@ -208,6 +208,33 @@ def test_stf_loss_regresses_the_target_over_own_rows_and_augmented_references():
                                                                    reference_labels=batch.reference_labels)))
 
 
+def test_stf_loss_at_large_sigma_weighs_the_first_provided_references_with_their_own_labels():
+    """At sigma = 3 the references share the weight (at EDM's typical sigma the own row takes it all, so a loss that
+    took other references or mislabelled them would pass the test above): the loss equals a per-sample loop over
+    the own rows and the first R - b provided references (augmented), masked by the argmax of their labels."""
+    batch = _stf_batch()
+    net, pipe = RecordingNet(), ShiftAugment()
+    loss = STFLoss(dict(class_name='losses.denoising.EDMLoss', P_mean=float(torch.tensor(3.0).log()), P_std=0.0),
+                   num_refs=9)(net, batch, augment_pipe=pipe)
+    sigma = net.sigma.double().flatten()
+    torch.testing.assert_close(sigma, torch.full([4], 3.0, dtype=torch.float64))
+    x = net.x.double().flatten(1)
+    refs = [r.double().flatten() for r in batch.images + 0.5] + [r.double().flatten() for r in
+                                                                  batch.references[:5] + 0.5]
+    ref_classes = [int(l.argmax()) for l in batch.labels] + [int(l.argmax()) for l in batch.reference_labels[:5]]
+    expected = torch.zeros(4, 32, dtype=torch.float64)
+    for b in range(4):
+        own = int(batch.labels[b].argmax())
+        same = [k for k in range(9) if ref_classes[k] == own]
+        logw = torch.tensor([-float(((x[b] - refs[k]) ** 2).sum()) / (2 * 9.0) for k in same], dtype=torch.float64)
+        w = (logw - logw.max()).exp()
+        w = w / w.sum()
+        assert float(w[[i for i, k in enumerate(same) if k >= 4]].sum()) > 0.05  # the references matter here
+        expected[b] = sum(wi * refs[k] for wi, k in zip(w, same))
+    weight = (9.0 + 0.25) / (3.0 * 0.5) ** 2
+    torch.testing.assert_close(loss.double().flatten(1), weight * expected ** 2, rtol=1e-5, atol=1e-7)
+
+
 def test_stf_loss_without_augmentation_with_vp_ve_and_unmasked_classes():
     batch = _stf_batch(num=4, num_refs=4, classes=2)
     for base, weight_of in [('losses.denoising.VPLoss', lambda s: 1 / s ** 2),
@@ -223,6 +250,16 @@ def test_stf_loss_without_augmentation_with_vp_ve_and_unmasked_classes():
     # R = b: the reference set is the micro-batch itself; no references needed.
     net = RecordingNet()
     STFLoss(num_refs=4)(net, Batch(images=batch.images, labels=batch.labels, noise=batch.noise))
+
+
+def test_check_data_takes_a_reference_set_of_exactly_the_micro_batch():
+    """R = b is the smallest valid set (its own rows only); R = b - 1 is refused, R > dataset size warns."""
+    assert STFLoss(num_refs=4).check_data(batch_gpu_total=8, batch_gpu=4, dataset_size=100) == []
+    with pytest.raises(ValueError, match='must hold the per-GPU micro-batch of 4'):
+        STFLoss(num_refs=3).check_data(batch_gpu_total=8, batch_gpu=4, dataset_size=100)
+    assert STFLoss(num_refs=100).check_data(batch_gpu_total=8, batch_gpu=4, dataset_size=100) == []
+    warnings_ = STFLoss(num_refs=101).check_data(batch_gpu_total=8, batch_gpu=4, dataset_size=100)
+    assert len(warnings_) == 1 and 'larger than the dataset (100 images)' in warnings_[0]
 
 
 @pytest.mark.parametrize('num_refs, batch_kwargs, message', [
@@ -342,6 +379,37 @@ def assert_exact_resume(tmp_path, data, loss_kwargs):
     assert not torch.equal(first['networks']['net']['model.enc.8x8_conv.weight'],
                            a['networks']['net']['model.enc.8x8_conv.weight'])
     return a
+
+
+def test_reference_position_is_global_and_a_two_rank_resume_continues_each_ranks_stream():
+    """reference_position counts the references of all ranks (R per rank and iteration); resumed from it, each of 2
+    ranks reads the references an uninterrupted run reads next."""
+    from losses.stf import ReferenceSource
+    from training.batch_sources import DataContext
+
+    class Inner:
+        def next_rounds(self):
+            return [Batch(images=torch.zeros(1, 1, 2, 2), labels=torch.zeros(1, 0))]
+
+        def state_dict(self):
+            return {}
+
+    dataset = torch.utils.data.TensorDataset(torch.arange(40 * 4).reshape(40, 1, 2, 2).to(torch.uint8),
+                                             torch.zeros(40, 0))
+
+    def source(rank, resume):
+        data = DataContext(dataset=dataset, rank=rank, world_size=2, seed=3, batch_gpu=1, num_rounds=1,
+                           device=torch.device('cpu'), loader_kwargs={}, resume=resume)
+        return ReferenceSource(Inner(), data, num_refs=3)
+
+    for rank in (0, 1):
+        straight = source(rank, {})
+        refs = [straight.next_rounds()[0].references for _ in range(5)]
+        assert straight.state_dict()['reference_position'] == 2 * 5 * 3
+        resumed_source = source(rank, {'reference_position': 2 * 3 * 3})  # after 3 iterations
+        resumed = [resumed_source.next_rounds()[0].references for _ in range(2)]
+        assert torch.equal(resumed[0], refs[3]) and torch.equal(resumed[1], refs[4])
+        assert not torch.equal(refs[3], refs[4])
 
 
 def test_exact_resume_with_stf(labelled_zip, tmp_path):
