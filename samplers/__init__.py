@@ -12,6 +12,7 @@ to add a solver: one file and one line below.
 import torch
 
 from samplers.dpm_solver import dpmpp_2m, dpmpp_3m
+from samplers.edm_time import euler_time, heun_time
 from samplers.euler_heun import churns, euler, heun, heun_nfe
 from samplers.ipndm import ipndm
 from samplers.schedules import (
@@ -33,6 +34,9 @@ from samplers.unipc import unipc
 SOLVERS = {
     "euler": SolverEntry(euler, default_end="zero"),
     "heun": SolverEntry(heun, default_end="zero", nfe=heun_nfe, adds_noise=churns),
+    # EDM's ablation ODE in VP/VE time or with VP scaling (its Figure 2): the same steps in another time variable.
+    "euler_time": SolverEntry(euler_time, default_end="zero"),
+    "heun_time": SolverEntry(heun_time, default_end="zero", nfe=heun_nfe, adds_noise=churns),
     "dpmpp_2m": SolverEntry(dpmpp_2m, default_end="sigma_min", distinct_levels=True),
     "dpmpp_3m": SolverEntry(dpmpp_3m, default_end="sigma_min", distinct_levels=True),
     "unipc": SolverEntry(unipc, default_end="sigma_min", distinct_levels=True),

@@ -8,9 +8,10 @@ sets the option of its name, or the solver's alias of it (--order is iPNDM's max
 
 EDM's generate.py options are accepted as aliases (EDM_ALIASES_NOTE): --disc=vp|ve|iddpm|edm is --schedule of the same
 name, --schedule=linear and --scaling=none are what every solver here integrates, --solver=euler|heun are EDM's
-ablation-sampler solvers on that ODE; what our solvers cannot integrate (EDM's VP/VE ODE schedules, VP scaling) is
-refused in one line. `--preset=NAME` fills the sampler options of a published configuration that the command line did
-not give (the CLI passes its table, training.presets.SAMPLER_PRESETS; apply_preset).
+ablation-sampler solvers on that ODE; EDM's VP/VE ODE schedules and VP scaling (beside --disc or --scaling) select
+the same solvers stepping in EDM's time t (samplers/edm_time.py: euler_time, heun_time). `--preset=NAME` fills the
+sampler options of a published configuration that the command line did not give (the CLI passes its table,
+training.presets.SAMPLER_PRESETS; apply_preset).
 """
 
 import collections
@@ -235,40 +236,38 @@ EDM_ALIASES_NOTE = (
     "EDM's generate.py options: --disc=vp|ve|iddpm|edm is --schedule=vp|ve|iddpm|edm (the same time steps and default "
     "sigma ranges); --schedule=linear and --scaling=none are EDM's sigma(t) = t, s(t) = 1, the ODE dx/dsigma every "
     "solver here integrates; --solver=euler|heun on it are EDM's ablation-sampler solvers (alpha = 1, last step Euler "
-    "to sigma = 0; its churn, --S_churn etc., applies to heun only here). EDM's --schedule=vp|ve and --scaling=vp (its "
-    "ODE in VP/VE time) are refused: use NVlabs/edm's generate.py for those ablations. Without --disc or --scaling, "
-    "--schedule=vp|ve are our grids (EDM's --disc=vp|ve)."
+    "to sigma = 0; its churn, --S_churn etc., applies to heun only here). EDM's --schedule=vp|ve beside --disc or "
+    "--scaling, and --scaling=vp (its ODE in VP/VE time, with VP scaling) step in EDM's time t: --solver=euler|heun "
+    "become euler_time|heun_time with ode_schedule / ode_scaling. Without --disc or --scaling, --schedule=vp|ve are "
+    "our grids (EDM's --disc=vp|ve)."
 )
 _EDM_ODE_SCHEDULES = {"vp": "sigma(t) = sqrt(exp(beta_d t^2 / 2 + beta_min t) - 1)", "ve": "sigma(t) = sqrt(t)"}
 
 
-def resolve_edm_aliases(schedule: str | None, disc: str | None, scaling: str | None) -> tuple[str, list[str]]:
-    """EDM's --disc / --schedule / --scaling -> our --schedule, plus notes to print. Refuses (one UsageError line)
-    what our solvers cannot integrate exactly, saying what to use instead."""
-    notes = []
-    if scaling == "vp":
-        raise click.UsageError("--scaling=vp (EDM's ablation ODE with s(t) = 1/sqrt(1 + sigma(t)^2)) cannot be "
-                               "expressed here: every solver integrates dx/dsigma unscaled (EDM's --scaling=none); "
-                               "drop --scaling, or use NVlabs/edm's generate.py for that ablation")
+def resolve_edm_aliases(schedule: str | None, disc: str | None,
+                        scaling: str | None) -> tuple[str, dict, list[str]]:
+    """EDM's --disc / --schedule / --scaling -> (our --schedule, the time-ODE options of euler_time / heun_time, or
+    {} for the ODE in sigma, notes to print)."""
+    notes, ode = [], {}
     edm_style = disc is not None or scaling is not None
+    if scaling == "vp":  # EDM's s(t) = 1/sqrt(1 + sigma(t)^2)
+        ode["ode_scaling"] = "vp"
     if schedule == "linear":  # EDM's sigma(t) = t: the ODE integrated here; the grid comes from --disc (EDM: edm)
         schedule = None
     elif schedule in _EDM_ODE_SCHEDULES and edm_style:
-        raise click.UsageError(
-            f"--schedule={schedule} beside --disc/--scaling is EDM's ablation ODE in {schedule.upper()} time "
-            f"({_EDM_ODE_SCHEDULES[schedule]}), which the solvers here cannot integrate (they integrate in sigma, "
-            f"EDM's --schedule=linear): drop --schedule (for {schedule.upper()} time steps use --disc={schedule}), or "
-            f"use NVlabs/edm's generate.py for that ablation")
+        # EDM's sigma(t) of its ablation ODE, stepped in that time; the time steps come from --disc (EDM: edm).
+        ode["ode_schedule"] = schedule
+        schedule = None
     elif schedule in _EDM_ODE_SCHEDULES:
         notes.append(f"--schedule={schedule} is the {schedule.upper()} time discretisation here (EDM's "
                      f"--disc={schedule}), integrated in sigma; EDM's --schedule={schedule} (its ODE in "
-                     f"{schedule.upper()} time) is not available")
+                     f"{schedule.upper()} time, on EDM's default time steps) is --disc=edm --schedule={schedule}")
     if disc is not None:
         if schedule is not None and schedule != disc:
             raise click.UsageError(f"--disc={disc} and --schedule={schedule} both choose the time steps; give one "
                                    f"(--disc={disc} is --schedule={disc} here)")
         schedule = disc
-    return ("edm" if schedule is None else schedule), notes
+    return ("edm" if schedule is None else schedule), ode, notes
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -414,12 +413,14 @@ def sampler_options(help_prefix: str = "", solver_default: str | None = None, st
                      show_default=False),
         solver_option(help_prefix, default=solver_default, deferred=True),
         click.option("--schedule", help=help_prefix + f"Noise-level grid: {', '.join(SCHEDULES)}, or a schedule file "
-                     "(.json, LD3 .pt); EDM's --schedule=linear is accepted (the ODE every solver here integrates)  "
+                     "(.json, LD3 .pt); EDM's --schedule=linear is accepted (the ODE every solver here integrates); "
+                     "beside --disc or --scaling, vp|ve are EDM's (its ODE in VP/VE time: euler_time / heun_time)  "
                      "[default: edm]", metavar="NAME|PATH", type=str, default=None, show_default=False),
         click.option("--disc", help=help_prefix + "EDM's --disc (ablation sampler's time steps): the --schedule of the "
                      "same name", type=click.Choice(list(EDM_DISCRETIZATIONS)), default=None),
-        click.option("--scaling", help=help_prefix + "EDM's --scaling: none (what every solver here integrates); vp is "
-                     "refused", type=click.Choice(list(EDM_SCALINGS)), default=None),
+        click.option("--scaling", help=help_prefix + "EDM's --scaling: none (what every solver here integrates); vp "
+                     "steps EDM's scaled ODE (euler_time / heun_time)", type=click.Choice(list(EDM_SCALINGS)),
+                     default=None),
         end_option(help_prefix),
         click.option("--denoise-to-zero", "denoise_to_zero", help=help_prefix + "After a grid ending at sigma_min, "
                      "output D(x; sigma_min) (+1 NFE)", is_flag=True),
@@ -511,7 +512,7 @@ def sampler_config(solver, schedule, num_steps, sigma_min, sigma_max, rho, end, 
                 "--denoise-to-zero": denoise_to_zero})
         except ValueError as err:
             raise click.UsageError(str(err)) from None
-    schedule, alias_notes = resolve_edm_aliases(schedule, disc, scaling)
+    schedule, ode_options, alias_notes = resolve_edm_aliases(schedule, disc, scaling)
     if notes is not None:
         notes.extend(alias_notes)
     from_file = schedule not in SCHEDULES
@@ -528,8 +529,23 @@ def sampler_config(solver, schedule, num_steps, sigma_min, sigma_max, rho, end, 
     sampling = option_flags.pop("sampling", None)
     chosen = sampling.solver_for(solver, num_steps) if hasattr(sampling, "solver_for") else \
         resolve_solver(solver, schedule)
+    if ode_options:
+        # EDM's ablation ODE in VP/VE time or with VP scaling: its Euler or Heun, stepping in that time.
+        flags = " ".join(f"--{'scaling' if key == 'ode_scaling' else 'schedule'}={value}"
+                         for key, value in sorted(ode_options.items()))
+        if chosen not in ("euler", "heun") or from_file:
+            raise click.UsageError(f"{flags} (EDM's ablation ODE in another time variable) is stepped by EDM's "
+                                   f"--solver=euler or heun on a named grid, not by {chosen}"
+                                   f"{' on a schedule file' if from_file else ''}")
+        chosen = solver = f"{chosen}_time"
+        given = sorted(set(ode_options) & {item.split("=")[0].strip() for text in solver_opt
+                                           for item in text.split(",")})
+        if given:
+            raise click.UsageError(f"--solver-opt {', '.join(given)} and EDM's --schedule/--scaling both set the "
+                                   f"time ODE: give one")
     solver_kwargs = solver_kwargs_from_cli(chosen, solver_opt, solvers=getattr(sampling, "solvers", None),
                                            **option_flags)
+    solver_kwargs.update(ode_options)
     schedule_kwargs = {}
     if rho is not None:
         takers = [name for name, fn in SCHEDULES.items() if "rho" in inspect.signature(fn).parameters]

@@ -259,7 +259,19 @@ def test_step_orders():
     assert step_orders(make_grid("logsnr", 2, end="sigma_min").sigmas.tolist(), 3, True) == [1, 1]  # shorter: capped
 
 
-@pytest.mark.parametrize("solver", sorted(SOLVERS))
+def test_solvers_without_a_decoupled_grid_refuse_one():
+    """EDM's time-ODE solvers step in another time variable: LD3's decoupled evaluation grid is refused by name."""
+    from samplers.ld3.optimize import LD3Config
+    grid = make_grid("logsnr", 6, 0.002, 80, end="sigma_min")
+    grid.eval_sigmas = grid.sigmas.clone()
+    for solver in ("euler_time", "heun_time"):
+        with pytest.raises(ValueError, match=f"solver '{solver}' takes no eval_sigmas, so it cannot use a decoupled"):
+            sample(make_denoiser(), LATENTS, grid, solver=solver)
+        with pytest.raises(ValueError, match=f"solver '{solver}' takes no decoupled evaluation grid"):
+            LD3Config(solver=solver, nfe=6).validate()
+
+
+@pytest.mark.parametrize("solver", sorted(name for name in SOLVERS if SOLVERS[name].takes_input("eval_sigmas")))
 def test_decoupled_evaluation_grid(solver):
     """LD3: D is evaluated at eval_sigmas; the solver's coefficients still use sigmas."""
     grid = make_grid("logsnr", 6, 0.002, 80, end="sigma_min")

@@ -158,6 +158,8 @@ class LD3Config:
 
     def validate(self, num_items: int | None = None) -> None:
         get_solver(self.solver).check_options(self.solver_kwargs, self.solver)
+        if not get_solver(self.solver).takes_input("eval_sigmas"):
+            raise ValueError(f"solver {self.solver!r} takes no decoupled evaluation grid, half of what LD3 learns")
         if self.loss not in DISTANCES:
             raise ValueError(f"unknown loss {self.loss!r}: expected one of {', '.join(DISTANCES)}")
         names = hand_made_grid_names()
