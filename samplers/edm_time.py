@@ -20,6 +20,8 @@ from typing import Literal
 
 import torch
 
+from samplers.solver_grid import read_grid
+
 ODE_SCHEDULES = ("linear", "vp", "ve")  # sigma(t)
 ODE_SCALINGS = ("none", "vp")  # s(t)
 VP_EPSILON_S = 1e-3  # EDM's epsilon_s: the VP time of sigma_min
@@ -80,9 +82,9 @@ def integrate_in_time(denoiser, x: torch.Tensor, sigmas: torch.Tensor, class_lab
     scaling `scaling`; x is the unscaled starting sample at sigmas[0] (latents * sigma_max, as samplers.sample makes
     it) and the result is unscaled too. Heun's churn as EDM's ablation sampler: the churned level sigma(t_hat) is
     rounded by the network's round_sigma, the noise is scaled by s(t_hat), and a fresh draw is taken at every step."""
-    levels = sigmas.detach()
-    positive = levels[levels > 0]
-    ode = TimeODE(schedule, scaling, float(positive[-1]), float(levels[0]))
+    levels, _ = read_grid(sigmas)  # Python floats for control flow: one device sync per grid (cached), not per step
+    positive = [level for level in levels if level > 0]
+    ode = TimeODE(schedule, scaling, positive[-1], levels[0])
     round_sigma = torch.as_tensor if round_sigma is None else round_sigma
     randn_like = torch.randn_like if randn_like is None else randn_like
     churn = second_order and S_churn > 0
