@@ -15,7 +15,6 @@ import json
 import math
 import os
 import re
-import warnings
 from collections.abc import Callable
 
 import numpy as np
@@ -140,8 +139,8 @@ def build_grid(net, config: SamplerConfig, device=None) -> tuple[SigmaGrid, str,
         if overridden:
             # A learned grid fits the options it was learned with; say so instead of silently changing them. Attributed
             # to this line (not the caller's), so that Python's default filter shows it once per run although a run
-            # builds its grid more than once (describe, prepare).
-            warnings.warn(f"schedule file {config.schedule!r} was learned with "
+            # builds its grid more than once (describe, prepare); on rank 0 only (every rank builds the same grid).
+            dist.warn0(f"schedule file {config.schedule!r} was learned with "
                           f"{', '.join(f'{k}={fitted[k]!r}' for k in overridden)}; overriding with "
                           f"{', '.join(f'{k}={config.solver_kwargs[k]!r}' for k in overridden)} may not fit the "
                           f"learned grid", stacklevel=1)

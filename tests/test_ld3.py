@@ -818,6 +818,14 @@ def test_a_learned_schedule_warning_is_shown_once(network_pickle, tmp_path):
     assert result.exit_code == 0, result.output
     texts = [str(w.message) for w in caught if "was learned with lower_order_final=True" in str(w.message)]
     assert len(texts) == 1, texts
+    # Under torchrun every rank builds the same grid: rank 0 says it (8 GPUs printed it 8 times).
+    from torch_utils import distributed
+    with pytest.MonkeyPatch.context() as patch, warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        patch.setattr(distributed, "get_rank", lambda: 1)
+        result = CliRunner().invoke(ld3_cli.cli, [*args[:4], str(tmp_path / "t1.pt"), *args[5:]])
+    assert result.exit_code == 0, result.output
+    assert not [w for w in caught if "was learned with" in str(w.message)]
 
 
 def test_cli_train_and_evaluate_refuse_another_network_and_check_out_first(network_pickle, tmp_path, monkeypatch):
