@@ -538,13 +538,12 @@ def sampler_config(solver, schedule, num_steps, sigma_min, sigma_max, rho, end, 
                                    f"--solver=euler or heun on a named grid, not by {chosen}"
                                    f"{' on a schedule file' if from_file else ''}")
         chosen = solver = f"{chosen}_time"
-        given = sorted(set(ode_options) & {item.split("=")[0].strip() for text in solver_opt
-                                           for item in text.split(",")})
-        if given:
-            raise click.UsageError(f"--solver-opt {', '.join(given)} and EDM's --schedule/--scaling both set the "
-                                   f"time ODE: give one")
     solver_kwargs = solver_kwargs_from_cli(chosen, solver_opt, solvers=getattr(sampling, "solvers", None),
                                            **option_flags)
+    given = sorted(set(ode_options) & set(solver_kwargs))
+    if given:
+        raise click.UsageError(f"--solver-opt {', '.join(given)} and EDM's --schedule/--scaling both set the time "
+                               f"ODE: give one")
     solver_kwargs.update(ode_options)
     schedule_kwargs = {}
     if rho is not None:

@@ -28,7 +28,7 @@ VP_EPSILON_S = 1e-3  # EDM's epsilon_s: the VP time of sigma_min
 
 
 class TimeODE:
-    """sigma(t), its derivative and inverse, and s(t) with its derivative, on float64 tensors."""
+    """sigma(t), its derivative and inverse, s(t), and the slope dx/dt, on float64 tensors."""
 
     def __init__(self, schedule: str, scaling: str, sigma_min: float, sigma_max: float):
         if schedule not in ODE_SCHEDULES:
@@ -64,15 +64,13 @@ class TimeODE:
     def s(self, t):
         return (1 + self.sigma(t) ** 2).rsqrt() if self.scaling == "vp" else torch.ones_like(t)
 
-    def s_deriv(self, t):
-        # d/dt (1 + sigma^2)^(-1/2) = -sigma sigma' (1 + sigma^2)^(-3/2)
-        return -self.sigma(t) * self.sigma_deriv(t) * self.s(t) ** 3 if self.scaling == "vp" else torch.zeros_like(t)
-
     def slope(self, denoiser, x, t, class_labels):
-        """dx/dt at (x, t): one denoiser call at sigma(t) on the unscaled x / s(t)."""
+        """dx/dt at (x, t): one denoiser call at sigma(t) on the unscaled x / s(t). s'/s = -sigma sigma' s^2 under
+        VP scaling (d/dt (1 + sigma^2)^(-1/2) = -sigma sigma' (1 + sigma^2)^(-3/2)), 0 without."""
         sigma, sigma_deriv, s = self.sigma(t), self.sigma_deriv(t), self.s(t)
+        scaling_rate = -sigma * sigma_deriv * s**2 if self.scaling == "vp" else 0.0
         denoised = denoiser(x / s, sigma, class_labels).to(torch.float64)
-        return (sigma_deriv / sigma + self.s_deriv(t) / s) * x - sigma_deriv * s / sigma * denoised
+        return (sigma_deriv / sigma + scaling_rate) * x - sigma_deriv * s / sigma * denoised
 
 
 def integrate_in_time(denoiser, x: torch.Tensor, sigmas: torch.Tensor, class_labels, *, schedule: str, scaling: str,
