@@ -3,12 +3,15 @@
 import click
 
 import dnnlib.util
-from training.dataset_tool_lib import DatasetToolError, convert_dataset, parse_resolution
+
+# training.dataset_tool_lib is imported where it is used: it imports torch (the safe unpickler, the zip reader's
+# checks), which takes seconds that `--help` and a usage error should not wait for.
 
 
 def _resolution_option(ctx, param, value):
     if value is None:
         return None
+    from training.dataset_tool_lib import DatasetToolError, parse_resolution
     try:
         return parse_resolution(value)
     except DatasetToolError:
@@ -72,6 +75,7 @@ def main(source, dest, max_images, transform, resolution):
     The output is written under a temporary name and renamed when complete: after an error (a bad image or label,
     a full disk) nothing is left at --dest, and the temporary output of a killed earlier run is removed.
     """
+    from training.dataset_tool_lib import DatasetToolError, convert_dataset
     try:
         num_images = convert_dataset(source, dest, max_images=max_images, transform=transform, resolution=resolution,
                                      log=click.echo)

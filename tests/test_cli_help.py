@@ -82,3 +82,26 @@ def test_single_process_tools_refuse_several_torchrun_processes(module, args, mo
     assert result.exit_code in (1, 2)  # click's usage (ld3.py) or error (train_dg.py) exit
     assert f"{module}.py runs as one process (it does not split its work over ranks), but torchrun started 2" in \
         result.output
+
+
+def test_dataset_tool_help_does_not_import_torch():
+    """`dataset_tool.py --help` and its usage errors answer without importing torch (seconds; the tool needs it only
+    to convert)."""
+    import subprocess
+    import sys
+    from pathlib import Path
+    root = Path(__file__).resolve().parents[1]
+    probe = ("import sys, dataset_tool\n"
+             "try:\n"
+             "    dataset_tool.main(sys.argv[1:], standalone_mode=False)\n"
+             "except BaseException as exc:\n"
+             "    print(type(exc).__name__)\n"
+             "print('torch' in sys.modules)\n")
+    for args in (["--help"], ["--source", "x"]):  # the second: a usage error (no --dest)
+        result = subprocess.run([sys.executable, "-c", probe, *args], cwd=root, capture_output=True, text=True,
+                                timeout=120)
+        assert result.returncode == 0, result.stderr
+        assert result.stdout.strip().splitlines()[-1] == "False", (args, result.stdout)
+    result = subprocess.run([sys.executable, "-c", probe, "--source", "x", "--dest", "y.zip", "--resolution", "32x32"],
+                            cwd=root, capture_output=True, text=True, timeout=120)
+    assert result.stdout.strip().splitlines()[-1] == "True", result.stdout  # converting does import it
