@@ -254,8 +254,8 @@ def calc(image_path, network_pkl, ref_path, num_expected, seed, seeds, out_path,
     detector_paths = _detector_overrides(detector_values)
     if (image_path is None) == (network_pkl is None):
         raise click.UsageError("give exactly one of --images and --network")
-    if ref_path is None and any(name in metric_names for name in ("fid", "pr", "kid")):
-        raise click.UsageError("--ref is required for fid, pr and kid")
+    if ref_path is None and metrics.metrics_needing_reference(metric_names):
+        raise click.UsageError(f"--ref is required for {', '.join(metrics.metrics_needing_reference(metric_names))}")
     ctx = click.get_current_context()
     given = [param.opts[0] for param in ctx.command.params if param.name in ["seeds", "preset", *sampler_cli]
              and ctx.get_parameter_source(param.name) == ParameterSource.COMMANDLINE]

@@ -91,7 +91,9 @@ class LossWrapperEntry:
         return (self.enable, *self.flags)
 
 
-# Applied in this order (inner first): --stf --aot gives AOT(STF(base)).
+# Applied in this order (inner first): --stf --aot gives AOT(STF(base)). STF calls its base's `noisy_batch` and AOT
+# the innermost loss's `noise` and `batch_source`, so a wrapper that changes the draws goes before 'stf' and provides
+# `noisy_batch` (docs/design.md §6).
 LOSS_WRAPPERS = {
     'stf': LossWrapperEntry(
         cls=STFLoss,

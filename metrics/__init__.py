@@ -16,6 +16,7 @@ from .evaluate import (
     calc_metrics,
     compute_reference,
     dataset_source,
+    metrics_needing_reference,
     network_source,
     parse_metrics,
 )
@@ -23,6 +24,6 @@ from .frechet import ReferenceStatsError, frechet_distance, load_reference, save
 
 __all__ = [
     "DETECTORS", "METRICS", "DetectorUnavailableError", "MetricsError", "ReferenceStatsError", "calc_metrics",
-    "compute_reference", "dataset_source", "frechet_distance", "load_detector", "load_reference", "network_source",
-    "parse_metrics", "save_reference",
+    "compute_reference", "dataset_source", "frechet_distance", "load_detector", "load_reference",
+    "metrics_needing_reference", "network_source", "parse_metrics", "save_reference",
 ]

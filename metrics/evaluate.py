@@ -39,14 +39,27 @@ from .inception_score import InceptionScoreAccumulator
 from .kid import kernel_inception_distance
 from .precision_recall import precision_recall
 
-METRICS: dict[str, dict] = {
-    "fid": dict(detector="inception", label="fid{n}_full", description="Frechet Inception Distance (EDM)"),
-    "is": dict(detector="inception", label="is{n}", description="Inception Score (StyleGAN2-ADA, 10 splits)"),
-    "pr": dict(detector="vgg16", label="pr{n}_3_full", description="precision/recall (StyleGAN2-ADA, VGG16, k=3)"),
-    "kid": dict(detector="inception", label="kid{n}_full", description="Kernel Inception Distance (torch-fidelity)"),
-}
 PR_REFERENCE_KEY = "vgg16_features"
 KID_REFERENCE_KEY = "inception_features"
+# detector: the feature network; reads: which of its outputs ("features" or "probabilities"; one detector pass serves
+# all); reference: needs --ref; reference_key: the array beyond mu/sigma it reads from the reference file.
+METRICS: dict[str, dict] = {
+    "fid": dict(detector="inception", reads="features", label="fid{n}_full",
+                description="Frechet Inception Distance (EDM)", reference=True),
+    "is": dict(detector="inception", reads="probabilities", label="is{n}",
+               description="Inception Score (StyleGAN2-ADA, 10 splits)"),
+    "pr": dict(detector="vgg16", reads="features", label="pr{n}_3_full",
+               description="precision/recall (StyleGAN2-ADA, VGG16, k=3)", reference=True,
+               reference_key=PR_REFERENCE_KEY),
+    "kid": dict(detector="inception", reads="features", label="kid{n}_full",
+                description="Kernel Inception Distance (torch-fidelity)", reference=True,
+                reference_key=KID_REFERENCE_KEY),
+}
+
+
+def metrics_needing_reference(metrics: Sequence[str]) -> list[str]:
+    """The metrics of `metrics` that compare with reference statistics (--ref), in the order given."""
+    return [m for m in metrics if METRICS[m].get("reference")]
 
 
 class MetricsError(ValueError):
@@ -275,7 +288,9 @@ class FeaturePass:
         if images.shape[1] == 1:
             images = images.repeat([1, 3, 1, 1])  # grayscale -> RGB, as EDM
         inception = self.detectors.get("inception")
-        needs_features = self.moments is not None or "kid" in self.metrics  # one call serves FID and KID
+        # One call serves every metric of the Inception features (FID, KID, ...); IS reads its probabilities.
+        needs_features = any(METRICS[m]["detector"] == "inception" and METRICS[m]["reads"] == "features"
+                             for m in self.metrics)
         needs_probs = self.inception_score is not None
         if needs_features and needs_probs:  # one detector pass where the file allows it (its describe() says)
             inception_features, probs = inception.features_and_probabilities(images)
@@ -401,7 +416,7 @@ def load_detectors(metrics: Sequence[str], detector_paths: dict[str, str] | None
 
 def _load_reference_all_ranks(ref_path: str, verbose: bool, metrics: Sequence[str]) -> dict:
     """Rank 0 reads (and downloads) first; the others then read the cached copy. Only the arrays the metrics use."""
-    keys = [key for metric, key in (("pr", PR_REFERENCE_KEY), ("kid", KID_REFERENCE_KEY)) if metric in metrics]
+    keys = [METRICS[m]["reference_key"] for m in metrics if METRICS[m].get("reference_key")]
     if distributed.get_rank() != 0:
         distributed.barrier()
     try:
@@ -432,9 +447,9 @@ def calc_metrics(source: ImageSource, ref_path: str | None, metrics: Sequence[st
         raise MetricsError(f"--metrics kid: KID needs at least 2 generated images, got {source.num_images}")
 
     ref = None
-    if "fid" in metrics or "pr" in metrics or "kid" in metrics:
+    if metrics_needing_reference(metrics):
         if ref_path is None:
-            raise MetricsError(f"--ref is required for {', '.join(m for m in metrics if m in ('fid', 'pr', 'kid'))}")
+            raise MetricsError(f"--ref is required for {', '.join(metrics_needing_reference(metrics))}")
         distributed.print0(f'Loading reference statistics from "{ref_path}"...')
         ref = _load_reference_all_ranks(ref_path, verbose, metrics)
         if "pr" in metrics and PR_REFERENCE_KEY not in ref:
@@ -497,6 +512,7 @@ def calc_metrics(source: ImageSource, ref_path: str | None, metrics: Sequence[st
         results["fid"] = distributed.broadcast_object(fid)
     ordered = {key: results[key] for key in ("fid", "is_mean", "is_std", "precision", "recall", "kid", "kid_std")
                if key in results}
+    ordered.update({key: value for key, value in results.items() if key not in ordered})  # added metrics, after
 
     record = dict(
         results=ordered,
@@ -720,4 +736,7 @@ def format_results(record: dict) -> list[str]:
         lines.append(f"{labels['pr']} precision {results['precision']:g} recall {results['recall']:g}")
     if "kid" in results:
         lines.append(f"{labels['kid']} {results['kid']:g} +- {results['kid_std']:g}")
+    for metric, label in labels.items():  # an added metric with one number under its own name
+        if metric not in ("fid", "is", "pr", "kid") and isinstance(results.get(metric), (int, float)):
+            lines.append(f"{label} {results[metric]:g}")
     return lines

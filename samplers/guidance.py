@@ -431,6 +431,9 @@ GUIDANCE = {
 }
 
 
+GUIDANCE_METHODS = ("describe", "prepare", "record")  # what a guidance object must have (the module docstring)
+
+
 def guidance_record(specs: dict | None) -> dict:
     """{name: the guidance's record()} of SamplerConfig.guidance: what generation.json compares."""
     guidance = build_guidance(specs)
@@ -446,4 +449,10 @@ def build_guidance(specs: dict | None):
     ((name, options),) = specs.items()
     if name not in GUIDANCE:
         raise ValueError(f"unknown guidance {name!r}: expected one of {', '.join(GUIDANCE)}")
-    return GUIDANCE[name].build(**options)
+    guidance = GUIDANCE[name].build(**options)
+    # Checked here, before any image: generate.py calls record() only when it writes generation.json.
+    missing = [method for method in GUIDANCE_METHODS if not callable(getattr(guidance, method, None))]
+    if missing:
+        raise TypeError(f"guidance {name!r}: {type(guidance).__name__} has no {', '.join(missing)} (a guidance "
+                        f"object needs {', '.join(GUIDANCE_METHODS)}: samplers/guidance.py)")
+    return guidance

@@ -3,6 +3,7 @@ clip, the tau window, boosting, AOT-paired training, files and command lines, an
 deliberately wrong (a shifted Gaussian mixture): with the closed-form optimal discriminator and with a trained one,
 guided sampling moves the samples to the true distribution."""
 
+import dataclasses
 import hashlib
 import json
 import math
@@ -1210,3 +1211,25 @@ def test_sampling_batches_read_nothing_back_from_the_device(tmp_path, monkeypatc
         assert len(finiteness) == 3, (options, reads)  # batches 1, 2 (late) and 3 (at the end)
         assert [read for read in reads if read not in finiteness] == [], (options, reads)
         reads.clear()
+
+
+def test_a_guidance_without_its_methods_is_refused_before_any_image(monkeypatch):
+    """build_guidance checks the object a GuidanceEntry builds: one without record() (what generation.json stores)
+    was met only after the sampler line, as an AttributeError."""
+    class NoRecord:
+        def __init__(self, value):
+            self.value = value
+
+        def describe(self, *args, **kwargs):
+            return "test guidance"
+
+        def prepare(self, *args, **kwargs):
+            return None
+
+    entry = dataclasses.replace(guidance.GUIDANCE["dg"], flag="--test-guidance", options=(), build=NoRecord)
+    monkeypatch.setitem(guidance.GUIDANCE, "test", entry)
+    with pytest.raises(TypeError, match=r"guidance 'test': NoRecord has no record \(a guidance object needs "
+                                        r"describe, prepare, record"):
+        guidance.build_guidance({"test": {"value": "x"}})
+    NoRecord.record = lambda self: {"value": self.value}
+    assert guidance.guidance_record({"test": {"value": "x"}}) == {"test": {"value": "x"}}

@@ -1010,3 +1010,25 @@ def test_kept_feature_rows_come_in_image_order_and_the_batch_lists_are_let_go():
     assert torch.equal(in_order, torch.eye(2))
     empty = evaluate._rows_in_image_order([], [], 4, torch.float16, torch.device("cpu"))
     assert empty.shape == (0, 4) and empty.dtype == torch.float16
+
+
+def test_an_added_metric_of_inception_features_runs_alone_and_prints(standin_paths, monkeypatch):
+    """A metric added by its METRICS entry (docs/design.md §6) that reads the Inception features gets them even when
+    it is the only one requested (the pass decided from FID/KID by name before: an UnboundLocalError), and its one
+    number is printed under its label; `metrics_needing_reference` reads the entries."""
+    monkeypatch.setitem(evaluate.METRICS, "mfn", dict(detector="inception", reads="features", label="mfn{n}",
+                                                      description="mean feature norm (test)"))
+    detectors = evaluate.load_detectors(["mfn"], standin_paths, torch.device("cpu"))
+    calls = []
+    features = detectors["inception"].features
+    monkeypatch.setattr(detectors["inception"], "features", lambda images: calls.append(len(images)) or
+                        features(images))
+    images = torch.randint(0, 256, [9, 3, 8, 8], dtype=torch.uint8, generator=torch.Generator().manual_seed(3))
+    _run_feature_pass(["mfn"], detectors, images, batch=4)
+    assert calls == [4, 4, 1]
+    record = dict(results={"fid": 1.5, "mfn": 2.25}, labels={"fid": "fid9_full", "mfn": "mfn9"})
+    assert evaluate.format_results(record) == ["fid9_full 1.5", "mfn9 2.25"]
+    assert evaluate.metrics_needing_reference(["is", "mfn", "kid", "fid"]) == ["kid", "fid"]
+    assert [m for m, entry in evaluate.METRICS.items() if entry.get("reference")] == ["fid", "pr", "kid"]
+    assert {m: entry.get("reference_key") for m, entry in evaluate.METRICS.items() if entry.get("reference_key")} == \
+        {"pr": "vgg16_features", "kid": "inception_features"}
