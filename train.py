@@ -21,10 +21,11 @@ Examples:
 
 Additions to EDM's options: --loss (registry name; default follows --precond) and --loss-opt KEY=VALUE for its
 constructor options, the plug-ins --stf/--stf-refs/--stf-mask-classes (STF targets) and --aot (AOT noise pairing),
-which compose with each other and with the edm, vp and ve losses (--aot also with spd, ddpm and gdd), --precision
-fp32|bf16|fp16 (torch.autocast; fp16 adds a GradScaler), --compile 0|1|regional, --channels-last and --fused-adam
-(GPU speed; not bit-identical to the defaults, which are EDM's), --device, --rng image|rank, --lr-rampup; hidden:
---blocks (num_blocks) and --attn (attn_resolutions) for tiny networks. --workers accepts 0 (load in the main
+which compose with each other and with the denoising losses (edm, vp, ve, and any losses.DenoisingLoss added; --aot
+also with spd, ddpm and gdd), --precision fp32|bf16|fp16 (torch.autocast; fp16 adds a GradScaler), --compile
+0|1|regional, --channels-last and --fused-adam (GPU speed; not bit-identical to the defaults, which are EDM's),
+--device, --rng image|rank, --lr-rampup; hidden: --blocks (num_blocks) and --attn (attn_resolutions) for tiny
+networks. --workers accepts 0 (load in the main
 process). --resume takes EDM's training states (approximate resume through the safe pickle importer) and ours (exact
 resume): a state file, a run directory (its newest valid state) or `auto` (the newest valid state under --outdir,
 else a fresh start). A state written by this version remembers the run's options, so `--resume=STATE` alone
@@ -66,7 +67,7 @@ from training.train_options import CompileMode, FiniteFloat
               type=click.Choice(list(losses.LOSSES)))
 @click.option('--loss-opt', help=f'Loss option KEY=VALUE, repeatable ({losses.describe_losses()})', metavar='KEY=VALUE',
               multiple=True)
-# Plug-ins (losses.LOSS_WRAPPERS; compose with each other and with --loss edm|vp|ve).
+# Plug-ins (losses.LOSS_WRAPPERS; compose with each other and with the denoising losses).
 @train_options.wrapper_options
 # Hyperparameters.
 @click.option('--duration', help='Training duration (whole kimg; a fraction rounds up)', metavar='MIMG',
