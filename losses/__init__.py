@@ -47,7 +47,8 @@ from .stf import STFLoss
 from .wrapper import LossWrapper
 
 __all__ = ['Batch', 'PerImageRandom', 'Phase', 'constant_lr', 'default_phases', 'LOSSES', 'LOSS_WRAPPERS',
-           'DEFAULT_LOSS_FOR_PRECOND', 'DenoisingLoss', 'LossWrapper', 'EDMLoss', 'VPLoss', 'VELoss', 'STFLoss',
+           'DEFAULT_LOSS_FOR_PRECOND', 'default_loss_for', 'DenoisingLoss', 'LossWrapper', 'EDMLoss', 'VPLoss',
+           'VELoss', 'STFLoss',
            'AOTLoss', 'GDDLoss', 'WrapperFlag', 'LossWrapperEntry', 'loss_options', 'parse_loss_options',
            'loss_kwargs', 'wrap_loss_kwargs', 'loss_record', 'loss_kwargs_from_record', 'describe_losses',
            'SPDLoss', 'DDPMLoss', 'preconditioning_for', 'prepare_loss_kwargs', 'stochastic_sampling_notes']
@@ -112,6 +113,20 @@ LOSS_WRAPPERS = {
 }
 
 DEFAULT_LOSS_FOR_PRECOND = {'vp': 'vp', 've': 've', 'edm': 'edm', 'gdd': 'gdd', 'eps': 'spd'}
+
+
+def default_loss_for(precond: str | None) -> str:
+    """The loss train.py trains --precond with when --loss is not given: DEFAULT_LOSS_FOR_PRECOND's entry, else the
+    one registered loss whose `preconditionings` start with it (an added loss and its network wrapper need no line
+    here). ValueError naming --loss when no loss, or several, declare it."""
+    precond = precond or 'edm'
+    if precond in DEFAULT_LOSS_FOR_PRECOND:
+        return DEFAULT_LOSS_FOR_PRECOND[precond]
+    owners = [name for name, cls in LOSSES.items() if tuple(getattr(cls, 'preconditionings', ()))[:1] == (precond,)]
+    if len(owners) != 1:
+        which = f"losses {', '.join(owners)} declare it" if owners else 'no registered loss declares it first'
+        raise ValueError(f"--precond={precond} has no default loss ({which}): give --loss")
+    return owners[0]
 
 
 def _loss_class(name: str, wrappers: bool = False):

@@ -36,6 +36,7 @@ import torch
 import dnnlib
 from losses.denoising import report_loss_by_sigma
 from losses.wrapper import LossWrapper
+from processes import EDMProcess
 from torch_utils import persistence
 from torch_utils.misc import stream_seed
 
@@ -132,6 +133,13 @@ class STFLoss(LossWrapper):
         if self.num_refs < 1:
             raise ValueError(f'STFLoss: num_refs (--stf-refs) must be >= 1, got {num_refs}')
         self.require_hooks(self.base, ('noisy_batch',), '--stf', 'STF targets need a denoising loss', 'denoising-loss')
+        process = self.base.process
+        if not isinstance(process, EDMProcess):
+            # Its target is the posterior mean of y under x = y + sigma n, regressed by D(x; sigma): a DenoisingLoss
+            # over another process (an added one, e.g. a flow's velocity) would train a wrong network silently.
+            raise TypeError(f"--stf: STF targets are posterior means under EDM's process x = y + sigma * n; the base "
+                            f"loss {type(self.innermost()).__name__} trains the {getattr(process, 'name', process)!r} "
+                            f"process")
         if isinstance(self.base, STFLoss):
             raise ValueError('STF is already applied to this loss')
 

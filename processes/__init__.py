@@ -5,17 +5,31 @@ A process is a small object (see `processes/edm.py` for the reference one):
     name                                   its registry name, recorded in snapshots
     options() -> dict                      what else is needed to rebuild it (plain numbers, strings, lists)
     corrupt(y, noise_level, eps) -> x      training: the noisy input at a noise level (EDM: y + sigma * eps)
-    target(y, x, noise_level) -> tensor    training: what the network regresses (EDM: y)
-    solvers                                the solver registry (name -> SolverEntry) that samples it
-    sample(net, latents, class_labels, plan, randn_like) -> images, and prepare(net, config, device) -> plan:
-                                           sampling, from the per-seed unit Gaussian latents generate.py draws
+    target(y, x, noise_level) -> tensor    training: what the network regresses (EDM: y). DenoisingLoss calls it
+                                           with these three; a target that needs eps (SPD's eps, a flow's velocity
+                                           eps - y) takes `eps=None` too and is called by the loss's own __call__
+    sampling                               how a snapshot is sampled, from the per-seed unit Gaussian latents
+                                           generate.py draws: an object with
+        prepare(net, config, device) -> plan, describe(net, config) -> str, sample(net, plan, inputs, config) -> x
+                                           (config: samplers.generation.SamplerConfig, inputs: SeedInputs); EDM's
+                                           GRID_SAMPLING (samplers/generation.py) samples over a sigma grid.
+        A process with solvers of its own (samplers/fourier.py's FourierSampling is the example) also has
+        solvers (name -> SolverEntry) and solver_for(solver, num_steps) -> name (the default), against which the
+        CLIs resolve --solver/--solver-opt; refuse_grid_flags(given) (ValueError naming the sigma-grid flags as
+        typed; its presence also makes the CLIs refuse --preset); learns_sigma_grids = False and why_no_ld3 (ld3.py's
+        refusal); takes_guidance = False (or guidance support). Optional: record(net, config) -> dict
+        (generation.json), draws_noise(net, config) -> bool.
 
 A loss owns its process (`loss.process`); the training loop writes `process_record(loss.process)` into every
 snapshot, and generate.py, fid.py --network and LD3 rebuild it with `build_process(snapshot record)`, so a snapshot
 is sampled the way it was trained without any option and without a branch on the method. Pickles that record no
 process (EDM's and its forks', and ours before processes existed) are EDM's scalar-sigma process.
 
-Adding a process: a module here with its class, and one line in PROCESSES.
+Adding a process: a module here with its class, and one line in PROCESSES; its sampling object in samplers/ (the
+process layer imports samplers, not the reverse). A network of its own (not a denoiser D(x; sigma)) is a persistent
+class registered in training/snapshots.py and a --precond in training/presets.py PRECOND_CLASSES, declared by the loss
+(`preconditionings`); training.preconditioning.EpsPrecond (raw output F(x; time label), c_in = 1) already serves any
+process whose network predicts something from a time label. docs/design.md §6.
 """
 
 import reprlib

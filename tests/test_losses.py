@@ -248,3 +248,20 @@ def test_losses_round_trip_through_network_pickles(tmp_path):
     data = persistence.load_network_pickle(path)
     assert isinstance(data['loss_fn'], EDMLoss) and data['loss_fn'].P_mean == -0.5
     assert isinstance(data['other'], VPLoss) and data['other'].beta_d == 10.0
+
+
+def test_default_loss_of_an_added_precond(monkeypatch):
+    """--precond without --loss: the table's entry, else the one registered loss declaring it first (an added loss and
+    its wrapper need no DEFAULT_LOSS_FOR_PRECOND line), else a one-line refusal naming --loss."""
+    assert losses.default_loss_for(None) == 'edm' and losses.default_loss_for('eps') == 'spd'
+
+    class Mine(losses.EDMLoss):
+        preconditionings = ('mine',)
+
+    monkeypatch.setitem(losses.LOSSES, 'mine', Mine)
+    assert losses.default_loss_for('mine') == 'mine'
+    monkeypatch.setitem(losses.LOSSES, 'mine2', Mine)
+    with pytest.raises(ValueError, match=r"--precond=mine has no default loss \(losses mine, mine2 declare it\)"):
+        losses.default_loss_for('mine')
+    with pytest.raises(ValueError, match=r"--precond=nobody has no default loss"):
+        losses.default_loss_for('nobody')

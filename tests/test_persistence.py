@@ -1178,3 +1178,18 @@ def test_malformed_values_are_one_line_errors(tmp_path):
     (tmp_path / "ref.pkl").write_bytes(pickle.dumps({1: 2}, protocol=4))  # EDM2's format, but not named arrays
     with pytest.raises(frechet.ReferenceStatsError, match="expected a dict of named arrays"):
         frechet.load_reference(str(tmp_path / "ref.pkl"))
+
+
+def test_snapshot_writer_refuses_an_unregistered_persistent_class(tmp_path):
+    """A network class whose module is not registered: save_snapshot refuses it at a run's first snapshot, naming the
+    registration, instead of writing pickles that generate.py refuses after the run (extensibility trial B)."""
+    from training import snapshots
+
+    net = tiny.TinyNet(4)
+    assert persistence.unregistered_classes(net) == ['TinyNet', 'TinyLayer']
+    with pytest.raises(ValueError, match=r"TinyNet, TinyLayer, which load_network_pickle would refuse: register .*"
+                                         r"persistence.register_module in training/snapshots.py"):
+        snapshots.save_snapshot(str(tmp_path / 'x.pkl'), ema=net,
+                                loss_kwargs=dict(class_name='losses.denoising.EDMLoss'),
+                                process=snapshots.processes.EDMProcess())
+    assert not (tmp_path / 'x.pkl').exists()

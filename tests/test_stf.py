@@ -461,3 +461,17 @@ def test_train_cli_stf_over_vp_dry_run(labelled_zip, tmp_path):
     assert options['loss_kwargs'] == dict(class_name='losses.stf.STFLoss', num_refs=1024, mask_classes=False,
                                           base_kwargs=dict(class_name='losses.denoising.VPLoss', beta_d=10.0))
     assert glob.glob(str(tmp_path / 'runs' / '*')) == []
+
+
+class _OtherProcessLoss(EDMLoss):
+    """A DenoisingLoss over a process that is not EDM's x = y + sigma * n (as an added flow-matching loss)."""
+
+    class process:  # noqa: N801 - a stand-in process object
+        name = 'flow'
+
+
+def test_stf_refuses_a_base_loss_over_another_process():
+    """STF's target is EDM's posterior mean: over an added DenoisingLoss of another process it would train a wrong
+    network without a word (extensibility trial B: --loss=flow --stf trained), so it is refused when built."""
+    with pytest.raises(TypeError, match=r"--stf: STF targets are posterior means under EDM's process.*'flow'"):
+        STFLoss(dict(class_name=f'{__name__}._OtherProcessLoss'), num_refs=9)

@@ -749,3 +749,16 @@ def test_nosubdir_resumed_in_place_still_names_the_run_it_continued(datasets, tm
     assert options['resume_state_dump'] == str(tmp_path / 'x' / 'training-state-000003.pt')
     assert options['continued_state_dump'] == state_a
     assert run_chain(str(tmp_path / 'x')) == [(str(tmp_path / 'a'), 1), (str(tmp_path / 'x'), None)]
+
+
+def test_a_loss_declaring_an_unregistered_precond_is_a_one_line_error(datasets, tmp_path, monkeypatch):
+    """A loss added with `preconditionings = ('mine',)` but no PRECOND_CLASSES line: a usage error naming the registry
+    (a KeyError traceback before, found by the extensibility trial), before a run folder exists."""
+    from losses.denoising import VELoss
+    monkeypatch.setattr(VELoss, 'preconditionings', ('mine',), raising=False)
+    result = _invoke(['--outdir', tmp_path / 'runs', '--data', datasets['uncond'], '--loss', 've', '--dry-run',
+                      *TINY_NET])
+    assert result.exit_code == 2, result.output
+    assert "--loss=ve trains --precond=mine, which training/presets.py PRECOND_CLASSES does not register" in \
+        result.output
+    assert not (tmp_path / 'runs').exists()

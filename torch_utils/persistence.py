@@ -282,6 +282,22 @@ def register_module(module) -> list[str]:
     return [cls._orig_class_name for cls in classes]
 
 
+def unregistered_classes(module: torch.nn.Module) -> list[str]:
+    """Names of the persistent classes in `module` (itself and its submodules) that `load_network_pickle` would not
+    resolve with PERSISTENT_CLASSES: what a snapshot writer checks, so that a run does not write pickles that no
+    reader of this code base can import."""
+    missing = []
+    for sub in module.modules():
+        cls = type(sub)
+        if not is_persistent(cls):
+            continue
+        entry = PERSISTENT_CLASSES.get(cls._orig_class_name)
+        if entry is None or (not isinstance(entry, str) and entry is not cls):
+            if cls._orig_class_name not in missing:
+                missing.append(cls._orig_class_name)
+    return missing
+
+
 class NetworkPickleError(pickle.UnpicklingError):
     """A network pickle could not be imported safely (unsafe global, unknown class, tensors that do not match)."""
 
@@ -291,8 +307,9 @@ def _resolve_class(class_name: str, classes: dict, source: str) -> type:
     if entry is None:
         raise NetworkPickleError(
             f"{source}: the pickle holds a persistent object of class {_shown(class_name)}, which has no counterpart "
-            f"here. Known classes: {', '.join(sorted(classes))}. Register it (torch_utils.persistence."
-            f"register_classes, or pass extra_classes) if it is ours under another name.")
+            f"here. Known classes: {', '.join(sorted(classes))}. A class of this code base is registered by its module "
+            f"(persistence.register_module in training/snapshots.py, docs/design.md §6); one of ours under another "
+            f"name by torch_utils.persistence.register_classes or extra_classes.")
     if isinstance(entry, str):
         try:
             entry = dnnlib.util.get_obj_by_name(entry)

@@ -335,7 +335,9 @@ class EpsPrecond(_Precond):
     the raw output, and c_noise the process's time label (SPD and its DDPM control: t * 1000 / T, guided-diffusion's
     rescale_timesteps; processes/spd.py computes it). For processes that are not x = y + sigma n with white n, such
     as SPD's per-frequency schedule: EDMPrecond's c_skip/c_out assume one sigma of white noise. Not a denoiser
-    D(x; sigma): the sigma-grid solvers do not apply (the process's own samplers do)."""
+    D(x; sigma): the sigma-grid solvers do not apply (the process's own samplers do). Nothing in it is
+    epsilon-specific: an added process whose network regresses another quantity from a time label (a flow's
+    velocity) can train it as it is (its loss declares `preconditionings = ('eps',)`)."""
 
     time_index_noise_labels = True
 

@@ -194,7 +194,7 @@ def _default_resolution(key: str, saved: dict):
     if key not in ('loss', 'precond') or saved.get('init') is not None:
         return None
     try:
-        loss = saved.get('loss') or losses.DEFAULT_LOSS_FOR_PRECOND[saved.get('precond') or 'edm']
+        loss = saved.get('loss') or losses.default_loss_for(saved.get('precond'))
         return loss if key == 'loss' else losses.preconditioning_for(loss, saved.get('precond'))
     except (KeyError, ValueError):
         return None

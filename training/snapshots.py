@@ -35,7 +35,16 @@ for _module in (networks, preconditioning, augment, denoising, stf, aot):
 def save_snapshot(path: str, *, ema: torch.nn.Module, loss_kwargs: dict, process, augment_pipe=None,
                   dataset_kwargs: dict | None = None, extra: dict | None = None) -> None:
     """Write a snapshot atomically (persistence.save_network_pickle: CPU copies, eval mode, no gradients).
-    extra: more plain-data entries (e.g. 'phema': the post-hoc EMA profile of a phema-*.pkl)."""
+    extra: more plain-data entries (e.g. 'phema': the post-hoc EMA profile of a phema-*.pkl). A network holding a
+    persistent class that the readers would not import (its module not registered above) is refused here, at a run's
+    first snapshot, rather than by generate.py after the run."""
+    for key, module in (('ema', ema), ('augment_pipe', augment_pipe)):
+        missing = persistence.unregistered_classes(module) if isinstance(module, torch.nn.Module) else []
+        if missing:
+            raise ValueError(f"cannot write {path}: its {key} holds the persistent class(es) {', '.join(missing)}, "
+                             f"which load_network_pickle would refuse: register their module with "
+                             f"persistence.register_module in training/snapshots.py (docs/design.md §6, A persistent "
+                             f"class)")
     persistence.save_network_pickle(path, dict(ema=ema, process=processes.process_record(process),
                                                loss=losses.loss_record(loss_kwargs), augment_pipe=augment_pipe,
                                                dataset_kwargs=dict(dataset_kwargs or {}), **(extra or {})))

@@ -324,7 +324,10 @@ def _network_and_loss_config(c: dnnlib.EasyDict, opts: dnnlib.EasyDict, interfac
     run-directory tags."""
     # Network architecture, preconditioning and loss. --init: the pickle's network, with --precond's wrapper (or the
     # loss's first declared one) when given.
-    loss_name = opts.loss if opts.loss is not None else losses.DEFAULT_LOSS_FOR_PRECOND[opts.precond or 'edm']
+    try:
+        loss_name = opts.loss if opts.loss is not None else losses.default_loss_for(opts.precond)
+    except ValueError as err:
+        raise click.BadParameter(str(err), param_hint='--precond') from None
     if opts.init is not None:
         architecture = [f'--{k}' for k in ('cbase', 'cres', 'blocks', 'attn') if opts[k] is not None]
         if architecture:
@@ -363,7 +366,12 @@ def _network_and_loss_config(c: dnnlib.EasyDict, opts: dnnlib.EasyDict, interfac
     else:
         c.network_kwargs.update(ARCH_PRESETS[opts.arch])
         try:  # --precond, else the loss's own (EDM's losses: edm; SPD: eps); one line for a mismatch
-            c.network_kwargs.class_name = PRECOND_CLASSES[losses.preconditioning_for(loss_name, opts.precond)]
+            precond = losses.preconditioning_for(loss_name, opts.precond)
+            if precond not in PRECOND_CLASSES:  # an added loss declaring a wrapper not registered as a --precond
+                raise ValueError(f'--loss={loss_name} trains --precond={precond}, which training/presets.py '
+                                 f'PRECOND_CLASSES does not register (add {precond!r}: its class path; '
+                                 f'docs/design.md §6, A persistent class)')
+            c.network_kwargs.class_name = PRECOND_CLASSES[precond]
         except ValueError as err:
             raise option_error(err) from None
         arch_name = opts.arch
