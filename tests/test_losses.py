@@ -242,6 +242,7 @@ def test_bad_loss_options(name, items, message):
 
 
 def test_losses_round_trip_through_network_pickles(tmp_path):
+    import training.snapshots  # noqa: F401  (registers the persistent classes; alone this file imports it nowhere)
     from torch_utils import persistence
     path = str(tmp_path / 'loss.pkl')
     persistence.save_network_pickle(path, dict(ema=None, loss_fn=EDMLoss(P_mean=-0.5), other=VPLoss(beta_d=10)))

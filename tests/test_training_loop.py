@@ -85,6 +85,25 @@ def test_ema_update_is_edms_lerp_bit_for_bit(beta):
         assert torch.equal(p_ema, want)
 
 
+def test_ema_update_with_the_runs_cached_tensor_lists_is_the_same():
+    # The loop lists the EMA's and the net's tensors once per run (ema_tensors); updates through those lists equal
+    # updates that list them anew, parameters and buffers, over several steps.
+    torch.manual_seed(2)
+    net = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.BatchNorm1d(4))
+    ema_a, ema_b = copy.deepcopy(net), copy.deepcopy(net)
+    tensors = tl.ema_tensors(ema_b, net)
+    for beta in (0.9, 0.5, 0.99):
+        with torch.no_grad():
+            for p in net.parameters():
+                p.add_(torch.randn_like(p))
+            net[1].running_mean.add_(1.0)
+        tl.update_ema(ema_a, net, beta)
+        tl.update_ema(ema_b, net, beta, tensors)
+    for a, b in zip(list(ema_a.parameters()) + list(ema_a.buffers()), list(ema_b.parameters()) + list(ema_b.buffers())):
+        assert torch.equal(a, b)
+    assert torch.equal(ema_b[1].running_mean, net[1].running_mean)
+
+
 def test_split_batch():
     assert tl.split_batch(512, 8, None) == (64, 64, 1)
     assert tl.split_batch(512, 8, 16) == (64, 16, 4)
@@ -219,6 +238,19 @@ def test_phases_with_extra_network_and_interval(tiny_zip, tmp_path):
     assert int(state['optimizers']['main']['state'][0]['step']) == 3
     lines = [json.loads(line) for line in open(tmp_path / 'stats.jsonl')]
     assert 'Loss/aux' not in lines[0] and lines[1]['Loss/aux']['num'] == 8  # reported at iteration 1 only
+
+
+def test_an_extra_network_keeps_the_mode_the_loss_gave_it(tiny_zip, tmp_path):
+    # A frozen teacher put in eval mode by the loss stays there: the loop forced every extra network into training
+    # mode, so a teacher with dropout ran with dropout unless the loss reset it at each step (consistency-distillation
+    # trial). The trained aux network keeps its default training mode.
+    import train_worker
+    train_worker.TwoPhaseLoss.teacher_modes.clear()
+    tl.training_loop(**loop_kwargs(str(tmp_path), tiny_zip, loss_kwargs=dict(class_name='train_worker.TwoPhaseLoss',
+                                                                         teacher=True)))
+    assert train_worker.TwoPhaseLoss.teacher_modes == [False]
+    state = _final_state(str(tmp_path))
+    assert set(state['networks']) == {'net', 'aux', 'teacher'} and set(state['optimizers']) == {'main', 'aux'}
 
 
 def test_phase_with_its_own_learning_rate_schedule(tiny_zip, tmp_path):

@@ -186,6 +186,24 @@ def test_training_stats_moments_single_process(tmp_path):
     collector.close()
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32, torch.float64])
+def test_training_stats_report_leaves_the_callers_tensor_alone(dtype):
+    # report() squares its own float64 copy in place (one temporary, not three): never the caller's tensor, which
+    # for float64 is the same storage .to(float64) returns.
+    training_stats.reset()
+    collector = training_stats.Collector(regex="Loss/.*")
+    values = torch.tensor([[-1.5, 2.0], [3.0, 0.25]], dtype=dtype)
+    before = values.clone()
+    assert training_stats.report("Loss/x", values) is values
+    assert torch.equal(values, before)
+    collector.update()
+    expected = before.to(torch.float64)
+    assert collector.num("Loss/x") == 4
+    assert collector.mean("Loss/x") == pytest.approx(expected.mean().item(), rel=1e-15)
+    assert collector.std("Loss/x") == pytest.approx(expected.std(unbiased=False).item(), rel=1e-14)
+    collector.close()
+
+
 def test_training_stats_binned_equals_per_bin_moments():
     training_stats.reset()
     collector = training_stats.Collector(regex="Loss/sigma.*")

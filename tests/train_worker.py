@@ -123,18 +123,22 @@ if __name__ == '__main__':
 class TwoPhaseLoss:
     """Stand-in multi-phase loss (GDD-like shape): EDM's loss on 'net' every iteration, plus an extra network
     'aux' (one scalar) trained by a lazy phase at iterations 1, 3, 5, ...
-    (SGD lr 0.25 on (w - 1)^2: w goes 0 -> 0.5 -> 0.75)."""
+    (SGD lr 0.25 on (w - 1)^2: w goes 0 -> 0.5 -> 0.75). teacher=True adds a frozen network the loss put in eval
+    mode (a distillation teacher); the aux phase records its mode in `teacher_modes`."""
 
-    def __init__(self, aux_lr_scale=None):
+    teacher_modes = []
+
+    def __init__(self, aux_lr_scale=None, teacher=False):
         from losses.denoising import EDMLoss
         self.edm = EDMLoss()
         self.aux_lr_scale = aux_lr_scale
+        self.teacher = teacher
 
     def extra_networks(self, net):
         import torch
         aux = torch.nn.Linear(1, 1, bias=False)
         torch.nn.init.zeros_(aux.weight)
-        return dict(aux=aux)
+        return dict(aux=aux, teacher=torch.nn.Dropout(0.5).eval()) if self.teacher else dict(aux=aux)
 
     def phases(self, networks, optimizer_kwargs):
         import torch
@@ -144,6 +148,8 @@ class TwoPhaseLoss:
 
         def aux_loss(nets, batch, augment_pipe):
             assert not any(p.requires_grad for p in nets['net'].parameters())
+            if 'teacher' in nets:
+                TwoPhaseLoss.teacher_modes.append(nets['teacher'].training)
             ones = torch.ones(batch.images.shape[0], 1, device=batch.images.device)
             return (nets['aux'](ones) - 1) ** 2
 

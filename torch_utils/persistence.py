@@ -308,8 +308,9 @@ def _resolve_class(class_name: str, classes: dict, source: str) -> type:
         raise NetworkPickleError(
             f"{source}: the pickle holds a persistent object of class {_shown(class_name)}, which has no counterpart "
             f"here. Known classes: {', '.join(sorted(classes))}. A class of this code base is registered by its module "
-            f"(persistence.register_module in training/snapshots.py, docs/design.md §6); one of ours under another "
-            f"name by torch_utils.persistence.register_classes or extra_classes.")
+            f"(persistence.register_module in training/snapshots.py, docs/design.md §6): load through "
+            f"training.snapshots, or import it first when calling torch_utils.persistence directly; one of ours under "
+            f"another name by torch_utils.persistence.register_classes or extra_classes.")
     if isinstance(entry, str):
         try:
             entry = dnnlib.util.get_obj_by_name(entry)

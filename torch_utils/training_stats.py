@@ -35,7 +35,14 @@ def report(name: str, value) -> object:
         elems = torch.as_tensor(value, dtype=torch.float64).flatten()
     if elems.numel() == 0:
         return value
-    moments = torch.stack([torch.ones_like(elems).sum(), elems.sum(), elems.square().sum()])
+    # The same three sums with one value-sized float64 temporary instead of three: the count is the element count
+    # (exact in float64 below 2**53), filled on the device (no host-to-device copy), not the sum of an all-ones
+    # tensor; the squares overwrite the float64 copy once its sum is taken (a copy whenever `value` is not float64).
+    count = torch.full([], elems.numel(), dtype=torch.float64, device=elems.device)
+    total = elems.sum()
+    converted = isinstance(value, torch.Tensor) and value.dtype != torch.float64  # elems is then our own copy
+    squares = elems.square_() if converted else elems.square()
+    moments = torch.stack([count, total, squares.sum()])
     with _lock:
         acc = _accumulators.get(name)
         if acc is None:

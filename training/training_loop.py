@@ -89,17 +89,34 @@ def ema_beta(cur_nimg, batch_size, ema_halflife_kimg, ema_rampup_ratio) -> float
     return 0.5 ** (batch_size / max(ema_halflife_nimg, 1e-8))
 
 
+def ema_tensors(ema: torch.nn.Module, net: torch.nn.Module) -> tuple[list, list, list, list]:
+    """(EMA parameters, the net's detached parameters, EMA buffers, the net's buffers), paired in module order: what
+    update_ema reads, listed once for a run (walking the module tree costs ~1 ms per step for DDPM++, on the host)."""
+    ema_buffers, net_buffers = [], []
+    for b_ema, b_net in zip(ema.buffers(), net.buffers()):
+        ema_buffers.append(b_ema)
+        net_buffers.append(b_net)
+    return [p for p in ema.parameters()], [p.detach() for p in net.parameters()], ema_buffers, net_buffers
+
+
 @torch.no_grad()
-def update_ema(ema: torch.nn.Module, net: torch.nn.Module, beta: float) -> None:
-    """p_ema <- lerp(p_net, p_ema, beta) for parameters (fused over all of them); buffers copied."""
-    ema_params = [p for p in ema.parameters()]
-    net_params = [p.detach() for p in net.parameters()]
-    if ema_params:
+def update_ema(ema: torch.nn.Module, net: torch.nn.Module, beta: float, tensors: tuple | None = None) -> None:
+    """p_ema <- lerp(p_net, p_ema, beta) for parameters (fused over all of them); buffers copied. tensors: the
+    pairs of `ema_tensors(ema, net)` when the caller keeps them (the training loop: the modules' tensors are
+    updated in place, never replaced), else listed here."""
+    ema_params, net_params, ema_buffers, net_buffers = tensors if tensors is not None else ema_tensors(ema, net)
+    if ema_params and ema_params[0].device.type == 'cpu':
+        # On the CPU torch's _foreach_lerp is 2.5-2.8x slower than a lerp per tensor (DDPM++ at 0.75M and 12M
+        # parameters, one thread: 1.04 vs 0.38 ms, 12.4 vs 5.0 ms); each lerp writes its EMA tensor in place
+        # (an elementwise op may write over an input it reads at the same positions): the same bits, no temporary.
+        for p_ema, p_net in zip(ema_params, net_params):
+            torch.lerp(p_net, p_ema, beta, out=p_ema)
+    elif ema_params:
         # EDM's p_net.lerp(p_ema, beta), bit for bit (lerp(ema, net, 1 - beta) is the same number but rounds
         # differently in the last bit); beta = 0 copies the net exactly.
         torch._foreach_copy_(ema_params, torch._foreach_lerp(net_params, ema_params, beta))
-    for b_ema, b_net in zip(ema.buffers(), net.buffers()):
-        b_ema.copy_(b_net)
+    if ema_buffers:
+        torch._foreach_copy_(ema_buffers, net_buffers)
 
 
 def split_batch(batch_size: int, world_size: int, batch_gpu: int | None) -> tuple[int, int, int]:
@@ -333,6 +350,7 @@ class _Run:
     tick_overflow: torch.Tensor | None = None      # fp16: steps of this tick the GradScaler skipped (not counted above)
     consecutive_nonfinite: torch.Tensor | None = None
     max_consecutive_nonfinite: torch.Tensor | None = None
+    ema_tensors: tuple | None = None  # update_ema's tensor lists, made at the first step (after any resume)
 
     def reset_tick_counters(self) -> None:
         zero = torch.zeros((), dtype=torch.float64, device=self.device)
@@ -396,7 +414,9 @@ def _build(*, dataset_kwargs, data_loader_kwargs, network_kwargs, loss_kwargs, o
             for name, module in loss_fn.extra_networks(net).items():
                 if name in networks:
                     raise ValueError(f'loss {type(loss_fn).__name__}: extra network name {name!r} is taken')
-                networks[name] = module.train().to(device)
+                # The mode the loss gave it (a module is in training mode unless the loss set eval: a frozen
+                # teacher or an EMA target keeps dropout off; GDD's D keeps its feature networks in eval itself).
+                networks[name] = module.to(device)
     phases = (loss_fn.phases(networks, optimizer_kwargs) if hasattr(loss_fn, 'phases')
               else default_phases(loss_fn, networks, optimizer_kwargs))
     phase_names = [phase.name for phase in phases]
@@ -617,7 +637,10 @@ def _train_step(run: _Run) -> None:
     run.consecutive_nonfinite = (run.consecutive_nonfinite + 1) * (nonfinite | overflow)
     torch.maximum(run.max_consecutive_nonfinite, run.consecutive_nonfinite, out=run.max_consecutive_nonfinite)
 
-    update_ema(run.ema, run.net, ema_beta(run.cur_nimg, run.batch_size, run.ema_halflife_kimg, run.ema_rampup_ratio))
+    if run.ema_tensors is None:
+        run.ema_tensors = ema_tensors(run.ema, run.net)
+    update_ema(run.ema, run.net, ema_beta(run.cur_nimg, run.batch_size, run.ema_halflife_kimg, run.ema_rampup_ratio),
+               run.ema_tensors)
     if run.phema is not None:
         run.phema.update(run.net, run.cur_iter + 1)
     run.cur_nimg += run.batch_size
