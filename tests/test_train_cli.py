@@ -131,6 +131,19 @@ def test_train_end_to_end_and_resume(datasets, tmp_path, monkeypatch):
     assert sorted(os.walk(outdir)) == before
 
 
+@pytest.mark.parametrize(('args', 'name'), [
+    ([], 'ddpmpp-edm-gpus1'),
+    (['--loss', 'spd'], 'ddpmpp-eps-gpus1'),
+    (['--loss', 'ddpm', '--precond', 'eps'], 'ddpmpp-eps-ddpm-gpus1'),
+    (['--precond', 'vp', '--loss', 'edm'], 'ddpmpp-vp-edm-gpus1'),
+])
+def test_run_name_tells_losses_over_one_network_kind_apart(datasets, tmp_path, args, name):
+    # EDM's names where the loss is the preconditioning's default; DDPM's and SPD's runs (both eps) were named alike.
+    result = _invoke(['--outdir', tmp_path, '--data', datasets['uncond'], '-n', *TINY_NET, *args])
+    assert result.exit_code == 0, result.output
+    assert _printed_options(result.output)['run_dir'] == str(tmp_path / f'00000-tiny-uncond-{name}-batch512-fp32')
+
+
 def test_dry_run_writes_nothing_and_options_follow_precond(datasets, tmp_path):
     outdir = tmp_path / 'runs'
     result = _invoke(['--outdir', outdir, '--data', datasets['uncond'], '--precond', 've', '--loss-opt',

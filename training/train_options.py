@@ -288,7 +288,7 @@ def build_config(opts: dnnlib.EasyDict, world_size: int) -> tuple[dnnlib.EasyDic
     loss_fn = _check_batch_layout(c, opts, world_size)
     _schedule_config(c, opts, loss_name, loss_fn)
     _start_config(c, opts, interface)
-    return c, _description(c, opts, world_size, dataset_name, arch_name, wrapper_tags)
+    return c, _description(c, opts, world_size, dataset_name, arch_name, loss_name, wrapper_tags)
 
 
 def _dataset_config(c: dnnlib.EasyDict, opts: dnnlib.EasyDict) -> tuple[str, dict]:
@@ -517,11 +517,15 @@ def _start_config(c: dnnlib.EasyDict, opts: dnnlib.EasyDict, interface: dict) ->
 
 
 def _description(c: dnnlib.EasyDict, opts: dnnlib.EasyDict, world_size: int, dataset_name: str, arch_name: str,
-                 wrapper_tags: list[str]) -> str:
-    """The run directory's name after its number (EDM's, plus the wrappers' tags and --desc)."""
+                 loss_name: str, wrapper_tags: list[str]) -> str:
+    """The run directory's name after its number: EDM's, plus the loss where it is not the preconditioning's default
+    (two losses over one network kind, e.g. --loss=ddpm and spd over eps, got the same name), the wrappers' tags and
+    --desc."""
     cond_str = 'cond' if c.dataset_kwargs.use_labels else 'uncond'
     dtype_str = 'fp16' if (opts.fp16 or opts.precision == 'fp16') else opts.precision
     precond_name = next((k for k, v in PRECOND_CLASSES.items() if v == c.network_kwargs.class_name), 'init')
+    if precond_name != 'init' and loss_name != losses.default_loss_for(precond_name):
+        precond_name += f'-{loss_name}'
     desc = (f'{dataset_name:s}-{cond_str:s}-{arch_name:s}-{precond_name:s}-gpus{world_size:d}-'
             f'batch{c.batch_size:d}-{dtype_str:s}')
     for tag in wrapper_tags:
