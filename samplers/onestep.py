@@ -64,7 +64,11 @@ class OneStepSampling:
 
     def describe(self, net, config: SamplerConfig) -> str:
         if not self.is_one_step(config):
-            return self._grid(GRID_SAMPLING.describe, net, config)
+            # Said on the Sampler line, as the one step is: a generator distilled for one step need not be a
+            # denoiser at the grid's other sigmas (a consistency-distilled trial's --steps=2 gave worse than noise).
+            return (f"a one-step generator (trained at sigma {self.sigma:g}) sampled over a sigma grid as an EDM "
+                    f"denoiser, which it may no longer be; without sampler options it samples in one step: "
+                    + self._grid(GRID_SAMPLING.describe, net, config))
         network = "fp32 network" if config.precision == "fp32" else f"network under {config.precision} autocast"
         return (f"one step: D({self.sigma:g} z; {self.sigma:g}) (float64 input, {network}); 1 NFE per image "
                 f"(any sampler option samples over a sigma grid instead)")

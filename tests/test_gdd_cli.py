@@ -83,6 +83,8 @@ def test_one_step_snapshot_steps_1_and_precision(one_step_snapshot, tmp_path):
     result = CliRunner().invoke(generate.main, ['--network', path, '--outdir', str(tmp_path / 's1end'), '--seeds',
                                                 '0-1', '--steps', '1', '--end', 'sigma_min', '--device', 'cpu'])
     assert result.exit_code == 0, result.output
+    assert ('Sampler: a one-step generator (trained at sigma 80) sampled over a sigma grid as an EDM denoiser, which '
+            'it may no longer be; without sampler options it samples in one step: ') in result.output, result.output
     result = CliRunner().invoke(generate.main, ['--network', path, '--outdir', str(tmp_path / 'bf16'), '--seeds',
                                                 '0-1', '--precision', 'bf16', '--device', 'cpu'])
     assert result.exit_code == 0, result.output
