@@ -273,24 +273,32 @@ def test_solvers_without_a_decoupled_grid_refuse_one():
 
 @pytest.mark.parametrize("solver", sorted(name for name in SOLVERS if SOLVERS[name].takes_input("eval_sigmas")))
 def test_decoupled_evaluation_grid(solver):
-    """LD3: D is evaluated at eval_sigmas; the solver's coefficients still use sigmas."""
+    """LD3: D is evaluated at eval_sigmas; the solver's coefficients still use sigmas. A solver that draws noise
+    (randn_like) gets the same stream in every call, so that a stochastic solver can declare eval_sigmas too."""
+    def seeded():
+        generator = torch.Generator().manual_seed(7)
+        return lambda x: torch.randn(x.shape, generator=generator, dtype=x.dtype)
+
+    def sample_seeded(*args, **kwargs):
+        return sample(*args, randn_like=seeded(), **kwargs)
+
     grid = make_grid("logsnr", 6, 0.002, 80, end="sigma_min")
     eval_sigmas = grid.sigmas.clone()
     eval_sigmas[1:-1] *= 1.1
     calls = []
-    sample(make_denoiser(calls=calls), LATENTS, grid, solver=solver)
+    sample_seeded(make_denoiser(calls=calls), LATENTS, grid, solver=solver)
     plain = [float(s) for s in calls]
     calls.clear()
     grid.eval_sigmas = eval_sigmas
-    out = sample(make_denoiser(calls=calls), LATENTS, grid, solver=solver)
+    out = sample_seeded(make_denoiser(calls=calls), LATENTS, grid, solver=solver)
     assert len(calls) == len(plain)
     index = [int(np.argmin(np.abs(grid.sigmas.numpy() - p))) for p in plain]  # the grid level of each call
     np.testing.assert_allclose([float(s) for s in calls], eval_sigmas.numpy()[index], rtol=1e-15)
     assert sum(0 < i < 6 for i in index) >= 4
     grid.eval_sigmas = grid.sigmas.clone()  # an identical evaluation grid changes nothing
-    torch.testing.assert_close(sample(make_denoiser(), LATENTS, grid, solver=solver),
-                               sample(make_denoiser(), LATENTS, make_grid("logsnr", 6, 0.002, 80, end="sigma_min"),
-                                      solver=solver), rtol=0, atol=0)
+    plain_grid = make_grid("logsnr", 6, 0.002, 80, end="sigma_min")
+    torch.testing.assert_close(sample_seeded(make_denoiser(), LATENTS, grid, solver=solver),
+                               sample_seeded(make_denoiser(), LATENTS, plain_grid, solver=solver), rtol=0, atol=0)
     assert torch.isfinite(out).all()
 
 
