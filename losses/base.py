@@ -116,6 +116,10 @@ class Phase:
         backward (a GAN discriminator on fakes and reals) or leave trained parameters without a gradient (R1: the
         output bias). A network trained by any 'allreduce' phase gets no DDP wrapper; its weights and buffers are
         broadcast from rank 0 once, as DDP would.
+    after_step(networks, cur_nimg) -> None: called after each optimizer step of the phase, under torch.no_grad(), with
+        the unwrapped networks (the loop's dict) and the images seen before this step: a loss-side update that
+        follows the step, such as a consistency model's EMA target (an extra network no optimizer covers, saved in
+        training states: a resumed run continues it exactly).
     compilable: whether --compile may compile the phase's network. False for a phase that differentiates twice (R1's
         gradient penalty: torch.compile's AOT autograd has no double backward); a network trained by such a phase
         runs eagerly in all its phases.
@@ -131,6 +135,7 @@ class Phase:
     lr_schedule: Callable[[int], float] | None = None
     grad_sync: str = 'ddp'
     compilable: bool = True
+    after_step: Callable[[dict, int], None] | None = None
 
     def runs_at(self, iteration: int) -> bool:
         return iteration >= self.offset and (iteration - self.offset) % self.interval == 0

@@ -230,11 +230,15 @@ def test_mixed_precision_runs_and_stays_close_to_fp32(tiny_zip, tmp_path, precis
 # Phases, resume, rank layout.
 
 def test_phases_with_extra_network_and_interval(tiny_zip, tmp_path):
+    import train_worker
+    train_worker.TwoPhaseLoss.after_steps.clear()
     tl.training_loop(**loop_kwargs(str(tmp_path), tiny_zip, loss_kwargs=dict(class_name='train_worker.TwoPhaseLoss')))
     state = _final_state(str(tmp_path))
     assert set(state['networks']) == {'net', 'aux'} and set(state['optimizers']) == {'main', 'aux'}
     # 3 iterations: the lazy phase (interval 2, offset 1) ran once, at iteration 1: w = 0 + 0.25 * 2.
     assert state['networks']['aux']['weight'].item() == 0.5
+    # Its after_step hook ran once, after that step (it sees w = 0.5), without autograd, 8 images into the run.
+    assert train_worker.TwoPhaseLoss.after_steps == [(0.5, 8, False)]
     assert int(state['optimizers']['main']['state'][0]['step']) == 3
     lines = [json.loads(line) for line in open(tmp_path / 'stats.jsonl')]
     assert 'Loss/aux' not in lines[0] and lines[1]['Loss/aux']['num'] == 8  # reported at iteration 1 only

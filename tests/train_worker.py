@@ -127,6 +127,7 @@ class TwoPhaseLoss:
     mode (a distillation teacher); the aux phase records its mode in `teacher_modes`."""
 
     teacher_modes = []
+    after_steps = []  # (aux weight, cur_nimg, grad enabled) at each after_step call
 
     def __init__(self, aux_lr_scale=None, teacher=False):
         from losses.denoising import EDMLoss
@@ -155,8 +156,11 @@ class TwoPhaseLoss:
 
         aux_opt = torch.optim.SGD(networks["aux"].parameters(), lr=0.25)
         schedule = None if self.aux_lr_scale is None else (lambda cur_nimg: self.aux_lr_scale)
+        def follow(nets, cur_nimg):  # an EMA-target-like update after the aux step
+            TwoPhaseLoss.after_steps.append((nets['aux'].weight.item(), cur_nimg, torch.is_grad_enabled()))
+
         return [main, Phase(name='aux', network='aux', optimizer=aux_opt, loss_fn=aux_loss, interval=2, offset=1,
-                            stat_name='Loss/aux', lr_schedule=schedule)]
+                            stat_name='Loss/aux', lr_schedule=schedule, after_step=follow)]
 
 
 class CountingSource:

@@ -625,6 +625,9 @@ def _train_step(run: _Run) -> None:
             scaler.update()
         else:
             phase.optimizer.step()
+        if phase.after_step is not None:
+            with torch.no_grad():
+                phase.after_step(run.networks, run.cur_nimg)
 
     # Non-finite steps: counted on the device (EDM only scrubs them), reported to stats.jsonl as Loss/nonfinite, from
     # rank 0 (num = steps, as its status line): the all-reduced gradients carry any rank's NaN to every rank.
