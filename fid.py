@@ -87,7 +87,8 @@ def network_source_from_cli(network_pkl, seeds, batch_size, class_idx, preset_li
         distributed.print0(line)
     distributed.print0(f"Sampler: {summary}")
     return _run(metrics.network_source, net, seeds, batch_size=batch_size, network_description=network_pkl,
-                sampler_description=summary, class_idx=class_idx, sampling=sampling, **dataclasses.asdict(config))
+                sampler_description=summary, process_description=snapshot.data.get("process"), class_idx=class_idx,
+                sampling=sampling, **dataclasses.asdict(config))
 
 
 def _calc_run_folder(run_dir, seeds, batch_size, ref_path, metric_names, detector_paths, preset_lines, preset,

@@ -188,8 +188,11 @@ def _generating_network(path: str) -> str | None:
 
 
 def network_source(net, seeds: Sequence[int], batch_size: int = 64, network_description: str | None = None,
-                   sampler_description: str | None = None, **sampler_kwargs) -> ImageSource:
+                   sampler_description: str | None = None, process_description: dict | None = None,
+                   **sampler_kwargs) -> ImageSource:
     """Images sampled in memory from `net` (a loaded network) for `seeds`; nothing is written to disk.
+    process_description: the snapshot's process record (generation.json's "process"; None for EDM's pickles), kept
+    in the result's source: the sampler options alone read as EDM's for an SPD or flow snapshot.
 
     Uses samplers.generation.generate_images, which splits the seeds over ranks exactly as generate.py does and
     yields the same uint8 pixels that generate.py writes as PNGs. Image i is the one whose PNG file name
@@ -220,7 +223,8 @@ def network_source(net, seeds: Sequence[int], batch_size: int = 64, network_desc
     options = {k: v for k, v in sampler_kwargs.items() if k != 'sampling'}
     resolution, channels = getattr(net, "img_resolution", None), getattr(net, "img_channels", None)
     image_shape = (int(channels), int(resolution), int(resolution)) if resolution and channels else None
-    description = dict(network=network_description, seeds=format_int_list(seeds), num=len(seeds),
+    description = dict(network=network_description, process=_jsonable(process_description),
+                       seeds=format_int_list(seeds), num=len(seeds),
                        sampler=sampler_description, sampler_options=_jsonable(options),
                        image_shape=None if image_shape is None else list(image_shape))
     return ImageSource(len(seeds), iterate, len(position_batches), description, image_shape)
@@ -663,6 +667,9 @@ def _same_detector(theirs: dict, ours: dict, place) -> bool:
     return place(theirs.get("source")) in [place(source) for source in ours["sources"]]
 
 
+_NOT_COMPARED = ("network", "process")  # earlier_result: keys of a result's source that name the network
+
+
 def earlier_result(path: str, source: "ImageSource | None", ref_path: str | None, ref_sha256: str | None = None,
                    detectors: dict[str, dict] | None = None) -> tuple[dict | None, str | None]:
     """A result file left by an earlier evaluation at `path`: (its record, None) when it measured the images this
@@ -676,7 +683,9 @@ def earlier_result(path: str, source: "ImageSource | None", ref_path: str | None
     try:
         with open(path) as f:
             record = json.load(f)
-        theirs = {k: v for k, v in record["source"].items() if k != "network"}
+        # The network and its process are the file's neighbour's (results written before the process was recorded
+        # have none): what the sampler made of them is compared below.
+        theirs = {k: v for k, v in record["source"].items() if k not in _NOT_COMPARED}
         their_ref, their_sha = ((record.get("reference") or {}).get(key) for key in ("path", "sha256"))
         if not isinstance(their_ref, (str, type(None))):
             raise TypeError(f"reference path {their_ref!r}")
@@ -696,7 +705,7 @@ def earlier_result(path: str, source: "ImageSource | None", ref_path: str | None
     if source is not None:
         # As write_json stores it (inf as "inf"), so that equal requests compare equal.
         ours = json.loads(json.dumps(util.json_safe(_jsonable({k: v for k, v in source.description.items()
-                                                                if k != "network"})), allow_nan=False))
+                                                                if k not in _NOT_COMPARED})), allow_nan=False))
         theirs = util.json_safe(theirs)
         for key in sorted(set(theirs) | set(ours)):
             if theirs.get(key) != ours.get(key):

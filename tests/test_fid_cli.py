@@ -191,6 +191,34 @@ def test_network_mode_equals_writing_pngs_and_reading_them_back(workdir, network
     assert "heun" in in_memory["source"]["sampler"] and in_memory["num_images"] == 24
 
 
+def test_network_mode_records_the_snapshots_process(workdir, single_rank, tmp_path):
+    # The result's source names the snapshot's process, as generation.json does: its sampler options alone read as
+    # EDM's ("schedule": "edm") for an SPD or flow snapshot. A result written before the process was recorded, or
+    # with another record, still counts as the same request (the process is the network file's, like its name).
+    from losses.spd import SPDLoss
+    from training import snapshots
+    from training.preconditioning import EpsPrecond
+
+    torch.manual_seed(0)
+    net = EpsPrecond(img_resolution=8, img_channels=3, model_type="SongUNet", model_channels=8, channel_mult=[1],
+                     num_blocks=1, attn_resolutions=[])
+    path = tmp_path / "network-snapshot-000001.pkl"
+    snapshots.save_snapshot(str(path), ema=net.eval().requires_grad_(False), process=SPDLoss(T=20).process,
+                            loss_kwargs=dict(class_name="losses.spd.SPDLoss", T=20))
+    args = ["calc", "--network", tmp_path, "--ref", workdir["root"] / "ref1.npz", "--seeds", "0-9", "--batch", 5,
+            "--metrics", "fid", "--workers", 0, "--device", "cpu", *_detector_args(workdir["root"])]
+    result = _invoke(args)  # a folder of snapshots: each result beside its network, kept on a rerun
+    assert result.exit_code == 0, result.output
+    out, = tmp_path.glob("network-snapshot-000001*.json")
+    record = json.loads(out.read_text())
+    assert record["source"]["process"] == {"name": "spd", "options": {"T": 20, "c1": 1.59, "c2": 0.0086, "m": 2.0}}
+    del record["source"]["process"]
+    out.write_text(json.dumps(record))
+    again = _invoke(args)
+    assert again.exit_code == 0 and "Kept the results in" in again.output, again.output
+    assert "process" not in json.loads(out.read_text())["source"]  # kept as it was
+
+
 def test_sampling_options_need_network_mode(workdir):
     root = workdir["root"]
     result = _invoke(["calc", "--images", root / "gen", "--ref", root / "ref1.npz", "--steps", 4])
