@@ -92,18 +92,16 @@ def ema_beta(cur_nimg, batch_size, ema_halflife_kimg, ema_rampup_ratio) -> float
 def ema_tensors(ema: torch.nn.Module, net: torch.nn.Module) -> tuple[list, list, list, list]:
     """(EMA parameters, the net's detached parameters, EMA buffers, the net's buffers), paired in module order: what
     update_ema reads, listed once for a run (walking the module tree costs ~1 ms per step for DDPM++, on the host)."""
-    ema_buffers, net_buffers = [], []
-    for b_ema, b_net in zip(ema.buffers(), net.buffers()):
-        ema_buffers.append(b_ema)
-        net_buffers.append(b_net)
-    return [p for p in ema.parameters()], [p.detach() for p in net.parameters()], ema_buffers, net_buffers
+    buffers = list(zip(ema.buffers(), net.buffers()))
+    return (list(ema.parameters()), [p.detach() for p in net.parameters()], [b for b, _ in buffers],
+            [b for _, b in buffers])
 
 
 @torch.no_grad()
 def update_ema(ema: torch.nn.Module, net: torch.nn.Module, beta: float, tensors: tuple | None = None) -> None:
-    """p_ema <- lerp(p_net, p_ema, beta) for parameters (fused over all of them); buffers copied. tensors: the
-    pairs of `ema_tensors(ema, net)` when the caller keeps them (the training loop: the modules' tensors are
-    updated in place, never replaced), else listed here."""
+    """p_ema <- lerp(p_net, p_ema, beta) for parameters (fused on CUDA, per tensor on the CPU); buffers copied.
+    tensors: the pairs of `ema_tensors(ema, net)` when the caller keeps them (the training loop: the modules'
+    tensors are updated in place, never replaced), else listed here."""
     ema_params, net_params, ema_buffers, net_buffers = tensors if tensors is not None else ema_tensors(ema, net)
     if ema_params and ema_params[0].device.type == 'cpu':
         # On the CPU torch's _foreach_lerp is 2.5-2.8x slower than a lerp per tensor (DDPM++ at 0.75M and 12M
