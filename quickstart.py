@@ -347,14 +347,14 @@ def main(outdir, resolution, kimg, batch, cbase, cres, blocks, lr, samples, step
             _atomic_json(os.path.join(run_dir, SETTINGS_RECORD), dict(settings=settings, train_args=train_args))
         _run("training", train_args)
         # The states only serve a resume: keep the last (20 MB at the default size), not one per 5 kimg.
-        final_state = _latest(os.path.join(run_dir, "training-state-*.pt"))
-        for path in glob.glob(os.path.join(run_dir, "training-state-*.pt")):
+        final_state = _latest(os.path.join(glob.escape(run_dir), "training-state-*.pt"))
+        for path in glob.glob(os.path.join(glob.escape(run_dir), "training-state-*.pt")):
             if path != final_state:
                 os.remove(path)
         open(done_marker, "w").close()
     else:
         print(f"[quickstart] training: {run_dir} is complete, skipping")
-    snapshot = _latest(os.path.join(run_dir, "network-snapshot-*.pkl"))
+    snapshot = _latest(os.path.join(glob.escape(run_dir), "network-snapshot-*.pkl"))
     if snapshot is None:
         raise click.ClickException(f"no network snapshot in {run_dir}")
 

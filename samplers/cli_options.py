@@ -6,7 +6,7 @@ typed from the solver's signature (repeatable; several pairs may be joined by co
 --variant, --lower-order-final, --exact-third-order, --S_churn, --S_min, --S_max, --S_noise) stay as aliases: each
 sets the option of its name, or the solver's alias of it (--order is iPNDM's max_order).
 
-EDM's generate.py options are accepted as aliases (EDM_ALIASES_NOTE): --disc=vp|ve|iddpm|edm is --schedule of the same
+EDM's generate.py options are accepted as aliases: --disc=vp|ve|iddpm|edm is --schedule of the same
 name, --schedule=linear and --scaling=none are what every solver here integrates, --solver=euler|heun are EDM's
 ablation-sampler solvers on that ODE; EDM's VP/VE ODE schedules and VP scaling (beside --disc or --scaling) select
 the same solvers stepping in EDM's time t (samplers/edm_time.py: euler_time, heun_time). `--preset=NAME` fills the
@@ -230,17 +230,7 @@ def guidance_from_cli(option_flags: dict) -> dict:
 # EDM's generate.py options (NVlabs/edm's ablation_sampler) as aliases.
 
 EDM_DISCRETIZATIONS = ("vp", "ve", "iddpm", "edm")  # --disc: our schedules of the same names (samplers/schedules.py)
-EDM_SCHEDULES = ("vp", "ve", "linear")  # EDM's --schedule: sigma(t) of the ODE it integrates in t
 EDM_SCALINGS = ("vp", "none")
-EDM_ALIASES_NOTE = (
-    "EDM's generate.py options: --disc=vp|ve|iddpm|edm is --schedule=vp|ve|iddpm|edm (the same time steps and default "
-    "sigma ranges); --schedule=linear and --scaling=none are EDM's sigma(t) = t, s(t) = 1, the ODE dx/dsigma every "
-    "solver here integrates; --solver=euler|heun on it are EDM's ablation-sampler solvers (alpha = 1, last step Euler "
-    "to sigma = 0; its churn, --S_churn etc., applies to heun only here). EDM's --schedule=vp|ve beside --disc or "
-    "--scaling, and --scaling=vp (its ODE in VP/VE time, with VP scaling) step in EDM's time t: --solver=euler|heun "
-    "become euler_time|heun_time with ode_schedule / ode_scaling. Without --disc or --scaling, --schedule=vp|ve are "
-    "our grids (EDM's --disc=vp|ve)."
-)
 _EDM_ODE_SCHEDULES = {"vp": "sigma(t) = sqrt(exp(beta_d t^2 / 2 + beta_min t) - 1)", "ve": "sigma(t) = sqrt(t)"}
 
 

@@ -986,6 +986,20 @@ def test_generation_record_is_strict_json_and_an_older_bare_infinity_record_resu
     assert '"S_max": "inf"' in (outdir / "generation.json").read_text()
 
 
+def test_a_run_folder_names_its_newest_snapshot_by_kimg(tmp_path):
+    """From 1,000,000 kimg on (EDM's ImageNet-64 trains 2,500,000) a snapshot's name has 7 digits: sorted by name,
+    network-snapshot-1000000.pkl came before network-snapshot-999000.pkl, and the older one was named the newest. The
+    folder is a path, not a glob pattern (a sweep's runs[lr=2e-4] was said to hold no snapshot)."""
+    from training import snapshots
+    run = tmp_path / "sweep [lr=2e-4]"
+    run.mkdir()
+    for kimg in (999000, 1000000, 1001000):
+        (run / f"network-snapshot-{kimg:06d}.pkl").touch()
+    with pytest.raises(persistence.NetworkPickleError,
+                       match=re.escape(f"its newest snapshot is {run / 'network-snapshot-1001000.pkl'}")):
+        snapshots.read_snapshot(str(run))
+
+
 def test_cli_path_mistakes_are_named_before_sampling(network_pickle, tmp_path, monkeypatch):
     """A run folder or a training state given as --network, and a --grid that is not a .png name, are refused in one
     line that says what to give instead, before any image is sampled."""

@@ -143,6 +143,13 @@ def test_saved_emas_past_a_million_kimg_are_found(tmp_path):
     assert [e['kimg'] for e in saved_emas(run)] == [999_999, 1_000_000]
 
 
+def test_saved_emas_are_found_in_a_folder_named_with_glob_characters(tmp_path):
+    # A run under a sweep's --outdir=runs[lr=2e-4]: the folder is a path, not a glob pattern.
+    run = str(tmp_path / 'sweep [lr=2e-4]' / 'run')
+    _write_phema(run, 4, 0.05, 0.0, step=4)
+    assert [e['kimg'] for e in saved_emas(run)] == [4]
+
+
 def test_a_resumed_run_uses_the_saved_emas_of_the_run_it_resumed_from(tmp_path):
     # Run A saved kimg 1-4, was resumed from its kimg-2 state into B (kimg 3-5): A's kimg 3-4 are another
     # trajectory and are left out; B's files win where both have a kimg.

@@ -93,6 +93,18 @@ def test_metrics_of_generated_folders_and_phema_reconstructions_find_their_kimg(
     assert 'fid-images.json is left' not in result.output
 
 
+def test_metrics_are_found_in_a_run_folder_named_with_glob_characters(tmp_path):
+    # A run under a sweep's --outdir=runs[lr=2e-4]: the folder is a path, not a glob pattern.
+    run = tmp_path / 'sweep [lr=2e-4]'
+    run.mkdir()
+    with open(run / 'stats.jsonl', 'w') as f:
+        f.write(json.dumps(_stats_line(1.0, 0.5, 0.0, 1e-3)) + '\n')
+    (run / 'fid.json').write_text(json.dumps({'results': {'fid': 10.0},
+                                              'source': {'network': 'network-snapshot-000002.pkl'}}))
+    metrics = {label: (xs, ys) for label, xs, ys in build_panels(str(run))[-1].lines}
+    assert metrics == {'fid': ([2], [10.0])}
+
+
 def test_lines_that_are_not_statistics_are_skipped(tmp_path):
     # Valid JSON that is not a tick's object (or a stat that is not a dict) is skipped like a cut-short line; the
     # non-finite counts pair each tick's fraction with its own step count even when a tick has no steps (mean NaN).

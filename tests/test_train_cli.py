@@ -6,6 +6,7 @@ import os
 import re
 import warnings
 
+import click
 import numpy as np
 import pytest
 import torch
@@ -491,6 +492,33 @@ def test_resume_auto_passes_over_runs_of_other_options(datasets, tmp_path):
     # A network option: another network, passed over too.
     result = _invoke([*args, '--seed', 3, '--cbase', 16, '--resume', 'auto', '-n'])
     assert f'passing over {first}, another run (--cbase: another network)' in result.output, result.output
+
+
+def test_resume_passes_over_files_named_like_states_without_a_kimg(tmp_path):
+    """The glob training-state-*.pt also matches a copy kept under another name (training-state-best.pt): it has no
+    kimg, so no network snapshot of that kimg beside it; looking for one formatted None with :06d, a TypeError."""
+    from training import resume, training_loop
+    run = tmp_path / 'run'
+    run.mkdir()
+    torch.save({'note': 'a copy'}, run / 'training-state-best.pt')
+    with pytest.raises(click.BadParameter, match='holds no training-state'):
+        resume.find_resume_state(str(run), None)
+    assert resume.find_resume_state('auto', str(tmp_path)) is None
+    torch.save(dict(format=training_loop.STATE_FORMAT, version=training_loop.STATE_VERSION),
+               run / 'training-state-000002.pt')
+    assert resume.find_resume_state('auto', str(tmp_path)) == str(run / 'training-state-000002.pt')
+
+
+def test_resume_finds_the_states_under_an_outdir_named_with_glob_characters(tmp_path):
+    """A sweep's --outdir=runs[lr=2e-4] is a folder, not a glob pattern: its [...] matched one character, so
+    --resume=auto found no state and started a new run without a word, and --resume=RUN_DIR said it held none."""
+    from training import resume, training_loop
+    outdir = tmp_path / 'sweep [lr=2e-4]'
+    (outdir / '00000-run').mkdir(parents=True)
+    state = outdir / '00000-run' / 'training-state-000002.pt'
+    torch.save(dict(format=training_loop.STATE_FORMAT, version=training_loop.STATE_VERSION), state)
+    assert resume.find_resume_state('auto', str(outdir)) == str(state)
+    assert resume.find_resume_state(str(outdir / '00000-run'), None) == str(state)
 
 
 def test_paths_with_a_tilde_are_expanded(datasets, tmp_path, monkeypatch):

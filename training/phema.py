@@ -130,7 +130,7 @@ def saved_emas(run_dir: str, at_kimg: int | None = None) -> list[dict]:
     `at_kimg`, by kimg then std; where two runs saved the same kimg and width, the later run's file."""
     found = {}
     for directory, limit in run_chain(run_dir, 'saved EMAs'):
-        for path in glob.glob(os.path.join(directory, 'phema-*.pkl')):
+        for path in glob.glob(os.path.join(glob.escape(directory), 'phema-*.pkl')):
             match = _NAME_RE.search(os.path.basename(path))
             if not match:
                 continue

@@ -96,7 +96,7 @@ def _metric_points(run_dir: str, skipped: list | None, chain: list | None = None
     records = []
     chain = run_chain(run_dir, 'statistics and results') if chain is None else chain
     paths = [(path, limit, position) for position, (directory, limit) in enumerate(chain)
-             for path in sorted(glob.glob(os.path.join(directory, '*.json')))]
+             for path in sorted(glob.glob(os.path.join(glob.escape(directory), '*.json')))]
     for path, limit, position in paths:
         try:
             with open(path) as f:

@@ -48,6 +48,14 @@ def _state_is_readable(path: str) -> bool:
     return os.path.isfile(os.path.join(os.path.dirname(path), snapshot))
 
 
+def _state_files(pattern: str) -> list[str]:
+    """The training-state-NNNNNN.pt files in the folders matching `pattern` (a glob pattern: escape a path's own
+    [, * and ?). A file the glob also matches under another name (a copy kept as training-state-best.pt) has no
+    kimg, so no snapshot beside it to resume an EDM state from, and read_resume_state refuses its name."""
+    return [path for path in glob.glob(os.path.join(pattern, 'training-state-*.pt'))
+            if training_loop.parse_state_kimg(path) is not None]
+
+
 def find_resume_state(resume: str, outdir: str | None, conflicts=None) -> str | None:
     """--resume=FILE, a run directory (its newest readable training state) or 'auto' (the newest readable state in
     the run directories under --outdir, or --outdir itself; None when there is none). Unreadable states are skipped
@@ -56,10 +64,10 @@ def find_resume_state(resume: str, outdir: str | None, conflicts=None) -> str | 
     if resume == 'auto':
         if outdir is None:
             raise click.UsageError('--resume=auto needs --outdir (the folder of the runs to continue)')
-        candidates = glob.glob(os.path.join(outdir, 'training-state-*.pt'))
-        candidates += glob.glob(os.path.join(outdir, '*', 'training-state-*.pt'))
+        # Escaped: an --outdir named like a sweep's (runs[lr=2e-4]) is a folder, not a glob pattern.
+        candidates = _state_files(glob.escape(outdir)) + _state_files(os.path.join(glob.escape(outdir), '*'))
     elif os.path.isdir(resume):
-        candidates = glob.glob(os.path.join(resume, 'training-state-*.pt'))
+        candidates = _state_files(glob.escape(resume))
         if not candidates:
             raise click.BadParameter(f'{resume} holds no training-state-*.pt', param_hint='--resume')
     else:
