@@ -97,9 +97,16 @@ def _atomic_json(path: str, data: dict) -> None:
         f.write("\n")
 
 
-def _latest(pattern: str) -> str | None:
-    files = sorted(glob.glob(pattern), key=lambda p: int(re.findall(r"(\d+)\.\w+$", p)[0]))
-    return files[-1] if files else None
+def _latest(folder: str, name_pattern: str) -> str | None:
+    """The file of `folder` matching `name_pattern` (one *) with the largest number before its extension. The folder
+    is escaped: --outdir named like a sweep's (runs [lr=2e-4]) is a folder, not a glob pattern (unescaped, no state
+    was found and the run was started over)."""
+    numbered = {}
+    for path in glob.glob(os.path.join(glob.escape(folder), name_pattern)):
+        match = re.search(r"(\d+)\.\w+$", path)
+        if match:  # a copy kept under another name (training-state-best.pt) is not one of the run's
+            numbered[path] = int(match.group(1))
+    return max(numbered, key=numbered.get) if numbered else None
 
 
 def _read_json(path: str) -> dict | None:
@@ -335,7 +342,7 @@ def main(outdir, resolution, kimg, batch, cbase, cres, blocks, lr, samples, step
                       "--duration", str(kimg / 1000), "--lr", str(lr), "--lr-rampup", "1", "--ema", "0.005",
                       "--dropout", "0", "--augment", "0", "--tick", "5", "--snap", "4", "--dump", "1",
                       "--seed", str(seed), "--workers", "0", "--device", device]
-        state = _latest(os.path.join(run_dir, "training-state-*.pt"))
+        state = _latest(run_dir, "training-state-*.pt")
         if state is not None:
             train_args += ["--resume", state]
         elif os.path.isdir(run_dir):
@@ -347,14 +354,14 @@ def main(outdir, resolution, kimg, batch, cbase, cres, blocks, lr, samples, step
             _atomic_json(os.path.join(run_dir, SETTINGS_RECORD), dict(settings=settings, train_args=train_args))
         _run("training", train_args)
         # The states only serve a resume: keep the last (20 MB at the default size), not one per 5 kimg.
-        final_state = _latest(os.path.join(glob.escape(run_dir), "training-state-*.pt"))
+        final_state = _latest(run_dir, "training-state-*.pt")
         for path in glob.glob(os.path.join(glob.escape(run_dir), "training-state-*.pt")):
             if path != final_state:
                 os.remove(path)
         open(done_marker, "w").close()
     else:
         print(f"[quickstart] training: {run_dir} is complete, skipping")
-    snapshot = _latest(os.path.join(glob.escape(run_dir), "network-snapshot-*.pkl"))
+    snapshot = _latest(run_dir, "network-snapshot-*.pkl")
     if snapshot is None:
         raise click.ClickException(f"no network snapshot in {run_dir}")
 

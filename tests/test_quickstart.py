@@ -140,6 +140,16 @@ def test_unsaved_run_with_other_settings_starts_over(tmp_path, capsys):
     assert (run_dir / "quickstart.json").is_file()
 
 
+def test_the_latest_state_is_found_by_number_in_a_folder_named_with_glob_characters(tmp_path):
+    # A resumed quick start whose folder reads as a pattern found no state and deleted the run to start it over.
+    run_dir = tmp_path / "runs [lr=2e-4]"
+    os.makedirs(run_dir)
+    for name in ["training-state-000995.pt", "training-state-1000000.pt", "training-state-best.pt"]:
+        (run_dir / name).write_bytes(b"")
+    assert quickstart._latest(str(run_dir), "training-state-*.pt") == str(run_dir / "training-state-1000000.pt")
+    assert quickstart._latest(str(run_dir), "network-snapshot-*.pkl") is None
+
+
 def test_options_kimg_whole_and_seed_help():
     result = CliRunner().invoke(quickstart.main, ["--kimg", "0.5"])
     assert result.exit_code == 2 and "0.5" in result.output
