@@ -7,9 +7,10 @@ Examples:
   torchrun --standalone --nproc_per_node=8 train.py --outdir=training-runs \\
       --data=datasets/cifar10-32x32.zip --cond=1 --arch=ddpmpp
 \b
-  # A tiny network on CPU (network size: --cbase, --cres, and the hidden --blocks / --attn):
-  python train.py --outdir=runs --data=digits.zip --batch=32 --cbase=16 --cres=1,2 --blocks=1 --attn=4 \\
-      --duration=0.01 --tick=1 --lr-rampup=1 --device=cpu
+  # A tiny network on CPU, on the digits of `dataset_tool.py --source=digits` (32x32; network size: --cbase,
+  # --cres, and the hidden --blocks / --attn):
+  python train.py --outdir=runs --data=datasets/digits-32x32.zip --batch=32 --cbase=16 --cres=1,2 --blocks=1 \\
+      --attn=16 --duration=0.01 --tick=1 --lr-rampup=1 --device=cpu
 \b
   # CIFAR-10 uncond NCSN++ with STF targets (Newbeeer/stf: 1024 references per GPU), 8 GPUs:
   torchrun --standalone --nproc_per_node=8 train.py --outdir=training-runs \\
