@@ -1,4 +1,5 @@
 import os
+import signal
 import sys
 
 import pytest
@@ -21,3 +22,37 @@ torch.set_num_threads(1)
 def _isolated_cache(tmp_path, monkeypatch):
     """Downloads and caches of a test never touch the user's ~/.cache."""
     monkeypatch.setenv("DNNLIB_CACHE_DIR", str(tmp_path / "dnnlib-cache"))
+
+
+@pytest.fixture(autouse=True)
+def _isolated_temp_dir(tmp_path_factory, monkeypatch):
+    """Temporary files of the programs a test starts go under pytest's basetemp: torchrun's agent makes a
+    /tmp/torchelastic_* log folder per launch and never removes it (hundreds of them accumulated in /tmp). This
+    process keeps its own temporary folder (tempfile caches it when pytest makes the basetemp)."""
+    monkeypatch.setenv("TMPDIR", str(tmp_path_factory.mktemp("tmpdir")))
+
+
+# The process-wide settings that code run in this process sets for the rest of the process, as a CLI may: the
+# training loop's backend flags (EDM's cudnn.benchmark, TF32 off), train.py's stop handlers for SIGINT/SIGTERM (after
+# them, Ctrl-C no longer interrupts pytest but asks every later training loop of this worker to stop) and the
+# launchers' sys.excepthook, which wraps the previous one (one more level per CLI call).
+_BACKEND_FLAGS = [(torch.backends.cudnn, "benchmark"), (torch.backends.cudnn, "allow_tf32"),
+                  (torch.backends.cudnn, "deterministic"), (torch.backends.cuda.matmul, "allow_tf32"),
+                  (torch.backends.cuda.matmul, "allow_fp16_reduced_precision_reduction"),
+                  (torch.backends.cuda.matmul, "allow_bf16_reduced_precision_reduction")]
+_INITIAL_STATE = ([(module, name, getattr(module, name)) for module, name in _BACKEND_FLAGS],
+                  {signum: signal.getsignal(signum) for signum in (signal.SIGINT, signal.SIGTERM)}, sys.excepthook)
+
+
+@pytest.fixture(autouse=True)
+def _restore_process_state():
+    """After each test the process is put back as pytest started it (also after a module-scoped fixture that runs a
+    CLI), so that no test depends on the order: the CUDA tests' results on which training loop ran before them in this
+    worker, say, or a subprocess's SIGINT on whether train.py replaced the ignored SIGINT of a background job."""
+    yield
+    flags, handlers, excepthook = _INITIAL_STATE
+    for module, name, value in flags:
+        setattr(module, name, value)
+    for signum, handler in handlers.items():
+        signal.signal(signum, handler)
+    sys.excepthook = excepthook

@@ -232,7 +232,11 @@ STOPPABLE_STEP = ("import signal, sys, time\n"
 
 
 def _quickstart_with_stoppable_step(grace_s):
-    script = (f"import click, quickstart\nquickstart.STOP_GRACE_S = {grace_s}\n"
+    # quickstart takes SIGINT as a terminal would deliver it, as in test_ctrl_c_says_how_to_resume: under a test runner
+    # started in the background SIGINT is ignored, and stayed ignored in quickstart (the SIGINT case waited out the
+    # step's sleep); only a train.py run earlier in the same pytest worker, replacing that setting, hid it.
+    script = ("import signal\nsignal.signal(signal.SIGINT, signal.default_int_handler)\n"
+              f"import click, quickstart\nquickstart.STOP_GRACE_S = {grace_s}\n"
               f"click.command()(lambda: quickstart._run('training', ['-c', {STOPPABLE_STEP!r}]))()")
     proc = subprocess.Popen([sys.executable, "-c", script], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             text=True, start_new_session=True)
