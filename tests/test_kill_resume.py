@@ -277,6 +277,21 @@ def test_loader_workers_survive_a_stop_signal_that_comes_while_they_start(tmp_pa
     assert signal.pthread_sigmask(signal.SIG_BLOCK, []) == set()  # this process's mask restored
 
 
+def test_a_run_started_after_a_stopped_one_in_the_same_process_is_not_asked_to_stop(monkeypatch):
+    # train.main called twice in one process (a notebook): the Ctrl-C that stopped the first run stopped the second at
+    # its first check.
+    from torch_utils import distributed as dist
+    monkeypatch.setattr(dist, '_stop_signal', signal.SIGINT)
+    monkeypatch.setattr(dist, '_stop_agreed', True)
+    previous = {signum: signal.getsignal(signum) for signum in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        dist.stop_on_signals()
+        assert dist.stop_requested() is None and not dist.stop_agreed() and not dist.should_stop()
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+
+
 def test_ctrl_c_asks_for_a_stop_and_a_second_one_a_second_later_interrupts(monkeypatch, capsys):
     # One keypress can reach a process twice within milliseconds (the terminal's group, then a launcher's
     # forwarding): only a repeat a second or more later is the user's second Ctrl-C. Under torchrun the workers get

@@ -172,6 +172,8 @@ def stop_on_signals(signals=(signal.SIGTERM, signal.SIGINT)) -> None:
             signal.signal(signal.SIGINT, signal.default_int_handler)
             raise KeyboardInterrupt
 
+    global _stop_signal, _stop_agreed
+    _stop_signal, _stop_agreed = None, False  # a second run in one process (a notebook's) starts unasked
     for signum in signals:
         signal.signal(signum, handler)
 
