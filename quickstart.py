@@ -29,6 +29,7 @@ import numpy as np
 import torch
 
 import dnnlib
+from training import run_folder
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 SETTINGS_RECORD = "quickstart.json"  # in training-run/ and samples/: what made their contents
@@ -98,14 +99,12 @@ def _atomic_json(path: str, data: dict) -> None:
 
 
 def _latest(folder: str, name_pattern: str) -> str | None:
-    """The file of `folder` matching `name_pattern` (one *) with the largest number before its extension. The folder
-    is escaped: --outdir named like a sweep's (runs [lr=2e-4]) is a folder, not a glob pattern (unescaped, no state
+    """The file of `folder` matching `name_pattern` (one *) with the largest kimg (run_folder.file_kimg). The folder is
+    escaped: --outdir named like a sweep's (runs [lr=2e-4]) is a folder, not a glob pattern (unescaped, no state
     was found and the run was started over)."""
-    numbered = {}
-    for path in glob.glob(os.path.join(glob.escape(folder), name_pattern)):
-        match = re.search(r"(\d+)\.\w+$", path)
-        if match:  # a copy kept under another name (training-state-best.pt) is not one of the run's
-            numbered[path] = int(match.group(1))
+    # A copy kept under another name (training-state-best.pt) has no kimg: it is not one of the run's files.
+    numbered = {path: kimg for path in glob.glob(os.path.join(glob.escape(folder), name_pattern))
+                if (kimg := run_folder.file_kimg(path)) is not None}
     return max(numbered, key=numbered.get) if numbered else None
 
 
@@ -115,10 +114,6 @@ def _read_json(path: str) -> dict | None:
             return json.load(f)
     except (OSError, ValueError):
         return None
-
-
-def _snapshot_kimg(path: str) -> int:
-    return int(re.findall(r"(\d+)\.pkl$", path)[0])
 
 
 def _check_training_run(run_dir: str, settings: dict) -> None:
@@ -391,7 +386,7 @@ def main(outdir, resolution, kimg, batch, cbase, cres, blocks, lr, samples, step
     print("\n[quickstart] evaluation", flush=True)
     result = evaluate(dataset_zip, samples_dir, samples, classifier_path, seed, inception, outdir)
     result.update(snapshot=os.path.relpath(snapshot, outdir), sampler=dict(solver="heun", steps=steps,
-                  nfe=2 * steps - 1), training_kimg=_snapshot_kimg(snapshot), training_settings=settings,
+                  nfe=2 * steps - 1), training_kimg=run_folder.file_kimg(snapshot), training_settings=settings,
                   total_seconds=round(time.time() - start, 1))
     _atomic_json(metrics_json, result)
 

@@ -74,12 +74,20 @@ def set_aside(parent: str, prefix: str, names: list[str]) -> str:
 _KIMG_FILES = re.compile(r'(?:network-snapshot-|training-state-|phema-)(\d+)(?:-\d+\.\d+)?\.(?:pkl|pt)')
 
 
+def file_kimg(path: str) -> int | None:
+    """The kimg in the name of a run's snapshot, training state or phema EMA (None for another name, such as a copy
+    kept as training-state-best.pt). Order a run's files by it, not by name: from 1,000,000 kimg on the names have 7
+    digits."""
+    match = _KIMG_FILES.fullmatch(os.path.basename(path))
+    return int(match.group(1)) if match else None
+
+
 def set_aside_later_files(run_dir: str, kimg: int) -> tuple[str, list[str]] | None:
     """A --nosubdir resume in the run's own folder from a state at `kimg`: the snapshots, phema EMAs and states of
     later kimg are the interrupted trajectory's (another one when the resume changes options), and phema.py would
     mix them with the new ones. Moves them into a new folder of run_dir; returns it and the names (None: none)."""
     later = sorted(name for name in os.listdir(run_dir)
-                   if (match := _KIMG_FILES.fullmatch(name)) and int(match.group(1)) > kimg)
+                   if (file_kimg(name) or -1) > kimg)
     if not later:
         return None
     return set_aside(run_dir, f'superseded-after-kimg-{kimg}', later), later

@@ -26,7 +26,7 @@ import processes
 from losses import aot, denoising, stf
 from torch_utils import distributed as dist
 from torch_utils import misc, persistence
-from training import augment, networks, preconditioning
+from training import augment, networks, preconditioning, run_folder
 
 for _module in (networks, preconditioning, augment, denoising, stf, aot):
     persistence.register_module(_module)
@@ -59,19 +59,14 @@ class Snapshot:
     data: dict
 
 
-def _snapshot_order(path: str) -> tuple[int, str]:
-    """network-snapshot-KIMG.pkl by KIMG (a name without one first), then by name."""
-    kimg = os.path.basename(path)[len('network-snapshot-'):-len('.pkl')]
-    return (int(kimg) if kimg.isdigit() else -1, path)
-
-
 def read_snapshot(path_or_url: str) -> Snapshot:
     """Import a snapshot without running anything it embeds; the network stays on the CPU."""
     folder = os.path.expanduser(str(path_or_url))
     if os.path.isdir(folder):  # a run folder: name its newest snapshot
         # By kimg, not by name: from 1,000,000 kimg on (EDM's ImageNet-64 trains 2,500,000) the names have 7 digits,
         # and network-snapshot-1000000.pkl sorts before network-snapshot-999000.pkl.
-        snapshots = sorted(glob.glob(os.path.join(glob.escape(folder), 'network-snapshot-*.pkl')), key=_snapshot_order)
+        snapshots = sorted(glob.glob(os.path.join(glob.escape(folder), 'network-snapshot-*.pkl')),
+                           key=lambda path: (run_folder.file_kimg(path) or -1, path))
         hint = f'; its newest snapshot is {snapshots[-1]}' if snapshots else ' (it holds no network-snapshot-*.pkl)'
         raise persistence.NetworkPickleError(f'{path_or_url} is a folder, not a network pickle{hint}')
     data = persistence.load_network_pickle(path_or_url)
