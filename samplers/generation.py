@@ -25,6 +25,7 @@ from samplers import SCHEDULES, SigmaGrid, count_nfe, get_solver, make_grid, sam
 from samplers.accelerated import accelerate
 from samplers.guidance import build_guidance, guidance_record
 from samplers.schedules import learned_solver_options
+from samplers.solver_grid import revised_step_orders
 from torch_utils import distributed as dist
 from torch_utils.misc import StackedRandomGenerator
 
@@ -180,7 +181,19 @@ def describe(net, config: SamplerConfig) -> str:
         text += " (denoise_to_zero changes nothing: the last step already lands on 0)"
     if grid.eval_sigmas is not None:
         text += " (decoupled evaluation grid)"
+    orders = _revised_orders(grid, solver, solver_kwargs)
+    if orders is not None:  # fid.py's results keep this line: one measured with the earlier orders is not kept
+        text += f" step orders {','.join(map(str, orders))}"
     return f"{text}; {nfe} NFE per image"
+
+
+def _revised_orders(grid: SigmaGrid, solver: str, solver_kwargs: dict) -> list[int] | None:
+    """A multistep solver's step orders where versions before 2026-12-02 took others (revised_step_orders), else None.
+    The solvers with both options (UniPC; DPM-Solver++'s orders are fixed at 2 and 3, which never changed)."""
+    options = {**get_solver(solver).defaults(), **solver_kwargs}
+    if "order" not in options or "lower_order_final" not in options:
+        return None
+    return revised_step_orders(grid.sigmas.tolist(), options["order"], options["lower_order_final"])
 
 
 def rehearse_solver(grid: SigmaGrid, solver: str, solver_kwargs: dict, round_sigma=None,
@@ -249,7 +262,10 @@ class GridSampling:
                     eval_sigmas=None if grid.eval_sigmas is None else grid.eval_sigmas.tolist(),
                     # A grid ending at 0 already denoises in its last step: the flag changes nothing there.
                     denoise_to_zero=bool(config.denoise_to_zero) and grid.end == "sigma_min",
-                    guidance=guidance_record(config.guidance))
+                    guidance=guidance_record(config.guidance),
+                    # Only where an earlier version took other orders, whose records lack them (null otherwise, as
+                    # absent): its folder is refused, not resumed with images of both.
+                    step_orders=_revised_orders(grid, solver, solver_kwargs))
 
     def sample(self, net, plan, inputs: "SeedInputs", config: SamplerConfig) -> torch.Tensor:
         grid, solver, solver_kwargs, *guidance = plan  # a 4th entry: the prepared guidance

@@ -35,7 +35,7 @@ def read_grid(sigmas: torch.Tensor, eval_sigmas: torch.Tensor | None = None) -> 
     return host_levels(sigmas), eval_sigmas
 
 
-def step_orders(levels: list[float], order: int, lower_order_final) -> list[int]:
+def step_orders(levels: list[float], order: int, lower_order_final, capped_warmup: bool = False) -> list[int]:
     """Order of each step of a multistep solver: warm-up min(order, i + 1); lower-order final steps min(order, M - i),
     where M counts the steps that end at a positive level (a step to 0 is a plain denoise, order 1). As in the
     reference codes (UniPC's and DPM-Solver's warm-up loops), the warm-up steps i < order - 1 are not capped when
@@ -43,7 +43,8 @@ def step_orders(levels: list[float], order: int, lower_order_final) -> list[int]
     throughout.
 
     lower_order_final: True (always: UniPC, LD3, diff-sampler), False (never), or an int K to apply it only when
-    M < K (the original DPM-Solver uses K = 10). See docs/solvers.md, "Lower-order final steps"."""
+    M < K (the original DPM-Solver uses K = 10). See docs/solvers.md, "Lower-order final steps".
+    capped_warmup: the orders of this code before 2026-12-02, which capped the warm-up steps too (1, 2, 2, 1)."""
     num_steps = len(levels) - 1
     num_positive = sum(1 for s in levels[1:] if s > 0)
     if isinstance(lower_order_final, bool):
@@ -58,7 +59,16 @@ def step_orders(levels: list[float], order: int, lower_order_final) -> list[int]
             orders.append(1)
             continue
         p = min(order, i + 1)
-        if apply_final and (i + 1 >= order or num_positive < order):
+        if apply_final and (capped_warmup or i + 1 >= order or num_positive < order):
             p = min(p, num_positive - i)
         orders.append(p)
     return orders
+
+
+def revised_step_orders(levels: list[float], order: int, lower_order_final) -> list[int] | None:
+    """The step orders where versions before 2026-12-02 gave others (they capped the warm-up steps: only orders >= 4
+    differ, e.g. UniPC order 4 over 4 steps was 1, 2, 2, 1), else None. generate.py records them and names them in
+    its sampler line (which fid.py's results keep), so that images and results of an earlier version's orders, whose
+    records lack them, are not taken for these: a resumed output folder mixed images of both."""
+    orders = step_orders(levels, order, lower_order_final)
+    return orders if orders != step_orders(levels, order, lower_order_final, capped_warmup=True) else None

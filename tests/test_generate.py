@@ -986,6 +986,31 @@ def test_generation_record_is_strict_json_and_an_older_bare_infinity_record_resu
     assert '"S_max": "inf"' in (outdir / "generation.json").read_text()
 
 
+def test_a_folder_of_unipc_images_with_the_earlier_step_orders_is_refused(network_pickle, tmp_path):
+    """UniPC of order >= 4 took other warm-up orders before 2026-12-02 (order 4 over 4 steps: 1,2,2,1, now 1,2,3,1;
+    up to 4/255 per pixel on a 2-kimg digits run) under the same generation.json: more seeds into such a folder
+    skipped the earlier images and wrote new ones beside them. The record now holds the orders where they changed, so
+    such a folder, whose record lacks them, is refused; where they did not change (order 3), a record without them
+    still resumes."""
+    for order, orders in ((4, [1, 2, 3, 1]), (3, None)):
+        outdir = tmp_path / f"order{order}"
+        base = ["--network", network_pickle, "--outdir", str(outdir), "--device", "cpu", "--seeds", "0-1", "--steps",
+                "4", "--solver", "unipc", "--order", str(order)]
+        result = CliRunner().invoke(generate.main, base)
+        assert result.exit_code == 0, result.output
+        assert (" step orders 1,2,3,1; 4 NFE" in result.output) == (orders is not None), result.output
+        record = json.loads((outdir / "generation.json").read_text())
+        assert record["settings"]["step_orders"] == orders
+        del record["settings"]["step_orders"]  # as the earlier versions wrote it
+        (outdir / "generation.json").write_text(json.dumps(record))
+        os.remove(outdir / "000001.png")
+        result = CliRunner().invoke(generate.main, base)
+        if orders is None:
+            assert result.exit_code == 0 and "Wrote 1 images, skipped 1" in result.output, result.output
+        else:
+            assert result.exit_code == 1 and "these differ: settings.step_orders" in result.output, result.output
+
+
 def test_a_run_folder_names_its_newest_snapshot_by_kimg(tmp_path):
     """From 1,000,000 kimg on (EDM's ImageNet-64 trains 2,500,000) a snapshot's name has 7 digits: sorted by name,
     network-snapshot-1000000.pkl came before network-snapshot-999000.pkl, and the older one was named the newest. The

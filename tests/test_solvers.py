@@ -259,6 +259,21 @@ def test_step_orders():
     assert step_orders(make_grid("logsnr", 2, end="sigma_min").sigmas.tolist(), 3, True) == [1, 1]  # shorter: capped
 
 
+def test_revised_step_orders_are_those_that_changed_on_2026_12_02():
+    """The orders of versions before c6f2e1c (warm-up steps capped too) differ only for orders >= 4: those grids name
+    their orders (generate.py's record and sampler line), all others none, as the records of those versions."""
+    from samplers.solver_grid import revised_step_orders
+    levels = make_grid("logsnr", 4, end="sigma_min").sigmas.tolist()
+    assert step_orders(levels, 4, True, capped_warmup=True) == [1, 2, 2, 1]
+    assert revised_step_orders(levels, 4, True) == [1, 2, 3, 1]
+    assert revised_step_orders(levels, 4, False) is None
+    for order in range(1, 4):
+        for num_steps in range(2, 12):
+            for end in ("sigma_min", "zero"):
+                grid = make_grid("logsnr", num_steps, end=end).sigmas.tolist()
+                assert revised_step_orders(grid, order, True) is None, (order, num_steps, end)
+
+
 def test_solvers_without_a_decoupled_grid_refuse_one():
     """EDM's time-ODE solvers step in another time variable: LD3's decoupled evaluation grid is refused by name."""
     from samplers.ld3.optimize import LD3Config
