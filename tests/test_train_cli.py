@@ -494,6 +494,32 @@ def test_resume_auto_passes_over_runs_of_other_options(datasets, tmp_path):
     assert f'passing over {first}, another run (--cbase: another network)' in result.output, result.output
 
 
+def test_a_run_keeps_what_its_preset_set_in_the_version_that_made_it(datasets, tmp_path):
+    """edm-cifar10-uncond-vp set --precond=vp before 2026-12-03 (edm since). Continued by its own command line after
+    an update, such a run was passed over by --resume=auto as another network, and a run of another preconditioning
+    started from step 0; --resume=STATE with the preset was refused for a --precond that was never given. The run
+    keeps the value its preset gave it, and says so."""
+    outdir = tmp_path / 'runs'
+    args = ['--preset', 'edm-cifar10-uncond-vp', '--outdir', outdir, '--data', datasets['uncond'], '--batch', 64,
+            '--tick', 1, '--snap', 1, '--dump', 1, '--seed', 5, *TINY_NET]
+    # As the earlier version made it: its recorded options are the preset's name and the --precond=vp it set.
+    assert _invoke([*args, '--duration', 0.001, '--precond', 'vp']).exit_code == 0
+    state = outdir / '00000-tiny-uncond-ddpmpp-vp-gpus1-batch64-fp32' / 'training-state-000001.pt'
+    note = ("changed --precond: 'edm' -> 'vp' (--preset=edm-cifar10-uncond-vp sets 'edm' in this version; the run "
+            "keeps the 'vp' it was made with)")
+    for resume in ('auto', state):
+        result = _invoke([*args, '--duration', 0.002, '--resume', resume, '-n'])
+        assert result.exit_code == 0, result.output
+        assert f'Resuming from:           {state}' in result.output and note in result.output, result.output
+        assert _printed_options(result.output)['network_kwargs']['class_name'] == 'training.preconditioning.VPPrecond'
+    # Only a preset's earlier values: a run of a preset with an option typed otherwise is still another run.
+    ffhq = ['--preset', 'edm-ffhq-vp', *args[2:]]
+    assert _invoke([*ffhq, '--duration', 0.001, '--lr', 0.003]).exit_code == 0
+    result = _invoke([*ffhq, '--duration', 0.002, '--resume', 'auto', '-n'])
+    assert "another run (--lr: 0.003 -> 0.0002)" in result.output and 'Resuming from' not in result.output, \
+        result.output
+
+
 def test_resume_passes_over_files_named_like_states_without_a_kimg(tmp_path):
     """The glob training-state-*.pt also matches a copy kept under another name (training-state-best.pt): it has no
     kimg, so no network snapshot of that kimg beside it; looking for one formatted None with :06d, a TypeError."""

@@ -99,6 +99,12 @@ SPD_PRESETS = {
 }
 
 TRAIN_PRESETS = {**EDM_PRESETS, **STF_PRESETS, **AOT_PRESETS, **GDD_PRESETS, **SPD_PRESETS}
+
+# What a preset set before a correction, for the runs made then: such a run resumes with it (training/resume.py),
+# where the preset's current value would make it another run. Before 2026-12-03 the edm-*-vp / -ve presets trained
+# Song et al.'s VP / VE objectives (--precond=vp / ve), EDM's preconditioning since.
+EARLIER_PRESET_VALUES = {name: dict(precond=name.rsplit('-', 1)[1]) for name in EDM_PRESETS
+                         if name.endswith(('-vp', '-ve'))}
 PRESET_PROCESSES = 4  # GPUs of the published GDD runs (the default below)
 PRESET_GPUS = {**{name: 8 for name in (*EDM_PRESETS, *STF_PRESETS)}, 'edm-imagenet64-adm': 32,
                **{name: 4 for name in AOT_PRESETS}, **{name: 8 for name in SPD_PRESETS}}

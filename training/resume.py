@@ -18,6 +18,7 @@ import dnnlib
 import losses
 from torch_utils import misc, persistence
 from training import snapshots, training_loop
+from training.presets import EARLIER_PRESET_VALUES, TRAIN_PRESETS
 
 
 def read_resume_state(path: str) -> dict | None:
@@ -128,14 +129,15 @@ def resume_conflicts(state_path: str, opts: dnnlib.EasyDict, explicit: set) -> s
         changes = _saved_option_changes(copy.deepcopy(opts), saved, explicit, state_path)
     except click.BadParameter as err:  # a network option it was not trained with
         return f'{err.param_hint}: another network'
-    differing = [change for kind, change, _ in changes if kind != 'exact']
+    differing = [change for kind, change, _ in changes if kind not in ('exact', 'kept')]
     return ', '.join(differing) if differing else None
 
 
 def _saved_option_changes(opts: dnnlib.EasyDict, saved: dict, explicit: set, state_path: str) \
         -> list[tuple[str, str, str]]:
     """apply_saved_options' work: (kind, change, why) per option given that differs from the saved one, kind
-    'exact', 'not exact' or 'path'; change is '--flag: old -> new'."""
+    'exact', 'not exact', 'path' or 'kept' (the run's own value, which its --preset set otherwise then); change is
+    '--flag: old -> new'."""
     notes = []
     for key, old in saved.items():
         if key not in opts:
@@ -152,6 +154,14 @@ def _saved_option_changes(opts: dnnlib.EasyDict, saved: dict, explicit: set, sta
         if _options_equal(new, old) or (old is None and new == _default_resolution(key, saved)):
             continue
         flag = '--' + key.replace('_', '-')
+        if _set_by_an_earlier_preset(key, opts, saved):
+            # Not given: the run's own --preset set it, to another value in the version that made the run (presets
+            # are corrected: edm-cifar10-uncond-vp set --precond=vp before 2026-12-03, edm since). The run keeps its
+            # value, as any option not given (--resume=auto passed over the run and started another network anew).
+            opts[key] = old
+            notes.append(('kept', f'{flag}: {new!r} -> {old!r}', f'--preset={opts.preset} sets {new!r} in this '
+                          f'version; the run keeps the {old!r} it was made with'))
+            continue
         if key in _NETWORK_OPTIONS or (key == 'augment' and (new > 0) != (old > 0)):
             trained = old if old is not None else _default_resolution(key, saved)
             trained = f'{trained!r}' if trained is not None else f'no {flag} (its default)'
@@ -167,6 +177,15 @@ def _saved_option_changes(opts: dnnlib.EasyDict, saved: dict, explicit: set, sta
         notes.append(('exact' if exact else 'not exact', f'{flag}: {old!r} -> {new!r}',
                       f'the continuation {"stays" if exact else "is not"} exact'))
     return notes
+
+
+def _set_by_an_earlier_preset(key: str, opts: dnnlib.EasyDict, saved: dict) -> bool:
+    """Whether the saved run has the value its --preset set for `key` in an earlier version (EARLIER_PRESET_VALUES),
+    and these options the one it sets now. Only those: a run of the same preset with an option typed otherwise
+    (a sweep sharing --outdir) is still another run."""
+    name, earlier = opts.get('preset'), EARLIER_PRESET_VALUES.get(opts.get('preset'), {})
+    return (saved.get('preset') == name and key in earlier and _options_equal(saved.get(key), earlier[key])
+            and _options_equal(opts[key], TRAIN_PRESETS[name][key]))
 
 
 def _dropped_with_its_method(key: str, opts: dnnlib.EasyDict, explicit: set, saved: dict) -> bool:
