@@ -554,6 +554,23 @@ def test_state_damaged_inside_a_tensor_is_refused(tmp_path):
         tl.load_training_state(path)
 
 
+def test_a_state_from_before_edms_ema_lerp_is_not_called_exact():
+    """States of train.py before 2026-12-01 15:00 (no --ema-rampup among their options) updated the EMA with another
+    lerp, which rounds otherwise: resumed with EDM's, their EMA (the snapshots) differed by 1e-7 after a kimg from the
+    run the old version continued, under "Resuming exactly"."""
+    options = dict(seed=1, batch_size=64)
+    recorded = dict(lr=0.001, ema=0.5, ema_rampup=0.05)
+    state = dict(options=json.dumps(options), world_size=1, train_options=json.dumps(recorded))
+    assert tl._resumes_exactly(state, 'S.pt', options, 64, None)
+    assert tl._resumes_exactly(dict(state, train_options=None), 'S.pt', options, 64, None)  # a library call's state
+    del recorded['ema_rampup']
+    with pytest.warns(UserWarning) as record:
+        assert not tl._resumes_exactly(dict(state, train_options=json.dumps(recorded)), 'S.pt', options, 64, None)
+    assert str(record[0].message) == ("S.pt was written by a version before 2026-12-01 (its options lack "
+                                      "--ema-rampup), whose EMA update rounded otherwise than EDM's used since: the "
+                                      "EMA continues close, not bit-exact")
+
+
 def test_a_resume_with_other_options_names_what_changed():
     # The warning named only the option ('loss_kwargs'); an SPD run resumed on other --data (fit=data refits Sigma0)
     # now reads which constants moved, and a long value is cut.

@@ -980,6 +980,15 @@ def _resumes_exactly(state: dict, path: str, options: dict, batch_size: int, bat
                        f'{layout[0]} x {layout[1]})')
         dist.warn0(f'resuming from {path} with another {changed[-1]}: the continuation is close, not bit-exact '
                    f'(floating-point summation order)', stacklevel=3)
+    # train.py's states from before 2026-12-01 15:00 (their options lack --ema-rampup, added then) updated the EMA as
+    # lerp(ema, net, 1 - beta), which rounds otherwise than EDM's lerp(net, ema, beta) used since an hour later: the
+    # EMA, which the snapshots are, goes on by other float32 roundings (1e-7 after a kimg), and was called exact.
+    recorded = json.loads(state.get('train_options') or '{}')
+    if recorded and 'ema_rampup' not in recorded:
+        changed.append('EMA rounding')
+        dist.warn0(f'{path} was written by a version before 2026-12-01 (its options lack --ema-rampup), whose EMA '
+                   f'update rounded otherwise than EDM\'s used since: the EMA continues close, not bit-exact',
+                   stacklevel=3)
     return not changed
 
 
