@@ -309,6 +309,27 @@ def test_reconstructed_ema_matches_one_tracked_directly(tmp_path):
     assert not torch.equal(flat['direct'], net)
 
 
+def test_a_reconstruction_by_phema_py_before_its_coefficients_summed_to_one_is_refused(tmp_path):
+    """phema.py before 2026-12-01 21:17 did not scale its coefficients to sum 1 (every weight off by their sum: 0.034
+    in a 2-kimg digits run's reconstruction; its record has no 'misfit'): generate.py and fid.py took it silently."""
+    torch.manual_seed(0)
+    net = EDMPrecond(img_resolution=8, img_channels=3, label_dim=0, model_type="SongUNet", model_channels=8,
+                     channel_mult=[1], num_blocks=1, attn_resolutions=[])
+    record = dict(std=0.07, gamma=11.244939447857934, step=63, kimg=2, reconstructed_from=6)
+    old, new = str(tmp_path / 'network-phema-000002-0.070.pkl'), str(tmp_path / 'new.pkl')
+    persistence.save_network_pickle(old, dict(ema=net, phema=record))
+    persistence.save_network_pickle(new, dict(ema=net, phema=dict(record, misfit=0.054)))
+    with pytest.raises(persistence.NetworkPickleError, match=re.escape(
+            f"{old}: a post-hoc EMA reconstructed by phema.py before 2026-12-01, whose coefficients did not sum to 1 "
+            f"(every weight is scaled by their sum); reconstruct it again: python phema.py --run=RUN_DIR --std=0.07 "
+            f"--at=2")):
+        snapshots.read_snapshot(old)
+    assert snapshots.read_snapshot(new).data['phema']['misfit'] == 0.054
+    saved = str(tmp_path / phema_file_name(2, 0.05))  # an EMA the run saved: no reconstruction, no misfit
+    persistence.save_network_pickle(saved, dict(ema=net, phema=dict(std=0.05, gamma=6.9, step=63, kimg=2)))
+    assert snapshots.read_snapshot(saved).data['phema']['std'] == 0.05
+
+
 def test_widths_whose_file_names_would_collide_are_refused():
     import click
 

@@ -85,6 +85,16 @@ def read_snapshot(path_or_url: str) -> Snapshot:
         process = processes.build_process(record, source=str(path_or_url))
     except ValueError as err:
         raise persistence.NetworkPickleError(str(err)) from None
+    reconstruction = data.get('phema')
+    if isinstance(reconstruction, dict) and 'reconstructed_from' in reconstruction and 'misfit' not in reconstruction:
+        # phema.py before 2026-12-01 21:17 left the least-squares coefficients as they came (summing to 0.82-1.01),
+        # so every weight of its reconstructions is scaled; they sampled and were measured (fid.py --network=RUN_DIR
+        # takes network-phema-*.pkl) without a word. Their record has no misfit, which every later one has (the
+        # EMAs a run saves, phema-*.pkl, record neither).
+        raise persistence.NetworkPickleError(
+            f"{path_or_url}: a post-hoc EMA reconstructed by phema.py before 2026-12-01, whose coefficients did not "
+            f"sum to 1 (every weight is scaled by their sum); reconstruct it again: python phema.py --run=RUN_DIR "
+            f"--std={reconstruction.get('std')} --at={reconstruction.get('kimg')}")
     bad = misc.count_nonfinite(data['ema'])
     if bad:  # A diverged run's weights: sampling it would give black images without a word.
         total = sum(t.numel() for t in (*data['ema'].parameters(), *data['ema'].buffers()) if t.is_floating_point())
