@@ -586,14 +586,20 @@ def test_a_resume_in_place_sets_aside_the_files_of_later_kimg(datasets, tmp_path
     # EMAs and states past that state are the abandoned continuation's, and phema.py mixed them in.
     run = tmp_path / 'run'
     _tiny_run(run, datasets['uncond'], '--nosubdir', '--phema', '0.05,0.1', duration=0.003)
+    # What fid.py and phema.py write under the names of a kimg: results beside a snapshot, a reconstruction and its
+    # result (fid.py --network=RUN_DIR kept the abandoned snapshot's FID as the new one's of the same name).
+    for name in ('network-snapshot-000001-fid10_full.json', 'network-snapshot-000002-fid10_full.json',
+                 'network-phema-000003-0.070.pkl', 'network-phema-000003-0.070-fid10_full-is10.json'):
+        (run / name).write_text(name)
     later = sorted(name for name in os.listdir(run) if re.search(r'-00000[23][-.]', name))
-    assert len(later) == 8  # snapshot, state and two phema EMAs at kimg 2 and 3
+    assert len(later) == 11  # snapshot, state and two phema EMAs at kimg 2 and 3; the three above
     abandoned = {name: open(run / name, 'rb').read() for name in later}
     result = _invoke(['--resume', run / 'training-state-000001.pt', '--nosubdir', '--lr', 0.002, '--duration',
                       0.002])
     assert result.exit_code == 0, result.output
     aside = run / 'superseded-after-kimg-1-1'
-    assert 'moved 8 file(s) of later kimg than the state' in result.output and f'to {aside}' in result.output
+    assert 'moved 11 file(s) of later kimg than the state' in result.output and f'to {aside}' in result.output
+    assert (run / 'network-snapshot-000001-fid10_full.json').exists()
     assert {name: open(aside / name, 'rb').read() for name in os.listdir(aside)} == abandoned
     assert not (run / 'network-snapshot-000003.pkl').exists() and not (run / 'phema-000003-0.050.pkl').exists()
     assert open(run / 'network-snapshot-000002.pkl', 'rb').read() != abandoned['network-snapshot-000002.pkl']

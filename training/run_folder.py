@@ -82,12 +82,20 @@ def file_kimg(path: str) -> int | None:
     return int(match.group(1)) if match else None
 
 
+# And what is made of them under their names: fid.py's results beside a snapshot (network-snapshot-000400-
+# fid50k_full.json) and phema.py's reconstructions at a kimg (network-phema-000400-0.070.pkl) with theirs.
+_KIMG_FILES_AND_RESULTS = re.compile(r'(?:network-snapshot-|network-phema-|training-state-|phema-)(\d+)'
+                                     r'(?:-\d+\.\d+)?(?:\.(?:pkl|pt)|-[^/]+\.json)')
+
+
 def set_aside_later_files(run_dir: str, kimg: int) -> tuple[str, list[str]] | None:
     """A --nosubdir resume in the run's own folder from a state at `kimg`: the snapshots, phema EMAs and states of
     later kimg are the interrupted trajectory's (another one when the resume changes options), and phema.py would
-    mix them with the new ones. Moves them into a new folder of run_dir; returns it and the names (None: none)."""
+    mix them with the new ones; their FID results and post-hoc reconstructions would be kept as those of the new
+    snapshots of the same names (fid.py --network=RUN_DIR, report.py). Moves them into a new folder of run_dir;
+    returns it and the names (None: none)."""
     later = sorted(name for name in os.listdir(run_dir)
-                   if (file_kimg(name) or -1) > kimg)
+                   if (match := _KIMG_FILES_AND_RESULTS.fullmatch(name)) and int(match.group(1)) > kimg)
     if not later:
         return None
     return set_aside(run_dir, f'superseded-after-kimg-{kimg}', later), later
