@@ -73,11 +73,12 @@ def _interruptible(written: str):
     return decorate
 
 
-def network_source_from_cli(network_pkl, seeds, batch_size, class_idx, preset_lines=(), preset=None, **sampler_cli):
+def network_source_from_cli(network_pkl, seeds, batch_size, class_idx, preset_lines=(), preset=None,
+                            network_sha256=None, **sampler_cli):
     """Load the network and build the in-memory image source; the sampler flags are generate.py's
     (samplers/cli_options.py), so `calc --network` samples exactly what generate.py would write. preset_lines: what
-    --preset set (apply_preset), printed with the sampler; preset: its name, for errors. Nothing is written to disk
-    (only --out's JSON)."""
+    --preset set (apply_preset), printed with the sampler; preset: its name, for errors; network_sha256: the pickle's,
+    where the caller has it (rank 0; else computed there). Nothing is written to disk (only --out's JSON)."""
     check_cuda_graph(sampler_cli.get("cuda_graph"), distributed.device())
     snapshot = _run(load_snapshot, network_pkl, distributed.device())
     net, sampling = snapshot.net, snapshot.process.sampling
@@ -86,9 +87,12 @@ def network_source_from_cli(network_pkl, seeds, batch_size, class_idx, preset_li
     for line in [*preset_lines, *(f"Note: {note}" for note in notes)]:
         distributed.print0(line)
     distributed.print0(f"Sampler: {summary}")
+    if network_sha256 is None and distributed.get_rank() == 0:  # recorded in the result (what was measured)
+        network_sha256 = util.file_sha256(network_pkl)
     return _run(metrics.network_source, net, seeds, batch_size=batch_size, network_description=network_pkl,
-                sampler_description=summary, process_description=snapshot.data.get("process"), class_idx=class_idx,
-                sampling=sampling, **dataclasses.asdict(config))
+                network_sha256=network_sha256, sampler_description=summary,
+                process_description=snapshot.data.get("process"), class_idx=class_idx, sampling=sampling,
+                **dataclasses.asdict(config))
 
 
 def _calc_run_folder(run_dir, seeds, batch_size, ref_path, metric_names, detector_paths, preset_lines, preset,
@@ -116,10 +120,13 @@ def _calc_run_folder(run_dir, seeds, batch_size, ref_path, metric_names, detecto
     # measured (in the loop it was met only on reaching its network, maybe hours into the run); whether it measured
     # the same images needs its network loaded, so that waits for the loop.
     refused = None
+    # Each pickle's content: a result beside a pickle written again under its name is not that pickle's.
+    network_sha256 = {network_pkl: util.file_sha256(network_pkl) for network_pkl in networks} \
+        if distributed.get_rank() == 0 else {}
     if distributed.get_rank() == 0:
         for network_pkl in networks:
             _, refused = evaluate.earlier_result(evaluate.result_path_beside(network_pkl, metric_names, len(seeds)),
-                                                 None, ref_path, ref_sha256, detectors)
+                                                 None, ref_path, ref_sha256, detectors, network_sha256[network_pkl])
             if refused is not None:
                 refused = f"{refused}: move it away to measure {network_pkl} again with these options"
                 break
@@ -129,8 +136,10 @@ def _calc_run_folder(run_dir, seeds, batch_size, ref_path, metric_names, detecto
     for index, network_pkl in enumerate(networks):
         out_path = evaluate.result_path_beside(network_pkl, metric_names, len(seeds))
         source = network_source_from_cli(network_pkl, seeds, batch_size, preset_lines=preset_lines if index == 0
-                                         else (), preset=preset, **dict(sampler_cli))
-        record, refused = evaluate.earlier_result(out_path, source, ref_path, ref_sha256, detectors) \
+                                         else (), preset=preset, network_sha256=network_sha256.get(network_pkl),
+                                         **dict(sampler_cli))
+        record, refused = evaluate.earlier_result(out_path, source, ref_path, ref_sha256, detectors,
+                                                  network_sha256[network_pkl]) \
             if distributed.get_rank() == 0 else (None, None)
         record, refused = distributed.broadcast_object((record, refused))
         if refused is not None:

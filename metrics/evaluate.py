@@ -189,10 +189,11 @@ def _generating_network(path: str) -> str | None:
 
 def network_source(net, seeds: Sequence[int], batch_size: int = 64, network_description: str | None = None,
                    sampler_description: str | None = None, process_description: dict | None = None,
-                   **sampler_kwargs) -> ImageSource:
+                   network_sha256: str | None = None, **sampler_kwargs) -> ImageSource:
     """Images sampled in memory from `net` (a loaded network) for `seeds`; nothing is written to disk.
     process_description: the snapshot's process record (generation.json's "process"; None for EDM's pickles), kept
     in the result's source: the sampler options alone read as EDM's for an SPD or flow snapshot.
+    network_sha256: the pickle's sha256, kept in the result's source (earlier_result compares it).
 
     Uses samplers.generation.generate_images, which splits the seeds over ranks exactly as generate.py does and
     yields the same uint8 pixels that generate.py writes as PNGs. Image i is the one whose PNG file name
@@ -223,8 +224,8 @@ def network_source(net, seeds: Sequence[int], batch_size: int = 64, network_desc
     options = {k: v for k, v in sampler_kwargs.items() if k != 'sampling'}
     resolution, channels = getattr(net, "img_resolution", None), getattr(net, "img_channels", None)
     image_shape = (int(channels), int(resolution), int(resolution)) if resolution and channels else None
-    description = dict(network=network_description, process=_jsonable(process_description),
-                       seeds=format_int_list(seeds), num=len(seeds),
+    description = dict(network=network_description, network_sha256=network_sha256,
+                       process=_jsonable(process_description), seeds=format_int_list(seeds), num=len(seeds),
                        sampler=sampler_description, sampler_options=_jsonable(options),
                        image_shape=None if image_shape is None else list(image_shape))
     return ImageSource(len(seeds), iterate, len(position_batches), description, image_shape)
@@ -667,17 +668,20 @@ def _same_detector(theirs: dict, ours: dict, place) -> bool:
     return place(theirs.get("source")) in [place(source) for source in ours["sources"]]
 
 
-_NOT_COMPARED = ("network", "process")  # earlier_result: keys of a result's source that name the network
+# earlier_result: keys of a result's source that name the network (the sha256 is compared on its own)
+_NOT_COMPARED = ("network", "network_sha256", "process")
 
 
 def earlier_result(path: str, source: "ImageSource | None", ref_path: str | None, ref_sha256: str | None = None,
-                   detectors: dict[str, dict] | None = None) -> tuple[dict | None, str | None]:
+                   detectors: dict[str, dict] | None = None,
+                   network_sha256: str | None = None) -> tuple[dict | None, str | None]:
     """A result file left by an earlier evaluation at `path`: (its record, None) when it measured the images this
     source would make (the same seeds, sampler and options; the network is the file's neighbour; not compared when
     `source` is None, a check before any network is loaded) against the same reference (by content when
     `ref_sha256`, the reference's sha256, is given and the record has one; else by path) with the same detectors
-    (`detectors`: planned_detectors; not compared when None); (None, why not) when it measured something else;
-    (None, None) when there is none."""
+    (`detectors`: planned_detectors; not compared when None), of the same network file (by its sha256 where both
+    `network_sha256` and the record have one: results written before it was recorded are kept); (None, why not)
+    when it measured something else; (None, None) when there is none."""
     if not os.path.exists(path):
         return None, None
     try:
@@ -702,6 +706,12 @@ def earlier_result(path: str, source: "ImageSource | None", ref_path: str | None
 
     def place(p):
         return p if p is None or "://" in p else os.path.abspath(os.path.expanduser(p))
+    # A pickle written again under its name (phema.py run again, a file replaced by hand) is another network: its
+    # neighbour's result would be kept as its own.
+    their_network = record["source"].get("network_sha256")
+    if network_sha256 and their_network and their_network != network_sha256:
+        return None, (f"{path} measured another file of that name (network sha256 {str(their_network)[:12]}... "
+                      f"there, {network_sha256[:12]}... here)")
     if source is not None:
         # As write_json stores it (inf as "inf"), so that equal requests compare equal.
         ours = json.loads(json.dumps(util.json_safe(_jsonable({k: v for k, v in source.description.items()

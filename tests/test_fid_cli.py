@@ -704,6 +704,42 @@ def test_a_run_folder_result_is_kept_only_for_the_same_detector(workdir, single_
         sources=[str(root / "inception.pt")], sha256=hashlib.sha256((root / "inception.pt").read_bytes()).hexdigest()))
 
 
+def test_a_run_folder_result_is_kept_only_for_the_same_network_file(workdir, single_rank, network_pkl, tmp_path):
+    """A pickle written again under its name (phema.py run again, a file replaced) is another network: the result
+    beside it is refused, naming both sha256, before anything is measured; a result written before the network's
+    sha256 was recorded is kept as before."""
+    from torch_utils import persistence
+    from training.preconditioning import EDMPrecond
+
+    root, run = workdir["root"], tmp_path / "00000-run"
+    run.mkdir()
+    pkl = run / "network-snapshot-000004.pkl"
+    shutil.copyfile(network_pkl, pkl)
+    common = ["--ref", root / "ref1.npz", "--seeds", "0-9", "--steps", 2, "--batch", 8, "--device", "cpu",
+              *_detector_args(root)]
+    first = _invoke(["calc", "--network", run, *common])
+    assert first.exit_code == 0 and "Computing fid" in first.output, first.output
+    result = run / "network-snapshot-000004-fid10_full.json"
+    written = json.loads(result.read_text())
+    ours = hashlib.sha256(pkl.read_bytes()).hexdigest()
+    assert written["source"]["network_sha256"] == ours
+    torch.manual_seed(1)  # another network of the same shape, saved under the same name
+    other = EDMPrecond(img_resolution=8, img_channels=3, label_dim=0, model_type="SongUNet", model_channels=8,
+                       channel_mult=[1], num_blocks=1, attn_resolutions=[])
+    persistence.save_network_pickle(str(pkl), dict(ema=other))
+    theirs = hashlib.sha256(pkl.read_bytes()).hexdigest()
+    refused = _invoke(["calc", "--network", run, *common])
+    assert refused.exit_code == 1 and "Loading network" not in refused.output, refused.output
+    assert (f"Error: {result} measured another file of that name (network sha256 {ours[:12]}... there, "
+            f"{theirs[:12]}... here): move it away to measure {pkl} again") in refused.output.replace("\n", " ")
+    assert json.loads(result.read_text()) == written
+    del written["source"]["network_sha256"]  # as written before the sha256 was recorded
+    result.write_text(json.dumps(written))
+    kept = _invoke(["calc", "--network", run, *common])
+    assert kept.exit_code == 0 and "Kept the results in" in kept.output and "Computing" not in kept.output, \
+        kept.output
+
+
 def test_a_resumed_run_folder_evaluates_the_snapshots_of_the_runs_it_continued(workdir, single_rank, network_pkl,
                                                                                tmp_path, monkeypatch):
     """B resumed from A's kimg-4 state (train.py writes a resume into a new folder): `calc --network=B` measures A's
