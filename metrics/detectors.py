@@ -22,6 +22,7 @@ for tests and benchmarks only: they give no meaningful metric values.
 
 import contextlib
 import dataclasses
+import os
 import pickle
 import warnings
 
@@ -118,7 +119,20 @@ class Detector:
         return info
 
 
-_loaded: dict[tuple, Detector] = {}
+_loaded: dict[tuple, tuple] = {}  # (name, source, device) -> (_file_identity(source), Detector)
+
+
+def _file_identity(source: str) -> tuple | None:
+    """A local detector file's identity: one replaced at the same path (another --detector file, a repaired copy) is
+    read again. Cached by path alone, a process that goes on (a notebook) measured with the file it read first and
+    recorded that file's sha256 for the new one. None for a URL (its cache copy is checked on download)."""
+    if util.is_url(source, allow_file_urls=True):
+        return None
+    try:
+        stat = os.stat(source)
+    except OSError:
+        return None
+    return (stat.st_dev, stat.st_ino, stat.st_size, stat.st_mtime_ns)
 
 
 def _offline_hint(name: str, spec: DetectorSpec, source: str) -> str:
@@ -227,16 +241,16 @@ def load_detector(name: str, path: str | None = None, device: torch.device | str
     """Load detector `name` ('inception' or 'vgg16') from `path` (local file or URL) or its canonical URL.
 
     Rank 0 loads (downloads) first while the other ranks wait, so a download happens once. Results are cached
-    per (source, device) within the process.
+    per (source, device) within the process, as long as a local file stays the same one.
     """
     if name not in DETECTORS:
         raise ValueError(f"unknown detector {name!r}; known: {', '.join(DETECTORS)}")
     spec = DETECTORS[name]
     device = torch.device(device) if device is not None else distributed.device()
     source = path if path is not None else spec.url
-    key = (name, source, str(device))
-    if key in _loaded:
-        return _loaded[key]
+    key, identity = (name, source, str(device)), _file_identity(source)
+    if key in _loaded and _loaded[key][0] == identity:
+        return _loaded[key][1]
 
     rank = distributed.get_rank()
     if rank != 0:
@@ -286,7 +300,7 @@ def load_detector(name: str, path: str | None = None, device: torch.device | str
     finally:
         if rank == 0:
             distributed.barrier()  # the others follow
-    _loaded[key] = detector
+    _loaded[key] = (identity, detector)
     return detector
 
 

@@ -453,6 +453,21 @@ def test_standin_detector_loads_and_follows_the_calling_convention(standin_paths
     assert det.sha256 == util._hash_file(standin_paths["inception"], "sha256")
 
 
+def test_a_detector_file_replaced_at_the_same_path_is_read_again(standin_paths):
+    # A notebook runs fid.py with --detector inception=PATH, then replaces PATH (another detector, a repaired copy):
+    # the cache by path measured the next run with the first file and recorded that file's sha256 for the new one.
+    path = standin_paths["inception"]
+    first = detectors_lib.load_detector("inception", path, device="cpu")
+    assert detectors_lib.load_detector("inception", path, device="cpu") is first  # the same file: cached
+    detectors_lib.save_standin(detectors_lib.StandinInception(seed=5), path)
+    second = detectors_lib.load_detector("inception", path, device="cpu")
+    assert second.sha256 == util._hash_file(path, "sha256") != first.sha256
+    images = torch.randint(0, 256, [3, 3, 16, 16], dtype=torch.uint8)
+    torch.testing.assert_close(second.features(images),
+                               detectors_lib.StandinInception(seed=5)(images, return_features=True))
+    detectors_lib._loaded.clear()
+
+
 def test_torch_jit_deprecation_is_silenced_for_detector_files_only(tmp_path, monkeypatch):
     """torch 2.14.1 and 2.15.0 warn (FutureWarning) on every torch.jit.script/save/load; the detector files are
     TorchScript, so reading or writing one must not warn users, while other FutureWarnings still pass. Simulated on
