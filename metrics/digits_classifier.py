@@ -82,8 +82,11 @@ def train_classifier(seed: int = 0, epochs: int = 30, batch_size: int = 64, lr: 
     images, labels = digits_as_uint8()
     train_idx, test_idx = split_indices(len(images), seed=seed)
     generator = torch.Generator().manual_seed(seed)
-    torch.manual_seed(seed)
-    model = DigitsClassifier()
+    # The initial weights from the seed, as torch.manual_seed(seed) gave them, without reseeding the caller's stream
+    # (a notebook's torch.randn after this call depended on this seed, not on its own).
+    with torch.random.fork_rng(devices=[]):
+        torch.default_generator.manual_seed(seed)
+        model = DigitsClassifier()
     optimizer = torch.optim.Adam(model.parameters(), lr=lr)
     x_train = torch.as_tensor(images[train_idx])
     y_train = torch.as_tensor(labels[train_idx])
