@@ -144,6 +144,12 @@ from training.train_options import CompileMode, FiniteFloat
 @click.option('-n', '--dry-run', help='Print training options and exit', is_flag=True)
 def main(**kwargs):
     try:
+        # Each run shows its warnings and writes them into its log.txt: Python shows a warning once per code location
+        # and process, so in a process that goes on (a notebook) a later run with the same option warning had none.
+        # Entering catch_warnings forgets which were shown; the filters stay as they are (also those the run's
+        # imports add).
+        with warnings.catch_warnings():
+            pass
         _main(**kwargs)
     except click.UsageError as err:  # an error about an option the preset set: say so (the user never typed it)
         preset = TRAIN_PRESETS.get(kwargs.get('preset'), {})
@@ -152,6 +158,8 @@ def main(**kwargs):
         if named:
             err.message = f'{err.message} ({", ".join(named)}: from --preset={kwargs["preset"]})'
         raise
+    finally:
+        dist.restore_signal_handlers()  # the process may go on (a notebook): Ctrl-C and SIGTERM act on it again
 
 
 def _log_other_rank_error(run_dir: str, text: str) -> None:

@@ -32,10 +32,11 @@ def _isolated_temp_dir(tmp_path_factory, monkeypatch):
     monkeypatch.setenv("TMPDIR", str(tmp_path_factory.mktemp("tmpdir")))
 
 
-# The process-wide settings that code run in this process sets for the rest of the process, as a CLI may: the
-# training loop's backend flags (EDM's cudnn.benchmark, TF32 off), train.py's stop handlers for SIGINT/SIGTERM (after
-# them, Ctrl-C no longer interrupts pytest but asks every later training loop of this worker to stop) and the
-# launchers' sys.excepthook, which wraps the previous one (one more level per CLI call).
+# The process-wide settings that code run in this process may leave changed: the backend flags (the training loop
+# puts back EDM's cudnn.benchmark and TF32 off when it ends, a test may set them), the stop handlers for SIGINT/SIGTERM
+# (train.main gives them back; a test calling dist.stop_on_signals or a loop's handler itself may not: after them,
+# Ctrl-C no longer interrupts pytest but asks every later training loop of this worker to stop) and the launchers'
+# sys.excepthook (installed once per process).
 _BACKEND_FLAGS = [(torch.backends.cudnn, "benchmark"), (torch.backends.cudnn, "allow_tf32"),
                   (torch.backends.cudnn, "deterministic"), (torch.backends.cuda.matmul, "allow_tf32"),
                   (torch.backends.cuda.matmul, "allow_fp16_reduced_precision_reduction"),

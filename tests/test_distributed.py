@@ -108,6 +108,20 @@ def test_the_abort_hook_prints_to_the_real_stderr_and_names_peer_failures_in_one
         real_stderr.getvalue() and exits == [1, 1]
 
 
+def test_the_abort_hook_is_installed_once_per_process(monkeypatch):
+    # generate.py, fid.py and train.py install it at every call: in a sweep script calling them in one process it
+    # wrapped itself once more each time, and after a few thousand calls the hook failed with a RecursionError.
+    import sys
+
+    from torch_utils import distributed
+    monkeypatch.setattr(sys, "excepthook", sys.__excepthook__)
+    distributed.excepthook_abort_all_ranks()
+    hook = sys.excepthook
+    for _ in range(3):
+        distributed.excepthook_abort_all_ranks()
+    assert sys.excepthook is hook is not sys.__excepthook__
+
+
 def test_the_exit_handler_releases_the_gil_before_destroying_the_process_group(monkeypatch):
     """Before torch 2.8, ~ProcessGroupGloo joined gloo's worker threads holding the GIL while a worker released the
     last collective's tensor under the GIL: a hang at exit (2 in 10 two-rank fid.py runs under torch 2.5.1 on a loaded

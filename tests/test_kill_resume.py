@@ -362,3 +362,71 @@ def test_every_rank_waits_for_the_last_state_write(tmp_path, monkeypatch):
     loop(**loop_kwargs(str(tmp_path), data, batch_size=8, kimg_per_tick=0.04, total_kimg=0.12, snapshot_ticks=1,
                        state_dump_ticks=1, max_nonfinite_steps=2))
     assert writes[-2:] == [('state', 32), ('barrier', None)]
+
+
+def test_train_main_gives_ctrl_c_and_sigterm_back_when_it_returns(tmp_path):
+    # train.main in a process that goes on (a notebook, a sweep script): the run's stop handlers stayed, so the
+    # process's next Ctrl-C only printed "stopping at the next check" and every SIGTERM was ignored until a SIGKILL.
+    import click
+
+    import train
+    data = write_zip_dataset(str(tmp_path / 'tiny.zip'), random_images(8))
+
+    def callers_sigint(signum, frame):
+        raise KeyboardInterrupt
+
+    def callers_sigterm(signum, frame):
+        raise SystemExit(143)
+
+    signal.signal(signal.SIGINT, callers_sigint)
+    signal.signal(signal.SIGTERM, callers_sigterm)
+    train.main(['--outdir', str(tmp_path / 'runs'), '--data', data, *ARGS, '--dry-run'], standalone_mode=False)
+    assert (signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)) == (callers_sigint, callers_sigterm)
+    with pytest.raises(click.BadParameter, match='dataset path does not exist'):  # fails after installing them
+        train.main(['--outdir', str(tmp_path / 'runs'), '--data', str(tmp_path / 'missing.zip'), *ARGS],
+                   standalone_mode=False)
+    assert (signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)) == (callers_sigint, callers_sigterm)
+    with pytest.raises(KeyboardInterrupt):
+        os.kill(os.getpid(), signal.SIGINT)
+        time.sleep(1)
+
+
+def test_a_run_that_fails_in_a_process_that_goes_on_leaves_no_loader_worker(tmp_path):
+    # A sweep script kept the error of a diverged run (a notebook keeps the last error): its traceback holds the
+    # loop's loader iterator, whose worker ignores SIGTERM. Freed later by the cycle collector, the iterator's queue
+    # was closed before the worker was told to stop, and at the script's end multiprocessing joined the worker forever.
+    import multiprocessing
+
+    import click
+
+    import train
+    data = write_zip_dataset(str(tmp_path / 'tiny.zip'), random_images(32))
+    before = set(multiprocessing.active_children())
+    with pytest.raises(click.ClickException, match='training diverged') as failure:
+        train.main(['--outdir', str(tmp_path / 'runs'), '--data', data, *ARGS, '--workers', '1', '--lr', '1e30',
+                    '--max-nonfinite', '1'], standalone_mode=False)
+    assert failure.value.__context__ is not None  # the loop's frames are still held
+    assert set(multiprocessing.active_children()) == before
+
+
+def test_train_main_runs_in_a_thread(tmp_path):
+    # A notebook training in a background thread to keep the kernel free: Python lets only the main thread set signal
+    # handlers, and train.main failed at once ("signal only works in main thread"). Such a run cannot be stopped by a
+    # signal (the main thread gets them).
+    import threading
+
+    import train
+    data = write_zip_dataset(str(tmp_path / 'tiny.zip'), random_images(8))
+    handlers = (signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM))
+    errors = []
+
+    def run():
+        try:
+            train.main(['--outdir', str(tmp_path / 'runs'), '--data', data, *ARGS, '--dry-run'], standalone_mode=False)
+        except Exception as err:  # noqa: BLE001 -- reported to the test's thread
+            errors.append(err)
+
+    thread = threading.Thread(target=run)
+    thread.start()
+    thread.join()
+    assert errors == [] and (signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)) == handlers

@@ -390,6 +390,20 @@ def test_warnings_given_before_the_log_opens_are_in_log_txt(datasets, tmp_path):
     assert warnings.showwarning.__name__ != 'show_and_keep'  # given back when the command ended
 
 
+def test_each_run_in_one_process_shows_and_logs_its_warnings(datasets, tmp_path):
+    # train.main called again and again in one process (a notebook): Python shows a warning once per code location,
+    # so from the third run on (a filter change in between had reset that once) its option warnings were neither
+    # shown nor written into its log.txt.
+    import warnings
+    with warnings.catch_warnings(record=True) as shown:
+        warnings.simplefilter('default')
+        for run in range(3):
+            _tiny_run(tmp_path / f'run{run}', datasets['uncond'], '--nosubdir')
+            head = (tmp_path / f'run{run}' / 'log.txt').read_text().split('Creating output directory')[0]
+            assert 'Warnings before this log began:\n  UserWarning: the learning-rate ramp-up' in head, (run, head)
+    assert sum('learning-rate ramp-up' in str(w.message) for w in shown) == 3
+
+
 def test_loss_opt_on_resume_updates_the_saved_options_key_by_key():
     # Before, --loss-opt on resume replaced the run's whole list: `--loss-opt freeze=1` on a GDD run dropped its
     # discriminator=sn_cnn (the default projected one came back); `c1=3` on an SPD run dropped T=50.

@@ -355,6 +355,28 @@ def test_two_ranks_equal_one_rank(tiny_zip, tmp_path):
 
 
 
+def test_the_loop_gives_back_the_backend_flags_it_set_and_its_loader_workers(tiny_zip, tmp_path, monkeypatch):
+    # train.main in a notebook, then generate.py or fid.py in the same process: cuDNN autotuning on and TF32 off
+    # stayed, so on an Ampere or newer GPU their images and FID differed from the command line's (and EDM's), which
+    # run with torch's defaults. Set during the run, as EDM's loop sets them.
+    import multiprocessing
+    defaults = [(torch.backends.cudnn, 'benchmark', False), (torch.backends.cudnn, 'allow_tf32', True),
+                (torch.backends.cuda.matmul, 'allow_tf32', True),
+                (torch.backends.cuda.matmul, 'allow_fp16_reduced_precision_reduction', True)]
+    for module, name, value in defaults:  # conftest puts back the process's own after the test
+        setattr(module, name, value)
+    during = []
+    step = tl._train_step
+    monkeypatch.setattr(tl, '_train_step', lambda run: (during.append([getattr(m, n) for m, n, _ in defaults]),
+                                                        step(run)))
+    workers = set(multiprocessing.active_children())
+    tl.training_loop(**loop_kwargs(str(tmp_path), tiny_zip, cudnn_benchmark=True,
+                                   data_loader_kwargs=dict(num_workers=1)))
+    assert during[0] == [True, False, False, False]
+    assert [getattr(module, name) for module, name, _ in defaults] == [value for _, _, value in defaults]
+    assert set(multiprocessing.active_children()) == workers
+
+
 def test_weight_init_seed_leaves_the_cuda_generators_alone(monkeypatch):
     """rng='image' seeds the weights from the seed alone on the CPU generator; reseeding CUDA's too (what
     torch.manual_seed does) gave every rank the same CUDA stream: the same dropout masks and augmentations."""

@@ -11,6 +11,7 @@ import io
 import os
 import signal
 import sys
+import threading
 import time
 import traceback
 import warnings
@@ -174,8 +175,27 @@ def stop_on_signals(signals=(signal.SIGTERM, signal.SIGINT)) -> None:
 
     global _stop_signal, _stop_agreed
     _stop_signal, _stop_agreed = None, False  # a second run in one process (a notebook's) starts unasked
+    if threading.current_thread() is not threading.main_thread():
+        return  # a run in a thread (a notebook training in the background): only the main thread may set handlers,
+        # and it is the one signals interrupt; train.main failed with "signal only works in main thread" instead
+    handler._stops_the_run = True
     for signum in signals:
-        signal.signal(signum, handler)
+        previous = signal.signal(signum, handler)
+        if not getattr(previous, "_stops_the_run", False):  # the caller's (a second call keeps the first's)
+            _replaced_handlers[signum] = previous
+
+
+_replaced_handlers: dict = {}  # signal -> the handler stop_on_signals replaced (restore_signal_handlers)
+
+
+def restore_signal_handlers() -> None:
+    """Give back the handlers stop_on_signals replaced, when the run it served has ended. The process may go on (a
+    notebook, a sweep script calling train.main): with the run's handler left in place its first Ctrl-C only printed
+    "stopping at the next check" and every SIGTERM was ignored until a SIGKILL."""
+    while _replaced_handlers:
+        signum, handler = _replaced_handlers.popitem()
+        if handler is not None:  # None: installed outside Python, cannot be put back
+            signal.signal(signum, handler)
 
 
 def stop_requested() -> int | None:
@@ -224,6 +244,8 @@ def excepthook_abort_all_ranks() -> None:
     traceback under torchrun). A rank that fails only because another rank has gone says so in one line instead of
     a page of gloo internals; the other rank's error above it is the cause."""
     previous = sys.excepthook
+    if getattr(previous, "_aborts_all_ranks", False):  # installed by an earlier CLI call in this process (a sweep):
+        return  # wrapped once more per call, a few thousand calls made the hook itself fail with a RecursionError
 
     def hook(exc_type, exc, tb):
         if is_distributed() and get_world_size() > 1 and is_peer_failure(exc):
@@ -239,4 +261,5 @@ def excepthook_abort_all_ranks() -> None:
         if is_distributed() and get_world_size() > 1:
             os._exit(1)
 
+    hook._aborts_all_ranks = True
     sys.excepthook = hook

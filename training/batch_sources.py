@@ -15,6 +15,7 @@ import dataclasses
 import multiprocessing
 import multiprocessing.resource_tracker
 import signal
+import weakref
 
 import torch
 
@@ -35,6 +36,25 @@ def _loader_worker_ignores_stop_signals(worker_id: int) -> None:
 
 
 _STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+_worker_iterators = weakref.WeakSet()  # the live iterators stream() made whose workers ignore the stop signals
+
+
+def worker_iterators() -> set:
+    """The loader iterators with stop-signal-ignoring workers that are alive now (see shut_down_workers)."""
+    return set(_worker_iterators)
+
+
+def shut_down_workers(keep=()) -> None:
+    """End the workers of the iterators stream() made (but those in `keep`) now, as their iterator's deletion would.
+    A worker that ignores SIGTERM outlives torch's fallbacks: when a run fails in a process that goes on (a notebook,
+    a sweep script keeping the error, whose traceback holds the iterator) and the iterator is later freed by the cycle
+    collector, the queue that would carry its stop message is closed first; torch then sends SIGTERM, ignored, and at
+    the process's exit multiprocessing terminates and joins it: the script never ended."""
+    for iterator in worker_iterators() - set(keep):
+        shut_down = getattr(iterator, '_shutdown_workers', None)  # what torch's iterator runs when deleted
+        if shut_down is not None:
+            shut_down()
+        _worker_iterators.discard(iterator)
 
 
 @dataclasses.dataclass
@@ -77,9 +97,11 @@ class DataContext:
             multiprocessing.resource_tracker.ensure_running()
         previous = signal.pthread_sigmask(signal.SIG_BLOCK, _STOP_SIGNALS)
         try:
-            return iter(loader)
+            iterator = iter(loader)
         finally:
             signal.pthread_sigmask(signal.SIG_SETMASK, previous)
+        _worker_iterators.add(iterator)
+        return iterator
 
     def to_batch(self, images: torch.Tensor, labels: torch.Tensor) -> Batch:
         """uint8 images from the dataset -> a Batch on the device, images in [-1, 1] (EDM's / 127.5 - 1). The copies

@@ -23,6 +23,7 @@ writes, so a resume needs the same world size to be bit-exact (otherwise it warn
 import contextlib
 import copy
 import dataclasses
+import functools
 import json
 import os
 import pickle
@@ -42,7 +43,7 @@ from losses import PerImageRandom, default_phases
 from processes import EDMProcess
 from torch_utils import distributed as dist
 from torch_utils import misc, persistence, training_stats
-from training import snapshots
+from training import batch_sources, snapshots
 from training.batch_sources import DataContext, StreamSource
 from training.phema import PowerEMA, phema_file_name
 
@@ -775,6 +776,31 @@ def _trim_stats(path: str, next_tick: int) -> None:
 _SOURCE_POSITIONS = ('data_position', 'reference_position')  # What training states of the first version stored.
 
 
+# The backend flags the loop sets (EDM's), as it found them once it ends (_leaves_the_process_as_found).
+_BACKEND_FLAGS = ((torch.backends.cudnn, 'benchmark'), (torch.backends.cudnn, 'allow_tf32'),
+                  (torch.backends.cuda.matmul, 'allow_tf32'),
+                  (torch.backends.cuda.matmul, 'allow_fp16_reduced_precision_reduction'))
+
+
+def _leaves_the_process_as_found(loop):
+    """The loop in a process that goes on after it (a notebook, a sweep script calling train.main): its loader
+    workers end with it, also when it raises (see batch_sources.shut_down_workers), and the backend flags it set for
+    itself are put back. Left on, cuDNN autotuning and TF32 off changed the images and FID of a generate.py or fid.py
+    run later in the same process on an Ampere or newer GPU (not those of the command-line tools, nor EDM's)."""
+    @functools.wraps(loop)
+    def run_loop(*args, **kwargs):
+        flags = [(module, name, getattr(module, name)) for module, name in _BACKEND_FLAGS]
+        iterators = batch_sources.worker_iterators()
+        try:
+            return loop(*args, **kwargs)
+        finally:
+            batch_sources.shut_down_workers(keep=iterators)
+            for module, name, value in flags:
+                setattr(module, name, value)
+    return run_loop
+
+
+@_leaves_the_process_as_found
 def training_loop(
     run_dir='.',                # Output directory.
     dataset_kwargs=None,          # Options of the training set.
