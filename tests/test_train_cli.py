@@ -534,6 +534,28 @@ def test_a_run_keeps_what_its_preset_set_in_the_version_that_made_it(datasets, t
         result.output
 
 
+def test_a_removed_preset_names_its_successor_which_resumes_its_runs(datasets, tmp_path, monkeypatch):
+    """edm-cifar10-uncond-edm was removed on 2026-12-03 (the same settings as edm-cifar10-uncond-vp): a job script
+    naming it is refused naming the successor, and the successor's name resumes the run exactly (a preset's name is
+    compared by what it sets)."""
+    from training import presets
+    old, new = 'edm-cifar10-uncond-edm', 'edm-cifar10-uncond-vp'
+    args = ['--outdir', tmp_path / 'runs', '--data', datasets['uncond'], '--batch', 64, '--tick', 1, '--snap', 1,
+            '--dump', 1, '--seed', 5, *TINY_NET]
+    with monkeypatch.context() as patch:  # as the earlier version had it
+        patch.setitem(presets.TRAIN_PRESETS, old, presets.TRAIN_PRESETS[new])
+        patch.delitem(presets.REMOVED_PRESETS, old)
+        assert _invoke(['--preset', old, *args, '--duration', 0.001]).exit_code == 0
+    state = tmp_path / 'runs' / '00000-tiny-uncond-ddpmpp-edm-gpus1-batch64-fp32' / 'training-state-000001.pt'
+    refused = _invoke(['--preset', old, *args, '--duration', 0.002, '--resume', 'auto', '-n'])
+    assert refused.exit_code == 2, refused.output
+    assert (f"preset '{old}' was removed on 2026-12-03: its settings are '{new}'") in ' '.join(refused.output.split())
+    result = _invoke(['--preset', new, *args, '--duration', 0.002, '--resume', 'auto', '-n'])
+    assert result.exit_code == 0, result.output
+    assert f'Resuming from:           {state}' in result.output
+    assert f"changed --preset: '{old}' -> '{new}' (the continuation stays exact)" in result.output, result.output
+
+
 def test_resume_passes_over_files_named_like_states_without_a_kimg(tmp_path):
     """The glob training-state-*.pt also matches a copy kept under another name (training-state-best.pt): it has no
     kimg, so no network snapshot of that kimg beside it; looking for one formatted None with :06d, a TypeError."""

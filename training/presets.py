@@ -105,6 +105,8 @@ TRAIN_PRESETS = {**EDM_PRESETS, **STF_PRESETS, **AOT_PRESETS, **GDD_PRESETS, **S
 # Song et al.'s VP / VE objectives (--precond=vp / ve), EDM's preconditioning since.
 EARLIER_PRESET_VALUES = {name: dict(precond=name.rsplit('-', 1)[1]) for name in EDM_PRESETS
                          if name.endswith(('-vp', '-ve'))}
+# Names taken out, with the preset that has their settings (a job script of an earlier version names them).
+REMOVED_PRESETS = {'edm-cifar10-cond-edm': 'edm-cifar10-cond-vp', 'edm-cifar10-uncond-edm': 'edm-cifar10-uncond-vp'}
 PRESET_PROCESSES = 4  # GPUs of the published GDD runs (the default below)
 PRESET_GPUS = {**{name: 8 for name in (*EDM_PRESETS, *STF_PRESETS)}, 'edm-imagenet64-adm': 32,
                **{name: 4 for name in AOT_PRESETS}, **{name: 8 for name in SPD_PRESETS}}

@@ -107,9 +107,10 @@ _NETWORK_OPTIONS = ('cond', 'arch', 'precond', 'cbase', 'cres', 'blocks', 'attn'
 _PATH_OPTIONS = ('data', 'init')
 
 
-# Options that do not change the trajectory: changing them on resume keeps the continuation exact.
+# Options that do not change the trajectory: changing them on resume keeps the continuation exact. A preset's name
+# too: what it sets is compared key by key (a preset renamed, or another with the same settings, is the same run).
 _EXACT_OPTIONS = ('outdir', 'desc', 'nosubdir', 'tick', 'snap', 'dump', 'duration', 'workers', 'bench', 'cache',
-                  'dry_run', 'resume', 'max_nonfinite', 'transfer')
+                  'dry_run', 'resume', 'max_nonfinite', 'transfer', 'preset')
 
 
 def apply_saved_options(opts: dnnlib.EasyDict, saved: dict, explicit: set, state_path: str) -> list[str]:

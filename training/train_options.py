@@ -17,7 +17,7 @@ from samplers.generation import parse_int_list
 from torch_utils import distributed as dist
 from torch_utils import persistence
 from training import snapshots
-from training.presets import ARCH_PRESETS, PRECOND_CLASSES, TRAIN_PRESETS, preset_command
+from training.presets import ARCH_PRESETS, PRECOND_CLASSES, REMOVED_PRESETS, TRAIN_PRESETS, preset_command
 from training.resume import merge_loss_options, resume_config
 
 
@@ -171,6 +171,10 @@ def apply_preset(opts: dnnlib.EasyDict, explicit: set) -> list[str]:
     if opts.preset is None:
         return []
     notes = []
+    if opts.preset in REMOVED_PRESETS:
+        raise click.BadParameter(f'preset {opts.preset!r} was removed on 2026-12-03: its settings are '
+                                 f'{REMOVED_PRESETS[opts.preset]!r} (the run that an earlier version made with it '
+                                 f'resumes with that name)', param_hint='--preset')
     if opts.preset not in TRAIN_PRESETS:
         raise click.BadParameter(f'unknown preset {opts.preset!r}: expected one of {", ".join(TRAIN_PRESETS)} '
                                  '(--preset=list shows their sources and commands)', param_hint='--preset')
