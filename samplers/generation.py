@@ -536,6 +536,12 @@ def claim_output_folder(outdir: str, record: dict, overwrite: bool = False) -> N
             if changed:
                 shown = ", ".join(changed[:6]) + (", ..." if len(changed) > 6 else "")
                 problem = f"{outdir} holds images made with other settings (these differ: {shown}; see {path})"
+                # Entries a record lacks altogether: written by an earlier version, which did not record them (its
+                # images may be the same; nothing tells, so they are not mixed with these).
+                absent = sorted({name.split(".")[0] for name in changed} - set(existing))
+                if absent:
+                    problem += (f"; that record, written by an earlier version, has no {', '.join(absent[:6])}"
+                                f"{', ...' if len(absent) > 6 else ''}")
     elif os.path.isdir(outdir) and _holds_pngs(outdir):
         problem = f"{outdir} already holds PNGs without a record of what made them ({OUTPUT_RECORD})"
     if problem is not None and not overwrite:

@@ -323,6 +323,16 @@ def test_cli_writes_edm_images(network_pickle, tmp_path):
     result = CliRunner().invoke(generate.main, [*unipc[:1], other, *unipc[2:]])
     assert result.exit_code == 1
     assert "holds images made with other settings (these differ: network_sha256" in result.output
+    assert "earlier version" not in result.output
+    # A record without entries that later versions write (an earlier version's): refused, and said why.
+    del record["precision"], record["compile"]
+    with open(os.path.join(outdir, "generation.json"), "w") as f:
+        json.dump(record, f)
+    result = CliRunner().invoke(generate.main, unipc)
+    assert result.exit_code == 1
+    assert ("(these differ: compile, precision; see" in result.output
+            and "; that record, written by an earlier version, has no compile, precision; use another --outdir"
+            in " ".join(result.output.split())), result.output
 
 
 @pytest.mark.parametrize(("args", "message"), [
