@@ -219,7 +219,11 @@ class PoolSource:
         return rounds
 
     def state_dict(self) -> dict:
-        return {**self.inner.state_dict(), 'data_position': self.consumed * self.data.world_size}
+        # A resume re-reads the pool of `consumed` from its start: the stream's resume point must come before it.
+        pool_start = (self.consumed - self.consumed % self.pool_size) * self.data.world_size
+        resume_point = getattr(self.inner, 'resume_point', None)
+        return {**self.inner.state_dict(), 'data_position': self.consumed * self.data.world_size,
+                **({'data_stream_resume_point': resume_point(pool_start)} if resume_point is not None else {})}
 
 
 @persistence.persistent_class

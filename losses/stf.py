@@ -99,7 +99,8 @@ class ReferenceSource:
         self.inner, self.data, self.num_refs = inner, data, int(num_refs)
         self.position = int(data.resume.get('reference_position', 0)) // data.world_size
         self._iterator = data.stream(seed=reference_stream_seed(data.seed), start_idx=self.position,
-                                     batch_size=self.num_refs)
+                                     batch_size=self.num_refs,
+                                     resume_from=data.resume.get('reference_stream_resume_point'))
 
     def next_rounds(self):
         rounds = self.inner.next_rounds()
@@ -109,7 +110,9 @@ class ReferenceSource:
                 for batch in rounds]
 
     def state_dict(self) -> dict:
-        return {**self.inner.state_dict(), 'reference_position': self.position * self.data.world_size}
+        position = self.position * self.data.world_size
+        return {**self.inner.state_dict(), 'reference_position': position,
+                'reference_stream_resume_point': self._iterator.resume_point(position)}
 
 
 @persistence.persistent_class

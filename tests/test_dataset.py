@@ -464,6 +464,37 @@ def test_sampler_start_idx_continues_exactly(start_idx, monkeypatch):
         assert resumed == full[start_idx:]
 
 
+def test_sampler_resumed_from_a_resume_point_continues_exactly(monkeypatch):
+    """A resume point (global draw, order, generator state; every 16 draws here) taken by any rank's stream, saved
+    and read back as a training state is, continues every rank's stream exactly from any later start_idx, over many
+    passes through the dataset (a wrong order shows only after the next wrap-around); a point past start_idx or of
+    another stream is passed over for the full replay."""
+    monkeypatch.setattr(InfiniteSampler, "_CHUNK", 8)
+    monkeypatch.setattr(InfiniteSampler, "RESUME_POINT_DRAWS", 16)
+    monkeypatch.setattr(InfiniteSampler, "RESUME_POINTS_KEPT", 100)
+    size, world = 37, 3
+    recorder = InfiniteSampler(range(size), 1, world, seed=5)
+    _take(recorder, 150)
+    points = []
+    for point in recorder._resume_points:
+        buffer = io.BytesIO()
+        torch.save(point, buffer)
+        points.append(torch.load(io.BytesIO(buffer.getvalue()), weights_only=True))
+    assert [point["draw"] for point in points] == list(range(1, 3 * 150, 16))[:len(points)] and len(points) > 20
+    assert recorder.resume_point(100)["draw"] == 97 and recorder.resume_point(0) is None
+    for rank in range(world):
+        for start_idx in (0, 40, 77, 120):
+            expected = _take(InfiniteSampler(range(size), rank, world, seed=5, start_idx=start_idx), 120)
+            first = start_idx * world + rank
+            for point in points[::3]:
+                resumed = InfiniteSampler(range(size), rank, world, seed=5, start_idx=start_idx, resume_from=point)
+                assert _take(resumed, 120) == expected, (rank, start_idx, point["draw"])
+                assert (resumed._start(first, 18)[2] == point["draw"]) == (point["draw"] <= first)
+    other = InfiniteSampler(range(size), 0, world, seed=6, start_idx=77, resume_from=points[3])  # another seed
+    assert other._start(77 * world, 18)[2] == 0
+    assert _take(other, 50) == _take(InfiniteSampler(range(size), 0, world, seed=6, start_idx=77), 50)
+
+
 def test_sampler_ranks_partition_one_global_stream():
     """Rank r takes global draws r, r + world, ...; without the window the first pass is the seeded permutation.
 

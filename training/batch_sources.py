@@ -77,10 +77,14 @@ class DataContext:
         """Images per rank and iteration."""
         return self.batch_gpu * self.num_rounds
 
-    def stream(self, *, seed: int, start_idx: int, batch_size: int):
-        """A DataLoader iterator over the rank's share of an InfiniteSampler stream, from its start_idx-th draw."""
+    def stream(self, *, seed: int, start_idx: int, batch_size: int, resume_from: dict | None = None) -> "SamplerStream":
+        """A DataLoader iterator over the rank's share of an InfiniteSampler stream, from its start_idx-th draw
+        (replayed from `resume_from`, a resume point of the same stream saved in the training state, where it fits)."""
         sampler = InfiniteSampler(dataset=self.dataset, rank=self.rank, num_replicas=self.world_size, seed=seed,
-                                  start_idx=start_idx)
+                                  start_idx=start_idx, resume_from=resume_from)
+        return SamplerStream(self._iterate(sampler, batch_size), sampler)
+
+    def _iterate(self, sampler: InfiniteSampler, batch_size: int):
         kwargs = dict(self.loader_kwargs)
         if kwargs.get('num_workers', 0) > 0:
             kwargs.setdefault('worker_init_fn', _loader_worker_ignores_stop_signals)
@@ -110,12 +114,30 @@ class DataContext:
                      labels=labels.to(self.device, non_blocking=True))
 
 
+class SamplerStream:
+    """DataContext.stream's iterator of (images, labels) batches; resume_point(draw) is its sampler's (what a
+    training state keeps so that a resume does not replay the stream from the run's start)."""
+
+    def __init__(self, iterator, sampler: InfiniteSampler):
+        self._iterator, self.sampler = iterator, sampler
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        return next(self._iterator)
+
+    def resume_point(self, draw: int) -> dict | None:
+        return self.sampler.resume_point(draw)
+
+
 class StreamSource:
     """EDM's data: each round, the next batch_gpu images of the rank's stream (InfiniteSampler, seeded by the run's
     seed). State: 'data_position', the global number of images consumed (rank r resumes at data_position / world)."""
 
     def __init__(self, data: DataContext):
         self.data = data
+        self._resume_from = data.resume.get('data_stream_resume_point')  # also for a seek (AOT's pools)
         position = int(data.resume.get('data_position', 0))
         if position % data.world_size != 0:
             dist.warn0(f'data position {position} is not a multiple of {data.world_size} ranks; rounding down',
@@ -126,12 +148,17 @@ class StreamSource:
         """Restart the rank's stream at its `position`-th image (images already read are read again)."""
         self.position = int(position)
         self._iterator = self.data.stream(seed=self.data.seed, start_idx=self.position,
-                                          batch_size=self.data.batch_gpu)
+                                          batch_size=self.data.batch_gpu, resume_from=self._resume_from)
 
     def next_rounds(self) -> list[Batch]:
         rounds = [self.data.to_batch(*next(self._iterator)) for _ in range(self.data.num_rounds)]
         self.position += self.data.batch_gpu_total
         return rounds
 
+    def resume_point(self, draw: int) -> dict | None:
+        """The stream's newest resume point at or before global draw `draw`."""
+        return self._iterator.resume_point(draw)
+
     def state_dict(self) -> dict:
-        return {'data_position': self.position * self.data.world_size}
+        position = self.position * self.data.world_size
+        return {'data_position': position, 'data_stream_resume_point': self.resume_point(position)}

@@ -5,6 +5,7 @@ The format is the one written by dataset_tool.py: images `{idx//1000:05d}/img{id
 are returned one-hot (dimension max + 1); lists of floats are returned as float32 vectors.
 """
 
+import collections
 import hashlib
 import io
 import json
@@ -636,16 +637,21 @@ class InfiniteSampler(torch.utils.data.Sampler):
     start_idx: how many indices this rank has already consumed. A sampler built with start_idx=k yields exactly
     what a fresh one yields from its k-th draw on, which lets training resume with the exact data order. The
     swaps of all earlier global draws are replayed when iteration starts, on every rank: 0.07-0.12 us per draw on
-    one CPU core (measured 2026-12-04), i.e. 14-24 s for the data stream when resuming at 200 Mimg. STF's reference
-    stream is such a sampler too and draws --stf-refs per GPU and step (1024 against 64 images in the published
-    CIFAR-10 setup): 3.2e9 draws, 4-6 minutes before a resume's first step. Saving the order and the generator's
-    state in the training state would remove the replay (not done: the sampler runs ahead of the recorded
-    position, so the state at that position is not at hand when the state is written).
+    one CPU core (measured 2026-12-04), i.e. 14-24 s for the data stream when resuming at 200 Mimg, and 4-6 minutes
+    for STF's reference stream (--stf-refs draws per GPU and step: 1024 against 64 images in the published CIFAR-10
+    setup). So the stream keeps resume points: every RESUME_POINT_DRAWS global draws, the order and the generator's
+    state after them (resume_point(draw): the newest at or before a draw; all ranks' streams pass through the same
+    states). A sampler given one (`resume_from`) replays only the draws after it; one that does not fit this
+    stream (another dataset size, seed or window, or past start_idx) is passed over for the full replay.
     """
+
+    RESUME_POINT_DRAWS = 16 * (1 << 16)  # global draws between resume points: at most ~0.1 s of replay after one
+    RESUME_POINTS_KEPT = 2  # the loader (and AOT's next pools) run ahead of training by far fewer draws than that
 
     _CHUNK = 1 << 16  # random draws fetched per numpy call; numpy's stream is the same as one call per draw
 
-    def __init__(self, dataset, rank=0, num_replicas=1, shuffle=True, seed=0, window_size=0.5, start_idx=0):
+    def __init__(self, dataset, rank=0, num_replicas=1, shuffle=True, seed=0, window_size=0.5, start_idx=0,
+                 resume_from=None):
         # No super().__init__(dataset): torch >= 2.2's Sampler has no such constructor argument.
         if len(dataset) <= 0:
             raise ValueError("InfiniteSampler: the dataset is empty")
@@ -664,23 +670,47 @@ class InfiniteSampler(torch.utils.data.Sampler):
         self.seed = seed
         self.window_size = window_size
         self.start_idx = start_idx
+        self.resume_from = resume_from
+        self._resume_points = collections.deque(maxlen=self.RESUME_POINTS_KEPT)
 
-    def __iter__(self):
-        size = self.dataset_size
-        order = np.arange(size, dtype=np.int64)
+    def _stream_key(self, window: int) -> list:
+        return [self.dataset_size, self.seed, window]
+
+    def resume_point(self, draw: int) -> dict | None:
+        """The newest resume point of this stream at or before global draw `draw` (a training state's position), as
+        tensors and numbers (torch.load(weights_only=True) reads them); None before the first."""
+        return next((point for point in reversed(self._resume_points) if point['draw'] <= draw), None)
+
+    def _start(self, first: int, window: int):
+        """(order, generator, draws done): resume_from where it fits, else the stream's start."""
+        point = self.resume_from
+        try:
+            if (window >= 2 and point is not None and list(point['stream']) == self._stream_key(window)
+                    and 0 <= int(point['draw']) <= first and len(point['order']) == self.dataset_size):
+                rnd = np.random.RandomState()
+                name, keys, pos, has_gauss, cached_gaussian = point['generator']
+                rnd.set_state((name, np.asarray(keys, dtype=np.uint32), int(pos), int(has_gauss),
+                               float(cached_gaussian)))
+                return torch.as_tensor(point['order']).tolist(), rnd, int(point['draw'])
+        except (KeyError, TypeError, ValueError):  # a point of another form: the full replay
+            pass
+        order = np.arange(self.dataset_size, dtype=np.int64)
         rnd = None
-        window = 0
         if self.shuffle:
             rnd = np.random.RandomState(self.seed)
             rnd.shuffle(order)
-            window = int(np.rint(size * self.window_size))
-        order = order.tolist()  # Python list: element swaps are several times faster than on a numpy array
+        return order.tolist(), rnd, 0  # Python list: element swaps are several times faster than on a numpy array
 
-        # Global draw number of this rank's next index; replay the swaps made by all earlier draws.
+    def __iter__(self):
+        size = self.dataset_size
+        window = int(np.rint(size * self.window_size)) if self.shuffle else 0
+        # Global draw number of this rank's next index; replay the swaps made by all earlier draws (those after
+        # the resume point where one is given).
         first = self.start_idx * self.num_replicas + self.rank
+        order, rnd, done = self._start(first, window)
         if window >= 2:
-            i = 0
-            remaining = first
+            i = done % size
+            remaining = first - done
             while remaining > 0:
                 count = min(remaining, self._CHUNK)
                 for offset in rnd.randint(window, size=count).tolist():
@@ -695,9 +725,16 @@ class InfiniteSampler(torch.utils.data.Sampler):
 
         i = first % size
         phase = 0  # global draw number modulo num_replicas, relative to this rank
+        drawn = first  # global draws whose offsets the generator has given
         while True:
             if window >= 2:
+                if (drawn - first) % self.RESUME_POINT_DRAWS == 0:  # swaps of draws < drawn made, i == drawn % size
+                    name, keys, pos, has_gauss, cached_gaussian = rnd.get_state()
+                    self._resume_points.append(dict(
+                        stream=self._stream_key(window), draw=drawn, order=torch.tensor(order, dtype=torch.int64),
+                        generator=(name, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, cached_gaussian)))
                 offsets = rnd.randint(window, size=self._CHUNK).tolist()
+                drawn += self._CHUNK
             else:
                 offsets = [0] * self._CHUNK
             for offset in offsets:

@@ -215,7 +215,9 @@ def save_training_state(path: str, state: dict) -> None:
     data_position (global draws consumed from the InfiniteSampler stream: rank r resumes at data_position / world);
     networks {name: state_dict} ('net' and any extra networks of the loss); ema (state_dict of the EMA of 'net');
     optimizers / grad_scalers {phase name: state_dict}; rng [per rank: torch, numpy, python (, cuda)];
-    the batch source's positions (data_position above; STF's source adds reference_position);
+    the batch source's positions (data_position above; STF's source adds reference_position) and its streams'
+    resume points (data_stream_resume_point, reference_stream_resume_point: InfiniteSampler.resume_point, so that
+    a resume replays the data order from there, not from the run's start);
     options (JSON of the trajectory options, used to warn when a resume changes them).
     """
     with dnnlib.util.atomic_output(path, 'wb') as f:
@@ -856,7 +858,7 @@ def training_loop(
     state = load_training_state(resume_state_dump) if resume_state_dump is not None else None
     exact = state is None or _resumes_exactly(state, resume_state_dump, options, batch_size, batch_gpu)
     resume_positions = {k: v for k, v in (state or {}).items()
-                        if k in _SOURCE_POSITIONS or k.endswith('_position')}
+                        if k in _SOURCE_POSITIONS or k.endswith(('_position', '_resume_point'))}
 
     run = _build(dataset_kwargs=dataset_kwargs, data_loader_kwargs=data_loader_kwargs, network_kwargs=network_kwargs,
                  loss_kwargs=loss_kwargs, optimizer_kwargs=optimizer_kwargs, augment_kwargs=augment_kwargs, seed=seed,
