@@ -556,6 +556,20 @@ def test_a_removed_preset_names_its_successor_which_resumes_its_runs(datasets, t
     assert f"changed --preset: '{old}' -> '{new}' (the continuation stays exact)" in result.output, result.output
 
 
+def test_resume_auto_with_another_preset_passes_over_a_run_of_a_preset_that_set_more(datasets, tmp_path):
+    """--preset=edm-cifar10-uncond-ve --resume=auto in an --outdir shared with an aot-cifar10-uncond run: the EDM
+    preset sets only what both set alike, so the AOT run's --aot (and the preset's batch) were carried over as not
+    given and the AOT run was resumed as 'the continuation stays exact' (5e1ff90 made a preset's name exact). A preset
+    name is exact only where both presets set the same; the run is passed over, as before."""
+    args = ['--outdir', tmp_path / 'runs', '--data', datasets['uncond'], '--batch', 64, '--tick', 1, '--snap', 1,
+            '--dump', 1, '--seed', 5, *TINY_NET]
+    assert _invoke(['--preset', 'aot-cifar10-uncond', *args, '--aot', 64, '--duration', 0.001]).exit_code == 0
+    result = _invoke(['--preset', 'edm-cifar10-uncond-ve', *args, '--duration', 0.002, '--resume', 'auto', '-n'])
+    assert result.exit_code == 0, result.output
+    assert 'Resuming from:' not in result.output and 'AOTLoss' not in result.output, result.output
+    assert "another run (--preset: 'aot-cifar10-uncond' -> 'edm-cifar10-uncond-ve')" in result.output
+
+
 def test_resume_passes_over_files_named_like_states_without_a_kimg(tmp_path):
     """The glob training-state-*.pt also matches a copy kept under another name (training-state-best.pt): it has no
     kimg, so no network snapshot of that kimg beside it; looking for one formatted None with :06d, a TypeError."""

@@ -18,7 +18,7 @@ import dnnlib
 import losses
 from torch_utils import misc, persistence
 from training import snapshots, training_loop
-from training.presets import EARLIER_PRESET_VALUES, TRAIN_PRESETS
+from training.presets import EARLIER_PRESET_VALUES, REMOVED_PRESETS, TRAIN_PRESETS
 
 
 def read_resume_state(path: str) -> dict | None:
@@ -108,9 +108,18 @@ _PATH_OPTIONS = ('data', 'init')
 
 
 # Options that do not change the trajectory: changing them on resume keeps the continuation exact. A preset's name
-# too: what it sets is compared key by key (a preset renamed, or another with the same settings, is the same run).
+# is one where the two presets set the same (_same_preset_settings): a preset renamed, or another with its settings.
 _EXACT_OPTIONS = ('outdir', 'desc', 'nosubdir', 'tick', 'snap', 'dump', 'duration', 'workers', 'bench', 'cache',
-                  'dry_run', 'resume', 'max_nonfinite', 'transfer', 'preset')
+                  'dry_run', 'resume', 'max_nonfinite', 'transfer')
+
+
+def _same_preset_settings(old: str | None, new: str | None) -> bool:
+    """Whether presets `old` (the run's) and `new` set the same options to the same values (a removed name counts as
+    its successor's). Not merely whether `new`'s values match the run: an option the run's preset set and `new` does
+    not is carried over from the run, not given, so --preset=edm-cifar10-uncond-ve --resume=auto resumed an
+    aot-cifar10-uncond run (AOT, batch 256) in a shared --outdir as 'the continuation stays exact'."""
+    settings = [TRAIN_PRESETS.get(REMOVED_PRESETS.get(name, name)) if name is not None else None for name in (old, new)]
+    return settings[0] is not None and settings[0] == settings[1]
 
 
 def apply_saved_options(opts: dnnlib.EasyDict, saved: dict, explicit: set, state_path: str) -> list[str]:
@@ -172,7 +181,7 @@ def _saved_option_changes(opts: dnnlib.EasyDict, saved: dict, explicit: set, sta
         if key in _PATH_OPTIONS:
             notes.append(('path', f'{flag}: {old!r} -> {new!r}', 'another path: exact if it holds the same content'))
             continue
-        exact = key in _EXACT_OPTIONS
+        exact = key in _EXACT_OPTIONS or (key == 'preset' and _same_preset_settings(old, new))
         if old is None:  # saved without the option: what it resolved to (--loss: None -> 'vp' said nothing)
             old = _default_resolution(key, saved)
         notes.append(('exact' if exact else 'not exact', f'{flag}: {old!r} -> {new!r}',
