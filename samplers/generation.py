@@ -493,6 +493,16 @@ def _differences(old, new, prefix: str = "") -> list[str]:
     return [] if old == new else [prefix.rstrip(".")]
 
 
+def _lacks(record, name: str) -> bool:
+    """Whether a JSON record lacks the entry of dotted `name` altogether (or one of the dicts on its way), as an
+    earlier version's record lacks what it did not write (settings.step_orders, not only precision)."""
+    for key in name.split("."):
+        if not isinstance(record, dict) or key not in record:
+            return True
+        record = record[key]
+    return False
+
+
 def clear_output_folder(outdir: str) -> None:
     """--overwrite: the record first (a kill from here on leaves PNGs without a record, which the next run refuses),
     then every seed PNG ({seed}.png, also in the 1000-seed subfolders): no image of other settings stays behind to
@@ -538,7 +548,7 @@ def claim_output_folder(outdir: str, record: dict, overwrite: bool = False) -> N
                 problem = f"{outdir} holds images made with other settings (these differ: {shown}; see {path})"
                 # Entries a record lacks altogether: written by an earlier version, which did not record them (its
                 # images may be the same; nothing tells, so they are not mixed with these).
-                absent = sorted({name.split(".")[0] for name in changed} - set(existing))
+                absent = [name for name in changed if _lacks(existing, name)]
                 if absent:
                     problem += (f"; that record, written by an earlier version, has no {', '.join(absent[:6])}"
                                 f"{', ...' if len(absent) > 6 else ''}")

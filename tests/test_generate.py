@@ -1058,3 +1058,21 @@ def test_cli_path_mistakes_are_named_before_sampling(network_pickle, tmp_path, m
         result = CliRunner().invoke(generate.main, ["--network", network_pickle, *args, "--grid", str(grid)])
         assert result.exit_code == 1 and f"Error: {message}" in result.output, result.output
     assert not os.path.exists(tmp_path / "out")
+
+
+def test_a_record_lacking_a_nested_entry_is_said_to_be_an_earlier_versions(tmp_path):
+    # 43dc956 records settings.step_orders for UniPC of order >= 4 (null elsewhere); a folder of an earlier version,
+    # whose settings have no step_orders, was refused as if other settings had been asked for: 57e7060's note named
+    # top-level entries only.
+    from samplers.generation import OUTPUT_RECORD, OutputFolderMismatch, claim_output_folder
+    old = {"network_sha256": "ab", "settings": {"solver": "unipc", "solver_options": {"order": 4}}}
+    with open(tmp_path / OUTPUT_RECORD, "w") as f:
+        json.dump(old, f)
+    new = {"network_sha256": "ab", "settings": {**old["settings"], "step_orders": [1, 2, 3, 2, 1]}}
+    with pytest.raises(OutputFolderMismatch, match=r"these differ: settings\.step_orders; see .*; that record, "
+                                                   r"written by an earlier version, has no settings\.step_orders"):
+        claim_output_folder(str(tmp_path), new)
+    changed = {"network_sha256": "ab", "settings": {**old["settings"], "solver_options": {"order": 3}}}
+    with pytest.raises(OutputFolderMismatch) as err:  # a value asked otherwise: no such note
+        claim_output_folder(str(tmp_path), changed)
+    assert "earlier version" not in str(err.value)
