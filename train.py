@@ -159,7 +159,14 @@ def main(**kwargs):
             err.message = f'{err.message} ({", ".join(named)}: from --preset={kwargs["preset"]})'
         raise
     finally:
-        dist.restore_signal_handlers()  # the process may go on (a notebook): Ctrl-C and SIGTERM act on it again
+        if not _PROCESS_ENDS_WITH_THE_RUN:
+            dist.restore_signal_handlers()  # the process may go on (a notebook): Ctrl-C and SIGTERM act on it again
+
+
+# train.py as the process's program (below): the process ends with the run, so the stop handlers stay to its end. Given
+# back in main's `finally`, a SIGTERM while the process exits (torchrun's agent sends one to the ranks still exiting
+# once a rank has left with 143) killed it (-15) instead of letting it exit with the stop's code.
+_PROCESS_ENDS_WITH_THE_RUN = False
 
 
 def _log_other_rank_error(run_dir: str, text: str) -> None:
@@ -340,9 +347,15 @@ def _main(**kwargs):
         # Stopped early by SIGTERM or Ctrl-C, its state written: not a finished run (a job script that requeues on a
         # non-zero exit should). The shell's code for the signal (143, 130; 143 on a rank that was only told by
         # another). Outside the try: an exit, not an error with a traceback in log.txt.
+        if _PROCESS_ENDS_WITH_THE_RUN:
+            # Under torchrun, the rank that leaves first makes the agent SIGTERM the others while they exit; Python
+            # resets its own handlers to SIG_DFL when it finalizes, and that SIGTERM then killed the rank (-15 in
+            # torchrun's report instead of 143, 1 in 3-4 two-rank runs before and after c31521b). Its state is written.
+            signal.signal(signal.SIGTERM, signal.SIG_IGN)
         raise SystemExit(128 + (dist.stop_requested() or signal.SIGTERM))
 
 
 if __name__ == '__main__':
+    _PROCESS_ENDS_WITH_THE_RUN = True
     torch.multiprocessing.set_start_method('spawn')
     dnnlib.util.run_cli(main)
