@@ -215,9 +215,9 @@ def save_training_state(path: str, state: dict) -> None:
     data_position (global draws consumed from the InfiniteSampler stream: rank r resumes at data_position / world);
     networks {name: state_dict} ('net' and any extra networks of the loss); ema (state_dict of the EMA of 'net');
     optimizers / grad_scalers {phase name: state_dict}; rng [per rank: torch, numpy, python (, cuda)];
-    the batch source's positions (data_position above; STF's source adds reference_position) and its streams'
-    resume points (data_stream_resume_point, reference_stream_resume_point: InfiniteSampler.resume_point, so that
-    a resume replays the data order from there, not from the run's start);
+    whatever else the batch source's state_dict() gives (its keys ending in _position: data_position above, a
+    plug-in source's own streams' positions; in _resume_point: InfiniteSampler.resume_point, so that a resume
+    replays the data order from there, not from the run's start);
     options (JSON of the trajectory options, used to warn when a resume changes them).
     """
     with dnnlib.util.atomic_output(path, 'wb') as f:
