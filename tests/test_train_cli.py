@@ -802,6 +802,43 @@ def test_attention_at_a_resolution_the_network_lacks_is_warned(datasets, tmp_pat
         assert _invoke([*args, '--attn', '4']).exit_code == 0
 
 
+def test_a_resolution_the_levels_cannot_halve_is_refused_before_the_run(tmp_path):
+    """28x28 (MNIST's own size) under ADM's four levels: 28 -> 14 -> 7 -> 3 comes back up as 6, and the decoder's
+    skip connection failed with a traceback at the first step, after the run folder existed (EDM fails there too)."""
+    data = write_zip_dataset(str(tmp_path / 'mnist28.zip'), random_images(4, resolution=28))
+    args = ['--outdir', tmp_path / 'runs', '--data', data, '--cbase', '8', '--blocks', '1', '--device', 'cpu']
+    for given, levels in ((['--arch', 'adm'], '--cres=1,2,3,4 \\(--arch=adm\\) has 4 levels'),
+                          (['--cres', '1,2,2,2'], '--cres=1,2,2,2 has 4 levels')):
+        result = _invoke([*args, *given])
+        assert result.exit_code == 2
+        assert re.search(f'Invalid value for --cres: {levels}, which halve the image 3 times, but --data holds '
+                         f'28x28 images, whose side is not divisible by 8: give --cres at most 3 entries',
+                         result.output)
+    assert not (tmp_path / 'runs').exists()
+    assert _invoke([*args, '--arch', 'adm', '--cres', '1,2,2', '--attn', '14', '--cbase', '64', '-n']).exit_code == 0
+
+
+def test_default_attention_the_data_never_reaches_is_warned(tmp_path):
+    """DDPM++'s attention at 16x16 and ADM's at 32, 16, 8 are absent from a 48x48 network (levels 48, 24, 12[, 6]),
+    and ADM has none at all below 64 channels (a head is 64 channels): EDM builds both without a word."""
+    data = write_zip_dataset(str(tmp_path / 'rgb48.zip'), np.repeat(random_images(2, 48)[..., None], 3, axis=3))
+    args = ['--outdir', tmp_path / 'runs', '--data', data, '-n', '--blocks', '1', '--device', 'cpu']
+    with pytest.warns(UserWarning, match=r'--arch=ddpmpp puts self-attention at 16 pixels, but at 48x48 its levels '
+                                         r'are 48, 24, 12: the network has no attention there'):
+        assert _invoke(args).exit_code == 0
+    with pytest.warns(UserWarning, match=r'--arch=adm puts self-attention at 32, 16, 8 pixels, but at 48x48 its '
+                                         r'levels are 48, 24, 12, 6'):
+        assert _invoke([*args, '--arch', 'adm']).exit_code == 0
+    with pytest.warns(UserWarning, match=r'--cbase=16: ADM splits attention into heads of 64 channels; its 24x24, '
+                                         r'12x12 levels \(32, 48 channels\) get none, so no attention there; '
+                                         r'--cbase=32 or more'):
+        assert _invoke([*args, '--arch', 'adm', '--cbase', '16', '--attn', '24,12']).exit_code == 0
+    with warnings.catch_warnings():
+        warnings.simplefilter('error', UserWarning)
+        assert _invoke([*args, '--arch', 'adm', '--cbase', '32', '--attn', '24,12']).exit_code == 0
+        assert _invoke([*args, '--attn', '24']).exit_code == 0
+
+
 def test_a_resume_without_outdir_continues_beside_the_state(datasets, tmp_path):
     """The state's recorded --outdir is where it was written: a moved run (or a state from elsewhere) continues beside
     where the state lies, and a downloaded state does not choose the folder the run writes into."""

@@ -3,6 +3,7 @@ presets under the options given, and the training loop's configuration they buil
 network, preconditioning, loss, batch layout, schedule, seed, transfer/resume; each refusal names its option before
 any run folder exists). train.py parses the command line and runs the loop; the decisions live here."""
 
+import inspect
 import math
 import os
 import re
@@ -16,7 +17,7 @@ import losses
 from samplers.generation import parse_int_list
 from torch_utils import distributed as dist
 from torch_utils import persistence
-from training import snapshots
+from training import networks, snapshots
 from training.presets import ARCH_PRESETS, PRECOND_CLASSES, REMOVED_PRESETS, TRAIN_PRESETS, preset_command
 from training.resume import merge_loss_options, resume_config
 
@@ -322,6 +323,52 @@ def _dataset_config(c: dnnlib.EasyDict, opts: dnnlib.EasyDict) -> tuple[str, dic
     return dataset_name, interface
 
 
+def _check_levels(network_kwargs: dict, resolution: int, opts: dnnlib.EasyDict) -> None:
+    """The U-Net's levels at `resolution`: refuses a side that its downsampling cannot halve at every level (the
+    decoder's skip connections then differ by a pixel: a traceback at the first step, after the run folder exists), and
+    warns where self-attention is asked for but absent (a level the network lacks, or, in ADM, fewer channels than one
+    64-channel head): EDM builds those networks without it, silently."""
+    channel_mult = list(network_kwargs.get('channel_mult') or [])
+    cres = f'--cres={",".join(map(str, channel_mult))}' + ('' if opts.cres is not None else f' (--arch={opts.arch})')
+    halvings = len(channel_mult) - 1
+    if halvings > 0 and resolution % (1 << halvings):
+        fitting = next(n for n in range(halvings, -1, -1) if resolution % (1 << n) == 0) + 1
+        raise click.BadParameter(
+            f'{cres} has {len(channel_mult)} levels, which halve the image {halvings} times, but --data holds '
+            f'{resolution}x{resolution} images, whose side is not divisible by {1 << halvings}: give --cres at most '
+            f'{fitting} entries, or a dataset of another resolution (dataset_tool.py --resolution; MNIST is padded to '
+            f'32x32 there)', param_hint='--cres')
+    backbone = getattr(networks, str(network_kwargs.get('model_type')), None)
+    if backbone is None:
+        return
+    defaults = inspect.signature(backbone).parameters
+    attn = list(network_kwargs.get('attn_resolutions', defaults['attn_resolutions'].default))
+    model_channels = network_kwargs.get('model_channels', defaults['model_channels'].default)
+    levels = [resolution >> i for i in range(len(channel_mult))]
+    given = f'--attn={",".join(map(str, attn))}'
+    missing = [r for r in attn if r not in levels]
+    if opts.attn is not None and missing:
+        warnings.warn(f'{given}: the network has no {missing[0]}x{missing[0]} level (its levels: '
+                      f'{", ".join(map(str, levels))}), so no attention there', stacklevel=1)
+    elif opts.attn is None and attn and len(missing) == len(attn):
+        warnings.warn(f'--arch={opts.arch} puts self-attention at {", ".join(map(str, attn))} pixels, but at '
+                      f'{resolution}x{resolution} its levels are {", ".join(map(str, levels))}: the network has no '
+                      f'attention there (only in its lowest-resolution middle block); choose levels with --attn',
+                      stacklevel=1)
+    if backbone is networks.DhariwalUNet:
+        # DhariwalUNet gives a block out_channels // 64 heads: none below 64 channels (its middle block's too).
+        headless = [(r, model_channels * mult) for r, mult in zip(levels, channel_mult)
+                    if r in attn and model_channels * mult < 64]
+        if headless:
+            names = ', '.join(f'{r}x{r}' for r, _ in headless)
+            widths = ', '.join(str(channels) for _, channels in headless)
+            smallest = min(channel_mult[levels.index(r)] for r, _ in headless)
+            warnings.warn(f'--cbase={model_channels}: ADM splits attention into heads of 64 channels; its {names} '
+                          f'level{"s" if len(headless) > 1 else ""} ({widths} channels) get none, so no attention '
+                          f'there; --cbase={-(-64 // smallest)} or more gives every attention level a head',
+                          stacklevel=1)
+
+
 def _network_and_loss_config(c: dnnlib.EasyDict, opts: dnnlib.EasyDict, interface: dict) -> tuple[str, str, list[str]]:
     """c.network_kwargs (--arch or --init's pickle, in --precond's or the loss's preconditioning), c.loss_kwargs
     (with the loss wrappers) and c.augment_kwargs; returns the loss's name, the architecture's and the wrappers'
@@ -398,11 +445,8 @@ def _network_and_loss_config(c: dnnlib.EasyDict, opts: dnnlib.EasyDict, interfac
         c.network_kwargs.num_blocks = opts.blocks
     if opts.attn is not None:
         c.network_kwargs.attn_resolutions = opts.attn
-        levels = [c.dataset_kwargs.resolution >> i for i in range(len(c.network_kwargs.get('channel_mult') or []))]
-        missing = [r for r in opts.attn if levels and r not in levels]
-        if missing:  # the network would silently have no attention there
-            warnings.warn(f'--attn={",".join(map(str, opts.attn))}: the network has no {missing[0]}x{missing[0]} '
-                          f'level (its levels: {", ".join(map(str, levels))}), so no attention there', stacklevel=1)
+    if opts.init is None:  # a pickle's network was built for its resolution (checked against --data)
+        _check_levels(c.network_kwargs, c.dataset_kwargs.resolution, opts)
     # Whether the network is told how its input was augmented: EDM's losses pass the augmentation labels; a loss that
     # augments only what its discriminator sees (GDD) declares `feeds_augment_labels = False`.
     feeds_labels = bool(opts.augment) and getattr(losses.LOSSES.get(loss_name), 'feeds_augment_labels', True)
