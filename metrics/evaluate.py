@@ -107,6 +107,13 @@ class ImageSource:
     image_shape: tuple[int, int, int] | None = None  # (C, H, W), compared with a reference's when both are known
 
 
+def _check_detector_channels(channels: int, what: str) -> None:
+    """Refuses images the detectors cannot read (RGBA, grey + alpha: what train.py trains on from such PNGs)."""
+    if channels not in (1, 3):
+        raise MetricsError(f"{what} {channels} channels; the detectors read RGB (or greyscale) images: convert them "
+                           f"(e.g. drop the alpha channel) first")
+
+
 def dataset_source(path: str, num: int | None = None, seed: int = 0, batch_size: int = 64, num_workers: int = 3,
                    prefetch_factor: int = 2) -> ImageSource:
     """Images of a folder or ZIP (sorted names, recursive). With `num`: a random subset of exactly `num` images
@@ -121,9 +128,7 @@ def dataset_source(path: str, num: int | None = None, seed: int = 0, batch_size:
         raise MetricsError(f"found {len(dataset)} images in {path}, but expected at least {num} (--num-images)")
     if len(dataset) < 2:
         raise MetricsError(f"found {len(dataset)} image(s) in {path}, but need at least 2 to compute statistics")
-    if dataset.image_shape[0] not in (1, 3):  # e.g. RGBA or grey + alpha PNGs
-        raise MetricsError(f"{path}: images have {dataset.image_shape[0]} channels; the detectors read RGB (or "
-                           f"greyscale) images: convert them (e.g. drop the alpha channel) first")
+    _check_detector_channels(dataset.image_shape[0], f"{path}: images have")
     batches = [b.tolist() for b in rank_batches(len(dataset), batch_size) if len(b) > 0]
 
     def iterate(device: torch.device):
@@ -204,6 +209,8 @@ def network_source(net, seeds: Sequence[int], batch_size: int = 64, network_desc
     seeds = [int(s) for s in seeds]
     if len(seeds) < 2:
         raise MetricsError(f"need at least 2 seeds to compute statistics, got {len(seeds)}")
+    if getattr(net, "img_channels", None) is not None:  # before the sampling, which would end in the detector
+        _check_detector_channels(int(net.img_channels), f"{network_description or 'the network'}: its images have")
     # generate_images splits the seeds with EDM's rule, so splitting their positions the same way gives each
     # yielded batch its positions in `seeds` (also right for repeated seeds); the seeds are checked against them.
     position_batches = [b for b in rank_batches(len(seeds), batch_size) if len(b) > 0]

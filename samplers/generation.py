@@ -411,10 +411,17 @@ def image_path(outdir: str, seed: int, subdirs: bool = False) -> str:
     return os.path.join(image_dir, f"{seed:06d}.png")
 
 
+# PNG modes by channel count. train.py trains on what the dataset's PNGs hold, grey + alpha and RGBA too (EDM's
+# generate.py then fails at the first image it writes, after the sampling).
+_PIL_MODES = {1: "L", 2: "LA", 3: "RGB", 4: "RGBA"}
+
+
 def image_to_pil(image_hwc: np.ndarray) -> PIL.Image.Image:
-    if image_hwc.shape[2] == 1:
-        return PIL.Image.fromarray(image_hwc[:, :, 0], "L")
-    return PIL.Image.fromarray(image_hwc, "RGB")
+    channels = image_hwc.shape[2]
+    if channels not in _PIL_MODES:
+        raise ValueError(f"cannot write an image of {channels} channels as a PNG (1 to 4: grey, grey + alpha, RGB, "
+                         f"RGBA)")
+    return PIL.Image.fromarray(image_hwc[:, :, 0] if channels == 1 else image_hwc, _PIL_MODES[channels])
 
 
 def save_png_atomic(image: PIL.Image.Image, path: str) -> None:

@@ -219,6 +219,25 @@ def test_network_mode_records_the_snapshots_process(workdir, single_rank, tmp_pa
     assert "process" not in json.loads(out.read_text())["source"]  # kept as it was
 
 
+def test_network_of_rgba_images_is_refused_before_sampling(workdir, tmp_path, monkeypatch):
+    """train.py trains on RGBA (or grey + alpha) PNGs; its snapshot then failed in the detector's first convolution,
+    after the sampling: refused first, as such a folder of images is."""
+    from samplers import generation
+    from torch_utils import persistence
+    from training.preconditioning import EDMPrecond
+
+    net = EDMPrecond(img_resolution=8, img_channels=4, label_dim=0, model_type="SongUNet", model_channels=8,
+                     channel_mult=[1], num_blocks=1, attn_resolutions=[])
+    path = tmp_path / "rgba-network.pkl"
+    persistence.save_network_pickle(str(path), dict(ema=net))
+    monkeypatch.setattr(generation, "generate_images", lambda *args, **kwargs: pytest.fail("sampled"))
+    result = _invoke(["calc", "--network", path, "--ref", workdir["root"] / "ref1.npz", "--seeds", "0-3",
+                      "--workers", 0, "--device", "cpu", *_detector_args(workdir["root"])])
+    assert result.exit_code == 1
+    assert "rgba-network.pkl: its images have 4 channels; the detectors read RGB (or greyscale) images" in \
+        result.output
+
+
 def test_sampling_options_need_network_mode(workdir):
     root = workdir["root"]
     result = _invoke(["calc", "--images", root / "gen", "--ref", root / "ref1.npz", "--steps", 4])

@@ -248,6 +248,21 @@ def test_png_files(tmp_path):
         save_image_grid(str(tmp_path), seeds, str(tmp_path / "grid.png"), subdirs=True)
 
 
+@pytest.mark.parametrize("channels, mode", [(2, "LA"), (4, "RGBA")])
+def test_png_files_with_alpha(tmp_path, channels, mode):
+    """train.py trains on grey + alpha and RGBA PNGs: their networks' images are written in those modes (they failed
+    with PIL's "Invalid mode for data type" after the sampling, as in EDM's generate.py)."""
+    net = tiny_net(channels=channels)
+    write_images(net, [0, 1], str(tmp_path), batch_size=2, num_steps=2, solver="euler", device="cpu", progress=False)
+    images = collect(net, [0, 1], batch_size=2, num_steps=2, solver="euler")
+    png = PIL.Image.open(tmp_path / "000001.png")
+    assert png.mode == mode and png.size == (8, 8)
+    assert np.array_equal(np.asarray(png), images[1].permute(1, 2, 0).numpy())
+    save_image_grid(str(tmp_path), [0, 1], str(tmp_path / "grid.png"), scale=1, gap=0)
+    grid = PIL.Image.open(tmp_path / "grid.png")
+    assert grid.mode == mode and np.array_equal(np.asarray(grid)[:8, 8:], images[1].permute(1, 2, 0).numpy())
+
+
 @pytest.fixture(scope="module")
 def network_pickle(tmp_path_factory):
     path = str(tmp_path_factory.mktemp("net") / "network-snapshot-000000.pkl")
