@@ -818,6 +818,15 @@ def test_a_resolution_the_levels_cannot_halve_is_refused_before_the_run(tmp_path
     assert _invoke([*args, '--arch', 'adm', '--cres', '1,2,2', '--attn', '14', '--cbase', '64', '-n']).exit_code == 0
 
 
+def test_data_with_alpha_is_warned(tmp_path):
+    """A folder of RGBA PNGs (common for images saved from the web) trains as 4 channels, which fid.py refuses."""
+    rgba = np.concatenate([np.repeat(random_images(2)[..., None], 3, axis=3), np.full((2, 8, 8, 1), 255, np.uint8)], 3)
+    data = write_zip_dataset(str(tmp_path / 'rgba.zip'), rgba)
+    with pytest.warns(UserWarning, match=r'--data holds RGBA images \(4 channels\): the network learns the alpha '
+                                         r'channel as one more colour, and fid.py cannot evaluate its images'):
+        assert _invoke(['--outdir', tmp_path / 'runs', '--data', data, '-n', *TINY_NET]).exit_code == 0
+
+
 def test_default_attention_the_data_never_reaches_is_warned(tmp_path):
     """DDPM++'s attention at 16x16 and ADM's at 32, 16, 8 are absent from a 48x48 network (levels 48, 24, 12[, 6]),
     and ADM has none at all below 64 channels (a head is 64 channels): EDM builds both without a word."""

@@ -312,6 +312,12 @@ def _dataset_config(c: dnnlib.EasyDict, opts: dnnlib.EasyDict) -> tuple[str, dic
     if opts.cond and not has_labels:
         raise click.BadParameter('--cond=True requires labels specified in dataset.json', param_hint='--cond')
     c.dataset = dataset_obj  # handed on to training_loop (train.py pops it): the directory is listed once per rank
+    if interface['img_channels'] in (2, 4):  # PNGs with alpha (dataset_tool.py refuses them; a folder is read as is)
+        kind = {2: 'grey + alpha', 4: 'RGBA'}[interface['img_channels']]
+        warnings.warn(f'--data holds {kind} images ({interface["img_channels"]} channels): the network learns the '
+                      f'alpha channel as one more colour, and fid.py cannot evaluate its images (the detectors read '
+                      f'RGB or greyscale); convert the images first (e.g. drop the alpha channel) unless you mean '
+                      f'to generate alpha', stacklevel=1)
     # A preset's network, batch and schedule were published for its dataset's resolution (named in its data path).
     preset_data = TRAIN_PRESETS.get(opts.preset, {}).get('data') or ''
     published = re.search(r'-(\d+)x(\d+)\.zip$', preset_data)
