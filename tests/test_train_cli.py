@@ -802,6 +802,34 @@ def test_attention_at_a_resolution_the_network_lacks_is_warned(datasets, tmp_pat
         assert _invoke([*args, '--attn', '4']).exit_code == 0
 
 
+def test_transfer_from_a_network_of_another_shape_is_refused(datasets, tmp_path):
+    """--transfer copies weights by name: an RGB network's [C, 3, 3, 3] input kernels failed to copy into a
+    greyscale one at the start of training (a greyscale network's were broadcast into an RGB one without a word),
+    and another resolution names the blocks otherwise (only the noise mapping was copied)."""
+    from training.preconditioning import EDMPrecond
+
+    def pickle_of(name, **interface):
+        kwargs = {**dict(img_resolution=8, img_channels=1, label_dim=0), **interface}
+        net = EDMPrecond(**kwargs, model_type='SongUNet', model_channels=8, channel_mult=[1, 2], num_blocks=1,
+                         attn_resolutions=[4])
+        path = str(tmp_path / name)
+        persistence.save_network_pickle(path, dict(ema=net))
+        return path
+
+    args = ['--outdir', tmp_path / 'runs', '-n', *TINY_NET]
+    for name, interface, data, refusal in (
+            ('rgb.pkl', dict(img_channels=3), 'uncond', 'has img_channels=3, but the dataset .* needs 1'),
+            ('res16.pkl', dict(img_resolution=16), 'uncond', 'has img_resolution=16, but the dataset .* needs 8'),
+            ('classes5.pkl', dict(label_dim=5), 'cond', 'has label_dim=5, but the dataset .* needs 3')):
+        result = _invoke([*args, '--data', datasets[data], '--cond', int(data == 'cond'),
+                          '--transfer', pickle_of(name, **interface)])
+        assert result.exit_code == 2 and re.search(f'Invalid value for --transfer: .*{name} {refusal}: its weights do '
+                                                   f'not fit this network', result.output), result.output
+    # A class embedding added or left out is one tensor more or less: the others copy.
+    assert _invoke([*args, '--data', datasets['cond'], '--cond', 1, '--transfer', pickle_of('u.pkl')]).exit_code == 0
+    assert _invoke([*args, '--data', datasets['uncond'], '--transfer', pickle_of('c.pkl', label_dim=5)]).exit_code == 0
+
+
 def test_a_resolution_the_levels_cannot_halve_is_refused_before_the_run(tmp_path):
     """28x28 (MNIST's own size) under ADM's four levels: 28 -> 14 -> 7 -> 3 comes back up as 6, and the decoder's
     skip connection failed with a traceback at the first step, after the run folder existed (EDM fails there too)."""

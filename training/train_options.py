@@ -561,9 +561,21 @@ def _start_config(c: dnnlib.EasyDict, opts: dnnlib.EasyDict, interface: dict) ->
         if opts.resume is not None:
             raise click.UsageError('--transfer and --resume cannot be specified at the same time')
         try:
-            snapshots.load_snapshot(opts.transfer)
+            net = snapshots.load_snapshot(opts.transfer).net
         except (persistence.NetworkPickleError, OSError, ValueError) as err:
             raise click.BadParameter(str(err), param_hint='--transfer') from None
+        # The weights are copied by name: another resolution names the U-Net's blocks otherwise (only the noise
+        # mapping was copied, silently), another channel count or number of classes gives same-named tensors of
+        # other shapes (torch's copy_ broadcast a greyscale network's [C, 1, 3, 3] input kernels into an RGB
+        # network's, or failed with a traceback at the start of training). A class embedding added or left out
+        # (conditional <-> unconditional) is only a tensor more or less: that transfer stays.
+        for key, value in interface.items():
+            theirs = getattr(net, key, None)
+            if key == 'label_dim' and not (theirs and value):
+                continue
+            if theirs is not None and int(theirs) != value:
+                raise click.BadParameter(f'{opts.transfer} has {key}={theirs}, but the dataset (--data, --cond) '
+                                         f'needs {value}: its weights do not fit this network', param_hint='--transfer')
         c.resume_pkl = opts.transfer
         c.ema_rampup_ratio = None
     elif opts.resume is not None:
