@@ -14,6 +14,8 @@ process, `loss.process`; the loop records it in snapshots. The classes stay pers
 written before snapshots stopped pickling losses (they now record `losses.loss_record`) still import.
 """
 
+import math
+
 import torch
 
 from processes import EDMProcess
@@ -22,6 +24,18 @@ from torch_utils import persistence, training_stats
 # Noise-level bins of the loss in stats.jsonl ('Loss/sigma<0.05', 'Loss/sigma0.05-0.2', ...): which noise levels a
 # run learns, or fails to, at a glance (EDM2 logs the same). Log-spaced over EDM's training range.
 SIGMA_BIN_EDGES = (0.05, 0.2, 0.5, 1, 2, 5, 20)
+
+
+def check_weight_range(loss, sigma_low: float, sigma_high: float, what: str) -> None:
+    """ValueError naming --loss-opt unless `loss`'s float32 weight is finite and positive at the two ends of the noise
+    levels it draws. Options that pass the constructor's sign checks can still make every step's loss inf or NaN
+    (P_mean=60: sigma^2 overflows float32); the loop then scrubs every step and saves an untrained network."""
+    sigma = torch.tensor([sigma_low, sigma_high], dtype=torch.float32)
+    weight = loss.weight(sigma)
+    if not (torch.isfinite(sigma).all() and (sigma > 0).all() and torch.isfinite(weight).all() and (weight > 0).all()):
+        raise ValueError(f"--loss-opt: {what} gives noise levels {sigma_low:.3g} ... {sigma_high:.3g}, whose float32 "
+                         f"loss weight is not finite and positive ({weight.tolist()}); the steps that draw them "
+                         f"would be non-finite")
 
 
 def report_loss_by_sigma(loss: torch.Tensor, sigma: torch.Tensor) -> None:
@@ -107,6 +121,12 @@ class VPLoss(DenoisingLoss):
         self.beta_d = float(beta_d)
         self.beta_min = float(beta_min)
         self.epsilon_t = float(epsilon_t)
+        # sigma(t) must be real and positive on [epsilon_t, 1]: a negative t or exponent gives NaN.
+        if not (0 < self.epsilon_t < 1 and self.beta_d >= 0 and self.beta_min >= 0):
+            raise ValueError(f"--loss-opt: VP needs 0 < epsilon_t < 1, beta_d >= 0 and beta_min >= 0, got "
+                             f"epsilon_t={self.epsilon_t:g}, beta_d={self.beta_d:g}, beta_min={self.beta_min:g}")
+        check_weight_range(self, float(self.sigma(self.epsilon_t)), float(self.sigma(1.0)),
+                           f"beta_d={self.beta_d:g}, beta_min={self.beta_min:g}, epsilon_t={self.epsilon_t:g}")
 
     def sigma(self, t):
         """sigma(t) = sqrt(exp(beta_d t^2 / 2 + beta_min t) - 1)."""
@@ -128,6 +148,11 @@ class VELoss(DenoisingLoss):
     def __init__(self, sigma_min=0.02, sigma_max=100):
         self.sigma_min = float(sigma_min)
         self.sigma_max = float(sigma_max)
+        if not 0 < self.sigma_min <= self.sigma_max:  # log-uniform: sigma_min = 0 draws sigma = 0, weight inf
+            raise ValueError(f"--loss-opt: VE needs 0 < sigma_min <= sigma_max, got sigma_min={self.sigma_min:g}, "
+                             f"sigma_max={self.sigma_max:g}")
+        check_weight_range(self, self.sigma_min, self.sigma_max,
+                           f"sigma_min={self.sigma_min:g}, sigma_max={self.sigma_max:g}")
 
     def sample_sigma(self, batch, num, device):
         rnd_uniform = self._rand(batch, [num, 1, 1, 1], device)
@@ -145,6 +170,12 @@ class EDMLoss(DenoisingLoss):
         self.P_mean = float(P_mean)
         self.P_std = float(P_std)
         self.sigma_data = float(sigma_data)
+        if not (self.sigma_data > 0 and self.P_std >= 0):  # sigma_data = 0: weight sigma^2 / 0 = inf at every step
+            raise ValueError(f"--loss-opt: EDM needs sigma_data > 0 and P_std >= 0, got "
+                             f"sigma_data={self.sigma_data:g}, P_std={self.P_std:g}")
+        # ln sigma within 5 standard deviations of P_mean (all but 6e-7 of the draws); exp() of at most 700: float64.
+        low, high = (math.exp(min(self.P_mean + k * self.P_std, 700)) for k in (-5, 5))
+        check_weight_range(self, low, high, f"P_mean={self.P_mean:g}, P_std={self.P_std:g}")
 
     def sample_sigma(self, batch, num, device):
         rnd_normal = self._randn(batch, [num, 1, 1, 1], device)

@@ -2,6 +2,7 @@
 
 import math
 import os
+import re
 
 import numpy as np
 import pytest
@@ -57,6 +58,35 @@ def test_loss_value_is_weight_times_squared_target_with_zero_denoiser(loss_fn, w
     # The network saw y + sigma * noise, the labels, and no augment labels.
     torch.testing.assert_close(net.x, images + net.sigma * noise, rtol=0, atol=1e-6)
     assert net.class_labels is labels and net.augment_labels is None
+
+
+@pytest.mark.parametrize('loss_class, options, message', [
+    (EDMLoss, dict(sigma_data=0), 'EDM needs sigma_data > 0 and P_std >= 0, got sigma_data=0, P_std=1.2'),
+    (EDMLoss, dict(P_std=-1), 'EDM needs sigma_data > 0 and P_std >= 0'),
+    (EDMLoss, dict(P_mean=60), 'P_mean=60, P_std=1.2 gives noise levels 2.83e+23 ... 4.61e+28'),
+    (EDMLoss, dict(P_mean=-60), 'P_mean=-60, P_std=1.2 gives noise levels'),
+    (VELoss, dict(sigma_min=0), 'VE needs 0 < sigma_min <= sigma_max'),
+    (VELoss, dict(sigma_min=1e-30), 'sigma_min=1e-30, sigma_max=100 gives noise levels'),
+    (VPLoss, dict(epsilon_t=0), 'VP needs 0 < epsilon_t < 1'),
+    (VPLoss, dict(beta_d=-20), 'VP needs 0 < epsilon_t < 1, beta_d >= 0'),
+    (VPLoss, dict(beta_d=1000), 'beta_d=1000, beta_min=0.1, epsilon_t=1e-05 gives noise levels'),
+])
+def test_options_whose_every_step_is_non_finite_are_refused(loss_class, options, message):
+    # Accepted before: with sigma_data=0 every step's loss was inf, the loop scrubbed each one and saved the untrained
+    # network. The float32 weights the check refuses, from the formula: EDM's at sigma = exp(60 +- 6) is inf / inf.
+    sigma = np.float32(math.exp(60 - 6))
+    with np.errstate(over='ignore', invalid='ignore'):
+        assert np.isnan((sigma ** 2 + np.float32(0.25)) / (sigma * np.float32(0.5)) ** 2)
+    with pytest.raises(ValueError, match='^--loss-opt: ' + re.escape(message)):
+        loss_class(**options)
+
+
+@pytest.mark.parametrize('loss_fn', [EDMLoss(P_mean=30, P_std=1.2), EDMLoss(P_std=0), VELoss(sigma_min=1e-6),
+                                     VPLoss(beta_d=100)])
+def test_options_near_the_refused_ones_train_finitely(loss_fn):
+    images = _images()
+    loss = loss_fn(RecordingNet(), Batch(images=images, labels=torch.zeros(6, 0)))
+    assert bool(torch.isfinite(loss).all())
 
 
 def test_edm_weight_is_inverse_c_out_squared():

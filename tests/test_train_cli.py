@@ -193,6 +193,9 @@ def test_duration_in_whole_kimg(datasets, tmp_path, duration, total_kimg, rounde
      'Invalid value for --batch-gpu: the per-process batch 12 (--batch 12 / 1 processes) is not a multiple of 5'),
     (['--loss-opt', 'foo=1'], "Invalid value for --loss-opt: loss 'edm' has no option 'foo'"),
     (['--loss-opt', 'P_mean=x'], "cannot read 'x' as float"),
+    (['--loss-opt', 'sigma_data=0'], '--loss-opt: EDM needs sigma_data > 0 and P_std >= 0, got sigma_data=0'),
+    (['--loss-opt', 'P_mean=60'], '--loss-opt: P_mean=60, P_std=1.2 gives noise levels 2.83e+23 ... 4.61e+28'),
+    (['--precond', 've', '--loss-opt', 'sigma_min=0'], '--loss-opt: VE needs 0 < sigma_min <= sigma_max'),
     (['--cond', '1'], '--cond=True requires labels specified in dataset.json'),
     (['--transfer', 'a.pkl', '--resume', 'b.pt'], '--transfer and --resume cannot be specified at the same time'),
     (['--resume', 'nope.pt'], "Invalid value for --resume: nope.pt: no such file"),  # not "not a training-state"
