@@ -312,6 +312,23 @@ def test_paired_gain_and_the_final_choice():
     assert choice.chosen == "learned" and choice.tested_on == "validation" and "biased" in choice.reason
 
 
+def test_a_gain_on_one_sample_has_no_standard_error():
+    # One sample says nothing of the noise. Its standard error was 0, so a learned grid better on the one held-out
+    # sample passed --min-gain-se=2 as "inf standard errors", and was returned without a warning.
+    gain, se = ld3.paired_gain(torch.tensor([1.0], dtype=torch.float64), torch.tensor([0.9], dtype=torch.float64))
+    assert gain == pytest.approx(1.0 - 0.9) and se == math.inf
+    valid_base, valid_learned = grid_score([1.0] * 8), grid_score([0.5] * 8)
+    choice = ld3.choose_result("edm_rho7", valid_base, valid_learned, grid_score([1.0]), grid_score([0.9]),
+                               min_gain_se=2)
+    assert choice.chosen == "edm_rho7" and choice.warning and "below the required 2 standard errors" in choice.reason
+    assert "one sample: its standard error is unknown" in choice.reason
+    choice = ld3.choose_result("edm_rho7", valid_base, valid_learned, grid_score([1.0]), grid_score([0.9]))
+    assert choice.chosen == "learned" and choice.warning and "within its noise" in choice.reason
+    # No held-out split and one validation sample: the same.
+    choice = ld3.choose_result("edm_rho7", grid_score([1.0]), grid_score([0.5]), None, None)
+    assert choice.chosen == "learned" and choice.warning and choice.tested_on == "validation"
+
+
 def test_split_sizes_and_safeguard_options():
     config = ld3.LD3Config(num_train=10, num_valid=10)
     assert config.split_sizes(50) == (10, 10, 30, None)

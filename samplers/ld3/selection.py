@@ -118,13 +118,15 @@ def score_grid(denoiser, split: TeacherSplit, sigmas: torch.Tensor, eval_sigmas:
 
 def paired_gain(baseline: torch.Tensor, candidate: torch.Tensor) -> tuple[float, float]:
     """(mean of baseline - candidate, its standard error) over the same samples: how much lower the candidate's
-    per-sample loss is, and the noise of that number (sample standard deviation of the differences / sqrt(n); 0 for
-    n < 2). A gain within about two standard errors may be luck of the samples."""
+    per-sample loss is, and the noise of that number (sample standard deviation of the differences / sqrt(n); inf
+    for n < 2). A gain within about two standard errors may be luck of the samples.
+
+    One sample says nothing of the noise: its standard error is unknown, not 0 (with 0, a learned grid better on a
+    single held-out sample passed --min-gain-se=2 as "inf standard errors", without a warning)."""
     diff = (baseline - candidate).to(torch.float64)
-    if len(diff) == 0:
-        return 0.0, math.inf
-    se = float(diff.std() / math.sqrt(len(diff))) if len(diff) > 1 else 0.0
-    return float(diff.mean()), se
+    if len(diff) < 2:
+        return float(diff.mean()) if len(diff) else 0.0, math.inf
+    return float(diff.mean()), float(diff.std() / math.sqrt(len(diff)))
 
 
 def hand_made_grids(names, num_levels: int, sigma_min: float, sigma_max: float, end: str) -> dict:
@@ -177,8 +179,9 @@ def choose_result(baseline_name: str, valid_baseline: GridScore, valid_learned: 
         where = f"the {len(base.losses)} validation samples (no held-out split: biased towards the learned grid)"
     gain, se = paired_gain(base.losses, learned.losses)
     stats = dict(gain=gain, gain_se=se, tested_on=tested_on)
-    summary = (f"on {where}: loss {learned.loss:.6g} vs {base.loss:.6g} for {baseline_name}, gain {gain:.3g} ± "
-               f"{se:.2g} (paired standard error, {gain / se if se > 0 else math.inf:.1f} of them)")
+    noise = " (one sample: its standard error is unknown)" if math.isinf(se) else \
+        f" ± {se:.2g} (paired standard error, {gain / se if se > 0 else math.inf:.1f} of them)"
+    summary = f"on {where}: loss {learned.loss:.6g} vs {base.loss:.6g} for {baseline_name}, gain {gain:.3g}{noise}"
     if gain <= TIE_TOLERANCE * base.loss:
         return Choice(baseline_name, f"the learned grid is not better {summary}", warning=True, **stats)
     if gain <= min_gain_se * se:
