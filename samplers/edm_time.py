@@ -20,6 +20,7 @@ from typing import Literal
 
 import torch
 
+from samplers.euler_heun import check_churn
 from samplers.solver_grid import read_grid
 
 ODE_SCHEDULES = ("linear", "vp", "ve")  # sigma(t)
@@ -80,6 +81,7 @@ def integrate_in_time(denoiser, x: torch.Tensor, sigmas: torch.Tensor, class_lab
     scaling `scaling`; x is the unscaled starting sample at sigmas[0] (latents * sigma_max, as samplers.sample makes
     it) and the result is unscaled too. Heun's churn as EDM's ablation sampler: the churned level sigma(t_hat) is
     rounded by the network's round_sigma, the noise is scaled by s(t_hat), and a fresh draw is taken at every step."""
+    check_churn("heun_time", S_churn)
     levels, _ = read_grid(sigmas)  # Python floats for control flow: one device sync per grid (cached), not per step
     positive = [level for level in levels if level > 0]
     ode = TimeODE(schedule, scaling, positive[-1], levels[0])

@@ -39,6 +39,13 @@ def churns(options: dict) -> bool:
     return float(options.get("S_churn", 0.0)) > 0
 
 
+def check_churn(solver: str, S_churn: float) -> None:
+    """ValueError unless S_churn >= 0. A negative or NaN S_churn fails `S_churn > 0` and sampled deterministically
+    while generation.json recorded the value given; the --S_churn flag refuses it, --solver-opt S_churn=-1 did not."""
+    if not S_churn >= 0:
+        raise ValueError(f"{solver}: S_churn must be >= 0 (0: deterministic), got {S_churn}")
+
+
 def heun(denoiser, x: torch.Tensor, sigmas: torch.Tensor, class_labels=None, *, S_churn: float = 0.0,
          S_min: float = 0.0, S_max: float = math.inf, S_noise: float = 1.0, randn_like=None, round_sigma=None,
          eval_sigmas: torch.Tensor | None = None) -> torch.Tensor:
@@ -53,6 +60,7 @@ def heun(denoiser, x: torch.Tensor, sigmas: torch.Tensor, class_labels=None, *, 
     the churned level. With EDM's grid and options the operations are EDM's edm_sampler's, in the same order, on
     0-dim device tensors like EDM's, so the result is bit-identical to it.
     """
+    check_churn("heun", S_churn)
     levels, eval_grid = read_grid(sigmas, eval_sigmas)
     num_steps = len(levels) - 1
     churn = S_churn > 0

@@ -325,6 +325,10 @@ def test_decoupled_evaluation_grid(solver):
     ("heun", {"order": 2}, r"does not take option\(s\) \['order'\]"),
     ("rk4", {}, "unknown solver 'rk4'"),
     ("dpmpp_3m", {"lower_order_final": "yes"}, "lower_order_final must be"),
+    # A negative or NaN churn sampled deterministically, recorded as given (the --S_churn flag refuses it).
+    ("heun", {"S_churn": -1.0}, r"heun: S_churn must be >= 0 \(0: deterministic\), got -1.0"),
+    ("heun", {"S_churn": math.nan}, "heun: S_churn must be >= 0"),
+    ("heun_time", {"ode_schedule": "vp", "ode_scaling": "vp", "S_churn": -1.0}, "heun_time: S_churn must be >= 0"),
 ])
 def test_solver_errors(solver, kwargs, message):
     with pytest.raises(ValueError, match=message):
