@@ -175,6 +175,10 @@ def _read_module(path: str, device: torch.device) -> torch.nn.Module:
     return module
 
 
+class _NonFiniteOutput(Exception):
+    """The probe's outputs hold NaN or inf."""
+
+
 def _probe(detector: Detector, device: torch.device) -> None:
     """Call the detector once on a blank image: checks the call signature early and learns the output sizes."""
     blank = torch.zeros([1, 3, 32, 32], dtype=torch.uint8, device=device)
@@ -183,15 +187,26 @@ def _probe(detector: Detector, device: torch.device) -> None:
         if features.ndim != 2 or features.shape[0] != 1:
             raise ValueError(f"features of shape {list(features.shape)}; expected [1, D]")
         detector.feature_dim = int(features.shape[1])
+        outputs = [features]
         if detector.spec.probability_kwargs is not None:
             probs = detector.probabilities(blank)
             if probs.ndim != 2 or probs.shape[0] != 1:
                 raise ValueError(f"probabilities of shape {list(probs.shape)}; expected [1, C]")
+            outputs.append(probs)
+            if not bool(torch.isfinite(probs).all()):  # NaN passes the sum check below (its comparisons are False)
+                raise _NonFiniteOutput()
             if abs(float(probs.double().sum()) - 1) > 1e-3:  # logits instead of softmax would give a wrong IS
                 raise ValueError(f"{detector.spec.probability_kwargs} output does not sum to 1 "
                                  f"(sum {float(probs.double().sum()):.4g}): expected softmax probabilities")
             detector.num_classes = int(probs.shape[1])
             _verify_head(detector, device)
+        if not all(bool(torch.isfinite(output).all()) for output in outputs):
+            raise _NonFiniteOutput()
+    except _NonFiniteOutput:
+        # A file whose weights hold NaN: its features made fid.py ref write a NaN reference (which calc then refused,
+        # saying to rebuild it with fid.py ref), and calc stop in scipy's sqrtm ("Internal error ... -102").
+        raise DetectorUnavailableError(f"detector {detector.name!r} from {detector.source} gives NaN or inf for a "
+                                       f"blank image: its weights are damaged (fetch the file again)") from None
     except Exception as err:  # a detector of the wrong kind fails in many ways; name the file and the convention
         raise DetectorUnavailableError(
             f"detector {detector.name!r} from {detector.source} does not follow the expected calling convention "

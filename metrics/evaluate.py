@@ -343,6 +343,10 @@ class FeaturePass:
         if self.moments is not None:
             self.moments.reduce_(self.detectors["inception"].feature_dim, device)
             out["mu"], out["sigma"] = self.moments.mean_cov()
+            if not (np.isfinite(out["mu"]).all() and np.isfinite(out["sigma"]).all()):  # the same sums on every rank
+                raise MetricsError(f"the inception detector ({self.detectors['inception'].source}) gave NaN or inf "
+                                   f"features for some of the images: no statistics (a reference would be unusable, "
+                                   f"FID undefined)")
         if self.inception_score is not None:
             self.inception_score.reduce_(self.detectors["inception"].num_classes, device)
             out["is_mean"], out["is_std"], out["is_scores"] = self.inception_score.compute()

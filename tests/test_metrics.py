@@ -1,6 +1,7 @@
 """Metric math (FID, IS, precision/recall), reference files, detectors and the single feature pass."""
 
 import json
+import math
 import os
 import pickle
 import warnings
@@ -565,6 +566,40 @@ def test_detector_returning_logits_is_rejected(tmp_path):
     detectors_lib._loaded.clear()
     with pytest.raises(detectors_lib.DetectorUnavailableError, match="expected softmax probabilities"):
         detectors_lib.load_detector("inception", path, device="cpu")
+
+
+class _NaNForWhiteImages(detectors_lib.StandinInception):
+    """The stand-in, but NaN features for all-white images (the probe's blank image passes)."""
+
+    def forward(self, img, return_features: bool = False, use_fp16: bool = False, no_output_bias: bool = False):
+        out = super().forward(img, return_features=return_features, no_output_bias=no_output_bias)
+        white = (img == 255).flatten(1).all(1)
+        return torch.where(white[:, None], torch.full_like(out, math.nan), out)
+
+
+def test_detector_or_images_giving_nan_features_are_refused(tmp_path):
+    # Damaged weights: fid.py ref wrote NaN statistics (which calc refused, saying to rebuild them with fid.py ref),
+    # calc stopped with scipy's "Internal error in scipy.linalg.sqrtm: -102", and IS passed its sum-to-1 check.
+    damaged = detectors_lib.StandinInception()
+    with torch.no_grad():
+        damaged.trunk.layers[0].weight.fill_(math.nan)
+    path = detectors_lib.save_standin(damaged, str(tmp_path / "damaged.pt"))
+    detectors_lib._loaded.clear()
+    with pytest.raises(detectors_lib.DetectorUnavailableError, match="gives NaN or inf for a blank image: its "
+                                                                     "weights are damaged"):
+        detectors_lib.load_detector("inception", path, device="cpu")
+    # NaN for some images only: the statistics are refused, not returned (nor saved as a reference).
+    detector = _inception(_NaNForWhiteImages())
+    images = torch.randint(0, 256, [8, 3, 12, 12], dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    images[3] = 255
+    with pytest.raises(evaluate.MetricsError, match="gave NaN or inf features for some of the images"):
+        _run_feature_pass(["fid"], {"inception": detector}, images)
+    images[3] = 0  # the same detector on images it handles: statistics as before
+    stats = _run_feature_pass(["fid"], {"inception": detector}, images)
+    with torch.no_grad():
+        features = detectors_lib.StandinInception()(images, return_features=True).double().numpy()
+    np.testing.assert_allclose(stats["mu"], features.mean(0), rtol=1e-6, atol=1e-7)
+    np.testing.assert_allclose(stats["sigma"], np.cov(features, rowvar=False), rtol=1e-5, atol=1e-7)
 
 
 def test_parse_detector_overrides():
