@@ -39,6 +39,7 @@ from .inception_score import InceptionScoreAccumulator
 from .kid import kernel_inception_distance
 from .precision_recall import precision_recall
 
+PR_NHOOD_SIZE = 3  # precision/recall's k (StyleGAN2-ADA's pr50k3): a set needs k + 1 points
 PR_REFERENCE_KEY = "vgg16_features"
 KID_REFERENCE_KEY = "inception_features"
 # detector: the feature network; reads: which of its outputs ("features" or "probabilities"; one detector pass serves
@@ -445,7 +446,7 @@ def _load_reference_all_ranks(ref_path: str, verbose: bool, metrics: Sequence[st
 
 def calc_metrics(source: ImageSource, ref_path: str | None, metrics: Sequence[str] = ("fid",),
                  detector_paths: dict[str, str] | None = None, device: torch.device | None = None,
-                 is_splits: int = 10, pr_nhood_size: int = 3, pr_row_batch_size: int = 10000,
+                 is_splits: int = 10, pr_nhood_size: int = PR_NHOOD_SIZE, pr_row_batch_size: int = 10000,
                  pr_col_batch_size: int = 10000, progress: bool = True, verbose: bool = True) -> dict:
     """Compute `metrics` for the images of `source`; every rank calls it and every rank gets the same result dict.
 
@@ -598,6 +599,14 @@ def compute_reference(source: ImageSource, dest: str, metrics: Sequence[str] = (
     metrics = check_reference_request(dest, metrics, "dest")
     if "fid" not in metrics:
         metrics = ["fid", *metrics]
+    # Features calc would refuse (too few rows for P/R's neighbours or KID's pairs): refused before the pass.
+    num_real = source.num_images if pr_max_real is None else min(pr_max_real, source.num_images)
+    for metric, needed, what in [("pr", PR_NHOOD_SIZE + 1, f"precision/recall with k = {PR_NHOOD_SIZE} neighbours"),
+                                 ("kid", 2, "KID")]:
+        if metric in metrics and num_real < needed:
+            raise MetricsError(f"--metrics {metric}: {what} needs the features of at least {needed} real images, but "
+                               f"the reference would keep {num_real} ({source.num_images} images, --max-real "
+                               f"{pr_max_real})")
     device = torch.device(device) if device is not None else distributed.device()
     detectors = load_detectors(metrics, detector_paths, device, verbose=verbose)
     distributed.print0(f"Computing reference statistics ({', '.join(metrics)}) for {source.num_images} images...")

@@ -558,6 +558,29 @@ def test_calc_refuses_too_few_images_for_pr_or_kid_before_the_pass(workdir, sing
             f"but KID needs at least 2") in result.output
 
 
+def test_ref_refuses_to_keep_too_few_features_for_pr_or_kid_before_the_pass(workdir, tmp_path, monkeypatch):
+    # A reference calc then refuses ("hold VGG16 features of 3 images ..."): it was written after the whole pass.
+    root = workdir["root"]
+
+    def no_pass(*args, **kwargs):
+        raise AssertionError("the image pass must not start")
+
+    monkeypatch.setattr(evaluate, "run_pass", no_pass)
+    ref = ["ref", "--workers", "0", "--dest", tmp_path / "ref.npz", *_detector_args(root)]
+    result = _invoke([*ref, "--data", root / "real", "--metrics", "fid,pr", "--max-real", 3])
+    assert result.exit_code == 1, result.output
+    assert ("--metrics pr: precision/recall with k = 3 neighbours needs the features of at least 4 real images, but "
+            "the reference would keep 3 (40 images, --max-real 3)") in result.output
+    _write_folder(tmp_path / "three", workdir["real"][:3])
+    result = _invoke([*ref, "--data", tmp_path / "three", "--metrics", "fid,kid,pr"])
+    assert result.exit_code == 1 and "the reference would keep 3 (3 images" in result.output, result.output
+    result = _invoke([*ref, "--data", root / "real", "--metrics", "fid,kid", "--max-real", 1])
+    assert result.exit_code == 1, result.output
+    assert "--metrics kid: KID needs the features of at least 2 real images, but the reference would keep 1" \
+        in result.output
+    assert not (tmp_path / "ref.npz").exists()
+
+
 def test_network_mode_with_unsorted_seeds_equals_the_pngs_of_those_seeds(workdir, network_pkl, tmp_path):
     """IS's ordered splits and KID's subsets pick images by index: --seeds=14-25,3-13 in memory must index the images
     as the PNGs generate.py writes for them are read (file-name order), or IS and KID differ from `calc --images`."""
