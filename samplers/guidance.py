@@ -54,6 +54,7 @@ import torch
 from dnnlib import util
 from samplers import sample
 from samplers.dg.discriminator import Discriminator, DiscriminatorError, clipped_log_ratio, load_discriminator
+from samplers.euler_heun import check_churn
 from samplers.solver_grid import host_levels
 from torch_utils import distributed as dist
 
@@ -191,6 +192,7 @@ def boosted_heun(net, correction: Callable, x, sigmas, class_labels=None, *, wei
     Noise levels are per sample inside a step (a boosted sample's churned level); the noise is drawn from randn_like
     at every step, as the reference does. The grid's last entry may be 0 (no corrector on that step) or sigma_min.
     """
+    check_churn("heun with --dg", S_churn)  # a negative churn: sqrt of a negative number, NaN images
     if randn_like is None:
         randn_like = torch.randn_like
     if round_sigma is None:

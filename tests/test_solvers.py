@@ -335,6 +335,13 @@ def test_solver_errors(solver, kwargs, message):
         sample(make_denoiser(), LATENTS, make_grid("edm", 5, end="sigma_min"), solver=solver, **kwargs)
 
 
+def test_boosted_heun_refuses_a_negative_churn():
+    # Its gamma would be negative: sqrt(t_hat^2 - t^2) of a negative number, NaN images.
+    from samplers.guidance import boosted_heun
+    with pytest.raises(ValueError, match=r"heun with --dg: S_churn must be >= 0 \(0: deterministic\), got -1.0"):
+        boosted_heun(make_denoiser(), None, LATENTS, make_grid("edm", 5).sigmas, S_churn=-1.0)
+
+
 def test_heun_decoupled_grid_with_churn_is_refused():
     grid = make_grid("edm", 5, end="sigma_min")
     grid.eval_sigmas = grid.sigmas.clone()
