@@ -205,6 +205,10 @@ def test_duration_in_whole_kimg(datasets, tmp_path, duration, total_kimg, rounde
     (['--loss', 'foo'], "Invalid value for '--loss'"),
     (['--batch', 0], "Invalid value for '--batch'"),
     (['--cres', '1,x'], "Invalid value for '--cres'"),
+    # A fifth level of 8x8 images would be 0x0: built, then a traceback at the first step, after the run folder.
+    (['--cres', '1,2,2,2,2'], 'Invalid value for --cres: --cres=1,2,2,2,2 has 5 levels, which halve the image 4 times, '
+                              'but --data holds 8x8 images, whose side is not divisible by 16: give --cres at most 4 '
+                              'entries'),
 ])
 def test_bad_options(datasets, tmp_path, extra, message):
     result = _invoke(['--outdir', tmp_path / 'runs', '--data', datasets['uncond'], '-n', *extra])
