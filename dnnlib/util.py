@@ -559,14 +559,32 @@ def _host_tag() -> str:
     return re.sub(r"[^A-Za-z0-9_.]", "_", socket.gethostname())[:64] or "localhost"
 
 
+# The longest file name most file systems take (ext4, XFS, tmpfs, NTFS: 255 bytes), and what temp_path adds to a name
+# at most: '.' (hidden), '.tmp-', a 64-character host tag, '-', a 10-digit pid, '-', 8 hex digits.
+NAME_MAX = 255
+_TEMP_SUFFIX_MAX = 1 + len(".tmp-") + 64 + 1 + 10 + 1 + 8
+
+
+def temp_prefix(path: str, hidden: bool = False) -> str:
+    """The start of every temp_path(path, hidden) name, up to and including '.tmp-' (remove_stale_temp_files' prefix).
+
+    A name too long to take the suffix within NAME_MAX is cut (at a character boundary): the target of a legal name
+    such as a 240-byte --out failed with 'File name too long' for its temporary file alone, after all the work."""
+    name = os.path.basename(path)
+    encoded = os.fsencode(name)
+    if len(encoded) > NAME_MAX - _TEMP_SUFFIX_MAX:
+        name = os.fsdecode(encoded[:NAME_MAX - _TEMP_SUFFIX_MAX].decode("utf-8", "ignore").encode("utf-8"))
+    return f"{'.' if hidden else ''}{name}.tmp-"
+
+
 def temp_path(path: str, hidden: bool = False) -> str:
     """A temporary name beside `path` naming this process: '<path>.tmp-<host>-<pid>-<8 hex>'.
 
-    hidden=True prefixes the file name with '.', so that listings of the folder (e.g. `ls`) skip it.
+    hidden=True prefixes the file name with '.', so that listings of the folder (e.g. `ls`) skip it. A long name is
+    cut to fit (temp_prefix).
     """
-    directory, name = os.path.split(path)
-    name = f"{'.' if hidden else ''}{name}.tmp-{_host_tag()}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
-    return os.path.join(directory, name)
+    name = f"{temp_prefix(path, hidden)}{_host_tag()}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    return os.path.join(os.path.dirname(path), name)
 
 
 def process_is_alive(pid: int) -> bool:
@@ -657,13 +675,18 @@ def check_output_path(path: str, option: str, is_dir: bool = False) -> None:
 
     is_dir=False: `path` is a file to create or replace; is_dir=True: a folder to create or write into. Missing
     folders on the way are fine when the nearest existing one is a writable folder (they are created later by the
-    writer; nothing is created here). Checks that the kinds match (a folder is not a file name and vice versa), that
-    a file can be created there (a probe file, removed at once) and that the disk is not full.
+    writer; nothing is created here). Checks that no name on the way is longer than NAME_MAX, that the kinds match
+    (a folder is not a file name and vice versa), that a file can be created there (a probe file, removed at once)
+    and that the disk is not full.
     Raises OutputPathError.
     """
     if not isinstance(path, str) or path == "":
         raise OutputPathError(f"{option}: expected a {'folder' if is_dir else 'file'} path, got {path!r}")
     target = os.path.abspath(path)
+    too_long = [name for name in target.split(os.sep) if len(os.fsencode(name)) > NAME_MAX]
+    if too_long:
+        raise OutputPathError(f"{option}: {path}: the name {too_long[0][:40]}... is {len(os.fsencode(too_long[0]))} "
+                              f"bytes long; file systems take at most {NAME_MAX}")
     if os.path.isdir(target) and not is_dir:
         raise OutputPathError(f"{option}: {path} is a folder; expected a file name")
     if os.path.exists(target) and not os.path.isdir(target) and is_dir:
@@ -697,7 +720,7 @@ def atomic_output(path: str, mode: str = "wb"):
     except OSError as err:
         raise OutputPathError(f"cannot write {path}: cannot create folder {directory} ({err.strerror or err})") \
             from err
-    remove_stale_temp_files(directory, prefix=os.path.basename(path) + ".tmp-")
+    remove_stale_temp_files(directory, prefix=temp_prefix(path))
     tmp = temp_path(path)
     try:
         with open(tmp, mode) as f:

@@ -87,6 +87,27 @@ def test_check_output_path(tmp_path):
         util.check_output_path("", "--out")
 
 
+def test_a_name_near_the_length_limit_is_written_and_its_killed_temp_removed(tmp_path):
+    """A legal 240-byte --out (245 with '.json'; 'é' is 2 bytes, so a cut must not split it): the temporary name is
+    cut to fit, where the full name plus '.tmp-<host>-<pid>-<hex>' failed with 'File name too long' after the work."""
+    target = tmp_path / ("é" * 120 + ".json")
+    assert len(os.fsencode(target.name)) == 245
+    dead = _killed_writer(f"from dnnlib import util\nwith util.atomic_output({str(target)!r}, 'w') as f:\n"
+                          f"    f.write('partial'); f.flush(); die()\n")
+    (leftover,) = os.listdir(tmp_path)
+    assert len(os.fsencode(leftover)) <= util.NAME_MAX and f"-{dead}-" in leftover
+    util.check_output_path(str(target), "--out")
+    with util.atomic_output(str(target), "w") as f:
+        f.write("complete")
+    assert os.listdir(tmp_path) == [target.name] and target.read_text() == "complete"
+    hidden = os.path.basename(util.temp_path(str(target), hidden=True))
+    assert hidden.startswith(".é") and len(os.fsencode(hidden)) <= util.NAME_MAX and util._TEMP_NAME_RE.search(hidden)
+    too_long = str(tmp_path / ("x" * 256 + ".json"))
+    with pytest.raises(util.OutputPathError, match=r"^--out: .*: the name x+\.\.\. is 261 bytes long; file systems "
+                                                   r"take at most 255$"):
+        util.check_output_path(too_long, "--out")
+
+
 # ---------------------------------------------------------------------------------------------------------------------
 # generate.py's PNGs (samplers.generation.write_images).
 

@@ -580,9 +580,10 @@ def _write_error(dest: str, exc: OSError) -> DatasetToolError:
 def remove_stale_temp_outputs(dest: str) -> list[str]:
     """Remove the temporary zip / folder that a killed earlier conversion to `dest` left beside it (see
     dnnlib.util.remove_stale_temp_files: only those of processes of this host that no longer run)."""
-    parent, name = os.path.split(os.path.abspath(os.path.normpath(dest)))
-    return (util.remove_stale_temp_files(parent, prefix=f"{name}.tmp-")
-            + util.remove_stale_temp_files(parent, prefix=f".{name}.tmp-"))
+    path = os.path.abspath(os.path.normpath(dest))
+    parent = os.path.dirname(path)
+    return (util.remove_stale_temp_files(parent, prefix=util.temp_prefix(path))
+            + util.remove_stale_temp_files(parent, prefix=util.temp_prefix(path, hidden=True)))
 
 
 class _ZipDest:
