@@ -75,15 +75,32 @@ class Logger:
         if not text:
             return
         if self.file is not None:
-            self.file.write(text)
+            with self._file_errors():
+                self.file.write(text)
         self.stdout.write(text)
         if self.should_flush:
             self.flush()
 
     def flush(self) -> None:
         if self.file is not None:
-            self.file.flush()
+            with self._file_errors():
+                self.file.flush()
         self.stdout.flush()
+
+    @contextlib.contextmanager
+    def _file_errors(self):
+        """A write to the file that fails (a full disk) raises one OutputPathError naming it, and the file is let go:
+        what is printed next, that error included, reaches the terminal. Kept, every later print raised again, and
+        the error's own traceback failed to print (two tracebacks, neither naming the file)."""
+        try:
+            yield
+        except OSError as err:
+            name, file, self.file = self.file.name, self.file, None
+            try:
+                file.close()
+            except OSError:
+                pass  # its buffer cannot be written either
+            raise OutputPathError(f"cannot write {name} ({err.strerror or err})") from err
 
     def isatty(self) -> bool:
         return self.stdout.isatty()

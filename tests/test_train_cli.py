@@ -1,5 +1,6 @@
 """train.py end to end on a tiny dataset: artefacts, run-dir naming, resume, dry run, option errors."""
 
+import contextlib
 import fractions
 import json
 import os
@@ -966,3 +967,28 @@ def test_a_loss_declaring_an_unregistered_precond_is_a_one_line_error(datasets, 
     assert "--loss=ve trains --precond=mine, which training/presets.py PRECOND_CLASSES does not register" in \
         result.output
     assert not (tmp_path / 'runs').exists()
+
+
+@pytest.mark.skipif(not os.path.exists('/dev/full'), reason='needs /dev/full (Linux), a file whose writes fail ENOSPC')
+def test_a_log_or_stats_file_that_cannot_be_written_ends_the_run_in_one_line_naming_it(datasets, tmp_path):
+    """A full disk met by log.txt (a --nosubdir folder's log.txt linked to /dev/full, whose writes fail with ENOSPC):
+    one error line naming the file. Before, the failing print raised, its traceback failed to print through the same
+    log (exit code 120, 'lost sys.stderr', three tracebacks, none naming the file). The same for a stats.jsonl line."""
+    import subprocess
+    import sys
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    outdir = tmp_path / 'run'
+    outdir.mkdir()
+    os.symlink('/dev/full', outdir / 'log.txt')
+    proc = subprocess.run([sys.executable, os.path.join(root, 'train.py'), '--outdir', str(outdir), '--nosubdir',
+                           '--data', str(datasets['uncond']), '--batch', '8', '--duration', '0.001', '--lr-rampup', '0',
+                           *map(str, TINY_NET)], cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 1 and 'Traceback' not in proc.stdout + proc.stderr, proc.stdout + proc.stderr
+    assert [line for line in proc.stderr.splitlines() if 'Error' in line] == \
+        [f'Error: cannot write {outdir}/log.txt (No space left on device)'], proc.stderr
+
+    stats = open('/dev/full', 'a')
+    with pytest.raises(dnnlib.util.OutputPathError, match=r'^cannot write /dev/full \(No space left on device\)$'):
+        training_stats.write_jsonl_line(stats, training_stats.Collector(regex='Loss'))
+    with contextlib.suppress(OSError):  # the line is still in its buffer
+        stats.close()

@@ -202,11 +202,15 @@ def cumulative(name: str) -> dict:
 
 
 def write_jsonl_line(file, collector: Collector) -> None:
-    """Append one stats.jsonl line: {name: {num, mean, std}, ..., "timestamp": t}."""
+    """Append one stats.jsonl line: {name: {num, mean, std}, ..., "timestamp": t}. A failed write (a full disk) raises
+    an OutputPathError naming the file; the line it cut short is one that filter_jsonl's callers drop."""
     line = collector.as_dict()
     line["timestamp"] = time.time()
-    file.write(json.dumps(line) + "\n")
-    file.flush()
+    try:
+        file.write(json.dumps(line) + "\n")
+        file.flush()
+    except OSError as err:
+        raise dnnlib.util.OutputPathError(f"cannot write {file.name} ({err.strerror or err})") from err
 
 
 def filter_jsonl(path: str, keep) -> int:
