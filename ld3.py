@@ -5,6 +5,7 @@ A thin CLI over samplers/ld3/: `gen-data` writes teacher data, `train` writes a 
 `python -m samplers.ld3 ...` is the same command. See docs/ld3.md.
 """
 
+import contextlib
 import math
 import os
 
@@ -309,8 +310,15 @@ def train(data_path, out, network, solver, nfe, end, device, log_path, overwrite
     with open(log_path, "w") as log_file:  # one run's log: it ends with the schedule it wrote, or why it failed
         def log(line):
             print(line)
-            log_file.write(line + "\n")
-            log_file.flush()
+            if log_file.closed:
+                return
+            try:
+                log_file.write(line + "\n")
+                log_file.flush()
+            except OSError as err:  # a full disk: the run goes on, its log on the terminal only
+                print(f"Cannot write {log_path} ({err.strerror or err}); the rest of the log is on the terminal only")
+                with contextlib.suppress(OSError):  # what it holds unwritten cannot be written either
+                    log_file.close()
 
         num_train, num_valid, num_holdout, _ = config.split_sizes(len(data))
         log(f"LD3: {solver}({', '.join(f'{k}={v}' for k, v in sorted(solver_kwargs.items()))}) at {nfe} NFE, "
@@ -327,7 +335,13 @@ def train(data_path, out, network, solver, nfe, end, device, log_path, overwrite
             raise
         result.provenance.update(network=_network_record(network), network_sha256=network_sha256,
                                  teacher_data=os.path.abspath(data_path))
-        result.save(out)
+        try:
+            result.save(out)
+        except util.OutputPathError as err:  # a full disk: the grid is in the log (below), not lost with the file
+            grids = [("the grid", result.sigmas), ("its evaluation grid", result.eval_sigmas)]
+            log(f"Failed: {err}; " + "; ".join(f"{name}: {', '.join(repr(s) for s in grid.tolist())}"
+                                              for name, grid in grids if grid is not None))
+            raise click.ClickException(str(err)) from None
         what = "learned grid" if result.chosen == "learned" else f"hand-made grid {result.chosen}"
         log(f"Validation loss {result.init_valid_loss:.6g} ({result.start}, the start) -> {result.valid_loss:.6g} "
             f"({what}): {', '.join(f'{s:.4g}' for s in result.sigmas.tolist())}")

@@ -27,6 +27,7 @@ import pickle
 import numpy as np
 import torch
 
+from dnnlib import util
 from torch_utils import persistence
 
 END_CONVENTIONS = ("zero", "sigma_min")
@@ -299,15 +300,11 @@ def save_schedule_file(path: str, sigmas, *, solver: str, nfe: int, eval_sigmas=
         "provenance": dict(provenance or {}),
     }
     _check_schedule_doc(doc, path)
-    tmp = f"{path}.tmp-{os.getpid()}"
-    try:
-        with open(tmp, "w") as f:
-            json.dump(doc, f, indent=1)
-            f.write("\n")
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+    # atomic_output: a failed write (a full disk) is an OutputPathError naming `path`, and the temporary file of a
+    # killed writer is removed by the next (a bare '{path}.tmp-{pid}' was neither).
+    with util.atomic_output(path, "w") as f:
+        json.dump(doc, f, indent=1)
+        f.write("\n")
 
 
 def _check_schedule_doc(doc, path) -> SigmaGrid:

@@ -1034,3 +1034,37 @@ def test_evaluate_scores_lpips_at_the_size_the_schedule_was_learned_at(network_p
     assert explicit.exit_code == 0, explicit.output
     table = [line for line in recorded.output.splitlines() if line.startswith("s.json")]
     assert table == [line for line in explicit.output.splitlines() if line.startswith("s.json")]
+
+
+@pytest.mark.skipif(not os.path.exists("/dev/full"), reason="needs /dev/full (Linux), a file whose writes fail ENOSPC")
+def test_train_on_a_full_disk_ends_in_one_line_naming_the_file_and_keeps_the_grid(network_pickle, tmp_path,
+                                                                                   monkeypatch):
+    """A full disk met by the log (--log /dev/full) and then by the schedule: the run goes on with its log on the
+    terminal, and the schedule's write error names --out in one line, with the learned grid in the log (minutes of
+    training not lost). Before, the first failing log line ended the run in a traceback, and a failing schedule
+    write in one naming no file, leaving '{out}.tmp-{pid}', which no later run removed."""
+    import errno
+    import json
+
+    runner = CliRunner()
+    teacher = str(tmp_path / "teacher.pt")
+    result = runner.invoke(ld3_cli.cli, ["gen-data", "--network", network_pickle, "--out", teacher, "--seeds", "0-5",
+                                         "--steps", "4", "--device", "cpu"])
+    assert result.exit_code == 0, result.output
+    real_dump = json.dump
+
+    def dump_on_a_full_disk(doc, f, **kwargs):
+        real_dump(doc, f, **kwargs)
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr("samplers.schedules.json.dump", dump_on_a_full_disk)
+    out = tmp_path / "out" / "s.json"
+    result = runner.invoke(ld3_cli.cli, ["train", "--data", teacher, "--out", str(out), "--solver", "euler", "--nfe",
+                                         "3", "--loss", "l2", "--num-train", "2", "--num-valid", "2", "--rounds-v1",
+                                         "1", "--rounds-v2", "0", "--device", "cpu", "--log", "/dev/full"])
+    assert result.exit_code == 1 and isinstance(result.exception, SystemExit), result.output
+    assert "Cannot write /dev/full (No space left on device); the rest of the log is on the terminal only" in \
+        result.output
+    assert f"\nFailed: cannot write {out} (No space left on device); the grid: 80.0, " in result.output
+    assert f"Error: cannot write {out} (No space left on device)" in result.output.splitlines(), result.output
+    assert os.listdir(out.parent) == []
