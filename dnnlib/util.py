@@ -587,11 +587,15 @@ def temp_prefix(path: str, hidden: bool = False) -> str:
 
     A name too long to take the suffix within NAME_MAX is cut (at a character boundary): the target of a legal name
     such as a 240-byte --out failed with 'File name too long' for its temporary file alone, after all the work."""
-    name = os.path.basename(path)
+    return f"{'.' if hidden else ''}{cut_name(os.path.basename(path), NAME_MAX - _TEMP_SUFFIX_MAX)}.tmp-"
+
+
+def cut_name(name: str, max_bytes: int) -> str:
+    """`name` cut to at most `max_bytes` bytes as the file system stores it, at a character boundary."""
     encoded = os.fsencode(name)
-    if len(encoded) > NAME_MAX - _TEMP_SUFFIX_MAX:
-        name = os.fsdecode(encoded[:NAME_MAX - _TEMP_SUFFIX_MAX].decode("utf-8", "ignore").encode("utf-8"))
-    return f"{'.' if hidden else ''}{name}.tmp-"
+    if len(encoded) <= max_bytes:
+        return name
+    return os.fsdecode(encoded[:max_bytes].decode("utf-8", "ignore").encode("utf-8"))
 
 
 def temp_path(path: str, hidden: bool = False) -> str:

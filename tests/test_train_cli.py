@@ -992,3 +992,21 @@ def test_a_log_or_stats_file_that_cannot_be_written_ends_the_run_in_one_line_nam
         training_stats.write_jsonl_line(stats, training_stats.Collector(regex='Loss'))
     with contextlib.suppress(OSError):  # the line is still in its buffer
         stats.close()
+
+
+def test_a_dataset_named_near_the_length_limit_gets_a_run_folder_with_its_name_cut(datasets, tmp_path):
+    """A legal 225-byte dataset file name ('é' is 2 bytes): the run folder's name, its number, the dataset's name and
+    ~50 bytes of settings, went past 255 bytes and mkdir failed with 'File name too long' in a traceback. The
+    dataset's part is cut (at a character boundary); a --desc too long to fit is refused naming it."""
+    import shutil
+    data = tmp_path / ('é' * 110 + '.zip')
+    shutil.copy(datasets['uncond'], data)
+    _tiny_run(tmp_path / 'runs', data)
+    (run_dir,) = os.listdir(tmp_path / 'runs')
+    assert len(os.fsencode(run_dir)) <= 255 and run_dir.startswith('00000-éé')
+    assert run_dir.endswith('é-uncond-ddpmpp-edm-gpus1-batch64-fp32')
+    assert os.path.isfile(tmp_path / 'runs' / run_dir / 'network-snapshot-000001.pkl')
+    result = _invoke(['--outdir', tmp_path / 'runs', '--data', data, '--desc', 'x' * 220, '--dry-run', *TINY_NET])
+    assert result.exit_code == 2 and "Invalid value for --desc: the run folder's name would be 485 bytes long; file " \
+        "systems take at most 255: give a shorter one" in " ".join(result.output.split()), result.output
+    assert os.listdir(tmp_path / 'runs') == [run_dir]
