@@ -25,6 +25,8 @@ from training.report import write_report
 def main(run_dirs, out_path):
     if len(run_dirs) > 1 and out_path is None:
         raise click.UsageError(f'--out: comparing {len(run_dirs)} runs, name the PNG to write')
+    if out_path is not None and not out_path.lower().endswith('.png'):  # --out=RUN/stats.jsonl replaced the stats
+        raise click.BadParameter(f'{out_path}: expected a file name ending in .png', param_hint='--out')
     try:  # the shell expands no ~ after "="
         path = write_report([os.path.expanduser(run_dir) for run_dir in run_dirs],
                             None if out_path is None else os.path.expanduser(out_path))

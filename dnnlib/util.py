@@ -727,6 +727,14 @@ def check_output_path(path: str, option: str, is_dir: bool = False) -> None:
         raise OutputPathError(f"{option}: cannot write to {directory} (no space left on device)")
 
 
+def same_file(path: str, other: str) -> bool:
+    """Whether both paths name one existing file (through links, '~' expanded); False for a URL or a missing file."""
+    try:
+        return os.path.samefile(os.path.expanduser(path), os.path.expanduser(other))
+    except (OSError, ValueError):
+        return False
+
+
 @contextlib.contextmanager
 def atomic_output(path: str, mode: str = "wb"):
     """Write to a temporary file beside `path` and rename it into place on success; remove it on failure.

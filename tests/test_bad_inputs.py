@@ -29,7 +29,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 @dataclasses.dataclass(frozen=True)
 class Case:
-    cli: str  # the script without .py: dataset_tool, fid, train, generate
+    cli: str  # the script without .py: dataset_tool, fid, train, generate, phema, report
     args: str  # its arguments, with {fields} (see the module docstring)
     message: str  # regular expression that the one "Error: ..." line must match
     not_in_output: str = ""  # text that must not appear (work that must not have started), e.g. "Computing"
@@ -153,6 +153,16 @@ CASES = {
                                    r"^Error: --dest: cannot write to .*/ro \(", not_in_output="Computing"),
     "fid-ref-dest-full": Case("fid", f"ref --data {{gen}} --dest {{out}}/r.npz {FID_ARGS}",
                               r"^Error: cannot write .*/out/r\.npz \(File too large\)$", fsize_limit=256),
+    # An output named as an input (point 4): refused before the work, the input left as it was.
+    "fid-out-is-the-ref": Case("fid", f"calc --images {{gen}} --ref {{ref}} --num 20 --out {{ref}} {FID_ARGS}",
+                               r"^Error: --out .*ref\.npz is the --ref file, which the results would replace",
+                               not_in_output="Computing"),
+    "phema-out-a-run-file": Case("phema", "--run {out} --std 0.07 --out {out}/network-snapshot-000002.pkl",
+                                 r"^Error: Invalid value for --out: .*network-snapshot-000002\.pkl: the name of a file "
+                                 r"train\.py writes into its runs"),
+    "report-out-not-png": Case("report", "--run {out} --out {out}/stats.jsonl",
+                               r"^Error: Invalid value for --out: .*stats\.jsonl: expected a file name ending in "
+                               r"\.png"),
     "fid-images-bad-crc": Case("fid", f"calc --images {{bad_crc_zip}} --ref {{ref}} --num 4 {FID_ARGS}",
                                r"^Error: .*bad_crc\.zip:00000/img00000002\.png: damaged ZIP file",
                                not_in_output="Computing"),
