@@ -1233,3 +1233,27 @@ def test_a_guidance_without_its_methods_is_refused_before_any_image(monkeypatch)
         guidance.build_guidance({"test": {"value": "x"}})
     NoRecord.record = lambda self: {"value": self.value}
     assert guidance.guidance_record({"test": {"value": "x"}}) == {"test": {"value": "x"}}
+
+
+@pytest.mark.skipif(not os.path.exists("/dev/full"), reason="needs /dev/full (Linux), a file whose writes fail ENOSPC")
+def test_train_dg_on_a_full_disk_names_the_stats_file(toy_sets, tmp_path, monkeypatch):
+    """stats.jsonl on a full disk (its appends go to /dev/full): one error line naming it ('Error: [Errno 28] No space
+    left on device' named nothing); the epoch's state is not written, so a resume repeats that epoch."""
+    import builtins
+
+    import training.dg
+
+    def stats_on_a_full_disk(path, mode="r", *args, **kwargs):
+        full = str(path).endswith("stats.jsonl") and "a" in mode
+        return builtins.open("/dev/full" if full else path, mode, *args, **kwargs)
+
+    monkeypatch.setattr(training.dg, "open", stats_on_a_full_disk, raising=False)
+    result = CliRunner().invoke(train_dg.main, ["train", "--real", str(toy_sets / "real"), "--fake",
+                                                str(toy_sets / "fake"), "--num", "64", "--network",
+                                                str(toy_sets / "encoder.pkl"), "--outdir", str(tmp_path / "run"),
+                                                "--epochs", "1", "--batch", "64", "--width", "32", "--depth", "1",
+                                                "--head-channels", "32", "--device", "cpu"])
+    assert result.exit_code == 1, result.output
+    assert [line for line in result.output.splitlines() if "Error" in line] == \
+        [f"Error: cannot write {tmp_path / 'run' / 'stats.jsonl'} (No space left on device)"], result.output
+    assert not os.path.exists(tmp_path / "run" / "training-state.pt")

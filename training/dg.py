@@ -561,8 +561,12 @@ def train_discriminator(opts: DGTrainingOptions, outdir: str, *, resume: str | N
         stats.update(epoch=epoch + 1, seconds=round(time.time() - tick, 2))
         save_discriminator(os.path.join(outdir, f"discriminator-{epoch + 1:06d}.pkl"), disc,
                            training=dict(opts.record(), epoch=epoch + 1))
-        with open(os.path.join(outdir, STATS_FILE), "a") as f:
-            f.write(json.dumps(stats) + "\n")
+        stats_path = os.path.join(outdir, STATS_FILE)
+        try:
+            with open(stats_path, "a") as f:
+                f.write(json.dumps(stats) + "\n")
+        except OSError as err:  # a full disk: name the file (a cut line is dropped on resume, _keep_stats_until)
+            raise util.OutputPathError(f"cannot write {stats_path} ({err.strerror or err})") from err
         _save_state(outdir, disc, optimizer, epoch + 1, opts, data)
         log(f"epoch {epoch + 1}/{opts.epochs}: BCE {stats['loss']:.4f}, accuracy {stats['accuracy']:.3f} (real "
             f"{stats['accuracy_real']:.3f}, generated {stats['accuracy_fake']:.3f}), {stats['seconds']:.1f} s")
