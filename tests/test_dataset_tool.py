@@ -457,6 +457,19 @@ def test_empty_folders_a_rename_cannot_replace_are_refused_before_converting(tmp
     assert _listing(here / "dataset") == ["00000", "dataset.json"]
 
 
+def test_a_dataset_folder_inside_its_source_is_refused(tmp_path):
+    """--dest=SRC/out wrote a correct dataset once, which then counted as SRC's images: converting SRC again (or
+    train.py --data=SRC) read each image twice. A .zip inside is not an image and stays allowed."""
+    source = str(_folder(tmp_path, {"a.png": np.full((4, 4), 3, np.uint8), "b.png": np.full((4, 4), 9, np.uint8)}))
+    result = _run_cli("--source", source, "--dest", os.path.join(source, "out"))
+    assert result.exit_code == 1 and "Traceback" not in result.output, result.output
+    assert f"Error: {source}/out: a dataset folder inside --source {source} would become part of it; give a --dest " \
+           f"outside it, or a .zip" in result.output
+    assert _listing(source) == ["a.png", "b.png"]
+    assert _run_cli("--source", source, "--dest", os.path.join(source, "out.zip")).exit_code == 0
+    assert len(ImageFolderDataset(source)) == 2
+
+
 def test_center_crop_needs_resolution(tmp_path):
     good = _folder(tmp_path / "good", {"a.png": np.zeros((4, 4), np.uint8)})
     result = _run_cli("--source", good, "--dest", tmp_path / "o.zip", "--transform", "center-crop")

@@ -708,6 +708,12 @@ def convert_dataset(source: str, dest: str, max_images: int | None = None, trans
     transform_image = make_transform(transform, width, height)
     remove_stale_temp_outputs(dest)
     _check_dest(dest)
+    if not dest.lower().endswith(".zip") and os.path.isdir(source) and os.path.commonpath(
+            [os.path.realpath(source), os.path.realpath(dest)]) == os.path.realpath(source):
+        # Written once, then read as the source's own images: a later conversion or train.py --data=SOURCE
+        # counted each image twice.
+        raise DatasetToolError(f"{dest}: a dataset folder inside --source {source} would become part of it; give a "
+                               f"--dest outside it, or a .zip")
     src = open_source(source, max_images)
     for note in src.notes if log is not None else ():
         log(note)
