@@ -541,6 +541,11 @@ def claim_output_folder(outdir: str, record: dict, overwrite: bool = False) -> N
 
     path = os.path.join(outdir, OUTPUT_RECORD)
     record = util.json_safe(json.loads(json.dumps(record, sort_keys=True, default=str)))
+    if not os.path.isfile(path) and os.path.isfile(os.path.join(outdir, "dataset.json")):
+        # dataset_tool.py's folder (its images in 00000/, which the PNG test below does not see): the samples joined
+        # the dataset, and --overwrite is no remedy.
+        raise OutputFolderMismatch(f"{outdir} holds a dataset (dataset.json), which the images would join; use "
+                                   f"another --outdir")
     problem = None
     if os.path.isfile(path):
         try:

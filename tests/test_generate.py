@@ -1091,3 +1091,21 @@ def test_a_record_lacking_a_nested_entry_is_said_to_be_an_earlier_versions(tmp_p
     with pytest.raises(OutputFolderMismatch) as err:  # a value asked otherwise: no such note
         claim_output_folder(str(tmp_path), changed)
     assert "earlier version" not in str(err.value)
+
+
+@pytest.mark.parametrize("overwrite", [False, True])
+def test_a_dataset_folder_is_not_an_output_folder(tmp_path, overwrite):
+    """--outdir naming a dataset_tool.py folder (images in 00000/, which the test for PNGs did not see) wrote the
+    samples into it: the dataset grew by them, and --overwrite would not undo it. Refused, the folder untouched."""
+    from samplers.generation import OutputFolderMismatch, claim_output_folder
+    from training.dataset_tool_lib import convert_dataset
+    source = tmp_path / "src"
+    source.mkdir()
+    PIL.Image.fromarray(np.zeros((4, 4), np.uint8)).save(source / "a.png")
+    dataset = tmp_path / "dataset"
+    convert_dataset(str(source), str(dataset), progress=False)
+    with pytest.raises(OutputFolderMismatch, match=r"dataset holds a dataset \(dataset\.json\), which the images "
+                                                   r"would join; use another --outdir$"):
+        claim_output_folder(str(dataset), {"network": "n"}, overwrite=overwrite)
+    assert sorted(os.listdir(dataset)) == ["00000", "dataset.json"] and os.listdir(dataset / "00000") == \
+        ["img00000000.png"]
