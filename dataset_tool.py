@@ -1,5 +1,7 @@
 """Convert image collections into EDM's dataset format: uncompressed PNGs plus dataset.json, in a zip or a folder."""
 
+import os
+
 import click
 
 import dnnlib.util
@@ -76,6 +78,8 @@ def main(source, dest, max_images, transform, resolution):
     a full disk) nothing is left at --dest, and the temporary output of a killed earlier run is removed.
     """
     from training.dataset_tool_lib import DatasetToolError, convert_dataset
+    # The shell expands no ~ after "=": --dest=~/x.zip was written to a folder named '~' in the current one.
+    source, dest = (None if path is None else os.path.expanduser(path) for path in (source, dest))
     try:
         num_images = convert_dataset(source, dest, max_images=max_images, transform=transform, resolution=resolution,
                                      log=click.echo)

@@ -262,6 +262,8 @@ def calc(image_path, network_pkl, ref_path, num_expected, seed, seeds, out_path,
     """
     metric_names = _run(metrics.parse_metrics, metric_list)
     detector_paths = _detector_overrides(detector_values)
+    # The shell expands no ~ after "=" (--ref, --network and --detector go through open_url, which does).
+    image_path, out_path = (None if path is None else os.path.expanduser(path) for path in (image_path, out_path))
     if (image_path is None) == (network_pkl is None):
         raise click.UsageError("give exactly one of --images and --network")
     if ref_path is None and metrics.metrics_needing_reference(metric_names):
@@ -333,6 +335,7 @@ def ref(dataset_path, dest_path, pr_max_real, metric_list, batch_size, num_worke
     """Calculate dataset reference statistics needed by 'calc' (all images, no flips)."""
     # Every refusal compute_reference would make (--metrics is, a --dest not ending in .npz, an unwritable --dest)
     # before the dataset is listed and read, not after the pass over it.
+    dataset_path, dest_path = os.path.expanduser(dataset_path), os.path.expanduser(dest_path)  # as calc's
     metric_names = _run(evaluate.check_reference_request, dest_path, metric_list, "--dest")
     detector_paths = _detector_overrides(detector_values)
     _init_distributed(device)

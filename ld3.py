@@ -163,6 +163,7 @@ def gen_data(network, out, seeds, batch_size, overwrite, class_idx, device, **sa
     The file records the network's sha256, the sampler and the seeds: an existing --out made with other settings is
     refused unless --overwrite; one made with the same settings is left as it is."""
     device = _device(device)
+    out = os.path.expanduser(out)  # the shell expands no ~ after "=" (--network goes through open_url, which does)
     # The snapshot first: its process decides which solvers --solver may name (and whether LD3 applies at all).
     net, sampling = load_network(network, device)
     schedule = sampler_cli["schedule"]
@@ -267,6 +268,8 @@ def gen_data(network, out, seeds, batch_size, overwrite, class_idx, device, **sa
 @device_option
 def train(data_path, out, network, solver, nfe, end, device, log_path, overwrite, solver_opt, **options):
     """Learn the grid of SOLVER at NFE from teacher data; write a schedule file for generate.py --schedule."""
+    data_path, out = os.path.expanduser(data_path), os.path.expanduser(out)  # the shell expands no ~ after "="
+    log_path = None if log_path is None else os.path.expanduser(log_path)
     if not out.lower().endswith(".json"):
         raise click.BadParameter(f"{out}: a schedule file is JSON; name it .json (generate.py --schedule reads a .pt "
                                  f"as LD3's own tensor format)", param_hint="--out")
@@ -368,6 +371,8 @@ def train(data_path, out, network, solver, nfe, end, device, log_path, overwrite
 def evaluate(schedule_path, solver, data_path, network, loss, lpips_vgg, lpips_lin, lpips_resize, candidates,
              batch_size, device):
     """Compare a schedule file with the hand-made grids on teacher samples it was not learned on."""
+    # The shell expands no ~ after "=".
+    schedule_path, data_path = os.path.expanduser(schedule_path), os.path.expanduser(data_path)
     try:
         grid = make_grid(schedule_path, None)
     except (FileNotFoundError, ValueError) as err:

@@ -5,6 +5,7 @@ generate.py's (and fid.py calc --network's) --dg option.
 """
 
 import json
+import os
 
 import click
 import torch
@@ -128,6 +129,7 @@ def import_reference(adm_classifier, discriminator, cond, label_dim, out):
     given = click.get_current_context().get_parameter_source("label_dim") == click.core.ParameterSource.COMMANDLINE
     if given and not cond:
         raise click.UsageError("--label-dim applies to the conditional head (--cond) only")
+    out = os.path.expanduser(out)  # the shell expands no ~ after "="
     _run(util.check_output_path, out, "--out")
     classifier = _run(load_adm_classifier, adm_classifier)
     disc = _run(import_reference_discriminator, classifier, discriminator, conditional=cond, label_dim=label_dim)
@@ -153,7 +155,9 @@ def accuracy(dg_path, real, fake, sigmas, max_images, out, device):
                                  param_hint="--sigmas") from None
     if not all(level > 0 for level in levels):  # NaN included
         raise click.BadParameter(f"noise levels must be positive, got {sigmas!r}", param_hint="--sigmas")
+    real, fake = os.path.expanduser(real), os.path.expanduser(fake)  # the shell expands no ~ after "="
     if out:
+        out = os.path.expanduser(out)
         _run(util.check_output_path, out, "--out")  # before the work, not after it
     disc = _run(load_discriminator, dg_path)
     device = _device(device)

@@ -764,3 +764,15 @@ def test_corrupt_cifar_tarball_and_empty_image_errors_are_one_line(tmp_path):
     result = _run_cli("--source", tmp_path / "src", "--dest", tmp_path / "out.zip")
     assert result.exit_code == 1 and "a.png: cannot decode image (not a format PIL reads" in result.output
     assert "BytesIO" not in result.output
+
+
+def test_home_folder_in_source_and_dest(tmp_path, monkeypatch):
+    """--source=~/... and --dest=~/...: the shell expands no ~ after "=", and the tool wrote the dataset into a
+    folder named '~' in the current one."""
+    (tmp_path / "home").mkdir()
+    _folder(tmp_path / "home", {"a.png": np.full((4, 4), 3, np.uint8)})
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    monkeypatch.chdir(tmp_path)
+    result = _run_cli("--source=~/src", "--dest=~/d.zip")
+    assert result.exit_code == 0, result.output
+    assert _listing(tmp_path / "home") == ["d.zip", "src"] and _listing(tmp_path) == ["home"]

@@ -8,6 +8,7 @@ import hashlib
 import json
 import math
 import os
+import shutil
 
 import numpy as np
 import PIL.Image
@@ -1257,3 +1258,21 @@ def test_train_dg_on_a_full_disk_names_the_stats_file(toy_sets, tmp_path, monkey
     assert [line for line in result.output.splitlines() if "Error" in line] == \
         [f"Error: cannot write {tmp_path / 'run' / 'stats.jsonl'} (No space left on device)"], result.output
     assert not os.path.exists(tmp_path / "run" / "training-state.pt")
+
+
+def test_accuracy_expands_the_home_folder_in_its_image_sets_and_out(toy_sets, tmp_path, monkeypatch):
+    """`accuracy --real=~/... --out=~/...`: the shell expands no ~ after "="; train did, accuracy did not ('~/real:
+    dataset path does not exist'; --out went to a folder named '~')."""
+    shutil.copytree(toy_sets, tmp_path / "home")
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    monkeypatch.chdir(tmp_path)
+    result = CliRunner().invoke(train_dg.main, ["train", "--real=~/real", "--fake=~/fake", "--num", "16",
+                                                "--network=~/encoder.pkl", "--outdir=~/run", "--epochs", "1",
+                                                "--batch", "16", "--width", "32", "--depth", "1", "--head-channels",
+                                                "32", "--device", "cpu"])
+    assert result.exit_code == 0, result.output
+    result = CliRunner().invoke(train_dg.main, ["accuracy", "--dg=~/run/discriminator-000001.pkl", "--real=~/real",
+                                                "--fake=~/fake", "--num", "16", "--sigmas", "1", "--device", "cpu",
+                                                "--out=~/acc.json"])
+    assert result.exit_code == 0, result.output
+    assert os.path.isfile(tmp_path / "home" / "acc.json") and os.listdir(tmp_path) == ["home"]

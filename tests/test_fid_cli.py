@@ -839,3 +839,19 @@ def test_planned_detectors_never_download_and_take_the_alternate_url_as_the_cano
     override = dict(sources=[str(tmp_path / "inc.pt")], sha256="1" * 64)
     assert not evaluate._same_detector(dict(source=str(tmp_path / "inc.pt"), sha256="0" * 64), override, place)
     assert evaluate._same_detector(dict(source=str(tmp_path / "copy.pt"), sha256="1" * 64), override, place)
+
+
+def test_home_folder_in_dataset_and_output_paths(workdir, tmp_path, monkeypatch):
+    """--data=~/..., --dest=~/..., --images=~/..., --out=~/...: the shell expands no ~ after "=", and fid.py did not
+    either (--dest wrote into a folder named '~' in the current one; --images did not exist)."""
+    root = workdir["root"]
+    shutil.copytree(root / "gen", tmp_path / "home" / "gen")
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    monkeypatch.chdir(tmp_path)
+    result = _invoke(["ref", "--data=~/gen", "--dest=~/ref.npz", "--workers", 0, *_detector_args(root)])
+    assert result.exit_code == 0, result.output
+    result = _invoke(["calc", "--images=~/gen", "--ref=~/ref.npz", "--num-images", 36, "--out=~/fid.json",
+                      "--workers", 0, *_detector_args(root)])
+    assert result.exit_code == 0, result.output
+    assert sorted(os.listdir(tmp_path / "home")) == ["fid.json", "gen", "ref.npz"]
+    assert sorted(os.listdir(tmp_path)) == ["home"]

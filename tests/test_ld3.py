@@ -1068,3 +1068,25 @@ def test_train_on_a_full_disk_ends_in_one_line_naming_the_file_and_keeps_the_gri
     assert f"\nFailed: cannot write {out} (No space left on device); the grid: 80.0, " in result.output
     assert f"Error: cannot write {out} (No space left on device)" in result.output.splitlines(), result.output
     assert os.listdir(out.parent) == []
+
+
+def test_home_folder_in_data_out_and_log_paths(network_pickle, tmp_path, monkeypatch):
+    """gen-data --out=~/..., train --data=~/... --out=~/... --log=~/..., evaluate --schedule=~/... --data=~/...: the
+    shell expands no ~ after "=", and ld3.py wrote into a folder named '~' in the current one, then did not find it."""
+    (tmp_path / "home").mkdir()
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    monkeypatch.chdir(tmp_path)
+    runner = CliRunner()
+    for out, seeds in (("~/teacher.pt", "0-5"), ("~/test.pt", "10-13")):
+        result = runner.invoke(ld3_cli.cli, ["gen-data", "--network", network_pickle, f"--out={out}", "--seeds",
+                                             seeds, "--steps", "4", "--device", "cpu"])
+        assert result.exit_code == 0, result.output
+    result = runner.invoke(ld3_cli.cli, ["train", "--data=~/teacher.pt", "--out=~/s.json", "--log=~/s.log", "--solver",
+                                         "euler", "--nfe", "3", "--loss", "l2", "--num-train", "2", "--num-valid", "2",
+                                         "--rounds-v1", "1", "--rounds-v2", "0", "--device", "cpu"])
+    assert result.exit_code == 0, result.output
+    result = runner.invoke(ld3_cli.cli, ["evaluate", "--schedule=~/s.json", "--data=~/test.pt", "--loss", "l2",
+                                         "--device", "cpu"])
+    assert result.exit_code == 0, result.output
+    assert sorted(os.listdir(tmp_path / "home")) == ["s.json", "s.log", "teacher.pt", "test.pt"]
+    assert os.listdir(tmp_path) == ["home"]
