@@ -203,7 +203,10 @@ def gen_data(network, out, seeds, batch_size, overwrite, class_idx, device, **sa
         data = generate_teacher(net, seeds, batch_size=batch_size, progress=True, **teacher)
     except ValueError as err:
         raise click.UsageError(str(err)) from None
-    save_teacher_data(out, data)  # a temporary name, renamed into place: never a half-written file
+    try:
+        save_teacher_data(out, data)  # a temporary name, renamed into place: never a half-written file
+    except util.OutputPathError as err:  # a full disk
+        raise click.ClickException(str(err)) from None
     print(f"Teacher: {summary}")
     print(f'Wrote {len(data)} teacher samples to "{out}".')
 

@@ -761,6 +761,13 @@ def atomic_output(path: str, mode: str = "wb"):
         if isinstance(err, OutputPathError) or err.filename not in (None, tmp):
             raise  # not an error of writing this file (e.g. reading another one inside the block)
         raise OutputPathError(f"cannot write {path} ({err.strerror or err})") from err
+    except RuntimeError as err:
+        # torch.save into `f`: its zip writer, closed while a write error is raised, raises its own RuntimeError
+        # ('unexpected pos 704 vs 598') over the OSError, which train.py then printed as a traceback.
+        write_error = err.__context__
+        if not isinstance(write_error, OSError) or write_error.filename not in (None, tmp):
+            raise
+        raise OutputPathError(f"cannot write {path} ({write_error.strerror or write_error})") from err
     finally:
         try:
             os.remove(tmp)

@@ -1090,3 +1090,21 @@ def test_home_folder_in_data_out_and_log_paths(network_pickle, tmp_path, monkeyp
     assert result.exit_code == 0, result.output
     assert sorted(os.listdir(tmp_path / "home")) == ["s.json", "s.log", "teacher.pt", "test.pt"]
     assert os.listdir(tmp_path) == ["home"]
+
+
+def test_gen_data_on_a_full_disk_is_one_line_naming_out(network_pickle, tmp_path, monkeypatch):
+    """The teacher file's write failing (a full disk) after sampling: one error line naming --out and nothing left
+    there (it was an OutputPathError traceback)."""
+    import errno
+
+    def save_on_a_full_disk(obj, f, *args, **kwargs):
+        f.write(b"PK\x03\x04")
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr("samplers.ld3.teacher.torch.save", save_on_a_full_disk)
+    out = tmp_path / "teacher.pt"
+    result = CliRunner().invoke(ld3_cli.cli, ["gen-data", "--network", network_pickle, "--out", str(out), "--seeds",
+                                              "0-3", "--steps", "2", "--device", "cpu"])
+    assert result.exit_code == 1 and isinstance(result.exception, SystemExit), result.output
+    assert result.output.splitlines()[-1] == f"Error: cannot write {out} (No space left on device)", result.output
+    assert os.listdir(tmp_path) == []

@@ -72,6 +72,24 @@ def test_atomic_output_write_errors_name_the_file(tmp_path):
     assert os.listdir(tmp_path) == []
 
 
+@pytest.mark.parametrize("limit", [1000, 20000, 300000])
+def test_torch_save_on_a_full_disk_is_an_error_naming_the_file(tmp_path, limit):
+    """A training state (or teacher data, a DG state) written with torch.save on a full disk (here a file size limit:
+    EFBIG): one OutputPathError naming the file, wherever the write fails. torch's zip writer, closed while the
+    write error was raised, raised a RuntimeError ('unexpected pos 704 vs 598') over it, which train.py printed as a
+    traceback, and ld3.py gen-data too."""
+    code = (f"import resource, sys\nsys.path.insert(0, {ROOT!r})\nimport torch\n"
+            f"from training.training_loop import save_training_state\nfrom dnnlib import util\n"
+            f"resource.setrlimit(resource.RLIMIT_FSIZE, ({limit}, resource.RLIM_INFINITY))\n"
+            f"try:\n    save_training_state({str(tmp_path / 'training-state-000001.pt')!r}, "
+            f"dict(weights=torch.zeros(100000)))\n"
+            f"except util.OutputPathError as err:\n    print(err)\n")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0 and proc.stderr == "", proc.stderr
+    assert proc.stdout == f"cannot write {tmp_path / 'training-state-000001.pt'} (File too large)\n"
+    assert os.listdir(tmp_path) == []
+
+
 def test_check_output_path(tmp_path):
     util.check_output_path(str(tmp_path / "new" / "deeper" / "out.json"), "--out")  # created later by the writer
     util.check_output_path(str(tmp_path / "runs"), "--outdir", is_dir=True)
