@@ -34,6 +34,7 @@ continues the run; options given with it override (the change is printed, with w
 exact), and options that would change the network are refused. --max-nonfinite stops a diverged run.
 """
 
+import contextlib
 import json
 import os
 import re
@@ -325,7 +326,8 @@ def _main(**kwargs):
         if isinstance(err, DatasetError):  # a damaged image met in training (a loader worker wraps its message)
             err = unwrap_worker_error(err)
         if logger is not None and logger.file is not None:
-            logger.file.write(f'Error: {err}\n')  # Into log.txt only: click prints it on the terminal.
+            with contextlib.suppress(OSError):  # a full disk: the terminal has it (click prints it)
+                logger.file.write(f'Error: {err}\n')  # Into log.txt only: click prints it on the terminal.
             logger.close()
         elif isinstance(err, DatasetError):  # met by this rank's loader alone: rank 0 sees "another rank ended"
             _log_other_rank_error(c.run_dir, str(err))
@@ -336,9 +338,10 @@ def _main(**kwargs):
         if logger is not None and logger.file is not None:
             # The fatal error belongs in log.txt too (only there: the terminal gets it from the excepthook). When a
             # collective failed because another rank ended, that rank's error is the cause: say so in one line.
-            logger.file.write(f'Error: another rank ended ({str(err).splitlines()[0][:200]}); its own error, printed '
-                              f'by that rank, is the cause\n' if dist.is_peer_failure(err) else
-                              traceback.format_exc())
+            with contextlib.suppress(OSError):  # a full disk: the terminal has it
+                logger.file.write(f'Error: another rank ended ({str(err).splitlines()[0][:200]}); its own error, '
+                                  f'printed by that rank, is the cause\n' if dist.is_peer_failure(err) else
+                                  traceback.format_exc())
         raise
     finally:
         if logger is not None:

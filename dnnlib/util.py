@@ -106,13 +106,17 @@ class Logger:
         return self.stdout.isatty()
 
     def close(self) -> None:
-        self.flush()
+        """Closes the file without an error of its own: close runs on the way out, often of the error a full disk
+        caused, and a failing last flush replaced that error's one line by a traceback."""
+        with contextlib.suppress(OutputPathError):
+            self.flush()
         if sys.stdout is self:
             sys.stdout = self.stdout
         if sys.stderr is self:
             sys.stderr = self.stderr
         if self.file is not None:
-            self.file.close()
+            with contextlib.suppress(OSError):
+                self.file.close()
             self.file = None
 
 

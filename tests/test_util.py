@@ -3,6 +3,7 @@
 import hashlib
 import json
 import os
+import sys
 
 import pytest
 import torch
@@ -407,3 +408,24 @@ def test_train_cli_usage_error_silent_off_local_rank_zero(tmp_path):
                                        capture_output=True, text=True, timeout=120)
     assert results["0"].returncode == 2 and "missing.zip: dataset path does not exist" in results["0"].stderr
     assert results["1"].returncode == 2 and results["1"].stderr == "" and results["1"].stdout == ""
+
+
+@pytest.mark.skipif(not os.path.exists("/dev/full"), reason="needs /dev/full (Linux), a file whose writes fail ENOSPC")
+def test_logger_on_a_full_disk_names_its_file_once_and_closes_quietly(capsys):
+    """train.py's log.txt on a full disk: a print raises one OutputPathError naming the file, which is then let go
+    (what is printed next reaches the terminal); close() with a line still in the file's buffer (train.py writes its
+    'Error: ...' line there on the way out of the full disk's error) does not raise over that error."""
+    logger = util.Logger(file_name="/dev/full", file_mode="a")
+    try:
+        with pytest.raises(util.OutputPathError, match=r"^cannot write /dev/full \(No space left on device\)$"):
+            print("tick 1")
+        assert logger.file is None
+        print("after")
+    finally:
+        logger.close()
+    assert capsys.readouterr().out == "tick 1after\n"
+
+    logger = util.Logger(file_name="/dev/full", file_mode="a")
+    logger.file.write("Error: cannot write training-state-000001.pt (No space left on device)\n")  # buffered
+    logger.close()
+    assert logger.file is None and sys.stdout is not logger and sys.stderr is not logger
