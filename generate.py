@@ -97,7 +97,7 @@ def main(network, outdir, seeds, subdirs, class_idx, max_batch_size, device, gri
 
     try:
         snapshot = load_snapshot(network, device)
-    except (persistence.NetworkPickleError, OSError) as err:
+    except (persistence.NetworkPickleError, OSError, ValueError) as err:  # ValueError: e.g. --network= (empty)
         raise click.ClickException(str(err)) from None
     net, sampling = snapshot.net, snapshot.process.sampling
     config, summary, notes = snapshot_sampler(snapshot, sampler_cli, preset, SAMPLER_PRESETS)

@@ -365,6 +365,13 @@ def test_cli_errors(network_pickle, tmp_path, args, message):
     assert result.exit_code != 0 and message in result.output, result.output
 
 
+def test_cli_empty_network_is_one_line(tmp_path):
+    # --network= (an empty value): open_url's ValueError was a traceback.
+    result = CliRunner().invoke(generate.main, ["--network=", "--outdir", str(tmp_path), "--device", "cpu"])
+    assert result.exit_code == 1 and result.exception is not None and isinstance(result.exception, SystemExit)
+    assert "Error: open_url expects a path or URL string, got ''" in result.output, result.output
+
+
 def test_cli_schedule_file(network_pickle, tmp_path):
     from samplers import save_schedule_file
     path = str(tmp_path / "ld3.json")
