@@ -295,6 +295,12 @@ def test_resume_finds_the_newest_run_and_files_that_moved(datasets, tmp_path, mo
     result = _invoke(['--resume', state, '--duration', 0.002, '-n'])
     assert result.exit_code == 0, result.output
     assert f'Output directory:        {work / "rel"}' in result.output
+    # The same file through a link is the same data: no note, and --resume=auto continues the run.
+    os.symlink(work / 'tiny.zip', tmp_path / 'link.zip')
+    result = _invoke(['--outdir', work / 'rel', '--resume', 'auto', '--duration', 0.002, '-n', '--data',
+                      tmp_path / 'link.zip'])
+    assert result.exit_code == 0 and 'passing over' not in result.output, result.output
+    assert str(state) in result.output and '--data:' not in result.output, result.output
     os.rename(work / 'tiny.zip', work / 'moved.zip')
     result = _invoke(['--resume', state, '--duration', 0.002, '-n', '--data', work / 'moved.zip'])
     assert result.exit_code == 0, result.output

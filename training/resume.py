@@ -179,6 +179,10 @@ def _saved_option_changes(opts: dnnlib.EasyDict, saved: dict, explicit: set, sta
                                      f'{trained}: the network would not match (use --transfer to start a new run '
                                      f'from its weights)', param_hint=flag)
         if key in _PATH_OPTIONS:
+            if dnnlib.util.same_file(new, old):
+                # One file by another name (a symlink, a bind mount): the same data. --resume=auto passed over such
+                # a run as another one and started anew.
+                continue
             notes.append(('path', f'{flag}: {old!r} -> {new!r}', 'another path: exact if it holds the same content'))
             continue
         exact = key in _EXACT_OPTIONS or (key == 'preset' and _same_preset_settings(old, new))
