@@ -549,6 +549,37 @@ def test_fork_loss_with_extra_constructor_argument_is_rebuilt_with_a_warning():
         persistence.import_pickled_objects({"ema": strict})
 
 
+def test_pickled_loss_whose_options_ours_now_refuses_does_not_make_the_network_unreadable(tmp_path):
+    """Snapshots written before 2026-11-30 pickle their loss, which is only carried along. One whose options the
+    constructor checks of 2026-12-04 refuse (VE sigma_min > sigma_max and EDM P_std < 0 train finitely; VP
+    epsilon_t=0 was accepted) made generate.py and fid.py refuse the whole file: it stays its record, with a warning,
+    and the network imports. Networks stay strict."""
+    from losses import denoising
+
+    def as_written_then(cls, **options):  # the object an earlier version built, without today's checks
+        loss = cls.__new__(cls)
+        loss.__dict__.update(options, _init_args=(), _init_kwargs=options)
+        return loss
+
+    net = tiny_net()
+    x = torch.randn(3, 4)
+    for loss in (as_written_then(denoising.VELoss, sigma_min=0.5, sigma_max=0.1),
+                 as_written_then(denoising.EDMLoss, P_mean=-1.2, P_std=-1.2, sigma_data=0.5),
+                 as_written_then(denoising.VPLoss, beta_d=19.9, beta_min=0.1, epsilon_t=0)):
+        path = tmp_path / f"{type(loss).__name__}.pkl"
+        persistence.save_network_pickle(path, dict(ema=net, loss_fn=loss, augment_pipe=None))
+        name = type(loss).__name__
+        with pytest.warns(UserWarning, match=f"keeping the pickled {name} as a record, unbuilt: our {name} refuses "
+                                             f"its options"):
+            data = persistence.load_network_pickle(str(path), extra_classes=tiny.TINY_CLASSES)
+        assert isinstance(data["loss_fn"], persistence.PickledObject) and data["loss_fn"].class_name == name
+        assert torch.equal(data["ema"](x), net(x))
+    wrapped = persistence.PickledObject("STFLoss", {"_init_args": (), "_init_kwargs": dict(base_kwargs=dict(
+        class_name="losses.denoising.VELoss", sigma_min=0.5, sigma_max=0.1))})
+    with pytest.warns(UserWarning, match="keeping the pickled STFLoss as a record"):
+        assert persistence.import_pickled_objects({"loss_fn": wrapped})["loss_fn"] is wrapped
+
+
 # ---------------------------------------------------------------------------------------------------------------------
 # Hostile files (issue 16): nested archives whose loaders run code.
 

@@ -1298,6 +1298,14 @@ def _rebuild(pickled: PickledObject, classes: dict, source: str, memo: dict):
     except NetworkPickleError:
         raise
     except Exception as err:
+        if isinstance(err, ValueError) and not issubclass(cls, torch.nn.Module):
+            # A loss is only carried along (as with the options dropped above): one whose options ours now refuses
+            # (the checks train.py's --loss-opt meets, e.g. VELoss's sigma_min > sigma_max) stays its record, unbuilt,
+            # rather than making the file's network unreadable. Networks stay strict.
+            dist.warn0(f"{source}: keeping the pickled {pickled.class_name} as a record, unbuilt: our "
+                       f"{cls.__qualname__} refuses its options {_shown(dict(init_kwargs))} ({_shown(str(err))})",
+                       stacklevel=2)
+            return pickled
         raise NetworkPickleError(f"{source}: cannot build {cls.__module__}.{cls.__qualname__} from the pickled "
                                  f"init kwargs {_shown(dict(init_kwargs))}: {type(err).__name__}: "
                                  f"{_shown(str(err))}") from err
