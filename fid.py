@@ -288,10 +288,10 @@ def calc(image_path, network_pkl, ref_path, num_expected, seed, seeds, out_path,
         # A slip such as --out=ref.npz replaced the reference statistics (or the network) with the JSON.
         inputs = [("--ref", ref_path), ("--images", image_path), ("--network", network_pkl),
                   *(("--detector", path) for path in detector_paths.values())]
-        for option, path in inputs:
-            if path is not None and util.same_file(out_path, path):
-                raise click.UsageError(f"--out {out_path} is the {option} file, which the results would replace; "
-                                       f"choose another --out")
+        try:
+            util.check_output_not_input(out_path, "--out", inputs)
+        except util.OutputPathError as err:
+            raise click.UsageError(str(err)) from None
     _init_distributed(device)
 
     if image_path is not None:

@@ -131,6 +131,9 @@ def import_reference(adm_classifier, discriminator, cond, label_dim, out):
         raise click.UsageError("--label-dim applies to the conditional head (--cond) only")
     out = os.path.expanduser(out)  # the shell expands no ~ after "="
     _run(util.check_output_path, out, "--out")
+    # --out=discriminator_60.pt replaced the released head it was imported from.
+    _run(util.check_output_not_input, out, "--out", [("--adm-classifier", adm_classifier),
+                                                     ("--discriminator", discriminator)])
     classifier = _run(load_adm_classifier, adm_classifier)
     disc = _run(import_reference_discriminator, classifier, discriminator, conditional=cond, label_dim=label_dim)
     _run(save_discriminator, out, disc)
@@ -159,6 +162,8 @@ def accuracy(dg_path, real, fake, sigmas, max_images, out, device):
     if out:
         out = os.path.expanduser(out)
         _run(util.check_output_path, out, "--out")  # before the work, not after it
+        # --out=d.pkl (the JSON's name slipping to the DG pickle's) replaced the discriminator with the results.
+        _run(util.check_output_not_input, out, "--out", [("--dg", dg_path), ("--real", real), ("--fake", fake)])
     disc = _run(load_discriminator, dg_path)
     device = _device(device)
     disc.to(device)

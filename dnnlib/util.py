@@ -739,6 +739,15 @@ def same_file(path: str, other: str) -> bool:
         return False
 
 
+def check_output_not_input(path: str, option: str, inputs) -> None:
+    """OutputPathError when the output `path` is one of the `inputs`' files ((option, path) pairs; None skipped),
+    which the output would replace: a slip such as fid.py calc --out=ref.npz replaced the reference with the JSON."""
+    for input_option, input_path in inputs:
+        if input_path is not None and same_file(path, input_path):
+            raise OutputPathError(f"{option} {path} is the {input_option} file, which the results would replace; "
+                                  f"choose another {option}")
+
+
 @contextlib.contextmanager
 def atomic_output(path: str, mode: str = "wb"):
     """Write to a temporary file beside `path` and rename it into place on success; remove it on failure.

@@ -1276,3 +1276,25 @@ def test_accuracy_expands_the_home_folder_in_its_image_sets_and_out(toy_sets, tm
                                                 "--out=~/acc.json"])
     assert result.exit_code == 0, result.output
     assert os.path.isfile(tmp_path / "home" / "acc.json") and os.listdir(tmp_path) == ["home"]
+
+
+def test_an_out_naming_an_input_is_refused_before_the_work(dg_files, tmp_path):
+    """accuracy --out=d.pkl (the JSON named as the --dg pickle) replaced the discriminator with the results, and
+    import --out naming the released head replaced it; refused as fid.py calc refuses --out=ref.npz, the file kept."""
+    import shutil
+    pkl = tmp_path / "d.pkl"
+    shutil.copy(dg_files["network"], pkl)
+    before = pkl.read_bytes()
+    os.symlink(pkl, tmp_path / "link.pkl")
+    result = CliRunner().invoke(train_dg.main, ["accuracy", "--dg", str(pkl), "--real", str(tmp_path / "real"),
+                                                "--fake", str(tmp_path / "fake"), "--device", "cpu", "--out",
+                                                str(tmp_path / "link.pkl")])
+    assert result.exit_code == 1, result.output
+    assert f"Error: --out {tmp_path / 'link.pkl'} is the --dg file, which the results would replace; choose another " \
+           f"--out" in result.output
+    head = tmp_path / "discriminator_60.pt"
+    head.write_bytes(b"released")
+    result = CliRunner().invoke(train_dg.main, ["import", "--adm-classifier", str(tmp_path / "c.pt"),
+                                                "--discriminator", str(head), "--out", str(head)])
+    assert result.exit_code == 1 and f"Error: --out {head} is the --discriminator file" in result.output, result.output
+    assert pkl.read_bytes() == before and head.read_bytes() == b"released"
