@@ -29,11 +29,15 @@ from training.phema import reconstruct
 def main(run_dir, std, at_kimg, out_path):
     run_dir = os.path.expanduser(run_dir)  # the shell expands no ~ after "="
     out_path = None if out_path is None else os.path.expanduser(out_path)
-    # A name train.py gives its own files (--out=RUN/network-snapshot-000200.pkl replaced that snapshot with the
-    # reconstruction, which fid.py and resumes then took for the run's).
+    # A name train.py gives its own files, in --run or another run's folder (--out=RUN/network-snapshot-000200.pkl
+    # replaced that snapshot with the reconstruction, which fid.py and resumes then took for the run's). Elsewhere it
+    # replaces nothing of a run.
     if out_path is not None and run_folder.RUN_FILES.fullmatch(os.path.basename(out_path)):
-        raise click.BadParameter(f'{out_path}: the name of a file train.py writes into its runs; choose another name',
-                                 param_hint='--out')
+        folder = os.path.dirname(os.path.abspath(out_path))
+        if dnnlib.util.same_file(folder, run_dir) or (os.path.isdir(folder) and any(
+                run_folder.RUN_FILES.fullmatch(name) for name in os.listdir(folder))):
+            raise click.BadParameter(f'{out_path}: the name of a file train.py writes into its runs, in a run\'s '
+                                     f'folder; choose another name', param_hint='--out')
     try:
         data, _ = reconstruct(run_dir, std, at_kimg)
         # Three decimals as the saved EMAs' names, more where they would round (0.0001 and 0.0004 were both 0.000).

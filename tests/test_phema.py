@@ -353,3 +353,19 @@ def test_default_output_names_keep_the_width_and_tilde_is_expanded(tmp_path, mon
             result = CliRunner().invoke(phema_cli.main, ['--run=~/run', '--std', std])
         assert result.exit_code == 0, result.output
         assert f'Wrote {run}/network-phema-000005-{name}.pkl' in result.output
+
+
+def test_an_out_with_a_run_files_name_is_refused_in_a_run_folder_only(tmp_path):
+    """--out=RUN/network-snapshot-000200.pkl replaced the run's snapshot (fid.py and resumes took the reconstruction
+    for it): refused in a folder holding a run's files. Elsewhere the name replaces nothing of a run: written."""
+    run = str(tmp_path / 'run')
+    for kimg in (1, 2):
+        _write_phema(run, kimg, 0.05, 1.0, step=100 * kimg)
+    inside = os.path.join(run, 'network-snapshot-000002.pkl')
+    result = CliRunner().invoke(phema_cli.main, ['--run', run, '--std', '0.05', '--out', inside])
+    assert result.exit_code == 2 and "the name of a file train.py writes into its runs, in a run's folder" in \
+        result.output, result.output
+    assert not os.path.exists(inside)
+    elsewhere = str(tmp_path / 'picked' / 'network-snapshot-000002.pkl')
+    result = CliRunner().invoke(phema_cli.main, ['--run', run, '--std', '0.05', '--out', elsewhere])
+    assert result.exit_code == 0 and os.path.isfile(elsewhere), result.output
