@@ -732,7 +732,10 @@ def check_output_path(path: str, option: str, is_dir: bool = False) -> None:
 
 
 def same_file(path: str, other: str) -> bool:
-    """Whether both paths name one existing file (through links, '~' expanded); False for a URL or a missing file."""
+    """Whether both paths name one existing file (through links, '~' expanded); False for a URL, a missing file or
+    None (a resumed run's option that was not given then: --resume with --init passed a traceback)."""
+    if path is None or other is None:
+        return False
     try:
         return os.path.samefile(os.path.expanduser(path), os.path.expanduser(other))
     except (OSError, ValueError):

@@ -1016,3 +1016,15 @@ def test_a_dataset_named_near_the_length_limit_gets_a_run_folder_with_its_name_c
     assert result.exit_code == 2 and "Invalid value for --desc: the run folder's name would be 485 bytes long; file " \
         "systems take at most 255: give a shorter one" in " ".join(result.output.split()), result.output
     assert os.listdir(tmp_path / 'runs') == [run_dir]
+
+
+def test_init_given_to_resume_a_run_made_without_one_is_an_error_line_not_a_traceback(datasets, tmp_path):
+    """The run recorded no --init (None): comparing the given --init with it as the same file through a link
+    (e99b3de) raised TypeError from os.path.expanduser(None), a traceback where the options' own error was due."""
+    _tiny_run(tmp_path / 'runs', datasets['uncond'])
+    (run_dir,) = (tmp_path / 'runs').iterdir()
+    state, snapshot = run_dir / 'training-state-000001.pt', run_dir / 'network-snapshot-000001.pkl'
+    assert not dnnlib.util.same_file(str(snapshot), None)
+    for resume in (['--resume', state], ['--outdir', tmp_path / 'runs', '--resume', 'auto']):
+        result = _invoke([*resume, '--init', snapshot, '--duration', 0.002, '-n'])
+        assert result.exit_code == 2 and 'Error: ' in result.output, result.output
