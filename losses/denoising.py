@@ -26,12 +26,14 @@ from torch_utils import persistence, training_stats
 SIGMA_BIN_EDGES = (0.05, 0.2, 0.5, 1, 2, 5, 20)
 
 
-def check_weight_range(loss, sigma_low: float, sigma_high: float, what: str) -> None:
-    """ValueError naming --loss-opt unless `loss`'s float32 weight is finite and positive at the two ends of the noise
-    levels it draws. Options that pass the constructor's sign checks can still make every step's loss inf or NaN
-    (P_mean=60: sigma^2 overflows float32); the loop then scrubs every step and saves an untrained network."""
+def check_weight_range(weight_fn, sigma_low: float, sigma_high: float, what: str) -> None:
+    """ValueError naming --loss-opt unless the float32 weight `weight_fn(sigma)` is finite and positive at the two ends
+    of the noise levels a loss draws. Options that pass the constructor's sign checks can still make every step's loss
+    inf or NaN (P_mean=60: sigma^2 overflows float32); the loop then scrubs every step and saves an untrained network.
+    The constructors pass their own class's formula, not `self.weight`: a subclass that overrides it (its own options
+    set after super().__init__) is not called before it is built."""
     sigma = torch.tensor([sigma_low, sigma_high], dtype=torch.float32)
-    weight = loss.weight(sigma)
+    weight = weight_fn(sigma)
     if not (torch.isfinite(sigma).all() and (sigma > 0).all() and torch.isfinite(weight).all() and (weight > 0).all()):
         raise ValueError(f"--loss-opt: {what} gives noise levels {sigma_low:.3g} ... {sigma_high:.3g}, whose float32 "
                          f"loss weight is not finite and positive ({weight.tolist()}); the steps that draw them "
@@ -125,7 +127,8 @@ class VPLoss(DenoisingLoss):
         if not (0 < self.epsilon_t < 1 and self.beta_d >= 0 and self.beta_min >= 0):
             raise ValueError(f"--loss-opt: VP needs 0 < epsilon_t < 1, beta_d >= 0 and beta_min >= 0, got "
                              f"epsilon_t={self.epsilon_t:g}, beta_d={self.beta_d:g}, beta_min={self.beta_min:g}")
-        check_weight_range(self, float(self.sigma(self.epsilon_t)), float(self.sigma(1.0)),
+        check_weight_range(lambda sigma: VPLoss.weight(self, sigma), float(VPLoss.sigma(self, self.epsilon_t)),
+                           float(VPLoss.sigma(self, 1.0)),
                            f"beta_d={self.beta_d:g}, beta_min={self.beta_min:g}, epsilon_t={self.epsilon_t:g}")
 
     def sigma(self, t):
@@ -151,7 +154,7 @@ class VELoss(DenoisingLoss):
         if not 0 < self.sigma_min <= self.sigma_max:  # log-uniform: sigma_min = 0 draws sigma = 0, weight inf
             raise ValueError(f"--loss-opt: VE needs 0 < sigma_min <= sigma_max, got sigma_min={self.sigma_min:g}, "
                              f"sigma_max={self.sigma_max:g}")
-        check_weight_range(self, self.sigma_min, self.sigma_max,
+        check_weight_range(lambda sigma: VELoss.weight(self, sigma), self.sigma_min, self.sigma_max,
                            f"sigma_min={self.sigma_min:g}, sigma_max={self.sigma_max:g}")
 
     def sample_sigma(self, batch, num, device):
@@ -175,7 +178,8 @@ class EDMLoss(DenoisingLoss):
                              f"sigma_data={self.sigma_data:g}, P_std={self.P_std:g}")
         # ln sigma within 5 standard deviations of P_mean (all but 6e-7 of the draws); exp() of at most 700: float64.
         low, high = (math.exp(min(self.P_mean + k * self.P_std, 700)) for k in (-5, 5))
-        check_weight_range(self, low, high, f"P_mean={self.P_mean:g}, P_std={self.P_std:g}")
+        check_weight_range(lambda sigma: EDMLoss.weight(self, sigma), low, high,
+                           f"P_mean={self.P_mean:g}, P_std={self.P_std:g}")
 
     def sample_sigma(self, batch, num, device):
         rnd_normal = self._randn(batch, [num, 1, 1, 1], device)

@@ -89,6 +89,23 @@ def test_options_near_the_refused_ones_train_finitely(loss_fn):
     assert bool(torch.isfinite(loss).all())
 
 
+def test_a_subclass_whose_weight_reads_its_own_options_is_built():
+    # The up-front checks called self.weight, the subclass's, before its constructor had set what it reads
+    # (AttributeError: 'Gamma' object has no attribute 'gamma'); they check the class's own formula.
+    class Gamma(EDMLoss):
+        def __init__(self, gamma=1.0, **options):
+            super().__init__(**options)
+            self.gamma = float(gamma)
+
+        def weight(self, sigma):
+            return super().weight(sigma) * sigma ** self.gamma
+
+    sigma = torch.tensor([0.5, 2.0])
+    torch.testing.assert_close(Gamma(gamma=0.5).weight(sigma), EDMLoss().weight(sigma) * sigma ** 0.5)
+    with pytest.raises(ValueError, match='^--loss-opt: EDM needs sigma_data > 0'):
+        Gamma(gamma=0.5, sigma_data=0)
+
+
 def test_edm_weight_is_inverse_c_out_squared():
     sigma = torch.tensor([0.002, 0.5, 80.0], dtype=torch.float64)
     c_out = sigma * 0.5 / (sigma ** 2 + 0.25).sqrt()
