@@ -116,7 +116,7 @@ def load_network(network: str, device):
     why (the sampling's `why_no_ld3`)."""
     try:
         snapshot = load_snapshot(network, device)
-    except (persistence.NetworkPickleError, OSError) as err:
+    except (persistence.NetworkPickleError, OSError, ValueError) as err:  # ValueError: e.g. --network= (empty)
         raise click.ClickException(str(err)) from None
     sampling = snapshot.process.sampling
     if not getattr(sampling, "learns_sigma_grids", False):

@@ -1108,3 +1108,11 @@ def test_gen_data_on_a_full_disk_is_one_line_naming_out(network_pickle, tmp_path
     assert result.exit_code == 1 and isinstance(result.exception, SystemExit), result.output
     assert result.output.splitlines()[-1] == f"Error: cannot write {out} (No space left on device)", result.output
     assert os.listdir(tmp_path) == []
+
+
+def test_gen_data_with_an_empty_network_is_one_line(tmp_path):
+    # --network= (an empty value): open_url's ValueError was a traceback, as in generate.py before 965826c.
+    result = CliRunner().invoke(ld3_cli.cli, ["gen-data", "--network=", "--out", str(tmp_path / "t.pt"), "--device",
+                                              "cpu"])
+    assert result.exit_code == 1 and isinstance(result.exception, SystemExit), result.output
+    assert "Error: open_url expects a path or URL string, got ''" in result.output, result.output
