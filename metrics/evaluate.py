@@ -354,10 +354,20 @@ class FeaturePass:
         if "pr" in self.metrics:
             out["pr_features"] = _rows_in_image_order(self._pr_indices, self._pr_features,
                                                       self.detectors["vgg16"].feature_dim, torch.float16, device)
+            self._check_finite(out["pr_features"], "vgg16")
         if "kid" in self.metrics:
             out["kid_features"] = _rows_in_image_order(self._kid_indices, self._kid_features,
                                                        self.detectors["inception"].feature_dim, torch.float32, device)
+            self._check_finite(out["kid_features"], "inception")
         return out
+
+    def _check_finite(self, features: torch.Tensor, detector: str) -> None:
+        """MetricsError if the gathered rows (the same on every rank) hold NaN or inf: a NaN row's distances compare
+        False, so precision/recall and KID came out as numbers, and a reference kept them."""
+        if not bool(torch.isfinite(features).all()):  # one host read per pass
+            raise MetricsError(f"the {detector} detector ({self.detectors[detector].source}) gave NaN or inf features "
+                               f"for some of the images: no statistics (a reference would be unusable, the metrics "
+                               f"undefined)")
 
 
 def _rows_in_image_order(index_batches: list, feature_batches: list, dim: int, dtype: torch.dtype,

@@ -602,6 +602,30 @@ def test_detector_or_images_giving_nan_features_are_refused(tmp_path):
     np.testing.assert_allclose(stats["sigma"], np.cov(features, rowvar=False), rtol=1e-5, atol=1e-7)
 
 
+class _VGGNaNForWhiteImages(detectors_lib.StandinVGG16):
+    def forward(self, img, resize_images: bool = True, return_features: bool = False, return_lpips: bool = False):
+        out = super().forward(img)
+        return torch.where((img == 255).flatten(1).all(1)[:, None], torch.full_like(out, math.nan), out)
+
+
+def test_nan_features_of_some_images_are_refused_for_kid_and_pr():
+    # The rows KID and P/R keep: a NaN row's distances compare False, so both gave numbers (and a reference kept them).
+    vgg = detectors_lib.Detector("vgg16", _VGGNaNForWhiteImages(), "test", "0" * 64, detectors_lib.DETECTORS["vgg16"])
+    detectors_lib._probe(vgg, torch.device("cpu"))
+    detectors = {"inception": _inception(_NaNForWhiteImages()), "vgg16": vgg}
+    images = torch.randint(0, 256, [8, 3, 12, 12], dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    for metric, detector in [("kid", "inception"), ("pr", "vgg16")]:
+        stats = _run_feature_pass([metric], detectors, images)  # finite: the rows as the detector gives them
+        with torch.no_grad():
+            expected = detectors[detector].features(images).to(stats[f"{metric}_features"].dtype)
+        torch.testing.assert_close(stats[f"{metric}_features"], expected, rtol=1e-3, atol=1e-5)
+        white = images.clone()
+        white[5] = 255
+        with pytest.raises(evaluate.MetricsError, match=f"the {detector} detector .* gave NaN or inf features for "
+                                                        f"some of the images"):
+            _run_feature_pass([metric], detectors, white)
+
+
 def test_parse_detector_overrides():
     assert detectors_lib.parse_detector_overrides(["inception=a.pt", "vgg16=https://x/y.pkl"]) == {
         "inception": "a.pt", "vgg16": "https://x/y.pkl"}
