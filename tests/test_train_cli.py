@@ -1016,6 +1016,10 @@ def test_a_dataset_named_near_the_length_limit_gets_a_run_folder_with_its_name_c
     assert result.exit_code == 2 and "Invalid value for --desc: the run folder's name would be 485 bytes long; file " \
         "systems take at most 255: give a shorter one" in " ".join(result.output.split()), result.output
     assert os.listdir(tmp_path / 'runs') == [run_dir]
+    # --nosubdir makes no run folder: the --desc is only a description there.
+    result = _invoke(['--outdir', tmp_path / 'flat', '--nosubdir', '--data', data, '--desc', 'x' * 220, '--dry-run',
+                      *TINY_NET])
+    assert result.exit_code == 0, result.output
 
 
 def test_init_given_to_resume_a_run_made_without_one_is_an_error_line_not_a_traceback(datasets, tmp_path):

@@ -600,8 +600,9 @@ def _description(c: dnnlib.EasyDict, opts: dnnlib.EasyDict, world_size: int, dat
         desc += f'-{opts.desc}'
     # The folder's name, '{id:05d}-{desc}' (ids up to 7 digits), must fit the file system's limit: a dataset file
     # named near it (a legal name) made mkdir fail with 'File name too long' in a traceback. Its name is cut.
+    # --nosubdir makes no such folder: nothing to fit.
     room = dnnlib.util.NAME_MAX - len('0000000-') - len((desc[len(dataset_name):]).encode())
-    if len(dataset_name.encode()) > room:
+    if not opts.nosubdir and len(dataset_name.encode()) > room:
         if opts.desc is not None and room < 16:
             raise click.BadParameter(f'the run folder\'s name would be {len(desc.encode()) + 6} bytes long; file '
                                      f'systems take at most {dnnlib.util.NAME_MAX}: give a shorter one',
