@@ -181,6 +181,22 @@ def _log_other_rank_error(run_dir: str, text: str) -> None:
         return
 
 
+def _check_same_resume(state: str | None) -> None:
+    """Every rank resolved --resume (auto: from what it sees under --outdir) to the same training state, or all to a
+    fresh start. Ranks that continue from different states (a node that does not see the shared --outdir, or sees an
+    older listing of it) train different networks for different lengths and hang at the end. Also the point where
+    every rank has passed its checks: rank 0 changes nothing in --outdir before it."""
+    if dist.get_world_size() == 1:
+        return
+    states = [None] * dist.get_world_size()
+    torch.distributed.all_gather_object(states, state)
+    if len(set(states)) > 1:
+        ranks = [rank for rank, other in enumerate(states) if other != states[0]]
+        raise click.UsageError(f'the ranks resolve --resume differently: rank 0 to {states[0] or "a new run"}, rank '
+                               f'{ranks[0]} to {states[ranks[0]] or "a new run"}; --outdir must be one folder that '
+                               f'every node sees alike (a shared file system)')
+
+
 def _main(**kwargs):
     opts = dnnlib.EasyDict(kwargs)
     ctx = click.get_current_context()
@@ -203,6 +219,16 @@ def _main(**kwargs):
     if opts.resume is not None and opts.resume != 'auto':
         opts.resume = os.path.expanduser(opts.resume)
     resume_arg = opts.resume
+    if opts.device is None:
+        opts.device = 'cuda' if torch.cuda.is_available() else 'cpu'
+    elif opts.device == 'cuda' and not torch.cuda.is_available():
+        raise click.BadParameter('CUDA is not available on this machine', param_hint='--device')
+    # The process group before any check that reads the file system: one node may see other files than another (a
+    # folder not mounted there, a node-local copy missing), and a rank that ends before joining the group left the
+    # other nodes waiting in it for the whole timeout (30 minutes), in silence; torchrun ends only its own node's
+    # ranks. A rank that ends after joining ends the others at their next collective (_check_same_resume's).
+    dist.init(device=opts.device)
+    dist.excepthook_abort_all_ranks()
     resume_notes, passed_over = resume.resolve_resume(opts, explicit)
     for name in ('outdir', 'data'):
         if opts[name] is None:
@@ -219,10 +245,6 @@ def _main(**kwargs):
         raise click.UsageError('--arch: --init takes the architecture from the pickle')
     restarted = resume_arg == 'auto' and opts.resume is None and not passed_over
     leftovers = run_folder.check_nosubdir(opts.outdir, opts.resume, restarted) if opts.nosubdir else []
-    if opts.device is None:
-        opts.device = 'cuda' if torch.cuda.is_available() else 'cpu'
-    elif opts.device == 'cuda' and not torch.cuda.is_available():
-        raise click.BadParameter('CUDA is not available on this machine', param_hint='--device')
     if opts.fp16 and opts.precision != 'fp32':
         raise click.UsageError('use either --fp16 (EDM: the network in fp16) or --precision (autocast), not both')
     if opts.device == 'cpu' and opts.fp16:
@@ -231,8 +253,7 @@ def _main(**kwargs):
         dnnlib.util.check_output_path(opts.outdir, '--outdir', is_dir=True)
     except dnnlib.util.OutputPathError as err:
         raise click.UsageError(str(err)) from None
-    dist.init(device=opts.device)
-    dist.excepthook_abort_all_ranks()
+    _check_same_resume(opts.resume)
     dist.stop_on_signals()
     world_size = dist.get_world_size()
     if dist.get_rank() == 0:

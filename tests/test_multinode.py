@@ -3,10 +3,12 @@ run train.py, generate.py and fid.py, and the results equal a single-node run: t
 with two ranks (the 1-rank equivalence is tests/test_training_loop.py's), sampling byte for byte and metrics to
 rounding against one process."""
 
+import contextlib
 import glob
 import hashlib
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -28,19 +30,29 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _two_nodes(script: str, *args, attempts: int = 2) -> None:
-    """Start the two nodes of a 2 x 1-process job and wait for both (one retry if the rendezvous port was taken)."""
-    env = dict(os.environ, OMP_NUM_THREADS='1', PYTHONPATH=ROOT)
+def _two_nodes(script: str, *args, attempts: int = 2, node_envs=({}, {}), expect_success: bool = True,
+               timeout: float = 600) -> list[str]:
+    """Start the two nodes of a 2 x 1-process job and wait for both (one retry if the rendezvous port was taken).
+    node_envs: each node's own environment variables (a node-local HOME). The static rendezvous: node_rank is the
+    rank. Returns the nodes' outputs; a node still running after `timeout` seconds is killed and fails the test."""
     for attempt in range(attempts):
         port = _free_port()
         nodes = [subprocess.Popen(
             [sys.executable, '-m', 'torch.distributed.run', '--nnodes=2', '--nproc_per_node=1', f'--node_rank={rank}',
-             '--rdzv-backend=c10d', f'--rdzv-endpoint=127.0.0.1:{port}', f'--rdzv-id=multinode-{port}',
-             os.path.join(ROOT, script), *map(str, args)],
-            cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for rank in range(2)]
-        outputs = [node.communicate(timeout=600)[0] for node in nodes]
-        if all(node.returncode == 0 for node in nodes):
-            return
+             '--master_addr=127.0.0.1', f'--master_port={port}', os.path.join(ROOT, script), *map(str, args)],
+            cwd=ROOT, env=dict(os.environ, OMP_NUM_THREADS='1', PYTHONPATH=ROOT, **node_envs[rank]),
+            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True) for rank in range(2)]
+        try:
+            outputs = [node.communicate(timeout=timeout)[0] for node in nodes]
+        except subprocess.TimeoutExpired:
+            for node in nodes:  # the agent and its worker (a session of their own)
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(node.pid, signal.SIGKILL)
+            outputs = [node.communicate()[0] for node in nodes]
+            raise AssertionError(f'still running after {timeout} s:\n' + '\n'.join(out[-3000:] for out in outputs)) \
+                from None
+        if all(node.returncode == 0 for node in nodes) == expect_success:
+            return outputs
         if attempt + 1 == attempts or not any('EADDRINUSE' in out or 'address already in use' in out.lower()
                                                for out in outputs):
             raise AssertionError('\n'.join(out[-3000:] for out in outputs))
@@ -97,3 +109,28 @@ def test_two_nodes_equal_one_node(tmp_path):
     assert two['world_size'] == 2 and one['world_size'] == 1
     assert two['results']['fid'] == pytest.approx(one['results']['fid'], rel=1e-6)
     assert two['results']['is_mean'] == pytest.approx(one['results']['is_mean'], rel=1e-6)
+
+
+@pytest.mark.distributed
+def test_a_node_that_sees_other_files_ends_the_job(tmp_path):
+    """Node-local folders differ between nodes (each node its own HOME here). A check that fails on one node only ends
+    both nodes promptly: it used to come before the process group, and the other node waited in it for its timeout
+    (30 minutes). Ranks that resolve --resume=auto to different states (--outdir not one shared folder) are refused."""
+    data = write_zip_dataset(str(tmp_path / 'tiny.zip'), random_images(32))
+    homes = [tmp_path / 'home0', tmp_path / 'home1']
+    for home in homes:
+        (home / 'runs').mkdir(parents=True)
+    (homes[1] / 'blocked').write_text('')  # a file: no --outdir can be made under it on node 1
+    (homes[0] / 'blocked').mkdir()
+    node_envs = [dict(HOME=str(home)) for home in homes]
+    outputs = _two_nodes('train.py', '--outdir', '~/blocked/runs', '--data', data, *TINY, node_envs=node_envs,
+                         expect_success=False, timeout=120)
+    assert 'home1/blocked is a file, not a folder' in outputs[1] and 'another rank ended' in outputs[0]
+    assert not os.path.exists(homes[0] / 'blocked' / 'runs')
+
+    import train
+    result = CliRunner().invoke(train.main, ['--outdir', str(homes[0] / 'runs'), '--data', data, *TINY])
+    assert result.exit_code == 0, result.output  # a state that --resume=auto finds on node 0; node 1 finds none
+    outputs = _two_nodes('train.py', '--outdir', '~/runs', '--data', data, '--resume', 'auto', *TINY,
+                         node_envs=node_envs, expect_success=False, timeout=120)
+    assert all('the ranks resolve --resume differently' in out for out in outputs), outputs
