@@ -42,7 +42,10 @@ def _detector_overrides(values) -> dict[str, str]:
 
 
 def _init_distributed(device: str | None) -> None:
-    """torchrun's process group (gloo on CPU); '--device cuda' means each rank's own GPU, as in generate.py."""
+    """torchrun's process group (gloo on CPU); '--device cuda' means each rank's own GPU, as in generate.py. Joined
+    before the checks that read the file system: on several nodes one may see other files (--out's folder missing
+    there), and a rank that ended before joining left the other nodes waiting in the group for its 30-minute timeout
+    (torchrun ends only its own node's ranks); once joined, it ends them at their next collective."""
     distributed.init(device=check_device(device, distributed.get_local_rank()))
     distributed.excepthook_abort_all_ranks()
 
@@ -277,6 +280,7 @@ def calc(image_path, network_pkl, ref_path, num_expected, seed, seeds, out_path,
         raise click.UsageError("--seed picks the subset of --images to evaluate; with --network the images are "
                                "those of --seeds")
     preset_lines = apply_preset(preset, sampler_cli, SAMPLER_PRESETS, SAMPLER_PRESET_SOURCES)
+    _init_distributed(device)
     # ~ expanded (the shell leaves --network=~/runs/... alone): the chain of resumed runs is read from its files.
     run_dir = os.path.expanduser(network_pkl) if network_pkl is not None and os.path.isdir(
         os.path.expanduser(network_pkl)) else None
@@ -292,7 +296,6 @@ def calc(image_path, network_pkl, ref_path, num_expected, seed, seeds, out_path,
             util.check_output_not_input(out_path, "--out", inputs)
         except util.OutputPathError as err:
             raise click.UsageError(str(err)) from None
-    _init_distributed(device)
 
     if image_path is not None:
         num = 50000 if num_expected is None else num_expected
@@ -336,9 +339,9 @@ def ref(dataset_path, dest_path, pr_max_real, metric_list, batch_size, num_worke
     # Every refusal compute_reference would make (--metrics is, a --dest not ending in .npz, an unwritable --dest)
     # before the dataset is listed and read, not after the pass over it.
     dataset_path, dest_path = os.path.expanduser(dataset_path), os.path.expanduser(dest_path)  # as calc's
+    _init_distributed(device)
     metric_names = _run(evaluate.check_reference_request, dest_path, metric_list, "--dest")
     detector_paths = _detector_overrides(detector_values)
-    _init_distributed(device)
     distributed.print0(f'Loading images from "{dataset_path}"...')
     source = _run(metrics.dataset_source, dataset_path, num=None, batch_size=batch_size,
                   num_workers=default_workers(num_workers))

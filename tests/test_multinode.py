@@ -134,3 +134,20 @@ def test_a_node_that_sees_other_files_ends_the_job(tmp_path):
     outputs = _two_nodes('train.py', '--outdir', '~/runs', '--data', data, '--resume', 'auto', *TINY,
                          node_envs=node_envs, expect_success=False, timeout=120)
     assert all('the ranks resolve --resume differently' in out for out in outputs), outputs
+
+
+@pytest.mark.distributed
+def test_fid_ref_ends_both_nodes_when_one_cannot_write_dest(tmp_path):
+    """fid.py's --dest (and calc's --out) checks read the file system: they come after the process group is joined,
+    so the node whose --dest folder is blocked ends the other too (which waited in the group for 30 minutes)."""
+    from metrics import detectors as detectors_lib
+    data = write_zip_dataset(str(tmp_path / 'tiny.zip'), random_images(8))
+    inception = detectors_lib.save_standin(detectors_lib.StandinInception(), str(tmp_path / 'inception.pt'))
+    homes = [tmp_path / 'home0', tmp_path / 'home1']
+    (homes[0] / 'blocked').mkdir(parents=True)
+    homes[1].mkdir()
+    (homes[1] / 'blocked').write_text('')
+    outputs = _two_nodes('fid.py', 'ref', '--data', data, '--dest', '~/blocked/ref.npz', '--detector',
+                         f'inception={inception}', '--workers', 0, '--batch', 4, '--metrics', 'fid', '--device', 'cpu',
+                         node_envs=[dict(HOME=str(home)) for home in homes], expect_success=False, timeout=120)
+    assert 'home1/blocked is a file, not a folder' in outputs[1] and 'another rank ended' in outputs[0], outputs
