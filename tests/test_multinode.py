@@ -134,6 +134,7 @@ def test_a_node_that_sees_other_files_ends_the_job(tmp_path):
     outputs = _two_nodes('train.py', '--outdir', '~/runs', '--data', data, '--resume', 'auto', *TINY,
                          node_envs=node_envs, expect_success=False, timeout=120)
     assert all('the ranks resolve --resume differently' in out for out in outputs), outputs
+    assert 'starting a new run' not in outputs[1]  # --resume's notes are rank 0's (they printed once per rank)
 
 
 @pytest.mark.distributed

@@ -16,6 +16,7 @@ import torch
 
 import dnnlib
 import losses
+from torch_utils import distributed as dist
 from torch_utils import misc, persistence
 from training import snapshots, training_loop
 from training.presets import EARLIER_PRESET_VALUES, REMOVED_PRESETS, TRAIN_PRESETS
@@ -89,7 +90,7 @@ def find_resume_state(resume: str, outdir: str | None, conflicts=None) -> str | 
         reason = conflicts(path) if conflicts is not None and resume == 'auto' else None
         if reason is not None:
             other_runs.add(folder)
-            print(f'--resume=auto: passing over {folder}, another run ({reason})')
+            dist.print0(f'--resume=auto: passing over {folder}, another run ({reason})')
             continue
         if _state_is_readable(path):
             return path
@@ -341,7 +342,7 @@ def resolve_resume(opts: dnnlib.EasyDict, explicit: set) -> tuple[list[str], lis
         return [], passed_over
     opts.resume = find_resume_state(opts.resume, opts.outdir, conflicts=conflicts)
     if opts.resume is None:
-        print(f'--resume=auto: no training state under {opts.outdir}'
+        dist.print0(f'--resume=auto: no training state under {opts.outdir}'
               f'{" of a run with these options" if passed_over else ""}; starting a new run')
         return [], passed_over
     state = read_resume_state(opts.resume)
@@ -361,6 +362,6 @@ def resolve_resume(opts: dnnlib.EasyDict, explicit: set) -> tuple[list[str], lis
         opts.outdir = here if opts.nosubdir else os.path.dirname(here)
         recorded = saved.get('outdir')
         if recorded and os.path.abspath(os.path.expanduser(recorded)) != opts.outdir:
-            print(f'--resume: the state records --outdir={recorded}; it lies in {here}, so the run continues in '
+            dist.print0(f'--resume: the state records --outdir={recorded}; it lies in {here}, so the run continues in '
                   f'{opts.outdir} (give --outdir to choose)')
     return notes, passed_over
