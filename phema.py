@@ -31,11 +31,12 @@ def main(run_dir, std, at_kimg, out_path):
     out_path = None if out_path is None else os.path.expanduser(out_path)
     # A name train.py gives its own files, in --run or another run's folder (--out=RUN/network-snapshot-000200.pkl
     # replaced that snapshot with the reconstruction, which fid.py and resumes then took for the run's). Elsewhere it
-    # replaces nothing of a run.
+    # replaces nothing of a run. A run's folder holds its training_options.json, stats.jsonl or states; pickles alone
+    # do not make one (a folder of picks, each an --out of this tool, took the first for a run's snapshot).
     if out_path is not None and run_folder.RUN_FILES.fullmatch(os.path.basename(out_path)):
         folder = os.path.dirname(os.path.abspath(out_path))
         if dnnlib.util.same_file(folder, run_dir) or (os.path.isdir(folder) and any(
-                run_folder.RUN_FILES.fullmatch(name) for name in os.listdir(folder))):
+                run_folder.RUN_FILES.fullmatch(name) and not name.endswith('.pkl') for name in os.listdir(folder))):
             raise click.BadParameter(f'{out_path}: the name of a file train.py writes into its runs, in a run\'s '
                                      f'folder; choose another name', param_hint='--out')
     try:

@@ -369,3 +369,15 @@ def test_an_out_with_a_run_files_name_is_refused_in_a_run_folder_only(tmp_path):
     elsewhere = str(tmp_path / 'picked' / 'network-snapshot-000002.pkl')
     result = CliRunner().invoke(phema_cli.main, ['--run', run, '--std', '0.05', '--out', elsewhere])
     assert result.exit_code == 0 and os.path.isfile(elsewhere), result.output
+
+
+def test_an_out_with_a_run_files_name_is_written_again_in_a_folder_of_picks(tmp_path):
+    """A second pick into a folder of no run (it holds only the first pick, a network-snapshot-*.pkl): written too,
+    not refused as if the first pick made it a run's folder."""
+    run = str(tmp_path / 'run')
+    for kimg in (1, 2):
+        _write_phema(run, kimg, 0.05, 1.0, step=100 * kimg)
+    for kimg in (1, 2):
+        out = str(tmp_path / 'picked' / f'network-snapshot-00000{kimg}.pkl')
+        result = CliRunner().invoke(phema_cli.main, ['--run', run, '--std', '0.05', '--at', str(kimg), '--out', out])
+        assert result.exit_code == 0 and os.path.isfile(out), result.output
