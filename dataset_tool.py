@@ -1,7 +1,5 @@
 """Convert image collections into EDM's dataset format: uncompressed PNGs plus dataset.json, in a zip or a folder."""
 
-import os
-
 import click
 
 import dnnlib.util
@@ -79,7 +77,7 @@ def main(source, dest, max_images, transform, resolution):
     """
     from training.dataset_tool_lib import DatasetToolError, convert_dataset
     # The shell expands no ~ after "=": --dest=~/x.zip was written to a folder named '~' in the current one.
-    source, dest = (None if path is None else os.path.expanduser(path) for path in (source, dest))
+    source, dest = dnnlib.util.expand_user(source), dnnlib.util.expand_user(dest)
     try:
         num_images = convert_dataset(source, dest, max_images=max_images, transform=transform, resolution=resolution,
                                      log=click.echo)

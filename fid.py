@@ -266,7 +266,7 @@ def calc(image_path, network_pkl, ref_path, num_expected, seed, seeds, out_path,
     metric_names = _run(metrics.parse_metrics, metric_list)
     detector_paths = _detector_overrides(detector_values)
     # The shell expands no ~ after "=" (--ref, --network and --detector go through open_url, which does).
-    image_path, out_path = (None if path is None else os.path.expanduser(path) for path in (image_path, out_path))
+    image_path, out_path = util.expand_user(image_path), util.expand_user(out_path)
     if (image_path is None) == (network_pkl is None):
         raise click.UsageError("give exactly one of --images and --network")
     if ref_path is None and metrics.metrics_needing_reference(metric_names):

@@ -91,7 +91,7 @@ def main(network, outdir, seeds, subdirs, class_idx, max_batch_size, device, gri
     check_cuda_graph(sampler_cli.get("cuda_graph"), device)
     # "--outdir=~/x": the shell expands no ~ after "=", and a literal ./~ folder invites an `rm -rf ~`.
     outdir = os.path.expanduser(outdir)
-    grid_path = None if grid_path is None else os.path.expanduser(grid_path)
+    grid_path = util.expand_user(grid_path)
     dist.init(device=device)
     dist.excepthook_abort_all_ranks()  # after init, which wraps a hook installed before it (see its docstring)
 

@@ -272,7 +272,7 @@ def gen_data(network, out, seeds, batch_size, overwrite, class_idx, device, **sa
 def train(data_path, out, network, solver, nfe, end, device, log_path, overwrite, solver_opt, **options):
     """Learn the grid of SOLVER at NFE from teacher data; write a schedule file for generate.py --schedule."""
     data_path, out = os.path.expanduser(data_path), os.path.expanduser(out)  # the shell expands no ~ after "="
-    log_path = None if log_path is None else os.path.expanduser(log_path)
+    log_path = util.expand_user(log_path)
     if not out.lower().endswith(".json"):
         raise click.BadParameter(f"{out}: a schedule file is JSON; name it .json (generate.py --schedule reads a .pt "
                                  f"as LD3's own tensor format)", param_hint="--out")

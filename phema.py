@@ -28,7 +28,7 @@ from training.phema import reconstruct
               metavar='PKL', default=None)
 def main(run_dir, std, at_kimg, out_path):
     run_dir = os.path.expanduser(run_dir)  # the shell expands no ~ after "="
-    out_path = None if out_path is None else os.path.expanduser(out_path)
+    out_path = dnnlib.util.expand_user(out_path)
     # A name train.py gives its own files, in --run or another run's folder (--out=RUN/network-snapshot-000200.pkl
     # replaced that snapshot with the reconstruction, which fid.py and resumes then took for the run's). Elsewhere it
     # replaces nothing of a run. A run's folder holds its training_options.json, stats.jsonl or states; pickles alone

@@ -29,7 +29,7 @@ def main(run_dirs, out_path):
         raise click.BadParameter(f'{out_path}: expected a file name ending in .png', param_hint='--out')
     try:  # the shell expands no ~ after "="
         path = write_report([os.path.expanduser(run_dir) for run_dir in run_dirs],
-                            None if out_path is None else os.path.expanduser(out_path))
+                            dnnlib.util.expand_user(out_path))
     except (OSError, ValueError) as err:
         raise click.ClickException(str(err)) from None
     print(f'Wrote {path}')

@@ -100,7 +100,7 @@ class Logger:
                 file.close()
             except OSError:
                 pass  # its buffer cannot be written either
-            raise OutputPathError(f"cannot write {name} ({err.strerror or err})") from err
+            raise write_error(name, err) from err
 
     def isatty(self) -> bool:
         return self.stdout.isatty()
@@ -660,6 +660,16 @@ class OutputPathError(OSError):
     """An output that cannot be written; str() is one line naming the option or file and why."""
 
 
+def write_error(path: str, err: OSError) -> OutputPathError:
+    """The OutputPathError for a failed write of `path` (a full disk: 'cannot write PATH (No space left on device)')."""
+    return OutputPathError(f"cannot write {path} ({err.strerror or err})")
+
+
+def expand_user(path: str | None) -> str | None:
+    """`path` with a leading ~ expanded; None stays None. The shell expands no ~ after '=' (--out=~/x)."""
+    return None if path is None else os.path.expanduser(path)
+
+
 def _one_line_warning(message, category, filename, lineno, line=None) -> str:
     return f"{filename}:{lineno}: {category.__name__}: {message}\n"
 
@@ -776,14 +786,14 @@ def atomic_output(path: str, mode: str = "wb"):
     except OSError as err:
         if isinstance(err, OutputPathError) or err.filename not in (None, tmp):
             raise  # not an error of writing this file (e.g. reading another one inside the block)
-        raise OutputPathError(f"cannot write {path} ({err.strerror or err})") from err
+        raise write_error(path, err) from err
     except RuntimeError as err:
         # torch.save into `f`: its zip writer, closed while a write error is raised, raises its own RuntimeError
         # ('unexpected pos 704 vs 598') over the OSError, which train.py then printed as a traceback.
-        write_error = err.__context__
-        if not isinstance(write_error, OSError) or write_error.filename not in (None, tmp):
+        cause = err.__context__
+        if not isinstance(cause, OSError) or cause.filename not in (None, tmp):
             raise
-        raise OutputPathError(f"cannot write {path} ({write_error.strerror or write_error})") from err
+        raise write_error(path, cause) from err
     finally:
         try:
             os.remove(tmp)

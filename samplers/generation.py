@@ -438,7 +438,7 @@ def save_png_atomic(image: PIL.Image.Image, path: str) -> None:
             f.write(buffer.getvalue())
         os.replace(tmp, path)
     except OSError as err:
-        raise util.OutputPathError(f"cannot write {path} ({err.strerror or err})") from err
+        raise util.write_error(path, err) from err
     finally:
         try:
             os.remove(tmp)

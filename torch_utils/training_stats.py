@@ -210,7 +210,7 @@ def write_jsonl_line(file, collector: Collector) -> None:
         file.write(json.dumps(line) + "\n")
         file.flush()
     except OSError as err:
-        raise dnnlib.util.OutputPathError(f"cannot write {file.name} ({err.strerror or err})") from err
+        raise dnnlib.util.write_error(file.name, err) from err
 
 
 def filter_jsonl(path: str, keep) -> int:

@@ -566,7 +566,7 @@ def train_discriminator(opts: DGTrainingOptions, outdir: str, *, resume: str | N
             with open(stats_path, "a") as f:
                 f.write(json.dumps(stats) + "\n")
         except OSError as err:  # a full disk: name the file (a cut line is dropped on resume, _keep_stats_until)
-            raise util.OutputPathError(f"cannot write {stats_path} ({err.strerror or err})") from err
+            raise util.write_error(stats_path, err) from err
         _save_state(outdir, disc, optimizer, epoch + 1, opts, data)
         log(f"epoch {epoch + 1}/{opts.epochs}: BCE {stats['loss']:.4f}, accuracy {stats['accuracy']:.3f} (real "
             f"{stats['accuracy_real']:.3f}, generated {stats['accuracy_fake']:.3f}), {stats['seconds']:.1f} s")
