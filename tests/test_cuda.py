@@ -269,6 +269,11 @@ def test_gpu_suite_smoke_runs_every_section_on_cpu(tmp_path):
     assert set(checks['one_step_of_every_loss']['results']) >= {'edm', 'vp', 've', 'edm+stf', 'edm+aot', 'edm bf16'}
     trained = {c['name'] for c in sections['train']['configs'] if c.get('images_per_s', 0) > 0}
     assert trained == {'ours_fp32', 'ours_bf16', 'ours_bf16_compile', 'ours_bf16_fused', 'ours_bf16_compile_cl_fused'}
+    # No learning-rate ramp-up in the timed runs: the weights move from the second step, so the last step's loss shows
+    # the precision (under EDM's 10,000 kimg ramp-up both stay at the initialisation, where the loss cannot).
+    losses = {(c['name'], c['batch']): c['losses'] for c in sections['train']['configs'] if c.get('losses')}
+    fp32, bf16 = losses['ours_fp32', 16], losses['ours_bf16', 16]
+    assert abs(bf16[0] - fp32[0]) <= 1e-6 * fp32[0] and abs(bf16[-1] - fp32[-1]) >= 1e-6 * fp32[-1], (fp32, bf16)
     assert sections['sample']['deviation_uint8'] and sections['features']['runs']
     # Sampling timed under PyTorch's defaults (generate.py's), not the training sections' EDM flags.
     assert sections['sample']['backend_flags'] == dict(cudnn_benchmark=False, cudnn_allow_tf32=True,
