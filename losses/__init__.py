@@ -18,6 +18,8 @@ the plain stream and no checks):
   batch layout, dataset or setting it cannot train with (GDD: a backbone whose package is missing), before training
   starts and before --dry-run says the options are fine.
 Optional:
+- `check_network(img_resolution=, img_channels=, label_dim=) -> warnings`: refuses (ValueError naming the option)
+  images its own networks cannot read (GDD's projected discriminator: RGB or grey only), before the run folder.
 - `extra_networks(net) -> dict[str, Module]`: networks the loss trains besides the denoiser (GDD: a
   discriminator). The loop moves them to the device, wraps them in DDP and saves them in training states.
 - `uses_loop_lr_ramp = False`: its phases bring their own learning-rate schedules (train.py then does not warn

@@ -164,6 +164,14 @@ class GDDLoss:
         self._rank_batch = int(batch_gpu_total)
         return []
 
+    def check_network(self, *, img_resolution: int, img_channels: int, label_dim: int) -> list[str]:
+        """The projected discriminator's feature networks read RGB (grey is repeated): refused here, before the run
+        folder, rather than when the loop builds it."""
+        if self.discriminator == 'projected' and img_channels not in (1, 3):
+            raise ValueError(f'--loss-opt discriminator=projected reads RGB or grey images; --data has {img_channels} '
+                             f'channels (drop the alpha channel, or use discriminator=sn_cnn)')
+        return []
+
     def discriminator_options(self) -> dict:
         if self.discriminator == 'projected':
             return dict(backbones=self.backbones, weights=self.disc_weights, class_embedding=self.disc_embedding,

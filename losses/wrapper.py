@@ -44,6 +44,11 @@ class LossWrapper:
     def check_data(self, *, batch_gpu_total: int, batch_gpu: int, dataset_size: int) -> list[str]:
         return self.base.check_data(batch_gpu_total=batch_gpu_total, batch_gpu=batch_gpu, dataset_size=dataset_size)
 
+    def check_network(self, *, img_resolution: int, img_channels: int, label_dim: int) -> list[str]:
+        check = getattr(self.base, 'check_network', None)
+        return [] if check is None else check(img_resolution=img_resolution, img_channels=img_channels,
+                                              label_dim=label_dim)
+
     def __call__(self, net, batch, augment_pipe=None):
         return self.base(net, batch, augment_pipe=augment_pipe)
 

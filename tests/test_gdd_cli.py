@@ -171,3 +171,30 @@ def test_missing_local_discriminator_files_fail_the_dry_run(edm_release, tmp_pat
         result = _train([*args, *[a for o in options for a in ('--loss-opt', o)]])
         assert result.exit_code == 2 and message in ' '.join(result.output.split()), result.output
         assert not (tmp_path / 'runs').exists()
+
+
+def test_projected_discriminator_on_data_with_alpha_is_refused_before_any_run_directory(tmp_path):
+    """The projected discriminator's feature networks read RGB (grey repeated): on RGBA or grey + alpha data the
+    loop's build of it failed after the run directory existed (and a dry run said the options were fine)."""
+    import numpy as np
+    from train_worker import random_images, write_zip_dataset
+    grey = random_images(2)[..., None]
+    outdir = tmp_path / 'runs'
+    for name, images in (('rgba', np.concatenate([np.repeat(grey, 3, axis=3), np.full_like(grey, 255)], 3)),
+                         ('la', np.concatenate([grey, np.full_like(grey, 255)], 3))):
+        data = write_zip_dataset(str(tmp_path / f'{name}.zip'), images)
+        channels = images.shape[3]
+        for dry_run in (['-n'], []):
+            with warnings.catch_warnings():
+                warnings.simplefilter('ignore')  # the alpha and attention warnings
+                result = _train(['--loss', 'gdd', '--loss-opt', 'backbones=vgg16_bn', '--outdir', outdir, '--data',
+                                 data, '--dropout', 0, '--augment', 0, '--device', 'cpu', *dry_run])
+            assert result.exit_code == 2, result.output
+            assert (f'Error: --loss-opt discriminator=projected reads RGB or grey images; --data has {channels} '
+                    f'channels (drop the alpha channel, or use discriminator=sn_cnn)') in result.output
+            assert not outdir.exists() or not os.listdir(outdir)
+        with warnings.catch_warnings():
+            warnings.simplefilter('ignore')
+            result = _train(['--loss', 'gdd', '--loss-opt', 'discriminator=sn_cnn', '--outdir', outdir, '--data', data,
+                             '--dropout', 0, '--augment', 0, '--device', 'cpu', '-n'])
+        assert result.exit_code == 0, result.output  # the other discriminator reads any number of channels

@@ -290,7 +290,7 @@ def build_config(opts: dnnlib.EasyDict, world_size: int) -> tuple[dnnlib.EasyDic
         c.optimizer_kwargs.fused = True
     dataset_name, interface = _dataset_config(c, opts)
     loss_name, arch_name, wrapper_tags = _network_and_loss_config(c, opts, interface)
-    loss_fn = _check_batch_layout(c, opts, world_size)
+    loss_fn = _check_batch_layout(c, opts, world_size, interface)
     _schedule_config(c, opts, loss_name, loss_fn)
     _start_config(c, opts, interface)
     return c, _description(c, opts, world_size, dataset_name, arch_name, loss_name, wrapper_tags)
@@ -483,9 +483,9 @@ def _network_and_loss_config(c: dnnlib.EasyDict, opts: dnnlib.EasyDict, interfac
     return loss_name, arch_name, wrapper_tags
 
 
-def _check_batch_layout(c: dnnlib.EasyDict, opts: dnnlib.EasyDict, world_size: int):
-    """--batch and --batch-gpu against the processes, and the loss's own checks of the layout and the dataset;
-    returns the loss object built for them."""
+def _check_batch_layout(c: dnnlib.EasyDict, opts: dnnlib.EasyDict, world_size: int, interface: dict):
+    """--batch and --batch-gpu against the processes, and the loss's own checks of the layout, the dataset and the
+    images' shape; returns the loss object built for them."""
     # Batch accounting, checked here so the error names the options.
     if opts.batch % world_size != 0:
         raise click.BadParameter(f'{opts.batch} is not divisible by the number of processes ({world_size})',
@@ -498,8 +498,11 @@ def _check_batch_layout(c: dnnlib.EasyDict, opts: dnnlib.EasyDict, world_size: i
     micro_batch = min(opts.batch_gpu or batch_per_gpu, batch_per_gpu)
     try:  # What the loss needs of the batch layout and the dataset (e.g. AOT's pool, STF's reference set).
         loss_fn = dnnlib.util.construct_class_by_name(**c.loss_kwargs)
-        for message in loss_fn.check_data(batch_gpu_total=batch_per_gpu, batch_gpu=micro_batch,
-                                          dataset_size=c.dataset_kwargs.max_size):
+        messages = loss_fn.check_data(batch_gpu_total=batch_per_gpu, batch_gpu=micro_batch,
+                                      dataset_size=c.dataset_kwargs.max_size)
+        if hasattr(loss_fn, 'check_network'):
+            messages = [*messages, *loss_fn.check_network(**interface)]
+        for message in messages:
             if opts.dry_run:  # else the loop says it when it checks the same (it said it twice)
                 warnings.warn(message, stacklevel=1)
     except (ValueError, TypeError) as err:  # TypeError: a wrapper around a loss it cannot wrap (STF over SPD)

@@ -409,6 +409,10 @@ def _build(*, dataset_kwargs, data_loader_kwargs, network_kwargs, loss_kwargs, o
             for message in loss_fn.check_data(batch_gpu_total=batch_gpu_total, batch_gpu=batch_gpu,
                                               dataset_size=len(dataset_obj)):
                 dist.warn0(message, stacklevel=2)
+        if hasattr(loss_fn, 'check_network'):
+            for message in loss_fn.check_network(img_resolution=net.img_resolution, img_channels=net.img_channels,
+                                                 label_dim=net.label_dim):
+                dist.warn0(message, stacklevel=2)
         augment_pipe = dnnlib.util.construct_class_by_name(**augment_kwargs) if augment_kwargs is not None else None
         networks = dict(net=net)
         if hasattr(loss_fn, 'extra_networks'):
