@@ -6,6 +6,7 @@ On a GPU:  python -m pytest -q -m cuda tests/test_cuda.py
 """
 
 import copy
+import dataclasses
 import json
 import os
 import re
@@ -269,6 +270,9 @@ def test_gpu_suite_smoke_runs_every_section_on_cpu(tmp_path):
     assert set(checks['one_step_of_every_loss']['results']) >= {'edm', 'vp', 've', 'edm+stf', 'edm+aot', 'edm bf16'}
     trained = {c['name'] for c in sections['train']['configs'] if c.get('images_per_s', 0) > 0}
     assert trained == {'ours_fp32', 'ours_bf16', 'ours_bf16_compile', 'ours_bf16_fused', 'ours_bf16_compile_cl_fused'}
+    assert set(sections['train']['mfu']['mfu']) == {f'{name}@{batch}' for name in ('ours_bf16', 'ours_bf16_compile')
+                                                    for batch in (8, 16)} | {'ours_bf16_fused@16',
+                                                                             'ours_bf16_compile_cl_fused@16'}
     # No learning-rate ramp-up in the timed runs: the weights move from the second step, so the last step's loss shows
     # the precision (under EDM's 10,000 kimg ramp-up both stay at the initialisation, where the loss cannot).
     losses = {(c['name'], c['batch']): c['losses'] for c in sections['train']['configs'] if c.get('losses')}
@@ -311,6 +315,101 @@ def test_gpu_suite_budget_order_keeps_the_headline_and_reserves_for_sampling(tmp
                      ('ours_bf16_fused', 16), ('ours_bf16_compile_cl_fused', 16)]
     assert all(c['skipped'].startswith('budget: needs ~') for c in record['configs'])
     assert 'mfu' not in record and record['ratios'] == {}
+
+
+# Seconds of each part of the suite on the H200 (benchmarks/results/2026-12-04-h200): the training configurations
+# (from the budget lines and warm-ups of both calls), EDM's sampling subprocess, a sampling batch's warm-up and run.
+H200_TRAIN_S = {('edm_fp32', 512): 65, ('ours_bf16', 512): 45, ('ours_fp32', 512): 50, ('edm_fp32', 128): 29,
+                ('ours_bf16', 128): 13, ('ours_fp32', 128): 14}
+
+
+@pytest.mark.parametrize('compile_s', [40, 80, 100])
+def test_gpu_suite_budget_with_the_h200_timings_keeps_compiled_training_mfu_and_compiled_sampling(
+        tmp_path, monkeypatch, compile_s):
+    """The train and sample sections under the default budget (510 s) on a clock that advances by what each part
+    took on the H200 (correctness and the CUDA tests: 136 s), for a training compile of 40-100 s: the compiled bf16
+    training at batch 512, its MFU and the compiled sampling (the 2.91x of that run) are all measured, and the
+    training leaves the sampling its reserve. With the sampling reserve cut to 100 s, the sampling compile's own
+    120 s estimate skipped it whatever the training did; ours fp32 at batch 512 (50 s, estimated 30 s) ran into the
+    reserve, and took the MFU's 10 s at the section's end."""
+    import importlib.util
+
+    import samplers.accelerated
+    import samplers.generation
+    spec = importlib.util.spec_from_file_location('gpu_suite', SUITE)
+    gpu_suite = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(gpu_suite)
+    clock = [136.0]
+    args = gpu_suite.parse_args(['--out', str(tmp_path / 'o'), '--device', 'cpu', '--smoke', '--edm-repo', 'edm'])
+    args.budget_s = 510.0
+    suite = gpu_suite.Suite(args)
+    suite.smoke, suite.on_cuda = False, True  # the full run's plan and configurations, on a simulated clock
+    suite.sizes = dataclasses.replace(suite.sizes, train_batches=(128, 512), sample_batch=4)
+    monkeypatch.setattr(suite, 'elapsed', lambda: clock[0])
+    monkeypatch.setattr(suite, 'dataset', lambda: 'dataset.zip')
+
+    def key(args_list):
+        args_list = [str(a) for a in args_list]
+        name = 'ours_bf16' if 'bf16' in args_list else 'ours_fp32'
+        name += '_compile' if '--compile' in args_list else ''
+        name += '_fused' if '--fused-adam' in args_list else ''
+        return name, int(args_list[args_list.index('--batch') + 1])
+
+    class Runner:
+        def __init__(self, config):
+            self.key = key(config)
+
+        def losses(self):
+            return []
+
+        def close(self):
+            pass
+
+    def time_loop(runner, warmup, steps, device):
+        compiled = '_compile' in runner.key[0]
+        clock[0] += compile_s + 15 if compiled else H200_TRAIN_S.get(runner.key, 30)
+        return dict(warmup_s=[compile_s if compiled else 5, 0.5, 0.5], step_s=0.5)
+
+    def edm_train(batch):
+        clock[0] += H200_TRAIN_S['edm_fp32', batch]
+        return dict(name='edm_fp32', batch=batch, images_per_s=1.0, step_s=1.0)
+
+    def mfu_inputs():
+        clock[0] += 8
+        return 1e9, 1e12
+
+    def edm_sample(cmd, timeout, env=None, cwd=None):
+        clock[0] += 12
+        return 1, '', 'EDM is not here'
+
+    def generate(denoiser, seeds, batch_size, num_steps, device, **options):
+        compiled = options.get('compile', False)
+        clock[0] += (34 if compiled else 1.5) if num_steps == 2 else (2 if compiled else 5.5)
+        yield seeds, torch.zeros([len(seeds), 3, 8, 8], dtype=torch.uint8)
+
+    monkeypatch.setattr(gpu_suite, 'train_config', lambda args_list: args_list)
+    monkeypatch.setattr(gpu_suite, 'LoopRunner', Runner)
+    monkeypatch.setattr(gpu_suite, 'time_loop', time_loop)
+    monkeypatch.setattr(gpu_suite, 'run_subprocess', edm_sample)
+    monkeypatch.setattr(suite, '_edm_train', edm_train)
+    monkeypatch.setattr(suite, '_mfu_inputs', mfu_inputs, raising=False)
+    monkeypatch.setattr(samplers.accelerated, 'accelerate', lambda net, *options: net)
+    monkeypatch.setattr(samplers.generation, 'generate_images', generate)
+    records = {}
+    for index, name in enumerate(gpu_suite.SECTIONS):
+        if name in ('train', 'sample'):  # as main() runs them
+            suite.reserved = sum(gpu_suite.RESERVED_S.get(s, 0) for s in gpu_suite.SECTIONS[index + 1:])
+            assert suite.affordable(gpu_suite.MINIMUM_S[name]), (name, clock)
+            records[name] = {}
+            if name == 'sample':
+                assert 510 - clock[0] >= gpu_suite.RESERVED_S['sample'] + gpu_suite.RESERVED_S['features'], clock
+            getattr(suite, f'section_{name}')(records[name])
+    trained = {(c['name'], c['batch']) for c in records['train']['configs'] if 'images_per_s' in c}
+    assert {('edm_fp32', 512), ('ours_bf16', 512), ('ours_bf16_compile', 512)} <= trained
+    assert 'ours_bf16_compile@512' in records['train'].get('mfu', {}).get('mfu', {}), records['train'].keys()
+    sampled = [c['name'] for c in records['sample']['configs'] if 'images_per_s' in c]
+    assert sampled[:2] == ['ours_fp32', 'ours_bf16_compile_graph'], records['sample']['configs']
+    assert 510 - clock[0] >= 15  # the features' reserve is left
 
 
 def test_gpu_suite_reports_which_cuda_test_failed_and_why(tmp_path):
