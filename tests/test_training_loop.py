@@ -593,6 +593,36 @@ def test_a_state_from_before_edms_ema_lerp_is_not_called_exact():
                                       "EMA continues close, not bit-exact")
 
 
+def test_a_resume_that_turns_on_channels_last_or_compile_is_not_called_exact(tiny_zip, tmp_path, capsys):
+    """Both change the kernels, hence the numbers (docs/performance.md); the loop printed "Resuming exactly" under
+    train.py's 'changed --channels-last: False -> True (the continuation is not exact)'. A state written before they
+    were recorded ran without them: resumed as it was made, it is still exact."""
+    first = tmp_path / 'first'
+    first.mkdir()
+    tl.training_loop(**loop_kwargs(str(first), tiny_zip, total_kimg=0.016))
+    state_path = sorted(glob.glob(str(first / 'training-state-*.pt')))[-1]
+    state = torch.load(state_path, weights_only=True)
+    saved = json.loads(state['options'])
+    assert saved['channels_last'] is False and saved['compile'] is False
+    with pytest.warns(UserWarning, match=r'with different channels_last \(false -> true\): the continuation will not '
+                                         r'be exact'):
+        assert not tl._resumes_exactly(state, state_path, dict(saved, channels_last=True), 8, None)
+    with pytest.warns(UserWarning, match=r'with different compile \(false -> "regional"\)'):
+        assert not tl._resumes_exactly(state, state_path, dict(saved, compile='regional'), 8, None)
+    older = dict(state, options=json.dumps({k: v for k, v in saved.items() if k not in ('compile', 'channels_last')}))
+    with warnings.catch_warnings():
+        warnings.simplefilter('error')
+        assert tl._resumes_exactly(older, state_path, saved, 8, None)
+    # Through the loop: the resumed run's warning and its line say so.
+    resumed = tmp_path / 'resumed'
+    resumed.mkdir()
+    with pytest.warns(UserWarning, match=r'channels_last \(false -> true\)'):
+        tl.training_loop(**loop_kwargs(str(resumed), tiny_zip, total_kimg=0.024, channels_last=True,
+                                       resume_state_dump=state_path))
+    printed = capsys.readouterr().out
+    assert 'Resuming from' in printed and 'Resuming exactly' not in printed
+
+
 def test_a_resume_with_other_options_names_what_changed():
     # The warning named only the option ('loss_kwargs'); an SPD run resumed on other --data (fit=data refits Sigma0)
     # now reads which constants moved, and a long value is cut.

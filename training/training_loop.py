@@ -53,7 +53,10 @@ STATE_VERSION = 1
 # Loop options that change the trajectory: compared on resume (a mismatch makes the continuation inexact).
 _TRAJECTORY_OPTIONS = ('dataset_kwargs', 'network_kwargs', 'loss_kwargs', 'optimizer_kwargs', 'augment_kwargs',
                        'seed', 'batch_size', 'ema_halflife_kimg', 'ema_rampup_ratio', 'lr_rampup_kimg',
-                       'loss_scaling', 'precision', 'rng')
+                       'loss_scaling', 'precision', 'rng', 'compile', 'channels_last')
+# What a state written before an option was recorded ran with (compile and channels_last since 2026-12-04: a resume
+# that turned either on was announced as exact, though both change the kernels, hence the numbers).
+_TRAJECTORY_DEFAULTS = dict(compile=False, channels_last=False)
 
 PRECISIONS = ('fp32', 'bf16', 'fp16')
 
@@ -856,7 +859,8 @@ def training_loop(
     options = dict(dataset_kwargs=dataset_kwargs, network_kwargs=network_kwargs, loss_kwargs=loss_kwargs,
                    optimizer_kwargs=optimizer_kwargs, augment_kwargs=augment_kwargs, seed=seed, batch_size=batch_size,
                    ema_halflife_kimg=ema_halflife_kimg, ema_rampup_ratio=ema_rampup_ratio,
-                   lr_rampup_kimg=lr_rampup_kimg, loss_scaling=loss_scaling, precision=precision, rng=rng)
+                   lr_rampup_kimg=lr_rampup_kimg, loss_scaling=loss_scaling, precision=precision, rng=rng,
+                   compile=compile, channels_last=bool(channels_last))
 
     # Our training state (exact resume) or EDM's (approximate)?
     state = load_training_state(resume_state_dump) if resume_state_dump is not None else None
@@ -995,7 +999,8 @@ def _option_change(name: str, saved, current) -> str:
 def _resumes_exactly(state: dict, path: str, options: dict, batch_size: int, batch_gpu: int | None) -> bool:
     """Whether our training state at `path` continues bit-exactly under these loop options; each difference is warned
     about (the trajectory options, the world size, the per-rank batch layout)."""
-    saved = json.loads(state['options'])
+    saved = {**_TRAJECTORY_DEFAULTS, **json.loads(state['options'])}
+    options = {**_TRAJECTORY_DEFAULTS, **options}
     changed = [k for k in _TRAJECTORY_OPTIONS if _options_json(saved.get(k)) != _options_json(options.get(k))]
     if changed:
         details = '; '.join(_option_change(k, saved.get(k), options.get(k)) for k in changed)
