@@ -70,6 +70,12 @@ class OneStepSampling:
                     f"denoiser, which it may no longer be; without sampler options it samples in one step: "
                     + self._grid(GRID_SAMPLING.describe, net, config))
         network = "fp32 network" if config.precision == "fp32" else f"network under {config.precision} autocast"
+        # --compile / --cuda-graph are taken (speed options, not sampler options) but the one call passes
+        # force_fp32, which accelerated.py runs eager: said here, as the run recorded compile=true without a word.
+        unused = [flag for flag, on in (("--compile", config.compile), ("--cuda-graph", config.cuda_graph)) if on]
+        if unused:
+            verb = "do" if len(unused) > 1 else "does"
+            network += f"; eager: {' and '.join(unused)} {verb} not apply to the one call (force_fp32)"
         return (f"one step: D({self.sigma:g} z; {self.sigma:g}) (float64 input, {network}); 1 NFE per image "
                 f"(any sampler option samples over a sigma grid instead)")
 

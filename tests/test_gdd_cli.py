@@ -92,6 +92,13 @@ def test_one_step_snapshot_steps_1_and_precision(one_step_snapshot, tmp_path):
     result = CliRunner().invoke(generate.main, ['--network', path, '--outdir', str(tmp_path / 'fp32'), '--seeds',
                                                 '0-1', '--device', 'cpu'])
     assert 'Sampler: one step: D(80 z; 80) (float64 input, fp32 network); 1 NFE' in result.output, result.output
+    # --compile is taken, but the one call (force_fp32) runs eager: the Sampler line says so (it said nothing, and
+    # generation.json recorded compile=true).
+    result = CliRunner().invoke(generate.main, ['--network', path, '--outdir', str(tmp_path / 'compiled'), '--seeds',
+                                                '0-1', '--compile', '--device', 'cpu'])
+    assert result.exit_code == 0, result.output
+    assert ('Sampler: one step: D(80 z; 80) (float64 input, fp32 network; eager: --compile does not apply to the '
+            'one call (force_fp32)); 1 NFE') in result.output, result.output
 
 
 def _warnings_of(args):
