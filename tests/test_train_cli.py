@@ -2,6 +2,7 @@
 
 import contextlib
 import fractions
+import glob
 import json
 import os
 import re
@@ -435,6 +436,30 @@ def test_loss_opt_on_resume_updates_the_saved_options_key_by_key():
     opts = dnnlib.EasyDict(loss='ddpm', loss_opt=('T=40',))
     resume.apply_saved_options(opts, saved, {'loss', 'loss_opt'}, 'state.pt')
     assert list(opts.loss_opt) == ['T=40']
+
+
+def test_a_resume_that_switches_between_edms_fp16_and_autocast_drops_the_runs_own_choice(datasets, tmp_path):
+    """--fp16=1 (EDM's fp16 network; GDD's presets) and --precision exclude each other. Resumed with the other one,
+    the run's own value was carried over and the resume refused: 'use either --fp16 ... or --precision ..., not both',
+    naming an option not given. The given one replaces it, as it replaces a preset's, and the note says so."""
+    outdir = tmp_path / 'runs'
+    with pytest.warns(UserWarning, match='--fp16 has no effect on the CPU'):
+        result = _invoke(['--outdir', outdir, '--data', datasets['uncond'], '--batch', 16, '--duration', 0.000016,
+                          '--tick', 1, '--fp16', 1, *TINY_NET])
+    assert result.exit_code == 0, result.output
+    state = glob.glob(str(outdir / '*' / 'training-state-*.pt'))[0]
+    result = _invoke(['--resume', state, '--precision', 'bf16', '--duration', 0.002, '-n'])
+    assert result.exit_code == 0, result.output
+    options = _printed_options(result.output)
+    assert options['precision'] == 'bf16' and options['network_kwargs']['use_fp16'] is False
+    assert "--fp16: True -> False (replaced by --precision=bf16: the continuation is not exact)" in result.output
+    # The reverse: --fp16=1 on a bf16 run.
+    from training import resume
+    opts = dnnlib.EasyDict(fp16=True, precision='fp32')
+    notes = resume.apply_saved_options(opts, {'fp16': False, 'precision': 'bf16'}, {'fp16'}, 'state.pt')
+    assert (opts.fp16, opts.precision) == (True, 'fp32')
+    assert sorted(notes) == ['--fp16: False -> True (the continuation is not exact)',
+                             "--precision: 'bf16' -> 'fp32' (replaced by --fp16=1: the continuation is not exact)"]
 
 
 def test_run_directory_numbers_are_claimed_by_creating_them(tmp_path, monkeypatch):

@@ -154,7 +154,11 @@ def _saved_option_changes(opts: dnnlib.EasyDict, saved: dict, explicit: set, sta
         if key not in opts:
             continue
         if key not in explicit:
-            if not _dropped_with_its_method(key, opts, explicit, saved):
+            replaced_by = _replaced_by(key, old, opts, explicit)
+            if replaced_by is not None:  # the run's own value would contradict the one given: it goes
+                notes.append(('not exact', f'--{key.replace("_", "-")}: {old!r} -> {opts[key]!r}',
+                              f'replaced by {replaced_by}: the continuation is not exact'))
+            elif not _dropped_with_its_method(key, opts, explicit, saved):
                 opts[key] = old
             continue
         new = opts[key]
@@ -201,6 +205,17 @@ def _set_by_an_earlier_preset(key: str, opts: dnnlib.EasyDict, saved: dict) -> b
     name, earlier = opts.get('preset'), EARLIER_PRESET_VALUES.get(opts.get('preset'), {})
     return (saved.get('preset') == name and key in earlier and _options_equal(saved.get(key), earlier[key])
             and _options_equal(opts[key], TRAIN_PRESETS[name][key]))
+
+
+def _replaced_by(key: str, old, opts: dnnlib.EasyDict, explicit: set) -> str | None:
+    """The option given that replaces the run's own `key`, or None: EDM's fp16 network and autocast exclude each
+    other, so --precision=bf16 on a --fp16=1 run (GDD's presets) drops its --fp16, and --fp16=1 a run's --precision,
+    as a preset's are dropped (a resume refused them as 'given together', naming an option not given)."""
+    if key == 'fp16' and old and 'precision' in explicit and opts.precision != 'fp32':
+        return f'--precision={opts.precision}'
+    if key == 'precision' and old != 'fp32' and 'fp16' in explicit and opts.fp16:
+        return '--fp16=1'
+    return None
 
 
 def _dropped_with_its_method(key: str, opts: dnnlib.EasyDict, explicit: set, saved: dict) -> bool:
