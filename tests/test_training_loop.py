@@ -623,6 +623,41 @@ def test_a_resume_that_turns_on_channels_last_or_compile_is_not_called_exact(tin
     assert 'Resuming from' in printed and 'Resuming exactly' not in printed
 
 
+def test_an_older_state_of_a_compiled_channels_last_run_resumed_as_it_was_made_is_still_exact(tiny_zip, tmp_path):
+    """States written before compile / channels_last joined the loop's options: train.py recorded its --compile and
+    --channels-last (its 'train_options'), so one of a --compile=regional --channels-last run, resumed with them, is
+    exact (it was called 'not exact': compile false -> "regional"). Library values: compile=0 / 1 are False / True
+    (compile=1 passed the check but ran eager, and was recorded as 1: 'compile (false -> 0)' against False)."""
+    run = tmp_path / 'run'
+    run.mkdir()
+    recorded = dict(compile='regional', channels_last=True, ema_rampup=0.05)
+    tl.training_loop(**loop_kwargs(str(run), tiny_zip, total_kimg=0.016, channels_last=1,
+                                   state_extras=dict(train_options=json.dumps(recorded))))
+    state_path = sorted(glob.glob(str(run / 'training-state-*.pt')))[-1]
+    state = torch.load(state_path, weights_only=True)
+    saved = json.loads(state['options'])
+    assert saved['channels_last'] is True and saved['compile'] is False
+    older = dict(state, options=json.dumps({k: v for k, v in saved.items() if k not in ('compile', 'channels_last')}))
+    with warnings.catch_warnings():
+        warnings.simplefilter('error')
+        assert tl._resumes_exactly(older, state_path, dict(saved, compile='regional'), 8, None)
+    with pytest.warns(UserWarning, match=r'with different compile \("regional" -> false\): the continuation'):
+        assert not tl._resumes_exactly(older, state_path, saved, 8, None)
+    assert (tl.compile_mode(0), tl.compile_mode(1), tl.compile_mode(True), tl.compile_mode('regional')) == \
+        (False, True, True, 'regional')
+    assert isinstance(tl.compile_network(torch.nn.Linear(2, 2), 1), torch._dynamo.eval_frame.OptimizedModule)
+    with pytest.raises(ValueError, match="compile='blocks'"):
+        tl.compile_mode('blocks')
+    # A library caller's compile=0 resumes a state written with compile=False exactly.
+    resumed = tmp_path / 'resumed'
+    resumed.mkdir()
+    with warnings.catch_warnings():
+        warnings.simplefilter('error')
+        tl.training_loop(**loop_kwargs(str(resumed), tiny_zip, total_kimg=0.024, channels_last=True, compile=0,
+                                       resume_state_dump=state_path))
+    assert json.loads(_final_state(str(resumed))['options'])['compile'] is False
+
+
 def test_a_resume_with_other_options_names_what_changed():
     # The warning named only the option ('loss_kwargs'); an SPD run resumed on other --data (fit=data refits Sigma0)
     # now reads which constants moved, and a long value is cut.

@@ -55,7 +55,8 @@ _TRAJECTORY_OPTIONS = ('dataset_kwargs', 'network_kwargs', 'loss_kwargs', 'optim
                        'seed', 'batch_size', 'ema_halflife_kimg', 'ema_rampup_ratio', 'lr_rampup_kimg',
                        'loss_scaling', 'precision', 'rng', 'compile', 'channels_last')
 # What a state written before an option was recorded ran with (compile and channels_last since 2026-12-04: a resume
-# that turned either on was announced as exact, though both change the kernels, hence the numbers).
+# that turned either on was announced as exact, though both change the kernels, hence the numbers), where its
+# train.py options (its 'train_options': --compile and --channels-last since 2026-11-30) do not say otherwise.
 _TRAJECTORY_DEFAULTS = dict(compile=False, channels_last=False)
 
 PRECISIONS = ('fp32', 'bf16', 'fp16')
@@ -137,13 +138,22 @@ def split_batch(batch_size: int, world_size: int, batch_gpu: int | None) -> tupl
 COMPILE_MODES = (False, True, 'regional')
 
 
+def compile_mode(mode):
+    """--compile's value as the loop uses and records it: False, True or 'regional' (a library caller's 0 / 1 are
+    False / True: compile=1 passed the check below but ran eager, and was recorded as 1, not as True)."""
+    if isinstance(mode, str) or mode not in COMPILE_MODES:
+        if mode == 'regional':
+            return mode
+        raise ValueError(f'compile={mode!r}; expected one of {COMPILE_MODES}')
+    return bool(mode)
+
+
 def compile_network(module: torch.nn.Module, mode) -> torch.nn.Module:
     """--compile: False = eager; True = torch.compile of the whole (DDP-wrapped) network, returned as a new module;
     'regional' = each U-Net block compiled in place (`UNetBlock.compile()`, static shapes), which compiles a few
     block graphs instead of one for the whole network: much less compile time, most of the fusion. State-dict keys
     and pickles are unchanged either way (the EMA copy is never compiled)."""
-    if mode not in COMPILE_MODES:
-        raise ValueError(f'compile={mode!r}; expected one of {COMPILE_MODES}')
+    mode = compile_mode(mode)
     if mode is True:
         return torch.compile(module)
     if mode == 'regional':
@@ -855,12 +865,13 @@ def training_loop(
         raise ValueError(f"rng={rng!r}; expected 'image' or 'rank'")
     if precision not in PRECISIONS:
         raise ValueError(f"precision={precision!r}; expected one of {', '.join(PRECISIONS)}")
+    compile, channels_last = compile_mode(compile), bool(channels_last)
     training_stats.reset()
     options = dict(dataset_kwargs=dataset_kwargs, network_kwargs=network_kwargs, loss_kwargs=loss_kwargs,
                    optimizer_kwargs=optimizer_kwargs, augment_kwargs=augment_kwargs, seed=seed, batch_size=batch_size,
                    ema_halflife_kimg=ema_halflife_kimg, ema_rampup_ratio=ema_rampup_ratio,
                    lr_rampup_kimg=lr_rampup_kimg, loss_scaling=loss_scaling, precision=precision, rng=rng,
-                   compile=compile, channels_last=bool(channels_last))
+                   compile=compile, channels_last=channels_last)
 
     # Our training state (exact resume) or EDM's (approximate)?
     state = load_training_state(resume_state_dump) if resume_state_dump is not None else None
@@ -999,7 +1010,15 @@ def _option_change(name: str, saved, current) -> str:
 def _resumes_exactly(state: dict, path: str, options: dict, batch_size: int, batch_gpu: int | None) -> bool:
     """Whether our training state at `path` continues bit-exactly under these loop options; each difference is warned
     about (the trajectory options, the world size, the per-rank batch layout)."""
-    saved = {**_TRAJECTORY_DEFAULTS, **json.loads(state['options'])}
+    # A state from before compile / channels_last joined the loop options: what train.py recorded of its --compile /
+    # --channels-last (an older --compile=regional run resumed as it was made was called not exact), else neither.
+    recorded = json.loads(state.get('train_options') or '{}')
+    defaults = {k: recorded.get(k, v) for k, v in _TRAJECTORY_DEFAULTS.items()}
+    try:
+        defaults.update(compile=compile_mode(defaults['compile']), channels_last=bool(defaults['channels_last']))
+    except ValueError:
+        defaults = dict(_TRAJECTORY_DEFAULTS)
+    saved = {**defaults, **json.loads(state['options'])}
     options = {**_TRAJECTORY_DEFAULTS, **options}
     changed = [k for k in _TRAJECTORY_OPTIONS if _options_json(saved.get(k)) != _options_json(options.get(k))]
     if changed:
@@ -1020,7 +1039,6 @@ def _resumes_exactly(state: dict, path: str, options: dict, batch_size: int, bat
     # train.py's states from before 2026-12-01 15:00 (their options lack --ema-rampup, added then) updated the EMA as
     # lerp(ema, net, 1 - beta), which rounds otherwise than EDM's lerp(net, ema, beta) used since an hour later: the
     # EMA, which the snapshots are, goes on by other float32 roundings (1e-7 after a kimg), and was called exact.
-    recorded = json.loads(state.get('train_options') or '{}')
     if recorded and 'ema_rampup' not in recorded:
         changed.append('EMA rounding')
         dist.warn0(f'{path} was written by a version before 2026-12-01 (its options lack --ema-rampup), whose EMA '
