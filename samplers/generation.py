@@ -554,7 +554,11 @@ def claim_output_folder(outdir: str, record: dict, overwrite: bool = False) -> N
         except (OSError, ValueError) as err:
             problem = f"{path}: unreadable record of the images in {outdir} ({err})"
         else:
-            changed = [name for name in _differences(existing, record) if name.split(".")[0] not in _RECORD_TEXT]
+            # One step (OneStepSampling's settings): its one call passes force_fp32, which runs eager, so --compile
+            # moves no pixel there; a folder made with it refused the same images without it, and the reverse.
+            one_step = all("one_step_sigma" in (r.get("settings") or {}) for r in (existing, record))
+            changed = [name for name in _differences(existing, record) if name.split(".")[0] not in _RECORD_TEXT
+                       and not (one_step and name == "compile")]
             if changed:
                 shown = ", ".join(changed[:6]) + (", ..." if len(changed) > 6 else "")
                 problem = f"{outdir} holds images made with other settings (these differ: {shown}; see {path})"

@@ -99,6 +99,14 @@ def test_one_step_snapshot_steps_1_and_precision(one_step_snapshot, tmp_path):
     assert result.exit_code == 0, result.output
     assert ('Sampler: one step: D(80 z; 80) (float64 input, fp32 network; eager: --compile does not apply to the '
             'one call (force_fp32)); 1 NFE') in result.output, result.output
+    # The same images, so the folder takes more seeds without --compile (it refused them: 'these differ: compile'),
+    # and their PNGs equal those of the folder made without it.
+    result = CliRunner().invoke(generate.main, ['--network', path, '--outdir', str(tmp_path / 'compiled'), '--seeds',
+                                                '2-3', '--device', 'cpu'])
+    assert result.exit_code == 0, result.output
+    for seed in (0, 1):
+        assert (tmp_path / 'compiled' / f'{seed:06d}.png').read_bytes() == \
+            (tmp_path / 'fp32' / f'{seed:06d}.png').read_bytes()
 
 
 def _warnings_of(args):
