@@ -141,9 +141,9 @@ COMPILE_MODES = (False, True, 'regional')
 def compile_mode(mode):
     """--compile's value as the loop uses and records it: False, True or 'regional' (a library caller's 0 / 1 are
     False / True: compile=1 passed the check below but ran eager, and was recorded as 1, not as True)."""
+    if isinstance(mode, str) and mode == 'regional':
+        return mode
     if isinstance(mode, str) or mode not in COMPILE_MODES:
-        if mode == 'regional':
-            return mode
         raise ValueError(f'compile={mode!r}; expected one of {COMPILE_MODES}')
     return bool(mode)
 
