@@ -167,7 +167,7 @@ class GDDLoss:
     def check_network(self, *, img_resolution: int, img_channels: int, label_dim: int) -> list[str]:
         """The projected discriminator's feature networks read RGB (grey is repeated): refused here, before the run
         folder, rather than when the loop builds it."""
-        if self.discriminator == 'projected' and img_channels not in (1, 3):
+        if self.discriminator == 'projected' and img_channels not in discriminators.PROJECTED_CHANNELS:
             raise ValueError(f'--loss-opt discriminator=projected reads RGB or grey images; --data has {img_channels} '
                              f'channels (drop the alpha channel, or use discriminator=sn_cnn)')
         return []

@@ -266,6 +266,8 @@ BACKBONES = {
 
 # StyleGAN-XL's ImageNet class embedding (1000 x 320, from tf_efficientnet_lite0's classifier), which GDD ships as
 # in_embeddings/tf_efficientnet_lite0.pkl; CIFAR-10's classes use its rows 0-9.
+# Image channels the projected discriminator's ImageNet feature networks read (grey is repeated to RGB).
+PROJECTED_CHANNELS = (1, 3)
 CLASS_EMBEDDING_URL = 'https://github.com/Zyriix/GDD/raw/main/in_embeddings/tf_efficientnet_lite0.pkl'
 CLASS_EMBEDDING_SHA256 = 'c109f9a8a2371b78fbd464adaa51f82a4c0015db131b98ad74d8e63e0edcf2c6'
 
@@ -407,7 +409,7 @@ class ProjectedDiscriminator(nn.Module):
         unknown = [name for name in backbones if name not in BACKBONES]
         if not backbones or unknown:
             raise ValueError(f'unknown backbone(s) {unknown or backbones}; known: {", ".join(BACKBONES)}')
-        if img_channels not in (1, 3):
+        if img_channels not in PROJECTED_CHANNELS:
             raise ValueError(f'the projected discriminator reads RGB (or grey) images, not {img_channels} channels')
         if not 1 <= num_discs <= 4:
             raise ValueError(f'num_discs must be 1..4, got {num_discs}')
