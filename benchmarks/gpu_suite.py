@@ -788,7 +788,11 @@ class Suite:
         plan = [(name, extra, batch) for batch in batches
                 for name, extra in (('edm_fp32', None), ('ours_bf16', bf16), ('ours_bf16_compile', compiled),
                                     ('ours_fp32', []))]
+        # bench0 / noaug at the smallest batch: is its fixed per-step cost cuDNN autotuning each new image size that
+        # the augmentation's padding gives a batch (EDM's --bench 1; a new size on most of the timed early steps)?
         plan += [('ours_bf16_fused', [*bf16, '--fused-adam', 1], batches[0]),
+                 ('ours_bf16_bench0', [*bf16, '--bench', 0], batches[-1]),
+                 ('ours_bf16_noaug', [*bf16, '--augment', 0], batches[-1]),
                  ('ours_bf16_compile_cl_fused', [*compiled, '--channels-last', 1, '--fused-adam', 1], batches[0])]
         # The MFU's FLOP count and matmul timing right after the headline compiled configuration (the ratios of every
         # bf16 configuration are computed at the end): a later configuration that takes longer than its estimate
