@@ -77,13 +77,19 @@ SAMPLE_COMPILE_NEEDS_S = 60
 MFU_NEEDS_S = 10
 # Training configurations whose run takes longer than the section's estimates (compile: the last compile + 20 s, EDM's
 # 60 s, the others 30 s): ours fp32 at batch 512 took 50 s on the H200 (a first step of 34 s, cuDNN's autotuning), and
-# at 30 s it ran into the sampling reserve whenever it started with 30-50 s to spare.
-TRAIN_NEEDS_S = {('ours_fp32', 512): 55}
+# at 30 s it ran into the sampling reserve whenever it started with 30-50 s to spare. Both fp32 columns at 512 also
+# run their 8 timed steps twice (timed_steps' tuning pass, 11 s): EDM's took 65 s before.
+TRAIN_NEEDS_S = {('ours_fp32', 512): 65, ('edm_fp32', 512): 80}
 # The timed training runs' learning-rate ramp-up, ours and EDM's alike: none (the full rate from the second step), so
 # that the per-step losses compare the precisions. Under EDM's 10,000 kimg ramp-up the first steps' rate is ~5e-8 and
 # the weights stay at their initialisation, where EDM's zero output layer makes the loss independent of the network
 # (and of its precision): on the H200, bf16 and fp32 losses both equalled EDM's to 1e-7. The speed is the same.
 TRAIN_LR_RAMPUP_KIMG = 0
+# The default --budget-s: a device call's 600 s less what the last configuration may overrun its estimate. 510 left
+# the compiled training at batch 512 out once the replayed steps (timed_steps) and the H200's 124 s compile counted.
+DEFAULT_BUDGET_S = 560
+# A training compile's seconds until the run has measured one (H200, 2026-12-04: regional compile of DDPM++ 124 s).
+COMPILE_ESTIMATE_S = 125
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -333,6 +339,35 @@ def train_config(args_list) -> dict:
     return dict(config)
 
 
+def train_plan(sizes, args) -> list:
+    """(name, train.py options, batch) of every training configuration in the order they run; ('mfu', None, batch)
+    is where the MFU's FLOP count and matmul timing go."""
+    bf16, compiled = ['--precision', 'bf16'], ['--precision', 'bf16', '--compile', 'regional']
+    # The headline configurations at every batch size, the largest (EDM's CIFAR-10 batch) first, each batch's
+    # EDM column beside ours: bf16 eager (30 s) before the compiled one (the goal's, ~2 min of compiling), so that
+    # a compile that takes the rest of the budget still leaves a measured ratio, then fp32; then extras
+    # (budget allowing: what is skipped is the least needed).
+    batches = sorted(sizes.train_batches, reverse=True)
+    plan = [(name, extra, batch) for batch in batches
+            for name, extra in (('edm_fp32', None), ('ours_bf16', bf16), ('ours_bf16_compile', compiled),
+                                ('ours_fp32', []))]
+    # bench0 / noaug at the smallest batch: cuDNN's heuristics against its autotuned choices, and the step without
+    # the augmentation (its host sync, and a new image size on most early steps: timed_steps' replay).
+    plan += [('ours_bf16_fused', [*bf16, '--fused-adam', 1], batches[0]),
+             ('ours_bf16_bench0', [*bf16, '--bench', 0], batches[-1]),
+             ('ours_bf16_noaug', [*bf16, '--augment', 0], batches[-1]),
+             ('ours_bf16_compile_cl_fused', [*compiled, '--channels-last', 1, '--fused-adam', 1], batches[0])]
+    # The MFU's FLOP count and matmul timing right after the headline compiled configuration (the ratios of every
+    # bf16 configuration are computed at the end): a later configuration that takes longer than its estimate
+    # must not leave it out.
+    plan.insert(plan.index(next(step for step in plan if step[0] == 'ours_bf16_compile')) + 1,
+                ('mfu', None, batches[0]))
+    if not args.edm_repo:
+        plan = [step for step in plan if step[0] != 'edm_fp32']
+    if args.train_configs:  # a lease's second call: what the first did not reach
+        plan = [step for step in plan if step[0] == 'mfu' or f'{step[0]}@{step[2]}' in args.train_configs]
+    return plan
+
 class LoopRunner:
     """Our training loop built from train.py's options and stepped one iteration at a time (training_loop's own
     `_build`, `_resume` and `_train_step`); per-step losses kept on the device until asked for."""
@@ -376,22 +411,46 @@ class LoopRunner:
         self.run = None
 
 
-def time_loop(runner: LoopRunner, warmup: int, steps: int, device) -> dict:
-    """Warm-up steps timed one by one (the first holds compilation), then `steps` steps in one timed window."""
+def timed_steps(step, warmup: int, steps: int, device, get_rng_state, set_rng_state) -> dict:
+    """Warm-up steps timed one by one (the first holds compilation), then `steps` steps run twice from the same random
+    state: untimed (the tuning pass), then timed. With cuDNN benchmarking on (EDM's --bench 1) every new input size is
+    autotuned on first sight, and the augmentation's reflect padding gives a new size on most early steps: the replay
+    gives the timed steps the sizes just tuned, the steady state of a long run. Without it a configuration's timed steps
+    held its own tuning, or none when an earlier configuration in the process had tuned the same sizes (the same seed
+    draws the same sizes): on the H200 that made bf16 with fused Adam look 1.42x faster than bf16 (its first warm-up
+    step 0.38 s against 15.8 s). The augmentation's parameters (hence the sizes) come from the torch generators
+    alone, whose state is replayed; the data loader goes on to the next images."""
     warmup_s = []
     for _ in range(warmup):
         sync(device)
         start = time.perf_counter()
-        runner.step()
+        step()
         sync(device)
         warmup_s.append(time.perf_counter() - start)
+    state = get_rng_state()
     sync(device)
     start = time.perf_counter()
     for _ in range(steps):
-        runner.step()
+        step()
+    sync(device)
+    tuning_s = time.perf_counter() - start
+    set_rng_state(state)
+    sync(device)
+    start = time.perf_counter()
+    for _ in range(steps):
+        step()
     sync(device)
     seconds = time.perf_counter() - start
-    return dict(warmup_s=[round(s, 4) for s in warmup_s], step_s=seconds / max(steps, 1))
+    return dict(warmup_s=[round(s, 4) for s in warmup_s], tuning_pass_step_s=tuning_s / max(steps, 1),
+                step_s=seconds / max(steps, 1))
+
+
+def time_loop(runner: LoopRunner, warmup: int, steps: int, device) -> dict:
+    """Our loop's step timed as `timed_steps` says; the random state replayed is the loop's own (as a resume restores
+    it)."""
+    get_state, set_state = runner.tl._get_rng_state, runner.tl._set_rng_state
+    return timed_steps(runner.step, warmup, steps, device, lambda: get_state(runner.run.device),
+                       lambda state: set_state(state, runner.run.device))
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -515,10 +574,17 @@ class Suite:
         except ImportError:
             record['triton'] = None
         code, out, _ = run_subprocess(['git', '-C', ROOT, 'rev-parse', 'HEAD'], timeout=10)
-        # The device tool copies the working tree without .git: gpu_session.sh's caller passes the commit.
-        record['commit'] = out.strip() if code == 0 else os.environ.get('GPU_SUITE_COMMIT') or None
-        code, out, _ = run_subprocess(['git', '-C', ROOT, 'status', '--porcelain', '--untracked-files=no'], timeout=10)
-        record['dirty'] = bool(out.strip()) if code == 0 else None
+        # The device tool copies the working tree, and a .git there may be an older one (on the H200 it named the
+        # last lease's commit, "dirty"): the commit gpu_session.sh's caller passes comes first.
+        git_head = out.strip() if code == 0 else None
+        record['commit'] = os.environ.get('GPU_SUITE_COMMIT') or git_head
+        if git_head and git_head != record['commit']:
+            record['git_head_there'] = git_head
+        record['dirty'] = None  # unknown against a commit the .git there does not hold
+        if git_head and git_head == record['commit']:
+            code, out, _ = run_subprocess(['git', '-C', ROOT, 'status', '--porcelain', '--untracked-files=no'],
+                                          timeout=10)
+            record['dirty'] = bool(out.strip()) if code == 0 else None
         if self.on_cuda:
             props = torch.cuda.get_device_properties(self.device)
             record['gpu'] = dict(name=props.name, capability=f'{props.major}.{props.minor}',
@@ -775,38 +841,23 @@ class Suite:
                      summary=f"backend {result['backend']}, world {result['world_size']}, all_reduce ok")
 
     # -----------------------------------------------------------------------------------------------------------------
+    def train_plan(self) -> list:
+        return train_plan(self.sizes, self.args)
+
+
     def section_train(self, record):
         import torch
         sizes = self.sizes
-        bf16, compiled = ['--precision', 'bf16'], ['--precision', 'bf16', '--compile', 'regional']
         ramp = ['--lr-rampup', TRAIN_LR_RAMPUP_KIMG]
-        # The headline configurations at every batch size, the largest (EDM's CIFAR-10 batch) first, each batch's
-        # EDM column beside ours: bf16 eager (30 s) before the compiled one (the goal's, ~2 min of compiling), so that
-        # a compile that takes the rest of the budget still leaves a measured ratio, then fp32; then extras at the
-        # largest batch (budget allowing: what is skipped is the least needed).
-        batches = sorted(sizes.train_batches, reverse=True)
-        plan = [(name, extra, batch) for batch in batches
-                for name, extra in (('edm_fp32', None), ('ours_bf16', bf16), ('ours_bf16_compile', compiled),
-                                    ('ours_fp32', []))]
-        # bench0 / noaug at the smallest batch: is its fixed per-step cost cuDNN autotuning each new image size that
-        # the augmentation's padding gives a batch (EDM's --bench 1; a new size on most of the timed early steps)?
-        plan += [('ours_bf16_fused', [*bf16, '--fused-adam', 1], batches[0]),
-                 ('ours_bf16_bench0', [*bf16, '--bench', 0], batches[-1]),
-                 ('ours_bf16_noaug', [*bf16, '--augment', 0], batches[-1]),
-                 ('ours_bf16_compile_cl_fused', [*compiled, '--channels-last', 1, '--fused-adam', 1], batches[0])]
-        # The MFU's FLOP count and matmul timing right after the headline compiled configuration (the ratios of every
-        # bf16 configuration are computed at the end): a later configuration that takes longer than its estimate
-        # must not leave it out.
-        plan.insert(plan.index(next(step for step in plan if step[0] == 'ours_bf16_compile')) + 1,
-                    ('mfu', None, batches[0]))
+        plan = self.train_plan()
         mfu_inputs = None
-        compile_estimate = 120  # seconds, until the first compiled configuration has measured it
+        compile_estimate = COMPILE_ESTIMATE_S
         record['configs'] = []
-        record['notes'] = ('images/s of steps after warm-up; data from a generated CIFAR-sized zip through '
-                           "train.py's DataLoader settings (1 worker, pinned); --rng rank (EDM's draws); EDM: its "
-                           'network, loss, augmentation, dataset and step (DDP over 1 rank, as its loop)')
-        if not self.args.edm_repo:
-            plan = [step for step in plan if step[0] != 'edm_fp32']
+        record['notes'] = ('images/s of steps after warm-up, replayed after an untimed pass over the same random '
+                           "draws (the augmentation's image sizes autotuned: a long run's steady state); data from a "
+                           "generated CIFAR-sized zip through train.py's DataLoader settings (1 worker, pinned); "
+                           "--rng rank (EDM's draws); EDM: its network, loss, augmentation, dataset and step (DDP "
+                           'over 1 rank, as its loop), timed the same way')
         for name, extra, batch in plan:
             if name == 'mfu':
                 if self.affordable(MFU_NEEDS_S) and self._bf16_timed(record):
@@ -875,8 +926,12 @@ class Suite:
         if 'images_per_s' in entry:
             extra = f", compile {entry['compile_s']:.0f} s" if entry.get('compile_s') else ''
             mem = f", peak {entry['peak_mem_gb']:.1f} GB" if entry.get('peak_mem_gb') else ''
+            # The same steps while cuDNN tunes their sizes: the difference is what a timed window without the
+            # replay would have held.
+            tuning = (f", {entry['batch'] / entry['tuning_pass_step_s']:.1f} img/s tuning"
+                      if entry.get('tuning_pass_step_s') else '')
             self.row('train', f"{entry['name']} batch {entry['batch']}",
-                     f"{entry['images_per_s']:9.1f} img/s{mem}{extra}")
+                     f"{entry['images_per_s']:9.1f} img/s{mem}{extra}{tuning}")
         else:
             self.row('train', f"{entry['name']} batch {entry['batch']}",
                      entry.get('skipped') or entry.get('error', '')[-150:])
@@ -1427,21 +1482,18 @@ def worker_edm_train(a):
 
     if device.type == 'cuda':
         torch.cuda.reset_peak_memory_stats(device)
-    warmup_s = []
-    for _ in range(a['warmup']):
-        sync(device)
-        start = time.perf_counter()
-        step()
-        sync(device)
-        warmup_s.append(round(time.perf_counter() - start, 4))
-    sync(device)
-    start = time.perf_counter()
-    for _ in range(a['steps']):
-        step()
-    sync(device)
-    step_s = (time.perf_counter() - start) / a['steps']
-    print(json.dumps(dict(images_per_s=batch / step_s, step_s=step_s, warmup_s=warmup_s,
-                          peak_mem_gb=peak_memory_gb(device), losses=[float(v) for v in torch.stack(losses).cpu()])))
+
+    def get_rng_state():  # EDM's loop draws from the global generators only
+        return torch.get_rng_state(), (torch.cuda.get_rng_state(device) if device.type == 'cuda' else None)
+
+    def set_rng_state(state):
+        torch.set_rng_state(state[0])
+        if state[1] is not None:
+            torch.cuda.set_rng_state(state[1], device)
+
+    timing = timed_steps(step, a['warmup'], a['steps'], device, get_rng_state, set_rng_state)
+    print(json.dumps(dict(timing, images_per_s=batch / timing['step_s'], peak_mem_gb=peak_memory_gb(device),
+                          losses=[float(v) for v in torch.stack(losses).cpu()])))
     torch.distributed.destroy_process_group()
 
 
@@ -1553,7 +1605,7 @@ def parse_args(argv=None):
     parser.add_argument('--smoke', action='store_true', help='Tiny sizes: check the script itself (CPU)')
     parser.add_argument('--sections', default=','.join(SECTIONS), help=f'Comma-separated subset of {SECTIONS}')
     parser.add_argument('--budget-s', type=float, default=None,
-                        help='Skip what does not fit in this many seconds [default: 510 (full), none (smoke)]')
+                        help='Skip what does not fit in this many seconds [default: 560 (full), none (smoke)]')
     parser.add_argument('--compile-backend', default=None,
                         help="torch.compile backend [default: inductor; 'eager' with --smoke]")
     parser.add_argument('--aot-pool', type=int, default=None,
@@ -1561,6 +1613,9 @@ def parse_args(argv=None):
     parser.add_argument('--fid-cpu', type=int, default=None,
                         help='Run the one-thread CPU FID statistics comparison [default: 1 with --smoke or '
                              '--device cpu, else 0: ~2 min of CPU that a GPU run need not spend]')
+    parser.add_argument('--train-configs', default=None,
+                        help="train section: only these configurations, NAME@BATCH comma-separated (e.g. "
+                             "'edm_fp32@128,ours_bf16_compile@128') [default: all]")
     parser.add_argument('--worker', choices=sorted(WORKERS), help=argparse.SUPPRESS)
     parser.add_argument('--worker-args', help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -1594,12 +1649,22 @@ def main(argv=None) -> int:
         print('gpu_suite: --device cuda: CUDA is not available on this machine', file=sys.stderr)
         return 2
     if args.budget_s is None:
-        args.budget_s = None if args.smoke else 510
+        args.budget_s = None if args.smoke else DEFAULT_BUDGET_S
     if args.compile_backend is None:
         args.compile_backend = 'eager' if args.smoke else 'inductor'
     on_cpu = (args.device or ('cuda' if torch.cuda.is_available() else 'cpu')) == 'cpu'
     if args.fid_cpu is None:
         args.fid_cpu = int(args.smoke or on_cpu)
+    if args.train_configs is not None:
+        wanted = {c.strip() for c in args.train_configs.split(',') if c.strip()}
+        args.train_configs = None
+        known = [f'{name}@{batch}' for name, _, batch in train_plan(smoke_sizes() if args.smoke else full_sizes(), args)
+                 if name != 'mfu']
+        if not wanted or wanted - set(known):
+            print(f'gpu_suite: --train-configs: unknown {sorted(wanted - set(known))}; expected some of {known}'
+                  f"{'' if args.edm_repo else ' (edm_fp32 needs --edm-repo)'}", file=sys.stderr)
+            return 2
+        args.train_configs = wanted
     install_compile_backend(args.compile_backend)
     suite = Suite(args)
     if 'pytest_cuda' in sections:

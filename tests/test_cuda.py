@@ -317,23 +317,37 @@ def test_gpu_suite_budget_order_keeps_the_headline_and_reserves_for_sampling(tmp
                      ('ours_bf16_compile_cl_fused', 16)]
     assert all(c['skipped'].startswith('budget: needs ~') for c in record['configs'])
     assert 'mfu' not in record and record['ratios'] == {}
+    # A lease's second call runs what the first did not reach, in the same order.
+    suite.args.train_configs = {'ours_bf16_noaug@8', 'edm_fp32@8', 'ours_bf16_compile@8'}
+    record = {}
+    suite.section_train(record)
+    assert [(c['name'], c['batch']) for c in record['configs']] == [('edm_fp32', 8), ('ours_bf16_compile', 8),
+                                                                    ('ours_bf16_noaug', 8)]
+
+
+def test_gpu_suite_train_configs_must_name_configurations_of_the_plan(tmp_path, capsys):
+    import importlib.util
+    spec = importlib.util.spec_from_file_location('gpu_suite', SUITE)
+    gpu_suite = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(gpu_suite)
+    out = tmp_path / 'o'
+    assert gpu_suite.main(['--out', str(out), '--device', 'cpu', '--smoke', '--train-configs',
+                           'ours_bf16@8,edm_fp32@8,ours_bf16@512']) == 2
+    err = capsys.readouterr().err
+    assert "--train-configs: unknown ['edm_fp32@8', 'ours_bf16@512']; expected some of ['ours_bf16@16'" in err
+    assert 'edm_fp32 needs --edm-repo' in err and not out.exists()  # refused before anything was written
 
 
 # Seconds of each part of the suite on the H200 (benchmarks/results/2026-12-04-h200): the training configurations
 # (from the budget lines and warm-ups of both calls), EDM's sampling subprocess, a sampling batch's warm-up and run.
-H200_TRAIN_S = {('edm_fp32', 512): 65, ('ours_bf16', 512): 45, ('ours_fp32', 512): 50, ('edm_fp32', 128): 29,
-                ('ours_bf16', 128): 13, ('ours_fp32', 128): 14}
+# Each with its timed steps' replay (timed_steps: 8 more steps of the second lease's step times).
+H200_TRAIN_S = {('edm_fp32', 512): 76, ('ours_bf16', 512): 49, ('ours_fp32', 512): 61, ('edm_fp32', 128): 32,
+                ('ours_bf16', 128): 15, ('ours_fp32', 128): 17}
 
 
-@pytest.mark.parametrize('compile_s', [40, 80, 100])
-def test_gpu_suite_budget_with_the_h200_timings_keeps_compiled_training_mfu_and_compiled_sampling(
-        tmp_path, monkeypatch, compile_s):
-    """The train and sample sections under the default budget (510 s) on a clock that advances by what each part
-    took on the H200 (correctness and the CUDA tests: 136 s), for a training compile of 40-100 s: the compiled bf16
-    training at batch 512, its MFU and the compiled sampling (the 2.91x of that run) are all measured, and the
-    training leaves the sampling its reserve. With the sampling reserve cut to 100 s, the sampling compile's own
-    120 s estimate skipped it whatever the training did; ours fp32 at batch 512 (50 s, estimated 30 s) ran into the
-    reserve, and took the MFU's 10 s at the section's end."""
+def _suite_on_h200_clock(tmp_path, monkeypatch, compile_s, budget_s, start_s):
+    """The suite with its training and sampling parts replaced by a clock that advances by what each took on the
+    H200 (a training compile of compile_s): (the suite module, the suite, the clock)."""
     import importlib.util
 
     import samplers.accelerated
@@ -341,9 +355,9 @@ def test_gpu_suite_budget_with_the_h200_timings_keeps_compiled_training_mfu_and_
     spec = importlib.util.spec_from_file_location('gpu_suite', SUITE)
     gpu_suite = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(gpu_suite)
-    clock = [136.0]
+    clock = [start_s]
     args = gpu_suite.parse_args(['--out', str(tmp_path / 'o'), '--device', 'cpu', '--smoke', '--edm-repo', 'edm'])
-    args.budget_s = 510.0
+    args.budget_s = gpu_suite.DEFAULT_BUDGET_S if budget_s is None else budget_s
     suite = gpu_suite.Suite(args)
     suite.smoke, suite.on_cuda = False, True  # the full run's plan and configurations, on a simulated clock
     suite.sizes = dataclasses.replace(suite.sizes, train_batches=(128, 512), sample_batch=4)
@@ -369,7 +383,7 @@ def test_gpu_suite_budget_with_the_h200_timings_keeps_compiled_training_mfu_and_
 
     def time_loop(runner, warmup, steps, device):
         compiled = '_compile' in runner.key[0]
-        clock[0] += compile_s + 15 if compiled else H200_TRAIN_S.get(runner.key, 30)
+        clock[0] += compile_s + 18 if compiled else H200_TRAIN_S.get(runner.key, 30)
         return dict(warmup_s=[compile_s if compiled else 5, 0.5, 0.5], step_s=0.5)
 
     def edm_train(batch):
@@ -397,6 +411,20 @@ def test_gpu_suite_budget_with_the_h200_timings_keeps_compiled_training_mfu_and_
     monkeypatch.setattr(suite, '_mfu_inputs', mfu_inputs, raising=False)
     monkeypatch.setattr(samplers.accelerated, 'accelerate', lambda net, *options: net)
     monkeypatch.setattr(samplers.generation, 'generate_images', generate)
+    return gpu_suite, suite, clock
+
+
+@pytest.mark.parametrize('compile_s', [40, 100, 124, 140])
+def test_gpu_suite_budget_with_the_h200_timings_keeps_compiled_training_mfu_and_compiled_sampling(
+        tmp_path, monkeypatch, compile_s):
+    """The train and sample sections under the default budget (560 s) on a clock that advances by what each part
+    took on the H200 (correctness and the CUDA tests: 136 s), for a training compile of 40-140 s (124 s on the H200):
+    the compiled bf16 training at batch 512, its MFU and the compiled sampling (the 2.91x of that run) are all
+    measured, and the training leaves the sampling its reserve. With the sampling reserve cut to 100 s, the sampling
+    compile's own 120 s estimate skipped it whatever the training did; ours fp32 at batch 512 (50 s, estimated 30 s)
+    ran into the reserve, and took the MFU's 10 s at the section's end."""
+    gpu_suite, suite, clock = _suite_on_h200_clock(tmp_path, monkeypatch, compile_s, None, 136.0)
+    assert suite.budget == 560
     records = {}
     for index, name in enumerate(gpu_suite.SECTIONS):
         if name in ('train', 'sample'):  # as main() runs them
@@ -404,14 +432,72 @@ def test_gpu_suite_budget_with_the_h200_timings_keeps_compiled_training_mfu_and_
             assert suite.affordable(gpu_suite.MINIMUM_S[name]), (name, clock)
             records[name] = {}
             if name == 'sample':
-                assert 510 - clock[0] >= gpu_suite.RESERVED_S['sample'] + gpu_suite.RESERVED_S['features'], clock
+                reserve = gpu_suite.RESERVED_S['sample'] + gpu_suite.RESERVED_S['features']
+                assert suite.budget - clock[0] >= reserve, clock
             getattr(suite, f'section_{name}')(records[name])
     trained = {(c['name'], c['batch']) for c in records['train']['configs'] if 'images_per_s' in c}
     assert {('edm_fp32', 512), ('ours_bf16', 512), ('ours_bf16_compile', 512)} <= trained
     assert 'ours_bf16_compile@512' in records['train'].get('mfu', {}).get('mfu', {}), records['train'].keys()
     sampled = [c['name'] for c in records['sample']['configs'] if 'images_per_s' in c]
     assert sampled[:2] == ['ours_fp32', 'ours_bf16_compile_graph'], records['sample']['configs']
-    assert 510 - clock[0] >= 15  # the features' reserve is left
+    assert suite.budget - clock[0] >= 15  # the features' reserve is left
+
+
+def test_gpu_suite_times_steps_whose_augmentation_sizes_were_just_tuned(tmp_path, monkeypatch):
+    """The timed training steps replay the random draws of an untimed pass over the same number of steps: the
+    augmentation pads every timed batch to a size the pass before saw, in the same order (with cuDNN benchmarking each
+    new size is autotuned on first sight; on the H200 the timed window held that tuning, or not, depending on what
+    ran before). Without the replay the timed steps draw new sizes."""
+    import importlib.util
+    import types
+
+    import torch.nn.functional
+
+    import training.augment
+    spec = importlib.util.spec_from_file_location('gpu_suite', SUITE)
+    gpu_suite = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(gpu_suite)
+    args = gpu_suite.parse_args(['--out', str(tmp_path / 'o'), '--device', 'cpu', '--smoke'])
+    suite = gpu_suite.Suite(args)
+    suite.sizes = dataclasses.replace(suite.sizes, resolution=32)  # at 8x8 every padding is the largest, 7 pixels
+    pads = []
+
+    def pad(input, pad, **kwargs):
+        pads.append(tuple(pad))
+        return torch.nn.functional.pad(input, pad, **kwargs)
+
+    functional = types.SimpleNamespace(**{name: getattr(torch.nn.functional, name)
+                                          for name in dir(torch.nn.functional) if not name.startswith('_')})
+    functional.pad = pad
+    monkeypatch.setattr(training.augment, 'F', functional)
+    runner = gpu_suite.LoopRunner(gpu_suite.train_config(suite.train_args(4, ['--augment', 0.5])))
+    steps = 3
+    timing = gpu_suite.time_loop(runner, 1, steps, torch.device('cpu'))
+    losses = runner.losses()
+    runner.close()
+    assert len(pads) == 1 + 2 * steps and timing['step_s'] > 0 and timing['tuning_pass_step_s'] > 0
+    tuning, timed = pads[1:1 + steps], pads[1 + steps:]
+    assert timed == tuning, pads
+    assert len(set(pads[:1 + steps])) > 1, pads  # the sizes do change from step to step: the test can fail
+    assert len(losses) == 1 + 2 * steps and len(set(losses)) == len(losses)  # the weights move on
+
+
+
+@pytest.mark.parametrize('compile_s', [100, 124])
+def test_gpu_suite_training_call_of_a_two_call_lease_measures_both_compiled_batches(tmp_path, monkeypatch,
+                                                                                      compile_s):
+    """gpu_session.sh's two-call plan, call 1 (--sections env,train --budget-s 555) on the H200's clock: every
+    headline configuration at both batches, the compiled ones and the MFU included."""
+    gpu_suite, suite, clock = _suite_on_h200_clock(tmp_path, monkeypatch, compile_s, 555.0, 1.0)
+    suite.reserved = 0.0  # no later section
+    record = {}
+    suite.section_train(record)
+    trained = {(c['name'], c['batch']) for c in record['configs'] if 'images_per_s' in c}
+    assert {(name, batch) for name in ('edm_fp32', 'ours_bf16', 'ours_bf16_compile')
+            for batch in (128, 512)} <= trained, record['configs']
+    assert 'ours_bf16_compile@128' in record['mfu']['mfu'] and clock[0] <= 555 + 30
+    session = open(os.path.join(ROOT, 'benchmarks', 'gpu_session.sh')).read()
+    assert '--sections env,train --budget-s 555' in session
 
 
 def test_gpu_suite_reports_which_cuda_test_failed_and_why(tmp_path):
