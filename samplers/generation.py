@@ -546,6 +546,12 @@ def claim_output_folder(outdir: str, record: dict, overwrite: bool = False) -> N
         # the dataset, and --overwrite is no remedy.
         raise OutputFolderMismatch(f"{outdir} holds a dataset (dataset.json), which the images would join; use "
                                    f"another --outdir")
+    dataset = _enclosing_dataset(outdir)
+    if dataset is not None:
+        # A folder dataset is read with all its subfolders (ImageFolderDataset walks them): samples written anywhere
+        # below it would be trained on, and counted by fid.py ref/calc over it, as real images.
+        raise OutputFolderMismatch(f"{outdir} is inside the dataset {dataset} (its dataset.json), which the images "
+                                   f"would join; use an --outdir outside it")
     problem = None
     if os.path.isfile(path):
         try:
@@ -577,6 +583,18 @@ def claim_output_folder(outdir: str, record: dict, overwrite: bool = False) -> N
     os.makedirs(outdir, exist_ok=True)
     with util.atomic_output(path, "w") as f:
         json.dump(record, f, indent=2, sort_keys=True, allow_nan=False)
+
+
+def _enclosing_dataset(outdir: str) -> str | None:
+    """The nearest folder above `outdir` (not itself) that holds a dataset.json, or None."""
+    folder = os.path.realpath(outdir)
+    while True:
+        parent = os.path.dirname(folder)
+        if parent == folder:
+            return None
+        folder = parent
+        if os.path.isfile(os.path.join(folder, "dataset.json")):
+            return folder
 
 
 def _holds_pngs(outdir: str) -> bool:

@@ -1116,3 +1116,28 @@ def test_a_dataset_folder_is_not_an_output_folder(tmp_path, overwrite):
         claim_output_folder(str(dataset), {"network": "n"}, overwrite=overwrite)
     assert sorted(os.listdir(dataset)) == ["00000", "dataset.json"] and os.listdir(dataset / "00000") == \
         ["img00000000.png"]
+
+
+def test_an_output_folder_inside_a_dataset_folder_is_refused(tmp_path):
+    """--outdir below a dataset_tool.py folder (not at it): the folder dataset is read with its subfolders, so the
+    samples would be trained on and counted as real images. Refused before any folder is made; a sibling of the
+    dataset is fine."""
+    from samplers.generation import OutputFolderMismatch, claim_output_folder
+    from training.dataset import ImageFolderDataset
+    from training.dataset_tool_lib import convert_dataset
+    source = tmp_path / "src"
+    source.mkdir()
+    PIL.Image.fromarray(np.zeros((4, 4), np.uint8)).save(source / "a.png")
+    dataset = tmp_path / "dataset"
+    convert_dataset(str(source), str(dataset), progress=False)
+    inside = dataset / "samples" / "run1"
+    with pytest.raises(OutputFolderMismatch, match=rf"run1 is inside the dataset {re.escape(str(dataset))} \(its "
+                                                   r"dataset\.json\), which the images would join; use an --outdir "
+                                                   r"outside it$"):
+        claim_output_folder(str(inside), {"network": "n"})
+    assert sorted(os.listdir(dataset)) == ["00000", "dataset.json"]
+    claim_output_folder(str(tmp_path / "samples"), {"network": "n"})  # beside it
+    # Why: a PNG below the dataset's folder is one of its images.
+    (dataset / "samples").mkdir()
+    PIL.Image.fromarray(np.zeros((4, 4), np.uint8)).save(dataset / "samples" / "000000.png")
+    assert len(ImageFolderDataset(str(dataset), use_labels=False)) == 2
