@@ -368,6 +368,7 @@ def train_plan(sizes, args) -> list:
         plan = [step for step in plan if step[0] == 'mfu' or f'{step[0]}@{step[2]}' in args.train_configs]
     return plan
 
+
 class LoopRunner:
     """Our training loop built from train.py's options and stepped one iteration at a time (training_loop's own
     `_build`, `_resume` and `_train_step`); per-step losses kept on the device until asked for."""
@@ -843,7 +844,6 @@ class Suite:
     # -----------------------------------------------------------------------------------------------------------------
     def train_plan(self) -> list:
         return train_plan(self.sizes, self.args)
-
 
     def section_train(self, record):
         import torch
