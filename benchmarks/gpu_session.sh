@@ -21,7 +21,7 @@
 # every package the suite needs (click, scipy, pillow, tqdm); nothing is installed. Extra arguments go to the suite.
 set -uo pipefail
 cd "$(dirname "$0")/.."
-out=${OUT:-benchmarks/results/$(date +%Y%m%d)-gpu}
+out=${OUT:-benchmarks/results/$(date +%Y-%m-%d)-gpu}
 mkdir -p "$out"
 args=(--out "$out" --work /tmp/gpu-suite-work)
 edm=${EDM_REPO:-scratch/edm}
