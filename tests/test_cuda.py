@@ -500,6 +500,24 @@ def test_gpu_suite_training_call_of_a_two_call_lease_measures_both_compiled_batc
     assert '--sections env,train --budget-s 555' in session
 
 
+def test_gpu_suite_aot_section_times_without_cudnn_autotuning(tmp_path, monkeypatch):
+    """The AOT section's pools are seeded by their index, not by the loop's random state: timed_steps' replay does
+    not give its timed iterations sizes just tuned, and the background run draws the sizes the synchronous run
+    tuned before it. Both runs go without cuDNN benchmarking, so neither window holds autotuning."""
+    import importlib.util
+    spec = importlib.util.spec_from_file_location('gpu_suite', SUITE)
+    gpu_suite = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(gpu_suite)
+    suite = gpu_suite.Suite(gpu_suite.parse_args(['--out', str(tmp_path / 'o'), '--device', 'cpu', '--smoke']))
+    configs, train_config = [], gpu_suite.train_config
+    monkeypatch.setattr(gpu_suite, 'train_config', lambda args_list: configs.append(train_config(args_list))
+                        or configs[-1])
+    record = {}
+    suite.section_aot(record)
+    assert [run['background'] for run in record['runs']] == [False, True]
+    assert len(configs) == 2 and all(config['cudnn_benchmark'] is False for config in configs), configs
+
+
 def test_gpu_suite_reports_which_cuda_test_failed_and_why(tmp_path):
     """The JSON is all that comes back from a GPU machine: a failing CUDA test is named with its assertion, and the
     pytest command runs without log capture (on the H200 a failure's report was torch's DEBUG tracing, 40 lines of
