@@ -778,3 +778,34 @@ def test_gpu_suite_env_section_without_git(tmp_path, monkeypatch):
     record = {}
     suite.section_env(record)
     assert record['commit'] == 'abc123' and record['dirty'] is None and record['torch'] == torch.__version__
+
+
+def test_gpu_suite_env_section_prefers_the_commit_passed_over_an_older_git_there(tmp_path, monkeypatch):
+    """The device machine's copy of the working tree may carry an older .git (on the H200 it named the last lease's
+    commit, "dirty"): GPU_SUITE_COMMIT, what the caller checked out, is recorded, the .git's HEAD beside it, and
+    nothing is said about a dirty tree that .git cannot judge. Without the variable the .git's HEAD is the commit."""
+    import importlib.util
+    import subprocess
+    spec = importlib.util.spec_from_file_location('gpu_suite', SUITE)
+    gpu_suite = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(gpu_suite)
+    repo = tmp_path / 'repo'
+    repo.mkdir()
+    (repo / 'a.txt').write_text('a\n')
+    git = ['git', '-C', str(repo), '-c', 'user.name=t', '-c', 'user.email=t@t', '-c', 'commit.gpgsign=false']
+    subprocess.run(['git', 'init', '-q', str(repo)], check=True)
+    subprocess.run([*git, 'add', 'a.txt'], check=True)
+    subprocess.run([*git, 'commit', '-q', '-m', 'old'], check=True)
+    head = subprocess.run([*git, 'rev-parse', 'HEAD'], check=True, capture_output=True, text=True).stdout.strip()
+    (repo / 'a.txt').write_text('b\n')  # the newer working tree: "dirty" to the old .git
+    monkeypatch.setattr(gpu_suite, 'ROOT', str(repo))
+    passed = 'f' * 40
+    monkeypatch.setenv('GPU_SUITE_COMMIT', passed)
+    suite = gpu_suite.Suite(gpu_suite.parse_args(['--out', str(tmp_path / 'o'), '--device', 'cpu', '--smoke']))
+    record = {}
+    suite.section_env(record)
+    assert record['commit'] == passed and record['git_head_there'] == head and record['dirty'] is None, record
+    monkeypatch.delenv('GPU_SUITE_COMMIT')
+    record = {}
+    suite.section_env(record)
+    assert record['commit'] == head and 'git_head_there' not in record and record['dirty'] is True, record
