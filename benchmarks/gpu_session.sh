@@ -1,11 +1,12 @@
 #!/usr/bin/env bash
-# The one command a session lent a GPU machine runs (the device tool; ~9 minutes of the 15): the GPU suite with the
+# The one command a session lent a GPU machine runs (the device tool; ~9.5 minutes of the 15): the GPU suite with the
 # CUDA tests, results and a log in $OUT (the device tool brings them back), scratch files outside it.
 #
 #   here, once:  the search tool's fetch of github:NVlabs/edm, then (scratch/ is ignored; never committed)
 #                mkdir -p scratch/edm && git -C /work/.mirror/NVlabs+edm/repo archive HEAD | tar -x -C scratch/edm
 #   device run:  GPU_SUITE_COMMIT=<git rev-parse HEAD here> bash benchmarks/gpu_session.sh
-#                with carry=["scratch/edm"], timeout_s=600 (the copy there has no .git to name the commit)
+#                with carry=["scratch/edm"], timeout_s=600 (the copy there may have no .git, or an older one: the
+#                suite records GPU_SUITE_COMMIT first)
 #   afterwards:  copy $OUT's gpu_suite.json and gpu_suite.txt to benchmarks/results/DATE-h200/ and commit them.
 #
 # The whole suite fits one call (--budget-s 560 by default) but leaves the training extras and the compiled batch 128

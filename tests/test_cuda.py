@@ -482,7 +482,6 @@ def test_gpu_suite_times_steps_whose_augmentation_sizes_were_just_tuned(tmp_path
     assert len(losses) == 1 + 2 * steps and len(set(losses)) == len(losses)  # the weights move on
 
 
-
 @pytest.mark.parametrize('compile_s', [100, 124])
 def test_gpu_suite_training_call_of_a_two_call_lease_measures_both_compiled_batches(tmp_path, monkeypatch,
                                                                                       compile_s):
