@@ -12,8 +12,8 @@
 # The whole suite fits one call (--budget-s 560 by default) but leaves the training extras and the compiled batch 128
 # out. For the training numbers, two calls in one lease (15 minutes, the machine's start ~30 s, given back when idle
 # 30 s; each call's extra arguments go to the suite):
-#   call 1 (timeout_s=600):  ... gpu_session.sh --sections env,train --budget-s 555
-#                            (H200 timings: every headline configuration at both batches, ~530 s)
+#   call 1 (timeout_s=600):  ... gpu_session.sh --sections env,train --budget-s 560
+#                            (H200 timings: every headline configuration at both batches, ~545 s)
 #   call 2 (what is left):   ... gpu_session.sh --sections env,train --train-configs ours_bf16_noaug@128,...
 #                            --budget-s N    (the configurations call 1 recorded as skipped), or the checks:
 #                            --sections env,correctness,pytest_cuda,sample --budget-s N
