@@ -366,8 +366,15 @@ def train_plan(sizes, args) -> list:
     if not args.edm_repo:
         plan = [step for step in plan if step[0] != 'edm_fp32']
     if args.train_configs:  # a lease's second call: what the first did not reach
-        plan = [step for step in plan if step[0] == 'mfu' or f'{step[0]}@{step[2]}' in args.train_configs]
+        wanted = train_config_names(args.train_configs)
+        plan = [step for step in plan if step[0] == 'mfu' or f'{step[0]}@{step[2]}' in wanted]
     return plan
+
+
+def train_config_names(value) -> set:
+    """--train-configs as a set of NAME@BATCH (a comma-separated string, or already a collection)."""
+    items = value.split(',') if isinstance(value, str) else value
+    return {item.strip() for item in items if item.strip()}
 
 
 class LoopRunner:
@@ -1662,7 +1669,11 @@ def main(argv=None) -> int:
     if args.fid_cpu is None:
         args.fid_cpu = int(args.smoke or on_cpu)
     if args.train_configs is not None:
-        wanted = {c.strip() for c in args.train_configs.split(',') if c.strip()}
+        if 'train' not in sections:
+            print(f'gpu_suite: --train-configs: applies to the train section, which --sections {args.sections!r} '
+                  f'leaves out', file=sys.stderr)
+            return 2
+        wanted = train_config_names(args.train_configs)
         args.train_configs = None
         known = [f'{name}@{batch}' for name, _, batch in train_plan(smoke_sizes() if args.smoke else full_sizes(), args)
                  if name != 'mfu']

@@ -336,6 +336,16 @@ def test_gpu_suite_train_configs_must_name_configurations_of_the_plan(tmp_path, 
     err = capsys.readouterr().err
     assert "--train-configs: unknown ['edm_fp32@8', 'ours_bf16@512']; expected some of ['ours_bf16@16'" in err
     assert 'edm_fp32 needs --edm-repo' in err and not out.exists()  # refused before anything was written
+    assert gpu_suite.main(['--out', str(out), '--device', 'cpu', '--smoke', '--sections', 'env,sample',
+                           '--train-configs', 'ours_bf16@8']) == 2
+    assert ("--train-configs: applies to the train section, which --sections 'env,sample' leaves out"
+            in capsys.readouterr().err) and not out.exists()
+    # A library caller's string (parse_args leaves it one) is read as the list main makes of it: as a string, 'in'
+    # tested substrings, and 'ours_bf16_compile@16' there matched ours_bf16_compile@1 of a plan with batch 1.
+    args = gpu_suite.parse_args(['--out', str(out), '--smoke', '--train-configs', 'ours_bf16_compile@16,ours_fp32@8'])
+    sizes = dataclasses.replace(gpu_suite.smoke_sizes(), train_batches=(1, 8, 16))
+    assert [(step[0], step[2]) for step in gpu_suite.train_plan(sizes, args)] == [
+        ('ours_bf16_compile', 16), ('mfu', 16), ('ours_fp32', 8)]
 
 
 # Seconds of each part of the suite on the H200 (benchmarks/results/2026-12-04-h200): the training configurations
