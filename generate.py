@@ -26,6 +26,7 @@ from samplers.generation import (
     NonFiniteSamples,
     OutputFolderMismatch,
     claim_output_folder,
+    enclosing_dataset,
     output_record,
     save_image_grid,
     schedule_notes,
@@ -115,6 +116,10 @@ def main(network, outdir, seeds, subdirs, class_idx, max_batch_size, device, gri
                 util.check_output_path(grid_path, "--grid")
                 if not grid_path.lower().endswith(".png"):  # written as PNG: another name would hide what it is
                     raise util.OutputPathError(f"--grid: {grid_path}: expected a file name ending in .png")
+                dataset = enclosing_dataset(grid_path)
+                if dataset is not None:  # as --outdir: a PNG anywhere below a folder dataset is a training image
+                    raise util.OutputPathError(f"--grid: {grid_path} is inside the dataset {dataset} (its "
+                                               f"dataset.json), which the grid would join; write it elsewhere")
             record = output_record(network, snapshot.data.get("process"), sampling, net, config, summary, class_idx,
                                    subdirs)
             for note in schedule_notes(config, record["network_sha256"]):

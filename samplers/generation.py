@@ -546,7 +546,7 @@ def claim_output_folder(outdir: str, record: dict, overwrite: bool = False) -> N
         # the dataset, and --overwrite is no remedy.
         raise OutputFolderMismatch(f"{outdir} holds a dataset (dataset.json), which the images would join; use "
                                    f"another --outdir")
-    dataset = _enclosing_dataset(outdir)
+    dataset = enclosing_dataset(outdir)
     if dataset is not None:
         # A folder dataset is read with all its subfolders (ImageFolderDataset walks them): samples written anywhere
         # below it would be trained on, and counted by fid.py ref/calc over it, as real images.
@@ -585,9 +585,10 @@ def claim_output_folder(outdir: str, record: dict, overwrite: bool = False) -> N
         json.dump(record, f, indent=2, sort_keys=True, allow_nan=False)
 
 
-def _enclosing_dataset(outdir: str) -> str | None:
-    """The nearest folder above `outdir` (not itself) that holds a dataset.json, or None."""
-    folder = os.path.realpath(outdir)
+def enclosing_dataset(path: str) -> str | None:
+    """The nearest folder above `path` (not `path` itself) that holds a dataset.json, or None: a folder dataset,
+    which ImageFolderDataset reads with every subfolder, so that any PNG below it is one of its images."""
+    folder = os.path.realpath(path)
     while True:
         parent = os.path.dirname(folder)
         if parent == folder:

@@ -828,6 +828,16 @@ def test_a_bad_grid_path_is_refused_before_sampling(network_pickle, tmp_path):
                                                 "--seeds", "0-1", "--grid", str(tmp_path)])
     assert result.exit_code == 1 and "--grid: " in result.output and "is a folder" in result.output, result.output
     assert not os.path.exists(outdir) or _pngs(outdir) == []
+    # Inside a folder dataset the grid would be one of its training images, as samples in an --outdir there.
+    dataset = tmp_path / "data"
+    (dataset / "00000").mkdir(parents=True)
+    (dataset / "dataset.json").write_text('{"labels": null}')
+    result = CliRunner().invoke(generate.main, ["--network", network_pickle, "--outdir", outdir, "--device", "cpu",
+                                                "--seeds", "0-1", "--grid", str(dataset / "00000" / "grid.png")])
+    assert result.exit_code == 1 and (f"--grid: {dataset / '00000' / 'grid.png'} is inside the dataset {dataset} "
+                                      f"(its dataset.json), which the grid would join; write it elsewhere"
+                                      in result.output), result.output
+    assert not os.path.exists(outdir) or _pngs(outdir) == []
 
 
 def test_png_writers_report_a_failed_write_and_write_the_rest(tmp_path, monkeypatch):
