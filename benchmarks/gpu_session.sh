@@ -14,8 +14,9 @@
 # 30 s; each call's extra arguments go to the suite):
 #   call 1 (timeout_s=600):  ... gpu_session.sh --sections env,train --budget-s 560
 #                            (H200 timings: every headline configuration at both batches, ~545 s)
-#   call 2 (what is left):   ... gpu_session.sh --sections env,train --train-configs ours_bf16_noaug@128,...
-#                            --budget-s N    (the configurations call 1 recorded as skipped), or the checks:
+#   call 2 (what is left):   ... gpu_session.sh --sections env,train --budget-s N --train-configs
+#                            ours_bf16@128,ours_bf16_noaug@128,ours_bf16_stf@128,ours_bf16_spd@128 (the extras call 1
+#                            recorded as skipped; ours_bf16 for the methods' ratio), or the checks:
 #                            --sections env,correctness,pytest_cuda,sample --budget-s N
 #
 # Without scratch/edm the EDM columns are skipped (the suite says so). The machine's own python3 holds PyTorch and

@@ -89,6 +89,11 @@ TRAIN_LR_RAMPUP_KIMG = 0
 # The default --budget-s: a device call's 600 s less what the last configuration may overrun its estimate. 510 left
 # the compiled training at batch 512 out once the replayed steps (timed_steps) and the H200's 124 s compile counted.
 DEFAULT_BUDGET_S = 560
+# What a method plug-in costs per training step on the GPU: its configuration (bf16, the smallest batch) against
+# ours_bf16 at that batch. STF's reference batch (1024 per GPU) and SPD's Fourier corruption; SPD's GPU step ratio
+# had never been measured (bench_spd.py measures it on CPU). Their losses are other quantities than EDM's: no loss
+# comparison.
+METHOD_CONFIGS = {'ours_bf16_stf': ['--stf', 1], 'ours_bf16_spd': ['--loss', 'spd']}
 # A training compile's seconds until the run has measured one (H200, 2026-12-04: regional compile of DDPM++ 124 s).
 COMPILE_ESTIMATE_S = 125
 
@@ -357,6 +362,7 @@ def train_plan(sizes, args) -> list:
     plan += [('ours_bf16_fused', [*bf16, '--fused-adam', 1], batches[0]),
              ('ours_bf16_bench0', [*bf16, '--bench', 0], batches[-1]),
              ('ours_bf16_noaug', [*bf16, '--augment', 0], batches[-1]),
+             *[(name, [*bf16, *options], batches[-1]) for name, options in METHOD_CONFIGS.items()],
              ('ours_bf16_compile_cl_fused', [*compiled, '--channels-last', 1, '--fused-adam', 1], batches[0])]
     # The MFU's FLOP count and matmul timing right after the headline compiled configuration (the ratios of every
     # bf16 configuration are computed at the end): a later configuration that takes longer than its estimate
@@ -951,6 +957,10 @@ class Suite:
             edm = by.get(('edm_fp32', batch))
             if edm and name != 'edm_fp32':
                 ratios[f'{name}/edm_fp32@{batch}'] = entry['images_per_s'] / edm['images_per_s']
+            eager = by.get(('ours_bf16', batch))
+            if name in METHOD_CONFIGS and eager:
+                ratios[f'{name}/ours_bf16@{batch}'] = entry['images_per_s'] / eager['images_per_s']
+                continue
             if edm and name.startswith('ours') and entry.get('losses') and edm.get('losses'):
                 ours_losses, edm_losses = entry['losses'], edm['losses']
                 count = min(len(ours_losses), len(edm_losses))

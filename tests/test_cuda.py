@@ -270,10 +270,17 @@ def test_gpu_suite_smoke_runs_every_section_on_cpu(tmp_path):
     assert set(checks['one_step_of_every_loss']['results']) >= {'edm', 'vp', 've', 'edm+stf', 'edm+aot', 'edm bf16'}
     trained = {c['name'] for c in sections['train']['configs'] if c.get('images_per_s', 0) > 0}
     assert trained == {'ours_fp32', 'ours_bf16', 'ours_bf16_compile', 'ours_bf16_fused', 'ours_bf16_bench0',
-                       'ours_bf16_noaug', 'ours_bf16_compile_cl_fused'}
+                       'ours_bf16_noaug', 'ours_bf16_stf', 'ours_bf16_spd', 'ours_bf16_compile_cl_fused'}
+    # A method's cost is its rate against ours_bf16 at the same batch (its loss is another quantity than EDM's).
+    ratios = sections['train']['ratios']
+    assert ratios['ours_bf16_spd/ours_bf16@8'] == pytest.approx(
+        next(c['images_per_s'] for c in sections['train']['configs'] if c['name'] == 'ours_bf16_spd')
+        / next(c['images_per_s'] for c in sections['train']['configs'] if (c['name'], c['batch']) == ('ours_bf16', 8)))
+    assert 'ours_bf16_stf/ours_bf16@8' in ratios
     assert set(sections['train']['mfu']['mfu']) == {f'{name}@{batch}' for name in ('ours_bf16', 'ours_bf16_compile')
                                                     for batch in (8, 16)} | {
-        'ours_bf16_fused@16', 'ours_bf16_bench0@8', 'ours_bf16_noaug@8', 'ours_bf16_compile_cl_fused@16'}
+        'ours_bf16_fused@16', 'ours_bf16_bench0@8', 'ours_bf16_noaug@8', 'ours_bf16_stf@8', 'ours_bf16_spd@8',
+        'ours_bf16_compile_cl_fused@16'}
     # No learning-rate ramp-up in the timed runs: the weights move from the second step, so the last step's loss shows
     # the precision (under EDM's 10,000 kimg ramp-up both stay at the initialisation, where the loss cannot).
     losses = {(c['name'], c['batch']): c['losses'] for c in sections['train']['configs'] if c.get('losses')}
@@ -314,7 +321,7 @@ def test_gpu_suite_budget_order_keeps_the_headline_and_reserves_for_sampling(tmp
     assert order == [('edm_fp32', 16), ('ours_bf16', 16), ('ours_bf16_compile', 16), ('ours_fp32', 16),
                      ('edm_fp32', 8), ('ours_bf16', 8), ('ours_bf16_compile', 8), ('ours_fp32', 8),
                      ('ours_bf16_fused', 16), ('ours_bf16_bench0', 8), ('ours_bf16_noaug', 8),
-                     ('ours_bf16_compile_cl_fused', 16)]
+                     ('ours_bf16_stf', 8), ('ours_bf16_spd', 8), ('ours_bf16_compile_cl_fused', 16)]
     assert all(c['skipped'].startswith('budget: needs ~') for c in record['configs'])
     assert 'mfu' not in record and record['ratios'] == {}
     # A lease's second call runs what the first did not reach, in the same order.
