@@ -435,29 +435,19 @@ def timed_steps(step, warmup: int, steps: int, device, get_rng_state, set_rng_st
     draws the same sizes): on the H200 that made bf16 with fused Adam look 1.42x faster than bf16 (its first warm-up
     step 0.38 s against 15.8 s). The augmentation's parameters (hence the sizes) come from the torch generators
     alone, whose state is replayed; the data loader goes on to the next images."""
-    warmup_s = []
-    for _ in range(warmup):
+    def window(count):  # seconds per step of `count` steps, synchronised at both ends
         sync(device)
         start = time.perf_counter()
-        step()
+        for _ in range(count):
+            step()
         sync(device)
-        warmup_s.append(time.perf_counter() - start)
+        return (time.perf_counter() - start) / max(count, 1)
+
+    warmup_s = [round(window(1), 4) for _ in range(warmup)]
     state = get_rng_state()
-    sync(device)
-    start = time.perf_counter()
-    for _ in range(steps):
-        step()
-    sync(device)
-    tuning_s = time.perf_counter() - start
+    tuning_pass_step_s = window(steps)
     set_rng_state(state)
-    sync(device)
-    start = time.perf_counter()
-    for _ in range(steps):
-        step()
-    sync(device)
-    seconds = time.perf_counter() - start
-    return dict(warmup_s=[round(s, 4) for s in warmup_s], tuning_pass_step_s=tuning_s / max(steps, 1),
-                step_s=seconds / max(steps, 1))
+    return dict(warmup_s=warmup_s, tuning_pass_step_s=tuning_pass_step_s, step_s=window(steps))
 
 
 def time_loop(runner: LoopRunner, warmup: int, steps: int, device) -> dict:
