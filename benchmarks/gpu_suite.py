@@ -360,6 +360,7 @@ def train_plan(sizes, args) -> list:
     # bench0 / noaug at the smallest batch: cuDNN's heuristics against its autotuned choices, and the step without
     # the augmentation (its host sync, and a new image size on most early steps: timed_steps' replay).
     plan += [('ours_bf16_fused', [*bf16, '--fused-adam', 1], batches[0]),
+             ('ours_bf16_cl', [*bf16, '--channels-last', 1], batches[0]),
              ('ours_bf16_bench0', [*bf16, '--bench', 0], batches[-1]),
              ('ours_bf16_noaug', [*bf16, '--augment', 0], batches[-1]),
              *[(name, [*bf16, *options], batches[-1]) for name, options in METHOD_CONFIGS.items()],
@@ -1038,10 +1039,11 @@ class Suite:
                        ('ours_bf16_compile_graph', dict(precision='bf16', compile=True, cuda_graph=True)),
                        ('ours_bf16', dict(precision='bf16')),
                        ('ours_bf16_graph', dict(precision='bf16', cuda_graph=True)),
+                       ('ours_bf16_cl', dict(precision='bf16')),
                        ('ours_fp32_graph', dict(cuda_graph=True))]
         else:  # no CUDA graphs on the CPU
             configs = [('ours_fp32', {}), ('ours_bf16_compile', dict(precision='bf16', compile=True)),
-                       ('ours_bf16', dict(precision='bf16'))]
+                       ('ours_bf16', dict(precision='bf16')), ('ours_bf16_cl', dict(precision='bf16'))]
         record['configs'] = []
         images = {}
         # EDM's generate.py first: the reference every ratio needs, before the compiled configuration
@@ -1070,7 +1072,11 @@ class Suite:
                 reset_peak_memory(self.device)
                 # One accelerated denoiser for the warm-up and the timed run, as generate.py keeps one for a whole
                 # run: the timed window must not compile or capture again.
-                denoiser = accelerate(net, options.get('precision', 'fp32'), options.get('compile', False),
+                # _cl: the network's weights in channels_last, which the convolutions follow (no sampler option
+                # yet): does eager bf16 gain what inductor's own layout choice gives the compiled run?
+                layout_net = (copy.deepcopy(net).to(memory_format=torch.channels_last) if name.endswith('_cl')
+                              else net)
+                denoiser = accelerate(layout_net, options.get('precision', 'fp32'), options.get('compile', False),
                                       options.get('cuda_graph', False))
                 warm_start = time.perf_counter()
                 for _ in generate_images(denoiser, list(range(batch)), batch_size=batch, num_steps=2,

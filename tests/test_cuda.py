@@ -269,8 +269,9 @@ def test_gpu_suite_smoke_runs_every_section_on_cpu(tmp_path):
     assert all(c.get('passed') or c.get('skipped') for c in checks.values()), checks
     assert set(checks['one_step_of_every_loss']['results']) >= {'edm', 'vp', 've', 'edm+stf', 'edm+aot', 'edm bf16'}
     trained = {c['name'] for c in sections['train']['configs'] if c.get('images_per_s', 0) > 0}
-    assert trained == {'ours_fp32', 'ours_bf16', 'ours_bf16_compile', 'ours_bf16_fused', 'ours_bf16_bench0',
-                       'ours_bf16_noaug', 'ours_bf16_stf', 'ours_bf16_spd', 'ours_bf16_compile_cl_fused'}
+    assert trained == {'ours_fp32', 'ours_bf16', 'ours_bf16_compile', 'ours_bf16_fused', 'ours_bf16_cl',
+                       'ours_bf16_bench0', 'ours_bf16_noaug', 'ours_bf16_stf', 'ours_bf16_spd',
+                       'ours_bf16_compile_cl_fused'}
     # A method's cost is its rate against ours_bf16 at the same batch (its loss is another quantity than EDM's).
     ratios = sections['train']['ratios']
     assert ratios['ours_bf16_spd/ours_bf16@8'] == pytest.approx(
@@ -279,14 +280,21 @@ def test_gpu_suite_smoke_runs_every_section_on_cpu(tmp_path):
     assert 'ours_bf16_stf/ours_bf16@8' in ratios
     assert set(sections['train']['mfu']['mfu']) == {f'{name}@{batch}' for name in ('ours_bf16', 'ours_bf16_compile')
                                                     for batch in (8, 16)} | {
-        'ours_bf16_fused@16', 'ours_bf16_bench0@8', 'ours_bf16_noaug@8', 'ours_bf16_stf@8', 'ours_bf16_spd@8',
-        'ours_bf16_compile_cl_fused@16'}
+        'ours_bf16_fused@16', 'ours_bf16_cl@16', 'ours_bf16_bench0@8', 'ours_bf16_noaug@8', 'ours_bf16_stf@8',
+        'ours_bf16_spd@8', 'ours_bf16_compile_cl_fused@16'}
     # No learning-rate ramp-up in the timed runs: the weights move from the second step, so the last step's loss shows
     # the precision (under EDM's 10,000 kimg ramp-up both stay at the initialisation, where the loss cannot).
     losses = {(c['name'], c['batch']): c['losses'] for c in sections['train']['configs'] if c.get('losses')}
     fp32, bf16 = losses['ours_fp32', 16], losses['ours_bf16', 16]
     assert abs(bf16[0] - fp32[0]) <= 1e-6 * fp32[0] and abs(bf16[-1] - fp32[-1]) >= 1e-6 * fp32[-1], (fp32, bf16)
     assert sections['sample']['deviation_uint8'] and sections['features']['runs']
+    # Eager bf16 with the weights in channels_last: the same network, so the same images up to a level or so.
+    sampled = {c['name'] for c in sections['sample']['configs'] if c.get('images_per_s', 0) > 0}
+    assert {'ours_bf16', 'ours_bf16_cl'} <= sampled
+    deviation = sections['sample']['deviation_uint8']
+    layout, plain = deviation['ours_bf16_cl vs ours_fp32'], deviation['ours_bf16 vs ours_fp32']
+    assert layout['mean_levels'] <= 1.5 * plain['mean_levels'] + 0.05, (layout, plain)
+    assert layout['max_levels'] <= plain['max_levels'] + 4, (layout, plain)
     # Sampling timed under PyTorch's defaults (generate.py's), not the training sections' EDM flags.
     assert sections['sample']['backend_flags'] == dict(cudnn_benchmark=False, cudnn_allow_tf32=True,
                                                        matmul_allow_tf32=False)
@@ -320,7 +328,7 @@ def test_gpu_suite_budget_order_keeps_the_headline_and_reserves_for_sampling(tmp
     order = [(c['name'], c['batch']) for c in record['configs']]
     assert order == [('edm_fp32', 16), ('ours_bf16', 16), ('ours_bf16_compile', 16), ('ours_fp32', 16),
                      ('edm_fp32', 8), ('ours_bf16', 8), ('ours_bf16_compile', 8), ('ours_fp32', 8),
-                     ('ours_bf16_fused', 16), ('ours_bf16_bench0', 8), ('ours_bf16_noaug', 8),
+                     ('ours_bf16_fused', 16), ('ours_bf16_cl', 16), ('ours_bf16_bench0', 8), ('ours_bf16_noaug', 8),
                      ('ours_bf16_stf', 8), ('ours_bf16_spd', 8), ('ours_bf16_compile_cl_fused', 16)]
     assert all(c['skipped'].startswith('budget: needs ~') for c in record['configs'])
     assert 'mfu' not in record and record['ratios'] == {}
