@@ -1298,3 +1298,18 @@ def test_an_out_naming_an_input_is_refused_before_the_work(dg_files, tmp_path):
                                                 "--discriminator", str(head), "--out", str(head)])
     assert result.exit_code == 1 and f"Error: --out {head} is the --discriminator file" in result.output, result.output
     assert pkl.read_bytes() == before and head.read_bytes() == b"released"
+
+
+@pytest.mark.parametrize("width, head_channels", [(100, 50), (96, 64)])
+def test_a_head_width_that_cannot_build_is_refused_before_anything_is_loaded(tmp_path, width, head_channels):
+    """--width must be a multiple of the head's 32 group-norm groups and of --head-channels: the check came when the
+    head was built, after the encoder snapshot and both image sets had been loaded (minutes at 50k images). Now it
+    comes first: with an encoder file that does not exist, the error is the width's, and no run folder is made."""
+    result = CliRunner().invoke(train_dg.main, ["train", "--real", str(tmp_path / "real"), "--fake",
+                                                str(tmp_path / "fake"), "--network", str(tmp_path / "missing.pkl"),
+                                                "--outdir", str(tmp_path / "run"), "--width", str(width),
+                                                "--head-channels", str(head_channels), "--device", "cpu"])
+    assert result.exit_code == 1 and result.output.strip() == (
+        f"Error: --width {width} must be a multiple of 32 (the head's group norm) and of "
+        f"--head-channels={head_channels} (channels per attention head)"), result.output
+    assert not os.path.exists(tmp_path / "run")

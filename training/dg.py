@@ -45,6 +45,7 @@ from samplers.dg.discriminator import (
     load_adm_classifier,
     save_discriminator,
 )
+from samplers.dg.networks import GROUPS
 from torch_utils import persistence, training_stats
 from torch_utils.misc import stream_seed
 
@@ -228,6 +229,9 @@ def check_options(opts: DGTrainingOptions) -> None:
     for name in ("epochs", "batch", "width", "depth", "head_channels"):
         if int(getattr(opts, name)) < 1:
             raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(opts, name)}")
+    if opts.width % GROUPS or opts.width % opts.head_channels:  # before the encoder and the images are loaded
+        raise ValueError(f"--width {opts.width} must be a multiple of {GROUPS} (the head's group norm) and of "
+                         f"--head-channels={opts.head_channels} (channels per attention head)")
     if opts.aot < 0:
         raise ValueError(f"--aot must be >= 0, got {opts.aot}")
     if opts.aot and opts.aot % opts.batch:
