@@ -97,7 +97,8 @@ def main():
               metavar="INT", type=click.IntRange(min=1), default=None)
 @click.option("--aot", help="Pair the perturbation noise with the images in pools of N rows, as the AOT loss (0: off)",
               metavar="N", type=click.IntRange(min=0), default=0, show_default=True)
-@click.option("--width", help="Head width", metavar="INT", type=click.IntRange(min=1), default=128, show_default=True)
+@click.option("--width", help="Head width (a multiple of 32 and of --head-channels)", metavar="INT",
+              type=click.IntRange(min=1), default=128, show_default=True)
 @click.option("--depth", help="Head residual blocks", metavar="INT", type=click.IntRange(min=1), default=2,
               show_default=True)
 @click.option("--head-channels", "head_channels", help="Channels per attention head of the head",
