@@ -833,3 +833,23 @@ def test_gpu_suite_env_section_prefers_the_commit_passed_over_an_older_git_there
     record = {}
     suite.section_env(record)
     assert record['commit'] == head and 'git_head_there' not in record and record['dirty'] is True, record
+
+
+def test_gpu_suite_method_configurations_get_a_rate_ratio_and_no_loss_comparison(tmp_path):
+    """A method plug-in's loss (SPD's, STF's targets) is another quantity than EDM's: its row compares rates against
+    bf16 EDM loss at its batch, and never losses, also when that bf16 row is missing (a --train-configs call)."""
+    import importlib.util
+    spec = importlib.util.spec_from_file_location('gpu_suite', SUITE)
+    gpu_suite = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(gpu_suite)
+    suite = gpu_suite.Suite(gpu_suite.parse_args(['--out', str(tmp_path / 'o'), '--device', 'cpu', '--smoke']))
+    edm = dict(name='edm_fp32', batch=8, images_per_s=100.0, losses=[1.0, 0.9, 1.1])
+    spd = dict(name='ours_bf16_spd', batch=8, images_per_s=150.0, losses=[0.2, 0.3, 0.1])
+    record = dict(configs=[edm, spd])
+    suite._train_ratios(record)
+    assert record['ratios'] == {'ours_bf16_spd/edm_fp32@8': 1.5} and 'loss_vs_edm' not in spd
+    bf16 = dict(name='ours_bf16', batch=8, images_per_s=200.0, losses=[1.0, 0.9, 1.2])
+    record = dict(configs=[edm, bf16, spd])
+    suite._train_ratios(record)
+    assert record['ratios']['ours_bf16_spd/ours_bf16@8'] == 0.75 and 'loss_vs_edm' not in spd
+    assert bf16['loss_vs_edm']['steps'] == 3
