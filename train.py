@@ -105,8 +105,9 @@ from training.train_options import CompileMode, FiniteFloat
               type=click.Choice(list(training_loop.PRECISIONS)), default='fp32', show_default=True)
 @click.option('--compile', help='torch.compile the network: whole (1) or per U-Net block (regional: compiles in a '
               'fraction of the time)', metavar='BOOL|regional', type=CompileMode(), default=False, show_default=True)
-@click.option('--channels-last', 'channels_last', help='Weights in channels_last memory format (faster convolutions on '
-              'GPUs; not bit-identical)', metavar='BOOL', type=bool, default=False, show_default=True)
+@click.option('--channels-last', 'channels_last', help='Weights in channels_last memory format (not '
+              'bit-identical; on an H200, eager bf16, 25% slower: docs/performance.md)', metavar='BOOL', type=bool,
+              default=False, show_default=True)
 @click.option('--fused-adam', 'fused_adam', help="Adam's fused kernel instead of torch's default (foreach); not "
               'bit-identical', metavar='BOOL', type=bool, default=False, show_default=True)
 @click.option('--ls', help='Loss scaling', metavar='FLOAT', type=FiniteFloat(min=0, min_open=True), default=1,
