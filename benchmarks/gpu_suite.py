@@ -94,8 +94,9 @@ DEFAULT_BUDGET_S = 560
 # had never been measured (bench_spd.py measures it on CPU). Their losses are other quantities than EDM's: no loss
 # comparison.
 METHOD_CONFIGS = {'ours_bf16_stf': ['--stf', 1], 'ours_bf16_spd': ['--loss', 'spd']}
-# A training compile's seconds until the run has measured one (H200, 2026-12-04: regional compile of DDPM++ 124 s).
-COMPILE_ESTIMATE_S = 125
+# A training compile's seconds until the run has measured one (H200, 2026-12-04: regional compile of DDPM++ 124 s at
+# batch 512 on the second lease, 142 s on the third; the process's second compile, at 128, took 95 s in a new one).
+COMPILE_ESTIMATE_S = 145
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -351,12 +352,14 @@ def train_plan(sizes, args) -> list:
     bf16, compiled = ['--precision', 'bf16'], ['--precision', 'bf16', '--compile', 'regional']
     # The headline configurations at every batch size, the largest (EDM's CIFAR-10 batch) first, each batch's
     # EDM column beside ours: bf16 eager (30 s) before the compiled one (the goal's, ~2 min of compiling), so that
-    # a compile that takes the rest of the budget still leaves a measured ratio, then fp32; then extras
-    # (budget allowing: what is skipped is the least needed).
+    # a compile that takes the rest of the budget still leaves a measured ratio; our fp32 columns after every
+    # batch's compiled one (on the H200 they equal EDM's, and at 512 fp32 takes ~75 s: before the batch-128
+    # compile it left that compile out of a 560 s call); then extras (budget allowing: what is skipped is the least
+    # needed).
     batches = sorted(sizes.train_batches, reverse=True)
     plan = [(name, extra, batch) for batch in batches
-            for name, extra in (('edm_fp32', None), ('ours_bf16', bf16), ('ours_bf16_compile', compiled),
-                                ('ours_fp32', []))]
+            for name, extra in (('edm_fp32', None), ('ours_bf16', bf16), ('ours_bf16_compile', compiled))]
+    plan += [('ours_fp32', [], batch) for batch in batches]
     # bench0 / noaug at the smallest batch: cuDNN's heuristics against its autotuned choices, and the step without
     # the augmentation (its host sync, and a new image size on most early steps: timed_steps' replay).
     plan += [('ours_bf16_fused', [*bf16, '--fused-adam', 1], batches[0]),
