@@ -20,10 +20,11 @@ from .evaluate import (
     network_source,
     parse_metrics,
 )
-from .frechet import ReferenceStatsError, frechet_distance, load_reference, save_reference
+from .frechet import FRECHET_ROUTES, ReferenceStatsError, frechet_distance, load_reference, save_reference
 
 __all__ = [
-    "DETECTORS", "METRICS", "DetectorUnavailableError", "MetricsError", "ReferenceStatsError", "calc_metrics",
+    "DETECTORS", "FRECHET_ROUTES", "METRICS", "DetectorUnavailableError", "MetricsError", "ReferenceStatsError",
+    "calc_metrics",
     "compute_reference", "dataset_source", "frechet_distance", "load_detector", "load_reference",
     "metrics_needing_reference", "network_source", "parse_metrics", "save_reference",
 ]

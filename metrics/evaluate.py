@@ -34,7 +34,7 @@ import tqdm
 from torch_utils import distributed
 
 from . import detectors as detectors_lib
-from .frechet import FeatureMoments, ReferenceStatsError, file_sha256, frechet_distance, load_reference, save_reference
+from .frechet import FRECHET_ROUTES, FeatureMoments, ReferenceStatsError, file_sha256, load_reference, save_reference
 from .inception_score import InceptionScoreAccumulator
 from .kid import kernel_inception_distance
 from .precision_recall import precision_recall
@@ -457,13 +457,17 @@ def _load_reference_all_ranks(ref_path: str, verbose: bool, metrics: Sequence[st
 def calc_metrics(source: ImageSource, ref_path: str | None, metrics: Sequence[str] = ("fid",),
                  detector_paths: dict[str, str] | None = None, device: torch.device | None = None,
                  is_splits: int = 10, pr_nhood_size: int = PR_NHOOD_SIZE, pr_row_batch_size: int = 10000,
-                 pr_col_batch_size: int = 10000, progress: bool = True, verbose: bool = True) -> dict:
+                 pr_col_batch_size: int = 10000, progress: bool = True, verbose: bool = True,
+                 fid_route: str = "sqrtm") -> dict:
     """Compute `metrics` for the images of `source`; every rank calls it and every rank gets the same result dict.
 
     The result has `results` (fid, is_mean, is_std, precision, recall as requested), `labels` (fid50k_full, ...),
-    `num_images`, `source`, `reference` (path, sha256) and `detectors` (source, sha256) for provenance.
+    `num_images`, `source`, `reference` (path, sha256) and `detectors` (source, sha256) for provenance. `fid_route`
+    names the Fréchet distance's route in `frechet.FRECHET_ROUTES` (recorded in `options`).
     """
     metrics = parse_metrics(metrics)
+    if fid_route not in FRECHET_ROUTES:
+        raise MetricsError(f"--fid-route: expected one of {', '.join(FRECHET_ROUTES)}, got {fid_route!r}")
     device = torch.device(device) if device is not None else distributed.device()
     started = time.time()
     # Counts that make a metric impossible are known before the image pass: refuse them now, not after it.
@@ -534,7 +538,7 @@ def calc_metrics(source: ImageSource, ref_path: str | None, metrics: Sequence[st
         results["kid"], results["kid_std"] = kernel_inception_distance(
             stats["kid_features"], torch.as_tensor(ref[KID_REFERENCE_KEY]).to(device))
     if "fid" in metrics:
-        fid = frechet_distance(stats["mu"], stats["sigma"], ref["mu"], ref["sigma"]) \
+        fid = FRECHET_ROUTES[fid_route](stats["mu"], stats["sigma"], ref["mu"], ref["sigma"]) \
             if distributed.get_rank() == 0 else None
         results["fid"] = distributed.broadcast_object(fid)
     ordered = {key: results[key] for key in ("fid", "is_mean", "is_std", "precision", "recall", "kid", "kid_std")
@@ -552,7 +556,8 @@ def calc_metrics(source: ImageSource, ref_path: str | None, metrics: Sequence[st
             image_shape=None if ref_shape is None else list(ref_shape)),
         detectors={name: det.describe() for name, det in detectors.items()},
         options=dict(is_splits=is_splits if "is" in metrics else None,
-                     pr_nhood_size=pr_nhood_size if "pr" in metrics else None),
+                     pr_nhood_size=pr_nhood_size if "pr" in metrics else None,
+                     fid_route=fid_route if "fid" in metrics else None),
         is_scores=stats.get("is_scores"),
         world_size=distributed.get_world_size(),
         seconds=round(time.time() - started, 3),

@@ -160,6 +160,33 @@ def test_folder_and_zip_give_identical_results(single_rank):
     assert folder["is_scores"] == zipped["is_scores"]
 
 
+def test_calc_fid_route_eigvals_is_the_eigenvalue_route_and_is_recorded(workdir, single_rank, monkeypatch):
+    """--fid-route eigvals computes FID by frechet_distance_eigvals (a spy sees its call), records the route, and
+    lands within 1e-7 relative of the default (EDM's sqrtm, single_rank's run on the same images; the stand-in's 16
+    features span fewer directions, so Σ is singular, where a matrix square root is accurate to ~sqrt(machine
+    epsilon))."""
+    from metrics import frechet
+    root = workdir["root"]
+    calls = []
+
+    def spy(*statistics):
+        calls.append(len(statistics))
+        return frechet.frechet_distance_eigvals(*statistics)
+
+    monkeypatch.setitem(frechet.FRECHET_ROUTES, "eigvals", spy)
+    out = root / "calc-eigvals.json"
+    result = _invoke(["calc", "--images", root / "gen", "--ref", root / "ref1.npz", "--num", 30, "--seed", 3,
+                      "--metrics", "fid", "--fid-route", "eigvals", "--batch", 8, "--workers", 0, "--out", out,
+                      *_detector_args(root)])
+    assert result.exit_code == 0, result.output
+    record, default = json.loads(out.read_text()), single_rank["folder"]["record"]
+    assert calls == [4]
+    assert record["options"]["fid_route"] == "eigvals" and default["options"]["fid_route"] == "sqrtm"
+    assert record["results"]["fid"] == pytest.approx(default["results"]["fid"], rel=1e-7, abs=0)
+    refused = _invoke(["calc", "--images", root / "gen", "--ref", root / "ref1.npz", "--fid-route", "eigh"])
+    assert refused.exit_code == 2 and "'eigh' is not one of 'sqrtm', 'eigvals'" in refused.output, refused.output
+
+
 NETWORK_ARGS = ["--seeds", "5-28", "--steps", "2", "--batch", "8", "--metrics", "fid,is,pr", "--workers", "0"]
 
 

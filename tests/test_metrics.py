@@ -93,6 +93,23 @@ def test_fid_matches_eigenvalue_computation():
         assert abs(frechet.frechet_distance_eigvals(mu1, s1, mu2, s2) - expected) <= 1e-6 * expected
 
 
+def test_fid_eigvals_route_stays_within_1e_12_of_edm_sqrtm_also_for_singular_statistics():
+    """The --fid-route eigvals distance against EDM's sqrtm route: within 1e-12 relative for well-conditioned
+    statistics; for singular ones (fewer images than features) within 1e-7, the accuracy a square root of a singular
+    matrix has at all (~sqrt(machine epsilon): sqrtm's own error is of that order); and the same refusal of
+    statistics of different sizes."""
+    rng = np.random.default_rng(7)
+    for num, dim, rel in ((300, 48, 1e-12), (20, 48, 1e-7)):
+        mu1, s1 = _moments_of(_random_features(rng, num, dim, 1.0, 0.0).astype(np.float32), 64)
+        mu2, s2 = _moments_of(_random_features(rng, num, dim, 1.3, 0.2).astype(np.float32), 64)
+        edm = frechet.frechet_distance(mu1, s1, mu2, s2)
+        assert edm > 1
+        assert frechet.frechet_distance_eigvals(mu1, s1, mu2, s2) == pytest.approx(edm, rel=rel, abs=0)
+        assert frechet.FRECHET_ROUTES["eigvals"] is frechet.frechet_distance_eigvals
+    with pytest.raises(ValueError, match=r"statistics do not match: mu \(48,\) vs reference \(4,\)"):
+        frechet.frechet_distance_eigvals(mu1, s1, mu1[:4], s1[:4, :4])
+
+
 def test_fid_closed_form_for_diagonal_covariances():
     a, b = np.array([1.0, 4.0, 0.25]), np.array([9.0, 1.0, 0.25])
     mu1, mu2 = np.array([0.0, 1.0, 2.0]), np.array([1.0, 1.0, 0.0])

@@ -81,8 +81,8 @@ SKIP = {
     "bash scripts/test_newest.sh": "builds a second environment and runs this test suite",
     "python -m pytest": "runs (part of) this test suite",
     "torchrun --nnodes=4": "multi-node: 4 machines",
-    "--compile=regional --channels-last=1 --fused-adam=1": "torch.compile takes minutes on CPU; the speed options are "
-                                                           "tested on CUDA (tests/test_cuda.py)",
+    "--precision=bf16 --compile=regional": "torch.compile takes minutes on CPU; the speed options are tested on CUDA "
+                                           "(tests/test_cuda.py)",
     "--compile --cuda-graph": "CUDA graphs need CUDA (tests/test_cuda.py)",
     "--encoder=adm --adm-classifier=32x32_classifier.pt": "needs DG's released 32x32_classifier.pt (Google Drive, "
                                                           "47.8M parameters); tests/test_dg.py uses a small one",
