@@ -32,6 +32,7 @@ Snapshots record `OneStepProcess(sigma)`, so generate.py and fid.py --network sa
 """
 
 import os
+import re
 
 import torch
 import torch.nn.functional as F
@@ -62,9 +63,10 @@ def frozen_parameter(name: str, level: int) -> bool:
 
 
 def _parse_pairs(text: str, option: str) -> dict:
-    """'a=PATH,b=PATH' -> {'a': 'PATH', 'b': 'PATH'}."""
+    """'a=PATH,b=PATH' -> {'a': 'PATH', 'b': 'PATH'}. A comma starts a new pair only before NAME=, so a path may hold
+    commas ('vgg16_bn=/w/run,2/vgg.pth': split at every comma, the error named '/w/run' as the missing file)."""
     pairs = {}
-    for item in filter(None, (t.strip() for t in text.split(','))):
+    for item in filter(None, (t.strip(' ,') for t in re.split(r',(?=\s*[A-Za-z_][\w.-]*\s*=)', text))):
         key, sep, value = item.partition('=')
         if not sep or not key or not value:
             raise ValueError(f"--loss-opt {option}: expected NAME=PATH[,NAME=PATH...], got {item!r}")

@@ -556,6 +556,19 @@ def test_r1_penalty_gain_and_schedule():
     assert [p.name for p in no_r1] == ['G', 'D'] and no_r1[1].optimizer.param_groups[0]['lr'] == 1e-4
 
 
+def test_backbone_weight_paths_may_hold_commas():
+    """--loss-opt disc_weights splits at a comma only where NAME= follows: 'vgg16_bn=/w/run,2/vgg.pth' was split
+    into '/w/run' (then reported missing) and '2/vgg.pth' (refused as not NAME=PATH)."""
+    loss = gdd.GDDLoss(backbones='vgg16_bn,tf_efficientnet_lite0',
+                       disc_weights='vgg16_bn=/w/run,2/vgg.pth, tf_efficientnet_lite0=/w/e,ff.pth')
+    assert loss.disc_weights == {'vgg16_bn': '/w/run,2/vgg.pth', 'tf_efficientnet_lite0': '/w/e,ff.pth'}
+    assert gdd._parse_pairs('a=1,,b=2,,', 'x') == {'a': '1', 'b': '2'}  # empty items are still skipped
+    # Without NAME= after it a comma belongs to the path (reported whole if no such file exists).
+    assert gdd._parse_pairs('a=/w/1,vgg16_bn', 'x') == {'a': '/w/1,vgg16_bn'}
+    with pytest.raises(ValueError, match=r"expected NAME=PATH\[,NAME=PATH...\], got 'vgg16_bn'"):
+        gdd._parse_pairs('vgg16_bn', 'disc_weights')
+
+
 def test_bad_options_are_one_line_errors():
     for options, match in ((dict(loss_type='wgan'), 'loss_type'), (dict(freeze=4), 'freeze'),
                            (dict(discriminator='stylegan'), 'discriminator'), (dict(backbones='resnet'), 'backbones'),
