@@ -126,7 +126,8 @@ def dataset_source(path: str, num: int | None = None, seed: int = 0, batch_size:
     # alone would leave the others waiting in this collective), so that each rank sees the same verdict.
     _check_same_images_on_all_ranks(path, dataset)
     if num is not None and len(dataset) < num:
-        raise MetricsError(f"found {len(dataset)} images in {path}, but expected at least {num} (--num-images)")
+        raise MetricsError(f"found {len(dataset)} image{'' if len(dataset) == 1 else 's'} in {path}, but expected at "
+                           f"least {num} (--num-images)")
     if len(dataset) < 2:
         raise MetricsError(f"found {len(dataset)} image(s) in {path}, but need at least 2 to compute statistics")
     _check_detector_channels(dataset.image_shape[0], f"{path}: images have")

@@ -787,6 +787,9 @@ def test_too_few_images_is_a_clear_error(tmp_path):
     with pytest.raises(evaluate.MetricsError,
                        match=r"found 3 images in .*few, but expected at least 5 \(--num-images\)"):
         evaluate.dataset_source(str(tmp_path / "few"), num=5, num_workers=0)
+    _write_images(tmp_path / "one", np.zeros((1, 3, 8, 8), dtype=np.uint8))
+    with pytest.raises(evaluate.MetricsError, match=r"found 1 image in .*one, but expected at least 2 "):
+        evaluate.dataset_source(str(tmp_path / "one"), num=2, num_workers=0)
 
 
 def test_grayscale_images_are_repeated_to_rgb(standin_paths):
