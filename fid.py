@@ -129,7 +129,8 @@ def _calc_run_folder(run_dir, seeds, batch_size, ref_path, metric_names, detecto
     if distributed.get_rank() == 0:
         for network_pkl in networks:
             _, refused = evaluate.earlier_result(evaluate.result_path_beside(network_pkl, metric_names, len(seeds)),
-                                                 None, ref_path, ref_sha256, detectors, network_sha256[network_pkl])
+                                                 None, ref_path, ref_sha256, detectors, network_sha256[network_pkl],
+                                                 fid_route)
             if refused is not None:
                 refused = f"{refused}: move it away to measure {network_pkl} again with these options"
                 break
@@ -142,7 +143,7 @@ def _calc_run_folder(run_dir, seeds, batch_size, ref_path, metric_names, detecto
                                          else (), preset=preset, network_sha256=network_sha256.get(network_pkl),
                                          **dict(sampler_cli))
         record, refused = evaluate.earlier_result(out_path, source, ref_path, ref_sha256, detectors,
-                                                  network_sha256[network_pkl]) \
+                                                  network_sha256[network_pkl], fid_route) \
             if distributed.get_rank() == 0 else (None, None)
         record, refused = distributed.broadcast_object((record, refused))
         if refused is not None:

@@ -710,14 +710,15 @@ _NOT_COMPARED = ("network", "network_sha256", "process")
 
 def earlier_result(path: str, source: "ImageSource | None", ref_path: str | None, ref_sha256: str | None = None,
                    detectors: dict[str, dict] | None = None,
-                   network_sha256: str | None = None) -> tuple[dict | None, str | None]:
+                   network_sha256: str | None = None, fid_route: str = "sqrtm") -> tuple[dict | None, str | None]:
     """A result file left by an earlier evaluation at `path`: (its record, None) when it measured the images this
     source would make (the same seeds, sampler and options; the network is the file's neighbour; not compared when
     `source` is None, a check before any network is loaded) against the same reference (by content when
     `ref_sha256`, the reference's sha256, is given and the record has one; else by path) with the same detectors
     (`detectors`: planned_detectors; not compared when None), of the same network file (by its sha256 where both
-    `network_sha256` and the record have one: results written before it was recorded are kept); (None, why not)
-    when it measured something else; (None, None) when there is none."""
+    `network_sha256` and the record have one: results written before it was recorded are kept), its FID by the
+    same `fid_route` (results written before the route was recorded took EDM's sqrtm); (None, why not) when it
+    measured something else; (None, None) when there is none."""
     if not os.path.exists(path):
         return None, None
     try:
@@ -762,6 +763,9 @@ def earlier_result(path: str, source: "ImageSource | None", ref_path: str | None
     same = ref_sha256 == their_sha if ref_sha256 and their_sha else place(their_ref) == place(ref_path)
     if not same:
         return None, f"{path} measured against another reference ({their_ref!r} there, {ref_path!r} here)"
+    their_route = (record.get("options") or {}).get("fid_route") or "sqrtm"
+    if "fid" in record["results"] and their_route != fid_route:
+        return None, f"{path} took FID by another route (--fid-route {their_route} there, {fid_route} here)"
     for name, ours in (detectors or {}).items():
         theirs = their_detectors.get(name)
         if theirs is None or not _same_detector(theirs, ours, place):

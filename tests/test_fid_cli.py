@@ -773,6 +773,31 @@ def test_a_run_folder_result_is_kept_only_for_the_same_detector(workdir, single_
         sources=[str(root / "inception.pt")], sha256=hashlib.sha256((root / "inception.pt").read_bytes()).hexdigest()))
 
 
+def test_a_run_folder_takes_the_fid_route_and_keeps_a_result_only_for_the_same_route(workdir, single_rank,
+                                                                                     network_pkl, tmp_path):
+    """--fid-route reaches each network of a run folder (recorded beside it), and a rerun with another route refuses
+    the kept result before anything is measured instead of keeping it as 'the same request'."""
+    root, run = workdir["root"], tmp_path / "00000-run"
+    run.mkdir()
+    shutil.copyfile(network_pkl, run / "network-snapshot-000004.pkl")
+    common = ["--ref", root / "ref1.npz", "--seeds", "0-9", "--steps", 2, "--batch", 8, "--device", "cpu",
+              *_detector_args(root)]
+    first = _invoke(["calc", "--network", run, *common, "--fid-route", "eigvals"])
+    assert first.exit_code == 0 and "Computing fid" in first.output, first.output
+    result = run / "network-snapshot-000004-fid10_full.json"
+    assert json.loads(result.read_text())["options"]["fid_route"] == "eigvals"
+    kept = _invoke(["calc", "--network", run, *common, "--fid-route", "eigvals"])
+    assert kept.exit_code == 0 and "Kept the results in" in kept.output, kept.output
+    other = _invoke(["calc", "--network", run, *common])  # the default route: sqrtm
+    assert other.exit_code == 1 and "Loading network" not in other.output, other.output
+    assert (f"Error: {result} took FID by another route (--fid-route eigvals there, sqrtm here): move it away"
+            in other.output.replace("\n", " ")), other.output
+    record = json.loads(result.read_text())
+    del record["options"]["fid_route"]  # as written before the route was recorded: EDM's sqrtm
+    result.write_text(json.dumps(record))
+    assert "Kept the results in" in _invoke(["calc", "--network", run, *common]).output
+
+
 def test_a_run_folder_result_is_kept_only_for_the_same_network_file(workdir, single_rank, network_pkl, tmp_path):
     """A pickle written again under its name (phema.py run again, a file replaced) is another network: the result
     beside it is refused, naming both sha256, before anything is measured; a result written before the network's

@@ -110,6 +110,12 @@ def test_fid_eigvals_route_stays_within_1e_12_of_edm_sqrtm_also_for_singular_sta
         frechet.frechet_distance_eigvals(mu1, s1, mu1[:4], s1[:4, :4])
 
 
+def test_calc_metrics_refuses_an_unknown_fid_route_before_any_image():
+    """calc_metrics' own check (the library path, without fid.py's click.Choice): before the source is touched."""
+    with pytest.raises(evaluate.MetricsError, match=r"--fid-route: expected one of sqrtm, eigvals, got 'eigh'"):
+        evaluate.calc_metrics(None, None, ["fid"], fid_route="eigh")
+
+
 def test_fid_closed_form_for_diagonal_covariances():
     a, b = np.array([1.0, 4.0, 0.25]), np.array([9.0, 1.0, 0.25])
     mu1, mu2 = np.array([0.0, 1.0, 2.0]), np.array([1.0, 1.0, 0.0])
