@@ -24,9 +24,9 @@ Additions to EDM's options: --loss (registry name; default follows --precond) an
 constructor options, the plug-ins --stf/--stf-refs/--stf-mask-classes (STF targets) and --aot (AOT noise pairing),
 which compose with each other and with the denoising losses (edm, vp, ve, and any losses.DenoisingLoss added; --aot
 also with spd, ddpm and gdd), --precision fp32|bf16|fp16 (torch.autocast; fp16 adds a GradScaler), --compile
-0|1|regional, --channels-last and --fused-adam (GPU speed; not bit-identical to the defaults, which are EDM's),
---device, --rng image|rank, --lr-rampup; hidden: --blocks (num_blocks) and --attn (attn_resolutions) for tiny
-networks. --workers accepts 0 (load in the main
+0|1|regional, --channels-last and --fused-adam (GPU kernel choices, not bit-identical to the defaults, which are
+EDM's; neither gained on an H200 in bf16: docs/performance.md), --device, --rng image|rank, --lr-rampup; hidden:
+--blocks (num_blocks) and --attn (attn_resolutions) for tiny networks. --workers accepts 0 (load in the main
 process). --resume takes EDM's training states (approximate resume through the safe pickle importer) and ours (exact
 resume): a state file, a run directory (its newest valid state) or `auto` (the newest valid state under --outdir,
 else a fresh start). A state written by this version remembers the run's options, so `--resume=STATE` alone

@@ -9,15 +9,17 @@
 #                suite records GPU_SUITE_COMMIT first)
 #   afterwards:  copy $OUT's gpu_suite.json and gpu_suite.txt to benchmarks/results/DATE-h200/ and commit them.
 #
-# The whole suite fits one call (--budget-s 560 by default) but leaves the training extras and the compiled batch 128
-# out (budget_left_s after a 541 s call and the machine's start: 328 s). For the training numbers, two calls in one lease (15 minutes, the machine's start ~30 s, given back when idle
-# 30 s; each call's extra arguments go to the suite):
+# The whole suite fits one call (--budget-s 560 by default) but leaves the training extras out. For the training
+# numbers, two calls in one lease (15 minutes, the machine's start ~30 s, given back when idle 30 s; budget_left_s
+# after a 541 s call and the machine's start: 328 s; each call's extra arguments go to the suite):
 #   call 1 (timeout_s=600):  ... gpu_session.sh --sections env,train --budget-s 560
-#                            (H200, third lease: 541 s wall; EDM, bf16 and the extras at both batches, the compiled
-#                            one at 512; the compile at 128 is now planned before our fp32 columns)
-#   call 2 (what is left):   ... gpu_session.sh --sections env,train --budget-s N --train-configs
-#                            ours_bf16@128,ours_bf16_compile@128 (what call 1 recorded as skipped; ours_bf16 at the
-#                            same batch for a same-process ratio; 143 s wall on the H200), or the checks:
+#                            (H200, third lease, 541 s wall, in the order before 47ad93a: all but the compiled batch
+#                            128; the plan now runs both compiled batches before our fp32 columns, so with a ~142 s
+#                            compile our fp32 at 512 and the extras are what it leaves out)
+#   call 2 (what is left):   ... gpu_session.sh --sections env,train --budget-s N --train-configs LIST, LIST = the
+#                            NAME@BATCH that call 1's gpu_suite.txt records as "budget: ..." (add ours_bf16 at a
+#                            batch for a same-process ratio: the third lease's call 2, ours_bf16@128,
+#                            ours_bf16_compile@128, took 143 s wall on the H200), or the checks:
 #                            --sections env,correctness,pytest_cuda,sample --budget-s N
 #
 # Without scratch/edm the EDM columns are skipped (the suite says so). The machine's own python3 holds PyTorch and

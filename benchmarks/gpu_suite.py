@@ -18,8 +18,9 @@ Sections (--sections; all by default):
   pytest_cuda  the CUDA tests (python -m pytest -m cuda tests/test_cuda.py; all skip without a GPU), their summary
                line; started with the suite, they run alongside the correctness checks, before any timing.
   train        images/s of the training step (our loop's `_train_step`: data loading, loss, backward, Adam, EMA) at
-               CIFAR-10 DDPM++ cond, batch 128 and 512: EDM fp32 (its code), ours fp32, bf16, bf16 + regional
-               compile, + channels_last + fused Adam; compile time, peak memory, loss of every step (EDM's RNG
+               CIFAR-10 DDPM++ cond, batch 512 then 128: EDM fp32 (its code), ours bf16, bf16 + regional compile,
+               then ours fp32 at both, then extras (+ fused Adam, + channels_last, --bench 0, --augment 0, STF, SPD,
+               compile + channels_last + fused Adam); compile time, peak memory, loss of every step (EDM's RNG
                order: --rng rank), MFU (FLOPs by torch.utils.flop_counter against a measured bf16 matmul rate).
   sample       images/s of Heun 18 steps at batch 512: EDM's edm_sampler (its code) vs ours fp32, + CUDA graph,
                bf16, bf16 + compile, bf16 + compile + CUDA graph; deviation from fp32 in uint8 levels.
