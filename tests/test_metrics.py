@@ -93,7 +93,7 @@ def test_fid_matches_eigenvalue_computation():
         assert abs(frechet.frechet_distance_eigvals(mu1, s1, mu2, s2) - expected) <= 1e-6 * expected
 
 
-def test_fid_eigvals_route_stays_within_1e_12_of_edm_sqrtm_also_for_singular_statistics():
+def test_fid_eigvals_route_is_close_to_edm_sqrtm_on_full_rank_and_singular_statistics():
     """The --fid-route eigvals distance against EDM's sqrtm route: within 1e-12 relative for well-conditioned
     statistics; for singular ones (fewer images than features) within 1e-7, the accuracy a square root of a singular
     matrix has at all (~sqrt(machine epsilon): sqrtm's own error is of that order); and the same refusal of
