@@ -99,7 +99,7 @@ def network_source_from_cli(network_pkl, seeds, batch_size, class_idx, preset_li
 
 
 def _calc_run_folder(run_dir, seeds, batch_size, ref_path, metric_names, detector_paths, preset_lines, preset,
-                     sampler_cli, fid_route="sqrtm"):
+                     sampler_cli, fid_route):
     """`calc --network=RUN_DIR`: every network pickle of a training run in training order, each result written
     beside its pickle (evaluate.result_path_beside: report.py plots them); a result left by an earlier run of the
     same request is kept, so a rerun continues where an interrupted one stopped. Ends with a table."""
@@ -257,7 +257,8 @@ def common_options(func):
 @click.option("--fid-route", help="How FID takes Tr sqrtm(sigma sigma_ref): sqrtm (EDM's float bit for bit) or eigvals "
               "(torch-fidelity's: about 3x faster on one CPU thread; ~1e-14 relative apart, ~1e-9 for singular "
               "statistics)",
-              type=click.Choice(list(metrics.FRECHET_ROUTES)), default="sqrtm", show_default=True)
+              type=click.Choice(list(metrics.FRECHET_ROUTES)), default=metrics.frechet.DEFAULT_FRECHET_ROUTE,
+              show_default=True)
 @common_options
 @sampler_options(help_prefix="--network: ")
 @preset_option(SAMPLER_PRESETS, SAMPLER_PRESET_SOURCES, help_prefix="--network: ")

@@ -34,7 +34,15 @@ import tqdm
 from torch_utils import distributed
 
 from . import detectors as detectors_lib
-from .frechet import FRECHET_ROUTES, FeatureMoments, ReferenceStatsError, file_sha256, load_reference, save_reference
+from .frechet import (
+    DEFAULT_FRECHET_ROUTE,
+    FRECHET_ROUTES,
+    FeatureMoments,
+    ReferenceStatsError,
+    file_sha256,
+    load_reference,
+    save_reference,
+)
 from .inception_score import InceptionScoreAccumulator
 from .kid import kernel_inception_distance
 from .precision_recall import precision_recall
@@ -459,7 +467,7 @@ def calc_metrics(source: ImageSource, ref_path: str | None, metrics: Sequence[st
                  detector_paths: dict[str, str] | None = None, device: torch.device | None = None,
                  is_splits: int = 10, pr_nhood_size: int = PR_NHOOD_SIZE, pr_row_batch_size: int = 10000,
                  pr_col_batch_size: int = 10000, progress: bool = True, verbose: bool = True,
-                 fid_route: str = "sqrtm") -> dict:
+                 fid_route: str = DEFAULT_FRECHET_ROUTE) -> dict:
     """Compute `metrics` for the images of `source`; every rank calls it and every rank gets the same result dict.
 
     The result has `results` (fid, is_mean, is_std, precision, recall as requested), `labels` (fid50k_full, ...),
@@ -710,7 +718,8 @@ _NOT_COMPARED = ("network", "network_sha256", "process")
 
 def earlier_result(path: str, source: "ImageSource | None", ref_path: str | None, ref_sha256: str | None = None,
                    detectors: dict[str, dict] | None = None,
-                   network_sha256: str | None = None, fid_route: str = "sqrtm") -> tuple[dict | None, str | None]:
+                   network_sha256: str | None = None,
+                   fid_route: str = DEFAULT_FRECHET_ROUTE) -> tuple[dict | None, str | None]:
     """A result file left by an earlier evaluation at `path`: (its record, None) when it measured the images this
     source would make (the same seeds, sampler and options; the network is the file's neighbour; not compared when
     `source` is None, a check before any network is loaded) against the same reference (by content when
@@ -763,7 +772,7 @@ def earlier_result(path: str, source: "ImageSource | None", ref_path: str | None
     same = ref_sha256 == their_sha if ref_sha256 and their_sha else place(their_ref) == place(ref_path)
     if not same:
         return None, f"{path} measured against another reference ({their_ref!r} there, {ref_path!r} here)"
-    their_route = (record.get("options") or {}).get("fid_route") or "sqrtm"
+    their_route = (record.get("options") or {}).get("fid_route") or DEFAULT_FRECHET_ROUTE
     if "fid" in record["results"] and their_route != fid_route:
         return None, f"{path} took FID by another route (--fid-route {their_route} there, {fid_route} here)"
     for name, ours in (detectors or {}).items():

@@ -162,6 +162,7 @@ def frechet_distance_eigvals(mu, sigma, mu_ref, sigma_ref) -> float:
 # How the distance takes Tr sqrtm(Σ·Σ_ref) (fid.py calc --fid-route): EDM's float bit for bit by default, the faster
 # eigenvalue route on request, as every speed option that changes EDM's numbers.
 FRECHET_ROUTES = {"sqrtm": frechet_distance, "eigvals": frechet_distance_eigvals}
+DEFAULT_FRECHET_ROUTE = "sqrtm"  # also the route of results recorded before the route was
 
 
 # ---------------------------------------------------------------------------------------------------------------------

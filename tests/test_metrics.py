@@ -105,7 +105,7 @@ def test_fid_eigvals_route_is_close_to_edm_sqrtm_on_full_rank_and_singular_stati
         edm = frechet.frechet_distance(mu1, s1, mu2, s2)
         assert edm > 1
         assert frechet.frechet_distance_eigvals(mu1, s1, mu2, s2) == pytest.approx(edm, rel=rel, abs=0)
-        assert frechet.FRECHET_ROUTES["eigvals"] is frechet.frechet_distance_eigvals
+    assert frechet.FRECHET_ROUTES["eigvals"] is frechet.frechet_distance_eigvals
     with pytest.raises(ValueError, match=r"statistics do not match: mu \(48,\) vs reference \(4,\)"):
         frechet.frechet_distance_eigvals(mu1, s1, mu1[:4], s1[:4, :4])
 
